@@ -1,0 +1,210 @@
+"""The TOML configuration: its schema, defaults and validation.
+
+Each section is a dataclass whose fields are the user-facing keys; the loader
+checks names and types against those fields, so an unknown key or a wrong type
+is refused with a message naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twisted.plugin import getPlugins
+
+from dockmirror import plugins
+from dockmirror._interfaces import IUpstream
+
+EMBEDDED = "(embedded default)"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key and file."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: tuple[str, ...] = ("tcp:5000:interface=127.0.0.1",)
+    public_url: str = "http://127.0.0.1:5000"
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    required: bool = False
+    database: str = "dockmirror-data/keys.sqlite"
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    directory: str = "dockmirror-data/cache"
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    plugin: str
+    url: str | None = None
+    aliases: tuple[str, ...] = ()
+    hosts: tuple[str, ...] = ()
+    username: str | None = None
+    password: str | None = None
+    default: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str = EMBEDDED
+    server: ServerConfig = field(default_factory=ServerConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
+
+
+_SECTIONS: dict[str, type] = {
+    "server": ServerConfig,
+    "auth": AuthConfig,
+    "cache": CacheConfig,
+}
+
+
+def upstream_plugins() -> dict[str, Any]:
+    """Every ``IUpstream`` plugin that can be found, by name."""
+    return {p.name: p for p in getPlugins(IUpstream, plugins)}
+
+
+def load(path: str | None) -> Config:
+    """Read and validate *path*; None gives the embedded default."""
+    if path is None:
+        return _build(
+            EMBEDDED,
+            {
+                "upstreams": {
+                    "dockerhub": {"plugin": "dockerhub", "default": True},
+                    "ghcr": {"plugin": "ghcr"},
+                    "quay": {"plugin": "quay"},
+                    "gcr": {"plugin": "gcr"},
+                    "k8s": {"plugin": "k8s"},
+                }
+            },
+        )
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such configuration file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return _build(path, data)
+
+
+def _build(source: str, data: dict[str, Any]) -> Config:
+    sections: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _SECTIONS:
+            sections[key] = _section(source, key, _SECTIONS[key], value)
+        elif key != "upstreams":
+            raise ConfigError(f"{source}: unknown section [{key}]")
+    upstreams_table = data.get("upstreams", {})
+    if not isinstance(upstreams_table, dict):
+        raise ConfigError(f"{source}: [upstreams] must be a table of [upstreams.NAME]")
+    upstreams = {
+        name: _section(source, f"upstreams.{name}", UpstreamConfig, table)
+        for name, table in upstreams_table.items()
+    }
+    config = Config(source=source, upstreams=upstreams, **sections)
+    _check(config)
+    return config
+
+
+def _section(source: str, where: str, cls: type, table: Any) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: [{where}] must be a table")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in table.items():
+        if key not in names:
+            raise ConfigError(
+                f"{source}: unknown key {where}.{key} (known: {', '.join(sorted(names))})"
+            )
+        values[key] = _coerce(source, f"{where}.{key}", hints[key], value)
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+        and f.name not in values
+    ]
+    if required:
+        raise ConfigError(f"{source}: missing key {where}.{required[0]}")
+    return cls(**values)
+
+
+def _coerce(source: str, key: str, hint: Any, value: Any) -> Any:
+    """Check *value* against a field's type hint; lists become tuples."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _coerce(source, key, inner[0], value)
+    if origin is tuple:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(f"{source}: {key} must be a list of strings")
+    expected = {bool: "a boolean", int: "an integer", str: "a string", float: "a number"}
+    ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not ok:
+        raise ConfigError(f"{source}: {key} must be {expected.get(hint, hint.__name__)}")
+    return value
+
+
+def _check(config: Config) -> None:
+    """Checks that span keys."""
+    source = config.source
+    if not config.server.listen:
+        raise ConfigError(f"{source}: server.listen must name at least one endpoint")
+    known = upstream_plugins()
+    defaults = [n for n, u in config.upstreams.items() if u.default]
+    if len(defaults) > 1:
+        raise ConfigError(
+            f"{source}: upstreams.{defaults[1]}.default: only one upstream may be"
+            f" the default (upstreams.{defaults[0]} is already)"
+        )
+    hosts: dict[str, str] = {}
+    for name, upstream in config.upstreams.items():
+        plugin = known.get(upstream.plugin)
+        if plugin is None:
+            raise ConfigError(
+                f"{source}: upstreams.{name}.plugin: unknown plugin {upstream.plugin!r}"
+                f" (available: {', '.join(sorted(known))})"
+            )
+        if upstream.url is None and plugin.default_url is None:
+            raise ConfigError(f"{source}: upstreams.{name}.url is required for"
+                              f" plugin {upstream.plugin!r}")
+        if upstream.url is not None and not upstream.url.startswith(("http://", "https://")):
+            raise ConfigError(f"{source}: upstreams.{name}.url must be an http(s) URL")
+        if (upstream.username is None) != (upstream.password is None):
+            raise ConfigError(
+                f"{source}: upstreams.{name}: username and password go together"
+            )
+        for host in upstream.hosts:
+            if host.lower() in hosts:
+                raise ConfigError(
+                    f"{source}: upstreams.{name}.hosts: {host} already routes to"
+                    f" upstreams.{hosts[host.lower()]}"
+                )
+            hosts[host.lower()] = name
+    if not config.server.public_url.startswith(("http://", "https://")):
+        raise ConfigError(f"{source}: server.public_url must be an http(s) URL")
+
+
+def state_directory(config: Config) -> Path:
+    """Where keys, signing keys and the SSH host key are kept."""
+    return Path(config.auth.database).parent

@@ -1,0 +1,37 @@
+"""The common behaviour of upstream plugins."""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from dockmirror._interfaces import IUpstream
+
+
+def alias_matches(alias: str, patterns: tuple[str, ...]) -> bool:
+    """Whether a registry host name matches one of *patterns* (``*.`` wildcards)."""
+    return any(fnmatchcase(alias, pattern) for pattern in patterns)
+
+
+@implementer(IPlugin, IUpstream)
+class UpstreamPlugin:
+    """A registry reached at one URL whatever alias routed the request.
+
+    Subclasses set ``name``, ``aliases`` and ``default_url`` and override
+    :meth:`base_url` or :meth:`repository` for their registry's quirks.
+    """
+
+    name: str = ""
+    aliases: tuple[str, ...] = ()
+    default_url: str | None = None
+
+    def base_url(self, alias: str | None) -> str | None:
+        return self.default_url
+
+    def repository(self, name: str) -> str:
+        return name
+
+    def __repr__(self) -> str:
+        return f"<upstream plugin {self.name!r} {self.default_url or '(url required)'}>"

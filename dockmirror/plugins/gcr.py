@@ -1,0 +1,15 @@
+"""Google Container Registry: each regional host is its own registry."""
+
+from dockmirror.plugins.base import UpstreamPlugin, alias_matches
+
+
+class GCR(UpstreamPlugin):
+    name = "gcr"
+    aliases = ("gcr.io", "*.gcr.io")
+    default_url = "https://gcr.io"
+
+    def base_url(self, alias: str | None) -> str | None:
+        return f"https://{alias}" if alias and alias_matches(alias, self.aliases) else self.default_url
+
+
+gcr = GCR()

@@ -1,0 +1,246 @@
+"""The pull side of the registry API, answered from the upstreams.
+
+Each method returns a :class:`Reply` for the web layer to send; a blob body is
+a :class:`~dockmirror.streaming.BodyStream` that the web layer points at the
+client's request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.iweb import IResponse
+
+from dockmirror.errors import STATUS, RegistryError, upstream_unavailable
+from dockmirror.reference import HEX_LENGTH, is_digest
+from dockmirror.routing import Route
+from dockmirror.streaming import BodyStream
+from dockmirror.upstream import UpstreamClient, UpstreamError, discard, read_small
+
+log = Logger()
+
+#: The largest manifest accepted from an upstream (as distribution's limit).
+MANIFEST_LIMIT = 4 << 20
+
+MANIFEST_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    "application/vnd.docker.distribution.manifest.v1+json",
+)
+DEFAULT_ACCEPT = ", ".join(MANIFEST_TYPES)
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    stream: BodyStream | None = None
+
+
+def _header(response: IResponse, name: str) -> str | None:
+    values = response.headers.getRawHeaders(name)
+    return values[0] if values else None
+
+
+def compute_digest(data: bytes, algorithm: str = "sha256") -> str:
+    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+
+
+class Upstreams:
+    """One :class:`UpstreamClient` per upstream and base URL, sharing a pool."""
+
+    def __init__(self, http: Any, reactor: IReactorTime) -> None:
+        self._http = http
+        self._reactor = reactor
+        self._clients: dict[tuple[str, str], UpstreamClient] = {}
+
+    def client(self, route: Route) -> UpstreamClient:
+        key = (route.upstream.name, route.base_url)
+        client = self._clients.get(key)
+        if client is None:
+            client = self._clients[key] = UpstreamClient(
+                route.upstream.name,
+                route.base_url,
+                self._http,
+                self._reactor,
+                route.upstream.username,
+                route.upstream.password,
+            )
+        return client
+
+
+class PullService:
+    def __init__(self, upstreams: Upstreams, reactor: IReactorTime) -> None:
+        self.upstreams = upstreams
+        self._reactor = reactor
+
+    async def _request(
+        self,
+        route: Route,
+        method: str,
+        path: str,
+        headers: dict[str, str] | None = None,
+        params: list[tuple[str, str]] | None = None,
+    ) -> IResponse:
+        client = self.upstreams.client(route)
+        try:
+            return await client.request(method, route.repository, path, headers, params)
+        except UpstreamError as e:
+            log.warn(
+                "upstream {upstream} unreachable for {repository}: {error}",
+                upstream=route.upstream.name,
+                repository=route.repository,
+                error=str(e),
+            )
+            raise upstream_unavailable(route.upstream.name, str(e)) from e
+
+    async def manifest(
+        self, route: Route, reference: str, accept: str | None, head: bool
+    ) -> Reply:
+        response = await self._request(
+            route,
+            "HEAD" if head else "GET",
+            f"manifests/{reference}",
+            {"Accept": accept or DEFAULT_ACCEPT},
+        )
+        if response.code != 200:
+            raise await self._failure(route, response, "MANIFEST_UNKNOWN", head)
+        content_type = _header(response, "content-type") or MANIFEST_TYPES[0]
+        digest = _header(response, "docker-content-digest")
+        if head:
+            discard(response)
+            headers = {"Content-Type": content_type}
+            if digest:
+                headers["Docker-Content-Digest"] = digest
+            if response.length not in (None, -1):
+                headers["Content-Length"] = str(response.length)
+            return Reply(200, headers)
+        body = await read_small(response, MANIFEST_LIMIT)
+        if len(body) >= MANIFEST_LIMIT:
+            raise upstream_unavailable(route.upstream.name, "manifest too large", 502)
+        expected = reference if is_digest(reference) else digest
+        algorithm = expected.partition(":")[0] if expected else "sha256"
+        actual = compute_digest(body, algorithm if algorithm in HEX_LENGTH else "sha256")
+        if expected and actual != expected:
+            log.error(
+                "manifest {reference} of {repository} from {upstream} hashes to {actual}",
+                reference=reference,
+                repository=route.repository,
+                upstream=route.upstream.name,
+                actual=actual,
+            )
+            raise upstream_unavailable(
+                route.upstream.name, f"manifest does not match its digest {expected}", 502
+            )
+        return Reply(
+            200,
+            {
+                "Content-Type": content_type,
+                "Docker-Content-Digest": expected or actual,
+                "ETag": f'"{expected or actual}"',
+            },
+            body,
+        )
+
+    async def blob(
+        self, route: Route, digest: str, head: bool, range_header: str | None
+    ) -> Reply:
+        headers = {"Range": range_header} if range_header else None
+        response = await self._request(route, "HEAD" if head else "GET", f"blobs/{digest}", headers)
+        if response.code not in (200, 206):
+            raise await self._failure(route, response, "BLOB_UNKNOWN", head)
+        length = response.length if response.length not in (None, -1) else None
+        reply_headers = {
+            "Content-Type": "application/octet-stream",
+            "Docker-Content-Digest": digest,
+            "Accept-Ranges": "bytes",
+            "ETag": f'"{digest}"',
+        }
+        if length is not None:
+            reply_headers["Content-Length"] = str(length)
+        content_range = _header(response, "content-range")
+        if response.code == 206 and content_range:
+            reply_headers["Content-Range"] = content_range
+        if head:
+            discard(response)
+            return Reply(response.code, reply_headers)
+        stream = BodyStream(
+            response,
+            self._reactor,
+            length=length,
+            digest=digest if response.code == 200 else None,
+        )
+        return Reply(response.code, reply_headers, stream=stream)
+
+    async def tags(self, route: Route, n: str | None, last: str | None) -> Reply:
+        params = [(k, v) for k, v in (("n", n), ("last", last)) if v is not None]
+        response = await self._request(route, "GET", "tags/list", params=params)
+        if response.code != 200:
+            raise await self._failure(route, response, "NAME_UNKNOWN", False)
+        body = await read_small(response)
+        headers = {"Content-Type": "application/json"}
+        link = _header(response, "link")
+        if link:
+            headers["Link"] = _rewrite_link(link, route.client_name)
+        return Reply(200, headers, body)
+
+    async def _failure(
+        self, route: Route, response: IResponse, unknown: str, head: bool
+    ) -> RegistryError:
+        """The error a client gets for an upstream's non-success answer."""
+        body = b"" if head else await read_small(response)
+        if head:
+            discard(response)
+        name = route.upstream.name
+        code = response.code
+        if code == 404:
+            upstream_code = _first_error_code(body)
+            if STATUS.get(upstream_code or "") != 404:
+                upstream_code = unknown
+            return RegistryError(
+                upstream_code or unknown,
+                f"not found at upstream {name}",
+                {"repository": route.repository},
+            )
+        if code == 429:
+            return RegistryError(
+                "TOOMANYREQUESTS",
+                f"upstream {name} is rate-limiting this mirror; try again later",
+                {"upstream": name},
+                headers={"Retry-After": _header(response, "retry-after") or "60"},
+            )
+        if code in (401, 403):
+            return RegistryError(
+                "DENIED",
+                f"upstream {name} refused access to {route.repository}",
+                {"upstream": name, "status": code},
+            )
+        if code == 416:
+            return RegistryError("RANGE_INVALID", "requested range not satisfiable")
+        if code in (400, 405) or 500 <= code:
+            return upstream_unavailable(name, f"answered {code}", 502)
+        return upstream_unavailable(name, f"answered unexpected status {code}", 502)
+
+
+def _first_error_code(body: bytes) -> str | None:
+    try:
+        return str(json.loads(body)["errors"][0]["code"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def _rewrite_link(link: str, client_name: str) -> str:
+    """Point an upstream's pagination ``Link`` at this mirror's name for the repository."""
+    target = link.partition("<")[2].partition(">")[0]
+    query = [(k, v) for k, v in parse_qsl(urlsplit(target).query) if k in ("n", "last")]
+    return f'</v2/{client_name}/tags/list?{urlencode(query)}>; rel="next"'

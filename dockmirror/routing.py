@@ -1,0 +1,128 @@
+"""Which upstream a request goes to, and under what repository name.
+
+The order is fixed: the Host header, containerd's ``?ns=`` parameter, a path
+prefix naming an upstream alias, then the default upstream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from dockmirror.errors import RegistryError
+from dockmirror.plugins.base import alias_matches
+from dockmirror.reference import check_name
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """One ``[upstreams.NAME]`` table joined with its plugin."""
+
+    name: str
+    plugin: Any  # IUpstream
+    url: str | None
+    aliases: tuple[str, ...]
+    hosts: tuple[str, ...]
+    username: str | None = None
+    password: str | None = None
+
+    def matches(self, alias: str) -> bool:
+        return alias_matches(alias, self.aliases)
+
+    def base_url(self, alias: str | None) -> str:
+        url = self.url or self.plugin.base_url(alias)
+        assert url is not None  # the config check guarantees one
+        return str(url).rstrip("/")
+
+    def __repr__(self) -> str:
+        return f"<upstream {self.name} ({self.plugin.name}) {self.url or self.plugin.default_url}>"
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one request goes."""
+
+    upstream: Upstream
+    base_url: str
+    repository: str  # the name at the upstream
+    client_name: str  # the name as the client spelled it
+
+    @property
+    def key(self) -> str:
+        """Identifies the upstream registry and repository, for caches and logs."""
+        return f"{self.upstream.name}/{self.repository}"
+
+
+class Router:
+    def __init__(self, upstreams: list[Upstream], default: Upstream | None) -> None:
+        self.upstreams = upstreams
+        self.default = default
+        self._by_host = {h.lower(): u for u in upstreams for h in u.hosts}
+
+    def _by_alias(self, alias: str) -> Upstream | None:
+        alias = alias.lower()
+        for upstream in self.upstreams:
+            if upstream.matches(alias):
+                return upstream
+        return None
+
+    def route(self, name: str, host: str | None = None, ns: str | None = None) -> Route:
+        """Route a validated client-facing repository *name*."""
+        if host:
+            upstream = self._by_host.get(_strip_port(host))
+            if upstream is not None:
+                return self._route(upstream, None, name, name)
+        if ns:
+            upstream = self._by_alias(ns)
+            if upstream is None:
+                raise RegistryError(
+                    "NAME_UNKNOWN",
+                    f"registry {ns} is not mirrored here",
+                    {"ns": ns[:255]},
+                )
+            return self._route(upstream, ns.lower(), name, name)
+        first, _, rest = name.partition("/")
+        if rest:
+            upstream = self._by_alias(first)
+            if upstream is not None:
+                return self._route(upstream, first, rest, name)
+        if self.default is None:
+            raise RegistryError(
+                "NAME_UNKNOWN",
+                "no upstream matches this repository and there is no default upstream",
+                {"name": name},
+            )
+        return self._route(self.default, None, name, name)
+
+    @staticmethod
+    def _route(upstream: Upstream, alias: str | None, name: str, client_name: str) -> Route:
+        repository = check_name(upstream.plugin.repository(name))
+        return Route(upstream, upstream.base_url(alias), repository, client_name)
+
+
+def _strip_port(host: str) -> str:
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host.partition("]")[0] + "]"
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+def build_router(config: Any, plugins: dict[str, Any]) -> Router:
+    """Make the router for a validated :class:`dockmirror.config.Config`."""
+    upstreams = []
+    default = None
+    for name, u in config.upstreams.items():
+        plugin = plugins[u.plugin]
+        upstream = Upstream(
+            name=name,
+            plugin=plugin,
+            url=u.url,
+            aliases=tuple(a.lower() for a in (*plugin.aliases, *u.aliases)),
+            hosts=u.hosts,
+            username=u.username,
+            password=u.password,
+        )
+        upstreams.append(upstream)
+        if u.default:
+            default = upstream
+    return Router(upstreams, default)

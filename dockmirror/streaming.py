@@ -1,0 +1,163 @@
+"""Streaming an upstream response body to a consumer, with flow control both ways.
+
+The upstream socket is registered as the consumer's push producer, so a slow
+client pauses the upstream read, and the consumer (the client's request) sees
+each chunk as it lands.  An idle timer, stopped while the client holds the
+stream paused, guards against an upstream that stops sending.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.iweb import IResponse
+from zope.interface import implementer
+
+log = Logger()
+
+#: Seconds without a byte from an upstream that is not paused before giving up.
+IDLE_TIMEOUT = 60.0
+
+
+class StreamError(Exception):
+    """The body could not be delivered whole and correct."""
+
+
+class DigestMismatch(StreamError):
+    pass
+
+
+@implementer(IPushProducer)
+class BodyStream(Protocol):
+    """Copies one upstream body into a consumer.
+
+    With *digest*, the body is hashed on the way and its last chunk is held
+    back until the hash matches, so a consumer never receives a complete,
+    wrong body.  :attr:`done` fires with the byte count, or fails with
+    :class:`StreamError`; cancelling it aborts the upstream connection.
+    """
+
+    def __init__(
+        self,
+        response: IResponse,
+        reactor: IReactorTime,
+        *,
+        length: int | None = None,
+        digest: str | None = None,
+        idle_timeout: float = IDLE_TIMEOUT,
+    ) -> None:
+        self._response = response
+        self._reactor = reactor
+        self._length = length
+        self._digest = digest
+        self._hash = hashlib.new(digest.partition(":")[0]) if digest else None
+        self._idle_timeout = idle_timeout
+        self._consumer: IConsumer | None = None
+        self._timer: IDelayedCall | None = None
+        self._held = b""
+        self._paused = False
+        self.received = 0
+        self.done: Deferred[int] = Deferred(self._cancel)
+
+    def write_to(self, consumer: IConsumer) -> Deferred[int]:
+        self._consumer = consumer
+        consumer.registerProducer(self, True)
+        self._response.deliverBody(self)
+        return self.done
+
+    # IPushProducer, as seen by the consumer
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self._stop_timer()
+        if self.transport is not None:
+            self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._start_timer()
+        if self.transport is not None:
+            self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._abort()
+
+    # Protocol, as seen by the upstream response
+    def connectionMade(self) -> None:
+        if self._paused:
+            self.transport.pauseProducing()
+        else:
+            self._start_timer()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        self.received += len(data)
+        if self._length is not None and self.received > self._length:
+            self._fail(StreamError(f"upstream sent more than {self._length} bytes"))
+            return
+        if self._timer is not None:
+            self._timer.reset(self._idle_timeout)
+        if self._hash is not None:
+            self._hash.update(data)
+            data, self._held = self._held, data
+        if data:
+            assert self._consumer is not None
+            self._consumer.write(data)
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
+        self._stop_timer()
+        if self.done.called:
+            return
+        if not reason.check(ResponseDone):
+            self._fail(StreamError(f"upstream body failed: {reason.getErrorMessage()}"))
+        elif self._length is not None and self.received != self._length:
+            self._fail(StreamError(f"upstream sent {self.received} of {self._length} bytes"))
+        elif self._hash is not None and f"{self._hash.name}:{self._hash.hexdigest()}" != self._digest:
+            self._fail(DigestMismatch(f"upstream bytes do not match {self._digest}"))
+        else:
+            if self._held:
+                assert self._consumer is not None
+                self._consumer.write(self._held)
+            self._finish()
+            self.done.callback(self.received)
+
+    def _finish(self) -> None:
+        if self._consumer is not None:
+            self._consumer.unregisterProducer()
+            self._consumer = None
+
+    def _fail(self, error: StreamError) -> None:
+        self._abort()
+        self._finish()
+        if not self.done.called:
+            self.done.errback(error)
+
+    def _abort(self) -> None:
+        self._stop_timer()
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def _cancel(self, d: Deferred[Any]) -> None:
+        self._abort()
+        self._finish()
+
+    def _start_timer(self) -> None:
+        if self._timer is None and not self.done.called:
+            self._timer = self._reactor.callLater(self._idle_timeout, self._idle)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+    def _idle(self) -> None:
+        self._timer = None
+        self._fail(StreamError(f"upstream sent nothing for {self._idle_timeout:.0f}s"))

@@ -1,0 +1,71 @@
+"""``twistd dockmirror``: options and the service tree."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from treq.client import HTTPClient
+from twisted.application import service, strports
+from twisted.internet.interfaces import IReactorCore
+from twisted.python import usage
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.server import Site
+
+from dockmirror.config import Config, ConfigError, load, upstream_plugins
+from dockmirror.pull import PullService, Upstreams
+from dockmirror.routing import build_router
+from dockmirror.web import build_root
+
+#: Idle persistent connections kept per upstream host.
+POOL_PER_HOST = 16
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE]"
+    longdesc = (
+        "Run the dockmirror registry mirror. Without --config it serves plain "
+        "HTTP on 127.0.0.1:5000 with the built-in upstreams."
+    )
+    optParameters = [
+        ["config", "c", None, "Path to the TOML configuration file."],
+    ]
+
+    def postOptions(self) -> None:
+        try:
+            self["parsed"] = load(self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+class PoolService(service.Service):
+    """Closes the upstream connection pool when the mirror stops."""
+
+    def __init__(self, pool: HTTPConnectionPool) -> None:
+        self.pool = pool
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self.pool.closeCachedConnections()
+
+
+def build_service(config: Config, reactor: Any) -> service.MultiService:
+    router = build_router(config, upstream_plugins())
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = POOL_PER_HOST
+    http = HTTPClient(Agent(reactor, connectTimeout=30, pool=pool))
+    pull = PullService(Upstreams(http, reactor), reactor)
+    site = Site(build_root(router, pull))
+    site.displayTracebacks = False
+    top = service.MultiService()
+    for description in config.server.listen:
+        strports.service(description, site, reactor=reactor).setServiceParent(top)
+    PoolService(pool).setServiceParent(top)
+    return top
+
+
+def makeService(options: Options, reactor: IReactorCore | None = None) -> service.MultiService:
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor  # type: ignore[assignment]
+    return build_service(options["parsed"], reactor)

@@ -1,0 +1,162 @@
+"""The HTTP resource tree: ``/v2/`` and its error responses."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from dockmirror.errors import RegistryError
+from dockmirror.pull import PullService, Reply
+from dockmirror.reference import parse_v2_path
+from dockmirror.routing import Router
+from dockmirror.streaming import StreamError
+
+log = Logger()
+
+API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
+
+
+def _arg(request: Request, name: bytes) -> str | None:
+    values = (request.args or {}).get(name)
+    return values[0].decode("utf-8", "replace") if values else None
+
+
+def write_error(request: Request, error: RegistryError) -> None:
+    """Answer *request* with a registry-format error, or cut it if headers went out."""
+    if request.startedWriting:
+        request.loseConnection()
+        return
+    body = error.body()
+    request.setResponseCode(error.status)
+    for name, value in error.headers.items():
+        request.setHeader(name, value)
+    request.setHeader("Content-Type", "application/json")
+    request.setHeader("Content-Length", str(len(body)))
+    request.write(body)
+    request.finish()
+
+
+class AsyncResource(Resource):
+    """A leaf resource whose requests are served by a coroutine.
+
+    The coroutine is cancelled when the client goes away, and every
+    exception becomes a registry-format error rather than a traceback.
+    """
+
+    isLeaf = True
+
+    def render(self, request: Request) -> Any:
+        d = Deferred.fromCoroutine(self.serve(request))
+        gone = request.notifyFinish()
+        gone.addErrback(lambda _: d.cancel())
+        d.addErrback(self._failed, request, gone)
+        return NOT_DONE_YET
+
+    async def serve(self, request: Request) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def _failed(failure: Any, request: Request, gone: Deferred[None]) -> None:
+        if gone.called:
+            failure.trap(CancelledError, StreamError)
+            return
+        if failure.check(RegistryError):
+            write_error(request, failure.value)
+        elif failure.check(StreamError):
+            log.warn("stream to {client} cut: {error}", client=request.getClientAddress(),
+                     error=failure.getErrorMessage())
+            request.loseConnection()
+        else:
+            log.failure("unexpected error serving {uri}", failure, uri=request.uri)
+            write_error(request, RegistryError("UNKNOWN", "internal error", status=500))
+
+
+async def send_reply(request: Request, reply: Reply) -> None:
+    request.setResponseCode(reply.status)
+    for name, value in reply.headers.items():
+        request.setHeader(name, value)
+    if reply.stream is not None:
+        await reply.stream.write_to(request)
+    elif reply.body and request.method != b"HEAD":
+        request.setHeader("Content-Length", str(len(reply.body)))
+        request.write(reply.body)
+    request.finish()
+
+
+class V2Resource(AsyncResource):
+    """Everything under ``/v2/``: the pull side of the distribution API."""
+
+    def __init__(self, router: Router, pull: PullService) -> None:
+        super().__init__()
+        self.router = router
+        self.pull = pull
+
+    def render(self, request: Request) -> Any:
+        request.setHeader(*API_VERSION)
+        return super().render(request)
+
+    async def serve(self, request: Request) -> None:
+        method = request.method
+        if method not in (b"GET", b"HEAD"):
+            raise RegistryError(
+                "UNSUPPORTED",
+                "this registry is a pull-through mirror: push and delete are not supported",
+                {"method": method.decode("latin-1")[:20]},
+            )
+        try:
+            segments = [s.decode("ascii") for s in request.postpath or []]
+        except UnicodeDecodeError:
+            raise RegistryError("NAME_INVALID", "invalid repository name") from None
+        path = parse_v2_path(segments)
+        head = method == b"HEAD"
+        if path.kind == "base":
+            reply = Reply(200, {"Content-Type": "application/json"}, b"{}")
+        elif path.kind == "catalog":
+            raise RegistryError("UNSUPPORTED", "a mirror has no catalog")
+        else:
+            route = self.router.route(
+                path.name, request.getHeader("host"), _arg(request, b"ns")
+            )
+            if path.kind == "manifests":
+                reply = await self.pull.manifest(
+                    route, path.reference, request.getHeader("accept"), head
+                )
+            elif path.kind == "blobs":
+                reply = await self.pull.blob(
+                    route, path.reference, head, request.getHeader("range")
+                )
+            else:
+                reply = await self.pull.tags(route, _arg(request, b"n"), _arg(request, b"last"))
+        await send_reply(request, reply)
+
+
+class RootResource(Resource):
+    """The site root: registry-format 404s for anything unknown."""
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return _NotFound()
+
+
+class _NotFound(Resource):
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        error = RegistryError("NAME_UNKNOWN", "not found", status=404)
+        request.setResponseCode(404)
+        request.setHeader("Content-Type", "application/json")
+        return error.body()
+
+
+def build_root(router: Router, pull: PullService) -> Resource:
+    root = RootResource()
+    root.putChild(b"v2", V2Resource(router, pull))
+    return root
+
+
+def dumps(data: Any) -> bytes:
+    return json.dumps(data).encode()

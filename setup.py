@@ -1,0 +1,57 @@
+"""Packaging for dockmirror."""
+
+from setuptools import find_packages, setup
+from setuptools.command.install import install
+
+
+class _InstallAndCachePlugins(install):
+    """Regenerate Twisted's plugin cache once the files are in place."""
+
+    def run(self) -> None:
+        super().run()
+        try:
+            from twisted.plugin import IPlugin, getPlugins
+
+            list(getPlugins(IPlugin))
+        except Exception:  # noqa: BLE001 - a stale cache only slows start-up
+            pass
+
+
+setup(
+    name="dockmirror",
+    version="0.1.0",
+    description="A pull-through caching mirror for container registries",
+    long_description=open("README.rst", encoding="utf-8").read(),
+    long_description_content_type="text/x-rst",
+    license="MIT",
+    python_requires=">=3.11",
+    packages=find_packages(exclude=["tests*", "bench*"]) + ["twisted.plugins"],
+    package_data={"dockmirror": ["py.typed", "*.toml", "auth/*.sql"]},
+    install_requires=[
+        "twisted[tls,conch]>=23.10",
+        "treq>=23.11",
+        "service-identity>=23.1",
+        "pyopenssl>=23.2",
+        "zope.interface>=6.0",
+        "PyJWT[crypto]>=2.8",
+        "prometheus_client>=0.19",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=7.4",
+            "pytest-twisted>=1.14",
+            "mypy>=1.8",
+            "mypy-zope>=1.0",
+            "ruff>=0.4",
+        ],
+    },
+    entry_points={
+        "console_scripts": ["dockmirror-admin=dockmirror.admin:main"],
+    },
+    cmdclass={"install": _InstallAndCachePlugins},
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3",
+        "Topic :: System :: Software Distribution",
+    ],
+)
