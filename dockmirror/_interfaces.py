@@ -19,8 +19,8 @@ class IUpstream(Interface):
     )
     default_url = Attribute("The registry's base URL, or None when ``url`` is required.")
 
-    def base_url(alias: str | None) -> str | None:  # type: ignore[misc]
+    def base_url(alias: str | None) -> str | None:
         """The base URL for a request routed through *alias* (None: no alias)."""
 
-    def repository(name: str) -> str:  # type: ignore[misc]
+    def repository(name: str) -> str:
         """Map a client-facing repository name to the upstream's name."""

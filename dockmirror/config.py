@@ -186,14 +186,13 @@ def _check(config: Config) -> None:
                 f" (available: {', '.join(sorted(known))})"
             )
         if upstream.url is None and plugin.default_url is None:
-            raise ConfigError(f"{source}: upstreams.{name}.url is required for"
-                              f" plugin {upstream.plugin!r}")
+            raise ConfigError(
+                f"{source}: upstreams.{name}.url is required for plugin {upstream.plugin!r}"
+            )
         if upstream.url is not None and not upstream.url.startswith(("http://", "https://")):
             raise ConfigError(f"{source}: upstreams.{name}.url must be an http(s) URL")
         if (upstream.username is None) != (upstream.password is None):
-            raise ConfigError(
-                f"{source}: upstreams.{name}: username and password go together"
-            )
+            raise ConfigError(f"{source}: upstreams.{name}: username and password go together")
         for host in upstream.hosts:
             if host.lower() in hosts:
                 raise ConfigError(

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.web.iweb import IResponse
 
 from dockmirror.errors import STATUS, RegistryError, upstream_unavailable
+from dockmirror.metrics import Metrics
 from dockmirror.reference import HEX_LENGTH, is_digest
 from dockmirror.routing import Route
 from dockmirror.streaming import BodyStream
@@ -59,9 +60,10 @@ def compute_digest(data: bytes, algorithm: str = "sha256") -> str:
 class Upstreams:
     """One :class:`UpstreamClient` per upstream and base URL, sharing a pool."""
 
-    def __init__(self, http: Any, reactor: IReactorTime) -> None:
+    def __init__(self, http: Any, reactor: IReactorTime, metrics: Metrics) -> None:
         self._http = http
         self._reactor = reactor
+        self._metrics = metrics
         self._clients: dict[tuple[str, str], UpstreamClient] = {}
 
     def client(self, route: Route) -> UpstreamClient:
@@ -73,6 +75,7 @@ class Upstreams:
                 route.base_url,
                 self._http,
                 self._reactor,
+                self._metrics,
                 route.upstream.username,
                 route.upstream.password,
             )
@@ -80,9 +83,10 @@ class Upstreams:
 
 
 class PullService:
-    def __init__(self, upstreams: Upstreams, reactor: IReactorTime) -> None:
+    def __init__(self, upstreams: Upstreams, reactor: IReactorTime, metrics: Metrics) -> None:
         self.upstreams = upstreams
         self._reactor = reactor
+        self._metrics = metrics
 
     async def _request(
         self,
@@ -104,9 +108,7 @@ class PullService:
             )
             raise upstream_unavailable(route.upstream.name, str(e)) from e
 
-    async def manifest(
-        self, route: Route, reference: str, accept: str | None, head: bool
-    ) -> Reply:
+    async def manifest(self, route: Route, reference: str, accept: str | None, head: bool) -> Reply:
         response = await self._request(
             route,
             "HEAD" if head else "GET",
@@ -152,9 +154,7 @@ class PullService:
             body,
         )
 
-    async def blob(
-        self, route: Route, digest: str, head: bool, range_header: str | None
-    ) -> Reply:
+    async def blob(self, route: Route, digest: str, head: bool, range_header: str | None) -> Reply:
         headers = {"Range": range_header} if range_header else None
         response = await self._request(route, "HEAD" if head else "GET", f"blobs/{digest}", headers)
         if response.code not in (200, 206):
@@ -203,6 +203,8 @@ class PullService:
             discard(response)
         name = route.upstream.name
         code = response.code
+        if code == 429 or code >= 500:
+            self._metrics.upstream_errors.labels(name, "429" if code == 429 else "5xx").inc()
         if code == 404:
             upstream_code = _first_error_code(body)
             if STATUS.get(upstream_code or "") != 404:

@@ -22,7 +22,7 @@ _HEX_RE = re.compile(r"[a-f0-9]+")
 def check_name(name: str) -> str:
     if len(name) > NAME_MAX or not NAME_RE.fullmatch(name):
         raise RegistryError(
-            "NAME_INVALID", "invalid repository name", {"name": name[:NAME_MAX + 1]}
+            "NAME_INVALID", "invalid repository name", {"name": name[: NAME_MAX + 1]}
         )
     return name
 

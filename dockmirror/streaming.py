@@ -9,7 +9,7 @@ stream paused, guards against an upstream that stops sending.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
@@ -72,26 +72,31 @@ class BodyStream(Protocol):
         self._response.deliverBody(self)
         return self.done
 
+    @property
+    def _upstream(self) -> IPushProducer | None:
+        """The upstream response's transport, which pauses the socket."""
+        return cast(IPushProducer | None, self.transport)
+
     # IPushProducer, as seen by the consumer
     def pauseProducing(self) -> None:
         self._paused = True
         self._stop_timer()
-        if self.transport is not None:
-            self.transport.pauseProducing()
+        if self._upstream is not None:
+            self._upstream.pauseProducing()
 
     def resumeProducing(self) -> None:
         self._paused = False
         self._start_timer()
-        if self.transport is not None:
-            self.transport.resumeProducing()
+        if self._upstream is not None:
+            self._upstream.resumeProducing()
 
     def stopProducing(self) -> None:
         self._abort()
 
     # Protocol, as seen by the upstream response
     def connectionMade(self) -> None:
-        if self._paused:
-            self.transport.pauseProducing()
+        if self._paused and self._upstream is not None:
+            self._upstream.pauseProducing()
         else:
             self._start_timer()
 
@@ -119,7 +124,9 @@ class BodyStream(Protocol):
             self._fail(StreamError(f"upstream body failed: {reason.getErrorMessage()}"))
         elif self._length is not None and self.received != self._length:
             self._fail(StreamError(f"upstream sent {self.received} of {self._length} bytes"))
-        elif self._hash is not None and f"{self._hash.name}:{self._hash.hexdigest()}" != self._digest:
+        elif self._hash is not None and f"{self._hash.name}:{self._hash.hexdigest()}" != (
+            self._digest
+        ):
             self._fail(DigestMismatch(f"upstream bytes do not match {self._digest}"))
         else:
             if self._held:
@@ -141,8 +148,8 @@ class BodyStream(Protocol):
 
     def _abort(self) -> None:
         self._stop_timer()
-        if self.transport is not None:
-            self.transport.stopProducing()
+        if self._upstream is not None:
+            self._upstream.stopProducing()
 
     def _cancel(self, d: Deferred[Any]) -> None:
         self._abort()

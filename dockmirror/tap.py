@@ -12,6 +12,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
 from dockmirror.config import Config, ConfigError, load, upstream_plugins
+from dockmirror.metrics import Metrics
 from dockmirror.pull import PullService, Upstreams
 from dockmirror.routing import build_router
 from dockmirror.web import build_root
@@ -53,7 +54,8 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = POOL_PER_HOST
     http = HTTPClient(Agent(reactor, connectTimeout=30, pool=pool))
-    pull = PullService(Upstreams(http, reactor), reactor)
+    metrics = Metrics()
+    pull = PullService(Upstreams(http, reactor, metrics), reactor, metrics)
     site = Site(build_root(router, pull))
     site.displayTracebacks = False
     top = service.MultiService()
@@ -67,5 +69,5 @@ def makeService(options: Options, reactor: IReactorCore | None = None) -> servic
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
-        reactor = default_reactor  # type: ignore[assignment]
+        reactor = default_reactor
     return build_service(options["parsed"], reactor)

@@ -34,6 +34,8 @@ from twisted.web.client import (
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
+from dockmirror.metrics import Metrics
+
 log = Logger()
 
 #: Seconds to wait for response headers from an upstream.
@@ -45,6 +47,7 @@ TOKEN_MARGIN = 10.0
 
 
 # --- WWW-Authenticate ------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Challenge:
@@ -94,6 +97,7 @@ def parse_www_authenticate(values: list[str]) -> list[Challenge]:
 
 
 # --- credentials -------------------------------------------------------------
+
 
 def registrable_domain(host: str) -> str:
     """The last two labels of a DNS name (the whole of an IP address or single label).
@@ -169,6 +173,7 @@ def discard(response: IResponse) -> None:
 
 # --- the client ----------------------------------------------------------------
 
+
 class UpstreamError(Exception):
     """The upstream could not be reached."""
 
@@ -182,10 +187,12 @@ class UpstreamClient:
         base_url: str,
         http: Any,
         reactor: IReactorTime,
+        metrics: Metrics,
         username: str | None = None,
         password: str | None = None,
     ) -> None:
         self.name = name
+        self._metrics = metrics
         self.base_url = base_url.rstrip("/")
         self._http = http
         self._reactor = reactor
@@ -241,13 +248,13 @@ class UpstreamClient:
             h.setRawHeaders(k, [v])
         if authorization:
             h.setRawHeaders("Authorization", [authorization])
-        d = self._http.request(
-            method, url, headers=h, params=params, unbuffered=True
-        )
+        d = self._http.request(method, url, headers=h, params=params, unbuffered=True)
         d.addTimeout(HEADERS_TIMEOUT, self._reactor)
+        started = self._reactor.seconds()
         try:
             response: IResponse = await d
         except defer.TimeoutError as e:
+            self._metrics.upstream_errors.labels(self.name, "timeout").inc()
             raise UpstreamError(f"no response within {HEADERS_TIMEOUT:.0f}s") from e
         except (
             ConnectError,
@@ -258,7 +265,17 @@ class UpstreamClient:
             ResponseNeverReceived,
             RequestTransmissionFailed,
         ) as e:
+            self._metrics.upstream_errors.labels(self.name, "unreachable").inc()
             raise UpstreamError(_describe(e)) from e
+        self._metrics.upstream_latency.labels(self.name).observe(self._reactor.seconds() - started)
+        remaining = response.headers.getRawHeaders("ratelimit-remaining")
+        if remaining:
+            try:
+                value = float(remaining[0].partition(";")[0])
+            except ValueError:
+                pass
+            else:
+                self._metrics.upstream_ratelimit_remaining.labels(self.name).set(value)
         return response
 
     async def _authorization(self, scope: str, refresh: bool = False) -> str | None:
@@ -321,6 +338,7 @@ class UpstreamClient:
 def _describe(e: Exception) -> str:
     if isinstance(e, (ResponseFailed, ResponseNeverReceived, RequestTransmissionFailed)):
         return "connection failed: " + "; ".join(
-            f.getErrorMessage() for f in e.reasons  # type: ignore[attr-defined]
+            f.getErrorMessage()
+            for f in e.reasons
         )
     return str(e) or type(e).__name__

@@ -68,8 +68,11 @@ class AsyncResource(Resource):
         if failure.check(RegistryError):
             write_error(request, failure.value)
         elif failure.check(StreamError):
-            log.warn("stream to {client} cut: {error}", client=request.getClientAddress(),
-                     error=failure.getErrorMessage())
+            log.warn(
+                "stream to {client} cut: {error}",
+                client=request.getClientAddress(),
+                error=failure.getErrorMessage(),
+            )
             request.loseConnection()
         else:
             log.failure("unexpected error serving {uri}", failure, uri=request.uri)
@@ -119,9 +122,7 @@ class V2Resource(AsyncResource):
         elif path.kind == "catalog":
             raise RegistryError("UNSUPPORTED", "a mirror has no catalog")
         else:
-            route = self.router.route(
-                path.name, request.getHeader("host"), _arg(request, b"ns")
-            )
+            route = self.router.route(path.name, request.getHeader("host"), _arg(request, b"ns"))
             if path.kind == "manifests":
                 reply = await self.pull.manifest(
                     route, path.reference, request.getHeader("accept"), head

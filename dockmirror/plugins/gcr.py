@@ -9,7 +9,9 @@ class GCR(UpstreamPlugin):
     default_url = "https://gcr.io"
 
     def base_url(self, alias: str | None) -> str | None:
-        return f"https://{alias}" if alias and alias_matches(alias, self.aliases) else self.default_url
+        if alias and alias_matches(alias, self.aliases):
+            return f"https://{alias}"
+        return self.default_url
 
 
 gcr = GCR()

@@ -1,0 +1,93 @@
+"""Prometheus metrics, all prefixed ``dockmirror_``.
+
+One :class:`Metrics` object is made per service and handed to the layers that
+count; it owns its own ``CollectorRegistry`` so tests can make fresh ones.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "dockmirror_http_requests",
+            "HTTP requests answered, by route, method and status.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.cache_hits = Counter(
+            "dockmirror_cache_hits",
+            "Requests answered from the cache, by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.cache_misses = Counter(
+            "dockmirror_cache_misses",
+            "Requests that had to go upstream, by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.bytes_from_cache = Counter(
+            "dockmirror_cache_served_bytes",
+            "Bytes sent to clients from the cache.",
+            registry=r,
+        )
+        self.bytes_from_upstream = Counter(
+            "dockmirror_upstream_received_bytes",
+            "Body bytes received from upstreams.",
+            ["upstream"],
+            registry=r,
+        )
+        self.fills_in_flight = Gauge(
+            "dockmirror_cache_fills_in_flight",
+            "Blob fills from upstream now running.",
+            registry=r,
+        )
+        self.digest_mismatches = Counter(
+            "dockmirror_digest_mismatches",
+            "Upstream content that did not match its digest.",
+            ["upstream"],
+            registry=r,
+        )
+        self.evictions = Counter(
+            "dockmirror_cache_evictions",
+            "Blobs evicted to stay within the cache quota.",
+            registry=r,
+        )
+        self.evicted_bytes = Counter(
+            "dockmirror_cache_evicted_bytes",
+            "Bytes evicted to stay within the cache quota.",
+            registry=r,
+        )
+        self.cache_size = Gauge(
+            "dockmirror_cache_size_bytes",
+            "Bytes of blobs held in the cache.",
+            registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "dockmirror_upstream_response_seconds",
+            "Time from sending an upstream request to its response headers.",
+            ["upstream"],
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "dockmirror_upstream_errors",
+            "Upstream requests that failed, by reason (unreachable, 5xx, 429, ...).",
+            ["upstream", "reason"],
+            registry=r,
+        )
+        self.upstream_ratelimit_remaining = Gauge(
+            "dockmirror_upstream_ratelimit_remaining",
+            "The last ratelimit-remaining an upstream announced.",
+            ["upstream"],
+            registry=r,
+        )
+        self.auth = Counter(
+            "dockmirror_auth_attempts",
+            "Authentication attempts, by result.",
+            ["result"],
+            registry=r,
+        )
