@@ -22,7 +22,6 @@ from twisted.web.server import Request
 
 from dockmirror.errors import RegistryError
 
-
 disable_created_metrics()
 
 
