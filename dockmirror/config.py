@@ -8,6 +8,7 @@ is refused with a message naming the key and the file.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import types
 import typing
@@ -39,9 +40,57 @@ class AuthConfig:
     database: str = "dockmirror-data/keys.sqlite"
 
 
+OVERSIZE_POLICIES = ("passthrough", "reject")
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     directory: str = "dockmirror-data/cache"
+    #: The most the cache may hold on disk, as a size string; None: no quota.
+    max_size: str | None = None
+    #: The largest blob the cache will keep; None: no limit.
+    max_layer_size: str | None = None
+    #: What to do with a blob over max_layer_size: stream it uncached, or refuse it.
+    oversize: str = "passthrough"
+    #: Seconds a manifest fetched by tag is served before it is revalidated upstream.
+    manifest_ttl: int = 3600
+    #: Serve an expired manifest when the upstream is down, 5xx or 429.
+    serve_stale: bool = True
+
+    @property
+    def max_size_bytes(self) -> int | None:
+        return None if self.max_size is None else parse_size(self.max_size)
+
+    @property
+    def max_layer_size_bytes(self) -> int | None:
+        return None if self.max_layer_size is None else parse_size(self.max_layer_size)
+
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+}
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as ``"500MB"`` (decimal) or ``"5GiB"`` (binary)."""
+    m = _SIZE_RE.fullmatch(text)
+    unit = m.group(2).lower() if m else ""
+    if m is None or unit not in _UNITS:
+        raise ValueError(
+            f"{text!r} is not a size: use a number with B, kB, MB, GB, TB (powers of 1000)"
+            ' or KiB, MiB, GiB, TiB (powers of 1024), such as "500MB" or "5GiB"'
+        )
+    return int(float(m.group(1)) * _UNITS[unit])
 
 
 @dataclass(frozen=True)
@@ -202,6 +251,27 @@ def _check(config: Config) -> None:
             hosts[host.lower()] = name
     if not config.server.public_url.startswith(("http://", "https://")):
         raise ConfigError(f"{source}: server.public_url must be an http(s) URL")
+    _check_cache(source, config.cache)
+
+
+def _check_cache(source: str, cache: CacheConfig) -> None:
+    for key in ("max_size", "max_layer_size"):
+        text = getattr(cache, key)
+        if text is None:
+            continue
+        try:
+            size = parse_size(text)
+        except ValueError as e:
+            raise ConfigError(f"{source}: cache.{key}: {e}") from None
+        if size <= 0:
+            raise ConfigError(f"{source}: cache.{key} must be more than zero bytes")
+    if cache.oversize not in OVERSIZE_POLICIES:
+        raise ConfigError(
+            f"{source}: cache.oversize must be one of {', '.join(map(repr, OVERSIZE_POLICIES))}"
+            f", not {cache.oversize!r}"
+        )
+    if cache.manifest_ttl < 0:
+        raise ConfigError(f"{source}: cache.manifest_ttl must be zero or more seconds")
 
 
 def state_directory(config: Config) -> Path:

@@ -78,6 +78,17 @@ class Metrics:
             "Bytes evicted to stay within the cache quota.",
             registry=r,
         )
+        self.cache_passthrough = Counter(
+            "dockmirror_cache_passthrough",
+            "Blobs streamed to a client without being cached, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.cache_stale = Counter(
+            "dockmirror_cache_stale",
+            "Expired manifests served because the upstream could not revalidate them.",
+            registry=r,
+        )
         self.cache_size = Gauge(
             "dockmirror_cache_size_bytes",
             "Bytes of blobs held in the cache.",

@@ -1,8 +1,9 @@
-"""The pull side of the registry API, answered from the upstreams.
+"""The pull side of the registry API, answered from the cache and the upstreams.
 
 Each method returns a :class:`Reply` for the web layer to send; a blob body is
-a :class:`~dockmirror.streaming.BodyStream` that the web layer points at the
-client's request.
+a stream (a :class:`~dockmirror.cache.blobs.BlobReader` from the cache, or a
+:class:`~dockmirror.streaming.BodyStream` from the upstream) that the web
+layer points at the client's request.
 """
 
 from __future__ import annotations
@@ -13,15 +14,20 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 
+from dockmirror.cache import Cache, origin_of
+from dockmirror.cache.fill import Fill
+from dockmirror.cache.manifests import INDEX_TYPES, TagEntry, accepted, references
 from dockmirror.errors import STATUS, RegistryError, upstream_unavailable
 from dockmirror.metrics import Metrics
-from dockmirror.reference import HEX_LENGTH, is_digest
-from dockmirror.routing import Route
-from dockmirror.streaming import BodyStream
+from dockmirror.reference import HEX_LENGTH, is_digest, parse_image_reference
+from dockmirror.routing import Route, Router
+from dockmirror.streaming import BodyStream, Stream, StreamError
 from dockmirror.upstream import UpstreamClient, UpstreamError, discard, read_small
 
 log = Logger()
@@ -45,7 +51,7 @@ class Reply:
     status: int
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
-    stream: BodyStream | None = None
+    stream: Stream | None = None
 
 
 def _header(response: IResponse, name: str) -> str | None:
@@ -82,9 +88,37 @@ class Upstreams:
         return client
 
 
+#: Times a blob request tries to join or start a fill before giving up.
+FILL_ATTEMPTS = 3
+#: Blobs of one manifest fetched at once by :meth:`PullService.prefetch`.
+PREFETCH_PARALLEL = 4
+
+HIT, MISS, REVALIDATED, STALE = "HIT", "MISS", "REVALIDATED", "STALE"
+
+
+@dataclass
+class _Source:
+    """Where a blob's bytes will come from."""
+
+    fill: Fill | None = None  # being filled (None: cached)
+    lead: bool = False  # this request started the fill
+    passthrough: str | None = None  # why it is streamed uncached
+
+
 class PullService:
-    def __init__(self, upstreams: Upstreams, reactor: IReactorTime, metrics: Metrics) -> None:
+    """Answers pulls from the cache, going upstream for what it lacks.
+
+    Blobs: a cached blob is served from its file; a missing one is filled
+    once, however many clients ask, each reading the file as it grows.
+    Manifests: by digest from the cache; by tag for ``manifest_ttl``
+    seconds, then revalidated with a HEAD.  Every reply says ``X-Cache``.
+    """
+
+    def __init__(
+        self, upstreams: Upstreams, reactor: IReactorTime, metrics: Metrics, cache: Cache
+    ) -> None:
         self.upstreams = upstreams
+        self.cache = cache
         self._reactor = reactor
         self._metrics = metrics
 
@@ -108,7 +142,107 @@ class PullService:
             )
             raise upstream_unavailable(route.upstream.name, str(e)) from e
 
+    def _count(self, kind: str, x_cache: str) -> None:
+        counter = self._metrics.cache_misses if x_cache == MISS else self._metrics.cache_hits
+        counter.labels(kind).inc()
+
+    # --- manifests -----------------------------------------------------------------
+
     async def manifest(self, route: Route, reference: str, accept: str | None, head: bool) -> Reply:
+        origin = origin_of(route)
+        manifests = self.cache.manifests
+        if is_digest(reference):
+            if manifests.has(reference):
+                if not self.cache.blobs.allowed(origin, reference):
+                    await self._confirm_manifest(route, origin, reference, accept)
+                reply = self._cached_manifest(reference, HIT, head)
+                if reply is not None:
+                    return reply
+            return await self._upstream_manifest(route, origin, reference, accept, head)
+        entry = manifests.tag(origin, reference, accepted(accept))
+        if entry is not None and manifests.fresh(entry):
+            reply = self._cached_manifest(entry.digest, HIT, head)
+            if reply is not None:
+                return reply
+        elif entry is not None:
+            reply = await self._revalidate(route, origin, reference, entry, accept, head)
+            if reply is not None:
+                return reply
+        return await self._upstream_manifest(route, origin, reference, accept, head)
+
+    def _cached_manifest(self, digest: str, x_cache: str, head: bool) -> Reply | None:
+        cached = self.cache.manifests.get(digest)
+        if cached is None:
+            return None
+        body, media_type = cached
+        self._count("manifest", x_cache)
+        headers = {
+            "Content-Type": media_type,
+            "Content-Length": str(len(body)),
+            "Docker-Content-Digest": digest,
+            "ETag": f'"{digest}"',
+            "X-Cache": x_cache,
+        }
+        return Reply(200, headers, b"" if head else body)
+
+    async def _confirm_manifest(
+        self, route: Route, origin: str, digest: str, accept: str | None
+    ) -> None:
+        """Check that this upstream repository has a manifest cached through another."""
+        response = await self._request(
+            route, "HEAD", f"manifests/{digest}", {"Accept": accept or DEFAULT_ACCEPT}
+        )
+        if response.code != 200:
+            raise await self._failure(route, response, "MANIFEST_UNKNOWN", True)
+        discard(response)
+        self.cache.blobs.allow(origin, [digest])
+
+    async def _revalidate(
+        self,
+        route: Route,
+        origin: str,
+        tag: str,
+        entry: TagEntry,
+        accept: str | None,
+        head: bool,
+    ) -> Reply | None:
+        """Check an expired tag with a HEAD; None when the manifest must be fetched."""
+        manifests = self.cache.manifests
+        try:
+            response = await self._request(
+                route, "HEAD", f"manifests/{tag}", {"Accept": accept or DEFAULT_ACCEPT}
+            )
+        except RegistryError as e:
+            return self._stale(entry, e, head)
+        if response.code != 200:
+            error = await self._failure(route, response, "MANIFEST_UNKNOWN", True)
+            if response.code == 429 or response.code >= 500:
+                return self._stale(entry, error, head)
+            if response.code == 404:
+                manifests.forget_tag(origin, tag)
+            raise error
+        discard(response)
+        digest = _header(response, "docker-content-digest")
+        if digest is None or not manifests.has(digest):
+            return None
+        media_type = entry.media_type if digest == entry.digest else manifests.get_type(digest)
+        self.cache.blobs.allow(origin, [digest])
+        manifests.set_tag(origin, tag, digest, media_type)
+        return self._cached_manifest(digest, REVALIDATED, head)
+
+    def _stale(self, entry: TagEntry, error: RegistryError, head: bool) -> Reply | None:
+        if not self.cache.serve_stale:
+            raise error
+        reply = self._cached_manifest(entry.digest, STALE, head)
+        if reply is None:
+            raise error
+        self._metrics.cache_stale.inc()
+        log.info("serving stale {digest}: {error}", digest=entry.digest, error=error.message)
+        return reply
+
+    async def _upstream_manifest(
+        self, route: Route, origin: str, reference: str, accept: str | None, head: bool
+    ) -> Reply:
         response = await self._request(
             route,
             "HEAD" if head else "GET",
@@ -117,11 +251,12 @@ class PullService:
         )
         if response.code != 200:
             raise await self._failure(route, response, "MANIFEST_UNKNOWN", head)
-        content_type = _header(response, "content-type") or MANIFEST_TYPES[0]
+        self._count("manifest", MISS)
+        content_type = _media_type(_header(response, "content-type"))
         digest = _header(response, "docker-content-digest")
         if head:
             discard(response)
-            headers = {"Content-Type": content_type}
+            headers = {"Content-Type": content_type, "X-Cache": MISS}
             if digest:
                 headers["Docker-Content-Digest"] = digest
             if response.length not in (None, -1):
@@ -134,6 +269,7 @@ class PullService:
         algorithm = expected.partition(":")[0] if expected else "sha256"
         actual = compute_digest(body, algorithm if algorithm in HEX_LENGTH else "sha256")
         if expected and actual != expected:
+            self._metrics.digest_mismatches.labels(route.upstream.name).inc()
             log.error(
                 "manifest {reference} of {repository} from {upstream} hashes to {actual}",
                 reference=reference,
@@ -144,28 +280,158 @@ class PullService:
             raise upstream_unavailable(
                 route.upstream.name, f"manifest does not match its digest {expected}", 502
             )
+        await self.cache.manifests.put(origin, reference, actual, content_type, body)
         return Reply(
             200,
             {
                 "Content-Type": content_type,
-                "Docker-Content-Digest": expected or actual,
-                "ETag": f'"{expected or actual}"',
+                "Docker-Content-Digest": actual,
+                "ETag": f'"{actual}"',
+                "X-Cache": MISS,
             },
             body,
         )
 
+    # --- blobs ---------------------------------------------------------------------
+
     async def blob(self, route: Route, digest: str, head: bool, range_header: str | None) -> Reply:
+        origin = origin_of(route)
+        store = self.cache.blobs
+        if head and not store.has(digest) and store.filling(digest) is None:
+            size = await self._blob_head(route, origin, digest)
+            if size is not None:
+                self._admit(digest, size)
+            self._count("blob", MISS)
+            headers = _blob_headers(digest, MISS)
+            if size is not None:
+                headers["Content-Length"] = str(size)
+            return Reply(200, headers)
+        source = await self._source(route, origin, digest)
+        if source.passthrough is not None:
+            self._metrics.cache_passthrough.labels(source.passthrough).inc()
+            return await self._passthrough(route, digest, head, range_header)
+        x_cache = MISS if source.lead else HIT
+        self._count("blob", x_cache)
+        size = store.size_of(digest)
+        assert size is not None
+        headers = _blob_headers(digest, x_cache)
+        span = _parse_range(range_header, size)
+        start, end = span or (0, size)
+        headers["Content-Length"] = str(end - start)
+        if span is not None:
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        if head:
+            return Reply(206 if span else 200, headers)
+        count = self._metrics.bytes_from_cache.inc if x_cache == HIT else _ignore
+        try:
+            reader = store.reader(digest, start, end, count)
+        except OSError as e:
+            log.error("cannot open cached {digest}: {error}", digest=digest, error=e.strerror)
+            if source.fill is None:
+                store.forget(digest)
+            raise upstream_unavailable(route.upstream.name, "cache read failed", 503) from e
+        return Reply(206 if span else 200, headers, stream=reader)
+
+    async def _source(self, route: Route, origin: str, digest: str) -> _Source:
+        """Find the blob in the cache or in a fill, starting one if need be."""
+        store = self.cache.blobs
+        error: Exception | None = None
+        for _ in range(FILL_ATTEMPTS):
+            if not store.allowed(origin, digest) or store.size_of(digest) is None:
+                await self._blob_head(route, origin, digest)
+            if store.has(digest):
+                return _Source()
+            fill = store.filling(digest)
+            lead = fill is None
+            if fill is None:
+                size = store.size_of(digest)
+                if size is None:
+                    return _Source(passthrough="size unknown")
+                reason = self._admit(digest, size)
+                started = reason or store.begin_fill(digest, size, route.upstream.name)
+                if isinstance(started, str):
+                    return _Source(passthrough=started)
+                fill = started
+                Deferred.fromCoroutine(self._fill(fill, route, origin)).addErrback(
+                    _fill_crashed, fill
+                )
+            try:
+                await fill.ready.wait()
+            except (RegistryError, StreamError) as e:
+                error = e
+                continue
+            return _Source(fill, lead)
+        if isinstance(error, RegistryError):
+            raise error
+        raise upstream_unavailable(route.upstream.name, str(error), 502)
+
+    async def _fill(self, fill: Fill, route: Route, origin: str) -> None:
+        """Fetch a blob into the cache, for every reader of *fill*."""
+        try:
+            response = await self._request(route, "GET", f"blobs/{fill.digest}")
+        except RegistryError as e:
+            fill.abandon(e)
+            return
+        if response.code != 200:
+            fill.abandon(await self._failure(route, response, "BLOB_UNKNOWN", False))
+            return
+        if response.length not in (None, -1, fill.size):
+            discard(response)
+            self.cache.blobs.hint(fill.digest, response.length)
+            fill.abandon(
+                upstream_unavailable(
+                    route.upstream.name,
+                    f"sent {response.length} bytes for {fill.digest}, announced {fill.size}",
+                    502,
+                )
+            )
+            return
+        self.cache.blobs.allow(origin, [fill.digest])
+        log.info(
+            "filling {digest} ({size} bytes) from {upstream}",
+            digest=fill.digest,
+            size=fill.size,
+            upstream=route.upstream.name,
+        )
+        await fill.start(response)
+
+    async def _blob_head(self, route: Route, origin: str, digest: str) -> int | None:
+        """Ask the upstream repository for a blob: proof that it has it, and its size."""
+        response = await self._request(route, "HEAD", f"blobs/{digest}")
+        if response.code != 200:
+            raise await self._failure(route, response, "BLOB_UNKNOWN", True)
+        discard(response)
+        self.cache.blobs.allow(origin, [digest])
+        if response.length in (None, -1):
+            return None
+        self.cache.blobs.hint(digest, response.length)
+        return response.length
+
+    def _admit(self, digest: str, size: int) -> str | None:
+        """Apply ``max_layer_size``: None to cache, a reason to pass through, or refuse."""
+        limit = self.cache.max_layer_size
+        if limit is None or size <= limit:
+            return None
+        if self.cache.oversize == "reject":
+            raise RegistryError(
+                "DENIED",
+                f"blob {digest} is {size} bytes, over this mirror's per-layer limit of"
+                f" {limit} bytes (cache.max_layer_size)",
+                {"digest": digest, "size": size, "limit": limit},
+            )
+        return "over max_layer_size"
+
+    async def _passthrough(
+        self, route: Route, digest: str, head: bool, range_header: str | None
+    ) -> Reply:
+        """Stream a blob from the upstream without caching it."""
         headers = {"Range": range_header} if range_header else None
         response = await self._request(route, "HEAD" if head else "GET", f"blobs/{digest}", headers)
         if response.code not in (200, 206):
             raise await self._failure(route, response, "BLOB_UNKNOWN", head)
+        self._count("blob", MISS)
         length = response.length if response.length not in (None, -1) else None
-        reply_headers = {
-            "Content-Type": "application/octet-stream",
-            "Docker-Content-Digest": digest,
-            "Accept-Ranges": "bytes",
-            "ETag": f'"{digest}"',
-        }
+        reply_headers = _blob_headers(digest, MISS)
         if length is not None:
             reply_headers["Content-Length"] = str(length)
         content_range = _header(response, "content-range")
@@ -181,6 +447,56 @@ class PullService:
             digest=digest if response.code == 200 else None,
         )
         return Reply(response.code, reply_headers, stream=stream)
+
+    # --- prefetch --------------------------------------------------------------------
+
+    async def prefetch(self, route: Route, reference: str) -> dict[str, Any]:
+        """Fill the cache with an image: its manifests, all platforms, and their blobs."""
+        summary: dict[str, Any] = {
+            "manifests": 0,
+            "blobs": 0,
+            "fetched_bytes": 0,
+            "already_cached": 0,
+            "not_cached": [],
+            "errors": [],
+        }
+        await self._prefetch_manifest(route, reference, summary)
+        return summary
+
+    async def _prefetch_manifest(
+        self, route: Route, reference: str, summary: dict[str, Any]
+    ) -> None:
+        reply = await self.manifest(route, reference, None, head=False)
+        summary["manifests"] += 1
+        refs = references(reply.body)
+        if reply.headers["Content-Type"] in INDEX_TYPES:
+            for child, _ in refs:
+                await self._prefetch_manifest(route, child, summary)
+            return
+        semaphore = DeferredSemaphore(PREFETCH_PARALLEL)
+        await DeferredList(
+            [
+                semaphore.run(
+                    lambda d: Deferred.fromCoroutine(self._prefetch_blob(route, d, summary)),
+                    digest,
+                )
+                for digest, _ in refs
+            ]
+        )
+
+    async def _prefetch_blob(self, route: Route, digest: str, summary: dict[str, Any]) -> None:
+        summary["blobs"] += 1
+        try:
+            source = await self._source(route, origin_of(route), digest)
+            if source.passthrough is not None:
+                summary["not_cached"].append(f"{digest}: {source.passthrough}")
+            elif source.fill is None:
+                summary["already_cached"] += 1
+            else:
+                await source.fill.finished.wait()
+                summary["fetched_bytes"] += source.fill.size
+        except (RegistryError, StreamError) as e:
+            summary["errors"].append(f"{digest}: {e}")
 
     async def tags(self, route: Route, n: str | None, last: str | None) -> Reply:
         params = [(k, v) for k, v in (("n", n), ("last", last)) if v is not None]
@@ -232,6 +548,77 @@ class PullService:
         if code in (400, 405) or 500 <= code:
             return upstream_unavailable(name, f"answered {code}", 502)
         return upstream_unavailable(name, f"answered unexpected status {code}", 502)
+
+
+class Prefetcher:
+    """Warms the cache for an image named as a client would (for the operator shell)."""
+
+    def __init__(self, router: Router, pull: PullService) -> None:
+        self.router = router
+        self.pull = pull
+
+    def __repr__(self) -> str:
+        return f"<Prefetcher via {self.pull!r}>"
+
+    async def prefetch(self, image_reference: str) -> dict[str, Any]:
+        image = parse_image_reference(image_reference)
+        route = self.router.route(image.name)
+        summary = await self.pull.prefetch(route, image.reference)
+        return {"image": image_reference, "upstream": route.key, **summary}
+
+
+def _blob_headers(digest: str, x_cache: str) -> dict[str, str]:
+    return {
+        "Content-Type": "application/octet-stream",
+        "Docker-Content-Digest": digest,
+        "Accept-Ranges": "bytes",
+        "ETag": f'"{digest}"',
+        "X-Cache": x_cache,
+    }
+
+
+def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The [start, end) of a single-range ``Range`` header; None serves the whole blob.
+
+    Several ranges, or a header that cannot be parsed, are ignored (RFC 9110
+    allows that); a range that starts past the end is refused with a 416.
+    """
+    if not header or not header.startswith("bytes=") or "," in header:
+        return None
+    first, dash, last = header[len("bytes=") :].strip().partition("-")
+    if not dash or not (first or last):
+        return None
+    try:
+        if first:
+            start = int(first)
+            end = min(int(last) + 1, size) if last else size
+        else:
+            start, end = max(size - int(last), 0), size
+    except ValueError:
+        return None
+    if start >= end or start >= size:
+        raise RegistryError(
+            "RANGE_INVALID",
+            "requested range not satisfiable",
+            {"size": size},
+            headers={"Content-Range": f"bytes */{size}"},
+        )
+    return start, end
+
+
+def _media_type(content_type: str | None) -> str:
+    if not content_type:
+        return MANIFEST_TYPES[0]
+    return content_type.partition(";")[0].strip()
+
+
+def _fill_crashed(failure: Failure, fill: Fill) -> None:
+    log.failure("filling {digest} crashed", failure, digest=fill.digest)
+    fill.abandon(StreamError(failure.getErrorMessage()))
+
+
+def _ignore(_: int) -> None:
+    pass
 
 
 def _first_error_code(body: bytes) -> str | None:

@@ -9,6 +9,7 @@ stream paused, guards against an upstream that stops sending.
 from __future__ import annotations
 
 import hashlib
+import typing
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred
@@ -32,6 +33,21 @@ class StreamError(Exception):
 
 class DigestMismatch(StreamError):
     pass
+
+
+class Stream(typing.Protocol):
+    """A body that writes itself to a consumer; fires with the bytes written."""
+
+    def write_to(self, consumer: IConsumer) -> Deferred[int]: ...
+
+
+def release(consumer: IConsumer) -> None:
+    """Unregister the producer of *consumer*, unless its connection is gone.
+
+    A request whose client went away has no channel left to unregister from.
+    """
+    if getattr(consumer, "channel", True) is not None:
+        consumer.unregisterProducer()
 
 
 @implementer(IPushProducer)
@@ -137,7 +153,7 @@ class BodyStream(Protocol):
 
     def _finish(self) -> None:
         if self._consumer is not None:
-            self._consumer.unregisterProducer()
+            release(self._consumer)
             self._consumer = None
 
     def _fail(self, error: StreamError) -> None:

@@ -10,10 +10,11 @@ from twisted.internet.interfaces import IReactorCore
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
+from dockmirror.cache import Cache
 from dockmirror.config import Config, ConfigError, load, upstream_plugins
 from dockmirror.health import HealthResource, directory_writable
 from dockmirror.metrics import Metrics, MetricsResource
-from dockmirror.pull import PullService, Upstreams
+from dockmirror.pull import Prefetcher, PullService, Upstreams
 from dockmirror.routing import build_router
 from dockmirror.web import MirrorSite, build_root
 
@@ -73,7 +74,9 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     pool.maxPersistentPerHost = POOL_PER_HOST
     http = HTTPClient(Agent(reactor, connectTimeout=30, pool=pool))
     metrics = Metrics()
-    pull = PullService(Upstreams(http, reactor, metrics), reactor, metrics)
+    cache = Cache(config.cache, reactor, metrics)
+    pull = PullService(Upstreams(http, reactor, metrics), reactor, metrics, cache)
+    cache.prefetcher = Prefetcher(router, pull)
     root = build_root(router, pull)
     root.putChild(b"metrics", MetricsResource(metrics))
     root.putChild(
@@ -81,6 +84,8 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     )
     site = MirrorSite(root, metrics)
     top = service.MultiService()
+    # Started first: it recovers the cache from disk before anything listens.
+    cache.setServiceParent(top)
     for description in config.server.listen:
         strports.service(description, site, reactor=reactor).setServiceParent(top)
     PoolService(pool).setServiceParent(top)

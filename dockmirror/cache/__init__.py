@@ -1,0 +1,157 @@
+"""The cache: layers and manifests kept on disk, shared by every upstream.
+
+:class:`Cache` is the service that owns the store, its index and their
+worker threads, and the object the operator shell works with::
+
+    >>> cache.stats()
+    >>> cache.purge("dockerhub/library/alpine")    # or a digest
+    >>> cache.prefetch("ghcr.io/owner/image:tag")  # a Deferred
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from typing import Any, Protocol
+
+from twisted.application import service
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from dockmirror.cache.blobs import BlobStore
+from dockmirror.cache.index import Index, Runner
+from dockmirror.cache.manifests import ManifestCache
+from dockmirror.config import CacheConfig
+from dockmirror.metrics import Metrics
+from dockmirror.reference import DIGEST_RE
+from dockmirror.routing import Route
+
+log = Logger()
+
+#: Worker threads writing and removing cache files.
+IO_THREADS = 4
+
+
+def origin_of(route: Route) -> str:
+    """How the cache names an upstream repository: its config name, repository and URL."""
+    return f"{route.key} {route.base_url}"
+
+
+def _origin_matches(origin: str, what: str) -> bool:
+    """Whether *what* (``upstream/repository`` or ``repository``) names *origin*."""
+    key = origin.partition(" ")[0]
+    return what in (key, key.partition("/")[2])
+
+
+class Prefetcher(Protocol):
+    async def prefetch(self, image_reference: str) -> dict[str, Any]: ...
+
+
+class Cache(service.Service):
+    name = "cache"
+
+    def __init__(
+        self,
+        config: CacheConfig,
+        reactor: Any,
+        metrics: Metrics,
+        *,
+        run: Runner | None = None,
+        run_index: Runner | None = None,
+    ) -> None:
+        """*run* and *run_index* run blocking work in threads; by default, the cache's own."""
+        self.directory = config.directory
+        self.max_layer_size = config.max_layer_size_bytes
+        self.oversize = config.oversize
+        self.serve_stale = config.serve_stale
+        self.metrics = metrics
+        self._pools: list[ThreadPool] = []
+        if run is None:
+            run = self._pool(reactor, "dockmirror-cache-io", IO_THREADS)
+        if run_index is None:
+            run_index = self._pool(reactor, "dockmirror-cache-index", 1)
+        self.index = Index(os.path.join(self.directory, "index.sqlite"), reactor, run_index)
+        self.blobs = BlobStore(
+            self.directory, config.max_size_bytes, self.index, reactor, run, metrics
+        )
+        self.manifests = ManifestCache(self.blobs, self.index, reactor, config.manifest_ttl)
+        #: Warms the cache for :meth:`prefetch`; attached once the pull side exists.
+        self.prefetcher: Prefetcher | None = None
+
+    def _pool(self, reactor: Any, name: str, threads: int) -> Runner:
+        pool = ThreadPool(minthreads=1, maxthreads=threads, name=name)
+        self._pools.append(pool)
+        return partial(deferToThreadPool, reactor, pool)
+
+    def __repr__(self) -> str:
+        return f"<Cache {self.blobs!r} {self.manifests!r}>"
+
+    def startService(self) -> None:
+        """Recover the cache before the mirror listens: blocking, and on purpose."""
+        for pool in self._pools:
+            pool.start()
+        os.makedirs(self.directory, exist_ok=True)
+        snapshot = self.index.load()
+        self.blobs.recover(snapshot)
+        self.manifests.recover(snapshot)
+        super().startService()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        self.blobs.stop()
+
+        def stop_pools(result: object) -> object:
+            for pool in self._pools:
+                pool.stop()
+            return result
+
+        return self.index.close().addBoth(stop_pools)
+
+    # --- for the operator ------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """What the cache holds, and what it is doing."""
+        return {
+            **self.blobs.stats(),
+            **self.manifests.stats(),
+            "max_layer_size": self.max_layer_size,
+            "oversize": self.oversize,
+            "manifest_ttl": self.manifests.ttl,
+        }
+
+    def purge(self, repository_or_digest: str) -> dict[str, Any]:
+        """Drop one digest, or all a repository's tags, access and unshared blobs.
+
+        A repository is named ``upstream/repository`` or just ``repository``.
+        Blobs another repository also has stay; blobs being read stay too.
+        """
+        what = repository_or_digest.strip()
+        if DIGEST_RE.fullmatch(what):
+            if self.blobs.remove(what):
+                return {"purged": [what]}
+            reason = "in use" if self.blobs.has(what) else "not cached"
+            return {"purged": [], "kept": {what: reason}}
+        origins = {
+            o
+            for o in self.blobs.origins() | self.manifests.tag_origins()
+            if _origin_matches(o, what)
+        }
+        if not origins:
+            return {"purged": [], "error": f"nothing cached for {what}"}
+        tags = self.manifests.forget_origins(origins)
+        orphans = self.blobs.disown(origins)
+        purged = [d for d in orphans if self.blobs.remove(d)]
+        return {
+            "repositories": sorted(o.partition(" ")[0] for o in origins),
+            "tags": tags,
+            "purged": purged,
+            "kept": {d: "in use" for d in orphans if d not in purged},
+        }
+
+    def prefetch(self, image_reference: str) -> Deferred[dict[str, Any]]:
+        """Fetch an image, every platform of it, into the cache; fires with a summary."""
+        if self.prefetcher is None:
+            raise RuntimeError("no prefetcher attached to the cache")
+        return Deferred.fromCoroutine(self.prefetcher.prefetch(image_reference))

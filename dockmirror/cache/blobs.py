@@ -1,0 +1,530 @@
+"""The blob store: verified files named by digest, a quota kept by LRU eviction.
+
+Layout under the cache directory::
+
+    blobs/sha256/ab/abcdef...   one file per digest, no extension
+    tmp/                        fills in progress, emptied at start
+    index.sqlite                see :mod:`dockmirror.cache.index`
+
+Layers and manifests are both blobs here: stored once by digest, whatever
+upstream or repository they came through.  Who may read them is a separate
+record, :meth:`BlobStore.allowed`: a digest is served through an upstream
+repository only once that repository is known to have it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from dockmirror.cache import files
+from dockmirror.cache.fill import Fill
+from dockmirror.cache.index import Index, Runner, Snapshot
+from dockmirror.metrics import Metrics
+from dockmirror.reference import HEX_LENGTH
+from dockmirror.streaming import StreamError, release
+
+log = Logger()
+
+#: Bytes read from a file per write to a client ...
+CHUNK = 64 << 10
+#: ... and chunks written to one client before other work gets a turn.
+BURST = 16
+#: Free space a fill must leave on the file system.
+DISK_MARGIN = 256 << 20
+#: Blob sizes remembered from manifests and HEADs before the blob is cached.
+SIZE_HINTS = 1 << 16
+
+
+class BlobStore:
+    def __init__(
+        self,
+        directory: str,
+        max_size: int | None,
+        index: Index,
+        reactor: IReactorTime,
+        run: Runner,
+        metrics: Metrics,
+    ) -> None:
+        self.directory = directory
+        self.blobs_dir = os.path.join(directory, "blobs")
+        self.temp_dir = os.path.join(directory, "tmp")
+        self.max_size = max_size
+        self.metrics = metrics
+        self._index = index
+        self.reactor = reactor
+        self._run = run
+        #: digest -> size, least recently used first.
+        self._entries: OrderedDict[str, int] = OrderedDict()
+        #: digest -> the origins (upstream repositories) known to have it.
+        self._access: dict[str, set[str]] = {}
+        self._hints: OrderedDict[str, int] = OrderedDict()
+        self._pins: Counter[str] = Counter()
+        self._fills: dict[str, Fill] = {}
+        #: Called with the digest of each blob removed from the store.
+        self.on_remove: list[Callable[[str], None]] = []
+        self.size = 0
+        self.reserved = 0
+
+    def __repr__(self) -> str:
+        quota = f"/{self.max_size}" if self.max_size is not None else ""
+        return (
+            f"<BlobStore {self.directory}: {len(self._entries)} blobs, {self.size}{quota} bytes,"
+            f" {len(self._fills)} fills>"
+        )
+
+    def path(self, digest: str) -> str:
+        algorithm, _, hexpart = digest.partition(":")
+        return os.path.join(self.blobs_dir, algorithm, hexpart[:2], hexpart)
+
+    # --- start-up ----------------------------------------------------------------
+
+    def recover(self, snapshot: Snapshot) -> None:
+        """Check the index against the disk; blocking, before the mirror listens.
+
+        Temporary files are removed; a file the index does not know is adopted
+        (files only get their names once verified); a row without its file, or
+        whose file has the wrong size, goes.
+        """
+        os.makedirs(self.blobs_dir, exist_ok=True)
+        os.makedirs(self.temp_dir, exist_ok=True)
+        temporary = 0
+        for entry in os.scandir(self.temp_dir):
+            files.remove(entry.path)
+            temporary += 1
+        rows = {digest: (size, used) for digest, size, used in snapshot.blobs}
+        found: list[tuple[float, str, int]] = []
+        for digest, size, mtime in self._scan():
+            row = rows.pop(digest, None)
+            if row is None:
+                found.append((mtime, digest, size))
+                self._index.write("INSERT INTO blobs VALUES (?, ?, ?)", digest, size, mtime)
+            elif row[0] != size:
+                log.warn(
+                    "cached {digest} is {size} bytes, not {expected}: removed",
+                    digest=digest,
+                    size=size,
+                    expected=row[0],
+                )
+                files.remove(self.path(digest))
+                self._index.write("DELETE FROM blobs WHERE digest = ?", digest)
+            else:
+                found.append((row[1], digest, size))
+        self._index.write_many("DELETE FROM blobs WHERE digest = ?", ((d,) for d in rows))
+        self._index.write("DELETE FROM manifests WHERE digest NOT IN (SELECT digest FROM blobs)")
+        self._index.write("DELETE FROM access WHERE digest NOT IN (SELECT digest FROM blobs)")
+        for _, digest, size in sorted(found):
+            self._entries[digest] = size
+            self.size += size
+        for origin, digest in snapshot.access:
+            if digest in self._entries:
+                self._access.setdefault(digest, set()).add(sys.intern(origin))
+        for digest in self._victims(0) or []:
+            self._evict(digest)
+        self.metrics.cache_size.set(self.size)
+        log.info(
+            "cache {directory}: {count} blobs, {size} bytes; {temporary} unfinished fills removed",
+            directory=self.directory,
+            count=len(self._entries),
+            size=self.size,
+            temporary=temporary,
+        )
+
+    def _scan(self) -> Iterable[tuple[str, int, float]]:
+        """Every well-named blob file as (digest, size, mtime); strays are removed."""
+        for algorithm in _subdirectories(self.blobs_dir):
+            length = HEX_LENGTH.get(algorithm.name)
+            for shard in _subdirectories(algorithm.path):
+                for entry in os.scandir(shard.path):
+                    name = entry.name
+                    if (
+                        length == len(name)
+                        and name.startswith(shard.name)
+                        and entry.is_file(follow_symlinks=False)
+                        and all(c in "0123456789abcdef" for c in name)
+                    ):
+                        st = entry.stat(follow_symlinks=False)
+                        yield f"{algorithm.name}:{name}", st.st_size, st.st_mtime
+                    else:
+                        log.warn("removing stray file {path} from the cache", path=entry.path)
+                        files.remove(entry.path)
+
+    # --- what is cached, and for whom -------------------------------------------
+
+    def has(self, digest: str) -> bool:
+        return digest in self._entries
+
+    def size_of(self, digest: str) -> int | None:
+        if digest in self._entries:
+            return self._entries[digest]
+        fill = self._fills.get(digest)
+        return fill.size if fill is not None else self._hints.get(digest)
+
+    def filling(self, digest: str) -> Fill | None:
+        return self._fills.get(digest)
+
+    def allowed(self, origin: str, digest: str) -> bool:
+        return origin in self._access.get(digest, ())
+
+    def allow(self, origin: str, digests: Iterable[str]) -> None:
+        """Record that the upstream repository *origin* has each of *digests*."""
+        origin = sys.intern(origin)
+        for digest in digests:
+            origins = self._access.setdefault(digest, set())
+            if origin not in origins:
+                origins.add(origin)
+                self._index.write("INSERT OR IGNORE INTO access VALUES (?, ?)", origin, digest)
+
+    def hint(self, digest: str, size: int) -> None:
+        """Remember a blob's size as an upstream announced it."""
+        self._hints[digest] = size
+        self._hints.move_to_end(digest)
+        if len(self._hints) > SIZE_HINTS:
+            self._hints.popitem(last=False)
+
+    def touch(self, digest: str) -> None:
+        if digest in self._entries:
+            self._entries.move_to_end(digest)
+            self._index.write(
+                "UPDATE blobs SET used = ? WHERE digest = ?",
+                self.reactor.seconds(),
+                digest,
+                key=("used", digest),
+            )
+
+    # --- reading -----------------------------------------------------------------
+
+    def reader(
+        self, digest: str, start: int, end: int, on_bytes: Callable[[int], None]
+    ) -> BlobReader:
+        """A producer of bytes [start, end) of a cached blob or of one being filled.
+
+        Raises ``OSError`` when the file cannot be opened.
+        """
+        fill = self._fills.get(digest)
+        path = fill.temp_path if fill is not None else self.path(digest)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._pins[digest] += 1
+        return BlobReader(self, digest, fd, start, end, fill, on_bytes)
+
+    def unpin(self, digest: str) -> None:
+        self._pins[digest] -= 1
+        if self._pins[digest] <= 0:
+            del self._pins[digest]
+
+    def read_small(self, digest: str) -> bytes | None:
+        """The whole of a small cached blob (a manifest), or None."""
+        if digest not in self._entries:
+            return None
+        try:
+            with open(self.path(digest), "rb") as f:
+                data = f.read()
+        except OSError as e:
+            log.warn("cannot read cached {digest}: {error}", digest=digest, error=e.strerror)
+            self.forget(digest)
+            return None
+        if len(data) != self._entries[digest]:
+            log.warn("cached {digest} has the wrong size: removed", digest=digest)
+            self.forget(digest)
+            return None
+        self.touch(digest)
+        return data
+
+    # --- writing -----------------------------------------------------------------
+
+    def begin_fill(self, digest: str, size: int, upstream: str) -> Fill | str:
+        """Reserve room for a blob and register its fill, or say why it won't be cached."""
+        if self.max_size is not None and size > self.max_size:
+            return "larger than the cache"
+        victims = self._victims(size)
+        if victims is None:
+            return "cache full of blobs in use"
+        freed = sum(self._entries[d] for d in victims)
+        if not self._disk_has_room(size - freed):
+            return "disk full"
+        evictions = [self._evict(d) for d in victims]
+        temp_path = os.path.join(self.temp_dir, f"{digest.partition(':')[2]}.{uuid.uuid4().hex}")
+        fill = Fill(self, digest, size, upstream, temp_path, evictions, self.reactor, self._run)
+        self._fills[digest] = fill
+        self.reserved += size
+        self.metrics.fills_in_flight.inc()
+        return fill
+
+    def committed(self, fill: Fill) -> None:
+        self._end_fill(fill)
+        self._add(fill.digest, fill.size)
+
+    def failed(self, fill: Fill) -> None:
+        self._end_fill(fill)
+
+    def _end_fill(self, fill: Fill) -> None:
+        if self._fills.get(fill.digest) is fill:
+            del self._fills[fill.digest]
+            self.reserved -= fill.size
+            self.metrics.fills_in_flight.dec()
+
+    async def put_small(self, digest: str, data: bytes) -> bool:
+        """Store a small, already verified blob (a manifest); False if there is no room."""
+        if digest in self._entries:
+            self.touch(digest)
+            return True
+        victims = self._victims(len(data))
+        if victims is None or not self._disk_has_room(len(data)):
+            return False
+        for d in victims:
+            self._evict(d)
+        temp_path = os.path.join(self.temp_dir, f"{digest.partition(':')[2]}.{uuid.uuid4().hex}")
+        self.reserved += len(data)
+        try:
+            await self._run(files.write_file, temp_path, self.path(digest), data)
+        except OSError as e:
+            log.warn("cannot cache {digest}: {error}", digest=digest, error=e.strerror)
+            return False
+        finally:
+            self.reserved -= len(data)
+        self._add(digest, len(data))
+        return True
+
+    def _add(self, digest: str, size: int) -> None:
+        if digest not in self._entries:
+            self._entries[digest] = size
+            self.size += size
+            self.metrics.cache_size.set(self.size)
+            now = self.reactor.seconds()
+            self._index.write("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?)", digest, size, now)
+        self.touch(digest)
+
+    def _disk_has_room(self, size: int) -> bool:
+        try:
+            st = os.statvfs(self.directory)
+        except OSError:
+            return True
+        unwritten = sum(f.size - f.written for f in self._fills.values())
+        return st.f_bavail * st.f_frsize >= size + unwritten + DISK_MARGIN
+
+    # --- removal -----------------------------------------------------------------
+
+    def _victims(self, needed: int) -> list[str] | None:
+        """The least recently used blobs to evict to make room, or None if it can't be made."""
+        if self.max_size is None:
+            return []
+        excess = self.size + self.reserved + needed - self.max_size
+        victims = []
+        for digest, size in self._entries.items():
+            if excess <= 0:
+                break
+            if not self._pins[digest]:
+                victims.append(digest)
+                excess -= size
+        return victims if excess <= 0 else None
+
+    def _evict(self, digest: str) -> Deferred[None]:
+        self.metrics.evictions.inc()
+        self.metrics.evicted_bytes.inc(self._entries.get(digest, 0))
+        log.info("evicting {digest} to keep within the cache quota", digest=digest)
+        return self.forget(digest)
+
+    def forget(self, digest: str) -> Deferred[None]:
+        """Drop a blob from the store; fires once its file is gone."""
+        size = self._entries.pop(digest, None)
+        if size is None:
+            return succeed(None)
+        self.size -= size
+        self.metrics.cache_size.set(self.size)
+        self._access.pop(digest, None)
+        for sql in (
+            "DELETE FROM blobs WHERE digest = ?",
+            "DELETE FROM manifests WHERE digest = ?",
+            "DELETE FROM access WHERE digest = ?",
+        ):
+            self._index.write(sql, digest)
+        for hook in self.on_remove:
+            hook(digest)
+        d = self._run(files.remove, self.path(digest))
+        d.addErrback(lambda f: log.failure("removing cached {digest}", f, digest=digest))
+        return d
+
+    def remove(self, digest: str) -> bool:
+        """Remove a blob unless it is being read or filled (for the operator)."""
+        if self._pins[digest] or digest in self._fills or digest not in self._entries:
+            return False
+        self.forget(digest)
+        return True
+
+    def disown(self, origins: set[str]) -> list[str]:
+        """Forget that *origins* have any blob; returns the digests no origin has now."""
+        orphans = []
+        for digest, have in list(self._access.items()):
+            if have & origins:
+                have -= origins
+                if not have:
+                    del self._access[digest]
+                    orphans.append(digest)
+        self._index.write_many(
+            "DELETE FROM access WHERE origin = ?", ((origin,) for origin in origins)
+        )
+        return [d for d in orphans if d in self._entries]
+
+    def origins(self) -> set[str]:
+        return {origin for have in self._access.values() for origin in have}
+
+    def stop(self) -> None:
+        """Abandon the fills in progress: their temporary files go at the next start."""
+        for fill in list(self._fills.values()):
+            fill.abandon(StreamError("the mirror is stopping"))
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "directory": self.directory,
+            "size": self.size,
+            "max_size": self.max_size,
+            "reserved": self.reserved,
+            "blobs": len(self._entries),
+            "readers": sum(self._pins.values()),
+            "fills": {d: f"{f.written}/{f.size}" for d, f in self._fills.items()},
+        }
+
+
+@implementer(IPushProducer)
+class BlobReader:
+    """Bytes [start, end) of a blob file, written to a client as fast as it reads.
+
+    While the blob is still being filled, the reader follows the file as it
+    grows; it never sends a blob's last byte before the fill is verified,
+    and fails when the fill does.  Each reader has its own pace: the client
+    pausing it pauses nothing else.  :attr:`done` fires with the byte count
+    or fails with :class:`StreamError`.
+    """
+
+    def __init__(
+        self,
+        store: BlobStore,
+        digest: str,
+        fd: int,
+        start: int,
+        end: int,
+        fill: Fill | None,
+        on_bytes: Callable[[int], None],
+    ) -> None:
+        self._store = store
+        self.digest = digest
+        self._fd: int | None = fd
+        self._start = self._pos = start
+        self._end = end
+        self._fill = fill
+        self._on_bytes = on_bytes
+        self._consumer: IConsumer | None = None
+        self._paused = False
+        self._pumping = False
+        self._later: IDelayedCall | None = None
+        self.done: Deferred[int] = Deferred(lambda _: self._close())
+
+    def __repr__(self) -> str:
+        return f"<BlobReader {self.digest} at {self._pos} of {self._start}-{self._end}>"
+
+    def write_to(self, consumer: IConsumer) -> Deferred[int]:
+        self._consumer = consumer
+        if self._fill is not None:
+            self._fill.subscribe(self._pump)
+        consumer.registerProducer(self, True)
+        self._pump()
+        return self.done
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._pump()
+
+    def stopProducing(self) -> None:
+        self._consumer = None  # the connection is gone
+        if not self.done.called:
+            self._close()
+            self.done.errback(StreamError("the client went away"))
+
+    def _readable(self) -> int:
+        """How far the reader may go now."""
+        fill = self._fill
+        if fill is None or fill.committed:
+            return self._end
+        return min(self._end, fill.written, fill.size - 1)
+
+    def _finished(self) -> bool:
+        fill = self._fill
+        return self._pos >= self._end and (fill is None or fill.committed or self._end < fill.size)
+
+    def _pump(self) -> None:
+        """Write chunks until the client pauses, the file has no more, or a burst is done."""
+        if self._pumping or self._fd is None:
+            return
+        self._pumping = True
+        try:
+            for _ in range(BURST):
+                if self._paused or self._fd is None:
+                    return
+                if self._fill is not None and self._fill.error is not None:
+                    self._fail(StreamError(f"filling {self.digest} failed: {self._fill.error}"))
+                    return
+                if not self._send(self._readable()):
+                    return
+            # Let the reactor breathe before the next burst.
+            if self._later is None:
+                self._later = self._store.reactor.callLater(0, self._continue)
+        finally:
+            self._pumping = False
+
+    def _continue(self) -> None:
+        self._later = None
+        self._pump()
+
+    def _send(self, limit: int) -> bool:
+        """Send the next chunk below *limit*; False once there is nothing to send now."""
+        if self._pos < limit:
+            assert self._fd is not None and self._consumer is not None
+            count = min(CHUNK, limit - self._pos)
+            data = os.pread(self._fd, count, self._pos)
+            if len(data) != count:
+                self._fail(StreamError(f"cached {self.digest} is shorter than recorded"))
+                if self._fill is None:
+                    self._store.forget(self.digest)
+                return False
+            self._pos += count
+            self._on_bytes(count)
+            self._consumer.write(data)
+        if self._finished():
+            self._close()
+            self.done.callback(self._pos - self._start)
+            return False
+        return self._pos < limit
+
+    def _fail(self, error: StreamError) -> None:
+        self._close()
+        self.done.errback(error)
+
+    def _close(self) -> None:
+        if self._fd is None:
+            return
+        os.close(self._fd)
+        self._fd = None
+        self._store.unpin(self.digest)
+        if self._later is not None and self._later.active():
+            self._later.cancel()
+        if self._fill is not None:
+            self._fill.unsubscribe(self._pump)
+        if self._consumer is not None:
+            release(self._consumer)
+            self._consumer = None
+
+
+def _subdirectories(path: str) -> list[os.DirEntry[str]]:
+    return [e for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]

@@ -1,0 +1,71 @@
+"""Blocking file operations of the cache, each run in a worker thread."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+
+
+def create(path: str) -> int:
+    """A new file open for writing; fails if *path* exists."""
+    return os.open(path, _FLAGS, 0o644)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def install(fd: int, temp_path: str, final_path: str) -> None:
+    """Make a written file durable, then give it its final name.
+
+    The rename is atomic and comes after the fsync, so after a crash at any
+    moment the final name holds the whole file or nothing.
+    """
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    directory = os.path.dirname(final_path)
+    os.makedirs(directory, exist_ok=True)
+    os.replace(temp_path, final_path)
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_file(temp_path: str, final_path: str, data: bytes) -> None:
+    fd = create(temp_path)
+    try:
+        write_all(fd, data)
+    except BaseException:
+        os.close(fd)
+        remove(temp_path)
+        raise
+    install(fd, temp_path, final_path)
+
+
+def discard(fd: int | None, path: str) -> None:
+    """Close and remove an unfinished file."""
+    if fd is not None:
+        os.close(fd)
+    remove(path)
+
+
+def remove(path: str) -> None:
+    """Remove a file, or an empty directory; what is already gone is fine."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        try:
+            os.rmdir(path)
+        except OSError as e:
+            if e.errno != errno.ENOTEMPTY:
+                raise

@@ -1,0 +1,314 @@
+"""One upstream blob body written to a temporary file, for every reader at once.
+
+The body is hashed and written by worker threads, one batch at a time, and
+readers follow the file as its bytes land.  The upstream socket is paused
+only while the disk is behind (:data:`HIGH_WATER` bytes queued), never for a
+slow client, so one client cannot stall the others and no blob is ever held
+in memory.  The file is renamed to its digest only when the size and digest
+match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.iweb import IResponse
+
+from dockmirror.cache import files
+from dockmirror.cache.index import Runner
+from dockmirror.streaming import IDLE_TIMEOUT, DigestMismatch, StreamError
+from dockmirror.upstream import discard
+
+if TYPE_CHECKING:
+    from dockmirror.cache.blobs import BlobStore
+
+log = Logger()
+
+#: Bytes queued for the disk above which the upstream is paused ...
+HIGH_WATER = 8 << 20
+#: ... and below which it is resumed.
+LOW_WATER = 2 << 20
+
+
+class Event:
+    """A result that many may wait for; cancelling one wait leaves the others."""
+
+    def __init__(self) -> None:
+        self._waiting: list[Deferred[None]] = []
+        self._error: Exception | None = None
+        self.fired = False
+
+    def wait(self) -> Deferred[None]:
+        if self.fired:
+            return fail(self._error) if self._error is not None else succeed(None)
+        d: Deferred[None] = Deferred(self._waiting.remove)
+        self._waiting.append(d)
+        return d
+
+    def fire(self, error: Exception | None = None) -> None:
+        if self.fired:
+            return
+        self.fired, self._error = True, error
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            if error is not None:
+                d.errback(error)
+            else:
+                d.callback(None)
+
+
+class Fill(Protocol):
+    """A blob on its way from an upstream into the cache.
+
+    Made by :meth:`BlobStore.begin_fill` with the space reserved, then either
+    :meth:`start`-ed with the upstream response or :meth:`abandon`-ed.
+    :attr:`ready` fires once the temporary file exists; :attr:`finished` once
+    the blob is committed, or fails with the reason it is not.  Readers
+    :meth:`subscribe` to hear of every change of :attr:`written`.
+    """
+
+    def __init__(
+        self,
+        store: BlobStore,
+        digest: str,
+        size: int,
+        upstream: str,
+        temp_path: str,
+        evictions: list[Deferred[None]],
+        reactor: IReactorTime,
+        run: Runner,
+        idle_timeout: float = IDLE_TIMEOUT,
+    ) -> None:
+        self.store = store
+        self.digest = digest
+        self.size = size
+        self.upstream = upstream
+        self.temp_path = temp_path
+        self._evictions = evictions
+        self._reactor = reactor
+        self._run = run
+        self._idle_timeout = idle_timeout
+        self.ready = Event()
+        self.finished = Event()
+        self.received = 0
+        #: Bytes in the temporary file, readable by followers.
+        self.written = 0
+        self.committed = False
+        self.error: Exception | None = None
+        self._fd: int | None = None
+        self._hash = hashlib.new(digest.partition(":")[0])
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._writing = False
+        self._ended = False
+        self._paused = False
+        self._timer: IDelayedCall | None = None
+        self._listeners: list[Callable[[], None]] = []
+        self._upstream_bytes = store.metrics.bytes_from_upstream.labels(upstream)
+
+    def __repr__(self) -> str:
+        state = "committed" if self.committed else "failed" if self.error else "filling"
+        return f"<Fill {self.digest} {self.written}/{self.size} from {self.upstream} {state}>"
+
+    @property
+    def done(self) -> bool:
+        return self.committed or self.error is not None
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
+
+    def unsubscribe(self, listener: Callable[[], None]) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def _notify(self) -> None:
+        for listener in list(self._listeners):
+            listener()
+
+    # --- starting --------------------------------------------------------------
+
+    async def start(self, response: IResponse) -> None:
+        """Create the temporary file and take in *response*'s body.
+
+        The blobs evicted to make room are gone from the disk first, so the
+        cache never holds more than its quota.
+        """
+        try:
+            for d in self._evictions:
+                await d
+            self._fd = await self._run(files.create, self.temp_path)
+        except OSError as e:
+            discard(response)
+            self.abandon(StreamError(f"cannot write to the cache: {e.strerror}"))
+            return
+        if self.done:  # abandoned meanwhile (the service is stopping)
+            discard(response)
+            self._close_and_remove()
+            return
+        response.deliverBody(self)
+        self.ready.fire()
+
+    def abandon(self, error: Exception) -> None:
+        """Give up before or during the body: nothing will be committed."""
+        self._fail(error)
+
+    # --- the upstream body -----------------------------------------------------
+
+    @property
+    def _upstream(self) -> IPushProducer | None:
+        return cast(IPushProducer | None, self.transport)
+
+    def connectionMade(self) -> None:
+        self._start_timer()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done:
+            return
+        self.received += len(data)
+        self._upstream_bytes.inc(len(data))
+        if self.received > self.size:
+            self._fail(StreamError(f"upstream sent more than the {self.size} bytes announced"))
+            return
+        if self._timer is not None:
+            self._timer.reset(self._idle_timeout)
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if self._pending_bytes >= HIGH_WATER and not self._paused and self._upstream:
+            self._paused = True
+            self._stop_timer()
+            self._upstream.pauseProducing()
+        self._write_next()
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
+        self._stop_timer()
+        if self.done:
+            return
+        if not reason.check(ResponseDone):
+            self._fail(StreamError(f"upstream body failed: {reason.getErrorMessage()}"))
+        elif self.received != self.size:
+            self._fail(StreamError(f"upstream sent {self.received} of {self.size} bytes"))
+        else:
+            self._ended = True
+            self._write_next()
+
+    # --- the disk --------------------------------------------------------------
+
+    def _write_next(self) -> None:
+        if self._writing or self.done:
+            return
+        if self._pending:
+            chunks, self._pending = self._pending, []
+            self._writing = True
+            assert self._fd is not None
+            self._run(_write, self._fd, chunks, self._hash).addCallbacks(
+                self._wrote, self._write_failed
+            )
+        elif self._ended:
+            self._verify()
+
+    def _wrote(self, count: int) -> None:
+        self._writing = False
+        if self.error is not None:
+            self._close_and_remove()
+            return
+        self.written += count
+        self._pending_bytes -= count
+        if self._paused and self._pending_bytes <= LOW_WATER and self._upstream:
+            self._paused = False
+            self._start_timer()
+            self._upstream.resumeProducing()
+        self._notify()
+        self._write_next()
+
+    def _write_failed(self, failure: Failure) -> None:
+        self._writing = False
+        self._fail(StreamError(f"cannot write to the cache: {failure.getErrorMessage()}"))
+
+    def _verify(self) -> None:
+        actual = f"{self._hash.name}:{self._hash.hexdigest()}"
+        if actual != self.digest:
+            self.store.metrics.digest_mismatches.labels(self.upstream).inc()
+            log.error(
+                "blob {digest} from {upstream} hashes to {actual}: not cached",
+                digest=self.digest,
+                upstream=self.upstream,
+                actual=actual,
+            )
+            self._fail(DigestMismatch(f"upstream bytes do not match {self.digest}"))
+            return
+        fd, self._fd = self._fd, None
+        self._writing = True  # the file is ours until it is in place
+        self._run(files.install, fd, self.temp_path, self.store.path(self.digest)).addCallbacks(
+            self._committed, self._write_failed
+        )
+
+    def _committed(self, _: object) -> None:
+        self._writing = False
+        if self.error is not None:  # the store was stopped meanwhile
+            return
+        self.committed = True
+        self.store.committed(self)
+        self._notify()
+        self.finished.fire()
+
+    # --- failure ---------------------------------------------------------------
+
+    def _fail(self, error: Exception) -> None:
+        if self.done:
+            return
+        self.error = error
+        self._stop_timer()
+        if self._upstream is not None and not self._ended:
+            self._upstream.stopProducing()
+        self._pending = []
+        log.warn(
+            "fill of {digest} from {upstream} failed after {received} bytes: {error}",
+            digest=self.digest,
+            upstream=self.upstream,
+            received=self.received,
+            error=str(error),
+        )
+        if not self._writing:
+            self._close_and_remove()
+        self.store.failed(self)
+        self._notify()
+        self.ready.fire(error)
+        self.finished.fire(error)
+
+    def _close_and_remove(self) -> None:
+        fd, self._fd = self._fd, None
+        self._run(files.discard, fd, self.temp_path).addErrback(
+            lambda f: log.failure("removing {path}", f, path=self.temp_path)
+        )
+
+    # --- the idle timer --------------------------------------------------------
+
+    def _start_timer(self) -> None:
+        if self._timer is None and not self.done:
+            self._timer = self._reactor.callLater(self._idle_timeout, self._idle)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+    def _idle(self) -> None:
+        self._timer = None
+        self._fail(StreamError(f"upstream sent nothing for {self._idle_timeout:.0f}s"))
+
+
+def _write(fd: int, chunks: list[bytes], hasher: Any) -> int:
+    """Hash and append *chunks* (in a worker thread); returns the bytes written."""
+    for chunk in chunks:
+        hasher.update(chunk)
+        files.write_all(fd, chunk)
+    return sum(map(len, chunks))

@@ -1,0 +1,176 @@
+"""The cache's SQLite index: read whole at start, written behind from one thread.
+
+Everything the index holds can be lost without harm: blob files are adopted
+from disk, and a lost access record or tag costs one upstream request.  So
+writes are queued and applied in batches, off the reactor thread, and a
+damaged or foreign database file is set aside and started afresh.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+log = Logger()
+
+SCHEMA_VERSION = 1
+#: Seconds between a change and the batch that writes it.
+FLUSH_DELAY = 1.0
+
+#: Runs a blocking callable in a worker thread: ``run(f, *args) -> Deferred``.
+Runner = Callable[..., "Deferred[Any]"]
+
+Statement = tuple[str, tuple[Any, ...]]
+
+
+@dataclass
+class Snapshot:
+    """The rows of the index, as loaded at start."""
+
+    blobs: list[tuple[str, int, float]] = field(default_factory=list)
+    manifests: list[tuple[str, str]] = field(default_factory=list)
+    access: list[tuple[str, str]] = field(default_factory=list)
+    tags: list[tuple[str, str, str, str, float]] = field(default_factory=list)
+
+
+class Index:
+    def __init__(self, path: str, reactor: IReactorTime, run: Runner) -> None:
+        self.path = path
+        self._reactor = reactor
+        self._run = run
+        self._db: sqlite3.Connection | None = None
+        self._queue: list[Statement] = []
+        self._keyed: dict[object, int] = {}
+        self._timer: IDelayedCall | None = None
+        self._flushing: Deferred[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Index {self.path} ({len(self._queue)} writes queued)>"
+
+    def load(self) -> Snapshot:
+        """Open (or create) the database and read every row; blocking, for start-up."""
+        try:
+            return self._load()
+        except sqlite3.DatabaseError as e:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            aside = f"{self.path}.unusable-{int(time.time())}"
+            log.warn(
+                "cache index {path} is unusable ({error}); moved to {aside}, starting afresh",
+                path=self.path,
+                error=str(e),
+                aside=aside,
+            )
+            os.replace(self.path, aside)
+            for suffix in ("-wal", "-shm"):
+                if os.path.exists(self.path + suffix):
+                    os.remove(self.path + suffix)
+            return self._load()
+
+    def _load(self) -> Snapshot:
+        db = self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA busy_timeout = 5000")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not tables:
+            db.executescript(
+                "BEGIN;"
+                + resources.files("dockmirror.cache").joinpath("schema.sql").read_text()
+                + "COMMIT;"
+            )
+        (version,) = db.execute("SELECT version FROM version").fetchone()
+        if version != SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(f"schema version {version}, expected {SCHEMA_VERSION}")
+        return Snapshot(
+            blobs=db.execute("SELECT digest, size, used FROM blobs").fetchall(),
+            manifests=db.execute("SELECT digest, media_type FROM manifests").fetchall(),
+            access=db.execute("SELECT origin, digest FROM access").fetchall(),
+            tags=db.execute("SELECT origin, tag, media_type, digest, checked FROM tags").fetchall(),
+        )
+
+    def write(self, sql: str, *params: Any, key: object = None) -> None:
+        """Queue one statement for the next batch.
+
+        A statement with a *key* replaces a queued one with the same key, so
+        frequent updates of one row (access times) cost one write per batch.
+        """
+        if key is not None and key in self._keyed:
+            self._queue[self._keyed[key]] = (sql, params)
+            return
+        if key is not None:
+            self._keyed[key] = len(self._queue)
+        self._queue.append((sql, params))
+        if self._timer is None and self._flushing is None:
+            self._timer = self._reactor.callLater(FLUSH_DELAY, self.flush)
+
+    def write_many(self, sql: str, rows: Iterable[tuple[Any, ...]]) -> None:
+        for row in rows:
+            self.write(sql, *row)
+
+    def flush(self) -> Deferred[None]:
+        """Apply the queued statements in one transaction; fires when they are written."""
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+        done: Deferred[None] = Deferred()
+        if self._flushing is not None:
+            # One batch at a time: the next one starts when this one ends.
+            self._flushing.addBoth(_passing(lambda: self.flush().chainDeferred(done)))
+        elif not self._queue or self._db is None:
+            done.callback(None)
+        else:
+            batch, self._queue = self._queue, []
+            self._keyed = {}
+            self._flushing = self._run(self._apply, self._db, batch)
+            self._flushing.addErrback(lambda f: log.failure("writing the cache index failed", f))
+            self._flushing.addBoth(self._flushed)
+            self._flushing.addBoth(_passing(lambda: done.callback(None)))
+        return done
+
+    def _flushed(self, _: object) -> None:
+        self._flushing = None
+        if self._queue and self._timer is None:
+            self._timer = self._reactor.callLater(FLUSH_DELAY, self.flush)
+
+    @staticmethod
+    def _apply(db: sqlite3.Connection, batch: list[Statement]) -> None:
+        db.execute("BEGIN")
+        try:
+            for sql, params in batch:
+                db.execute(sql, params)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def close(self) -> Deferred[None]:
+        """Write what is queued, then close the database."""
+
+        def closed(_: object) -> None:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+        return self.flush().addBoth(closed)
+
+
+def _passing(f: Callable[[], object]) -> Callable[[Any], Any]:
+    """A callback that calls *f* and passes its input on unchanged."""
+
+    def callback(result: Any) -> Any:
+        f()
+        return result
+
+    return callback

@@ -1,0 +1,209 @@
+"""The manifest cache: manifests by digest, and what each tag pointed to.
+
+Manifest bodies are blobs in the :class:`~dockmirror.cache.blobs.BlobStore`,
+so they share its quota and LRU; a manifest by digest never changes and is
+kept until evicted.  A tag is remembered per media type, because what an
+upstream answers for a tag depends on the client's ``Accept``: each client
+is answered with an entry it accepts, and any other goes upstream.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+
+from dockmirror.cache.blobs import BlobStore
+from dockmirror.cache.index import Index, Snapshot
+from dockmirror.reference import is_digest
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+
+#: Media types in the order a tag's cached entries are preferred: an upstream
+#: answers with the image's own form (an index for a multi-platform image)
+#: whenever the client accepts it, and converts only for clients that don't.
+PREFERENCE = (
+    OCI_INDEX,
+    DOCKER_LIST,
+    OCI_MANIFEST,
+    DOCKER_MANIFEST,
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    "application/vnd.docker.distribution.manifest.v1+json",
+)
+INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
+
+
+def accepted(accept: str | None) -> set[str] | None:
+    """The media types an ``Accept`` header names; None when it accepts anything."""
+    if not accept:
+        return None
+    types = set()
+    for part in accept.split(","):
+        media_type, *params = (p.strip() for p in part.split(";"))
+        quality = next((p[2:] for p in params if p.lower().startswith("q=")), "1")
+        try:
+            if float(quality) <= 0:
+                continue
+        except ValueError:
+            pass
+        media_type = media_type.lower()
+        if media_type in ("*/*", "application/*"):
+            return None
+        if media_type:
+            types.add(media_type)
+    return types
+
+
+def references(body: bytes) -> list[tuple[str, int | None]]:
+    """The (digest, size) of every blob and manifest a manifest refers to."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return []
+    if not isinstance(data, dict):
+        return []
+    descriptors: list[Any] = []
+    if isinstance(data.get("config"), dict):
+        descriptors.append(data["config"])
+    for key in ("layers", "manifests", "blobs"):
+        if isinstance(data.get(key), list):
+            descriptors.extend(data[key])
+    found = []
+    for d in descriptors:
+        if isinstance(d, dict) and isinstance(d.get("digest"), str) and is_digest(d["digest"]):
+            size = d.get("size")
+            found.append((d["digest"], size if isinstance(size, int) and size >= 0 else None))
+    for layer in data.get("fsLayers") or ():  # schema 1
+        if isinstance(layer, dict) and isinstance(layer.get("blobSum"), str):
+            found.append((layer["blobSum"], None))
+    return found
+
+
+@dataclass
+class TagEntry:
+    digest: str
+    media_type: str
+    checked: float
+
+
+class ManifestCache:
+    def __init__(self, store: BlobStore, index: Index, reactor: IReactorTime, ttl: float) -> None:
+        self.store = store
+        self.ttl = ttl
+        self._index = index
+        self._reactor = reactor
+        self._types: dict[str, str] = {}
+        self._tags: dict[tuple[str, str], dict[str, TagEntry]] = {}
+        store.on_remove.append(self._removed)
+
+    def __repr__(self) -> str:
+        return f"<ManifestCache {len(self._types)} manifests, {len(self._tags)} tags>"
+
+    def recover(self, snapshot: Snapshot) -> None:
+        for digest, media_type in snapshot.manifests:
+            if self.store.has(digest):
+                self._types[digest] = media_type
+        for origin, tag, media_type, digest, checked in snapshot.tags:
+            self._tags.setdefault((origin, tag), {})[media_type] = TagEntry(
+                digest, media_type, checked
+            )
+
+    def _removed(self, digest: str) -> None:
+        self._types.pop(digest, None)
+
+    # --- reading -----------------------------------------------------------------
+
+    def get(self, digest: str) -> tuple[bytes, str] | None:
+        """A cached manifest's body and media type."""
+        media_type = self._types.get(digest)
+        if media_type is None:
+            return None
+        body = self.store.read_small(digest)
+        return None if body is None else (body, media_type)
+
+    def get_type(self, digest: str) -> str:
+        return self._types[digest]
+
+    def has(self, digest: str) -> bool:
+        return digest in self._types and self.store.has(digest)
+
+    def tag(self, origin: str, tag: str, accept: set[str] | None) -> TagEntry | None:
+        """The preferred cached entry for a tag that the client accepts."""
+        entries = self._tags.get((origin, tag), {})
+        usable = [
+            e
+            for e in entries.values()
+            if (accept is None or e.media_type in accept) and self.has(e.digest)
+        ]
+        if not usable:
+            return None
+        return min(usable, key=lambda e: _rank(e.media_type))
+
+    def fresh(self, entry: TagEntry) -> bool:
+        return self._reactor.seconds() - entry.checked < self.ttl
+
+    # --- writing -----------------------------------------------------------------
+
+    async def put(
+        self, origin: str, reference: str, digest: str, media_type: str, body: bytes
+    ) -> None:
+        """Keep a verified manifest fetched from *origin*.
+
+        The upstream repository has the manifest and, as registries check
+        references on push, everything it refers to: all of it is recorded
+        as readable through *origin*, with the sizes it announces.
+        """
+        refs = references(body)
+        for ref, size in refs:
+            if size is not None:
+                self.store.hint(ref, size)
+        self.store.allow(origin, [digest, *(ref for ref, _ in refs)])
+        if not await self.store.put_small(digest, body):
+            return
+        if self._types.get(digest) != media_type:
+            self._types[digest] = media_type
+            self._index.write("INSERT OR REPLACE INTO manifests VALUES (?, ?)", digest, media_type)
+        if not is_digest(reference):
+            self.set_tag(origin, reference, digest, media_type)
+
+    def set_tag(self, origin: str, tag: str, digest: str, media_type: str) -> None:
+        """Record that *tag* is *digest* in *media_type*, as the upstream said just now."""
+        now = self._reactor.seconds()
+        self._tags.setdefault((origin, tag), {})[media_type] = TagEntry(digest, media_type, now)
+        self._index.write(
+            "INSERT OR REPLACE INTO tags VALUES (?, ?, ?, ?, ?)",
+            origin,
+            tag,
+            media_type,
+            digest,
+            now,
+        )
+
+    def forget_tag(self, origin: str, tag: str) -> None:
+        if self._tags.pop((origin, tag), None) is not None:
+            self._index.write("DELETE FROM tags WHERE origin = ? AND tag = ?", origin, tag)
+
+    def forget_origins(self, origins: Iterable[str]) -> int:
+        """Forget every tag of *origins*; returns how many."""
+        origins = set(origins)
+        gone = [key for key in self._tags if key[0] in origins]
+        for key in gone:
+            del self._tags[key]
+        self._index.write_many("DELETE FROM tags WHERE origin = ?", ((o,) for o in origins))
+        return len(gone)
+
+    def tag_origins(self) -> set[str]:
+        return {origin for origin, _ in self._tags}
+
+    def stats(self) -> dict[str, int]:
+        return {"manifests": len(self._types), "tags": len(self._tags)}
+
+
+def _rank(media_type: str) -> int:
+    return PREFERENCE.index(media_type) if media_type in PREFERENCE else len(PREFERENCE)

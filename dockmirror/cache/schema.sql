@@ -1,0 +1,36 @@
+-- The cache index, version 1.  Blob files on disk are the truth for what is
+-- cached; these rows add what a file cannot say, and are checked against
+-- the files at start.
+CREATE TABLE version (version INTEGER NOT NULL);
+INSERT INTO version VALUES (1);
+
+-- Every file under blobs/, layers and manifests alike; "used" orders the LRU.
+CREATE TABLE blobs (
+    digest TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    used REAL NOT NULL
+) WITHOUT ROWID;
+
+-- The media type of the blobs that are manifests.
+CREATE TABLE manifests (
+    digest TEXT PRIMARY KEY,
+    media_type TEXT NOT NULL
+) WITHOUT ROWID;
+
+-- Digests an upstream repository is known to have: only these are served
+-- from the cache through that repository.
+CREATE TABLE access (
+    origin TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    PRIMARY KEY (origin, digest)
+) WITHOUT ROWID;
+
+-- What a tag pointed to, per media type, and when the upstream said so.
+CREATE TABLE tags (
+    origin TEXT NOT NULL,
+    tag TEXT NOT NULL,
+    media_type TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    checked REAL NOT NULL,
+    PRIMARY KEY (origin, tag, media_type)
+) WITHOUT ROWID;
