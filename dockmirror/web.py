@@ -191,9 +191,8 @@ class V2Resource(AsyncResource):
             route = self.router.route(path.name, request.getHeader("host"), _arg(request, b"ns"))
             request.upstream = route.upstream.name  # type: ignore[attr-defined]
             if path.kind == "manifests":
-                reply = await self.pull.manifest(
-                    route, path.reference, request.getHeader("accept"), head
-                )
+                accept = ", ".join(request.requestHeaders.getRawHeaders("accept", []))
+                reply = await self.pull.manifest(route, path.reference, accept or None, head)
             elif path.kind == "blobs":
                 reply = await self.pull.blob(
                     route, path.reference, head, request.getHeader("range")
