@@ -200,7 +200,7 @@ class PullService:
     ) -> None:
         """Check that this upstream repository has a manifest cached through another."""
         response = await self._request(
-            route, "HEAD", f"manifests/{digest}", {"Accept": accept or DEFAULT_ACCEPT}
+            route, "HEAD", f"manifests/{digest}", {"Accept": _upstream_accept(accept)}
         )
         if response.code != 200:
             raise await self._failure(route, response, "MANIFEST_UNKNOWN", True)
@@ -220,7 +220,7 @@ class PullService:
         manifests = self.cache.manifests
         try:
             response = await self._request(
-                route, "HEAD", f"manifests/{tag}", {"Accept": accept or DEFAULT_ACCEPT}
+                route, "HEAD", f"manifests/{tag}", {"Accept": _upstream_accept(accept)}
             )
         except RegistryError as e:
             return self._stale(entry, e, head)
@@ -257,7 +257,7 @@ class PullService:
             route,
             "HEAD" if head else "GET",
             f"manifests/{reference}",
-            {"Accept": accept or DEFAULT_ACCEPT},
+            {"Accept": _upstream_accept(accept)},
         )
         if response.code != 200:
             raise await self._failure(route, response, "MANIFEST_UNKNOWN", head)
@@ -639,6 +639,11 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
             headers={"Content-Range": f"bytes */{size}"},
         )
     return start, end
+
+
+def _upstream_accept(accept: str | None) -> str:
+    """What to ask an upstream for: a client that accepts anything gets any manifest."""
+    return DEFAULT_ACCEPT if accepted(accept) is None else str(accept)
 
 
 def _media_type(content_type: str | None) -> str:

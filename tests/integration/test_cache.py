@@ -1,0 +1,313 @@
+"""The cache end to end: real registries upstream, skopeo and curl as clients."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from .images import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, pull, skopeo
+from .test_pull import assert_pulled, curl, error_code
+
+MULTI_ARCH = [("linux", "amd64"), ("linux", "arm64")]
+
+
+def hub_config(registry, **cache):
+    upstreams = {"hub": {"plugin": "dockerhub", "url": registry.url, "default": True}}
+    return upstreams, {"cache": cache} if cache else None
+
+
+def mirror_for(dockmirror, registry, **cache):
+    upstreams, extra = hub_config(registry, **cache)
+    return dockmirror(upstreams, extra=extra)
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def cached_blobs(mirror) -> dict[str, int]:
+    """The blob files in the mirror's cache, by digest, with their sizes."""
+    root = mirror.cache_dir / "blobs"
+    return {
+        f"{path.parent.parent.name}:{path.name}": path.stat().st_size
+        for path in root.glob("*/*/*")
+        if path.is_file()
+    }
+
+
+def assert_cache_sound(mirror) -> None:
+    """Every cached file hashes to its name; no temporary file is left."""
+    for path in (mirror.cache_dir / "blobs").glob("*/*/*"):
+        assert sha256(path.read_bytes()) == f"sha256:{path.name}", path
+    assert list((mirror.cache_dir / "tmp").iterdir()) == []
+
+
+def metric(mirror, name: str) -> float:
+    _, _, body = curl(f"{mirror.url}/metrics")
+    total = 0.0
+    for line in body.decode().splitlines():
+        if re.match(rf"{name}(\{{.*\}})? ", line):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def copy_to_oci(reference: str, dest: Path) -> None:
+    skopeo(
+        "copy",
+        "--all",
+        "--preserve-digests",
+        "--src-tls-verify=false",
+        "--src-no-creds",
+        f"docker://{reference}",
+        f"oci:{dest}:image",
+    )
+
+
+def test_concurrent_cold_gets_make_one_upstream_fetch(
+    plain_registry, dockmirror, seeded, unique_repo
+):
+    image = seeded(plain_registry, unique_repo, "v1", layers=[3_000_000])
+    mirror = mirror_for(dockmirror, plain_registry)
+    layer = image.platforms[0].layers[0]
+    url = f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: curl(url), range(8)))
+    for status, _, body in results:
+        assert status == 200
+        assert sha256(body) == layer.digest
+    assert sorted(h["x-cache"] for _, h, _ in results) == ["HIT"] * 7 + ["MISS"]
+    assert plain_registry.count_requests("GET", f"/blobs/{layer.digest}") == 1
+    assert cached_blobs(mirror)[layer.digest] == layer.size
+    # Served again from the cache, whole and in part.
+    status, headers, body = curl(url)
+    assert (status, headers["x-cache"], sha256(body)) == (200, "HIT", layer.digest)
+    status, headers, body = curl("-H", "Range: bytes=10-19", url)
+    assert status == 206
+    assert headers["content-range"] == f"bytes 10-19/{layer.size}"
+    assert len(body) == 10
+    assert plain_registry.count_requests("GET", f"/blobs/{layer.digest}") == 1
+
+
+def test_corrupted_upstream_blob_is_neither_delivered_nor_cached(
+    plain_registry, dockmirror, seeded, unique_repo
+):
+    image = seeded(plain_registry, unique_repo, "v1", layers=[500_000])
+    mirror = mirror_for(dockmirror, plain_registry)
+    layer = image.platforms[0].layers[0]
+    stored = plain_registry.storage_path_of_blob(layer.digest)
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    stored.write_bytes(bytes(data))
+    url = f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"
+    result = subprocess.run(
+        ["curl", "-s", "--noproxy", "*", "--max-time", "30", "-o", "/dev/null", url],
+        check=False,
+    )
+    assert result.returncode == 18  # a partial transfer: the connection was cut
+    assert layer.digest not in cached_blobs(mirror)
+    assert_cache_sound(mirror)
+    assert metric(mirror, "dockmirror_digest_mismatches_total") == 1
+
+
+def test_quota_holds_by_evicting_the_least_recently_used(
+    plain_registry, dockmirror, seeded, unique_repo, tmp_path
+):
+    quota = 1 << 20
+    mirror = mirror_for(dockmirror, plain_registry, max_size="1MiB")
+    images = [
+        seeded(plain_registry, f"{unique_repo}-{i}", "v1", layers=[400_000]) for i in range(4)
+    ]
+    for i, image in enumerate(images):
+        pull_dir = tmp_path / f"out{i}"
+        skopeo_pull(mirror, f"{unique_repo}-{i}:v1", pull_dir)
+        assert_pulled(pull_dir, image)
+        assert sum(cached_blobs(mirror).values()) <= quota
+    cached = cached_blobs(mirror)
+    assert images[-1].platforms[0].layers[0].digest in cached
+    assert images[0].platforms[0].layers[0].digest not in cached
+    assert metric(mirror, "dockmirror_cache_evictions_total") >= 2
+    assert_cache_sound(mirror)
+
+
+def skopeo_pull(mirror, name: str, dest: Path) -> None:
+    pull(f"{mirror.host}/{name}", dest)
+
+
+def test_oversize_layers_pass_through_uncached(
+    plain_registry, dockmirror, seeded, unique_repo, tmp_path
+):
+    image = seeded(plain_registry, unique_repo, "v1", layers=[1000, 300_000])
+    mirror = mirror_for(dockmirror, plain_registry, max_layer_size="100KiB")
+    big = image.platforms[0].layers[1]
+    small = image.platforms[0].layers[0]
+    for attempt in range(2):
+        skopeo_pull(mirror, f"{unique_repo}:v1", tmp_path / f"out{attempt}")
+        assert_pulled(tmp_path / f"out{attempt}", image)
+    cached = cached_blobs(mirror)
+    assert small.digest in cached and big.digest not in cached
+    assert plain_registry.count_requests("GET", f"/blobs/{small.digest}") == 1
+    assert plain_registry.count_requests("GET", f"/blobs/{big.digest}") == 2
+    status, headers, body = curl(f"{mirror.url}/v2/{unique_repo}/blobs/{big.digest}")
+    assert (status, headers["x-cache"], sha256(body)) == (200, "MISS", big.digest)
+
+
+def test_oversize_layers_rejected(plain_registry, dockmirror, seeded, unique_repo):
+    image = seeded(plain_registry, unique_repo, "v1", layers=[300_000])
+    mirror = mirror_for(dockmirror, plain_registry, max_layer_size="100KiB", oversize="reject")
+    big = image.platforms[0].layers[0]
+    url = f"{mirror.url}/v2/{unique_repo}/blobs/{big.digest}"
+    status, _, body = curl(url)
+    assert status == 403 and error_code(body) == "DENIED"
+    assert "max_layer_size" in body.decode()
+    status, _, _ = curl(url, method="HEAD")
+    assert status == 403
+    assert plain_registry.count_requests("GET", f"/blobs/{big.digest}") == 0
+
+
+def test_restart_keeps_the_cache_and_a_stopped_upstream_still_serves(
+    registry_factory, dockmirror, seeded, unique_repo, tmp_path
+):
+    registry = registry_factory()
+    image = seeded(registry, unique_repo, "v1", layers=[2000, 200_000], platforms=MULTI_ARCH)
+    mirror = mirror_for(dockmirror, registry)
+    copy_to_oci(f"{mirror.host}/{unique_repo}:v1", tmp_path / "first")
+    mirror.restart()
+    registry.stop()
+    copy_to_oci(f"{mirror.host}/{unique_repo}:v1", tmp_path / "second")
+    index = (tmp_path / "second" / "index.json").read_text()
+    assert image.digest in index
+    for blob in image.blobs:
+        path = tmp_path / "second" / "blobs" / "sha256" / blob.digest.split(":")[1]
+        assert sha256(path.read_bytes()) == blob.digest
+    status, headers, _ = curl(
+        "-H", f"Accept: {OCI_INDEX}", f"{mirror.url}/v2/{unique_repo}/manifests/v1"
+    )
+    assert (status, headers["x-cache"]) == (200, "HIT")
+    # What was never cached gets a clear error while the upstream is down.
+    status, _, body = curl(f"{mirror.url}/v2/{unique_repo}/manifests/v2")
+    assert status in (502, 503) and error_code(body) == "UNAVAILABLE"
+
+
+def test_expired_tags_are_revalidated_or_served_stale(
+    registry_factory, dockmirror, seeded, unique_repo
+):
+    registry = registry_factory()
+    image = seeded(registry, unique_repo, "v1")
+    mirror = mirror_for(dockmirror, registry, manifest_ttl=0)
+    url = f"{mirror.url}/v2/{unique_repo}/manifests/v1"
+    accept = ("-H", f"Accept: {image.media_type}")
+    assert curl(*accept, url)[1]["x-cache"] == "MISS"
+    status, headers, body = curl(*accept, url)
+    assert (status, headers["x-cache"], body) == (200, "REVALIDATED", image.manifest)
+    assert registry.count_requests("GET", "/manifests/v1") == 1
+    assert registry.count_requests("HEAD", "/manifests/v1") == 1
+    registry.stop()
+    status, headers, body = curl(*accept, url)
+    assert (status, headers["x-cache"], body) == (200, "STALE", image.manifest)
+    # A retag upstream is noticed at the next revalidation.
+    registry.start()
+    newer = seeded(registry, unique_repo, "v1", layers=[1500])
+    status, headers, body = curl(*accept, url)
+    assert (status, headers["x-cache"], body) == (200, "MISS", newer.manifest)
+
+
+def test_clients_with_different_accept_each_get_what_they_asked_for(
+    plain_registry, dockmirror, seeded, unique_repo
+):
+    image = seeded(plain_registry, unique_repo, "v1", platforms=MULTI_ARCH, docker_media_types=True)
+    amd64 = image.platforms[0]
+    mirror = mirror_for(dockmirror, plain_registry)
+    url = f"{mirror.url}/v2/{unique_repo}/manifests/v1"
+    for expected in ("MISS", "HIT"):
+        # A client that takes lists gets the list; one that doesn't gets what
+        # the upstream picks for it (the linux/amd64 manifest).
+        status, headers, body = curl("-H", f"Accept: {DOCKER_MANIFEST_LIST}", url)
+        assert (status, headers["x-cache"], body) == (200, expected, image.manifest)
+        assert headers["content-type"] == DOCKER_MANIFEST_LIST
+        status, headers, body = curl("-H", f"Accept: {DOCKER_MANIFEST}", url)
+        assert (status, headers["x-cache"], body) == (200, expected, amd64.manifest)
+        assert headers["content-type"] == DOCKER_MANIFEST
+        assert headers["docker-content-digest"] == amd64.digest
+    assert plain_registry.count_requests("GET", f"{unique_repo}/manifests/v1") == 2
+    status, headers, _ = curl("-H", f"Accept: {DOCKER_MANIFEST_LIST}", url, method="HEAD")
+    assert (status, headers["x-cache"]) == (200, "HIT")
+    assert int(headers["content-length"]) == len(image.manifest)
+
+
+def test_blob_cached_through_one_upstream_does_not_leak_to_another(
+    plain_registry, registry_factory, dockmirror, seeded, unique_repo
+):
+    other = registry_factory()
+    image = seeded(plain_registry, unique_repo, "v1")
+    seeded(other, unique_repo, "v1")
+    mirror = dockmirror(
+        {
+            "public": {"plugin": "registry", "url": plain_registry.url, "default": True},
+            "private": {"plugin": "registry", "url": other.url, "aliases": ["private.test"]},
+        }
+    )
+    layer = image.platforms[0].layers[0]
+    status, _, body = curl(f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}")
+    assert status == 200 and sha256(body) == layer.digest
+    status, _, body = curl(f"{mirror.url}/v2/private.test/{unique_repo}/blobs/{layer.digest}")
+    assert status == 404 and error_code(body) == "BLOB_UNKNOWN"
+    status, _, body = curl(f"{mirror.url}/v2/{unique_repo}/manifests/{image.digest}")
+    assert status == 200
+    status, _, body = curl(f"{mirror.url}/v2/private.test/{unique_repo}/manifests/{image.digest}")
+    assert status == 404
+
+
+def test_kill_9_mid_fill_leaves_nothing_corrupt(
+    registry_factory, dockmirror, seeded, unique_repo, tmp_path
+):
+    registry = registry_factory()
+    image = seeded(registry, unique_repo, "v1", layers=[64 << 20])
+    mirror = mirror_for(dockmirror, registry)
+    layer = image.platforms[0].layers[0]
+    client = subprocess.Popen(
+        [
+            "curl",
+            "-s",
+            "--noproxy",
+            "*",
+            "-o",
+            "/dev/null",
+            f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}",
+        ]
+    )
+    temp = mirror.cache_dir / "tmp"
+    try:
+        while not any(p.stat().st_size for p in temp.iterdir()):
+            assert client.poll() is None, "the fill ended before it was seen"
+            time.sleep(0.001)
+        mirror.kill9()
+    finally:
+        client.wait()
+    assert layer.digest not in cached_blobs(mirror)
+    mirror.start()
+    assert_cache_sound(mirror)
+    skopeo_pull(mirror, f"{unique_repo}:v1", tmp_path / "out")
+    assert_pulled(tmp_path / "out", image)
+    assert cached_blobs(mirror)[layer.digest] == layer.size
+    assert_cache_sound(mirror)
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_x_cache_on_blob_responses(plain_registry, dockmirror, seeded, unique_repo, method):
+    image = seeded(plain_registry, unique_repo, "v1")
+    mirror = mirror_for(dockmirror, plain_registry)
+    layer = image.platforms[0].layers[0]
+    url = f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"
+    status, headers, _ = curl(url, method=method)
+    assert (status, headers["x-cache"]) == (200, "MISS")
+    assert int(headers["content-length"]) == layer.size
+    curl(url)
+    status, headers, _ = curl(url, method=method)
+    assert (status, headers["x-cache"]) == (200, "HIT")
+    assert int(headers["content-length"]) == layer.size
