@@ -133,10 +133,10 @@ class Index:
         else:
             batch, self._queue = self._queue, []
             self._keyed = {}
-            self._flushing = self._run(self._apply, self._db, batch)
-            self._flushing.addErrback(lambda f: log.failure("writing the cache index failed", f))
-            self._flushing.addBoth(self._flushed)
-            self._flushing.addBoth(_passing(lambda: done.callback(None)))
+            self._flushing = flushing = self._run(self._apply, self._db, batch)
+            flushing.addErrback(lambda f: log.failure("writing the cache index failed", f))
+            flushing.addBoth(self._flushed)
+            flushing.addBoth(_passing(lambda: done.callback(None)))
         return done
 
     def _flushed(self, _: object) -> None:

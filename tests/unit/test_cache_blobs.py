@@ -1,0 +1,154 @@
+"""The blob store: quota, LRU, pins, start-up recovery, and the operator's view."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+from dockmirror.cache import Cache
+from dockmirror.cache.fill import Fill
+from dockmirror.cache.index import Index
+from dockmirror.config import CacheConfig
+from dockmirror.metrics import Metrics
+
+from ._cache_support import make_store, run_now, sha256
+
+
+def put(store, data: bytes) -> str:
+    digest = sha256(data)
+    d = Deferred.fromCoroutine(store.put_small(digest, data))
+    assert d.result is True
+    return digest
+
+
+def blob(n: int, fill: bytes = b"x") -> bytes:
+    return os.urandom(8) + fill * (n - 8)
+
+
+def test_eviction_takes_the_least_recently_used_first(tmp_path):
+    store = make_store(tmp_path, max_size=1000)
+    a, b = put(store, blob(400)), put(store, blob(400))
+    store.touch(a)
+    fill = store.begin_fill(sha256(b"c"), 400, "up")
+    assert isinstance(fill, Fill)
+    assert store.has(a) and not store.has(b)
+    assert not os.path.exists(store.path(b))
+    assert store.size + store.reserved <= 1000
+    assert store.metrics.evictions._value.get() == 1
+
+
+def test_blobs_being_read_or_filled_are_never_evicted(tmp_path):
+    store = make_store(tmp_path, max_size=1000)
+    a = put(store, blob(400))
+    reader = store.reader(a, 0, 400, lambda n: None)
+    filling = store.begin_fill(sha256(b"b"), 400, "up")
+    assert isinstance(filling, Fill)
+    assert store.begin_fill(sha256(b"c"), 400, "up") == "cache full of blobs in use"
+    assert store.has(a)
+    reader.write_to(StringTransport())  # reads it all, then unpins
+    assert isinstance(store.begin_fill(sha256(b"c"), 400, "up"), Fill)
+    assert not store.has(a)
+
+
+def test_a_blob_larger_than_the_cache_is_refused(tmp_path):
+    store = make_store(tmp_path, max_size=1000)
+    assert store.begin_fill(sha256(b"big"), 1001, "up") == "larger than the cache"
+
+
+def test_access_is_per_origin(tmp_path):
+    store = make_store(tmp_path)
+    digest = put(store, b"data")
+    store.allow("hub/library/alpine https://hub", [digest])
+    assert store.allowed("hub/library/alpine https://hub", digest)
+    assert not store.allowed("corp/library/alpine https://corp", digest)
+
+
+def test_recovery_checks_the_index_against_the_disk(tmp_path):
+    store = make_store(tmp_path)
+    kept, wrong, missing = (put(store, blob(100)) for _ in range(3))
+    store.allow("hub/x https://hub", [kept])
+    store._index.flush()
+    Path(store.path(wrong)).write_bytes(b"short")
+    os.remove(store.path(missing))
+    adopted_data = b"adopted"
+    adopted = sha256(adopted_data)
+    Path(store.path(adopted)).parent.mkdir(parents=True, exist_ok=True)
+    Path(store.path(adopted)).write_bytes(adopted_data)
+    Path(store.temp_dir, "abc.123").write_bytes(b"partial")
+    stray = Path(store.blobs_dir, "sha256", "ab", "not-a-digest")
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_bytes(b"?")
+    store._index.close()
+
+    again = make_store(tmp_path)
+    assert again.has(kept) and again.has(adopted)
+    assert not again.has(wrong) and not again.has(missing)
+    assert not os.path.exists(again.path(wrong)) and not stray.exists()
+    assert os.listdir(again.temp_dir) == []
+    assert again.size == 100 + len(adopted_data)
+    assert again.allowed("hub/x https://hub", kept)
+
+
+def test_a_lowered_quota_is_applied_at_start(tmp_path):
+    clock = MemoryReactorClock()
+    store = make_store(tmp_path, clock=clock)
+    digests = []
+    for _ in range(3):
+        clock.advance(1)
+        digests.append(put(store, blob(400)))
+    store._index.close()
+    again = make_store(tmp_path, max_size=1000)
+    assert again.size <= 1000
+    assert [again.has(d) for d in digests] == [False, True, True]
+
+
+def test_an_unusable_index_is_set_aside(tmp_path):
+    path = tmp_path / "index.sqlite"
+    path.write_bytes(b"this is not a database" * 100)
+    index = Index(str(path), MemoryReactorClock(), run_now)
+    assert index.load().blobs == []
+    assert any(p.name.startswith("index.sqlite.unusable-") for p in tmp_path.iterdir())
+
+
+def make_cache(tmp_path) -> Cache:
+    config = CacheConfig(directory=str(tmp_path / "cache"), max_size="1MiB")
+    cache = Cache(config, MemoryReactorClock(), Metrics(), run=run_now, run_index=run_now)
+    cache.startService()
+    return cache
+
+
+def test_purge_a_repository_keeps_what_others_share(tmp_path):
+    cache = make_cache(tmp_path)
+    shared, own = put(cache.blobs, b"shared"), put(cache.blobs, b"own")
+    cache.blobs.allow("hub/library/a https://hub", [shared, own])
+    cache.blobs.allow("hub/library/b https://hub", [shared])
+    cache.manifests.set_tag("hub/library/a https://hub", "v1", own, "x")
+    result = cache.purge("library/a")
+    assert result == {
+        "repositories": ["hub/library/a"],
+        "tags": 1,
+        "purged": [own],
+        "kept": {},
+    }
+    assert cache.blobs.has(shared) and not cache.blobs.has(own)
+    assert cache.purge("library/a")["error"] == "nothing cached for library/a"
+
+
+def test_purge_a_digest(tmp_path):
+    cache = make_cache(tmp_path)
+    digest = put(cache.blobs, b"data")
+    assert cache.purge(digest) == {"purged": [digest]}
+    assert cache.purge(digest) == {"purged": [], "kept": {digest: "not cached"}}
+
+
+def test_stats_and_repr(tmp_path):
+    cache = make_cache(tmp_path)
+    put(cache.blobs, b"data")
+    stats = cache.stats()
+    assert stats["size"] == 4 and stats["blobs"] == 1 and stats["max_size"] == 1 << 20
+    assert stats["fills"] == {} and stats["oversize"] == "passthrough"
+    assert "1 blobs, 4/1048576 bytes" in repr(cache)
+    cache.stopService()

@@ -1,0 +1,162 @@
+"""Fills: one upstream body into a temporary file, followed by every reader."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+
+from dockmirror.cache.fill import HIGH_WATER, Fill
+from dockmirror.streaming import IDLE_TIMEOUT, DigestMismatch, StreamError
+
+from ._cache_support import FakeResponse, HeldRunner, make_store, sha256
+
+DATA = os.urandom(300_000)
+DIGEST = sha256(DATA)
+
+
+def started(store, data=DATA, digest=DIGEST, size=None):
+    fill = store.begin_fill(digest, len(data) if size is None else size, "up")
+    assert isinstance(fill, Fill)
+    response = FakeResponse(fill.size)
+    Deferred.fromCoroutine(fill.start(response))
+    return fill, response
+
+
+def follow(store, digest=DIGEST, start=0, end=len(DATA)):
+    reader = store.reader(digest, start, end, lambda n: None)
+    client = StringTransport()
+    done = reader.write_to(client)
+    return reader, client, done
+
+
+def failure_of(d: Deferred) -> Failure:
+    failures = []
+    d.addErrback(failures.append)
+    assert failures, "the Deferred did not fail"
+    return failures[0]
+
+
+def test_readers_follow_the_file_and_get_the_last_byte_only_once_verified(tmp_path):
+    store = make_store(tmp_path)
+    fill, response = started(store)
+    assert fill.ready.fired
+    _, early, early_done = follow(store)
+    response.send(DATA[:100_000])
+    assert early.value() == DATA[:100_000]
+    _, late, late_done = follow(store, start=50_000, end=len(DATA))
+    response.send(DATA[100_000:])
+    store.reactor.advance(0)
+    assert early.value() == DATA[:-1]
+    assert late.value() == DATA[50_000:-1]
+    assert not early_done.called and not late_done.called
+    response.end()
+    assert early.value() == DATA and late.value() == DATA[50_000:]
+    assert early_done.result == len(DATA)
+    assert store.has(DIGEST) and store.filling(DIGEST) is None
+    with open(store.path(DIGEST), "rb") as f:
+        assert f.read() == DATA
+    assert os.listdir(store.temp_dir) == []
+    assert store.reserved == 0 and store.size == len(DATA)
+
+
+def test_a_mismatch_commits_nothing_and_cuts_every_reader(tmp_path):
+    store = make_store(tmp_path)
+    bad = bytearray(DATA)
+    bad[1234] ^= 1
+    fill, response = started(store)
+    _, client, done = follow(store)
+    response.send(bytes(bad))
+    response.end()
+    assert failure_of(done).check(StreamError)
+    assert len(client.value()) < len(DATA)
+    assert isinstance(fill.error, DigestMismatch)
+    assert not store.has(DIGEST) and store.filling(DIGEST) is None
+    assert os.listdir(store.temp_dir) == []
+    assert store.reserved == 0
+    assert store.metrics.digest_mismatches.labels("up")._value.get() == 1
+
+
+@pytest.mark.parametrize(
+    "body, error",
+    [
+        (DATA + b"x", "more than"),
+        (DATA[:-10], "of 300000 bytes"),
+    ],
+)
+def test_a_body_of_the_wrong_length_fails(tmp_path, body, error):
+    store = make_store(tmp_path)
+    fill, response = started(store)
+    response.send(body)
+    if not fill.error:
+        response.end()
+    assert error in str(fill.error)
+    assert not store.has(DIGEST)
+
+
+def test_an_upstream_cut_fails_the_fill(tmp_path):
+    store = make_store(tmp_path)
+    fill, response = started(store)
+    response.send(DATA[:1000])
+    response.end(Failure(ConnectionError("reset")))
+    assert "upstream body failed" in str(fill.error)
+    assert os.listdir(store.temp_dir) == []
+
+
+def test_an_idle_upstream_fails_the_fill(tmp_path):
+    store = make_store(tmp_path)
+    fill, response = started(store)
+    response.send(DATA[:1000])
+    store.reactor.advance(IDLE_TIMEOUT)
+    assert "sent nothing" in str(fill.error)
+    assert response.transport.stopped
+
+
+def test_only_a_disk_that_is_behind_pauses_the_upstream(tmp_path):
+    disk = HeldRunner()
+    clock = MemoryReactorClock()
+    data = os.urandom(HIGH_WATER + (1 << 20))
+    store = make_store(tmp_path, run=disk, clock=clock)
+    fill, response = started(store, data, sha256(data))
+    disk.run_all()  # the temporary file is created
+    reader, client, _ = follow(store, sha256(data), 0, len(data))
+    reader.pauseProducing()  # a slow client
+    for offset in range(0, HIGH_WATER, 1 << 20):
+        response.send(data[offset : offset + (1 << 20)])
+    assert response.transport.paused  # the disk is behind
+    disk.run_all()
+    assert not response.transport.paused and fill.written == HIGH_WATER
+    response.send(data[HIGH_WATER:])
+    response.end()
+    disk.run_all()
+    assert fill.committed and client.value() == b""
+    reader.resumeProducing()
+    while len(client.value()) < len(data):
+        clock.advance(0)
+    assert client.value() == data
+
+
+def test_a_reader_going_away_does_not_stop_the_fill(tmp_path):
+    store = make_store(tmp_path)
+    fill, response = started(store)
+    reader, _, done = follow(store)
+    response.send(DATA[:1000])
+    reader.stopProducing()
+    assert failure_of(done).check(StreamError)
+    response.send(DATA[1000:])
+    response.end()
+    assert fill.committed and store.has(DIGEST)
+    assert not response.transport.stopped
+
+
+def test_abandoned_before_the_body(tmp_path):
+    store = make_store(tmp_path)
+    fill = store.begin_fill(DIGEST, len(DATA), "up")
+    assert isinstance(fill, Fill)
+    waiting = fill.ready.wait()
+    fill.abandon(StreamError("upstream said 404"))
+    assert failure_of(waiting).check(StreamError)
+    assert store.filling(DIGEST) is None and store.reserved == 0

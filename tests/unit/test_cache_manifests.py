@@ -1,0 +1,102 @@
+"""The manifest cache: Accept negotiation, references, tags and their TTL."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactorClock
+
+from dockmirror.cache.index import Index
+from dockmirror.cache.manifests import (
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    OCI_INDEX,
+    ManifestCache,
+    accepted,
+    references,
+)
+
+from ._cache_support import make_store, run_now, sha256
+
+ORIGIN = "hub/library/alpine https://registry-1.docker.io"
+
+
+@pytest.mark.parametrize(
+    "header, expected",
+    [
+        (None, None),
+        ("", None),
+        ("*/*", None),
+        (f"{OCI_INDEX}, {DOCKER_MANIFEST}", {OCI_INDEX, DOCKER_MANIFEST}),
+        (f"{OCI_INDEX};q=0, {DOCKER_MANIFEST}; q=0.5", {DOCKER_MANIFEST}),
+        (f"{DOCKER_LIST}, application/*", None),
+    ],
+)
+def test_accepted(header, expected):
+    assert accepted(header) == expected
+
+
+def test_references_of_every_manifest_kind():
+    manifest = {
+        "config": {"digest": "sha256:" + "c" * 64, "size": 10},
+        "layers": [{"digest": "sha256:" + "1" * 64, "size": 20}, {"digest": "nope"}],
+    }
+    assert references(json.dumps(manifest).encode()) == [
+        ("sha256:" + "c" * 64, 10),
+        ("sha256:" + "1" * 64, 20),
+    ]
+    index = {"manifests": [{"digest": "sha256:" + "a" * 64, "size": -1}]}
+    assert references(json.dumps(index).encode()) == [("sha256:" + "a" * 64, None)]
+    schema1 = {"fsLayers": [{"blobSum": "sha256:" + "b" * 64}]}
+    assert references(json.dumps(schema1).encode()) == [("sha256:" + "b" * 64, None)]
+    assert references(b"not json") == references(b"[]") == []
+
+
+def make_cache(tmp_path, clock):
+    store = make_store(tmp_path, clock=clock)
+    return ManifestCache(store, Index(str(tmp_path / "i.sqlite"), clock, run_now), clock, 60)
+
+
+def put(cache, reference, body, media_type):
+    digest = sha256(body)
+    Deferred.fromCoroutine(cache.put(ORIGIN, reference, digest, media_type, body))
+    return digest
+
+
+def test_each_client_gets_a_tag_entry_it_accepts(tmp_path):
+    clock = MemoryReactorClock()
+    cache = make_cache(tmp_path, clock)
+    layer = "sha256:" + "1" * 64
+    single = json.dumps({"layers": [{"digest": layer, "size": 5}]}).encode()
+    listing = json.dumps({"manifests": [{"digest": sha256(single), "size": 1}]}).encode()
+    single_digest = put(cache, "v1", single, DOCKER_MANIFEST)
+    list_digest = put(cache, "v1", listing, DOCKER_LIST)
+    assert cache.tag(ORIGIN, "v1", None).digest == list_digest
+    assert cache.tag(ORIGIN, "v1", {DOCKER_MANIFEST}).digest == single_digest
+    assert cache.tag(ORIGIN, "v1", {OCI_INDEX}) is None
+    assert cache.tag("other " + ORIGIN, "v1", None) is None
+    # What the manifests refer to is readable through the origin, sizes known.
+    assert cache.store.allowed(ORIGIN, layer) and cache.store.size_of(layer) == 5
+    assert cache.get(list_digest) == (listing, DOCKER_LIST)
+
+
+def test_tags_expire_after_the_ttl(tmp_path):
+    clock = MemoryReactorClock()
+    cache = make_cache(tmp_path, clock)
+    put(cache, "v1", b"{}", DOCKER_MANIFEST)
+    entry = cache.tag(ORIGIN, "v1", None)
+    assert cache.fresh(entry)
+    clock.advance(60)
+    assert not cache.fresh(entry)
+    cache.set_tag(ORIGIN, "v1", entry.digest, entry.media_type)
+    assert cache.fresh(cache.tag(ORIGIN, "v1", None))
+
+
+def test_an_evicted_manifest_is_no_longer_served(tmp_path):
+    cache = make_cache(tmp_path, MemoryReactorClock())
+    digest = put(cache, "v1", b"{}", DOCKER_MANIFEST)
+    cache.store.forget(digest)
+    assert cache.get(digest) is None
+    assert cache.tag(ORIGIN, "v1", None) is None
