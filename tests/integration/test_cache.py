@@ -10,7 +10,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import pytest_twisted
+from twisted.internet import reactor
 
+from dockmirror.config import load
+from dockmirror.tap import build_service
+
+from .conftest import toml_document
 from .images import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, pull, skopeo
 from .test_pull import assert_pulled, curl, error_code
 
@@ -311,3 +317,36 @@ def test_x_cache_on_blob_responses(plain_registry, dockmirror, seeded, unique_re
     status, headers, _ = curl(url, method=method)
     assert (status, headers["x-cache"]) == (200, "HIT")
     assert int(headers["content-length"]) == layer.size
+
+
+@pytest_twisted.ensureDeferred
+async def test_prefetch_warms_every_platform(plain_registry, seeded, unique_repo, tmp_path):
+    image = seeded(plain_registry, unique_repo, "v1", layers=[1000, 5000], platforms=MULTI_ARCH)
+    config_path = tmp_path / "dockmirror.toml"
+    config_path.write_text(
+        toml_document(
+            {
+                "server": {"listen": ["tcp:0:interface=127.0.0.1"]},
+                "cache": {"directory": str(tmp_path / "cache")},
+                "upstreams": {
+                    "hub": {"plugin": "registry", "url": plain_registry.url, "default": True}
+                },
+            }
+        )
+    )
+    top = build_service(load(str(config_path)), reactor)
+    top.startService()
+    try:
+        cache = top.getServiceNamed("cache")
+        summary = await cache.prefetch(f"{unique_repo}:v1")
+        again = await cache.prefetch(f"{unique_repo}:v1")
+    finally:
+        await top.stopService()
+    assert summary["manifests"] == 3 and summary["blobs"] == len(image.blobs) == 6
+    assert summary["errors"] == [] and summary["already_cached"] == 0
+    assert summary["fetched_bytes"] == sum(b.size for b in image.blobs)
+    assert again["already_cached"] == 6 and again["fetched_bytes"] == 0
+    for blob in image.blobs:
+        assert plain_registry.count_requests("GET", f"/blobs/{blob.digest}") == 1
+    for digest in (image.digest, *(p.digest for p in image.platforms)):
+        assert (tmp_path / "cache" / "blobs" / "sha256" / digest[7:9] / digest[7:]).exists()
