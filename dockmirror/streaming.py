@@ -35,6 +35,40 @@ class DigestMismatch(StreamError):
     pass
 
 
+class IdleTimer:
+    """Calls *expired* once *timeout* seconds pass without a :meth:`touch`.
+
+    It runs only between :meth:`start` and :meth:`stop`, so a stream can stop
+    it while it is paused on purpose.
+    """
+
+    def __init__(
+        self, reactor: IReactorTime, timeout: float, expired: typing.Callable[[], None]
+    ) -> None:
+        self.timeout = timeout
+        self._reactor = reactor
+        self._expired = expired
+        self._call: IDelayedCall | None = None
+
+    def start(self) -> None:
+        if self._call is None:
+            self._call = self._reactor.callLater(self.timeout, self._expire)
+
+    def touch(self) -> None:
+        if self._call is not None:
+            self._call.reset(self.timeout)
+
+    def stop(self) -> None:
+        if self._call is not None:
+            if self._call.active():
+                self._call.cancel()
+            self._call = None
+
+    def _expire(self) -> None:
+        self._call = None
+        self._expired()
+
+
 class Stream(typing.Protocol):
     """A body that writes itself to a consumer; fires with the bytes written."""
 
@@ -74,9 +108,8 @@ class BodyStream(Protocol):
         self._length = length
         self._digest = digest
         self._hash = hashlib.new(digest.partition(":")[0]) if digest else None
-        self._idle_timeout = idle_timeout
         self._consumer: IConsumer | None = None
-        self._timer: IDelayedCall | None = None
+        self._timer = IdleTimer(reactor, idle_timeout, self._idle)
         self._held = b""
         self._paused = False
         self.received = 0
@@ -96,7 +129,7 @@ class BodyStream(Protocol):
     # IPushProducer, as seen by the consumer
     def pauseProducing(self) -> None:
         self._paused = True
-        self._stop_timer()
+        self._timer.stop()
         if self._upstream is not None:
             self._upstream.pauseProducing()
 
@@ -123,8 +156,7 @@ class BodyStream(Protocol):
         if self._length is not None and self.received > self._length:
             self._fail(StreamError(f"upstream sent more than {self._length} bytes"))
             return
-        if self._timer is not None:
-            self._timer.reset(self._idle_timeout)
+        self._timer.touch()
         if self._hash is not None:
             self._hash.update(data)
             data, self._held = self._held, data
@@ -133,7 +165,7 @@ class BodyStream(Protocol):
             self._consumer.write(data)
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
-        self._stop_timer()
+        self._timer.stop()
         if self.done.called:
             return
         if not reason.check(ResponseDone):
@@ -163,7 +195,7 @@ class BodyStream(Protocol):
             self.done.errback(error)
 
     def _abort(self) -> None:
-        self._stop_timer()
+        self._timer.stop()
         if self._upstream is not None:
             self._upstream.stopProducing()
 
@@ -172,15 +204,8 @@ class BodyStream(Protocol):
         self._finish()
 
     def _start_timer(self) -> None:
-        if self._timer is None and not self.done.called:
-            self._timer = self._reactor.callLater(self._idle_timeout, self._idle)
-
-    def _stop_timer(self) -> None:
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
+        if not self.done.called:
+            self._timer.start()
 
     def _idle(self) -> None:
-        self._timer = None
-        self._fail(StreamError(f"upstream sent nothing for {self._idle_timeout:.0f}s"))
+        self._fail(StreamError(f"upstream sent nothing for {self._timer.timeout:.0f}s"))

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -24,7 +24,7 @@ from twisted.web.iweb import IResponse
 
 from dockmirror.cache import files
 from dockmirror.cache.index import Runner
-from dockmirror.streaming import IDLE_TIMEOUT, DigestMismatch, StreamError
+from dockmirror.streaming import IDLE_TIMEOUT, DigestMismatch, IdleTimer, StreamError
 from dockmirror.upstream import discard
 
 if TYPE_CHECKING:
@@ -95,7 +95,6 @@ class Fill(Protocol):
         self._evictions = evictions
         self._reactor = reactor
         self._run = run
-        self._idle_timeout = idle_timeout
         self.ready = Event()
         self.finished = Event()
         self.received = 0
@@ -110,7 +109,7 @@ class Fill(Protocol):
         self._writing = False
         self._ended = False
         self._paused = False
-        self._timer: IDelayedCall | None = None
+        self._timer = IdleTimer(reactor, idle_timeout, self._idle)
         self._listeners: list[Callable[[], None]] = []
         self._upstream_bytes = store.metrics.bytes_from_upstream.labels(upstream)
 
@@ -177,18 +176,17 @@ class Fill(Protocol):
         if self.received > self.size:
             self._fail(StreamError(f"upstream sent more than the {self.size} bytes announced"))
             return
-        if self._timer is not None:
-            self._timer.reset(self._idle_timeout)
+        self._timer.touch()
         self._pending.append(data)
         self._pending_bytes += len(data)
         if self._pending_bytes >= HIGH_WATER and not self._paused and self._upstream:
             self._paused = True
-            self._stop_timer()
+            self._timer.stop()
             self._upstream.pauseProducing()
         self._write_next()
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
-        self._stop_timer()
+        self._timer.stop()
         if self.done:
             return
         if not reason.check(ResponseDone):
@@ -265,7 +263,7 @@ class Fill(Protocol):
         if self.done:
             return
         self.error = error
-        self._stop_timer()
+        self._timer.stop()
         if self._upstream is not None and not self._ended:
             self._upstream.stopProducing()
         self._pending = []
@@ -292,18 +290,11 @@ class Fill(Protocol):
     # --- the idle timer --------------------------------------------------------
 
     def _start_timer(self) -> None:
-        if self._timer is None and not self.done:
-            self._timer = self._reactor.callLater(self._idle_timeout, self._idle)
-
-    def _stop_timer(self) -> None:
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
+        if not self.done:
+            self._timer.start()
 
     def _idle(self) -> None:
-        self._timer = None
-        self._fail(StreamError(f"upstream sent nothing for {self._idle_timeout:.0f}s"))
+        self._fail(StreamError(f"upstream sent nothing for {self._timer.timeout:.0f}s"))
 
 
 def _write(fd: int, chunks: list[bytes], hasher: Any) -> int:
