@@ -323,6 +323,7 @@ class PullService:
             return await self._passthrough(route, digest, head, range_header)
         x_cache = MISS if source.lead else HIT
         self._count("blob", x_cache)
+        store.touch(digest)
         size = store.size_of(digest)
         assert size is not None
         headers = _blob_headers(digest, x_cache)
@@ -369,7 +370,12 @@ class PullService:
             try:
                 await fill.ready.wait()
             except (RegistryError, StreamError) as e:
+                # What the upstream refused is final for the request that asked;
+                # a follower asks through its own repository, and a fill that
+                # could not start (the size changed, the disk failed) is retried.
                 error = e
+                if lead and isinstance(e, RegistryError):
+                    break
                 continue
             return _Source(fill, lead)
         if isinstance(error, RegistryError):
@@ -391,13 +397,7 @@ class PullService:
             assert length is not None
             discard(response)
             self.cache.blobs.hint(fill.digest, length)
-            fill.abandon(
-                upstream_unavailable(
-                    route.upstream.name,
-                    f"sent {length} bytes for {fill.digest}, announced {fill.size}",
-                    502,
-                )
-            )
+            fill.abandon(StreamError(f"{length} bytes for {fill.digest}, {fill.size} expected"))
             return
         self.cache.blobs.allow(origin, [fill.digest])
         log.info(

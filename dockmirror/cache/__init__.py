@@ -10,6 +10,7 @@ worker threads, and the object the operator shell works with::
 
 from __future__ import annotations
 
+import fcntl
 import os
 from functools import partial
 from typing import Any, Protocol
@@ -68,6 +69,7 @@ class Cache(service.Service):
         self.serve_stale = config.serve_stale
         self.metrics = metrics
         self._pools: list[ThreadPool] = []
+        self._lock_fd: int | None = None
         if run is None:
             run = self._pool(reactor, "dockmirror-cache-io", IO_THREADS)
         if run_index is None:
@@ -90,13 +92,27 @@ class Cache(service.Service):
 
     def startService(self) -> None:
         """Recover the cache before the mirror listens: blocking, and on purpose."""
+        os.makedirs(self.directory, exist_ok=True)
+        self._lock()
         for pool in self._pools:
             pool.start()
-        os.makedirs(self.directory, exist_ok=True)
         snapshot = self.index.load()
         self.blobs.recover(snapshot)
         self.manifests.recover(snapshot)
         super().startService()
+
+    def _lock(self) -> None:
+        """Hold the directory for this process: another would delete our fills at its start."""
+        path = os.path.join(self.directory, "lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RuntimeError(
+                f"cache directory {self.directory} is in use by another dockmirror process"
+            ) from None
+        self._lock_fd = fd
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -105,6 +121,9 @@ class Cache(service.Service):
         def stop_pools(result: object) -> object:
             for pool in self._pools:
                 pool.stop()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
             return result
 
         return self.index.close().addBoth(stop_pools)

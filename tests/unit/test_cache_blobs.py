@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
@@ -152,3 +153,14 @@ def test_stats_and_repr(tmp_path):
     assert stats["fills"] == {} and stats["oversize"] == "passthrough"
     assert "1 blobs, 4/1048576 bytes" in repr(cache)
     cache.stopService()
+
+
+def test_one_process_per_cache_directory(tmp_path):
+    first = make_cache(tmp_path)
+    config = CacheConfig(directory=str(tmp_path / "cache"))
+    second = Cache(config, MemoryReactorClock(), Metrics(), run=run_now, run_index=run_now)
+    with pytest.raises(RuntimeError, match="in use by another dockmirror process"):
+        second.startService()
+    first.stopService()
+    second.startService()
+    second.stopService()
