@@ -66,12 +66,12 @@ class Process:
                     raise RuntimeError(f"{argv[0]} did not start:\n{log}") from None
                 time.sleep(0.05)
 
-    def peak_rss(self) -> int:
-        """The process's peak resident set size, in bytes."""
+    def memory(self, field: str) -> int:
+        """A memory figure of the process (``VmRSS``, ``VmHWM`` for the peak), in bytes."""
         for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmHWM")
+        raise RuntimeError(f"no {field}")
 
     def stop(self) -> None:
         try:
@@ -148,13 +148,15 @@ def pull_concurrently(port: int, digest: str, clients: int, size: int) -> Run:
 
 
 def measure(name: str, server: Process, upstream: Registry, digest: str, args) -> dict:
+    at_start = server.memory("VmRSS")
     before = upstream.count_requests("GET", f"/blobs/{digest}")
     cold = pull_concurrently(server.port, digest, args.clients, args.size)
     fetched = upstream.count_requests("GET", f"/blobs/{digest}") - before
     warm = pull_concurrently(server.port, digest, args.clients, args.size)
     result = {
         "mirror": name,
-        "peak_rss_mib": server.peak_rss() / (1 << 20),
+        "rss_at_start_mib": at_start / (1 << 20),
+        "peak_rss_mib": server.memory("VmHWM") / (1 << 20),
         "upstream_fetches": fetched,
         "cold_mib_s": cold.mib_per_s,
         "warm_mib_s": warm.mib_per_s,
@@ -197,6 +199,7 @@ def report(results: list[dict], args) -> None:
     print("| | dockmirror | distribution proxy | ratio |")
     print("|---|---:|---:|---:|")
     rows = [
+        ("RSS before the clients (MiB)", "rss_at_start_mib", "{:.1f}"),
         ("peak RSS (MiB)", "peak_rss_mib", "{:.1f}"),
         ("upstream fetches of the layer", "upstream_fetches", "{}"),
         ("cold throughput, all clients (MiB/s)", "cold_mib_s", "{:.0f}"),

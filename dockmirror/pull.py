@@ -324,7 +324,7 @@ class PullService:
         x_cache = MISS if source.lead else HIT
         self._count("blob", x_cache)
         store.touch(digest)
-        size = store.size_of(digest)
+        size = source.fill.size if source.fill is not None else store.size_of(digest)
         assert size is not None
         headers = _blob_headers(digest, x_cache)
         span = _parse_range(range_header, size)
