@@ -27,6 +27,7 @@ from dockmirror.errors import STATUS, RegistryError, upstream_unavailable
 from dockmirror.metrics import Metrics
 from dockmirror.reference import HEX_LENGTH, is_digest, parse_image_reference
 from dockmirror.routing import Route, Router
+from dockmirror.shared import SingleFlight
 from dockmirror.streaming import BodyStream, Stream, StreamError
 from dockmirror.upstream import UpstreamClient, UpstreamError, discard, read_small
 
@@ -131,6 +132,7 @@ class PullService:
         self.cache = cache
         self._reactor = reactor
         self._metrics = metrics
+        self._flights = SingleFlight()
 
     async def _request(
         self,
@@ -159,33 +161,50 @@ class PullService:
     # --- manifests -----------------------------------------------------------------
 
     async def manifest(self, route: Route, reference: str, accept: str | None, head: bool) -> Reply:
-        origin = origin_of(route)
+        reply = await self._manifest(route, origin_of(route), reference, accept, head)
+        self._count("manifest", reply.headers["X-Cache"])
+        if reply.headers["X-Cache"] == STALE:
+            self._metrics.cache_stale.inc()
+        return reply
+
+    async def _manifest(
+        self, route: Route, origin: str, reference: str, accept: str | None, head: bool
+    ) -> Reply:
         manifests = self.cache.manifests
+        # Concurrent requests for the same thing share one upstream request.
+        key = (origin, reference, _upstream_accept(accept), head)
         if is_digest(reference):
             if manifests.has(reference):
                 if not self.cache.blobs.allowed(origin, reference):
-                    await self._confirm_manifest(route, origin, reference, accept)
+                    await self._flights.run(
+                        ("confirm", *key),
+                        lambda: self._confirm_manifest(route, origin, reference, accept),
+                    )
                 reply = self._cached_manifest(reference, HIT, head)
                 if reply is not None:
                     return reply
-            return await self._upstream_manifest(route, origin, reference, accept, head)
-        entry = manifests.tag(origin, reference, accepted(accept))
-        if entry is not None and manifests.fresh(entry):
-            reply = self._cached_manifest(entry.digest, HIT, head)
+        else:
+            entry = manifests.tag(origin, reference, accepted(accept))
+            reply = None
+            if entry is not None and manifests.fresh(entry):
+                reply = self._cached_manifest(entry.digest, HIT, head)
+            elif entry is not None:
+                reply = await self._flights.run(
+                    ("revalidate", *key),
+                    lambda: self._revalidate(route, origin, reference, entry, accept, head),
+                )
             if reply is not None:
                 return reply
-        elif entry is not None:
-            reply = await self._revalidate(route, origin, reference, entry, accept, head)
-            if reply is not None:
-                return reply
-        return await self._upstream_manifest(route, origin, reference, accept, head)
+        return await self._flights.run(
+            ("fetch", *key),
+            lambda: self._upstream_manifest(route, origin, reference, accept, head),
+        )
 
     def _cached_manifest(self, digest: str, x_cache: str, head: bool) -> Reply | None:
         cached = self.cache.manifests.get(digest)
         if cached is None:
             return None
         body, media_type = cached
-        self._count("manifest", x_cache)
         headers = {
             "Content-Type": media_type,
             "Content-Length": str(len(body)),
@@ -246,7 +265,6 @@ class PullService:
         reply = self._cached_manifest(entry.digest, STALE, head)
         if reply is None:
             raise error
-        self._metrics.cache_stale.inc()
         log.info("serving stale {digest}: {error}", digest=entry.digest, error=error.message)
         return reply
 
@@ -261,7 +279,6 @@ class PullService:
         )
         if response.code != 200:
             raise await self._failure(route, response, "MANIFEST_UNKNOWN", head)
-        self._count("manifest", MISS)
         content_type = _media_type(_header(response, "content-type"))
         digest = _header(response, "docker-content-digest")
         if head:
@@ -408,8 +425,13 @@ class PullService:
         )
         await fill.start(response)
 
-    async def _blob_head(self, route: Route, origin: str, digest: str) -> int | None:
+    def _blob_head(self, route: Route, origin: str, digest: str) -> Deferred[int | None]:
         """Ask the upstream repository for a blob: proof that it has it, and its size."""
+        return self._flights.run(
+            ("blob", origin, digest), lambda: self._ask_blob(route, origin, digest)
+        )
+
+    async def _ask_blob(self, route: Route, origin: str, digest: str) -> int | None:
         response = await self._request(route, "HEAD", f"blobs/{digest}")
         if response.code != 200:
             raise await self._failure(route, response, "BLOB_UNKNOWN", True)

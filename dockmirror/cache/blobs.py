@@ -211,8 +211,14 @@ class BlobStore:
         Raises ``OSError`` when the file cannot be opened.
         """
         fill = self._fills.get(digest)
-        path = fill.temp_path if fill is not None else self.path(digest)
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        flags = os.O_RDONLY | os.O_CLOEXEC
+        try:
+            fd = os.open(fill.temp_path if fill is not None else self.path(digest), flags)
+        except FileNotFoundError:
+            if fill is None:
+                raise
+            # The fill is being renamed into place just now.
+            fd = os.open(self.path(digest), flags)
         self._pins[digest] += 1
         return BlobReader(self, digest, fd, start, end, fill, on_bytes)
 

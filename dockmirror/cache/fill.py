@@ -14,7 +14,7 @@ import hashlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -24,6 +24,7 @@ from twisted.web.iweb import IResponse
 
 from dockmirror.cache import files
 from dockmirror.cache.index import Runner
+from dockmirror.shared import Event
 from dockmirror.streaming import IDLE_TIMEOUT, DigestMismatch, IdleTimer, StreamError
 from dockmirror.upstream import discard
 
@@ -36,33 +37,6 @@ log = Logger()
 HIGH_WATER = 8 << 20
 #: ... and below which it is resumed.
 LOW_WATER = 2 << 20
-
-
-class Event:
-    """A result that many may wait for; cancelling one wait leaves the others."""
-
-    def __init__(self) -> None:
-        self._waiting: list[Deferred[None]] = []
-        self._error: Exception | None = None
-        self.fired = False
-
-    def wait(self) -> Deferred[None]:
-        if self.fired:
-            return fail(self._error) if self._error is not None else succeed(None)
-        d: Deferred[None] = Deferred(self._waiting.remove)
-        self._waiting.append(d)
-        return d
-
-    def fire(self, error: Exception | None = None) -> None:
-        if self.fired:
-            return
-        self.fired, self._error = True, error
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            if error is not None:
-                d.errback(error)
-            else:
-                d.callback(None)
 
 
 class Fill(Protocol):
@@ -95,8 +69,8 @@ class Fill(Protocol):
         self._evictions = evictions
         self._reactor = reactor
         self._run = run
-        self.ready = Event()
-        self.finished = Event()
+        self.ready: Event[None] = Event()
+        self.finished: Event[None] = Event()
         self.received = 0
         #: Bytes in the temporary file, readable by followers.
         self.written = 0
@@ -153,7 +127,7 @@ class Fill(Protocol):
             self._close_and_remove()
             return
         response.deliverBody(self)
-        self.ready.fire()
+        self.ready.fire(None)
 
     def abandon(self, error: Exception) -> None:
         """Give up before or during the body: nothing will be committed."""
@@ -255,7 +229,7 @@ class Fill(Protocol):
         self.committed = True
         self.store.committed(self)
         self._notify()
-        self.finished.fire()
+        self.finished.fire(None)
 
     # --- failure ---------------------------------------------------------------
 

@@ -80,6 +80,11 @@ def test_concurrent_cold_gets_make_one_upstream_fetch(
 ):
     image = seeded(plain_registry, unique_repo, "v1", layers=[3_000_000])
     mirror = mirror_for(dockmirror, plain_registry)
+    manifest_url = f"{mirror.url}/v2/{unique_repo}/manifests/v1"
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: curl(manifest_url), range(8)))
+    assert {(status, body) for status, _, body in results} == {(200, image.manifest)}
+    assert plain_registry.count_requests("GET", f"{unique_repo}/manifests/v1") == 1
     layer = image.platforms[0].layers[0]
     url = f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"
     with ThreadPoolExecutor(8) as pool:

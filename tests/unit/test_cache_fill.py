@@ -160,3 +160,14 @@ def test_abandoned_before_the_body(tmp_path):
     fill.abandon(StreamError("upstream said 404"))
     assert failure_of(waiting).check(StreamError)
     assert store.filling(DIGEST) is None and store.reserved == 0
+
+
+def test_a_reader_arriving_during_the_rename_opens_the_final_file(tmp_path):
+    store = make_store(tmp_path)
+    fill, response = started(store)
+    response.send(DATA)
+    # The worker thread has renamed the file; the reactor has not heard yet.
+    os.makedirs(os.path.dirname(store.path(DIGEST)))
+    os.rename(fill.temp_path, store.path(DIGEST))
+    _, client, _ = follow(store)
+    assert client.value() == DATA[:-1]
