@@ -18,7 +18,8 @@ from twisted.internet.interfaces import IReactorTime
 
 from dockmirror.cache.blobs import BlobStore
 from dockmirror.cache.index import Index, Snapshot
-from dockmirror.reference import is_digest
+from dockmirror.errors import RegistryError
+from dockmirror.reference import check_digest, is_digest
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -76,13 +77,21 @@ def references(body: bytes) -> list[tuple[str, int | None]]:
             descriptors.extend(data[key])
     found = []
     for d in descriptors:
-        if isinstance(d, dict) and isinstance(d.get("digest"), str) and is_digest(d["digest"]):
+        if isinstance(d, dict) and _valid(d.get("digest")):
             size = d.get("size")
             found.append((d["digest"], size if isinstance(size, int) and size >= 0 else None))
     for layer in data.get("fsLayers") or ():  # schema 1
-        if isinstance(layer, dict) and isinstance(layer.get("blobSum"), str):
+        if isinstance(layer, dict) and _valid(layer.get("blobSum")):
             found.append((layer["blobSum"], None))
     return found
+
+
+def _valid(digest: object) -> bool:
+    """Whether an upstream's *digest* is one this mirror can verify (and use as a file name)."""
+    try:
+        return isinstance(digest, str) and bool(check_digest(digest))
+    except RegistryError:
+        return False
 
 
 @dataclass
@@ -110,9 +119,11 @@ class ManifestCache:
             if self.store.has(digest):
                 self._types[digest] = media_type
         for origin, tag, media_type, digest, checked in snapshot.tags:
-            self._tags.setdefault((origin, tag), {})[media_type] = TagEntry(
-                digest, media_type, checked
-            )
+            if digest in self._types:
+                self._tags.setdefault((origin, tag), {})[media_type] = TagEntry(
+                    digest, media_type, checked
+                )
+        self._index.write("DELETE FROM tags WHERE digest NOT IN (SELECT digest FROM manifests)")
 
     def _removed(self, digest: str) -> None:
         self._types.pop(digest, None)

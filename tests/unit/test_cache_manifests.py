@@ -52,6 +52,8 @@ def test_references_of_every_manifest_kind():
     schema1 = {"fsLayers": [{"blobSum": "sha256:" + "b" * 64}]}
     assert references(json.dumps(schema1).encode()) == [("sha256:" + "b" * 64, None)]
     assert references(b"not json") == references(b"[]") == []
+    hostile = {"layers": [{"digest": "sha256:../../etc/passwd"}, {"digest": "md5:" + "a" * 32}]}
+    assert references(json.dumps(hostile).encode()) == []
 
 
 def make_cache(tmp_path, clock):
