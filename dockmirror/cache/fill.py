@@ -67,7 +67,6 @@ class Fill(Protocol):
         self.upstream = upstream
         self.temp_path = temp_path
         self._evictions = evictions
-        self._reactor = reactor
         self._run = run
         self.ready: Event[None] = Event()
         self.finished: Event[None] = Event()
