@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from functools import partial
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from treq.client import HTTPClient
 from twisted.application import service, strports
@@ -11,7 +14,19 @@ from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
-from dockmirror.config import Config, ConfigError, load, upstream_plugins
+from dockmirror.auth.access import AccessControl
+from dockmirror.auth.keystore import KeyDatabase, KeyStore, KeyStoreError
+from dockmirror.auth.throttle import Throttle
+from dockmirror.auth.tokens import TokenService, load_signing_key
+from dockmirror.config import (
+    Config,
+    ConfigError,
+    check_repository_prefix,
+    load,
+    state_directory,
+    upstream_plugins,
+)
+from dockmirror.manhole import HOST_KEY_FILE, KeysConsole, load_host_key, manhole_factory
 from dockmirror.metrics import Metrics
 from dockmirror.pull import PullService, Upstreams
 from dockmirror.routing import build_router
@@ -19,6 +34,8 @@ from dockmirror.web import build_root
 
 #: Idle persistent connections kept per upstream host.
 POOL_PER_HOST = 16
+#: The token signing key, in the state directory.
+SIGNING_KEY_FILE = "token_signing_key.pem"
 
 
 class Options(usage.Options):
@@ -49,6 +66,26 @@ class PoolService(service.Service):
         return self.pool.closeCachedConnections()
 
 
+def build_access(config: Config, keys: KeyStore, metrics: Metrics, reactor: Any) -> AccessControl:
+    """Access control over *keys*, with the token service named after ``public_url``."""
+    public_url = config.server.public_url.rstrip("/")
+    tokens = TokenService(
+        load_signing_key(state_directory(config) / SIGNING_KEY_FILE),
+        issuer=public_url,
+        service=urlsplit(public_url).netloc,
+        ttl=config.auth.token_ttl,
+        clock=reactor,
+    )
+    return AccessControl(
+        keys,
+        tokens,
+        Throttle(reactor),
+        metrics,
+        realm=f"{public_url}/docker-auth/token",
+        anonymous_repos=config.auth.anonymous_repos,
+    )
+
+
 def build_service(config: Config, reactor: Any) -> service.MultiService:
     router = build_router(config, upstream_plugins())
     pool = HTTPConnectionPool(reactor, persistent=True)
@@ -56,12 +93,28 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     http = HTTPClient(Agent(reactor, connectTimeout=30, pool=pool))
     metrics = Metrics()
     pull = PullService(Upstreams(http, reactor, metrics), reactor, metrics)
-    site = Site(build_root(router, pull))
-    site.displayTracebacks = False
     top = service.MultiService()
+    keys = KeyStore(KeyDatabase(config.auth.database), reactor)
+    keys.setServiceParent(top)
+    access = build_access(config, keys, metrics, reactor)
+    site = Site(build_root(router, pull, access, config.auth.required))
+    site.displayTracebacks = False
     for description in config.server.listen:
         strports.service(description, site, reactor=reactor).setServiceParent(top)
     PoolService(pool).setServiceParent(top)
+    namespace: dict[str, Any] = {
+        "keys": KeysConsole(keys, partial(check_repository_prefix, upstreams=config.upstreams)),
+        "upstreams": {upstream.name: upstream for upstream in router.upstreams},
+        "config": config,
+    }
+    if config.manhole.listen is not None:
+        assert config.manhole.authorized_keys is not None  # the config check guarantees it
+        factory = manhole_factory(
+            namespace,
+            Path(config.manhole.authorized_keys),
+            load_host_key(state_directory(config) / HOST_KEY_FILE),
+        )
+        strports.service(config.manhole.listen, factory, reactor=reactor).setServiceParent(top)
     return top
 
 
@@ -70,4 +123,7 @@ def makeService(options: Options, reactor: IReactorCore | None = None) -> servic
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    return build_service(options["parsed"], reactor)
+    try:
+        return build_service(options["parsed"], reactor)
+    except (KeyStoreError, ValueError, OSError) as e:
+        raise SystemExit(f"dockmirror: {e}") from None
