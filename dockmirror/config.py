@@ -248,8 +248,8 @@ def check_repository_prefix(prefix: str, upstreams: Iterable[str]) -> str:
     a Host-routed name) is covered by one rule.
     """
     names = sorted(upstreams)
-    upstream, _, rest = prefix.partition("/")
-    if upstream not in names or (rest and not NAME_RE.fullmatch(rest)):
+    upstream, slash, rest = prefix.partition("/")
+    if upstream not in names or (slash and not NAME_RE.fullmatch(rest)):
         raise ValueError(
             f"{prefix!r} is not UPSTREAM/PREFIX with UPSTREAM one of"
             f' {", ".join(names) or "(none configured)"} (e.g. "dockerhub/library")'
