@@ -9,10 +9,10 @@ from urllib.parse import urlsplit
 
 from treq.client import HTTPClient
 from twisted.application import service, strports
+from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.interfaces import IReactorCore
 from twisted.python import usage
-from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.server import Site
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 from dockmirror.auth.access import AccessControl
 from dockmirror.auth.keystore import KeyDatabase, KeyStore, KeyStoreError
@@ -26,11 +26,13 @@ from dockmirror.config import (
     state_directory,
     upstream_plugins,
 )
+from dockmirror.health import HealthResource, directory_writable
 from dockmirror.manhole import HOST_KEY_FILE, KeysConsole, load_host_key, manhole_factory
-from dockmirror.metrics import Metrics
+from dockmirror.metrics import Metrics, MetricsResource
 from dockmirror.pull import PullService, Upstreams
 from dockmirror.routing import build_router
-from dockmirror.web import build_root
+from dockmirror.tls import CertificateReloadService, tls_endpoint
+from dockmirror.web import MirrorSite, build_root
 
 #: Idle persistent connections kept per upstream host.
 POOL_PER_HOST = 16
@@ -47,12 +49,30 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "Path to the TOML configuration file."],
     ]
+    optFlags = [
+        ["check", None, "Validate the configuration, print a summary and exit."],
+    ]
 
     def postOptions(self) -> None:
         try:
-            self["parsed"] = load(self["config"])
+            config = self["parsed"] = load(self["config"])
+            for description in config.server.listen:
+                _endpoint(None, config, description)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        if self["check"]:
+            print(
+                f"{config.source}: configuration OK"
+                f" ({len(config.upstreams)} upstreams, listening on"
+                f" {', '.join(config.server.listen)})"
+            )
+            raise SystemExit(0)
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """Upstream connections come and go; don't log each one."""
+
+    noisy = False
 
 
 class PoolService(service.Service):
@@ -64,6 +84,13 @@ class PoolService(service.Service):
     def stopService(self) -> Any:
         super().stopService()
         return self.pool.closeCachedConnections()
+
+
+def _endpoint(reactor: Any, config: Config, description: str) -> Any:
+    try:
+        return tls_endpoint(reactor, description)
+    except ValueError as e:
+        raise ConfigError(f"{config.source}: server.listen: {description!r}: {e}") from None
 
 
 def build_access(config: Config, keys: KeyStore, metrics: Metrics, reactor: Any) -> AccessControl:
@@ -89,6 +116,7 @@ def build_access(config: Config, keys: KeyStore, metrics: Metrics, reactor: Any)
 def build_service(config: Config, reactor: Any) -> service.MultiService:
     router = build_router(config, upstream_plugins())
     pool = HTTPConnectionPool(reactor, persistent=True)
+    pool._factory = _QuietClientFactory
     pool.maxPersistentPerHost = POOL_PER_HOST
     http = HTTPClient(Agent(reactor, connectTimeout=30, pool=pool))
     metrics = Metrics()
@@ -97,10 +125,20 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     keys = KeyStore(KeyDatabase(config.auth.database), reactor)
     keys.setServiceParent(top)
     access = build_access(config, keys, metrics, reactor)
-    site = Site(build_root(router, pull, access, config.auth.required))
-    site.displayTracebacks = False
+    root = build_root(router, pull, access, config.auth.required)
+    root.putChild(b"metrics", MetricsResource(metrics))
+    root.putChild(
+        b"healthz", HealthResource({"cache_directory": directory_writable(config.cache.directory)})
+    )
+    site = MirrorSite(root, metrics)
+    certificates = []
     for description in config.server.listen:
-        strports.service(description, site, reactor=reactor).setServiceParent(top)
+        endpoint, certificate = _endpoint(reactor, config, description)
+        StreamServerEndpointService(endpoint, site).setServiceParent(top)
+        if certificate is not None:
+            certificates.append(certificate)
+    if certificates:
+        CertificateReloadService(reactor, certificates).setServiceParent(top)
     PoolService(pool).setServiceParent(top)
     namespace: dict[str, Any] = {
         "keys": KeysConsole(keys, partial(check_repository_prefix, upstreams=config.upstreams)),
@@ -125,5 +163,5 @@ def makeService(options: Options, reactor: IReactorCore | None = None) -> servic
         reactor = default_reactor
     try:
         return build_service(options["parsed"], reactor)
-    except (KeyStoreError, ValueError, OSError) as e:
+    except (ConfigError, KeyStoreError, ValueError, OSError) as e:
         raise SystemExit(f"dockmirror: {e}") from None
