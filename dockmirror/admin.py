@@ -5,6 +5,8 @@ revoked here stops working in a running server within seconds: the server
 reloads the revoked keys each time it writes its usage counters, which it
 does every few seconds, so usage shown here may be that much behind too.
 
+Run it as the server's user: SQLite's files must stay writable for the server.
+
 Exit status: 0 done, 1 the operation failed (unknown or revoked key, database
 error), 2 wrong usage or configuration.
 """
@@ -13,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sqlite3
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from dockmirror.auth.keystore import KeyDatabase, KeyInfo, KeyStoreError
 from dockmirror.config import Config, ConfigError, check_repository_prefix, load
@@ -98,6 +102,26 @@ def _run(args: argparse.Namespace, config: Config, db: KeyDatabase) -> None:
         print(f"{args.app_id} is revoked, replaced by {new.app_id}", file=sys.stderr)
 
 
+def _warn_if_not_owner(database: Path) -> None:
+    """Warn when the state directory is someone else's, typically the server's user.
+
+    The files SQLite creates (the database, its -wal and -shm files) belong
+    to whoever creates them; a server running as another user then cannot
+    write them.
+    """
+    try:
+        owner = database.parent.stat().st_uid
+    except FileNotFoundError:
+        return
+    if owner != os.geteuid():
+        print(
+            f"{PROG}: warning: {database.parent} belongs to uid {owner}, not to uid"
+            f" {os.geteuid()}; run this as the server's user (sudo -u ...) so that the"
+            " files it creates stay writable for the server",
+            file=sys.stderr,
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -105,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
+    _warn_if_not_owner(Path(config.auth.database))
     try:
         db = KeyDatabase(config.auth.database, create=args.command == "create")
     except KeyStoreError as e:
