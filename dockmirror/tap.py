@@ -122,7 +122,8 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     metrics = Metrics()
     pull = PullService(Upstreams(http, reactor, metrics), reactor, metrics)
     top = service.MultiService()
-    keys = KeyStore(KeyDatabase(config.auth.database), reactor)
+    KeyDatabase(config.auth.database).close()  # an unusable key store stops start-up here
+    keys = KeyStore(config.auth.database, reactor)
     keys.setServiceParent(top)
     access = build_access(config, keys, metrics, reactor)
     root = build_root(router, pull, access, config.auth.required)

@@ -382,24 +382,31 @@ _UNKNOWN_SALT = secrets.token_bytes(_SALT_BYTES)
 class KeyStore(service.Service):
     """The server's key store: one database thread, batched usage counters.
 
+    The database is opened when the service starts, not before: twistd forks
+    to daemonize after making its services, and an SQLite connection must not
+    cross a fork (its POSIX locks stay behind in the parent).
+
     ``revoked`` is the set of revoked appIds, refreshed at each flush, so that
     bearer tokens of a key revoked by ``dockmirror-admin`` stop working within
     :data:`FLUSH_INTERVAL` seconds rather than when they expire.
     """
 
     def __init__(
-        self, database: KeyDatabase, reactor: Any, flush_interval: float = FLUSH_INTERVAL
+        self, path: str | Path, reactor: Any, flush_interval: float = FLUSH_INTERVAL
     ) -> None:
-        self._db = database
+        self.path = Path(path)
         self._reactor = reactor
         self._interval = flush_interval
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="dockmirror-keystore")
         self._pending: dict[str, Usage] = {}
         self._loop = LoopingCall(self.flush)
         self._loop.clock = reactor
-        self.revoked = database.revoked_ids()
+        self.revoked: frozenset[str] = frozenset()
 
     def startService(self) -> None:
+        # Opening is quick (a file, a few pragmas), and done once, before serving.
+        self._db = KeyDatabase(self.path)
+        self.revoked = self._db.revoked_ids()
         super().startService()
         self._pool.start()
         self._loop.start(self._interval, now=False)
@@ -419,7 +426,7 @@ class KeyStore(service.Service):
         try:
             return await deferToThreadPool(self._reactor, self._pool, f, *args)
         except sqlite3.Error as e:
-            raise KeyStoreError(f"{self._db.path}: {e}") from e
+            raise KeyStoreError(f"{self.path}: {e}") from e
 
     def record(self, app_id: str, nbytes: int) -> None:
         """Count one request by *app_id* that sent *nbytes*; written at the next flush."""

@@ -18,13 +18,18 @@ from .registries import Registry, wait_until
 from .test_pull import assert_pulled, curl, error_code
 
 
+def hub_mirror(dockmirror: DockmirrorFactory, registry: Registry, **auth: object) -> Dockmirror:
+    """A mirror that requires keys, with Docker Hub (``hub``) played by *registry*."""
+    return dockmirror(
+        {"hub": {"plugin": "dockerhub", "url": registry.url, "default": True}},
+        auth_required=True,
+        extra={"auth": auth},
+    )
+
+
 @pytest.fixture
 def mirror(plain_registry: Registry, dockmirror: DockmirrorFactory) -> Dockmirror:
-    """A mirror that requires keys, with Docker Hub played by the plain registry."""
-    return dockmirror(
-        {"hub": {"plugin": "dockerhub", "url": plain_registry.url, "default": True}},
-        auth_required=True,
-    )
+    return hub_mirror(dockmirror, plain_registry)
 
 
 def basic(app_id: str, api_key: str) -> str:
@@ -221,11 +226,7 @@ def test_anonymous_repos(
     unique_repo: str,
     tmp_path: Path,
 ) -> None:
-    mirror = dockmirror(
-        {"hub": {"plugin": "dockerhub", "url": plain_registry.url, "default": True}},
-        auth_required=True,
-        extra={"auth": {"anonymous_repos": [f"hub/{unique_repo}"]}},
-    )
+    mirror = hub_mirror(dockmirror, plain_registry, anonymous_repos=[f"hub/{unique_repo}"])
     image = seeded(plain_registry, unique_repo)
     closed = seeded(plain_registry, unique_repo + "-closed")
     pull(f"{mirror.host}/{unique_repo}:latest", tmp_path / "open", None)
@@ -239,16 +240,12 @@ def test_anonymous_repos(
 
 
 def test_limited_key(
+    mirror: Dockmirror,
     plain_registry: Registry,
-    dockmirror: DockmirrorFactory,
     seeded: Seeder,
     unique_repo: str,
     tmp_path: Path,
 ) -> None:
-    mirror = dockmirror(
-        {"hub": {"plugin": "dockerhub", "url": plain_registry.url, "default": True}},
-        auth_required=True,
-    )
     seeded(plain_registry, unique_repo)
     seeded(plain_registry, unique_repo + "-other")
     creds = create_key(mirror, "ci", "--repository", f"hub/{unique_repo}")

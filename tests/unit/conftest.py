@@ -9,8 +9,9 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import Clock
 
-from dockmirror.auth.keystore import KeyDatabase, KeyStore
+from dockmirror.auth.keystore import KeyStore
 
 
 @pytest.fixture(autouse=True)
@@ -25,10 +26,18 @@ def clean_reactor() -> Iterator[None]:
     assert not listening, f"the test left ports listening: {listening}"
 
 
+@pytest.fixture
+def clock() -> Clock:
+    """A fake clock at 2023-11-14T22:13:20Z."""
+    clock = Clock()
+    clock.advance(1_700_000_000)
+    return clock
+
+
 @pytest_twisted.async_yield_fixture
 async def key_store(tmp_path: Path) -> AsyncIterator[KeyStore]:
     """A running KeyStore on a fresh database, stopped (and flushed) after the test."""
-    store = KeyStore(KeyDatabase(tmp_path / "keys.sqlite"), reactor)
+    store = KeyStore(tmp_path / "keys.sqlite", reactor)
     store.startService()
     yield store
     await store.stopService()

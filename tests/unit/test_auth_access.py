@@ -35,13 +35,6 @@ plugin = "ghcr"
 
 
 @pytest.fixture
-def clock() -> Clock:
-    clock = Clock()
-    clock.advance(1_700_000_000)
-    return clock
-
-
-@pytest.fixture
 def metrics() -> Metrics:
     return Metrics()
 

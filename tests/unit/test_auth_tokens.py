@@ -29,13 +29,6 @@ def key() -> ec.EllipticCurvePrivateKey:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    clock = Clock()
-    clock.advance(1_700_000_000)
-    return clock
-
-
-@pytest.fixture
 def tokens(key: ec.EllipticCurvePrivateKey, clock: Clock) -> TokenService:
     return TokenService(key, ISSUER, SERVICE, 300, clock)
 

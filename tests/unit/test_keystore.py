@@ -203,7 +203,7 @@ async def test_store_flushes_when_stopped(tmp_path: Path) -> None:
     from twisted.internet import reactor
 
     path = tmp_path / "keys.sqlite"
-    store = KeyStore(KeyDatabase(path), reactor)
+    store = KeyStore(path, reactor)
     store.startService()
     new = await store.create("a")
     store.record(new.app_id, 42)
