@@ -75,7 +75,13 @@ def parse_authorization(header: str | None) -> Credentials | None:
 
 
 class AccessControl:
-    """Logins with API keys, the token endpoint's grants, and ``/v2`` checks."""
+    """Logins with API keys, the token endpoint's grants, and ``/v2`` checks.
+
+    Counts ``dockmirror_auth_attempts_total`` by result: ``success`` and
+    ``failure`` for appId:apiKey logins (at the token endpoint or as Basic on
+    ``/v2``), ``throttled`` for logins refused with 429, and ``invalid_token``
+    for bearer tokens refused (forged, expired, or of a revoked key).
+    """
 
     def __init__(
         self,
