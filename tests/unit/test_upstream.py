@@ -179,3 +179,37 @@ def test_a_broken_token_service_is_an_upstream_error() -> None:
     client, stub, _ = make_client(BrokenTokenService())
     with pytest.raises(UpstreamError, match="without a token"):
         fetch(client, stub)
+
+
+class RedirectingRegistry(FakeRegistry):
+    """Blobs redirect to a CDN host, as Docker Hub's do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cdn_authorization: list[str | None] = []
+
+    def render(self, request: Request) -> bytes:
+        if request.getHeader("host") == "cdn.example":
+            self.cdn_authorization.append(request.getHeader("authorization"))
+            return b"layer bytes"
+        if b"/blobs/" in request.path and request.getHeader("authorization") == "Bearer t1":
+            request.setResponseCode(307)
+            request.setHeader("Location", "https://cdn.example/blob?sig=abc")
+            return b""
+        return super().render(request)
+
+
+def test_redirects_are_followed_without_authorization() -> None:
+    registry = RedirectingRegistry()
+    client, stub, _ = make_client(registry)
+
+    async def go() -> bytes:
+        response = await client.request("GET", "library/nginx", "blobs/sha256:" + "a" * 64)
+        body: bytes = await response.content()
+        return body
+
+    results: list[Any] = []
+    Deferred.fromCoroutine(go()).addBoth(results.append)
+    stub.flush()
+    assert results == [b"layer bytes"]
+    assert registry.cdn_authorization == [None]
