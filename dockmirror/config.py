@@ -8,6 +8,7 @@ is refused with a message naming the key and the file.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import tomllib
 import types
 import typing
@@ -60,6 +61,12 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    allow: tuple[str, ...] = ()
+    listen: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class UpstreamConfig:
     plugin: str
     url: str | None = None
@@ -76,6 +83,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     manhole: ManholeConfig = field(default_factory=ManholeConfig)
     upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
 
@@ -84,6 +92,7 @@ _SECTIONS: dict[str, type] = {
     "server": ServerConfig,
     "auth": AuthConfig,
     "cache": CacheConfig,
+    "metrics": MetricsConfig,
     "manhole": ManholeConfig,
 }
 
@@ -217,6 +226,11 @@ def _check(config: Config) -> None:
                     f" upstreams.{hosts[host.lower()]}"
                 )
             hosts[host.lower()] = name
+    for cidr in config.metrics.allow:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ConfigError(f"{source}: metrics.allow: {cidr!r} is not a network") from None
     if not config.server.public_url.startswith(("http://", "https://")):
         raise ConfigError(f"{source}: server.public_url must be an http(s) URL")
     _check_auth(config)

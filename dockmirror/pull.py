@@ -40,6 +40,18 @@ MANIFEST_TYPES = (
 DEFAULT_ACCEPT = ", ".join(MANIFEST_TYPES)
 
 
+def negotiable(accept: str | None) -> str:
+    """The Accept header to send upstream for a client's manifest request.
+
+    A client that names no manifest type (curl's ``*/*``) gets every type:
+    some registries answer 404 to a request that does not name the type a
+    manifest is stored as.
+    """
+    if accept and any(t in accept for t in MANIFEST_TYPES):
+        return accept
+    return DEFAULT_ACCEPT
+
+
 @dataclass
 class Reply:
     status: int
@@ -123,7 +135,7 @@ class PullService:
             route,
             "HEAD" if head else "GET",
             f"manifests/{reference}",
-            {"Accept": accept or DEFAULT_ACCEPT},
+            {"Accept": negotiable(accept)},
         )
         if response.code != 200:
             raise await self._failure(route, response, "MANIFEST_UNKNOWN", head)

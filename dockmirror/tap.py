@@ -32,7 +32,7 @@ from dockmirror.metrics import Metrics, MetricsResource
 from dockmirror.pull import PullService, Upstreams
 from dockmirror.routing import build_router
 from dockmirror.tls import CertificateReloadService, tls_endpoint
-from dockmirror.web import MirrorSite, build_root
+from dockmirror.web import MirrorSite, RootResource, build_root
 
 #: Idle persistent connections kept per upstream host.
 POOL_PER_HOST = 16
@@ -56,7 +56,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         try:
             config = self["parsed"] = load(self["config"])
-            for description in config.server.listen:
+            for description in (*config.server.listen, *config.metrics.listen):
                 _endpoint(None, config, description)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
@@ -127,17 +127,27 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     keys.setServiceParent(top)
     access = build_access(config, keys, metrics, reactor)
     root = build_root(router, pull, access, config.auth.required)
-    root.putChild(b"metrics", MetricsResource(metrics))
-    root.putChild(
-        b"healthz", HealthResource({"cache_directory": directory_writable(config.cache.directory)})
-    )
+    health = HealthResource({"cache_directory": directory_writable(config.cache.directory)})
+    root.putChild(b"healthz", health)
     site = MirrorSite(root, metrics)
     certificates = []
-    for description in config.server.listen:
-        endpoint, certificate = _endpoint(reactor, config, description)
-        StreamServerEndpointService(endpoint, site).setServiceParent(top)
-        if certificate is not None:
-            certificates.append(certificate)
+
+    def listen(descriptions: tuple[str, ...], site: MirrorSite) -> None:
+        for description in descriptions:
+            endpoint, certificate = _endpoint(reactor, config, description)
+            StreamServerEndpointService(endpoint, site).setServiceParent(top)
+            if certificate is not None:
+                certificates.append(certificate)
+
+    listen(config.server.listen, site)
+    metrics_resource = MetricsResource(metrics, config.metrics.allow)
+    if config.metrics.listen:
+        operations = RootResource()
+        operations.putChild(b"metrics", metrics_resource)
+        operations.putChild(b"healthz", health)
+        listen(config.metrics.listen, MirrorSite(operations, metrics))
+    else:
+        root.putChild(b"metrics", metrics_resource)
     if certificates:
         CertificateReloadService(reactor, certificates).setServiceParent(top)
     PoolService(pool).setServiceParent(top)

@@ -143,6 +143,10 @@ class ManagedProcess:
             time.sleep(0.02)
         self.kill9()
 
+    def send_signal(self, signum: signal.Signals) -> None:
+        """Signal the process group (it must be running)."""
+        self._signal_group(signum)
+
     def kill9(self) -> None:
         """SIGKILL the whole process group and reap the leader (no-op if not started)."""
         if self._process is None:
