@@ -31,7 +31,7 @@ from dockmirror.manhole import HOST_KEY_FILE, KeysConsole, load_host_key, manhol
 from dockmirror.metrics import Metrics, MetricsResource
 from dockmirror.pull import PullService, Upstreams
 from dockmirror.routing import build_router
-from dockmirror.tls import CertificateReloadService, tls_endpoint
+from dockmirror.tls import CertificateReloadService, PlainHTTPFactory, tls_endpoint
 from dockmirror.web import MirrorSite, RootResource, build_root
 
 #: Idle persistent connections kept per upstream host.
@@ -127,7 +127,9 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     keys.setServiceParent(top)
     access = build_access(config, keys, metrics, reactor)
     root = build_root(router, pull, access, config.auth.required)
-    health = HealthResource({"cache_directory": directory_writable(config.cache.directory)})
+    health = HealthResource(
+        {"cache_directory": directory_writable(config.cache.directory), "key_store": keys.check}
+    )
     root.putChild(b"healthz", health)
     site = MirrorSite(root, metrics)
     certificates = []
@@ -135,8 +137,10 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     def listen(descriptions: tuple[str, ...], site: MirrorSite) -> None:
         for description in descriptions:
             endpoint, certificate = _endpoint(reactor, config, description)
-            StreamServerEndpointService(endpoint, site).setServiceParent(top)
-            if certificate is not None:
+            if certificate is None:
+                StreamServerEndpointService(endpoint, PlainHTTPFactory(site)).setServiceParent(top)
+            else:
+                StreamServerEndpointService(endpoint, site).setServiceParent(top)
                 certificates.append(certificate)
 
     listen(config.server.listen, site)

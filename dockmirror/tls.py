@@ -21,6 +21,7 @@ from twisted.application.service import Service
 from twisted.internet import ssl
 from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
 log = Logger()
 
@@ -138,6 +139,40 @@ def tls_endpoint(reactor: Any, description: str) -> tuple[Any, ReloadingContextF
         raise ValueError(str(e)) from e
     endpoint._sslContextFactory = factory
     return endpoint, factory
+
+
+#: What a TLS client handshake starts with: a handshake record.
+_TLS_HANDSHAKE = b"\x16"
+_PLAIN_HTTP_ANSWER = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+    b"Content-Length: 39\r\n\r\nThis listener speaks plain HTTP, not TLS"
+)
+
+
+class _PlainHTTPOnly(ProtocolWrapper):
+    """Answers a TLS handshake on a plain listener at once.
+
+    Clients that try HTTPS first (skopeo, podman, containerd with an insecure
+    registry) otherwise wait for their TLS timeout before falling back; an
+    HTTP answer makes them report "server gave HTTP response to HTTPS
+    client" straight away.
+    """
+
+    _first = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._first and data:
+            self._first = False
+            if data[:1] == _TLS_HANDSHAKE and self.transport is not None:
+                self.transport.write(_PLAIN_HTTP_ANSWER)
+                self.transport.loseConnection()
+                return
+        super().dataReceived(data)
+
+
+class PlainHTTPFactory(WrappingFactory):
+    protocol = _PlainHTTPOnly
+    noisy = False
 
 
 class CertificateReloadService(Service):

@@ -450,6 +450,16 @@ class KeyStore(service.Service):
                     usage.requests, usage.bytes, usage.last_used
                 )
 
+    async def check(self) -> bool | str:
+        """For ``/healthz``: True while the database answers a query."""
+        if not self.running:
+            return "the key store is not open"
+        try:
+            await self._run(self._db.revoked_ids)
+        except KeyStoreError as e:
+            return str(e)
+        return True
+
     async def verify(self, app_id: str, api_key: str) -> KeyInfo | None:
         return await self._run(self._db.verify, app_id, api_key)
 

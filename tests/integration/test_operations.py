@@ -137,7 +137,7 @@ def test_metrics_health_and_access_log(plain_registry, dockmirror, seeded, uniqu
     status, _, body = curl(f"{mirror.url}/healthz")
     health = json.loads(body)
     assert status == 200 and health["status"] == "ok"
-    assert health["checks"]["cache_directory"] == {"ok": True}
+    assert health["checks"] == {"cache_directory": {"ok": True}, "key_store": {"ok": True}}
     wait_until(lambda: f"GET /v2/{unique_repo}/manifests/v1 200" in mirror.log_text(), 5)
     assert image.digest  # the image exists upstream
     line = next(
@@ -223,3 +223,17 @@ def test_systemd_unit_verifies(tmp_path):
     result = subprocess.run([analyze, "verify", str(local)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "dockmirror.service" not in result.stderr, result.stderr
+
+
+def test_plain_listener_answers_a_tls_handshake_at_once(plain_registry, dockmirror):
+    mirror = dockmirror(
+        {"hub": {"plugin": "dockerhub", "url": plain_registry.url, "default": True}}
+    )
+    started = time.monotonic()
+    result = subprocess.run(
+        ["curl", "-s", "-k", "--max-time", "20", f"https://{mirror.host}/v2/"],
+        capture_output=True,
+    )
+    assert result.returncode != 0
+    assert time.monotonic() - started < 10
+    assert curl(f"{mirror.url}/v2/")[0] == 200
