@@ -15,7 +15,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
 from dockmirror.errors import STATUS, RegistryError, upstream_unavailable
 from dockmirror.metrics import Metrics
@@ -51,6 +51,18 @@ class Reply:
 def _header(response: IResponse, name: str) -> str | None:
     values = response.headers.getRawHeaders(name)
     return values[0] if values else None
+
+
+def _announced_length(response: IResponse, head: bool) -> int | None:
+    """The body length the upstream announced, if it did.
+
+    Twisted gives a HEAD response ``length`` 0 (its own empty body) and leaves
+    the entity's Content-Length among the headers.
+    """
+    if head:
+        value = _header(response, "content-length")
+        return int(value) if value is not None and value.isdigit() else None
+    return None if response.length in (None, UNKNOWN_LENGTH) else int(response.length)
 
 
 def compute_digest(data: bytes, algorithm: str = "sha256") -> str:
@@ -124,8 +136,9 @@ class PullService:
             headers = {"Content-Type": content_type}
             if digest:
                 headers["Docker-Content-Digest"] = digest
-            if response.length not in (None, -1):
-                headers["Content-Length"] = str(response.length)
+            length = _announced_length(response, head)
+            if length is not None:
+                headers["Content-Length"] = str(length)
             return Reply(200, headers)
         body = await read_small(response, MANIFEST_LIMIT)
         if len(body) >= MANIFEST_LIMIT:
@@ -159,7 +172,7 @@ class PullService:
         response = await self._request(route, "HEAD" if head else "GET", f"blobs/{digest}", headers)
         if response.code not in (200, 206):
             raise await self._failure(route, response, "BLOB_UNKNOWN", head)
-        length = response.length if response.length not in (None, -1) else None
+        length = _announced_length(response, head)
         reply_headers = {
             "Content-Type": "application/octet-stream",
             "Docker-Content-Digest": digest,
