@@ -6,7 +6,23 @@ count; it owns its own ``CollectorRegistry`` so tests can make fresh ones.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import ipaddress
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from dockmirror.errors import RegistryError
+
+disable_created_metrics()
 
 
 class Metrics:
@@ -91,3 +107,34 @@ class Metrics:
             ["result"],
             registry=r,
         )
+
+
+class MetricsResource(Resource):
+    """``/metrics`` in Prometheus text format, optionally limited to some networks."""
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics, allow: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self._metrics = metrics
+        self._allow = [ipaddress.ip_network(cidr, strict=False) for cidr in allow]
+
+    def _allowed(self, request: Request) -> bool:
+        if not self._allow:
+            return True
+        address = request.getClientAddress()
+        host = getattr(address, "host", None)
+        if host is None:
+            return False
+        ip = ipaddress.ip_address(host)
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self._allow)
+
+    def render_GET(self, request: Request) -> bytes:
+        if not self._allowed(request):
+            request.setResponseCode(403)
+            request.setHeader("Content-Type", "application/json")
+            return RegistryError("DENIED", "metrics are not served to this address").body()
+        request.setHeader("Content-Type", CONTENT_TYPE_LATEST)
+        return generate_latest(self._metrics.registry)

@@ -8,14 +8,14 @@ from treq.client import HTTPClient
 from twisted.application import service, strports
 from twisted.internet.interfaces import IReactorCore
 from twisted.python import usage
-from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.server import Site
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 from dockmirror.config import Config, ConfigError, load, upstream_plugins
-from dockmirror.metrics import Metrics
+from dockmirror.health import HealthResource, directory_writable
+from dockmirror.metrics import Metrics, MetricsResource
 from dockmirror.pull import PullService, Upstreams
 from dockmirror.routing import build_router
-from dockmirror.web import build_root
+from dockmirror.web import MirrorSite, build_root
 
 #: Idle persistent connections kept per upstream host.
 POOL_PER_HOST = 16
@@ -30,12 +30,29 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "Path to the TOML configuration file."],
     ]
+    optFlags = [
+        ["check", None, "Validate the configuration, print a summary and exit."],
+    ]
 
     def postOptions(self) -> None:
         try:
             self["parsed"] = load(self["config"])
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        if self["check"]:
+            config = self["parsed"]
+            print(
+                f"{config.source}: configuration OK"
+                f" ({len(config.upstreams)} upstreams, listening on"
+                f" {', '.join(config.server.listen)})"
+            )
+            raise SystemExit(0)
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """Upstream connections come and go; don't log each one."""
+
+    noisy = False
 
 
 class PoolService(service.Service):
@@ -52,12 +69,17 @@ class PoolService(service.Service):
 def build_service(config: Config, reactor: Any) -> service.MultiService:
     router = build_router(config, upstream_plugins())
     pool = HTTPConnectionPool(reactor, persistent=True)
+    pool._factory = _QuietClientFactory
     pool.maxPersistentPerHost = POOL_PER_HOST
     http = HTTPClient(Agent(reactor, connectTimeout=30, pool=pool))
     metrics = Metrics()
     pull = PullService(Upstreams(http, reactor, metrics), reactor, metrics)
-    site = Site(build_root(router, pull))
-    site.displayTracebacks = False
+    root = build_root(router, pull)
+    root.putChild(b"metrics", MetricsResource(metrics))
+    root.putChild(
+        b"healthz", HealthResource({"cache_directory": directory_writable(config.cache.directory)})
+    )
+    site = MirrorSite(root, metrics)
     top = service.MultiService()
     for description in config.server.listen:
         strports.service(description, site, reactor=reactor).setServiceParent(top)

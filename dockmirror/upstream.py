@@ -337,8 +337,5 @@ class UpstreamClient:
 
 def _describe(e: Exception) -> str:
     if isinstance(e, (ResponseFailed, ResponseNeverReceived, RequestTransmissionFailed)):
-        return "connection failed: " + "; ".join(
-            f.getErrorMessage()
-            for f in e.reasons
-        )
+        return "connection failed: " + "; ".join(f.getErrorMessage() for f in e.reasons)
     return str(e) or type(e).__name__

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-import json
+import time
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from dockmirror.errors import RegistryError
+from dockmirror.metrics import Metrics
 from dockmirror.pull import PullService, Reply
 from dockmirror.reference import parse_v2_path
 from dockmirror.routing import Router
 from dockmirror.streaming import StreamError
 
 log = Logger()
+access_log = Logger(namespace="dockmirror.access")
 
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
 
@@ -97,6 +99,70 @@ async def send_reply(request: Request, reply: Reply) -> None:
     request.finish()
 
 
+def route_label(path: bytes) -> str:
+    """A low-cardinality name for what a request path is about."""
+    parts = path.split(b"?", 1)[0].rstrip(b"/").split(b"/")
+    if len(parts) < 2 or parts[1] != b"v2":
+        return parts[1].decode("ascii", "replace")[:20] if len(parts) > 1 else "root"
+    if len(parts) == 2:
+        return "base"
+    if len(parts) >= 4 and parts[-2] in (b"manifests", b"blobs"):
+        return parts[-2].decode()
+    if parts[-2:] == [b"tags", b"list"]:
+        return "tags"
+    return "other"
+
+
+class MirrorRequest(Request):
+    """A request that remembers what the access log needs."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.started = time.monotonic()
+        self.upstream: str | None = None
+        self.key_id: str | None = None
+
+    def connectionLost(self, reason: Any) -> None:
+        site = getattr(self, "site", None)
+        if not self.finished and isinstance(site, MirrorSite):
+            site.record(self, "aborted")
+        super().connectionLost(reason)
+
+
+class MirrorSite(Site):
+    """The site, with one structured log event and metric update per request."""
+
+    requestFactory = MirrorRequest
+
+    def __init__(self, resource: Resource, metrics: Metrics) -> None:
+        super().__init__(resource)
+        self.displayTracebacks = False
+        self.metrics = metrics
+
+    def log(self, request: Any) -> None:
+        self.record(request, str(request.code))
+
+    def record(self, request: Request, status: str) -> None:
+        method = request.method.decode("ascii", "replace")[:10]
+        self.metrics.requests.labels(route_label(request.uri), method, status).inc()
+        x_cache = request.responseHeaders.getRawHeaders("x-cache", [None])[0]
+        duration = time.monotonic() - getattr(request, "started", time.monotonic())
+        access_log.info(
+            "{client} {key} {method} {uri} {status} {bytes}B {duration:.3f}s"
+            " upstream={upstream} cache={cache}",
+            client=getattr(request.getClientAddress(), "host", "-"),
+            key=getattr(request, "key_id", None) or "-",
+            method=method,
+            uri=request.uri.decode("ascii", "replace")[:500],
+            status=status,
+            bytes=request.sentLength,
+            duration=duration,
+            upstream=getattr(request, "upstream", None) or "-",
+            cache=x_cache or "-",
+            user_agent=(request.getHeader("user-agent") or "")[:200],
+        )
+
+
 class V2Resource(AsyncResource):
     """Everything under ``/v2/``: the pull side of the distribution API."""
 
@@ -129,6 +195,7 @@ class V2Resource(AsyncResource):
             raise RegistryError("UNSUPPORTED", "a mirror has no catalog")
         else:
             route = self.router.route(path.name, request.getHeader("host"), _arg(request, b"ns"))
+            request.upstream = route.upstream.name  # type: ignore[attr-defined]
             if path.kind == "manifests":
                 reply = await self.pull.manifest(route, path.reference, _accept(request), head)
             elif path.kind == "blobs":
@@ -161,7 +228,3 @@ def build_root(router: Router, pull: PullService) -> Resource:
     root = RootResource()
     root.putChild(b"v2", V2Resource(router, pull))
     return root
-
-
-def dumps(data: Any) -> bytes:
-    return json.dumps(data).encode()

@@ -1,0 +1,74 @@
+import pytest
+
+from dockmirror.upstream import (
+    Challenge,
+    may_send_credentials,
+    parse_www_authenticate,
+    registrable_domain,
+)
+
+
+def test_docker_hub_challenge() -> None:
+    value = (
+        'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
+        'scope="repository:library/nginx:pull"'
+    )
+    assert parse_www_authenticate([value]) == [
+        Challenge(
+            "bearer",
+            {
+                "realm": "https://auth.docker.io/token",
+                "service": "registry.docker.io",
+                "scope": "repository:library/nginx:pull",
+            },
+        )
+    ]
+
+
+def test_parameters_in_any_order_and_unquoted() -> None:
+    [c] = parse_www_authenticate(['bearer service=ghcr.io, realm="https://ghcr.io/token"'])
+    assert c.scheme == "bearer"
+    assert c.params == {"service": "ghcr.io", "realm": "https://ghcr.io/token"}
+
+
+def test_several_challenges_in_one_value() -> None:
+    value = 'Basic realm="Registry Realm", Bearer realm="https://a/t",service="s", error="x"'
+    assert parse_www_authenticate([value]) == [
+        Challenge("basic", {"realm": "Registry Realm"}),
+        Challenge("bearer", {"realm": "https://a/t", "service": "s", "error": "x"}),
+    ]
+
+
+def test_several_header_values_and_escapes() -> None:
+    values = ['Negotiate abc123==', 'Bearer realm="https://a/t?x=\\"y\\"" , scope="a,b"']
+    assert parse_www_authenticate(values) == [
+        Challenge("negotiate", {}),
+        Challenge("bearer", {"realm": 'https://a/t?x="y"', "scope": "a,b"}),
+    ]
+
+
+@pytest.mark.parametrize("value", ["", "   ", ",,", '"', "Bearer realm="])
+def test_garbage_does_not_raise(value: str) -> None:
+    parse_www_authenticate([value])
+
+
+def test_registrable_domain() -> None:
+    assert registrable_domain("auth.docker.io") == "docker.io"
+    assert registrable_domain("registry-1.docker.io") == "docker.io"
+    assert registrable_domain("127.0.0.1") == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("realm", "registry", "allowed"),
+    [
+        ("https://auth.docker.io/token", "https://registry-1.docker.io", True),
+        ("https://ghcr.io/token", "https://ghcr.io", True),
+        ("http://127.0.0.1:5001/token", "http://127.0.0.1:5000", True),
+        ("http://127.0.0.2:5001/token", "http://127.0.0.1:5000", False),
+        ("https://evil.example/token", "https://ghcr.io", False),
+        ("http://auth.docker.io/token", "https://registry-1.docker.io", False),
+        ("https://localhost/token", "https://otherhost", False),
+    ],
+)
+def test_credentials_only_to_the_registry_domain(realm: str, registry: str, allowed: bool) -> None:
+    assert may_send_credentials(realm, registry) is allowed

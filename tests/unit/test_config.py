@@ -1,0 +1,89 @@
+from pathlib import Path
+
+import pytest
+
+from dockmirror.config import ConfigError, load
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "dockmirror.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_embedded_default() -> None:
+    config = load(None)
+    assert config.server.listen == ("tcp:5000:interface=127.0.0.1",)
+    assert config.auth.required is False
+    assert {u.plugin for u in config.upstreams.values()} == {
+        "dockerhub",
+        "ghcr",
+        "quay",
+        "gcr",
+        "k8s",
+    }
+    assert [n for n, u in config.upstreams.items() if u.default] == ["dockerhub"]
+
+
+def test_shipped_example_is_valid() -> None:
+    config = load(str(REPO / "etc" / "dockmirror.toml"))
+    assert config.auth.required is True
+    assert [u.plugin for u in config.upstreams.values() if u.default] == ["dockerhub"]
+
+
+def test_full_file(tmp_path: Path) -> None:
+    config = load(
+        write(
+            tmp_path,
+            """
+[server]
+listen = ["tcp:5000"]
+public_url = "https://mirror.example.com"
+[upstreams.corp]
+plugin = "registry"
+url = "https://r.corp.example"
+aliases = ["corp.example"]
+hosts = ["corp.mirror.example.com"]
+username = "u"
+password = "p"
+""",
+        )
+    )
+    corp = config.upstreams["corp"]
+    assert corp.aliases == ("corp.example",)
+    assert (corp.username, corp.password) == ("u", "p")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[server]\nlisten = 5000\n", "server.listen must be a list of strings"),
+        ("[server]\nlisen = []\n", "unknown key server.lisen"),
+        ("[nope]\n", "unknown section [nope]"),
+        ("[auth]\nrequired = 'yes'\n", "auth.required must be a boolean"),
+        ("[upstreams.x]\nurl = 'http://a'\n", "missing key upstreams.x.plugin"),
+        ("[upstreams.x]\nplugin = 'nope'\n", "upstreams.x.plugin: unknown plugin 'nope'"),
+        ("[upstreams.x]\nplugin = 'registry'\n", "upstreams.x.url is required"),
+        (
+            "[upstreams.a]\nplugin='quay'\ndefault=true\n[upstreams.b]\nplugin='ghcr'\ndefault=true\n",
+            "only one upstream may be the default",
+        ),
+        ("[upstreams.a]\nplugin='quay'\nusername='u'\n", "username and password go together"),
+        ("[upstreams.a]\nplugin='quay'\nurl='ftp://x'\n", "upstreams.a.url must be an http(s) URL"),
+        ("[upstreams.a]\nplugin='quay'\ntimeout=3\n", "unknown key upstreams.a.timeout"),
+        ("not toml [", "not valid TOML"),
+    ],
+)
+def test_errors_name_key_and_file(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load(path)
+    assert message in str(e.value)
+    assert str(e.value).startswith(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such configuration file"):
+        load(str(tmp_path / "absent.toml"))
