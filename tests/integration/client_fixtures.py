@@ -161,7 +161,7 @@ def open_mirror(
     workdir = tmp_path_factory.mktemp("client-mirror")
     port, tls_port = free_port(), free_port_ipv6()
     upstreams: dict[str, dict[str, Any]] = {
-        "hub": {"plugin": "dockerhub", "url": client_upstreams.hub.url, "default": True},
+        "dockerhub": {"plugin": "dockerhub", "url": client_upstreams.hub.url, "default": True},
         "ghcr": {"plugin": "ghcr", "url": client_upstreams.ghcr.url},
     }
     server = {
