@@ -53,16 +53,20 @@ def _header(response: IResponse, name: str) -> str | None:
     return values[0] if values else None
 
 
-def _announced_length(response: IResponse, head: bool) -> int | None:
-    """The body length the upstream announced, if it did.
+def _content_length(response: IResponse) -> int | None:
+    """The body length the upstream declared, if it did.
 
-    Twisted gives a HEAD response ``length`` 0 (its own empty body) and leaves
-    the entity's Content-Length among the headers.
+    Twisted moves Content-Length out of ``headers`` into ``length``, except
+    for a HEAD: there ``length`` is 0 (no body follows) and the header stays.
     """
-    if head:
-        value = _header(response, "content-length")
-        return int(value) if value is not None and value.isdigit() else None
-    return None if response.length in (None, UNKNOWN_LENGTH) else int(response.length)
+    if response.request.method != b"HEAD":
+        return None if response.length == UNKNOWN_LENGTH else int(response.length)
+    value = _header(response, "content-length")
+    try:
+        length = int(value) if value is not None else None
+    except ValueError:
+        return None
+    return length if length is not None and length >= 0 else None
 
 
 def compute_digest(data: bytes, algorithm: str = "sha256") -> str:
@@ -136,7 +140,7 @@ class PullService:
             headers = {"Content-Type": content_type}
             if digest:
                 headers["Docker-Content-Digest"] = digest
-            length = _announced_length(response, head)
+            length = _content_length(response)
             if length is not None:
                 headers["Content-Length"] = str(length)
             return Reply(200, headers)
@@ -172,7 +176,7 @@ class PullService:
         response = await self._request(route, "HEAD" if head else "GET", f"blobs/{digest}", headers)
         if response.code not in (200, 206):
             raise await self._failure(route, response, "BLOB_UNKNOWN", head)
-        length = _announced_length(response, head)
+        length = _content_length(response)
         reply_headers = {
             "Content-Type": "application/octet-stream",
             "Docker-Content-Digest": digest,
@@ -196,15 +200,37 @@ class PullService:
         return Reply(response.code, reply_headers, stream=stream)
 
     async def tags(self, route: Route, n: str | None, last: str | None) -> Reply:
+        """List tags with ``n``/``last`` pagination.
+
+        Upstreams that ignore ``n`` (distribution 2.8 among them) return every
+        tag; those lists are sorted and paginated here.
+        """
+        limit = _page_size(n)
         params = [(k, v) for k, v in (("n", n), ("last", last)) if v is not None]
         response = await self._request(route, "GET", "tags/list", params=params)
         if response.code != 200:
             raise await self._failure(route, response, "NAME_UNKNOWN", False)
         body = await read_small(response)
+        try:
+            tags = json.loads(body)["tags"] or []
+            if not all(isinstance(t, str) for t in tags):
+                raise TypeError
+        except (ValueError, KeyError, TypeError) as e:
+            raise upstream_unavailable(route.upstream.name, "invalid tag list", 502) from e
         headers = {"Content-Type": "application/json"}
         link = _header(response, "link")
         if link:
-            headers["Link"] = _rewrite_link(link, route.client_name)
+            headers["Link"] = _tags_link(route.client_name, _link_query(link))
+        else:
+            tags = sorted(tags)
+            if last is not None:
+                tags = [t for t in tags if t > last]
+            if limit is not None and len(tags) > limit:
+                tags = tags[:limit]
+                if tags:
+                    query = urlencode([("n", str(limit)), ("last", tags[-1])])
+                    headers["Link"] = _tags_link(route.client_name, query)
+        body = json.dumps({"name": route.client_name, "tags": tags}).encode()
         return Reply(200, headers, body)
 
     async def _failure(
@@ -254,8 +280,21 @@ def _first_error_code(body: bytes) -> str | None:
         return None
 
 
-def _rewrite_link(link: str, client_name: str) -> str:
-    """Point an upstream's pagination ``Link`` at this mirror's name for the repository."""
+def _page_size(n: str | None) -> int | None:
+    if n is None or n == "":
+        return None
+    if not n.isdigit():
+        raise RegistryError(
+            "PAGINATION_NUMBER_INVALID", "n must be a non-negative integer", {"n": n[:20]}
+        )
+    return int(n)
+
+
+def _link_query(link: str) -> str:
+    """The ``n``/``last`` query of an upstream's pagination ``Link``."""
     target = link.partition("<")[2].partition(">")[0]
-    query = [(k, v) for k, v in parse_qsl(urlsplit(target).query) if k in ("n", "last")]
-    return f'</v2/{client_name}/tags/list?{urlencode(query)}>; rel="next"'
+    return urlencode([(k, v) for k, v in parse_qsl(urlsplit(target).query) if k in ("n", "last")])
+
+
+def _tags_link(client_name: str, query: str) -> str:
+    return f'</v2/{client_name}/tags/list?{query}>; rel="next"'

@@ -28,12 +28,6 @@ def _arg(request: Request, name: bytes) -> str | None:
     return values[0].decode("utf-8", "replace") if values else None
 
 
-def _accept(request: Request) -> str | None:
-    """Every ``Accept`` header joined: Go clients send one line per media type."""
-    values = request.requestHeaders.getRawHeaders(b"accept")
-    return b", ".join(values).decode("latin-1") if values else None
-
-
 def write_error(request: Request, error: RegistryError) -> None:
     """Answer *request* with a registry-format error, or cut it if headers went out."""
     if request.startedWriting:
@@ -197,7 +191,8 @@ class V2Resource(AsyncResource):
             route = self.router.route(path.name, request.getHeader("host"), _arg(request, b"ns"))
             request.upstream = route.upstream.name  # type: ignore[attr-defined]
             if path.kind == "manifests":
-                reply = await self.pull.manifest(route, path.reference, _accept(request), head)
+                accept = ", ".join(request.requestHeaders.getRawHeaders("accept", []))
+                reply = await self.pull.manifest(route, path.reference, accept or None, head)
             elif path.kind == "blobs":
                 reply = await self.pull.blob(
                     route, path.reference, head, request.getHeader("range")

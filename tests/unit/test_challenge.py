@@ -40,7 +40,7 @@ def test_several_challenges_in_one_value() -> None:
 
 
 def test_several_header_values_and_escapes() -> None:
-    values = ['Negotiate abc123==', 'Bearer realm="https://a/t?x=\\"y\\"" , scope="a,b"']
+    values = ["Negotiate abc123==", 'Bearer realm="https://a/t?x=\\"y\\"" , scope="a,b"']
     assert parse_www_authenticate(values) == [
         Challenge("negotiate", {}),
         Challenge("bearer", {"realm": 'https://a/t?x="y"', "scope": "a,b"}),
