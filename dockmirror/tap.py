@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from treq.client import HTTPClient
-from twisted.application import service, strports
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.interfaces import IReactorCore
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
@@ -15,6 +16,7 @@ from dockmirror.health import HealthResource, directory_writable
 from dockmirror.metrics import Metrics, MetricsResource
 from dockmirror.pull import PullService, Upstreams
 from dockmirror.routing import build_router
+from dockmirror.tls import CertificateReloadService, tls_endpoint
 from dockmirror.web import MirrorSite, build_root
 
 #: Idle persistent connections kept per upstream host.
@@ -36,11 +38,12 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         try:
-            self["parsed"] = load(self["config"])
+            config = self["parsed"] = load(self["config"])
+            for description in config.server.listen:
+                _endpoint(None, config, description)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
         if self["check"]:
-            config = self["parsed"]
             print(
                 f"{config.source}: configuration OK"
                 f" ({len(config.upstreams)} upstreams, listening on"
@@ -66,6 +69,13 @@ class PoolService(service.Service):
         return self.pool.closeCachedConnections()
 
 
+def _endpoint(reactor: Any, config: Config, description: str) -> Any:
+    try:
+        return tls_endpoint(reactor, description)
+    except ValueError as e:
+        raise ConfigError(f"{config.source}: server.listen: {description!r}: {e}") from None
+
+
 def build_service(config: Config, reactor: Any) -> service.MultiService:
     router = build_router(config, upstream_plugins())
     pool = HTTPConnectionPool(reactor, persistent=True)
@@ -81,8 +91,14 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     )
     site = MirrorSite(root, metrics)
     top = service.MultiService()
+    certificates = []
     for description in config.server.listen:
-        strports.service(description, site, reactor=reactor).setServiceParent(top)
+        endpoint, certificate = _endpoint(reactor, config, description)
+        StreamServerEndpointService(endpoint, site).setServiceParent(top)
+        if certificate is not None:
+            certificates.append(certificate)
+    if certificates:
+        CertificateReloadService(reactor, certificates).setServiceParent(top)
     PoolService(pool).setServiceParent(top)
     return top
 

@@ -127,6 +127,7 @@ class MirrorSite(Site):
     """The site, with one structured log event and metric update per request."""
 
     requestFactory = MirrorRequest
+    noisy = False
 
     def __init__(self, resource: Resource, metrics: Metrics) -> None:
         super().__init__(resource)
