@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
+from functools import partial
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from treq.client import HTTPClient
-from twisted.application import service
+from twisted.application import service, strports
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.interfaces import IReactorCore
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
-from dockmirror.config import Config, ConfigError, load, upstream_plugins
+from dockmirror.auth.access import AccessControl
+from dockmirror.auth.keystore import KeyDatabase, KeyStore, KeyStoreError
+from dockmirror.auth.throttle import Throttle
+from dockmirror.auth.tokens import TokenService, load_signing_key
+from dockmirror.config import (
+    Config,
+    ConfigError,
+    check_repository_prefix,
+    load,
+    state_directory,
+    upstream_plugins,
+)
 from dockmirror.health import HealthResource, directory_writable
+from dockmirror.manhole import HOST_KEY_FILE, KeysConsole, load_host_key, manhole_factory
 from dockmirror.metrics import Metrics, MetricsResource
 from dockmirror.pull import PullService, Upstreams
 from dockmirror.routing import build_router
@@ -21,6 +36,8 @@ from dockmirror.web import MirrorSite, build_root
 
 #: Idle persistent connections kept per upstream host.
 POOL_PER_HOST = 16
+#: The token signing key, in the state directory.
+SIGNING_KEY_FILE = "token_signing_key.pem"
 
 
 class Options(usage.Options):
@@ -76,6 +93,26 @@ def _endpoint(reactor: Any, config: Config, description: str) -> Any:
         raise ConfigError(f"{config.source}: server.listen: {description!r}: {e}") from None
 
 
+def build_access(config: Config, keys: KeyStore, metrics: Metrics, reactor: Any) -> AccessControl:
+    """Access control over *keys*, with the token service named after ``public_url``."""
+    public_url = config.server.public_url.rstrip("/")
+    tokens = TokenService(
+        load_signing_key(state_directory(config) / SIGNING_KEY_FILE),
+        issuer=public_url,
+        service=urlsplit(public_url).netloc,
+        ttl=config.auth.token_ttl,
+        clock=reactor,
+    )
+    return AccessControl(
+        keys,
+        tokens,
+        Throttle(reactor),
+        metrics,
+        realm=f"{public_url}/docker-auth/token",
+        anonymous_repos=config.auth.anonymous_repos,
+    )
+
+
 def build_service(config: Config, reactor: Any) -> service.MultiService:
     router = build_router(config, upstream_plugins())
     pool = HTTPConnectionPool(reactor, persistent=True)
@@ -84,13 +121,16 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     http = HTTPClient(Agent(reactor, connectTimeout=30, pool=pool))
     metrics = Metrics()
     pull = PullService(Upstreams(http, reactor, metrics), reactor, metrics)
-    root = build_root(router, pull)
+    top = service.MultiService()
+    keys = KeyStore(KeyDatabase(config.auth.database), reactor)
+    keys.setServiceParent(top)
+    access = build_access(config, keys, metrics, reactor)
+    root = build_root(router, pull, access, config.auth.required)
     root.putChild(b"metrics", MetricsResource(metrics))
     root.putChild(
         b"healthz", HealthResource({"cache_directory": directory_writable(config.cache.directory)})
     )
     site = MirrorSite(root, metrics)
-    top = service.MultiService()
     certificates = []
     for description in config.server.listen:
         endpoint, certificate = _endpoint(reactor, config, description)
@@ -100,6 +140,19 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     if certificates:
         CertificateReloadService(reactor, certificates).setServiceParent(top)
     PoolService(pool).setServiceParent(top)
+    namespace: dict[str, Any] = {
+        "keys": KeysConsole(keys, partial(check_repository_prefix, upstreams=config.upstreams)),
+        "upstreams": {upstream.name: upstream for upstream in router.upstreams},
+        "config": config,
+    }
+    if config.manhole.listen is not None:
+        assert config.manhole.authorized_keys is not None  # the config check guarantees it
+        factory = manhole_factory(
+            namespace,
+            Path(config.manhole.authorized_keys),
+            load_host_key(state_directory(config) / HOST_KEY_FILE),
+        )
+        strports.service(config.manhole.listen, factory, reactor=reactor).setServiceParent(top)
     return top
 
 
@@ -108,4 +161,7 @@ def makeService(options: Options, reactor: IReactorCore | None = None) -> servic
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    return build_service(options["parsed"], reactor)
+    try:
+        return build_service(options["parsed"], reactor)
+    except (ConfigError, KeyStoreError, ValueError, OSError) as e:
+        raise SystemExit(f"dockmirror: {e}") from None
