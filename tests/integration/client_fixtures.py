@@ -1,15 +1,22 @@
-"""Fixtures for the real-client tests: upstream images, the TLS mirror, client daemons.
+"""Fixtures for the real-client tests: upstream images, TLS mirrors, client daemons.
 
+Two mirrors serve the same upstreams over TLS on ``::1``: ``open_mirror``
+without required auth, and ``locked_mirror`` with ``[auth] required`` and
+only Docker Hub's ``library/`` repositories open to anonymous pulls.
 Daemons are module-scoped and shared by the tests of a module; the
-function-scoped ``docker``, ``podman`` and ``containerd`` fixtures reset
-their client's images (and logins) after each test.
+function-scoped ``docker``, ``locked_docker``, ``podman`` and ``containerd``
+fixtures reset their client's images (and logins) after each test.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,23 +38,28 @@ from .clients import (
     unavailable,
 )
 from .images import Image, Platform
-from .registries import LOOPBACK, Registry, TokenServer, free_port, wait_until
+from .registries import LOOPBACK, Registry, TokenServer, free_port, subprocess_env, wait_until
+
+if TYPE_CHECKING:
+    from .conftest import Dockmirror, Seeder
 
 __all__ = [
     "mirror_tls",
     "client_upstreams",
     "open_mirror",
+    "locked_mirror",
+    "api_key",
     "docker_daemon",
     "docker",
+    "locked_docker_daemon",
+    "locked_docker",
     "podman_client",
     "podman",
     "containerd_daemon",
     "containerd",
     "open_mirror_hosts_dir",
+    "locked_mirror_hosts_dir",
 ]
-
-if TYPE_CHECKING:
-    from .conftest import Dockmirror, Seeder
 
 #: The platforms of the generated multi-arch images.
 PLATFORMS: Sequence[Platform] = (
@@ -55,6 +67,9 @@ PLATFORMS: Sequence[Platform] = (
     ("linux", "arm64", "v8"),
     ("linux", "arm", "v7"),
 )
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+#: What ``locked_mirror`` serves without login.
+ANONYMOUS_REPOS = ("dockerhub/library",)
 
 _ACCESS_LOG = re.compile(
     r"\[dockmirror\.access#info\] (?P<client>\S+) (?P<key>\S+) (?P<method>\S+) (?P<uri>\S+) "
@@ -67,8 +82,21 @@ class ClientUpstreams:
 
     hub: Registry
     ghcr: Registry
-    alpine: Image  # library/alpine:3 on hub
-    img: Image  # owner/img:tag on ghcr
+    alpine: Image  # library/alpine:3 on hub: anonymous on the locked mirror
+    app: Image  # team/app:1 on hub: needs a key on the locked mirror
+    img: Image  # owner/img:tag on ghcr: needs a key on the locked mirror
+
+
+@dataclass(frozen=True)
+class LoggedRequest:
+    """One line of dockmirror's access log; ``key`` is the appId, or "-"."""
+
+    key: str
+    method: str
+    uri: str
+
+    def __str__(self) -> str:
+        return f"{self.method} {self.uri}"
 
 
 @dataclass(frozen=True)
@@ -90,29 +118,47 @@ class TLSMirror:
         """The current end of the log: requests after it are "new"."""
         return len(self.server.log_text())
 
-    def requests(self, since: int = 0) -> list[str]:
-        """``METHOD URI`` of each request in the access log after ``since``."""
+    def requests(self, since: int = 0) -> list[LoggedRequest]:
+        """The requests in the access log after ``since``."""
         return [
-            f"{match['method']} {match['uri']}"
+            LoggedRequest(match["key"], match["method"], match["uri"])
             for match in _ACCESS_LOG.finditer(self.server.log_text()[since:])
         ]
 
-    def wait_for_request(self, pattern: str, since: int = 0) -> list[str]:
-        """Wait until a logged request matches the regex ``pattern``; return all since.
+    def wait_for_request(self, pattern: str, since: int = 0) -> list[LoggedRequest]:
+        """Wait until a request's ``METHOD URI`` matches ``pattern``; return all since.
 
         The access-log line is written as the response ends, so a client can
         be done before the line is.
         """
+
+        def logged() -> bool:
+            return any(re.search(pattern, str(r)) for r in self.requests(since))
+
         try:
-            wait_until(
-                lambda: any(re.search(pattern, r) for r in self.requests(since)), timeout=5.0
-            )
+            wait_until(logged, timeout=5.0)
         except TimeoutError:
             raise AssertionError(
                 f"no request matching {pattern!r}; requests were:\n"
-                + "\n".join(self.requests(since))
+                + "\n".join(map(str, self.requests(since)))
             ) from None
         return self.requests(since)
+
+    def create_key(self, name: str) -> tuple[str, str]:
+        """``dockmirror-admin keys create``: a new (appId, apiKey)."""
+        result = subprocess.run(
+            [sys.executable, "-m", "dockmirror.admin", "--config", str(self.server.config_path)]
+            + ["keys", "create", "--name", name],
+            env=subprocess_env(
+                PYTHONPATH=os.pathsep.join(filter(None, [str(_REPO_ROOT), os.getenv("PYTHONPATH")]))
+            ),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        key = json.loads(result.stdout)
+        return key["appId"], key["apiKey"]
 
 
 def requires_clients(*programs: str) -> pytest.MarkDecorator:
@@ -143,35 +189,34 @@ def client_upstreams(
         yield ClientUpstreams(
             hub,
             ghcr,
-            seeded(hub, "library/alpine", "3", layers=(4096, 1024), platforms=PLATFORMS),
-            seeded(ghcr, "owner/img", "tag", layers=(2048,), platforms=PLATFORMS[:2]),
+            alpine=seeded(hub, "library/alpine", "3", layers=(4096, 1024), platforms=PLATFORMS),
+            app=seeded(hub, "team/app", "1", layers=(1024,), platforms=PLATFORMS[:1]),
+            img=seeded(ghcr, "owner/img", "tag", layers=(2048,), platforms=PLATFORMS[:2]),
         )
 
 
-@pytest.fixture(scope="module")
-def open_mirror(
+@contextmanager
+def _tls_mirror(
     tmp_path_factory: pytest.TempPathFactory,
-    mirror_tls: ServerTLS,
-    client_upstreams: ClientUpstreams,
+    tls: ServerTLS,
+    upstreams: ClientUpstreams,
+    auth: Mapping[str, Any],
 ) -> Iterator[TLSMirror]:
-    """dockmirror without required auth, over TLS on ::1 (plain HTTP on 127.0.0.1 too)."""
-    # Imported here: conftest imports this module's fixtures.
+    """dockmirror over TLS on ::1 (and plain HTTP on 127.0.0.1, to see it is up)."""
+    # Imported here: conftest imports this module.
     from .conftest import Dockmirror, dockmirror_config
 
     workdir = tmp_path_factory.mktemp("client-mirror")
     port, tls_port = free_port(), free_port_ipv6()
-    upstreams: dict[str, dict[str, Any]] = {
-        "dockerhub": {"plugin": "dockerhub", "url": client_upstreams.hub.url, "default": True},
-        "ghcr": {"plugin": "ghcr", "url": client_upstreams.ghcr.url},
-    }
     server = {
-        "listen": [
-            f"tcp:{port}:interface={LOOPBACK}",
-            tls_endpoint(tls_port, "::1", mirror_tls),
-        ],
+        "listen": [f"tcp:{port}:interface={LOOPBACK}", tls_endpoint(tls_port, "::1", tls)],
         "public_url": f"https://{MIRROR_NAME}:{tls_port}",
     }
-    config = dockmirror_config(workdir, port, upstreams, extra={"server": server})
+    tables: dict[str, dict[str, Any]] = {
+        "dockerhub": {"plugin": "dockerhub", "url": upstreams.hub.url, "default": True},
+        "ghcr": {"plugin": "ghcr", "url": upstreams.ghcr.url},
+    }
+    config = dockmirror_config(workdir, port, tables, extra={"server": server, "auth": auth})
     mirror = Dockmirror(workdir, config, port)
     mirror.start()
     try:
@@ -181,14 +226,41 @@ def open_mirror(
 
 
 @pytest.fixture(scope="module")
-def docker_daemon(
-    tmp_path_factory: pytest.TempPathFactory, mirror_tls: ServerTLS, open_mirror: TLSMirror
+def open_mirror(
+    tmp_path_factory: pytest.TempPathFactory,
+    mirror_tls: ServerTLS,
+    client_upstreams: ClientUpstreams,
+) -> Iterator[TLSMirror]:
+    """dockmirror without required auth."""
+    with _tls_mirror(tmp_path_factory, mirror_tls, client_upstreams, {"required": False}) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def locked_mirror(
+    tmp_path_factory: pytest.TempPathFactory,
+    mirror_tls: ServerTLS,
+    client_upstreams: ClientUpstreams,
+) -> Iterator[TLSMirror]:
+    """dockmirror requiring an API key except for Docker Hub's ``library/``."""
+    auth = {"required": True, "anonymous_repos": list(ANONYMOUS_REPOS)}
+    with _tls_mirror(tmp_path_factory, mirror_tls, client_upstreams, auth) as mirror:
+        yield mirror
+
+
+@pytest.fixture(scope="module")
+def api_key(locked_mirror: TLSMirror) -> tuple[str, str]:
+    """(appId, apiKey) of a key made on the locked mirror."""
+    return locked_mirror.create_key("client-tests")
+
+
+@contextmanager
+def _docker(
+    tmp_path_factory: pytest.TempPathFactory, tls: ServerTLS, mirror: TLSMirror
 ) -> Iterator[Docker]:
     """dockerd trusting the mirror's CA, with ``registry-mirrors`` naming it."""
     workdir = tmp_path_factory.mktemp("dockerd")
-    docker = Docker(
-        workdir, Sandbox(workdir / "sandbox"), mirror_tls.ca, [open_mirror.host], [open_mirror.url]
-    )
+    docker = Docker(workdir, Sandbox(workdir / "sandbox"), tls.ca, [mirror.host], [mirror.url])
     docker.start()
     try:
         yield docker
@@ -196,25 +268,44 @@ def docker_daemon(
         docker.stop()
 
 
+@pytest.fixture(scope="module")
+def docker_daemon(
+    tmp_path_factory: pytest.TempPathFactory, mirror_tls: ServerTLS, open_mirror: TLSMirror
+) -> Iterator[Docker]:
+    with _docker(tmp_path_factory, mirror_tls, open_mirror) as docker:
+        yield docker
+
+
 @pytest.fixture
 def docker(docker_daemon: Docker) -> Iterator[Docker]:
-    """The shared dockerd; its images and logins are removed after the test."""
+    """A dockerd for the open mirror; images and logins are removed after the test."""
     yield docker_daemon
     docker_daemon.reset()
+
+
+@pytest.fixture(scope="module")
+def locked_docker_daemon(
+    tmp_path_factory: pytest.TempPathFactory, mirror_tls: ServerTLS, locked_mirror: TLSMirror
+) -> Iterator[Docker]:
+    with _docker(tmp_path_factory, mirror_tls, locked_mirror) as docker:
+        yield docker
+
+
+@pytest.fixture
+def locked_docker(locked_docker_daemon: Docker) -> Iterator[Docker]:
+    """A dockerd for the locked mirror; images and logins are removed after the test."""
+    yield locked_docker_daemon
+    locked_docker_daemon.reset()
 
 
 @pytest.fixture(scope="module")
 def podman_client(
     tmp_path_factory: pytest.TempPathFactory, mirror_tls: ServerTLS, open_mirror: TLSMirror
 ) -> Iterator[Podman]:
-    """podman whose registries.conf sends docker.io and ghcr.io to the mirror."""
+    """podman whose registries.conf sends docker.io and ghcr.io to the open mirror."""
     workdir = tmp_path_factory.mktemp("podman")
-    podman = Podman(
-        workdir,
-        Sandbox(workdir / "sandbox"),
-        mirror_tls.ca,
-        podman_registries_conf(open_mirror.host),
-    )
+    registries_conf = podman_registries_conf(open_mirror.host)
+    podman = Podman(workdir, Sandbox(workdir / "sandbox"), mirror_tls.ca, registries_conf)
     try:
         yield podman
     finally:
@@ -230,7 +321,6 @@ def podman(podman_client: Podman) -> Iterator[Podman]:
 
 @pytest.fixture(scope="module")
 def containerd_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
-    """A private containerd."""
     workdir = tmp_path_factory.mktemp("containerd")
     containerd = Containerd(workdir, Sandbox(workdir / "sandbox"))
     containerd.start()
@@ -251,7 +341,15 @@ def containerd(containerd_daemon: Containerd) -> Iterator[Containerd]:
 def open_mirror_hosts_dir(
     tmp_path_factory: pytest.TempPathFactory, mirror_tls: ServerTLS, open_mirror: TLSMirror
 ) -> Path:
-    """A ``--hosts-dir`` with hosts.toml for docker.io and ghcr.io naming the mirror."""
-    return containerd_hosts_dir(
-        tmp_path_factory.mktemp("containerd-hosts"), open_mirror.url, mirror_tls.ca
-    )
+    """A ``--hosts-dir`` whose docker.io and ghcr.io hosts.toml name the open mirror."""
+    directory = tmp_path_factory.mktemp("containerd-hosts")
+    return containerd_hosts_dir(directory, open_mirror.url, mirror_tls.ca)
+
+
+@pytest.fixture(scope="module")
+def locked_mirror_hosts_dir(
+    tmp_path_factory: pytest.TempPathFactory, mirror_tls: ServerTLS, locked_mirror: TLSMirror
+) -> Path:
+    """A ``--hosts-dir`` whose docker.io and ghcr.io hosts.toml name the locked mirror."""
+    directory = tmp_path_factory.mktemp("containerd-hosts")
+    return containerd_hosts_dir(directory, locked_mirror.url, mirror_tls.ca)

@@ -67,6 +67,86 @@ def test_docker_verifies_the_mirror_certificate(docker: Docker, open_mirror: TLS
     assert "x509: certificate signed by unknown authority" in result.output
 
 
+# --- docker with API keys ---------------------------------------------------------
+
+
+@needs_docker
+def test_docker_login_with_an_api_key(locked_docker: Docker, locked_mirror: TLSMirror) -> None:
+    app_id, api_key = locked_mirror.create_key("docker-login")
+    result = locked_docker.login(locked_mirror.host, app_id, api_key)
+    assert result.returncode == 0, result.output
+    assert "Login Succeeded" in result.stdout
+
+
+@needs_docker
+def test_docker_login_with_a_wrong_key_fails(
+    locked_docker: Docker, locked_mirror: TLSMirror, api_key: tuple[str, str]
+) -> None:
+    app_id, _ = api_key
+    result = locked_docker.login(locked_mirror.host, app_id, "dm_wrong")
+    assert result.returncode != 0
+    assert "Login Succeeded" not in result.output
+    assert "unauthorized" in result.output, result.output
+
+
+@needs_docker
+def test_docker_pulls_a_protected_repository_after_login(
+    locked_docker: Docker,
+    locked_mirror: TLSMirror,
+    api_key: tuple[str, str],
+    client_upstreams: ClientUpstreams,
+) -> None:
+    locked_docker.login(locked_mirror.host, *api_key).check()
+    mark = locked_mirror.log_mark()
+    reference = f"{locked_mirror.host}/ghcr.io/owner/img:tag"
+    locked_docker.pull(reference).check()
+    digest = client_upstreams.img.digest
+    assert locked_docker.repo_digests(reference) == [
+        f"{locked_mirror.host}/ghcr.io/owner/img@{digest}"
+    ]
+    requests = locked_mirror.wait_for_request(r"^GET /v2/ghcr\.io/owner/img/blobs/", since=mark)
+    app_id, _ = api_key
+    assert {r.key for r in requests if "/owner/img/" in r.uri} == {app_id}
+
+
+@needs_docker
+def test_docker_pull_of_a_protected_repository_needs_login(
+    locked_docker: Docker, locked_mirror: TLSMirror
+) -> None:
+    result = locked_docker.pull(f"{locked_mirror.host}/ghcr.io/owner/img:tag")
+    assert result.returncode != 0
+    assert "authentication required" in result.output, result.output
+
+
+@needs_docker
+def test_docker_registry_mirror_serves_anonymous_repos(
+    locked_docker: Docker, locked_mirror: TLSMirror, client_upstreams: ClientUpstreams
+) -> None:
+    """``[auth] anonymous_repos`` opens Docker Hub's library/ to ``registry-mirrors``."""
+    mark = locked_mirror.log_mark()
+    locked_docker.pull("alpine:3").check()
+    assert locked_docker.repo_digests("alpine:3") == [f"alpine@{client_upstreams.alpine.digest}"]
+    locked_mirror.wait_for_request(r"^GET /v2/library/alpine/blobs/sha256:", since=mark)
+
+
+@needs_docker
+def test_docker_registry_mirror_gets_no_mirror_credentials(
+    locked_docker: Docker, locked_mirror: TLSMirror, api_key: tuple[str, str]
+) -> None:
+    """Logged in to the mirror, docker still asks it anonymously for a mirrored pull.
+
+    The mirror answers 401, docker falls back to Docker Hub itself, which
+    here is a refused connection on loopback.
+    """
+    locked_docker.login(locked_mirror.host, *api_key).check()
+    mark = locked_mirror.log_mark()
+    result = locked_docker.pull("team/app:1")
+    assert result.returncode != 0
+    assert "registry-1.docker.io" in result.output, result.output
+    requests = locked_mirror.wait_for_request(r"^\w+ /v2/team/app/manifests/1$", since=mark)
+    assert {r.key for r in requests} == {"-"}, requests
+
+
 # --- podman ----------------------------------------------------------------------
 
 
@@ -93,6 +173,19 @@ def test_podman_registries_conf_sends_docker_hub_and_ghcr_to_the_mirror(
     open_mirror.wait_for_request(r"^GET /v2/ghcr\.io/owner/img/manifests/tag$", since=mark)
 
 
+@needs_podman
+def test_podman_pulls_with_creds(
+    podman: Podman,
+    locked_mirror: TLSMirror,
+    api_key: tuple[str, str],
+    client_upstreams: ClientUpstreams,
+) -> None:
+    app_id, key = api_key
+    reference = f"{locked_mirror.host}/ghcr.io/owner/img:tag"
+    podman.pull(reference, f"--creds={app_id}:{key}").check()
+    assert podman.digest(reference) == client_upstreams.img.digest
+
+
 # --- containerd ------------------------------------------------------------------
 
 
@@ -110,7 +203,7 @@ def test_containerd_hosts_toml_mirrors_docker_io_with_ns(
     requests = open_mirror.wait_for_request(
         r"^GET /v2/library/alpine/blobs/sha256:\w+\?ns=docker\.io$", since=mark
     )
-    assert all(r.endswith("?ns=docker.io") for r in requests), requests
+    assert all(r.uri.endswith("?ns=docker.io") for r in requests), requests
 
 
 @needs_containerd
@@ -124,3 +217,34 @@ def test_containerd_hosts_toml_mirrors_ghcr_io(
     containerd.pull("ghcr.io/owner/img:tag", open_mirror_hosts_dir).check()
     assert containerd.digest("ghcr.io/owner/img:tag") == client_upstreams.img.digest
     open_mirror.wait_for_request(r"^GET /v2/owner/img/manifests/sha256:\w+\?ns=ghcr\.io$", mark)
+
+
+@needs_containerd
+def test_containerd_pulls_with_user(
+    containerd: Containerd,
+    locked_mirror: TLSMirror,
+    locked_mirror_hosts_dir: Path,
+    api_key: tuple[str, str],
+    client_upstreams: ClientUpstreams,
+) -> None:
+    """``ctr --user appId:apiKey``: containerd POSTs a password grant for its token."""
+    app_id, key = api_key
+    mark = locked_mirror.log_mark()
+    reference = "ghcr.io/owner/img:tag"
+    containerd.pull(reference, locked_mirror_hosts_dir, f"--user={app_id}:{key}").check()
+    assert containerd.digest(reference) == client_upstreams.img.digest
+    requests = locked_mirror.wait_for_request(r"^POST /docker-auth/token", since=mark)
+    assert app_id in {r.key for r in requests if "?ns=ghcr.io" in r.uri}
+
+
+@needs_containerd
+def test_containerd_pulls_anonymous_repos_without_user(
+    containerd: Containerd,
+    locked_mirror: TLSMirror,
+    locked_mirror_hosts_dir: Path,
+    client_upstreams: ClientUpstreams,
+) -> None:
+    """A node without credentials still pulls what ``[auth] anonymous_repos`` opens."""
+    reference = "docker.io/library/alpine:3"
+    containerd.pull(reference, locked_mirror_hosts_dir).check()
+    assert containerd.digest(reference) == client_upstreams.alpine.digest
