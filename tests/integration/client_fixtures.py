@@ -48,7 +48,7 @@ __all__ = [
     "client_upstreams",
     "open_mirror",
     "locked_mirror",
-    "api_key",
+    "locked_mirror_key",
     "docker_daemon",
     "docker",
     "locked_docker_daemon",
@@ -249,7 +249,7 @@ def locked_mirror(
 
 
 @pytest.fixture(scope="module")
-def api_key(locked_mirror: TLSMirror) -> tuple[str, str]:
+def locked_mirror_key(locked_mirror: TLSMirror) -> tuple[str, str]:
     """(appId, apiKey) of a key made on the locked mirror."""
     return locked_mirror.create_key("client-tests")
 

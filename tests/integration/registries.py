@@ -127,16 +127,21 @@ class ManagedProcess:
                 start_new_session=True,
             )
         is_ready = ready if callable(ready) else lambda: _answers(ready)
+        what = "its readiness check" if callable(ready) else ready
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.running:
                 self.kill9()
-                raise RuntimeError(f"{self.argv[0]} exited before it was ready:\n{self.log_text()}")
+                raise RuntimeError(
+                    f"{self.argv[0]} exited before answering {what}:\n{self.log_text()}"
+                )
             if is_ready():
                 return
             time.sleep(0.05)
         self.kill9()
-        raise RuntimeError(f"{self.argv[0]} was not ready within {timeout}s:\n{self.log_text()}")
+        raise RuntimeError(
+            f"{self.argv[0]} did not answer {what} within {timeout}s:\n{self.log_text()}"
+        )
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the process group, escalating to SIGKILL after ``timeout``."""

@@ -80,9 +80,9 @@ def test_docker_login_with_an_api_key(locked_docker: Docker, locked_mirror: TLSM
 
 @needs_docker
 def test_docker_login_with_a_wrong_key_fails(
-    locked_docker: Docker, locked_mirror: TLSMirror, api_key: tuple[str, str]
+    locked_docker: Docker, locked_mirror: TLSMirror, locked_mirror_key: tuple[str, str]
 ) -> None:
-    app_id, _ = api_key
+    app_id, _ = locked_mirror_key
     result = locked_docker.login(locked_mirror.host, app_id, "dm_wrong")
     assert result.returncode != 0
     assert "Login Succeeded" not in result.output
@@ -93,10 +93,10 @@ def test_docker_login_with_a_wrong_key_fails(
 def test_docker_pulls_a_protected_repository_after_login(
     locked_docker: Docker,
     locked_mirror: TLSMirror,
-    api_key: tuple[str, str],
+    locked_mirror_key: tuple[str, str],
     client_upstreams: ClientUpstreams,
 ) -> None:
-    locked_docker.login(locked_mirror.host, *api_key).check()
+    locked_docker.login(locked_mirror.host, *locked_mirror_key).check()
     mark = locked_mirror.log_mark()
     reference = f"{locked_mirror.host}/ghcr.io/owner/img:tag"
     locked_docker.pull(reference).check()
@@ -105,7 +105,7 @@ def test_docker_pulls_a_protected_repository_after_login(
         f"{locked_mirror.host}/ghcr.io/owner/img@{digest}"
     ]
     requests = locked_mirror.wait_for_request(r"^GET /v2/ghcr\.io/owner/img/blobs/", since=mark)
-    app_id, _ = api_key
+    app_id, _ = locked_mirror_key
     assert {r.key for r in requests if "/owner/img/" in r.uri} == {app_id}
 
 
@@ -131,14 +131,14 @@ def test_docker_registry_mirror_serves_anonymous_repos(
 
 @needs_docker
 def test_docker_registry_mirror_gets_no_mirror_credentials(
-    locked_docker: Docker, locked_mirror: TLSMirror, api_key: tuple[str, str]
+    locked_docker: Docker, locked_mirror: TLSMirror, locked_mirror_key: tuple[str, str]
 ) -> None:
     """Logged in to the mirror, docker still asks it anonymously for a mirrored pull.
 
     The mirror answers 401, docker falls back to Docker Hub itself, which
     here is a refused connection on loopback.
     """
-    locked_docker.login(locked_mirror.host, *api_key).check()
+    locked_docker.login(locked_mirror.host, *locked_mirror_key).check()
     mark = locked_mirror.log_mark()
     result = locked_docker.pull("team/app:1")
     assert result.returncode != 0
@@ -177,10 +177,10 @@ def test_podman_registries_conf_sends_docker_hub_and_ghcr_to_the_mirror(
 def test_podman_pulls_with_creds(
     podman: Podman,
     locked_mirror: TLSMirror,
-    api_key: tuple[str, str],
+    locked_mirror_key: tuple[str, str],
     client_upstreams: ClientUpstreams,
 ) -> None:
-    app_id, key = api_key
+    app_id, key = locked_mirror_key
     reference = f"{locked_mirror.host}/ghcr.io/owner/img:tag"
     podman.pull(reference, f"--creds={app_id}:{key}").check()
     assert podman.digest(reference) == client_upstreams.img.digest
@@ -224,11 +224,11 @@ def test_containerd_pulls_with_user(
     containerd: Containerd,
     locked_mirror: TLSMirror,
     locked_mirror_hosts_dir: Path,
-    api_key: tuple[str, str],
+    locked_mirror_key: tuple[str, str],
     client_upstreams: ClientUpstreams,
 ) -> None:
     """``ctr --user appId:apiKey``: containerd POSTs a password grant for its token."""
-    app_id, key = api_key
+    app_id, key = locked_mirror_key
     mark = locked_mirror.log_mark()
     reference = "ghcr.io/owner/img:tag"
     containerd.pull(reference, locked_mirror_hosts_dir, f"--user={app_id}:{key}").check()
