@@ -4,7 +4,7 @@ Two mirrors serve the same upstreams over TLS on ``::1``: ``open_mirror``
 without required auth, and ``locked_mirror`` with ``[auth] required`` and
 only Docker Hub's ``library/`` repositories open to anonymous pulls.
 Daemons are module-scoped and shared by the tests of a module; the
-function-scoped ``docker``, ``locked_docker``, ``podman`` and ``containerd``
+function-scoped ``open_docker``, ``locked_docker``, ``podman`` and ``containerd``
 fixtures reset their client's images (and logins) after each test.
 """
 
@@ -49,8 +49,8 @@ __all__ = [
     "open_mirror",
     "locked_mirror",
     "locked_mirror_key",
-    "docker_daemon",
-    "docker",
+    "open_docker_daemon",
+    "open_docker",
     "locked_docker_daemon",
     "locked_docker",
     "podman_client",
@@ -269,7 +269,7 @@ def _docker(
 
 
 @pytest.fixture(scope="module")
-def docker_daemon(
+def open_docker_daemon(
     tmp_path_factory: pytest.TempPathFactory, mirror_tls: ServerTLS, open_mirror: TLSMirror
 ) -> Iterator[Docker]:
     with _docker(tmp_path_factory, mirror_tls, open_mirror) as docker:
@@ -277,10 +277,10 @@ def docker_daemon(
 
 
 @pytest.fixture
-def docker(docker_daemon: Docker) -> Iterator[Docker]:
+def open_docker(open_docker_daemon: Docker) -> Iterator[Docker]:
     """A dockerd for the open mirror; images and logins are removed after the test."""
-    yield docker_daemon
-    docker_daemon.reset()
+    yield open_docker_daemon
+    open_docker_daemon.reset()
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ The configurations used here are the ones docs/clients.rst shows.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -21,46 +22,61 @@ needs_containerd = requires_clients("containerd", "ctr")
 
 
 @needs_docker
+@pytest.mark.parametrize("mirror", ["open", "locked"])
 def test_docker_registry_mirror_serves_a_docker_hub_pull(
-    docker: Docker, open_mirror: TLSMirror, client_upstreams: ClientUpstreams
+    request: pytest.FixtureRequest, mirror: str, client_upstreams: ClientUpstreams
 ) -> None:
-    """With ``registry-mirrors`` in daemon.json, ``docker pull alpine:3`` goes to the mirror."""
-    mark = open_mirror.log_mark()
+    """With ``registry-mirrors`` in daemon.json, ``docker pull alpine:3`` goes to the mirror.
+
+    docker sends the mirror no credentials: on the locked mirror this works
+    because ``[auth] anonymous_repos`` opens Docker Hub's library/.
+    """
+    docker: Docker = request.getfixturevalue(f"{mirror}_docker")
+    tls_mirror: TLSMirror = request.getfixturevalue(f"{mirror}_mirror")
+    mark = tls_mirror.log_mark()
     docker.pull("alpine:3").check()
     assert docker.repo_digests("alpine:3") == [f"alpine@{client_upstreams.alpine.digest}"]
-    open_mirror.wait_for_request(r"^GET /v2/library/alpine/blobs/sha256:", since=mark)
+    tls_mirror.wait_for_request(r"^GET /v2/library/alpine/blobs/sha256:", since=mark)
 
 
 @needs_docker
-@pytest.mark.parametrize("path", ["library/alpine", "alpine"])
-def test_docker_pulls_docker_hub_by_domain_prefix(
-    docker: Docker, open_mirror: TLSMirror, client_upstreams: ClientUpstreams, path: str
+@pytest.mark.parametrize(
+    ("name", "tag", "image"),
+    [
+        ("library/alpine", "3", "alpine"),
+        ("alpine", "3", "alpine"),
+        ("ghcr.io/owner/img", "tag", "img"),
+    ],
+)
+def test_docker_pulls_by_domain_prefix(
+    open_docker: Docker,
+    open_mirror: TLSMirror,
+    client_upstreams: ClientUpstreams,
+    name: str,
+    tag: str,
+    image: str,
 ) -> None:
-    """``docker pull mirror:PORT/library/alpine:3`` and ``.../alpine:3`` get Docker Hub's image."""
-    reference = f"{open_mirror.host}/{path}:3"
-    docker.pull(reference).check()
-    digest = client_upstreams.alpine.digest
-    assert docker.repo_digests(reference) == [f"{open_mirror.host}/{path}@{digest}"]
+    """``docker pull mirror:PORT/NAME:TAG`` gets the upstream's image, digest and all.
+
+    ``library/alpine`` and ``alpine`` are Docker Hub's (the default upstream),
+    ``ghcr.io/...`` ghcr.io's.
+    """
+    reference = f"{open_mirror.host}/{name}:{tag}"
+    open_docker.pull(reference).check()
+    digest = getattr(client_upstreams, image).digest
+    assert open_docker.repo_digests(reference) == [f"{open_mirror.host}/{name}@{digest}"]
 
 
 @needs_docker
-def test_docker_pulls_another_upstream_by_domain_prefix(
-    docker: Docker, open_mirror: TLSMirror, client_upstreams: ClientUpstreams
+def test_docker_verifies_the_mirror_certificate(
+    open_docker: Docker, open_mirror: TLSMirror
 ) -> None:
-    reference = f"{open_mirror.host}/ghcr.io/owner/img:tag"
-    docker.pull(reference).check()
-    digest = client_upstreams.img.digest
-    assert docker.repo_digests(reference) == [f"{open_mirror.host}/ghcr.io/owner/img@{digest}"]
-
-
-@needs_docker
-def test_docker_verifies_the_mirror_certificate(docker: Docker, open_mirror: TLSMirror) -> None:
     """Without the CA in certs.d the pull fails on the certificate: TLS is really checked."""
-    ca = docker.etc / "certs.d" / open_mirror.host / "ca.crt"
+    ca = open_docker.etc / "certs.d" / open_mirror.host / "ca.crt"
     saved = ca.read_bytes()
     ca.unlink()
     try:
-        result = docker.pull(f"{open_mirror.host}/library/alpine:3")
+        result = open_docker.pull(f"{open_mirror.host}/library/alpine:3")
     finally:
         ca.write_bytes(saved)
     assert result.returncode != 0
@@ -116,17 +132,6 @@ def test_docker_pull_of_a_protected_repository_needs_login(
     result = locked_docker.pull(f"{locked_mirror.host}/ghcr.io/owner/img:tag")
     assert result.returncode != 0
     assert "authentication required" in result.output, result.output
-
-
-@needs_docker
-def test_docker_registry_mirror_serves_anonymous_repos(
-    locked_docker: Docker, locked_mirror: TLSMirror, client_upstreams: ClientUpstreams
-) -> None:
-    """``[auth] anonymous_repos`` opens Docker Hub's library/ to ``registry-mirrors``."""
-    mark = locked_mirror.log_mark()
-    locked_docker.pull("alpine:3").check()
-    assert locked_docker.repo_digests("alpine:3") == [f"alpine@{client_upstreams.alpine.digest}"]
-    locked_mirror.wait_for_request(r"^GET /v2/library/alpine/blobs/sha256:", since=mark)
 
 
 @needs_docker
@@ -190,33 +195,34 @@ def test_podman_pulls_with_creds(
 
 
 @needs_containerd
-def test_containerd_hosts_toml_mirrors_docker_io_with_ns(
+@pytest.mark.parametrize(
+    ("reference", "image", "repository"),
+    [
+        ("docker.io/library/alpine:3", "alpine", "library/alpine"),
+        ("ghcr.io/owner/img:tag", "img", "owner/img"),
+    ],
+)
+def test_containerd_hosts_toml_mirrors_a_registry_with_ns(
     containerd: Containerd,
     open_mirror: TLSMirror,
     open_mirror_hosts_dir: Path,
     client_upstreams: ClientUpstreams,
+    reference: str,
+    image: str,
+    repository: str,
 ) -> None:
-    """containerd adds ``?ns=docker.io`` to every request; dockmirror routes by it."""
+    """containerd asks for the repository as named at the registry, with ``?ns=REGISTRY``.
+
+    dockmirror routes by that parameter.
+    """
+    registry = reference.partition("/")[0]
     mark = open_mirror.log_mark()
-    containerd.pull("docker.io/library/alpine:3", open_mirror_hosts_dir).check()
-    assert containerd.digest("docker.io/library/alpine:3") == client_upstreams.alpine.digest
+    containerd.pull(reference, open_mirror_hosts_dir).check()
+    assert containerd.digest(reference) == getattr(client_upstreams, image).digest
     requests = open_mirror.wait_for_request(
-        r"^GET /v2/library/alpine/blobs/sha256:\w+\?ns=docker\.io$", since=mark
+        rf"^GET /v2/{repository}/blobs/sha256:\w+\?ns={re.escape(registry)}$", since=mark
     )
-    assert all(r.uri.endswith("?ns=docker.io") for r in requests), requests
-
-
-@needs_containerd
-def test_containerd_hosts_toml_mirrors_ghcr_io(
-    containerd: Containerd,
-    open_mirror: TLSMirror,
-    open_mirror_hosts_dir: Path,
-    client_upstreams: ClientUpstreams,
-) -> None:
-    mark = open_mirror.log_mark()
-    containerd.pull("ghcr.io/owner/img:tag", open_mirror_hosts_dir).check()
-    assert containerd.digest("ghcr.io/owner/img:tag") == client_upstreams.img.digest
-    open_mirror.wait_for_request(r"^GET /v2/owner/img/manifests/sha256:\w+\?ns=ghcr\.io$", mark)
+    assert all(r.uri.endswith(f"?ns={registry}") for r in requests), requests
 
 
 @needs_containerd
