@@ -27,6 +27,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import ISSHPrivateKey
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -70,9 +71,10 @@ class _LoggingKeyChecker:
         def logged(result: Any) -> Any:
             if isinstance(result, Failure) and result.check(ValidPublicKey):
                 return result  # the client asking whether a key would do, before signing
-            fingerprint = keys.Key.fromString(credentials.blob).fingerprint(
+            digest = keys.Key.fromString(credentials.blob).fingerprint(
                 keys.FingerprintFormats.SHA256_BASE64
             )
+            fingerprint = "SHA256:" + digest.rstrip("=")  # as ssh-keygen -l shows it
             user = credentials.username.decode("utf-8", "replace")
             if isinstance(result, Failure):
                 log.warn(
@@ -87,9 +89,11 @@ class _LoggingKeyChecker:
 
 
 class _Session(manhole_ssh.TerminalSession):
-    """A terminal session that follows window resizes and ends on EOF."""
+    """A terminal session that follows window resizes, ends on EOF, and exits with 0."""
 
     def openShell(self, proto: Any) -> None:
+        # Leaving the prompt ends the session with exit status 0, as a shell's exit would.
+        proto.loseConnection = lambda: proto.processEnded(Failure(ProcessDone(0)))
         self._terminal = self.chainedProtocolFactory()
         self.transportFactory(
             proto, self._terminal, IConchUser(self.original), self.width, self.height
