@@ -10,11 +10,7 @@ fixtures reset their client's images (and logins) after each test.
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -38,7 +34,7 @@ from .clients import (
     unavailable,
 )
 from .images import Image, Platform
-from .registries import LOOPBACK, Registry, TokenServer, free_port, subprocess_env, wait_until
+from .registries import LOOPBACK, Registry, TokenServer, free_port, wait_until
 
 if TYPE_CHECKING:
     from .conftest import Dockmirror, Seeder
@@ -67,7 +63,6 @@ PLATFORMS: Sequence[Platform] = (
     ("linux", "arm64", "v8"),
     ("linux", "arm", "v7"),
 )
-_REPO_ROOT = Path(__file__).resolve().parents[2]
 #: What ``locked_mirror`` serves without login.
 ANONYMOUS_REPOS = ("dockerhub/library",)
 
@@ -143,22 +138,6 @@ class TLSMirror:
                 + "\n".join(map(str, self.requests(since)))
             ) from None
         return self.requests(since)
-
-    def create_key(self, name: str) -> tuple[str, str]:
-        """``dockmirror-admin keys create``: a new (appId, apiKey)."""
-        result = subprocess.run(
-            [sys.executable, "-m", "dockmirror.admin", "--config", str(self.server.config_path)]
-            + ["keys", "create", "--name", name],
-            env=subprocess_env(
-                PYTHONPATH=os.pathsep.join(filter(None, [str(_REPO_ROOT), os.getenv("PYTHONPATH")]))
-            ),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
-        key = json.loads(result.stdout)
-        return key["appId"], key["apiKey"]
 
 
 def requires_clients(*programs: str) -> pytest.MarkDecorator:
@@ -251,7 +230,9 @@ def locked_mirror(
 @pytest.fixture(scope="module")
 def locked_mirror_key(locked_mirror: TLSMirror) -> tuple[str, str]:
     """(appId, apiKey) of a key made on the locked mirror."""
-    return locked_mirror.create_key("client-tests")
+    from .keys import create_key  # imports conftest, which imports this module
+
+    return create_key(locked_mirror.server, "client-tests")
 
 
 @contextmanager

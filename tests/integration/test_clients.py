@@ -12,6 +12,7 @@ import pytest
 
 from .client_fixtures import ClientUpstreams, TLSMirror, requires_clients
 from .clients import Containerd, Docker, Podman
+from .keys import create_key
 
 needs_docker = requires_clients("dockerd", "docker")
 needs_podman = requires_clients("podman")
@@ -88,7 +89,7 @@ def test_docker_verifies_the_mirror_certificate(
 
 @needs_docker
 def test_docker_login_with_an_api_key(locked_docker: Docker, locked_mirror: TLSMirror) -> None:
-    app_id, api_key = locked_mirror.create_key("docker-login")
+    app_id, api_key = create_key(locked_mirror.server, "docker-login")
     result = locked_docker.login(locked_mirror.host, app_id, api_key)
     assert result.returncode == 0, result.output
     assert "Login Succeeded" in result.stdout
