@@ -20,6 +20,7 @@ fallback), so only ``::1`` proves that clients verify the certificate.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import os
@@ -67,12 +68,26 @@ def unavailable(*programs: str) -> str | None:
     """Why client tests using ``programs`` cannot run here, or None if they can."""
     if os.geteuid() != 0:
         return "client tests need root: they run daemons in private mount namespaces"
-    if shutil.which("unshare") is None:
-        return "client tests need unshare (util-linux)"
+    if not _can_unshare():
+        return "client tests need mount namespaces (unshare --mount failed)"
     missing = sorted({PACKAGES[p] for p in programs if shutil.which(p) is None})
     if missing:
         return f"client tests need the Debian packages {' '.join(missing)}"
     return None
+
+
+@functools.cache
+def _can_unshare() -> bool:
+    try:
+        result = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "true"],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+    except OSError:
+        return False
+    return result.returncode == 0
 
 
 # --- TLS -------------------------------------------------------------------
