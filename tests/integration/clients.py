@@ -235,7 +235,8 @@ class Sandbox:
         """``argv`` run in a fresh namespace.
 
         ``binds`` (target: source) are added to the sandbox's own, and each of
-        ``private_dirs`` gets an empty tmpfs (like /run and /opt always do).
+        ``private_dirs`` gets an empty tmpfs, as /run and /opt always do (a missing
+        mount point is made, empty, on the real filesystem).
         """
         lines = ["set -e"]
         for directory in ("/run", "/opt", *private_dirs):
