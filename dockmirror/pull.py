@@ -15,7 +15,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
 from dockmirror.errors import STATUS, RegistryError, upstream_unavailable
 from dockmirror.metrics import Metrics
@@ -66,7 +66,13 @@ def _header(response: IResponse, name: str) -> str | None:
 
 
 def _content_length(response: IResponse) -> int | None:
-    """The upstream's declared length; for a HEAD, ``response.length`` is 0."""
+    """The body length the upstream declared, if it did.
+
+    Twisted moves Content-Length out of ``headers`` into ``length``, except
+    for a HEAD: there ``length`` is 0 (no body follows) and the header stays.
+    """
+    if response.request.method != b"HEAD":
+        return None if response.length == UNKNOWN_LENGTH else int(response.length)
     value = _header(response, "content-length")
     try:
         length = int(value) if value is not None else None

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import pytest
 
+from .client_fixtures import *  # noqa: F403 - fixtures for test_clients.py
 from .images import Image, Platform, make_image, push
 from .registries import (
     LOOPBACK,
