@@ -8,10 +8,12 @@ is refused with a message naming the key and the file.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import tomllib
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from twisted.plugin import getPlugins
 
 from dockmirror import plugins
 from dockmirror._interfaces import IUpstream
+from dockmirror.reference import NAME_RE
 
 EMBEDDED = "(embedded default)"
 
@@ -38,6 +41,19 @@ class ServerConfig:
 class AuthConfig:
     required: bool = False
     database: str = "dockmirror-data/keys.sqlite"
+    #: Lifetime of the bearer tokens /docker-auth/token issues, in seconds.
+    token_ttl: int = 300
+    #: Repositories served without login, as ``UPSTREAM/REPOSITORY-PREFIX``
+    #: (matched on whole path components after routing, e.g. "dockerhub/library").
+    anonymous_repos: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ManholeConfig:
+    #: A Twisted endpoint string for the SSH manhole; no manhole without it.
+    listen: str | None = None
+    #: OpenSSH authorized_keys file, re-read at each login.
+    authorized_keys: str | None = None
 
 
 OVERSIZE_POLICIES = ("passthrough", "reject")
@@ -94,6 +110,12 @@ def parse_size(text: str) -> int:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    allow: tuple[str, ...] = ()
+    listen: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class UpstreamConfig:
     plugin: str
     url: str | None = None
@@ -110,6 +132,8 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    manhole: ManholeConfig = field(default_factory=ManholeConfig)
     upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
 
 
@@ -117,6 +141,8 @@ _SECTIONS: dict[str, type] = {
     "server": ServerConfig,
     "auth": AuthConfig,
     "cache": CacheConfig,
+    "metrics": MetricsConfig,
+    "manhole": ManholeConfig,
 }
 
 
@@ -249,9 +275,15 @@ def _check(config: Config) -> None:
                     f" upstreams.{hosts[host.lower()]}"
                 )
             hosts[host.lower()] = name
+    for cidr in config.metrics.allow:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ConfigError(f"{source}: metrics.allow: {cidr!r} is not a network") from None
     if not config.server.public_url.startswith(("http://", "https://")):
         raise ConfigError(f"{source}: server.public_url must be an http(s) URL")
     _check_cache(source, config.cache)
+    _check_auth(config)
 
 
 def _check_cache(source: str, cache: CacheConfig) -> None:
@@ -272,6 +304,41 @@ def _check_cache(source: str, cache: CacheConfig) -> None:
         )
     if cache.manifest_ttl < 0:
         raise ConfigError(f"{source}: cache.manifest_ttl must be zero or more seconds")
+
+
+#: The longest token lifetime accepted: tokens cannot be recalled before they expire.
+TOKEN_TTL_MAX = 3600
+
+
+def _check_auth(config: Config) -> None:
+    source = config.source
+    if not 1 <= config.auth.token_ttl <= TOKEN_TTL_MAX:
+        raise ConfigError(f"{source}: auth.token_ttl must be between 1 and {TOKEN_TTL_MAX} seconds")
+    for prefix in config.auth.anonymous_repos:
+        try:
+            check_repository_prefix(prefix, config.upstreams)
+        except ValueError as e:
+            raise ConfigError(f"{source}: auth.anonymous_repos: {e}") from None
+    if config.manhole.listen is not None and config.manhole.authorized_keys is None:
+        raise ConfigError(f"{source}: manhole.authorized_keys is required with manhole.listen")
+
+
+def check_repository_prefix(prefix: str, upstreams: Iterable[str]) -> str:
+    """Check an access-control prefix: ``UPSTREAM`` or ``UPSTREAM/REPOSITORY-PREFIX``.
+
+    Prefixes name repositories as routed (the ``[upstreams.NAME]`` and the
+    repository there), so that every spelling a client may use for the same
+    repository (``alpine``, ``library/alpine``, ``docker.io/library/alpine``,
+    a Host-routed name) is covered by one rule.
+    """
+    names = sorted(upstreams)
+    upstream, slash, rest = prefix.partition("/")
+    if upstream not in names or (slash and not NAME_RE.fullmatch(rest)):
+        raise ValueError(
+            f"{prefix!r} is not UPSTREAM/PREFIX with UPSTREAM one of"
+            f' {", ".join(names) or "(none configured)"} (e.g. "dockerhub/library")'
+        )
+    return prefix
 
 
 def state_directory(config: Config) -> Path:

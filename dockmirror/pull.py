@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
 from dockmirror.cache import Cache, origin_of
 from dockmirror.cache.fill import Fill
@@ -47,6 +47,18 @@ MANIFEST_TYPES = (
 DEFAULT_ACCEPT = ", ".join(MANIFEST_TYPES)
 
 
+def negotiable(accept: str | None) -> str:
+    """The Accept header to send upstream for a client's manifest request.
+
+    A client that names no manifest type (curl's ``*/*``) gets every type:
+    some registries answer 404 to a request that does not name the type a
+    manifest is stored as.
+    """
+    if accept and any(t in accept for t in MANIFEST_TYPES):
+        return accept
+    return DEFAULT_ACCEPT
+
+
 @dataclass
 class Reply:
     status: int
@@ -61,7 +73,13 @@ def _header(response: IResponse, name: str) -> str | None:
 
 
 def _content_length(response: IResponse) -> int | None:
-    """The upstream's declared length; for a HEAD, ``response.length`` is 0."""
+    """The body length the upstream declared, if it did.
+
+    Twisted moves Content-Length out of ``headers`` into ``length``, except
+    for a HEAD: there ``length`` is 0 (no body follows) and the header stays.
+    """
+    if response.request.method != b"HEAD":
+        return None if response.length == UNKNOWN_LENGTH else int(response.length)
     value = _header(response, "content-length")
     try:
         length = int(value) if value is not None else None
@@ -172,7 +190,7 @@ class PullService:
     ) -> Reply:
         manifests = self.cache.manifests
         # Concurrent requests for the same thing share one upstream request.
-        key = (origin, reference, _upstream_accept(accept), head)
+        key = (origin, reference, negotiable(accept), head)
         if is_digest(reference):
             if manifests.has(reference):
                 if not self.cache.blobs.allowed(origin, reference):
@@ -219,7 +237,7 @@ class PullService:
     ) -> None:
         """Check that this upstream repository has a manifest cached through another."""
         response = await self._request(
-            route, "HEAD", f"manifests/{digest}", {"Accept": _upstream_accept(accept)}
+            route, "HEAD", f"manifests/{digest}", {"Accept": negotiable(accept)}
         )
         if response.code != 200:
             raise await self._failure(route, response, "MANIFEST_UNKNOWN", True)
@@ -239,7 +257,7 @@ class PullService:
         manifests = self.cache.manifests
         try:
             response = await self._request(
-                route, "HEAD", f"manifests/{tag}", {"Accept": _upstream_accept(accept)}
+                route, "HEAD", f"manifests/{tag}", {"Accept": negotiable(accept)}
             )
         except RegistryError as e:
             return self._stale(entry, e, head)
@@ -275,7 +293,7 @@ class PullService:
             route,
             "HEAD" if head else "GET",
             f"manifests/{reference}",
-            {"Accept": _upstream_accept(accept)},
+            {"Accept": negotiable(accept)},
         )
         if response.code != 200:
             raise await self._failure(route, response, "MANIFEST_UNKNOWN", head)
@@ -661,11 +679,6 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
             headers={"Content-Range": f"bytes */{size}"},
         )
     return start, end
-
-
-def _upstream_accept(accept: str | None) -> str:
-    """What to ask an upstream for: a client that accepts anything gets any manifest."""
-    return DEFAULT_ACCEPT if accepted(accept) is None else str(accept)
 
 
 def _media_type(content_type: str | None) -> str:

@@ -2,24 +2,43 @@
 
 from __future__ import annotations
 
+from functools import partial
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from treq.client import HTTPClient
 from twisted.application import service, strports
+from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.interfaces import IReactorCore
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
+from dockmirror.auth.access import AccessControl
+from dockmirror.auth.keystore import KeyDatabase, KeyStore, KeyStoreError
+from dockmirror.auth.throttle import Throttle
+from dockmirror.auth.tokens import TokenService, load_signing_key
 from dockmirror.cache import Cache
-from dockmirror.config import Config, ConfigError, load, upstream_plugins
+from dockmirror.config import (
+    Config,
+    ConfigError,
+    check_repository_prefix,
+    load,
+    state_directory,
+    upstream_plugins,
+)
 from dockmirror.health import HealthResource, directory_writable
+from dockmirror.manhole import HOST_KEY_FILE, KeysConsole, load_host_key, manhole_factory
 from dockmirror.metrics import Metrics, MetricsResource
 from dockmirror.pull import Prefetcher, PullService, Upstreams
 from dockmirror.routing import build_router
-from dockmirror.web import MirrorSite, build_root
+from dockmirror.tls import CertificateReloadService, PlainHTTPFactory, tls_endpoint
+from dockmirror.web import MirrorSite, RootResource, build_root
 
 #: Idle persistent connections kept per upstream host.
 POOL_PER_HOST = 16
+#: The token signing key, in the state directory.
+SIGNING_KEY_FILE = "token_signing_key.pem"
 
 
 class Options(usage.Options):
@@ -37,11 +56,12 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         try:
-            self["parsed"] = load(self["config"])
+            config = self["parsed"] = load(self["config"])
+            for description in (*config.server.listen, *config.metrics.listen):
+                _endpoint(None, config, description)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
         if self["check"]:
-            config = self["parsed"]
             print(
                 f"{config.source}: configuration OK"
                 f" ({len(config.upstreams)} upstreams, listening on"
@@ -67,6 +87,33 @@ class PoolService(service.Service):
         return self.pool.closeCachedConnections()
 
 
+def _endpoint(reactor: Any, config: Config, description: str) -> Any:
+    try:
+        return tls_endpoint(reactor, description)
+    except ValueError as e:
+        raise ConfigError(f"{config.source}: server.listen: {description!r}: {e}") from None
+
+
+def build_access(config: Config, keys: KeyStore, metrics: Metrics, reactor: Any) -> AccessControl:
+    """Access control over *keys*, with the token service named after ``public_url``."""
+    public_url = config.server.public_url.rstrip("/")
+    tokens = TokenService(
+        load_signing_key(state_directory(config) / SIGNING_KEY_FILE),
+        issuer=public_url,
+        service=urlsplit(public_url).netloc,
+        ttl=config.auth.token_ttl,
+        clock=reactor,
+    )
+    return AccessControl(
+        keys,
+        tokens,
+        Throttle(reactor),
+        metrics,
+        realm=f"{public_url}/docker-auth/token",
+        anonymous_repos=config.auth.anonymous_repos,
+    )
+
+
 def build_service(config: Config, reactor: Any) -> service.MultiService:
     router = build_router(config, upstream_plugins())
     pool = HTTPConnectionPool(reactor, persistent=True)
@@ -77,18 +124,56 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     cache = Cache(config.cache, reactor, metrics)
     pull = PullService(Upstreams(http, reactor, metrics), reactor, metrics, cache)
     cache.prefetcher = Prefetcher(router, pull)
-    root = build_root(router, pull)
-    root.putChild(b"metrics", MetricsResource(metrics))
-    root.putChild(
-        b"healthz", HealthResource({"cache_directory": directory_writable(config.cache.directory)})
-    )
-    site = MirrorSite(root, metrics)
     top = service.MultiService()
-    # Started first: it recovers the cache from disk before anything listens.
+    # Started first: it recovers the cache from disk before any request is served.
     cache.setServiceParent(top)
-    for description in config.server.listen:
-        strports.service(description, site, reactor=reactor).setServiceParent(top)
+    KeyDatabase(config.auth.database).close()  # an unusable key store stops start-up here
+    keys = KeyStore(config.auth.database, reactor)
+    keys.setServiceParent(top)
+    access = build_access(config, keys, metrics, reactor)
+    root = build_root(router, pull, access, config.auth.required)
+    health = HealthResource(
+        {"cache_directory": directory_writable(config.cache.directory), "key_store": keys.check}
+    )
+    root.putChild(b"healthz", health)
+    site = MirrorSite(root, metrics)
+    certificates = []
+
+    def listen(descriptions: tuple[str, ...], site: MirrorSite) -> None:
+        for description in descriptions:
+            endpoint, certificate = _endpoint(reactor, config, description)
+            if certificate is None:
+                StreamServerEndpointService(endpoint, PlainHTTPFactory(site)).setServiceParent(top)
+            else:
+                StreamServerEndpointService(endpoint, site).setServiceParent(top)
+                certificates.append(certificate)
+
+    listen(config.server.listen, site)
+    metrics_resource = MetricsResource(metrics, config.metrics.allow)
+    if config.metrics.listen:
+        operations = RootResource()
+        operations.putChild(b"metrics", metrics_resource)
+        operations.putChild(b"healthz", health)
+        listen(config.metrics.listen, MirrorSite(operations, metrics))
+    else:
+        root.putChild(b"metrics", metrics_resource)
+    if certificates:
+        CertificateReloadService(reactor, certificates).setServiceParent(top)
     PoolService(pool).setServiceParent(top)
+    namespace: dict[str, Any] = {
+        "keys": KeysConsole(keys, partial(check_repository_prefix, upstreams=config.upstreams)),
+        "upstreams": {upstream.name: upstream for upstream in router.upstreams},
+        "config": config,
+        "cache": cache,
+    }
+    if config.manhole.listen is not None:
+        assert config.manhole.authorized_keys is not None  # the config check guarantees it
+        factory = manhole_factory(
+            namespace,
+            Path(config.manhole.authorized_keys),
+            load_host_key(state_directory(config) / HOST_KEY_FILE),
+        )
+        strports.service(config.manhole.listen, factory, reactor=reactor).setServiceParent(top)
     return top
 
 
@@ -97,4 +182,7 @@ def makeService(options: Options, reactor: IReactorCore | None = None) -> servic
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    return build_service(options["parsed"], reactor)
+    try:
+        return build_service(options["parsed"], reactor)
+    except (ConfigError, KeyStoreError, ValueError, OSError) as e:
+        raise SystemExit(f"dockmirror: {e}") from None

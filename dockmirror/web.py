@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -10,6 +11,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from dockmirror.auth.access import AccessControl, Credentials, Principal, parse_authorization
 from dockmirror.errors import RegistryError
 from dockmirror.metrics import Metrics
 from dockmirror.pull import PullService, Reply
@@ -127,6 +129,7 @@ class MirrorSite(Site):
     """The site, with one structured log event and metric update per request."""
 
     requestFactory = MirrorRequest
+    noisy = False
 
     def __init__(self, resource: Resource, metrics: Metrics) -> None:
         super().__init__(resource)
@@ -157,13 +160,31 @@ class MirrorSite(Site):
         )
 
 
-class V2Resource(AsyncResource):
-    """Everything under ``/v2/``: the pull side of the distribution API."""
+def _client_host(request: Request) -> str:
+    return str(getattr(request.getClientAddress(), "host", "-"))
 
-    def __init__(self, router: Router, pull: PullService) -> None:
+
+def _count_usage(request: Request, access: AccessControl, principal: Principal) -> None:
+    """Count the request towards its key once the response is over, sent bytes and all."""
+    if principal.app_id is None:
+        return
+    request.key_id = principal.app_id  # type: ignore[attr-defined]  # for the access log
+    request.notifyFinish().addBoth(lambda _: access.record(principal, request.sentLength))
+
+
+class V2Resource(AsyncResource):
+    """Everything under ``/v2/``: the pull side of the distribution API.
+
+    With *access*, every request must be authorized by it first.
+    """
+
+    def __init__(
+        self, router: Router, pull: PullService, access: AccessControl | None = None
+    ) -> None:
         super().__init__()
         self.router = router
         self.pull = pull
+        self.access = access
 
     def render(self, request: Request) -> Any:
         request.setHeader(*API_VERSION)
@@ -183,23 +204,74 @@ class V2Resource(AsyncResource):
             raise RegistryError("NAME_INVALID", "invalid repository name") from None
         path = parse_v2_path(segments)
         head = method == b"HEAD"
-        if path.kind == "base":
-            reply = Reply(200, {"Content-Type": "application/json"}, b"{}")
-        elif path.kind == "catalog":
-            raise RegistryError("UNSUPPORTED", "a mirror has no catalog")
-        else:
+        route = None
+        if path.kind not in ("base", "catalog"):
             route = self.router.route(path.name, request.getHeader("host"), _arg(request, b"ns"))
             request.upstream = route.upstream.name  # type: ignore[attr-defined]
-            if path.kind == "manifests":
-                accept = ", ".join(request.requestHeaders.getRawHeaders("accept", []))
-                reply = await self.pull.manifest(route, path.reference, accept or None, head)
-            elif path.kind == "blobs":
-                reply = await self.pull.blob(
-                    route, path.reference, head, request.getHeader("range")
-                )
-            else:
-                reply = await self.pull.tags(route, _arg(request, b"n"), _arg(request, b"last"))
+        if self.access is not None:
+            principal = await self.access.authorize(
+                request.getHeader("authorization"), _client_host(request), route
+            )
+            _count_usage(request, self.access, principal)
+        if path.kind == "base":
+            reply = Reply(200, {"Content-Type": "application/json"}, b"{}")
+        elif route is None:
+            raise RegistryError("UNSUPPORTED", "a mirror has no catalog")
+        elif path.kind == "manifests":
+            accept = ", ".join(request.requestHeaders.getRawHeaders("accept", []))
+            reply = await self.pull.manifest(route, path.reference, accept or None, head)
+        elif path.kind == "blobs":
+            reply = await self.pull.blob(route, path.reference, head, request.getHeader("range"))
+        else:
+            reply = await self.pull.tags(route, _arg(request, b"n"), _arg(request, b"last"))
         await send_reply(request, reply)
+
+
+class TokenResource(AsyncResource):
+    """``/docker-auth/token``: bearer tokens for API keys, per the distribution token spec.
+
+    ``GET`` takes the key as Basic credentials with ``service`` and ``scope``
+    parameters (``offline_token`` and ``account`` are accepted and ignored: no
+    refresh tokens are issued, the apiKey is the long-lived credential).
+    ``POST`` takes the OAuth2 password grant form that containerd sends.
+    """
+
+    def __init__(self, access: AccessControl) -> None:
+        super().__init__()
+        self.access = access
+
+    async def serve(self, request: Request) -> None:
+        if request.method == b"GET":
+            credentials = parse_authorization(request.getHeader("authorization"))
+            if credentials is not None and credentials.scheme != "basic":
+                credentials = None
+        elif request.method == b"POST":
+            grant = _arg(request, b"grant_type")
+            if grant != "password":
+                raise RegistryError(
+                    "UNSUPPORTED",
+                    "only the password grant is supported",
+                    {"grant_type": (grant or "")[:40]},
+                    status=400,
+                )
+            credentials = Credentials(
+                "basic", _arg(request, b"username") or "", _arg(request, b"password") or ""
+            )
+        else:
+            raise RegistryError(
+                "UNSUPPORTED", "use GET or POST", status=405, headers={"Allow": "GET, POST"}
+            )
+        scopes = [v.decode("utf-8", "replace") for v in (request.args or {}).get(b"scope", [])]
+        principal, body = await self.access.issue(
+            credentials, _client_host(request), _arg(request, b"service"), scopes
+        )
+        _count_usage(request, self.access, principal)
+        data = json.dumps(body).encode()
+        request.setHeader("Content-Type", "application/json")
+        request.setHeader("Cache-Control", "no-store")
+        request.setHeader("Content-Length", str(len(data)))
+        request.write(data)
+        request.finish()
 
 
 class RootResource(Resource):
@@ -219,7 +291,14 @@ class _NotFound(Resource):
         return error.body()
 
 
-def build_root(router: Router, pull: PullService) -> Resource:
+def build_root(
+    router: Router, pull: PullService, access: AccessControl | None = None, required: bool = False
+) -> Resource:
+    """The resource tree; with *access*, the token service, and checks on /v2 if *required*."""
     root = RootResource()
-    root.putChild(b"v2", V2Resource(router, pull))
+    root.putChild(b"v2", V2Resource(router, pull, access if required else None))
+    if access is not None:
+        auth = RootResource()
+        auth.putChild(b"token", TokenResource(access))
+        root.putChild(b"docker-auth", auth)
     return root

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -24,6 +25,7 @@ from typing import Any, Protocol
 
 import pytest
 
+from .client_fixtures import *  # noqa: F403 - fixtures for test_clients.py
 from .images import Image, Platform, make_image, push
 from .registries import (
     LOOPBACK,
@@ -223,6 +225,9 @@ class Dockmirror:
     def stop(self) -> None:
         """Graceful stop (SIGTERM, then SIGKILL after 10 s)."""
         self._process.stop()
+
+    def send_signal(self, signum: signal.Signals) -> None:
+        self._process.send_signal(signum)
 
     def kill9(self) -> None:
         """Kill immediately with SIGKILL, as a crash would."""

@@ -71,6 +71,15 @@ def http_status(url: str, timeout: float = 5.0) -> int:
         return error.code
 
 
+def _answers(url: str) -> bool:
+    """Whether ``url`` answers with any HTTP status."""
+    try:
+        http_status(url, timeout=1.0)
+    except OSError:
+        return False
+    return True
+
+
 class ManagedProcess:
     """A subprocess in its own process group, output appended to ``log_path``.
 
@@ -97,11 +106,12 @@ class ManagedProcess:
         """Whether the process has been started and has not exited."""
         return self._process is not None and not self._leader_exited()
 
-    def start(self, ready_url: str, timeout: float = 20.0) -> None:
-        """Start the process; return once ``ready_url`` answers with any HTTP status.
+    def start(self, ready: str | Callable[[], bool], timeout: float = 20.0) -> None:
+        """Start the process; return once it is ready.
 
-        On timeout or early exit the process is killed and a RuntimeError
-        carrying the log is raised.
+        ``ready`` is a URL that must answer with any HTTP status, or a
+        predicate that must return true.  On timeout or early exit the
+        process is killed and a RuntimeError carrying the log is raised.
         """
         if self.running:
             raise RuntimeError(f"already running: {self.argv}")
@@ -116,21 +126,21 @@ class ManagedProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        is_ready = ready if callable(ready) else lambda: _answers(ready)
+        what = "its readiness check" if callable(ready) else ready
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.running:
                 self.kill9()
                 raise RuntimeError(
-                    f"{self.argv[0]} exited before answering {ready_url}:\n{self.log_text()}"
+                    f"{self.argv[0]} exited before answering {what}:\n{self.log_text()}"
                 )
-            try:
-                http_status(ready_url, timeout=1.0)
+            if is_ready():
                 return
-            except OSError:
-                time.sleep(0.05)
+            time.sleep(0.05)
         self.kill9()
         raise RuntimeError(
-            f"{self.argv[0]} did not answer {ready_url} within {timeout}s:\n{self.log_text()}"
+            f"{self.argv[0]} did not answer {what} within {timeout}s:\n{self.log_text()}"
         )
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -142,6 +152,10 @@ class ManagedProcess:
         while not self._leader_exited() and time.monotonic() < deadline:
             time.sleep(0.02)
         self.kill9()
+
+    def send_signal(self, signum: signal.Signals) -> None:
+        """Signal the process group (it must be running)."""
+        self._signal_group(signum)
 
     def kill9(self) -> None:
         """SIGKILL the whole process group and reap the leader (no-op if not started)."""

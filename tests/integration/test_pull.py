@@ -206,6 +206,16 @@ def test_head_stays_head(plain_registry, hub, seeded, unique_repo):
     assert int(headers["content-length"]) == layer.size
 
 
+def test_blob_get_declares_its_length(plain_registry, hub, seeded, unique_repo):
+    """A short body must be detectable: the length goes out before the body."""
+    image = seeded(plain_registry, unique_repo, "v1")
+    layer = image.platforms[0].layers[0]
+    status, headers, body = curl(f"{hub.url}/v2/{unique_repo}/blobs/{layer.digest}")
+    assert status == 200
+    assert int(headers["content-length"]) == layer.size == len(body)
+    assert "transfer-encoding" not in headers
+
+
 def test_range_request(plain_registry, hub, seeded, unique_repo):
     image = seeded(plain_registry, unique_repo, "v1", layers=[100_000])
     layer = image.platforms[0].layers[0]

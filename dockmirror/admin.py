@@ -1,0 +1,152 @@
+"""``dockmirror-admin``: manage API keys, also while the server runs.
+
+It opens the server's SQLite key store (``[auth] database``) itself.  A key
+revoked here stops working in a running server within seconds: the server
+reloads the revoked keys each time it writes its usage counters, which it
+does every few seconds, so usage shown here may be that much behind too.
+
+Run it as the server's user: SQLite's files must stay writable for the server.
+
+Exit status: 0 done, 1 the operation failed (unknown or revoked key, database
+error), 2 wrong usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from dockmirror.auth.keystore import KeyDatabase, KeyInfo, KeyStoreError
+from dockmirror.config import Config, ConfigError, check_repository_prefix, load
+
+PROG = "dockmirror-admin"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Manage dockmirror's API keys.")
+    parser.add_argument(
+        "--config",
+        "-c",
+        metavar="FILE",
+        help="the server's TOML configuration (default: the embedded default configuration)",
+    )
+    groups = parser.add_subparsers(dest="group", required=True, metavar="keys")
+    keys = groups.add_parser("keys", help="create, list, revoke and rotate API keys")
+    commands = keys.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    create = commands.add_parser(
+        "create", help='make a key; prints {"appId": ..., "apiKey": ...} once'
+    )
+    create.add_argument("--name", required=True, help="who or what the key is for")
+    create.add_argument(
+        "--repository",
+        action="append",
+        metavar="UPSTREAM/PREFIX",
+        help="only allow pulls from these repositories, e.g. ghcr/myorg (repeatable)",
+    )
+    listing = commands.add_parser("list", help="list the keys and their usage")
+    listing.add_argument("--json", action="store_true", help="print a JSON list")
+    for name, description in (
+        ("revoke", "revoke a key"),
+        ("rotate", "replace a key by a new one, printed as by create; the old one is revoked"),
+    ):
+        commands.add_parser(name, help=description).add_argument("app_id", metavar="APPID")
+    return parser
+
+
+def _table(keys: Sequence[KeyInfo]) -> str:
+    header = ("APP ID", "NAME", "CREATED", "LAST USED", "REQUESTS", "BYTES SENT", "STATE")
+    rows = [header]
+    for key in keys:
+        data = key.to_json()
+        rows.append(
+            (
+                key.app_id,
+                key.name,
+                data["createdAt"],
+                data["lastUsedAt"] or "never",
+                str(key.use_count),
+                str(key.bytes_served),
+                "revoked" if key.revoked else "active",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def _run(args: argparse.Namespace, config: Config, db: KeyDatabase) -> None:
+    if args.command == "create":
+        limits = None
+        if args.repository:
+            limits = [check_repository_prefix(r, config.upstreams) for r in args.repository]
+        new = db.create(args.name, limits)
+        print(json.dumps(new.to_json()))
+        print("Keep the apiKey now: it cannot be shown again.", file=sys.stderr)
+    elif args.command == "list":
+        keys = db.list()
+        print(json.dumps([key.to_json() for key in keys], indent=2) if args.json else _table(keys))
+    elif args.command == "revoke":
+        was_revoked = db.get(args.app_id).revoked
+        db.revoke(args.app_id)
+        print(f"{args.app_id} {'was already' if was_revoked else 'is now'} revoked")
+    else:
+        new = db.rotate(args.app_id)
+        print(json.dumps(new.to_json()))
+        print(f"{args.app_id} is revoked, replaced by {new.app_id}", file=sys.stderr)
+
+
+def _warn_if_not_owner(database: Path) -> None:
+    """Warn when the state directory is someone else's, typically the server's user.
+
+    The files SQLite creates (the database, its -wal and -shm files) belong
+    to whoever creates them; a server running as another user then cannot
+    write them.
+    """
+    try:
+        owner = database.parent.stat().st_uid
+    except FileNotFoundError:
+        return
+    if owner != os.geteuid():
+        print(
+            f"{PROG}: warning: {database.parent} belongs to uid {owner}, not to uid"
+            f" {os.geteuid()}; run this as the server's user (sudo -u ...) so that the"
+            " files it creates stay writable for the server",
+            file=sys.stderr,
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load(args.config)
+    except ConfigError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 2
+    _warn_if_not_owner(Path(config.auth.database))
+    try:
+        db = KeyDatabase(config.auth.database, create=args.command == "create")
+    except KeyStoreError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 1
+    try:
+        _run(args, config, db)
+    except ValueError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 2
+    except (KeyStoreError, sqlite3.Error) as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        db.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

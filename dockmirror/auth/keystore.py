@@ -1,0 +1,485 @@
+"""The API-key store, in SQLite.
+
+:class:`KeyDatabase` is the synchronous store over a single connection; the
+``dockmirror-admin`` command uses it as it is, even while the server runs (WAL
+mode lets one writer and many readers share the file).  :class:`KeyStore` is
+the server's service around it: every query runs on one dedicated thread, and
+usage counters are added up in memory and written in batches.
+
+Only an HMAC-SHA256 of each apiKey, under a random per-key salt, is stored.
+An apiKey carries 256 random bits, so a fast hash is as good as a slow one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import sqlite3
+import string
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+from twisted.application import service
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from dockmirror.auth.secretfile import make_private_directory
+
+log = Logger()
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+APP_ID_PREFIX = "app_"
+API_KEY_PREFIX = "sk_"
+_APP_ID_ALPHABET = string.ascii_lowercase + string.digits
+_APP_ID_LENGTH = 20  # 103 random bits: unguessable, though not a secret
+_SECRET_BYTES = 32
+_SALT_BYTES = 16
+#: Credentials longer than this are refused before any hashing.
+MAX_CREDENTIAL_LENGTH = 256
+NAME_MAX = 100
+BUSY_TIMEOUT_MS = 5000
+#: Seconds between writes of the usage counters.
+FLUSH_INTERVAL = 5.0
+
+_COLUMNS = (
+    "app_id, name, created_at, revoked_at, last_used_at,"
+    " use_count, bytes_served, repositories, replaced_by"
+)
+
+
+class KeyStoreError(Exception):
+    """A key-store operation cannot be done; the message says why."""
+
+
+def iso_time(timestamp: float) -> str:
+    """``2024-05-01T12:00:00Z``."""
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _iso(timestamp: int | None) -> str | None:
+    return iso_time(timestamp) if timestamp is not None else None
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    value = n / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def _hash(salt: bytes, api_key: str) -> bytes:
+    return hmac.new(salt, api_key.encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """One key as listed: never its secret."""
+
+    app_id: str
+    name: str
+    created_at: int
+    revoked_at: int | None
+    last_used_at: int | None
+    use_count: int
+    bytes_served: int
+    #: ``UPSTREAM/PREFIX`` rules this key may pull from; None: everything.
+    repositories: tuple[str, ...] | None
+    replaced_by: str | None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "appId": self.app_id,
+            "name": self.name,
+            "createdAt": _iso(self.created_at),
+            "lastUsedAt": _iso(self.last_used_at),
+            "useCount": self.use_count,
+            "bytesServed": self.bytes_served,
+            "revoked": self.revoked,
+            "revokedAt": _iso(self.revoked_at),
+            "replacedBy": self.replaced_by,
+            "repositories": list(self.repositories) if self.repositories is not None else None,
+        }
+
+    def __repr__(self) -> str:
+        state = f"revoked {_iso(self.revoked_at)}" if self.revoked else "active"
+        scope = "" if self.repositories is None else f" only {','.join(self.repositories)}"
+        return (
+            f"<key {self.app_id} {self.name!r} {state}{scope}: {self.use_count} requests,"
+            f" {_size(self.bytes_served)}, last used {_iso(self.last_used_at) or 'never'}>"
+        )
+
+
+class KeyList(list[KeyInfo]):
+    """Keys, shown as a table at the manhole prompt."""
+
+    def __repr__(self) -> str:
+        lines = [f"{len(self)} keys"]
+        lines.extend(repr(key) for key in self)
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class NewKey:
+    """A key just made: the only time its apiKey is known."""
+
+    app_id: str
+    api_key: str
+    name: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"appId": self.app_id, "apiKey": self.api_key}
+
+    def __repr__(self) -> str:
+        return f"<new key {self.name!r}: appId {self.app_id} apiKey {self.api_key}>"
+
+
+@dataclass
+class Usage:
+    """Usage of one key not yet written to the database."""
+
+    requests: int = 0
+    bytes: int = 0
+    last_used: int = 0
+
+    def add(self, requests: int, nbytes: int, last_used: int) -> None:
+        self.requests += requests
+        self.bytes += nbytes
+        self.last_used = max(self.last_used, last_used)
+
+
+def _check_name(name: str) -> str:
+    if not name.strip() or len(name) > NAME_MAX or not name.isprintable():
+        raise ValueError(f"a key name is 1 to {NAME_MAX} printable characters")
+    return name
+
+
+def _info(row: Sequence[Any]) -> KeyInfo:
+    repositories = json.loads(row[7]) if row[7] is not None else None
+    return KeyInfo(
+        app_id=row[0],
+        name=row[1],
+        created_at=row[2],
+        revoked_at=row[3],
+        last_used_at=row[4],
+        use_count=row[5],
+        bytes_served=row[6],
+        repositories=tuple(repositories) if repositories is not None else None,
+        replaced_by=row[8],
+    )
+
+
+class KeyDatabase:
+    """The key store over one SQLite connection.
+
+    The connection may be handed to another thread once opened, as long as
+    one thread at a time uses it.
+    """
+
+    def __init__(
+        self, path: str | Path, *, create: bool = True, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.path = Path(path)
+        self._clock = clock
+        if not self.path.exists():
+            if not create:
+                raise KeyStoreError(
+                    f"{self.path}: no key database (dockmirror creates it when it starts)"
+                )
+            make_private_directory(self.path.parent)
+            try:
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                pass
+        try:
+            self._conn = sqlite3.connect(
+                self.path,
+                timeout=BUSY_TIMEOUT_MS / 1000,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as e:
+            raise KeyStoreError(f"{self.path}: cannot open: {e}") from None
+        try:
+            self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            self._conn.execute("PRAGMA journal_mode = WAL")
+            self._conn.execute("PRAGMA synchronous = NORMAL")
+            self._conn.execute("PRAGMA foreign_keys = ON")
+            self._migrate()
+        except sqlite3.Error as e:
+            self._conn.close()
+            raise KeyStoreError(f"{self.path}: {e}") from None
+        except KeyStoreError:
+            self._conn.close()
+            raise
+
+    def _migrate(self) -> None:
+        known = self._conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'version'"
+        ).fetchone()
+        if not known:
+            schema = resources.files("dockmirror.auth").joinpath("schema.sql").read_text()
+            self._conn.executescript(schema)
+        (version,) = self._conn.execute("SELECT version FROM version").fetchone()
+        if version != SCHEMA_VERSION:
+            raise KeyStoreError(
+                f"{self.path}: key database schema version {version};"
+                f" this dockmirror knows version {SCHEMA_VERSION}"
+            )
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def _now(self) -> int:
+        return int(self._clock())
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction, holding the write lock from its start."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    def _get(self, app_id: str) -> KeyInfo:
+        row = self._conn.execute(
+            f"SELECT {_COLUMNS} FROM keys WHERE app_id = ?", (app_id,)
+        ).fetchone()
+        if row is None:
+            raise KeyStoreError(f"no key {app_id}")
+        return _info(row)
+
+    def _insert(self, name: str, repositories: Sequence[str] | None) -> NewKey:
+        app_id = APP_ID_PREFIX + "".join(
+            secrets.choice(_APP_ID_ALPHABET) for _ in range(_APP_ID_LENGTH)
+        )
+        api_key = API_KEY_PREFIX + secrets.token_urlsafe(_SECRET_BYTES)
+        salt = secrets.token_bytes(_SALT_BYTES)
+        self._conn.execute(
+            "INSERT INTO keys (app_id, name, salt, secret_hash, repositories, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                app_id,
+                name,
+                salt,
+                _hash(salt, api_key),
+                json.dumps(list(repositories)) if repositories is not None else None,
+                self._now(),
+            ),
+        )
+        return NewKey(app_id, api_key, name)
+
+    def create(self, name: str, repositories: Sequence[str] | None = None) -> NewKey:
+        """Make a key; *repositories* limits it to those ``UPSTREAM/PREFIX`` rules."""
+        _check_name(name)
+        with self._transaction():
+            return self._insert(name, repositories)
+
+    def get(self, app_id: str) -> KeyInfo:
+        return self._get(app_id)
+
+    def list(self) -> KeyList:
+        rows = self._conn.execute(f"SELECT {_COLUMNS} FROM keys ORDER BY created_at, app_id")
+        return KeyList(_info(row) for row in rows)
+
+    def revoke(self, app_id: str) -> KeyInfo:
+        """Revoke a key; revoking a revoked key changes nothing."""
+        with self._transaction() as conn:
+            self._get(app_id)
+            conn.execute(
+                "UPDATE keys SET revoked_at = ? WHERE app_id = ? AND revoked_at IS NULL",
+                (self._now(), app_id),
+            )
+            return self._get(app_id)
+
+    def rotate(self, app_id: str) -> NewKey:
+        """Replace a key by a new one with the same name and limits; revoke the old one."""
+        with self._transaction() as conn:
+            old = self._get(app_id)
+            if old.revoked:
+                raise KeyStoreError(f"key {app_id} is revoked; create a new key instead")
+            new = self._insert(old.name, old.repositories)
+            conn.execute(
+                "UPDATE keys SET revoked_at = ?, replaced_by = ? WHERE app_id = ?",
+                (self._now(), new.app_id, app_id),
+            )
+            return new
+
+    def verify(self, app_id: str, api_key: str) -> KeyInfo | None:
+        """The key if *api_key* is its secret and it is not revoked, else None.
+
+        The secret is compared in constant time, and an unknown appId costs
+        the same hashing as a known one.
+        """
+        row = None
+        if len(app_id) <= MAX_CREDENTIAL_LENGTH and len(api_key) <= MAX_CREDENTIAL_LENGTH:
+            row = self._conn.execute(
+                f"SELECT salt, secret_hash, {_COLUMNS} FROM keys WHERE app_id = ?", (app_id,)
+            ).fetchone()
+        salt, expected = (row[0], row[1]) if row else (_UNKNOWN_SALT, b"")
+        matches = hmac.compare_digest(_hash(salt, api_key[:MAX_CREDENTIAL_LENGTH]), expected)
+        if row is None or not matches:
+            return None
+        info = _info(row[2:])
+        return None if info.revoked else info
+
+    def add_usage(self, usage: Mapping[str, Usage]) -> None:
+        """Add batched usage counters, in one transaction."""
+        with self._transaction() as conn:
+            conn.executemany(
+                "UPDATE keys SET use_count = use_count + ?, bytes_served = bytes_served + ?,"
+                " last_used_at = max(coalesce(last_used_at, 0), ?) WHERE app_id = ?",
+                [(u.requests, u.bytes, u.last_used, app_id) for app_id, u in usage.items()],
+            )
+
+    def revoked_ids(self) -> frozenset[str]:
+        rows = self._conn.execute("SELECT app_id FROM keys WHERE revoked_at IS NOT NULL")
+        return frozenset(app_id for (app_id,) in rows)
+
+    def stats(self) -> dict[str, Any]:
+        keys, revoked, requests, sent, last = self._conn.execute(
+            "SELECT count(*), count(revoked_at), coalesce(sum(use_count), 0),"
+            " coalesce(sum(bytes_served), 0), max(last_used_at) FROM keys"
+        ).fetchone()
+        return {
+            "keys": keys,
+            "active": keys - revoked,
+            "revoked": revoked,
+            "requests": requests,
+            "bytesServed": sent,
+            "lastUsedAt": _iso(last),
+        }
+
+
+#: Hashed against when an appId is unknown, so that it takes as long as a known one.
+_UNKNOWN_SALT = secrets.token_bytes(_SALT_BYTES)
+
+
+class KeyStore(service.Service):
+    """The server's key store: one database thread, batched usage counters.
+
+    The database is opened when the service starts, not before: twistd forks
+    to daemonize after making its services, and an SQLite connection must not
+    cross a fork (its POSIX locks stay behind in the parent).
+
+    ``revoked`` is the set of revoked appIds, refreshed at each flush, so that
+    bearer tokens of a key revoked by ``dockmirror-admin`` stop working within
+    :data:`FLUSH_INTERVAL` seconds rather than when they expire.
+    """
+
+    def __init__(
+        self, path: str | Path, reactor: Any, flush_interval: float = FLUSH_INTERVAL
+    ) -> None:
+        self.path = Path(path)
+        self._reactor = reactor
+        self._interval = flush_interval
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="dockmirror-keystore")
+        self._pending: dict[str, Usage] = {}
+        self._loop = LoopingCall(self.flush)
+        self._loop.clock = reactor
+        self.revoked: frozenset[str] = frozenset()
+
+    def startService(self) -> None:
+        # Opening is quick (a file, a few pragmas), and done once, before serving.
+        self._db = KeyDatabase(self.path)
+        self.revoked = self._db.revoked_ids()
+        super().startService()
+        self._pool.start()
+        self._loop.start(self._interval, now=False)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+        await self.flush()
+        await self._run(self._db.close)
+        self._pool.stop()
+
+    async def _run(self, f: Callable[..., T], *args: Any) -> T:
+        try:
+            return await deferToThreadPool(self._reactor, self._pool, f, *args)
+        except sqlite3.Error as e:
+            raise KeyStoreError(f"{self.path}: {e}") from e
+
+    def record(self, app_id: str, nbytes: int) -> None:
+        """Count one request by *app_id* that sent *nbytes*; written at the next flush."""
+        now = int(self._reactor.seconds())
+        self._pending.setdefault(app_id, Usage()).add(1, nbytes, now)
+
+    def flush(self) -> Deferred[None]:
+        """Write the pending usage counters and reload the revoked set."""
+        return Deferred.fromCoroutine(self._flush())
+
+    async def _flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        try:
+            if pending:
+                await self._run(self._db.add_usage, pending)
+            self.revoked = await self._run(self._db.revoked_ids)
+        except KeyStoreError as e:
+            log.error("cannot write key usage: {error}", error=str(e))
+            for app_id, usage in pending.items():
+                self._pending.setdefault(app_id, Usage()).add(
+                    usage.requests, usage.bytes, usage.last_used
+                )
+
+    async def check(self) -> bool | str:
+        """For ``/healthz``: True while the database answers a query."""
+        if not self.running:
+            return "the key store is not open"
+        try:
+            await self._run(self._db.revoked_ids)
+        except KeyStoreError as e:
+            return str(e)
+        return True
+
+    async def verify(self, app_id: str, api_key: str) -> KeyInfo | None:
+        return await self._run(self._db.verify, app_id, api_key)
+
+    async def create(self, name: str, repositories: Sequence[str] | None = None) -> NewKey:
+        return await self._run(self._db.create, name, repositories)
+
+    async def list(self) -> KeyList:
+        return await self._run(self._db.list)
+
+    async def revoke(self, app_id: str) -> KeyInfo:
+        info = await self._run(self._db.revoke, app_id)
+        self.revoked |= {app_id}
+        return info
+
+    async def rotate(self, app_id: str) -> NewKey:
+        new = await self._run(self._db.rotate, app_id)
+        self.revoked |= {app_id}
+        return new
+
+    async def stats(self) -> dict[str, Any]:
+        stats = await self._run(self._db.stats)
+        stats["pendingUsage"] = sum(u.requests for u in self._pending.values())
+        return stats

@@ -1,0 +1,215 @@
+"""The challenge-driven upstream client, against in-memory registries."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+from treq.testing import StubTreq
+from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from dockmirror.metrics import Metrics
+from dockmirror.upstream import UpstreamClient, UpstreamError
+
+
+class FakeRegistry(Resource):
+    """A registry at https://registry-1.docker.io with a token realm on auth.docker.io."""
+
+    isLeaf = True
+
+    def __init__(self, realm: str = "https://auth.docker.io/token", lifetime: int = 300) -> None:
+        super().__init__()
+        self.realm = realm
+        self.lifetime = lifetime
+        self.issued = 0
+        self.token_requests: list[dict[str, Any]] = []
+        self.registry_requests: list[str | None] = []
+
+    def render(self, request: Request) -> bytes:
+        host = request.getHeader("host")
+        if request.path == b"/token":
+            self.issued += 1
+            self.token_requests.append(
+                {
+                    "host": host,
+                    "args": {
+                        k.decode(): [v.decode() for v in vs] for k, vs in request.args.items()
+                    },
+                    "authorization": request.getHeader("authorization"),
+                }
+            )
+            return json.dumps({"token": f"t{self.issued}", "expires_in": self.lifetime}).encode()
+        auth = request.getHeader("authorization")
+        self.registry_requests.append(auth)
+        if auth != f"Bearer t{self.issued}" or self.issued == 0:
+            request.setResponseCode(401)
+            scope = "repository:" + request.path.decode().split("/v2/")[1].rsplit("/", 2)[0]
+            request.setHeader(
+                "WWW-Authenticate",
+                f'Bearer realm="{self.realm}",service="registry.docker.io",scope="{scope}:pull"',
+            )
+            return b'{"errors":[{"code":"UNAUTHORIZED","message":"x","detail":null}]}'
+        return b"manifest"
+
+
+def make_client(
+    resource: Resource, username: str | None = None, password: str | None = None
+) -> tuple[UpstreamClient, StubTreq, MemoryReactorClock]:
+    stub = StubTreq(resource)
+    clock = MemoryReactorClock()
+    client = UpstreamClient(
+        "hub", "https://registry-1.docker.io", stub, clock, Metrics(), username, password
+    )
+    return client, stub, clock
+
+
+def fetch(
+    client: UpstreamClient, stub: StubTreq, repository: str = "library/nginx"
+) -> tuple[int, bytes]:
+    async def go() -> tuple[int, bytes]:
+        response = await client.request("GET", repository, "manifests/latest")
+        body: bytes = await response.content()
+        return response.code, body
+
+    results: list[Any] = []
+    Deferred.fromCoroutine(go()).addBoth(results.append)
+    stub.flush()
+    [result] = results
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result
+
+
+def test_bearer_challenge_then_cached_token() -> None:
+    registry = FakeRegistry()
+    client, stub, clock = make_client(registry)
+    assert fetch(client, stub) == (200, b"manifest")
+    assert registry.issued == 1
+    assert registry.token_requests[0]["args"] == {
+        "service": ["registry.docker.io"],
+        "scope": ["repository:library/nginx:pull"],
+    }
+    assert registry.token_requests[0]["authorization"] is None
+    # The second request sends the cached token straight away.
+    registry.registry_requests.clear()
+    assert fetch(client, stub) == (200, b"manifest")
+    assert registry.issued == 1
+    assert registry.registry_requests == ["Bearer t1"]
+
+
+def test_token_is_refreshed_when_it_expires() -> None:
+    registry = FakeRegistry(lifetime=60)
+    client, stub, clock = make_client(registry)
+    fetch(client, stub)
+    clock.advance(30)
+    fetch(client, stub)
+    assert registry.issued == 1
+    clock.advance(25)  # within the safety margin of the 60 s lifetime
+    registry.registry_requests.clear()
+    fetch(client, stub)
+    assert registry.issued == 2
+    assert registry.registry_requests == ["Bearer t2"]
+
+
+def test_a_token_per_repository_scope() -> None:
+    registry = FakeRegistry()
+    client, stub, _ = make_client(registry)
+    fetch(client, stub, "library/nginx")
+    fetch(client, stub, "library/alpine")
+    assert [r["args"]["scope"] for r in registry.token_requests] == [
+        ["repository:library/nginx:pull"],
+        ["repository:library/alpine:pull"],
+    ]
+
+
+def test_credentials_go_to_a_realm_on_the_same_domain() -> None:
+    registry = FakeRegistry()
+    client, stub, _ = make_client(registry, "user", "pass")
+    fetch(client, stub)
+    [token_request] = registry.token_requests
+    expected = "Basic " + base64.b64encode(b"user:pass").decode()
+    assert token_request["authorization"] == expected
+    assert token_request["args"]["account"] == ["user"]
+
+
+def test_credentials_never_go_to_a_foreign_realm() -> None:
+    registry = FakeRegistry(realm="https://evil.example/token")
+    client, stub, _ = make_client(registry, "user", "pass")
+    fetch(client, stub)
+    [token_request] = registry.token_requests
+    assert token_request["authorization"] is None
+    assert "account" not in token_request["args"]
+
+
+class BasicRegistry(Resource):
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        if request.getHeader("authorization") != "Basic " + base64.b64encode(b"u:p").decode():
+            request.setResponseCode(401)
+            request.setHeader("WWW-Authenticate", 'Basic realm="Registry Realm"')
+            return b""
+        return b"ok"
+
+
+def test_basic_challenge_uses_configured_credentials() -> None:
+    client, stub, _ = make_client(BasicRegistry(), "u", "p")
+    assert fetch(client, stub) == (200, b"ok")
+
+
+def test_basic_challenge_without_credentials_returns_the_401() -> None:
+    client, stub, _ = make_client(BasicRegistry())
+    assert fetch(client, stub)[0] == 401
+
+
+class BrokenTokenService(FakeRegistry):
+    def render(self, request: Request) -> bytes:
+        if request.path == b"/token":
+            return b"not json"
+        return super().render(request)
+
+
+def test_a_broken_token_service_is_an_upstream_error() -> None:
+    client, stub, _ = make_client(BrokenTokenService())
+    with pytest.raises(UpstreamError, match="without a token"):
+        fetch(client, stub)
+
+
+class RedirectingRegistry(FakeRegistry):
+    """Blobs redirect to a CDN host, as Docker Hub's do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cdn_authorization: list[str | None] = []
+
+    def render(self, request: Request) -> bytes:
+        if request.getHeader("host") == "cdn.example":
+            self.cdn_authorization.append(request.getHeader("authorization"))
+            return b"layer bytes"
+        if b"/blobs/" in request.path and request.getHeader("authorization") == "Bearer t1":
+            request.setResponseCode(307)
+            request.setHeader("Location", "https://cdn.example/blob?sig=abc")
+            return b""
+        return super().render(request)
+
+
+def test_redirects_are_followed_without_authorization() -> None:
+    registry = RedirectingRegistry()
+    client, stub, _ = make_client(registry)
+
+    async def go() -> bytes:
+        response = await client.request("GET", "library/nginx", "blobs/sha256:" + "a" * 64)
+        body: bytes = await response.content()
+        return body
+
+    results: list[Any] = []
+    Deferred.fromCoroutine(go()).addBoth(results.append)
+    stub.flush()
+    assert results == [b"layer bytes"]
+    assert registry.cdn_authorization == [None]
