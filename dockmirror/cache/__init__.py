@@ -88,7 +88,13 @@ class Cache(service.Service):
         return partial(deferToThreadPool, reactor, pool)
 
     def __repr__(self) -> str:
-        return f"<Cache {self.blobs!r} {self.manifests!r}>"
+        stats = self.stats()
+        quota = f" of {stats['max_size']}" if stats["max_size"] is not None else ""
+        return (
+            f"<cache {self.directory}: {stats['blobs']} blobs, {stats['size']}{quota} bytes,"
+            f" {len(stats['fills'])} fills; stats(), purge(repository or digest),"
+            " prefetch(image)>"
+        )
 
     def startService(self) -> None:
         """Recover the cache before the mirror listens: blocking, and on purpose."""

@@ -16,6 +16,7 @@ from twisted.internet import reactor
 from dockmirror.config import load
 from dockmirror.tap import build_service
 
+from . import test_manhole
 from .conftest import toml_document
 from .images import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, pull, skopeo
 from .test_pull import assert_pulled, curl, error_code
@@ -355,3 +356,28 @@ async def test_prefetch_warms_every_platform(plain_registry, seeded, unique_repo
         assert plain_registry.count_requests("GET", f"/blobs/{blob.digest}") == 1
     for digest in (image.digest, *(p.digest for p in image.platforms)):
         assert (tmp_path / "cache" / "blobs" / "sha256" / digest[7:9] / digest[7:]).exists()
+
+
+manhole = test_manhole.manhole
+
+
+def test_the_operator_shell(manhole, plain_registry, seeded, unique_repo, tmp_path):
+    image = seeded(plain_registry, unique_repo, "v1", layers=[1000, 2000])
+    mirror, port, authorized = manhole
+    operator = test_manhole.keypair(tmp_path, "operator")
+    authorized.write_text(Path(f"{operator}.pub").read_text())
+    session = test_manhole.Session(port, operator)
+    try:
+        session.expect(">>> ")
+        session.send("cache")
+        session.expect(r"<cache \S+: 0 blobs, 0 bytes, 0 fills; stats\(\)")
+        session.send(f'cache.prefetch("{unique_repo}:v1")')
+        session.expect(r"Deferred #0 called back: \{'image': .*'manifests': 1, 'blobs': 3,")
+        session.send("cache.stats()['blobs']")
+        session.expect(r"\n4\r?\n")
+        session.send(f'cache.purge("{unique_repo}")')
+        session.expect(r"\{'repositories': \['hub/" + re.escape(unique_repo) + r"'\], 'tags': 1")
+        assert session.close() == 0
+    finally:
+        session.close()
+    assert not any(blob.digest in cached_blobs(mirror) for blob in image.blobs)

@@ -151,7 +151,7 @@ def test_stats_and_repr(tmp_path):
     stats = cache.stats()
     assert stats["size"] == 4 and stats["blobs"] == 1 and stats["max_size"] == 1 << 20
     assert stats["fills"] == {} and stats["oversize"] == "passthrough"
-    assert "1 blobs, 4/1048576 bytes" in repr(cache)
+    assert "1 blobs, 4 of 1048576 bytes, 0 fills; stats()" in repr(cache)
     cache.stopService()
 
 
