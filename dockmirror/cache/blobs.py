@@ -5,6 +5,7 @@ Layout under the cache directory::
     blobs/sha256/ab/abcdef...   one file per digest, no extension
     tmp/                        fills in progress, emptied at start
     index.sqlite                see :mod:`dockmirror.cache.index`
+    lock                        held by the process using the directory
 
 Layers and manifests are both blobs here: stored once by digest, whatever
 upstream or repository they came through.  Who may read them is a separate
