@@ -428,10 +428,8 @@ class PullService:
             fill.abandon(await self._failure(route, response, "BLOB_UNKNOWN", False))
             return
         length = _content_length(response)
-        if length not in (None, fill.size):
-            assert length is not None
+        if length is not None and length != fill.size:
             discard(response)
-            self.cache.blobs.hint(fill.digest, length)
             fill.abandon(StreamError(f"{length} bytes for {fill.digest}, {fill.size} expected"))
             return
         self.cache.blobs.allow(origin, [fill.digest])

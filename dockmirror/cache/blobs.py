@@ -272,6 +272,8 @@ class BlobStore:
 
     def failed(self, fill: Fill) -> None:
         self._end_fill(fill)
+        # The size may have been wrong: the next request asks the upstream again.
+        self._hints.pop(fill.digest, None)
 
     def _end_fill(self, fill: Fill) -> None:
         if self._fills.get(fill.digest) is fill:
