@@ -1,0 +1,178 @@
+"""The pull side consulting the cache, against a scripted upstream."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http_headers import Headers
+
+from dockmirror.cache import Cache
+from dockmirror.config import CacheConfig
+from dockmirror.errors import RegistryError
+from dockmirror.metrics import Metrics
+from dockmirror.pull import PullService
+from dockmirror.routing import Route, Upstream
+from dockmirror.upstream import UpstreamError
+
+from ._cache_support import UpstreamTransport, run_now, sha256
+
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+LAYER = b"layer bytes" * 100
+MANIFEST = json.dumps(
+    {"layers": [{"digest": sha256(LAYER), "size": len(LAYER)}], "mediaType": DOCKER_MANIFEST}
+).encode()
+
+
+@dataclass
+class Answer:
+    code: int
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class ScriptedResponse:
+    def __init__(self, method: str, answer: Answer) -> None:
+        self.code = answer.code
+        self.headers = Headers({k: [v] for k, v in answer.headers.items()})
+        self.length = 0 if method == "HEAD" else len(answer.body)
+        self.request = type("Request", (), {"method": method.encode()})()
+        self._body = b"" if method == "HEAD" else answer.body
+
+    def deliverBody(self, protocol: Any) -> None:
+        protocol.makeConnection(UpstreamTransport())
+        if self._body:
+            protocol.dataReceived(self._body)
+        protocol.connectionLost(Failure(ResponseDone()))
+
+
+class ScriptedUpstream:
+    """Answers ``METHOD path`` from a table; None in the table: unreachable."""
+
+    def __init__(self) -> None:
+        self.answers: dict[tuple[str, str], Answer | None] = {}
+        self.requests: list[tuple[str, str]] = []
+
+    def client(self, route: Route) -> ScriptedUpstream:
+        return self
+
+    async def request(self, method: str, repository: str, path: str, *args: Any) -> Any:
+        self.requests.append((method, path))
+        answer = self.answers[(method, path)]
+        if answer is None:
+            raise UpstreamError("connection refused")
+        return ScriptedResponse(method, answer)
+
+
+def manifest_answer(body: bytes = MANIFEST) -> Answer:
+    return Answer(
+        200, body, {"Content-Type": DOCKER_MANIFEST, "Docker-Content-Digest": sha256(body)}
+    )
+
+
+@pytest.fixture
+def setup(tmp_path):
+    clock = MemoryReactorClock()
+    upstream = ScriptedUpstream()
+    config = CacheConfig(directory=str(tmp_path), manifest_ttl=60)
+    cache = Cache(config, clock, Metrics(), run=run_now, run_index=run_now)
+    cache.startService()
+    pull = PullService(upstream, clock, cache.metrics, cache)  # type: ignore[arg-type]
+    route = Route(Upstream("hub", None, None, (), ()), "http://up", "library/x", "x")
+    yield clock, upstream, cache, pull, route
+    cache.stopService()
+
+
+def get(d: Deferred) -> Any:
+    results: list[Any] = []
+    d.addBoth(results.append)
+    [result] = results
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result
+
+
+def manifest(pull, route, head=False):
+    return get(Deferred.fromCoroutine(pull.manifest(route, "v1", DOCKER_MANIFEST, head)))
+
+
+@pytest.mark.parametrize("failure", [None, Answer(503), Answer(429, headers={"Retry-After": "9"})])
+def test_an_expired_tag_is_served_stale_when_the_upstream_fails(setup, failure):
+    clock, upstream, cache, pull, route = setup
+    upstream.answers[("GET", "manifests/v1")] = manifest_answer()
+    assert manifest(pull, route).headers["X-Cache"] == "MISS"
+    clock.advance(60)
+    upstream.answers[("HEAD", "manifests/v1")] = failure
+    reply = manifest(pull, route)
+    assert (reply.headers["X-Cache"], reply.body) == ("STALE", MANIFEST)
+    assert cache.metrics.cache_stale._value.get() == 1
+
+
+def test_without_serve_stale_the_failure_is_the_answer(setup):
+    clock, upstream, cache, pull, route = setup
+    upstream.answers[("GET", "manifests/v1")] = manifest_answer()
+    manifest(pull, route)
+    cache.serve_stale = False
+    clock.advance(60)
+    upstream.answers[("HEAD", "manifests/v1")] = Answer(503)
+    with pytest.raises(RegistryError) as info:
+        manifest(pull, route)
+    assert info.value.code == "UNAVAILABLE"
+
+
+@pytest.mark.parametrize(
+    "code, error", [(401, "DENIED"), (403, "DENIED"), (404, "MANIFEST_UNKNOWN")]
+)
+def test_a_refusal_is_never_served_stale(setup, code, error):
+    clock, upstream, cache, pull, route = setup
+    upstream.answers[("GET", "manifests/v1")] = manifest_answer()
+    manifest(pull, route)
+    clock.advance(60)
+    upstream.answers[("HEAD", "manifests/v1")] = Answer(code)
+    with pytest.raises(RegistryError) as info:
+        manifest(pull, route)
+    assert info.value.code == error
+    upstream.answers[("HEAD", "manifests/v1")] = manifest_answer()
+    # A tag the upstream no longer has is forgotten, and fetched again.
+    assert manifest(pull, route).headers["X-Cache"] == ("MISS" if code == 404 else "REVALIDATED")
+
+
+def test_a_moved_tag_to_a_cached_manifest_needs_no_get(setup):
+    clock, upstream, cache, pull, route = setup
+    other = MANIFEST + b"\n"
+    upstream.answers[("GET", "manifests/v1")] = manifest_answer()
+    manifest(pull, route)
+    upstream.answers[("GET", f"manifests/{sha256(other)}")] = manifest_answer(other)
+    get(Deferred.fromCoroutine(pull.manifest(route, sha256(other), None, False)))
+    clock.advance(60)
+    upstream.answers[("HEAD", "manifests/v1")] = manifest_answer(other)
+    reply = manifest(pull, route, head=True)
+    assert reply.headers["X-Cache"] == "REVALIDATED"
+    assert reply.headers["Docker-Content-Digest"] == sha256(other)
+    assert upstream.requests.count(("GET", "manifests/v1")) == 1
+
+
+def test_a_blob_a_cached_manifest_refers_to_needs_no_head(setup):
+    clock, upstream, cache, pull, route = setup
+    upstream.answers[("GET", "manifests/v1")] = manifest_answer()
+    manifest(pull, route)
+    upstream.answers[("GET", f"blobs/{sha256(LAYER)}")] = Answer(200, LAYER)
+    reply = get(Deferred.fromCoroutine(pull.blob(route, sha256(LAYER), False, None)))
+    assert (reply.status, reply.headers["X-Cache"]) == (200, "MISS")
+    client = StringTransport()
+    assert get(reply.stream.write_to(client)) == len(LAYER)
+    assert client.value() == LAYER
+    assert ("HEAD", f"blobs/{sha256(LAYER)}") not in upstream.requests
+    assert cache.blobs.has(sha256(LAYER))
+    # Through another repository of the same upstream, the upstream is asked first.
+    elsewhere = Route(route.upstream, "http://up", "library/y", "y")
+    upstream.answers[("HEAD", f"blobs/{sha256(LAYER)}")] = Answer(404)
+    with pytest.raises(RegistryError) as info:
+        get(Deferred.fromCoroutine(pull.blob(elsewhere, sha256(LAYER), False, None)))
+    assert info.value.code == "BLOB_UNKNOWN"
