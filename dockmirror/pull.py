@@ -277,7 +277,7 @@ class PullService:
         manifests.set_tag(origin, tag, digest, media_type)
         return self._cached_manifest(digest, REVALIDATED, head)
 
-    def _stale(self, entry: TagEntry, error: RegistryError, head: bool) -> Reply | None:
+    def _stale(self, entry: TagEntry, error: RegistryError, head: bool) -> Reply:
         if not self.cache.serve_stale:
             raise error
         reply = self._cached_manifest(entry.digest, STALE, head)
