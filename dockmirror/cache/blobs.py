@@ -408,10 +408,10 @@ class BlobReader:
     """Bytes [start, end) of a blob file, written to a client as fast as it reads.
 
     While the blob is still being filled, the reader follows the file as it
-    grows; it never sends a blob's last byte before the fill is verified,
-    and fails when the fill does.  Each reader has its own pace: the client
-    pausing it pauses nothing else.  :attr:`done` fires with the byte count
-    or fails with :class:`StreamError`.
+    grows.  It never sends a blob's last byte before the fill is verified,
+    and fails if the fill fails before that.  Each reader has its own pace:
+    the client pausing it pauses nothing else.  :attr:`done` fires with the
+    byte count or fails with :class:`StreamError`.
     """
 
     def __init__(
@@ -464,13 +464,13 @@ class BlobReader:
     def _readable(self) -> int:
         """How far the reader may go now."""
         fill = self._fill
-        if fill is None or fill.committed:
+        if fill is None or fill.verified:
             return self._end
         return min(self._end, fill.written, fill.size - 1)
 
     def _finished(self) -> bool:
         fill = self._fill
-        return self._pos >= self._end and (fill is None or fill.committed or self._end < fill.size)
+        return self._pos >= self._end and (fill is None or fill.verified or self._end < fill.size)
 
     def _pump(self) -> None:
         """Write chunks until the client pauses, the file has no more, or a burst is done."""
@@ -481,7 +481,7 @@ class BlobReader:
             for _ in range(BURST):
                 if self._paused or self._fd is None:
                     return
-                if self._fill is not None and self._fill.error is not None:
+                if self._fill is not None and self._fill.error and not self._fill.verified:
                     self._fail(StreamError(f"filling {self.digest} failed: {self._fill.error}"))
                     return
                 if not self._send(self._readable()):

@@ -46,7 +46,9 @@ class Fill(Protocol):
     :meth:`start`-ed with the upstream response or :meth:`abandon`-ed.
     :attr:`ready` fires once the temporary file exists; :attr:`finished` once
     the blob is committed, or fails with the reason it is not.  Readers
-    :meth:`subscribe` to hear of every change of :attr:`written`.
+    :meth:`subscribe` to hear of every change of :attr:`written` and of
+    :attr:`verified`, which lets them send the last byte while the file is
+    being made durable.
     """
 
     def __init__(
@@ -73,6 +75,8 @@ class Fill(Protocol):
         self.received = 0
         #: Bytes in the temporary file, readable by followers.
         self.written = 0
+        #: The whole body is written and matches the digest: readers may finish.
+        self.verified = False
         self.committed = False
         self.error: Exception | None = None
         self._fd: int | None = None
@@ -215,6 +219,8 @@ class Fill(Protocol):
             )
             self._fail(DigestMismatch(f"upstream bytes do not match {self.digest}"))
             return
+        self.verified = True
+        self._notify()
         fd, self._fd = self._fd, None
         self._writing = True  # the file is ours until it is in place
         self._run(files.install, fd, self.temp_path, self.store.path(self.digest)).addCallbacks(

@@ -34,8 +34,14 @@ class HeldRunner:
         return d
 
     def run_all(self) -> None:
+        """Run the work queued, and the work that queues, until there is none."""
         while self.queue:
-            f, args, d = self.queue.pop(0)
+            self.run_queued()
+
+    def run_queued(self) -> None:
+        """Run only the work queued now."""
+        queued, self.queue = self.queue, []
+        for f, args, d in queued:
             maybeDeferred(f, *args).chainDeferred(d)
 
 

@@ -171,3 +171,18 @@ def test_a_reader_arriving_during_the_rename_opens_the_final_file(tmp_path):
     os.rename(fill.temp_path, store.path(DIGEST))
     _, client, _ = follow(store)
     assert client.value() == DATA[:-1]
+
+
+def test_readers_finish_once_verified_while_the_file_is_made_durable(tmp_path):
+    disk = HeldRunner()
+    store = make_store(tmp_path, run=disk)
+    fill, response = started(store)
+    disk.run_all()  # the temporary file is created
+    _, client, done = follow(store)
+    response.send(DATA)
+    response.end()
+    disk.run_queued()  # written and hashed; fsync and rename are queued
+    assert fill.verified and not fill.committed
+    assert client.value() == DATA and done.called
+    disk.run_queued()
+    assert fill.committed and store.has(DIGEST)
