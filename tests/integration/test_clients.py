@@ -1,6 +1,6 @@
 """docker, podman and containerd pulling through the real dockmirror process.
 
-The configurations used here are the ones docs/clients.rst shows.
+The configurations used here are the ones README.rst's client guide shows.
 """
 
 from __future__ import annotations
