@@ -138,9 +138,19 @@ class Cache(service.Service):
 
     def stats(self) -> dict[str, Any]:
         """What the cache holds, and what it is doing."""
+        registry = self.metrics.registry
+
+        def counts(name: str) -> dict[str, int]:
+            return {
+                kind: int(registry.get_sample_value(name, {"kind": kind}) or 0)
+                for kind in ("blob", "manifest")
+            }
+
         return {
             **self.blobs.stats(),
             **self.manifests.stats(),
+            "hits": counts("dockmirror_cache_hits_total"),
+            "misses": counts("dockmirror_cache_misses_total"),
             "max_layer_size": self.max_layer_size,
             "oversize": self.oversize,
             "manifest_ttl": self.manifests.ttl,
@@ -164,7 +174,11 @@ class Cache(service.Service):
             if _origin_matches(o, what)
         }
         if not origins:
-            return {"purged": [], "error": f"nothing cached for {what}"}
+            return {
+                "purged": [],
+                "error": f"nothing cached for {what} (name it as upstream/repository,"
+                " e.g. dockerhub/library/alpine, or as repository, or give a digest)",
+            }
         tags = self.manifests.forget_origins(origins)
         orphans = self.blobs.disown(origins)
         purged = [d for d in orphans if self.blobs.remove(d)]
