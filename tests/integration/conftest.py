@@ -132,7 +132,12 @@ def unique_repo(request: pytest.FixtureRequest) -> str:
     return f"test/{name}-{uuid.uuid4().hex[:8]}"
 
 
-class Seeder(Protocol):
+class Seeder:
+    """Generates a fresh random image and pushes it (with the registry's creds)."""
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
+        self._tmp_path_factory = tmp_path_factory
+
     def __call__(
         self,
         registry: Registry,
@@ -144,27 +149,15 @@ class Seeder(Protocol):
         docker_media_types: bool = False,
     ) -> Image:
         """Generate an image and push it to ``registry`` as ``repo:tag``."""
-
-
-@pytest.fixture(scope="session")
-def seeded(tmp_path_factory: pytest.TempPathFactory) -> Seeder:
-    """Generate a fresh random image and push it (with the registry's creds)."""
-
-    def seed(
-        registry: Registry,
-        repo: str,
-        tag: str = "latest",
-        *,
-        layers: Sequence[int] = (1024,),
-        platforms: Sequence[Platform] | None = None,
-        docker_media_types: bool = False,
-    ) -> Image:
-        layout = tmp_path_factory.mktemp("oci-layout")
+        layout = self._tmp_path_factory.mktemp("oci-layout")
         image = make_image(layout, tag, layers, platforms, docker_media_types=docker_media_types)
         push(layout, tag, registry.host, repo, registry.creds)
         return image
 
-    return seed
+
+@pytest.fixture(scope="session")
+def seeded(tmp_path_factory: pytest.TempPathFactory) -> Seeder:
+    return Seeder(tmp_path_factory)
 
 
 # --- dockmirror --------------------------------------------------------------

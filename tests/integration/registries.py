@@ -200,7 +200,29 @@ class TokenRequest:
         return _scopes(self.query)
 
 
-class TokenServer:
+class _Running:
+    """Started on entering a ``with`` block and stopped on leaving it."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class TokenServer(_Running):
     """An auth.docker.io look-alike issuing RS256 JWTs for distribution's token auth.
 
     ``GET /token?service=S&scope=repository:NAME:pull,push[&scope=...]`` with
@@ -297,18 +319,6 @@ class TokenServer:
             self._thread = None
         self._server.server_close()
         self._server = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _bind(self) -> None:
         self._server = ThreadingHTTPServer((LOOPBACK, self.port), _handler_for(self))
@@ -422,7 +432,7 @@ _ACCESS_LOG_LINE = re.compile(
 _BARRIER_PREFIX = "/?log-barrier="
 
 
-class Registry:
+class Registry(_Running):
     """A ``docker-registry serve`` process with its own storage, config and log.
 
     Modes: ``plain`` (no auth), ``htpasswd`` (Basic auth with ``credentials``)
@@ -513,18 +523,6 @@ class Registry:
         algorithm, _, hex_digest = digest.partition(":")
         blobs = self.storage_dir / "docker/registry/v2/blobs" / algorithm
         return blobs / hex_digest[:2] / hex_digest / "data"
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _wait_for_log_barrier(self, timeout: float = 5.0) -> None:
         """Make sure log lines of requests that already completed are written.
