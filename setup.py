@@ -1,20 +1,6 @@
 """Packaging for dockmirror."""
 
 from setuptools import find_packages, setup
-from setuptools.command.install import install
-
-
-class _InstallAndCachePlugins(install):
-    """Regenerate Twisted's plugin cache once the files are in place."""
-
-    def run(self) -> None:
-        super().run()
-        try:
-            from twisted.plugin import IPlugin, getPlugins
-
-            list(getPlugins(IPlugin))
-        except Exception:  # noqa: BLE001 - a stale cache only slows start-up
-            pass
 
 
 setup(
@@ -48,7 +34,6 @@ setup(
     entry_points={
         "console_scripts": ["dockmirror-admin=dockmirror.admin:main"],
     },
-    cmdclass={"install": _InstallAndCachePlugins},
     classifiers=[
         "Framework :: Twisted",
         "Programming Language :: Python :: 3",
