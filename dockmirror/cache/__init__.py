@@ -33,6 +33,8 @@ log = Logger()
 
 #: Worker threads writing and removing cache files.
 IO_THREADS = 4
+#: Seconds a stopping mirror lets fills in progress finish (systemd waits 45).
+STOP_GRACE = 30.0
 
 
 def origin_of(route: Route) -> str:
@@ -122,7 +124,7 @@ class Cache(service.Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        self.blobs.stop()
+        stopping = Deferred.fromCoroutine(self.blobs.stop(STOP_GRACE))
 
         def stop_pools(result: object) -> object:
             for pool in self._pools:
@@ -132,7 +134,7 @@ class Cache(service.Service):
                 self._lock_fd = None
             return result
 
-        return self.index.close().addBoth(stop_pools)
+        return stopping.addBoth(lambda _: self.index.close()).addBoth(stop_pools)
 
     # --- for the operator ------------------------------------------------------------
 

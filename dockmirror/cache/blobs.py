@@ -22,7 +22,8 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -386,8 +387,20 @@ class BlobStore:
     def origins(self) -> set[str]:
         return {origin for have in self._access.values() for origin in have}
 
-    def stop(self) -> None:
-        """Abandon the fills in progress: their temporary files go at the next start."""
+    async def stop(self, grace: float) -> None:
+        """Give the fills in progress *grace* seconds to finish, then abandon the rest.
+
+        An abandoned fill commits nothing; its temporary file goes at the next start.
+        """
+        waits = [fill.finished.wait() for fill in self._fills.values()]
+        if waits:
+            log.info("waiting up to {grace}s for {n} fills", grace=grace, n=len(waits))
+            everything = DeferredList(waits, consumeErrors=True)
+            everything.addTimeout(grace, self.reactor)
+            try:
+                await everything
+            except defer.TimeoutError:
+                pass
         for fill in list(self._fills.values()):
             fill.abandon(StreamError("the mirror is stopping"))
 

@@ -186,3 +186,27 @@ def test_readers_finish_once_verified_while_the_file_is_made_durable(tmp_path):
     assert client.value() == DATA and done.called
     disk.run_queued()
     assert fill.committed and store.has(DIGEST)
+
+
+def test_stopping_lets_a_fill_finish_within_the_grace_period(tmp_path):
+    store = make_store(tmp_path)
+    fill, response = started(store)
+    response.send(DATA[:1000])
+    stopped = Deferred.fromCoroutine(store.stop(30))
+    assert not stopped.called
+    response.send(DATA[1000:])
+    response.end()
+    store.reactor.advance(0)
+    assert stopped.called
+    assert store.has(DIGEST)
+
+
+def test_stopping_abandons_a_fill_after_the_grace_period(tmp_path):
+    store = make_store(tmp_path)
+    fill, response = started(store)
+    response.send(DATA[:1000])
+    stopped = Deferred.fromCoroutine(store.stop(30))
+    store.reactor.advance(31)
+    assert stopped.called
+    assert isinstance(fill.error, StreamError)
+    assert not store.has(DIGEST) and store.filling(DIGEST) is None
