@@ -83,17 +83,24 @@ class Process:
 
 def environment() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    env["PYTHONPATH"] = str(REPO_ROOT)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return env
 
 
-def start_dockmirror(workdir: Path, upstream: Registry) -> Process:
+def start_dockmirror(
+    workdir: Path, upstream: Registry, tls_listen: str | None = None, twistd: tuple[str, ...] = ()
+) -> Process:
+    """dockmirror on a plain port (waited on), plus an optional TLS listener.
+
+    *twistd* replaces the command that runs twistd.
+    """
     port = free_port()
+    listen = [f"tcp:{port}:interface={LOOPBACK}", *filter(None, [tls_listen])]
     config = workdir / "dockmirror.toml"
     config.write_text(
         f"""
 [server]
-listen = ["tcp:{port}:interface={LOOPBACK}"]
+listen = {json.dumps(listen)}
 public_url = "http://{LOOPBACK}:{port}"
 [auth]
 database = "{workdir}/keys.sqlite"
@@ -105,8 +112,8 @@ url = "{upstream.url}"
 default = true
 """
     )
-    twistd = str(Path(sys.executable).with_name("twistd"))
-    argv = [twistd, "-n", "--pidfile=", "dockmirror", "--config", str(config)]
+    twistd = twistd or (str(Path(sys.executable).with_name("twistd")),)
+    argv = [*twistd, "-n", "--pidfile=", "dockmirror", "--config", str(config)]
     return Process(argv, workdir, port, environment())
 
 

@@ -136,6 +136,15 @@ class MirrorSite(Site):
         self.displayTracebacks = False
         self.metrics = metrics
 
+    def acceptableProtocols(self) -> list[bytes]:
+        """Only HTTP/1.1 over ALPN, even where the ``h2`` package is installed.
+
+        Through Twisted, h2 served a fifth of HTTP/1.1's throughput and
+        buffered a client's whole flow-control window per stream
+        (bench/RESULTS.md, "HTTP/2 over TLS").
+        """
+        return [b"http/1.1"]
+
     def log(self, request: Any) -> None:
         self.record(request, str(request.code))
 
