@@ -27,6 +27,9 @@ from dockmirror.reference import NAME_RE
 EMBEDDED = "(embedded default)"
 
 
+_UPSTREAM_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+
+
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the key and file."""
 
@@ -254,6 +257,11 @@ def _check(config: Config) -> None:
         )
     hosts: dict[str, str] = {}
     for name, upstream in config.upstreams.items():
+        if not _UPSTREAM_NAME.fullmatch(name):
+            raise ConfigError(
+                f"{source}: [upstreams.{name}]: an upstream name is lower-case letters,"
+                " digits, '-', '_' and '.'"
+            )
         plugin = known.get(upstream.plugin)
         if plugin is None:
             raise ConfigError(

@@ -77,7 +77,7 @@ class Router:
             if upstream is None:
                 raise RegistryError(
                     "NAME_UNKNOWN",
-                    f"registry {ns} is not mirrored here",
+                    f"registry {ns[:255]} is not mirrored here",
                     {"ns": ns[:255]},
                 )
             return self._route(upstream, ns.lower(), name, name)

@@ -109,14 +109,53 @@ def route_label(path: bytes) -> str:
     return "other"
 
 
+#: The largest request body read: only the token endpoint's POST form has one.
+MAX_BODY = 64 * 1024
+
+
 class MirrorRequest(Request):
-    """A request that remembers what the access log needs."""
+    """A request that remembers what the access log needs, and refuses large bodies."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.started = time.monotonic()
         self.upstream: str | None = None
         self.key_id: str | None = None
+        self._body_size = 0
+        self._refused = False
+
+    def gotLength(self, length: int | None) -> None:
+        super().gotLength(length)
+        if length is not None and length > MAX_BODY:
+            self._refuse_body()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._body_size += len(data)
+        if self._body_size > MAX_BODY:
+            self._refuse_body()
+        else:
+            super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if not self._refused:
+            super().requestReceived(command, path, version)
+
+    def _refuse_body(self) -> None:
+        """Answer 413 without reading the body, and close the connection."""
+        self._refused = True
+        transport = self.channel.transport if self.channel is not None else None
+        if transport is None:
+            return
+        body = RegistryError(
+            "SIZE_INVALID", f"request bodies are limited to {MAX_BODY} bytes", status=413
+        ).body()
+        transport.write(
+            b"HTTP/1.1 413 Content Too Large\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        transport.loseConnection()
 
     def connectionLost(self, reason: Any) -> None:
         site = getattr(self, "site", None)

@@ -74,6 +74,7 @@ password = "p"
         ("[upstreams.a]\nplugin='quay'\nurl='ftp://x'\n", "upstreams.a.url must be an http(s) URL"),
         ("[upstreams.a]\nplugin='quay'\ntimeout=3\n", "unknown key upstreams.a.timeout"),
         ("not toml [", "not valid TOML"),
+        ('[upstreams."a/b"]\nplugin = "quay"\n', "[upstreams.a/b]: an upstream name is"),
     ],
 )
 def test_errors_name_key_and_file(tmp_path: Path, text: str, message: str) -> None:
