@@ -252,3 +252,12 @@ def test_limited_key(
     pull(f"{mirror.host}/{unique_repo}:latest", tmp_path / "mine", creds)
     with pytest.raises(SkopeoError, match="denied"):
         pull(f"{mirror.host}/{unique_repo}-other:latest", tmp_path / "other", creds)
+
+
+def test_usage_is_written_at_a_graceful_stop(mirror: Dockmirror) -> None:
+    app_id, api_key = create_key(mirror, "short-lived")
+    assert curl("-H", basic(app_id, api_key), f"{mirror.url}/v2/")[0] == 200
+    mirror.stop()  # SIGTERM, well within the usage flush interval
+    key = list_keys(mirror)[app_id]
+    assert key["useCount"] == 1
+    assert key["bytesServed"] == 2
