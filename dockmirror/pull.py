@@ -475,8 +475,12 @@ class PullService:
     async def _passthrough(
         self, route: Route, digest: str, head: bool, range_header: str | None
     ) -> Reply:
-        """Stream a blob from the upstream without caching it."""
-        headers = {"Range": range_header} if range_header else None
+        """Stream a blob from the upstream without caching it.
+
+        Only a single range is asked for: several would come back as
+        ``multipart/byteranges``, so those are ignored, as for a cached blob.
+        """
+        headers = {"Range": range_header} if range_header and "," not in range_header else None
         response = await self._request(route, "HEAD" if head else "GET", f"blobs/{digest}", headers)
         if response.code not in (200, 206):
             raise await self._failure(route, response, "BLOB_UNKNOWN", head)
