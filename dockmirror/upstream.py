@@ -307,9 +307,7 @@ class UpstreamClient:
         for key in [k for k, (_, expiry) in self._tokens.items() if expiry <= now]:
             del self._tokens[key]
 
-    async def _fetch_token(
-        self, realm: str, service: str, scope: str
-    ) -> tuple[str, float] | None:
+    async def _fetch_token(self, realm: str, service: str, scope: str) -> tuple[str, float] | None:
         """A token and its lifetime; None when the token service refuses the credentials.
 
         A refusal leaves the registry's own 401 as the answer: an access
