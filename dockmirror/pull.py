@@ -486,6 +486,15 @@ class PullService:
             raise await self._failure(route, response, "BLOB_UNKNOWN", head)
         self._count("blob", MISS)
         length = _content_length(response)
+        declared = self.cache.blobs.size_of(digest)
+        if response.code == 200 and declared is not None:
+            # Bytes beyond the size the manifest or a HEAD announced are never sent.
+            if length is not None and length != declared:
+                discard(response)
+                raise upstream_unavailable(
+                    route.upstream.name, f"{length} bytes for {digest}, {declared} expected", 502
+                )
+            length = declared
         reply_headers = _blob_headers(digest, MISS)
         if length is not None:
             reply_headers["Content-Length"] = str(length)

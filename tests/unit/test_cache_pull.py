@@ -191,3 +191,14 @@ def test_a_passed_through_blob_is_asked_for_one_range_at_most(setup):
     reply = get(Deferred.fromCoroutine(pull.blob(route, sha256(LAYER), False, "bytes=0-1,5-6")))
     assert reply.status == 200
     assert upstream.headers[-1] is None
+
+
+def test_a_passed_through_blob_longer_than_declared_is_refused(setup):
+    clock, upstream, cache, pull, route = setup
+    upstream.answers[("GET", "manifests/v1")] = manifest_answer()
+    manifest(pull, route)  # declares len(LAYER)
+    cache.max_layer_size = 10
+    upstream.answers[("GET", f"blobs/{sha256(LAYER)}")] = Answer(200, LAYER + b"more")
+    with pytest.raises(RegistryError) as info:
+        get(Deferred.fromCoroutine(pull.blob(route, sha256(LAYER), False, None)))
+    assert info.value.status == 502
