@@ -475,13 +475,26 @@ class PullService:
     async def _passthrough(
         self, route: Route, digest: str, head: bool, range_header: str | None
     ) -> Reply:
-        """Stream a blob from the upstream without caching it."""
-        headers = {"Range": range_header} if range_header else None
+        """Stream a blob from the upstream without caching it.
+
+        Only a single range is asked for: several would come back as
+        ``multipart/byteranges``, so those are ignored, as for a cached blob.
+        """
+        headers = {"Range": range_header} if range_header and "," not in range_header else None
         response = await self._request(route, "HEAD" if head else "GET", f"blobs/{digest}", headers)
         if response.code not in (200, 206):
             raise await self._failure(route, response, "BLOB_UNKNOWN", head)
         self._count("blob", MISS)
         length = _content_length(response)
+        declared = self.cache.blobs.size_of(digest)
+        if response.code == 200 and declared is not None:
+            # Bytes beyond the size the manifest or a HEAD announced are never sent.
+            if length is not None and length != declared:
+                discard(response)
+                raise upstream_unavailable(
+                    route.upstream.name, f"{length} bytes for {digest}, {declared} expected", 502
+                )
+            length = declared
         reply_headers = _blob_headers(digest, MISS)
         if length is not None:
             reply_headers["Content-Length"] = str(length)

@@ -295,7 +295,10 @@ class UpstreamClient:
         now = self._reactor.seconds()
         if cached and cached[1] > now and not refresh:
             return "Bearer " + cached[0]
-        token, lifetime = await self._fetch_token(realm, service, scope)
+        fetched = await self._fetch_token(realm, service, scope)
+        if fetched is None:
+            return None
+        token, lifetime = fetched
         self._tokens[key] = (token, now + max(lifetime - TOKEN_MARGIN, 1.0))
         self._expire_tokens(now)
         return "Bearer " + token
@@ -304,7 +307,12 @@ class UpstreamClient:
         for key in [k for k, (_, expiry) in self._tokens.items() if expiry <= now]:
             del self._tokens[key]
 
-    async def _fetch_token(self, realm: str, service: str, scope: str) -> tuple[str, float]:
+    async def _fetch_token(self, realm: str, service: str, scope: str) -> tuple[str, float] | None:
+        """A token and its lifetime; None when the token service refuses the credentials.
+
+        A refusal leaves the registry's own 401 as the answer: an access
+        error, where an upstream error would let expired tags be served stale.
+        """
         params = [("scope", scope)]
         if service:
             params.insert(0, ("service", service))
@@ -321,6 +329,14 @@ class UpstreamClient:
                 )
         response = await self._send("GET", realm, headers, params, None)
         body = await read_small(response)
+        if response.code in (401, 403):
+            log.warn(
+                "token service {realm} refused {upstream}: {code}",
+                realm=realm,
+                upstream=self.name,
+                code=response.code,
+            )
+            return None
         if response.code != 200:
             raise UpstreamError(f"token service {realm} answered {response.code}")
         try:

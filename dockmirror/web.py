@@ -30,6 +30,17 @@ def _arg(request: Request, name: bytes) -> str | None:
     return values[0].decode("utf-8", "replace") if values else None
 
 
+def _range(request: Request, digest: str) -> str | None:
+    """The ``Range`` to honour: none when ``If-Range`` names other than the blob's ETag.
+
+    A date in ``If-Range`` never matches: blob replies carry no Last-Modified.
+    """
+    if_range = request.getHeader("if-range")
+    if if_range is not None and if_range.strip() != f'"{digest}"':
+        return None
+    return request.getHeader("range")
+
+
 def write_error(request: Request, error: RegistryError) -> None:
     """Answer *request* with a registry-format error, or cut it if headers went out."""
     if request.startedWriting:
@@ -269,7 +280,9 @@ class V2Resource(AsyncResource):
             accept = ", ".join(request.requestHeaders.getRawHeaders("accept", []))
             reply = await self.pull.manifest(route, path.reference, accept or None, head)
         elif path.kind == "blobs":
-            reply = await self.pull.blob(route, path.reference, head, request.getHeader("range"))
+            reply = await self.pull.blob(
+                route, path.reference, head, _range(request, path.reference)
+            )
         else:
             reply = await self.pull.tags(route, _arg(request, b"n"), _arg(request, b"last"))
         await send_reply(request, reply)

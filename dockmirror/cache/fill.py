@@ -205,6 +205,9 @@ class Fill(Protocol):
 
     def _write_failed(self, failure: Failure) -> None:
         self._writing = False
+        if self.error is not None:  # failed meanwhile, leaving the file to us
+            self._close_and_remove()
+            return
         self._fail(StreamError(f"cannot write to the cache: {failure.getErrorMessage()}"))
 
     def _verify(self) -> None:

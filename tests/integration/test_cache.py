@@ -325,6 +325,23 @@ def test_x_cache_on_blob_responses(plain_registry, dockmirror, seeded, unique_re
     assert int(headers["content-length"]) == layer.size
 
 
+def test_if_range_other_than_the_blob_etag_gets_the_whole_blob(
+    plain_registry, dockmirror, seeded, unique_repo
+):
+    image = seeded(plain_registry, unique_repo, "v1")
+    mirror = mirror_for(dockmirror, plain_registry)
+    layer = image.platforms[0].layers[0]
+    url = f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"
+    curl(url)
+    ranged = ("-H", "Range: bytes=10-19", url)
+    status, _, body = curl("-H", f'If-Range: "{layer.digest}"', *ranged)
+    assert (status, len(body)) == (206, 10)
+    for validator in ('"sha256:other"', "Wed, 21 Oct 2015 07:28:00 GMT"):
+        status, headers, body = curl("-H", f"If-Range: {validator}", *ranged)
+        assert (status, sha256(body)) == (200, layer.digest)
+        assert "content-range" not in headers
+
+
 @pytest_twisted.ensureDeferred
 async def test_prefetch_warms_every_platform(plain_registry, seeded, unique_repo, tmp_path):
     image = seeded(plain_registry, unique_repo, "v1", layers=[1000, 5000], platforms=MULTI_ARCH)

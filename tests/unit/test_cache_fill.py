@@ -6,6 +6,7 @@ import os
 
 import pytest
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
@@ -210,3 +211,18 @@ def test_stopping_abandons_a_fill_after_the_grace_period(tmp_path):
     assert stopped.called
     assert isinstance(fill.error, StreamError)
     assert not store.has(DIGEST) and store.filling(DIGEST) is None
+
+
+def test_a_write_failing_after_the_fill_failed_still_closes_the_file(tmp_path):
+    disk = HeldRunner()
+    store = make_store(tmp_path, run=disk)
+    fill, response = started(store)
+    disk.run_all()
+    response.send(DATA[:1000])
+    response.end(Failure(ConnectionLost("upstream went away")))
+    assert fill.error is not None
+    [(_, _, writing)] = disk.queue
+    disk.queue.clear()
+    writing.errback(OSError(28, "No space left on device"))
+    disk.run_all()
+    assert os.listdir(store.temp_dir) == []

@@ -58,12 +58,14 @@ class ScriptedUpstream:
     def __init__(self) -> None:
         self.answers: dict[tuple[str, str], Answer | None] = {}
         self.requests: list[tuple[str, str]] = []
+        self.headers: list[dict[str, str] | None] = []
 
     def client(self, route: Route) -> ScriptedUpstream:
         return self
 
     async def request(self, method: str, repository: str, path: str, *args: Any) -> Any:
         self.requests.append((method, path))
+        self.headers.append(args[0] if args else None)
         answer = self.answers[(method, path)]
         if answer is None:
             raise UpstreamError("connection refused")
@@ -176,3 +178,27 @@ def test_a_blob_a_cached_manifest_refers_to_needs_no_head(setup):
     with pytest.raises(RegistryError) as info:
         get(Deferred.fromCoroutine(pull.blob(elsewhere, sha256(LAYER), False, None)))
     assert info.value.code == "BLOB_UNKNOWN"
+
+
+def test_a_passed_through_blob_is_asked_for_one_range_at_most(setup):
+    # Several ranges would come back as multipart/byteranges, which a blob reply
+    # cannot carry; like a cached blob, the whole of it is served instead.
+    clock, upstream, cache, pull, route = setup
+    upstream.answers[("GET", "manifests/v1")] = manifest_answer()
+    manifest(pull, route)
+    cache.max_layer_size = 10
+    upstream.answers[("GET", f"blobs/{sha256(LAYER)}")] = Answer(200, LAYER)
+    reply = get(Deferred.fromCoroutine(pull.blob(route, sha256(LAYER), False, "bytes=0-1,5-6")))
+    assert reply.status == 200
+    assert upstream.headers[-1] is None
+
+
+def test_a_passed_through_blob_longer_than_declared_is_refused(setup):
+    clock, upstream, cache, pull, route = setup
+    upstream.answers[("GET", "manifests/v1")] = manifest_answer()
+    manifest(pull, route)  # declares len(LAYER)
+    cache.max_layer_size = 10
+    upstream.answers[("GET", f"blobs/{sha256(LAYER)}")] = Answer(200, LAYER + b"more")
+    with pytest.raises(RegistryError) as info:
+        get(Deferred.fromCoroutine(pull.blob(route, sha256(LAYER), False, None)))
+    assert info.value.status == 502

@@ -213,3 +213,19 @@ def test_redirects_are_followed_without_authorization() -> None:
     stub.flush()
     assert results == [b"layer bytes"]
     assert registry.cdn_authorization == [None]
+
+
+class RefusingTokenService(FakeRegistry):
+    """A token service that refuses the configured credentials (revoked, say)."""
+
+    def render(self, request: Request) -> bytes:
+        if request.path == b"/token":
+            request.setResponseCode(401)
+            return b'{"details":"incorrect username or password"}'
+        return super().render(request)
+
+
+def test_refused_credentials_are_a_refusal_not_an_outage() -> None:
+    # An outage lets the mirror serve expired tags stale; a refusal must not.
+    client, stub, _ = make_client(RefusingTokenService(), "u", "revoked")
+    assert fetch(client, stub)[0] == 401
