@@ -509,6 +509,7 @@ class PullService:
             self._reactor,
             length=length,
             digest=digest if response.code == 200 else None,
+            count=self._metrics.bytes_from_upstream.labels(route.upstream.name).inc,
         )
         return Reply(response.code, reply_headers, stream=stream)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import typing
+from collections.abc import Callable
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred
@@ -102,8 +103,10 @@ class BodyStream(Protocol):
         length: int | None = None,
         digest: str | None = None,
         idle_timeout: float = IDLE_TIMEOUT,
+        count: Callable[[int], object] | None = None,
     ) -> None:
         self._response = response
+        self._count = count
         self._reactor = reactor
         self._length = length
         self._digest = digest
@@ -153,6 +156,8 @@ class BodyStream(Protocol):
         if self.done.called:
             return
         self.received += len(data)
+        if self._count is not None:
+            self._count(len(data))
         if self._length is not None and self.received > self._length:
             self._fail(StreamError(f"upstream sent more than {self._length} bytes"))
             return

@@ -177,6 +177,18 @@ class BlobStore:
     def allowed(self, origin: str, digest: str) -> bool:
         return origin in self._access.get(digest, ())
 
+    def vouched(self, origin: str, digest: str) -> bool:
+        """Whether a manifest from *origin* that refers to *digest* may open it to *origin*.
+
+        A blob not held yet will be fetched from *origin*'s upstream, which
+        proves it; one held (or being fetched) is opened only if the same
+        upstream registry already has it, so a manifest cannot reach into a
+        blob that came from another upstream.
+        """
+        if not self.has(digest) and self.filling(digest) is None:
+            return True
+        return any(_registry(o) == _registry(origin) for o in self._access.get(digest, ()))
+
     def allow(self, origin: str, digests: Iterable[str]) -> None:
         """Record that the upstream repository *origin* has each of *digests*."""
         origin = sys.intern(origin)
@@ -550,3 +562,9 @@ class BlobReader:
 
 def _subdirectories(path: str) -> list[os.DirEntry[str]]:
     return [e for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]
+
+
+def _registry(origin: str) -> tuple[str, str]:
+    """The upstream name and base URL of an origin (``NAME/REPOSITORY URL``)."""
+    name_and_repository, _, url = origin.partition(" ")
+    return name_and_repository.partition("/")[0], url

@@ -167,14 +167,16 @@ class ManifestCache:
         """Keep a verified manifest fetched from *origin*.
 
         The upstream repository has the manifest and, as registries check
-        references on push, everything it refers to: all of it is recorded
-        as readable through *origin*, with the sizes it announces.
+        references on push, what it refers to: that is recorded as readable
+        through *origin*, with the sizes it announces, unless the blob came
+        from another upstream (see :meth:`BlobStore.vouched`).
         """
         refs = references(body)
         for ref, size in refs:
             if size is not None:
                 self.store.hint(ref, size)
-        self.store.allow(origin, [digest, *(ref for ref, _ in refs)])
+        vouched = [ref for ref, _ in refs if self.store.vouched(origin, ref)]
+        self.store.allow(origin, [digest, *vouched])
         if not await self.store.put_small(digest, body):
             return
         if self._types.get(digest) != media_type:

@@ -167,6 +167,11 @@ def test_oversize_layers_pass_through_uncached(
     assert plain_registry.count_requests("GET", f"/blobs/{big.digest}") == 2
     status, headers, body = curl(f"{mirror.url}/v2/{unique_repo}/blobs/{big.digest}")
     assert (status, headers["x-cache"], sha256(body)) == (200, "MISS", big.digest)
+    metrics = curl(f"{mirror.url}/metrics")[2].decode()
+    received = re.search(
+        r'dockmirror_upstream_received_bytes_total\{upstream="hub"\} (\S+)', metrics
+    )
+    assert received and float(received.group(1)) >= 3 * big.size + small.size
 
 
 def test_oversize_layers_rejected(plain_registry, dockmirror, seeded, unique_repo):

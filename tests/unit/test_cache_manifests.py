@@ -102,3 +102,24 @@ def test_an_evicted_manifest_is_no_longer_served(tmp_path):
     cache.store.forget(digest)
     assert cache.get(digest) is None
     assert cache.tag(ORIGIN, "v1", None) is None
+
+
+def test_a_manifest_cannot_open_a_blob_held_for_another_upstream(tmp_path):
+    clock = MemoryReactorClock()
+    cache = make_cache(tmp_path, clock)
+    private = "corp/team/app https://registry.corp.example"
+    secret = sha256(b"private layer")
+    Deferred.fromCoroutine(cache.store.put_small(secret, b"private layer"))
+    cache.store.allow(private, [secret])
+    same_upstream = "hub/library/other https://registry-1.docker.io"
+    shared = sha256(b"shared layer")
+    Deferred.fromCoroutine(cache.store.put_small(shared, b"shared layer"))
+    cache.store.allow(same_upstream, [shared])
+    unknown = "sha256:" + "2" * 64
+    body = json.dumps({"layers": [{"digest": d} for d in (secret, shared, unknown)]}).encode()
+    put(cache, "v1", body, DOCKER_MANIFEST)
+    # Another upstream's blob needs this upstream's own word (a HEAD or a fetch).
+    assert not cache.store.allowed(ORIGIN, secret)
+    # The same registry's blob, and one not held yet, are opened by the reference.
+    assert cache.store.allowed(ORIGIN, shared)
+    assert cache.store.allowed(ORIGIN, unknown)
