@@ -10,7 +10,8 @@ from typing import Any
 
 from twisted.web.server import Request
 
-from dockmirror.web import AsyncResource
+from dockmirror.pull import Reply
+from dockmirror.web import AsyncResource, send_body
 
 #: A named check answers True when healthy, or a string saying what is wrong.
 Check = Callable[[], "Awaitable[bool | str] | bool | str"]
@@ -50,8 +51,5 @@ class HealthResource(AsyncResource):
             healthy = healthy and ok
             results[name] = {"ok": ok} if ok else {"ok": False, "error": str(result)}
         body = json.dumps({"status": "ok" if healthy else "unhealthy", "checks": results})
-        request.setResponseCode(200 if healthy else 503)
-        request.setHeader("Content-Type", "application/json")
-        request.setHeader("Cache-Control", "no-store")
-        request.write(body.encode())
-        request.finish()
+        headers = {"Content-Type": "application/json", "Cache-Control": "no-store"}
+        send_body(request, Reply(200 if healthy else 503, headers, body.encode()))

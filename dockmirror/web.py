@@ -46,14 +46,8 @@ def write_error(request: Request, error: RegistryError) -> None:
     if request.startedWriting:
         request.loseConnection()
         return
-    body = error.body()
-    request.setResponseCode(error.status)
-    for name, value in error.headers.items():
-        request.setHeader(name, value)
-    request.setHeader("Content-Type", "application/json")
-    request.setHeader("Content-Length", str(len(body)))
-    request.write(body)
-    request.finish()
+    headers = {**error.headers, "Content-Type": "application/json"}
+    send_body(request, Reply(error.status, headers, error.body()))
 
 
 class AsyncResource(Resource):
@@ -94,15 +88,27 @@ class AsyncResource(Resource):
             write_error(request, RegistryError("UNKNOWN", "internal error", status=500))
 
 
-async def send_reply(request: Request, reply: Reply) -> None:
+def _start(request: Request, reply: Reply) -> None:
     request.setResponseCode(reply.status)
     for name, value in reply.headers.items():
         request.setHeader(name, value)
-    if reply.stream is not None:
-        await reply.stream.write_to(request)
-    elif reply.body and request.method != b"HEAD":
+
+
+def send_body(request: Request, reply: Reply) -> None:
+    """Send a reply whose body is in memory (a HEAD gets its headers only)."""
+    _start(request, reply)
+    if reply.body:
         request.setHeader("Content-Length", str(len(reply.body)))
         request.write(reply.body)
+    request.finish()
+
+
+async def send_reply(request: Request, reply: Reply) -> None:
+    if reply.stream is None:
+        send_body(request, reply)
+        return
+    _start(request, reply)
+    await reply.stream.write_to(request)
     request.finish()
 
 
@@ -327,12 +333,8 @@ class TokenResource(AsyncResource):
             credentials, _client_host(request), _arg(request, b"service"), scopes
         )
         _count_usage(request, self.access, principal)
-        data = json.dumps(body).encode()
-        request.setHeader("Content-Type", "application/json")
-        request.setHeader("Cache-Control", "no-store")
-        request.setHeader("Content-Length", str(len(data)))
-        request.write(data)
-        request.finish()
+        headers = {"Content-Type": "application/json", "Cache-Control": "no-store"}
+        send_body(request, Reply(200, headers, json.dumps(body).encode()))
 
 
 class RootResource(Resource):
@@ -345,11 +347,9 @@ class RootResource(Resource):
 class _NotFound(Resource):
     isLeaf = True
 
-    def render(self, request: Request) -> bytes:
-        error = RegistryError("NAME_UNKNOWN", "not found", status=404)
-        request.setResponseCode(404)
-        request.setHeader("Content-Type", "application/json")
-        return error.body()
+    def render(self, request: Request) -> Any:
+        write_error(request, RegistryError("NAME_UNKNOWN", "not found", status=404))
+        return NOT_DONE_YET
 
 
 def build_root(
