@@ -64,7 +64,14 @@ def make_client(
     stub = StubTreq(resource)
     clock = MemoryReactorClock()
     client = UpstreamClient(
-        "hub", "https://registry-1.docker.io", stub, clock, Metrics(), username, password
+        "hub",
+        "https://registry-1.docker.io",
+        stub,
+        clock,
+        Metrics(),
+        username,
+        password,
+        token_realms=("https://auth.docker.io",),
     )
     return client, stub, clock
 
@@ -128,7 +135,7 @@ def test_a_token_per_repository_scope() -> None:
     ]
 
 
-def test_credentials_go_to_a_realm_on_the_same_domain() -> None:
+def test_credentials_go_to_a_listed_realm() -> None:
     registry = FakeRegistry()
     client, stub, _ = make_client(registry, "user", "pass")
     fetch(client, stub)
@@ -138,8 +145,9 @@ def test_credentials_go_to_a_realm_on_the_same_domain() -> None:
     assert token_request["args"]["account"] == ["user"]
 
 
-def test_credentials_never_go_to_a_foreign_realm() -> None:
-    registry = FakeRegistry(realm="https://evil.example/token")
+@pytest.mark.parametrize("realm", ["https://evil.example/token", "https://evil.docker.io/token"])
+def test_credentials_never_go_to_a_foreign_realm(realm: str) -> None:
+    registry = FakeRegistry(realm=realm)
     client, stub, _ = make_client(registry, "user", "pass")
     fetch(client, stub)
     [token_request] = registry.token_requests
