@@ -1,0 +1,198 @@
+"""Small loopback servers standing in front of, or in place of, an upstream registry.
+
+- :class:`Listener` accepts TCP connections and counts them: an "evil" host
+  that must never hear from the mirror.
+- :class:`Relay` passes requests on to a real registry, except where a
+  ``behaviour`` for the repository says otherwise (redirect, cut a body...),
+  and records what it received.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Self
+
+from .registries import LOOPBACK
+
+_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class _Serving:
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class Listener(_Serving):
+    """Accepts connections on 127.0.0.1 and counts them; sends nothing."""
+
+    def __init__(self) -> None:
+        self._socket = socket.socket()
+        self._socket.bind((LOOPBACK, 0))
+        self._socket.listen(16)
+        self._socket.settimeout(0.2)
+        self.port = int(self._socket.getsockname()[1])
+        self.connections = 0
+        self._running = False
+        self._thread = threading.Thread(target=self._serve, name="listener", daemon=True)
+
+    def start(self) -> None:
+        self._running = True
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while self._running:
+            try:
+                connection, _ = self._socket.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            connection.close()
+
+    def stop(self) -> None:
+        self._running = False
+        self._thread.join()
+        self._socket.close()
+
+
+@dataclass(frozen=True)
+class Received:
+    """One request a :class:`Relay` received."""
+
+    method: str
+    path: str
+    authorization: str | None
+
+
+#: A behaviour answers a request itself (returning True) or lets it pass on.
+Behaviour = Callable[[BaseHTTPRequestHandler], bool]
+
+
+class Relay(_Serving):
+    """An HTTP server on 127.0.0.1 that forwards GET and HEAD to *upstream*.
+
+    ``behaviours`` maps a repository prefix (``evil/``) to a behaviour tried
+    first for requests under ``/v2/<prefix>``; ``basic`` makes the relay ask
+    for those Basic credentials itself.
+    """
+
+    def __init__(
+        self,
+        upstream: str,
+        behaviours: dict[str, Behaviour] | None = None,
+        basic: str | None = None,
+    ) -> None:
+        self.upstream = upstream
+        self.behaviours = dict(behaviours or {})
+        self.basic = basic
+        self.received: list[Received] = []
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer((LOOPBACK, 0), _relay_handler(self))
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._thread.join()
+        self._server.server_close()
+
+    def count(self, path_part: str) -> int:
+        with self._lock:
+            return sum(1 for r in self.received if path_part in r.path)
+
+    def record(self, received: Received) -> None:
+        with self._lock:
+            self.received.append(received)
+
+
+def _relay_handler(relay: Relay) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            self._handle()
+
+        def do_HEAD(self) -> None:
+            self._handle()
+
+        def _handle(self) -> None:
+            authorization = self.headers.get("Authorization")
+            relay.record(Received(self.command, self.path, authorization))
+            if relay.basic is not None and authorization != relay.basic:
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Basic realm="relay"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            for prefix, behaviour in relay.behaviours.items():
+                if self.path.startswith(f"/v2/{prefix}") and behaviour(self):
+                    return
+            self._forward()
+
+        def _forward(self) -> None:
+            headers = {k: v for k, v in self.headers.items() if k.lower() == "accept"}
+            request = urllib.request.Request(
+                relay.upstream + self.path, headers=headers, method=self.command
+            )
+            try:
+                response = _opener.open(request, timeout=30)
+            except urllib.error.HTTPError as e:
+                response = e
+            with response:
+                body = response.read()
+                self.send_response(response.status)
+                for name, value in response.headers.items():
+                    if name.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            """Requests are recorded on the relay instead."""
+
+    return Handler
+
+
+def redirect(location: Callable[[BaseHTTPRequestHandler], str], status: int = 302) -> Behaviour:
+    """A behaviour answering with a redirect to ``location(request)``."""
+
+    def behave(request: BaseHTTPRequestHandler) -> bool:
+        request.send_response(status)
+        request.send_header("Location", location(request))
+        request.send_header("Content-Length", "0")
+        request.end_headers()
+        return True
+
+    return behave
