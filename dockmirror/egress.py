@@ -25,7 +25,7 @@ from service_identity import VerificationError
 from treq.client import HTTPClient
 from twisted.internet import defer, ssl
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
-from twisted.internet.error import ConnectError
+from twisted.internet.error import ConnectError, VerifyError
 from twisted.internet.interfaces import (
     IHostnameResolver,
     IOpenSSLClientConnectionCreator,
@@ -268,11 +268,7 @@ def load_upstream_tls(
     leaf = ssl.Certificate(chain[0])
     try:
         client = ssl.PrivateCertificate.fromCertificateAndKeyPair(leaf, key)
-        context = SSL.Context(SSL.TLS_METHOD)
-        context.use_certificate(chain[0])
-        context.use_privatekey(key.original)
-        context.check_privatekey()
-    except SSL.Error:
+    except VerifyError:
         raise ValueError(
             f"client_key: {client_key} is not the key of the certificate in {client_cert}"
         ) from None

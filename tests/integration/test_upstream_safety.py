@@ -1,21 +1,25 @@
 """What a client or an upstream can make the mirror connect to, trust and keep.
 
 Against the real server: registry names that are not host names, upstream
-redirects, bodies that are too large or cut short.
+redirects, bodies that are too large or cut short, upstreams with a private
+CA or that require a client certificate.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import urllib.request
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 
 import pytest
 
 from .images import pull
 from .registries import LOOPBACK, wait_until
 from .test_pull import assert_pulled, curl, error_code
-from .upstream_servers import Listener, Relay, redirect
+from .upstream_servers import Listener, Relay, TLSRegistry, make_pki, redirect
 
 MANIFEST_LIMIT = 4 << 20
 
@@ -192,3 +196,109 @@ def test_oversized_and_cut_bodies_are_upstream_errors_and_never_cached(
             assert json.loads(body)["schemaVersion"] == 2
     wait_until(lambda: "unusable answer from corp" in mirror.log_text())
     assert "Traceback" not in mirror.log_text()
+
+
+# --- upstreams with a private CA, and mutual TLS -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def tls_registry(pki, tmp_path_factory):
+    with TLSRegistry(tmp_path_factory.mktemp("tls-registry"), pki) as registry:
+        yield registry
+
+
+def _corp(url: str, **tls: Path) -> dict[str, dict[str, object]]:
+    table: dict[str, object] = {"plugin": "registry", "url": url, "default": True}
+    table.update({key: str(path) for key, path in tls.items()})
+    return {"corp": table}
+
+
+def _refused(mirror, repo: str) -> str:
+    status, _, body = curl(f"{mirror.url}/v2/{repo}/manifests/v1")
+    assert (status, error_code(body)) == (502, "UNAVAILABLE"), body
+    message = json.loads(body)["errors"][0]["message"]
+    assert "upstream corp" in message
+    return str(message)
+
+
+def test_an_upstream_with_a_private_ca(
+    tls_registry, pki, dockmirror, seeded, unique_repo, tmp_path
+):
+    image = seeded(tls_registry, unique_repo, "v1")
+    mirror = dockmirror(_corp(tls_registry.url, ca=pki.ca))
+    pull(f"{mirror.host}/{unique_repo}:v1", tmp_path / "out")
+    assert_pulled(tmp_path / "out", image)
+
+    untrusting = dockmirror(_corp(tls_registry.url))
+    assert "certificate verify failed" in _refused(untrusting, unique_repo)
+    wait_until(lambda: "(trusting the system's CAs)" in untrusting.log_text())
+
+    other = make_pki(tmp_path / "other-ca", "another CA")
+    wrong = dockmirror(_corp(tls_registry.url, ca=other.ca))
+    assert "certificate verify failed" in _refused(wrong, unique_repo)
+    wait_until(lambda: f"(trusting the system's CAs and {other.ca})" in wrong.log_text())
+    for m in (mirror, untrusting, wrong):
+        assert "Traceback" not in m.log_text()
+
+
+def test_an_upstream_that_requires_a_client_certificate(
+    tls_registry, pki, dockmirror, seeded, unique_repo, tmp_path, tmp_path_factory
+):
+    image = seeded(tls_registry, unique_repo, "v1")
+    with TLSRegistry(
+        tmp_path_factory.mktemp("mtls-registry"),
+        pki,
+        client_cas=(pki.ca,),
+        storage=tls_registry.storage_dir,
+    ) as mtls:
+        mirror = dockmirror(
+            _corp(mtls.url, ca=pki.ca, client_cert=pki.client_cert, client_key=pki.client_key)
+        )
+        pull(f"{mirror.host}/{unique_repo}:v1", tmp_path / "out")
+        assert_pulled(tmp_path / "out", image)
+        without = dockmirror(_corp(mtls.url, ca=pki.ca))
+        assert "TLS" in _refused(without, unique_repo)
+        assert "Traceback" not in mirror.log_text() + without.log_text()
+
+
+def test_unusable_tls_files_are_refused_at_check(pki, dockmirror, tmp_path):
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("hello\n")
+    url = f"https://{LOOPBACK}:1"
+    cases = [
+        (_corp(url, ca=not_pem), f"upstreams.corp.ca: {not_pem}: no PEM certificate found"),
+        (_corp(url, ca=tmp_path / "missing.pem"), "upstreams.corp.ca: "),
+        (
+            _corp(url, client_cert=pki.client_cert, client_key=pki.server_key),
+            f"upstreams.corp.client_key: {pki.server_key} is not the key of the certificate",
+        ),
+        (
+            _corp(url, client_cert=pki.client_cert, client_key=not_pem),
+            f"upstreams.corp.client_key: {not_pem}: not a PEM private key",
+        ),
+        (_corp(url, client_cert=pki.client_cert), "client_cert and client_key go together"),
+    ]
+    for upstreams, message in cases:
+        mirror = dockmirror(upstreams, start=False)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "twisted",
+                "dockmirror",
+                "--config",
+                str(mirror.config_path),
+                "--check",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode != 0
+        assert message in result.stderr + result.stdout
+        assert "Traceback" not in result.stderr

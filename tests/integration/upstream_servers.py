@@ -5,21 +5,25 @@
 - :class:`Relay` passes requests on to a real registry, except where a
   ``behaviour`` for the repository says otherwise (redirect, cut a body...),
   and records what it received.
+- :class:`TLSRegistry` is a real registry serving TLS with a certificate from
+  a test CA (:func:`make_pki`), optionally requiring client certificates.
 """
 
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from .registries import LOOPBACK
+from .registries import LOOPBACK, Registry
 
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -196,3 +200,149 @@ def redirect(location: Callable[[BaseHTTPRequestHandler], str], status: int = 30
         return True
 
     return behave
+
+
+# --- TLS ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PKI:
+    """A CA and certificates it signed (PEM files), made with the openssl command."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def _openssl(directory: Path, *args: str) -> None:
+    subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+
+def _key(directory: Path, name: str) -> str:
+    _openssl(
+        directory,
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-out",
+        f"{name}.key",
+    )
+    return f"{name}.key"
+
+
+def make_pki(directory: Path, name: str = "upstream test CA") -> PKI:
+    """A CA, a server certificate for 127.0.0.1 and localhost, and a client certificate."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key = _key(directory, "ca")
+    _openssl(
+        directory,
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        ca_key,
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        f"/CN={name}",
+    )
+    for kind, extensions in (
+        ("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"),
+        ("client", "extendedKeyUsage=clientAuth\n"),
+    ):
+        key = _key(directory, kind)
+        (directory / f"{kind}.ext").write_text("basicConstraints=CA:FALSE\n" + extensions)
+        _openssl(
+            directory,
+            "req",
+            "-new",
+            "-key",
+            key,
+            "-out",
+            f"{kind}.csr",
+            "-subj",
+            f"/CN=dockmirror {kind}",
+        )
+        _openssl(
+            directory,
+            "x509",
+            "-req",
+            "-in",
+            f"{kind}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            ca_key,
+            "-CAcreateserial",
+            "-out",
+            f"{kind}.pem",
+            "-days",
+            "2",
+            "-extfile",
+            f"{kind}.ext",
+        )
+    return PKI(
+        directory / "ca.pem",
+        directory / "server.pem",
+        directory / "server.key",
+        directory / "client.pem",
+        directory / "client.key",
+    )
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+class TLSRegistry(Registry):
+    """A ``docker-registry`` serving TLS with *pki*'s server certificate.
+
+    With ``client_cas``, it requires a client certificate signed by one of
+    them (``http.tls.clientcas``).  ``storage`` shares another registry's
+    storage, so images pushed there are served here too.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        pki: PKI,
+        *,
+        client_cas: tuple[Path, ...] = (),
+        storage: Path | None = None,
+    ) -> None:
+        self._pki = pki
+        self._client_cas = client_cas
+        self._shared_storage = storage
+        super().__init__(workdir)
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.host}"
+
+    def start(self) -> None:
+        self._process.start(lambda: _port_open(self.port))
+
+    def _config(self, workdir: Path) -> dict[str, object]:
+        config = super()._config(workdir)
+        if self._shared_storage is not None:
+            config["storage"] = {"filesystem": {"rootdirectory": str(self._shared_storage)}}
+        http = config["http"]
+        assert isinstance(http, dict)
+        tls: dict[str, object] = {
+            "certificate": str(self._pki.server_cert),
+            "key": str(self._pki.server_key),
+        }
+        if self._client_cas:
+            tls["clientcas"] = [str(ca) for ca in self._client_cas]
+        http["tls"] = tls
+        return config
