@@ -339,6 +339,13 @@ def upstream_egress(
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool._factory = _QuietClientFactory
     pool.maxPersistentPerHost = POOL_PER_HOST
+    if tls.ca is not None or tls.client is not None:
+        log.info(
+            "upstream {upstream}: TLS trusts {trusted}{client}",
+            upstream=upstream,
+            trusted=tls.trusted,
+            client=", with a client certificate" if tls.client is not None else "",
+        )
     policy = AddressPolicy(upstream, configured_url, resolver)
     agent = Agent.usingEndpointFactory(reactor, _Endpoints(reactor, resolver, policy, tls), pool)
     return Egress(HTTPClient(agent), pool, tls)

@@ -233,6 +233,7 @@ def test_an_upstream_with_a_private_ca(
     mirror = dockmirror(_corp(tls_registry.url, ca=pki.ca))
     pull(f"{mirror.host}/{unique_repo}:v1", tmp_path / "out")
     assert_pulled(tmp_path / "out", image)
+    assert f"upstream corp: TLS trusts the system's CAs and {pki.ca}" in mirror.log_text()
 
     untrusting = dockmirror(_corp(tls_registry.url))
     assert "certificate verify failed" in _refused(untrusting, unique_repo)
