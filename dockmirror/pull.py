@@ -188,13 +188,7 @@ class PullService:
         try:
             return await client.request(method, route.repository, path, headers, params)
         except UpstreamError as e:
-            log.warn(
-                "upstream {upstream} unreachable for {repository}: {error}",
-                upstream=route.upstream.name,
-                repository=route.repository,
-                error=str(e),
-            )
-            raise upstream_unavailable(route.upstream.name, str(e), e.status) from e
+            raise _upstream_failed(route, e) from e
 
     def _count(self, kind: str, x_cache: str) -> None:
         counter = self._metrics.cache_misses if x_cache == MISS else self._metrics.cache_hits
@@ -686,13 +680,18 @@ async def _read(route: Route, response: IResponse, limit: int = SMALL_BODY_LIMIT
     try:
         return await read_small(response, limit)
     except UpstreamError as e:
-        log.warn(
-            "unusable answer from {upstream} for {repository}: {error}",
-            upstream=route.upstream.name,
-            repository=route.repository,
-            error=str(e),
-        )
-        raise upstream_unavailable(route.upstream.name, str(e), e.status) from e
+        raise _upstream_failed(route, e) from e
+
+
+def _upstream_failed(route: Route, error: UpstreamError) -> RegistryError:
+    """Log why an upstream failed a request; the error its client gets."""
+    log.warn(
+        "upstream {upstream} failed for {repository}: {error}",
+        upstream=route.upstream.name,
+        repository=route.repository,
+        error=str(error),
+    )
+    return upstream_unavailable(route.upstream.name, str(error), error.status)
 
 
 def _blob_headers(digest: str, x_cache: str) -> dict[str, str]:

@@ -194,7 +194,7 @@ def test_oversized_and_cut_bodies_are_upstream_errors_and_never_cached(
             assert status == 200, (kind, body)
             assert headers["x-cache"] == "MISS"
             assert json.loads(body)["schemaVersion"] == 2
-    wait_until(lambda: "unusable answer from corp" in mirror.log_text())
+    wait_until(lambda: "upstream corp failed for cut/" in mirror.log_text())
     assert "Traceback" not in mirror.log_text()
 
 

@@ -20,35 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
-from .registries import LOOPBACK, Registry
+from .registries import LOOPBACK, Registry, _Running
 
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-class _Serving:
-    def start(self) -> None:
-        raise NotImplementedError
-
-    def stop(self) -> None:
-        raise NotImplementedError
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-
-class Listener(_Serving):
+class Listener(_Running):
     """Accepts connections on 127.0.0.1 and counts them; sends nothing."""
 
     def __init__(self) -> None:
@@ -95,7 +73,7 @@ class Received:
 Behaviour = Callable[[BaseHTTPRequestHandler], bool]
 
 
-class Relay(_Serving):
+class Relay(_Running):
     """An HTTP server on 127.0.0.1 that forwards GET and HEAD to *upstream*.
 
     ``behaviours`` maps a repository prefix (``evil/``) to a behaviour tried
