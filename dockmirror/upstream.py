@@ -278,15 +278,17 @@ class UpstreamClient:
             h.setRawHeaders(k, [v])
         if authorization:
             h.setRawHeaders("Authorization", [authorization])
-        for hop in range(MAX_REDIRECTS + 1):
+        hops = 0
+        while True:
             response = await self._send_once(method, url, h, params)
             location = response.headers.getRawHeaders("location")
             if response.code not in _REDIRECTS or not location:
                 return response
             discard(response)
-            if hop == MAX_REDIRECTS:
+            if hops == MAX_REDIRECTS:
                 self._metrics.upstream_errors.labels(self.name, "redirect").inc()
-                raise UpstreamError(f"more than {MAX_REDIRECTS} redirects from {url}", 502)
+                raise UpstreamError(f"more than {MAX_REDIRECTS} redirects", 502)
+            hops += 1
             target = self.check_url(urljoin(url, location[0].strip()), "redirect")
             if _origin(target) != _origin(url):
                 h.removeHeader("Authorization")
@@ -297,7 +299,6 @@ class UpstreamClient:
                 target=target,
             )
             url, params = target, None
-        raise AssertionError("unreachable")
 
     def check_url(self, url: str, what: str) -> str:
         """*url* if an upstream may send the mirror there (scheme and host grammar only)."""
@@ -310,8 +311,9 @@ class UpstreamClient:
         )
         if not ok:
             self._metrics.upstream_errors.labels(self.name, "redirect").inc()
+            where = f"{parts.scheme}://{parts.netloc}"[:200]
             raise UpstreamError(
-                f"{what} to {url[:200]!r} refused: only {' or '.join(self._schemes)}"
+                f"{what} to {where!r} refused: only {' or '.join(self._schemes)}"
                 " URLs with a host name or address",
                 502,
             )
