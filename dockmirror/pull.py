@@ -8,6 +8,7 @@ layer points at the client's request.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -219,7 +220,11 @@ class PullService:
         )
 
     def _cached_manifest(self, digest: str, x_cache: str, head: bool) -> Reply | None:
-        cached = self.cache.manifests.get(digest)
+        try:
+            cached = self.cache.manifests.get(digest)
+        except OSError as e:
+            log.error("cannot read cached {digest}: {error}", digest=digest, error=e.strerror)
+            raise RegistryError("UNAVAILABLE", "the cache cannot be read now", status=503) from e
         if cached is None:
             return None
         body, media_type = cached
@@ -242,7 +247,7 @@ class PullService:
         if response.code != 200:
             raise await self._failure(route, response, "MANIFEST_UNKNOWN", True)
         discard(response)
-        self.cache.blobs.allow(origin, [digest])
+        self.cache.blobs.allow(origin, digest)
 
     async def _revalidate(
         self,
@@ -273,7 +278,7 @@ class PullService:
         if digest is None or not manifests.has(digest):
             return None
         media_type = entry.media_type if digest == entry.digest else manifests.get_type(digest)
-        self.cache.blobs.allow(origin, [digest])
+        self.cache.blobs.allow(origin, digest)
         manifests.set_tag(origin, tag, digest, media_type)
         return self._cached_manifest(digest, REVALIDATED, head)
 
@@ -355,7 +360,7 @@ class PullService:
         source = await self._source(route, origin, digest)
         if source.passthrough is not None:
             self._metrics.cache_passthrough.labels(source.passthrough).inc()
-            return await self._passthrough(route, digest, head, range_header)
+            return await self._passthrough(route, origin, digest, head, range_header)
         x_cache = MISS if source.lead else HIT
         self._count("blob", x_cache)
         store.touch(digest)
@@ -374,8 +379,8 @@ class PullService:
             reader = store.reader(digest, start, end, count)
         except OSError as e:
             log.error("cannot open cached {digest}: {error}", digest=digest, error=e.strerror)
-            if source.fill is None:
-                store.forget(digest)
+            if source.fill is None and e.errno == errno.ENOENT:
+                store.forget(digest)  # gone from the disk; a transient error keeps it
             raise upstream_unavailable(route.upstream.name, "cache read failed", 503) from e
         return Reply(206 if span else 200, headers, stream=reader)
 
@@ -384,14 +389,14 @@ class PullService:
         store = self.cache.blobs
         error: Exception | None = None
         for _ in range(FILL_ATTEMPTS):
-            if not store.allowed(origin, digest) or store.size_of(digest) is None:
+            if not store.allowed(origin, digest) or store.size_of(digest, origin) is None:
                 await self._blob_head(route, origin, digest)
             if store.has(digest):
                 return _Source()
             fill = store.filling(digest)
             lead = fill is None
             if fill is None:
-                size = store.size_of(digest)
+                size = store.size_of(digest, origin)
                 if size is None:
                     return _Source(passthrough="size unknown")
                 reason = self._admit(digest, size)
@@ -432,7 +437,7 @@ class PullService:
             discard(response)
             fill.abandon(StreamError(f"{length} bytes for {fill.digest}, {fill.size} expected"))
             return
-        self.cache.blobs.allow(origin, [fill.digest])
+        self.cache.blobs.allow(origin, fill.digest, length)
         log.info(
             "filling {digest} ({size} bytes) from {upstream}",
             digest=fill.digest,
@@ -452,10 +457,8 @@ class PullService:
         if response.code != 200:
             raise await self._failure(route, response, "BLOB_UNKNOWN", True)
         discard(response)
-        self.cache.blobs.allow(origin, [digest])
         length = _content_length(response)
-        if length is not None:
-            self.cache.blobs.hint(digest, length)
+        self.cache.blobs.allow(origin, digest, length)
         return length
 
     def _admit(self, digest: str, size: int) -> str | None:
@@ -473,7 +476,7 @@ class PullService:
         return "over max_layer_size"
 
     async def _passthrough(
-        self, route: Route, digest: str, head: bool, range_header: str | None
+        self, route: Route, origin: str, digest: str, head: bool, range_header: str | None
     ) -> Reply:
         """Stream a blob from the upstream without caching it.
 
@@ -486,11 +489,12 @@ class PullService:
             raise await self._failure(route, response, "BLOB_UNKNOWN", head)
         self._count("blob", MISS)
         length = _content_length(response)
-        declared = self.cache.blobs.size_of(digest)
+        declared = self.cache.blobs.size_of(digest, origin)
         if response.code == 200 and declared is not None:
-            # Bytes beyond the size the manifest or a HEAD announced are never sent.
+            # Bytes beyond the size the upstream announced to a HEAD are never sent.
             if length is not None and length != declared:
                 discard(response)
+                self.cache.blobs.doubt(digest, origin)
                 raise upstream_unavailable(
                     route.upstream.name, f"{length} bytes for {digest}, {declared} expected", 502
                 )

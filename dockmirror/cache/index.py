@@ -22,7 +22,7 @@ from twisted.logger import Logger
 
 log = Logger()
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: Seconds between a change and the batch that writes it.
 FLUSH_DELAY = 1.0
 
@@ -90,6 +90,15 @@ class Index:
                 + "COMMIT;"
             )
         (version,) = db.execute("SELECT version FROM version").fetchone()
+        while version < SCHEMA_VERSION:
+            upgrade = f"upgrade-{version}.sql"
+            log.info("upgrading cache index {path} with {upgrade}", path=self.path, upgrade=upgrade)
+            db.executescript(
+                "BEGIN;"
+                + resources.files("dockmirror.cache").joinpath(upgrade).read_text()
+                + "COMMIT;"
+            )
+            (version,) = db.execute("SELECT version FROM version").fetchone()
         if version != SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"schema version {version}, expected {SCHEMA_VERSION}")
         return Snapshot(

@@ -166,19 +166,15 @@ class ManifestCache:
     ) -> None:
         """Keep a verified manifest fetched from *origin*.
 
-        The upstream repository has the manifest and, as registries check
-        references on push, what it refers to: that is recorded as readable
-        through *origin*, with the sizes it announces, unless the blob came
-        from another upstream (see :meth:`BlobStore.vouched`).
+        The manifest is recorded as readable through *origin*, which just
+        served it; what it refers to is not: a manifest may name blobs its
+        repository does not hold (foreign layers, or any digest at all), and
+        sizes that are wrong.  Those are proven one by one, by the upstream's
+        answer to a HEAD or GET of each.
         """
-        refs = references(body)
-        for ref, size in refs:
-            if size is not None:
-                self.store.hint(ref, size)
-        vouched = [ref for ref, _ in refs if self.store.vouched(origin, ref)]
-        self.store.allow(origin, [digest, *vouched])
         if not await self.store.put_small(digest, body):
             return
+        self.store.allow(origin, digest)
         if self._types.get(digest) != media_type:
             self._types[digest] = media_type
             self._index.write("INSERT OR REPLACE INTO manifests VALUES (?, ?)", digest, media_type)

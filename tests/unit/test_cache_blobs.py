@@ -62,7 +62,7 @@ def test_a_blob_larger_than_the_cache_is_refused(tmp_path):
 def test_access_is_per_origin(tmp_path):
     store = make_store(tmp_path)
     digest = put(store, b"data")
-    store.allow("hub/library/alpine https://hub", [digest])
+    store.allow("hub/library/alpine https://hub", digest)
     assert store.allowed("hub/library/alpine https://hub", digest)
     assert not store.allowed("corp/library/alpine https://corp", digest)
 
@@ -70,7 +70,7 @@ def test_access_is_per_origin(tmp_path):
 def test_recovery_checks_the_index_against_the_disk(tmp_path):
     store = make_store(tmp_path)
     kept, wrong, missing = (put(store, blob(100)) for _ in range(3))
-    store.allow("hub/x https://hub", [kept])
+    store.allow("hub/x https://hub", kept)
     store._index.flush()
     Path(store.path(wrong)).write_bytes(b"short")
     os.remove(store.path(missing))
@@ -124,8 +124,9 @@ def make_cache(tmp_path) -> Cache:
 def test_purge_a_repository_keeps_what_others_share(tmp_path):
     cache = make_cache(tmp_path)
     shared, own = put(cache.blobs, b"shared"), put(cache.blobs, b"own")
-    cache.blobs.allow("hub/library/a https://hub", [shared, own])
-    cache.blobs.allow("hub/library/b https://hub", [shared])
+    cache.blobs.allow("hub/library/a https://hub", shared)
+    cache.blobs.allow("hub/library/a https://hub", own)
+    cache.blobs.allow("hub/library/b https://hub", shared)
     cache.manifests.set_tag("hub/library/a https://hub", "v1", own, "x")
     result = cache.purge("library/a")
     assert result == {

@@ -160,17 +160,22 @@ def test_a_moved_tag_to_a_cached_manifest_needs_no_get(setup):
     assert upstream.requests.count(("GET", "manifests/v1")) == 1
 
 
-def test_a_blob_a_cached_manifest_refers_to_needs_no_head(setup):
+def head_answer(data: bytes, size: int | None = None) -> Answer:
+    return Answer(200, headers={"Content-Length": str(len(data) if size is None else size)})
+
+
+def test_a_blob_a_cached_manifest_refers_to_is_proven_by_the_upstream(setup):
     clock, upstream, cache, pull, route = setup
     upstream.answers[("GET", "manifests/v1")] = manifest_answer()
     manifest(pull, route)
+    upstream.answers[("HEAD", f"blobs/{sha256(LAYER)}")] = head_answer(LAYER)
     upstream.answers[("GET", f"blobs/{sha256(LAYER)}")] = Answer(200, LAYER)
     reply = get(Deferred.fromCoroutine(pull.blob(route, sha256(LAYER), False, None)))
     assert (reply.status, reply.headers["X-Cache"]) == (200, "MISS")
     client = StringTransport()
     assert get(reply.stream.write_to(client)) == len(LAYER)
     assert client.value() == LAYER
-    assert ("HEAD", f"blobs/{sha256(LAYER)}") not in upstream.requests
+    assert upstream.requests.count(("HEAD", f"blobs/{sha256(LAYER)}")) == 1
     assert cache.blobs.has(sha256(LAYER))
     # Through another repository of the same upstream, the upstream is asked first.
     elsewhere = Route(route.upstream, "http://up", "library/y", "y")
@@ -187,6 +192,7 @@ def test_a_passed_through_blob_is_asked_for_one_range_at_most(setup):
     upstream.answers[("GET", "manifests/v1")] = manifest_answer()
     manifest(pull, route)
     cache.max_layer_size = 10
+    upstream.answers[("HEAD", f"blobs/{sha256(LAYER)}")] = head_answer(LAYER)
     upstream.answers[("GET", f"blobs/{sha256(LAYER)}")] = Answer(200, LAYER)
     reply = get(Deferred.fromCoroutine(pull.blob(route, sha256(LAYER), False, "bytes=0-1,5-6")))
     assert reply.status == 200
@@ -196,9 +202,12 @@ def test_a_passed_through_blob_is_asked_for_one_range_at_most(setup):
 def test_a_passed_through_blob_longer_than_declared_is_refused(setup):
     clock, upstream, cache, pull, route = setup
     upstream.answers[("GET", "manifests/v1")] = manifest_answer()
-    manifest(pull, route)  # declares len(LAYER)
+    manifest(pull, route)
     cache.max_layer_size = 10
+    upstream.answers[("HEAD", f"blobs/{sha256(LAYER)}")] = head_answer(LAYER)
     upstream.answers[("GET", f"blobs/{sha256(LAYER)}")] = Answer(200, LAYER + b"more")
     with pytest.raises(RegistryError) as info:
         get(Deferred.fromCoroutine(pull.blob(route, sha256(LAYER), False, None)))
     assert info.value.status == 502
+    # The size the HEAD announced turned out wrong: it is asked for again.
+    assert cache.blobs.size_of(sha256(LAYER), "hub/library/x http://up") is None
