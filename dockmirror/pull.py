@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -23,7 +24,14 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
 from dockmirror.cache import Cache, origin_of
 from dockmirror.cache.fill import Fill
-from dockmirror.cache.manifests import INDEX_TYPES, TagEntry, accepted, references
+from dockmirror.cache.manifests import (
+    INDEX_TYPES,
+    TagEntry,
+    accepted,
+    could_be_manifest,
+    manifest_media_type,
+    references,
+)
 from dockmirror.errors import STATUS, RegistryError, upstream_unavailable
 from dockmirror.metrics import Metrics
 from dockmirror.reference import HEX_LENGTH, is_digest, parse_image_reference
@@ -274,6 +282,9 @@ class PullService:
                 manifests.forget_tag(origin, tag)
             raise error
         discard(response)
+        if not could_be_manifest(_header(response, "content-type")):
+            what = f"a {_header(response, 'content-type')} page"
+            return self._stale(entry, self._not_a_manifest(route, tag, what), head)
         digest = _header(response, "docker-content-digest")
         if digest is None or not manifests.has(digest):
             return None
@@ -302,7 +313,11 @@ class PullService:
         )
         if response.code != 200:
             raise await self._failure(route, response, "MANIFEST_UNKNOWN", head)
-        content_type = _media_type(_header(response, "content-type"))
+        declared = _header(response, "content-type")
+        if not could_be_manifest(declared):
+            discard(response)
+            raise self._not_a_manifest(route, reference, f"a {declared} page")
+        content_type = _media_type(declared)
         digest = _header(response, "docker-content-digest")
         if head:
             discard(response)
@@ -331,6 +346,10 @@ class PullService:
             raise upstream_unavailable(
                 route.upstream.name, f"manifest does not match its digest {expected}", 502
             )
+        media_type = manifest_media_type(body, declared)
+        if media_type is None:
+            raise self._not_a_manifest(route, reference, f"{len(body)} bytes of {declared}")
+        content_type = media_type
         await self.cache.manifests.put(origin, reference, actual, content_type, body)
         return Reply(
             200,
@@ -342,6 +361,17 @@ class PullService:
             },
             body,
         )
+
+    def _not_a_manifest(self, route: Route, reference: str, what: str) -> RegistryError:
+        """An upstream's 200 that is no manifest: a captive portal, a login page."""
+        log.warn(
+            "upstream {upstream} answered {what} for manifest {reference} of {repository}",
+            upstream=route.upstream.name,
+            what=what,
+            reference=reference,
+            repository=route.repository,
+        )
+        return upstream_unavailable(route.upstream.name, "the answer is not a manifest", 502)
 
     # --- blobs ---------------------------------------------------------------------
 
@@ -483,7 +513,7 @@ class PullService:
         Only a single range is asked for: several would come back as
         ``multipart/byteranges``, so those are ignored, as for a cached blob.
         """
-        headers = {"Range": range_header} if range_header and "," not in range_header else None
+        headers = {"Range": range_header} if range_header and _range_spec(range_header) else None
         response = await self._request(route, "HEAD" if head else "GET", f"blobs/{digest}", headers)
         if response.code not in (200, 206):
             raise await self._failure(route, response, "BLOB_UNKNOWN", head)
@@ -588,7 +618,7 @@ class PullService:
         headers = {"Content-Type": "application/json"}
         link = _header(response, "link")
         if link:
-            headers["Link"] = _tags_link(route.client_name, _link_query(link))
+            headers["Link"] = _tags_link(route, _link_query(link))
         else:
             tags = sorted(tags)
             if last is not None:
@@ -596,8 +626,7 @@ class PullService:
             if limit is not None and len(tags) > limit:
                 tags = tags[:limit]
                 if tags:
-                    query = urlencode([("n", str(limit)), ("last", tags[-1])])
-                    headers["Link"] = _tags_link(route.client_name, query)
+                    headers["Link"] = _tags_link(route, [("n", str(limit)), ("last", tags[-1])])
         body = json.dumps({"name": route.client_name, "tags": tags}).encode()
         return Reply(200, headers, body)
 
@@ -668,25 +697,40 @@ def _blob_headers(digest: str, x_cache: str) -> dict[str, str]:
     }
 
 
+#: A single byte range (RFC 9110): ``first-last``, ``first-`` or ``-suffix``.
+_RANGE_RE = re.compile(r"bytes=[ \t]*([0-9]*)-([0-9]*)[ \t]*", re.IGNORECASE)
+
+
+def _range_spec(header: str | None) -> tuple[str, str] | None:
+    """The first and last position of a single well-formed range; None to ignore *header*.
+
+    Several ranges, a header that cannot be parsed, and a range whose last
+    position is before its first are ignored (RFC 9110 14.2): the whole
+    blob is served.
+    """
+    match = _RANGE_RE.fullmatch(header) if header else None
+    if match is None:
+        return None
+    first, last = match.groups()
+    if not (first or last) or (first and last and int(last) < int(first)):
+        return None
+    return first, last
+
+
 def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """The [start, end) of a single-range ``Range`` header; None serves the whole blob.
 
-    Several ranges, or a header that cannot be parsed, are ignored (RFC 9110
-    allows that); a range that starts past the end is refused with a 416.
+    A range that starts past the end is refused with a 416.
     """
-    if not header or not header.startswith("bytes=") or "," in header:
+    spec = _range_spec(header)
+    if spec is None:
         return None
-    first, dash, last = header[len("bytes=") :].strip().partition("-")
-    if not dash or not (first or last):
-        return None
-    try:
-        if first:
-            start = int(first)
-            end = min(int(last) + 1, size) if last else size
-        else:
-            start, end = max(size - int(last), 0), size
-    except ValueError:
-        return None
+    first, last = spec
+    if first:
+        start = int(first)
+        end = min(int(last) + 1, size) if last else size
+    else:
+        start, end = max(size - int(last), 0), size
     if start >= end or start >= size:
         raise RegistryError(
             "RANGE_INVALID",
@@ -729,11 +773,14 @@ def _page_size(n: str | None) -> int | None:
     return int(n)
 
 
-def _link_query(link: str) -> str:
+def _link_query(link: str) -> list[tuple[str, str]]:
     """The ``n``/``last`` query of an upstream's pagination ``Link``."""
     target = link.partition("<")[2].partition(">")[0]
-    return urlencode([(k, v) for k, v in parse_qsl(urlsplit(target).query) if k in ("n", "last")])
+    return [(k, v) for k, v in parse_qsl(urlsplit(target).query) if k in ("n", "last")]
 
 
-def _tags_link(client_name: str, query: str) -> str:
-    return f'</v2/{client_name}/tags/list?{query}>; rel="next"'
+def _tags_link(route: Route, query: list[tuple[str, str]]) -> str:
+    """The next page's ``Link``: on this mirror, to the upstream that served this page."""
+    if route.ns is not None:
+        query = [*query, ("ns", route.ns)]
+    return f'</v2/{route.client_name}/tags/list?{urlencode(query)}>; rel="next"'

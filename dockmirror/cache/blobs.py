@@ -101,8 +101,8 @@ class BlobStore:
         (files only get their names once verified); a row without its file, or
         whose file has the wrong size, goes.
         """
-        os.makedirs(self.blobs_dir, exist_ok=True)
-        os.makedirs(self.temp_dir, exist_ok=True)
+        files.make_directory(self.blobs_dir)
+        files.make_directory(self.temp_dir)
         temporary = 0
         for entry in os.scandir(self.temp_dir):
             files.remove(entry.path)
@@ -146,10 +146,16 @@ class BlobStore:
         )
 
     def _scan(self) -> Iterable[tuple[str, int, float]]:
-        """Every well-named blob file as (digest, size, mtime); strays are removed."""
+        """Every well-named blob file as (digest, size, mtime); strays are removed.
+
+        Files and directories that an earlier version left readable by
+        everyone are made 0640 and 0750.
+        """
         for algorithm in _subdirectories(self.blobs_dir):
             length = HEX_LENGTH.get(algorithm.name)
+            files.restrict(algorithm.path, files.DIRECTORY_MODE)
             for shard in _subdirectories(algorithm.path):
+                files.restrict(shard.path, files.DIRECTORY_MODE)
                 for entry in os.scandir(shard.path):
                     name = entry.name
                     if (
@@ -159,6 +165,8 @@ class BlobStore:
                         and all(c in "0123456789abcdef" for c in name)
                     ):
                         st = entry.stat(follow_symlinks=False)
+                        if st.st_mode & 0o777 & ~files.FILE_MODE:
+                            files.restrict(entry.path, files.FILE_MODE)
                         yield f"{algorithm.name}:{name}", st.st_size, st.st_mtime
                     else:
                         log.warn("removing stray file {path} from the cache", path=entry.path)
@@ -458,10 +466,12 @@ class BlobReader:
     """Bytes [start, end) of a blob file, written to a client as fast as it reads.
 
     While the blob is still being filled, the reader follows the file as it
-    grows.  It never sends a blob's last byte before the fill is verified,
-    and fails if the fill fails before that.  Each reader has its own pace:
-    the client pausing it pauses nothing else.  :attr:`done` fires with the
-    byte count or fails with :class:`StreamError`.
+    grows.  It never sends the last byte of its span, whole blob or range,
+    before the fill is verified, and fails if the fill fails before that: a
+    client never gets a complete answer of bytes that may turn out wrong.
+    Each reader has its own pace: the client pausing it pauses nothing
+    else.  :attr:`done` fires with the byte count or fails with
+    :class:`StreamError`.
     """
 
     def __init__(
@@ -516,11 +526,11 @@ class BlobReader:
         fill = self._fill
         if fill is None or fill.verified:
             return self._end
-        return min(self._end, fill.written, fill.size - 1)
+        return min(self._end - 1, fill.written)
 
     def _finished(self) -> bool:
         fill = self._fill
-        return self._pos >= self._end and (fill is None or fill.verified or self._end < fill.size)
+        return self._pos >= self._end and (fill is None or fill.verified)
 
     def _pump(self) -> None:
         """Write chunks until the client pauses, the file has no more, or a burst is done."""

@@ -9,7 +9,7 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from dockmirror.cache import Cache
+from dockmirror.cache import Cache, blobs
 from dockmirror.cache.fill import Fill
 from dockmirror.cache.index import Index
 from dockmirror.config import CacheConfig
@@ -166,3 +166,25 @@ def test_one_process_per_cache_directory(tmp_path):
     first.stopService()
     second.startService()
     second.stopService()
+
+
+def test_proofs_for_blobs_never_cached_are_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(blobs, "PROOFS", 100)
+    monkeypatch.setattr(blobs, "PROOFS_PER_DIGEST", 4)
+    store = make_store(tmp_path)
+    digests = [sha256(b"%d" % i) for i in range(1000)]
+    for digest in digests:
+        store.allow("hub/x https://hub", digest, 10)
+    for i in range(10):
+        store.allow(f"hub/r{i} https://hub", digests[-1], 10)
+    assert len(store._proofs) == 100 and store._access == {}
+    assert len(store._proofs[digests[-1]]) == 4
+    # The most recent are remembered, with their sizes.
+    assert store.allowed("hub/r9 https://hub", digests[-1])
+    assert store.size_of(digests[-2], "hub/x https://hub") == 10
+    assert not store.allowed("hub/x https://hub", digests[0])
+    # Once cached, a blob's proofs are kept (and written to the index).
+    data = b"%d" % 999
+    put(store, data)
+    assert store.allowed("hub/r9 https://hub", sha256(data))
+    assert sha256(data) not in store._proofs and len(store._access[sha256(data)]) == 4
