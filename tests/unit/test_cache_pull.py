@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,3 +213,52 @@ def test_a_passed_through_blob_longer_than_declared_is_refused(setup):
     assert info.value.status == 502
     # The size the HEAD announced turned out wrong: it is asked for again.
     assert cache.blobs.size_of(sha256(LAYER), "hub/library/x http://up") is None
+
+
+def test_a_transient_error_reading_a_cached_manifest_keeps_it(setup, monkeypatch):
+    clock, upstream, cache, pull, route = setup
+    upstream.answers[("GET", "manifests/v1")] = manifest_answer()
+    manifest(pull, route)
+
+    def no_descriptors(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr("dockmirror.cache.blobs.open", no_descriptors, raising=False)
+    with pytest.raises(RegistryError) as info:
+        manifest(pull, route)
+    assert (info.value.status, info.value.code) == (503, "UNAVAILABLE")
+    monkeypatch.undo()
+    assert cache.manifests.has(sha256(MANIFEST))
+    assert manifest(pull, route).headers["X-Cache"] == "HIT"
+    assert upstream.requests.count(("GET", "manifests/v1")) == 1
+
+
+@pytest.mark.parametrize("error", [errno.EMFILE, errno.ENFILE, errno.EIO, errno.EACCES])
+def test_a_transient_error_opening_a_cached_blob_keeps_it(setup, monkeypatch, error):
+    clock, upstream, cache, pull, route = setup
+    digest = sha256(LAYER)
+    Deferred.fromCoroutine(cache.blobs.put_small(digest, LAYER))
+    cache.blobs.allow("hub/library/x http://up", digest)
+
+    def failing_open(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr("dockmirror.cache.blobs.os.open", failing_open)
+    with pytest.raises(RegistryError) as info:
+        get(Deferred.fromCoroutine(pull.blob(route, digest, False, None)))
+    assert (info.value.status, info.value.code) == (503, "UNAVAILABLE")
+    monkeypatch.undo()
+    assert cache.blobs.has(digest) and os.path.exists(cache.blobs.path(digest))
+    assert upstream.requests == []
+
+
+def test_a_blob_gone_from_the_disk_is_forgotten(setup):
+    clock, upstream, cache, pull, route = setup
+    digest = sha256(LAYER)
+    Deferred.fromCoroutine(cache.blobs.put_small(digest, LAYER))
+    cache.blobs.allow("hub/library/x http://up", digest)
+    os.remove(cache.blobs.path(digest))
+    with pytest.raises(RegistryError) as info:
+        get(Deferred.fromCoroutine(pull.blob(route, digest, False, None)))
+    assert info.value.status == 503
+    assert not cache.blobs.has(digest)
