@@ -262,3 +262,16 @@ def test_a_blob_gone_from_the_disk_is_forgotten(setup):
         get(Deferred.fromCoroutine(pull.blob(route, digest, False, None)))
     assert info.value.status == 503
     assert not cache.blobs.has(digest)
+
+
+def test_a_login_page_at_revalidation_is_an_upstream_failure(setup):
+    clock, upstream, cache, pull, route = setup
+    upstream.answers[("GET", "manifests/v1")] = manifest_answer()
+    manifest(pull, route)
+    clock.advance(60)
+    page = Answer(200, headers={"Content-Type": "text/html; charset=utf-8"})
+    upstream.answers[("HEAD", "manifests/v1")] = page
+    upstream.answers[("GET", "manifests/v1")] = Answer(200, b"<html>", page.headers)
+    reply = manifest(pull, route)
+    assert (reply.headers["X-Cache"], reply.body) == ("STALE", MANIFEST)
+    assert upstream.requests.count(("GET", "manifests/v1")) == 1
