@@ -348,7 +348,8 @@ class PullService:
             )
         media_type = manifest_media_type(body, declared)
         if media_type is None:
-            raise self._not_a_manifest(route, reference, f"{len(body)} bytes of {declared}")
+            what = f"{len(body)} bytes of {declared or 'no declared type'}"
+            raise self._not_a_manifest(route, reference, what)
         content_type = media_type
         await self.cache.manifests.put(origin, reference, actual, content_type, body)
         return Reply(
@@ -697,8 +698,9 @@ def _blob_headers(digest: str, x_cache: str) -> dict[str, str]:
     }
 
 
-#: A single byte range (RFC 9110): ``first-last``, ``first-`` or ``-suffix``.
-_RANGE_RE = re.compile(r"bytes=[ \t]*([0-9]*)-([0-9]*)[ \t]*", re.IGNORECASE)
+#: A single byte range (RFC 9110): ``first-last``, ``first-`` or ``-suffix``;
+#: positions of more than 20 digits (past any blob) are not parsed.
+_RANGE_RE = re.compile(r"bytes=[ \t]*([0-9]{0,20})-([0-9]{0,20})[ \t]*", re.IGNORECASE)
 
 
 def _range_spec(header: str | None) -> tuple[str, str] | None:

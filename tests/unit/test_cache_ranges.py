@@ -30,6 +30,8 @@ from dockmirror.pull import _parse_range
         ("bytes=1-+2", None),
         ("bytes= 1-2,", None),
         ("bytes=١-٢", None),
+        ("bytes=0-" + "9" * 5000, None),
+        ("bytes=" + "9" * 21 + "-", None),
     ],
 )
 def test_parse_range(header, span):
