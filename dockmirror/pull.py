@@ -97,6 +97,11 @@ def _content_length(response: IResponse) -> int | None:
     return length if length is not None and length >= 0 else None
 
 
+def _names(response: IResponse, digest: str) -> bool:
+    """Whether an upstream's answer for *digest* does not name another digest."""
+    return _header(response, "docker-content-digest") in (None, digest)
+
+
 def compute_digest(data: bytes, algorithm: str = "sha256") -> str:
     return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
 
@@ -255,6 +260,9 @@ class PullService:
         if response.code != 200:
             raise await self._failure(route, response, "MANIFEST_UNKNOWN", True)
         discard(response)
+        content_type = _header(response, "content-type")
+        if not (could_be_manifest(content_type) and _names(response, digest)):
+            raise self._not_a_manifest(route, digest, f"a {content_type} page")
         self.cache.blobs.allow(origin, digest)
 
     async def _revalidate(
@@ -488,6 +496,17 @@ class PullService:
         if response.code != 200:
             raise await self._failure(route, response, "BLOB_UNKNOWN", True)
         discard(response)
+        content_type = (_header(response, "content-type") or "").lower()
+        if content_type.startswith("text/html") or not _names(response, digest):
+            # A portal or login page answering 200 to anything proves nothing.
+            log.warn(
+                "upstream {upstream} answered a HEAD of {digest} with a page"
+                " ({content_type}) or another digest",
+                upstream=route.upstream.name,
+                digest=digest,
+                content_type=content_type,
+            )
+            raise upstream_unavailable(route.upstream.name, "the answer is not the blob", 502)
         length = _content_length(response)
         self.cache.blobs.allow(origin, digest, length)
         return length

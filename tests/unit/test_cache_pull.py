@@ -275,3 +275,26 @@ def test_a_login_page_at_revalidation_is_an_upstream_failure(setup):
     reply = manifest(pull, route)
     assert (reply.headers["X-Cache"], reply.body) == ("STALE", MANIFEST)
     assert upstream.requests.count(("GET", "manifests/v1")) == 1
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"Content-Type": "text/html; charset=utf-8"}, {"Docker-Content-Digest": sha256(b"other")}],
+)
+def test_a_page_or_another_digest_is_no_proof(setup, headers):
+    clock, upstream, cache, pull, route = setup
+    digest = sha256(LAYER)
+    Deferred.fromCoroutine(cache.blobs.put_small(digest, LAYER))
+    upstream.answers[("HEAD", f"blobs/{digest}")] = Answer(200, headers=headers)
+    with pytest.raises(RegistryError) as info:
+        get(Deferred.fromCoroutine(pull.blob(route, digest, False, None)))
+    assert info.value.status == 502
+    Deferred.fromCoroutine(cache.blobs.put_small(sha256(MANIFEST), MANIFEST))
+    cache.manifests._types[sha256(MANIFEST)] = DOCKER_MANIFEST
+    upstream.answers[("HEAD", f"manifests/{sha256(MANIFEST)}")] = Answer(200, headers=headers)
+    with pytest.raises(RegistryError) as info:
+        get(Deferred.fromCoroutine(pull.manifest(route, sha256(MANIFEST), None, False)))
+    assert info.value.status == 502
+    origin = "hub/library/x http://up"
+    assert not cache.blobs.allowed(origin, digest)
+    assert not cache.blobs.allowed(origin, sha256(MANIFEST))
