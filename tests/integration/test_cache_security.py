@@ -87,7 +87,7 @@ def test_a_manifest_naming_another_upstreams_blob_never_opens_it(
     # ... then a user of Q pulls D, and it is cached ...
     status, _, body = curl(f"{mirror.url}/v2/private.test/{unique_repo}/blobs/{secret.digest}")
     assert status == 200 and sha256(body) == secret.digest
-    assert secret.digest in cached_blobs(mirror)
+    wait_until(lambda: secret.digest in cached_blobs(mirror))
     # ... and P, which never had D, does not get it.
     for method in ("GET", "HEAD"):
         status, headers, body = curl(
@@ -136,7 +136,7 @@ def test_a_poisoned_size_in_another_manifest_does_not_block_the_real_blob(
         assert int(headers["content-length"]) == layer.size
         status, headers, _ = curl(url, method="HEAD")
         assert (status, int(headers["content-length"])) == (200, layer.size)
-    assert cached_blobs(mirror)[layer.digest] == layer.size
+    wait_until(lambda: cached_blobs(mirror).get(layer.digest) == layer.size)
 
 
 # --- a transient I/O error deletes good blobs -------------------------------------
@@ -341,3 +341,21 @@ def test_cache_files_are_0640_and_directories_0750(plain_registry, dockmirror, s
     for path in paths:
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode == (0o750 if path.is_dir() else 0o640), (path, oct(mode))
+
+
+def test_a_portal_answering_everything_proves_no_blob(
+    portal, registry_factory, dockmirror, seeded, unique_repo
+):
+    private = registry_factory()
+    secret = seeded(private, unique_repo, "v1").platforms[0].layers[0]
+    mirror = dockmirror(
+        {
+            "portal": {"plugin": "registry", "url": portal.url, "default": True},
+            "private": {"plugin": "registry", "url": private.url, "aliases": ["private.test"]},
+        }
+    )
+    status, _, _ = curl(f"{mirror.url}/v2/private.test/{unique_repo}/blobs/{secret.digest}")
+    assert status == 200
+    wait_until(lambda: secret.digest in cached_blobs(mirror))
+    status, _, body = curl(f"{mirror.url}/v2/{unique_repo}/blobs/{secret.digest}")
+    assert status == 502 and error_code(body) == "UNAVAILABLE"
