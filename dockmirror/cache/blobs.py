@@ -222,10 +222,13 @@ class BlobStore:
 
     def doubt(self, digest: str, origin: str | None = None) -> None:
         """Drop what upstreams announced for a blob not cached: it turned out wrong."""
+        proofs = self._proofs.get(digest, {})
         if origin is None:
-            self._proofs.pop(digest, None)
+            proofs.clear()
         else:
-            self._proofs.get(digest, {}).pop(origin, None)
+            proofs.pop(origin, None)
+        if not proofs:
+            self._proofs.pop(digest, None)
 
     def touch(self, digest: str) -> None:
         if digest in self._entries:
@@ -412,9 +415,11 @@ class BlobStore:
 
     def disown(self, origins: set[str]) -> list[str]:
         """Forget that *origins* have any blob; returns the digests no origin has now."""
-        for proofs in self._proofs.values():
+        for digest, proofs in list(self._proofs.items()):
             for origin in origins & proofs.keys():
                 del proofs[origin]
+            if not proofs:
+                del self._proofs[digest]
         orphans = []
         for digest, have in list(self._access.items()):
             if have & origins:
