@@ -358,12 +358,11 @@ class PullService:
         if media_type is None:
             what = f"{len(body)} bytes of {declared or 'no declared type'}"
             raise self._not_a_manifest(route, reference, what)
-        content_type = media_type
-        await self.cache.manifests.put(origin, reference, actual, content_type, body)
+        await self.cache.manifests.put(origin, reference, actual, media_type, body)
         return Reply(
             200,
             {
-                "Content-Type": content_type,
+                "Content-Type": media_type,
                 "Docker-Content-Digest": actual,
                 "ETag": f'"{actual}"',
                 "X-Cache": MISS,
