@@ -152,11 +152,12 @@ def _relay_handler(relay: Relay) -> type[BaseHTTPRequestHandler]:
                 response = e
             with response:
                 body = response.read()
+                length = response.headers["Content-Length"] if self.command == "HEAD" else None
                 self.send_response(response.status)
                 for name, value in response.headers.items():
                     if name.lower() not in ("content-length", "transfer-encoding", "connection"):
                         self.send_header(name, value)
-                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Length", length or str(len(body)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(body)
