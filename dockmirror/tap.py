@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from treq.client import HTTPClient
 from twisted.application import service, strports
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.defer import DeferredList
 from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import HTTPConnectionPool
 
 from dockmirror.auth.access import AccessControl
 from dockmirror.auth.keystore import KeyDatabase, KeyStore, KeyStoreError
@@ -28,7 +28,9 @@ from dockmirror.config import (
     load,
     state_directory,
     upstream_plugins,
+    upstream_tls,
 )
+from dockmirror.egress import upstream_egress
 from dockmirror.health import HealthResource, directory_writable
 from dockmirror.manhole import HOST_KEY_FILE, KeysConsole, load_host_key, manhole_factory
 from dockmirror.metrics import Metrics, MetricsResource
@@ -39,8 +41,6 @@ from dockmirror.web import MirrorSite, RootResource, build_root
 
 log = Logger()
 
-#: Idle persistent connections kept per upstream host.
-POOL_PER_HOST = 16
 #: The token signing key, in the state directory.
 SIGNING_KEY_FILE = "token_signing_key.pem"
 
@@ -74,21 +74,15 @@ class Options(usage.Options):
             raise SystemExit(0)
 
 
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """Upstream connections come and go; don't log each one."""
-
-    noisy = False
-
-
 class PoolService(service.Service):
-    """Closes the upstream connection pool when the mirror stops."""
+    """Closes the upstreams' connection pools when the mirror stops."""
 
-    def __init__(self, pool: HTTPConnectionPool) -> None:
-        self.pool = pool
+    def __init__(self, pools: list[HTTPConnectionPool]) -> None:
+        self.pools = pools
 
     def stopService(self) -> Any:
         super().stopService()
-        return self.pool.closeCachedConnections()
+        return DeferredList([pool.closeCachedConnections() for pool in self.pools])
 
 
 def _endpoint(reactor: Any, config: Config, description: str) -> Any:
@@ -120,13 +114,18 @@ def build_access(config: Config, keys: KeyStore, metrics: Metrics, reactor: Any)
 
 def build_service(config: Config, reactor: Any) -> service.MultiService:
     router = build_router(config, upstream_plugins())
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool._factory = _QuietClientFactory
-    pool.maxPersistentPerHost = POOL_PER_HOST
-    http = HTTPClient(Agent(reactor, connectTimeout=30, pool=pool))
+    egress = {
+        u.name: upstream_egress(
+            reactor,
+            u.name,
+            u.configured_url,
+            upstream_tls(config.source, u.name, config.upstreams[u.name]),
+        )
+        for u in router.upstreams
+    }
     metrics = Metrics()
     cache = Cache(config.cache, reactor, metrics)
-    pull = PullService(Upstreams(http, reactor, metrics), reactor, metrics, cache)
+    pull = PullService(Upstreams(egress, reactor, metrics), reactor, metrics, cache)
     cache.prefetcher = Prefetcher(router, pull)
     top = service.MultiService()
     # Started first: it recovers the cache from disk before any request is served.
@@ -163,7 +162,7 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
         root.putChild(b"metrics", metrics_resource)
     if certificates:
         CertificateReloadService(reactor, certificates).setServiceParent(top)
-    PoolService(pool).setServiceParent(top)
+    PoolService([e.pool for e in egress.values()]).setServiceParent(top)
     namespace: dict[str, Any] = {
         "keys": KeysConsole(keys, partial(check_repository_prefix, upstreams=config.upstreams)),
         "upstreams": {upstream.name: upstream for upstream in router.upstreams},
