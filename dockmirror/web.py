@@ -112,18 +112,37 @@ async def send_reply(request: Request, reply: Reply) -> None:
     request.finish()
 
 
+#: Route label values of ``dockmirror_http_requests_total``; anything else is ``other``.
+ROUTES = ("base", "manifest", "blob", "tags", "token", "metrics", "healthz", "other")
+#: Method label values; any other method is counted as ``other``.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_TOP_ROUTES = {
+    (b"docker-auth", b"token"): "token",
+    (b"metrics",): "metrics",
+    (b"healthz",): "healthz",
+}
+
+
 def route_label(path: bytes) -> str:
-    """A low-cardinality name for what a request path is about."""
-    parts = path.split(b"?", 1)[0].rstrip(b"/").split(b"/")
-    if len(parts) < 2 or parts[1] != b"v2":
-        return parts[1].decode("ascii", "replace")[:20] if len(parts) > 1 else "root"
-    if len(parts) == 2:
+    """What a request path is about, as one of :data:`ROUTES`; the client picks none of it."""
+    parts = path.split(b"?", 1)[0].rstrip(b"/").split(b"/")[1:]
+    if parts[:1] != [b"v2"]:
+        return _TOP_ROUTES.get(tuple(parts), "other")
+    if len(parts) == 1:
         return "base"
-    if len(parts) >= 4 and parts[-2] in (b"manifests", b"blobs"):
-        return parts[-2].decode()
-    if parts[-2:] == [b"tags", b"list"]:
+    if len(parts) >= 4 and parts[-2] == b"manifests":
+        return "manifest"
+    if len(parts) >= 4 and parts[-2] == b"blobs":
+        return "blob"
+    if len(parts) >= 4 and parts[-2:] == [b"tags", b"list"]:
         return "tags"
     return "other"
+
+
+def method_label(method: bytes) -> str:
+    """The request method as one of :data:`METHODS`, or ``other``."""
+    name = method.decode("latin-1")
+    return name if name in METHODS else "other"
 
 
 #: The largest request body read: only the token endpoint's POST form has one.
@@ -206,7 +225,9 @@ class MirrorSite(Site):
 
     def record(self, request: Request, status: str) -> None:
         method = request.method.decode("ascii", "replace")[:10]
-        self.metrics.requests.labels(route_label(request.uri), method, status).inc()
+        self.metrics.requests.labels(
+            route_label(request.uri), method_label(request.method), status
+        ).inc()
         x_cache = request.responseHeaders.getRawHeaders("x-cache", [None])[0]
         duration = time.monotonic() - getattr(request, "started", time.monotonic())
         access_log.info(

@@ -131,8 +131,8 @@ def test_metrics_health_and_access_log(plain_registry, dockmirror, seeded, uniqu
     status, headers, body = curl(f"{mirror.url}/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain")
     text = body.decode()
-    assert 'dockmirror_http_requests_total{method="GET",route="manifests",status="200"} 1.0' in text
-    assert 'dockmirror_http_requests_total{method="GET",route="manifests",status="404"} 1.0' in text
+    assert 'dockmirror_http_requests_total{method="GET",route="manifest",status="200"} 1.0' in text
+    assert 'dockmirror_http_requests_total{method="GET",route="manifest",status="404"} 1.0' in text
     assert 'dockmirror_upstream_response_seconds_count{upstream="hub"}' in text
     status, _, body = curl(f"{mirror.url}/healthz")
     health = json.loads(body)
