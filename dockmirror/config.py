@@ -38,6 +38,10 @@ class ConfigError(Exception):
 class ServerConfig:
     listen: tuple[str, ...] = ("tcp:5000:interface=127.0.0.1",)
     public_url: str = "http://127.0.0.1:5000"
+    #: Reverse proxies (CIDRs) whose ``proxy_header`` names the client's address.
+    trusted_proxies: tuple[str, ...] = ()
+    #: The header those proxies write: "X-Forwarded-For" or "Forwarded".
+    proxy_header: str = "X-Forwarded-For"
 
 
 @dataclass(frozen=True)
@@ -283,11 +287,17 @@ def _check(config: Config) -> None:
                     f" upstreams.{hosts[host.lower()]}"
                 )
             hosts[host.lower()] = name
-    for cidr in config.metrics.allow:
-        try:
-            ipaddress.ip_network(cidr, strict=False)
-        except ValueError:
-            raise ConfigError(f"{source}: metrics.allow: {cidr!r} is not a network") from None
+    for key, cidrs in (
+        ("metrics.allow", config.metrics.allow),
+        ("server.trusted_proxies", config.server.trusted_proxies),
+    ):
+        for cidr in cidrs:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ConfigError(f"{source}: {key}: {cidr!r} is not a network") from None
+    if config.server.proxy_header.lower() not in ("x-forwarded-for", "forwarded"):
+        raise ConfigError(f'{source}: server.proxy_header must be "X-Forwarded-For" or "Forwarded"')
     if not config.server.public_url.startswith(("http://", "https://")):
         raise ConfigError(f"{source}: server.public_url must be an http(s) URL")
     _check_cache(source, config.cache)

@@ -16,7 +16,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 from dockmirror.auth.access import AccessControl
 from dockmirror.auth.keystore import KeyDatabase, KeyStore, KeyStoreError
-from dockmirror.auth.throttle import Throttle
+from dockmirror.auth.throttle import LoginThrottle
 from dockmirror.auth.tokens import TokenService, load_signing_key
 from dockmirror.cache import Cache
 from dockmirror.config import (
@@ -27,6 +27,7 @@ from dockmirror.config import (
     state_directory,
     upstream_plugins,
 )
+from dockmirror.forwarded import ClientAddresses
 from dockmirror.health import HealthResource, directory_writable
 from dockmirror.manhole import HOST_KEY_FILE, KeysConsole, load_host_key, manhole_factory
 from dockmirror.metrics import Metrics, MetricsResource
@@ -107,7 +108,7 @@ def build_access(config: Config, keys: KeyStore, metrics: Metrics, reactor: Any)
     return AccessControl(
         keys,
         tokens,
-        Throttle(reactor),
+        LoginThrottle(reactor),
         metrics,
         realm=f"{public_url}/docker-auth/token",
         anonymous_repos=config.auth.anonymous_repos,
@@ -136,7 +137,8 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
         {"cache_directory": directory_writable(config.cache.directory), "key_store": keys.check}
     )
     root.putChild(b"healthz", health)
-    site = MirrorSite(root, metrics)
+    clients = ClientAddresses(config.server.trusted_proxies, config.server.proxy_header)
+    site = MirrorSite(root, metrics, clients)
     certificates = []
 
     def listen(descriptions: tuple[str, ...], site: MirrorSite) -> None:
@@ -154,7 +156,7 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
         operations = RootResource()
         operations.putChild(b"metrics", metrics_resource)
         operations.putChild(b"healthz", health)
-        listen(config.metrics.listen, MirrorSite(operations, metrics))
+        listen(config.metrics.listen, MirrorSite(operations, metrics, clients))
     else:
         root.putChild(b"metrics", metrics_resource)
     if certificates:

@@ -6,13 +6,16 @@ import json
 import time
 from typing import Any
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from dockmirror.auth.access import AccessControl, Credentials, Principal, parse_authorization
 from dockmirror.errors import RegistryError
+from dockmirror.forwarded import ClientAddresses
 from dockmirror.metrics import Metrics
 from dockmirror.pull import PullService, Reply
 from dockmirror.reference import parse_v2_path
@@ -159,6 +162,23 @@ class MirrorRequest(Request):
         self.key_id: str | None = None
         self._body_size = 0
         self._refused = False
+        self._client: IAddress | None = None
+
+    def getClientAddress(self) -> IAddress:
+        """The client's address: a trusted proxy's peer is replaced by whom it forwards."""
+        if self._client is None:
+            peer = super().getClientAddress()
+            site = getattr(self, "site", None)
+            host = getattr(peer, "host", None)
+            if not isinstance(site, MirrorSite) or not isinstance(host, str):
+                return peer
+            client = site.clients.client(host, self.requestHeaders)
+            if client == host:
+                self._client = peer
+            else:
+                kind = IPv6Address if ":" in client else IPv4Address
+                self._client = kind("TCP", client, 0)
+        return self._client
 
     def gotLength(self, length: int | None) -> None:
         super().gotLength(length)
@@ -206,10 +226,13 @@ class MirrorSite(Site):
     requestFactory = MirrorRequest
     noisy = False
 
-    def __init__(self, resource: Resource, metrics: Metrics) -> None:
+    def __init__(
+        self, resource: Resource, metrics: Metrics, clients: ClientAddresses | None = None
+    ) -> None:
         super().__init__(resource)
         self.displayTracebacks = False
         self.metrics = metrics
+        self.clients = clients if clients is not None else ClientAddresses()
 
     def acceptableProtocols(self) -> list[bytes]:
         """Only HTTP/1.1 over ALPN, even where the ``h2`` package is installed.

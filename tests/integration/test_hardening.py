@@ -11,7 +11,9 @@ import string
 import pytest
 
 from .conftest import Dockmirror, DockmirrorFactory
-from .registries import LOOPBACK, Registry
+from .keys import create_key
+from .registries import LOOPBACK, Registry, wait_until
+from .test_auth import basic, hub_mirror
 from .test_pull import curl
 
 
@@ -56,3 +58,55 @@ def test_metric_labels_stay_bounded(hub: Dockmirror) -> None:
     assert methods_seen <= {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other"}
     assert "other" in methods_seen and "other" in routes
     assert len(series) < 60, series
+
+
+def _token_status(mirror: Dockmirror, app_id: str, api_key: str, *curl_args: str) -> int:
+    url = f"{mirror.url}/docker-auth/token?service={mirror.host}"
+    return curl(*curl_args, "-H", basic(app_id, api_key), url)[0]
+
+
+@pytest.fixture
+def keyed(plain_registry: Registry, dockmirror: DockmirrorFactory) -> Dockmirror:
+    return hub_mirror(dockmirror, plain_registry)
+
+
+def test_an_attacker_cannot_lock_a_key_out(keyed: Dockmirror) -> None:
+    app_id, api_key = create_key(keyed, "victim")
+    for _ in range(12):
+        _token_status(keyed, app_id, "sk_guess")
+    assert _token_status(keyed, app_id, "sk_guess") == 429
+    assert _token_status(keyed, app_id, api_key) == 429  # the failing address waits
+    # The victim, from another address, is not throttled.
+    assert _token_status(keyed, app_id, api_key, "--interface", "127.0.0.2") == 200
+    assert (
+        curl("--interface", "127.0.0.2", "-H", basic(app_id, api_key), f"{keyed.url}/v2/")[0] == 200
+    )
+
+
+def test_client_address_from_a_trusted_proxy(
+    plain_registry: Registry, dockmirror: DockmirrorFactory
+) -> None:
+    mirror = dockmirror(
+        {"hub": {"plugin": "dockerhub", "url": plain_registry.url, "default": True}},
+        auth_required=True,
+        extra={"server": {"trusted_proxies": ["127.0.0.1/32"]}},
+    )
+    app_id, api_key = create_key(mirror, "victim")
+    attacker = ("-H", "X-Forwarded-For: 203.0.113.9")
+    for _ in range(11):
+        _token_status(mirror, app_id, "sk_guess", *attacker)
+    assert _token_status(mirror, app_id, api_key, *attacker) == 429
+    # Other clients behind the same proxy are not affected.
+    assert _token_status(mirror, app_id, api_key, "-H", "X-Forwarded-For: 198.51.100.7") == 200
+    assert _token_status(mirror, app_id, api_key) == 200  # the proxy itself
+    # A client prepending addresses of its own is still known by the proxy's hop.
+    spoofed = ("-H", "X-Forwarded-For: 198.51.100.7, 203.0.113.9")
+    assert _token_status(mirror, app_id, api_key, *spoofed) == 429
+    wait_until(lambda: "203.0.113.9 - GET /docker-auth/token" in mirror.log_text(), 5)
+    # From a peer that is not a trusted proxy the header is not read.
+    untrusted = ("--interface", "127.0.0.2")
+    for i in range(11):
+        _token_status(mirror, app_id, "sk_guess", *untrusted, "-H", f"X-Forwarded-For: 10.0.0.{i}")
+    assert (
+        _token_status(mirror, app_id, api_key, *untrusted, "-H", "X-Forwarded-For: 10.9.9.9") == 429
+    )
