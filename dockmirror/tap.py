@@ -33,7 +33,7 @@ from dockmirror.manhole import HOST_KEY_FILE, KeysConsole, load_host_key, manhol
 from dockmirror.metrics import Metrics, MetricsResource
 from dockmirror.pull import Prefetcher, PullService, Upstreams
 from dockmirror.routing import build_router
-from dockmirror.tls import CertificateReloadService, PlainHTTPFactory, tls_endpoint
+from dockmirror.tls import PlainHTTPFactory, ReloadService, tls_endpoint
 from dockmirror.web import MirrorSite, RootResource, build_root
 
 #: Idle persistent connections kept per upstream host.
@@ -159,8 +159,7 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
         listen(config.metrics.listen, MirrorSite(operations, metrics, clients))
     else:
         root.putChild(b"metrics", metrics_resource)
-    if certificates:
-        CertificateReloadService(reactor, certificates).setServiceParent(top)
+    ReloadService(reactor, certificates).setServiceParent(top)
     PoolService(pool).setServiceParent(top)
     namespace: dict[str, Any] = {
         "keys": KeysConsole(keys, partial(check_repository_prefix, upstreams=config.upstreams)),

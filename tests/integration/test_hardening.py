@@ -6,14 +6,20 @@ from __future__ import annotations
 import http.client
 import random
 import re
+import shutil
+import signal
 import string
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
 from .conftest import Dockmirror, DockmirrorFactory
 from .keys import create_key
-from .registries import LOOPBACK, Registry, wait_until
+from .registries import LOOPBACK, Registry, free_port, wait_until
 from .test_auth import basic, hub_mirror
+from .test_operations import run_check, served_serial
 from .test_pull import curl
 
 
@@ -110,3 +116,103 @@ def test_client_address_from_a_trusted_proxy(
     assert (
         _token_status(mirror, app_id, api_key, *untrusted, "-H", "X-Forwarded-For: 10.9.9.9") == 429
     )
+
+
+def _rsa_certificate(directory: Path, serial: int) -> tuple[Path, Path]:
+    directory.mkdir(exist_ok=True)
+    key, cert = directory / "key.pem", directory / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-subj", "/CN=localhost", "-set_serial", str(serial)]
+        + ["-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    return key, cert
+
+
+@pytest.fixture
+def rsa_mirror(
+    plain_registry: Registry, dockmirror: DockmirrorFactory, tmp_path: Path
+) -> tuple[Dockmirror, int, Path, Path]:
+    key, cert = _rsa_certificate(tmp_path / "tls", 1001)
+    port, plain = free_port(), free_port()
+    mirror = dockmirror(
+        {"hub": {"plugin": "dockerhub", "url": plain_registry.url, "default": True}},
+        extra={
+            "server": {
+                "listen": [
+                    f"ssl:{port}:interface={LOOPBACK}:privateKey={key}:certKey={cert}",
+                    f"tcp:{plain}:interface={LOOPBACK}",
+                ]
+            }
+        },
+        start=False,
+    )
+    mirror.port = plain
+    mirror.start()
+    return mirror, port, key, cert
+
+
+def _handshake(port: int, cipher: str) -> bool:
+    result = subprocess.run(
+        ["openssl", "s_client", "-connect", f"{LOOPBACK}:{port}", "-tls1_2", "-cipher", cipher],
+        input=b"",
+        capture_output=True,
+        timeout=20,
+    )
+    return result.returncode == 0 and b"Cipher is " + cipher.encode() in result.stdout
+
+
+def test_tls12_offers_forward_secret_aead_ciphers_only(rsa_mirror) -> None:
+    _, port, _, _ = rsa_mirror
+    assert _handshake(port, "ECDHE-RSA-AES128-GCM-SHA256")
+    assert _handshake(port, "ECDHE-RSA-CHACHA20-POLY1305")
+    assert not _handshake(port, "AES128-SHA")
+    assert not _handshake(port, "ECDHE-RSA-AES128-SHA")
+    assert not _handshake(port, "AES256-GCM-SHA384")
+
+
+def test_a_bad_key_at_reload_keeps_the_working_certificate(rsa_mirror, tmp_path: Path) -> None:
+    mirror, port, key, cert = rsa_mirror
+    assert served_serial(port, cert) == 1001
+    other_key, _ = _rsa_certificate(tmp_path / "other", 2002)
+    shutil.copy(other_key, key)  # a key that does not match the certificate
+    time.sleep(6)  # past the interval of checks on the files
+    assert served_serial(port, cert) == 1001
+    mirror.send_signal(signal.SIGHUP)
+    wait_until(lambda: mirror.log_text().count("keeping the current TLS certificate") >= 2, 5)
+    assert served_serial(port, cert) == 1001
+    assert f"{key}: the private key does not match the certificate" in mirror.log_text()
+    key.write_text("-----BEGIN PRIVATE KEY-----\nbroken\n-----END PRIVATE KEY-----\n")
+    mirror.send_signal(signal.SIGHUP)
+    wait_until(lambda: f"{key}: not a usable PEM private key" in mirror.log_text(), 5)
+    assert served_serial(port, cert) == 1001
+    assert "Traceback" not in mirror.log_text()
+
+
+def test_sighup_without_tls_is_survived(hub: Dockmirror) -> None:
+    hub.send_signal(signal.SIGHUP)
+    wait_until(lambda: "SIGHUP: nothing to reload" in hub.log_text(), 5)
+    assert hub.running
+    assert curl(f"{hub.url}/v2/")[0] == 200
+
+
+@pytest.mark.parametrize("broken", ["mismatched", "malformed"])
+def test_check_names_a_bad_certificate_file(tmp_path: Path, broken: str) -> None:
+    key, cert = _rsa_certificate(tmp_path / "tls", 1)
+    if broken == "mismatched":
+        other_key, _ = _rsa_certificate(tmp_path / "other", 2)
+        shutil.copy(other_key, key)
+    else:
+        key.write_text("-----BEGIN PRIVATE KEY-----\nbroken\n-----END PRIVATE KEY-----\n")
+    config = tmp_path / "dockmirror.toml"
+    listen = f"ssl:{free_port()}:interface={LOOPBACK}:privateKey={key}:certKey={cert}"
+    config.write_text(
+        f'[server]\nlisten = ["{listen}"]\n[upstreams.hub]\nplugin = "dockerhub"\ndefault = true\n'
+    )
+    result = run_check(config)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "Traceback" not in output
+    assert f"server.listen: {listen!r}: {key}: " in output
