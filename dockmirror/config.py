@@ -122,6 +122,21 @@ class MetricsConfig:
     listen: tuple[str, ...] = ()
 
 
+#: Field metadata of a value never shown (reprs, ``--check``, the manhole).
+SECRET = {"secret": True}
+
+
+def redacted_repr(section: Any) -> str:
+    """A config dataclass's repr, with the values of its secret fields shown as ``***``."""
+
+    def shown(f: dataclasses.Field[Any]) -> str:
+        value = getattr(section, f.name)
+        return "'***'" if f.metadata.get("secret") and value is not None else repr(value)
+
+    values = ", ".join(f"{f.name}={shown(f)}" for f in dataclasses.fields(section) if f.repr)
+    return f"{type(section).__name__}({values})"
+
+
 @dataclass(frozen=True)
 class UpstreamConfig:
     plugin: str
@@ -129,8 +144,10 @@ class UpstreamConfig:
     aliases: tuple[str, ...] = ()
     hosts: tuple[str, ...] = ()
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, metadata=SECRET)
     default: bool = False
+
+    __repr__ = redacted_repr
 
 
 @dataclass(frozen=True)
@@ -357,6 +374,20 @@ def check_repository_prefix(prefix: str, upstreams: Iterable[str]) -> str:
             f' {", ".join(names) or "(none configured)"} (e.g. "dockerhub/library")'
         )
     return prefix
+
+
+def config_warnings(config: Config) -> list[str]:
+    """What is allowed but probably a mistake, to log at start and print at ``--check``."""
+    found = []
+    known = upstream_plugins()
+    for name, upstream in config.upstreams.items():
+        url = upstream.url or known[upstream.plugin].default_url
+        if upstream.username is not None and str(url).startswith("http://"):
+            found.append(
+                f"upstreams.{name}: credentials go to {url} over plain HTTP,"
+                " readable by anyone on the path"
+            )
+    return found
 
 
 def state_directory(config: Config) -> Path:

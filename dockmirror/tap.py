@@ -11,6 +11,7 @@ from treq.client import HTTPClient
 from twisted.application import service, strports
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.interfaces import IReactorCore
+from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
@@ -23,6 +24,7 @@ from dockmirror.config import (
     Config,
     ConfigError,
     check_repository_prefix,
+    config_warnings,
     load,
     state_directory,
     upstream_plugins,
@@ -35,6 +37,8 @@ from dockmirror.pull import Prefetcher, PullService, Upstreams
 from dockmirror.routing import build_router
 from dockmirror.tls import PlainHTTPFactory, ReloadService, tls_endpoint
 from dockmirror.web import MirrorSite, RootResource, build_root
+
+log = Logger()
 
 #: Idle persistent connections kept per upstream host.
 POOL_PER_HOST = 16
@@ -58,8 +62,9 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         try:
             config = self["parsed"] = load(self["config"])
-            for description in (*config.server.listen, *config.metrics.listen):
-                _endpoint(None, config, description)
+            for key, descriptions in _listeners(config):
+                for description in descriptions:
+                    _endpoint(None, config, description, key)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
         if self["check"]:
@@ -68,7 +73,21 @@ class Options(usage.Options):
                 f" ({len(config.upstreams)} upstreams, listening on"
                 f" {', '.join(config.server.listen)})"
             )
+            for name, upstream in config.upstreams.items():
+                print(f"  upstreams.{name}: {upstream!r}")
+            for warning in config_warnings(config):
+                print(f"warning: {config.source}: {warning}")
             raise SystemExit(0)
+
+
+def _listeners(config: Config) -> list[tuple[str, tuple[str, ...]]]:
+    """Every endpoint string of the configuration, with its key."""
+    manhole = (config.manhole.listen,) if config.manhole.listen is not None else ()
+    return [
+        ("server.listen", config.server.listen),
+        ("metrics.listen", config.metrics.listen),
+        ("manhole.listen", manhole),
+    ]
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):
@@ -88,11 +107,11 @@ class PoolService(service.Service):
         return self.pool.closeCachedConnections()
 
 
-def _endpoint(reactor: Any, config: Config, description: str) -> Any:
+def _endpoint(reactor: Any, config: Config, description: str, key: str = "server.listen") -> Any:
     try:
         return tls_endpoint(reactor, description)
     except ValueError as e:
-        raise ConfigError(f"{config.source}: server.listen: {description!r}: {e}") from None
+        raise ConfigError(f"{config.source}: {key}: {description!r}: {e}") from None
 
 
 def build_access(config: Config, keys: KeyStore, metrics: Metrics, reactor: Any) -> AccessControl:
@@ -116,6 +135,8 @@ def build_access(config: Config, keys: KeyStore, metrics: Metrics, reactor: Any)
 
 
 def build_service(config: Config, reactor: Any) -> service.MultiService:
+    for warning in config_warnings(config):
+        log.warn("{source}: {warning}", source=config.source, warning=warning)
     router = build_router(config, upstream_plugins())
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool._factory = _QuietClientFactory

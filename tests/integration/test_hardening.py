@@ -216,3 +216,42 @@ def test_check_names_a_bad_certificate_file(tmp_path: Path, broken: str) -> None
     assert result.returncode != 0
     assert "Traceback" not in output
     assert f"server.listen: {listen!r}: {key}: " in output
+
+
+def test_check_redacts_secrets_validates_the_manhole_and_warns(tmp_path: Path) -> None:
+    config = tmp_path / "dockmirror.toml"
+    upstream = (
+        '[upstreams.corp]\nplugin = "registry"\nurl = "http://registry.corp.example"\n'
+        'username = "mirror"\npassword = "hunter2-secret"\ndefault = true\n'
+    )
+    config.write_text(upstream)
+    result = run_check(config)
+    assert result.returncode == 0, result.stderr
+    assert "hunter2" not in result.stdout + result.stderr
+    assert "username='mirror', password='***'" in result.stdout
+    assert "warning: " in result.stdout and "over plain HTTP" in result.stdout
+    keys = tmp_path / "authorized_keys"
+    keys.write_text("")
+    config.write_text(f'[manhole]\nlisten = "tcp:notaport"\nauthorized_keys = "{keys}"\n{upstream}')
+    result = run_check(config)
+    assert result.returncode != 0
+    assert "manhole.listen: 'tcp:notaport'" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_start_warns_of_credentials_over_plain_http(
+    htpasswd_registry: Registry, dockmirror: DockmirrorFactory
+) -> None:
+    user, password = htpasswd_registry.creds
+    mirror = dockmirror(
+        {
+            "corp": {
+                "plugin": "registry",
+                "url": htpasswd_registry.url,
+                "username": user,
+                "password": password,
+                "default": True,
+            }
+        }
+    )
+    assert "upstreams.corp: credentials go to http://" in mirror.log_text()
