@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from typing import Any
+from urllib.parse import parse_qs, unquote_plus
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import CancelledError, Deferred
@@ -31,6 +32,24 @@ API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
 def _arg(request: Request, name: bytes) -> str | None:
     values = (request.args or {}).get(name)
     return values[0].decode("utf-8", "replace") if values else None
+
+
+#: Query parameters whose values never reach the log.
+SECRET_PARAMETERS = frozenset(
+    {"password", "refresh_token", "client_secret", "access_token", "token", "api_key", "apikey"}
+)
+
+
+def loggable_uri(uri: bytes) -> str:
+    """*uri* for the log, with the values of credential-bearing parameters as ``***``."""
+    path, question, query = uri.decode("ascii", "replace").partition("?")
+    pairs = []
+    for pair in query.split("&") if question else ():
+        name, eq, _ = pair.partition("=")
+        if eq and unquote_plus(name).strip().lower() in SECRET_PARAMETERS:
+            pair = f"{name}=***"
+        pairs.append(pair)
+    return (path + question + "&".join(pairs))[:500]
 
 
 def _range(request: Request, digest: str) -> str | None:
@@ -87,7 +106,7 @@ class AsyncResource(Resource):
             )
             request.loseConnection()
         else:
-            log.failure("unexpected error serving {uri}", failure, uri=request.uri)
+            log.failure("unexpected error serving {uri}", failure, uri=loggable_uri(request.uri))
             write_error(request, RegistryError("UNKNOWN", "internal error", status=500))
 
 
@@ -259,7 +278,7 @@ class MirrorSite(Site):
             client=getattr(request.getClientAddress(), "host", "-"),
             key=getattr(request, "key_id", None) or "-",
             method=method,
-            uri=request.uri.decode("ascii", "replace")[:500],
+            uri=loggable_uri(request.uri),
             status=status,
             bytes=request.sentLength,
             duration=duration,
@@ -344,7 +363,8 @@ class TokenResource(AsyncResource):
     ``GET`` takes the key as Basic credentials with ``service`` and ``scope``
     parameters (``offline_token`` and ``account`` are accepted and ignored: no
     refresh tokens are issued, the apiKey is the long-lived credential).
-    ``POST`` takes the OAuth2 password grant form that containerd sends.
+    ``POST`` takes the OAuth2 password grant form that containerd sends, from
+    the request body only: a query string ends up in logs along the way.
     """
 
     def __init__(self, access: AccessControl) -> None:
@@ -353,32 +373,63 @@ class TokenResource(AsyncResource):
 
     async def serve(self, request: Request) -> None:
         if request.method == b"GET":
+            params = _parameters(request.uri.partition(b"?")[2])
             credentials = parse_authorization(request.getHeader("authorization"))
             if credentials is not None and credentials.scheme != "basic":
                 credentials = None
         elif request.method == b"POST":
-            grant = _arg(request, b"grant_type")
+            params = _form(request)
+            grant = _first(params, "grant_type")
             if grant != "password":
                 raise RegistryError(
                     "UNSUPPORTED",
-                    "only the password grant is supported",
+                    "only the password grant is supported, in a form body",
                     {"grant_type": (grant or "")[:40]},
                     status=400,
                 )
             credentials = Credentials(
-                "basic", _arg(request, b"username") or "", _arg(request, b"password") or ""
+                "basic", _first(params, "username") or "", _first(params, "password") or ""
             )
         else:
             raise RegistryError(
                 "UNSUPPORTED", "use GET or POST", status=405, headers={"Allow": "GET, POST"}
             )
-        scopes = [v.decode("utf-8", "replace") for v in (request.args or {}).get(b"scope", [])]
         principal, body = await self.access.issue(
-            credentials, _client_host(request), _arg(request, b"service"), scopes
+            credentials, _client_host(request), _first(params, "service"), params.get("scope", [])
         )
         _count_usage(request, self.access, principal)
         headers = {"Content-Type": "application/json", "Cache-Control": "no-store"}
         send_body(request, Reply(200, headers, json.dumps(body).encode()))
+
+
+#: Form or query fields read at most.
+MAX_FIELDS = 100
+
+
+def _parameters(encoded: bytes) -> dict[str, list[str]]:
+    """URL-encoded ``name=value`` pairs; a malformed or oversized set is a 400."""
+    try:
+        return parse_qs(
+            encoded.decode("utf-8"),
+            keep_blank_values=True,
+            max_num_fields=MAX_FIELDS,
+        )
+    except (UnicodeDecodeError, ValueError):
+        raise RegistryError("UNSUPPORTED", "malformed form or query", status=400) from None
+
+
+def _form(request: Request) -> dict[str, list[str]]:
+    """The fields of an ``application/x-www-form-urlencoded`` request body."""
+    kind = (request.getHeader("content-type") or "").partition(";")[0].strip().lower()
+    if kind != "application/x-www-form-urlencoded" or request.content is None:
+        return {}
+    request.content.seek(0)
+    return _parameters(request.content.read())
+
+
+def _first(params: dict[str, list[str]], name: str) -> str | None:
+    values = params.get(name)
+    return values[0] if values else None
 
 
 class RootResource(Resource):

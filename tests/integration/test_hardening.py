@@ -12,6 +12,7 @@ import string
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
 
@@ -255,3 +256,33 @@ def test_start_warns_of_credentials_over_plain_http(
         }
     )
     assert "upstreams.corp: credentials go to http://" in mirror.log_text()
+
+
+def _password_grant(mirror: Dockmirror) -> tuple[str, str, str]:
+    app_id, api_key = create_key(mirror, "ci")
+    query = urlencode(
+        {"grant_type": "password", "username": app_id, "password": api_key, "service": mirror.host}
+    )
+    return f"{mirror.url}/docker-auth/token", query, api_key
+
+
+def test_token_post_reads_the_grant_from_the_body_only(keyed: Dockmirror) -> None:
+    token_url, query, _ = _password_grant(keyed)
+    # A POST reads the grant from its body only.
+    status, _, body = curl("-X", "POST", f"{token_url}?{query}")
+    assert status == 400 and b"only the password grant" in body
+    status, _, _ = curl("-d", "grant_type=password&username=app_x", f"{token_url}?{query}")
+    assert status == 401
+    assert curl("-d", query, token_url)[0] == 200
+
+
+def test_access_log_keeps_no_credentials_from_queries(keyed: Dockmirror) -> None:
+    token_url, query, api_key = _password_grant(keyed)
+    leaky = urlencode({"refresh_token": "rt-secret", "client_secret": "cs-secret", "x": "1"})
+    curl(f"{token_url}?{query}&{leaky}")
+    curl(f"{keyed.url}/v2/?Password={api_key}")
+    wait_until(lambda: "/v2/?Password=***" in keyed.log_text(), 5)
+    log = keyed.log_text()
+    for secret in (api_key, "rt-secret", "cs-secret"):
+        assert secret not in log
+    assert "password=***" in log and "refresh_token=***&client_secret=***&x=1" in log
