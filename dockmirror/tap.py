@@ -194,6 +194,7 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
             namespace,
             Path(config.manhole.authorized_keys),
             load_host_key(state_directory(config) / HOST_KEY_FILE),
+            reactor,
         )
         strports.service(config.manhole.listen, factory, reactor=reactor).setServiceParent(top)
     return top
