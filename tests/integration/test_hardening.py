@@ -286,3 +286,22 @@ def test_access_log_keeps_no_credentials_from_queries(keyed: Dockmirror) -> None
     for secret in (api_key, "rt-secret", "cs-secret"):
         assert secret not in log
     assert "password=***" in log and "refresh_token=***&client_secret=***&x=1" in log
+
+
+#: The most ``systemd-analyze security`` may rate the shipped unit's exposure.
+MAX_EXPOSURE = 2.0
+
+
+def test_systemd_unit_exposure() -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    unit = Path(__file__).resolve().parents[2] / "systemd" / "dockmirror.service"
+    result = subprocess.run(
+        [analyze, "security", "--offline=yes", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+    )
+    found = re.search(r"Overall exposure level for dockmirror.service: ([0-9.]+)", result.stdout)
+    assert found is not None, result.stdout + result.stderr
+    assert float(found.group(1)) <= MAX_EXPOSURE, result.stdout
