@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from twisted.logger import Logger
 
@@ -52,7 +52,7 @@ class Credentials:
 
     scheme: str  # "basic" or "bearer"
     username: str = ""
-    secret: str = ""
+    secret: str = field(default="", repr=False)
 
 
 def parse_authorization(header: str | None) -> Credentials | None:

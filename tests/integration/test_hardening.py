@@ -20,7 +20,7 @@ from .conftest import Dockmirror, DockmirrorFactory
 from .keys import create_key
 from .registries import LOOPBACK, Registry, free_port, wait_until
 from .test_auth import basic, hub_mirror
-from .test_operations import run_check, served_serial
+from .test_operations import run_check, served_serial, start_tls_mirror
 from .test_pull import curl
 
 
@@ -137,21 +137,7 @@ def rsa_mirror(
     plain_registry: Registry, dockmirror: DockmirrorFactory, tmp_path: Path
 ) -> tuple[Dockmirror, int, Path, Path]:
     key, cert = _rsa_certificate(tmp_path / "tls", 1001)
-    port, plain = free_port(), free_port()
-    mirror = dockmirror(
-        {"hub": {"plugin": "dockerhub", "url": plain_registry.url, "default": True}},
-        extra={
-            "server": {
-                "listen": [
-                    f"ssl:{port}:interface={LOOPBACK}:privateKey={key}:certKey={cert}",
-                    f"tcp:{plain}:interface={LOOPBACK}",
-                ]
-            }
-        },
-        start=False,
-    )
-    mirror.port = plain
-    mirror.start()
+    mirror, port = start_tls_mirror(dockmirror, plain_registry, key, cert)
     return mirror, port, key, cert
 
 
