@@ -11,6 +11,7 @@ import signal
 import string
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -18,7 +19,7 @@ import pytest
 
 from .conftest import Dockmirror, DockmirrorFactory
 from .keys import create_key
-from .registries import LOOPBACK, Registry, free_port, wait_until
+from .registries import LOOPBACK, ManagedProcess, Registry, free_port, wait_until
 from .test_auth import basic, hub_mirror
 from .test_operations import run_check, served_serial, start_tls_mirror
 from .test_pull import curl
@@ -291,3 +292,73 @@ def test_systemd_unit_exposure() -> None:
     found = re.search(r"Overall exposure level for dockmirror.service: ([0-9.]+)", result.stdout)
     assert found is not None, result.stdout + result.stderr
     assert float(found.group(1)) <= MAX_EXPOSURE, result.stdout
+
+
+NGINX_CONF = """\
+daemon off;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log stderr;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    server {{
+        listen {loopback}:{port};
+        location / {{
+            proxy_pass http://{loopback}:{upstream};
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        }}
+    }}
+}}
+"""
+
+
+@pytest.fixture
+def behind_nginx(
+    plain_registry: Registry, dockmirror: DockmirrorFactory, tmp_path: Path
+) -> Iterator[tuple[Dockmirror, str]]:
+    """A mirror that trusts the nginx in front of it; nginx's URL."""
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(nginx).exists():
+        pytest.skip("nginx is not installed")
+    mirror = dockmirror(
+        {"hub": {"plugin": "dockerhub", "url": plain_registry.url, "default": True}},
+        auth_required=True,
+        extra={"server": {"trusted_proxies": [f"{LOOPBACK}/32"]}},
+    )
+    port = free_port()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(
+        NGINX_CONF.format(prefix=tmp_path, loopback=LOOPBACK, port=port, upstream=mirror.port)
+    )
+    process = ManagedProcess(
+        [nginx, "-e", "stderr", "-p", str(tmp_path), "-c", str(conf)],
+        log_path=tmp_path / "nginx.log",
+        cwd=tmp_path,
+    )
+    url = f"http://{LOOPBACK}:{port}"
+    process.start(f"{url}/v2/")
+    try:
+        yield mirror, url
+    finally:
+        process.stop()
+
+
+def test_clients_behind_a_real_reverse_proxy(behind_nginx: tuple[Dockmirror, str]) -> None:
+    mirror, url = behind_nginx
+    app_id, api_key = create_key(mirror, "victim")
+    token = f"{url}/docker-auth/token"
+    attacker = ("--interface", "127.0.0.2", "-H", "X-Forwarded-For: 127.0.0.3")
+    for _ in range(11):
+        curl(*attacker, "-H", basic(app_id, "sk_guess"), token)
+    assert curl(*attacker, "-H", basic(app_id, api_key), token)[0] == 429
+    # The address the attacker wrote into the header is a victim's; nginx
+    # appends the attacker's own, which is the one that counts.
+    assert curl("--interface", "127.0.0.3", "-H", basic(app_id, api_key), token)[0] == 200
+    wait_until(lambda: "127.0.0.2 - GET /docker-auth/token 429" in mirror.log_text(), 5)
+    assert f"127.0.0.3 {app_id} GET /docker-auth/token 200" in mirror.log_text()
