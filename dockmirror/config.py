@@ -22,6 +22,7 @@ from twisted.plugin import getPlugins
 
 from dockmirror import plugins
 from dockmirror._interfaces import IUpstream
+from dockmirror.forwarded import HEADERS as PROXY_HEADERS
 from dockmirror.reference import NAME_RE
 
 EMBEDDED = "(embedded default)"
@@ -313,7 +314,7 @@ def _check(config: Config) -> None:
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError:
                 raise ConfigError(f"{source}: {key}: {cidr!r} is not a network") from None
-    if config.server.proxy_header.lower() not in ("x-forwarded-for", "forwarded"):
+    if config.server.proxy_header.lower() not in PROXY_HEADERS:
         raise ConfigError(f'{source}: server.proxy_header must be "X-Forwarded-For" or "Forwarded"')
     if not config.server.public_url.startswith(("http://", "https://")):
         raise ConfigError(f"{source}: server.public_url must be an http(s) URL")

@@ -1,6 +1,6 @@
 """What the access log and the request metrics take from a request."""
 
-from dockmirror.web import loggable_uri, method_label, route_label
+from dockmirror.web import ROUTES, loggable_uri, method_label, route_label
 
 
 def test_route_labels_come_from_a_fixed_set() -> None:
@@ -20,6 +20,10 @@ def test_route_labels_come_from_a_fixed_set() -> None:
         b"//v2/",
     ):
         assert route_label(path) == "other", path
+    assert ROUTES[-1] == "other"
+    assert {route_label(p) for p in (b"/v2/", b"/v2/a/tags/list", b"/metrics", b"/x")} <= set(
+        ROUTES
+    )
 
 
 def test_unknown_methods_are_other() -> None:
