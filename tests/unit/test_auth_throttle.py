@@ -1,4 +1,5 @@
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 
 from dockmirror.auth.throttle import (
     ADDRESS_LIMIT,
@@ -81,8 +82,15 @@ def test_an_address_trying_many_app_ids_is_throttled() -> None:
 def test_app_id_ceiling_refuses_failing_addresses_only() -> None:
     clock = Clock()
     throttle = LoginThrottle(clock)
-    for i in range(APP_ID_CEILING):
-        throttle.failed("app_victim", f"10.{i // 250}.{i % 250}.1")
+    events: list[dict[str, object]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for i in range(APP_ID_CEILING):
+            throttle.failed("app_victim", f"10.{i // 250}.{i % 250}.1")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    [warning] = [e for e in events if "distributed attack" in str(e.get("action"))]
+    assert warning["subject"] == "appId 'app_victim'"
     # Each of those addresses failed once: under the ceiling they may go on.
     assert throttle.retry_after("app_victim", "10.0.0.1") == 60
     assert throttle.retry_after("app_other", "10.0.0.1") is None
