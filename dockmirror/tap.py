@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,7 @@ class Options(usage.Options):
             for name, upstream in config.upstreams.items():
                 print(f"  upstreams.{name}: {upstream!r}")
             for warning in config_warnings(config):
-                print(f"warning: {config.source}: {warning}")
+                print(f"warning: {config.source}: {warning}", file=sys.stderr)
             raise SystemExit(0)
 
 

@@ -217,7 +217,7 @@ def test_check_redacts_secrets_validates_the_manhole_and_warns(tmp_path: Path) -
     assert result.returncode == 0, result.stderr
     assert "hunter2" not in result.stdout + result.stderr
     assert "username='mirror', password='***'" in result.stdout
-    assert "warning: " in result.stdout and "over plain HTTP" in result.stdout
+    assert "warning: " in result.stderr and "over plain HTTP" in result.stderr
     keys = tmp_path / "authorized_keys"
     keys.write_text("")
     config.write_text(f'[manhole]\nlisten = "tcp:notaport"\nauthorized_keys = "{keys}"\n{upstream}')
