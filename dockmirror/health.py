@@ -33,9 +33,18 @@ def directory_writable(path: str) -> Callable[[], bool | str]:
 
 
 class HealthResource(AsyncResource):
-    def __init__(self, checks: dict[str, Check]) -> None:
+    """The checks decide the status; *info* adds what is worth seeing (upstream endpoints).
+
+    An upstream that is down does not make the mirror unhealthy: it still
+    serves what it has cached.
+    """
+
+    def __init__(
+        self, checks: dict[str, Check], info: dict[str, Callable[[], Any]] | None = None
+    ) -> None:
         super().__init__()
         self.checks = checks
+        self.info = info or {}
 
     async def serve(self, request: Request) -> None:
         results: dict[str, Any] = {}
@@ -50,6 +59,9 @@ class HealthResource(AsyncResource):
             ok = result is True
             healthy = healthy and ok
             results[name] = {"ok": ok} if ok else {"ok": False, "error": str(result)}
-        body = json.dumps({"status": "ok" if healthy else "unhealthy", "checks": results})
+        document: dict[str, Any] = {"status": "ok" if healthy else "unhealthy", "checks": results}
+        for name, describe in self.info.items():
+            document[name] = describe()
+        body = json.dumps(document)
         headers = {"Content-Type": "application/json", "Cache-Control": "no-store"}
         send_body(request, Reply(200 if healthy else 503, headers, body.encode()))

@@ -29,6 +29,8 @@ class Upstream:
     password: str | None = None
     #: Token service origins on other hosts that may receive the credentials.
     token_realms: tuple[str, ...] = ()
+    #: Fallback endpoints of the configured URL (``MirrorConfig``), in order.
+    mirrors: tuple[Any, ...] = ()
 
     def matches(self, alias: HostName) -> bool:
         return any(pattern.matches(alias) for pattern in self.aliases)
@@ -134,6 +136,7 @@ def build_router(config: Any, plugins: dict[str, Any]) -> Router:
             username=u.username,
             password=u.password,
             token_realms=(*plugin.token_realms, *u.token_realms),
+            mirrors=u.mirrors,
         )
         upstreams.append(upstream)
         if u.default:

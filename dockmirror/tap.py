@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 from functools import partial
@@ -30,6 +31,7 @@ from dockmirror.config import (
     load,
     state_directory,
     upstream_plugins,
+    upstream_proxies,
     upstream_tls,
 )
 from dockmirror.egress import upstream_egress
@@ -140,12 +142,16 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
             u.name,
             u.configured_url,
             upstream_tls(config.source, u.name, config.upstreams[u.name]),
+            mirror_urls=tuple(m.url for m in u.mirrors),
+            proxies=upstream_proxies(config.source, u.name, config.upstreams[u.name], os.environ),
         )
         for u in router.upstreams
     }
     metrics = Metrics()
     cache = Cache(config.cache, reactor, metrics)
-    pull = PullService(Upstreams(egress, reactor, metrics), reactor, metrics, cache)
+    upstreams = Upstreams(egress, reactor, metrics)
+    endpoints = {u.name: upstreams.endpoint_set(u) for u in router.upstreams}
+    pull = PullService(upstreams, reactor, metrics, cache)
     cache.prefetcher = Prefetcher(router, pull)
     top = service.MultiService()
     # Started first: it recovers the cache from disk before any request is served.
@@ -156,7 +162,8 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     access = build_access(config, keys, metrics, reactor)
     root = build_root(router, pull, access, config.auth.required)
     health = HealthResource(
-        {"cache_directory": directory_writable(config.cache.directory), "key_store": keys.check}
+        {"cache_directory": directory_writable(config.cache.directory), "key_store": keys.check},
+        {"upstreams": lambda: {name: e.status() for name, e in endpoints.items()}},
     )
     root.putChild(b"healthz", health)
     clients = ClientAddresses(config.server.trusted_proxies, config.server.proxy_header)
@@ -186,6 +193,7 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     namespace: dict[str, Any] = {
         "keys": KeysConsole(keys, partial(check_repository_prefix, upstreams=config.upstreams)),
         "upstreams": {upstream.name: upstream for upstream in router.upstreams},
+        "endpoints": endpoints,
         "config": config,
         "cache": cache,
     }

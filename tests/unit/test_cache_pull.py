@@ -62,10 +62,7 @@ class ScriptedUpstream:
         self.requests: list[tuple[str, str]] = []
         self.headers: list[dict[str, str] | None] = []
 
-    def client(self, route: Route) -> ScriptedUpstream:
-        return self
-
-    async def request(self, method: str, repository: str, path: str, *args: Any) -> Any:
+    async def request(self, route: Route, method: str, path: str, *args: Any) -> Any:
         self.requests.append((method, path))
         self.headers.append(args[0] if args else None)
         answer = self.answers[(method, path)]

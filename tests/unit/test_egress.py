@@ -79,7 +79,7 @@ def connect(configured_url: str, names: dict[str, list[str]], host: str) -> tupl
     """Connect to *host* for an upstream at *configured_url*: addresses dialled, and the result."""
     reactor = MemoryReactorClock()
     resolver = StubResolver(names)
-    policy = AddressPolicy("corp", configured_url, resolver)
+    policy = AddressPolicy("corp", [configured_url], resolver)
     endpoint = GuardedEndpoint(reactor, resolver, policy, host, 443)
     results: list[Any] = []
     d: Deferred[Any] = endpoint.connect(Factory.forProtocol(Protocol))
