@@ -293,6 +293,9 @@ def _coerce(source: str, key: str, hint: Any, value: Any) -> Any:
         cls = typing.get_args(hint)[0]
         if not isinstance(value, list):
             raise ConfigError(f"{source}: {key} must be a list")
+        for i, v in enumerate(value):
+            if not isinstance(v, str | dict):
+                raise ConfigError(f"{source}: {key}[{i}] must be a URL or a table")
         return tuple(
             cls(url=v) if isinstance(v, str) else _section(source, f"{key}[{i}]", cls, v)
             for i, v in enumerate(value)

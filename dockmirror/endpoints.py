@@ -192,6 +192,8 @@ class EndpointSet:
         for endpoint in available or candidates:
             if available and not endpoint.breaker.admit():
                 continue  # another request took the probe meanwhile
+            if endpoint.breaker.probing:
+                self._show(endpoint)
             try:
                 response = await endpoint.client.request(method, repository, path, headers, params)
             except UpstreamError as e:
@@ -201,6 +203,7 @@ class EndpointSet:
                 continue
             except BaseException:
                 endpoint.breaker.release()
+                self._show(endpoint)
                 raise
             if held is not None:
                 discard(held)
