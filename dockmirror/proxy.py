@@ -42,6 +42,9 @@ CONNECT_TIMEOUT = 30.0
 class ProxyError(ConnectError):
     """The proxy could not be reached, or refused the tunnel; the message names the proxy."""
 
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "proxy error"
+
 
 @dataclass(frozen=True)
 class Proxy:

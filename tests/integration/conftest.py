@@ -166,7 +166,13 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Seeder:
 class Dockmirror:
     """A ``python -m twisted dockmirror`` server process on 127.0.0.1."""
 
-    def __init__(self, workdir: Path, config: Mapping[str, TomlTable], port: int) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        config: Mapping[str, TomlTable],
+        port: int,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.port = port
         self.workdir = workdir
         self.config = config
@@ -187,6 +193,7 @@ class Dockmirror:
             env=subprocess_env(
                 PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.getenv("PYTHONPATH")])),
                 PYTHONUNBUFFERED="1",
+                **(env or {}),
             ),
         )
 
@@ -252,8 +259,12 @@ class DockmirrorFactory(Protocol):
         auth_required: bool = False,
         extra: Mapping[str, TomlTable] | None = None,
         start: bool = True,
+        env: Mapping[str, str] | None = None,
     ) -> Dockmirror:
-        """Configure (and by default start) a dockmirror server."""
+        """Configure (and by default start) a dockmirror server.
+
+        ``env`` is added to its environment (which has no proxy variables otherwise).
+        """
 
 
 @pytest.fixture
@@ -274,13 +285,14 @@ def dockmirror(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockmirrorF
             auth_required: bool = False,
             extra: Mapping[str, TomlTable] | None = None,
             start: bool = True,
+            env: Mapping[str, str] | None = None,
         ) -> Dockmirror:
             workdir = tmp_path_factory.mktemp("dockmirror")
             port = free_port()
             config = dockmirror_config(
                 workdir, port, upstreams, auth_required=auth_required, extra=extra
             )
-            mirror = Dockmirror(workdir, config, port)
+            mirror = Dockmirror(workdir, config, port, env)
             stack.callback(mirror.stop)
             if start:
                 mirror.start()
@@ -341,6 +353,9 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, str):
         return json.dumps(value)
+    if isinstance(value, Mapping):
+        pairs = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
+        return "{ " + pairs + " }"
     if isinstance(value, Sequence):
         return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")

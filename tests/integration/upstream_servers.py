@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from .registries import LOOPBACK, Registry, _Running
+from .registries import LOOPBACK, ManagedProcess, Registry, _Running, free_port
 
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -325,3 +325,56 @@ class TLSRegistry(Registry):
             tls["clientcas"] = [str(ca) for ca in self._client_cas]
         http["tls"] = tls
         return config
+
+
+# --- an HTTP proxy -------------------------------------------------------------------
+
+
+class Tinyproxy(_Running):
+    """Debian's ``tinyproxy`` on 127.0.0.1, in the foreground, with its own config and log.
+
+    ``CONNECT`` is allowed to *connect_ports* only; with *credentials* the
+    proxy asks for Basic authentication (407 without it).
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        connect_ports: tuple[int, ...],
+        credentials: tuple[str, str] | None = None,
+    ) -> None:
+        self.port = free_port()
+        self.log_path = workdir / "tinyproxy.log"
+        lines = [
+            f"Port {self.port}",
+            f"Listen {LOOPBACK}",
+            "Timeout 60",
+            f'LogFile "{self.log_path}"',
+            "LogLevel Connect",
+            "MaxClients 50",
+            f"Allow {LOOPBACK}",
+            *(f"ConnectPort {port}" for port in connect_ports),
+        ]
+        if credentials is not None:
+            lines.append(f"BasicAuth {credentials[0]} {credentials[1]}")
+        config = workdir / "tinyproxy.conf"
+        config.write_text("\n".join(lines) + "\n")
+        self._process = ManagedProcess(
+            ["tinyproxy", "-d", "-c", str(config)], log_path=workdir / "stdout.log", cwd=workdir
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def start(self) -> None:
+        self._process.start(lambda: _port_open(self.port))
+
+    def stop(self) -> None:
+        self._process.stop()
+
+    def connects(self, target: str) -> int:
+        """``CONNECT`` requests for *target* (``host:port``) logged so far."""
+        if not self.log_path.exists():
+            return 0
+        return self.log_path.read_text().count(f": CONNECT {target} HTTP/1.1")
