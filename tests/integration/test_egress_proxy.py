@@ -2,7 +2,7 @@
 
 The upstream is a TLS registry with its own CA: through the proxy, TLS runs
 inside a ``CONNECT`` tunnel and the registry's certificate is checked as for
-a direct connection.
+a direct connection.  A plain-HTTP registry goes through a tunnel as well.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import shutil
 
 import pytest
 
-from .images import pull
+from .images import make_image, pull, push
 from .registries import LOOPBACK, free_port, wait_until
 from .test_pull import assert_pulled, curl, error_code
-from .upstream_servers import Tinyproxy, TLSRegistry, make_pki
+from .upstream_servers import Relay, Tinyproxy, TLSRegistry, make_pki, redirect
 
 pytestmark = pytest.mark.skipif(shutil.which("tinyproxy") is None, reason="needs tinyproxy")
 
@@ -147,3 +147,36 @@ def test_tls_through_the_proxy_is_verified_end_to_end(
     mirror = dockmirror(_corp(tls_registry, other, proxy=proxy.url))
     assert "certificate verify failed" in _error(mirror, unique_repo)
     assert proxy.connects(tls_registry.host) >= 1
+
+
+def test_redirects_to_a_cdn_follow_the_same_proxy_rules(
+    plain_registry, tls_registry, pki, dockmirror, unique_repo, tmp_path, tmp_path_factory
+):
+    """A plain-HTTP registry whose blobs redirect to a TLS "CDN" on another host name."""
+    layout = tmp_path_factory.mktemp("layout")
+    image = make_image(layout, "v1")
+    for registry in (plain_registry, tls_registry):
+        push(layout, "v1", registry.host, unique_repo, registry.creds)
+    cdn = f"localhost:{tls_registry.port}"
+    behaviours = {f"{unique_repo}/blobs/": redirect(lambda r: f"https://{cdn}{r.path}")}
+    with (
+        Relay(plain_registry.url, behaviours) as relay,
+        Tinyproxy(tmp_path_factory.mktemp("tinyproxy"), (relay.port, tls_registry.port)) as proxy,
+    ):
+        corp = {"plugin": "registry", "url": relay.url, "default": True, "ca": str(pki.ca)}
+        mirror = dockmirror({"corp": {**corp, "proxy": proxy.url}})
+        pull(f"{mirror.host}/{unique_repo}:v1", tmp_path / "through")
+        assert_pulled(tmp_path / "through", image)
+        assert proxy.connects(f"{LOOPBACK}:{relay.port}") >= 1
+        assert proxy.connects(cdn) >= 1
+        blob_gets = f"GET /v2/{unique_repo}/blobs/"
+        # (the TLS registry's log barrier cannot be used: urllib does not trust its CA)
+        wait_until(lambda: tls_registry.log_text().count(blob_gets) == len(image.blobs))
+
+        # The CDN's host is in no_proxy: the registry through the proxy, the CDN direct.
+        tunnels = proxy.connects(cdn)
+        split = dockmirror({"corp": {**corp, "proxy": proxy.url, "no_proxy": ["localhost"]}})
+        pull(f"{split.host}/{unique_repo}:v1", tmp_path / "split")
+        assert_pulled(tmp_path / "split", image)
+        assert proxy.connects(cdn) == tunnels
+        wait_until(lambda: tls_registry.log_text().count(blob_gets) == 2 * len(image.blobs))
