@@ -347,7 +347,7 @@ def _check(config: Config) -> None:
         if (upstream.username is None) != (upstream.password is None):
             raise ConfigError(f"{source}: upstreams.{name}: username and password go together")
         _check_upstream_names(source, name, upstream, plugin)
-        _check_mirrors(source, name, upstream)
+        _check_mirrors(source, name, upstream, plugin.default_url)
         upstream_tls(source, name, upstream)
         for host in upstream.hosts:
             if host.lower() in hosts:
@@ -424,10 +424,17 @@ def _check_upstream_names(source: str, name: str, upstream: UpstreamConfig, plug
         raise ConfigError(f"{where}.url: {url!r} has no host, or has credentials in it")
 
 
-def _check_mirrors(source: str, name: str, upstream: UpstreamConfig) -> None:
+def _host_port(url: str) -> str:
+    parts = urlsplit(url)
+    return (
+        f"{(parts.hostname or '').lower()}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+    )
+
+
+def _check_mirrors(source: str, name: str, upstream: UpstreamConfig, default_url: Any) -> None:
     """Mirror URLs are as strict as ``url``; the proxy keys can be read."""
     where = f"{source}: upstreams.{name}"
-    seen = {upstream.url}
+    seen = {_host_port(str(upstream.url or default_url))}
     for i, mirror in enumerate(upstream.mirrors):
         parts = urlsplit(mirror.url)
         if parts.scheme not in ("http", "https") or parts.hostname is None or parts.username:
@@ -439,9 +446,12 @@ def _check_mirrors(source: str, name: str, upstream: UpstreamConfig) -> None:
             parts.port  # noqa: B018 - raises on a port that is not a number
         except ValueError:
             raise ConfigError(f"{where}.mirrors[{i}]: {mirror.url!r} has a bad port") from None
-        if mirror.url.rstrip("/") in seen:
-            raise ConfigError(f"{where}.mirrors[{i}]: {mirror.url!r} is listed twice")
-        seen.add(mirror.url.rstrip("/"))
+        if _host_port(mirror.url) in seen:
+            raise ConfigError(
+                f"{where}.mirrors[{i}]: {_host_port(mirror.url)} is already an endpoint of"
+                " this upstream (endpoints are told apart by host and port)"
+            )
+        seen.add(_host_port(mirror.url))
         if (mirror.username is None) != (mirror.password is None):
             raise ConfigError(f"{where}.mirrors[{i}]: username and password go together")
     if (upstream.proxy_username is None) != (upstream.proxy_password is None):
@@ -519,6 +529,12 @@ def config_warnings(config: Config) -> list[str]:
                 f"upstreams.{name}: credentials go to {url} over plain HTTP,"
                 " readable by anyone on the path"
             )
+        for i, mirror in enumerate(upstream.mirrors):
+            if mirror.username is not None and mirror.url.startswith("http://"):
+                found.append(
+                    f"upstreams.{name}.mirrors[{i}]: credentials go to {mirror.url} over"
+                    " plain HTTP, readable by anyone on the path"
+                )
     return found
 
 

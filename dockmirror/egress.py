@@ -10,6 +10,12 @@ host itself (a registry on loopback may send the mirror to loopback, never to
 a link-local or private network).  The check is made on the address that is
 then connected to, so a DNS name that resolves to a private address is
 caught as well as a literal one.
+
+The upstream's mirrors are configured hosts too (they may be anywhere, and
+their redirects may go where theirs may), but they are never presented the
+upstream's client certificate.  Through a proxy (:mod:`dockmirror.proxy`),
+every address the target host resolves to here is checked before the
+tunnel is asked for, since the proxy may connect to any of them.
 """
 
 from __future__ import annotations
@@ -380,12 +386,11 @@ class _Endpoints:
 
 @dataclass
 class Egress:
-    """The HTTP client, pool, TLS settings and proxy rules of one upstream."""
+    """The HTTP client, pool and TLS settings of one upstream."""
 
     http: HTTPClient
     pool: HTTPConnectionPool
     tls: UpstreamTLS
-    proxies: ProxyRules = field(default_factory=ProxyRules)
 
 
 def upstream_egress(
@@ -421,4 +426,4 @@ def upstream_egress(
     mirror_hosts = frozenset(_host(u) for u in mirror_urls) - {_host(configured_url)}
     endpoints = _Endpoints(reactor, resolver, policy, tls, proxies, mirror_hosts)
     agent = Agent.usingEndpointFactory(reactor, endpoints, pool)
-    return Egress(HTTPClient(agent), pool, tls, proxies)
+    return Egress(HTTPClient(agent), pool, tls)
