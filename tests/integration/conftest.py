@@ -36,6 +36,7 @@ from .registries import (
     free_port,
     subprocess_env,
 )
+from .upstream_servers import PKI, TLSRegistry, make_pki
 
 REQUIRED_TOOLS = ("docker-registry", "skopeo")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -123,6 +124,19 @@ def htpasswd_registry(_session_registries: RegistryFactory) -> Registry:
 def token_registry(_session_registries: RegistryFactory) -> Registry:
     """A shared registry with token auth via ``.token_server`` (anonymous pull allowed)."""
     return _session_registries("token")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    """A CA, and the server and client certificates it signed."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def tls_registry(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSRegistry]:
+    """A registry serving TLS with a certificate of :func:`pki`'s CA."""
+    with TLSRegistry(tmp_path_factory.mktemp("tls-registry"), pki) as registry:
+        yield registry
 
 
 @pytest.fixture

@@ -15,22 +15,11 @@ import pytest
 from .images import make_image, pull, push
 from .registries import LOOPBACK, free_port, wait_until
 from .test_pull import assert_pulled, curl, error_code
-from .upstream_servers import Relay, Tinyproxy, TLSRegistry, make_pki, redirect
+from .upstream_servers import Relay, Tinyproxy, make_pki, redirect
 
 pytestmark = pytest.mark.skipif(shutil.which("tinyproxy") is None, reason="needs tinyproxy")
 
 CREDENTIALS = ("proxyuser", "pr0xy-s3cret")
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture
-def tls_registry(pki, tmp_path_factory):
-    with TLSRegistry(tmp_path_factory.mktemp("tls-registry"), pki) as registry:
-        yield registry
 
 
 @pytest.fixture
