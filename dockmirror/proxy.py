@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import base64
 import ipaddress
-from collections.abc import Mapping
+import re
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -275,7 +276,8 @@ class _Tunnel(Protocol):
         rest = self._buffer[end + 4 :]
         self._buffer = b""
         parts = status_line.split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or parts[1] != "200":
+        tunnelled = len(parts) > 1 and re.fullmatch(r"2[0-9][0-9]", parts[1]) is not None
+        if not (parts[0].startswith("HTTP/1.") and tunnelled):
             shown = "".join(c if " " <= c < "\x7f" else "?" for c in status_line[:100])
             self._fail(f"refused CONNECT to {self._target}: {shown!r}")
             return
@@ -322,7 +324,14 @@ class TunnelEndpoint:
     is the operator's choice and is connected to wherever it is.
     """
 
-    def __init__(self, reactor: Any, proxy: Proxy, host: str, port: int, check: Any = None) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        proxy: Proxy,
+        host: str,
+        port: int,
+        check: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self._reactor = reactor
         self._proxy = proxy
         self._host = host
