@@ -127,17 +127,12 @@ class Upstreams:
     recently used of those clients are kept.
     """
 
-    def __init__(
-        self,
-        egress: dict[str, Egress],
-        reactor: IReactorTime,
-        metrics: Metrics,
-    ) -> None:
+    def __init__(self, egress: dict[str, Egress], reactor: IReactorTime, metrics: Metrics) -> None:
         self._egress = egress
         self._reactor = reactor
         self._metrics = metrics
         self._clients: OrderedDict[tuple[str, str], UpstreamClient] = OrderedDict()
-        self.endpoints: dict[str, EndpointSet] = {}
+        self._endpoint_sets: dict[str, EndpointSet] = {}
 
     def _client(
         self,
@@ -165,7 +160,7 @@ class Upstreams:
         A mirror gets its own credentials only, and the primary's token
         realms are not its.
         """
-        endpoints = self.endpoints.get(upstream.name)
+        endpoints = self._endpoint_sets.get(upstream.name)
         if endpoints is None:
             primary = Endpoint(
                 self._client(
@@ -191,7 +186,7 @@ class Upstreams:
             endpoints = EndpointSet(
                 upstream.name, [primary, *mirrors], self._reactor, self._metrics
             )
-            self.endpoints[upstream.name] = endpoints
+            self._endpoint_sets[upstream.name] = endpoints
         return endpoints
 
     def client(self, route: Route) -> UpstreamClient:

@@ -5,6 +5,7 @@ Two real registries play the primary and a mirror of the same upstream.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 from .images import Image, make_image, pull, push
 from .registries import http_status, wait_until
 from .test_pull import assert_pulled, curl, error_code
+from .upstream_servers import Relay
 
 BACKOFF_FIRST = 5.0  # dockmirror.endpoints.BACKOFF_FIRST
 
@@ -124,3 +126,33 @@ def test_an_untrusted_mirror_never_resolves_a_tag(
     for m in (mirror, fresh, trusting):
         assert "Traceback" not in m.log_text()
     assert http_status(f"{other.url}/v2/") == 200
+
+
+def test_a_mirror_gets_its_own_credentials_never_the_primary_s(
+    registry_factory, plain_registry, dockmirror, unique_repo, tmp_path, tmp_path_factory
+):
+    primary = registry_factory("htpasswd")
+    layout = tmp_path_factory.mktemp("layout")
+    image = make_image(layout, "v1")
+    _push_to(layout, image, unique_repo, primary, plain_registry)
+    user, password = primary.creds
+    own = "Basic " + base64.b64encode(b"mirror-user:mirror-pass").decode()
+    nobody = "Basic " + base64.b64encode(b"nobody:nothing").decode()
+    by_digest = f"/v2/{unique_repo}/manifests/{image.digest}"
+    primary.stop()
+    with Relay(plain_registry.url, basic=nobody) as stranger:
+        upstreams = _hub(primary, stranger.url)
+        upstreams["hub"].update(username=user, password=password)
+        mirror = dockmirror(upstreams)
+        status, _, body = curl(f"{mirror.url}{by_digest}")
+        assert (status, error_code(body)) == (403, "DENIED"), body
+        # It asked for Basic credentials: it got none, the primary's least of all.
+        assert stranger.received and {r.authorization for r in stranger.received} == {None}
+    with Relay(plain_registry.url, basic=own) as private:
+        mirrors = {"url": private.url, "username": "mirror-user", "password": "mirror-pass"}
+        upstreams = _hub(primary, mirrors)
+        upstreams["hub"].update(username=user, password=password)
+        mirror = dockmirror(upstreams)
+        pull(f"{mirror.host}/{unique_repo}@{image.digest}", tmp_path / "private")
+        assert_pulled(tmp_path / "private", image)
+        assert {r.authorization for r in private.received} == {None, own}
