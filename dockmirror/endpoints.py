@@ -204,6 +204,8 @@ class EndpointSet:
             except BaseException:
                 endpoint.breaker.release()
                 self._show(endpoint)
+                if held is not None:
+                    discard(held)
                 raise
             if held is not None:
                 discard(held)
@@ -235,6 +237,8 @@ class EndpointSet:
         backoff = endpoint.breaker.failed()
         self._metrics.endpoint_failures.labels(self.upstream, endpoint.label).inc()
         self._show(endpoint)
+        if len(self.endpoints) == 1:
+            return  # the request's own error says it; there is nothing to skip to
         log.warn(
             "upstream {upstream}: endpoint {endpoint} failed ({error}); skipped for {backoff:.0f}s",
             upstream=self.upstream,

@@ -199,3 +199,20 @@ def test_helpers() -> None:
     assert by_digest(f"manifests/{DIGEST}") and by_digest(f"blobs/{DIGEST}")
     assert not by_digest("manifests/latest") and not by_digest("tags/list")
     assert not by_digest(f"referrers/{DIGEST}")
+
+
+def test_a_cancelled_request_discards_the_failed_answer_it_held() -> None:
+    failing = Response(503)
+
+    class Failing(Scripted):
+        async def request(self, *args: Any) -> Any:
+            return failing
+
+    endpoints, (_, mirror), _ = make(PRIMARY, MIRROR)
+    endpoints.endpoints[0].client = Failing("https://primary.test")  # type: ignore[assignment]
+    mirror.pending = Deferred()
+    d = Deferred.fromCoroutine(endpoints.request("GET", "r", f"blobs/{DIGEST}"))
+    d.addErrback(lambda _: None)
+    assert not failing.discarded
+    d.cancel()
+    assert failing.discarded
