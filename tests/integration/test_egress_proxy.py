@@ -169,3 +169,30 @@ def test_redirects_to_a_cdn_follow_the_same_proxy_rules(
         assert_pulled(tmp_path / "split", image)
         assert proxy.connects(cdn) == tunnels
         wait_until(lambda: tls_registry.log_text().count(blob_gets) == 2 * len(image.blobs))
+
+
+def test_fallback_endpoints_go_through_the_proxy_too(
+    registry_factory, dockmirror, unique_repo, tmp_path, tmp_path_factory
+):
+    primary, backup = registry_factory(), registry_factory()
+    layout = tmp_path_factory.mktemp("layout")
+    image = make_image(layout, "v1")
+    for registry in (primary, backup):
+        push(layout, "v1", registry.host, unique_repo, registry.creds)
+    primary.stop()
+    with Tinyproxy(tmp_path_factory.mktemp("tinyproxy"), (primary.port, backup.port)) as proxy:
+        mirror = dockmirror(
+            {
+                "hub": {
+                    "plugin": "dockerhub",
+                    "url": primary.url,
+                    "default": True,
+                    "mirrors": [{"url": backup.url, "trust_tags": True}],
+                    "proxy": proxy.url,
+                }
+            }
+        )
+        pull(f"{mirror.host}/{unique_repo}:v1", tmp_path / "out")
+        assert_pulled(tmp_path / "out", image)
+        assert proxy.connects(primary.host) >= 1  # tried: the proxy cannot reach it
+        assert proxy.connects(backup.host) >= 1
