@@ -11,7 +11,16 @@ setup(
     license="MIT",
     python_requires=">=3.11",
     packages=find_packages(exclude=["tests*", "bench*"]) + ["twisted.plugins"],
-    package_data={"dockmirror": ["py.typed", "*.toml", "auth/*.sql", "cache/*.sql"]},
+    package_data={
+        "dockmirror": [
+            "py.typed",
+            "*.toml",
+            "auth/*.sql",
+            "cache/*.sql",
+            "portal/*.sql",
+            "portal/static/*",
+        ]
+    },
     install_requires=[
         "twisted[tls,conch]>=23.10",
         "treq>=23.11",

@@ -30,6 +30,7 @@ from dockmirror.config import (
 from dockmirror.health import HealthResource, directory_writable
 from dockmirror.manhole import HOST_KEY_FILE, KeysConsole, load_host_key, manhole_factory
 from dockmirror.metrics import Metrics, MetricsResource
+from dockmirror.portal.service import build_portal
 from dockmirror.pull import Prefetcher, PullService, Upstreams
 from dockmirror.routing import build_router
 from dockmirror.tls import CertificateReloadService, PlainHTTPFactory, tls_endpoint
@@ -160,12 +161,18 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     if certificates:
         CertificateReloadService(reactor, certificates).setServiceParent(top)
     PoolService(pool).setServiceParent(top)
+    check_prefix = partial(check_repository_prefix, upstreams=config.upstreams)
     namespace: dict[str, Any] = {
-        "keys": KeysConsole(keys, partial(check_repository_prefix, upstreams=config.upstreams)),
+        "keys": KeysConsole(keys, check_prefix),
         "upstreams": {upstream.name: upstream for upstream in router.upstreams},
         "config": config,
         "cache": cache,
     }
+    if config.portal.enabled:
+        portal, namespace["users"] = build_portal(
+            config, keys, http, metrics, cache, router.upstreams, check_prefix, reactor, top
+        )
+        root.putChild(b"portal", portal)
     if config.manhole.listen is not None:
         assert config.manhole.authorized_keys is not None  # the config check guarantees it
         factory = manhole_factory(

@@ -45,8 +45,10 @@ class Throttle:
         limit: int = LIMIT,
         window: float = WINDOW,
         max_tracked: int = MAX_TRACKED,
+        event: str = "failed to log in",
     ) -> None:
         self._clock = clock
+        self._event = event
         self.limit = limit
         self.window = window
         self._max_tracked = max_tracked
@@ -80,8 +82,9 @@ class Throttle:
             self._failures.move_to_end(subject)
             if len(times) == self.limit:
                 log.warn(
-                    "{subject} failed to log in {limit} times within {window:.0f}s; throttling it",
+                    "{subject} {event} {limit} times within {window:.0f}s; throttling it",
                     subject=subject,
+                    event=self._event,
                     limit=self.limit,
                     window=self.window,
                 )

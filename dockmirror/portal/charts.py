@@ -1,0 +1,110 @@
+"""Bar charts as inline SVG, drawn on the server: no script, nothing fetched.
+
+Colours and fonts come from the portal's stylesheet through class names
+(inline ``style`` attributes would need ``'unsafe-inline'`` in the CSP).
+Each bar has a ``<title>``, which browsers show as a tooltip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from twisted.web.template import Tag
+
+WIDTH = 720
+HEIGHT = 220
+_LEFT = 64
+_RIGHT = 8
+_TOP = 12
+_BOTTOM = 28
+
+
+@dataclass(frozen=True)
+class Bar:
+    label: str  # under the axis, when shown
+    tooltip: str  # what the bar is, e.g. "2026-11-02"
+    value: int
+
+
+def human_bytes(n: float) -> str:
+    """``1.5 MB``: decimal units, as used for traffic."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def _nice_ceiling(value: int) -> int:
+    """The smallest 1, 2 or 5 times a power of ten that is at least *value*."""
+    if value <= 0:
+        return 1
+    magnitude = 1
+    while True:
+        for step in (1, 2, 5):
+            if step * magnitude >= value:
+                return step * magnitude
+        magnitude *= 10
+
+
+def _svg(name: str, **attributes: str | int | float) -> Tag:
+    tag = Tag(name)
+    for key, value in attributes.items():
+        tag.attributes[key.rstrip("_").replace("_", "-")] = (
+            f"{value:.2f}".rstrip("0").rstrip(".") if isinstance(value, float) else str(value)
+        )
+    return tag
+
+
+def bar_chart(
+    bars: Sequence[Bar],
+    describe: Callable[[int], str],
+    title: str,
+    label_every: int = 1,
+) -> Tag:
+    """An SVG bar chart of *bars*; *describe* writes a value (e.g. as bytes)."""
+    top = _nice_ceiling(max((b.value for b in bars), default=0))
+    plot_w = WIDTH - _LEFT - _RIGHT
+    plot_h = HEIGHT - _TOP - _BOTTOM
+    total = sum(b.value for b in bars)
+    svg = _svg(
+        "svg",
+        xmlns="http://www.w3.org/2000/svg",
+        viewBox=f"0 0 {WIDTH} {HEIGHT}",
+        class_="chart",
+        role="img",
+        preserveAspectRatio="xMidYMid meet",
+    )
+    svg.attributes["aria-label"] = f"{title}: {describe(total)} in all"
+    svg(_svg("title")(f"{title}: {describe(total)} in all"))
+    for fraction in (0.0, 0.5, 1.0):
+        y = _TOP + plot_h * (1 - fraction)
+        svg(_svg("line", x1=_LEFT, x2=WIDTH - _RIGHT, y1=y, y2=y, class_="grid"))
+        svg(
+            _svg("text", x=_LEFT - 6, y=y + 4, class_="axis", text_anchor="end")(
+                describe(int(top * fraction))
+            )
+        )
+    slot = plot_w / max(len(bars), 1)
+    for i, bar in enumerate(bars):
+        height = plot_h * bar.value / top
+        x = _LEFT + i * slot + slot * 0.15
+        rect = _svg(
+            "rect",
+            x=x,
+            y=_TOP + plot_h - height,
+            width=slot * 0.7,
+            height=max(height, 0.0),
+            rx=2,
+            class_="bar" if bar.value else "bar empty",
+        )
+        rect(_svg("title")(f"{bar.tooltip}: {describe(bar.value)}"))
+        svg(rect)
+        if i % label_every == 0 or i == len(bars) - 1:
+            svg(
+                _svg("text", x=x + slot * 0.35, y=HEIGHT - 8, class_="axis", text_anchor="middle")(
+                    bar.label
+                )
+            )
+    return svg

@@ -1,0 +1,71 @@
+"""Disabling a portal user: their keys are revoked and their sessions end.
+
+Used by ``dockmirror-admin users`` (on the databases directly) and by the
+manhole's ``users`` (through the running server's stores, so that revoked
+bearer tokens stop working at once in that process).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from dockmirror.auth.keystore import KeyDatabase, KeyStore
+from dockmirror.portal.config import IDENTITY_RE
+from dockmirror.portal.sessions import PortalDatabase, SessionStore
+
+audit = Logger(namespace="dockmirror.audit")
+
+
+def check_identity(identity: str) -> str:
+    if not IDENTITY_RE.fullmatch(identity):
+        raise ValueError(f"{identity!r} is not an identity such as github:octocat or oidc:SUBJECT")
+    return identity
+
+
+def disable(portal_db: PortalDatabase, keys: KeyDatabase, identity: str) -> dict[str, Any]:
+    """Disable *identity* in the databases themselves (``dockmirror-admin``)."""
+    check_identity(identity)
+    sessions = portal_db.set_disabled(identity, True)
+    revoked = keys.revoke_owner(identity)
+    return {"identity": identity, "sessionsEnded": sessions, "keysRevoked": revoked}
+
+
+class UsersConsole:
+    """``users`` at the manhole prompt."""
+
+    def __init__(self, store: SessionStore, keys: KeyStore) -> None:
+        self._store = store
+        self._keys = keys
+
+    def list(self) -> Deferred[list[Any]]:
+        """Everyone who signed in once, and who is disabled."""
+        return Deferred.fromCoroutine(self._store.run(PortalDatabase.users))
+
+    def disable(self, identity: str) -> Deferred[dict[str, Any]]:
+        """Revoke every key of *identity*, end their sessions, refuse their sign-ins."""
+        return Deferred.fromCoroutine(self._disable(check_identity(identity)))
+
+    async def _disable(self, identity: str) -> dict[str, Any]:
+        sessions = await self._store.run(PortalDatabase.set_disabled, identity, True)
+        revoked = await self._keys.revoke_owner(identity)
+        audit.info(
+            "user {identity} disabled by the operator: {count} keys revoked, {sessions} sessions"
+            " ended",
+            identity=identity,
+            count=len(revoked),
+            sessions=sessions,
+            audit="user-disabled",
+        )
+        return {"identity": identity, "sessionsEnded": sessions, "keysRevoked": revoked}
+
+    def enable(self, identity: str) -> Deferred[int]:
+        """Let *identity* sign in again (their revoked keys stay revoked)."""
+        return Deferred.fromCoroutine(
+            self._store.run(PortalDatabase.set_disabled, check_identity(identity), False)
+        )
+
+    def __repr__(self) -> str:
+        return "<users: list(), disable(identity), enable(identity)>"
