@@ -140,6 +140,7 @@ class GitHubProvider:
 
     async def authorize_url(self, redirect_uri: str, state: str, verifier: str, nonce: str) -> str:
         query = {
+            "response_type": "code",
             "client_id": self._config.client_id,
             "redirect_uri": redirect_uri,
             "state": state,
@@ -155,6 +156,7 @@ class GitHubProvider:
             "POST",
             self._config.token_url,
             data={
+                "grant_type": "authorization_code",
                 "client_id": self._config.client_id,
                 "client_secret": self._secret,
                 "code": code,

@@ -19,7 +19,6 @@ from dockmirror.portal.app import Portal, Visitor
 from dockmirror.portal.charts import Bar, bar_chart, human_bytes
 
 STATIC = "/portal/static"
-_main = Tag("main")
 
 
 def _when(iso: str | None) -> Tag | str:
@@ -85,7 +84,7 @@ def layout(
         head,
         tags.body(
             bar,
-            _main(class_="wrap")(list(content)),
+            Tag("main", attributes={"class": "wrap"}, children=list(content)),
             tags.footer(class_="wrap")(
                 f"Pull-through registry mirror at {portal.host} · ",
                 tags.a(href="/portal/api/session")("JSON API"),

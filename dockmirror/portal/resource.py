@@ -134,6 +134,8 @@ class PortalResource(Resource):
                 _redirect(request, await p.begin_sign_in(request, provider), 302)
                 return
             case ("GET", "login", provider, "callback"):
+                # The access log shows the URI: not the authorization code in it.
+                request.uri = request.path + b"?(code and state not logged)"
                 await p.finish_sign_in(request, provider)
                 _redirect(request, "/portal/")
                 return
