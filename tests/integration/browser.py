@@ -1,0 +1,109 @@
+"""Debian's headless Chromium driven by Selenium, with nothing downloaded.
+
+The driver and browser paths are given, so Selenium Manager is never run
+(``SE_OFFLINE`` makes sure it would not download if it were).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("selenium")
+
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+DESKTOP = (1280, 900)
+PHONE = (390, 844)
+
+
+def start_browser(workdir: Path) -> WebDriver:
+    if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
+        pytest.skip("the browser tests need Debian's chromium and chromium-driver")
+    os.environ["SE_OFFLINE"] = "true"
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--no-proxy-server",
+        "--hide-scrollbars",
+        "--force-device-scale-factor=1",
+        f"--window-size={DESKTOP[0]},{DESKTOP[1]}",
+        f"--user-data-dir={workdir / 'profile'}",
+    ):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    service = Service(executable_path=CHROMEDRIVER, log_output=str(workdir / "chromedriver.log"))
+    driver = webdriver.Chrome(service=service, options=options)
+    driver.set_page_load_timeout(30)
+    return driver
+
+
+@pytest.fixture
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
+    driver = start_browser(tmp_path_factory.mktemp("browser"))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="session")
+def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the screenshots go: ``$DOCKMIRROR_SCREENSHOTS`` or a temporary directory."""
+    configured = os.getenv("DOCKMIRROR_SCREENSHOTS")
+    directory = Path(configured) if configured else tmp_path_factory.mktemp("portal-screenshots")
+    directory.mkdir(parents=True, exist_ok=True)
+    print(f"\nportal screenshots in {directory}")
+    return directory
+
+
+def screenshot(driver: WebDriver, directory: Path, name: str, width: int) -> Path:
+    """A whole-page PNG of what *driver* shows, *width* pixels wide."""
+    driver.set_window_size(width, DESKTOP[1])
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(width, max(int(height), 400))
+    path = directory / f"{name}.png"
+    driver.save_screenshot(str(path))
+    driver.set_window_size(*DESKTOP)
+    return path
+
+
+def fits_width(driver: WebDriver) -> bool:
+    """Whether the page needs no sideways scrolling."""
+    return bool(
+        driver.execute_script(
+            "return document.documentElement.scrollWidth <= window.innerWidth + 1"
+        )
+    )
+
+
+def wait_for(driver: WebDriver, css: str, timeout: float = 10) -> None:
+    WebDriverWait(driver, timeout).until(lambda d: d.find_elements(By.CSS_SELECTOR, css))
+
+
+def csp_violations(driver: WebDriver) -> list[str]:
+    return [
+        entry["message"]
+        for entry in driver.get_log("browser")
+        if "Content Security Policy" in entry["message"] or "Refused to" in entry["message"]
+    ]
+
+
+def copy_artefacts(source: Path, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for png in source.glob("*.png"):
+        shutil.copy2(png, target / png.name)
