@@ -14,7 +14,12 @@ from typing import Any
 from twisted.web.server import Request
 
 from dockmirror.portal.app import MAX_USAGE_DAYS, Portal, PortalError, Visitor, key_json
-from dockmirror.portal.overview import UpstreamProbe, cache_summary, hourly_series
+from dockmirror.portal.overview import (
+    TrafficSampler,
+    UpstreamProbe,
+    cache_summary,
+    hourly_series,
+)
 
 Overview = Callable[[], Awaitable[dict[str, Any]]]
 
@@ -109,11 +114,17 @@ class PortalApi:
 
 
 def overview_source(
-    portal: Portal, cache: Any, metrics: Any, probe: UpstreamProbe, reactor: Any
+    portal: Portal,
+    cache: Any,
+    metrics: Any,
+    probe: UpstreamProbe,
+    sampler: TrafficSampler,
+    reactor: Any,
 ) -> Overview:
     """What ``admin/overview`` answers, and the operator page shows."""
 
     async def overview() -> dict[str, Any]:
+        await sampler.sample()  # this process's latest requests count too
         stats = await portal.call_keys(portal.keys.stats)
         traffic = await portal.call_keys(portal.keys.traffic, 24)
         return {

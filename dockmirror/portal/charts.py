@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from twisted.web.template import Tag
+from twisted.web.template import Tag, tags
 
 WIDTH = 720
 HEIGHT = 220
-_LEFT = 64
+_LEFT = 84
 _RIGHT = 8
 _TOP = 12
 _BOTTOM = 28
@@ -28,10 +28,11 @@ class Bar:
 
 
 def human_bytes(n: float) -> str:
-    """``1.5 MB``: decimal units, as used for traffic."""
+    """``1.5 MB``, ``500 kB``: decimal units, as used for traffic."""
     for unit in ("B", "kB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            text = f"{n:.0f}" if unit == "B" else f"{n:.1f}".removesuffix(".0")
+            return f"{text} {unit}"
         n /= 1000
     raise AssertionError("unreachable")
 
@@ -63,7 +64,12 @@ def bar_chart(
     title: str,
     label_every: int = 1,
 ) -> Tag:
-    """An SVG bar chart of *bars*; *describe* writes a value (e.g. as bytes)."""
+    """An SVG bar chart of *bars*; *describe* writes a value (e.g. as bytes).
+
+    With nothing to show, a sentence saying so.
+    """
+    if not any(b.value for b in bars):
+        return tags.p(class_="no-data")(f"{title}: nothing yet.")
     top = _nice_ceiling(max((b.value for b in bars), default=0))
     plot_w = WIDTH - _LEFT - _RIGHT
     plot_h = HEIGHT - _TOP - _BOTTOM
@@ -81,11 +87,12 @@ def bar_chart(
     for fraction in (0.0, 0.5, 1.0):
         y = _TOP + plot_h * (1 - fraction)
         svg(_svg("line", x1=_LEFT, x2=WIDTH - _RIGHT, y1=y, y2=y, class_="grid"))
-        svg(
-            _svg("text", x=_LEFT - 6, y=y + 4, class_="axis", text_anchor="end")(
-                describe(int(top * fraction))
+        if (top * fraction).is_integer():  # no half requests on the axis
+            svg(
+                _svg("text", x=_LEFT - 8, y=y + 4, class_="axis", text_anchor="end")(
+                    describe(int(top * fraction))
+                )
             )
-        )
     slot = plot_w / max(len(bars), 1)
     for i, bar in enumerate(bars):
         height = plot_h * bar.value / top

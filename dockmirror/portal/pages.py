@@ -25,7 +25,7 @@ def _when(iso: str | None) -> Tag | str:
     if iso is None:
         return "never"
     stamp = datetime.strptime(iso, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-    return tags.time(datetime=iso, title=iso)(stamp.strftime("%d %b %Y, %H:%M UTC"))
+    return tags.time(datetime=iso, title=iso)(f"{stamp.day} {stamp:%b %Y %H:%M} UTC")
 
 
 def _csrf(visitor: Visitor) -> Tag:
@@ -149,7 +149,7 @@ def error_page(portal: Portal, status: int, message: str, visitor: Visitor | Non
 
 def _usage_chart(usage: dict[str, Any]) -> Tag:
     days = usage["days"]
-    bars = [Bar(d["date"][8:], d["date"], d["bytesServed"]) for d in days]
+    bars = [Bar(_short_day(d["date"]), d["date"], d["bytesServed"]) for d in days]
     total = sum(d["bytesServed"] for d in days)
     requests = sum(d["requests"] for d in days)
     return tags.section(class_="card")(
@@ -310,15 +310,9 @@ def keys_page(
 
 def _copyable(label: str, value: str, ident: str, secret: bool = False) -> Tag:
     return tags.div(class_="field")(
-        tags.label(for_=ident)(label),
+        tags.div(class_="field-label")(label),
         tags.div(class_="copy-row")(
-            tags.input(
-                id=ident,
-                value=value,
-                readonly="readonly",
-                class_="secret mono" if secret else "mono",
-                spellcheck="false",
-            ),
+            tags.code(id=ident, class_="value secret" if secret else "value")(value),
             tags.button(
                 type="button", class_="button copy", hidden="hidden", **{"data-copy": ident}
             )("Copy"),
@@ -441,6 +435,12 @@ def confirm_page(
     )
 
 
+def _short_day(date: str) -> str:
+    """``3 Nov`` for ``2026-11-03``."""
+    day = datetime.strptime(date, "%Y-%m-%d")
+    return f"{day.day} {day:%b}"
+
+
 def _day(timestamp: int) -> str:
     return datetime.fromtimestamp(timestamp, UTC).strftime("%d %b %Y")
 
@@ -498,7 +498,9 @@ def admin_page(
     chart = tags.section(class_="card")(
         tags.div(class_="card-head")(
             tags.h2("Requests, last 24 hours"),
-            tags.p(class_="muted")(f"{sum(h['requests'] for h in hours):,} requests"),
+            tags.p(class_="muted")(
+                f"{sum(h['requests'] for h in hours):,} requests · hours in UTC"
+            ),
         ),
         bar_chart(
             [
@@ -562,7 +564,7 @@ def admin_page(
                     " ",
                     state,
                     tags.span(class_="muted small")(
-                        f" · {len(live)} live keys"
+                        f" · {len(live)} live key{'' if len(live) == 1 else 's'}"
                         + (f" · last signed in {_day(user.last_seen)}" if user else "")
                     ),
                 ),

@@ -62,7 +62,8 @@ def build_portal(
         )
     store = SessionStore(state_directory(config) / DATABASE_FILE, reactor)
     store.setServiceParent(parent)
-    TrafficSampler(metrics, keys, reactor).setServiceParent(parent)
+    sampler = TrafficSampler(metrics, keys, reactor)
+    sampler.setServiceParent(parent)
     portal = Portal(
         portal_config,
         config.server.public_url,
@@ -75,5 +76,6 @@ def build_portal(
         check_prefix,
     )
     probe = UpstreamProbe(upstreams, http, reactor)
-    resource = PortalResource(portal, overview_source(portal, cache, metrics, probe, reactor))
+    overview = overview_source(portal, cache, metrics, probe, sampler, reactor)
+    resource = PortalResource(portal, overview)
     return resource, UsersConsole(store, keys)

@@ -6,8 +6,8 @@ The driver and browser paths are given, so Selenium Manager is never run
 
 from __future__ import annotations
 
+import base64
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,12 +72,21 @@ def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def screenshot(driver: WebDriver, directory: Path, name: str, width: int) -> Path:
-    """A whole-page PNG of what *driver* shows, *width* pixels wide."""
+    """A whole-page PNG of what *driver* shows, laid out *width* pixels wide."""
     driver.set_window_size(width, DESKTOP[1])
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(width, max(int(height), 400))
+    size = driver.execute_script(
+        "return [document.documentElement.clientWidth, document.documentElement.scrollHeight]"
+    )
+    shot = driver.execute_cdp_cmd(  # type: ignore[attr-defined]
+        "Page.captureScreenshot",
+        {
+            "format": "png",
+            "captureBeyondViewport": True,
+            "clip": {"x": 0, "y": 0, "width": size[0], "height": size[1], "scale": 1},
+        },
+    )
     path = directory / f"{name}.png"
-    driver.save_screenshot(str(path))
+    path.write_bytes(base64.b64decode(shot["data"]))
     driver.set_window_size(*DESKTOP)
     return path
 
@@ -102,8 +111,3 @@ def csp_violations(driver: WebDriver) -> list[str]:
         if "Content Security Policy" in entry["message"] or "Refused to" in entry["message"]
     ]
 
-
-def copy_artefacts(source: Path, target: Path) -> None:
-    target.mkdir(parents=True, exist_ok=True)
-    for png in source.glob("*.png"):
-        shutil.copy2(png, target / png.name)

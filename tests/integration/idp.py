@@ -235,7 +235,8 @@ def create_app(base_url: str) -> Flask:
             orgs = '<label>Organisations <input name="orgs" id="orgs"></label>' if with_orgs else ""
             return Response(
                 f"<!doctype html><title>{title}</title><h1>{title}</h1>"
-                f'<form method="post" action="{html.escape(request.path)}">{hidden}<label>Login <input name="login" id="login"></label>'
+                f'<form method="post" action="{html.escape(request.path)}">{hidden}'
+                '<label>Login <input name="login" id="login"></label>'
                 f'{orgs}<button id="authorize" type="submit">Authorize</button>'
                 '<button id="deny" type="submit" name="deny" value="1">Cancel</button></form>',
                 content_type="text/html",

@@ -56,8 +56,8 @@ def create_key(driver: WebDriver, name: str, repositories: str = "") -> tuple[st
 
 
 def read_new_key(driver: WebDriver) -> tuple[str, str]:
-    app_id = driver.find_element(By.ID, "app-id").get_attribute("value") or ""
-    api_key = driver.find_element(By.ID, "api-key").get_attribute("value") or ""
+    app_id = driver.find_element(By.ID, "app-id").text
+    api_key = driver.find_element(By.ID, "api-key").text
     assert re.fullmatch(r"app_[a-z0-9]{20}", app_id) and api_key.startswith("sk_")
     return app_id, api_key
 

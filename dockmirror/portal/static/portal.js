@@ -6,7 +6,7 @@ document.addEventListener("DOMContentLoaded", () => {
     if (!target || !navigator.clipboard) continue;
     button.hidden = false;
     button.addEventListener("click", async () => {
-      const text = "value" in target && target.value !== undefined ? target.value : target.textContent;
+      const text = target.textContent;
       try {
         await navigator.clipboard.writeText(text);
         button.textContent = "Copied";
