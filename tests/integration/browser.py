@@ -110,4 +110,3 @@ def csp_violations(driver: WebDriver) -> list[str]:
         for entry in driver.get_log("browser")
         if "Content Security Policy" in entry["message"] or "Refused to" in entry["message"]
     ]
-
