@@ -6,12 +6,15 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+import pytest_twisted
+from twisted.internet import reactor
 
 from dockmirror.auth.keystore import (
     DAY,
     HOUR,
     USAGE_DAYS,
     KeyDatabase,
+    KeyStore,
     QuotaExceeded,
     Usage,
 )
@@ -20,8 +23,9 @@ from dockmirror.portal.sessions import (
     MAX_SESSIONS_PER_USER,
     PendingLogin,
     PortalDatabase,
+    SessionStore,
 )
-from dockmirror.portal.users import disable
+from dockmirror.portal.users import UsersConsole, disable
 
 from .test_keystore import FakeTime
 
@@ -178,3 +182,27 @@ def test_disable_revokes_keys_and_ends_sessions(portal_db: PortalDatabase, db: K
     assert not portal_db.is_disabled("github:alice")
     with pytest.raises(ValueError, match="not an identity"):
         disable(portal_db, db, "alice")
+
+
+@pytest_twisted.ensureDeferred
+async def test_manhole_users_console(key_store: KeyStore, tmp_path: Path) -> None:
+    store = SessionStore(tmp_path / "portal-db" / "portal.sqlite", reactor)
+    store.startService()
+    try:
+        users = UsersConsole(store, key_store)
+        new = await key_store.create("laptop", owner="github:alice")
+        await store.run(PortalDatabase.create_session, "s1", "github:alice", "Alice", 100)
+        result = await users.disable("github:alice")
+        assert result == {
+            "identity": "github:alice",
+            "sessionsEnded": 1,
+            "keysRevoked": (new.app_id,),
+        }
+        assert new.app_id in key_store.revoked  # bearer tokens refused at once
+        (user,) = await users.list()
+        assert repr(user).startswith("<user github:alice 'Alice' disabled")
+        await users.enable("github:alice")
+        assert not await store.run(PortalDatabase.is_disabled, "github:alice")
+        assert "disable(identity)" in repr(users)
+    finally:
+        await store.stopService()
