@@ -281,3 +281,15 @@ def test_provider_down_is_a_502_page(
     assert answer.status_code == 502 and "GitHub cannot be reached" in answer.text
     oidc = session.get(f"{mirror.url}/portal/login/oidc", allow_redirects=False)
     assert oidc.status_code == 502 and "Traceback" not in oidc.text
+
+
+def test_key_creation_is_throttled(mirror: Dockmirror) -> None:
+    alice = sign_in(mirror, "alice")
+    for _ in range(10):  # creations and regenerations count alike
+        created = api(alice, mirror, "POST", "keys", json={"name": "short-lived"})
+        assert created.status_code == 201
+        assert api(alice, mirror, "DELETE", f"keys/{created.json()['appId']}").status_code == 200
+    over = api(alice, mirror, "POST", "keys", json={"name": "one too many"})
+    assert over.status_code == 429 and int(over.headers["retry-after"]) > 3000
+    bob = sign_in(mirror, "bob")
+    assert api(bob, mirror, "POST", "keys", json={"name": "mine"}).status_code == 201
