@@ -93,7 +93,7 @@ class PortalApi:
                 return 200, key_json(await p.revoke_key(visitor, app_id))
             case ("GET", "usage"):
                 return 200, await p.usage(visitor.identity, _days(request))
-            case ("GET", "admin", *_) | ("DELETE", "admin", *_):
+            case ("GET" | "POST" | "DELETE", "admin", *_):
                 return await self._admin(request, visitor, route)
         raise PortalError(404, "no such API endpoint")
 
@@ -110,6 +110,8 @@ class PortalApi:
                 return 200, {"keys": [key_json(k) for k in await p.all_keys()]}
             case ("DELETE", "admin", "keys", app_id):
                 return 200, key_json(await p.revoke_key(visitor, app_id, as_admin=True))
+            case ("POST", "admin", "users", identity, ("disable" | "enable") as action):
+                return 200, await p.set_user_disabled(visitor, identity, action == "disable")
         raise PortalError(404, "no such API endpoint")
 
 

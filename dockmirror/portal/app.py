@@ -33,7 +33,7 @@ from dockmirror.auth.keystore import (
     QuotaExceeded,
 )
 from dockmirror.auth.throttle import Throttle, client_subject
-from dockmirror.portal.config import PortalConfig
+from dockmirror.portal.config import IDENTITY_RE, PortalConfig
 from dockmirror.portal.login import Identity, LoginRefused, Provider, ProviderUnavailable
 from dockmirror.portal.sessions import (
     LOGIN_TTL,
@@ -42,7 +42,9 @@ from dockmirror.portal.sessions import (
     PortalStoreError,
     Session,
     SessionStore,
+    User,
 )
+from dockmirror.portal.users import disable_user
 
 log = Logger()
 audit = Logger(namespace="dockmirror.audit")
@@ -433,9 +435,35 @@ class Portal:
 
     # --- users ------------------------------------------------------------------------
 
-    async def users(self) -> list[Any]:
-        users: list[Any] = await self._db(PortalDatabase.users)
+    async def users(self) -> list[User]:
+        users: list[User] = await self._db(PortalDatabase.users)
         return users
+
+    async def set_user_disabled(self, visitor: Visitor, identity: str, disabled: bool) -> Any:
+        """An admin disables (revoking keys, ending sessions) or enables *identity*."""
+        if not visitor.admin:
+            raise PortalError(403, "this is for the portal's admins")
+        if not IDENTITY_RE.fullmatch(identity):
+            raise PortalError(404, "no such user")
+        if identity.lower() == visitor.identity.lower():
+            raise PortalError(409, "you cannot disable yourself")
+        try:
+            if disabled:
+                return await disable_user(
+                    self.store, self.keys, identity, visitor.identity, visitor.client
+                )
+            await self.store.run(PortalDatabase.set_disabled, identity, False)
+        except (KeyStoreError, PortalStoreError) as e:
+            log.error("cannot change user {identity}: {error}", identity=identity, error=str(e))
+            raise PortalError(503, "the portal's databases are unavailable") from e
+        audit.info(
+            "user {identity} enabled by {actor} from {client}",
+            identity=identity,
+            actor=visitor.identity,
+            client=visitor.client,
+            audit="user-enabled",
+        )
+        return {"identity": identity, "disabled": False}
 
 
 def key_json(key: KeyInfo) -> dict[str, Any]:

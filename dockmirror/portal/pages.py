@@ -11,10 +11,11 @@ import base64
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 from twisted.web.template import Tag, tags
 
-from dockmirror.auth.keystore import KeyInfo, NewKey
+from dockmirror.auth.keystore import OPERATOR, KeyInfo, NewKey
 from dockmirror.portal.app import Portal, Visitor
 from dockmirror.portal.charts import Bar, bar_chart, human_bytes
 
@@ -445,6 +446,34 @@ def _day(timestamp: int) -> str:
     return datetime.fromtimestamp(timestamp, UTC).strftime("%d %b %Y")
 
 
+def confirm_disable_page(portal: Portal, visitor: Visitor, identity: str) -> Tag:
+    title = f"Disable {identity}?"
+    return layout(
+        portal,
+        title,
+        [
+            tags.section(class_="card narrow")(
+                tags.h1(title),
+                tags.p(
+                    "Every key of this user is revoked, their sessions end, and they cannot"
+                    " sign in again until enabled. Revoked keys stay revoked."
+                ),
+                tags.div(class_="row")(
+                    _button_form(
+                        visitor,
+                        f"/portal/admin/users/{quote(identity, safe='')}/disable",
+                        "Disable user",
+                        "button danger",
+                    ),
+                    tags.a(href="/portal/admin", class_="button quiet")("Cancel"),
+                ),
+            )
+        ],
+        visitor,
+        "admin",
+    )
+
+
 def _stat(label: str, value: str, note: str = "") -> Tag:
     return tags.div(class_="stat")(
         tags.div(class_="stat-label")(label),
@@ -557,6 +586,13 @@ def admin_page(
         details = tags.details(class_="user")
         if live:
             details.attributes["open"] = "open"
+        base = f"/portal/admin/users/{quote(owner, safe='')}"
+        if owner == OPERATOR or owner.lower() == visitor.identity.lower():
+            manage: Any = ""
+        elif user is not None and user.disabled_at:
+            manage = _button_form(visitor, f"{base}/enable", "Enable", "button small")
+        else:
+            manage = tags.a(href=f"{base}/disable", class_="button danger small")("Disable user")
         people.append(
             details(
                 tags.summary(
@@ -568,9 +604,11 @@ def admin_page(
                         + (f" · last signed in {_day(user.last_seen)}" if user else "")
                     ),
                 ),
-                _keys_table(visitor, live, admin=True)
-                if live
-                else tags.p(class_="muted pad")("No live keys."),
+                tags.div(class_="pad row")(
+                    manage,
+                    "" if live else tags.span(class_="muted")("No live keys."),
+                ),
+                _keys_table(visitor, live, admin=True) if live else "",
             )
         )
     if not people:

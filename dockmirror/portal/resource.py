@@ -185,6 +185,11 @@ class PortalResource(Resource):
             case ("POST", "admin", "keys", app_id, "revoke"):
                 await p.revoke_key(visitor, app_id, as_admin=True)
                 _redirect(request, "/portal/admin")
+            case ("GET", "admin", "users", identity, "disable"):
+                await _html(request, pages.confirm_disable_page(p, visitor, identity))
+            case ("POST", "admin", "users", identity, ("disable" | "enable") as action):
+                await p.set_user_disabled(visitor, identity, action == "disable")
+                _redirect(request, "/portal/admin")
             case _:
                 raise PortalError(404, "There is no such page in the portal.")
 

@@ -293,3 +293,25 @@ def test_key_creation_is_throttled(mirror: Dockmirror) -> None:
     assert over.status_code == 429 and int(over.headers["retry-after"]) > 3000
     bob = sign_in(mirror, "bob")
     assert api(bob, mirror, "POST", "keys", json={"name": "mine"}).status_code == 201
+
+
+def test_an_admin_disables_and_enables_a_user(mirror: Dockmirror) -> None:
+    bob, root = sign_in(mirror, "bob"), sign_in(mirror, "root")
+    created = api(bob, mirror, "POST", "keys", json={"name": "laptop"}).json()
+    assert api(bob, mirror, "POST", "admin/users/github:root/disable").status_code == 403
+    page = root.get(f"{mirror.url}/portal/admin").text
+    assert "/portal/admin/users/github%3Abob/disable" in page
+    assert "/portal/admin/users/github%3Aroot/disable" not in page  # not oneself
+    confirm = root.get(f"{mirror.url}/portal/admin/users/github%3Abob/disable")
+    assert confirm.status_code == 200 and "Disable github:bob?" in confirm.text
+    done = root.post(
+        f"{mirror.url}/portal/admin/users/github%3Abob/disable",
+        data={"csrf_token": csrf(root, mirror)},
+        allow_redirects=False,
+    )
+    assert done.status_code == 303
+    assert bob.get(f"{mirror.url}/portal/api/keys").status_code == 401
+    assert not key_works(mirror, created["appId"], created["apiKey"])
+    assert api(root, mirror, "POST", "admin/users/github:bob/enable").json()["disabled"] is False
+    assert sign_in(mirror, "bob").get(f"{mirror.url}/portal/api/keys").status_code == 200
+    assert "github:bob disabled by github:root from 127.0.0.1" in mirror.log_text()
