@@ -33,6 +33,26 @@ def disable(portal_db: PortalDatabase, keys: KeyDatabase, identity: str) -> dict
     return {"identity": identity, "sessionsEnded": sessions, "keysRevoked": revoked}
 
 
+async def disable_user(
+    store: SessionStore, keys: KeyStore, identity: str, actor: str, client: str = "-"
+) -> dict[str, Any]:
+    """Disable *identity* through the running server's stores."""
+    check_identity(identity)
+    sessions = await store.run(PortalDatabase.set_disabled, identity, True)
+    revoked = await keys.revoke_owner(identity)
+    audit.info(
+        "user {identity} disabled by {actor} from {client}: {count} keys revoked,"
+        " {sessions} sessions ended",
+        identity=identity,
+        actor=actor,
+        client=client,
+        count=len(revoked),
+        sessions=sessions,
+        audit="user-disabled",
+    )
+    return {"identity": identity, "sessionsEnded": sessions, "keysRevoked": revoked}
+
+
 class UsersConsole:
     """``users`` at the manhole prompt."""
 
@@ -46,20 +66,9 @@ class UsersConsole:
 
     def disable(self, identity: str) -> Deferred[dict[str, Any]]:
         """Revoke every key of *identity*, end their sessions, refuse their sign-ins."""
-        return Deferred.fromCoroutine(self._disable(check_identity(identity)))
-
-    async def _disable(self, identity: str) -> dict[str, Any]:
-        sessions = await self._store.run(PortalDatabase.set_disabled, identity, True)
-        revoked = await self._keys.revoke_owner(identity)
-        audit.info(
-            "user {identity} disabled by the operator: {count} keys revoked, {sessions} sessions"
-            " ended",
-            identity=identity,
-            count=len(revoked),
-            sessions=sessions,
-            audit="user-disabled",
+        return Deferred.fromCoroutine(
+            disable_user(self._store, self._keys, identity, "the operator (manhole)")
         )
-        return {"identity": identity, "sessionsEnded": sessions, "keysRevoked": revoked}
 
     def enable(self, identity: str) -> Deferred[int]:
         """Let *identity* sign in again (their revoked keys stay revoked)."""
