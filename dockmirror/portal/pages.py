@@ -87,8 +87,7 @@ def layout(
             bar,
             Tag("main", attributes={"class": "wrap"}, children=list(content)),
             tags.footer(class_="wrap")(
-                f"Pull-through registry mirror at {portal.host} · ",
-                tags.a(href="/portal/api/session")("JSON API"),
+                f"dockmirror · pull-through registry mirror at {portal.host}"
             ),
         ),
     )
@@ -190,8 +189,6 @@ def _key_row(visitor: Visitor, key: KeyInfo, admin: bool = False) -> Tag:
         tags.td(**{"data-label": "Name"})(tags.strong(key.name), tags.br(), _limits(key)),
         tags.td(**{"data-label": "App ID"})(tags.code(key.app_id)),
     ]
-    if admin:
-        cells.append(tags.td(**{"data-label": "Owner"})(key.owner))
     cells += [
         tags.td(**{"data-label": "Created"})(_when(data["createdAt"])),
         tags.td(**{"data-label": "Last used"})(_when(data["lastUsedAt"])),
@@ -203,7 +200,7 @@ def _key_row(visitor: Visitor, key: KeyInfo, admin: bool = False) -> Tag:
 
 
 def _keys_table(visitor: Visitor, keys: Sequence[KeyInfo], admin: bool = False) -> Tag:
-    heads = ["Name", "App ID", *(["Owner"] if admin else []), "Created", "Last used"]
+    heads = ["Name", "App ID", "Created", "Last used"]
     return tags.table(class_="keys")(
         tags.thead(
             tags.tr(
@@ -607,7 +604,9 @@ def admin_page(
                 tags.div(class_="pad row")(
                     manage,
                     "" if live else tags.span(class_="muted")("No live keys."),
-                ),
+                )
+                if manage or not live
+                else "",
                 _keys_table(visitor, live, admin=True) if live else "",
             )
         )
