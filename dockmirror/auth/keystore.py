@@ -20,8 +20,8 @@ import secrets
 import sqlite3
 import string
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from dockmirror.auth.secretfile import make_private_directory
+from dockmirror.sqlite import BUSY_TIMEOUT_MS, write_transaction
 
 log = Logger()
 
@@ -57,7 +58,6 @@ _SALT_BYTES = 16
 #: Credentials longer than this are refused before any hashing.
 MAX_CREDENTIAL_LENGTH = 256
 NAME_MAX = 100
-BUSY_TIMEOUT_MS = 5000
 DAY = 86400
 HOUR = 3600
 #: Seconds between writes of the usage counters.
@@ -291,16 +291,8 @@ class KeyDatabase:
     def _now(self) -> int:
         return int(self._clock())
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction, holding the write lock from its start."""
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._conn
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return write_transaction(self._conn)
 
     def _get(self, app_id: str) -> KeyInfo:
         row = self._conn.execute(

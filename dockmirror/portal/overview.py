@@ -8,7 +8,6 @@ store's hourly counts once a minute, so that the chart covers every request
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
@@ -137,6 +136,3 @@ def hourly_series(counts: dict[int, int], now: float, hours: int = 24) -> list[d
         {"hour": iso_time(h * HOUR), "requests": counts.get(h, 0)}
         for h in range(current - hours + 1, current + 1)
     ]
-
-
-CacheStats = Callable[[], dict[str, Any]]

@@ -18,7 +18,12 @@ from dockmirror.portal.config import client_secret
 from dockmirror.portal.login import GitHubProvider, OidcProvider, Provider
 from dockmirror.portal.overview import TrafficSampler, UpstreamProbe
 from dockmirror.portal.resource import PortalResource
-from dockmirror.portal.sessions import DATABASE_FILE, SessionStore
+from dockmirror.portal.sessions import (
+    DATABASE_FILE,
+    PortalDatabase,
+    PortalStoreError,
+    SessionStore,
+)
 from dockmirror.portal.users import UsersConsole
 from dockmirror.routing import Upstream
 
@@ -60,7 +65,12 @@ def build_portal(
                 portal_config.login.oidc, client_secret(portal_config.login.oidc), http, reactor
             )
         )
-    store = SessionStore(state_directory(config) / DATABASE_FILE, reactor)
+    path = state_directory(config) / DATABASE_FILE
+    try:
+        PortalDatabase(path).close()  # an unusable database stops start-up here
+    except PortalStoreError as e:
+        raise ValueError(str(e)) from None
+    store = SessionStore(path, reactor)
     store.setServiceParent(parent)
     sampler = TrafficSampler(metrics, keys, reactor)
     sampler.setServiceParent(parent)

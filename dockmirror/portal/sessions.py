@@ -14,8 +14,8 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -26,8 +26,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from dockmirror.auth.keystore import BUSY_TIMEOUT_MS, iso_time
+from dockmirror.auth.keystore import iso_time
 from dockmirror.auth.secretfile import make_private_directory
+from dockmirror.sqlite import connect, write_transaction
 
 T = TypeVar("T")
 
@@ -98,15 +99,7 @@ class PortalDatabase:
         make_private_directory(self.path.parent)
         try:
             self.path.touch(mode=0o600, exist_ok=True)
-            self._conn = sqlite3.connect(
-                self.path,
-                timeout=BUSY_TIMEOUT_MS / 1000,
-                isolation_level=None,
-                check_same_thread=False,
-            )
-            self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            self._conn.execute("PRAGMA journal_mode = WAL")
-            self._conn.execute("PRAGMA synchronous = NORMAL")
+            self._conn = connect(self.path)
             self._conn.executescript(
                 resources.files("dockmirror.portal").joinpath("schema.sql").read_text()
             )
@@ -126,15 +119,8 @@ class PortalDatabase:
     def _now(self) -> int:
         return int(self._clock())
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._conn
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return write_transaction(self._conn)
 
     # --- sign-ins in progress ---------------------------------------------------------
 
