@@ -21,6 +21,8 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
+#: Test artefacts (git-ignored), in the repository.
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 DESKTOP = (1280, 900)
@@ -62,12 +64,17 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
 
 
 @pytest.fixture(scope="session")
-def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Where the screenshots go: ``$DOCKMIRROR_SCREENSHOTS`` or a temporary directory."""
+def screenshots(request: pytest.FixtureRequest) -> Path:
+    """Where screenshots go: ``$DOCKMIRROR_SCREENSHOTS`` or ``test-artifacts/portal-screenshots``.
+
+    The directory is named in the test run's summary.
+    """
     configured = os.getenv("DOCKMIRROR_SCREENSHOTS")
-    directory = Path(configured) if configured else tmp_path_factory.mktemp("portal-screenshots")
+    directory = Path(configured) if configured else ARTIFACTS / "portal-screenshots"
     directory.mkdir(parents=True, exist_ok=True)
-    print(f"\nportal screenshots in {directory}")
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"portal screenshots: {directory.resolve()}")
     return directory
 
 

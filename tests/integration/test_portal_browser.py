@@ -1,8 +1,8 @@
 """The portal in a real browser, end to end: sign in, make a key, pull with it, and so on.
 
 Screenshots of each page, at a desktop's and a phone's width, are saved in
-the directory the ``screenshots`` fixture prints (``$DOCKMIRROR_SCREENSHOTS``
-to choose it).
+``test-artifacts/portal-screenshots`` (``$DOCKMIRROR_SCREENSHOTS`` to choose
+another directory), which the run names.
 """
 
 from __future__ import annotations
@@ -166,4 +166,6 @@ def test_portal_end_to_end_in_a_browser(
     driver.get(f"{mirror.url}/portal/")
     shoot("keys-admin")
     assert csp_violations(driver) == []
-    print(f"screenshots of {sorted(shots)} in {screenshots}")
+    assert {p.name for p in screenshots.glob("*.png")} >= {
+        f"{name}{suffix}.png" for name in shots for suffix in ("", "-phone")
+    }

@@ -315,3 +315,32 @@ def test_an_admin_disables_and_enables_a_user(mirror: Dockmirror) -> None:
     assert api(root, mirror, "POST", "admin/users/github:bob/enable").json()["disabled"] is False
     assert sign_in(mirror, "bob").get(f"{mirror.url}/portal/api/keys").status_code == 200
     assert "github:bob disabled by github:root from 127.0.0.1" in mirror.log_text()
+
+
+def test_bad_input_gets_a_clear_error_never_a_traceback(mirror: Dockmirror) -> None:
+    alice = sign_in(mirror, "alice")
+    token = {"X-CSRF-Token": csrf(alice, mirror)}
+    url = f"{mirror.url}/portal/api"
+    for method, path, body, status in (
+        ("POST", "keys", b"{not json", 400),
+        ("POST", "keys", b"[]", 400),
+        ("POST", "keys", b'{"name": ""}', 400),
+        ("POST", "keys", b'{"name": "' + b"x" * 200 + b'"}', 400),
+        ("POST", "keys", b'{"name": "x", "repositories": ["nowhere/x"]}', 400),
+        ("POST", "keys", b'{"name": "x", "repositories": "hub"}', 400),
+        ("GET", "usage?days=abc", None, 400),
+        ("GET", "usage?days=0", None, 400),
+        ("GET", "usage?days=31", None, 400),
+        ("DELETE", "keys/..%2F..%2Fetc", None, 404),
+        ("PUT", "keys", b"{}", 404),
+        ("GET", "nothing/here", None, 404),
+    ):
+        answer = alice.request(method, f"{url}/{path}", data=body, headers=token)
+        assert answer.status_code == status, (method, path, answer.text)
+        assert set(answer.json()) == {"error"}
+    for path in ("%FF", "keys/app_x/explode", "static/../../etc/passwd", "admin/%00"):
+        page = alice.get(f"{mirror.url}/portal/{path}")
+        assert page.status_code in (403, 404) and "Traceback" not in page.text, path
+    huge = requests.get(f"{mirror.url}/portal/api/keys", cookies={"dockmirror_session": "x" * 5000})
+    assert huge.status_code == 401
+    assert "Traceback" not in mirror.log_text() and "Unhandled" not in mirror.log_text()
