@@ -72,9 +72,11 @@ def screenshots(request: pytest.FixtureRequest) -> Path:
     configured = os.getenv("DOCKMIRROR_SCREENSHOTS")
     directory = Path(configured) if configured else ARTIFACTS / "portal-screenshots"
     directory.mkdir(parents=True, exist_ok=True)
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(f"portal screenshots: {directory.resolve()}")
+    if capture is not None and reporter is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"\nportal screenshots: {directory.resolve()}")
     return directory
 
 
