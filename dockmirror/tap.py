@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from treq.client import HTTPClient
 from twisted.application import service, strports
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.interfaces import IReactorCore
+from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
@@ -35,6 +37,8 @@ from dockmirror.pull import Prefetcher, PullService, Upstreams
 from dockmirror.routing import build_router
 from dockmirror.tls import CertificateReloadService, PlainHTTPFactory, tls_endpoint
 from dockmirror.web import MirrorSite, RootResource, build_root
+
+log = Logger()
 
 #: Idle persistent connections kept per upstream host.
 POOL_PER_HOST = 16
@@ -184,7 +188,26 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     return top
 
 
+def raise_open_files_limit() -> None:
+    """Raise the soft limit on open files to the hard limit.
+
+    Every client reading a cached blob holds a file open, as does every fill
+    and connection; the usual soft limit (1024) runs out long before the
+    system's does.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard or hard == resource.RLIM_INFINITY:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as e:
+        log.warn("cannot raise the open files limit from {soft}: {error}", soft=soft, error=e)
+    else:
+        log.info("open files limit raised from {soft} to {hard}", soft=soft, hard=hard)
+
+
 def makeService(options: Options, reactor: IReactorCore | None = None) -> service.MultiService:
+    raise_open_files_limit()
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
