@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import re
 import time
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -344,3 +345,14 @@ def test_bad_input_gets_a_clear_error_never_a_traceback(mirror: Dockmirror) -> N
     huge = requests.get(f"{mirror.url}/portal/api/keys", cookies={"dockmirror_session": "x" * 5000})
     assert huge.status_code == 401
     assert "Traceback" not in mirror.log_text() and "Unhandled" not in mirror.log_text()
+
+
+def test_github_token_error_in_a_200_is_a_refusal(mirror: Dockmirror) -> None:
+    session, url = start_sign_in(mirror)
+    parts = urlsplit(authorize(session, url, "alice"))
+    query = dict(parse_qsl(parts.query))
+    wrong_code = f"{mirror.url}{parts.path}?{urlencode({**query, 'code': 'not-the-code'})}"
+    answer = session.get(wrong_code, allow_redirects=False)
+    assert answer.status_code == 403
+    assert "GitHub refused the sign-in: Invalid 'code' in request." in html.unescape(answer.text)
+    assert session.get(f"{mirror.url}/portal/api/session").status_code == 401
