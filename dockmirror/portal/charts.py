@@ -14,10 +14,10 @@ from twisted.web.template import Tag, tags
 
 WIDTH = 720
 HEIGHT = 220
-_LEFT = 84
+_LEFT = 96
 _RIGHT = 8
-_TOP = 12
-_BOTTOM = 28
+_TOP = 20
+_BOTTOM = 36
 
 
 @dataclass(frozen=True)
@@ -108,10 +108,17 @@ def bar_chart(
         )
         rect(_svg("title")(f"{bar.tooltip}: {describe(bar.value)}"))
         svg(rect)
-        if i % label_every == 0 or i == len(bars) - 1:
+        last = i == len(bars) - 1
+        if last or (i % label_every == 0 and len(bars) - 1 - i >= label_every):
+            # Every other label is "minor": narrow screens hide those.
+            minor = not last and (i // label_every) % 2 == 1
             svg(
-                _svg("text", x=x + slot * 0.35, y=HEIGHT - 8, class_="axis", text_anchor="middle")(
-                    bar.label
-                )
+                _svg(
+                    "text",
+                    x=x + slot * 0.7 if last else x + slot * 0.35,
+                    y=HEIGHT - 6,
+                    class_="axis minor" if minor else "axis",
+                    text_anchor="end" if last else "middle",
+                )(bar.label)
             )
     return svg

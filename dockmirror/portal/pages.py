@@ -555,11 +555,13 @@ def admin_page(
                         tags.td(**{"data-label": "Name"})(tags.strong(u["name"])),
                         tags.td(**{"data-label": "URL"})(tags.code(u["url"])),
                         tags.td(**{"data-label": "State"})(
-                            tags.span(class_="badge ok" if u["up"] else "badge bad")(
-                                "up" if u["up"] else "down"
-                            ),
-                            " ",
-                            tags.span(class_="muted small")(u["detail"]),
+                            tags.span(
+                                tags.span(class_="badge ok" if u["up"] else "badge bad")(
+                                    "up" if u["up"] else "down"
+                                ),
+                                " ",
+                                tags.span(class_="muted small")(u["detail"]),
+                            )
                         ),
                         tags.td(class_="num", **{"data-label": "Latency"})(
                             f"{u['latencyMs']} ms" if "latencyMs" in u else "–"
