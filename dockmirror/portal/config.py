@@ -73,9 +73,15 @@ class PortalConfig:
 
 
 def client_secret(login: GitHubLoginConfig | OidcLoginConfig) -> str:
-    """The client secret, read from ``client_secret_file`` if given so."""
+    """The client secret, from ``client_secret_file`` if so given (ValueError if unreadable)."""
     if login.client_secret_file is not None:
-        return Path(login.client_secret_file).read_text().strip()
+        try:
+            secret = Path(login.client_secret_file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read {login.client_secret_file}: {e}") from None
+        if not secret:
+            raise ValueError(f"{login.client_secret_file} is empty")
+        return secret
     assert login.client_secret is not None  # check() guarantees one of the two
     return login.client_secret
 

@@ -45,6 +45,9 @@ def test_portal_config(tmp_path: Path) -> None:
     assert portal.login.github is not None and portal.login.oidc is None
     assert portal.login.github.api_url == "https://ghe.example.com/api/v3"
     assert client_secret(portal.login.github) == "from-a-file"
+    secret.unlink()
+    with pytest.raises(ValueError, match=f"cannot read {secret}"):
+        client_secret(portal.login.github)
     assert load(None).portal == PortalConfig()  # off by default
     assert "s3cret" not in repr(load(write(tmp_path, "[portal]\n" + GITHUB)))
 
