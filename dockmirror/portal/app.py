@@ -24,7 +24,6 @@ from twisted.web.server import Request
 
 from dockmirror.auth.keystore import (
     DAY,
-    OPERATOR,
     KeyInfo,
     KeyList,
     KeyStore,
@@ -473,6 +472,3 @@ def key_json(key: KeyInfo) -> dict[str, Any]:
         data["repositories"] = []
     return data
 
-
-def is_operator_key(key: KeyInfo) -> bool:
-    return key.owner == OPERATOR
