@@ -86,6 +86,11 @@ def _sign(secret: bytes, value: str) -> str:
     return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
 
 
+def _same(sent: str, expected: str) -> bool:
+    """Constant-time equality of a value from a client (any text) and a known one."""
+    return hmac.compare_digest(sent.encode(), expected.encode())
+
+
 def client_address(request: Request) -> str:
     return str(getattr(request.getClientAddress(), "host", "-"))
 
@@ -157,7 +162,7 @@ class Portal:
         if cookie is None:
             return None
         session_id, _, signature = cookie.partition(".")
-        if not hmac.compare_digest(signature, _sign(self._session_secret, session_id)):
+        if not _same(signature, _sign(self._session_secret, session_id)):
             return None
         session = await self._db(PortalDatabase.get_session, session_id)
         if session is None:
@@ -172,7 +177,7 @@ class Portal:
     @staticmethod
     def check_csrf(visitor: Visitor, sent: str | None) -> None:
         """Refuse (403) a state-changing request without this session's CSRF token."""
-        if sent is None or not hmac.compare_digest(sent.encode(), visitor.csrf_token.encode()):
+        if sent is None or not _same(sent, visitor.csrf_token):
             raise PortalError(403, "missing or wrong CSRF token; reload the page and try again")
 
     async def _db(self, f: Callable[..., Any], *args: Any) -> Any:
@@ -231,7 +236,7 @@ class Portal:
         expected = self._cookie(request, self.login_cookie)
         self.set_cookie(request, self.login_cookie, "", 0)
         pending = None
-        if state and expected and hmac.compare_digest(state, expected):
+        if state and expected and _same(state, expected):
             pending = await self._db(PortalDatabase.finish_login, state)
         if pending is None or pending.provider != provider.name:
             self.sign_in_throttle.failed(client_subject(client))
@@ -471,4 +476,3 @@ def key_json(key: KeyInfo) -> dict[str, Any]:
     if data["repositories"] is None:
         data["repositories"] = []
     return data
-

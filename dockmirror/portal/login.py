@@ -316,7 +316,7 @@ class OidcProvider:
         audiences = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
         if len(audiences) > 1 and claims.get("azp") != self._config.client_id:
             raise LoginRefused(f"{self.label}'s ID token was issued to another party")
-        if not hmac.compare_digest(str(claims.get("nonce", "")), nonce):
+        if not hmac.compare_digest(str(claims.get("nonce", "")).encode(), nonce.encode()):
             raise LoginRefused(f"{self.label}'s ID token is for another sign-in (nonce)")
         subject = claims["sub"]
         if not isinstance(subject, str) or not re.fullmatch(r"\S{1,200}", subject):

@@ -342,8 +342,16 @@ def test_bad_input_gets_a_clear_error_never_a_traceback(mirror: Dockmirror) -> N
     for path in ("%FF", "keys/app_x/explode", "static/../../etc/passwd", "admin/%00"):
         page = alice.get(f"{mirror.url}/portal/{path}")
         assert page.status_code in (403, 404) and "Traceback" not in page.text, path
-    huge = requests.get(f"{mirror.url}/portal/api/keys", cookies={"dockmirror_session": "x" * 5000})
-    assert huge.status_code == 401
+    for cookie in ("x" * 5000, "é.é", "ü"):
+        answer = requests.get(
+            f"{mirror.url}/portal/api/keys",
+            headers={"Cookie": f"dockmirror_session={cookie}".encode()},  # type: ignore[dict-item]
+        )
+        assert answer.status_code == 401, cookie
+    session, _ = start_sign_in(mirror)
+    session.cookies.set("dockmirror_login", "ü")
+    callback = session.get(f"{mirror.url}/portal/login/github/callback?state=%C3%BC&code=x")
+    assert callback.status_code == 400
     assert "Traceback" not in mirror.log_text() and "Unhandled" not in mirror.log_text()
 
 
