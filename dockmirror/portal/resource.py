@@ -14,6 +14,7 @@ from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from twisted.web.template import Tag, flattenString
@@ -107,21 +108,41 @@ class PortalResource(Resource):
             try:
                 visitor = await self.portal.visitor(request)
                 await self._page(request, path, visitor)
-            except PortalError as e:
-                for name, value in e.headers.items():
+            except CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any error gets a page, never a trace
+                error = self._as_portal_error(request, e)
+                for name, value in error.headers.items():
                     request.setHeader(name, value)
-                await _html(
-                    request, pages.error_page(self.portal, e.status, e.message, visitor), e.status
-                )
+                page = pages.error_page(self.portal, error.status, error.message, visitor)
+                await _html(request, page, error.status)
 
     async def _api(self, request: Request, path: list[str]) -> None:
         try:
             status, answer = await self.api.serve(request, path)
-        except PortalError as e:
-            for name, value in e.headers.items():
+        except CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any error gets a JSON answer, never a trace
+            error = self._as_portal_error(request, e)
+            for name, value in error.headers.items():
                 request.setHeader(name, value)
-            status, answer = e.status, {"error": e.message}
+            status, answer = error.status, {"error": error.message}
         _send(request, status, json.dumps(answer).encode(), "application/json")
+
+    @staticmethod
+    def _as_portal_error(request: Request, error: Exception) -> PortalError:
+        """*error* as the portal answers it; an unexpected one is logged and a 500."""
+        if isinstance(error, PortalError) and not request.startedWriting:
+            return error
+        if request.startedWriting:
+            raise error  # too late for an answer: _crashed cuts the connection
+        log.failure(
+            "portal error on {method} {path}",
+            Failure(),
+            method=request.method,
+            path=request.path[:200],
+        )
+        return PortalError(500, "something went wrong on the server; it has been logged")
 
     async def _page(self, request: Request, path: list[str], visitor: Visitor | None) -> None:
         """The HTML side; *path* is below ``/portal/``."""

@@ -23,6 +23,7 @@ from dockmirror.portal.app import Portal
 from dockmirror.portal.charts import Bar, bar_chart, human_bytes
 from dockmirror.portal.config import OidcLoginConfig, PortalConfig, client_secret
 from dockmirror.portal.login import LoginRefused, OidcProvider, pkce_challenge
+from dockmirror.portal.resource import PortalResource
 
 from .test_config import write
 
@@ -218,3 +219,36 @@ def test_pkce_challenge_is_what_an_authorization_server_checks() -> None:
     s256 = pytest.importorskip("authlib.oauth2.rfc7636").create_s256_code_challenge
     for verifier in ("a" * 43, "dBjftJeZ4CVP-mJ92K5ZXvwC8WUQ6ODgTkk6BADxpcM"):
         assert pkce_challenge(verifier) == s256(verifier)
+
+
+def _get(resource: PortalResource, path: bytes) -> tuple[Request, bytes]:
+    """A GET of ``/portal/PATH`` rendered by *resource*, and what was sent."""
+    channel = DummyChannel()
+    request = Request(channel)
+    request.method = b"GET"
+    request.uri = request.path = b"/portal/" + path
+    request.prepath, request.postpath = [b"portal"], path.split(b"/")
+    resource.render(request)
+    return request, channel.transport.written.getvalue()
+
+
+@pytest.mark.parametrize("path", [b"", b"api/keys"])
+def test_an_unexpected_error_is_a_500_answer_not_a_trace(
+    path: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    portal = _portal("https://mirror.example.com")
+
+    async def broken(request: Request) -> None:
+        raise RuntimeError("secret detail")
+
+    monkeypatch.setattr(portal, "visitor", broken)
+    request, body = _get(PortalResource(portal, None), path)  # type: ignore[arg-type]
+    assert request.finished and request.code == 500
+    assert b"secret detail" not in body and b"Traceback" not in body
+    assert b"something went wrong on the server" in body
+    headers = request.responseHeaders
+    assert headers.getRawHeaders("content-security-policy")[0].startswith("default-src 'none'")
+    assert headers.getRawHeaders("x-frame-options") == ["DENY"]
+    assert headers.getRawHeaders("referrer-policy") == ["no-referrer"]
+    kind = "application/json" if path else "text/html; charset=utf-8"
+    assert headers.getRawHeaders("content-type") == [kind]
