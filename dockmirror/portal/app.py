@@ -32,7 +32,7 @@ from dockmirror.auth.keystore import (
     QuotaExceeded,
 )
 from dockmirror.auth.throttle import Throttle, client_subject
-from dockmirror.portal.config import IDENTITY_RE, PortalConfig
+from dockmirror.portal.config import IDENTITY_RE, PortalConfig, normalize_identity
 from dockmirror.portal.login import Identity, LoginRefused, Provider, ProviderUnavailable
 from dockmirror.portal.sessions import (
     LOGIN_TTL,
@@ -128,8 +128,8 @@ class Portal:
         prefix = "__Host-" if secure else ""
         self.session_cookie = f"{prefix}dockmirror_session"
         self.login_cookie = f"{prefix}dockmirror_login"
-        self._admins = {a.lower() for a in config.admins}
-        self._allowed = {a.lower() for a in config.allowed_users}
+        self._admins = {normalize_identity(a) for a in config.admins}
+        self._allowed = {normalize_identity(a) for a in config.allowed_users}
         self._orgs = {o.lower() for o in config.allowed_orgs}
 
     @property
@@ -169,7 +169,7 @@ class Portal:
             return None
         return Visitor(
             session,
-            admin=session.identity.lower() in self._admins,
+            admin=session.identity in self._admins,
             csrf_token=_sign(self._csrf_secret, session_id),
             client=client_address(request),
         )
@@ -295,7 +295,7 @@ class Portal:
 
     def may_sign_in(self, identity: Identity) -> bool:
         """``admins`` always; then anyone, or ``allowed_users`` and ``allowed_orgs`` members."""
-        who = identity.identity.lower()
+        who = identity.identity
         if who in self._admins or not self.config.restricted:
             return True
         return who in self._allowed or bool(self._orgs & identity.orgs)
@@ -449,7 +449,8 @@ class Portal:
             raise PortalError(403, "this is for the portal's admins")
         if not IDENTITY_RE.fullmatch(identity):
             raise PortalError(404, "no such user")
-        if identity.lower() == visitor.identity.lower():
+        identity = normalize_identity(identity)
+        if identity == visitor.identity:
             raise PortalError(409, "you cannot disable yourself")
         try:
             if disabled:

@@ -15,6 +15,12 @@ IDENTITY_RE = re.compile(r"(github|oidc):\S{1,200}")
 GITHUB_ORG_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})")
 
 
+def normalize_identity(identity: str) -> str:
+    """The identity as the portal records it: GitHub logins in lower case (OIDC subjects as is)."""
+    provider, _, login = identity.partition(":")
+    return f"{provider}:{login.lower()}" if provider == "github" else identity
+
+
 @dataclass(frozen=True)
 class GitHubLoginConfig:
     """An OAuth app on GitHub or GitHub Enterprise."""

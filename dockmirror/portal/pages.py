@@ -586,7 +586,7 @@ def admin_page(
         if live:
             details.attributes["open"] = "open"
         base = f"/portal/admin/users/{quote(owner, safe='')}"
-        if owner == OPERATOR or owner.lower() == visitor.identity.lower():
+        if owner == OPERATOR or owner == visitor.identity:
             manage: Any = ""
         elif user is not None and user.disabled_at:
             manage = _button_form(visitor, f"{base}/enable", "Enable", "button small")

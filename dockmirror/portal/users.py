@@ -13,21 +13,22 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from dockmirror.auth.keystore import KeyDatabase, KeyStore
-from dockmirror.portal.config import IDENTITY_RE
+from dockmirror.portal.config import IDENTITY_RE, normalize_identity
 from dockmirror.portal.sessions import PortalDatabase, SessionStore
 
 audit = Logger(namespace="dockmirror.audit")
 
 
 def check_identity(identity: str) -> str:
+    """*identity* checked and normalized (``github:Octocat`` is ``github:octocat``)."""
     if not IDENTITY_RE.fullmatch(identity):
         raise ValueError(f"{identity!r} is not an identity such as github:octocat or oidc:SUBJECT")
-    return identity
+    return normalize_identity(identity)
 
 
 def disable(portal_db: PortalDatabase, keys: KeyDatabase, identity: str) -> dict[str, Any]:
     """Disable *identity* in the databases themselves (``dockmirror-admin``)."""
-    check_identity(identity)
+    identity = check_identity(identity)
     sessions = portal_db.set_disabled(identity, True)
     revoked = keys.revoke_owner(identity)
     return {"identity": identity, "sessionsEnded": sessions, "keysRevoked": revoked}
@@ -37,7 +38,7 @@ async def disable_user(
     store: SessionStore, keys: KeyStore, identity: str, actor: str, client: str = "-"
 ) -> dict[str, Any]:
     """Disable *identity* through the running server's stores."""
-    check_identity(identity)
+    identity = check_identity(identity)
     sessions = await store.run(PortalDatabase.set_disabled, identity, True)
     revoked = await keys.revoke_owner(identity)
     audit.info(

@@ -22,7 +22,7 @@ from dockmirror.config import ConfigError, load
 from dockmirror.portal.app import Portal
 from dockmirror.portal.charts import Bar, bar_chart, human_bytes
 from dockmirror.portal.config import OidcLoginConfig, PortalConfig, client_secret
-from dockmirror.portal.login import LoginRefused, OidcProvider, pkce_challenge
+from dockmirror.portal.login import Identity, LoginRefused, OidcProvider, pkce_challenge
 from dockmirror.portal.resource import PortalResource
 
 from .test_config import write
@@ -252,3 +252,21 @@ def test_an_unexpected_error_is_a_500_answer_not_a_trace(
     assert headers.getRawHeaders("referrer-policy") == ["no-referrer"]
     kind = "application/json" if path else "text/html; charset=utf-8"
     assert headers.getRawHeaders("content-type") == [kind]
+
+
+def test_who_may_sign_in() -> None:
+    config = PortalConfig(
+        admins=("github:Root",), allowed_users=("oidc:AbC", "github:Carol"), allowed_orgs=("Acme",)
+    )
+    portal = Portal(config, "http://m", None, None, [], b"k", b"c", None, str)  # type: ignore[arg-type]
+    for identity, orgs, allowed in (
+        ("github:root", (), True),  # admins always
+        ("github:carol", (), True),  # GitHub logins are case-insensitive
+        ("oidc:AbC", (), True),
+        ("oidc:abc", (), False),  # OIDC subjects are not
+        ("github:dave", ("acme",), True),
+        ("github:erin", ("other",), False),
+    ):
+        assert portal.may_sign_in(Identity(identity, "x", frozenset(orgs))) is allowed, identity
+    anyone = Portal(PortalConfig(), "http://m", None, None, [], b"k", b"c", None, str)  # type: ignore[arg-type]
+    assert anyone.may_sign_in(Identity("oidc:whoever", "x"))
