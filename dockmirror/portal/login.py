@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.web.client import ResponseFailed
 
 from dockmirror.portal.config import GitHubLoginConfig, OidcLoginConfig
-from dockmirror.upstream import read_small
+from dockmirror.upstream import UpstreamError, read_small
 
 log = Logger()
 
@@ -99,7 +99,7 @@ class _Client:
         except (ConnectError, DNSLookupError, TimeoutError, ResponseFailed, CancelledError) as e:
             log.warn("{label} unreachable at {url}: {error}", label=self.label, url=url, error=e)
             raise ProviderUnavailable(f"{self.label} cannot be reached") from None
-        except ValueError as e:  # read_small's over-size
+        except UpstreamError as e:  # read_small: too large, or cut short
             log.warn(
                 "{label} answer from {url} unusable: {error}", label=self.label, url=url, error=e
             )

@@ -78,9 +78,9 @@ class TrafficSampler(service.Service):
 class UpstreamProbe:
     """Asks each upstream's ``/v2/`` whether it answers, at most every half minute."""
 
-    def __init__(self, upstreams: list[Upstream], http: Any, reactor: Any) -> None:
+    def __init__(self, upstreams: list[Upstream], clients: dict[str, Any], reactor: Any) -> None:
         self._upstreams = upstreams
-        self._http = http
+        self._clients = clients
         self._reactor = reactor
         self._last: tuple[float, list[dict[str, Any]]] | None = None
 
@@ -99,7 +99,7 @@ class UpstreamProbe:
         result: dict[str, Any] = {"name": upstream.name, "url": url}
         started = time.monotonic()
         try:
-            response = await self._http.get(f"{url}/v2/", timeout=PROBE_TIMEOUT)
+            response = await self._clients[upstream.name].get(f"{url}/v2/", timeout=PROBE_TIMEOUT)
         except (CancelledError, Exception) as e:  # noqa: BLE001 - any failure is the finding
             reason = "timed out" if isinstance(e, CancelledError) else type(e).__name__
             return {**result, "up": False, "detail": f"unreachable ({reason})"}
