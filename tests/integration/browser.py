@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("selenium")
 
 from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
@@ -109,8 +110,14 @@ def fits_width(driver: WebDriver) -> bool:
     )
 
 
-def wait_for(driver: WebDriver, css: str, timeout: float = 10) -> None:
-    WebDriverWait(driver, timeout).until(lambda d: d.find_elements(By.CSS_SELECTOR, css))
+def wait_for(driver: WebDriver, css: str, text: str | None = None, timeout: float = 10) -> None:
+    """Wait until the page shows *css* (with *text* in it, if given), across navigations."""
+
+    def shown(d: WebDriver) -> bool:
+        found = d.find_elements(By.CSS_SELECTOR, css)
+        return bool(found) and (text is None or any(text in e.text for e in found))
+
+    WebDriverWait(driver, timeout, ignored_exceptions=[StaleElementReferenceException]).until(shown)
 
 
 def csp_violations(driver: WebDriver) -> list[str]:

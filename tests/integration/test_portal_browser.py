@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
@@ -36,8 +37,7 @@ def sign_in(driver: WebDriver, mirror: Dockmirror, login: str) -> None:
     wait_for(driver, "#login")
     driver.find_element(By.ID, "login").send_keys(login)
     driver.find_element(By.ID, "authorize").click()
-    wait_for(driver, "h1")
-    assert driver.find_element(By.TAG_NAME, "h1").text == "My API keys", driver.page_source
+    wait_for(driver, "main h1", "My API keys")
 
 
 def key_row(driver: WebDriver, app_id: str) -> dict[str, str]:
@@ -113,8 +113,11 @@ def test_portal_end_to_end_in_a_browser(
 
     def counted() -> bool:
         driver.refresh()
-        row = key_row(driver, app_id)
-        return row["Requests"] != "0" and row["Traffic"] != "0 B"
+        try:
+            row = key_row(driver, app_id)
+        except StaleElementReferenceException:
+            return False
+        return row.get("Requests", "0") != "0" and row.get("Traffic") != "0 B"
 
     wait_until(counted, timeout=15, interval=1)  # usage is written every 5 s
     row = key_row(driver, app_id)
@@ -128,6 +131,7 @@ def test_portal_end_to_end_in_a_browser(
 
     # 6. Regenerate: the old key is refused, the new one works.
     driver.find_element(By.CSS_SELECTOR, f"a[href='/portal/keys/{app_id}/rotate']").click()
+    wait_for(driver, "form button", "Regenerate key")
     driver.find_element(By.XPATH, "//button[text()='Regenerate key']").click()
     wait_for(driver, "#api-key")
     new_id, new_key = read_new_key(driver)
@@ -139,7 +143,7 @@ def test_portal_end_to_end_in_a_browser(
     # 7. Delete, after a confirmation page.
     driver.get(f"{mirror.url}/portal/")
     driver.find_element(By.CSS_SELECTOR, f"a[href='/portal/keys/{new_id}/delete']").click()
-    assert "Delete “laptop”?" in driver.find_element(By.TAG_NAME, "h1").text
+    wait_for(driver, "main h1", "Delete “laptop”?")
     shoot("confirm-delete")
     driver.find_element(By.XPATH, "//button[text()='Delete key']").click()
     wait_for(driver, ".flash")
