@@ -27,12 +27,14 @@ from dockmirror.cache import Cache, origin_of
 from dockmirror.cache.fill import Fill
 from dockmirror.cache.manifests import (
     INDEX_TYPES,
+    OCI_INDEX,
     TagEntry,
     accepted,
     could_be_manifest,
     manifest_media_type,
     references,
 )
+from dockmirror.cache.referrers import ReferrersEntry, filtered_list, referrers_list
 from dockmirror.egress import Egress
 from dockmirror.errors import STATUS, RegistryError, upstream_unavailable
 from dockmirror.metrics import Metrics
@@ -397,6 +399,85 @@ class PullService:
         )
         return upstream_unavailable(route.upstream.name, "the answer is not a manifest", 502)
 
+    # --- referrers -----------------------------------------------------------------
+
+    async def referrers(
+        self, route: Route, digest: str, artifact_type: str | None, head: bool
+    ) -> Reply:
+        """The OCI 1.1 referrers list of *digest*, kept for ``manifest_ttl`` like a tag.
+
+        An upstream without the API answers 404, and so does the mirror:
+        clients then look for the tag schema (``sha256-<hex>.sig``).
+        """
+        origin = origin_of(route)
+        key = (origin, digest, artifact_type or "")
+        cache = self.cache.referrers
+        entry = cache.get(key)
+        if entry is not None and cache.fresh(entry):
+            x_cache = HIT
+        else:
+            try:
+                entry = await self._flights.run(
+                    ("referrers", *key),
+                    lambda: self._upstream_referrers(route, key, artifact_type),
+                )
+                x_cache = MISS
+            except RegistryError as e:
+                if entry is None or not self.cache.serve_stale or not _transient(e):
+                    raise
+                log.info("serving stale referrers of {digest}: {error}", digest=digest, error=e)
+                x_cache = STALE
+        self._count("referrers", x_cache)
+        headers = {
+            "Content-Type": OCI_INDEX,
+            "Content-Length": str(len(entry.body)),
+            "X-Cache": x_cache,
+        }
+        if entry.filtered:
+            headers["OCI-Filters-Applied"] = "artifactType"
+        return Reply(200, headers, b"" if head else entry.body)
+
+    async def _upstream_referrers(
+        self, route: Route, key: tuple[str, str, str], artifact_type: str | None
+    ) -> ReferrersEntry:
+        origin, digest, _ = key
+        params = [("artifactType", artifact_type)] if artifact_type else None
+        response = await self._request(
+            route, "GET", f"referrers/{digest}", {"Accept": OCI_INDEX}, params
+        )
+        if response.code != 200:
+            error = await self._failure(route, response, "MANIFEST_UNKNOWN", False)
+            if response.code == 404:
+                self.cache.referrers.forget(key)
+                error = RegistryError(
+                    error.code,
+                    f"upstream {route.upstream.name} has no referrers API or no such"
+                    " manifest; look for the tag schema (sha256-<hex> tags)",
+                    error.detail,
+                )
+            raise error
+        body = await _read(route, response, MANIFEST_LIMIT)
+        content_type = _header(response, "content-type")
+        descriptors = referrers_list(body, content_type)
+        if descriptors is None:
+            log.warn(
+                "upstream {upstream} answered {size} bytes of {content_type} for the"
+                " referrers of {digest} in {repository}: not an image index",
+                upstream=route.upstream.name,
+                size=len(body),
+                content_type=content_type,
+                digest=digest,
+                repository=route.repository,
+            )
+            raise upstream_unavailable(
+                route.upstream.name, "the answer is not a referrers list", 502
+            )
+        applied = _header(response, "oci-filters-applied") == "artifactType"
+        if artifact_type is not None and not applied:
+            # The upstream ignored the filter; apply it here, and say so.
+            body = filtered_list(descriptors, artifact_type)
+        return self.cache.referrers.put(key, body, artifact_type is not None)
+
     # --- blobs ---------------------------------------------------------------------
 
     async def blob(self, route: Route, digest: str, head: bool, range_header: str | None) -> Reply:
@@ -744,6 +825,11 @@ def _upstream_failed(route: Route, error: UpstreamError) -> RegistryError:
         error=str(error),
     )
     return upstream_unavailable(route.upstream.name, str(error), error.status)
+
+
+def _transient(error: RegistryError) -> bool:
+    """Whether an upstream error is one that serving a stale answer rides out."""
+    return error.status == 429 or error.status >= 500
 
 
 def _blob_headers(digest: str, x_cache: str) -> dict[str, str]:

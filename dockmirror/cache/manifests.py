@@ -125,16 +125,16 @@ def references(body: bytes) -> list[tuple[str, int | None]]:
             descriptors.extend(data[key])
     found = []
     for d in descriptors:
-        if isinstance(d, dict) and _valid(d.get("digest")):
+        if isinstance(d, dict) and valid_digest(d.get("digest")):
             size = d.get("size")
             found.append((d["digest"], size if isinstance(size, int) and size >= 0 else None))
     for layer in data.get("fsLayers") or ():  # schema 1
-        if isinstance(layer, dict) and _valid(layer.get("blobSum")):
+        if isinstance(layer, dict) and valid_digest(layer.get("blobSum")):
             found.append((layer["blobSum"], None))
     return found
 
 
-def _valid(digest: object) -> bool:
+def valid_digest(digest: object) -> bool:
     """Whether an upstream's *digest* is one this mirror can verify (and use as a file name)."""
     try:
         return isinstance(digest, str) and bool(check_digest(digest))
