@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 from collections import OrderedDict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -285,16 +286,40 @@ class PullService:
             raise self._not_a_manifest(route, digest, f"a {content_type} page")
         self.cache.blobs.allow(origin, digest)
 
+    async def refresh_tag(self, route: Route, tag: str) -> Reply:
+        """A tag's manifest as its upstream has it now, whatever the cache holds.
+
+        The upstream is asked with a HEAD, which does not count against
+        Docker Hub's pull limit; the manifest is fetched only when the HEAD
+        names one that is not cached.
+        """
+        origin = origin_of(route)
+        key = (origin, tag, DEFAULT_ACCEPT, False)
+        entry = self.cache.manifests.tag(origin, tag, None)
+        reply = await self._flights.run(
+            ("revalidate", *key),
+            lambda: self._revalidate(route, origin, tag, entry, None, False),
+        )
+        if reply is None:
+            reply = await self._flights.run(
+                ("fetch", *key),
+                lambda: self._upstream_manifest(route, origin, tag, None, False),
+            )
+        return reply
+
     async def _revalidate(
         self,
         route: Route,
         origin: str,
         tag: str,
-        entry: TagEntry,
+        entry: TagEntry | None,
         accept: str | None,
         head: bool,
     ) -> Reply | None:
-        """Check an expired tag with a HEAD; None when the manifest must be fetched."""
+        """Check a tag with a HEAD; None when the manifest must be fetched.
+
+        An expired *entry* is served stale when the upstream fails.
+        """
         manifests = self.cache.manifests
         try:
             response = await self._request(
@@ -316,13 +341,16 @@ class PullService:
         digest = _header(response, "docker-content-digest")
         if digest is None or not manifests.has(digest):
             return None
-        media_type = entry.media_type if digest == entry.digest else manifests.get_type(digest)
+        if entry is not None and digest == entry.digest:
+            media_type = entry.media_type
+        else:
+            media_type = manifests.get_type(digest)
         self.cache.blobs.allow(origin, digest)
         manifests.set_tag(origin, tag, digest, media_type)
         return self._cached_manifest(digest, REVALIDATED, head)
 
-    def _stale(self, entry: TagEntry, error: RegistryError, head: bool) -> Reply:
-        if not self.cache.serve_stale:
+    def _stale(self, entry: TagEntry | None, error: RegistryError, head: bool) -> Reply:
+        if entry is None or not self.cache.serve_stale:
             raise error
         reply = self._cached_manifest(entry.digest, STALE, head)
         if reply is None:
@@ -665,9 +693,16 @@ class PullService:
 
     # --- prefetch --------------------------------------------------------------------
 
-    async def prefetch(self, route: Route, reference: str) -> dict[str, Any]:
-        """Fill the cache with an image: its manifests, all platforms, and their blobs."""
+    async def prefetch(
+        self, route: Route, reference: str, platforms: Collection[str] = (), refresh: bool = False
+    ) -> dict[str, Any]:
+        """Fill the cache with an image: its manifests, its platforms, and their blobs.
+
+        *platforms* limits a multi-platform image to those (all without);
+        *refresh* asks the upstream what a tag is now, however fresh the cache.
+        """
         summary: dict[str, Any] = {
+            "digest": None,
             "manifests": 0,
             "blobs": 0,
             "fetched_bytes": 0,
@@ -675,19 +710,26 @@ class PullService:
             "not_cached": [],
             "errors": [],
         }
-        await self._prefetch_manifest(route, reference, summary)
+        if refresh and not is_digest(reference):
+            reply = await self.refresh_tag(route, reference)
+        else:
+            reply = await self.manifest(route, reference, None, head=False)
+        summary["digest"] = reply.headers.get("Docker-Content-Digest")
+        if reply.headers["X-Cache"] == STALE:
+            summary["errors"].append(f"{reference}: the upstream could not be asked")
+        await self._prefetch_manifest(route, reply, summary, platforms)
         return summary
 
     async def _prefetch_manifest(
-        self, route: Route, reference: str, summary: dict[str, Any]
+        self, route: Route, reply: Reply, summary: dict[str, Any], platforms: Collection[str]
     ) -> None:
-        reply = await self.manifest(route, reference, None, head=False)
         summary["manifests"] += 1
-        refs = references(reply.body)
         if reply.headers["Content-Type"] in INDEX_TYPES:
-            for child, _ in refs:
-                await self._prefetch_manifest(route, child, summary)
+            for child, _ in references(reply.body, platforms):
+                child_reply = await self.manifest(route, child, None, head=False)
+                await self._prefetch_manifest(route, child_reply, summary, platforms)
             return
+        refs = references(reply.body)
         semaphore = DeferredSemaphore(PREFETCH_PARALLEL)
         await DeferredList(
             [

@@ -10,7 +10,7 @@ is answered with an entry it accepts, and any other goes upstream.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,8 +109,12 @@ def manifest_media_type(body: bytes, content_type: str | None) -> str | None:
     return specific or default
 
 
-def references(body: bytes) -> list[tuple[str, int | None]]:
-    """The (digest, size) of every blob and manifest a manifest refers to."""
+def references(body: bytes, platforms: Collection[str] = ()) -> list[tuple[str, int | None]]:
+    """The (digest, size) of every blob and manifest a manifest refers to.
+
+    With *platforms* (``os/arch`` or ``os/arch/variant``), an index's
+    manifests are only those of these platforms; ``os/arch`` takes any variant.
+    """
     try:
         data = json.loads(body)
     except ValueError:
@@ -123,6 +127,8 @@ def references(body: bytes) -> list[tuple[str, int | None]]:
     for key in ("layers", "manifests", "blobs"):
         if isinstance(data.get(key), list):
             descriptors.extend(data[key])
+    if platforms and isinstance(data.get("manifests"), list):
+        descriptors = [d for d in descriptors if _of_platform(d, platforms)]
     found = []
     for d in descriptors:
         if isinstance(d, dict) and valid_digest(d.get("digest")):
@@ -132,6 +138,14 @@ def references(body: bytes) -> list[tuple[str, int | None]]:
         if isinstance(layer, dict) and valid_digest(layer.get("blobSum")):
             found.append((layer["blobSum"], None))
     return found
+
+
+def _of_platform(descriptor: Any, platforms: Collection[str]) -> bool:
+    platform = descriptor.get("platform") if isinstance(descriptor, dict) else None
+    if not isinstance(platform, dict):
+        return False
+    name = f"{platform.get('os')}/{platform.get('architecture')}"
+    return name in platforms or f"{name}/{platform.get('variant')}" in platforms
 
 
 def valid_digest(digest: object) -> bool:
