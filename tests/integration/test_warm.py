@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
+from . import test_manhole
 from .keys import admin
+from .registries import LOOPBACK, free_port
 from .test_cache import cached_blobs, metric, skopeo_pull
 from .test_pull import assert_pulled, curl
 
@@ -140,3 +143,35 @@ def test_the_cli_without_a_warm_list_or_a_server(plain_registry, dockmirror, tmp
     mirror.stop()
     done = admin(mirror, "warm", "run", check=False)
     assert done.returncode == 1 and "dockmirror is not running" in done.stderr
+
+
+def test_a_round_from_the_manhole(registry_factory, dockmirror, seeded, unique_repo, tmp_path):
+    registry = registry_factory()
+    seeded(registry, unique_repo, "v1")
+    port = free_port()
+    operator = test_manhole.keypair(tmp_path, "operator")
+    authorized = tmp_path / "authorized_keys"
+    authorized.write_text(Path(f"{operator}.pub").read_text())
+    mirror = dockmirror(
+        {"hub": {"plugin": "registry", "url": registry.url, "default": True}},
+        extra={
+            "warm": {"images": [f"hub/{unique_repo}:v1"]},
+            "manhole": {
+                "listen": f"tcp:{port}:interface={LOOPBACK}",
+                "authorized_keys": str(authorized),
+            },
+        },
+    )
+    session = test_manhole.Session(port, operator)
+    try:
+        session.expect(">>> ")
+        session.send("warm")
+        session.expect(r"<warm: 1 images every 21600s, \w+, .*run\(\), last>")
+        session.send("warm.run()")
+        session.expect(r"Deferred #0 called back: <warm round: \{'ok': True, 'images': 1,")
+        session.send("warm.last.ok")
+        session.expect(r"\nTrue\r?\n")
+        assert session.close() == 0
+    finally:
+        session.close()
+    assert metric(mirror, 'dockmirror_warm_rounds_total{result="ok"}') >= 1
