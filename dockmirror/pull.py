@@ -305,6 +305,8 @@ class PullService:
                 ("fetch", *key),
                 lambda: self._upstream_manifest(route, origin, tag, None, False),
             )
+        if entry is not None and entry.digest != reply.headers.get("Docker-Content-Digest"):
+            self.cache.manifests.expire_tag(origin, tag, reply.headers["Content-Type"])
         return reply
 
     async def _revalidate(

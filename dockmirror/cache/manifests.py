@@ -290,6 +290,24 @@ class ManifestCache:
             now,
         )
 
+    def expire_tag(self, origin: str, tag: str, keep: str) -> None:
+        """Have a moved tag's entries other than *keep*'s media type revalidated at next use.
+
+        An entry of another media type (a platform's manifest, for a client
+        that takes no index) may still name the tag's old content.
+        """
+        expired = self._reactor.seconds() - self.ttl
+        for media_type, entry in self._tags.get((origin, tag), {}).items():
+            if media_type != keep and entry.checked > expired:
+                entry.checked = expired
+                self._index.write(
+                    "UPDATE tags SET checked = ? WHERE origin = ? AND tag = ? AND media_type = ?",
+                    expired,
+                    origin,
+                    tag,
+                    media_type,
+                )
+
     def forget_tag(self, origin: str, tag: str) -> None:
         if self._drop((origin, tag)):
             self._index.write("DELETE FROM tags WHERE origin = ? AND tag = ?", origin, tag)
