@@ -76,9 +76,9 @@ def _media_type(value: object) -> bool:
     return isinstance(value, str) and MEDIA_TYPE_RE.fullmatch(value) is not None
 
 
-def filtered_list(descriptors: list[dict[str, Any]], artifact_type: str) -> bytes:
-    """An image index of the *descriptors* of one ``artifactType``."""
-    kept = [d for d in descriptors if d.get("artifactType") == artifact_type]
+def filtered_list(descriptors: list[dict[str, Any]], artifact_type: str | None) -> bytes:
+    """An image index of the *descriptors* of one ``artifactType`` (None: all)."""
+    kept = [d for d in descriptors if artifact_type in (None, d.get("artifactType"))]
     return json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": kept}).encode()
 
 

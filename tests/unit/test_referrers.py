@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
@@ -11,7 +12,13 @@ from dockmirror.cache.referrers import referrers_list
 from dockmirror.errors import RegistryError
 from dockmirror.reference import check_media_type
 
-from .test_cache_pull import Answer, get, setup  # noqa: F401 - the fixture
+from .test_cache_pull import (  # noqa: F401 - the fixture
+    Answer,
+    ScriptedResponse,
+    ScriptedUpstream,
+    get,
+    setup,
+)
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 SUBJECT = "sha256:" + "a" * 64
@@ -139,3 +146,62 @@ def test_artifact_types_are_media_types(media_type):
     with pytest.raises(RegistryError) as info:
         check_media_type(media_type)
     assert (info.value.status, info.value.code) == (400, "UNSUPPORTED")
+
+
+class PagedUpstream(ScriptedUpstream):
+    """Answers the referrers list in pages, chosen by the ``last`` parameter."""
+
+    def __init__(self, pages: dict[str | None, Answer]) -> None:
+        super().__init__()
+        self.pages = pages
+        self.params: list[Any] = []
+
+    async def request(self, method: str, repository: str, path: str, *args: Any) -> Any:
+        params = dict(args[1] or [])
+        self.params.append(params)
+        return ScriptedResponse(method, self.pages[params.get("last")])
+
+
+def page(descriptor: dict[str, Any], link: str | None = None) -> Answer:
+    body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [descriptor]})
+    return answer(body.encode(), **({"Link": link} if link else {}))
+
+
+def test_pages_are_followed_into_one_list(setup):  # noqa: F811
+    clock, _, cache, pull, route = setup
+    here = f"/v2/{route.repository}/referrers/{SUBJECT}"
+    pull.upstreams = PagedUpstream(
+        {
+            None: page(SIG, f'<{here}?n=1&last=b>; rel="next"'),
+            "b": page(SBOM, f'<http://up{here}?n=1&last=c>; rel="next"'),
+            "c": page({**SIG, "digest": "sha256:" + "d" * 64}),
+        }
+    )
+    reply = referrers(pull, route)
+    digests = [m["digest"] for m in json.loads(reply.body)["manifests"]]
+    assert digests == [SIG["digest"], SBOM["digest"], "sha256:" + "d" * 64]
+    assert pull.upstreams.params == [{}, {"n": "1", "last": "b"}, {"n": "1", "last": "c"}]
+
+
+@pytest.mark.parametrize(
+    "link",
+    [
+        '<http://evil.example/v2/library/x/referrers/{subject}?last=b>; rel="next"',
+        '</v2/other/repo/referrers/{subject}?last=b>; rel="next"',
+        '</v2/library/x/referrers/{subject}?last=b>; rel="prev"',
+    ],
+)
+def test_links_elsewhere_are_not_followed(setup, link):  # noqa: F811
+    clock, _, cache, pull, route = setup
+    pull.upstreams = PagedUpstream({None: page(SIG, link.format(subject=SUBJECT))})
+    assert json.loads(referrers(pull, route).body)["manifests"] == [SIG]
+    assert len(pull.upstreams.params) == 1
+
+
+def test_endless_pages_are_a_502(setup):  # noqa: F811
+    clock, _, cache, pull, route = setup
+    here = f"/v2/{route.repository}/referrers/{SUBJECT}"
+    pull.upstreams = PagedUpstream({None: page(SIG, f'<{here}>; rel="next"')})
+    with pytest.raises(RegistryError) as info:
+        referrers(pull, route)
+    assert info.value.status == 502 and "pages" in info.value.message
