@@ -213,7 +213,7 @@ class Warmer(TimerService):
         store.keep(kept)
         total = sum(kept.values())
         self._metrics.warm_kept_bytes.set(total)
-        if left_out:
+        if left_out and self.max_share > 0:
             log.warn(
                 "warm: {count} images do not fit in max_share of the cache and may be"
                 " evicted: {images}",
