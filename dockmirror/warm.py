@@ -135,11 +135,14 @@ class Warmer(TimerService):
 
     def run(self) -> Deferred[RoundResult]:
         """Run a round, or join the one running; fires with its result."""
-        if self._running is None:
+        event = self._running
+        if event is None:
             event = self._running = Event()
-            self._task = Deferred.fromCoroutine(self._round(event))
-            self._task.addErrback(lambda _: None)  # the waiters have the failure
-        return self._running.wait()
+            task = Deferred.fromCoroutine(self._round(event))
+            task.addErrback(lambda _: None)  # the waiters have the failure
+            if self._running is event:  # not over already
+                self._task = task
+        return event.wait()
 
     def _scheduled(self) -> Deferred[None]:
         """The timer's round; its failure is logged, and the timer goes on."""
