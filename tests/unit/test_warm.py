@@ -53,8 +53,11 @@ def test_asking_while_a_round_runs_joins_it(tmp_path: Any) -> None:
     second.addCallback(results[1].append)
     assert results[0] == results[1] and results[0][0].to_json()["updated"] == 1
     # The next one is a new round.
-    w.run()
+    third = w.run()
     assert len(pull.waiting) == 2
+    pull.waiting[1].callback(summary)
+    third.addCallback(results[0].append)
+    assert len(results[0]) == 2 and results[0][1] is not results[0][0]
 
 
 def test_a_round_that_ends_at_once_still_answers(tmp_path: Any) -> None:
