@@ -34,6 +34,7 @@ from dockmirror.config import (
     upstream_proxies,
     upstream_tls,
 )
+from dockmirror.control import control_service
 from dockmirror.egress import upstream_egress
 from dockmirror.forwarded import ClientAddresses
 from dockmirror.health import HealthResource, directory_writable
@@ -43,6 +44,7 @@ from dockmirror.portal.service import build_portal
 from dockmirror.pull import Prefetcher, PullService, Upstreams
 from dockmirror.routing import build_router
 from dockmirror.tls import PlainHTTPFactory, ReloadService, tls_endpoint
+from dockmirror.warm import Warmer
 from dockmirror.web import MirrorSite, RootResource, build_root
 
 log = Logger()
@@ -157,6 +159,10 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     top = service.MultiService()
     # Started first: it recovers the cache from disk before any request is served.
     cache.setServiceParent(top)
+    warmer = None
+    if config.warm.images:
+        warmer = Warmer(config.warm, config.warm_images(), router, pull, cache, metrics, reactor)
+        warmer.setServiceParent(top)  # after the cache, whose recovery it reads
     KeyDatabase(config.auth.database).close()  # an unusable key store stops start-up here
     keys = KeyStore(config.auth.database, reactor)
     keys.setServiceParent(top)
@@ -190,6 +196,7 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     else:
         root.putChild(b"metrics", metrics_resource)
     ReloadService(reactor, certificates).setServiceParent(top)
+    control_service(reactor, state_directory(config), warmer).setServiceParent(top)
     pools = [e.pool for e in egress.values()]
     check_prefix = partial(check_repository_prefix, upstreams=config.upstreams)
     namespace: dict[str, Any] = {
@@ -198,6 +205,7 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
         "endpoints": endpoints,
         "config": config,
         "cache": cache,
+        "warm": warmer,
     }
     if config.portal.enabled:
         portal = build_portal(
