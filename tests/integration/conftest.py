@@ -204,11 +204,18 @@ class Dockmirror:
     """A ``twistd --nodaemon dockmirror`` server process on 127.0.0.1.
 
     With ``tls``, the listener at ``port`` is TLS with the test CA's
-    certificate (:mod:`.tls`), and ``url`` is ``https://``.
+    certificate (:mod:`.tls`), and ``url`` is ``https://``.  ``wrapper`` runs
+    twistd under another program, such as ``strace``.
     """
 
     def __init__(
-        self, workdir: Path, config: Mapping[str, TomlTable], port: int, *, tls: bool = False
+        self,
+        workdir: Path,
+        config: Mapping[str, TomlTable],
+        port: int,
+        *,
+        tls: bool = False,
+        wrapper: Sequence[str] = (),
     ) -> None:
         self.port = port
         self.tls = tls
@@ -218,6 +225,7 @@ class Dockmirror:
         self.config_path.write_text(toml_document(config))
         self._process = ManagedProcess(
             [
+                *wrapper,
                 TWISTD,
                 "--nodaemon",
                 "--pidfile=",

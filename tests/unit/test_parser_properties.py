@@ -197,7 +197,12 @@ def test_www_authenticate_round_trip(challenges: list[tuple[str, dict[str, str]]
 # --- Authorization and scope -----------------------------------------------------
 
 
-@given(st.none() | texts)
+@given(
+    st.none()
+    | texts
+    | st.tuples(st.sampled_from(["Basic ", "Bearer ", " bAsIc  "]), texts).map("".join)
+)
+@example("Basic \x98")
 @example("Basic " + base64.b64encode(b"\xff\xfe:x").decode())
 @example("Basic " + "A" * 10001)
 def test_parse_authorization_never_raises(header: str | None) -> None:
