@@ -204,8 +204,7 @@ class Dockmirror:
     """A ``twistd --nodaemon dockmirror`` server process on 127.0.0.1.
 
     With ``tls``, the listener at ``port`` is TLS with the test CA's
-    certificate (:mod:`.tls`), and ``url`` is ``https://``.  ``wrapper`` runs
-    twistd under another program, such as ``strace``.
+    certificate (:mod:`.tls`), and ``url`` is ``https://``.
     """
 
     def __init__(
@@ -215,7 +214,6 @@ class Dockmirror:
         port: int,
         *,
         tls: bool = False,
-        wrapper: Sequence[str] = (),
     ) -> None:
         self.port = port
         self.tls = tls
@@ -225,7 +223,6 @@ class Dockmirror:
         self.config_path.write_text(toml_document(config))
         self._process = ManagedProcess(
             [
-                *wrapper,
                 TWISTD,
                 "--nodaemon",
                 "--pidfile=",
@@ -256,11 +253,6 @@ class Dockmirror:
         return cert_dir() if self.tls else None
 
     @property
-    def pid(self) -> int:
-        """The twistd process's ID (it must be running)."""
-        return self._process.pid
-
-    @property
     def cache_dir(self) -> Path:
         return Path(self.config["cache"]["directory"])
 
@@ -271,6 +263,15 @@ class Dockmirror:
     @property
     def running(self) -> bool:
         return self._process.running
+
+    @property
+    def pid(self) -> int:
+        """The process ID of what was started (twistd, or the command that wraps it)."""
+        return self._process.pid
+
+    def wrap(self, prefix: list[str]) -> None:
+        """Start the server through a command that execs it (e.g. ``prlimit ... --``)."""
+        self._process.argv[:0] = prefix
 
     def start(self) -> None:
         """Start and wait (up to 20 s) until ``/v2/`` answers with any status."""

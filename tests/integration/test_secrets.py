@@ -186,11 +186,6 @@ def test_no_secret_in_logs_metrics_or_answers(setup: Setup, tmp_path: Path) -> N
     assert any(r.username == "hub-user" for r in setup.token_server.requests)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="security issue 9, finding 9 (secrets in reprs): the manhole's config shows"
-    " upstream passwords (fixed separately)",
-)
 def test_no_secret_in_the_manhole(setup: Setup, tmp_path: Path) -> None:
     use_the_mirror(setup, tmp_path)
     operator = keypair(tmp_path, "operator")
@@ -208,11 +203,6 @@ def test_no_secret_in_the_manhole(setup: Setup, tmp_path: Path) -> None:
     assert setup.secrets.leaks(session.text) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="security issue 9, finding 9 (token request): a password grant in the query"
-    " string is accepted and the access log records it (fixed separately)",
-)
 def test_no_secret_from_a_token_query_string_in_the_log(setup: Setup) -> None:
     mirror = setup.mirror
     app_id, api_key = setup.keys[0]
