@@ -33,6 +33,8 @@ from pathlib import Path
 
 import pytest
 
+from dockmirror import web
+
 from .conftest import REPO_ROOT, Dockmirror, dockmirror_config
 from .images import Image
 from .keys import create_key
@@ -370,8 +372,9 @@ def test_fuzzing_the_server(traced_mirror, htpasswd_registry, seeded):
     assert not strays, f"seed {seed}: outside the cache and state directories: {strays[:20]}"
 
 
-ROUTES = {"base", "manifest", "blob", "tags", "token", "metrics", "healthz", "other"}
-METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "other"}
+#: The label values a client may cause: fixed sets, whatever the requests.
+ROUTES = set(web.ROUTES)
+METHODS = {*web.METHODS, "other"}
 
 
 def test_random_requests_leave_metric_series_bounded(traced_mirror):
