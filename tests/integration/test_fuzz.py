@@ -51,7 +51,7 @@ TIME_LIMIT = 120.0
 STRACE_CALLS = "openat,open,creat,openat2,rename,renameat,renameat2,unlink,unlinkat,connect"
 MODULE_FILES = (".py", ".pyc", ".so", "__pycache__")
 _SYSCALL = re.compile(
-    r"^\d+ +(?P<time>\d+\.\d+) (?P<call>\w+)\((?P<args>.*?)\) = (?P<result>-?\d+)"
+    r"^(?:\d+ +)?(?P<time>\d+\.\d+) (?P<call>\w+)\((?P<args>.*?)\) = (?P<result>-?\d+)"
 )
 
 
@@ -270,8 +270,10 @@ class Syscall:
 
 
 def syscalls(trace: Path) -> list[Syscall]:
+    """The calls in strace's files ``trace.PID``, one per thread (so none is split)."""
     found = []
-    for line in trace.read_text(errors="replace").splitlines():
+    text = "".join(p.read_text(errors="replace") for p in trace.parent.glob(f"{trace.name}.*"))
+    for line in text.splitlines():
         m = _SYSCALL.match(line)
         if m:
             found.append(Syscall(float(m["time"]), m["call"], m["args"], int(m["result"])))
@@ -303,7 +305,7 @@ def traced_mirror(
         extra={"auth": {"anonymous_repos": ["hub/fuzz"]}},
     )
     trace = workdir / "strace.txt"
-    wrapper = [strace, "-f", "-qq", "-ttt", "-e", f"trace={STRACE_CALLS}", "-o", str(trace)]
+    wrapper = [strace, "-ff", "-qq", "-ttt", "-e", f"trace={STRACE_CALLS}", "-o", str(trace)]
     mirror = Dockmirror(workdir, config, port)
     mirror.wrap(wrapper)
     mirror.start()
