@@ -15,9 +15,10 @@ import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from twisted.plugin import getPlugins
 
@@ -108,7 +109,7 @@ _UNITS = {
     "gib": 1 << 30,
     "tib": 1 << 40,
 }
-_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
+_SIZE_RE = re.compile(r" *([0-9]{1,20}(?:\.[0-9]{1,9})?) *([a-zA-Z]*) *")
 
 
 def parse_size(text: str) -> int:
@@ -120,7 +121,7 @@ def parse_size(text: str) -> int:
             f"{text!r} is not a size: use a number with B, kB, MB, GB, TB (powers of 1000)"
             ' or KiB, MiB, GiB, TiB (powers of 1024), such as "500MB" or "5GiB"'
         )
-    return int(float(m.group(1)) * _UNITS[unit])
+    return int(Fraction(m.group(1)) * _UNITS[unit])
 
 
 _DURATION_RE = re.compile(r"(?:\d+(?:\.\d+)?[smhd])+|\d+(?:\.\d+)?")
@@ -315,7 +316,7 @@ def load(path: str | None) -> Config:
         raise ConfigError(f"{path}: no such configuration file") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     return _build(path, data)
 
@@ -500,15 +501,33 @@ def _check_upstream_names(source: str, name: str, upstream: UpstreamConfig, plug
                 f"{where}.hosts: {host!r} is not a host name (labels of a-z, 0-9 and '-', no port)"
             )
     for realm in upstream.token_realms:
-        parts = urlsplit(realm)
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/"):
+        parts = _url_parts(realm)
+        if (
+            parts is None
+            or parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or parts.path.strip("/")
+        ):
             raise ConfigError(
                 f"{where}.token_realms: {realm!r} is not an origin such as"
                 ' "https://auth.example.com"'
             )
     url = upstream.url
-    if url is not None and (urlsplit(url).hostname is None or urlsplit(url).username):
-        raise ConfigError(f"{where}.url: {url!r} has no host, or has credentials in it")
+    parts = None if url is None else _url_parts(url)
+    if url is not None and (parts is None or parts.hostname is None or parts.username):
+        raise ConfigError(
+            f"{where}.url: {url!r} is not a URL with a host and port, or has credentials in it"
+        )
+
+
+def _url_parts(url: str) -> SplitResult | None:
+    """*url* split, or None if it cannot be (a bad IPv6 literal, a port that is no port)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        return None
+    return parts
 
 
 def _host_port(url: str) -> str:

@@ -40,7 +40,7 @@ from dockmirror.egress import Egress
 from dockmirror.endpoints import Breaker, Endpoint, EndpointSet
 from dockmirror.errors import STATUS, RegistryError, upstream_unavailable
 from dockmirror.metrics import Metrics
-from dockmirror.reference import HEX_LENGTH, is_digest, parse_image_reference
+from dockmirror.reference import HEX_LENGTH, TAG_RE, is_digest, parse_image_reference
 from dockmirror.routing import Route, Router, Upstream
 from dockmirror.shared import SingleFlight
 from dockmirror.streaming import BodyStream, Stream, StreamError
@@ -842,6 +842,8 @@ class PullService:
         tag; those lists are sorted and paginated here.
         """
         limit = _page_size(n)
+        if last and not TAG_RE.fullmatch(last):
+            raise RegistryError("TAG_INVALID", "last must be a tag", {"last": last[:200]})
         params = [(k, v) for k, v in (("n", n), ("last", last)) if v is not None]
         response = await self._request(route, "GET", "tags/list", params=params)
         if response.code != 200:
@@ -1056,12 +1058,18 @@ def _first_error_code(body: bytes) -> str | None:
         return None
 
 
+#: The largest page of tags a client may ask for with ``n``.
+MAX_PAGE = 10_000
+
+
 def _page_size(n: str | None) -> int | None:
     if n is None or n == "":
         return None
-    if not n.isdigit():
+    if not (n.isascii() and n.isdigit()) or len(n) > 6 or int(n) > MAX_PAGE:
         raise RegistryError(
-            "PAGINATION_NUMBER_INVALID", "n must be a non-negative integer", {"n": n[:20]}
+            "PAGINATION_NUMBER_INVALID",
+            f"n must be an integer from 0 to {MAX_PAGE}",
+            {"n": n[:20]},
         )
     return int(n)
 
