@@ -27,6 +27,11 @@ from dockmirror.reference import NAME_RE
 EMBEDDED = "(embedded default)"
 
 
+#: Default seconds to open a connection to an upstream ...
+CONNECT_TIMEOUT = 30.0
+#: ... and that an upstream may stay silent before its headers or within a body.
+READ_TIMEOUT = 60.0
+
 _UPSTREAM_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 
 
@@ -38,6 +43,15 @@ class ConfigError(Exception):
 class ServerConfig:
     listen: tuple[str, ...] = ("tcp:5000:interface=127.0.0.1",)
     public_url: str = "http://127.0.0.1:5000"
+    #: Seconds a client has to send a whole request (line, headers and body)
+    #: once its first byte arrived.
+    header_timeout: float = 30.0
+    #: Seconds an idle keep-alive connection is kept open.
+    idle_timeout: float = 60.0
+    #: Client connections served at once, over all listeners; more are refused.
+    max_connections: int = 1024
+    #: Client connections one address (an IPv6 /64) may hold at once.
+    max_connections_per_client: int = 128
 
 
 @dataclass(frozen=True)
@@ -75,6 +89,13 @@ class CacheConfig:
     manifest_ttl: int = 3600
     #: Serve an expired manifest when the upstream is down, 5xx or 429.
     serve_stale: bool = True
+    #: Free space to leave on the cache's file system, as a size string;
+    #: None: the lesser of 256 MiB and 5 % of the file system.
+    min_free: str | None = None
+
+    @property
+    def min_free_bytes(self) -> int | None:
+        return None if self.min_free is None else parse_size(self.min_free)
 
     @property
     def max_size_bytes(self) -> int | None:
@@ -127,6 +148,11 @@ class UpstreamConfig:
     username: str | None = None
     password: str | None = None
     default: bool = False
+    #: Seconds to open a connection (TCP and TLS) to the upstream.
+    connect_timeout: float = CONNECT_TIMEOUT
+    #: Seconds the upstream may stay silent: before its response headers,
+    #: and between two reads of a body.
+    read_timeout: float = READ_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -274,6 +300,8 @@ def _check(config: Config) -> None:
             )
         if upstream.url is not None and not upstream.url.startswith(("http://", "https://")):
             raise ConfigError(f"{source}: upstreams.{name}.url must be an http(s) URL")
+        for key in ("connect_timeout", "read_timeout"):
+            _check_seconds(source, f"upstreams.{name}.{key}", getattr(upstream, key))
         if (upstream.username is None) != (upstream.password is None):
             raise ConfigError(f"{source}: upstreams.{name}: username and password go together")
         for host in upstream.hosts:
@@ -290,12 +318,32 @@ def _check(config: Config) -> None:
             raise ConfigError(f"{source}: metrics.allow: {cidr!r} is not a network") from None
     if not config.server.public_url.startswith(("http://", "https://")):
         raise ConfigError(f"{source}: server.public_url must be an http(s) URL")
+    _check_server(source, config.server)
     _check_cache(source, config.cache)
     _check_auth(config)
 
 
+#: The longest timeout accepted, in seconds.
+TIMEOUT_MAX = 3600.0
+
+
+def _check_seconds(source: str, key: str, value: float) -> None:
+    if not 0 < value <= TIMEOUT_MAX:
+        raise ConfigError(
+            f"{source}: {key} must be more than 0 and at most {TIMEOUT_MAX:.0f} seconds"
+        )
+
+
+def _check_server(source: str, server: ServerConfig) -> None:
+    for key in ("header_timeout", "idle_timeout"):
+        _check_seconds(source, f"server.{key}", getattr(server, key))
+    for key in ("max_connections", "max_connections_per_client"):
+        if getattr(server, key) < 1:
+            raise ConfigError(f"{source}: server.{key} must be at least 1")
+
+
 def _check_cache(source: str, cache: CacheConfig) -> None:
-    for key in ("max_size", "max_layer_size"):
+    for key in ("max_size", "max_layer_size", "min_free"):
         text = getattr(cache, key)
         if text is None:
             continue
@@ -303,7 +351,7 @@ def _check_cache(source: str, cache: CacheConfig) -> None:
             size = parse_size(text)
         except ValueError as e:
             raise ConfigError(f"{source}: cache.{key}: {e}") from None
-        if size <= 0:
+        if size <= 0 and key != "min_free":
             raise ConfigError(f"{source}: cache.{key} must be more than zero bytes")
     if cache.oversize not in OVERSIZE_POLICIES:
         raise ConfigError(

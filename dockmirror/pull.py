@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -29,7 +30,7 @@ from dockmirror.reference import HEX_LENGTH, is_digest, parse_image_reference
 from dockmirror.routing import Route, Router
 from dockmirror.shared import SingleFlight
 from dockmirror.streaming import BodyStream, Stream, StreamError
-from dockmirror.upstream import UpstreamClient, UpstreamError, discard, read_small
+from dockmirror.upstream import SMALL_BODY_LIMIT, UpstreamClient, UpstreamError, discard
 
 log = Logger()
 
@@ -93,9 +94,14 @@ def compute_digest(data: bytes, algorithm: str = "sha256") -> str:
 
 
 class Upstreams:
-    """One :class:`UpstreamClient` per upstream and base URL, sharing a pool."""
+    """One :class:`UpstreamClient` per upstream and base URL, sharing a pool.
 
-    def __init__(self, http: Any, reactor: IReactorTime, metrics: Metrics) -> None:
+    *http* gives the treq client for a connect timeout (one per distinct value).
+    """
+
+    def __init__(
+        self, http: Callable[[float], Any], reactor: IReactorTime, metrics: Metrics
+    ) -> None:
         self._http = http
         self._reactor = reactor
         self._metrics = metrics
@@ -108,11 +114,13 @@ class Upstreams:
             client = self._clients[key] = UpstreamClient(
                 route.upstream.name,
                 route.base_url,
-                self._http,
+                self._http(route.upstream.connect_timeout),
                 self._reactor,
                 self._metrics,
                 route.upstream.username,
                 route.upstream.password,
+                connect_timeout=route.upstream.connect_timeout,
+                read_timeout=route.upstream.read_timeout,
             )
         return client
 
@@ -170,6 +178,15 @@ class PullService:
                 repository=route.repository,
                 error=str(e),
             )
+            raise upstream_unavailable(route.upstream.name, str(e)) from e
+
+    async def _read(
+        self, route: Route, response: IResponse, limit: int = SMALL_BODY_LIMIT
+    ) -> bytes:
+        """A small body of *response*; an upstream that stops sending is unavailable."""
+        try:
+            return await self.upstreams.client(route).read(response, limit)
+        except UpstreamError as e:
             raise upstream_unavailable(route.upstream.name, str(e)) from e
 
     def _count(self, kind: str, x_cache: str) -> None:
@@ -308,7 +325,7 @@ class PullService:
             if length is not None:
                 headers["Content-Length"] = str(length)
             return Reply(200, headers)
-        body = await read_small(response, MANIFEST_LIMIT)
+        body = await self._read(route, response, MANIFEST_LIMIT)
         if len(body) >= MANIFEST_LIMIT:
             raise upstream_unavailable(route.upstream.name, "manifest too large", 502)
         expected = reference if is_digest(reference) else digest
@@ -439,7 +456,7 @@ class PullService:
             size=fill.size,
             upstream=route.upstream.name,
         )
-        await fill.start(response)
+        await fill.start(response, self.upstreams.client(route).read_timeout)
 
     def _blob_head(self, route: Route, origin: str, digest: str) -> Deferred[int | None]:
         """Ask the upstream repository for a blob: proof that it has it, and its size."""
@@ -509,6 +526,7 @@ class PullService:
             self._reactor,
             length=length,
             digest=digest if response.code == 200 else None,
+            idle_timeout=self.upstreams.client(route).read_timeout,
             count=self._metrics.bytes_from_upstream.labels(route.upstream.name).inc,
         )
         return Reply(response.code, reply_headers, stream=stream)
@@ -574,7 +592,7 @@ class PullService:
         response = await self._request(route, "GET", "tags/list", params=params)
         if response.code != 200:
             raise await self._failure(route, response, "NAME_UNKNOWN", False)
-        body = await read_small(response)
+        body = await self._read(route, response)
         try:
             tags = json.loads(body)["tags"] or []
             if not all(isinstance(t, str) for t in tags):
@@ -601,7 +619,7 @@ class PullService:
         self, route: Route, response: IResponse, unknown: str, head: bool
     ) -> RegistryError:
         """The error a client gets for an upstream's non-success answer."""
-        body = b"" if head else await read_small(response)
+        body = b"" if head else await self._read(route, response)
         if head:
             discard(response)
         name = route.upstream.name

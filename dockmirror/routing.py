@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from dockmirror.config import CONNECT_TIMEOUT, READ_TIMEOUT
 from dockmirror.errors import RegistryError
 from dockmirror.plugins.base import alias_matches
 from dockmirror.reference import check_name
@@ -25,6 +26,8 @@ class Upstream:
     hosts: tuple[str, ...]
     username: str | None = None
     password: str | None = None
+    connect_timeout: float = CONNECT_TIMEOUT
+    read_timeout: float = READ_TIMEOUT
 
     def matches(self, alias: str) -> bool:
         return alias_matches(alias, self.aliases)
@@ -121,6 +124,8 @@ def build_router(config: Any, plugins: dict[str, Any]) -> Router:
             hosts=u.hosts,
             username=u.username,
             password=u.password,
+            connect_timeout=u.connect_timeout,
+            read_timeout=u.read_timeout,
         )
         upstreams.append(upstream)
         if u.default:

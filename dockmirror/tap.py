@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,19 @@ def _endpoint(reactor: Any, config: Config, description: str) -> Any:
         raise ConfigError(f"{config.source}: server.listen: {description!r}: {e}") from None
 
 
+def _http_clients(reactor: Any, pool: HTTPConnectionPool) -> Callable[[float], HTTPClient]:
+    """treq clients over one connection pool, one per connect timeout."""
+    clients: dict[float, HTTPClient] = {}
+
+    def client(connect_timeout: float) -> HTTPClient:
+        if connect_timeout not in clients:
+            agent = Agent(reactor, connectTimeout=connect_timeout, pool=pool)
+            clients[connect_timeout] = HTTPClient(agent)
+        return clients[connect_timeout]
+
+    return client
+
+
 def build_access(config: Config, keys: KeyStore, metrics: Metrics, reactor: Any) -> AccessControl:
     """Access control over *keys*, with the token service named after ``public_url``."""
     public_url = config.server.public_url.rstrip("/")
@@ -119,10 +133,11 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool._factory = _QuietClientFactory
     pool.maxPersistentPerHost = POOL_PER_HOST
-    http = HTTPClient(Agent(reactor, connectTimeout=30, pool=pool))
     metrics = Metrics()
     cache = Cache(config.cache, reactor, metrics)
-    pull = PullService(Upstreams(http, reactor, metrics), reactor, metrics, cache)
+    pull = PullService(
+        Upstreams(_http_clients(reactor, pool), reactor, metrics), reactor, metrics, cache
+    )
     cache.prefetcher = Prefetcher(router, pull)
     top = service.MultiService()
     # Started first: it recovers the cache from disk before any request is served.

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-import treq
 from twisted.internet import defer
 from twisted.internet.error import (
     ConnectError,
@@ -25,21 +24,25 @@ from twisted.internet.error import (
     TimeoutError,
 )
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import (
     RequestTransmissionFailed,
+    ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
 )
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
+from dockmirror.config import CONNECT_TIMEOUT, READ_TIMEOUT
 from dockmirror.metrics import Metrics
+from dockmirror.streaming import IdleTimer
 
 log = Logger()
 
-#: Seconds to wait for response headers from an upstream.
-HEADERS_TIMEOUT = 60.0
 #: The most of an error or token body read into memory.
 SMALL_BODY_LIMIT = 1 << 20
 #: A token is dropped this many seconds before the upstream says it expires.
@@ -131,26 +134,85 @@ def basic_authorization(username: str, password: str) -> str:
     return "Basic " + base64.b64encode(pair).decode("ascii")
 
 
-async def read_small(response: IResponse, limit: int = SMALL_BODY_LIMIT) -> bytes:
-    """Read a body expected to be small; a larger one is cut off at *limit*."""
+class UpstreamError(Exception):
+    """The upstream could not be reached, or stopped answering."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream stayed silent for longer than its read timeout."""
+
+
+async def read_small(
+    response: IResponse,
+    limit: int = SMALL_BODY_LIMIT,
+    *,
+    reactor: IReactorTime | None = None,
+    timeout: float | None = None,
+) -> bytes:
+    """Read a body expected to be small; a larger one is cut off at *limit*.
+
+    With *reactor* and *timeout*, an upstream silent for *timeout* seconds
+    has its connection aborted and :class:`UpstreamError` is raised.
+    """
     if response.length is not None and response.length != -1 and response.length > limit:
         response.deliverBody(_Discard())
         return b""
-    parts: list[bytes] = []
-    size = 0
+    body = _SmallBody(limit, reactor, timeout)
+    response.deliverBody(body)
+    return await body.done
 
-    def collect(data: bytes) -> None:
-        nonlocal size
-        size += len(data)
-        if size > limit:
-            raise ValueError("body too large")
-        parts.append(data)
 
-    try:
-        await treq.collect(response, collect)
-    except ResponseFailed:
-        pass
-    return b"".join(parts)
+class _SmallBody(Protocol):
+    """Collects a body up to a limit, under an idle timeout."""
+
+    def __init__(self, limit: int, reactor: IReactorTime | None, timeout: float | None) -> None:
+        self._limit = limit
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._timer = (
+            IdleTimer(reactor, timeout, self._idle)
+            if reactor is not None and timeout is not None
+            else None
+        )
+        self.done: defer.Deferred[bytes] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        if self._timer is not None:
+            self._timer.start()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        if self._timer is not None:
+            self._timer.touch()
+        keep = data[: self._limit - self._size]
+        self._parts.append(keep)
+        self._size += len(keep)
+        if len(keep) < len(data):
+            self._end(None, abort=True)
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self._end(None)
+        else:
+            self._end(UpstreamError(f"connection failed: {reason.getErrorMessage()}"))
+
+    def _idle(self) -> None:
+        assert self._timer is not None
+        error = UpstreamTimeout(f"upstream sent nothing for {self._timer.timeout:.0f}s")
+        self._end(error, abort=True)
+
+    def _end(self, error: UpstreamError | None, abort: bool = False) -> None:
+        if self._timer is not None:
+            self._timer.stop()
+        if self.done.called:
+            return
+        if abort and self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+        if error is not None:
+            self.done.errback(error)
+        else:
+            self.done.callback(b"".join(self._parts))
 
 
 class _Discard:
@@ -174,10 +236,6 @@ def discard(response: IResponse) -> None:
 # --- the client ----------------------------------------------------------------
 
 
-class UpstreamError(Exception):
-    """The upstream could not be reached."""
-
-
 class UpstreamClient:
     """Requests to one upstream registry base URL, with its authentication."""
 
@@ -190,8 +248,15 @@ class UpstreamClient:
         metrics: Metrics,
         username: str | None = None,
         password: str | None = None,
+        *,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        read_timeout: float = READ_TIMEOUT,
     ) -> None:
+        """*http* is a treq client whose connections time out after *connect_timeout*."""
         self.name = name
+        self.connect_timeout = connect_timeout
+        #: Seconds the upstream may stay silent before its headers or within a body.
+        self.read_timeout = read_timeout
         self._metrics = metrics
         self.base_url = base_url.rstrip("/")
         self._http = http
@@ -249,13 +314,15 @@ class UpstreamClient:
         if authorization:
             h.setRawHeaders("Authorization", [authorization])
         d = self._http.request(method, url, headers=h, params=params, unbuffered=True)
-        d.addTimeout(HEADERS_TIMEOUT, self._reactor)
+        # The connection is bounded by the agent's connect timeout; the answer by ours.
+        waited = self.connect_timeout + self.read_timeout
+        d.addTimeout(waited, self._reactor)
         started = self._reactor.seconds()
         try:
             response: IResponse = await d
         except defer.TimeoutError as e:
             self._metrics.upstream_errors.labels(self.name, "timeout").inc()
-            raise UpstreamError(f"no response within {HEADERS_TIMEOUT:.0f}s") from e
+            raise UpstreamError(f"no response within {waited:.0f}s") from e
         except (
             ConnectError,
             ConnectingCancelledError,
@@ -277,6 +344,17 @@ class UpstreamClient:
             else:
                 self._metrics.upstream_ratelimit_remaining.labels(self.name).set(value)
         return response
+
+    async def read(self, response: IResponse, limit: int = SMALL_BODY_LIMIT) -> bytes:
+        """Read a small body under :attr:`read_timeout` (see :func:`read_small`)."""
+        try:
+            return await read_small(
+                response, limit, reactor=self._reactor, timeout=self.read_timeout
+            )
+        except UpstreamError as e:
+            reason = "timeout" if isinstance(e, UpstreamTimeout) else "unreachable"
+            self._metrics.upstream_errors.labels(self.name, reason).inc()
+            raise
 
     async def _authorization(self, scope: str, refresh: bool = False) -> str | None:
         challenge = self._challenge
@@ -328,7 +406,7 @@ class UpstreamClient:
                     realm=realm,
                 )
         response = await self._send("GET", realm, headers, params, None)
-        body = await read_small(response)
+        body = await self.read(response)
         if response.code in (401, 403):
             log.warn(
                 "token service {realm} refused {upstream}: {code}",

@@ -111,12 +111,15 @@ class Fill(Protocol):
 
     # --- starting --------------------------------------------------------------
 
-    async def start(self, response: IResponse) -> None:
+    async def start(self, response: IResponse, idle_timeout: float | None = None) -> None:
         """Create the temporary file and take in *response*'s body.
 
         The blobs evicted to make room are gone from the disk first, so the
-        cache never holds more than its quota.
+        cache never holds more than its quota.  *idle_timeout* overrides the
+        seconds the upstream may stay silent.
         """
+        if idle_timeout is not None:
+            self._timer.timeout = idle_timeout
         try:
             for d in self._evictions:
                 await d
