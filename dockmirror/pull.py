@@ -22,9 +22,9 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
 from dockmirror.cache import Cache, origin_of
-from dockmirror.cache.fill import Fill
+from dockmirror.cache.fill import CacheWriteError, Fill
 from dockmirror.cache.manifests import INDEX_TYPES, TagEntry, accepted, references
-from dockmirror.errors import STATUS, RegistryError, upstream_unavailable
+from dockmirror.errors import STATUS, RegistryError, retry_after, upstream_unavailable
 from dockmirror.metrics import Metrics
 from dockmirror.reference import HEX_LENGTH, is_digest, parse_image_reference
 from dockmirror.routing import Route, Router
@@ -421,6 +421,8 @@ class PullService:
                 )
             try:
                 await fill.ready.wait()
+            except CacheWriteError:
+                return _Source(passthrough="cache write failed")
             except (RegistryError, StreamError) as e:
                 # What the upstream refused is final for the request that asked;
                 # a follower asks through its own repository, and a fill that
@@ -635,13 +637,19 @@ class PullService:
                 f"not found at upstream {name}",
                 {"repository": route.repository},
             )
+        wait = str(retry_after(_header(response, "retry-after"), self._reactor.seconds()))
         if code == 429:
             return RegistryError(
                 "TOOMANYREQUESTS",
                 f"upstream {name} is rate-limiting this mirror; try again later",
-                {"upstream": name},
-                headers={"Retry-After": _header(response, "retry-after") or "60"},
+                {"upstream": name, "retry_after": int(wait)},
+                headers={"Retry-After": wait},
             )
+        if code == 503:
+            error = upstream_unavailable(name, "answered 503")
+            if response.headers.hasHeader("retry-after"):
+                error.headers["Retry-After"] = wait
+            return error
         if code in (401, 403):
             return RegistryError(
                 "DENIED",

@@ -28,7 +28,7 @@ from dockmirror.config import (
     state_directory,
     upstream_plugins,
 )
-from dockmirror.health import HealthResource, directory_writable
+from dockmirror.health import HealthResource, cache_space, directory_writable
 from dockmirror.manhole import HOST_KEY_FILE, KeysConsole, load_host_key, manhole_factory
 from dockmirror.metrics import Metrics, MetricsResource
 from dockmirror.pull import Prefetcher, PullService, Upstreams
@@ -148,7 +148,11 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     access = build_access(config, keys, metrics, reactor)
     root = build_root(router, pull, access, config.auth.required)
     health = HealthResource(
-        {"cache_directory": directory_writable(config.cache.directory), "key_store": keys.check}
+        {
+            "cache_directory": directory_writable(config.cache.directory),
+            "cache_space": cache_space(cache.blobs),
+            "key_store": keys.check,
+        }
     )
     root.putChild(b"healthz", health)
     site = MirrorSite(root, metrics)

@@ -39,6 +39,10 @@ HIGH_WATER = 8 << 20
 LOW_WATER = 2 << 20
 
 
+class CacheWriteError(StreamError):
+    """The cache's disk refused the blob (full, read-only, failing)."""
+
+
 class Fill(Protocol):
     """A blob on its way from an upstream into the cache.
 
@@ -126,7 +130,7 @@ class Fill(Protocol):
             self._fd = await self._run(files.create, self.temp_path)
         except OSError as e:
             discard(response)
-            self.abandon(StreamError(f"cannot write to the cache: {e.strerror}"))
+            self.abandon(CacheWriteError(f"cannot write to the cache: {e.strerror}"))
             return
         if self.done:  # abandoned meanwhile (the service is stopping)
             discard(response)
@@ -211,7 +215,7 @@ class Fill(Protocol):
         if self.error is not None:  # failed meanwhile, leaving the file to us
             self._close_and_remove()
             return
-        self._fail(StreamError(f"cannot write to the cache: {failure.getErrorMessage()}"))
+        self._fail(CacheWriteError(f"cannot write to the cache: {failure.getErrorMessage()}"))
 
     def _verify(self) -> None:
         actual = f"{self._hash.name}:{self._hash.hexdigest()}"
