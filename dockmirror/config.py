@@ -32,6 +32,12 @@ CONNECT_TIMEOUT = 30.0
 #: ... and that an upstream may stay silent before its headers or within a body.
 READ_TIMEOUT = 60.0
 
+#: Defaults of the [server] limits on client connections (see dockmirror.connections).
+HEADER_TIMEOUT = 30.0
+IDLE_TIMEOUT = 60.0
+MAX_CONNECTIONS = 1024
+MAX_CONNECTIONS_PER_CLIENT = 128
+
 _UPSTREAM_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 
 
@@ -45,13 +51,13 @@ class ServerConfig:
     public_url: str = "http://127.0.0.1:5000"
     #: Seconds a client has to send a whole request (line, headers and body)
     #: once its first byte arrived.
-    header_timeout: float = 30.0
+    header_timeout: float = HEADER_TIMEOUT
     #: Seconds an idle keep-alive connection is kept open.
-    idle_timeout: float = 60.0
+    idle_timeout: float = IDLE_TIMEOUT
     #: Client connections served at once, over all listeners; more are refused.
-    max_connections: int = 1024
+    max_connections: int = MAX_CONNECTIONS
     #: Client connections one address (an IPv6 /64) may hold at once.
-    max_connections_per_client: int = 128
+    max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -12,6 +13,7 @@ from treq.client import HTTPClient
 from twisted.application import service, strports
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.interfaces import IReactorCore
+from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
@@ -28,6 +30,7 @@ from dockmirror.config import (
     state_directory,
     upstream_plugins,
 )
+from dockmirror.connections import ConnectionLimits
 from dockmirror.health import HealthResource, cache_space, directory_writable
 from dockmirror.manhole import HOST_KEY_FILE, KeysConsole, load_host_key, manhole_factory
 from dockmirror.metrics import Metrics, MetricsResource
@@ -35,6 +38,8 @@ from dockmirror.pull import Prefetcher, PullService, Upstreams
 from dockmirror.routing import build_router
 from dockmirror.tls import CertificateReloadService, PlainHTTPFactory, tls_endpoint
 from dockmirror.web import MirrorSite, RootResource, build_root
+
+log = Logger()
 
 #: Idle persistent connections kept per upstream host.
 POOL_PER_HOST = 16
@@ -108,6 +113,28 @@ def _http_clients(reactor: Any, pool: HTTPConnectionPool) -> Callable[[float], H
     return client
 
 
+#: File descriptors a client connection may need: its socket, a blob file, an upstream socket.
+FILES_PER_CONNECTION = 3
+#: File descriptors for everything else: databases, logs, listeners, idle upstream sockets.
+FILES_SPARE = 256
+
+
+def _raise_file_limit(max_connections: int) -> None:
+    """Raise the soft limit on open files to what *max_connections* may need."""
+    wanted = max_connections * FILES_PER_CONNECTION + FILES_SPARE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warn(
+            "server.max_connections = {n} may need {wanted} open files; the limit is {soft}",
+            n=max_connections,
+            wanted=wanted,
+            soft=soft,
+        )
+
+
 def build_access(config: Config, keys: KeyStore, metrics: Metrics, reactor: Any) -> AccessControl:
     """Access control over *keys*, with the token service named after ``public_url``."""
     public_url = config.server.public_url.rstrip("/")
@@ -155,7 +182,11 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
         }
     )
     root.putChild(b"healthz", health)
-    site = MirrorSite(root, metrics)
+    server = config.server
+    timeouts = {"header_timeout": server.header_timeout, "idle_timeout": server.idle_timeout}
+    _raise_file_limit(server.max_connections)
+    limits = ConnectionLimits(server.max_connections, server.max_connections_per_client)
+    site = MirrorSite(root, metrics, limits, **timeouts)
     certificates = []
 
     def listen(descriptions: tuple[str, ...], site: MirrorSite) -> None:
@@ -173,7 +204,8 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
         operations = RootResource()
         operations.putChild(b"metrics", metrics_resource)
         operations.putChild(b"healthz", health)
-        listen(config.metrics.listen, MirrorSite(operations, metrics))
+        own = ConnectionLimits(server.max_connections, server.max_connections_per_client)
+        listen(config.metrics.listen, MirrorSite(operations, metrics, own, **timeouts))
     else:
         root.putChild(b"metrics", metrics_resource)
     if certificates:

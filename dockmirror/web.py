@@ -7,11 +7,19 @@ import time
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from dockmirror.auth.access import AccessControl, Credentials, Principal, parse_authorization
+from dockmirror.config import (
+    HEADER_TIMEOUT,
+    IDLE_TIMEOUT,
+    MAX_CONNECTIONS,
+    MAX_CONNECTIONS_PER_CLIENT,
+)
+from dockmirror.connections import ConnectionLimits, GuardedChannel, Refused
 from dockmirror.errors import RegistryError
 from dockmirror.metrics import Metrics
 from dockmirror.pull import PullService, Reply
@@ -187,10 +195,31 @@ class MirrorSite(Site):
     requestFactory = MirrorRequest
     noisy = False
 
-    def __init__(self, resource: Resource, metrics: Metrics) -> None:
-        super().__init__(resource)
+    def __init__(
+        self,
+        resource: Resource,
+        metrics: Metrics,
+        limits: ConnectionLimits | None = None,
+        *,
+        header_timeout: float = HEADER_TIMEOUT,
+        idle_timeout: float = IDLE_TIMEOUT,
+    ) -> None:
+        """*limits* may be shared by the sites of several listeners."""
+        super().__init__(resource, timeout=idle_timeout)
         self.displayTracebacks = False
         self.metrics = metrics
+        self.limits = limits or ConnectionLimits(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT)
+        self.header_timeout = header_timeout
+
+    def protocol(self) -> GuardedChannel:  # type: ignore[override]
+        """A channel per connection (HTTP/1.1 only: see :meth:`acceptableProtocols`)."""
+        return GuardedChannel(self.limits, self.header_timeout)
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        refusal = self.limits.refusal(addr)
+        if refusal is not None:
+            return Refused(refusal)
+        return super().buildProtocol(addr)
 
     def acceptableProtocols(self) -> list[bytes]:
         """Only HTTP/1.1 over ALPN, even where the ``h2`` package is installed.

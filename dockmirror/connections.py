@@ -1,0 +1,158 @@
+"""Client connections: how many are served, and how long a request may take to arrive.
+
+A mirror on a shared network must not let a few clients hold every socket
+(slowloris: connections that send a header byte every few seconds).  Each
+connection has :attr:`header_timeout` seconds from the first byte of a
+request to its last (line, headers and body; only small bodies are ever
+accepted), and a client address (an IPv6 /64) may hold only so many
+connections, out of a total.  Connections over a limit are answered 503 and
+closed at once, so their sockets are not held either.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from twisted.internet.interfaces import IAddress, IDelayedCall
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
+
+from dockmirror.auth.throttle import client_subject
+from dockmirror.errors import RegistryError
+
+log = Logger()
+
+_TIMED_OUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+
+
+def _subject(address: IAddress | None) -> str:
+    return client_subject(str(getattr(address, "host", "-")))
+
+
+class ConnectionLimits:
+    """Counts open connections, in total and per client address."""
+
+    def __init__(self, total: int, per_client: int) -> None:
+        self.total = total
+        self.per_client = per_client
+        self._open: Counter[str] = Counter()
+        self._count = 0
+        self._refusing = False
+
+    def __repr__(self) -> str:
+        return f"<ConnectionLimits {self._count}/{self.total} open, {self.per_client} per client>"
+
+    def refusal(self, address: IAddress | None) -> str | None:
+        """Why a new connection from *address* is refused, or None to serve it."""
+        subject = _subject(address)
+        if self._count >= self.total:
+            reason = f"{self.total} connections are open (server.max_connections)"
+        elif self._open[subject] >= self.per_client:
+            reason = (
+                f"{subject} has {self.per_client} connections open"
+                " (server.max_connections_per_client)"
+            )
+        else:
+            if self._refusing:
+                self._refusing = False
+                log.info("connection limits: accepting connections again")
+            return None
+        if not self._refusing:
+            self._refusing = True
+            log.warn("refusing connections: {reason}", reason=reason)
+        return reason
+
+    def opened(self, address: IAddress | None) -> None:
+        self._open[_subject(address)] += 1
+        self._count += 1
+
+    def closed(self, address: IAddress | None) -> None:
+        subject = _subject(address)
+        self._open[subject] -= 1
+        if self._open[subject] <= 0:
+            del self._open[subject]
+        self._count -= 1
+
+
+class Refused(Protocol):
+    """Answers a connection over the limits with a 503 and closes it."""
+
+    def __init__(self, reason: str) -> None:
+        self._reason = reason
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        body = RegistryError(
+            "UNAVAILABLE", "too many connections; try again later", {"reason": self._reason}
+        ).body()
+        self.transport.write(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            b"Retry-After: 5\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body)
+        )
+        self.transport.loseConnection()
+
+
+class GuardedChannel(HTTPChannel):
+    """An HTTP channel that counts itself and times out slow requests.
+
+    The deadline starts with the first byte of a request and ends when the
+    whole request is in; the idle time between requests on a keep-alive
+    connection is governed by the site's idle timeout.
+    """
+
+    def __init__(self, limits: ConnectionLimits, header_timeout: float) -> None:
+        super().__init__()
+        self._limits = limits
+        self._header_timeout = header_timeout
+        self._deadline: IDelayedCall | None = None
+        self._busy = False
+        self._peer: IAddress | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._peer = self.transport.getPeer() if self.transport is not None else None
+        self._limits.opened(self._peer)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._deadline is None and not self._busy and data:
+            self._deadline = self.callLater(self._header_timeout, self._too_slow)
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        self._busy = True
+        super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        self._disarm()
+        super().allContentReceived()
+
+    def requestDone(self, request: Any) -> None:
+        self._busy = False
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._disarm()
+        self._limits.closed(self._peer)
+        super().connectionLost(reason)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        self._busy = True  # no new deadline for what arrives while closing
+        log.info(
+            "closing {client}: no whole request within {timeout:.0f}s (server.header_timeout)",
+            client=_subject(self._peer),
+            timeout=self._header_timeout,
+        )
+        if self.transport is not None:
+            self.transport.write(_TIMED_OUT)
+            self.loseConnection()
