@@ -10,15 +10,20 @@ from typing import Any
 
 import pytest
 
-from .images import pull
+from .images import SkopeoError, pull
 from .registries import free_port
+from .tls import server_tls
 
 MULTI_ARCH = [("linux", "amd64"), ("linux", "arm64")]
 
 
 def curl(*args: str, method: str | None = None) -> tuple[int, dict[str, str], bytes]:
-    """Run curl; return status, headers (lower-cased names) and body."""
+    """Run curl; return status, headers (lower-cased names) and body.
+
+    HTTPS servers are verified against the test CA (:mod:`.tls`).
+    """
     argv = ["curl", "-s", "-S", "--max-time", "30", "-D", "-", "--noproxy", "*"]
+    argv += ["--cacert", str(server_tls().ca)]
     if method == "HEAD":
         argv.append("-I")
     elif method:
@@ -55,7 +60,7 @@ def assert_pulled(dest: Path, image: Any) -> None:
 
 @pytest.fixture
 def hub(plain_registry, dockmirror):
-    """A mirror whose default Docker Hub upstream is the plain registry."""
+    """A mirror over TLS whose default Docker Hub upstream is the plain registry."""
     return dockmirror(
         {
             "hub": {"plugin": "dockerhub", "url": plain_registry.url, "default": True},
@@ -64,13 +69,22 @@ def hub(plain_registry, dockmirror):
                 "url": plain_registry.url,
                 "hosts": ["ghcr.mirror.test"],
             },
-        }
+        },
+        tls=True,
     )
+
+
+def test_pulls_verify_the_mirror_certificate(plain_registry, hub, seeded, unique_repo, tmp_path):
+    """The TLS pulls here are verified: without the test CA, skopeo refuses the mirror."""
+    seeded(plain_registry, unique_repo, "v1")
+    with pytest.raises(SkopeoError, match="certificate signed by unknown authority"):
+        pull(f"{hub.host}/{unique_repo}:v1", tmp_path / "out", cert_dir=tmp_path)
+    assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_multi_arch_image_by_default_route(plain_registry, hub, seeded, unique_repo, tmp_path):
     image = seeded(plain_registry, unique_repo, "v1", layers=[2048, 300_000], platforms=MULTI_ARCH)
-    pull(f"{hub.host}/{unique_repo}:v1", tmp_path / "out")
+    pull(f"{hub.host}/{unique_repo}:v1", tmp_path / "out", cert_dir=hub.cert_dir)
     assert_pulled(tmp_path / "out", image)
     assert image.is_index
 
@@ -78,15 +92,15 @@ def test_multi_arch_image_by_default_route(plain_registry, hub, seeded, unique_r
 def test_one_component_name_gets_library(plain_registry, hub, seeded, unique_repo, tmp_path):
     short = unique_repo.replace("/", "-")
     image = seeded(plain_registry, f"library/{short}", "3", docker_media_types=True)
-    pull(f"{hub.host}/{short}:3", tmp_path / "a")
+    pull(f"{hub.host}/{short}:3", tmp_path / "a", cert_dir=hub.cert_dir)
     assert_pulled(tmp_path / "a", image)
-    pull(f"{hub.host}/docker.io/library/{short}:3", tmp_path / "b")
+    pull(f"{hub.host}/docker.io/library/{short}:3", tmp_path / "b", cert_dir=hub.cert_dir)
     assert_pulled(tmp_path / "b", image)
 
 
 def test_path_prefix_route(plain_registry, hub, seeded, unique_repo, tmp_path):
     image = seeded(plain_registry, unique_repo, "tag", platforms=MULTI_ARCH)
-    pull(f"{hub.host}/ghcr.io/{unique_repo}:tag", tmp_path / "out")
+    pull(f"{hub.host}/ghcr.io/{unique_repo}:tag", tmp_path / "out", cert_dir=hub.cert_dir)
     assert_pulled(tmp_path / "out", image)
 
 
@@ -125,9 +139,10 @@ def test_private_upstream_with_credentials(
                 "username": user,
                 "password": password,
             }
-        }
+        },
+        tls=True,
     )
-    pull(f"{mirror.host}/corp.example/{unique_repo}:v1", tmp_path / "out")
+    pull(f"{mirror.host}/corp.example/{unique_repo}:v1", tmp_path / "out", cert_dir=mirror.cert_dir)
     assert_pulled(tmp_path / "out", image)
 
 
@@ -154,9 +169,9 @@ def test_token_auth_upstream(token_registry, dockmirror, seeded, unique_repo, tm
     image = seeded(token_registry, unique_repo, "v1", layers=[1000, 2000], platforms=MULTI_ARCH)
     token_registry.token_server.clear_requests()
     mirror = dockmirror(
-        {"hub": {"plugin": "dockerhub", "url": token_registry.url, "default": True}}
+        {"hub": {"plugin": "dockerhub", "url": token_registry.url, "default": True}}, tls=True
     )
-    pull(f"{mirror.host}/{unique_repo}:v1", tmp_path / "out")
+    pull(f"{mirror.host}/{unique_repo}:v1", tmp_path / "out", cert_dir=mirror.cert_dir)
     assert_pulled(tmp_path / "out", image)
     requests = token_registry.token_server.requests
     # One token per repository scope, cached across the image's many requests.
@@ -179,9 +194,10 @@ def test_token_auth_upstream_with_credentials(
                 "username": user,
                 "password": password,
             }
-        }
+        },
+        tls=True,
     )
-    pull(f"{mirror.host}/{unique_repo}:v1", tmp_path / "out")
+    pull(f"{mirror.host}/{unique_repo}:v1", tmp_path / "out", cert_dir=mirror.cert_dir)
     assert_pulled(tmp_path / "out", image)
     assert registry.token_server.requests
     assert all(r.username == user for r in registry.token_server.requests)
