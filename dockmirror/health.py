@@ -37,6 +37,24 @@ class _Space(Protocol):
     def space(self) -> tuple[int, int] | None: ...
 
 
+class _KeyStore(Protocol):
+    write_error: str | None
+
+    async def check(self) -> bool | str: ...
+
+
+def key_store(keys: _KeyStore) -> Callable[[], Awaitable[Result]]:
+    """A check that the key store answers, degraded while usage cannot be written."""
+
+    async def check() -> Result:
+        result = await keys.check()
+        if result is True and keys.write_error is not None:
+            return Degraded(f"key usage is kept in memory: {keys.write_error}")
+        return result
+
+    return check
+
+
 def cache_space(store: _Space) -> Callable[[], Result]:
     """A check that the cache's file system has more than the margin fills leave free."""
 

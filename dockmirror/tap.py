@@ -18,7 +18,7 @@ from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 from dockmirror.auth.access import AccessControl
-from dockmirror.auth.keystore import KeyDatabase, KeyStore, KeyStoreError
+from dockmirror.auth.keystore import KeyStore, KeyStoreError
 from dockmirror.auth.throttle import Throttle
 from dockmirror.auth.tokens import TokenService, load_signing_key
 from dockmirror.cache import Cache
@@ -31,7 +31,7 @@ from dockmirror.config import (
     upstream_plugins,
 )
 from dockmirror.connections import ConnectionLimits
-from dockmirror.health import HealthResource, cache_space, directory_writable
+from dockmirror.health import HealthResource, cache_space, directory_writable, key_store
 from dockmirror.manhole import HOST_KEY_FILE, KeysConsole, load_host_key, manhole_factory
 from dockmirror.metrics import Metrics, MetricsResource
 from dockmirror.pull import Prefetcher, PullService, Upstreams
@@ -169,7 +169,6 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     top = service.MultiService()
     # Started first: it recovers the cache from disk before any request is served.
     cache.setServiceParent(top)
-    KeyDatabase(config.auth.database).close()  # an unusable key store stops start-up here
     keys = KeyStore(config.auth.database, reactor)
     keys.setServiceParent(top)
     access = build_access(config, keys, metrics, reactor)
@@ -178,7 +177,7 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
         {
             "cache_directory": directory_writable(config.cache.directory),
             "cache_space": cache_space(cache.blobs),
-            "key_store": keys.check,
+            "key_store": key_store(keys),
         }
     )
     root.putChild(b"healthz", health)

@@ -375,6 +375,21 @@ class KeyDatabase:
         }
 
 
+def _open(path: Path) -> tuple[KeyDatabase, frozenset[str]] | str:
+    """The database at *path* and its revoked appIds, or why it cannot be opened."""
+    try:
+        db = KeyDatabase(path)
+    except KeyStoreError as e:
+        return str(e)
+    except OSError as e:
+        return f"{path}: {e.strerror}"
+    try:
+        return db, db.revoked_ids()
+    except sqlite3.Error as e:
+        db.close()
+        return f"{path}: {e}"
+
+
 #: Hashed against when an appId is unknown, so that it takes as long as a known one.
 _UNKNOWN_SALT = secrets.token_bytes(_SALT_BYTES)
 
@@ -401,15 +416,32 @@ class KeyStore(service.Service):
         self._pending: dict[str, Usage] = {}
         self._loop = LoopingCall(self.flush)
         self._loop.clock = reactor
+        self._db: KeyDatabase | None = None
         self.revoked: frozenset[str] = frozenset()
+        #: Why the database cannot be opened, while it cannot.
+        self.unavailable: str | None = None
+        #: Why the last usage counters could not be written, until a write succeeds.
+        self.write_error: str | None = None
 
     def startService(self) -> None:
-        # Opening is quick (a file, a few pragmas), and done once, before serving.
-        self._db = KeyDatabase(self.path)
-        self.revoked = self._db.revoked_ids()
+        # Opening is quick (a file, a few pragmas), and done before serving.
+        # A key store that cannot be opened does not stop the mirror (a
+        # restart would not mend it): it is tried again at every flush, and
+        # meanwhile logins get 503 and /healthz says why.
+        self._opened(_open(self.path))
         super().startService()
         self._pool.start()
         self._loop.start(self._interval, now=False)
+
+    def _opened(self, result: tuple[KeyDatabase, frozenset[str]] | str) -> None:
+        if isinstance(result, str):
+            if result != self.unavailable:
+                log.error("the key store is unavailable: {error}", error=result)
+            self.unavailable = result
+            return
+        if self.unavailable is not None:
+            log.info("the key store {path} is open again", path=str(self.path))
+        (self._db, self.revoked), self.unavailable = result, None
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -419,12 +451,17 @@ class KeyStore(service.Service):
         if self._loop.running:
             self._loop.stop()
         await self.flush()
-        await self._run(self._db.close)
+        if self._db is not None:
+            await self._query(KeyDatabase.close)
         self._pool.stop()
 
-    async def _run(self, f: Callable[..., T], *args: Any) -> T:
+    async def _query(self, f: Callable[[KeyDatabase], T]) -> T:
+        """Run ``f(database)`` on the database thread; KeyStoreError if it is unavailable."""
+        db = self._db
+        if db is None:
+            raise KeyStoreError(f"the key store is unavailable: {self.unavailable}")
         try:
-            return await deferToThreadPool(self._reactor, self._pool, f, *args)
+            return await deferToThreadPool(self._reactor, self._pool, f, db)
         except sqlite3.Error as e:
             raise KeyStoreError(f"{self.path}: {e}") from e
 
@@ -438,13 +475,20 @@ class KeyStore(service.Service):
         return Deferred.fromCoroutine(self._flush())
 
     async def _flush(self) -> None:
+        if self._db is None:
+            self._opened(await deferToThreadPool(self._reactor, self._pool, _open, self.path))
+        if self._db is None:
+            return  # the usage waits in memory for the database to open
         pending, self._pending = self._pending, {}
         try:
             if pending:
-                await self._run(self._db.add_usage, pending)
-            self.revoked = await self._run(self._db.revoked_ids)
+                await self._query(lambda db: db.add_usage(pending))
+                self.write_error = None
+            self.revoked = await self._query(KeyDatabase.revoked_ids)
         except KeyStoreError as e:
-            log.error("cannot write key usage: {error}", error=str(e))
+            if str(e) != self.write_error:
+                log.error("cannot write key usage: {error}", error=str(e))
+            self.write_error = str(e)
             for app_id, usage in pending.items():
                 self._pending.setdefault(app_id, Usage()).add(
                     usage.requests, usage.bytes, usage.last_used
@@ -452,34 +496,34 @@ class KeyStore(service.Service):
 
     async def check(self) -> bool | str:
         """For ``/healthz``: True while the database answers a query."""
-        if not self.running:
-            return "the key store is not open"
+        if self._db is None:
+            return f"the key store is unavailable: {self.unavailable or 'not open'}"
         try:
-            await self._run(self._db.revoked_ids)
+            await self._query(KeyDatabase.revoked_ids)
         except KeyStoreError as e:
             return str(e)
         return True
 
     async def verify(self, app_id: str, api_key: str) -> KeyInfo | None:
-        return await self._run(self._db.verify, app_id, api_key)
+        return await self._query(lambda db: db.verify(app_id, api_key))
 
     async def create(self, name: str, repositories: Sequence[str] | None = None) -> NewKey:
-        return await self._run(self._db.create, name, repositories)
+        return await self._query(lambda db: db.create(name, repositories))
 
     async def list(self) -> KeyList:
-        return await self._run(self._db.list)
+        return await self._query(KeyDatabase.list)
 
     async def revoke(self, app_id: str) -> KeyInfo:
-        info = await self._run(self._db.revoke, app_id)
+        info = await self._query(lambda db: db.revoke(app_id))
         self.revoked |= {app_id}
         return info
 
     async def rotate(self, app_id: str) -> NewKey:
-        new = await self._run(self._db.rotate, app_id)
+        new = await self._query(lambda db: db.rotate(app_id))
         self.revoked |= {app_id}
         return new
 
     async def stats(self) -> dict[str, Any]:
-        stats = await self._run(self._db.stats)
+        stats = await self._query(KeyDatabase.stats)
         stats["pendingUsage"] = sum(u.requests for u in self._pending.values())
         return stats
