@@ -316,7 +316,7 @@ class UpstreamClient:
         d = self._http.request(method, url, headers=h, params=params, unbuffered=True)
         # The connection is bounded by the agent's connect timeout; the answer by ours.
         waited = self.connect_timeout + self.read_timeout
-        d.addTimeout(waited, self._reactor)
+        d.addTimeout(waited, self._reactor, onTimeoutCancel=_timed_out)
         started = self._reactor.seconds()
         try:
             response: IResponse = await d
@@ -427,6 +427,11 @@ class UpstreamClient:
             raise UpstreamError(f"token service {realm} answered without a token")
         log.debug("token for {scope} from {realm}", scope=scope, realm=realm)
         return token, lifetime
+
+
+def _timed_out(result: object, timeout: float) -> Failure:
+    """What a request cancelled by its timeout fails with, however the agent reported it."""
+    return Failure(defer.TimeoutError(f"no response within {timeout:.0f}s"))
 
 
 def _describe(e: Exception) -> str:
