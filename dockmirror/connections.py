@@ -11,10 +11,11 @@ closed at once, so their sockets are not held either.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from typing import Any
 
-from twisted.internet.interfaces import IAddress, IDelayedCall
+from twisted.internet.interfaces import IAddress, IDelayedCall, ISSLTransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -24,6 +25,9 @@ from dockmirror.auth.throttle import client_subject
 from dockmirror.errors import RegistryError
 
 log = Logger()
+
+#: Seconds between two log lines about refused connections.
+WARN_INTERVAL = 60.0
 
 _TIMED_OUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 
@@ -40,7 +44,8 @@ class ConnectionLimits:
         self.per_client = per_client
         self._open: Counter[str] = Counter()
         self._count = 0
-        self._refusing = False
+        self._refused = 0
+        self._warned = -WARN_INTERVAL
 
     def __repr__(self) -> str:
         return f"<ConnectionLimits {self._count}/{self.total} open, {self.per_client} per client>"
@@ -56,13 +61,18 @@ class ConnectionLimits:
                 " (server.max_connections_per_client)"
             )
         else:
-            if self._refusing:
-                self._refusing = False
-                log.info("connection limits: accepting connections again")
             return None
-        if not self._refusing:
-            self._refusing = True
-            log.warn("refusing connections: {reason}", reason=reason)
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._warned >= WARN_INTERVAL:
+            log.warn(
+                "refused {count} connections in the last {interval:.0f}s, the last because"
+                " {reason}",
+                count=self._refused,
+                interval=min(now - self._warned, WARN_INTERVAL),
+                reason=reason,
+            )
+            self._warned, self._refused = now, 0
         return reason
 
     def opened(self, address: IAddress | None) -> None:
@@ -78,13 +88,20 @@ class ConnectionLimits:
 
 
 class Refused(Protocol):
-    """Answers a connection over the limits with a 503 and closes it."""
+    """Answers a connection over the limits with a 503 and closes it.
+
+    A TLS connection is cut before its handshake: answering it would cost
+    the handshake, which is what a flood of connections wants to spend.
+    """
 
     def __init__(self, reason: str) -> None:
         self._reason = reason
 
     def connectionMade(self) -> None:
         assert self.transport is not None
+        if ISSLTransport.providedBy(self.transport):
+            self.transport.abortConnection()
+            return
         body = RegistryError(
             "UNAVAILABLE", "too many connections; try again later", {"reason": self._reason}
         ).body()

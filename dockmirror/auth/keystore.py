@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from twisted.application import service
 from twisted.internet.defer import Deferred
@@ -198,10 +199,25 @@ class KeyDatabase:
     """
 
     def __init__(
-        self, path: str | Path, *, create: bool = True, clock: Callable[[], float] = time.time
+        self,
+        path: str | Path,
+        *,
+        create: bool = True,
+        clock: Callable[[], float] = time.time,
+        read_only: bool = False,
     ) -> None:
+        """*read_only* opens a database on a read-only file system: it can verify, not write."""
         self.path = Path(path)
         self._clock = clock
+        self.read_only = read_only
+        if read_only:
+            self._conn = self._connect(f"file:{quote(str(self.path))}?immutable=1", uri=True)
+            try:
+                self._migrate(create=False)
+            except (sqlite3.Error, KeyStoreError) as e:
+                self._conn.close()
+                raise KeyStoreError(f"{self.path}: {e}") from None
+            return
         if not self.path.exists():
             if not create:
                 raise KeyStoreError(
@@ -212,15 +228,7 @@ class KeyDatabase:
                 os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             except FileExistsError:
                 pass
-        try:
-            self._conn = sqlite3.connect(
-                self.path,
-                timeout=BUSY_TIMEOUT_MS / 1000,
-                isolation_level=None,
-                check_same_thread=False,
-            )
-        except sqlite3.Error as e:
-            raise KeyStoreError(f"{self.path}: cannot open: {e}") from None
+        self._conn = self._connect(self.path)
         try:
             self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             self._conn.execute("PRAGMA journal_mode = WAL")
@@ -234,10 +242,24 @@ class KeyDatabase:
             self._conn.close()
             raise
 
-    def _migrate(self) -> None:
+    def _connect(self, target: str | Path, uri: bool = False) -> sqlite3.Connection:
+        try:
+            return sqlite3.connect(
+                target,
+                timeout=BUSY_TIMEOUT_MS / 1000,
+                isolation_level=None,
+                check_same_thread=False,
+                uri=uri,
+            )
+        except sqlite3.Error as e:
+            raise KeyStoreError(f"{self.path}: cannot open: {e}") from None
+
+    def _migrate(self, create: bool = True) -> None:
         known = self._conn.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'version'"
         ).fetchone()
+        if not known and not create:
+            raise KeyStoreError("not a key database")
         if not known:
             schema = resources.files("dockmirror.auth").joinpath("schema.sql").read_text()
             self._conn.executescript(schema)
@@ -376,9 +398,13 @@ class KeyDatabase:
 
 
 def _open(path: Path) -> tuple[KeyDatabase, frozenset[str]] | str:
-    """The database at *path* and its revoked appIds, or why it cannot be opened."""
+    """The database at *path* and its revoked appIds, or why it cannot be opened.
+
+    On a read-only file system (SQLite cannot make its WAL files there) the
+    database is opened read-only, so that keys keep working.
+    """
     try:
-        db = KeyDatabase(path)
+        db = KeyDatabase(path, read_only=_on_read_only_file_system(path))
     except KeyStoreError as e:
         return str(e)
     except OSError as e:
@@ -388,6 +414,13 @@ def _open(path: Path) -> tuple[KeyDatabase, frozenset[str]] | str:
     except sqlite3.Error as e:
         db.close()
         return f"{path}: {e}"
+
+
+def _on_read_only_file_system(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path.parent).f_flag & os.ST_RDONLY) and path.exists()
+    except OSError:
+        return False
 
 
 #: Hashed against when an appId is unknown, so that it takes as long as a known one.
@@ -442,6 +475,9 @@ class KeyStore(service.Service):
         if self.unavailable is not None:
             log.info("the key store {path} is open again", path=str(self.path))
         (self._db, self.revoked), self.unavailable = result, None
+        if self._db.read_only:
+            self.write_error = f"{self.path} is on a read-only file system"
+            log.error("the key store {error}: key usage is kept in memory", error=self.write_error)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()

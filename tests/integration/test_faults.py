@@ -10,11 +10,19 @@ generous in the clients, so a slow machine only makes the tests slower.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import json
+import os
 import socket
 import ssl
+import subprocess
+import threading
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +30,7 @@ from typing import Any
 import pytest
 
 from .images import SkopeoError, pull
+from .keys import create_key, list_keys
 from .registries import LOOPBACK, wait_until
 from .relay import Fault, Relay
 from .test_pull import assert_pulled
@@ -30,7 +39,7 @@ from .tls import client_context
 #: Seconds the mirror waits for a silent upstream in these tests ...
 READ_TIMEOUT = 2
 #: ... and seconds a test client waits for the mirror: far more.
-CLIENT_TIMEOUT = 60
+CLIENT_TIMEOUT = 45
 
 
 def sha256(data: bytes) -> str:
@@ -397,3 +406,286 @@ def test_a_stalled_reader_holds_no_memory_and_slows_no_one(
     finally:
         for sock in stalled:
             sock.close()
+
+
+# --- clients misbehave ---------------------------------------------------------------
+
+
+class Slowloris:
+    """Threads holding TLS connections from ``source`` that trickle a header byte a second.
+
+    Each connection the server closes is counted by how it ended (408, 503,
+    or a bare close) and opened again while the attack lasts.
+    """
+
+    def __init__(self, mirror: Any, source: str, count: int) -> None:
+        self._mirror = mirror
+        self._source = source
+        self._threads = [threading.Thread(target=self._attack, daemon=True) for _ in range(count)]
+        self._attacking = threading.Event()
+        self._lock = threading.Lock()
+        self.endings: Counter[str] = Counter()
+        self.open = 0
+
+    def __enter__(self) -> Slowloris:
+        self._attacking.set()
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop reconnecting; wait (generously) for the server to close what is open."""
+        self._attacking.clear()
+        deadline = time.monotonic() + CLIENT_TIMEOUT * 2
+        for thread in self._threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+
+    @property
+    def alive(self) -> int:
+        return sum(thread.is_alive() for thread in self._threads)
+
+    def _ended(self, how: str) -> None:
+        with self._lock:
+            self.endings[how] += 1
+
+    def _attack(self) -> None:
+        while self._attacking.is_set():
+            try:
+                raw = socket.socket()
+                raw.bind((self._source, 0))
+                raw.settimeout(CLIENT_TIMEOUT)
+                raw.connect((LOOPBACK, self._mirror.port))
+                sock = client_context().wrap_socket(raw, server_hostname=LOOPBACK)
+            except OSError:
+                self._ended("connect failed")
+                time.sleep(0.5)
+                continue
+            with self._lock:
+                self.open += 1
+            try:
+                self._trickle(sock)
+            finally:
+                with self._lock:
+                    self.open -= 1
+                sock.close()
+
+    def _trickle(self, sock: ssl.SSLSocket) -> None:
+        pending = b"GET /v2/ HTTP/1.1\r\nHost: mirror.test\r\nX-Slow: " + b"a" * 10_000
+        sock.settimeout(1.0)
+        for byte in pending:
+            try:
+                data = sock.recv(200)
+            except TimeoutError:
+                try:
+                    sock.send(bytes([byte]))
+                except OSError:
+                    self._ended("closed")
+                    return
+                continue
+            except OSError:
+                self._ended("closed")
+                return
+            self._ended(data[:12].decode("latin-1") or "closed")
+            return
+        self._ended("never closed")
+
+
+def test_slowloris_connections_do_not_starve_real_clients(
+    plain_registry, dockmirror, seeded, unique_repo, tmp_path
+):
+    """Three hundred trickling connections from one address; real pulls from another.
+
+    The server may open only 200 files: without the per-client limit the
+    attack would take them all, and without the header timeout it would keep
+    them for good.
+    """
+    image = seeded(plain_registry, unique_repo, "v1", layers=[100_000])
+    server = {"header_timeout": 30, "max_connections_per_client": 40}
+    mirror = dockmirror(
+        {"hub": {"plugin": "registry", "url": plain_registry.url, "default": True}},
+        extra={"server": server},
+        tls=True,
+    )
+    subprocess.run(["prlimit", f"--pid={mirror.pid}", "--nofile=200:200"], check=True)
+    with Slowloris(mirror, "127.0.0.2", 300) as attack:
+        wait_until(lambda: sum(attack.endings.values()) >= 200, timeout=CLIENT_TIMEOUT)
+        for n in range(3):
+            base = fetch(mirror, "/v2/", timeout=20)
+            assert (base.status, base.complete) == (200, True)
+            pull(f"{mirror.host}/{unique_repo}:v1", tmp_path / str(n), cert_dir=mirror.cert_dir)
+            assert_pulled(tmp_path / str(n), image)
+        print(f"slowloris connections ended: {dict(attack.endings)}")
+        assert attack.endings["connect failed"] >= 100  # refused before the TLS handshake
+        assert attack.open <= 40
+        attack.stop()
+        assert attack.alive == 0, "the server kept trickling connections open"
+        print(f"slowloris connections ended: {dict(attack.endings)}")
+        assert attack.endings["HTTP/1.1 408"] >= 1
+        assert attack.endings["never closed"] == 0
+    assert mirror.running
+
+
+# --- the disk fills up -----------------------------------------------------------------
+
+
+def in_namespace(mirror: Any, path: Path) -> Path:
+    """*path* as the mirror's process sees it, in its own mount namespace."""
+    return Path(f"/proc/{mirror.pid}/root") / path.relative_to("/")
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def fill_up(directory: Path, leave: int) -> Path:
+    """Write a file in *directory* that leaves about *leave* bytes free (or none)."""
+    filler = directory / f"filler-{uuid.uuid4().hex}"
+    with filler.open("wb") as f:
+        try:
+            while (free := free_bytes(directory)) > leave:
+                f.write(os.urandom(min(free - leave, 1 << 20)))
+                f.flush()
+        except OSError:
+            pass  # the disk is full
+    return filler
+
+
+def health(mirror: Any) -> tuple[int, dict[str, Any]]:
+    result = fetch(mirror, "/healthz")
+    return result.status, json.loads(result.body)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small file system needs root")
+def test_a_full_disk_degrades_the_cache_and_pulls_go_on(
+    plain_registry, upstream, dockmirror, seeded, unique_repo, tmp_path
+):
+    small = seeded(plain_registry, unique_repo, "small", layers=[1 << 20])
+    big = seeded(plain_registry, unique_repo, "big", layers=[12 << 20])
+    [layer] = big.platforms[0].layers
+    mirror = dockmirror(
+        {"hub": {"plugin": "registry", "url": upstream.url, "default": True}},
+        tls=True,
+        start=False,
+    )
+    mirror.cache_dir.mkdir(parents=True)
+    mirror.run_under(
+        *("unshare", "--mount", "--propagation", "private", "sh", "-c"),
+        'mount -t tmpfs -o size=64m dockmirror-test "$0" && exec "$@"',
+        str(mirror.cache_dir),
+    )
+    mirror.start()
+    cache = in_namespace(mirror, mirror.cache_dir)
+    margin = int(0.05 * (64 << 20))  # min_free's default on a 64 MiB file system
+
+    def committed() -> set[str]:
+        return {f"{p.parent.parent.name}:{p.name}" for p in (cache / "blobs").glob("*/*/*")}
+
+    # Nearly full: pulls work, uncached, and /healthz says why.
+    filler = fill_up(cache, margin // 2)
+    status, body = health(mirror)
+    assert (status, body["status"]) == (200, "degraded")
+    assert "under cache.min_free" in body["checks"]["cache_space"]["degraded"]
+    pull(f"{mirror.host}/{unique_repo}:big", tmp_path / "full", cert_dir=mirror.cert_dir)
+    assert_pulled(tmp_path / "full", big)
+    assert committed() == set()
+
+    # Full in the middle of a fill: that client's transfer is cut, nothing is committed.
+    filler.unlink()
+    upstream.faults.append(Fault(rf"^GET /v2/{unique_repo}/blobs/{layer.digest}", rate=2 << 20))
+    with ThreadPoolExecutor(1) as pool:
+        cut = pool.submit(fetch, mirror, f"/v2/{unique_repo}/blobs/{layer.digest}")
+        wait_until(lambda: any(p.stat().st_size > 1 << 20 for p in (cache / "tmp").iterdir()), 30)
+        filler = fill_up(cache, 0)
+        result = cut.result()
+    assert_no_wrong_bytes(result, layer.digest)
+    assert not result.complete
+    wait_until(lambda: not list((cache / "tmp").iterdir()), timeout=10)
+    assert layer.digest not in committed()
+    assert "cannot write to the cache" in mirror.log_text()
+
+    # Space returns: caching resumes without a restart.
+    filler.unlink()
+    upstream.faults.clear()
+    assert health(mirror)[1]["status"] == "ok"
+    pull(f"{mirror.host}/{unique_repo}:small", tmp_path / "small", cert_dir=mirror.cert_dir)
+    assert_pulled(tmp_path / "small", small)
+    wait_until(lambda: {b.digest for b in small.blobs} <= committed(), timeout=10)
+    again = fetch(mirror, f"/v2/{unique_repo}/blobs/{small.platforms[0].layers[0].digest}")
+    assert (again.status, again.headers["x-cache"]) == (200, "HIT")
+    for path in (cache / "blobs").glob("*/*/*"):
+        assert sha256(path.read_bytes()) == f"sha256:{path.name}"
+
+
+# --- the key store is unavailable ------------------------------------------------------
+
+
+def basic(app_id: str, api_key: str) -> str:
+    return base64.b64encode(f"{app_id}:{api_key}".encode()).decode()
+
+
+def login(mirror: Any, app_id: str, api_key: str) -> Fetched:
+    return fetch(
+        mirror,
+        f"/docker-auth/token?service={mirror.host}&scope=repository:x:pull",
+        {"Authorization": f"Basic {basic(app_id, api_key)}"},
+    )
+
+
+def test_an_unusable_key_store_is_reported_without_a_crash_loop(plain_registry, dockmirror):
+    mirror = dockmirror(
+        {"hub": {"plugin": "registry", "url": plain_registry.url, "default": True}},
+        auth_required=True,
+        tls=True,
+        start=False,
+    )
+    mirror.database_path.write_bytes(b"not a database " * 100)
+    mirror.start()
+    status, body = health(mirror)
+    assert status == 503
+    assert "not a database" in body["checks"]["key_store"]["error"]
+    refused = login(mirror, "app_x", "sk_y")
+    assert (refused.status, refused.error_code()) == (503, "UNAVAILABLE")
+    assert mirror.running
+
+    mirror.database_path.unlink()
+    app_id, api_key = create_key(mirror)
+    wait_until(lambda: health(mirror)[0] == 200, timeout=CLIENT_TIMEOUT)
+    assert login(mirror, app_id, api_key).status == 200
+    assert "the key store is unavailable" in mirror.log_text()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a read-only mount needs root")
+def test_a_read_only_key_store_keeps_keys_working(plain_registry, dockmirror, tmp_path):
+    state = tmp_path / "state"
+    mirror = dockmirror(
+        {"hub": {"plugin": "registry", "url": plain_registry.url, "default": True}},
+        auth_required=True,
+        tls=True,
+        extra={"auth": {"database": str(state / "keys.sqlite")}},
+    )
+    app_id, api_key = create_key(mirror)
+    mirror.stop()
+    mirror.run_under(
+        *("unshare", "--mount", "--propagation", "private", "sh", "-c"),
+        'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" && exec "$@"',
+        str(state),
+    )
+    mirror.start()
+    # Keys keep working; usage cannot be written, is kept, and /healthz says so.
+    status, body = health(mirror)
+    assert (status, body["status"]) == (200, "degraded")
+    assert "read-only file system" in body["checks"]["key_store"]["degraded"]
+    assert login(mirror, app_id, api_key).status == 200
+    fetch(mirror, "/v2/", {"Authorization": "Basic " + basic(app_id, api_key)})
+    wait_until(lambda: "cannot write key usage" in mirror.log_text(), CLIENT_TIMEOUT)
+    assert "readonly" in health(mirror)[1]["checks"]["key_store"]["degraded"]
+    assert mirror.running
+    mirror.stop()
+    mirror.run_under()
+    mirror.start()
+    assert login(mirror, app_id, api_key).status == 200
+    assert app_id in list_keys(mirror)
