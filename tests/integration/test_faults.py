@@ -15,7 +15,10 @@ import hashlib
 import http.client
 import json
 import os
+import random
+import shutil
 import socket
+import sqlite3
 import ssl
 import subprocess
 import threading
@@ -24,6 +27,7 @@ import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -689,3 +693,119 @@ def test_a_read_only_key_store_keeps_keys_working(plain_registry, dockmirror, tm
     mirror.start()
     assert login(mirror, app_id, api_key).status == 200
     assert app_id in list_keys(mirror)
+
+
+# --- the process dies ------------------------------------------------------------------
+
+
+def strace_kill(syscalls: str, when: int, path: Path | None = None) -> tuple[str, ...]:
+    """An strace wrapper that SIGKILLs the server at its *when*-th *syscalls* (on *path*)."""
+    only = ("-P", str(path)) if path is not None else ()
+    return (
+        *("strace", "-f", "-qq", "-o", "/dev/null", *only),
+        *("-e", f"trace={syscalls}", "-e", f"inject={syscalls}:signal=KILL:when={when}"),
+    )
+
+
+def index_rows(mirror: Any) -> dict[str, int]:
+    with sqlite3.connect(mirror.cache_dir / "index.sqlite") as db:
+        return dict(db.execute("SELECT digest, size FROM blobs").fetchall())
+
+
+def blob_files(mirror: Any) -> dict[str, int]:
+    return {
+        f"{p.parent.parent.name}:{p.name}": p.stat().st_size
+        for p in (mirror.cache_dir / "blobs").glob("*/*/*")
+    }
+
+
+def filled(directory: Path, size: int) -> bool:
+    """Whether a file in *directory* holds *size* bytes or more."""
+    return any(p.stat().st_size >= size for p in directory.iterdir())
+
+
+def port_free(port: int) -> bool:
+    """Whether the server's port can be listened on again (its killed owner is gone)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
+
+
+KILL_POINTS = ("data", "rename", "index write", "key-usage flush")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace to kill at a syscall")
+def test_kill_9_at_any_point_loses_no_key_and_serves_no_partial_blob(
+    plain_registry, upstream, dockmirror, seeded, unique_repo
+):
+    """Kill -9 during a fill, right at its rename, in an index write or a key-usage flush.
+
+    strace injects the SIGKILL at the chosen system call, so the crash lands
+    exactly there; "data" kills at a random point of a slowed fill.  After
+    each restart: every blob served is whole, every key still works, and the
+    index, once written out, accounts for exactly the files on disk.
+    """
+    rng = random.Random(os.environ.get("DOCKMIRROR_TEST_SEED", uuid.uuid4().hex))
+    mirror = dockmirror(
+        {"hub": {"plugin": "registry", "url": upstream.url, "default": True}},
+        auth_required=True,
+        tls=True,
+    )
+    upstream.faults.append(Fault(r"^GET /v2/.*/blobs/", rate=4 << 20))
+    keys = [create_key(mirror, "before")]
+    images = []
+    points = [point for point in KILL_POINTS for _ in range(3)]
+    rng.shuffle(points)
+    for round_, point in enumerate(points):
+        image = seeded(plain_registry, unique_repo, f"r{round_}", layers=[3 << 20, 64 << 10])
+        images.append(image)
+        keys.append(create_key(mirror, f"round {round_}"))
+        auth = {"Authorization": "Basic " + basic(*rng.choice(keys))}
+        layer = image.platforms[0].layers[0]
+        # Renames are blob installs (strace counts per thread: the first, in any thread);
+        # each database is written by one thread.
+        wrapper = {
+            "data": (),
+            "rename": strace_kill("rename,renameat,renameat2", 1),
+            "index write": strace_kill(
+                "pwrite64", rng.randint(1, 3), mirror.cache_dir / "index.sqlite-wal"
+            ),
+            "key-usage flush": strace_kill(
+                "pwrite64", rng.randint(1, 2), mirror.database_path.with_name("keys.sqlite-wal")
+            ),
+        }[point]
+        print(f"round {round_}: to be killed at {point}")
+        mirror.stop()
+        mirror.run_under(*wrapper)
+        mirror.start()
+        with ThreadPoolExecutor(4) as pool:
+            for blob in image.blobs:
+                pool.submit(fetch, mirror, f"/v2/{unique_repo}/blobs/{blob.digest}", auth)
+            if point == "data":
+                cut = rng.randint(64 << 10, layer.size - (64 << 10))
+                wait_until(partial(filled, mirror.cache_dir / "tmp", cut), CLIENT_TIMEOUT)
+                mirror.kill9()
+            else:
+                wait_until(lambda: not mirror.running, timeout=CLIENT_TIMEOUT)
+        mirror.kill9()  # reap the killed process group
+        wait_until(partial(port_free, mirror.port), CLIENT_TIMEOUT)
+
+        mirror.run_under()
+        mirror.start()
+        assert_cache_sound(mirror)
+        for app_id, api_key in keys:
+            assert login(mirror, app_id, api_key).status == 200, app_id
+        assert set(dict(keys)) <= set(list_keys(mirror))
+        for earlier in images:
+            for blob in earlier.blobs:
+                served = fetch(mirror, f"/v2/{unique_repo}/blobs/{blob.digest}", auth)
+                assert (served.status, served.complete) == (200, True)
+                assert sha256(served.body) == blob.digest
+        mirror.stop()
+        assert index_rows(mirror) == blob_files(mirror)
+        mirror.start()
