@@ -40,6 +40,7 @@ from .relay import Fault, Relay
 from .test_pull import assert_pulled
 from .tls import client_context
 
+MULTI = [("linux", "amd64"), ("linux", "arm64")]
 #: Seconds the mirror waits for a silent upstream in these tests ...
 READ_TIMEOUT = 2
 #: ... and seconds a test client waits for the mirror: far more.
@@ -809,3 +810,49 @@ def test_kill_9_at_any_point_loses_no_key_and_serves_no_partial_blob(
         mirror.stop()
         assert index_rows(mirror) == blob_files(mirror)
         mirror.start()
+
+
+# --- load ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_48_concurrent_pulls_cold_and_warm_over_tls_with_keys(
+    plain_registry, upstream, dockmirror, seeded, unique_repo, tmp_path
+):
+    """48 skopeo pulls at once of 6 images, cold then warm: all whole, each blob fetched once."""
+    images = [
+        seeded(plain_registry, unique_repo, "multi", layers=[2 << 20, 256 << 10], platforms=MULTI),
+        *(
+            seeded(plain_registry, unique_repo, f"v{n}", layers=[(n + 1) << 20, 100 << 10])
+            for n in range(4)
+        ),
+        seeded(plain_registry, unique_repo, "docker", layers=[3 << 20], docker_media_types=True),
+    ]
+    mirror = dockmirror(
+        {"hub": {"plugin": "registry", "url": upstream.url, "default": True}},
+        auth_required=True,
+        tls=True,
+    )
+    keys = [create_key(mirror, f"load {n}") for n in range(4)]
+    blobs = {blob.digest for image in images for blob in image.blobs}
+    for phase in ("cold", "warm"):
+        before = upstream.count(r"^GET /v2/.*/blobs/")
+        jobs = [(n, images[n % len(images)], keys[n % len(keys)]) for n in range(48)]
+        (tmp_path / phase).mkdir()
+
+        def one(job: tuple[int, Any, tuple[str, str]], phase: str = phase) -> None:
+            n, image, creds = job
+            dest = tmp_path / phase / str(n)
+            pull(f"{mirror.host}/{unique_repo}:{image.tag}", dest, creds, cert_dir=mirror.cert_dir)
+            assert_pulled(dest, image)
+
+        with ThreadPoolExecutor(48) as pool:
+            failures = [f.exception() for f in [pool.submit(one, job) for job in jobs]]
+        assert [f for f in failures if f is not None] == []
+        fetched = upstream.count(r"^GET /v2/.*/blobs/") - before
+        print(
+            f"{phase}: 48 pulls of 6 images ({len(blobs)} blobs), {fetched} blob fetches"
+            f" and {upstream.count('/manifests/')} manifest requests upstream so far,"
+            f" peak RSS {peak_rss(mirror.pid) >> 20} MiB"
+        )
+        assert fetched == (len(blobs) if phase == "cold" else 0)
