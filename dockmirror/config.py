@@ -15,6 +15,7 @@ import types
 import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +125,7 @@ _UNITS = {
     "gib": 1 << 30,
     "tib": 1 << 40,
 }
-_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
+_SIZE_RE = re.compile(r" *([0-9]{1,20}(?:\.[0-9]{1,9})?) *([a-zA-Z]*) *")
 
 
 def parse_size(text: str) -> int:
@@ -136,7 +137,7 @@ def parse_size(text: str) -> int:
             f"{text!r} is not a size: use a number with B, kB, MB, GB, TB (powers of 1000)"
             ' or KiB, MiB, GiB, TiB (powers of 1024), such as "500MB" or "5GiB"'
         )
-    return int(float(m.group(1)) * _UNITS[unit])
+    return int(Fraction(m.group(1)) * _UNITS[unit])
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,7 @@ def load(path: str | None) -> Config:
         raise ConfigError(f"{path}: no such configuration file") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     return _build(path, data)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,7 @@ from dockmirror.cache.fill import CacheWriteError, Fill
 from dockmirror.cache.manifests import INDEX_TYPES, TagEntry, accepted, references
 from dockmirror.errors import STATUS, RegistryError, retry_after, upstream_unavailable
 from dockmirror.metrics import Metrics
-from dockmirror.reference import HEX_LENGTH, is_digest, parse_image_reference
+from dockmirror.reference import HEX_LENGTH, TAG_RE, is_digest, parse_image_reference
 from dockmirror.routing import Route, Router
 from dockmirror.shared import SingleFlight
 from dockmirror.streaming import BodyStream, Stream, StreamError
@@ -499,7 +500,8 @@ class PullService:
         Only a single range is asked for: several would come back as
         ``multipart/byteranges``, so those are ignored, as for a cached blob.
         """
-        headers = {"Range": range_header} if range_header and "," not in range_header else None
+        upstream_range = _range_header(range_header)
+        headers = {"Range": upstream_range} if upstream_range is not None else None
         response = await self._request(route, "HEAD" if head else "GET", f"blobs/{digest}", headers)
         if response.code not in (200, 206):
             raise await self._failure(route, response, "BLOB_UNKNOWN", head)
@@ -590,6 +592,8 @@ class PullService:
         tag; those lists are sorted and paginated here.
         """
         limit = _page_size(n)
+        if last and not TAG_RE.fullmatch(last):
+            raise RegistryError("TAG_INVALID", "last must be a tag", {"last": last[:200]})
         params = [(k, v) for k, v in (("n", n), ("last", last)) if v is not None]
         response = await self._request(route, "GET", "tags/list", params=params)
         if response.code != 200:
@@ -690,25 +694,44 @@ def _blob_headers(digest: str, x_cache: str) -> dict[str, str]:
     }
 
 
+#: One byte range in RFC 9110's grammar: ASCII digits, at most 19 (below 2**63).
+_RANGE_RE = re.compile(r"bytes=([0-9]{1,19})?-([0-9]{1,19})?")
+
+
+def _range_spec(header: str | None) -> tuple[int | None, int | None] | None:
+    """``(first, last)`` of a single byte range (``(None, n)``: the last n bytes), or None."""
+    m = _RANGE_RE.fullmatch(header.strip()) if header else None
+    if m is None or m.group(1) is m.group(2) is None:
+        return None
+    first, last = m.group(1), m.group(2)
+    return (int(first) if first else None), (int(last) if last else None)
+
+
+def _range_header(header: str | None) -> str | None:
+    """The ``Range`` to pass to an upstream: a single valid range, rewritten, or None."""
+    spec = _range_spec(header)
+    if spec is None:
+        return None
+    first, last = spec
+    return f"bytes={'' if first is None else first}-{'' if last is None else last}"
+
+
 def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """The [start, end) of a single-range ``Range`` header; None serves the whole blob.
 
     Several ranges, or a header that cannot be parsed, are ignored (RFC 9110
     allows that); a range that starts past the end is refused with a 416.
     """
-    if not header or not header.startswith("bytes=") or "," in header:
+    spec = _range_spec(header)
+    if spec is None:
         return None
-    first, dash, last = header[len("bytes=") :].strip().partition("-")
-    if not dash or not (first or last):
-        return None
-    try:
-        if first:
-            start = int(first)
-            end = min(int(last) + 1, size) if last else size
-        else:
-            start, end = max(size - int(last), 0), size
-    except ValueError:
-        return None
+    first, last = spec
+    if first is not None:
+        start = first
+        end = min(last + 1, size) if last is not None else size
+    else:
+        assert last is not None
+        start, end = max(size - last, 0), size
     if start >= end or start >= size:
         raise RegistryError(
             "RANGE_INVALID",
@@ -741,12 +764,18 @@ def _first_error_code(body: bytes) -> str | None:
         return None
 
 
+#: The largest page of tags a client may ask for with ``n``.
+MAX_PAGE = 10_000
+
+
 def _page_size(n: str | None) -> int | None:
     if n is None or n == "":
         return None
-    if not n.isdigit():
+    if not (n.isascii() and n.isdigit()) or len(n) > 6 or int(n) > MAX_PAGE:
         raise RegistryError(
-            "PAGINATION_NUMBER_INVALID", "n must be a non-negative integer", {"n": n[:20]}
+            "PAGINATION_NUMBER_INVALID",
+            f"n must be an integer from 0 to {MAX_PAGE}",
+            {"n": n[:20]},
         )
     return int(n)
 

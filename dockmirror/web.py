@@ -9,6 +9,7 @@ from typing import Any
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -189,9 +190,54 @@ class MirrorRequest(Request):
         super().connectionLost(reason)
 
 
-class MirrorSite(Site):
-    """The site, with one structured log event and metric update per request."""
+def _refusal(status: int, reason: bytes, error: RegistryError) -> bytes:
+    """A whole registry-format error response that closes the connection."""
+    body = error.body()
+    return (
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (status, reason, len(body), body)
+    )
 
+
+class MirrorChannel(HTTPChannel):
+    """HTTP/1.1 whose refusals of malformed or oversized requests are registry errors.
+
+    Twisted answers a request it cannot parse with a bare ``400`` and drops a
+    header line over ``MAX_LENGTH`` without a word; clients get a JSON error
+    that says which.
+    """
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        error = RegistryError(
+            "SIZE_INVALID",
+            f"request line or header longer than {self.MAX_LENGTH} bytes",
+            status=431,
+        )
+        self._refuse(_refusal(431, b"Request Header Fields Too Large", error))
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """Twisted's one way out for a malformed request line, header or framing."""
+        error = RegistryError(
+            "UNSUPPORTED",
+            "malformed HTTP request, or headers over "
+            f"{self.totalHeadersSize} bytes or {self.maxHeaders} fields",
+            status=400,
+        )
+        self._refuse(_refusal(400, b"Bad Request", error))
+
+    def _refuse(self, response: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(response)
+        self.loseConnection()
+
+
+class MirrorSite(Site):
+    """The site, with one structured log event and metric update per request.
+
+    Its channels speak HTTP/1.1 only (see :meth:`acceptableProtocols`).
+    """
+
+    protocol = MirrorChannel  # type: ignore[assignment]  # HTTP/1.1 only: no h2 switch
     requestFactory = MirrorRequest
     noisy = False
 

@@ -116,6 +116,12 @@ def plain_registry(_session_registries: RegistryFactory) -> Registry:
 
 
 @pytest.fixture(scope="session")
+def other_registry(_session_registries: RegistryFactory) -> Registry:
+    """A second shared registry without authentication, apart from ``plain_registry``."""
+    return _session_registries("plain")
+
+
+@pytest.fixture(scope="session")
 def htpasswd_registry(_session_registries: RegistryFactory) -> Registry:
     """A shared registry with Basic auth; ``.creds`` is the valid user."""
     if shutil.which("htpasswd") is None:

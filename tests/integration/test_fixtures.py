@@ -371,9 +371,9 @@ def test_dockmirror_config_matches_contract(tmp_path: Path) -> None:
 def test_dockmirror_process(dockmirror: DockmirrorFactory, plain_registry: Registry) -> None:
     hub = {"plugin": "dockerhub", "url": plain_registry.url, "default": True}
     mirror = dockmirror({"hub": hub})
-    assert http_status(f"{mirror.url}/v2/") in (200, 401)
+    assert http_status(f"{mirror.url}/v2/") == 200
     mirror.restart()
-    assert http_status(f"{mirror.url}/v2/") in (200, 401)
+    assert http_status(f"{mirror.url}/v2/") == 200
     mirror.kill9()
     assert not mirror.running
     mirror.restart()

@@ -59,14 +59,14 @@ def assert_pulled(dest: Path, image: Any) -> None:
 
 
 @pytest.fixture
-def hub(plain_registry, dockmirror):
-    """A mirror over TLS whose default Docker Hub upstream is the plain registry."""
+def hub(plain_registry, other_registry, dockmirror):
+    """A TLS mirror: Docker Hub (the default) is ``plain_registry``, ghcr ``other_registry``."""
     return dockmirror(
         {
             "hub": {"plugin": "dockerhub", "url": plain_registry.url, "default": True},
             "ghcr": {
                 "plugin": "ghcr",
-                "url": plain_registry.url,
+                "url": other_registry.url,
                 "hosts": ["ghcr.mirror.test"],
             },
         },
@@ -98,28 +98,41 @@ def test_one_component_name_gets_library(plain_registry, hub, seeded, unique_rep
     assert_pulled(tmp_path / "b", image)
 
 
-def test_path_prefix_route(plain_registry, hub, seeded, unique_repo, tmp_path):
-    image = seeded(plain_registry, unique_repo, "tag", platforms=MULTI_ARCH)
+def test_path_prefix_route(other_registry, hub, seeded, unique_repo, tmp_path):
+    image = seeded(other_registry, unique_repo, "tag", platforms=MULTI_ARCH)
     pull(f"{hub.host}/ghcr.io/{unique_repo}:tag", tmp_path / "out", cert_dir=hub.cert_dir)
     assert_pulled(tmp_path / "out", image)
 
 
-def test_host_and_ns_routes(plain_registry, hub, seeded, unique_repo):
-    image = seeded(plain_registry, unique_repo, "tag")
+def test_host_and_ns_routes(plain_registry, other_registry, hub, seeded, unique_repo):
+    """The same name on two registries: Host, ?ns= and the prefix each pick the right one."""
+    hub_image = seeded(plain_registry, unique_repo, "tag")
+    ghcr_image = seeded(other_registry, unique_repo, "tag")
+    assert hub_image.digest != ghcr_image.digest
     manifest_path = f"/v2/{unique_repo}/manifests/tag"
-    for extra in (["-H", "Host: ghcr.mirror.test"], []):
-        url = hub.url + manifest_path + ("" if extra else "?ns=ghcr.io")
-        status, headers, body = curl(*extra, "-H", f"Accept: {image.media_type}", url)
-        assert status == 200, body
-        assert body == image.manifest
-        assert headers["docker-content-digest"] == image.digest
-        assert headers["content-type"] == image.media_type
-    layer = image.platforms[0].layers[0]
-    status, _, body = curl(
-        "-H", "Host: ghcr.mirror.test", f"{hub.url}/v2/{unique_repo}/blobs/{layer.digest}"
-    )
+    routes = [
+        ([], manifest_path, hub_image),
+        (["-H", "Host: ghcr.mirror.test"], manifest_path, ghcr_image),
+        (["-H", "Host: GHCR.mirror.test:443"], manifest_path, ghcr_image),
+        ([], manifest_path + "?ns=ghcr.io", ghcr_image),
+        ([], manifest_path + "?ns=docker.io", hub_image),
+        ([], f"/v2/ghcr.io/{unique_repo}/manifests/tag", ghcr_image),
+        (["-H", "Host: other.mirror.test"], manifest_path, hub_image),
+    ]
+    for headers, path, image in routes:
+        accept = ("-H", f"Accept: {image.media_type}")
+        status, got, body = curl(*headers, *accept, hub.url + path)
+        assert (status, body) == (200, image.manifest), (headers, path)
+        assert got["docker-content-digest"] == image.digest
+        assert got["content-type"] == image.media_type
+    layer = ghcr_image.platforms[0].layers[0]
+    blob_path = f"/v2/{unique_repo}/blobs/{layer.digest}"
+    status, _, body = curl("-H", "Host: ghcr.mirror.test", hub.url + blob_path)
     assert status == 200
     assert "sha256:" + hashlib.sha256(body).hexdigest() == layer.digest
+    # Docker Hub's registry does not have that layer: the default route does not serve it.
+    status, _, body = curl(hub.url + blob_path)
+    assert status == 404 and error_code(body) == "BLOB_UNKNOWN"
     # containerd's ?ns= names the registry; one that is not mirrored is refused.
     status, _, body = curl(f"{hub.url}{manifest_path}?ns=unknown.example")
     assert status == 404 and error_code(body) == "NAME_UNKNOWN"
@@ -244,15 +257,21 @@ def test_range_request(plain_registry, hub, seeded, unique_repo):
 
 
 def test_tags_list_pagination(plain_registry, hub, seeded, unique_repo):
-    for tag in ("a", "b", "c"):
-        seeded(plain_registry, f"ghcr-{unique_repo}", tag)
     name = f"ghcr-{unique_repo}"
+    for tag in ("c", "a", "b"):
+        seeded(plain_registry, name, tag)
     status, headers, body = curl(f"{hub.url}/v2/{name}/tags/list?n=2")
     assert status == 200
-    assert json.loads(body)["tags"] == ["a", "b"]
-    assert headers["link"] == f'</v2/{name}/tags/list?n=2&last=b>; rel="next"'
-    status, headers, body = curl(f"{hub.url}/v2/{name}/tags/list?n=2&last=b")
-    assert json.loads(body)["tags"] == ["c"]
+    assert json.loads(body) == {"name": name, "tags": ["a", "b"]}
+    link = headers["link"]
+    assert link == f'</v2/{name}/tags/list?n=2&last=b>; rel="next"'
+    # The client follows the link as given.
+    status, headers, body = curl(hub.url + link.partition("<")[2].partition(">")[0])
+    assert status == 200
+    assert json.loads(body) == {"name": name, "tags": ["c"]}
+    assert "link" not in headers
+    status, headers, body = curl(f"{hub.url}/v2/{name}/tags/list")
+    assert (status, json.loads(body)["tags"]) == (200, ["a", "b", "c"])
     assert "link" not in headers
 
 
