@@ -8,6 +8,7 @@ layer points at the client's request.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import re
@@ -24,7 +25,14 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
 from dockmirror.cache import Cache, origin_of
 from dockmirror.cache.fill import CacheWriteError, Fill
-from dockmirror.cache.manifests import INDEX_TYPES, TagEntry, accepted, references
+from dockmirror.cache.manifests import (
+    INDEX_TYPES,
+    TagEntry,
+    accepted,
+    could_be_manifest,
+    manifest_media_type,
+    references,
+)
 from dockmirror.errors import STATUS, RegistryError, retry_after, upstream_unavailable
 from dockmirror.metrics import Metrics
 from dockmirror.reference import HEX_LENGTH, TAG_RE, is_digest, parse_image_reference
@@ -88,6 +96,11 @@ def _content_length(response: IResponse) -> int | None:
     except ValueError:
         return None
     return length if length is not None and length >= 0 else None
+
+
+def _names(response: IResponse, digest: str) -> bool:
+    """Whether an upstream's answer for *digest* does not name another digest."""
+    return _header(response, "docker-content-digest") in (None, digest)
 
 
 def compute_digest(data: bytes, algorithm: str = "sha256") -> str:
@@ -237,7 +250,11 @@ class PullService:
         )
 
     def _cached_manifest(self, digest: str, x_cache: str, head: bool) -> Reply | None:
-        cached = self.cache.manifests.get(digest)
+        try:
+            cached = self.cache.manifests.get(digest)
+        except OSError as e:
+            log.error("cannot read cached {digest}: {error}", digest=digest, error=e.strerror)
+            raise RegistryError("UNAVAILABLE", "the cache cannot be read now", status=503) from e
         if cached is None:
             return None
         body, media_type = cached
@@ -260,7 +277,10 @@ class PullService:
         if response.code != 200:
             raise await self._failure(route, response, "MANIFEST_UNKNOWN", True)
         discard(response)
-        self.cache.blobs.allow(origin, [digest])
+        content_type = _header(response, "content-type")
+        if not (could_be_manifest(content_type) and _names(response, digest)):
+            raise self._not_a_manifest(route, digest, f"a {content_type} page")
+        self.cache.blobs.allow(origin, digest)
 
     async def _revalidate(
         self,
@@ -287,11 +307,14 @@ class PullService:
                 manifests.forget_tag(origin, tag)
             raise error
         discard(response)
+        if not could_be_manifest(_header(response, "content-type")):
+            what = f"a {_header(response, 'content-type')} page"
+            return self._stale(entry, self._not_a_manifest(route, tag, what), head)
         digest = _header(response, "docker-content-digest")
         if digest is None or not manifests.has(digest):
             return None
         media_type = entry.media_type if digest == entry.digest else manifests.get_type(digest)
-        self.cache.blobs.allow(origin, [digest])
+        self.cache.blobs.allow(origin, digest)
         manifests.set_tag(origin, tag, digest, media_type)
         return self._cached_manifest(digest, REVALIDATED, head)
 
@@ -315,7 +338,11 @@ class PullService:
         )
         if response.code != 200:
             raise await self._failure(route, response, "MANIFEST_UNKNOWN", head)
-        content_type = _media_type(_header(response, "content-type"))
+        declared = _header(response, "content-type")
+        if not could_be_manifest(declared):
+            discard(response)
+            raise self._not_a_manifest(route, reference, f"a {declared} page")
+        content_type = _media_type(declared)
         digest = _header(response, "docker-content-digest")
         if head:
             discard(response)
@@ -344,17 +371,32 @@ class PullService:
             raise upstream_unavailable(
                 route.upstream.name, f"manifest does not match its digest {expected}", 502
             )
-        await self.cache.manifests.put(origin, reference, actual, content_type, body)
+        media_type = manifest_media_type(body, declared)
+        if media_type is None:
+            what = f"{len(body)} bytes of {declared or 'no declared type'}"
+            raise self._not_a_manifest(route, reference, what)
+        await self.cache.manifests.put(origin, reference, actual, media_type, body)
         return Reply(
             200,
             {
-                "Content-Type": content_type,
+                "Content-Type": media_type,
                 "Docker-Content-Digest": actual,
                 "ETag": f'"{actual}"',
                 "X-Cache": MISS,
             },
             body,
         )
+
+    def _not_a_manifest(self, route: Route, reference: str, what: str) -> RegistryError:
+        """An upstream's 200 that is no manifest: a captive portal, a login page."""
+        log.warn(
+            "upstream {upstream} answered {what} for manifest {reference} of {repository}",
+            upstream=route.upstream.name,
+            what=what,
+            reference=reference,
+            repository=route.repository,
+        )
+        return upstream_unavailable(route.upstream.name, "the answer is not a manifest", 502)
 
     # --- blobs ---------------------------------------------------------------------
 
@@ -373,7 +415,7 @@ class PullService:
         source = await self._source(route, origin, digest)
         if source.passthrough is not None:
             self._metrics.cache_passthrough.labels(source.passthrough).inc()
-            return await self._passthrough(route, digest, head, range_header)
+            return await self._passthrough(route, origin, digest, head, range_header)
         x_cache = MISS if source.lead else HIT
         self._count("blob", x_cache)
         store.touch(digest)
@@ -392,8 +434,8 @@ class PullService:
             reader = store.reader(digest, start, end, count)
         except OSError as e:
             log.error("cannot open cached {digest}: {error}", digest=digest, error=e.strerror)
-            if source.fill is None:
-                store.forget(digest)
+            if source.fill is None and e.errno == errno.ENOENT:
+                store.forget(digest)  # gone from the disk; a transient error keeps it
             raise upstream_unavailable(route.upstream.name, "cache read failed", 503) from e
         return Reply(206 if span else 200, headers, stream=reader)
 
@@ -402,14 +444,14 @@ class PullService:
         store = self.cache.blobs
         error: Exception | None = None
         for _ in range(FILL_ATTEMPTS):
-            if not store.allowed(origin, digest) or store.size_of(digest) is None:
+            if not store.allowed(origin, digest) or store.size_of(digest, origin) is None:
                 await self._blob_head(route, origin, digest)
             if store.has(digest):
                 return _Source()
             fill = store.filling(digest)
             lead = fill is None
             if fill is None:
-                size = store.size_of(digest)
+                size = store.size_of(digest, origin)
                 if size is None:
                     return _Source(passthrough="size unknown")
                 reason = self._admit(digest, size)
@@ -452,7 +494,7 @@ class PullService:
             discard(response)
             fill.abandon(StreamError(f"{length} bytes for {fill.digest}, {fill.size} expected"))
             return
-        self.cache.blobs.allow(origin, [fill.digest])
+        self.cache.blobs.allow(origin, fill.digest, length)
         log.info(
             "filling {digest} ({size} bytes) from {upstream}",
             digest=fill.digest,
@@ -472,10 +514,19 @@ class PullService:
         if response.code != 200:
             raise await self._failure(route, response, "BLOB_UNKNOWN", True)
         discard(response)
-        self.cache.blobs.allow(origin, [digest])
+        content_type = (_header(response, "content-type") or "").lower()
+        if content_type.startswith("text/html") or not _names(response, digest):
+            # A portal or login page answering 200 to anything proves nothing.
+            log.warn(
+                "upstream {upstream} answered a HEAD of {digest} with a page"
+                " ({content_type}) or another digest",
+                upstream=route.upstream.name,
+                digest=digest,
+                content_type=content_type,
+            )
+            raise upstream_unavailable(route.upstream.name, "the answer is not the blob", 502)
         length = _content_length(response)
-        if length is not None:
-            self.cache.blobs.hint(digest, length)
+        self.cache.blobs.allow(origin, digest, length)
         return length
 
     def _admit(self, digest: str, size: int) -> str | None:
@@ -493,25 +544,25 @@ class PullService:
         return "over max_layer_size"
 
     async def _passthrough(
-        self, route: Route, digest: str, head: bool, range_header: str | None
+        self, route: Route, origin: str, digest: str, head: bool, range_header: str | None
     ) -> Reply:
         """Stream a blob from the upstream without caching it.
 
         Only a single range is asked for: several would come back as
         ``multipart/byteranges``, so those are ignored, as for a cached blob.
         """
-        upstream_range = _range_header(range_header)
-        headers = {"Range": upstream_range} if upstream_range is not None else None
+        headers = {"Range": range_header} if range_header and _range_spec(range_header) else None
         response = await self._request(route, "HEAD" if head else "GET", f"blobs/{digest}", headers)
         if response.code not in (200, 206):
             raise await self._failure(route, response, "BLOB_UNKNOWN", head)
         self._count("blob", MISS)
         length = _content_length(response)
-        declared = self.cache.blobs.size_of(digest)
+        declared = self.cache.blobs.size_of(digest, origin)
         if response.code == 200 and declared is not None:
-            # Bytes beyond the size the manifest or a HEAD announced are never sent.
+            # Bytes beyond the size the upstream announced to a HEAD are never sent.
             if length is not None and length != declared:
                 discard(response)
+                self.cache.blobs.doubt(digest, origin)
                 raise upstream_unavailable(
                     route.upstream.name, f"{length} bytes for {digest}, {declared} expected", 502
                 )
@@ -608,7 +659,7 @@ class PullService:
         headers = {"Content-Type": "application/json"}
         link = _header(response, "link")
         if link:
-            headers["Link"] = _tags_link(route.client_name, _link_query(link))
+            headers["Link"] = _tags_link(route, _link_query(link))
         else:
             tags = sorted(tags)
             if last is not None:
@@ -616,8 +667,7 @@ class PullService:
             if limit is not None and len(tags) > limit:
                 tags = tags[:limit]
                 if tags:
-                    query = urlencode([("n", str(limit)), ("last", tags[-1])])
-                    headers["Link"] = _tags_link(route.client_name, query)
+                    headers["Link"] = _tags_link(route, [("n", str(limit)), ("last", tags[-1])])
         body = json.dumps({"name": route.client_name, "tags": tags}).encode()
         return Reply(200, headers, body)
 
@@ -694,44 +744,41 @@ def _blob_headers(digest: str, x_cache: str) -> dict[str, str]:
     }
 
 
-#: One byte range in RFC 9110's grammar: ASCII digits, at most 19 (below 2**63).
-_RANGE_RE = re.compile(r"bytes=([0-9]{1,19})?-([0-9]{1,19})?")
+#: A single byte range (RFC 9110): ``first-last``, ``first-`` or ``-suffix``;
+#: positions of more than 20 digits (past any blob) are not parsed.
+_RANGE_RE = re.compile(r"bytes=[ \t]*([0-9]{0,20})-([0-9]{0,20})[ \t]*", re.IGNORECASE)
 
 
-def _range_spec(header: str | None) -> tuple[int | None, int | None] | None:
-    """``(first, last)`` of a single byte range (``(None, n)``: the last n bytes), or None."""
-    m = _RANGE_RE.fullmatch(header.strip()) if header else None
-    if m is None or m.group(1) is m.group(2) is None:
+def _range_spec(header: str | None) -> tuple[str, str] | None:
+    """The first and last position of a single well-formed range; None to ignore *header*.
+
+    Several ranges, a header that cannot be parsed, and a range whose last
+    position is before its first are ignored (RFC 9110 14.2): the whole
+    blob is served.
+    """
+    match = _RANGE_RE.fullmatch(header) if header else None
+    if match is None:
         return None
-    first, last = m.group(1), m.group(2)
-    return (int(first) if first else None), (int(last) if last else None)
-
-
-def _range_header(header: str | None) -> str | None:
-    """The ``Range`` to pass to an upstream: a single valid range, rewritten, or None."""
-    spec = _range_spec(header)
-    if spec is None:
+    first, last = match.groups()
+    if not (first or last) or (first and last and int(last) < int(first)):
         return None
-    first, last = spec
-    return f"bytes={'' if first is None else first}-{'' if last is None else last}"
+    return first, last
 
 
 def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """The [start, end) of a single-range ``Range`` header; None serves the whole blob.
 
-    Several ranges, or a header that cannot be parsed, are ignored (RFC 9110
-    allows that); a range that starts past the end is refused with a 416.
+    A range that starts past the end is refused with a 416.
     """
     spec = _range_spec(header)
     if spec is None:
         return None
     first, last = spec
-    if first is not None:
-        start = first
-        end = min(last + 1, size) if last is not None else size
+    if first:
+        start = int(first)
+        end = min(int(last) + 1, size) if last else size
     else:
-        assert last is not None
-        start, end = max(size - last, 0), size
+        start, end = max(size - int(last), 0), size
     if start >= end or start >= size:
         raise RegistryError(
             "RANGE_INVALID",
@@ -780,11 +827,14 @@ def _page_size(n: str | None) -> int | None:
     return int(n)
 
 
-def _link_query(link: str) -> str:
+def _link_query(link: str) -> list[tuple[str, str]]:
     """The ``n``/``last`` query of an upstream's pagination ``Link``."""
     target = link.partition("<")[2].partition(">")[0]
-    return urlencode([(k, v) for k, v in parse_qsl(urlsplit(target).query) if k in ("n", "last")])
+    return [(k, v) for k, v in parse_qsl(urlsplit(target).query) if k in ("n", "last")]
 
 
-def _tags_link(client_name: str, query: str) -> str:
-    return f'</v2/{client_name}/tags/list?{query}>; rel="next"'
+def _tags_link(route: Route, query: list[tuple[str, str]]) -> str:
+    """The next page's ``Link``: on this mirror, to the upstream that served this page."""
+    if route.ns is not None:
+        query = [*query, ("ns", route.ns)]
+    return f'</v2/{route.client_name}/tags/list?{urlencode(query)}>; rel="next"'

@@ -49,6 +49,7 @@ class Route:
     base_url: str
     repository: str  # the name at the upstream
     client_name: str  # the name as the client spelled it
+    ns: str | None = None  # the ``?ns=`` that chose the upstream; links must carry it
 
     @property
     def key(self) -> str:
@@ -83,7 +84,7 @@ class Router:
                     f"registry {ns[:255]} is not mirrored here",
                     {"ns": ns[:255]},
                 )
-            return self._route(upstream, ns.lower(), name, name)
+            return self._route(upstream, ns.lower(), name, name, ns=ns.lower())
         first, _, rest = name.partition("/")
         if rest:
             upstream = self._by_alias(first)
@@ -98,9 +99,11 @@ class Router:
         return self._route(self.default, None, name, name)
 
     @staticmethod
-    def _route(upstream: Upstream, alias: str | None, name: str, client_name: str) -> Route:
+    def _route(
+        upstream: Upstream, alias: str | None, name: str, client_name: str, ns: str | None = None
+    ) -> Route:
         repository = check_name(upstream.plugin.repository(name))
-        return Route(upstream, upstream.base_url(alias), repository, client_name)
+        return Route(upstream, upstream.base_url(alias), repository, client_name, ns)
 
 
 def _strip_port(host: str) -> str:

@@ -227,7 +227,26 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     return top
 
 
+def raise_open_files_limit() -> None:
+    """Raise the soft limit on open files to the hard limit.
+
+    Every client reading a cached blob holds a file open, as does every fill
+    and connection; the usual soft limit (1024) runs out long before the
+    system's does.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard or hard == resource.RLIM_INFINITY:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as e:
+        log.warn("cannot raise the open files limit from {soft}: {error}", soft=soft, error=e)
+    else:
+        log.info("open files limit raised from {soft} to {hard}", soft=soft, hard=hard)
+
+
 def makeService(options: Options, reactor: IReactorCore | None = None) -> service.MultiService:
+    raise_open_files_limit()
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 

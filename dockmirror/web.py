@@ -9,7 +9,6 @@ from typing import Any
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
-from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -199,7 +198,7 @@ def _refusal(status: int, reason: bytes, error: RegistryError) -> bytes:
     )
 
 
-class MirrorChannel(HTTPChannel):
+class MirrorChannel(GuardedChannel):
     """HTTP/1.1 whose refusals of malformed or oversized requests are registry errors.
 
     Twisted answers a request it cannot parse with a bare ``400`` and drops a
@@ -237,7 +236,6 @@ class MirrorSite(Site):
     Its channels speak HTTP/1.1 only (see :meth:`acceptableProtocols`).
     """
 
-    protocol = MirrorChannel  # type: ignore[assignment]  # HTTP/1.1 only: no h2 switch
     requestFactory = MirrorRequest
     noisy = False
 
@@ -257,9 +255,9 @@ class MirrorSite(Site):
         self.limits = limits or ConnectionLimits(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT)
         self.header_timeout = header_timeout
 
-    def protocol(self) -> GuardedChannel:  # type: ignore[override]
-        """A channel per connection (HTTP/1.1 only: see :meth:`acceptableProtocols`)."""
-        return GuardedChannel(self.limits, self.header_timeout)
+    def protocol(self) -> MirrorChannel:  # type: ignore[override]
+        """A channel per connection, HTTP/1.1 only: no h2 switch."""
+        return MirrorChannel(self.limits, self.header_timeout)
 
     def buildProtocol(self, addr: IAddress | None) -> Any:
         refusal = self.limits.refusal(addr)

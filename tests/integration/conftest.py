@@ -265,6 +265,10 @@ class Dockmirror:
     def running(self) -> bool:
         return self._process.running
 
+    def wrap(self, prefix: list[str]) -> None:
+        """Start the server through a command that execs it (e.g. ``prlimit ... --``)."""
+        self.run_under(*prefix)
+
     def start(self) -> None:
         """Start and wait (up to 20 s) until ``/v2/`` answers with any status."""
         context = client_context() if self.tls else None
