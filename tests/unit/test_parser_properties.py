@@ -128,7 +128,8 @@ def test_parse_image_reference(text: str) -> None:
 
 # --- Range -------------------------------------------------------------------
 
-_STRICT_RANGE = re.compile(r"bytes=(?:[0-9]+-[0-9]*|-[0-9]+)")
+#: One byte range; the unit is case-insensitive and blanks may surround the range.
+_STRICT_RANGE = re.compile(r"bytes=[ \t]*(?:[0-9]+-[0-9]*|-[0-9]+)[ \t]*", re.IGNORECASE)
 
 
 @given(
