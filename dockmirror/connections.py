@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from twisted.internet.interfaces import IAddress, IDelayedCall, ISSLTransport
+from twisted.internet.interfaces import IAddress, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -23,6 +23,7 @@ from twisted.web.http import HTTPChannel
 
 from dockmirror.auth.throttle import client_subject
 from dockmirror.errors import RegistryError
+from dockmirror.streaming import IdleTimer
 
 log = Logger()
 
@@ -121,11 +122,12 @@ class GuardedChannel(HTTPChannel):
     connection is governed by the site's idle timeout.
     """
 
-    def __init__(self, limits: ConnectionLimits, header_timeout: float) -> None:
+    def __init__(
+        self, limits: ConnectionLimits, header_timeout: float, reactor: IReactorTime
+    ) -> None:
         super().__init__()
         self._limits = limits
-        self._header_timeout = header_timeout
-        self._deadline: IDelayedCall | None = None
+        self._deadline = IdleTimer(reactor, header_timeout, self._too_slow)
         self._busy = False
         self._peer: IAddress | None = None
 
@@ -135,8 +137,8 @@ class GuardedChannel(HTTPChannel):
         self._limits.opened(self._peer)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._deadline is None and not self._busy and data:
-            self._deadline = self.callLater(self._header_timeout, self._too_slow)
+        if not self._busy and data:
+            self._deadline.start()  # a no-op while it runs
         super().dataReceived(data)
 
     def allHeadersReceived(self) -> None:
@@ -144,7 +146,7 @@ class GuardedChannel(HTTPChannel):
         super().allHeadersReceived()
 
     def allContentReceived(self) -> None:
-        self._disarm()
+        self._deadline.stop()
         super().allContentReceived()
 
     def requestDone(self, request: Any) -> None:
@@ -152,23 +154,16 @@ class GuardedChannel(HTTPChannel):
         super().requestDone(request)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._disarm()
+        self._deadline.stop()
         self._limits.closed(self._peer)
         super().connectionLost(reason)
 
-    def _disarm(self) -> None:
-        if self._deadline is not None:
-            if self._deadline.active():
-                self._deadline.cancel()
-            self._deadline = None
-
     def _too_slow(self) -> None:
-        self._deadline = None
         self._busy = True  # no new deadline for what arrives while closing
         log.info(
             "closing {client}: no whole request within {timeout:.0f}s (server.header_timeout)",
             client=_subject(self._peer),
-            timeout=self._header_timeout,
+            timeout=self._deadline.timeout,
         )
         if self.transport is not None:
             self.transport.write(_TIMED_OUT)

@@ -257,7 +257,7 @@ class MirrorSite(Site):
 
     def protocol(self) -> MirrorChannel:  # type: ignore[override]
         """A channel per connection, HTTP/1.1 only: no h2 switch."""
-        return MirrorChannel(self.limits, self.header_timeout)
+        return MirrorChannel(self.limits, self.header_timeout, self.reactor)
 
     def buildProtocol(self, addr: IAddress | None) -> Any:
         refusal = self.limits.refusal(addr)

@@ -227,8 +227,8 @@ async def test_a_key_store_that_cannot_be_written_is_degraded() -> None:
 
 def channel(limits: ConnectionLimits, clock: MemoryReactorClock, host: str) -> Any:
     site = MirrorSite(Resource(), Metrics(), limits, header_timeout=10)
+    site.reactor = clock
     protocol = site.buildProtocol(IPv4Address("TCP", host, 1234))
-    protocol.callLater = clock.callLater
     transport = StringTransport(peerAddress=IPv4Address("TCP", host, 1234))
     protocol.makeConnection(transport)
     return protocol, transport
