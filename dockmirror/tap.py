@@ -3,46 +3,48 @@
 from __future__ import annotations
 
 import resource
-from collections.abc import Callable
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from treq.client import HTTPClient
 from twisted.application import service, strports
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.defer import DeferredList
 from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import HTTPConnectionPool
 
 from dockmirror.auth.access import AccessControl
 from dockmirror.auth.keystore import KeyStore, KeyStoreError
-from dockmirror.auth.throttle import Throttle
+from dockmirror.auth.throttle import LoginThrottle
 from dockmirror.auth.tokens import TokenService, load_signing_key
 from dockmirror.cache import Cache
 from dockmirror.config import (
     Config,
     ConfigError,
     check_repository_prefix,
+    config_warnings,
     load,
     state_directory,
     upstream_plugins,
+    upstream_tls,
 )
 from dockmirror.connections import ConnectionLimits
+from dockmirror.egress import upstream_egress
+from dockmirror.forwarded import ClientAddresses
 from dockmirror.health import HealthResource, cache_space, directory_writable, key_store
 from dockmirror.manhole import HOST_KEY_FILE, KeysConsole, load_host_key, manhole_factory
 from dockmirror.metrics import Metrics, MetricsResource
 from dockmirror.pull import Prefetcher, PullService, Upstreams
 from dockmirror.routing import build_router
-from dockmirror.tls import CertificateReloadService, PlainHTTPFactory, tls_endpoint
+from dockmirror.tls import PlainHTTPFactory, ReloadService, tls_endpoint
 from dockmirror.web import MirrorSite, RootResource, build_root
 
 log = Logger()
 
-#: Idle persistent connections kept per upstream host.
-POOL_PER_HOST = 16
 #: The token signing key, in the state directory.
 SIGNING_KEY_FILE = "token_signing_key.pem"
 
@@ -63,8 +65,9 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         try:
             config = self["parsed"] = load(self["config"])
-            for description in (*config.server.listen, *config.metrics.listen):
-                _endpoint(None, config, description)
+            for key, descriptions in _listeners(config):
+                for description in descriptions:
+                    _endpoint(None, config, description, key)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
         if self["check"]:
@@ -73,44 +76,39 @@ class Options(usage.Options):
                 f" ({len(config.upstreams)} upstreams, listening on"
                 f" {', '.join(config.server.listen)})"
             )
+            for name, upstream in config.upstreams.items():
+                print(f"  upstreams.{name}: {upstream!r}")
+            for warning in config_warnings(config):
+                print(f"warning: {config.source}: {warning}", file=sys.stderr)
             raise SystemExit(0)
 
 
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """Upstream connections come and go; don't log each one."""
-
-    noisy = False
+def _listeners(config: Config) -> list[tuple[str, tuple[str, ...]]]:
+    """Every endpoint string of the configuration, with its key."""
+    manhole = (config.manhole.listen,) if config.manhole.listen is not None else ()
+    return [
+        ("server.listen", config.server.listen),
+        ("metrics.listen", config.metrics.listen),
+        ("manhole.listen", manhole),
+    ]
 
 
 class PoolService(service.Service):
-    """Closes the upstream connection pool when the mirror stops."""
+    """Closes the upstreams' connection pools when the mirror stops."""
 
-    def __init__(self, pool: HTTPConnectionPool) -> None:
-        self.pool = pool
+    def __init__(self, pools: list[HTTPConnectionPool]) -> None:
+        self.pools = pools
 
     def stopService(self) -> Any:
         super().stopService()
-        return self.pool.closeCachedConnections()
+        return DeferredList([pool.closeCachedConnections() for pool in self.pools])
 
 
-def _endpoint(reactor: Any, config: Config, description: str) -> Any:
+def _endpoint(reactor: Any, config: Config, description: str, key: str = "server.listen") -> Any:
     try:
         return tls_endpoint(reactor, description)
     except ValueError as e:
-        raise ConfigError(f"{config.source}: server.listen: {description!r}: {e}") from None
-
-
-def _http_clients(reactor: Any, pool: HTTPConnectionPool) -> Callable[[float], HTTPClient]:
-    """treq clients over one connection pool, one per connect timeout."""
-    clients: dict[float, HTTPClient] = {}
-
-    def client(connect_timeout: float) -> HTTPClient:
-        if connect_timeout not in clients:
-            agent = Agent(reactor, connectTimeout=connect_timeout, pool=pool)
-            clients[connect_timeout] = HTTPClient(agent)
-        return clients[connect_timeout]
-
-    return client
+        raise ConfigError(f"{config.source}: {key}: {description!r}: {e}") from None
 
 
 #: File descriptors a client connection may need: its socket, a blob file, an upstream socket.
@@ -148,7 +146,7 @@ def build_access(config: Config, keys: KeyStore, metrics: Metrics, reactor: Any)
     return AccessControl(
         keys,
         tokens,
-        Throttle(reactor),
+        LoginThrottle(reactor),
         metrics,
         realm=f"{public_url}/docker-auth/token",
         anonymous_repos=config.auth.anonymous_repos,
@@ -156,15 +154,22 @@ def build_access(config: Config, keys: KeyStore, metrics: Metrics, reactor: Any)
 
 
 def build_service(config: Config, reactor: Any) -> service.MultiService:
+    for warning in config_warnings(config):
+        log.warn("{source}: {warning}", source=config.source, warning=warning)
     router = build_router(config, upstream_plugins())
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool._factory = _QuietClientFactory
-    pool.maxPersistentPerHost = POOL_PER_HOST
+    egress = {
+        u.name: upstream_egress(
+            reactor,
+            u.name,
+            u.configured_url,
+            upstream_tls(config.source, u.name, config.upstreams[u.name]),
+            connect_timeout=u.connect_timeout,
+        )
+        for u in router.upstreams
+    }
     metrics = Metrics()
     cache = Cache(config.cache, reactor, metrics)
-    pull = PullService(
-        Upstreams(_http_clients(reactor, pool), reactor, metrics), reactor, metrics, cache
-    )
+    pull = PullService(Upstreams(egress, reactor, metrics), reactor, metrics, cache)
     cache.prefetcher = Prefetcher(router, pull)
     top = service.MultiService()
     # Started first: it recovers the cache from disk before any request is served.
@@ -185,7 +190,8 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     timeouts = {"header_timeout": server.header_timeout, "idle_timeout": server.idle_timeout}
     _raise_file_limit(server.max_connections)
     limits = ConnectionLimits(server.max_connections, server.max_connections_per_client)
-    site = MirrorSite(root, metrics, limits, **timeouts)
+    clients = ClientAddresses(server.trusted_proxies, server.proxy_header)
+    site = MirrorSite(root, metrics, clients, limits, **timeouts)
     certificates = []
 
     def listen(descriptions: tuple[str, ...], site: MirrorSite) -> None:
@@ -204,12 +210,11 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
         operations.putChild(b"metrics", metrics_resource)
         operations.putChild(b"healthz", health)
         own = ConnectionLimits(server.max_connections, server.max_connections_per_client)
-        listen(config.metrics.listen, MirrorSite(operations, metrics, own, **timeouts))
+        listen(config.metrics.listen, MirrorSite(operations, metrics, clients, own, **timeouts))
     else:
         root.putChild(b"metrics", metrics_resource)
-    if certificates:
-        CertificateReloadService(reactor, certificates).setServiceParent(top)
-    PoolService(pool).setServiceParent(top)
+    ReloadService(reactor, certificates).setServiceParent(top)
+    PoolService([e.pool for e in egress.values()]).setServiceParent(top)
     namespace: dict[str, Any] = {
         "keys": KeysConsole(keys, partial(check_repository_prefix, upstreams=config.upstreams)),
         "upstreams": {upstream.name: upstream for upstream in router.upstreams},
@@ -222,6 +227,7 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
             namespace,
             Path(config.manhole.authorized_keys),
             load_host_key(state_directory(config) / HOST_KEY_FILE),
+            reactor,
         )
         strports.service(config.manhole.listen, factory, reactor=reactor).setServiceParent(top)
     return top

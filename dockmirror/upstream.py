@@ -9,12 +9,11 @@ Tokens are cached per realm, service and scope until shortly before they expire.
 from __future__ import annotations
 
 import base64
-import ipaddress
 import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from twisted.internet import defer
 from twisted.internet.error import (
@@ -35,9 +34,11 @@ from twisted.web.client import (
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
 from dockmirror.config import CONNECT_TIMEOUT, READ_TIMEOUT
+from dockmirror.egress import DisallowedAddress, tls_failure
+from dockmirror.hostnames import parse_host_header
 from dockmirror.metrics import Metrics
 from dockmirror.streaming import IdleTimer
 
@@ -47,6 +48,9 @@ log = Logger()
 SMALL_BODY_LIMIT = 1 << 20
 #: A token is dropped this many seconds before the upstream says it expires.
 TOKEN_MARGIN = 10.0
+#: Redirects followed for one request.
+MAX_REDIRECTS = 5
+_REDIRECTS = (301, 302, 303, 307, 308)
 
 
 # --- WWW-Authenticate ------------------------------------------------------
@@ -102,44 +106,35 @@ def parse_www_authenticate(values: list[str]) -> list[Challenge]:
 # --- credentials -------------------------------------------------------------
 
 
-def registrable_domain(host: str) -> str:
-    """The last two labels of a DNS name (the whole of an IP address or single label).
-
-    This is the usual approximation of the registrable domain: it treats
-    ``docker.io`` as the domain of ``auth.docker.io`` and ``registry-1.docker.io``.
-    """
-    host = host.lower().rstrip(".")
+def _origin(url: str) -> tuple[str, str, int | None] | None:
+    parts = urlsplit(url)
     try:
-        ipaddress.ip_address(host.strip("[]"))
-        return host
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
     except ValueError:
-        return ".".join(host.split(".")[-2:])
+        return None
+    return parts.scheme, (parts.hostname or "").lower(), port
 
 
-def may_send_credentials(realm: str, registry_url: str) -> bool:
-    """Credentials go only to the registry's own host or its registrable domain."""
-    realm_parts, registry_parts = urlsplit(realm), urlsplit(registry_url)
-    realm_host = realm_parts.hostname or ""
-    registry_host = registry_parts.hostname or ""
-    if realm_parts.scheme == "http" and registry_parts.scheme == "https":
+def may_send_credentials(realm: str, registry_url: str, token_realms: tuple[str, ...] = ()) -> bool:
+    """Credentials go to the registry's own host, or to a token service origin listed for it.
+
+    The list is the plugin's (Docker Hub's ``https://auth.docker.io``) and the
+    operator's ``token_realms``.  No guess from domain names is made: tenants
+    of a shared registry domain (``*.azurecr.io``) are different parties.
+    """
+    realm_origin, registry_origin = _origin(realm), _origin(registry_url)
+    if realm_origin is None or registry_origin is None or not realm_origin[1]:
         return False
-    return realm_host == registry_host or (
-        registrable_domain(realm_host) == registrable_domain(registry_host)
-        and "." in registrable_domain(realm_host)
-    )
+    if realm_origin[0] == "http" and registry_origin[0] == "https":
+        return False
+    if realm_origin[1] == registry_origin[1]:
+        return True
+    return realm_origin in {_origin(r) for r in token_realms}
 
 
 def basic_authorization(username: str, password: str) -> str:
     pair = f"{username}:{password}".encode()
     return "Basic " + base64.b64encode(pair).decode("ascii")
-
-
-class UpstreamError(Exception):
-    """The upstream could not be reached, or stopped answering."""
-
-
-class UpstreamTimeout(UpstreamError):
-    """The upstream stayed silent for longer than its read timeout."""
 
 
 async def read_small(
@@ -149,14 +144,17 @@ async def read_small(
     reactor: IReactorTime | None = None,
     timeout: float | None = None,
 ) -> bytes:
-    """Read a body expected to be small; a larger one is cut off at *limit*.
+    """Read a body expected to be small, whole.
 
+    A body over *limit* bytes (declared or counted) or cut short raises
+    :class:`UpstreamError`: a partial body is never taken for the whole one.
     With *reactor* and *timeout*, an upstream silent for *timeout* seconds
-    has its connection aborted and :class:`UpstreamError` is raised.
+    has its connection aborted and :class:`UpstreamTimeout` is raised.
     """
-    if response.length is not None and response.length != -1 and response.length > limit:
-        response.deliverBody(_Discard())
-        return b""
+    if response.length is not None and response.length != UNKNOWN_LENGTH:
+        if response.length > limit:
+            discard(response)
+            raise UpstreamError(f"body of {response.length} bytes, over the {limit} allowed", 502)
     body = _SmallBody(limit, reactor, timeout)
     response.deliverBody(body)
     return await body.done
@@ -185,17 +183,19 @@ class _SmallBody(Protocol):
             return
         if self._timer is not None:
             self._timer.touch()
-        keep = data[: self._limit - self._size]
-        self._parts.append(keep)
-        self._size += len(keep)
-        if len(keep) < len(data):
-            self._end(None, abort=True)
+        self._size += len(data)
+        if self._size > self._limit:
+            self._end(UpstreamError(f"body over the {self._limit} bytes allowed", 502), abort=True)
+            return
+        self._parts.append(data)
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
         if reason.check(ResponseDone, PotentialDataLoss):
             self._end(None)
         else:
-            self._end(UpstreamError(f"connection failed: {reason.getErrorMessage()}"))
+            reasons = getattr(reason.value, "reasons", None) or [reason]
+            why = "; ".join(f.getErrorMessage() for f in reasons)
+            self._end(UpstreamError(f"body cut short: connection failed: {why}", 502))
 
     def _idle(self) -> None:
         assert self._timer is not None
@@ -236,8 +236,26 @@ def discard(response: IResponse) -> None:
 # --- the client ----------------------------------------------------------------
 
 
+class UpstreamError(Exception):
+    """The upstream could not be reached (503), or answered unusably (502)."""
+
+    def __init__(self, message: str, status: int = 503) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream stayed silent for longer than its read timeout."""
+
+
 class UpstreamClient:
-    """Requests to one upstream registry base URL, with its authentication."""
+    """Requests to one upstream registry base URL, with its authentication.
+
+    Redirects are followed here, at most :data:`MAX_REDIRECTS`, to https
+    only (http too when the base URL is http); ``Authorization`` is dropped
+    at the first hop to another origin.  Where a connection may go is
+    checked when it is made (:mod:`dockmirror.egress`).
+    """
 
     def __init__(
         self,
@@ -249,6 +267,8 @@ class UpstreamClient:
         username: str | None = None,
         password: str | None = None,
         *,
+        token_realms: tuple[str, ...] = (),
+        trusted: str = "the system's CAs",
         connect_timeout: float = CONNECT_TIMEOUT,
         read_timeout: float = READ_TIMEOUT,
     ) -> None:
@@ -263,6 +283,9 @@ class UpstreamClient:
         self._reactor = reactor
         self._username = username
         self._password = password
+        self._token_realms = token_realms
+        self._trusted = trusted
+        self._schemes = ("http", "https") if self.base_url.startswith("http:") else ("https",)
         self._challenge: Challenge | None = None
         self._tokens: dict[tuple[str, str, str], tuple[str, float]] = {}
 
@@ -313,8 +336,59 @@ class UpstreamClient:
             h.setRawHeaders(k, [v])
         if authorization:
             h.setRawHeaders("Authorization", [authorization])
-        d = self._http.request(method, url, headers=h, params=params, unbuffered=True)
-        # The connection is bounded by the agent's connect timeout; the answer by ours.
+        hops = 0
+        while True:
+            response = await self._send_once(method, url, h, params)
+            location = response.headers.getRawHeaders("location")
+            if response.code not in _REDIRECTS or not location:
+                return response
+            discard(response)
+            if hops == MAX_REDIRECTS:
+                self._metrics.upstream_errors.labels(self.name, "redirect").inc()
+                raise UpstreamError(f"more than {MAX_REDIRECTS} redirects", 502)
+            hops += 1
+            target = self.check_url(urljoin(url, location[0].strip()), "redirect")
+            if _origin(target) != _origin(url):
+                h.removeHeader("Authorization")
+            log.debug(
+                "{upstream}: {url} redirects to {target}",
+                upstream=self.name,
+                url=url,
+                target=target,
+            )
+            url, params = target, None
+
+    def check_url(self, url: str, what: str) -> str:
+        """*url* if an upstream may send the mirror there (scheme and host grammar only)."""
+        parts = urlsplit(url)
+        ok = (
+            parts.scheme in self._schemes
+            and "@" not in parts.netloc
+            and parse_host_header(parts.netloc) is not None
+            and not any(c <= " " or c == "\x7f" for c in url)
+        )
+        if not ok:
+            self._metrics.upstream_errors.labels(self.name, "redirect").inc()
+            where = f"{parts.scheme}://{parts.netloc}"[:200]
+            raise UpstreamError(
+                f"{what} to {where!r} refused: only {' or '.join(self._schemes)}"
+                " URLs with a host name or address",
+                502,
+            )
+        return urlunsplit((parts.scheme, parts.netloc, parts.path, parts.query, ""))
+
+    async def _send_once(
+        self, method: str, url: str, headers: Headers, params: list[tuple[str, str]] | None
+    ) -> IResponse:
+        d = self._http.request(
+            method,
+            url,
+            headers=headers,
+            params=params,
+            unbuffered=True,
+            allow_redirects=False,
+        )
+        # The connection is bounded by the egress's connect timeout; the answer by ours.
         waited = self.connect_timeout + self.read_timeout
         d.addTimeout(waited, self._reactor, onTimeoutCancel=_timed_out)
         started = self._reactor.seconds()
@@ -323,6 +397,10 @@ class UpstreamClient:
         except defer.TimeoutError as e:
             self._metrics.upstream_errors.labels(self.name, "timeout").inc()
             raise UpstreamError(f"no response within {waited:.0f}s") from e
+        except DisallowedAddress as e:
+            self._metrics.upstream_errors.labels(self.name, "refused").inc()
+            log.warn("{upstream}: {error}", upstream=self.name, error=str(e))
+            raise UpstreamError(str(e), 502) from e
         except (
             ConnectError,
             ConnectingCancelledError,
@@ -332,6 +410,20 @@ class UpstreamClient:
             ResponseNeverReceived,
             RequestTransmissionFailed,
         ) as e:
+            tls = tls_failure(e)
+            if tls is not None:
+                self._metrics.upstream_errors.labels(self.name, "tls").inc()
+                host = urlsplit(url).netloc
+                log.error(
+                    "{upstream}: TLS to {host} failed: {reason} (trusting {trusted})",
+                    upstream=self.name,
+                    host=host,
+                    reason=tls,
+                    trusted=self._trusted,
+                )
+                raise UpstreamError(
+                    f"TLS to {host} failed: {tls} (trusting {self._trusted})", 502
+                ) from e
             self._metrics.upstream_errors.labels(self.name, "unreachable").inc()
             raise UpstreamError(_describe(e)) from e
         self._metrics.upstream_latency.labels(self.name).observe(self._reactor.seconds() - started)
@@ -351,9 +443,8 @@ class UpstreamClient:
             return await read_small(
                 response, limit, reactor=self._reactor, timeout=self.read_timeout
             )
-        except UpstreamError as e:
-            reason = "timeout" if isinstance(e, UpstreamTimeout) else "unreachable"
-            self._metrics.upstream_errors.labels(self.name, reason).inc()
+        except UpstreamTimeout:
+            self._metrics.upstream_errors.labels(self.name, "timeout").inc()
             raise
 
     async def _authorization(self, scope: str, refresh: bool = False) -> str | None:
@@ -394,14 +485,16 @@ class UpstreamClient:
         params = [("scope", scope)]
         if service:
             params.insert(0, ("service", service))
+        realm = self.check_url(realm, "token realm")
         headers: dict[str, str] = {}
         if self._username is not None and self._password is not None:
-            if may_send_credentials(realm, self.base_url):
+            if may_send_credentials(realm, self.base_url, self._token_realms):
                 headers["Authorization"] = basic_authorization(self._username, self._password)
                 params.append(("account", self._username))
             else:
                 log.warn(
-                    "not sending {upstream} credentials to token realm {realm} on another domain",
+                    "not sending {upstream} credentials to token realm {realm}: not the"
+                    " registry's host nor one of its token_realms",
                     upstream=self.name,
                     realm=realm,
                 )

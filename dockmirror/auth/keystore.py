@@ -511,6 +511,8 @@ class KeyStore(service.Service):
         return Deferred.fromCoroutine(self._flush())
 
     async def _flush(self) -> None:
+        """Never fails: an error is logged and the usage kept for the next flush,
+        so that the loop (and with it revocations reaching tokens) goes on."""
         if self._db is None:
             self._opened(await deferToThreadPool(self._reactor, self._pool, _open, self.path))
         if self._db is None:
@@ -519,16 +521,19 @@ class KeyStore(service.Service):
         try:
             if pending:
                 await self._query(lambda db: db.add_usage(pending))
+                pending = {}
                 self.write_error = None
             self.revoked = await self._query(KeyDatabase.revoked_ids)
         except KeyStoreError as e:
             if str(e) != self.write_error:
                 log.error("cannot write key usage: {error}", error=str(e))
             self.write_error = str(e)
-            for app_id, usage in pending.items():
-                self._pending.setdefault(app_id, Usage()).add(
-                    usage.requests, usage.bytes, usage.last_used
-                )
+        except Exception:  # noqa: BLE001 - logged; the loop must go on
+            log.failure("unexpected error writing key usage")
+        for app_id, usage in pending.items():
+            self._pending.setdefault(app_id, Usage()).add(
+                usage.requests, usage.bytes, usage.last_used
+            )
 
     async def check(self) -> bool | str:
         """For ``/healthz``: True while the database answers a query."""
