@@ -418,7 +418,11 @@ def _check_upstream_names(source: str, name: str, upstream: UpstreamConfig, plug
                 ' "https://auth.example.com"'
             )
     url = upstream.url
-    if url is not None and (urlsplit(url).hostname is None or urlsplit(url).username):
+    try:
+        bad = url is not None and (urlsplit(url).hostname is None or bool(urlsplit(url).username))
+    except ValueError:
+        bad = True
+    if bad:
         raise ConfigError(f"{where}.url: {url!r} has no host, or has credentials in it")
 
 

@@ -488,7 +488,7 @@ class KeyStore(service.Service):
             self._loop.stop()
         await self.flush()
         if self._db is not None:
-            await self._query(KeyDatabase.close)
+            await self._query(lambda db: db.close())
         self._pool.stop()
 
     async def _query(self, f: Callable[[KeyDatabase], T]) -> T:
@@ -523,7 +523,7 @@ class KeyStore(service.Service):
                 await self._query(lambda db: db.add_usage(pending))
                 pending = {}
                 self.write_error = None
-            self.revoked = await self._query(KeyDatabase.revoked_ids)
+            self.revoked = await self._query(lambda db: db.revoked_ids())
         except KeyStoreError as e:
             if str(e) != self.write_error:
                 log.error("cannot write key usage: {error}", error=str(e))
@@ -540,7 +540,7 @@ class KeyStore(service.Service):
         if self._db is None:
             return f"the key store is unavailable: {self.unavailable or 'not open'}"
         try:
-            await self._query(KeyDatabase.revoked_ids)
+            await self._query(lambda db: db.revoked_ids())
         except KeyStoreError as e:
             return str(e)
         return True
@@ -552,7 +552,7 @@ class KeyStore(service.Service):
         return await self._query(lambda db: db.create(name, repositories))
 
     async def list(self) -> KeyList:
-        return await self._query(KeyDatabase.list)
+        return await self._query(lambda db: db.list())
 
     async def revoke(self, app_id: str) -> KeyInfo:
         info = await self._query(lambda db: db.revoke(app_id))
@@ -565,6 +565,6 @@ class KeyStore(service.Service):
         return new
 
     async def stats(self) -> dict[str, Any]:
-        stats = await self._query(KeyDatabase.stats)
+        stats = await self._query(lambda db: db.stats())
         stats["pendingUsage"] = sum(u.requests for u in self._pending.values())
         return stats

@@ -79,11 +79,12 @@ def test_a_body_cut_short_is_an_error_not_a_short_body() -> None:
     assert isinstance(failure, Failure) and "connection failed" in failure.getErrorMessage()
 
 
-def test_a_large_body_is_cut_at_the_limit() -> None:
+def test_a_large_body_is_refused_and_aborted() -> None:
     response = SlowResponse()
     d = Deferred.fromCoroutine(read_small(response, 4))  # type: ignore[arg-type]
     response.protocol.dataReceived(b"abcdefgh")
-    assert result_of(d) == b"abcd"
+    failure = result_of(d)
+    assert isinstance(failure, Failure) and "over the 4 bytes" in failure.getErrorMessage()
     assert response.transport.producerState == "stopped"
     response.protocol.connectionLost(Failure(ResponseDone()))
 
@@ -226,7 +227,7 @@ async def test_a_key_store_that_cannot_be_written_is_degraded() -> None:
 
 
 def channel(limits: ConnectionLimits, clock: MemoryReactorClock, host: str) -> Any:
-    site = MirrorSite(Resource(), Metrics(), limits, header_timeout=10)
+    site = MirrorSite(Resource(), Metrics(), limits=limits, header_timeout=10)
     site.reactor = clock
     protocol = site.buildProtocol(IPv4Address("TCP", host, 1234))
     transport = StringTransport(peerAddress=IPv4Address("TCP", host, 1234))
