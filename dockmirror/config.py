@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from twisted.plugin import getPlugins
 
@@ -411,19 +411,33 @@ def _check_upstream_names(source: str, name: str, upstream: UpstreamConfig, plug
                 f"{where}.hosts: {host!r} is not a host name (labels of a-z, 0-9 and '-', no port)"
             )
     for realm in upstream.token_realms:
-        parts = urlsplit(realm)
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/"):
+        parts = _url_parts(realm)
+        if (
+            parts is None
+            or parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or parts.path.strip("/")
+        ):
             raise ConfigError(
                 f"{where}.token_realms: {realm!r} is not an origin such as"
                 ' "https://auth.example.com"'
             )
     url = upstream.url
+    parts = None if url is None else _url_parts(url)
+    if url is not None and (parts is None or parts.hostname is None or parts.username):
+        raise ConfigError(
+            f"{where}.url: {url!r} is not a URL with a host and port, or has credentials in it"
+        )
+
+
+def _url_parts(url: str) -> SplitResult | None:
+    """*url* split, or None if it cannot be (a bad IPv6 literal, a port that is no port)."""
     try:
-        bad = url is not None and (urlsplit(url).hostname is None or bool(urlsplit(url).username))
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError:
-        bad = True
-    if bad:
-        raise ConfigError(f"{where}.url: {url!r} has no host, or has credentials in it")
+        return None
+    return parts
 
 
 def _check_cache(source: str, cache: CacheConfig) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from typing import Any
@@ -41,6 +42,16 @@ def _arg(request: Request, name: bytes) -> str | None:
     return values[0].decode("utf-8", "replace") if values else None
 
 
+def _header(request: Request, name: bytes) -> str | None:
+    """A request header's last value as text.
+
+    Octets outside ASCII are read as Latin-1 (RFC 9110 5.5), so a client's
+    stray byte never fails a request; no grammar here accepts them.
+    """
+    values = request.requestHeaders.getRawHeaders(name)
+    return values[-1].decode("latin-1") if values else None
+
+
 #: Query parameters whose values never reach the log.
 SECRET_PARAMETERS = frozenset(
     {"password", "refresh_token", "client_secret", "access_token", "token", "api_key", "apikey"}
@@ -64,10 +75,10 @@ def _range(request: Request, digest: str) -> str | None:
 
     A date in ``If-Range`` never matches: blob replies carry no Last-Modified.
     """
-    if_range = request.getHeader("if-range")
+    if_range = _header(request, b"if-range")
     if if_range is not None and if_range.strip() != f'"{digest}"':
         return None
-    return request.getHeader("range")
+    return _header(request, b"range")
 
 
 def write_error(request: Request, error: RegistryError) -> None:
@@ -207,7 +218,9 @@ class MirrorRequest(Request):
         return self._client
 
     def gotLength(self, length: int | None) -> None:
-        super().gotLength(length)
+        # Twisted spools a body of unknown or large length to a file in /tmp;
+        # this one is held to MAX_BODY, in memory.
+        self.content = io.BytesIO()
         if length is not None and length > MAX_BODY:
             self._refuse_body()
 
@@ -355,7 +368,7 @@ class MirrorSite(Site):
             duration=duration,
             upstream=getattr(request, "upstream", None) or "-",
             cache=x_cache or "-",
-            user_agent=(request.getHeader("user-agent") or "")[:200],
+            user_agent=(_header(request, b"user-agent") or "")[:200],
         )
 
 
@@ -405,11 +418,11 @@ class V2Resource(AsyncResource):
         head = method == b"HEAD"
         route = None
         if path.kind not in ("base", "catalog"):
-            route = self.router.route(path.name, request.getHeader("host"), _arg(request, b"ns"))
+            route = self.router.route(path.name, _header(request, b"host"), _arg(request, b"ns"))
             request.upstream = route.upstream.name  # type: ignore[attr-defined]
         if self.access is not None:
             principal = await self.access.authorize(
-                request.getHeader("authorization"), _client_host(request), route
+                _header(request, b"authorization"), _client_host(request), route
             )
             _count_usage(request, self.access, principal)
         if path.kind == "base":
@@ -417,7 +430,9 @@ class V2Resource(AsyncResource):
         elif route is None:
             raise RegistryError("UNSUPPORTED", "a mirror has no catalog")
         elif path.kind == "manifests":
-            accept = ", ".join(request.requestHeaders.getRawHeaders("accept", []))
+            accept = ", ".join(
+                v.decode("latin-1") for v in request.requestHeaders.getRawHeaders(b"accept", [])
+            )
             reply = await self.pull.manifest(route, path.reference, accept or None, head)
         elif path.kind == "blobs":
             reply = await self.pull.blob(
@@ -445,7 +460,7 @@ class TokenResource(AsyncResource):
     async def serve(self, request: Request) -> None:
         if request.method == b"GET":
             params = _parameters(request.uri.partition(b"?")[2])
-            credentials = parse_authorization(request.getHeader("authorization"))
+            credentials = parse_authorization(_header(request, b"authorization"))
             if credentials is not None and credentials.scheme != "basic":
                 credentials = None
         elif request.method == b"POST":
@@ -491,7 +506,7 @@ def _parameters(encoded: bytes) -> dict[str, list[str]]:
 
 def _form(request: Request) -> dict[str, list[str]]:
     """The fields of an ``application/x-www-form-urlencoded`` request body."""
-    kind = (request.getHeader("content-type") or "").partition(";")[0].strip().lower()
+    kind = (_header(request, b"content-type") or "").partition(";")[0].strip().lower()
     if kind != "application/x-www-form-urlencoded" or request.content is None:
         return {}
     request.content.seek(0)

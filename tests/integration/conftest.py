@@ -208,7 +208,12 @@ class Dockmirror:
     """
 
     def __init__(
-        self, workdir: Path, config: Mapping[str, TomlTable], port: int, *, tls: bool = False
+        self,
+        workdir: Path,
+        config: Mapping[str, TomlTable],
+        port: int,
+        *,
+        tls: bool = False,
     ) -> None:
         self.port = port
         self.tls = tls
@@ -249,11 +254,6 @@ class Dockmirror:
         return cert_dir() if self.tls else None
 
     @property
-    def pid(self) -> int:
-        """The twistd process's ID (it must be running)."""
-        return self._process.pid
-
-    @property
     def cache_dir(self) -> Path:
         return Path(self.config["cache"]["directory"])
 
@@ -264,6 +264,11 @@ class Dockmirror:
     @property
     def running(self) -> bool:
         return self._process.running
+
+    @property
+    def pid(self) -> int:
+        """The process ID of what was started (twistd, or the command that wraps it)."""
+        return self._process.pid
 
     def wrap(self, prefix: list[str]) -> None:
         """Start the server through a command that execs it (e.g. ``prlimit ... --``)."""

@@ -18,7 +18,9 @@ one response.  A fault can
 Body offsets count the bytes after the response head as they are on the
 wire: for a chunked response they include the chunk framing.  Requests that
 match no fault are relayed untouched.  Each connection is served by its own
-threads; :meth:`Relay.stop` closes every socket and joins them.
+threads; :meth:`Relay.stop` closes every socket and joins them.  (The relay
+of :mod:`.upstream_servers` answers at the HTTP level instead: redirects,
+challenges, made-up bodies.)
 
 Example::
 
@@ -35,10 +37,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Self
 
-from .registries import LOOPBACK, wait_until
+from .registries import LOOPBACK, _Running, wait_until
 
 #: The largest request head the relay reads (dockmirror sends GETs and HEADs).
 MAX_HEAD = 64 * 1024
@@ -61,7 +61,7 @@ class Fault:
         return re.search(self.match, request_line) is not None
 
 
-class Relay:
+class Relay(_Running):
     """A threaded TCP relay to ``127.0.0.1:target_port`` that sees each HTTP request."""
 
     def __init__(self, target_port: int, target_host: str = LOOPBACK) -> None:
@@ -138,18 +138,6 @@ class Relay:
             _shutdown(sock)
         for thread in list(self._threads):
             thread.join(timeout=10)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # --- relaying ---------------------------------------------------------------
 

@@ -90,8 +90,8 @@ CASES = {
         get(
             b"/docker-auth/token?" + b"&".join(b"scope=repository:r%d:pull" % i for i in range(600))
         ),
-        401,
-        401,
+        400,
+        400,
     ),
     "huge-n": (get(b"/v2/a/tags/list?n=" + b"9" * 4000), 400, 401),
     "superscript-n": (get(b"/v2/a/tags/list?n=%C2%B2"), 400, 401),
