@@ -1,4 +1,5 @@
-"""``dockmirror-admin``: manage API keys, also while the server runs.
+"""``dockmirror-admin``: manage API keys and portal users, also while the server runs;
+start warm rounds.
 
 It opens the server's SQLite key store (``[auth] database``) itself.  A key
 revoked here stops working in a running server within seconds: the server
@@ -9,36 +10,47 @@ Run it as the server's user: SQLite's files must stay writable for the server.
 Run as root, it takes on the identity of the owner of the state directory
 (the key store's directory) before it opens anything there.
 
+``warm run`` asks the running server for a warm round through its control
+socket (:mod:`dockmirror.control`) and prints the result when it ends.
+
 Exit status: 0 done, 1 the operation failed (unknown or revoked key, database
-error), 2 wrong usage or configuration.
+error, server not running, a warm round that could not warm every image),
+2 wrong usage or configuration.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import pwd
+import socket
 import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from dockmirror.auth.keystore import KeyDatabase, KeyInfo, KeyStoreError
-from dockmirror.config import Config, ConfigError, check_repository_prefix, load
+from dockmirror.config import Config, ConfigError, check_repository_prefix, load, state_directory
+from dockmirror.control import CONTROL_SOCKET
+from dockmirror.portal import users
+from dockmirror.portal.sessions import DATABASE_FILE, PortalDatabase, PortalStoreError
 
 PROG = "dockmirror-admin"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Manage dockmirror's API keys.")
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Manage dockmirror's API keys and portal users."
+    )
     parser.add_argument(
         "--config",
         "-c",
         metavar="FILE",
         help="the server's TOML configuration (default: the embedded default configuration)",
     )
-    groups = parser.add_subparsers(dest="group", required=True, metavar="keys")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="{keys,users,warm}")
     keys = groups.add_parser("keys", help="create, list, revoke and rotate API keys")
     commands = keys.add_subparsers(dest="command", required=True, metavar="COMMAND")
     create = commands.add_parser(
@@ -58,11 +70,65 @@ def _parser() -> argparse.ArgumentParser:
         ("rotate", "replace a key by a new one, printed as by create; the old one is revoked"),
     ):
         commands.add_parser(name, help=description).add_argument("app_id", metavar="APPID")
+    warm = groups.add_parser("warm", help="warm lists ([warm] images)")
+    warm_commands = warm.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    warm_commands.add_parser(
+        "run", help="run a warm round in the running server; prints its result as JSON"
+    )
+    people = groups.add_parser("users", help="list, disable and enable portal users")
+    user_commands = people.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    user_commands.add_parser("list", help="everyone who signed in to the portal")
+    for name, description in (
+        ("disable", "revoke every key of a user, end their sessions and refuse their sign-ins"),
+        ("enable", "let a disabled user sign in again (their keys stay revoked)"),
+    ):
+        user_commands.add_parser(name, help=description).add_argument(
+            "identity", metavar="IDENTITY", help="PROVIDER:LOGIN, e.g. github:octocat"
+        )
     return parser
 
 
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over the server's control socket."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__("localhost")
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(self._path))
+
+
+def _warm_run(config: Config) -> int:
+    """Ask the running server for a warm round; print its result."""
+    path = state_directory(config) / CONTROL_SOCKET
+    connection = _UnixHTTPConnection(path)
+    try:
+        connection.request("POST", "/warm/run")
+        response = connection.getresponse()
+        body = response.read()
+    except (FileNotFoundError, ConnectionRefusedError):
+        print(f"{PROG}: dockmirror is not running (nothing listens on {path})", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"{PROG}: cannot reach dockmirror at {path}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    finally:
+        connection.close()
+    try:
+        result = json.loads(body)
+    except ValueError:
+        result = {"error": body[:200].decode("utf-8", "replace")}
+    if response.status != 200:
+        print(f"{PROG}: {result.get('error', response.status)}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
+    return 0 if result.get("ok") else 1
+
+
 def _table(keys: Sequence[KeyInfo]) -> str:
-    header = ("APP ID", "NAME", "CREATED", "LAST USED", "REQUESTS", "BYTES SENT", "STATE")
+    header = ("APP ID", "NAME", "OWNER", "CREATED", "LAST USED", "REQUESTS", "BYTES SENT", "STATE")
     rows = [header]
     for key in keys:
         data = key.to_json()
@@ -70,6 +136,7 @@ def _table(keys: Sequence[KeyInfo]) -> str:
             (
                 key.app_id,
                 key.name,
+                key.owner,
                 data["createdAt"],
                 data["lastUsedAt"] or "never",
                 str(key.use_count),
@@ -84,8 +151,25 @@ def _table(keys: Sequence[KeyInfo]) -> str:
     )
 
 
+def _run_users(args: argparse.Namespace, config: Config, db: KeyDatabase) -> None:
+    portal = PortalDatabase(state_directory(config) / DATABASE_FILE)
+    try:
+        if args.command == "list":
+            for user in portal.users():
+                print(json.dumps(user.to_json()))
+        elif args.command == "disable":
+            print(json.dumps(users.disable(portal, db, args.identity)))
+        else:
+            portal.set_disabled(users.check_identity(args.identity), False)
+            print(f"{args.identity} may sign in again")
+    finally:
+        portal.close()
+
+
 def _run(args: argparse.Namespace, config: Config, db: KeyDatabase) -> None:
-    if args.command == "create":
+    if args.group == "users":
+        _run_users(args, config, db)
+    elif args.command == "create":
         limits = None
         if args.repository:
             limits = [check_repository_prefix(r, config.upstreams) for r in args.repository]
@@ -163,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if refused is not None:
         print(f"{PROG}: {refused}", file=sys.stderr)
         return 1
+    if args.group == "warm":
+        return _warm_run(config)
     try:
         db = KeyDatabase(config.auth.database, create=args.command == "create")
     except KeyStoreError as e:
@@ -173,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
-    except (KeyStoreError, sqlite3.Error) as e:
+    except (KeyStoreError, PortalStoreError, sqlite3.Error) as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
     finally:

@@ -33,14 +33,17 @@ from dockmirror.config import (
     upstream_tls,
 )
 from dockmirror.connections import ConnectionLimits
+from dockmirror.control import control_service
 from dockmirror.egress import upstream_egress
 from dockmirror.forwarded import ClientAddresses
 from dockmirror.health import HealthResource, cache_space, directory_writable, key_store
 from dockmirror.manhole import HOST_KEY_FILE, KeysConsole, load_host_key, manhole_factory
 from dockmirror.metrics import Metrics, MetricsResource
+from dockmirror.portal.service import build_portal
 from dockmirror.pull import Prefetcher, PullService, Upstreams
 from dockmirror.routing import build_router
 from dockmirror.tls import PlainHTTPFactory, ReloadService, tls_endpoint
+from dockmirror.warm import Warmer
 from dockmirror.web import MirrorSite, RootResource, build_root
 
 log = Logger()
@@ -174,6 +177,10 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     top = service.MultiService()
     # Started first: it recovers the cache from disk before any request is served.
     cache.setServiceParent(top)
+    warmer = None
+    if config.warm.images:
+        warmer = Warmer(config.warm, config.warm_images(), router, pull, cache, metrics, reactor)
+        warmer.setServiceParent(top)  # after the cache, whose recovery it reads
     keys = KeyStore(config.auth.database, reactor)
     keys.setServiceParent(top)
     access = build_access(config, keys, metrics, reactor)
@@ -214,13 +221,24 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     else:
         root.putChild(b"metrics", metrics_resource)
     ReloadService(reactor, certificates).setServiceParent(top)
-    PoolService([e.pool for e in egress.values()]).setServiceParent(top)
+    control_service(reactor, state_directory(config), warmer).setServiceParent(top)
+    pools = [e.pool for e in egress.values()]
+    check_prefix = partial(check_repository_prefix, upstreams=config.upstreams)
     namespace: dict[str, Any] = {
-        "keys": KeysConsole(keys, partial(check_repository_prefix, upstreams=config.upstreams)),
+        "keys": KeysConsole(keys, check_prefix),
         "upstreams": {upstream.name: upstream for upstream in router.upstreams},
         "config": config,
         "cache": cache,
+        "warm": warmer,
     }
+    if config.portal.enabled:
+        portal = build_portal(
+            config, keys, metrics, cache, router, egress, check_prefix, reactor, top
+        )
+        root.putChild(b"portal", portal.resource)
+        namespace["users"] = portal.users
+        pools.extend(portal.pools)
+    PoolService(pools).setServiceParent(top)
     if config.manhole.listen is not None:
         assert config.manhole.authorized_keys is not None  # the config check guarantees it
         factory = manhole_factory(
