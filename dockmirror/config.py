@@ -24,7 +24,7 @@ from twisted.plugin import getPlugins
 
 from dockmirror import plugins
 from dockmirror._interfaces import IUpstream
-from dockmirror.egress import UpstreamTLS, load_upstream_tls
+from dockmirror.egress import CONNECT_TIMEOUT, UpstreamTLS, load_upstream_tls
 from dockmirror.forwarded import HEADERS as PROXY_HEADERS
 from dockmirror.hostnames import HostPattern, is_host_name
 from dockmirror.portal import config as portal_config
@@ -34,6 +34,16 @@ from dockmirror.reference import NAME_MAX, NAME_RE, TAG_RE
 
 EMBEDDED = "(embedded default)"
 
+
+#: Default seconds an upstream may stay silent before its headers or within a body
+#: (the default connect timeout is egress.CONNECT_TIMEOUT).
+READ_TIMEOUT = 60.0
+
+#: Defaults of the [server] limits on client connections (see dockmirror.connections).
+HEADER_TIMEOUT = 30.0
+IDLE_TIMEOUT = 60.0
+MAX_CONNECTIONS = 1024
+MAX_CONNECTIONS_PER_CLIENT = 128
 
 _UPSTREAM_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 
@@ -46,6 +56,15 @@ class ConfigError(Exception):
 class ServerConfig:
     listen: tuple[str, ...] = ("tcp:5000:interface=127.0.0.1",)
     public_url: str = "http://127.0.0.1:5000"
+    #: Seconds a client has to send a whole request (line, headers and body)
+    #: once its first byte arrived.
+    header_timeout: float = HEADER_TIMEOUT
+    #: Seconds an idle keep-alive connection is kept open.
+    idle_timeout: float = IDLE_TIMEOUT
+    #: Client connections served at once, over all listeners; more are refused.
+    max_connections: int = MAX_CONNECTIONS
+    #: Client connections one address (an IPv6 /64) may hold at once.
+    max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT
     #: Reverse proxies (CIDRs) whose ``proxy_header`` names the client's address.
     trusted_proxies: tuple[str, ...] = ()
     #: The header those proxies write: "X-Forwarded-For" or "Forwarded".
@@ -87,6 +106,13 @@ class CacheConfig:
     manifest_ttl: int = 3600
     #: Serve an expired manifest when the upstream is down, 5xx or 429.
     serve_stale: bool = True
+    #: Free space to leave on the cache's file system, as a size string;
+    #: None: the lesser of 256 MiB and 5 % of the file system.
+    min_free: str | None = None
+
+    @property
+    def min_free_bytes(self) -> int | None:
+        return None if self.min_free is None else parse_size(self.min_free)
 
     @property
     def max_size_bytes(self) -> int | None:
@@ -242,6 +268,11 @@ class UpstreamConfig:
     username: str | None = None
     password: str | None = field(default=None, metadata=SECRET)
     default: bool = False
+    #: Seconds to open a connection (TCP and TLS) to the upstream.
+    connect_timeout: float = CONNECT_TIMEOUT
+    #: Seconds the upstream may stay silent: before its response headers,
+    #: and between two reads of a body.
+    read_timeout: float = READ_TIMEOUT
     #: Origins of token services on other hosts that may receive the credentials.
     token_realms: tuple[str, ...] = ()
     #: PEM certificates trusted for this upstream, in addition to the system's.
@@ -427,6 +458,8 @@ def _check(config: Config) -> None:
             )
         if upstream.url is not None and not upstream.url.startswith(("http://", "https://")):
             raise ConfigError(f"{source}: upstreams.{name}.url must be an http(s) URL")
+        for key in ("connect_timeout", "read_timeout"):
+            _check_seconds(source, f"upstreams.{name}.{key}", getattr(upstream, key))
         if (upstream.username is None) != (upstream.password is None):
             raise ConfigError(f"{source}: upstreams.{name}: username and password go together")
         _check_upstream_names(source, name, upstream, plugin)
@@ -452,6 +485,7 @@ def _check(config: Config) -> None:
         raise ConfigError(f'{source}: server.proxy_header must be "X-Forwarded-For" or "Forwarded"')
     if not config.server.public_url.startswith(("http://", "https://")):
         raise ConfigError(f"{source}: server.public_url must be an http(s) URL")
+    _check_server(source, config.server)
     _check_cache(source, config.cache)
     _check_auth(config)
     try:
@@ -459,6 +493,25 @@ def _check(config: Config) -> None:
     except ValueError as e:
         raise ConfigError(f"{source}: {e}") from None
     _check_warm(config)
+
+
+#: The longest timeout accepted, in seconds.
+TIMEOUT_MAX = 3600.0
+
+
+def _check_seconds(source: str, key: str, value: float) -> None:
+    if not 0 < value <= TIMEOUT_MAX:
+        raise ConfigError(
+            f"{source}: {key} must be more than 0 and at most {TIMEOUT_MAX:.0f} seconds"
+        )
+
+
+def _check_server(source: str, server: ServerConfig) -> None:
+    for key in ("header_timeout", "idle_timeout"):
+        _check_seconds(source, f"server.{key}", getattr(server, key))
+    for key in ("max_connections", "max_connections_per_client"):
+        if getattr(server, key) < 1:
+            raise ConfigError(f"{source}: server.{key} must be at least 1")
 
 
 def upstream_tls(source: str, name: str, upstream: UpstreamConfig) -> UpstreamTLS:
@@ -570,7 +623,7 @@ def _check_mirrors(source: str, name: str, upstream: UpstreamConfig, default_url
 
 
 def _check_cache(source: str, cache: CacheConfig) -> None:
-    for key in ("max_size", "max_layer_size"):
+    for key in ("max_size", "max_layer_size", "min_free"):
         text = getattr(cache, key)
         if text is None:
             continue
@@ -578,7 +631,7 @@ def _check_cache(source: str, cache: CacheConfig) -> None:
             size = parse_size(text)
         except ValueError as e:
             raise ConfigError(f"{source}: cache.{key}: {e}") from None
-        if size <= 0:
+        if size <= 0 and key != "min_free":
             raise ConfigError(f"{source}: cache.{key} must be more than zero bytes")
     if cache.oversize not in OVERSIZE_POLICIES:
         raise ConfigError(

@@ -179,8 +179,15 @@ class GuardedEndpoint:
     """A TCP endpoint that connects only to addresses its :class:`AddressPolicy` allows."""
 
     def __init__(
-        self, reactor: Any, resolver: IHostnameResolver, policy: AddressPolicy, host: str, port: int
+        self,
+        reactor: Any,
+        resolver: IHostnameResolver,
+        policy: AddressPolicy,
+        host: str,
+        port: int,
+        connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
+        self._connect_timeout = connect_timeout
         self._reactor = reactor
         self._resolver = resolver
         self._policy = policy
@@ -204,7 +211,7 @@ class GuardedEndpoint:
                 refused = refused or e
                 continue
             endpoint_type = TCP4ClientEndpoint if address.version == 4 else TCP6ClientEndpoint
-            endpoint = endpoint_type(self._reactor, str(address), self._port, CONNECT_TIMEOUT)
+            endpoint = endpoint_type(self._reactor, str(address), self._port, self._connect_timeout)
             try:
                 return await endpoint.connect(factory)
             except ConnectError as e:
@@ -355,6 +362,7 @@ class _Endpoints:
         tls: UpstreamTLS,
         proxies: ProxyRules,
         mirror_hosts: frozenset[str],
+        connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
         self._reactor = reactor
         self._resolver = resolver
@@ -363,6 +371,7 @@ class _Endpoints:
         self._mirror_tls = tls.without_client()
         self._proxies = proxies
         self._mirror_hosts = mirror_hosts
+        self._connect_timeout = connect_timeout
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         host = uri.host.decode("ascii")
@@ -374,10 +383,17 @@ class _Endpoints:
         if proxy is not None:
             policy, port = self._policy, uri.port
             endpoint = TunnelEndpoint(
-                self._reactor, proxy, host, port, lambda: policy.check_every_address(host, port)
+                self._reactor,
+                proxy,
+                host,
+                port,
+                lambda: policy.check_every_address(host, port),
+                self._connect_timeout,
             )
         else:
-            endpoint = GuardedEndpoint(self._reactor, self._resolver, self._policy, host, uri.port)
+            endpoint = GuardedEndpoint(
+                self._reactor, self._resolver, self._policy, host, uri.port, self._connect_timeout
+            )
         if scheme == "https":
             tls = self._mirror_tls if host.lower() in self._mirror_hosts else self._tls
             return wrapClientTLS(tls.creator(host), endpoint)
@@ -399,11 +415,15 @@ def upstream_egress(
     configured_url: str,
     tls: UpstreamTLS,
     resolver: IHostnameResolver | None = None,
+    connect_timeout: float = CONNECT_TIMEOUT,
     *,
     mirror_urls: tuple[str, ...] = (),
     proxies: ProxyRules | None = None,
 ) -> Egress:
-    """A client for *upstream*, whose connections follow its :class:`AddressPolicy`."""
+    """A client for *upstream*, whose connections follow its :class:`AddressPolicy`.
+
+    *connect_timeout* bounds each connection attempt, per address tried.
+    """
     resolver = resolver if resolver is not None else reactor.nameResolver
     proxies = proxies if proxies is not None else ProxyRules()
     pool = HTTPConnectionPool(reactor, persistent=True)
@@ -424,6 +444,6 @@ def upstream_egress(
         )
     policy = AddressPolicy(upstream, [configured_url, *mirror_urls], resolver)
     mirror_hosts = frozenset(_host(u) for u in mirror_urls) - {_host(configured_url)}
-    endpoints = _Endpoints(reactor, resolver, policy, tls, proxies, mirror_hosts)
+    endpoints = _Endpoints(reactor, resolver, policy, tls, proxies, mirror_hosts, connect_timeout)
     agent = Agent.usingEndpointFactory(reactor, endpoints, pool)
     return Egress(HTTPClient(agent), pool, tls)

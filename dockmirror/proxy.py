@@ -36,7 +36,7 @@ from dockmirror.hostnames import is_host_name
 REPLY_LIMIT = 16 << 10
 #: Seconds to wait for a proxy's reply to ``CONNECT``.
 REPLY_TIMEOUT = 30.0
-#: Seconds to wait for the proxy to accept the connection.
+#: Seconds to wait for the proxy to accept the connection (unless told otherwise).
 CONNECT_TIMEOUT = 30.0
 
 
@@ -331,8 +331,10 @@ class TunnelEndpoint:
         host: str,
         port: int,
         check: Callable[[], Awaitable[None]] | None = None,
+        timeout: float = CONNECT_TIMEOUT,
     ) -> None:
         self._reactor = reactor
+        self._timeout = timeout
         self._proxy = proxy
         self._host = host
         self._port = port
@@ -347,7 +349,7 @@ class TunnelEndpoint:
         host = f"[{self._host}]" if ":" in self._host else self._host
         tunnel = _Tunnel(self._proxy, f"{host}:{self._port}", factory, self._reactor)
         endpoint = HostnameEndpoint(
-            self._reactor, self._proxy.host, self._proxy.port, timeout=CONNECT_TIMEOUT
+            self._reactor, self._proxy.host, self._proxy.port, timeout=self._timeout
         )
         try:
             await endpoint.connect(_TunnelFactory(tunnel))

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
 from dockmirror.cache import Cache, origin_of
-from dockmirror.cache.fill import Fill
+from dockmirror.cache.fill import CacheWriteError, Fill
 from dockmirror.cache.manifests import (
     INDEX_TYPES,
     OCI_INDEX,
@@ -38,7 +38,7 @@ from dockmirror.cache.manifests import (
 from dockmirror.cache.referrers import ReferrersEntry, filtered_list, referrers_list
 from dockmirror.egress import Egress
 from dockmirror.endpoints import Breaker, Endpoint, EndpointSet
-from dockmirror.errors import STATUS, RegistryError, upstream_unavailable
+from dockmirror.errors import STATUS, RegistryError, retry_after, upstream_unavailable
 from dockmirror.metrics import Metrics
 from dockmirror.reference import HEX_LENGTH, TAG_RE, is_digest, parse_image_reference
 from dockmirror.routing import Route, Router, Upstream
@@ -49,7 +49,6 @@ from dockmirror.upstream import (
     UpstreamClient,
     UpstreamError,
     discard,
-    read_small,
 )
 
 log = Logger()
@@ -155,6 +154,8 @@ class Upstreams:
             password,
             token_realms=token_realms,
             trusted=self._egress[upstream.name].tls.trusted,
+            connect_timeout=upstream.connect_timeout,
+            read_timeout=upstream.read_timeout,
         )
 
     def endpoint_set(self, upstream: Upstream) -> EndpointSet:
@@ -205,6 +206,10 @@ class Upstreams:
         while len(self._clients) > CLIENTS_LIMIT:
             self._clients.popitem(last=False)
         return client
+
+    async def read(self, route: Route, response: IResponse, limit: int) -> bytes:
+        """A small body of an answer for *route*, under its upstream's read timeout."""
+        return await self.client(route).read(response, limit)
 
     async def request(
         self,
@@ -266,6 +271,19 @@ class PullService:
     ) -> IResponse:
         try:
             return await self.upstreams.request(route, method, path, headers, params)
+        except UpstreamError as e:
+            raise _upstream_failed(route, e) from e
+
+    async def _read(
+        self, route: Route, response: IResponse, limit: int = SMALL_BODY_LIMIT
+    ) -> bytes:
+        """A small body, whole, under the upstream's read timeout.
+
+        One over *limit* or cut short is a 502 from the upstream; an upstream
+        that stops sending is a 503.
+        """
+        try:
+            return await self.upstreams.read(route, response, limit)
         except UpstreamError as e:
             raise _upstream_failed(route, e) from e
 
@@ -448,7 +466,7 @@ class PullService:
             if length is not None:
                 headers["Content-Length"] = str(length)
             return Reply(200, headers)
-        body = await _read(route, response, MANIFEST_LIMIT)
+        body = await self._read(route, response, MANIFEST_LIMIT)
         expected = reference if is_digest(reference) else digest
         algorithm = expected.partition(":")[0] if expected else "sha256"
         actual = compute_digest(body, algorithm if algorithm in HEX_LENGTH else "sha256")
@@ -551,7 +569,7 @@ class PullService:
                         error.detail,
                     )
                 raise error
-            body = await _read(route, response, MANIFEST_LIMIT)
+            body = await self._read(route, response, MANIFEST_LIMIT)
             content_type = _header(response, "content-type")
             listed = referrers_list(body, content_type)
             if listed is None:
@@ -652,6 +670,8 @@ class PullService:
                 )
             try:
                 await fill.ready.wait()
+            except CacheWriteError:
+                return _Source(passthrough="cache write failed")
             except (RegistryError, StreamError) as e:
                 # What the upstream refused is final for the request that asked;
                 # a follower asks through its own repository, and a fill that
@@ -687,7 +707,7 @@ class PullService:
             size=fill.size,
             upstream=route.upstream.name,
         )
-        await fill.start(response)
+        await fill.start(response, self.upstreams.client(route).read_timeout)
 
     def _blob_head(self, route: Route, origin: str, digest: str) -> Deferred[int | None]:
         """Ask the upstream repository for a blob: proof that it has it, and its size."""
@@ -767,6 +787,7 @@ class PullService:
             self._reactor,
             length=length,
             digest=digest if response.code == 200 else None,
+            idle_timeout=self.upstreams.client(route).read_timeout,
             count=self._metrics.bytes_from_upstream.labels(route.upstream.name).inc,
         )
         return Reply(response.code, reply_headers, stream=stream)
@@ -848,7 +869,7 @@ class PullService:
         response = await self._request(route, "GET", "tags/list", params=params)
         if response.code != 200:
             raise await self._failure(route, response, "NAME_UNKNOWN", False)
-        body = await _read(route, response)
+        body = await self._read(route, response)
         try:
             tags = json.loads(body)["tags"] or []
             if not all(isinstance(t, str) for t in tags):
@@ -879,7 +900,7 @@ class PullService:
             discard(response)
         else:
             try:
-                body = await read_small(response)
+                body = await self.upstreams.client(route).read(response)
             except UpstreamError:
                 pass  # the status alone makes the error
         name = route.upstream.name
@@ -895,13 +916,19 @@ class PullService:
                 f"not found at upstream {name}",
                 {"repository": route.repository},
             )
+        wait = str(retry_after(_header(response, "retry-after"), self._reactor.seconds()))
         if code == 429:
             return RegistryError(
                 "TOOMANYREQUESTS",
                 f"upstream {name} is rate-limiting this mirror; try again later",
-                {"upstream": name},
-                headers={"Retry-After": _header(response, "retry-after") or "60"},
+                {"upstream": name, "retry_after": int(wait)},
+                headers={"Retry-After": wait},
             )
+        if code == 503:
+            error = upstream_unavailable(name, "answered 503")
+            if response.headers.hasHeader("retry-after"):
+                error.headers["Retry-After"] = wait
+            return error
         if code in (401, 403):
             return RegistryError(
                 "DENIED",
@@ -930,14 +957,6 @@ class Prefetcher:
         route = self.router.route(image.name)
         summary = await self.pull.prefetch(route, image.reference)
         return {"image": image_reference, "upstream": route.key, **summary}
-
-
-async def _read(route: Route, response: IResponse, limit: int = SMALL_BODY_LIMIT) -> bytes:
-    """A small body, whole; one over *limit* or cut short is a 502 from the upstream."""
-    try:
-        return await read_small(response, limit)
-    except UpstreamError as e:
-        raise _upstream_failed(route, e) from e
 
 
 def _upstream_failed(route: Route, error: UpstreamError) -> RegistryError:

@@ -12,11 +12,17 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
-from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from dockmirror.auth.access import AccessControl, Credentials, Principal, parse_authorization
+from dockmirror.config import (
+    HEADER_TIMEOUT,
+    IDLE_TIMEOUT,
+    MAX_CONNECTIONS,
+    MAX_CONNECTIONS_PER_CLIENT,
+)
+from dockmirror.connections import ConnectionLimits, GuardedChannel, Refused
 from dockmirror.errors import RegistryError
 from dockmirror.forwarded import ClientAddresses
 from dockmirror.metrics import Metrics
@@ -284,7 +290,7 @@ def _refusal(status: int, reason: bytes, error: RegistryError) -> bytes:
     )
 
 
-class MirrorChannel(HTTPChannel):
+class MirrorChannel(GuardedChannel):
     """HTTP/1.1 whose refusals of malformed or oversized requests are registry errors.
 
     Twisted answers a request it cannot parse with a bare ``400`` and drops a
@@ -322,17 +328,36 @@ class MirrorSite(Site):
     Its channels speak HTTP/1.1 only (see :meth:`acceptableProtocols`).
     """
 
-    protocol = MirrorChannel  # type: ignore[assignment]  # HTTP/1.1 only: no h2 switch
     requestFactory = MirrorRequest
     noisy = False
 
     def __init__(
-        self, resource: Resource, metrics: Metrics, clients: ClientAddresses | None = None
+        self,
+        resource: Resource,
+        metrics: Metrics,
+        clients: ClientAddresses | None = None,
+        limits: ConnectionLimits | None = None,
+        *,
+        header_timeout: float = HEADER_TIMEOUT,
+        idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
-        super().__init__(resource)
+        """*limits* may be shared by the sites of several listeners."""
+        super().__init__(resource, timeout=idle_timeout)
         self.displayTracebacks = False
         self.metrics = metrics
         self.clients = clients if clients is not None else ClientAddresses()
+        self.limits = limits or ConnectionLimits(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT)
+        self.header_timeout = header_timeout
+
+    def protocol(self) -> MirrorChannel:  # type: ignore[override]
+        """A channel per connection, HTTP/1.1 only: no h2 switch."""
+        return MirrorChannel(self.limits, self.header_timeout, self.reactor)
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        refusal = self.limits.refusal(addr)
+        if refusal is not None:
+            return Refused(refusal)
+        return super().buildProtocol(addr)
 
     def acceptableProtocols(self) -> list[bytes]:
         """Only HTTP/1.1 over ALPN, even where the ``h2`` package is installed.

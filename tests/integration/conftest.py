@@ -236,15 +236,16 @@ class Dockmirror:
         self.config = config
         self.config_path = workdir / "dockmirror.toml"
         self.config_path.write_text(toml_document(config))
+        self._argv = [
+            TWISTD,
+            "--nodaemon",
+            "--pidfile=",
+            "dockmirror",
+            "--config",
+            str(self.config_path),
+        ]
         self._process = ManagedProcess(
-            [
-                TWISTD,
-                "--nodaemon",
-                "--pidfile=",
-                "dockmirror",
-                "--config",
-                str(self.config_path),
-            ],
+            self._argv,
             log_path=workdir / "dockmirror.log",
             cwd=workdir,
             env=subprocess_env(
@@ -287,12 +288,20 @@ class Dockmirror:
 
     def wrap(self, prefix: list[str]) -> None:
         """Start the server through a command that execs it (e.g. ``prlimit ... --``)."""
-        self._process.argv[:0] = prefix
+        self.run_under(*prefix)
 
     def start(self) -> None:
         """Start and wait (up to 20 s) until ``/v2/`` answers with any status."""
         context = client_context() if self.tls else None
         self._process.start(lambda: answers(f"{self.url}/v2/", context), timeout=20.0)
+
+    def run_under(self, *wrapper: str) -> None:
+        """From the next start on, run the server as ``WRAPPER... twistd ...``.
+
+        For strace, or ``unshare`` into a private mount namespace; no
+        arguments: run it plainly again.
+        """
+        self._process.argv = [*wrapper, *self._argv]
 
     def stop(self) -> None:
         """Graceful stop (SIGTERM, then SIGKILL after 10 s)."""

@@ -227,7 +227,11 @@ def test_metrics_health_and_access_log(plain_registry, dockmirror, seeded, uniqu
     status, _, body = curl(f"{mirror.url}/healthz")
     health = json.loads(body)
     assert status == 200 and health["status"] == "ok"
-    assert health["checks"] == {"cache_directory": {"ok": True}, "key_store": {"ok": True}}
+    assert health["checks"] == {
+        "cache_directory": {"ok": True},
+        "cache_space": {"ok": True},
+        "key_store": {"ok": True},
+    }
     wait_until(lambda: f"GET /v2/{unique_repo}/manifests/v1 200" in mirror.log_text(), 5)
     line = next(
         line
