@@ -207,10 +207,6 @@ class Upstreams:
             self._clients.popitem(last=False)
         return client
 
-    async def read(self, route: Route, response: IResponse, limit: int) -> bytes:
-        """A small body of an answer for *route*, under its upstream's read timeout."""
-        return await self.client(route).read(response, limit)
-
     async def request(
         self,
         route: Route,
@@ -283,7 +279,7 @@ class PullService:
         that stops sending is a 503.
         """
         try:
-            return await self.upstreams.read(route, response, limit)
+            return await self.upstreams.client(route).read(response, limit)
         except UpstreamError as e:
             raise _upstream_failed(route, e) from e
 

@@ -72,7 +72,11 @@ class ScriptedUpstream:
             raise UpstreamError("connection refused")
         return ScriptedResponse(method, answer)
 
-    async def read(self, route: Route, response: Any, limit: int = SMALL_BODY_LIMIT) -> bytes:
+    def client(self, route: Route) -> ScriptedUpstream:
+        """Reads (and their timeout) go through the route's client, here this."""
+        return self
+
+    async def read(self, response: Any, limit: int = SMALL_BODY_LIMIT) -> bytes:
         return await read_small(response, limit)
 
 
