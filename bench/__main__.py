@@ -32,8 +32,10 @@ from tests.integration.clients import ServerTLS, make_server_tls
 from tests.integration.images import OCI_MANIFEST, Image, make_image, push
 from tests.integration.registries import LOOPBACK, Registry, TokenServer
 
+GIB = 1 << 30
 REPOSITORY = "bench/image"
 TAG = "v1"
+WORKLOADS = ("hit", "cold", "heads", "skopeo")
 
 
 def options(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,7 +56,11 @@ def options(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="CHECKOUT",
         help="also run the dockmirror of another checkout (with its .venv), e.g. main's",
     )
-    parser.add_argument("--no-skopeo", action="store_true", help="leave out the skopeo copies")
+    parser.add_argument(
+        "--only",
+        default=",".join(WORKLOADS),
+        help=f"the workloads to run, of {','.join(WORKLOADS)} (default: all)",
+    )
     parser.add_argument("--json", type=Path, default=Path("bench-results.json"))
     parser.add_argument("--chart", type=Path, default=Path("bench-results.png"))
     parser.add_argument(
@@ -64,6 +70,10 @@ def options(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.size_mib, args.repeat, args.heads, args.cold_clients = 8, 1, 50, 4
     args.clients = sorted({int(n) for n in args.clients.split(",")})
+    args.only = [w.strip() for w in args.only.split(",")]
+    unknown = set(args.only) - set(WORKLOADS)
+    if unknown:
+        parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
     return args
 
 
@@ -85,6 +95,7 @@ class Bench:
         ]
         self.runs = report.Runs()
         self.warm: dict[str, Process] = {}
+        self.nginx: Process | None = None
         self._fresh = 0
 
     def client(self, server: Process, tls: ServerTLS | None) -> Client:
@@ -127,19 +138,22 @@ class Bench:
 
     # --- the workloads, each on every server in the given order ------------------------
 
-    def hit(self, order: list[Mirror], nginx: Process | None) -> None:
+    def hit(self, order: list[Mirror]) -> None:
         size = self.layer.size
         for clients in self.args.clients:
             row = report.hit_row(clients)
             for mirror in order:
                 server = self.warm[mirror.name]
                 server.reset_peak()
+                cpu = server.cpu_seconds()
                 seconds = fetch(self.client(server, mirror.tls), self.blob_path, clients, size)
+                cpu = server.cpu_seconds() - cpu
                 self.record(row, mirror.name, clients * size / MIB / seconds)
+                self.record(report.hit_cpu_row(clients), mirror.name, cpu * GIB / size / clients)
                 if clients == max(self.args.clients):
                     self.record(report.hit_rss_row(clients), mirror.name, server.peak_mib())
-            if nginx is not None:
-                seconds = fetch(self.client(nginx, None), "/blob", clients, size)
+            if self.nginx is not None:
+                seconds = fetch(self.client(self.nginx, None), "/blob", clients, size)
                 self.record(row, "nginx", clients * size / MIB / seconds)
 
     def cold(self, order: list[Mirror]) -> None:
@@ -148,8 +162,11 @@ class Bench:
         for mirror in order:
 
             def one(server: Process, mirror: Mirror = mirror) -> None:
+                cpu = server.cpu_seconds()
                 seconds = fetch(self.client(server, mirror.tls), self.blob_path, 1, size)
+                cpu = server.cpu_seconds() - cpu
                 self.record(report.COLD_1, mirror.name, seconds)
+                self.record(report.COLD_1_CPU, mirror.name, cpu * GIB / size)
 
             self.fresh(mirror, one)
         for mirror in order:
@@ -187,22 +204,19 @@ class Bench:
             self.record(report.SKOPEO_WARM, mirror.name, seconds)
 
     def run(self) -> None:
-        nginx = self.nginx()
+        self.nginx = self.start_nginx()
         try:
             for repetition in range(self.args.repeat):
                 # Alternate which server goes first.
                 order = self.mirrors if repetition % 2 == 0 else self.mirrors[::-1]
                 print(f"repetition {repetition + 1}/{self.args.repeat}", file=sys.stderr)
-                self.hit(order, nginx)
-                self.cold(order)
-                self.heads(order)
-                if not self.args.no_skopeo:
-                    self.skopeo(order)
+                for workload in self.args.only:
+                    getattr(self, workload)(order)
         finally:
-            if nginx is not None:
-                nginx.stop()
+            if self.nginx is not None:
+                self.nginx.stop()
 
-    def nginx(self) -> Process | None:
+    def start_nginx(self) -> Process | None:
         """nginx serving dockmirror's cached file of the layer, over plain HTTP only."""
         if self.tls is not None or shutil.which("nginx") is None:
             return None

@@ -22,8 +22,15 @@ def hit_row(clients: int) -> str:
     return f"cache-hit throughput, {clients} client{'s' * (clients > 1)} (MiB/s)"
 
 
+def hit_cpu_row(clients: int) -> str:
+    return f"server CPU per GiB sent, cache hits, {clients} client{'s' * (clients > 1)} (s)"
+
+
 def hit_rss_row(clients: int) -> str:
     return f"peak RSS, {clients} clients on the cached layer (MiB)"
+
+
+COLD_1_CPU = "server CPU per GiB sent, cold fetch, 1 client (s)"
 
 
 def cold_row(clients: int) -> str:

@@ -58,6 +58,11 @@ class Process:
                 return int(line.split()[1]) * 1024
         raise RuntimeError(f"no {field}")
 
+    def cpu_seconds(self) -> float:
+        """User and system CPU time the process used so far, all its threads."""
+        fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def reset_peak(self) -> None:
         """Start ``VmHWM`` again from the current RSS."""
         Path(f"/proc/{self.popen.pid}/clear_refs").write_text("5")

@@ -20,12 +20,19 @@ import sys
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import (
+    IConsumer,
+    IDelayedCall,
+    IPushProducer,
+    IReactorFDSet,
+    IReactorTime,
+)
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dockmirror.cache import files
@@ -33,14 +40,20 @@ from dockmirror.cache.fill import Fill
 from dockmirror.cache.index import Index, Runner, Snapshot
 from dockmirror.metrics import Metrics
 from dockmirror.reference import HEX_LENGTH
-from dockmirror.streaming import StreamError, release
+from dockmirror.streaming import (
+    FileSender,
+    ShortFile,
+    StreamError,
+    plain_tcp_transport,
+    release,
+)
 
 log = Logger()
 
 #: Bytes read from a file per write to a client ...
-CHUNK = 64 << 10
+CHUNK = 256 << 10
 #: ... and chunks written to one client before other work gets a turn.
-BURST = 16
+BURST = 4
 #: Free space a fill must leave on the file system.
 DISK_MARGIN = 256 << 20
 #: Blob sizes remembered from manifests and HEADs before the blob is cached.
@@ -460,18 +473,48 @@ class BlobReader:
         self._paused = False
         self._pumping = False
         self._later: IDelayedCall | None = None
+        self._sender: FileSender | None = None
         self.done: Deferred[int] = Deferred(lambda _: self._close())
 
     def __repr__(self) -> str:
         return f"<BlobReader {self.digest} at {self._pos} of {self._start}-{self._end}>"
 
     def write_to(self, consumer: IConsumer) -> Deferred[int]:
+        transport = plain_tcp_transport(consumer) if self._whole_and_verified() else None
+        if transport is not None:
+            assert self._fd is not None
+            reactor = cast(IReactorFDSet, self._store.reactor)
+            self._sender = FileSender(
+                reactor, transport, self._fd, self._start, self._end, self._on_bytes
+            )
+            self._sender.write_to(consumer).addCallbacks(self._sent, self._send_failed)
+            return self.done
         self._consumer = consumer
         if self._fill is not None:
             self._fill.subscribe(self._pump)
         consumer.registerProducer(self, True)
         self._pump()
         return self.done
+
+    def _whole_and_verified(self) -> bool:
+        """Whether the reader sends a whole blob that is in the cache (so verified)."""
+        return (
+            self._fill is None
+            and self._start == 0
+            and self._end == self._store.size_of(self.digest)
+        )
+
+    def _sent(self, count: int) -> None:
+        self._close()
+        self.done.callback(count)
+
+    def _send_failed(self, failure: Failure) -> None:
+        if self.done.called:  # cancelled, which stopped the sender
+            return
+        if failure.check(ShortFile):
+            self._store.forget(self.digest)
+        error = failure.value
+        self._fail(error if isinstance(error, StreamError) else StreamError(str(error)))
 
     def pauseProducing(self) -> None:
         self._paused = True
@@ -548,6 +591,8 @@ class BlobReader:
     def _close(self) -> None:
         if self._fd is None:
             return
+        if self._sender is not None and not self._sender.done.called:
+            self._sender.done.cancel()  # before its file is closed
         os.close(self._fd)
         self._fd = None
         self._store.unpin(self.digest)
