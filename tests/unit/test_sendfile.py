@@ -7,6 +7,7 @@ wrapped as the mirror wraps it, a TLS listener, and raw HTTP clients.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -265,3 +266,57 @@ async def test_a_file_shorter_than_recorded_cuts_the_response_and_is_forgotten(
     assert headers[b"content-length"] == str(SIZE).encode()
     assert len(body) == SIZE // 2  # cut short: the client sees a truncated response
     assert not server.store.has(server.digest)
+
+
+class SocketTransport:
+    """Stands for the TCP connection: one end of a socket pair."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+
+class Consumer:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.producer: Any = None
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+
+def test_the_file_waits_until_twisted_has_sent_the_headers(tmp_path):
+    path = tmp_path / "blob"
+    path.write_bytes(b"x" * 1000)
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    fd = os.open(path, os.O_RDONLY)
+    fake = MemoryReactorClock()
+    transport = SocketTransport(ours)
+    fake.addWriter(transport)  # the headers are in Twisted's buffer
+    sender = streaming.FileSender(fake, transport, fd, 0, 1000, lambda n: None)  # type: ignore[arg-type]
+    consumer = Consumer()
+    done = sender.write_to(consumer)
+    assert consumer.writes == [b""]  # the headers
+    assert sender in fake.getWriters()
+    sender.doWrite()
+    theirs.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        theirs.recv(10)
+    fake.removeWriter(transport)  # Twisted sent them
+    sender.doWrite()
+    assert theirs.recv(2000) == b"x" * 1000
+    assert done.result == 1000
+    assert sender not in fake.getWriters()
+    assert consumer.producer is None
+    os.close(fd)
+    ours.close()
+    theirs.close()
