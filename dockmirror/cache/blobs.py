@@ -445,9 +445,10 @@ class BlobStore:
 class BlobReader:
     """Bytes [start, end) of a blob file, written to a client as fast as it reads.
 
-    While the blob is still being filled, the reader follows the file as it
-    grows.  It never sends a blob's last byte before the fill is verified,
-    and fails if the fill fails before that.  Each reader has its own pace:
+    While the blob is still being filled, the reader follows the body as it
+    arrives: from the file, and from memory what is not written yet.  It
+    never sends a blob's last byte before the fill is verified, and fails if
+    the fill fails before that.  Each reader has its own pace:
     the client pausing it pauses nothing else.  :attr:`done` fires with the
     byte count or fails with :class:`StreamError`.
     """
@@ -534,7 +535,7 @@ class BlobReader:
         fill = self._fill
         if fill is None or fill.verified:
             return self._end
-        return min(self._end, fill.written, fill.size - 1)
+        return min(self._end, fill.received, fill.size - 1)
 
     def _finished(self) -> bool:
         fill = self._fill
@@ -569,7 +570,15 @@ class BlobReader:
         if self._pos < limit:
             assert self._fd is not None and self._consumer is not None
             count = min(CHUNK, limit - self._pos)
-            data = os.pread(self._fd, count, self._pos)
+            fill = self._fill
+            on_disk = self._end if fill is None or fill.verified else fill.written
+            if self._pos < on_disk:
+                count = min(count, on_disk - self._pos)
+                data = os.pread(self._fd, count, self._pos)
+            else:  # received, not written yet
+                assert fill is not None
+                data = fill.queued(self._pos, self._pos + count)
+                count = len(data)
             if len(data) != count:
                 self._fail(StreamError(f"cached {self.digest} is shorter than recorded"))
                 if self._fill is None:
