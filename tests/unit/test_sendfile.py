@@ -45,6 +45,7 @@ class BlobResource(AsyncResource):
         self.store = store
         self.digest = digest
         self.readers: list[Any] = []
+        self.sent: list[int] = []  # as the access log reports it
         self.counted = 0
 
     async def serve(self, request: Request) -> None:
@@ -61,6 +62,7 @@ class BlobResource(AsyncResource):
         reader = self.store.reader(self.digest, start, end, self._count)
         self.readers.append(reader)
         await send_reply(request, Reply(206 if span else 200, headers, stream=reader))
+        self.sent.append(request.sentLength)
 
     def _count(self, n: int) -> None:
         self.counted += n
@@ -191,8 +193,25 @@ async def test_a_whole_blob_on_plain_tcp_goes_out_with_sendfile(server, sendfile
     assert body == server.data
     assert sum(sendfile_calls) == SIZE
     assert server.resource.counted == SIZE
+    assert server.resource.sent == [SIZE]
     assert server.store.stats()["readers"] == 0
     assert open_fds() == fds
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_connection_carries_on_after_a_sendfile(server, sendfile_calls):
+    port = server.listen_plain()
+    keep_alive = get().replace(b"Connection: close", b"Connection: keep-alive")
+    client = await server.fetch(port, Client(keep_alive + get("GET", "Range: bytes=0-9")))
+    first, _, rest = client.received.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200 OK")
+    assert rest[:SIZE] == server.data
+    second = Client(b"")
+    second.received = rest[SIZE:]
+    status, _, body = second.response()
+    assert status == b"HTTP/1.1 206 Partial Content"
+    assert body == server.data[:10]
+    assert sum(sendfile_calls) == SIZE
 
 
 @pytest_twisted.ensureDeferred
