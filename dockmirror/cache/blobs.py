@@ -51,9 +51,9 @@ from dockmirror.streaming import (
 log = Logger()
 
 #: Bytes read from a file per write to a client ...
-CHUNK = 256 << 10
+CHUNK = 64 << 10
 #: ... and chunks written to one client before other work gets a turn.
-BURST = 4
+BURST = 16
 #: Free space a fill must leave on the file system.
 DISK_MARGIN = 256 << 20
 #: Blob sizes remembered from manifests and HEADs before the blob is cached.
