@@ -49,9 +49,9 @@ class Fill(Protocol):
     :attr:`ready` fires once the temporary file exists; :attr:`finished` once
     the blob is committed, or fails with the reason it is not.  Readers
     :meth:`subscribe` to hear of every change of :attr:`received`,
-    :attr:`written` and :attr:`verified`, which lets them send the last byte while the file is
-    being made durable.  Bytes past :attr:`written` and up to :attr:`received`
-    are read from memory with :meth:`queued`.
+    :attr:`written` and :attr:`verified`, which lets them send the last byte
+    while the file is being made durable.  Bytes past :attr:`written` and up
+    to :attr:`received` are read from memory with :meth:`queued`.
     """
 
     def __init__(
