@@ -17,11 +17,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from twisted.plugin import getPlugins
 
 from dockmirror import plugins
 from dockmirror._interfaces import IUpstream
+from dockmirror.egress import UpstreamTLS, load_upstream_tls
+from dockmirror.hostnames import HostPattern, is_host_name
 from dockmirror.reference import NAME_RE
 
 EMBEDDED = "(embedded default)"
@@ -127,6 +130,13 @@ class UpstreamConfig:
     username: str | None = None
     password: str | None = None
     default: bool = False
+    #: Origins of token services on other hosts that may receive the credentials.
+    token_realms: tuple[str, ...] = ()
+    #: PEM certificates trusted for this upstream, in addition to the system's.
+    ca: str | None = None
+    #: PEM certificate (and chain) and key for upstreams that require mutual TLS.
+    client_cert: str | None = None
+    client_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -276,6 +286,8 @@ def _check(config: Config) -> None:
             raise ConfigError(f"{source}: upstreams.{name}.url must be an http(s) URL")
         if (upstream.username is None) != (upstream.password is None):
             raise ConfigError(f"{source}: upstreams.{name}: username and password go together")
+        _check_upstream_names(source, name, upstream, plugin)
+        upstream_tls(source, name, upstream)
         for host in upstream.hosts:
             if host.lower() in hosts:
                 raise ConfigError(
@@ -292,6 +304,40 @@ def _check(config: Config) -> None:
         raise ConfigError(f"{source}: server.public_url must be an http(s) URL")
     _check_cache(source, config.cache)
     _check_auth(config)
+
+
+def upstream_tls(source: str, name: str, upstream: UpstreamConfig) -> UpstreamTLS:
+    """The upstream's ``ca``, ``client_cert`` and ``client_key``, read and checked."""
+    try:
+        return load_upstream_tls(upstream.ca, upstream.client_cert, upstream.client_key)
+    except ValueError as e:
+        raise ConfigError(f"{source}: upstreams.{name}.{e}") from None
+
+
+def _check_upstream_names(source: str, name: str, upstream: UpstreamConfig, plugin: Any) -> None:
+    """Aliases, hosts, token realms and the URL are host names of the strict grammar."""
+    where = f"{source}: upstreams.{name}"
+    for key, patterns in (("aliases", upstream.aliases), ("plugin's aliases", plugin.aliases)):
+        for pattern in patterns:
+            try:
+                HostPattern.parse(pattern)
+            except ValueError as e:
+                raise ConfigError(f"{where}.{key}: {e}") from None
+    for host in upstream.hosts:
+        if not is_host_name(host.lower()):
+            raise ConfigError(
+                f"{where}.hosts: {host!r} is not a host name (labels of a-z, 0-9 and '-', no port)"
+            )
+    for realm in upstream.token_realms:
+        parts = urlsplit(realm)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/"):
+            raise ConfigError(
+                f"{where}.token_realms: {realm!r} is not an origin such as"
+                ' "https://auth.example.com"'
+            )
+    url = upstream.url
+    if url is not None and (urlsplit(url).hostname is None or urlsplit(url).username):
+        raise ConfigError(f"{where}.url: {url!r} has no host, or has credentials in it")
 
 
 def _check_cache(source: str, cache: CacheConfig) -> None:

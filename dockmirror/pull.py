@@ -8,8 +8,11 @@ layer points at the client's request.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -22,14 +25,28 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
 from dockmirror.cache import Cache, origin_of
 from dockmirror.cache.fill import Fill
-from dockmirror.cache.manifests import INDEX_TYPES, TagEntry, accepted, references
+from dockmirror.cache.manifests import (
+    INDEX_TYPES,
+    TagEntry,
+    accepted,
+    could_be_manifest,
+    manifest_media_type,
+    references,
+)
+from dockmirror.egress import Egress
 from dockmirror.errors import STATUS, RegistryError, upstream_unavailable
 from dockmirror.metrics import Metrics
 from dockmirror.reference import HEX_LENGTH, is_digest, parse_image_reference
 from dockmirror.routing import Route, Router
 from dockmirror.shared import SingleFlight
 from dockmirror.streaming import BodyStream, Stream, StreamError
-from dockmirror.upstream import UpstreamClient, UpstreamError, discard, read_small
+from dockmirror.upstream import (
+    SMALL_BODY_LIMIT,
+    UpstreamClient,
+    UpstreamError,
+    discard,
+    read_small,
+)
 
 log = Logger()
 
@@ -88,32 +105,53 @@ def _content_length(response: IResponse) -> int | None:
     return length if length is not None and length >= 0 else None
 
 
+def _names(response: IResponse, digest: str) -> bool:
+    """Whether an upstream's answer for *digest* does not name another digest."""
+    return _header(response, "docker-content-digest") in (None, digest)
+
+
 def compute_digest(data: bytes, algorithm: str = "sha256") -> str:
     return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
 
 
-class Upstreams:
-    """One :class:`UpstreamClient` per upstream and base URL, sharing a pool."""
+#: Upstream clients kept: one per upstream and base URL, the most recently used.
+CLIENTS_LIMIT = 64
 
-    def __init__(self, http: Any, reactor: IReactorTime, metrics: Metrics) -> None:
-        self._http = http
+
+class Upstreams:
+    """One :class:`UpstreamClient` per upstream and base URL, over the upstream's egress.
+
+    A wildcard alias (``*.gcr.io``) names any number of hosts, so only the
+    :data:`CLIENTS_LIMIT` most recently used clients are kept.
+    """
+
+    def __init__(self, egress: dict[str, Egress], reactor: IReactorTime, metrics: Metrics) -> None:
+        self._egress = egress
         self._reactor = reactor
         self._metrics = metrics
-        self._clients: dict[tuple[str, str], UpstreamClient] = {}
+        self._clients: OrderedDict[tuple[str, str], UpstreamClient] = OrderedDict()
 
     def client(self, route: Route) -> UpstreamClient:
         key = (route.upstream.name, route.base_url)
         client = self._clients.get(key)
-        if client is None:
-            client = self._clients[key] = UpstreamClient(
-                route.upstream.name,
-                route.base_url,
-                self._http,
-                self._reactor,
-                self._metrics,
-                route.upstream.username,
-                route.upstream.password,
-            )
+        if client is not None:
+            self._clients.move_to_end(key)
+            return client
+        upstream = route.upstream
+        egress = self._egress[upstream.name]
+        client = self._clients[key] = UpstreamClient(
+            upstream.name,
+            route.base_url,
+            egress.http,
+            self._reactor,
+            self._metrics,
+            upstream.username,
+            upstream.password,
+            token_realms=upstream.token_realms,
+            trusted=egress.tls.trusted,
+        )
+        while len(self._clients) > CLIENTS_LIMIT:
+            self._clients.popitem(last=False)
         return client
 
 
@@ -164,13 +202,7 @@ class PullService:
         try:
             return await client.request(method, route.repository, path, headers, params)
         except UpstreamError as e:
-            log.warn(
-                "upstream {upstream} unreachable for {repository}: {error}",
-                upstream=route.upstream.name,
-                repository=route.repository,
-                error=str(e),
-            )
-            raise upstream_unavailable(route.upstream.name, str(e)) from e
+            raise _upstream_failed(route, e) from e
 
     def _count(self, kind: str, x_cache: str) -> None:
         counter = self._metrics.cache_misses if x_cache == MISS else self._metrics.cache_hits
@@ -219,7 +251,11 @@ class PullService:
         )
 
     def _cached_manifest(self, digest: str, x_cache: str, head: bool) -> Reply | None:
-        cached = self.cache.manifests.get(digest)
+        try:
+            cached = self.cache.manifests.get(digest)
+        except OSError as e:
+            log.error("cannot read cached {digest}: {error}", digest=digest, error=e.strerror)
+            raise RegistryError("UNAVAILABLE", "the cache cannot be read now", status=503) from e
         if cached is None:
             return None
         body, media_type = cached
@@ -242,7 +278,10 @@ class PullService:
         if response.code != 200:
             raise await self._failure(route, response, "MANIFEST_UNKNOWN", True)
         discard(response)
-        self.cache.blobs.allow(origin, [digest])
+        content_type = _header(response, "content-type")
+        if not (could_be_manifest(content_type) and _names(response, digest)):
+            raise self._not_a_manifest(route, digest, f"a {content_type} page")
+        self.cache.blobs.allow(origin, digest)
 
     async def _revalidate(
         self,
@@ -269,11 +308,14 @@ class PullService:
                 manifests.forget_tag(origin, tag)
             raise error
         discard(response)
+        if not could_be_manifest(_header(response, "content-type")):
+            what = f"a {_header(response, 'content-type')} page"
+            return self._stale(entry, self._not_a_manifest(route, tag, what), head)
         digest = _header(response, "docker-content-digest")
         if digest is None or not manifests.has(digest):
             return None
         media_type = entry.media_type if digest == entry.digest else manifests.get_type(digest)
-        self.cache.blobs.allow(origin, [digest])
+        self.cache.blobs.allow(origin, digest)
         manifests.set_tag(origin, tag, digest, media_type)
         return self._cached_manifest(digest, REVALIDATED, head)
 
@@ -297,7 +339,11 @@ class PullService:
         )
         if response.code != 200:
             raise await self._failure(route, response, "MANIFEST_UNKNOWN", head)
-        content_type = _media_type(_header(response, "content-type"))
+        declared = _header(response, "content-type")
+        if not could_be_manifest(declared):
+            discard(response)
+            raise self._not_a_manifest(route, reference, f"a {declared} page")
+        content_type = _media_type(declared)
         digest = _header(response, "docker-content-digest")
         if head:
             discard(response)
@@ -308,9 +354,7 @@ class PullService:
             if length is not None:
                 headers["Content-Length"] = str(length)
             return Reply(200, headers)
-        body = await read_small(response, MANIFEST_LIMIT)
-        if len(body) >= MANIFEST_LIMIT:
-            raise upstream_unavailable(route.upstream.name, "manifest too large", 502)
+        body = await _read(route, response, MANIFEST_LIMIT)
         expected = reference if is_digest(reference) else digest
         algorithm = expected.partition(":")[0] if expected else "sha256"
         actual = compute_digest(body, algorithm if algorithm in HEX_LENGTH else "sha256")
@@ -326,17 +370,32 @@ class PullService:
             raise upstream_unavailable(
                 route.upstream.name, f"manifest does not match its digest {expected}", 502
             )
-        await self.cache.manifests.put(origin, reference, actual, content_type, body)
+        media_type = manifest_media_type(body, declared)
+        if media_type is None:
+            what = f"{len(body)} bytes of {declared or 'no declared type'}"
+            raise self._not_a_manifest(route, reference, what)
+        await self.cache.manifests.put(origin, reference, actual, media_type, body)
         return Reply(
             200,
             {
-                "Content-Type": content_type,
+                "Content-Type": media_type,
                 "Docker-Content-Digest": actual,
                 "ETag": f'"{actual}"',
                 "X-Cache": MISS,
             },
             body,
         )
+
+    def _not_a_manifest(self, route: Route, reference: str, what: str) -> RegistryError:
+        """An upstream's 200 that is no manifest: a captive portal, a login page."""
+        log.warn(
+            "upstream {upstream} answered {what} for manifest {reference} of {repository}",
+            upstream=route.upstream.name,
+            what=what,
+            reference=reference,
+            repository=route.repository,
+        )
+        return upstream_unavailable(route.upstream.name, "the answer is not a manifest", 502)
 
     # --- blobs ---------------------------------------------------------------------
 
@@ -355,7 +414,7 @@ class PullService:
         source = await self._source(route, origin, digest)
         if source.passthrough is not None:
             self._metrics.cache_passthrough.labels(source.passthrough).inc()
-            return await self._passthrough(route, digest, head, range_header)
+            return await self._passthrough(route, origin, digest, head, range_header)
         x_cache = MISS if source.lead else HIT
         self._count("blob", x_cache)
         store.touch(digest)
@@ -374,8 +433,8 @@ class PullService:
             reader = store.reader(digest, start, end, count)
         except OSError as e:
             log.error("cannot open cached {digest}: {error}", digest=digest, error=e.strerror)
-            if source.fill is None:
-                store.forget(digest)
+            if source.fill is None and e.errno == errno.ENOENT:
+                store.forget(digest)  # gone from the disk; a transient error keeps it
             raise upstream_unavailable(route.upstream.name, "cache read failed", 503) from e
         return Reply(206 if span else 200, headers, stream=reader)
 
@@ -384,14 +443,14 @@ class PullService:
         store = self.cache.blobs
         error: Exception | None = None
         for _ in range(FILL_ATTEMPTS):
-            if not store.allowed(origin, digest) or store.size_of(digest) is None:
+            if not store.allowed(origin, digest) or store.size_of(digest, origin) is None:
                 await self._blob_head(route, origin, digest)
             if store.has(digest):
                 return _Source()
             fill = store.filling(digest)
             lead = fill is None
             if fill is None:
-                size = store.size_of(digest)
+                size = store.size_of(digest, origin)
                 if size is None:
                     return _Source(passthrough="size unknown")
                 reason = self._admit(digest, size)
@@ -432,7 +491,7 @@ class PullService:
             discard(response)
             fill.abandon(StreamError(f"{length} bytes for {fill.digest}, {fill.size} expected"))
             return
-        self.cache.blobs.allow(origin, [fill.digest])
+        self.cache.blobs.allow(origin, fill.digest, length)
         log.info(
             "filling {digest} ({size} bytes) from {upstream}",
             digest=fill.digest,
@@ -452,10 +511,19 @@ class PullService:
         if response.code != 200:
             raise await self._failure(route, response, "BLOB_UNKNOWN", True)
         discard(response)
-        self.cache.blobs.allow(origin, [digest])
+        content_type = (_header(response, "content-type") or "").lower()
+        if content_type.startswith("text/html") or not _names(response, digest):
+            # A portal or login page answering 200 to anything proves nothing.
+            log.warn(
+                "upstream {upstream} answered a HEAD of {digest} with a page"
+                " ({content_type}) or another digest",
+                upstream=route.upstream.name,
+                digest=digest,
+                content_type=content_type,
+            )
+            raise upstream_unavailable(route.upstream.name, "the answer is not the blob", 502)
         length = _content_length(response)
-        if length is not None:
-            self.cache.blobs.hint(digest, length)
+        self.cache.blobs.allow(origin, digest, length)
         return length
 
     def _admit(self, digest: str, size: int) -> str | None:
@@ -473,24 +541,25 @@ class PullService:
         return "over max_layer_size"
 
     async def _passthrough(
-        self, route: Route, digest: str, head: bool, range_header: str | None
+        self, route: Route, origin: str, digest: str, head: bool, range_header: str | None
     ) -> Reply:
         """Stream a blob from the upstream without caching it.
 
         Only a single range is asked for: several would come back as
         ``multipart/byteranges``, so those are ignored, as for a cached blob.
         """
-        headers = {"Range": range_header} if range_header and "," not in range_header else None
+        headers = {"Range": range_header} if range_header and _range_spec(range_header) else None
         response = await self._request(route, "HEAD" if head else "GET", f"blobs/{digest}", headers)
         if response.code not in (200, 206):
             raise await self._failure(route, response, "BLOB_UNKNOWN", head)
         self._count("blob", MISS)
         length = _content_length(response)
-        declared = self.cache.blobs.size_of(digest)
+        declared = self.cache.blobs.size_of(digest, origin)
         if response.code == 200 and declared is not None:
-            # Bytes beyond the size the manifest or a HEAD announced are never sent.
+            # Bytes beyond the size the upstream announced to a HEAD are never sent.
             if length is not None and length != declared:
                 discard(response)
+                self.cache.blobs.doubt(digest, origin)
                 raise upstream_unavailable(
                     route.upstream.name, f"{length} bytes for {digest}, {declared} expected", 502
                 )
@@ -574,7 +643,7 @@ class PullService:
         response = await self._request(route, "GET", "tags/list", params=params)
         if response.code != 200:
             raise await self._failure(route, response, "NAME_UNKNOWN", False)
-        body = await read_small(response)
+        body = await _read(route, response)
         try:
             tags = json.loads(body)["tags"] or []
             if not all(isinstance(t, str) for t in tags):
@@ -584,7 +653,7 @@ class PullService:
         headers = {"Content-Type": "application/json"}
         link = _header(response, "link")
         if link:
-            headers["Link"] = _tags_link(route.client_name, _link_query(link))
+            headers["Link"] = _tags_link(route, _link_query(link))
         else:
             tags = sorted(tags)
             if last is not None:
@@ -592,8 +661,7 @@ class PullService:
             if limit is not None and len(tags) > limit:
                 tags = tags[:limit]
                 if tags:
-                    query = urlencode([("n", str(limit)), ("last", tags[-1])])
-                    headers["Link"] = _tags_link(route.client_name, query)
+                    headers["Link"] = _tags_link(route, [("n", str(limit)), ("last", tags[-1])])
         body = json.dumps({"name": route.client_name, "tags": tags}).encode()
         return Reply(200, headers, body)
 
@@ -601,9 +669,14 @@ class PullService:
         self, route: Route, response: IResponse, unknown: str, head: bool
     ) -> RegistryError:
         """The error a client gets for an upstream's non-success answer."""
-        body = b"" if head else await read_small(response)
+        body = b""
         if head:
             discard(response)
+        else:
+            try:
+                body = await read_small(response)
+            except UpstreamError:
+                pass  # the status alone makes the error
         name = route.upstream.name
         code = response.code
         if code == 429 or code >= 500:
@@ -654,6 +727,25 @@ class Prefetcher:
         return {"image": image_reference, "upstream": route.key, **summary}
 
 
+async def _read(route: Route, response: IResponse, limit: int = SMALL_BODY_LIMIT) -> bytes:
+    """A small body, whole; one over *limit* or cut short is a 502 from the upstream."""
+    try:
+        return await read_small(response, limit)
+    except UpstreamError as e:
+        raise _upstream_failed(route, e) from e
+
+
+def _upstream_failed(route: Route, error: UpstreamError) -> RegistryError:
+    """Log why an upstream failed a request; the error its client gets."""
+    log.warn(
+        "upstream {upstream} failed for {repository}: {error}",
+        upstream=route.upstream.name,
+        repository=route.repository,
+        error=str(error),
+    )
+    return upstream_unavailable(route.upstream.name, str(error), error.status)
+
+
 def _blob_headers(digest: str, x_cache: str) -> dict[str, str]:
     return {
         "Content-Type": "application/octet-stream",
@@ -664,25 +756,41 @@ def _blob_headers(digest: str, x_cache: str) -> dict[str, str]:
     }
 
 
+#: A single byte range (RFC 9110): ``first-last``, ``first-`` or ``-suffix``;
+#: positions of more than 20 digits (past any blob) are not parsed.
+_RANGE_RE = re.compile(r"bytes=[ \t]*([0-9]{0,20})-([0-9]{0,20})[ \t]*", re.IGNORECASE)
+
+
+def _range_spec(header: str | None) -> tuple[str, str] | None:
+    """The first and last position of a single well-formed range; None to ignore *header*.
+
+    Several ranges, a header that cannot be parsed, and a range whose last
+    position is before its first are ignored (RFC 9110 14.2): the whole
+    blob is served.
+    """
+    match = _RANGE_RE.fullmatch(header) if header else None
+    if match is None:
+        return None
+    first, last = match.groups()
+    if not (first or last) or (first and last and int(last) < int(first)):
+        return None
+    return first, last
+
+
 def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """The [start, end) of a single-range ``Range`` header; None serves the whole blob.
 
-    Several ranges, or a header that cannot be parsed, are ignored (RFC 9110
-    allows that); a range that starts past the end is refused with a 416.
+    A range that starts past the end is refused with a 416.
     """
-    if not header or not header.startswith("bytes=") or "," in header:
+    spec = _range_spec(header)
+    if spec is None:
         return None
-    first, dash, last = header[len("bytes=") :].strip().partition("-")
-    if not dash or not (first or last):
-        return None
-    try:
-        if first:
-            start = int(first)
-            end = min(int(last) + 1, size) if last else size
-        else:
-            start, end = max(size - int(last), 0), size
-    except ValueError:
-        return None
+    first, last = spec
+    if first:
+        start = int(first)
+        end = min(int(last) + 1, size) if last else size
+    else:
+        start, end = max(size - int(last), 0), size
     if start >= end or start >= size:
         raise RegistryError(
             "RANGE_INVALID",
@@ -725,11 +833,14 @@ def _page_size(n: str | None) -> int | None:
     return int(n)
 
 
-def _link_query(link: str) -> str:
+def _link_query(link: str) -> list[tuple[str, str]]:
     """The ``n``/``last`` query of an upstream's pagination ``Link``."""
     target = link.partition("<")[2].partition(">")[0]
-    return urlencode([(k, v) for k, v in parse_qsl(urlsplit(target).query) if k in ("n", "last")])
+    return [(k, v) for k, v in parse_qsl(urlsplit(target).query) if k in ("n", "last")]
 
 
-def _tags_link(client_name: str, query: str) -> str:
-    return f'</v2/{client_name}/tags/list?{query}>; rel="next"'
+def _tags_link(route: Route, query: list[tuple[str, str]]) -> str:
+    """The next page's ``Link``: on this mirror, to the upstream that served this page."""
+    if route.ns is not None:
+        query = [*query, ("ns", route.ns)]
+    return f'</v2/{route.client_name}/tags/list?{urlencode(query)}>; rel="next"'

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import resource
 from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from treq.client import HTTPClient
 from twisted.application import service, strports
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.defer import DeferredList
 from twisted.internet.interfaces import IReactorCore
+from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import HTTPConnectionPool
 
 from dockmirror.auth.access import AccessControl
 from dockmirror.auth.keystore import KeyDatabase, KeyStore, KeyStoreError
@@ -26,7 +28,9 @@ from dockmirror.config import (
     load,
     state_directory,
     upstream_plugins,
+    upstream_tls,
 )
+from dockmirror.egress import upstream_egress
 from dockmirror.health import HealthResource, directory_writable
 from dockmirror.manhole import HOST_KEY_FILE, KeysConsole, load_host_key, manhole_factory
 from dockmirror.metrics import Metrics, MetricsResource
@@ -35,8 +39,8 @@ from dockmirror.routing import build_router
 from dockmirror.tls import CertificateReloadService, PlainHTTPFactory, tls_endpoint
 from dockmirror.web import MirrorSite, RootResource, build_root
 
-#: Idle persistent connections kept per upstream host.
-POOL_PER_HOST = 16
+log = Logger()
+
 #: The token signing key, in the state directory.
 SIGNING_KEY_FILE = "token_signing_key.pem"
 
@@ -70,21 +74,15 @@ class Options(usage.Options):
             raise SystemExit(0)
 
 
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """Upstream connections come and go; don't log each one."""
-
-    noisy = False
-
-
 class PoolService(service.Service):
-    """Closes the upstream connection pool when the mirror stops."""
+    """Closes the upstreams' connection pools when the mirror stops."""
 
-    def __init__(self, pool: HTTPConnectionPool) -> None:
-        self.pool = pool
+    def __init__(self, pools: list[HTTPConnectionPool]) -> None:
+        self.pools = pools
 
     def stopService(self) -> Any:
         super().stopService()
-        return self.pool.closeCachedConnections()
+        return DeferredList([pool.closeCachedConnections() for pool in self.pools])
 
 
 def _endpoint(reactor: Any, config: Config, description: str) -> Any:
@@ -116,13 +114,18 @@ def build_access(config: Config, keys: KeyStore, metrics: Metrics, reactor: Any)
 
 def build_service(config: Config, reactor: Any) -> service.MultiService:
     router = build_router(config, upstream_plugins())
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool._factory = _QuietClientFactory
-    pool.maxPersistentPerHost = POOL_PER_HOST
-    http = HTTPClient(Agent(reactor, connectTimeout=30, pool=pool))
+    egress = {
+        u.name: upstream_egress(
+            reactor,
+            u.name,
+            u.configured_url,
+            upstream_tls(config.source, u.name, config.upstreams[u.name]),
+        )
+        for u in router.upstreams
+    }
     metrics = Metrics()
     cache = Cache(config.cache, reactor, metrics)
-    pull = PullService(Upstreams(http, reactor, metrics), reactor, metrics, cache)
+    pull = PullService(Upstreams(egress, reactor, metrics), reactor, metrics, cache)
     cache.prefetcher = Prefetcher(router, pull)
     top = service.MultiService()
     # Started first: it recovers the cache from disk before any request is served.
@@ -159,7 +162,7 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
         root.putChild(b"metrics", metrics_resource)
     if certificates:
         CertificateReloadService(reactor, certificates).setServiceParent(top)
-    PoolService(pool).setServiceParent(top)
+    PoolService([e.pool for e in egress.values()]).setServiceParent(top)
     namespace: dict[str, Any] = {
         "keys": KeysConsole(keys, partial(check_repository_prefix, upstreams=config.upstreams)),
         "upstreams": {upstream.name: upstream for upstream in router.upstreams},
@@ -177,7 +180,26 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     return top
 
 
+def raise_open_files_limit() -> None:
+    """Raise the soft limit on open files to the hard limit.
+
+    Every client reading a cached blob holds a file open, as does every fill
+    and connection; the usual soft limit (1024) runs out long before the
+    system's does.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard or hard == resource.RLIM_INFINITY:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as e:
+        log.warn("cannot raise the open files limit from {soft}: {error}", soft=soft, error=e)
+    else:
+        log.info("open files limit raised from {soft} to {hard}", soft=soft, hard=hard)
+
+
 def makeService(options: Options, reactor: IReactorCore | None = None) -> service.MultiService:
+    raise_open_files_limit()
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 

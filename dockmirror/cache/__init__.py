@@ -21,6 +21,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from dockmirror.cache import files
 from dockmirror.cache.blobs import BlobStore
 from dockmirror.cache.index import Index, Runner
 from dockmirror.cache.manifests import ManifestCache
@@ -100,7 +101,7 @@ class Cache(service.Service):
 
     def startService(self) -> None:
         """Recover the cache before the mirror listens: blocking, and on purpose."""
-        os.makedirs(self.directory, exist_ok=True)
+        files.make_directory(self.directory)
         self._lock()
         for pool in self._pools:
             pool.start()
@@ -112,7 +113,7 @@ class Cache(service.Service):
     def _lock(self) -> None:
         """Hold the directory for this process: another would delete our fills at its start."""
         path = os.path.join(self.directory, "lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, files.FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -10,7 +10,8 @@ Layout under the cache directory::
 Layers and manifests are both blobs here: stored once by digest, whatever
 upstream or repository they came through.  Who may read them is a separate
 record, :meth:`BlobStore.allowed`: a digest is served through an upstream
-repository only once that repository is known to have it.
+repository only once that repository proved it has it, by its own answer to
+a HEAD or GET of the blob.  A manifest's mention proves nothing.
 """
 
 from __future__ import annotations
@@ -56,8 +57,10 @@ CHUNK = 64 << 10
 BURST = 16
 #: Free space a fill must leave on the file system.
 DISK_MARGIN = 256 << 20
-#: Blob sizes remembered from manifests and HEADs before the blob is cached.
-SIZE_HINTS = 1 << 16
+#: Digests not cached (yet) whose proofs, and announced sizes, are remembered ...
+PROOFS = 1 << 16
+#: ... and the upstream repositories remembered per such digest.
+PROOFS_PER_DIGEST = 32
 
 
 class BlobStore:
@@ -80,9 +83,10 @@ class BlobStore:
         self._run = run
         #: digest -> size, least recently used first.
         self._entries: OrderedDict[str, int] = OrderedDict()
-        #: digest -> the origins (upstream repositories) known to have it.
+        #: cached digest -> the origins (upstream repositories) that proved they have it.
         self._access: dict[str, set[str]] = {}
-        self._hints: OrderedDict[str, int] = OrderedDict()
+        #: digest not cached -> origin -> the size its upstream announced; bounded LRU.
+        self._proofs: OrderedDict[str, dict[str, int | None]] = OrderedDict()
         self._pins: Counter[str] = Counter()
         self._fills: dict[str, Fill] = {}
         #: Called with the digest of each blob removed from the store.
@@ -110,8 +114,8 @@ class BlobStore:
         (files only get their names once verified); a row without its file, or
         whose file has the wrong size, goes.
         """
-        os.makedirs(self.blobs_dir, exist_ok=True)
-        os.makedirs(self.temp_dir, exist_ok=True)
+        files.make_directory(self.blobs_dir)
+        files.make_directory(self.temp_dir)
         temporary = 0
         for entry in os.scandir(self.temp_dir):
             files.remove(entry.path)
@@ -155,10 +159,16 @@ class BlobStore:
         )
 
     def _scan(self) -> Iterable[tuple[str, int, float]]:
-        """Every well-named blob file as (digest, size, mtime); strays are removed."""
+        """Every well-named blob file as (digest, size, mtime); strays are removed.
+
+        Files and directories that an earlier version left readable by
+        everyone are made 0640 and 0750.
+        """
         for algorithm in _subdirectories(self.blobs_dir):
             length = HEX_LENGTH.get(algorithm.name)
+            files.restrict(algorithm.path, files.DIRECTORY_MODE)
             for shard in _subdirectories(algorithm.path):
+                files.restrict(shard.path, files.DIRECTORY_MODE)
                 for entry in os.scandir(shard.path):
                     name = entry.name
                     if (
@@ -168,6 +178,8 @@ class BlobStore:
                         and all(c in "0123456789abcdef" for c in name)
                     ):
                         st = entry.stat(follow_symlinks=False)
+                        if st.st_mode & 0o777 & ~files.FILE_MODE:
+                            files.restrict(entry.path, files.FILE_MODE)
                         yield f"{algorithm.name}:{name}", st.st_size, st.st_mtime
                     else:
                         log.warn("removing stray file {path} from the cache", path=entry.path)
@@ -178,45 +190,58 @@ class BlobStore:
     def has(self, digest: str) -> bool:
         return digest in self._entries
 
-    def size_of(self, digest: str) -> int | None:
+    def size_of(self, digest: str, origin: str | None = None) -> int | None:
+        """A blob's size: as cached or being filled, else as *origin*'s upstream announced it."""
         if digest in self._entries:
             return self._entries[digest]
         fill = self._fills.get(digest)
-        return fill.size if fill is not None else self._hints.get(digest)
+        if fill is not None:
+            return fill.size
+        return self._proofs.get(digest, {}).get(origin) if origin is not None else None
 
     def filling(self, digest: str) -> Fill | None:
         return self._fills.get(digest)
 
     def allowed(self, origin: str, digest: str) -> bool:
-        return origin in self._access.get(digest, ())
+        """Whether the upstream repository *origin* proved that it has *digest*."""
+        return origin in self._access.get(digest, ()) or origin in self._proofs.get(digest, {})
 
-    def vouched(self, origin: str, digest: str) -> bool:
-        """Whether a manifest from *origin* that refers to *digest* may open it to *origin*.
+    def allow(self, origin: str, digest: str, size: int | None = None) -> None:
+        """Record that the upstream repository *origin* has *digest*, as it just answered.
 
-        A blob not held yet will be fetched from *origin*'s upstream, which
-        proves it; one held (or being fetched) is opened only if the same
-        upstream registry already has it, so a manifest cannot reach into a
-        blob that came from another upstream.
+        Only the upstream's own answer is proof: a HEAD or GET of the blob
+        that it answered 200, with the *size* it announced.  A cached blob's
+        proofs are kept in the index; those of a blob not cached yet are kept
+        in memory, a bounded number, until it is.
         """
-        if not self.has(digest) and self.filling(digest) is None:
-            return True
-        return any(_registry(o) == _registry(origin) for o in self._access.get(digest, ()))
-
-    def allow(self, origin: str, digests: Iterable[str]) -> None:
-        """Record that the upstream repository *origin* has each of *digests*."""
         origin = sys.intern(origin)
-        for digest in digests:
-            origins = self._access.setdefault(digest, set())
-            if origin not in origins:
-                origins.add(origin)
-                self._index.write("INSERT OR IGNORE INTO access VALUES (?, ?)", origin, digest)
+        if digest in self._entries:
+            self._grant(origin, digest)
+            return
+        proofs = self._proofs.pop(digest, {})
+        proofs.pop(origin, None)
+        proofs[origin] = size
+        if len(proofs) > PROOFS_PER_DIGEST:
+            del proofs[next(iter(proofs))]
+        self._proofs[digest] = proofs
+        if len(self._proofs) > PROOFS:
+            self._proofs.popitem(last=False)
 
-    def hint(self, digest: str, size: int) -> None:
-        """Remember a blob's size as an upstream announced it."""
-        self._hints[digest] = size
-        self._hints.move_to_end(digest)
-        if len(self._hints) > SIZE_HINTS:
-            self._hints.popitem(last=False)
+    def _grant(self, origin: str, digest: str) -> None:
+        origins = self._access.setdefault(digest, set())
+        if origin not in origins:
+            origins.add(origin)
+            self._index.write("INSERT OR IGNORE INTO access VALUES (?, ?)", origin, digest)
+
+    def doubt(self, digest: str, origin: str | None = None) -> None:
+        """Drop what upstreams announced for a blob not cached: it turned out wrong."""
+        proofs = self._proofs.get(digest, {})
+        if origin is None:
+            proofs.clear()
+        else:
+            proofs.pop(origin, None)
+        if not proofs:
+            self._proofs.pop(digest, None)
 
     def touch(self, digest: str) -> None:
         if digest in self._entries:
@@ -255,14 +280,18 @@ class BlobStore:
             del self._pins[digest]
 
     def read_small(self, digest: str) -> bytes | None:
-        """The whole of a small cached blob (a manifest), or None."""
+        """The whole of a small cached blob (a manifest), or None.
+
+        Raises ``OSError`` for an error other than the file being gone
+        (EMFILE, EIO, ...): the blob is kept for when it passes.
+        """
         if digest not in self._entries:
             return None
         try:
             with open(self.path(digest), "rb") as f:
                 data = f.read()
-        except OSError as e:
-            log.warn("cannot read cached {digest}: {error}", digest=digest, error=e.strerror)
+        except FileNotFoundError:
+            log.warn("cached {digest} is gone from the disk", digest=digest)
             self.forget(digest)
             return None
         if len(data) != self._entries[digest]:
@@ -299,7 +328,7 @@ class BlobStore:
     def failed(self, fill: Fill) -> None:
         self._end_fill(fill)
         # The size may have been wrong: the next request asks the upstream again.
-        self._hints.pop(fill.digest, None)
+        self.doubt(fill.digest)
 
     def _end_fill(self, fill: Fill) -> None:
         if self._fills.get(fill.digest) is fill:
@@ -336,6 +365,8 @@ class BlobStore:
             self.metrics.cache_size.set(self.size)
             now = self.reactor.seconds()
             self._index.write("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?)", digest, size, now)
+            for origin in self._proofs.pop(digest, {}):
+                self._grant(origin, digest)
         self.touch(digest)
 
     def _disk_has_room(self, size: int) -> bool:
@@ -397,6 +428,11 @@ class BlobStore:
 
     def disown(self, origins: set[str]) -> list[str]:
         """Forget that *origins* have any blob; returns the digests no origin has now."""
+        for digest, proofs in list(self._proofs.items()):
+            for origin in origins & proofs.keys():
+                del proofs[origin]
+            if not proofs:
+                del self._proofs[digest]
         orphans = []
         for digest, have in list(self._access.items()):
             if have & origins:
@@ -410,7 +446,9 @@ class BlobStore:
         return [d for d in orphans if d in self._entries]
 
     def origins(self) -> set[str]:
-        return {origin for have in self._access.values() for origin in have}
+        return {
+            origin for have in (*self._access.values(), *self._proofs.values()) for origin in have
+        }
 
     async def stop(self, grace: float) -> None:
         """Give the fills in progress *grace* seconds to finish, then abandon the rest.
@@ -447,10 +485,11 @@ class BlobReader:
 
     While the blob is still being filled, the reader follows the body as it
     arrives: from the file, and from memory what is not written yet.  It
-    never sends a blob's last byte before the fill is verified, and fails if
-    the fill fails before that.  Each reader has its own pace:
-    the client pausing it pauses nothing else.  :attr:`done` fires with the
-    byte count or fails with :class:`StreamError`.
+    never sends the last byte of its span, whole blob or range, before the
+    fill is verified, and fails if the fill fails before that: a client never
+    gets a complete answer of bytes that may turn out wrong.  Each reader has
+    its own pace: the client pausing it pauses nothing else.  :attr:`done`
+    fires with the byte count or fails with :class:`StreamError`.
     """
 
     def __init__(
@@ -535,11 +574,11 @@ class BlobReader:
         fill = self._fill
         if fill is None or fill.verified:
             return self._end
-        return min(self._end, fill.received, fill.size - 1)
+        return min(self._end - 1, fill.received)
 
     def _finished(self) -> bool:
         fill = self._fill
-        return self._pos >= self._end and (fill is None or fill.verified or self._end < fill.size)
+        return self._pos >= self._end and (fill is None or fill.verified)
 
     def _pump(self) -> None:
         """Write chunks until the client pauses, the file has no more, or a burst is done."""
@@ -616,9 +655,3 @@ class BlobReader:
 
 def _subdirectories(path: str) -> list[os.DirEntry[str]]:
     return [e for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]
-
-
-def _registry(origin: str) -> tuple[str, str]:
-    """The upstream name and base URL of an origin (``NAME/REPOSITORY URL``)."""
-    name_and_repository, _, url = origin.partition(" ")
-    return name_and_repository.partition("/")[0], url

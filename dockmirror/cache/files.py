@@ -1,4 +1,8 @@
-"""Blocking file operations of the cache, each run in a worker thread."""
+"""Blocking file operations of the cache, each run in a worker thread.
+
+The cache holds private upstreams' layers: its files are made 0640 and its
+directories 0750, readable by the service's group only, whatever the umask.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,31 @@ import errno
 import os
 
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+FILE_MODE = 0o640
+DIRECTORY_MODE = 0o750
 
 
 def create(path: str) -> int:
     """A new file open for writing; fails if *path* exists."""
-    return os.open(path, _FLAGS, 0o644)
+    return os.open(path, _FLAGS, FILE_MODE)
+
+
+def make_directory(path: str) -> None:
+    """Make *path* and any missing parent directory, each 0750; what exists is made so too."""
+    parent = os.path.dirname(path)
+    if parent and parent != path and not os.path.isdir(parent):
+        make_directory(parent)
+    try:
+        os.mkdir(path, DIRECTORY_MODE)
+    except FileExistsError:
+        restrict(path, DIRECTORY_MODE)
+
+
+def restrict(path: str, mode: int) -> None:
+    """Take from *path* the permissions beyond *mode* (as an earlier version made it)."""
+    current = os.stat(path).st_mode & 0o777
+    if current & ~mode:
+        os.chmod(path, current & mode)
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -30,7 +54,8 @@ def install(fd: int, temp_path: str, final_path: str) -> None:
     finally:
         os.close(fd)
     directory = os.path.dirname(final_path)
-    os.makedirs(directory, exist_ok=True)
+    if not os.path.isdir(directory):
+        make_directory(directory)
     os.replace(temp_path, final_path)
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -20,9 +20,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from dockmirror.cache import files
+
 log = Logger()
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: Seconds between a change and the batch that writes it.
 FLUSH_DELAY = 1.0
 
@@ -78,6 +80,9 @@ class Index:
             return self._load()
 
     def _load(self) -> Snapshot:
+        # Made here so that it, and SQLite's journals after it, get the cache's mode.
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, files.FILE_MODE))
+        files.restrict(self.path, files.FILE_MODE)
         db = self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         db.execute("PRAGMA busy_timeout = 5000")
         db.execute("PRAGMA journal_mode = WAL")
@@ -90,6 +95,15 @@ class Index:
                 + "COMMIT;"
             )
         (version,) = db.execute("SELECT version FROM version").fetchone()
+        while version < SCHEMA_VERSION:
+            upgrade = f"upgrade-{version}.sql"
+            log.info("upgrading cache index {path} with {upgrade}", path=self.path, upgrade=upgrade)
+            db.executescript(
+                "BEGIN;"
+                + resources.files("dockmirror.cache").joinpath(upgrade).read_text()
+                + "COMMIT;"
+            )
+            (version,) = db.execute("SELECT version FROM version").fetchone()
         if version != SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"schema version {version}, expected {SCHEMA_VERSION}")
         return Snapshot(

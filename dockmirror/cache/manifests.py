@@ -25,6 +25,8 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
 
 #: Media types in the order a tag's cached entries are preferred: an upstream
 #: answers with the image's own form (an index for a multi-platform image)
@@ -34,8 +36,8 @@ PREFERENCE = (
     DOCKER_LIST,
     OCI_MANIFEST,
     DOCKER_MANIFEST,
-    "application/vnd.docker.distribution.manifest.v1+prettyjws",
-    "application/vnd.docker.distribution.manifest.v1+json",
+    SCHEMA1_SIGNED,
+    SCHEMA1,
 )
 INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
 
@@ -59,6 +61,52 @@ def accepted(accept: str | None) -> set[str] | None:
         if media_type:
             types.add(media_type)
     return types
+
+
+#: Content types some registries give a manifest whose body names its type.
+GENERIC_TYPES = ("application/json",)
+
+
+def _bare(content_type: str) -> str:
+    return content_type.partition(";")[0].strip().lower()
+
+
+def could_be_manifest(content_type: str | None) -> bool:
+    """Whether an upstream's ``Content-Type`` may be a manifest's (not a login page's)."""
+    return content_type is None or _bare(content_type) in (*PREFERENCE, *GENERIC_TYPES)
+
+
+def manifest_media_type(body: bytes, content_type: str | None) -> str | None:
+    """The media type of a manifest an upstream served; None if *body* is no manifest.
+
+    A manifest is a JSON object with a known ``mediaType``, or without one
+    but with ``schemaVersion`` 1 or 2 (Docker's schema 1, OCI manifests
+    that leave it out).  A type in the body must agree with a specific
+    ``Content-Type``; a missing or generic one is read from the body.
+    """
+    if not could_be_manifest(content_type):
+        return None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    declared = _bare(content_type) if content_type else None
+    specific = declared if declared in PREFERENCE else None
+    media_type = data.get("mediaType")
+    if media_type is not None:
+        if media_type not in PREFERENCE or specific not in (None, media_type):
+            return None
+        return str(media_type)
+    version = data.get("schemaVersion")
+    if version == 1 and not isinstance(version, bool):
+        default = SCHEMA1_SIGNED if "signatures" in data else SCHEMA1
+    elif version == 2 and not isinstance(version, bool):
+        default = OCI_INDEX if "manifests" in data else OCI_MANIFEST
+    else:
+        return None
+    return specific or default
 
 
 def references(body: bytes) -> list[tuple[str, int | None]]:
@@ -109,6 +157,8 @@ class ManifestCache:
         self._reactor = reactor
         self._types: dict[str, str] = {}
         self._tags: dict[tuple[str, str], dict[str, TagEntry]] = {}
+        #: manifest digest -> the (origin, tag) keys with an entry pointing to it.
+        self._tagged: dict[str, set[tuple[str, str]]] = {}
         store.on_remove.append(self._removed)
 
     def __repr__(self) -> str:
@@ -120,13 +170,45 @@ class ManifestCache:
                 self._types[digest] = media_type
         for origin, tag, media_type, digest, checked in snapshot.tags:
             if digest in self._types:
-                self._tags.setdefault((origin, tag), {})[media_type] = TagEntry(
-                    digest, media_type, checked
-                )
+                self._keep((origin, tag), TagEntry(digest, media_type, checked))
         self._index.write("DELETE FROM tags WHERE digest NOT IN (SELECT digest FROM manifests)")
 
     def _removed(self, digest: str) -> None:
+        """Forget an evicted (or purged) manifest, and the tag entries pointing to it."""
         self._types.pop(digest, None)
+        keys = self._tagged.pop(digest, set())
+        for key in keys:
+            entries = self._tags.get(key, {})
+            for media_type in [m for m, e in entries.items() if e.digest == digest]:
+                del entries[media_type]
+            if not entries:
+                self._tags.pop(key, None)
+        if keys:
+            self._index.write("DELETE FROM tags WHERE digest = ?", digest)
+
+    def _keep(self, key: tuple[str, str], entry: TagEntry) -> None:
+        entries = self._tags.setdefault(key, {})
+        old = entries.get(entry.media_type)
+        entries[entry.media_type] = entry
+        if old is not None:
+            self._unlink(key, old.digest)
+        self._tagged.setdefault(entry.digest, set()).add(key)
+
+    def _unlink(self, key: tuple[str, str], digest: str) -> None:
+        """Drop *key* from *digest*'s tags unless another of its entries still points there."""
+        if any(e.digest == digest for e in self._tags.get(key, {}).values()):
+            return
+        keys = self._tagged.get(digest)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._tagged[digest]
+
+    def _drop(self, key: tuple[str, str]) -> bool:
+        entries = self._tags.pop(key, None)
+        for entry in (entries or {}).values():
+            self._unlink(key, entry.digest)
+        return entries is not None
 
     # --- reading -----------------------------------------------------------------
 
@@ -166,19 +248,15 @@ class ManifestCache:
     ) -> None:
         """Keep a verified manifest fetched from *origin*.
 
-        The upstream repository has the manifest and, as registries check
-        references on push, what it refers to: that is recorded as readable
-        through *origin*, with the sizes it announces, unless the blob came
-        from another upstream (see :meth:`BlobStore.vouched`).
+        The manifest is recorded as readable through *origin*, which just
+        served it; what it refers to is not: a manifest may name blobs its
+        repository does not hold (foreign layers, or any digest at all), and
+        sizes that are wrong.  Those are proven one by one, by the upstream's
+        answer to a HEAD or GET of each.
         """
-        refs = references(body)
-        for ref, size in refs:
-            if size is not None:
-                self.store.hint(ref, size)
-        vouched = [ref for ref, _ in refs if self.store.vouched(origin, ref)]
-        self.store.allow(origin, [digest, *vouched])
         if not await self.store.put_small(digest, body):
             return
+        self.store.allow(origin, digest)
         if self._types.get(digest) != media_type:
             self._types[digest] = media_type
             self._index.write("INSERT OR REPLACE INTO manifests VALUES (?, ?)", digest, media_type)
@@ -188,7 +266,7 @@ class ManifestCache:
     def set_tag(self, origin: str, tag: str, digest: str, media_type: str) -> None:
         """Record that *tag* is *digest* in *media_type*, as the upstream said just now."""
         now = self._reactor.seconds()
-        self._tags.setdefault((origin, tag), {})[media_type] = TagEntry(digest, media_type, now)
+        self._keep((origin, tag), TagEntry(digest, media_type, now))
         self._index.write(
             "INSERT OR REPLACE INTO tags VALUES (?, ?, ?, ?, ?)",
             origin,
@@ -199,7 +277,7 @@ class ManifestCache:
         )
 
     def forget_tag(self, origin: str, tag: str) -> None:
-        if self._tags.pop((origin, tag), None) is not None:
+        if self._drop((origin, tag)):
             self._index.write("DELETE FROM tags WHERE origin = ? AND tag = ?", origin, tag)
 
     def forget_origins(self, origins: Iterable[str]) -> int:
@@ -207,7 +285,7 @@ class ManifestCache:
         origins = set(origins)
         gone = [key for key in self._tags if key[0] in origins]
         for key in gone:
-            del self._tags[key]
+            self._drop(key)
         self._index.write_many("DELETE FROM tags WHERE origin = ?", ((o,) for o in origins))
         return len(gone)
 

@@ -1,8 +1,8 @@
--- The cache index, version 1.  Blob files on disk are the truth for what is
+-- The cache index, version 2.  Blob files on disk are the truth for what is
 -- cached; these rows add what a file cannot say, and are checked against
 -- the files at start.
 CREATE TABLE version (version INTEGER NOT NULL);
-INSERT INTO version VALUES (1);
+INSERT INTO version VALUES (2);
 
 -- Every file under blobs/, layers and manifests alike; "used" orders the LRU.
 CREATE TABLE blobs (
@@ -17,8 +17,8 @@ CREATE TABLE manifests (
     media_type TEXT NOT NULL
 ) WITHOUT ROWID;
 
--- Digests an upstream repository is known to have: only these are served
--- from the cache through that repository.
+-- Digests an upstream repository proved it has (its answer to a HEAD or a
+-- GET of the blob): only these are served from the cache through it.
 CREATE TABLE access (
     origin TEXT NOT NULL,
     digest TEXT NOT NULL,

@@ -211,6 +211,14 @@ class Dockmirror:
     def running(self) -> bool:
         return self._process.running
 
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def wrap(self, prefix: list[str]) -> None:
+        """Start the server through a command that execs it (e.g. ``prlimit ... --``)."""
+        self._process.argv[:0] = prefix
+
     def start(self) -> None:
         """Start and wait (up to 20 s) until ``/v2/`` answers with any status."""
         self._process.start(f"{self.url}/v2/", timeout=20.0)

@@ -102,6 +102,12 @@ class ManagedProcess:
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
+    def pid(self) -> int:
+        """The process ID (the process must have been started)."""
+        assert self._process is not None
+        return self._process.pid
+
+    @property
     def running(self) -> bool:
         """Whether the process has been started and has not exited."""
         return self._process is not None and not self._leader_exited()
@@ -546,6 +552,8 @@ class Registry(_Running):
                 "maintenance": {"uploadpurging": {"enabled": False}},
             },
             "http": {"addr": self.host, "secret": secrets.token_hex(16)},
+            # Foreign (non-distributable) layers, with their URLs, are accepted.
+            "validation": {"manifests": {"urls": {"allow": ["^https?://"]}}},
         }
         if self.mode == "htpasswd":
             htpasswd_path = workdir / "htpasswd"

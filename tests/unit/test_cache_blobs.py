@@ -9,7 +9,7 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from dockmirror.cache import Cache
+from dockmirror.cache import Cache, blobs
 from dockmirror.cache.fill import Fill
 from dockmirror.cache.index import Index
 from dockmirror.config import CacheConfig
@@ -62,7 +62,7 @@ def test_a_blob_larger_than_the_cache_is_refused(tmp_path):
 def test_access_is_per_origin(tmp_path):
     store = make_store(tmp_path)
     digest = put(store, b"data")
-    store.allow("hub/library/alpine https://hub", [digest])
+    store.allow("hub/library/alpine https://hub", digest)
     assert store.allowed("hub/library/alpine https://hub", digest)
     assert not store.allowed("corp/library/alpine https://corp", digest)
 
@@ -70,7 +70,7 @@ def test_access_is_per_origin(tmp_path):
 def test_recovery_checks_the_index_against_the_disk(tmp_path):
     store = make_store(tmp_path)
     kept, wrong, missing = (put(store, blob(100)) for _ in range(3))
-    store.allow("hub/x https://hub", [kept])
+    store.allow("hub/x https://hub", kept)
     store._index.flush()
     Path(store.path(wrong)).write_bytes(b"short")
     os.remove(store.path(missing))
@@ -124,8 +124,9 @@ def make_cache(tmp_path) -> Cache:
 def test_purge_a_repository_keeps_what_others_share(tmp_path):
     cache = make_cache(tmp_path)
     shared, own = put(cache.blobs, b"shared"), put(cache.blobs, b"own")
-    cache.blobs.allow("hub/library/a https://hub", [shared, own])
-    cache.blobs.allow("hub/library/b https://hub", [shared])
+    cache.blobs.allow("hub/library/a https://hub", shared)
+    cache.blobs.allow("hub/library/a https://hub", own)
+    cache.blobs.allow("hub/library/b https://hub", shared)
     cache.manifests.set_tag("hub/library/a https://hub", "v1", own, "x")
     result = cache.purge("library/a")
     assert result == {
@@ -165,3 +166,25 @@ def test_one_process_per_cache_directory(tmp_path):
     first.stopService()
     second.startService()
     second.stopService()
+
+
+def test_proofs_for_blobs_never_cached_are_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(blobs, "PROOFS", 100)
+    monkeypatch.setattr(blobs, "PROOFS_PER_DIGEST", 4)
+    store = make_store(tmp_path)
+    digests = [sha256(b"%d" % i) for i in range(1000)]
+    for digest in digests:
+        store.allow("hub/x https://hub", digest, 10)
+    for i in range(10):
+        store.allow(f"hub/r{i} https://hub", digests[-1], 10)
+    assert len(store._proofs) == 100 and store._access == {}
+    assert len(store._proofs[digests[-1]]) == 4
+    # The most recent are remembered, with their sizes.
+    assert store.allowed("hub/r9 https://hub", digests[-1])
+    assert store.size_of(digests[-2], "hub/x https://hub") == 10
+    assert not store.allowed("hub/x https://hub", digests[0])
+    # Once cached, a blob's proofs are kept (and written to the index).
+    data = b"%d" % 999
+    put(store, data)
+    assert store.allowed("hub/r9 https://hub", sha256(data))
+    assert sha256(data) not in store._proofs and len(store._access[sha256(data)]) == 4

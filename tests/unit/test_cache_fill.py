@@ -267,3 +267,25 @@ def test_a_fill_failing_before_its_disk_writes_cuts_the_readers_taking_from_memo
     assert isinstance(failure_of(done).value, StreamError)
     disk.run_all()
     assert not store.has(DIGEST) and os.listdir(store.temp_dir) == []
+
+
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_a_range_inside_a_blob_being_filled_ends_only_once_verified(tmp_path, corrupt):
+    store = make_store(tmp_path)
+    data = bytearray(DATA)
+    if corrupt:
+        data[10] ^= 1
+    fill, response = started(store)
+    _, client, done = follow(store, start=0, end=100)
+    response.send(bytes(data[:200_000]))
+    store.reactor.advance(0)
+    # The range's bytes are in the file, but its last byte waits for the digest.
+    assert client.value() == bytes(data[:99])
+    assert not done.called
+    response.send(bytes(data[200_000:]))
+    response.end()
+    if corrupt:
+        assert failure_of(done).check(StreamError)
+        assert not store.has(DIGEST)
+    else:
+        assert done.result == 100 and client.value() == DATA[:100]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
+from importlib import resources
+
 from twisted.internet.testing import MemoryReactorClock
 
 from dockmirror.cache.index import FLUSH_DELAY, Index
@@ -31,3 +34,24 @@ def test_writes_are_batched_and_coalesced(tmp_path):
     assert snapshot.blobs == [("sha256:a", 1, 3.0)]
     assert snapshot.access == [("origin", "sha256:a")]
     again.close()
+
+
+def test_version_1_access_records_are_dropped_on_upgrade(tmp_path):
+    # Version 1 recorded what manifests named as if proven: none of it is kept.
+    path = tmp_path / "i.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(
+        (resources.files("dockmirror.cache") / "schema.sql")
+        .read_text()
+        .replace("INSERT INTO version VALUES (2)", "INSERT INTO version VALUES (1)")
+    )
+    db.execute("INSERT INTO blobs VALUES ('sha256:a', 1, 0.0)")
+    db.execute("INSERT INTO access VALUES ('hub/x https://hub', 'sha256:a')")
+    db.commit()
+    db.close()
+    index = Index(str(path), MemoryReactorClock(), run_now)
+    snapshot = index.load()
+    assert snapshot.blobs == [("sha256:a", 1, 0.0)]
+    assert snapshot.access == []
+    index.close()
+    assert sqlite3.connect(path).execute("SELECT version FROM version").fetchall() == [(2,)]

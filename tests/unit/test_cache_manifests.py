@@ -13,8 +13,12 @@ from dockmirror.cache.manifests import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
     OCI_INDEX,
+    OCI_MANIFEST,
+    SCHEMA1,
+    SCHEMA1_SIGNED,
     ManifestCache,
     accepted,
+    manifest_media_type,
     references,
 )
 
@@ -79,8 +83,8 @@ def test_each_client_gets_a_tag_entry_it_accepts(tmp_path):
     assert cache.tag(ORIGIN, "v1", {DOCKER_MANIFEST}).digest == single_digest
     assert cache.tag(ORIGIN, "v1", {OCI_INDEX}) is None
     assert cache.tag("other " + ORIGIN, "v1", None) is None
-    # What the manifests refer to is readable through the origin, sizes known.
-    assert cache.store.allowed(ORIGIN, layer) and cache.store.size_of(layer) == 5
+    # The manifests are readable through the origin that served them.
+    assert cache.store.allowed(ORIGIN, single_digest) and cache.store.allowed(ORIGIN, list_digest)
     assert cache.get(list_digest) == (listing, DOCKER_LIST)
 
 
@@ -104,22 +108,73 @@ def test_an_evicted_manifest_is_no_longer_served(tmp_path):
     assert cache.tag(ORIGIN, "v1", None) is None
 
 
-def test_a_manifest_cannot_open_a_blob_held_for_another_upstream(tmp_path):
+def test_a_manifest_mention_proves_nothing(tmp_path):
     clock = MemoryReactorClock()
     cache = make_cache(tmp_path, clock)
     private = "corp/team/app https://registry.corp.example"
     secret = sha256(b"private layer")
     Deferred.fromCoroutine(cache.store.put_small(secret, b"private layer"))
-    cache.store.allow(private, [secret])
+    cache.store.allow(private, secret)
     same_upstream = "hub/library/other https://registry-1.docker.io"
     shared = sha256(b"shared layer")
     Deferred.fromCoroutine(cache.store.put_small(shared, b"shared layer"))
-    cache.store.allow(same_upstream, [shared])
+    cache.store.allow(same_upstream, shared)
     unknown = "sha256:" + "2" * 64
-    body = json.dumps({"layers": [{"digest": d} for d in (secret, shared, unknown)]}).encode()
-    put(cache, "v1", body, DOCKER_MANIFEST)
-    # Another upstream's blob needs this upstream's own word (a HEAD or a fetch).
-    assert not cache.store.allowed(ORIGIN, secret)
-    # The same registry's blob, and one not held yet, are opened by the reference.
-    assert cache.store.allowed(ORIGIN, shared)
-    assert cache.store.allowed(ORIGIN, unknown)
+    body = json.dumps(
+        {"layers": [{"digest": d, "size": 10**13} for d in (secret, shared, unknown)]}
+    ).encode()
+    digest = put(cache, "v1", body, DOCKER_MANIFEST)
+    # Another upstream's blob, the same upstream's, and one not held yet all
+    # need this repository's own word (a HEAD or a fetch); sizes too.
+    assert cache.store.allowed(ORIGIN, digest)
+    for named in (secret, shared, unknown):
+        assert not cache.store.allowed(ORIGIN, named)
+    assert cache.store.size_of(unknown, ORIGIN) is None
+    assert cache.store.size_of(shared, ORIGIN) == len(b"shared layer")
+
+
+@pytest.mark.parametrize(
+    "body, content_type, expected",
+    [
+        (
+            b'{"schemaVersion": 2, "mediaType": "%s"}' % DOCKER_MANIFEST.encode(),
+            None,
+            DOCKER_MANIFEST,
+        ),
+        (
+            b'{"schemaVersion": 2, "mediaType": "%s"}' % DOCKER_LIST.encode(),
+            DOCKER_LIST,
+            DOCKER_LIST,
+        ),
+        (b'{"schemaVersion": 2, "manifests": []}', "application/json", OCI_INDEX),
+        (b'{"schemaVersion": 2, "layers": []}', f"{OCI_MANIFEST}; charset=utf-8", OCI_MANIFEST),
+        (b'{"schemaVersion": 1, "signatures": []}', None, SCHEMA1_SIGNED),
+        (b'{"schemaVersion": 1}', "application/json", SCHEMA1),
+        # Pages, and JSON that is no manifest:
+        (b"<html>Sign in</html>", "text/html; charset=utf-8", None),
+        (b"<html>Sign in</html>", DOCKER_MANIFEST, None),
+        (b'{"schemaVersion": 2}', "text/html", None),
+        (b'{"login": "required"}', "application/json", None),
+        (b'["schemaVersion", 2]', DOCKER_MANIFEST, None),
+        (b'{"schemaVersion": true}', None, None),
+        (b'{"schemaVersion": 2, "mediaType": "text/html"}', None, None),
+        (b'{"schemaVersion": 2, "mediaType": "%s"}' % OCI_INDEX.encode(), DOCKER_MANIFEST, None),
+    ],
+)
+def test_what_an_upstream_served_is_a_manifest_only_if_it_is_one(body, content_type, expected):
+    assert manifest_media_type(body, content_type) == expected
+
+
+def test_an_evicted_manifest_takes_its_tags_along(tmp_path):
+    cache = make_cache(tmp_path, MemoryReactorClock())
+    kept = put(cache, "kept", b'{"schemaVersion": 2, "n": 0}', DOCKER_MANIFEST)
+    for i in range(100):
+        digest = put(cache, f"v{i}", b'{"schemaVersion": 2, "n": %d}' % (i + 1), DOCKER_MANIFEST)
+        cache.set_tag("other " + ORIGIN, f"v{i}", digest, DOCKER_MANIFEST)
+        cache.store.forget(digest)
+    # Only the tag of the manifest still cached is held in memory.
+    assert cache.stats()["tags"] == 1 and list(cache._tags) == [(ORIGIN, "kept")]
+    assert set(cache._tagged) == {kept}
+    cache.set_tag(ORIGIN, "kept", sha256(b"other"), DOCKER_MANIFEST)  # the tag moved
+    cache.forget_tag(ORIGIN, "kept")
+    assert cache._tags == {} and cache._tagged == {}

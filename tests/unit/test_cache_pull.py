@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,17 +162,22 @@ def test_a_moved_tag_to_a_cached_manifest_needs_no_get(setup):
     assert upstream.requests.count(("GET", "manifests/v1")) == 1
 
 
-def test_a_blob_a_cached_manifest_refers_to_needs_no_head(setup):
+def head_answer(data: bytes, size: int | None = None) -> Answer:
+    return Answer(200, headers={"Content-Length": str(len(data) if size is None else size)})
+
+
+def test_a_blob_a_cached_manifest_refers_to_is_proven_by_the_upstream(setup):
     clock, upstream, cache, pull, route = setup
     upstream.answers[("GET", "manifests/v1")] = manifest_answer()
     manifest(pull, route)
+    upstream.answers[("HEAD", f"blobs/{sha256(LAYER)}")] = head_answer(LAYER)
     upstream.answers[("GET", f"blobs/{sha256(LAYER)}")] = Answer(200, LAYER)
     reply = get(Deferred.fromCoroutine(pull.blob(route, sha256(LAYER), False, None)))
     assert (reply.status, reply.headers["X-Cache"]) == (200, "MISS")
     client = StringTransport()
     assert get(reply.stream.write_to(client)) == len(LAYER)
     assert client.value() == LAYER
-    assert ("HEAD", f"blobs/{sha256(LAYER)}") not in upstream.requests
+    assert upstream.requests.count(("HEAD", f"blobs/{sha256(LAYER)}")) == 1
     assert cache.blobs.has(sha256(LAYER))
     # Through another repository of the same upstream, the upstream is asked first.
     elsewhere = Route(route.upstream, "http://up", "library/y", "y")
@@ -187,6 +194,7 @@ def test_a_passed_through_blob_is_asked_for_one_range_at_most(setup):
     upstream.answers[("GET", "manifests/v1")] = manifest_answer()
     manifest(pull, route)
     cache.max_layer_size = 10
+    upstream.answers[("HEAD", f"blobs/{sha256(LAYER)}")] = head_answer(LAYER)
     upstream.answers[("GET", f"blobs/{sha256(LAYER)}")] = Answer(200, LAYER)
     reply = get(Deferred.fromCoroutine(pull.blob(route, sha256(LAYER), False, "bytes=0-1,5-6")))
     assert reply.status == 200
@@ -196,9 +204,97 @@ def test_a_passed_through_blob_is_asked_for_one_range_at_most(setup):
 def test_a_passed_through_blob_longer_than_declared_is_refused(setup):
     clock, upstream, cache, pull, route = setup
     upstream.answers[("GET", "manifests/v1")] = manifest_answer()
-    manifest(pull, route)  # declares len(LAYER)
+    manifest(pull, route)
     cache.max_layer_size = 10
+    upstream.answers[("HEAD", f"blobs/{sha256(LAYER)}")] = head_answer(LAYER)
     upstream.answers[("GET", f"blobs/{sha256(LAYER)}")] = Answer(200, LAYER + b"more")
     with pytest.raises(RegistryError) as info:
         get(Deferred.fromCoroutine(pull.blob(route, sha256(LAYER), False, None)))
     assert info.value.status == 502
+    # The size the HEAD announced turned out wrong: it is asked for again.
+    assert cache.blobs.size_of(sha256(LAYER), "hub/library/x http://up") is None
+
+
+def test_a_transient_error_reading_a_cached_manifest_keeps_it(setup, monkeypatch):
+    clock, upstream, cache, pull, route = setup
+    upstream.answers[("GET", "manifests/v1")] = manifest_answer()
+    manifest(pull, route)
+
+    def no_descriptors(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr("dockmirror.cache.blobs.open", no_descriptors, raising=False)
+    with pytest.raises(RegistryError) as info:
+        manifest(pull, route)
+    assert (info.value.status, info.value.code) == (503, "UNAVAILABLE")
+    monkeypatch.undo()
+    assert cache.manifests.has(sha256(MANIFEST))
+    assert manifest(pull, route).headers["X-Cache"] == "HIT"
+    assert upstream.requests.count(("GET", "manifests/v1")) == 1
+
+
+@pytest.mark.parametrize("error", [errno.EMFILE, errno.ENFILE, errno.EIO, errno.EACCES])
+def test_a_transient_error_opening_a_cached_blob_keeps_it(setup, monkeypatch, error):
+    clock, upstream, cache, pull, route = setup
+    digest = sha256(LAYER)
+    Deferred.fromCoroutine(cache.blobs.put_small(digest, LAYER))
+    cache.blobs.allow("hub/library/x http://up", digest)
+
+    def failing_open(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr("dockmirror.cache.blobs.os.open", failing_open)
+    with pytest.raises(RegistryError) as info:
+        get(Deferred.fromCoroutine(pull.blob(route, digest, False, None)))
+    assert (info.value.status, info.value.code) == (503, "UNAVAILABLE")
+    monkeypatch.undo()
+    assert cache.blobs.has(digest) and os.path.exists(cache.blobs.path(digest))
+    assert upstream.requests == []
+
+
+def test_a_blob_gone_from_the_disk_is_forgotten(setup):
+    clock, upstream, cache, pull, route = setup
+    digest = sha256(LAYER)
+    Deferred.fromCoroutine(cache.blobs.put_small(digest, LAYER))
+    cache.blobs.allow("hub/library/x http://up", digest)
+    os.remove(cache.blobs.path(digest))
+    with pytest.raises(RegistryError) as info:
+        get(Deferred.fromCoroutine(pull.blob(route, digest, False, None)))
+    assert info.value.status == 503
+    assert not cache.blobs.has(digest)
+
+
+def test_a_login_page_at_revalidation_is_an_upstream_failure(setup):
+    clock, upstream, cache, pull, route = setup
+    upstream.answers[("GET", "manifests/v1")] = manifest_answer()
+    manifest(pull, route)
+    clock.advance(60)
+    page = Answer(200, headers={"Content-Type": "text/html; charset=utf-8"})
+    upstream.answers[("HEAD", "manifests/v1")] = page
+    upstream.answers[("GET", "manifests/v1")] = Answer(200, b"<html>", page.headers)
+    reply = manifest(pull, route)
+    assert (reply.headers["X-Cache"], reply.body) == ("STALE", MANIFEST)
+    assert upstream.requests.count(("GET", "manifests/v1")) == 1
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"Content-Type": "text/html; charset=utf-8"}, {"Docker-Content-Digest": sha256(b"other")}],
+)
+def test_a_page_or_another_digest_is_no_proof(setup, headers):
+    clock, upstream, cache, pull, route = setup
+    digest = sha256(LAYER)
+    Deferred.fromCoroutine(cache.blobs.put_small(digest, LAYER))
+    upstream.answers[("HEAD", f"blobs/{digest}")] = Answer(200, headers=headers)
+    with pytest.raises(RegistryError) as info:
+        get(Deferred.fromCoroutine(pull.blob(route, digest, False, None)))
+    assert info.value.status == 502
+    Deferred.fromCoroutine(cache.blobs.put_small(sha256(MANIFEST), MANIFEST))
+    cache.manifests._types[sha256(MANIFEST)] = DOCKER_MANIFEST
+    upstream.answers[("HEAD", f"manifests/{sha256(MANIFEST)}")] = Answer(200, headers=headers)
+    with pytest.raises(RegistryError) as info:
+        get(Deferred.fromCoroutine(pull.manifest(route, sha256(MANIFEST), None, False)))
+    assert info.value.status == 502
+    origin = "hub/library/x http://up"
+    assert not cache.blobs.allowed(origin, digest)
+    assert not cache.blobs.allowed(origin, sha256(MANIFEST))
