@@ -614,10 +614,11 @@ class BlobReader:
             if self._pos < on_disk:
                 count = min(count, on_disk - self._pos)
                 data = os.pread(self._fd, count, self._pos)
+            elif count < CHUNK and limit < self._end - 1:
+                return False  # in memory; wait for a whole chunk
             else:  # received, not written yet
                 assert fill is not None
                 data = fill.queued(self._pos, self._pos + count)
-                count = len(data)
             if len(data) != count:
                 self._fail(StreamError(f"cached {self.digest} is shorter than recorded"))
                 if self._fill is None:

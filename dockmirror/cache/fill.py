@@ -115,21 +115,25 @@ class Fill(Protocol):
             listener()
 
     def queued(self, offset: int, limit: int) -> bytes:
-        """Bytes from *offset* (at least :attr:`written`) up to *limit*, from memory.
+        """Bytes [offset, limit) from memory, received and not written yet.
 
-        They are the rest of the chunk that holds *offset*, so a reader that
-        keeps up takes each chunk whole, without a copy.
+        A span that is one whole chunk as received is returned as is, without
+        a copy.
         """
-        start = self.received
-        for chunk in reversed(self._queued):
-            start -= len(chunk)
-            if start <= offset:
-                break
-        else:
-            raise ValueError(f"{offset} is not queued")
-        if start == offset and offset + len(chunk) <= limit:
-            return chunk
-        return chunk[offset - start : limit - start]
+        if offset < self.written or limit > self.received:
+            raise ValueError(f"[{offset}, {limit}) is not queued")
+        queue = self._queued
+        index, start = len(queue), self.received
+        while start > offset:
+            index -= 1
+            start -= len(queue[index])
+        pieces = []
+        while start < limit:
+            chunk = queue[index]
+            pieces.append(chunk[max(offset - start, 0) : limit - start])
+            start += len(chunk)
+            index += 1
+        return b"".join(pieces)
 
     # --- starting --------------------------------------------------------------
 
