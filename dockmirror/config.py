@@ -24,6 +24,7 @@ from twisted.plugin import getPlugins
 from dockmirror import plugins
 from dockmirror._interfaces import IUpstream
 from dockmirror.egress import UpstreamTLS, load_upstream_tls
+from dockmirror.forwarded import HEADERS as PROXY_HEADERS
 from dockmirror.hostnames import HostPattern, is_host_name
 from dockmirror.reference import NAME_RE
 
@@ -41,6 +42,10 @@ class ConfigError(Exception):
 class ServerConfig:
     listen: tuple[str, ...] = ("tcp:5000:interface=127.0.0.1",)
     public_url: str = "http://127.0.0.1:5000"
+    #: Reverse proxies (CIDRs) whose ``proxy_header`` names the client's address.
+    trusted_proxies: tuple[str, ...] = ()
+    #: The header those proxies write: "X-Forwarded-For" or "Forwarded".
+    proxy_header: str = "X-Forwarded-For"
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,21 @@ class MetricsConfig:
     listen: tuple[str, ...] = ()
 
 
+#: Field metadata of a value never shown (reprs, ``--check``, the manhole).
+SECRET = {"secret": True}
+
+
+def redacted_repr(section: Any) -> str:
+    """A config dataclass's repr, with the values of its secret fields shown as ``***``."""
+
+    def shown(f: dataclasses.Field[Any]) -> str:
+        value = getattr(section, f.name)
+        return "'***'" if f.metadata.get("secret") and value is not None else repr(value)
+
+    values = ", ".join(f"{f.name}={shown(f)}" for f in dataclasses.fields(section) if f.repr)
+    return f"{type(section).__name__}({values})"
+
+
 @dataclass(frozen=True)
 class UpstreamConfig:
     plugin: str
@@ -128,7 +148,7 @@ class UpstreamConfig:
     aliases: tuple[str, ...] = ()
     hosts: tuple[str, ...] = ()
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, metadata=SECRET)
     default: bool = False
     #: Origins of token services on other hosts that may receive the credentials.
     token_realms: tuple[str, ...] = ()
@@ -137,6 +157,8 @@ class UpstreamConfig:
     #: PEM certificate (and chain) and key for upstreams that require mutual TLS.
     client_cert: str | None = None
     client_key: str | None = None
+
+    __repr__ = redacted_repr
 
 
 @dataclass(frozen=True)
@@ -295,11 +317,17 @@ def _check(config: Config) -> None:
                     f" upstreams.{hosts[host.lower()]}"
                 )
             hosts[host.lower()] = name
-    for cidr in config.metrics.allow:
-        try:
-            ipaddress.ip_network(cidr, strict=False)
-        except ValueError:
-            raise ConfigError(f"{source}: metrics.allow: {cidr!r} is not a network") from None
+    for key, cidrs in (
+        ("metrics.allow", config.metrics.allow),
+        ("server.trusted_proxies", config.server.trusted_proxies),
+    ):
+        for cidr in cidrs:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ConfigError(f"{source}: {key}: {cidr!r} is not a network") from None
+    if config.server.proxy_header.lower() not in PROXY_HEADERS:
+        raise ConfigError(f'{source}: server.proxy_header must be "X-Forwarded-For" or "Forwarded"')
     if not config.server.public_url.startswith(("http://", "https://")):
         raise ConfigError(f"{source}: server.public_url must be an http(s) URL")
     _check_cache(source, config.cache)
@@ -393,6 +421,20 @@ def check_repository_prefix(prefix: str, upstreams: Iterable[str]) -> str:
             f' {", ".join(names) or "(none configured)"} (e.g. "dockerhub/library")'
         )
     return prefix
+
+
+def config_warnings(config: Config) -> list[str]:
+    """What is allowed but probably a mistake, to log at start and print at ``--check``."""
+    found = []
+    known = upstream_plugins()
+    for name, upstream in config.upstreams.items():
+        url = upstream.url or known[upstream.plugin].default_url
+        if upstream.username is not None and str(url).startswith("http://"):
+            found.append(
+                f"upstreams.{name}: credentials go to {url} over plain HTTP,"
+                " readable by anyone on the path"
+            )
+    return found
 
 
 def state_directory(config: Config) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -18,25 +19,27 @@ from twisted.web.client import HTTPConnectionPool
 
 from dockmirror.auth.access import AccessControl
 from dockmirror.auth.keystore import KeyDatabase, KeyStore, KeyStoreError
-from dockmirror.auth.throttle import Throttle
+from dockmirror.auth.throttle import LoginThrottle
 from dockmirror.auth.tokens import TokenService, load_signing_key
 from dockmirror.cache import Cache
 from dockmirror.config import (
     Config,
     ConfigError,
     check_repository_prefix,
+    config_warnings,
     load,
     state_directory,
     upstream_plugins,
     upstream_tls,
 )
 from dockmirror.egress import upstream_egress
+from dockmirror.forwarded import ClientAddresses
 from dockmirror.health import HealthResource, directory_writable
 from dockmirror.manhole import HOST_KEY_FILE, KeysConsole, load_host_key, manhole_factory
 from dockmirror.metrics import Metrics, MetricsResource
 from dockmirror.pull import Prefetcher, PullService, Upstreams
 from dockmirror.routing import build_router
-from dockmirror.tls import CertificateReloadService, PlainHTTPFactory, tls_endpoint
+from dockmirror.tls import PlainHTTPFactory, ReloadService, tls_endpoint
 from dockmirror.web import MirrorSite, RootResource, build_root
 
 log = Logger()
@@ -61,8 +64,9 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         try:
             config = self["parsed"] = load(self["config"])
-            for description in (*config.server.listen, *config.metrics.listen):
-                _endpoint(None, config, description)
+            for key, descriptions in _listeners(config):
+                for description in descriptions:
+                    _endpoint(None, config, description, key)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
         if self["check"]:
@@ -71,7 +75,21 @@ class Options(usage.Options):
                 f" ({len(config.upstreams)} upstreams, listening on"
                 f" {', '.join(config.server.listen)})"
             )
+            for name, upstream in config.upstreams.items():
+                print(f"  upstreams.{name}: {upstream!r}")
+            for warning in config_warnings(config):
+                print(f"warning: {config.source}: {warning}", file=sys.stderr)
             raise SystemExit(0)
+
+
+def _listeners(config: Config) -> list[tuple[str, tuple[str, ...]]]:
+    """Every endpoint string of the configuration, with its key."""
+    manhole = (config.manhole.listen,) if config.manhole.listen is not None else ()
+    return [
+        ("server.listen", config.server.listen),
+        ("metrics.listen", config.metrics.listen),
+        ("manhole.listen", manhole),
+    ]
 
 
 class PoolService(service.Service):
@@ -85,11 +103,11 @@ class PoolService(service.Service):
         return DeferredList([pool.closeCachedConnections() for pool in self.pools])
 
 
-def _endpoint(reactor: Any, config: Config, description: str) -> Any:
+def _endpoint(reactor: Any, config: Config, description: str, key: str = "server.listen") -> Any:
     try:
         return tls_endpoint(reactor, description)
     except ValueError as e:
-        raise ConfigError(f"{config.source}: server.listen: {description!r}: {e}") from None
+        raise ConfigError(f"{config.source}: {key}: {description!r}: {e}") from None
 
 
 def build_access(config: Config, keys: KeyStore, metrics: Metrics, reactor: Any) -> AccessControl:
@@ -105,7 +123,7 @@ def build_access(config: Config, keys: KeyStore, metrics: Metrics, reactor: Any)
     return AccessControl(
         keys,
         tokens,
-        Throttle(reactor),
+        LoginThrottle(reactor),
         metrics,
         realm=f"{public_url}/docker-auth/token",
         anonymous_repos=config.auth.anonymous_repos,
@@ -113,6 +131,8 @@ def build_access(config: Config, keys: KeyStore, metrics: Metrics, reactor: Any)
 
 
 def build_service(config: Config, reactor: Any) -> service.MultiService:
+    for warning in config_warnings(config):
+        log.warn("{source}: {warning}", source=config.source, warning=warning)
     router = build_router(config, upstream_plugins())
     egress = {
         u.name: upstream_egress(
@@ -139,7 +159,8 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
         {"cache_directory": directory_writable(config.cache.directory), "key_store": keys.check}
     )
     root.putChild(b"healthz", health)
-    site = MirrorSite(root, metrics)
+    clients = ClientAddresses(config.server.trusted_proxies, config.server.proxy_header)
+    site = MirrorSite(root, metrics, clients)
     certificates = []
 
     def listen(descriptions: tuple[str, ...], site: MirrorSite) -> None:
@@ -157,11 +178,10 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
         operations = RootResource()
         operations.putChild(b"metrics", metrics_resource)
         operations.putChild(b"healthz", health)
-        listen(config.metrics.listen, MirrorSite(operations, metrics))
+        listen(config.metrics.listen, MirrorSite(operations, metrics, clients))
     else:
         root.putChild(b"metrics", metrics_resource)
-    if certificates:
-        CertificateReloadService(reactor, certificates).setServiceParent(top)
+    ReloadService(reactor, certificates).setServiceParent(top)
     PoolService([e.pool for e in egress.values()]).setServiceParent(top)
     namespace: dict[str, Any] = {
         "keys": KeysConsole(keys, partial(check_repository_prefix, upstreams=config.upstreams)),
@@ -175,6 +195,7 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
             namespace,
             Path(config.manhole.authorized_keys),
             load_host_key(state_directory(config) / HOST_KEY_FILE),
+            reactor,
         )
         strports.service(config.manhole.listen, factory, reactor=reactor).setServiceParent(top)
     return top
