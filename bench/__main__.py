@@ -207,8 +207,9 @@ class Bench:
         self.nginx = self.start_nginx()
         try:
             for repetition in range(self.args.repeat):
-                # Alternate which server goes first.
-                order = self.mirrors if repetition % 2 == 0 else self.mirrors[::-1]
+                # Rotate the order, so each server takes each place in turn.
+                shift = repetition % len(self.mirrors)
+                order = self.mirrors[shift:] + self.mirrors[:shift]
                 print(f"repetition {repetition + 1}/{self.args.repeat}", file=sys.stderr)
                 for workload in self.args.only:
                     getattr(self, workload)(order)

@@ -86,7 +86,7 @@ def table(runs: Runs, names: list[str], settings: dict[str, Any], machine: dict[
     header = [*names, *extra, *(f"{a} / {b}" for a, b in pairs)]
     lines = [
         f"{settings['transport']}, a layer of {settings['layer_bytes'] / (1 << 20):.1f} MiB,"
-        f" {settings['repetitions']} repetitions alternating the servers' order;"
+        f" {settings['repetitions']} repetitions rotating the servers' order;"
         " median (min–max), and the median (min–max) of the ratios of each repetition's pair."
         f" {settings['seconds']:.0f} s in all.  Machine: {describe(machine)}.",
         "",
