@@ -5,7 +5,7 @@ generated image with one big layer.  dockmirror and distribution in proxy
 mode (``proxy: remoteurl:``) both pull through it, both over TLS with the
 same certificate, or both over plain HTTP with ``--plain`` (then nginx with
 ``sendfile on`` serves the cached layer's file too, if it is installed).
-Each repetition runs every workload against every server, alternating which
+Each repetition runs every workload against every server, rotating which
 goes first; a cold run gets a fresh server with an empty cache.  The table
 gives the median, min and max of each figure, and the ratio of the two
 servers' figures from the same repetition.
