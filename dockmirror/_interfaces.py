@@ -24,3 +24,27 @@ class IUpstream(Interface):
 
     def repository(name: str) -> str:
         """Map a client-facing repository name to the upstream's name."""
+
+
+class ICoordinator(Interface):
+    """How the processes sharing one cache directory agree on who fills a blob.
+
+    A process that holds a digest's claim is the one fetching it; the others
+    follow its temporary file.  A claim ends when its holder releases it or
+    dies, so a crashed filler never blocks the digest.  Claims are per
+    process: asking about a digest this process claimed is meaningless.
+    """
+
+    shared = Attribute("Whether other processes may use the same cache directory.")
+
+    def claim(digest: str) -> bool:
+        """Take the right to fill *digest*; False if another process holds it."""
+
+    def release(digest: str) -> None:
+        """Give up the claim on *digest* (its fill is committed or failed)."""
+
+    def held_elsewhere(digest: str) -> bool:
+        """Whether another process holds the claim on *digest* now."""
+
+    def close() -> None:
+        """Release every claim."""

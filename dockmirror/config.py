@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 import tomllib
 import types
@@ -25,6 +26,8 @@ from dockmirror._interfaces import IUpstream
 from dockmirror.reference import NAME_RE
 
 EMBEDDED = "(embedded default)"
+#: The most worker processes one service may run.
+MAX_WORKERS = 64
 
 
 _UPSTREAM_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
@@ -38,6 +41,15 @@ class ConfigError(Exception):
 class ServerConfig:
     listen: tuple[str, ...] = ("tcp:5000:interface=127.0.0.1",)
     public_url: str = "http://127.0.0.1:5000"
+    #: Worker processes serving the listeners: a number, or "auto" for one per usable CPU.
+    workers: int | str = 1
+
+    @property
+    def worker_count(self) -> int:
+        if self.workers == "auto":
+            return max(1, len(os.sched_getaffinity(0)))
+        assert isinstance(self.workers, int)
+        return self.workers
 
 
 @dataclass(frozen=True)
@@ -229,6 +241,9 @@ def _coerce(source: str, key: str, hint: Any, value: Any) -> Any:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        for alternative in inner[1:]:
+            if isinstance(value, alternative) and not isinstance(value, bool):
+                return value
         return _coerce(source, key, inner[0], value)
     if origin is tuple:
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
@@ -288,6 +303,11 @@ def _check(config: Config) -> None:
             ipaddress.ip_network(cidr, strict=False)
         except ValueError:
             raise ConfigError(f"{source}: metrics.allow: {cidr!r} is not a network") from None
+    workers = config.server.workers
+    if workers != "auto" and not (isinstance(workers, int) and 1 <= workers <= MAX_WORKERS):
+        raise ConfigError(
+            f'{source}: server.workers must be a number from 1 to {MAX_WORKERS}, or "auto"'
+        )
     if not config.server.public_url.startswith(("http://", "https://")):
         raise ConfigError(f"{source}: server.public_url must be an http(s) URL")
     _check_cache(source, config.cache)

@@ -26,6 +26,7 @@ from dockmirror.cache.blobs import BlobStore
 from dockmirror.cache.index import Index, Runner
 from dockmirror.cache.manifests import ManifestCache
 from dockmirror.config import CacheConfig
+from dockmirror.coordination import FileLockCoordinator
 from dockmirror.metrics import Metrics
 from dockmirror.reference import DIGEST_RE
 from dockmirror.routing import Route
@@ -64,8 +65,14 @@ class Cache(service.Service):
         *,
         run: Runner | None = None,
         run_index: Runner | None = None,
+        shared: bool = False,
     ) -> None:
-        """*run* and *run_index* run blocking work in threads; by default, the cache's own."""
+        """*run* and *run_index* run blocking work in threads; by default, the cache's own.
+
+        A *shared* cache is used by several worker processes at once, which
+        coordinate their fills through :mod:`dockmirror.coordination`.
+        """
+        self.shared = shared
         self.directory = config.directory
         self.max_layer_size = config.max_layer_size_bytes
         self.oversize = config.oversize
@@ -102,26 +109,36 @@ class Cache(service.Service):
     def startService(self) -> None:
         """Recover the cache before the mirror listens: blocking, and on purpose."""
         files.make_directory(self.directory)
-        self._lock()
+        self._lock_fd = self._lock("lock", fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX)
+        if self.shared:
+            self.blobs.coordinator = FileLockCoordinator(self.directory)
         for pool in self._pools:
             pool.start()
-        snapshot = self.index.load()
-        self.blobs.recover(snapshot)
-        self.manifests.recover(snapshot)
+        # Workers starting together recover one at a time.
+        recovering = self._lock("recover.lock", fcntl.LOCK_EX, wait=True)
+        try:
+            snapshot = self.index.load()
+            self.blobs.recover(snapshot)
+            self.manifests.recover(snapshot)
+        finally:
+            os.close(recovering)
         super().startService()
 
-    def _lock(self) -> None:
-        """Hold the directory for this process: another would delete our fills at its start."""
-        path = os.path.join(self.directory, "lock")
+    def _lock(self, name: str, operation: int, wait: bool = False) -> int:
+        """Hold the directory: a process not of this service would delete our fills.
+
+        The workers of one service hold it shared, a lone process exclusively.
+        """
+        path = os.path.join(self.directory, name)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, files.FILE_MODE)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, operation | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             os.close(fd)
             raise RuntimeError(
                 f"cache directory {self.directory} is in use by another dockmirror process"
             ) from None
-        self._lock_fd = fd
+        return fd
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -130,6 +147,7 @@ class Cache(service.Service):
         def stop_pools(result: object) -> object:
             for pool in self._pools:
                 pool.stop()
+            self.blobs.coordinator.close()
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
                 self._lock_fd = None

@@ -5,7 +5,8 @@ Layout under the cache directory::
     blobs/sha256/ab/abcdef...   one file per digest, no extension
     tmp/                        fills in progress, emptied at start
     index.sqlite                see :mod:`dockmirror.cache.index`
-    lock                        held by the process using the directory
+    lock                        held by the process (or the workers) using the directory
+    fills.lock                  claims on fills, see :mod:`dockmirror.coordination`
 
 Layers and manifests are both blobs here: stored once by digest, whatever
 upstream or repository they came through.  Who may read them is a separate
@@ -29,9 +30,12 @@ from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, 
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from dockmirror._interfaces import ICoordinator
 from dockmirror.cache import files
 from dockmirror.cache.fill import Fill
+from dockmirror.cache.follow import FollowedFill
 from dockmirror.cache.index import Index, Runner, Snapshot
+from dockmirror.coordination import LocalCoordinator
 from dockmirror.metrics import Metrics
 from dockmirror.reference import HEX_LENGTH
 from dockmirror.streaming import StreamError, release
@@ -76,6 +80,10 @@ class BlobStore:
         self._proofs: OrderedDict[str, dict[str, int | None]] = OrderedDict()
         self._pins: Counter[str] = Counter()
         self._fills: dict[str, Fill] = {}
+        #: Fills that other processes run, followed here.
+        self._followed: dict[str, FollowedFill] = {}
+        #: Who fills what, when several processes share the directory.
+        self.coordinator: ICoordinator = LocalCoordinator()
         #: Called with the digest of each blob removed from the store.
         self.on_remove: list[Callable[[str], None]] = []
         self.size = 0
@@ -105,15 +113,19 @@ class BlobStore:
         files.make_directory(self.temp_dir)
         temporary = 0
         for entry in os.scandir(self.temp_dir):
-            files.remove(entry.path)
-            temporary += 1
+            # Another worker's fill in progress stays.
+            if not self.coordinator.held_elsewhere(entry.name.partition(".")[0]):
+                files.remove(entry.path)
+                temporary += 1
         rows = {digest: (size, used) for digest, size, used in snapshot.blobs}
         found: list[tuple[float, str, int]] = []
         for digest, size, mtime in self._scan():
             row = rows.pop(digest, None)
             if row is None:
                 found.append((mtime, digest, size))
-                self._index.write("INSERT INTO blobs VALUES (?, ?, ?)", digest, size, mtime)
+                self._index.write(
+                    "INSERT OR REPLACE INTO blobs VALUES (?, ?, ?)", digest, size, mtime
+                )
             elif row[0] != size:
                 log.warn(
                     "cached {digest} is {size} bytes, not {expected}: removed",
@@ -175,7 +187,18 @@ class BlobStore:
     # --- what is cached, and for whom -------------------------------------------
 
     def has(self, digest: str) -> bool:
-        return digest in self._entries
+        return digest in self._entries or self._adopt(digest)
+
+    def _adopt(self, digest: str) -> bool:
+        """Take in a blob that another process sharing the directory committed."""
+        if not self.coordinator.shared or digest in self._fills:
+            return False
+        try:
+            size = os.stat(self.path(digest)).st_size
+        except OSError:
+            return False
+        self._add(digest, size)
+        return True
 
     def size_of(self, digest: str, origin: str | None = None) -> int | None:
         """A blob's size: as cached or being filled, else as *origin*'s upstream announced it."""
@@ -186,8 +209,8 @@ class BlobStore:
             return fill.size
         return self._proofs.get(digest, {}).get(origin) if origin is not None else None
 
-    def filling(self, digest: str) -> Fill | None:
-        return self._fills.get(digest)
+    def filling(self, digest: str) -> Fill | FollowedFill | None:
+        return self._fills.get(digest) or self._followed.get(digest)
 
     def allowed(self, origin: str, digest: str) -> bool:
         """Whether the upstream repository *origin* proved that it has *digest*."""
@@ -249,7 +272,7 @@ class BlobStore:
 
         Raises ``OSError`` when the file cannot be opened.
         """
-        fill = self._fills.get(digest)
+        fill = self.filling(digest)
         flags = os.O_RDONLY | os.O_CLOEXEC
         try:
             fd = os.open(fill.temp_path if fill is not None else self.path(digest), flags)
@@ -290,15 +313,26 @@ class BlobStore:
 
     # --- writing -----------------------------------------------------------------
 
-    def begin_fill(self, digest: str, size: int, upstream: str) -> Fill | str:
-        """Reserve room for a blob and register its fill, or say why it won't be cached."""
+    def begin_fill(self, digest: str, size: int, upstream: str) -> Fill | FollowedFill | str:
+        """Reserve room for a blob and register its fill, or say why it won't be cached.
+
+        When another process sharing the directory fills the blob, or just
+        did, the fill returned follows that process's work.
+        """
         if self.max_size is not None and size > self.max_size:
             return "larger than the cache"
+        if not self.coordinator.claim(digest):
+            return self._follow(digest, size)
+        if self._adopt(digest):
+            self.coordinator.release(digest)
+            return self._follow(digest, size)
         victims = self._victims(size)
         if victims is None:
+            self.coordinator.release(digest)
             return "cache full of blobs in use"
         freed = sum(self._entries[d] for d in victims)
         if not self._disk_has_room(size - freed):
+            self.coordinator.release(digest)
             return "disk full"
         evictions = [self._evict(d) for d in victims]
         temp_path = os.path.join(self.temp_dir, f"{digest.partition(':')[2]}.{uuid.uuid4().hex}")
@@ -307,6 +341,35 @@ class BlobStore:
         self.reserved += size
         self.metrics.fills_in_flight.inc()
         return fill
+
+    def _follow(self, digest: str, size: int) -> FollowedFill:
+        followed = self._followed[digest] = FollowedFill(
+            digest,
+            size,
+            self.path(digest),
+            lambda: self._temporary_file(digest),
+            self.coordinator,
+            self.reactor,
+            self._unfollow,
+        )
+        followed.start()
+        return followed
+
+    def _temporary_file(self, digest: str) -> str | None:
+        """The newest temporary file of *digest*, made by whichever process fills it."""
+        prefix = digest.partition(":")[2] + "."
+        found = [
+            (entry.stat().st_mtime_ns, entry.path)
+            for entry in os.scandir(self.temp_dir)
+            if entry.name.startswith(prefix)
+        ]
+        return max(found)[1] if found else None
+
+    def _unfollow(self, followed: FollowedFill) -> None:
+        if self._followed.get(followed.digest) is followed:
+            del self._followed[followed.digest]
+        if followed.committed:
+            self._add(followed.digest, followed.size)
 
     def committed(self, fill: Fill) -> None:
         self._end_fill(fill)
@@ -320,6 +383,7 @@ class BlobStore:
     def _end_fill(self, fill: Fill) -> None:
         if self._fills.get(fill.digest) is fill:
             del self._fills[fill.digest]
+            self.coordinator.release(fill.digest)
             self.reserved -= fill.size
             self.metrics.fills_in_flight.dec()
 
@@ -451,7 +515,8 @@ class BlobStore:
                 await everything
             except defer.TimeoutError:
                 pass
-        for fill in list(self._fills.values()):
+        fills: list[Fill | FollowedFill] = [*self._fills.values(), *self._followed.values()]
+        for fill in fills:
             fill.abandon(StreamError("the mirror is stopping"))
 
     def stats(self) -> dict[str, Any]:
@@ -463,6 +528,7 @@ class BlobStore:
             "blobs": len(self._entries),
             "readers": sum(self._pins.values()),
             "fills": {d: f"{f.written}/{f.size}" for d, f in self._fills.items()},
+            "followed": {d: f"{f.written}/{f.size}" for d, f in self._followed.items()},
         }
 
 
@@ -486,7 +552,7 @@ class BlobReader:
         fd: int,
         start: int,
         end: int,
-        fill: Fill | None,
+        fill: Fill | FollowedFill | None,
         on_bytes: Callable[[int], None],
     ) -> None:
         self._store = store
