@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
 import resource
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from treq.client import HTTPClient
-from twisted.application import service, strports
+from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
@@ -36,6 +39,7 @@ from dockmirror.pull import Prefetcher, PullService, Upstreams
 from dockmirror.routing import build_router
 from dockmirror.tls import CertificateReloadService, PlainHTTPFactory, tls_endpoint
 from dockmirror.web import MirrorSite, RootResource, build_root
+from dockmirror.workers import FIRST_FD, AdoptedPort, ParentWatchService, Supervisor
 
 log = Logger()
 
@@ -53,6 +57,7 @@ class Options(usage.Options):
     )
     optParameters = [
         ["config", "c", None, "Path to the TOML configuration file."],
+        ["worker", None, None, "Serve as worker N of a supervisor (set by the supervisor).", int],
     ]
     optFlags = [
         ["check", None, "Validate the configuration, print a summary and exit."],
@@ -118,14 +123,15 @@ def build_access(config: Config, keys: KeyStore, metrics: Metrics, reactor: Any)
     )
 
 
-def build_service(config: Config, reactor: Any) -> service.MultiService:
+def build_service(config: Config, reactor: Any, worker: int | None = None) -> service.MultiService:
+    """The mirror, or as worker *worker* of a supervisor, serving inherited sockets."""
     router = build_router(config, upstream_plugins())
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool._factory = _QuietClientFactory
     pool.maxPersistentPerHost = POOL_PER_HOST
     http = HTTPClient(Agent(reactor, connectTimeout=30, pool=pool))
     metrics = Metrics()
-    cache = Cache(config.cache, reactor, metrics)
+    cache = Cache(config.cache, reactor, metrics, shared=worker is not None)
     pull = PullService(Upstreams(http, reactor, metrics), reactor, metrics, cache)
     cache.prefetcher = Prefetcher(router, pull)
     top = service.MultiService()
@@ -142,15 +148,25 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     root.putChild(b"healthz", health)
     site = MirrorSite(root, metrics)
     certificates = []
+    inherited = itertools.count(FIRST_FD)
+
+    def serve(description: str, factory: Any, http: bool = False) -> None:
+        """Listen: on the endpoint, or on the socket a worker inherited for it."""
+        endpoint, certificate = _endpoint(reactor, config, description)
+        if http and certificate is None:
+            factory = PlainHTTPFactory(factory)
+        if worker is None:
+            StreamServerEndpointService(endpoint, factory).setServiceParent(top)
+        else:
+            if certificate is not None:
+                factory = TLSMemoryBIOFactory(certificate, False, factory)
+            AdoptedPort(reactor, next(inherited), factory).setServiceParent(top)
+        if certificate is not None:
+            certificates.append(certificate)
 
     def listen(descriptions: tuple[str, ...], site: MirrorSite) -> None:
         for description in descriptions:
-            endpoint, certificate = _endpoint(reactor, config, description)
-            if certificate is None:
-                StreamServerEndpointService(endpoint, PlainHTTPFactory(site)).setServiceParent(top)
-            else:
-                StreamServerEndpointService(endpoint, site).setServiceParent(top)
-                certificates.append(certificate)
+            serve(description, site, http=True)
 
     listen(config.server.listen, site)
     metrics_resource = MetricsResource(metrics, config.metrics.allow)
@@ -177,7 +193,16 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
             Path(config.manhole.authorized_keys),
             load_host_key(state_directory(config) / HOST_KEY_FILE),
         )
-        strports.service(config.manhole.listen, factory, reactor=reactor).setServiceParent(top)
+        serve(config.manhole.listen, factory)
+    if worker is not None:
+        ParentWatchService(reactor).setServiceParent(top)
+    return top
+
+
+def supervise(config: Config, reactor: Any) -> service.MultiService:
+    """The supervisor of ``server.workers`` worker processes."""
+    top = service.MultiService()
+    Supervisor(reactor, config, sys.argv).setServiceParent(top)
     return top
 
 
@@ -205,7 +230,11 @@ def makeService(options: Options, reactor: IReactorCore | None = None) -> servic
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+    config = options["parsed"]
     try:
-        return build_service(options["parsed"], reactor)
+        if options["worker"] is None and config.server.worker_count > 1:
+            KeyDatabase(config.auth.database).close()  # an unusable key store stops start-up here
+            return supervise(config, reactor)
+        return build_service(config, reactor, options["worker"])
     except (ConfigError, KeyStoreError, ValueError, OSError) as e:
         raise SystemExit(f"dockmirror: {e}") from None

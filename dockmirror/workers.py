@@ -1,0 +1,268 @@
+"""Worker processes: the supervisor that binds and spawns, and the worker's side.
+
+With ``[server] workers = N`` above 1, ``twistd dockmirror`` runs a
+:class:`Supervisor`.  It binds every listener once (so a privileged port
+needs the capability only at start, and all workers share one accept queue
+per listener) and spawns N copies of itself in worker mode, each handed the
+listening sockets as file descriptors 3, 4, ... in the order of
+:func:`listeners` and adopting them with ``reactor.adoptStreamPort``.  The
+kernel spreads connections over the workers that accept.
+
+The supervisor restarts a worker that dies, after a growing delay, forwards
+SIGHUP (certificate reload), and on SIGTERM stops every worker gracefully
+before exiting itself.  A worker whose supervisor vanishes (even by SIGKILL)
+sees its standard input close and stops too, so no process is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import protocol, stdio
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from dockmirror.config import EMBEDDED, Config
+from dockmirror.metrics import MULTIPROCESS_DIRECTORY, mark_worker_dead
+from dockmirror.tls import tls_endpoint
+
+log = Logger()
+
+#: The first inherited listening socket's descriptor in a worker.
+FIRST_FD = 3
+#: Seconds a worker must live for its restarts to count as a fresh start.
+STABLE_AFTER = 60.0
+#: The longest wait before restarting a worker that keeps dying.
+MAX_BACKOFF = 30.0
+#: Seconds a stopping worker gets before it is killed (its fills get 30).
+STOP_TIMEOUT = 40.0
+#: twistd options a worker must not share with its supervisor, and those of them
+#: that take no value.
+_SUPERVISOR_ONLY = ("--pidfile", "--logfile", "-l", "--nodaemon", "-n", "--syslog")
+_FLAGS = ("--nodaemon", "-n", "--syslog")
+
+
+def listeners(config: Config) -> list[str]:
+    """Every listening endpoint string, in the order workers inherit them."""
+    manhole = [config.manhole.listen] if config.manhole.listen is not None else []
+    return [*config.server.listen, *config.metrics.listen, *manhole]
+
+
+class _Refuse(protocol.Factory):
+    """Stands for the workers' factories on the supervisor's ports, which never accept."""
+
+    noisy = False
+
+    def buildProtocol(self, addr: Any) -> None:
+        return None
+
+
+def worker_command(argv: list[str], python: str = sys.executable) -> list[str]:
+    """How to start a worker, from how the supervisor was started.
+
+    ``python -m twisted`` (twist) options are kept as they are; ``twistd``
+    ones are too, but for the pid file, log file and daemonizing, which are
+    the supervisor's: a worker stays in the foreground and logs to the
+    output it inherits.
+    """
+    end = argv.index("dockmirror") if "dockmirror" in argv else len(argv)
+    if argv[0].endswith("__main__.py"):
+        return [python, "-m", "twisted", *argv[1:end]]
+    kept = [python, argv[0], "--nodaemon", "--pidfile="]
+    options = iter(argv[1:end])
+    for option in options:
+        name = option.partition("=")[0]
+        if name not in _SUPERVISOR_ONLY:
+            kept.append(option)
+        elif "=" not in option and name not in _FLAGS:
+            next(options, None)  # its value
+    return kept
+
+
+class _WorkerProtocol(protocol.ProcessProtocol):
+    def __init__(self, supervisor: Supervisor, number: int, started: float) -> None:
+        self.supervisor = supervisor
+        self.number = number
+        self.started = started
+        self.pid: int | None = None
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid if self.transport is not None else None
+
+    def processEnded(self, reason: Failure) -> None:
+        self.supervisor.ended(self, reason)
+
+
+class Supervisor(service.Service):
+    """Binds the listeners and keeps :attr:`count` workers serving them."""
+
+    name = "workers"
+
+    def __init__(self, reactor: Any, config: Config, argv: list[str]) -> None:
+        self._reactor = reactor
+        self.config = config
+        self.count = config.server.worker_count
+        self._argv = argv
+        self._ports: list[IListeningPort] = []
+        self._workers: dict[int, _WorkerProtocol] = {}
+        self._failures: dict[int, int] = {}
+        self._metrics_dir: str | None = None
+        self._stopped: Deferred[None] | None = None
+        self._previous_hup: Any = None
+
+    def __repr__(self) -> str:
+        pids = sorted(w.pid for w in self._workers.values() if w.pid is not None)
+        return f"<Supervisor {len(pids)}/{self.count} workers: {pids}>"
+
+    def privilegedStartService(self) -> None:
+        """Bind every listener before twistd drops privileges."""
+        super().privilegedStartService()
+        self._bind()
+
+    def _bind(self) -> None:
+        if self._ports:
+            return
+        for description in listeners(self.config):
+            endpoint, _ = tls_endpoint(self._reactor, description)
+            results: list[Any] = []
+            endpoint.listen(_Refuse()).addBoth(results.append)
+            (result,) = results  # stream endpoints listen at once
+            if isinstance(result, Failure):
+                result.raiseException()
+            result.stopReading()  # the workers accept, not us
+            self._ports.append(result)
+
+    def startService(self) -> None:
+        self._bind()  # twist has no privileged start
+        super().startService()
+        self._metrics_dir = tempfile.mkdtemp(prefix="dockmirror-metrics-")
+        self._previous_hup = signal.signal(signal.SIGHUP, self._hangup)
+        for number in range(self.count):
+            self._spawn(number)
+
+    def _spawn(self, number: int) -> None:
+        assert self._metrics_dir is not None
+        args = [*worker_command(self._argv), "dockmirror", "--worker", str(number)]
+        if self.config.source != EMBEDDED:
+            args[-2:-2] = ["--config", os.path.abspath(self.config.source)]
+        fds: dict[int, int | str] = {0: "w", 1: 1, 2: 2}
+        for offset, port in enumerate(self._ports):
+            fds[FIRST_FD + offset] = port.fileno()  # type: ignore[attr-defined]
+        worker = _WorkerProtocol(self, number, self._reactor.seconds())
+        env = {**os.environ, MULTIPROCESS_DIRECTORY: self._metrics_dir}
+        self._reactor.spawnProcess(worker, sys.executable, args, env=env, childFDs=fds)
+        self._workers[number] = worker
+        log.info("started worker {number} (pid {pid})", number=number, pid=worker.pid)
+
+    def ended(self, worker: _WorkerProtocol, reason: Failure) -> None:
+        if self._workers.get(worker.number) is worker:
+            del self._workers[worker.number]
+        if worker.pid is not None and self._metrics_dir is not None:
+            mark_worker_dead(worker.pid, self._metrics_dir)
+        if self._stopped is not None:
+            if not self._workers:
+                self._stopped.callback(None)
+            return
+        log.warn(
+            "worker {number} (pid {pid}) ended: {reason}",
+            number=worker.number,
+            pid=worker.pid,
+            reason=reason.getErrorMessage(),
+        )
+        if self._reactor.seconds() - worker.started >= STABLE_AFTER:
+            self._failures[worker.number] = 0
+        failures = self._failures[worker.number] = self._failures.get(worker.number, 0) + 1
+        delay = min(MAX_BACKOFF, 0.5 * 2 ** (failures - 1))
+        log.info("restarting worker {number} in {delay}s", number=worker.number, delay=delay)
+        self._reactor.callLater(delay, self._respawn, worker.number)
+
+    def _respawn(self, number: int) -> None:
+        if self._stopped is None and number not in self._workers:
+            self._spawn(number)
+
+    def _hangup(self, signum: int, frame: Any) -> None:
+        self._reactor.callFromThread(self._signal_all, "HUP")
+
+    def _signal_all(self, name: str) -> None:
+        for worker in list(self._workers.values()):
+            try:
+                worker.transport.signalProcess(name)  # type: ignore[union-attr]
+            except (OSError, AttributeError) as e:  # ended meanwhile
+                log.debug("cannot signal worker: {error}", error=e)
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        if self._previous_hup is not None:
+            signal.signal(signal.SIGHUP, self._previous_hup)
+        self._stopped = Deferred()
+        if not self._workers:
+            self._stopped.callback(None)
+        self._signal_all("TERM")
+        kill = self._reactor.callLater(STOP_TIMEOUT, self._signal_all, "KILL")
+        stopped = self._stopped
+
+        def done(result: object) -> object:
+            if kill.active():
+                kill.cancel()
+            if self._metrics_dir is not None:
+                shutil.rmtree(self._metrics_dir, ignore_errors=True)
+            return DeferredList([maybeDeferred(port.stopListening) for port in self._ports])
+
+        return stopped.addCallback(done)
+
+
+class AdoptedPort(service.Service):
+    """Serves a listening socket inherited from the supervisor."""
+
+    def __init__(self, reactor: Any, fd: int, factory: IProtocolFactory) -> None:
+        self._reactor = reactor
+        self.fd = fd
+        self.factory = factory
+        self.port: IListeningPort | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        inherited = socket.socket(fileno=self.fd)
+        family = inherited.family
+        inherited.detach()
+        self.port = self._reactor.adoptStreamPort(self.fd, family, self.factory)
+        os.close(self.fd)  # the port holds its own copy
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.port is not None:
+            return self.port.stopListening()
+        return None
+
+
+class _ParentWatch(protocol.Protocol):
+    def __init__(self, service: ParentWatchService) -> None:
+        self.service = service
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.service.parent_gone()
+
+
+class ParentWatchService(service.Service):
+    """Stops the worker when its supervisor's end of standard input closes."""
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        stdio.StandardIO(_ParentWatch(self), reactor=self._reactor)
+
+    def parent_gone(self) -> None:
+        if self.running:  # not stopping already
+            log.info("the supervisor is gone; stopping")
+            self._reactor.stop()
