@@ -322,6 +322,7 @@ class BlobStore:
         if self.max_size is not None and size > self.max_size:
             return "larger than the cache"
         if not self.coordinator.claim(digest):
+            log.info("following the fill of {digest} by another worker", digest=digest)
             return self._follow(digest, size)
         if self._adopt(digest):
             self.coordinator.release(digest)

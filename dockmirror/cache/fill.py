@@ -120,7 +120,7 @@ class Fill(Protocol):
         try:
             for d in self._evictions:
                 await d
-            self._fd = await self._run(files.create, self.temp_path)
+            self._fd = await self._run(files.create_fill, self.temp_path)
         except OSError as e:
             discard(response)
             self.abandon(StreamError(f"cannot write to the cache: {e.strerror}"))

@@ -1,0 +1,258 @@
+"""``[server] workers = N``: the supervisor and its workers, end to end.
+
+Which worker answered a request is read from the workers' own metric files
+(``prometheus_client``'s multiprocess directory, one file per process), so a
+test can make requests until every worker has served some.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from prometheus_client.mmap_dict import MmapedDict
+
+from .conftest import Dockmirror, DockmirrorFactory
+from .keys import admin, create_key
+from .registries import Registry, wait_until
+from .test_auth import basic
+from .test_cache import assert_cache_sound, cached_blobs, sha256
+from .test_pull import curl
+
+WORKERS = 2
+
+
+def start_workers(
+    dockmirror: DockmirrorFactory,
+    registry: Registry,
+    workers: int = WORKERS,
+    *,
+    auth_required: bool = False,
+    **cache: object,
+) -> Dockmirror:
+    """A mirror of *registry* with *workers* workers, each of them serving."""
+    mirror = dockmirror(
+        {"hub": {"plugin": "dockerhub", "url": registry.url, "default": True}},
+        auth_required=auth_required,
+        extra={"server": {"workers": workers}, **({"cache": cache} if cache else {})},
+    )
+    wait_until(lambda: len(serving_workers(mirror)) == workers, timeout=30, interval=0.1)
+    return mirror
+
+
+def worker_pids(mirror: Dockmirror) -> list[int]:
+    """The supervisor's child processes."""
+    children = Path(f"/proc/{mirror.pid}/task/{mirror.pid}/children")
+    try:
+        return [int(pid) for pid in children.read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def serving_workers(mirror: Dockmirror) -> list[int]:
+    """Workers that adopted their listeners (they log it as they start)."""
+    started = mirror.log_text().count(f"MirrorSite (PlainHTTPFactory) starting on {mirror.port}")
+    return worker_pids(mirror) if started >= len(worker_pids(mirror)) else []
+
+
+def metrics_directory(pid: int) -> Path:
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    [entry] = [e for e in environ if e.startswith(b"PROMETHEUS_MULTIPROC_DIR=")]
+    return Path(entry.partition(b"=")[2].decode())
+
+
+def requests_by_worker(mirror: Dockmirror, route: str) -> dict[int, float]:
+    """Requests of *route* each live worker answered, from its own metric file."""
+    counts = {}
+    for pid in worker_pids(mirror):
+        path = metrics_directory(pid) / f"counter_{pid}.db"
+        total = 0.0
+        if path.exists():
+            for key, value, *_ in MmapedDict.read_all_values_from_file(str(path)):
+                if '"dockmirror_http_requests_total"' in key and f'"route": "{route}"' in key:
+                    total += value
+        counts[pid] = total
+    return counts
+
+
+def until_every_worker_answered(
+    mirror: Dockmirror, route: str, request: Callable[[], None], limit: int = 200
+) -> int:
+    """Repeat *request* (a new connection each time) until every worker answered one."""
+    before = requests_by_worker(mirror, route)
+    for count in range(1, limit + 1):
+        request()
+        now = requests_by_worker(mirror, route)
+        if all(now[pid] > before.get(pid, 0) for pid in now):
+            return count
+    raise AssertionError(f"not every worker answered within {limit} requests: {now}")
+
+
+def test_one_upstream_fetch_per_digest_across_workers(
+    registry_factory, dockmirror, seeded, unique_repo
+):
+    registry = registry_factory()
+    image = seeded(registry, unique_repo, "v1", layers=[24 << 20])
+    mirror = start_workers(dockmirror, registry)
+    layer = image.platforms[0].layers[0]
+    manifest_url = f"{mirror.url}/v2/{unique_repo}/manifests/v1"
+    url = f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"
+    with ThreadPoolExecutor(16) as pool:
+        manifests = list(pool.map(lambda _: curl(manifest_url), range(16)))
+        results = list(pool.map(lambda _: curl(url), range(16)))
+    assert {(status, body) for status, _, body in manifests} == {(200, image.manifest)}
+    manifest_gets = registry.count_requests("GET", f"{unique_repo}/manifests/v1")
+    print(f"upstream manifest GETs for 16 cold clients over {WORKERS} workers: {manifest_gets}")
+    assert manifest_gets <= WORKERS
+    for status, _, body in results:
+        assert status == 200
+        assert sha256(body) == layer.digest
+    assert registry.count_requests("GET", f"/blobs/{layer.digest}") == 1
+    assert cached_blobs(mirror)[layer.digest] == layer.size
+    # Every worker serves it from the cache now, without asking for it again.
+    until_every_worker_answered(mirror, "blobs", lambda: curl(url))
+    assert registry.count_requests("GET", f"/blobs/{layer.digest}") == 1
+    assert_cache_sound(mirror)
+
+
+def test_a_fill_in_one_worker_is_followed_by_the_others(
+    registry_factory, dockmirror, seeded, unique_repo
+):
+    registry = registry_factory()
+    image = seeded(registry, unique_repo, "v1", layers=[64 << 20])
+    mirror = start_workers(dockmirror, registry)
+    layer = image.platforms[0].layers[0]
+    url = f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"
+    first = subprocess.Popen(
+        ["curl", "-s", "--noproxy", "*", "--limit-rate", "8M", "-o", "-", url],
+        stdout=subprocess.PIPE,
+    )
+    followers: list[tuple[int, dict[str, str], bytes]] = []
+    try:
+        wait_until(lambda: any(p.stat().st_size for p in (mirror.cache_dir / "tmp").iterdir()))
+        # New connections while the fill runs, until the other worker took one.
+        until_every_worker_answered(mirror, "blobs", lambda: followers.append(curl(url)))
+    finally:
+        body, _ = first.communicate(timeout=60)
+    assert sha256(body) == layer.digest
+    assert "following the fill of" in mirror.log_text()
+    assert all(sha256(b) == layer.digest for _, _, b in followers)
+    assert registry.count_requests("GET", f"/blobs/{layer.digest}") == 1
+
+
+def holder_of(mirror: Dockmirror, directory: Path) -> int | None:
+    """The worker with a file of *directory* open for writing."""
+    for pid in worker_pids(mirror):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except FileNotFoundError:
+                continue
+            if target.startswith(str(directory) + "/"):
+                return pid
+    return None
+
+
+def test_kill_9_of_a_filling_worker(registry_factory, dockmirror, seeded, unique_repo):
+    registry = registry_factory()
+    image = seeded(registry, unique_repo, "v1", layers=[64 << 20])
+    mirror = start_workers(dockmirror, registry)
+    layer = image.platforms[0].layers[0]
+    url = f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"
+    client = subprocess.Popen(
+        ["curl", "-s", "--noproxy", "*", "--limit-rate", "4M", "-o", "-", url],
+        stdout=subprocess.PIPE,
+    )
+    temp = mirror.cache_dir / "tmp"
+    try:
+        wait_until(lambda: any(p.stat().st_size for p in temp.iterdir()), interval=0.01)
+        filler = holder_of(mirror, temp)
+        assert filler is not None
+        os.kill(filler, signal.SIGKILL)
+    finally:
+        body, _ = client.communicate(timeout=60)
+    assert client.returncode != 0 and len(body) < layer.size  # cut short, never "complete"
+    assert layer.digest not in cached_blobs(mirror)
+    # The supervisor starts a worker in its place.
+    wait_until(
+        lambda: filler not in worker_pids(mirror) and len(serving_workers(mirror)) == WORKERS,
+        timeout=30,
+    )
+    assert "worker 0 (pid" in mirror.log_text() and "restarting worker" in mirror.log_text()
+    status, _, body = curl(url)
+    assert status == 200 and sha256(body) == layer.digest
+    assert cached_blobs(mirror)[layer.digest] == layer.size
+    assert_cache_sound(mirror)
+
+
+def test_a_key_revoked_with_dockmirror_admin_is_refused_by_every_worker(
+    plain_registry, dockmirror
+):
+    mirror = start_workers(dockmirror, plain_registry, auth_required=True)
+    app_id, api_key = create_key(mirror)
+    credentials = basic(app_id, api_key)
+
+    def get(expected: int) -> Callable[[], None]:
+        def request() -> None:
+            status, _, body = curl("-H", credentials, f"{mirror.url}/v2/")
+            assert status == expected, body
+
+        return request
+
+    until_every_worker_answered(mirror, "base", get(200))
+    admin(mirror, "keys", "revoke", app_id)
+    revoked = time.monotonic()
+    wait_until(lambda: curl("-H", credentials, f"{mirror.url}/v2/")[0] == 401, timeout=10)
+    time.sleep(max(0.0, 5.5 - (time.monotonic() - revoked)))
+    until_every_worker_answered(mirror, "base", get(401))
+
+
+def test_metrics_add_up_across_workers(plain_registry, dockmirror):
+    mirror = start_workers(dockmirror, plain_registry)
+    before = sum(requests_by_worker(mirror, "base").values())  # the start-up probes
+    count = until_every_worker_answered(mirror, "base", lambda: curl(f"{mirror.url}/v2/"))
+    by_worker = requests_by_worker(mirror, "base")
+    assert sum(by_worker.values()) == before + count and all(by_worker.values())
+    # Whichever worker answers /metrics reports the whole service.
+    for _ in range(6):
+        _, _, body = curl(f"{mirror.url}/metrics")
+        lines = [
+            line
+            for line in body.decode().splitlines()
+            if line.startswith("dockmirror_http_requests_total{") and 'route="base"' in line
+        ]
+        assert sum(float(line.rsplit(" ", 1)[1]) for line in lines) == before + count
+
+
+def test_sigterm_to_the_supervisor_leaves_no_process(plain_registry, dockmirror):
+    mirror = start_workers(dockmirror, plain_registry)
+    processes = [mirror.pid, *worker_pids(mirror)]
+    directory = metrics_directory(processes[1])
+    os.kill(mirror.pid, signal.SIGTERM)  # the supervisor alone, as systemd's KillMode=mixed
+    wait_until(lambda: not mirror.running, timeout=30)
+    for pid in processes:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in _state(pid)
+    assert not directory.exists()
+
+
+def test_workers_stop_when_the_supervisor_is_killed(plain_registry, dockmirror):
+    mirror = start_workers(dockmirror, plain_registry)
+    workers = worker_pids(mirror)
+    os.kill(mirror.pid, signal.SIGKILL)
+    wait_until(lambda: all(not _alive(pid) for pid in workers), timeout=30)
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return _state(pid) != "Z"
+    except FileNotFoundError:
+        return False
