@@ -190,9 +190,7 @@ def test_kill_9_of_a_filling_worker(registry_factory, dockmirror, seeded, unique
     assert_cache_sound(mirror)
 
 
-def test_a_key_revoked_with_dockmirror_admin_is_refused_by_every_worker(
-    plain_registry, dockmirror
-):
+def test_a_key_revoked_with_dockmirror_admin_is_refused_by_every_worker(plain_registry, dockmirror):
     mirror = start_workers(dockmirror, plain_registry, auth_required=True)
     app_id, api_key = create_key(mirror)
     credentials = basic(app_id, api_key)
