@@ -20,10 +20,10 @@ import os
 from zope.interface import implementer
 
 from dockmirror._interfaces import ICoordinator
-from dockmirror.cache import files
 
-#: The lock file, in the cache directory.
+#: The lock file, in the cache directory, with the mode of the cache's files.
 LOCK_FILE = "fills.lock"
+LOCK_FILE_MODE = 0o640
 #: Lock offsets are taken from this many hex digits of a digest (60 bits).
 _OFFSET_DIGITS = 15
 
@@ -67,7 +67,7 @@ class FileLockCoordinator:
 
     def __init__(self, directory: str) -> None:
         self.path = os.path.join(directory, LOCK_FILE)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, files.FILE_MODE)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, LOCK_FILE_MODE)
         self._held: set[str] = set()
 
     def __repr__(self) -> str:

@@ -187,7 +187,22 @@ class BlobStore:
     # --- what is cached, and for whom -------------------------------------------
 
     def has(self, digest: str) -> bool:
-        return digest in self._entries or self._adopt(digest)
+        if digest not in self._entries:
+            return self._adopt(digest)
+        if self.coordinator.shared and digest not in self._pins and not self._on_disk(digest):
+            # Another worker purged or evicted it.
+            self.forget(digest)
+            return False
+        return True
+
+    def _on_disk(self, digest: str) -> bool:
+        try:
+            os.stat(self.path(digest))
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True  # a transient error keeps it, as reading does
+        return True
 
     def _adopt(self, digest: str) -> bool:
         """Take in a blob that another process sharing the directory committed."""
@@ -366,6 +381,21 @@ class BlobStore:
         ]
         return max(found)[1] if found else None
 
+    def _fills_elsewhere(self) -> dict[str, int]:
+        """Bytes written so far by the fills that other workers run, by digest."""
+        if not self.coordinator.shared:
+            return {}
+        fills = {}
+        for entry in os.scandir(self.temp_dir):
+            hexpart = entry.name.partition(".")[0]
+            if self.coordinator.held_elsewhere(hexpart) and hexpart not in fills:
+                try:
+                    fills[hexpart] = entry.stat().st_size
+                except FileNotFoundError:
+                    continue
+        algorithms = {length: name for name, length in HEX_LENGTH.items()}
+        return {f"{algorithms.get(len(h), '?')}:{h}": n for h, n in fills.items()}
+
     def _unfollow(self, followed: FollowedFill) -> None:
         if self._followed.get(followed.digest) is followed:
             del self._followed[followed.digest]
@@ -529,7 +559,7 @@ class BlobStore:
             "blobs": len(self._entries),
             "readers": sum(self._pins.values()),
             "fills": {d: f"{f.written}/{f.size}" for d, f in self._fills.items()},
-            "followed": {d: f"{f.written}/{f.size}" for d, f in self._followed.items()},
+            "elsewhere": self._fills_elsewhere(),
         }
 
 
