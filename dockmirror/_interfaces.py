@@ -46,5 +46,14 @@ class ICoordinator(Interface):
     def held_elsewhere(digest: str) -> bool:
         """Whether another process holds the claim on *digest* now."""
 
+    def start_usage(total: int) -> None:
+        """Set the cache's usage to *total* bytes, unless a running process already did."""
+
+    def add_usage(delta: int) -> int:
+        """Add *delta* to the bytes the cache holds and reserves, for every process at once.
+
+        Returns the new total: the quota is checked against it.
+        """
+
     def close() -> None:
         """Release every claim."""

@@ -5,11 +5,15 @@
 POSIX byte-range locks on one file, ``fills.lock`` in the cache directory:
 the claim on a digest is an exclusive lock on one byte, at an offset taken
 from the digest.  The kernel drops a dead process's locks, so a crashed
-filler frees its digests at once.  Every call is one non-blocking system
-call on a local file, cheap enough for the reactor thread.
+filler frees its digests at once.  The bytes the cache holds and reserves,
+which every worker checks the quota against, are a counter in the file
+``usage``, changed under a lock on one more byte of ``fills.lock``.  Every
+call is a few system calls on local files, held for microseconds, cheap
+enough for the reactor thread.
 
-A coordinator for several machines (PostgreSQL advisory locks) would be a
-third provider of :class:`~dockmirror._interfaces.ICoordinator`.
+A coordinator for several machines (PostgreSQL advisory locks and a row for
+the usage) would be a third provider of
+:class:`~dockmirror._interfaces.ICoordinator`.
 """
 
 from __future__ import annotations
@@ -24,8 +28,12 @@ from dockmirror._interfaces import ICoordinator
 #: The lock file, in the cache directory, with the mode of the cache's files.
 LOCK_FILE = "fills.lock"
 LOCK_FILE_MODE = 0o640
-#: Lock offsets are taken from this many hex digits of a digest (60 bits).
+#: Lock offsets are taken from this many hex digits of a digest (60 bits) ...
 _OFFSET_DIGITS = 15
+#: ... and the usage counter's lock lies beyond them.
+_USAGE_OFFSET = 1 << 62
+#: The usage counter, in the cache directory; the supervisor removes it at start.
+USAGE_FILE = "usage"
 
 
 def _offset(digest: str) -> int:
@@ -39,8 +47,18 @@ class LocalCoordinator:
 
     shared = False
 
+    def __init__(self) -> None:
+        self._usage = 0
+
     def __repr__(self) -> str:
         return "<LocalCoordinator>"
+
+    def start_usage(self, total: int) -> None:
+        self._usage = total
+
+    def add_usage(self, delta: int) -> int:
+        self._usage += delta
+        return self._usage
 
     def claim(self, digest: str) -> bool:
         return True
@@ -67,7 +85,9 @@ class FileLockCoordinator:
 
     def __init__(self, directory: str) -> None:
         self.path = os.path.join(directory, LOCK_FILE)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, LOCK_FILE_MODE)
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        self._fd = os.open(self.path, flags, LOCK_FILE_MODE)
+        self._usage_fd = os.open(os.path.join(directory, USAGE_FILE), flags, LOCK_FILE_MODE)
         self._held: set[str] = set()
 
     def __repr__(self) -> str:
@@ -102,6 +122,26 @@ class FileLockCoordinator:
         fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _offset(digest))
         return False
 
+    def _change_usage(self, delta: int, start: bool = False) -> int:
+        # Held for a read and a write of 8 bytes, and freed by the kernel if we die.
+        fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, _USAGE_OFFSET)
+        try:
+            data = os.pread(self._usage_fd, 8, 0)
+            if start and len(data) == 8:
+                return int.from_bytes(data, "little", signed=True)
+            total = int.from_bytes(data, "little", signed=True) + delta if data else delta
+            os.pwrite(self._usage_fd, total.to_bytes(8, "little", signed=True), 0)
+            return total
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _USAGE_OFFSET)
+
+    def start_usage(self, total: int) -> None:
+        self._change_usage(total, start=True)
+
+    def add_usage(self, delta: int) -> int:
+        return self._change_usage(delta)
+
     def close(self) -> None:
         self._held.clear()
+        os.close(self._usage_fd)
         os.close(self._fd)

@@ -16,6 +16,7 @@ sees its standard input close and stops too, so no process is left behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -32,6 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dockmirror.config import EMBEDDED, Config
+from dockmirror.coordination import USAGE_FILE
 from dockmirror.metrics import MULTIPROCESS_DIRECTORY, mark_worker_dead
 from dockmirror.tls import tls_endpoint
 
@@ -145,6 +147,9 @@ class Supervisor(service.Service):
         self._bind()  # twist has no privileged start
         super().startService()
         self._metrics_dir = tempfile.mkdtemp(prefix="dockmirror-metrics-")
+        # The first worker to start counts the cache's usage afresh.
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(self.config.cache.directory, USAGE_FILE))
         self._previous_hup = signal.signal(signal.SIGHUP, self._hangup)
         for number in range(self.count):
             self._spawn(number)

@@ -143,6 +143,7 @@ class BlobStore:
         for _, digest, size in sorted(found):
             self._entries[digest] = size
             self.size += size
+        self.coordinator.start_usage(self.size)
         for origin, digest in snapshot.access:
             if digest in self._entries:
                 self._access.setdefault(digest, set()).add(sys.intern(origin))
@@ -351,6 +352,7 @@ class BlobStore:
             self.coordinator.release(digest)
             return "disk full"
         evictions = [self._evict(d) for d in victims]
+        self._use(size)
         temp_path = os.path.join(self.temp_dir, f"{digest.partition(':')[2]}.{uuid.uuid4().hex}")
         fill = Fill(self, digest, size, upstream, temp_path, evictions, self.reactor, self._run)
         self._fills[digest] = fill
@@ -407,6 +409,8 @@ class BlobStore:
         self._add(fill.digest, fill.size)
 
     def failed(self, fill: Fill) -> None:
+        if self._fills.get(fill.digest) is fill:
+            self._use(-fill.size)
         self._end_fill(fill)
         # The size may have been wrong: the next request asks the upstream again.
         self.doubt(fill.digest)
@@ -420,7 +424,7 @@ class BlobStore:
 
     async def put_small(self, digest: str, data: bytes) -> bool:
         """Store a small, already verified blob (a manifest); False if there is no room."""
-        if digest in self._entries:
+        if self.has(digest):
             self.touch(digest)
             return True
         victims = self._victims(len(data))
@@ -430,10 +434,12 @@ class BlobStore:
             self._evict(d)
         temp_path = os.path.join(self.temp_dir, f"{digest.partition(':')[2]}.{uuid.uuid4().hex}")
         self.reserved += len(data)
+        self._use(len(data))
         try:
             await self._run(files.write_file, temp_path, self.path(digest), data)
         except OSError as e:
             log.warn("cannot cache {digest}: {error}", digest=digest, error=e.strerror)
+            self._use(-len(data))
             return False
         finally:
             self.reserved -= len(data)
@@ -465,7 +471,7 @@ class BlobStore:
         """The least recently used blobs to evict to make room, or None if it can't be made."""
         if self.max_size is None:
             return []
-        excess = self.size + self.reserved + needed - self.max_size
+        excess = self._used() + needed - self.max_size
         victims = []
         for digest, size in self._entries.items():
             if excess <= 0:
@@ -498,8 +504,23 @@ class BlobStore:
         for hook in self.on_remove:
             hook(digest)
         d = self._run(files.remove, self.path(digest))
-        d.addErrback(lambda f: log.failure("removing cached {digest}", f, digest=digest))
+
+        def removed(gone: bool) -> None:
+            if gone:  # by us: another worker may have removed it first
+                self._use(-size)
+
+        d.addCallbacks(removed, lambda f: log.failure("removing cached {digest}", f, digest=digest))
         return d
+
+    def _used(self) -> int:
+        """Bytes held and reserved, by this process or by all that share the directory."""
+        if self.coordinator.shared:
+            return self.coordinator.add_usage(0)
+        return self.size + self.reserved
+
+    def _use(self, delta: int) -> None:
+        if self.coordinator.shared:
+            self.coordinator.add_usage(delta)
 
     def remove(self, digest: str) -> bool:
         """Remove a blob unless it is being read or filled (for the operator)."""

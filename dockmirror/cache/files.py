@@ -95,15 +95,20 @@ def discard(fd: int | None, path: str) -> None:
     remove(path)
 
 
-def remove(path: str) -> None:
-    """Remove a file, or an empty directory; what is already gone is fine."""
+def remove(path: str) -> bool:
+    """Remove a file, or an empty directory; what is already gone is fine.
+
+    Returns whether this call removed it.
+    """
     try:
         os.remove(path)
     except FileNotFoundError:
-        pass
+        return False
     except IsADirectoryError:
         try:
             os.rmdir(path)
         except OSError as e:
             if e.errno != errno.ENOTEMPTY:
                 raise
+            return False
+    return True

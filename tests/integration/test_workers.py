@@ -145,6 +145,52 @@ def test_a_fill_in_one_worker_is_followed_by_the_others(
     assert registry.count_requests("GET", f"/blobs/{layer.digest}") == 1
 
 
+def test_the_quota_holds_with_fills_in_two_workers(
+    registry_factory, dockmirror, seeded, unique_repo
+):
+    registry = registry_factory()
+    image = seeded(registry, unique_repo, "v1", layers=[6 << 20] * 4)
+    quota = 15 << 20
+    mirror = start_workers(dockmirror, registry, max_size="15MiB")
+    urls = [
+        f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}" for layer in image.platforms[0].layers
+    ]
+    peak = 0
+    done = False
+
+    def watch() -> None:
+        nonlocal peak
+        while not done:
+            on_disk = sum(cached_blobs(mirror).values()) + sum(
+                p.stat().st_size for p in (mirror.cache_dir / "tmp").iterdir() if p.exists()
+            )
+            peak = max(peak, on_disk)
+            time.sleep(0.005)
+
+    def fetch(url: str) -> bytes:
+        out = subprocess.run(
+            ["curl", "-s", "-S", "--noproxy", "*", "--limit-rate", "4M", url],
+            capture_output=True,
+            check=True,
+        )
+        return out.stdout
+
+    with ThreadPoolExecutor(9) as pool:
+        watcher = pool.submit(watch)
+        try:
+            bodies = list(pool.map(fetch, urls * 2))
+        finally:
+            done = True
+        watcher.result()
+    digests = [layer.digest for layer in image.platforms[0].layers] * 2
+    assert [sha256(body) for body in bodies] == digests
+    assert all(requests_by_worker(mirror, "blobs").values())  # both workers filled or read
+    print(f"peak bytes on disk: {peak} of a {quota}-byte quota")
+    assert peak <= quota
+    assert sum(cached_blobs(mirror).values()) <= quota
+    assert_cache_sound(mirror)
+
+
 def holder_of(mirror: Dockmirror, directory: Path) -> int | None:
     """The worker with a file of *directory* open for writing."""
     for pid in worker_pids(mirror):

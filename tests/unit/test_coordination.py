@@ -66,6 +66,7 @@ class Claims:
     def __init__(self) -> None:
         self.elsewhere: set[str] = set()
         self.mine: set[str] = set()
+        self.usage = 0
 
     def claim(self, digest: str) -> bool:
         if digest in self.elsewhere:
@@ -80,6 +81,13 @@ class Claims:
         return digest in self.elsewhere or digest.rpartition(":")[2] in {
             d.rpartition(":")[2] for d in self.elsewhere
         }
+
+    def start_usage(self, total: int) -> None:
+        self.usage = total
+
+    def add_usage(self, delta: int) -> int:
+        self.usage += delta
+        return self.usage
 
     def close(self) -> None:
         pass
@@ -123,6 +131,21 @@ def test_a_released_claim_can_be_taken_by_another_process(tmp_path):
     assert taken.claimed
     taken.end()
     coordinator.close()
+
+
+def test_the_usage_is_counted_once_for_every_process(tmp_path):
+    first, second = FileLockCoordinator(str(tmp_path)), FileLockCoordinator(str(tmp_path))
+    first.start_usage(100)
+    second.start_usage(70)  # a worker starting later finds it counted
+    assert first.add_usage(0) == second.add_usage(0) == 100
+    assert first.add_usage(25) == 125 and second.add_usage(-5) == 120
+    first.close()
+    second.close()
+    (tmp_path / "usage").unlink()  # as the supervisor does at start
+    again = FileLockCoordinator(str(tmp_path))
+    again.start_usage(70)
+    assert again.add_usage(0) == 70
+    again.close()
 
 
 # --- following a fill of another process ----------------------------------------
