@@ -15,9 +15,13 @@ class IUpstream(Interface):
     name = Attribute("The value of ``plugin = ...`` in an upstream's config table.")
     aliases = Attribute(
         "Registry host names that route here as path prefixes or ``?ns=`` values;"
-        " ``*.example.com`` matches any subdomain."
+        " ``*.example.com`` matches one more label."
     )
     default_url = Attribute("The registry's base URL, or None when ``url`` is required.")
+    token_realms = Attribute(
+        "Origins (``https://auth.example.com``) of token services on another host than"
+        " the registry that may receive the upstream's credentials."
+    )
 
     def base_url(alias: str | None) -> str | None:
         """The base URL for a request routed through *alias* (None: no alias)."""

@@ -6,6 +6,8 @@ reloads the revoked keys each time it writes its usage counters, which it
 does every few seconds, so usage shown here may be that much behind too.
 
 Run it as the server's user: SQLite's files must stay writable for the server.
+Run as root, it takes on the identity of the owner of the state directory
+(the key store's directory) before it opens anything there.
 
 Exit status: 0 done, 1 the operation failed (unknown or revoked key, database
 error), 2 wrong usage or configuration.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pwd
 import sqlite3
 import sys
 from collections.abc import Sequence
@@ -102,24 +105,51 @@ def _run(args: argparse.Namespace, config: Config, db: KeyDatabase) -> None:
         print(f"{args.app_id} is revoked, replaced by {new.app_id}", file=sys.stderr)
 
 
-def _warn_if_not_owner(database: Path) -> None:
-    """Warn when the state directory is someone else's, typically the server's user.
+def _owner(database: Path) -> os.stat_result:
+    """The state directory's status, or that of its nearest existing parent."""
+    directory = database.parent.absolute()
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    return directory.stat()
 
-    The files SQLite creates (the database, its -wal and -shm files) belong
-    to whoever creates them; a server running as another user then cannot
-    write them.
+
+def _act_as_owner(database: Path) -> str | None:
+    """Make sure the files SQLite creates here (the database, its -wal and -shm)
+    belong to the state directory's owner, typically the server's user.
+
+    As root, become that owner; as anyone else, warn if it is someone else.
+    Returns why this cannot run, or None.
     """
-    try:
-        owner = database.parent.stat().st_uid
-    except FileNotFoundError:
-        return
-    if owner != os.geteuid():
+    owner = _owner(database)
+    if owner.st_uid == os.geteuid():
+        return None
+    if os.geteuid() != 0:
         print(
-            f"{PROG}: warning: {database.parent} belongs to uid {owner}, not to uid"
+            f"{PROG}: warning: {database.parent} belongs to uid {owner.st_uid}, not to uid"
             f" {os.geteuid()}; run this as the server's user (sudo -u ...) so that the"
             " files it creates stay writable for the server",
             file=sys.stderr,
         )
+        return None
+    try:
+        user: pwd.struct_passwd | None = pwd.getpwuid(owner.st_uid)
+    except KeyError:
+        user = None
+    name = user.pw_name if user is not None else f"#{owner.st_uid}"
+    try:
+        if user is not None:
+            os.initgroups(user.pw_name, user.pw_gid)
+            os.setgid(user.pw_gid)
+        else:
+            os.setgroups([])
+            os.setgid(owner.st_gid)
+        os.setuid(owner.st_uid)
+    except OSError as e:
+        return (
+            f"cannot act as {name}, the owner of {database.parent}: {e.strerror};"
+            f" run this as that user: sudo -u {name} {PROG} ..."
+        )
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -129,7 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
-    _warn_if_not_owner(Path(config.auth.database))
+    refused = _act_as_owner(Path(config.auth.database))
+    if refused is not None:
+        print(f"{PROG}: {refused}", file=sys.stderr)
+        return 1
     try:
         db = KeyDatabase(config.auth.database, create=args.command == "create")
     except KeyStoreError as e:

@@ -18,11 +18,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from twisted.plugin import getPlugins
 
 from dockmirror import plugins
 from dockmirror._interfaces import IUpstream
+from dockmirror.egress import UpstreamTLS, load_upstream_tls
+from dockmirror.forwarded import HEADERS as PROXY_HEADERS
+from dockmirror.hostnames import HostPattern, is_host_name
 from dockmirror.reference import NAME_RE
 
 EMBEDDED = "(embedded default)"
@@ -41,6 +45,10 @@ class ConfigError(Exception):
 class ServerConfig:
     listen: tuple[str, ...] = ("tcp:5000:interface=127.0.0.1",)
     public_url: str = "http://127.0.0.1:5000"
+    #: Reverse proxies (CIDRs) whose ``proxy_header`` names the client's address.
+    trusted_proxies: tuple[str, ...] = ()
+    #: The header those proxies write: "X-Forwarded-For" or "Forwarded".
+    proxy_header: str = "X-Forwarded-For"
     #: Worker processes serving the listeners: a number, or "auto" for one per usable CPU.
     workers: int | str = 1
 
@@ -130,6 +138,21 @@ class MetricsConfig:
     listen: tuple[str, ...] = ()
 
 
+#: Field metadata of a value never shown (reprs, ``--check``, the manhole).
+SECRET = {"secret": True}
+
+
+def redacted_repr(section: Any) -> str:
+    """A config dataclass's repr, with the values of its secret fields shown as ``***``."""
+
+    def shown(f: dataclasses.Field[Any]) -> str:
+        value = getattr(section, f.name)
+        return "'***'" if f.metadata.get("secret") and value is not None else repr(value)
+
+    values = ", ".join(f"{f.name}={shown(f)}" for f in dataclasses.fields(section) if f.repr)
+    return f"{type(section).__name__}({values})"
+
+
 @dataclass(frozen=True)
 class UpstreamConfig:
     plugin: str
@@ -137,8 +160,17 @@ class UpstreamConfig:
     aliases: tuple[str, ...] = ()
     hosts: tuple[str, ...] = ()
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, metadata=SECRET)
     default: bool = False
+    #: Origins of token services on other hosts that may receive the credentials.
+    token_realms: tuple[str, ...] = ()
+    #: PEM certificates trusted for this upstream, in addition to the system's.
+    ca: str | None = None
+    #: PEM certificate (and chain) and key for upstreams that require mutual TLS.
+    client_cert: str | None = None
+    client_key: str | None = None
+
+    __repr__ = redacted_repr
 
 
 @dataclass(frozen=True)
@@ -291,6 +323,8 @@ def _check(config: Config) -> None:
             raise ConfigError(f"{source}: upstreams.{name}.url must be an http(s) URL")
         if (upstream.username is None) != (upstream.password is None):
             raise ConfigError(f"{source}: upstreams.{name}: username and password go together")
+        _check_upstream_names(source, name, upstream, plugin)
+        upstream_tls(source, name, upstream)
         for host in upstream.hosts:
             if host.lower() in hosts:
                 raise ConfigError(
@@ -298,11 +332,17 @@ def _check(config: Config) -> None:
                     f" upstreams.{hosts[host.lower()]}"
                 )
             hosts[host.lower()] = name
-    for cidr in config.metrics.allow:
-        try:
-            ipaddress.ip_network(cidr, strict=False)
-        except ValueError:
-            raise ConfigError(f"{source}: metrics.allow: {cidr!r} is not a network") from None
+    for key, cidrs in (
+        ("metrics.allow", config.metrics.allow),
+        ("server.trusted_proxies", config.server.trusted_proxies),
+    ):
+        for cidr in cidrs:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ConfigError(f"{source}: {key}: {cidr!r} is not a network") from None
+    if config.server.proxy_header.lower() not in PROXY_HEADERS:
+        raise ConfigError(f'{source}: server.proxy_header must be "X-Forwarded-For" or "Forwarded"')
     workers = config.server.workers
     if workers != "auto" and not (isinstance(workers, int) and 1 <= workers <= MAX_WORKERS):
         raise ConfigError(
@@ -312,6 +352,40 @@ def _check(config: Config) -> None:
         raise ConfigError(f"{source}: server.public_url must be an http(s) URL")
     _check_cache(source, config.cache)
     _check_auth(config)
+
+
+def upstream_tls(source: str, name: str, upstream: UpstreamConfig) -> UpstreamTLS:
+    """The upstream's ``ca``, ``client_cert`` and ``client_key``, read and checked."""
+    try:
+        return load_upstream_tls(upstream.ca, upstream.client_cert, upstream.client_key)
+    except ValueError as e:
+        raise ConfigError(f"{source}: upstreams.{name}.{e}") from None
+
+
+def _check_upstream_names(source: str, name: str, upstream: UpstreamConfig, plugin: Any) -> None:
+    """Aliases, hosts, token realms and the URL are host names of the strict grammar."""
+    where = f"{source}: upstreams.{name}"
+    for key, patterns in (("aliases", upstream.aliases), ("plugin's aliases", plugin.aliases)):
+        for pattern in patterns:
+            try:
+                HostPattern.parse(pattern)
+            except ValueError as e:
+                raise ConfigError(f"{where}.{key}: {e}") from None
+    for host in upstream.hosts:
+        if not is_host_name(host.lower()):
+            raise ConfigError(
+                f"{where}.hosts: {host!r} is not a host name (labels of a-z, 0-9 and '-', no port)"
+            )
+    for realm in upstream.token_realms:
+        parts = urlsplit(realm)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/"):
+            raise ConfigError(
+                f"{where}.token_realms: {realm!r} is not an origin such as"
+                ' "https://auth.example.com"'
+            )
+    url = upstream.url
+    if url is not None and (urlsplit(url).hostname is None or urlsplit(url).username):
+        raise ConfigError(f"{where}.url: {url!r} has no host, or has credentials in it")
 
 
 def _check_cache(source: str, cache: CacheConfig) -> None:
@@ -367,6 +441,30 @@ def check_repository_prefix(prefix: str, upstreams: Iterable[str]) -> str:
             f' {", ".join(names) or "(none configured)"} (e.g. "dockerhub/library")'
         )
     return prefix
+
+
+def config_warnings(config: Config) -> list[str]:
+    """What is allowed but probably a mistake, to log at start and print at ``--check``."""
+    found = []
+    known = upstream_plugins()
+    for name, upstream in config.upstreams.items():
+        url = upstream.url or known[upstream.plugin].default_url
+        if upstream.username is not None and str(url).startswith("http://"):
+            found.append(
+                f"upstreams.{name}: credentials go to {url} over plain HTTP,"
+                " readable by anyone on the path"
+            )
+    return found
+
+
+def listeners(config: Config) -> list[tuple[str, tuple[str, ...]]]:
+    """Every endpoint string of the configuration, with its key, in the workers' order."""
+    manhole = (config.manhole.listen,) if config.manhole.listen is not None else ()
+    return [
+        ("server.listen", config.server.listen),
+        ("metrics.listen", config.metrics.listen),
+        ("manhole.listen", manhole),
+    ]
 
 
 def state_directory(config: Config) -> Path:

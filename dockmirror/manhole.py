@@ -2,7 +2,9 @@
 
 Public-key authentication only, against an OpenSSH ``authorized_keys`` file
 that is read again at each login; any user name is accepted, the key decides.
-Clients need a terminal: ``ssh -t -p 2222 admin@localhost``.
+Clients need a terminal: ``ssh -t -p 2222 admin@localhost``.  A connection
+must log in within :data:`LOGIN_TIMEOUT` seconds, and at most
+:data:`MAX_CONNECTIONS` are open at once.
 
 The namespace is a dict that :mod:`dockmirror.tap` fills (``keys``,
 ``upstreams``, ``config``, ...).  Results print with their ``repr``, a
@@ -23,11 +25,13 @@ from twisted.conch.insults import insults
 from twisted.conch.interfaces import IConchUser
 from twisted.conch.ssh import keys
 from twisted.conch.ssh.factory import SSHFactory
+from twisted.conch.ssh.transport import SSHServerTransport
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import ISSHPrivateKey
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -38,6 +42,10 @@ from dockmirror.auth.secretfile import load_or_create
 log = Logger()
 
 HOST_KEY_FILE = "manhole_host_key"
+#: Seconds a connection has to authenticate before it is closed.
+LOGIN_TIMEOUT = 30.0
+#: Connections open at once, logged in or not; more are closed at once.
+MAX_CONNECTIONS = 10
 
 
 @implementer(IAuthorizedKeysDB)
@@ -129,15 +137,64 @@ class _Realm(manhole_ssh.TerminalRealm):
         return insults.ServerProtocol(manhole.ColoredManhole, self._namespace)
 
 
+class _Transport(SSHServerTransport):
+    """An SSH server connection that is closed unless it logs in within the timeout."""
+
+    factory: _Factory
+    _login_timer: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        self.factory.connections += 1
+        self._login_timer = self.factory.clock.callLater(LOGIN_TIMEOUT, self._login_expired)
+        super().connectionMade()
+
+    def _login_expired(self) -> None:
+        self._login_timer = None
+        transport: Any = self.transport
+        log.warn(
+            "manhole: {peer} did not log in within {timeout:.0f}s; closing",
+            peer=str(transport.getPeer()),
+            timeout=LOGIN_TIMEOUT,
+        )
+        transport.abortConnection()
+
+    def setService(self, service: Any) -> None:
+        super().setService(service)
+        if service.name == b"ssh-connection" and self._login_timer is not None:
+            self._login_timer.cancel()  # logged in
+            self._login_timer = None
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.factory.connections -= 1
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+            self._login_timer = None
+        super().connectionLost(reason)
+
+
 class _Factory(SSHFactory):
-    """An SSH server factory with its own host key.
+    """An SSH server factory with its own host key, and a cap on connections.
 
     (``ConchFactory`` keeps host keys in class-level dicts shared by all.)
     """
 
-    def __init__(self, portal: Portal, host_key: keys.Key) -> None:
+    protocol = _Transport
+
+    def __init__(self, portal: Portal, host_key: keys.Key, clock: IReactorTime) -> None:
         self.portal = portal
         self._host_key = host_key
+        self.clock = clock
+        self.connections = 0
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        if self.connections >= MAX_CONNECTIONS:
+            log.warn(
+                "manhole: refusing {peer}: {limit} connections already open",
+                peer=str(addr),
+                limit=MAX_CONNECTIONS,
+            )
+            return None
+        return super().buildProtocol(addr)
 
     def getPublicKeys(self) -> dict[bytes, keys.Key]:
         return {self._host_key.sshType(): self._host_key.public()}
@@ -147,11 +204,11 @@ class _Factory(SSHFactory):
 
 
 def manhole_factory(
-    namespace: dict[str, Any], authorized_keys: Path, host_key: keys.Key
+    namespace: dict[str, Any], authorized_keys: Path, host_key: keys.Key, clock: IReactorTime
 ) -> SSHFactory:
     """An SSH server factory serving a Python prompt over *namespace*."""
     portal = Portal(_Realm(namespace), [_LoggingKeyChecker(AuthorizedKeysFile(authorized_keys))])
-    return _Factory(portal, host_key)
+    return _Factory(portal, host_key, clock)
 
 
 class KeysConsole:

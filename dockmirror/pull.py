@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -33,13 +34,20 @@ from dockmirror.cache.manifests import (
     manifest_media_type,
     references,
 )
+from dockmirror.egress import Egress
 from dockmirror.errors import STATUS, RegistryError, upstream_unavailable
 from dockmirror.metrics import Metrics
 from dockmirror.reference import HEX_LENGTH, is_digest, parse_image_reference
 from dockmirror.routing import Route, Router
 from dockmirror.shared import SingleFlight
 from dockmirror.streaming import BodyStream, Stream, StreamError
-from dockmirror.upstream import UpstreamClient, UpstreamError, discard, read_small
+from dockmirror.upstream import (
+    SMALL_BODY_LIMIT,
+    UpstreamClient,
+    UpstreamError,
+    discard,
+    read_small,
+)
 
 log = Logger()
 
@@ -107,28 +115,44 @@ def compute_digest(data: bytes, algorithm: str = "sha256") -> str:
     return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
 
 
-class Upstreams:
-    """One :class:`UpstreamClient` per upstream and base URL, sharing a pool."""
+#: Upstream clients kept: one per upstream and base URL, the most recently used.
+CLIENTS_LIMIT = 64
 
-    def __init__(self, http: Any, reactor: IReactorTime, metrics: Metrics) -> None:
-        self._http = http
+
+class Upstreams:
+    """One :class:`UpstreamClient` per upstream and base URL, over the upstream's egress.
+
+    A wildcard alias (``*.gcr.io``) names any number of hosts, so only the
+    :data:`CLIENTS_LIMIT` most recently used clients are kept.
+    """
+
+    def __init__(self, egress: dict[str, Egress], reactor: IReactorTime, metrics: Metrics) -> None:
+        self._egress = egress
         self._reactor = reactor
         self._metrics = metrics
-        self._clients: dict[tuple[str, str], UpstreamClient] = {}
+        self._clients: OrderedDict[tuple[str, str], UpstreamClient] = OrderedDict()
 
     def client(self, route: Route) -> UpstreamClient:
         key = (route.upstream.name, route.base_url)
         client = self._clients.get(key)
-        if client is None:
-            client = self._clients[key] = UpstreamClient(
-                route.upstream.name,
-                route.base_url,
-                self._http,
-                self._reactor,
-                self._metrics,
-                route.upstream.username,
-                route.upstream.password,
-            )
+        if client is not None:
+            self._clients.move_to_end(key)
+            return client
+        upstream = route.upstream
+        egress = self._egress[upstream.name]
+        client = self._clients[key] = UpstreamClient(
+            upstream.name,
+            route.base_url,
+            egress.http,
+            self._reactor,
+            self._metrics,
+            upstream.username,
+            upstream.password,
+            token_realms=upstream.token_realms,
+            trusted=egress.tls.trusted,
+        )
+        while len(self._clients) > CLIENTS_LIMIT:
+            self._clients.popitem(last=False)
         return client
 
 
@@ -179,13 +203,7 @@ class PullService:
         try:
             return await client.request(method, route.repository, path, headers, params)
         except UpstreamError as e:
-            log.warn(
-                "upstream {upstream} unreachable for {repository}: {error}",
-                upstream=route.upstream.name,
-                repository=route.repository,
-                error=str(e),
-            )
-            raise upstream_unavailable(route.upstream.name, str(e)) from e
+            raise _upstream_failed(route, e) from e
 
     def _count(self, kind: str, x_cache: str) -> None:
         counter = self._metrics.cache_misses if x_cache == MISS else self._metrics.cache_hits
@@ -337,9 +355,7 @@ class PullService:
             if length is not None:
                 headers["Content-Length"] = str(length)
             return Reply(200, headers)
-        body = await read_small(response, MANIFEST_LIMIT)
-        if len(body) >= MANIFEST_LIMIT:
-            raise upstream_unavailable(route.upstream.name, "manifest too large", 502)
+        body = await _read(route, response, MANIFEST_LIMIT)
         expected = reference if is_digest(reference) else digest
         algorithm = expected.partition(":")[0] if expected else "sha256"
         actual = compute_digest(body, algorithm if algorithm in HEX_LENGTH else "sha256")
@@ -631,7 +647,7 @@ class PullService:
         response = await self._request(route, "GET", "tags/list", params=params)
         if response.code != 200:
             raise await self._failure(route, response, "NAME_UNKNOWN", False)
-        body = await read_small(response)
+        body = await _read(route, response)
         try:
             tags = json.loads(body)["tags"] or []
             if not all(isinstance(t, str) for t in tags):
@@ -657,9 +673,14 @@ class PullService:
         self, route: Route, response: IResponse, unknown: str, head: bool
     ) -> RegistryError:
         """The error a client gets for an upstream's non-success answer."""
-        body = b"" if head else await read_small(response)
+        body = b""
         if head:
             discard(response)
+        else:
+            try:
+                body = await read_small(response)
+            except UpstreamError:
+                pass  # the status alone makes the error
         name = route.upstream.name
         code = response.code
         if code == 429 or code >= 500:
@@ -708,6 +729,25 @@ class Prefetcher:
         route = self.router.route(image.name)
         summary = await self.pull.prefetch(route, image.reference)
         return {"image": image_reference, "upstream": route.key, **summary}
+
+
+async def _read(route: Route, response: IResponse, limit: int = SMALL_BODY_LIMIT) -> bytes:
+    """A small body, whole; one over *limit* or cut short is a 502 from the upstream."""
+    try:
+        return await read_small(response, limit)
+    except UpstreamError as e:
+        raise _upstream_failed(route, e) from e
+
+
+def _upstream_failed(route: Route, error: UpstreamError) -> RegistryError:
+    """Log why an upstream failed a request; the error its client gets."""
+    log.warn(
+        "upstream {upstream} failed for {repository}: {error}",
+        upstream=route.upstream.name,
+        repository=route.repository,
+        error=str(error),
+    )
+    return upstream_unavailable(route.upstream.name, str(error), error.status)
 
 
 def _blob_headers(digest: str, x_cache: str) -> dict[str, str]:

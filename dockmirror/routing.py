@@ -1,7 +1,9 @@
 """Which upstream a request goes to, and under what repository name.
 
 The order is fixed: the Host header, containerd's ``?ns=`` parameter, a path
-prefix naming an upstream alias, then the default upstream.
+prefix naming an upstream alias, then the default upstream.  Every name a
+client gives is parsed as a host name (:mod:`dockmirror.hostnames`) before it
+is matched; an ``ns`` or ``Host`` that is not one is refused.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dockmirror.errors import RegistryError
-from dockmirror.plugins.base import alias_matches
+from dockmirror.hostnames import HostName, HostPattern, parse_host, parse_host_header
 from dockmirror.reference import check_name
 
 
@@ -21,18 +23,25 @@ class Upstream:
     name: str
     plugin: Any  # IUpstream
     url: str | None
-    aliases: tuple[str, ...]
+    aliases: tuple[HostPattern, ...]
     hosts: tuple[str, ...]
     username: str | None = None
     password: str | None = None
+    #: Token service origins on other hosts that may receive the credentials.
+    token_realms: tuple[str, ...] = ()
 
-    def matches(self, alias: str) -> bool:
-        return alias_matches(alias, self.aliases)
+    def matches(self, alias: HostName) -> bool:
+        return any(pattern.matches(alias) for pattern in self.aliases)
 
     def base_url(self, alias: str | None) -> str:
         url = self.url or self.plugin.base_url(alias)
         assert url is not None  # the config check guarantees one
         return str(url).rstrip("/")
+
+    @property
+    def configured_url(self) -> str:
+        """The URL the operator or the plugin names for this upstream."""
+        return str(self.url or self.plugin.default_url).rstrip("/")
 
     def __repr__(self) -> str:
         return f"<upstream {self.name} ({self.plugin.name}) {self.url or self.plugin.default_url}>"
@@ -60,8 +69,9 @@ class Router:
         self.default = default
         self._by_host = {h.lower(): u for u in upstreams for h in u.hosts}
 
-    def _by_alias(self, alias: str) -> Upstream | None:
-        alias = alias.lower()
+    def _by_alias(self, alias: HostName | None) -> Upstream | None:
+        if alias is None:
+            return None
         for upstream in self.upstreams:
             if upstream.matches(alias):
                 return upstream
@@ -69,22 +79,28 @@ class Router:
 
     def route(self, name: str, host: str | None = None, ns: str | None = None) -> Route:
         """Route a validated client-facing repository *name*."""
-        if host:
-            upstream = self._by_host.get(_strip_port(host))
+        if host is not None:
+            host_name = parse_host_header(host)
+            if host_name is None:
+                raise RegistryError(
+                    "NAME_UNKNOWN", "the Host header is not a host name", {"host": host[:255]}
+                )
+            upstream = self._by_host.get(host_name)
             if upstream is not None:
                 return self._route(upstream, None, name, name)
-        if ns:
-            upstream = self._by_alias(ns)
-            if upstream is None:
+        if ns is not None:
+            alias = parse_host(ns)
+            upstream = self._by_alias(alias)
+            if alias is None or upstream is None:
                 raise RegistryError(
                     "NAME_UNKNOWN",
-                    f"registry {ns[:255]} is not mirrored here",
+                    f"registry {ns[:255]!r} is not mirrored here",
                     {"ns": ns[:255]},
                 )
-            return self._route(upstream, ns.lower(), name, name, ns=ns.lower())
+            return self._route(upstream, str(alias), name, name, ns=str(alias))
         first, _, rest = name.partition("/")
         if rest:
-            upstream = self._by_alias(first)
+            upstream = self._by_alias(parse_host(first))
             if upstream is not None:
                 return self._route(upstream, first, rest, name)
         if self.default is None:
@@ -103,13 +119,6 @@ class Router:
         return Route(upstream, upstream.base_url(alias), repository, client_name, ns)
 
 
-def _strip_port(host: str) -> str:
-    host = host.strip().lower()
-    if host.startswith("["):
-        return host.partition("]")[0] + "]"
-    return host.rpartition(":")[0] if host.count(":") == 1 else host
-
-
 def build_router(config: Any, plugins: dict[str, Any]) -> Router:
     """Make the router for a validated :class:`dockmirror.config.Config`."""
     upstreams = []
@@ -120,10 +129,11 @@ def build_router(config: Any, plugins: dict[str, Any]) -> Router:
             name=name,
             plugin=plugin,
             url=u.url,
-            aliases=tuple(a.lower() for a in (*plugin.aliases, *u.aliases)),
+            aliases=tuple(HostPattern.parse(a) for a in (*plugin.aliases, *u.aliases)),
             hosts=u.hosts,
             username=u.username,
             password=u.password,
+            token_realms=(*plugin.token_realms, *u.token_realms),
         )
         upstreams.append(upstream)
         if u.default:

@@ -10,41 +10,44 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from treq.client import HTTPClient
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.defer import DeferredList
 from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import HTTPConnectionPool
 
 from dockmirror.auth.access import AccessControl
 from dockmirror.auth.keystore import KeyDatabase, KeyStore, KeyStoreError
-from dockmirror.auth.throttle import Throttle
+from dockmirror.auth.throttle import LoginThrottle
 from dockmirror.auth.tokens import TokenService, load_signing_key
 from dockmirror.cache import Cache
 from dockmirror.config import (
     Config,
     ConfigError,
     check_repository_prefix,
+    config_warnings,
+    listeners,
     load,
     state_directory,
     upstream_plugins,
+    upstream_tls,
 )
+from dockmirror.egress import upstream_egress
+from dockmirror.forwarded import ClientAddresses
 from dockmirror.health import HealthResource, directory_writable
 from dockmirror.manhole import HOST_KEY_FILE, KeysConsole, load_host_key, manhole_factory
 from dockmirror.metrics import Metrics, MetricsResource
 from dockmirror.pull import Prefetcher, PullService, Upstreams
 from dockmirror.routing import build_router
-from dockmirror.tls import CertificateReloadService, PlainHTTPFactory, tls_endpoint
+from dockmirror.tls import PlainHTTPFactory, ReloadService, tls_endpoint
 from dockmirror.web import MirrorSite, RootResource, build_root
 from dockmirror.workers import FIRST_FD, AdoptedPort, ParentWatchService, Supervisor
 
 log = Logger()
 
-#: Idle persistent connections kept per upstream host.
-POOL_PER_HOST = 16
 #: The token signing key, in the state directory.
 SIGNING_KEY_FILE = "token_signing_key.pem"
 
@@ -66,8 +69,9 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         try:
             config = self["parsed"] = load(self["config"])
-            for description in (*config.server.listen, *config.metrics.listen):
-                _endpoint(None, config, description)
+            for key, descriptions in listeners(config):
+                for description in descriptions:
+                    _endpoint(None, config, description, key)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
         if self["check"]:
@@ -76,31 +80,29 @@ class Options(usage.Options):
                 f" ({len(config.upstreams)} upstreams, listening on"
                 f" {', '.join(config.server.listen)})"
             )
+            for name, upstream in config.upstreams.items():
+                print(f"  upstreams.{name}: {upstream!r}")
+            for warning in config_warnings(config):
+                print(f"warning: {config.source}: {warning}", file=sys.stderr)
             raise SystemExit(0)
 
 
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """Upstream connections come and go; don't log each one."""
-
-    noisy = False
-
-
 class PoolService(service.Service):
-    """Closes the upstream connection pool when the mirror stops."""
+    """Closes the upstreams' connection pools when the mirror stops."""
 
-    def __init__(self, pool: HTTPConnectionPool) -> None:
-        self.pool = pool
+    def __init__(self, pools: list[HTTPConnectionPool]) -> None:
+        self.pools = pools
 
     def stopService(self) -> Any:
         super().stopService()
-        return self.pool.closeCachedConnections()
+        return DeferredList([pool.closeCachedConnections() for pool in self.pools])
 
 
-def _endpoint(reactor: Any, config: Config, description: str) -> Any:
+def _endpoint(reactor: Any, config: Config, description: str, key: str = "server.listen") -> Any:
     try:
         return tls_endpoint(reactor, description)
     except ValueError as e:
-        raise ConfigError(f"{config.source}: server.listen: {description!r}: {e}") from None
+        raise ConfigError(f"{config.source}: {key}: {description!r}: {e}") from None
 
 
 def build_access(config: Config, keys: KeyStore, metrics: Metrics, reactor: Any) -> AccessControl:
@@ -116,7 +118,7 @@ def build_access(config: Config, keys: KeyStore, metrics: Metrics, reactor: Any)
     return AccessControl(
         keys,
         tokens,
-        Throttle(reactor),
+        LoginThrottle(reactor),
         metrics,
         realm=f"{public_url}/docker-auth/token",
         anonymous_repos=config.auth.anonymous_repos,
@@ -125,14 +127,22 @@ def build_access(config: Config, keys: KeyStore, metrics: Metrics, reactor: Any)
 
 def build_service(config: Config, reactor: Any, worker: int | None = None) -> service.MultiService:
     """The mirror, or as worker *worker* of a supervisor, serving inherited sockets."""
+    if not worker:  # the first worker speaks for the service
+        for warning in config_warnings(config):
+            log.warn("{source}: {warning}", source=config.source, warning=warning)
     router = build_router(config, upstream_plugins())
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool._factory = _QuietClientFactory
-    pool.maxPersistentPerHost = POOL_PER_HOST
-    http = HTTPClient(Agent(reactor, connectTimeout=30, pool=pool))
+    egress = {
+        u.name: upstream_egress(
+            reactor,
+            u.name,
+            u.configured_url,
+            upstream_tls(config.source, u.name, config.upstreams[u.name]),
+        )
+        for u in router.upstreams
+    }
     metrics = Metrics()
     cache = Cache(config.cache, reactor, metrics, shared=worker is not None)
-    pull = PullService(Upstreams(http, reactor, metrics), reactor, metrics, cache)
+    pull = PullService(Upstreams(egress, reactor, metrics), reactor, metrics, cache)
     cache.prefetcher = Prefetcher(router, pull)
     top = service.MultiService()
     # Started first: it recovers the cache from disk before any request is served.
@@ -146,7 +156,8 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
         {"cache_directory": directory_writable(config.cache.directory), "key_store": keys.check}
     )
     root.putChild(b"healthz", health)
-    site = MirrorSite(root, metrics)
+    clients = ClientAddresses(config.server.trusted_proxies, config.server.proxy_header)
+    site = MirrorSite(root, metrics, clients)
     certificates = []
     inherited = itertools.count(FIRST_FD)
 
@@ -174,12 +185,11 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
         operations = RootResource()
         operations.putChild(b"metrics", metrics_resource)
         operations.putChild(b"healthz", health)
-        listen(config.metrics.listen, MirrorSite(operations, metrics))
+        listen(config.metrics.listen, MirrorSite(operations, metrics, clients))
     else:
         root.putChild(b"metrics", metrics_resource)
-    if certificates:
-        CertificateReloadService(reactor, certificates).setServiceParent(top)
-    PoolService(pool).setServiceParent(top)
+    ReloadService(reactor, certificates).setServiceParent(top)
+    PoolService([e.pool for e in egress.values()]).setServiceParent(top)
     namespace: dict[str, Any] = {
         "keys": KeysConsole(keys, partial(check_repository_prefix, upstreams=config.upstreams)),
         "upstreams": {upstream.name: upstream for upstream in router.upstreams},
@@ -192,6 +202,7 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
             namespace,
             Path(config.manhole.authorized_keys),
             load_host_key(state_directory(config) / HOST_KEY_FILE),
+            reactor,
         )
         serve(config.manhole.listen, factory)
     if worker is not None:

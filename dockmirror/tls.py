@@ -4,9 +4,10 @@
 swapped for one that re-reads the key and certificate files when they change
 on disk (as a certbot renewal does) or on SIGHUP.  Old-style context
 factories are asked for a context on every connection, so a new certificate
-takes effect for the next connection.  Only TLS 1.2 and later are offered,
-with Twisted's default modern cipher list, and the certificate file may hold
-the whole chain (``fullchain.pem``).
+takes effect for the next connection.  Only TLS 1.2 and later are offered;
+TLS 1.2 only with ECDHE key exchange and AES-GCM or ChaCha20-Poly1305 (every
+TLS 1.3 suite is of that kind), and the certificate file may hold the whole
+chain (``fullchain.pem``).
 """
 
 from __future__ import annotations
@@ -16,10 +17,14 @@ import re
 import signal
 from typing import Any
 
-from OpenSSL import SSL
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL, crypto
 from twisted.application.service import Service
 from twisted.internet import ssl
 from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
+from twisted.internet.error import VerifyError
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
@@ -28,6 +33,12 @@ log = Logger()
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 #: Seconds between checks of the files on disk.
 CHECK_INTERVAL = 5.0
+#: TLS 1.2 cipher suites offered: forward secrecy and AEAD only.
+CIPHERS = ssl.AcceptableCiphers.fromOpenSSLCipherString(
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
 
 
 def endpoint_options(description: str) -> dict[str, str]:
@@ -68,25 +79,31 @@ class ReloadingContextFactory:
         return stamps
 
     def _load(self) -> SSL.Context:
+        """A context for the files as they are now; ValueError naming the file if unusable."""
         self._stamp = self._stat()
-        with open(self._certificate, "rb") as f:
-            certs = _PEM_CERT.findall(f.read())
+        chain = _certificates(self._certificate)
         if self._extra_chain:
-            with open(self._extra_chain, "rb") as f:
-                certs += _PEM_CERT.findall(f.read())
-        if not certs:
-            raise ValueError(f"{self._certificate}: no PEM certificate found")
+            chain += _certificates(self._extra_chain)
         with open(self._private_key, "rb") as f:
-            leaf = ssl.PrivateCertificate.loadPEM(certs[0] + b"\n" + f.read())
-        options = ssl.CertificateOptions(
-            privateKey=leaf.privateKey.original,
-            certificate=leaf.original,
-            extraCertChain=[ssl.Certificate.loadPEM(c).original for c in certs[1:]],
-            raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-        )
-        context = options.getContext()
-        context.check_privatekey()
-        return context
+            data = f.read()
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+            raise ValueError(f"{self._private_key}: not a usable PEM private key ({e})") from None
+        try:
+            options = ssl.CertificateOptions(
+                privateKey=crypto.PKey.from_cryptography_key(key),  # type: ignore[arg-type]
+                certificate=chain[0],
+                extraCertChain=chain[1:],
+                raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+                acceptableCiphers=CIPHERS,
+            )
+            return options.getContext()
+        except (VerifyError, SSL.Error, crypto.Error, TypeError) as e:
+            raise ValueError(
+                f"{self._private_key}: the private key does not match the certificate"
+                f" in {self._certificate} ({e})"
+            ) from None
 
     def reload(self) -> bool:
         """Re-read the files; on failure keep serving the old certificate."""
@@ -115,28 +132,43 @@ class ReloadingContextFactory:
         return self._context
 
 
+def _certificates(path: str) -> list[crypto.X509]:
+    """The PEM certificates in *path*, in order; ValueError naming the file."""
+    with open(path, "rb") as f:
+        found = _PEM_CERT.findall(f.read())
+    if not found:
+        raise ValueError(f"{path}: no PEM certificate found")
+    try:
+        return [crypto.X509.from_cryptography(x509.load_pem_x509_certificate(c)) for c in found]
+    except ValueError as e:
+        raise ValueError(f"{path}: malformed certificate ({e})") from None
+
+
 def tls_endpoint(reactor: Any, description: str) -> tuple[Any, ReloadingContextFactory | None]:
     """The endpoint for *description*, with a reloading factory for ``ssl:``.
 
     Raises ValueError for a description or certificate that cannot be used.
     """
+    factory = None
+    if description.split(":", 1)[0].strip().lower() == "ssl":
+        # The files are checked here first, for a message that names the file.
+        options = endpoint_options(description)
+        private_key = options.get("privateKey", "server.pem")
+        try:
+            factory = ReloadingContextFactory(
+                private_key,
+                options.get("certKey", private_key),
+                options.get("extraCertChain"),
+                clock=reactor,
+            )
+        except OSError as e:
+            raise ValueError(f"{e.filename}: {e.strerror}") from e
     try:
         endpoint = serverFromString(reactor, description)
-    except (ValueError, TypeError, KeyError, OSError, SSL.Error) as e:
+    except (ValueError, TypeError, KeyError, OSError, SSL.Error, crypto.Error) as e:
         raise ValueError(str(e) or type(e).__name__) from e
-    if not isinstance(endpoint, SSL4ServerEndpoint):
+    if not isinstance(endpoint, SSL4ServerEndpoint) or factory is None:
         return endpoint, None
-    options = endpoint_options(description)
-    private_key = options.get("privateKey", "server.pem")
-    try:
-        factory = ReloadingContextFactory(
-            private_key,
-            options.get("certKey", private_key),
-            options.get("extraCertChain"),
-            clock=reactor,
-        )
-    except (OSError, SSL.Error) as e:
-        raise ValueError(str(e)) from e
     endpoint._sslContextFactory = factory
     return endpoint, factory
 
@@ -175,8 +207,12 @@ class PlainHTTPFactory(WrappingFactory):
     noisy = False
 
 
-class CertificateReloadService(Service):
-    """Reloads every TLS certificate on SIGHUP."""
+class ReloadService(Service):
+    """Handles SIGHUP: reloads every TLS certificate, or logs that there is none.
+
+    SIGHUP is what ``systemctl reload`` sends; left to its default it would
+    end the process.
+    """
 
     def __init__(self, reactor: Any, factories: list[ReloadingContextFactory]) -> None:
         self._reactor = reactor
@@ -193,6 +229,13 @@ class CertificateReloadService(Service):
             signal.signal(signal.SIGHUP, self._previous)
 
     def _hangup(self, signum: int, frame: Any) -> None:
+        self._reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        """Reload what can be reloaded."""
+        if not self.factories:
+            log.info("SIGHUP: nothing to reload (no TLS listener)")
+            return
         log.info("SIGHUP: reloading TLS certificates")
         for factory in self.factories:
-            self._reactor.callFromThread(factory.reload)
+            factory.reload()

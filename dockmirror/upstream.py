@@ -9,12 +9,11 @@ Tokens are cached per realm, service and scope until shortly before they expire.
 from __future__ import annotations
 
 import base64
-import ipaddress
 import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import treq
 from twisted.internet import defer
@@ -32,8 +31,10 @@ from twisted.web.client import (
     ResponseNeverReceived,
 )
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
+from dockmirror.egress import DisallowedAddress, tls_failure
+from dockmirror.hostnames import parse_host_header
 from dockmirror.metrics import Metrics
 
 log = Logger()
@@ -44,6 +45,9 @@ HEADERS_TIMEOUT = 60.0
 SMALL_BODY_LIMIT = 1 << 20
 #: A token is dropped this many seconds before the upstream says it expires.
 TOKEN_MARGIN = 10.0
+#: Redirects followed for one request.
+MAX_REDIRECTS = 5
+_REDIRECTS = (301, 302, 303, 307, 308)
 
 
 # --- WWW-Authenticate ------------------------------------------------------
@@ -99,31 +103,30 @@ def parse_www_authenticate(values: list[str]) -> list[Challenge]:
 # --- credentials -------------------------------------------------------------
 
 
-def registrable_domain(host: str) -> str:
-    """The last two labels of a DNS name (the whole of an IP address or single label).
-
-    This is the usual approximation of the registrable domain: it treats
-    ``docker.io`` as the domain of ``auth.docker.io`` and ``registry-1.docker.io``.
-    """
-    host = host.lower().rstrip(".")
+def _origin(url: str) -> tuple[str, str, int | None] | None:
+    parts = urlsplit(url)
     try:
-        ipaddress.ip_address(host.strip("[]"))
-        return host
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
     except ValueError:
-        return ".".join(host.split(".")[-2:])
+        return None
+    return parts.scheme, (parts.hostname or "").lower(), port
 
 
-def may_send_credentials(realm: str, registry_url: str) -> bool:
-    """Credentials go only to the registry's own host or its registrable domain."""
-    realm_parts, registry_parts = urlsplit(realm), urlsplit(registry_url)
-    realm_host = realm_parts.hostname or ""
-    registry_host = registry_parts.hostname or ""
-    if realm_parts.scheme == "http" and registry_parts.scheme == "https":
+def may_send_credentials(realm: str, registry_url: str, token_realms: tuple[str, ...] = ()) -> bool:
+    """Credentials go to the registry's own host, or to a token service origin listed for it.
+
+    The list is the plugin's (Docker Hub's ``https://auth.docker.io``) and the
+    operator's ``token_realms``.  No guess from domain names is made: tenants
+    of a shared registry domain (``*.azurecr.io``) are different parties.
+    """
+    realm_origin, registry_origin = _origin(realm), _origin(registry_url)
+    if realm_origin is None or registry_origin is None or not realm_origin[1]:
         return False
-    return realm_host == registry_host or (
-        registrable_domain(realm_host) == registrable_domain(registry_host)
-        and "." in registrable_domain(realm_host)
-    )
+    if realm_origin[0] == "http" and registry_origin[0] == "https":
+        return False
+    if realm_origin[1] == registry_origin[1]:
+        return True
+    return realm_origin in {_origin(r) for r in token_realms}
 
 
 def basic_authorization(username: str, password: str) -> str:
@@ -131,11 +134,20 @@ def basic_authorization(username: str, password: str) -> str:
     return "Basic " + base64.b64encode(pair).decode("ascii")
 
 
+class _TooLarge(Exception):
+    pass
+
+
 async def read_small(response: IResponse, limit: int = SMALL_BODY_LIMIT) -> bytes:
-    """Read a body expected to be small; a larger one is cut off at *limit*."""
-    if response.length is not None and response.length != -1 and response.length > limit:
-        response.deliverBody(_Discard())
-        return b""
+    """Read a body expected to be small, whole.
+
+    A body over *limit* bytes (declared or counted) or cut short raises
+    :class:`UpstreamError`: a partial body is never taken for the whole one.
+    """
+    if response.length is not None and response.length != UNKNOWN_LENGTH:
+        if response.length > limit:
+            discard(response)
+            raise UpstreamError(f"body of {response.length} bytes, over the {limit} allowed", 502)
     parts: list[bytes] = []
     size = 0
 
@@ -143,13 +155,15 @@ async def read_small(response: IResponse, limit: int = SMALL_BODY_LIMIT) -> byte
         nonlocal size
         size += len(data)
         if size > limit:
-            raise ValueError("body too large")
+            raise _TooLarge()
         parts.append(data)
 
     try:
         await treq.collect(response, collect)
-    except ResponseFailed:
-        pass
+    except _TooLarge:
+        raise UpstreamError(f"body over the {limit} bytes allowed", 502) from None
+    except ResponseFailed as e:
+        raise UpstreamError("body cut short: " + _describe(e), 502) from e
     return b"".join(parts)
 
 
@@ -175,11 +189,21 @@ def discard(response: IResponse) -> None:
 
 
 class UpstreamError(Exception):
-    """The upstream could not be reached."""
+    """The upstream could not be reached (503), or answered unusably (502)."""
+
+    def __init__(self, message: str, status: int = 503) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class UpstreamClient:
-    """Requests to one upstream registry base URL, with its authentication."""
+    """Requests to one upstream registry base URL, with its authentication.
+
+    Redirects are followed here, at most :data:`MAX_REDIRECTS`, to https
+    only (http too when the base URL is http); ``Authorization`` is dropped
+    at the first hop to another origin.  Where a connection may go is
+    checked when it is made (:mod:`dockmirror.egress`).
+    """
 
     def __init__(
         self,
@@ -190,6 +214,9 @@ class UpstreamClient:
         metrics: Metrics,
         username: str | None = None,
         password: str | None = None,
+        *,
+        token_realms: tuple[str, ...] = (),
+        trusted: str = "the system's CAs",
     ) -> None:
         self.name = name
         self._metrics = metrics
@@ -198,6 +225,9 @@ class UpstreamClient:
         self._reactor = reactor
         self._username = username
         self._password = password
+        self._token_realms = token_realms
+        self._trusted = trusted
+        self._schemes = ("http", "https") if self.base_url.startswith("http:") else ("https",)
         self._challenge: Challenge | None = None
         self._tokens: dict[tuple[str, str, str], tuple[str, float]] = {}
 
@@ -248,7 +278,58 @@ class UpstreamClient:
             h.setRawHeaders(k, [v])
         if authorization:
             h.setRawHeaders("Authorization", [authorization])
-        d = self._http.request(method, url, headers=h, params=params, unbuffered=True)
+        hops = 0
+        while True:
+            response = await self._send_once(method, url, h, params)
+            location = response.headers.getRawHeaders("location")
+            if response.code not in _REDIRECTS or not location:
+                return response
+            discard(response)
+            if hops == MAX_REDIRECTS:
+                self._metrics.upstream_errors.labels(self.name, "redirect").inc()
+                raise UpstreamError(f"more than {MAX_REDIRECTS} redirects", 502)
+            hops += 1
+            target = self.check_url(urljoin(url, location[0].strip()), "redirect")
+            if _origin(target) != _origin(url):
+                h.removeHeader("Authorization")
+            log.debug(
+                "{upstream}: {url} redirects to {target}",
+                upstream=self.name,
+                url=url,
+                target=target,
+            )
+            url, params = target, None
+
+    def check_url(self, url: str, what: str) -> str:
+        """*url* if an upstream may send the mirror there (scheme and host grammar only)."""
+        parts = urlsplit(url)
+        ok = (
+            parts.scheme in self._schemes
+            and "@" not in parts.netloc
+            and parse_host_header(parts.netloc) is not None
+            and not any(c <= " " or c == "\x7f" for c in url)
+        )
+        if not ok:
+            self._metrics.upstream_errors.labels(self.name, "redirect").inc()
+            where = f"{parts.scheme}://{parts.netloc}"[:200]
+            raise UpstreamError(
+                f"{what} to {where!r} refused: only {' or '.join(self._schemes)}"
+                " URLs with a host name or address",
+                502,
+            )
+        return urlunsplit((parts.scheme, parts.netloc, parts.path, parts.query, ""))
+
+    async def _send_once(
+        self, method: str, url: str, headers: Headers, params: list[tuple[str, str]] | None
+    ) -> IResponse:
+        d = self._http.request(
+            method,
+            url,
+            headers=headers,
+            params=params,
+            unbuffered=True,
+            allow_redirects=False,
+        )
         d.addTimeout(HEADERS_TIMEOUT, self._reactor)
         started = self._reactor.seconds()
         try:
@@ -256,6 +337,10 @@ class UpstreamClient:
         except defer.TimeoutError as e:
             self._metrics.upstream_errors.labels(self.name, "timeout").inc()
             raise UpstreamError(f"no response within {HEADERS_TIMEOUT:.0f}s") from e
+        except DisallowedAddress as e:
+            self._metrics.upstream_errors.labels(self.name, "refused").inc()
+            log.warn("{upstream}: {error}", upstream=self.name, error=str(e))
+            raise UpstreamError(str(e), 502) from e
         except (
             ConnectError,
             ConnectingCancelledError,
@@ -265,6 +350,20 @@ class UpstreamClient:
             ResponseNeverReceived,
             RequestTransmissionFailed,
         ) as e:
+            tls = tls_failure(e)
+            if tls is not None:
+                self._metrics.upstream_errors.labels(self.name, "tls").inc()
+                host = urlsplit(url).netloc
+                log.error(
+                    "{upstream}: TLS to {host} failed: {reason} (trusting {trusted})",
+                    upstream=self.name,
+                    host=host,
+                    reason=tls,
+                    trusted=self._trusted,
+                )
+                raise UpstreamError(
+                    f"TLS to {host} failed: {tls} (trusting {self._trusted})", 502
+                ) from e
             self._metrics.upstream_errors.labels(self.name, "unreachable").inc()
             raise UpstreamError(_describe(e)) from e
         self._metrics.upstream_latency.labels(self.name).observe(self._reactor.seconds() - started)
@@ -316,14 +415,16 @@ class UpstreamClient:
         params = [("scope", scope)]
         if service:
             params.insert(0, ("service", service))
+        realm = self.check_url(realm, "token realm")
         headers: dict[str, str] = {}
         if self._username is not None and self._password is not None:
-            if may_send_credentials(realm, self.base_url):
+            if may_send_credentials(realm, self.base_url, self._token_realms):
                 headers["Authorization"] = basic_authorization(self._username, self._password)
                 params.append(("account", self._username))
             else:
                 log.warn(
-                    "not sending {upstream} credentials to token realm {realm} on another domain",
+                    "not sending {upstream} credentials to token realm {realm}: not the"
+                    " registry's host nor one of its token_realms",
                     upstream=self.name,
                     realm=realm,
                 )

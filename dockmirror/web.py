@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 import time
 from typing import Any
+from urllib.parse import parse_qs, unquote_plus
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from dockmirror.auth.access import AccessControl, Credentials, Principal, parse_authorization
 from dockmirror.errors import RegistryError
+from dockmirror.forwarded import ClientAddresses
 from dockmirror.metrics import Metrics
 from dockmirror.pull import PullService, Reply
 from dockmirror.reference import parse_v2_path
@@ -28,6 +32,24 @@ API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
 def _arg(request: Request, name: bytes) -> str | None:
     values = (request.args or {}).get(name)
     return values[0].decode("utf-8", "replace") if values else None
+
+
+#: Query parameters whose values never reach the log.
+SECRET_PARAMETERS = frozenset(
+    {"password", "refresh_token", "client_secret", "access_token", "token", "api_key", "apikey"}
+)
+
+
+def loggable_uri(uri: bytes) -> str:
+    """*uri* for the log, with the values of credential-bearing parameters as ``***``."""
+    path, question, query = uri.decode("ascii", "replace").partition("?")
+    pairs = []
+    for pair in query.split("&") if question else ():
+        name, eq, _ = pair.partition("=")
+        if eq and unquote_plus(name).strip().lower() in SECRET_PARAMETERS:
+            pair = f"{name}=***"
+        pairs.append(pair)
+    return (path + question + "&".join(pairs))[:500]
 
 
 def _range(request: Request, digest: str) -> str | None:
@@ -84,7 +106,7 @@ class AsyncResource(Resource):
             )
             request.loseConnection()
         else:
-            log.failure("unexpected error serving {uri}", failure, uri=request.uri)
+            log.failure("unexpected error serving {uri}", failure, uri=loggable_uri(request.uri))
             write_error(request, RegistryError("UNKNOWN", "internal error", status=500))
 
 
@@ -112,18 +134,37 @@ async def send_reply(request: Request, reply: Reply) -> None:
     request.finish()
 
 
+#: Route label values of ``dockmirror_http_requests_total``; anything else is ``other``.
+ROUTES = ("base", "manifest", "blob", "tags", "token", "metrics", "healthz", "other")
+#: Method label values; any other method is counted as ``other``.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_TOP_ROUTES = {
+    (b"docker-auth", b"token"): "token",
+    (b"metrics",): "metrics",
+    (b"healthz",): "healthz",
+}
+
+
 def route_label(path: bytes) -> str:
-    """A low-cardinality name for what a request path is about."""
-    parts = path.split(b"?", 1)[0].rstrip(b"/").split(b"/")
-    if len(parts) < 2 or parts[1] != b"v2":
-        return parts[1].decode("ascii", "replace")[:20] if len(parts) > 1 else "root"
-    if len(parts) == 2:
+    """What a request path is about, as one of :data:`ROUTES`; the client picks none of it."""
+    parts = path.split(b"?", 1)[0].rstrip(b"/").split(b"/")[1:]
+    if parts[:1] != [b"v2"]:
+        return _TOP_ROUTES.get(tuple(parts), "other")
+    if len(parts) == 1:
         return "base"
-    if len(parts) >= 4 and parts[-2] in (b"manifests", b"blobs"):
-        return parts[-2].decode()
-    if parts[-2:] == [b"tags", b"list"]:
+    if len(parts) >= 4 and parts[-2] == b"manifests":
+        return "manifest"
+    if len(parts) >= 4 and parts[-2] == b"blobs":
+        return "blob"
+    if len(parts) >= 4 and parts[-2:] == [b"tags", b"list"]:
         return "tags"
     return "other"
+
+
+def method_label(method: bytes) -> str:
+    """The request method as one of :data:`METHODS`, or ``other``."""
+    name = method.decode("latin-1")
+    return name if name in METHODS else "other"
 
 
 #: The largest request body read: only the token endpoint's POST form has one.
@@ -140,6 +181,23 @@ class MirrorRequest(Request):
         self.key_id: str | None = None
         self._body_size = 0
         self._refused = False
+        self._client: IAddress | None = None
+
+    def getClientAddress(self) -> IAddress:
+        """The client's address: a trusted proxy's peer is replaced by whom it forwards."""
+        if self._client is None:
+            peer = super().getClientAddress()
+            site = getattr(self, "site", None)
+            host = getattr(peer, "host", None)
+            if not isinstance(site, MirrorSite) or not isinstance(host, str):
+                return peer
+            client = site.clients.client(host, self.requestHeaders)
+            if client == host:
+                self._client = peer
+            else:
+                kind = IPv6Address if ":" in client else IPv4Address
+                self._client = kind("TCP", client, 0)
+        return self._client
 
     def gotLength(self, length: int | None) -> None:
         super().gotLength(length)
@@ -187,10 +245,13 @@ class MirrorSite(Site):
     requestFactory = MirrorRequest
     noisy = False
 
-    def __init__(self, resource: Resource, metrics: Metrics) -> None:
+    def __init__(
+        self, resource: Resource, metrics: Metrics, clients: ClientAddresses | None = None
+    ) -> None:
         super().__init__(resource)
         self.displayTracebacks = False
         self.metrics = metrics
+        self.clients = clients if clients is not None else ClientAddresses()
 
     def acceptableProtocols(self) -> list[bytes]:
         """Only HTTP/1.1 over ALPN, even where the ``h2`` package is installed.
@@ -206,7 +267,9 @@ class MirrorSite(Site):
 
     def record(self, request: Request, status: str) -> None:
         method = request.method.decode("ascii", "replace")[:10]
-        self.metrics.requests.labels(route_label(request.uri), method, status).inc()
+        self.metrics.requests.labels(
+            route_label(request.uri), method_label(request.method), status
+        ).inc()
         x_cache = request.responseHeaders.getRawHeaders("x-cache", [None])[0]
         duration = time.monotonic() - getattr(request, "started", time.monotonic())
         access_log.info(
@@ -215,7 +278,7 @@ class MirrorSite(Site):
             client=getattr(request.getClientAddress(), "host", "-"),
             key=getattr(request, "key_id", None) or "-",
             method=method,
-            uri=request.uri.decode("ascii", "replace")[:500],
+            uri=loggable_uri(request.uri),
             status=status,
             bytes=request.sentLength,
             duration=duration,
@@ -300,7 +363,8 @@ class TokenResource(AsyncResource):
     ``GET`` takes the key as Basic credentials with ``service`` and ``scope``
     parameters (``offline_token`` and ``account`` are accepted and ignored: no
     refresh tokens are issued, the apiKey is the long-lived credential).
-    ``POST`` takes the OAuth2 password grant form that containerd sends.
+    ``POST`` takes the OAuth2 password grant form that containerd sends, from
+    the request body only: a query string ends up in logs along the way.
     """
 
     def __init__(self, access: AccessControl) -> None:
@@ -309,32 +373,63 @@ class TokenResource(AsyncResource):
 
     async def serve(self, request: Request) -> None:
         if request.method == b"GET":
+            params = _parameters(request.uri.partition(b"?")[2])
             credentials = parse_authorization(request.getHeader("authorization"))
             if credentials is not None and credentials.scheme != "basic":
                 credentials = None
         elif request.method == b"POST":
-            grant = _arg(request, b"grant_type")
+            params = _form(request)
+            grant = _first(params, "grant_type")
             if grant != "password":
                 raise RegistryError(
                     "UNSUPPORTED",
-                    "only the password grant is supported",
+                    "only the password grant is supported, in a form body",
                     {"grant_type": (grant or "")[:40]},
                     status=400,
                 )
             credentials = Credentials(
-                "basic", _arg(request, b"username") or "", _arg(request, b"password") or ""
+                "basic", _first(params, "username") or "", _first(params, "password") or ""
             )
         else:
             raise RegistryError(
                 "UNSUPPORTED", "use GET or POST", status=405, headers={"Allow": "GET, POST"}
             )
-        scopes = [v.decode("utf-8", "replace") for v in (request.args or {}).get(b"scope", [])]
         principal, body = await self.access.issue(
-            credentials, _client_host(request), _arg(request, b"service"), scopes
+            credentials, _client_host(request), _first(params, "service"), params.get("scope", [])
         )
         _count_usage(request, self.access, principal)
         headers = {"Content-Type": "application/json", "Cache-Control": "no-store"}
         send_body(request, Reply(200, headers, json.dumps(body).encode()))
+
+
+#: Form or query fields read at most.
+MAX_FIELDS = 100
+
+
+def _parameters(encoded: bytes) -> dict[str, list[str]]:
+    """URL-encoded ``name=value`` pairs; a malformed or oversized set is a 400."""
+    try:
+        return parse_qs(
+            encoded.decode("utf-8"),
+            keep_blank_values=True,
+            max_num_fields=MAX_FIELDS,
+        )
+    except (UnicodeDecodeError, ValueError):
+        raise RegistryError("UNSUPPORTED", "malformed form or query", status=400) from None
+
+
+def _form(request: Request) -> dict[str, list[str]]:
+    """The fields of an ``application/x-www-form-urlencoded`` request body."""
+    kind = (request.getHeader("content-type") or "").partition(";")[0].strip().lower()
+    if kind != "application/x-www-form-urlencoded" or request.content is None:
+        return {}
+    request.content.seek(0)
+    return _parameters(request.content.read())
+
+
+def _first(params: dict[str, list[str]], name: str) -> str | None:
+    values = params.get(name)
+    return values[0] if values else None
 
 
 class RootResource(Resource):

@@ -5,7 +5,7 @@ With ``[server] workers = N`` above 1, ``twistd dockmirror`` runs a
 needs the capability only at start, and all workers share one accept queue
 per listener) and spawns N copies of itself in worker mode, each handed the
 listening sockets as file descriptors 3, 4, ... in the order of
-:func:`listeners` and adopting them with ``reactor.adoptStreamPort``.  The
+:func:`inherited` and adopting them with ``reactor.adoptStreamPort``.  The
 kernel spreads connections over the workers that accept.
 
 The supervisor restarts a worker that dies, after a growing delay, forwards
@@ -32,7 +32,7 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from dockmirror.config import EMBEDDED, Config
+from dockmirror.config import EMBEDDED, Config, listeners
 from dockmirror.coordination import USAGE_FILE
 from dockmirror.metrics import MULTIPROCESS_DIRECTORY, mark_worker_dead
 from dockmirror.tls import tls_endpoint
@@ -53,10 +53,9 @@ _SUPERVISOR_ONLY = ("--pidfile", "--logfile", "-l", "--nodaemon", "-n", "--syslo
 _FLAGS = ("--nodaemon", "-n", "--syslog")
 
 
-def listeners(config: Config) -> list[str]:
+def inherited(config: Config) -> list[str]:
     """Every listening endpoint string, in the order workers inherit them."""
-    manhole = [config.manhole.listen] if config.manhole.listen is not None else []
-    return [*config.server.listen, *config.metrics.listen, *manhole]
+    return [d for _, descriptions in listeners(config) for d in descriptions]
 
 
 class _Refuse(protocol.Factory):
@@ -133,7 +132,7 @@ class Supervisor(service.Service):
     def _bind(self) -> None:
         if self._ports:
             return
-        for description in listeners(self.config):
+        for description in inherited(self.config):
             endpoint, _ = tls_endpoint(self._reactor, description)
             results: list[Any] = []
             endpoint.listen(_Refuse()).addBoth(results.append)
@@ -236,9 +235,9 @@ class AdoptedPort(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        inherited = socket.socket(fileno=self.fd)
-        family = inherited.family
-        inherited.detach()
+        sock = socket.socket(fileno=self.fd)
+        family = sock.family
+        sock.detach()
         self.port = self._reactor.adoptStreamPort(self.fd, family, self.factory)
         os.close(self.fd)  # the port holds its own copy
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from twisted.logger import Logger
 
 from dockmirror.auth.keystore import KeyStore, KeyStoreError
-from dockmirror.auth.throttle import Throttle, client_subject
+from dockmirror.auth.throttle import LoginThrottle
 from dockmirror.auth.tokens import InvalidToken, TokenService, requested_repositories
 from dockmirror.errors import RegistryError
 from dockmirror.metrics import Metrics
@@ -52,7 +52,7 @@ class Credentials:
 
     scheme: str  # "basic" or "bearer"
     username: str = ""
-    secret: str = ""
+    secret: str = field(default="", repr=False)
 
 
 def parse_authorization(header: str | None) -> Credentials | None:
@@ -87,7 +87,7 @@ class AccessControl:
         self,
         keys: KeyStore,
         tokens: TokenService,
-        throttle: Throttle,
+        throttle: LoginThrottle,
         metrics: Metrics,
         realm: str,
         anonymous_repos: Sequence[str] = (),
@@ -106,10 +106,9 @@ class AccessControl:
     async def login(self, username: str, password: str, client: str) -> Principal | None:
         """The key's principal if *username*:*password* is a valid appId:apiKey.
 
-        Raises TOOMANYREQUESTS while the client or the appId is throttled.
+        Raises TOOMANYREQUESTS while *client* is throttled, for its own failures.
         """
-        subjects = (client_subject(client), f"appId {username[:80]!r}")
-        wait = self.throttle.retry_after(*subjects)
+        wait = self.throttle.retry_after(username, client)
         if wait is not None:
             self._metrics.auth.labels("throttled").inc()
             raise RegistryError(
@@ -125,7 +124,7 @@ class AccessControl:
             raise RegistryError("UNAVAILABLE", "the key store is unavailable", status=503) from e
         if key is None:
             self._metrics.auth.labels("failure").inc()
-            self.throttle.failed(*subjects)
+            self.throttle.failed(username, client)
             log.info("failed login as {app_id} from {client}", app_id=username[:80], client=client)
             return None
         self._metrics.auth.labels("success").inc()

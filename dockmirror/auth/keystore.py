@@ -438,17 +438,22 @@ class KeyStore(service.Service):
         return Deferred.fromCoroutine(self._flush())
 
     async def _flush(self) -> None:
+        """Never fails: an error is logged and the usage kept for the next flush,
+        so that the loop (and with it revocations reaching tokens) goes on."""
         pending, self._pending = self._pending, {}
         try:
             if pending:
                 await self._run(self._db.add_usage, pending)
+                pending = {}
             self.revoked = await self._run(self._db.revoked_ids)
         except KeyStoreError as e:
             log.error("cannot write key usage: {error}", error=str(e))
-            for app_id, usage in pending.items():
-                self._pending.setdefault(app_id, Usage()).add(
-                    usage.requests, usage.bytes, usage.last_used
-                )
+        except Exception:  # noqa: BLE001 - logged; the loop must go on
+            log.failure("unexpected error writing key usage")
+        for app_id, usage in pending.items():
+            self._pending.setdefault(app_id, Usage()).add(
+                usage.requests, usage.bytes, usage.last_used
+            )
 
     async def check(self) -> bool | str:
         """For ``/healthz``: True while the database answers a query."""

@@ -1,4 +1,10 @@
-"""Throttling of repeated login failures."""
+"""Throttling of repeated login failures.
+
+appIds are not secret (they are in logs and in clients' config files), so a
+failure counts against the address it came from, never against the key
+alone: an attacker who knows a victim's appId throttles their own address,
+not the victim.  See :class:`LoginThrottle`.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +20,14 @@ log = Logger()
 #: Failures allowed within the window; further attempts are refused.
 LIMIT = 10
 WINDOW = 60.0
-#: Subjects (networks, appIds) tracked at most; the least recently failed go first.
+#: Subjects tracked at most per kind; the least recently failed go first.
 MAX_TRACKED = 100_000
+#: Failures from one address (an IPv6 /64), whatever the appIds.
+ADDRESS_LIMIT = 30
+#: Failures for one appId from all addresses: reached only by many addresses at once.
+APP_ID_CEILING = 300
+#: appIds tracked at most for the ceiling.
+MAX_APP_IDS = 10_000
 
 
 def client_subject(host: str) -> str:
@@ -45,8 +57,10 @@ class Throttle:
         limit: int = LIMIT,
         window: float = WINDOW,
         max_tracked: int = MAX_TRACKED,
+        action: str = "throttling it",
     ) -> None:
         self._clock = clock
+        self._action = action
         self.limit = limit
         self.window = window
         self._max_tracked = max_tracked
@@ -69,6 +83,11 @@ class Throttle:
                 waits.append(times[-self.limit] + self.window - now)
         return max(1, math.ceil(max(waits))) if waits else None
 
+    def failures(self, subject: str) -> int:
+        """Failures of *subject* within the window (at most :attr:`limit`)."""
+        times = self._recent(subject, self._clock.seconds())
+        return len(times) if times is not None else 0
+
     def failed(self, *subjects: str) -> None:
         """Count a failure against each of *subjects*."""
         now = self._clock.seconds()
@@ -80,8 +99,9 @@ class Throttle:
             self._failures.move_to_end(subject)
             if len(times) == self.limit:
                 log.warn(
-                    "{subject} failed to log in {limit} times within {window:.0f}s; throttling it",
+                    "{subject} failed to log in {limit} times within {window:.0f}s; {action}",
                     subject=subject,
+                    action=self._action,
                     limit=self.limit,
                     window=self.window,
                 )
@@ -94,3 +114,54 @@ class Throttle:
             if len(self._failures) <= self._max_tracked and times[-1] > now - self.window:
                 break
             del self._failures[subject]
+
+
+class LoginThrottle:
+    """Login failures counted per (appId, address), per address and per appId.
+
+    An attempt is refused (before the key is checked) when its address has
+    :data:`ADDRESS_LIMIT` failures within the window, or its (appId,
+    address) pair :data:`LIMIT`.  An appId with :data:`APP_ID_CEILING`
+    failures from all addresses together is under a distributed attack: it
+    is logged, and then any address that has failed with that appId even
+    once is refused.  An address that has not been failing is never refused,
+    so the right key from it always gets through.
+    """
+
+    def __init__(self, clock: IReactorTime, window: float = WINDOW) -> None:
+        self.pairs = Throttle(clock, LIMIT, window, MAX_TRACKED)
+        self.addresses = Throttle(clock, ADDRESS_LIMIT, window, MAX_TRACKED)
+        self.app_ids = Throttle(
+            clock,
+            APP_ID_CEILING,
+            window,
+            MAX_APP_IDS,
+            "from many addresses (a distributed attack?); refusing every address"
+            " that failed with it, while the right key from others still logs in",
+        )
+
+    def retry_after(self, app_id: str, address: str) -> int | None:
+        """Seconds before *address* may try to log in as *app_id* again; None: go ahead."""
+        network, pair, key = _subjects(app_id, address)
+        wait = self.pairs.retry_after(pair)
+        wait = _later(wait, self.addresses.retry_after(network))
+        if self.pairs.failures(pair):
+            wait = _later(wait, self.app_ids.retry_after(key))
+        return wait
+
+    def failed(self, app_id: str, address: str) -> None:
+        """Count a failed login as *app_id* from *address*."""
+        network, pair, key = _subjects(app_id, address)
+        self.pairs.failed(pair)
+        self.addresses.failed(network)
+        self.app_ids.failed(key)
+
+
+def _subjects(app_id: str, address: str) -> tuple[str, str, str]:
+    network = client_subject(address)
+    key = f"appId {app_id[:80]!r}"
+    return network, f"{key} from {network}", key
+
+
+def _later(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else max(a, b)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import socket
 import subprocess
 import threading
 from pathlib import Path
@@ -197,3 +198,25 @@ def _port_open(port: int) -> bool:
 
     with socket.socket() as sock:
         return sock.connect_ex((LOOPBACK, port)) == 0
+
+
+def test_connections_beyond_the_cap_are_closed(manhole: tuple[Dockmirror, int, Path]) -> None:
+    mirror, port, _ = manhole
+    idle = [socket.create_connection((LOOPBACK, port), timeout=10) for _ in range(10)]
+    try:
+        for sock in idle:
+            assert sock.recv(100).startswith(b"SSH-2.0-")
+        extra = socket.create_connection((LOOPBACK, port), timeout=10)
+        with extra:
+            assert extra.recv(100) == b""  # closed without a word
+        wait_until(lambda: "10 connections already open" in mirror.log_text(), 5)
+    finally:
+        for sock in idle:
+            sock.close()
+
+    # Once they are gone, a connection is served again.
+    def served() -> bool:
+        with socket.create_connection((LOOPBACK, port), timeout=10) as again:
+            return again.recv(100).startswith(b"SSH-2.0-")
+
+    wait_until(served, 5)

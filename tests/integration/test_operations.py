@@ -67,20 +67,25 @@ def served_serial(port: int, ca: Path) -> int:
     return x509.load_der_x509_certificate(der).serial_number
 
 
-@pytest.fixture
-def tls_mirror(plain_registry, dockmirror, tmp_path):
-    key, cert = write_certificate(tmp_path, serial=1001)
-    port = free_port()
+def start_tls_mirror(dockmirror, registry, key: Path, cert: Path):
+    """A mirror with a TLS listener on *key* and *cert*, and a plain one; the TLS port."""
+    port, plain = free_port(), free_port()
     listen = f"ssl:{port}:interface={LOOPBACK}:privateKey={key}:certKey={cert}"
     mirror = dockmirror(
-        {"hub": {"plugin": "dockerhub", "url": plain_registry.url, "default": True}},
-        extra={"server": {"listen": [listen, f"tcp:{free_port()}:interface={LOOPBACK}"]}},
+        {"hub": {"plugin": "dockerhub", "url": registry.url, "default": True}},
+        extra={"server": {"listen": [listen, f"tcp:{plain}:interface={LOOPBACK}"]}},
         start=False,
     )
     # Wait for the plain listener; the TLS one comes up with it.
-    plain = mirror.config["server"]["listen"][1].split(":")[1]
-    mirror.port = int(plain)
+    mirror.port = plain
     mirror.start()
+    return mirror, port
+
+
+@pytest.fixture
+def tls_mirror(plain_registry, dockmirror, tmp_path):
+    key, cert = write_certificate(tmp_path, serial=1001)
+    mirror, port = start_tls_mirror(dockmirror, plain_registry, key, cert)
     return mirror, port, key, cert, tmp_path
 
 
@@ -131,8 +136,8 @@ def test_metrics_health_and_access_log(plain_registry, dockmirror, seeded, uniqu
     status, headers, body = curl(f"{mirror.url}/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain")
     text = body.decode()
-    assert 'dockmirror_http_requests_total{method="GET",route="manifests",status="200"} 1.0' in text
-    assert 'dockmirror_http_requests_total{method="GET",route="manifests",status="404"} 1.0' in text
+    assert 'dockmirror_http_requests_total{method="GET",route="manifest",status="200"} 1.0' in text
+    assert 'dockmirror_http_requests_total{method="GET",route="manifest",status="404"} 1.0' in text
     assert 'dockmirror_upstream_response_seconds_count{upstream="hub"}' in text
     status, _, body = curl(f"{mirror.url}/healthz")
     health = json.loads(body)

@@ -1,4 +1,10 @@
 import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -121,3 +127,49 @@ def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
             main(argv)
         assert info.value.code == 2
     capsys.readouterr()
+
+
+def _world_readable(path: Path) -> bool:
+    return all(p.stat().st_mode & 0o005 == 0o005 for p in (path, *path.parents))
+
+
+def _python_for_everyone() -> tuple[str, dict[str, str]]:
+    """An interpreter other users can run too, and the environment to find our packages.
+
+    (An interpreter under root's home runs for root only.)
+    """
+    if _world_readable(Path(sys.base_prefix)):
+        return sys.executable, dict(os.environ)
+    system = Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}")
+    if not system.exists():
+        pytest.skip(f"no interpreter other users can run ({sys.base_prefix} is private)")
+    path = os.pathsep.join(p for p in sys.path if p and not p.startswith(sys.base_prefix))
+    return str(system), {**os.environ, "PYTHONPATH": path}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_as_root_files_belong_to_the_state_directory_owner() -> None:
+    nobody = pwd.getpwnam("nobody")
+    top = Path(tempfile.mkdtemp(prefix="dockmirror-admin-"))
+    try:
+        top.chmod(0o755)
+        state = top / "state"
+        state.mkdir(mode=0o700)
+        os.chown(state, nobody.pw_uid, nobody.pw_gid)
+        config = top / "dockmirror.toml"
+        config.write_text(CONFIG.format(database=state / "keys.sqlite"))
+        config.chmod(0o600)  # root's: read before the switch
+        python, env = _python_for_everyone()
+        argv = [python, "-m", "dockmirror.admin", "--config", str(config), "keys"]
+        created = subprocess.run(
+            [*argv, "create", "--name", "ops"], capture_output=True, text=True, cwd=top, env=env
+        )
+        assert created.returncode == 0, created.stderr
+        listed = subprocess.run([*argv, "list"], capture_output=True, text=True, cwd=top, env=env)
+        assert listed.returncode == 0 and "ops" in listed.stdout
+        files = list(state.iterdir())
+        assert "keys.sqlite" in {f.name for f in files}
+        for f in files:
+            assert (f.stat().st_uid, f.stat().st_gid) == (nobody.pw_uid, nobody.pw_gid), f
+    finally:
+        shutil.rmtree(top)

@@ -4,7 +4,6 @@ from dockmirror.upstream import (
     Challenge,
     may_send_credentials,
     parse_www_authenticate,
-    registrable_domain,
 )
 
 
@@ -52,23 +51,37 @@ def test_garbage_does_not_raise(value: str) -> None:
     parse_www_authenticate([value])
 
 
-def test_registrable_domain() -> None:
-    assert registrable_domain("auth.docker.io") == "docker.io"
-    assert registrable_domain("registry-1.docker.io") == "docker.io"
-    assert registrable_domain("127.0.0.1") == "127.0.0.1"
+HUB_REALMS = ("https://auth.docker.io",)
 
 
 @pytest.mark.parametrize(
-    ("realm", "registry", "allowed"),
+    ("realm", "registry", "realms", "allowed"),
     [
-        ("https://auth.docker.io/token", "https://registry-1.docker.io", True),
-        ("https://ghcr.io/token", "https://ghcr.io", True),
-        ("http://127.0.0.1:5001/token", "http://127.0.0.1:5000", True),
-        ("http://127.0.0.2:5001/token", "http://127.0.0.1:5000", False),
-        ("https://evil.example/token", "https://ghcr.io", False),
-        ("http://auth.docker.io/token", "https://registry-1.docker.io", False),
-        ("https://localhost/token", "https://otherhost", False),
+        ("https://auth.docker.io/token", "https://registry-1.docker.io", HUB_REALMS, True),
+        ("https://AUTH.docker.io:443/token", "https://registry-1.docker.io", HUB_REALMS, True),
+        ("https://auth.docker.io/token", "https://registry-1.docker.io", (), False),
+        ("https://auth.docker.io:8443/token", "https://registry-1.docker.io", HUB_REALMS, False),
+        ("http://auth.docker.io/token", "https://registry-1.docker.io", HUB_REALMS, False),
+        ("https://evil.docker.io/token", "https://registry-1.docker.io", HUB_REALMS, False),
+        ("https://ghcr.io/token", "https://ghcr.io", (), True),
+        ("http://127.0.0.1:5001/token", "http://127.0.0.1:5000", (), True),
+        ("http://127.0.0.2:5001/token", "http://127.0.0.1:5000", (), False),
+        ("https://evil.example/token", "https://ghcr.io", (), False),
+        ("https://localhost/token", "https://otherhost", (), False),
+        # Tenants of one registry domain, and co.uk-style suffixes, are other parties.
+        ("https://other.azurecr.io/oauth2/token", "https://mine.azurecr.io", (), False),
+        ("https://auth.other.co.uk/token", "https://registry.mine.co.uk", (), False),
+        (
+            "https://auth.example.co.uk/t",
+            "https://r.example.co.uk",
+            ("https://auth.example.co.uk",),
+            True,
+        ),
+        ("https:///token", "https://ghcr.io", (), False),
+        ("https://ghcr.io:99999/token", "https://ghcr.io", (), False),
     ],
 )
-def test_credentials_only_to_the_registry_domain(realm: str, registry: str, allowed: bool) -> None:
-    assert may_send_credentials(realm, registry) is allowed
+def test_credentials_only_to_the_registry_host_and_listed_realms(
+    realm: str, registry: str, realms: tuple[str, ...], allowed: bool
+) -> None:
+    assert may_send_credentials(realm, registry, realms) is allowed

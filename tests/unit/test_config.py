@@ -1,8 +1,9 @@
+import re
 from pathlib import Path
 
 import pytest
 
-from dockmirror.config import ConfigError, load
+from dockmirror.config import ConfigError, _build, config_warnings, load
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -88,3 +89,68 @@ def test_errors_name_key_and_file(tmp_path: Path, text: str, message: str) -> No
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such configuration file"):
         load(str(tmp_path / "absent.toml"))
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"aliases": ["*.*.corp"]}, "upstreams.u.aliases: '*.*.corp' is not a host name"),
+        ({"aliases": ["10.0.0.1"]}, "upstreams.u.aliases: '10.0.0.1' is not a host name"),
+        ({"hosts": ["mirror:5000"]}, "upstreams.u.hosts: 'mirror:5000' is not a host name"),
+        ({"token_realms": ["auth.corp"]}, "upstreams.u.token_realms: 'auth.corp' is not an origin"),
+        ({"url": "https://u:p@registry.corp"}, "upstreams.u.url: "),
+    ],
+)
+def test_upstream_names_are_checked(table: dict[str, object], message: str) -> None:
+    data = {"upstreams": {"u": {"plugin": "registry", "url": "https://registry.corp", **table}}}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _build("t.toml", data)
+
+
+def test_secrets_are_redacted_in_reprs(tmp_path: Path) -> None:
+    config = load(
+        write(
+            tmp_path,
+            """
+[upstreams.corp]
+plugin = "registry"
+url = "https://registry.corp.example"
+username = "mirror"
+password = "hunter2-secret"
+""",
+        )
+    )
+    upstream = config.upstreams["corp"]
+    assert upstream.password == "hunter2-secret"
+    for text in (repr(upstream), repr(config), str(config)):
+        assert "hunter2" not in text
+        assert "password='***'" in text and "username='mirror'" in text
+    assert "password=None" in repr(load(None).upstreams["dockerhub"])
+
+
+def test_warns_of_credentials_over_plain_http(tmp_path: Path) -> None:
+    config = load(
+        write(
+            tmp_path,
+            """
+[upstreams.plain]
+plugin = "registry"
+url = "http://registry.corp.example"
+username = "mirror"
+password = "pw"
+
+[upstreams.tls]
+plugin = "registry"
+url = "https://registry.corp.example"
+username = "mirror"
+password = "pw"
+
+[upstreams.anonymous]
+plugin = "registry"
+url = "http://other.corp.example"
+""",
+        )
+    )
+    [warning] = config_warnings(config)
+    assert warning.startswith("upstreams.plain: credentials go to http://registry.corp.example")
+    assert config_warnings(load(None)) == []

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from twisted.internet.task import deferLater
+from twisted.logger import globalLogPublisher
 
 from dockmirror.auth.keystore import KeyDatabase, KeyStore, KeyStoreError, Usage
 
@@ -248,3 +250,36 @@ def test_reprs_are_readable(db: KeyDatabase) -> None:
         f"<key {new.app_id} 'laptop' active: 2 requests, 3.0 MiB, last used 2023-11-14T22:13:20Z>"
     )
     assert repr(db.list()).startswith("1 keys\n<key app_")
+
+
+@pytest_twisted.ensureDeferred
+async def test_flush_loop_survives_any_error(tmp_path: Path) -> None:
+    from twisted.internet import reactor
+
+    events: list[dict[str, object]] = []
+    globalLogPublisher.addObserver(events.append)
+    store = KeyStore(tmp_path / "keys.sqlite", reactor, flush_interval=0.05)
+    store.startService()
+    working = store._db.revoked_ids
+    try:
+        new = await store.create("a")
+        store.record(new.app_id, 42)
+
+        def broken() -> frozenset[str]:
+            raise RuntimeError("unexpected")
+
+        store._db.revoked_ids = broken  # type: ignore[method-assign]
+        await deferLater(reactor, 0.2)
+        assert store._loop.running
+        store._db.revoked_ids = working  # type: ignore[method-assign]
+        admin = KeyDatabase(tmp_path / "keys.sqlite")
+        admin.revoke(new.app_id)
+        admin.close()
+        await deferLater(reactor, 0.2)
+        assert new.app_id in store.revoked  # the loop goes on
+        assert (await store.list())[0].bytes_served == 42  # written once, not lost or doubled
+    finally:
+        store._db.revoked_ids = working  # type: ignore[method-assign]
+        await store.stopService()
+        globalLogPublisher.removeObserver(events.append)
+    assert any("log_failure" in e and "key usage" in str(e["log_format"]) for e in events)

@@ -6,10 +6,21 @@ import pytest
 import pytest_twisted
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh import keys
+from twisted.conch.ssh.connection import SSHConnection
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 
 from dockmirror.auth.keystore import KeyStore
 from dockmirror.config import check_repository_prefix
-from dockmirror.manhole import AuthorizedKeysFile, KeysConsole, load_host_key, manhole_factory
+from dockmirror.manhole import (
+    LOGIN_TIMEOUT,
+    MAX_CONNECTIONS,
+    AuthorizedKeysFile,
+    KeysConsole,
+    load_host_key,
+    manhole_factory,
+)
 
 
 def public_line(comment: str) -> tuple[keys.Key, str]:
@@ -39,8 +50,8 @@ def test_host_key_made_once(tmp_path: Path) -> None:
 
 
 def test_factory_has_its_own_host_key(tmp_path: Path) -> None:
-    a = manhole_factory({}, tmp_path / "k", load_host_key(tmp_path / "a"))
-    b = manhole_factory({}, tmp_path / "k", load_host_key(tmp_path / "b"))
+    a = manhole_factory({}, tmp_path / "k", load_host_key(tmp_path / "a"), Clock())
+    b = manhole_factory({}, tmp_path / "k", load_host_key(tmp_path / "b"), Clock())
     assert a.getPrivateKeys() != b.getPrivateKeys()
     assert a.portal.listCredentialsInterfaces() == b.portal.listCredentialsInterfaces()
     [interface] = a.portal.listCredentialsInterfaces()
@@ -63,3 +74,40 @@ async def test_keys_console(key_store: KeyStore) -> None:
     assert revoked.revoked
     stats = await console.stats()
     assert (stats["keys"], stats["active"], stats["revoked"]) == (2, 0, 2)
+
+
+def _connect(factory: object, port: int) -> tuple[object, StringTransport]:
+    address = IPv4Address("TCP", "127.0.0.1", port)
+    protocol = factory.buildProtocol(address)  # type: ignore[attr-defined]
+    transport = StringTransport(peerAddress=address)
+    if protocol is not None:
+        protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def test_connections_must_log_in_in_time(tmp_path: Path) -> None:
+    clock = Clock()
+    factory = manhole_factory({}, tmp_path / "k", load_host_key(tmp_path / "h"), clock)
+    factory.startFactory()
+    idle, idle_transport = _connect(factory, 40001)
+    logged_in, logged_in_transport = _connect(factory, 40002)
+    assert idle_transport.value().startswith(b"SSH-2.0-")  # the server's version line
+    logged_in.setService(SSHConnection())  # type: ignore[attr-defined]  # as after userauth
+    clock.advance(LOGIN_TIMEOUT - 1)
+    assert not idle_transport.disconnecting
+    clock.advance(1)
+    assert idle_transport.disconnecting
+    assert not logged_in_transport.disconnecting
+    assert not clock.getDelayedCalls()
+
+
+def test_connections_are_capped(tmp_path: Path) -> None:
+    clock = Clock()
+    factory = manhole_factory({}, tmp_path / "k", load_host_key(tmp_path / "h"), clock)
+    factory.startFactory()
+    opened = [_connect(factory, 41000 + i) for i in range(MAX_CONNECTIONS)]
+    assert all(protocol is not None for protocol, _ in opened)
+    assert _connect(factory, 42000)[0] is None
+    first, _ = opened[0]
+    first.connectionLost(None)  # type: ignore[attr-defined]
+    assert _connect(factory, 42001)[0] is not None

@@ -99,3 +99,69 @@ def test_built_in_plugins_are_all_discovered() -> None:
         "k8s",
         "registry",
     }
+
+
+@pytest.mark.parametrize(
+    "ns",
+    [
+        "127.0.0.1:9999#.gcr.io",
+        "127.0.0.1:9999/.gcr.io",
+        "127.0.0.1:9999?.gcr.io",
+        "x@127.0.0.1:9999/.gcr.io",
+        "127.0.0.1:9999%23.gcr.io",
+        "127.0.0.1:9999#.GCR.IO",
+        "a.b.gcr.io",
+        "us.gcr.io.",
+        "us.gcr.io:443",
+        "docker.io:443",
+        "\u212a8s.gcr.io",
+        "",
+    ],
+)
+def test_an_ns_that_is_not_a_configured_host_name_is_refused(ns: str) -> None:
+    with pytest.raises(RegistryError) as e:
+        make_router().route("a/b", None, ns)
+    assert e.value.code == "NAME_UNKNOWN"
+
+
+def test_ns_is_case_insensitive() -> None:
+    assert route(make_router(), "p/img", ns="US.GCR.IO") == ("gcr", "https://us.gcr.io", "p/img")
+
+
+def test_a_path_prefix_that_is_not_one_label_more_is_a_repository_name() -> None:
+    router = make_router()
+    assert route(router, "a.b.gcr.io/p/img") == ("hub", "http://127.0.0.1:1", "a.b.gcr.io/p/img")
+    assert route(router, "us.gcr.io/p/img")[1] == "https://us.gcr.io"
+
+
+@pytest.mark.parametrize("host", ["a#b", "evil:port", "x@y", "[::1", "mirror.example."])
+def test_a_host_header_that_is_not_a_host_is_refused(host: str) -> None:
+    with pytest.raises(RegistryError) as e:
+        make_router().route("a/b", host)
+    assert e.value.code == "NAME_UNKNOWN"
+
+
+def test_an_address_host_header_goes_on_to_other_rules() -> None:
+    router = make_router()
+    assert route(router, "owner/img", host="127.0.0.1:5000", ns="ghcr.io")[0] == "ghcr"
+    assert route(router, "owner/img", host="[::1]:5000")[0] == "hub"
+
+
+def test_an_alias_with_a_port_matches_only_that_port() -> None:
+    config = config_module._build(
+        "t.toml",
+        {
+            "upstreams": {
+                "corp": {
+                    "plugin": "registry",
+                    "url": "https://registry.corp.example:5000",
+                    "aliases": ["registry.corp.example:5000"],
+                }
+            }
+        },
+    )
+    router = build_router(config, config_module.upstream_plugins())
+    assert route(router, "a/b", ns="registry.corp.example:5000")[0] == "corp"
+    for ns in ("registry.corp.example", "registry.corp.example:5001"):
+        with pytest.raises(RegistryError):
+            router.route("a/b", None, ns)

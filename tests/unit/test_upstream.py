@@ -14,7 +14,11 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from dockmirror import config as config_module
+from dockmirror.egress import Egress, UpstreamTLS
 from dockmirror.metrics import Metrics
+from dockmirror.pull import CLIENTS_LIMIT, Upstreams
+from dockmirror.routing import build_router
 from dockmirror.upstream import UpstreamClient, UpstreamError
 
 
@@ -64,7 +68,14 @@ def make_client(
     stub = StubTreq(resource)
     clock = MemoryReactorClock()
     client = UpstreamClient(
-        "hub", "https://registry-1.docker.io", stub, clock, Metrics(), username, password
+        "hub",
+        "https://registry-1.docker.io",
+        stub,
+        clock,
+        Metrics(),
+        username,
+        password,
+        token_realms=("https://auth.docker.io",),
     )
     return client, stub, clock
 
@@ -128,7 +139,7 @@ def test_a_token_per_repository_scope() -> None:
     ]
 
 
-def test_credentials_go_to_a_realm_on_the_same_domain() -> None:
+def test_credentials_go_to_a_listed_realm() -> None:
     registry = FakeRegistry()
     client, stub, _ = make_client(registry, "user", "pass")
     fetch(client, stub)
@@ -138,8 +149,9 @@ def test_credentials_go_to_a_realm_on_the_same_domain() -> None:
     assert token_request["args"]["account"] == ["user"]
 
 
-def test_credentials_never_go_to_a_foreign_realm() -> None:
-    registry = FakeRegistry(realm="https://evil.example/token")
+@pytest.mark.parametrize("realm", ["https://evil.example/token", "https://evil.docker.io/token"])
+def test_credentials_never_go_to_a_foreign_realm(realm: str) -> None:
+    registry = FakeRegistry(realm=realm)
     client, stub, _ = make_client(registry, "user", "pass")
     fetch(client, stub)
     [token_request] = registry.token_requests
@@ -229,3 +241,85 @@ def test_refused_credentials_are_a_refusal_not_an_outage() -> None:
     # An outage lets the mirror serve expired tags stale; a refusal must not.
     client, stub, _ = make_client(RefusingTokenService(), "u", "revoked")
     assert fetch(client, stub)[0] == 401
+
+
+class Redirector(Resource):
+    """registry-1.docker.io redirects every request to *location*; other hosts answer."""
+
+    isLeaf = True
+
+    def __init__(self, location: str) -> None:
+        super().__init__()
+        self.location = location
+        self.seen: list[tuple[str | None, str | None]] = []
+
+    def render(self, request: Request) -> bytes:
+        host = request.getHeader("host")
+        self.seen.append((host, request.getHeader("authorization")))
+        if host == "registry-1.docker.io":
+            request.setResponseCode(302)
+            request.setHeader("Location", self.location)
+            return b""
+        return b"elsewhere"
+
+
+def follow(location: str) -> tuple[Redirector, Any]:
+    registry = Redirector(location)
+    client, stub, _ = make_client(registry)
+    results: list[Any] = []
+
+    async def go() -> bytes:
+        response = await client.request("GET", "library/nginx", "manifests/latest")
+        body: bytes = await response.content()
+        return body
+
+    Deferred.fromCoroutine(go()).addBoth(results.append)
+    stub.flush()
+    [result] = results
+    return registry, result
+
+
+@pytest.mark.parametrize(
+    "location",
+    [
+        "http://cdn.example/blob",  # a downgrade from https
+        "ftp://cdn.example/blob",
+        "file:///etc/passwd",
+        "https://user:pass@cdn.example/blob",
+        "https://cdn.example:99999/blob",
+        "https://cdn.example./blob",
+        "https://cdn_example/blob",
+        "https://cdn.example/a b",
+    ],
+)
+def test_redirects_that_are_refused(location: str) -> None:
+    registry, result = follow(location)
+    assert isinstance(result, Failure) and result.check(UpstreamError)
+    assert result.value.status == 502
+    assert [host for host, _ in registry.seen] == ["registry-1.docker.io"]
+
+
+def test_redirects_are_bounded() -> None:
+    registry, result = follow("/v2/library/nginx/manifests/latest")
+    assert isinstance(result, Failure) and "more than 5 redirects" in str(result.value)
+    assert len(registry.seen) == 6
+
+
+def test_a_redirect_to_another_https_host_is_followed() -> None:
+    registry, result = follow("https://cdn.example/blob")
+    assert result == b"elsewhere"
+    assert registry.seen[-1] == ("cdn.example", None)
+
+
+def test_upstream_clients_are_bounded() -> None:
+    config = config_module._build("t.toml", {"upstreams": {"gcr": {"plugin": "gcr"}}})
+    router = build_router(config, config_module.upstream_plugins())
+    egress = Egress(StubTreq(Resource()), None, UpstreamTLS())  # type: ignore[arg-type]
+    upstreams = Upstreams({"gcr": egress}, MemoryReactorClock(), Metrics())
+    first = upstreams.client(router.route("p/img", ns="r0.gcr.io"))
+    for i in range(1, 3 * CLIENTS_LIMIT):
+        client = upstreams.client(router.route("p/img", ns=f"r{i}.gcr.io"))
+        assert client.base_url == f"https://r{i}.gcr.io"
+        assert upstreams.client(router.route("p/img", ns=f"r{i}.gcr.io")) is client
+    assert len(upstreams._clients) == CLIENTS_LIMIT
+    assert upstreams.client(router.route("p/img", ns="r0.gcr.io")) is not first

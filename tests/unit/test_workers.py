@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dockmirror.config import EMBEDDED, ConfigError, _build, load
-from dockmirror.workers import listeners, worker_command
+from dockmirror.workers import inherited, worker_command
 
 
 def test_one_worker_by_default():
@@ -33,7 +33,7 @@ def test_workers_inherit_every_listener_in_order():
             "manhole": {"listen": "tcp:4", "authorized_keys": "/k"},
         },
     )
-    assert listeners(config) == ["tcp:1", "tcp:2", "tcp:3", "tcp:4"]
+    assert inherited(config) == ["tcp:1", "tcp:2", "tcp:3", "tcp:4"]
 
 
 def test_a_worker_of_twist_keeps_its_options():
