@@ -115,7 +115,7 @@ def test_one_upstream_fetch_per_digest_across_workers(
     assert registry.count_requests("GET", f"/blobs/{layer.digest}") == 1
     assert cached_blobs(mirror)[layer.digest] == layer.size
     # Every worker serves it from the cache now, without asking for it again.
-    until_every_worker_answered(mirror, "blobs", lambda: curl(url))
+    until_every_worker_answered(mirror, "blob", lambda: curl(url))
     assert registry.count_requests("GET", f"/blobs/{layer.digest}") == 1
     assert_cache_sound(mirror)
 
@@ -136,7 +136,7 @@ def test_a_fill_in_one_worker_is_followed_by_the_others(
     try:
         wait_until(lambda: any(p.stat().st_size for p in (mirror.cache_dir / "tmp").iterdir()))
         # New connections while the fill runs, until the other worker took one.
-        until_every_worker_answered(mirror, "blobs", lambda: followers.append(curl(url)))
+        until_every_worker_answered(mirror, "blob", lambda: followers.append(curl(url)))
     finally:
         body, _ = first.communicate(timeout=60)
     assert sha256(body) == layer.digest
@@ -184,7 +184,7 @@ def test_the_quota_holds_with_fills_in_two_workers(
         watcher.result()
     digests = [layer.digest for layer in image.platforms[0].layers] * 2
     assert [sha256(body) for body in bodies] == digests
-    assert all(requests_by_worker(mirror, "blobs").values())  # both workers filled or read
+    assert all(requests_by_worker(mirror, "blob").values())  # both workers filled or read
     print(f"peak bytes on disk: {peak} of a {quota}-byte quota")
     assert peak <= quota
     assert sum(cached_blobs(mirror).values()) <= quota
