@@ -1,5 +1,7 @@
 """The zope interfaces of dockmirror, in one place."""
 
+from typing import Any
+
 from zope.interface import Attribute, Interface
 
 
@@ -61,3 +63,17 @@ class ICoordinator(Interface):
 
     def close() -> None:
         """Release every claim."""
+
+
+class INotifier(Interface):
+    """Tells the other processes of the service of events, and hears of theirs.
+
+    A message is a short list of strings; receivers check it as they would
+    any input.  A lone process has no one to tell.
+    """
+
+    def publish(topic: str, message: list[str]) -> None:
+        """Tell every other process of *message* under *topic*."""
+
+    def subscribe(topic: str, listener: Any) -> None:
+        """Call ``listener(message)`` for each message another process publishes on *topic*."""

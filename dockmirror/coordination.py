@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Callable
 
 from zope.interface import implementer
 
-from dockmirror._interfaces import ICoordinator
+from dockmirror._interfaces import ICoordinator, INotifier
 
 #: The lock file, in the cache directory, with the mode of the cache's files.
 LOCK_FILE = "fills.lock"
@@ -145,3 +146,17 @@ class FileLockCoordinator:
         self._held.clear()
         os.close(self._usage_fd)
         os.close(self._fd)
+
+
+@implementer(INotifier)
+class LocalNotifier:
+    """A lone process: nobody to tell, nobody to hear from."""
+
+    def __repr__(self) -> str:
+        return "<LocalNotifier>"
+
+    def publish(self, topic: str, message: list[str]) -> None:
+        pass
+
+    def subscribe(self, topic: str, listener: Callable[[list[str]], None]) -> None:
+        pass

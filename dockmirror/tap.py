@@ -19,6 +19,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.web.client import HTTPConnectionPool
 
+from dockmirror._interfaces import INotifier
 from dockmirror.auth.access import AccessControl
 from dockmirror.auth.keystore import KeyDatabase, KeyStore, KeyStoreError
 from dockmirror.auth.throttle import LoginThrottle
@@ -35,6 +36,7 @@ from dockmirror.config import (
     upstream_plugins,
     upstream_tls,
 )
+from dockmirror.coordination import LocalNotifier
 from dockmirror.egress import upstream_egress
 from dockmirror.forwarded import ClientAddresses
 from dockmirror.health import HealthResource, directory_writable
@@ -44,7 +46,7 @@ from dockmirror.pull import Prefetcher, PullService, Upstreams
 from dockmirror.routing import build_router
 from dockmirror.tls import PlainHTTPFactory, ReloadService, tls_endpoint
 from dockmirror.web import MirrorSite, RootResource, build_root
-from dockmirror.workers import FIRST_FD, AdoptedPort, ParentWatchService, Supervisor
+from dockmirror.workers import FIRST_FD, AdoptedPort, Supervisor, SupervisorChannel
 
 log = Logger()
 
@@ -105,7 +107,13 @@ def _endpoint(reactor: Any, config: Config, description: str, key: str = "server
         raise ConfigError(f"{config.source}: {key}: {description!r}: {e}") from None
 
 
-def build_access(config: Config, keys: KeyStore, metrics: Metrics, reactor: Any) -> AccessControl:
+def build_access(
+    config: Config,
+    keys: KeyStore,
+    metrics: Metrics,
+    reactor: Any,
+    notifier: INotifier | None = None,
+) -> AccessControl:
     """Access control over *keys*, with the token service named after ``public_url``."""
     public_url = config.server.public_url.rstrip("/")
     tokens = TokenService(
@@ -118,7 +126,7 @@ def build_access(config: Config, keys: KeyStore, metrics: Metrics, reactor: Any)
     return AccessControl(
         keys,
         tokens,
-        LoginThrottle(reactor),
+        LoginThrottle(reactor, notifier=notifier),
         metrics,
         realm=f"{public_url}/docker-auth/token",
         anonymous_repos=config.auth.anonymous_repos,
@@ -141,7 +149,9 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
         for u in router.upstreams
     }
     metrics = Metrics()
+    notifier: INotifier = LocalNotifier() if worker is None else SupervisorChannel(reactor)
     cache = Cache(config.cache, reactor, metrics, shared=worker is not None)
+    cache.share(notifier)
     pull = PullService(Upstreams(egress, reactor, metrics), reactor, metrics, cache)
     cache.prefetcher = Prefetcher(router, pull)
     top = service.MultiService()
@@ -150,7 +160,7 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
     KeyDatabase(config.auth.database).close()  # an unusable key store stops start-up here
     keys = KeyStore(config.auth.database, reactor)
     keys.setServiceParent(top)
-    access = build_access(config, keys, metrics, reactor)
+    access = build_access(config, keys, metrics, reactor, notifier)
     root = build_root(router, pull, access, config.auth.required)
     health = HealthResource(
         {"cache_directory": directory_writable(config.cache.directory), "key_store": keys.check}
@@ -205,8 +215,8 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
             reactor,
         )
         serve(config.manhole.listen, factory)
-    if worker is not None:
-        ParentWatchService(reactor).setServiceParent(top)
+    if isinstance(notifier, SupervisorChannel):
+        notifier.setServiceParent(top)
     return top
 
 

@@ -17,12 +17,14 @@ sees its standard input close and stops too, so no process is left behind.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import socket
 import sys
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
@@ -30,8 +32,11 @@ from twisted.internet import protocol, stdio
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from dockmirror._interfaces import INotifier
 from dockmirror.config import EMBEDDED, Config, listeners
 from dockmirror.coordination import USAGE_FILE
 from dockmirror.metrics import MULTIPROCESS_DIRECTORY, mark_worker_dead
@@ -39,8 +44,12 @@ from dockmirror.tls import tls_endpoint
 
 log = Logger()
 
-#: The first inherited listening socket's descriptor in a worker.
-FIRST_FD = 3
+#: A worker's descriptor for messages to its supervisor (it hears from it on stdin) ...
+CHANNEL_FD = 3
+#: ... and that of the first inherited listening socket.
+FIRST_FD = 4
+#: The longest message between workers, in bytes.
+MAX_MESSAGE = 4096
 #: Seconds a worker must live for its restarts to count as a fresh start.
 STABLE_AFTER = 60.0
 #: The longest wait before restarting a worker that keeps dying.
@@ -95,9 +104,20 @@ class _WorkerProtocol(protocol.ProcessProtocol):
         self.number = number
         self.started = started
         self.pid: int | None = None
+        self._buffer = b""
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid if self.transport is not None else None
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD != CHANNEL_FD:
+            return
+        *lines, self._buffer = (self._buffer + data).split(b"\n")
+        if len(self._buffer) > MAX_MESSAGE:
+            self._buffer = b""
+        for line in lines:
+            if line and len(line) <= MAX_MESSAGE:
+                self.supervisor.relay(self, line)
 
     def processEnded(self, reason: Failure) -> None:
         self.supervisor.ended(self, reason)
@@ -158,7 +178,7 @@ class Supervisor(service.Service):
         args = [*worker_command(self._argv), "dockmirror", "--worker", str(number)]
         if self.config.source != EMBEDDED:
             args[-2:-2] = ["--config", os.path.abspath(self.config.source)]
-        fds: dict[int, int | str] = {0: "w", 1: 1, 2: 2}
+        fds: dict[int, int | str] = {0: "w", 1: 1, 2: 2, CHANNEL_FD: "r"}
         for offset, port in enumerate(self._ports):
             fds[FIRST_FD + offset] = port.fileno()  # type: ignore[attr-defined]
         worker = _WorkerProtocol(self, number, self._reactor.seconds())
@@ -188,6 +208,12 @@ class Supervisor(service.Service):
         delay = min(MAX_BACKOFF, 0.5 * 2 ** (failures - 1))
         log.info("restarting worker {number} in {delay}s", number=worker.number, delay=delay)
         self._reactor.callLater(delay, self._respawn, worker.number)
+
+    def relay(self, sender: _WorkerProtocol, line: bytes) -> None:
+        """Pass a worker's message on to every other worker."""
+        for worker in list(self._workers.values()):
+            if worker is not sender and worker.transport is not None:
+                worker.transport.writeToChild(0, line + b"\n")
 
     def _respawn(self, number: int) -> None:
         if self._stopped is None and number not in self._workers:
@@ -248,25 +274,68 @@ class AdoptedPort(service.Service):
         return None
 
 
-class _ParentWatch(protocol.Protocol):
-    def __init__(self, service: ParentWatchService) -> None:
+class _Channel(LineOnlyReceiver):
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_MESSAGE
+
+    def __init__(self, service: SupervisorChannel) -> None:
         self.service = service
+
+    def lineReceived(self, line: bytes) -> None:
+        self.service.received(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        log.warn("dropped a message of {length} bytes from the supervisor", length=len(line))
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.service.parent_gone()
 
 
-class ParentWatchService(service.Service):
-    """Stops the worker when its supervisor's end of standard input closes."""
+@implementer(INotifier)
+class SupervisorChannel(service.Service):
+    """A worker's line to its supervisor, which passes its messages on to the others.
+
+    Messages go out on :data:`CHANNEL_FD` and come in on standard input, one
+    JSON list per line.  When the supervisor's end closes, the supervisor is
+    gone (even by SIGKILL): the worker stops.
+    """
 
     def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
+        self._listeners: dict[str, list[Callable[[list[str]], None]]] = {}
+        self._channel: _Channel | None = None
 
     def startService(self) -> None:
         super().startService()
-        stdio.StandardIO(_ParentWatch(self), reactor=self._reactor)
+        self._channel = _Channel(self)
+        # mypy reads the Windows signature; POSIX's takes the descriptors.
+        stdio.StandardIO(  # type: ignore[call-arg]
+            self._channel, stdin=0, stdout=CHANNEL_FD, reactor=self._reactor
+        )
+
+    def publish(self, topic: str, message: list[str]) -> None:
+        line = json.dumps([topic, message]).encode()
+        if self._channel is not None and len(line) <= MAX_MESSAGE:
+            self._channel.sendLine(line)
+
+    def subscribe(self, topic: str, listener: Callable[[list[str]], None]) -> None:
+        self._listeners.setdefault(topic, []).append(listener)
+
+    def received(self, line: bytes) -> None:
+        try:
+            topic, message = json.loads(line)
+        except (ValueError, TypeError):
+            return
+        if (
+            isinstance(topic, str)
+            and isinstance(message, list)
+            and all(isinstance(m, str) for m in message)
+        ):
+            for listener in self._listeners.get(topic, []):
+                listener(message)
 
     def parent_gone(self) -> None:
+        self._channel = None
         if self.running:  # not stopping already
             log.info("the supervisor is gone; stopping")
             self._reactor.stop()

@@ -21,12 +21,13 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from dockmirror._interfaces import INotifier
 from dockmirror.cache import files
 from dockmirror.cache.blobs import BlobStore
 from dockmirror.cache.index import Index, Runner
 from dockmirror.cache.manifests import ManifestCache
 from dockmirror.config import CacheConfig
-from dockmirror.coordination import FileLockCoordinator
+from dockmirror.coordination import FileLockCoordinator, LocalNotifier
 from dockmirror.metrics import Metrics
 from dockmirror.reference import DIGEST_RE
 from dockmirror.routing import Route
@@ -37,6 +38,9 @@ log = Logger()
 IO_THREADS = 4
 #: Seconds a stopping mirror lets fills in progress finish (systemd waits 45).
 STOP_GRACE = 30.0
+#: What one worker tells the others to purge: [repository or digest], so long at most.
+PURGE_TOPIC = "purge"
+PURGE_MAX = 300
 
 
 def origin_of(route: Route) -> str:
@@ -91,6 +95,16 @@ class Cache(service.Service):
         self.manifests = ManifestCache(self.blobs, self.index, reactor, config.manifest_ttl)
         #: Warms the cache for :meth:`prefetch`; attached once the pull side exists.
         self.prefetcher: Prefetcher | None = None
+        self._notifier: INotifier = LocalNotifier()
+
+    def share(self, notifier: INotifier) -> None:
+        """Purge in every worker what is purged in one."""
+        self._notifier = notifier
+        notifier.subscribe(PURGE_TOPIC, self._purged_elsewhere)
+
+    def _purged_elsewhere(self, message: list[str]) -> None:
+        if len(message) == 1 and len(message[0]) <= PURGE_MAX:
+            self._purge(message[0])
 
     def _pool(self, reactor: Any, name: str, threads: int) -> Runner:
         pool = ThreadPool(minthreads=1, maxthreads=threads, name=name)
@@ -184,6 +198,12 @@ class Cache(service.Service):
         Blobs another repository also has stay; blobs being read stay too.
         """
         what = repository_or_digest.strip()
+        result = self._purge(what)
+        if len(what) <= PURGE_MAX:
+            self._notifier.publish(PURGE_TOPIC, [what])
+        return result
+
+    def _purge(self, what: str) -> dict[str, Any]:
         if DIGEST_RE.fullmatch(what):
             if self.blobs.remove(what):
                 return {"purged": [what]}

@@ -66,18 +66,23 @@ def metrics_directory(pid: int) -> Path:
     return Path(entry.partition(b"=")[2].decode())
 
 
-def requests_by_worker(mirror: Dockmirror, route: str) -> dict[int, float]:
-    """Requests of *route* each live worker answered, from its own metric file."""
+def counted_by_worker(mirror: Dockmirror, name: str, label: str) -> dict[int, float]:
+    """The counter *name* with *label* (``"key": "value"``) of each live worker, from its file."""
     counts = {}
     for pid in worker_pids(mirror):
         path = metrics_directory(pid) / f"counter_{pid}.db"
         total = 0.0
         if path.exists():
             for key, value, *_ in MmapedDict.read_all_values_from_file(str(path)):
-                if '"dockmirror_http_requests_total"' in key and f'"route": "{route}"' in key:
+                if f'"{name}"' in key and label in key:
                     total += value
         counts[pid] = total
     return counts
+
+
+def requests_by_worker(mirror: Dockmirror, route: str) -> dict[int, float]:
+    """Requests of *route* each live worker answered."""
+    return counted_by_worker(mirror, "dockmirror_http_requests_total", f'"route": "{route}"')
 
 
 def until_every_worker_answered(
@@ -256,6 +261,26 @@ def test_a_key_revoked_with_dockmirror_admin_is_refused_by_every_worker(plain_re
     admin(mirror, "keys", "revoke", app_id)
     time.sleep(5.5)  # workers reload the revoked keys every 5 s
     until_every_worker_answered(mirror, "base", get(401))
+
+
+def test_the_login_throttle_counts_failures_in_every_worker(plain_registry, dockmirror):
+    mirror = start_workers(dockmirror, plain_registry, auth_required=True)
+    for _ in range(5):
+        app_id, api_key = create_key(mirror)
+        before = counted_by_worker(mirror, "dockmirror_auth_attempts_total", '"failure"')
+        for _ in range(10):  # the limit for one appId from one address
+            assert curl("-H", basic(app_id, "sk_guess"), f"{mirror.url}/v2/")[0] == 401
+        after = counted_by_worker(mirror, "dockmirror_auth_attempts_total", '"failure"')
+        if all(after[pid] > before[pid] for pid in after):
+            break  # failures seen by both workers: neither saw 10 alone
+    else:
+        raise AssertionError("the failures never went to both workers")
+
+    def refused() -> None:
+        status, _, body = curl("-H", basic(app_id, api_key), f"{mirror.url}/v2/")
+        assert status == 429, body
+
+    until_every_worker_answered(mirror, "base", refused)
 
 
 def test_metrics_add_up_across_workers(plain_registry, dockmirror):
