@@ -1,11 +1,16 @@
-"""The supervisor's side of ``[server] workers``: configuration and worker command lines."""
+"""``[server] workers``: configuration, command lines, and what workers tell each other."""
 
 from __future__ import annotations
 
 import pytest
 
-from dockmirror.config import EMBEDDED, ConfigError, _build, load
-from dockmirror.workers import inherited, worker_command
+from dockmirror.auth.throttle import FAILED_TOPIC, LoginThrottle
+from dockmirror.cache import PURGE_TOPIC, Cache
+from dockmirror.config import EMBEDDED, CacheConfig, ConfigError, _build, load
+from dockmirror.metrics import Metrics
+from dockmirror.workers import SupervisorChannel, inherited, worker_command
+
+from ._cache_support import run_now
 
 
 def test_one_worker_by_default():
@@ -61,3 +66,66 @@ def test_a_worker_of_twistd_stays_in_the_foreground_without_pid_or_log_file():
         "--pidfile=",
         "--logger=dockmirror.logs.json_lines",
     ]
+
+
+class Notifier:
+    """The other workers, played by the test."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, list[str]]] = []
+        self.listeners: dict[str, object] = {}
+
+    def publish(self, topic: str, message: list[str]) -> None:
+        self.published.append((topic, message))
+
+    def subscribe(self, topic: str, listener: object) -> None:
+        self.listeners[topic] = listener
+
+
+def test_failed_logins_are_told_and_heard(clock):
+    notifier = Notifier()
+    throttle = LoginThrottle(clock, notifier=notifier)
+    throttle.failed("app_x" * 40, "192.0.2.1")
+    assert notifier.published == [(FAILED_TOPIC, [("app_x" * 40)[:80], "192.0.2.1"])]
+    heard = notifier.listeners[FAILED_TOPIC]
+    for _ in range(9):
+        heard(["app_y", "192.0.2.2"])  # type: ignore[operator]
+    assert throttle.retry_after("app_y", "192.0.2.2") is None
+    heard(["app_y", "192.0.2.2"])  # type: ignore[operator]
+    assert throttle.retry_after("app_y", "192.0.2.2") is not None
+    heard(["app_z"])  # type: ignore[operator]
+    heard(["app_z", "192.0.2.3" * 20])  # type: ignore[operator]
+    assert throttle.addresses.failures("client 192.0.2.3") == 0
+    assert len(notifier.published) == 1  # what is heard is not told again
+
+
+def test_a_worker_channel_passes_only_well_formed_messages():
+    channel = SupervisorChannel(reactor=None)
+    heard: list[list[str]] = []
+    channel.subscribe("t", heard.append)
+    for line in (
+        b'["t", ["a", "b"]]',
+        b"not json",
+        b'["t", "a"]',
+        b'["t", [1]]',
+        b'[["t"], ["a"]]',
+        b'["t"]',
+        b'["other", ["a"]]',
+    ):
+        channel.received(line)
+    assert heard == [["a", "b"]]
+
+
+def test_purges_are_told_and_heard(tmp_path, clock):
+
+    cache = Cache(
+        CacheConfig(directory=str(tmp_path)), clock, Metrics(), run=run_now, run_index=run_now
+    )
+    notifier = Notifier()
+    cache.share(notifier)
+    digest = "sha256:" + "ab" * 32
+    assert cache.purge(digest)["kept"] == {digest: "not cached"}
+    assert notifier.published == [(PURGE_TOPIC, [digest])]
+    notifier.listeners[PURGE_TOPIC]([digest])  # type: ignore[operator]
+    notifier.listeners[PURGE_TOPIC](["x" * 400])  # type: ignore[operator]
+    assert len(notifier.published) == 1
