@@ -32,6 +32,8 @@ setup(
             # HTTP/1.1; tests/integration/test_http2.py checks the pin.
             "h2>=4.1",
         ],
+        # python -m bench draws its chart with matplotlib when it is installed.
+        "bench": ["matplotlib>=3.7"],
     },
     entry_points={
         "console_scripts": ["dockmirror-admin=dockmirror.admin:main"],

@@ -22,12 +22,19 @@ import sys
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import (
+    IConsumer,
+    IDelayedCall,
+    IPushProducer,
+    IReactorFDSet,
+    IReactorTime,
+)
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dockmirror._interfaces import ICoordinator
@@ -38,7 +45,13 @@ from dockmirror.cache.index import Index, Runner, Snapshot
 from dockmirror.coordination import LocalCoordinator
 from dockmirror.metrics import Metrics
 from dockmirror.reference import HEX_LENGTH
-from dockmirror.streaming import StreamError, release
+from dockmirror.streaming import (
+    FileSender,
+    ShortFile,
+    StreamError,
+    plain_tcp_transport,
+    release,
+)
 
 log = Logger()
 
@@ -588,13 +601,13 @@ class BlobStore:
 class BlobReader:
     """Bytes [start, end) of a blob file, written to a client as fast as it reads.
 
-    While the blob is still being filled, the reader follows the file as it
-    grows.  It never sends the last byte of its span, whole blob or range,
-    before the fill is verified, and fails if the fill fails before that: a
-    client never gets a complete answer of bytes that may turn out wrong.
-    Each reader has its own pace: the client pausing it pauses nothing
-    else.  :attr:`done` fires with the byte count or fails with
-    :class:`StreamError`.
+    While the blob is still being filled, the reader follows the body as it
+    arrives: from the file, and from memory what is not written yet.  It
+    never sends the last byte of its span, whole blob or range, before the
+    fill is verified, and fails if the fill fails before that: a client never
+    gets a complete answer of bytes that may turn out wrong.  Each reader has
+    its own pace: the client pausing it pauses nothing else.  :attr:`done`
+    fires with the byte count or fails with :class:`StreamError`.
     """
 
     def __init__(
@@ -618,18 +631,48 @@ class BlobReader:
         self._paused = False
         self._pumping = False
         self._later: IDelayedCall | None = None
+        self._sender: FileSender | None = None
         self.done: Deferred[int] = Deferred(lambda _: self._close())
 
     def __repr__(self) -> str:
         return f"<BlobReader {self.digest} at {self._pos} of {self._start}-{self._end}>"
 
     def write_to(self, consumer: IConsumer) -> Deferred[int]:
+        transport = plain_tcp_transport(consumer) if self._whole_and_verified() else None
+        if transport is not None:
+            assert self._fd is not None
+            reactor = cast(IReactorFDSet, self._store.reactor)
+            self._sender = FileSender(
+                reactor, transport, self._fd, self._start, self._end, self._on_bytes
+            )
+            self._sender.write_to(consumer).addCallbacks(self._sent, self._send_failed)
+            return self.done
         self._consumer = consumer
         if self._fill is not None:
             self._fill.subscribe(self._pump)
         consumer.registerProducer(self, True)
         self._pump()
         return self.done
+
+    def _whole_and_verified(self) -> bool:
+        """Whether the reader sends a whole blob that is in the cache (so verified)."""
+        return (
+            self._fill is None
+            and self._start == 0
+            and self._end == self._store.size_of(self.digest)
+        )
+
+    def _sent(self, count: int) -> None:
+        self._close()
+        self.done.callback(count)
+
+    def _send_failed(self, failure: Failure) -> None:
+        if self.done.called:  # cancelled, which stopped the sender
+            return
+        if failure.check(ShortFile):
+            self._store.forget(self.digest)
+        error = failure.value
+        self._fail(error if isinstance(error, StreamError) else StreamError(str(error)))
 
     def pauseProducing(self) -> None:
         self._paused = True
@@ -649,7 +692,7 @@ class BlobReader:
         fill = self._fill
         if fill is None or fill.verified:
             return self._end
-        return min(self._end - 1, fill.written)
+        return min(self._end - 1, fill.received)
 
     def _finished(self) -> bool:
         fill = self._fill
@@ -684,7 +727,16 @@ class BlobReader:
         if self._pos < limit:
             assert self._fd is not None and self._consumer is not None
             count = min(CHUNK, limit - self._pos)
-            data = os.pread(self._fd, count, self._pos)
+            fill = self._fill
+            on_disk = self._end if fill is None or fill.verified else fill.written
+            if self._pos < on_disk:
+                count = min(count, on_disk - self._pos)
+                data = os.pread(self._fd, count, self._pos)
+            elif count < CHUNK and limit < self._end - 1:
+                return False  # in memory; wait for a whole chunk
+            else:  # received, not written yet
+                assert fill is not None
+                data = fill.queued(self._pos, self._pos + count)
             if len(data) != count:
                 self._fail(StreamError(f"cached {self.digest} is shorter than recorded"))
                 if self._fill is None:
@@ -706,6 +758,8 @@ class BlobReader:
     def _close(self) -> None:
         if self._fd is None:
             return
+        if self._sender is not None and not self._sender.done.called:
+            self._sender.done.cancel()  # before its file is closed
         os.close(self._fd)
         self._fd = None
         self._store.unpin(self.digest)

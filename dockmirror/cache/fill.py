@@ -1,16 +1,18 @@
 """One upstream blob body written to a temporary file, for every reader at once.
 
-The body is hashed and written by worker threads, one batch at a time, and
-readers follow the file as its bytes land.  The upstream socket is paused
-only while the disk is behind (:data:`HIGH_WATER` bytes queued), never for a
-slow client, so one client cannot stall the others and no blob is ever held
-in memory.  The file is renamed to its digest only when the size and digest
-match.
+The body is hashed and written by worker threads, one batch at a time.
+Readers follow the body as it arrives: bytes not in the file yet are taken
+from the queue in memory, the rest from the file.  The upstream socket is
+paused only while the disk is behind (:data:`HIGH_WATER` bytes queued),
+never for a slow client, so one client cannot stall the others and no blob
+is ever held in memory.  The file is renamed to its digest only when the
+size and digest match.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -46,9 +48,10 @@ class Fill(Protocol):
     :meth:`start`-ed with the upstream response or :meth:`abandon`-ed.
     :attr:`ready` fires once the temporary file exists; :attr:`finished` once
     the blob is committed, or fails with the reason it is not.  Readers
-    :meth:`subscribe` to hear of every change of :attr:`written` and of
-    :attr:`verified`, which lets them send the last byte while the file is
-    being made durable.
+    :meth:`subscribe` to hear of every change of :attr:`received`,
+    :attr:`written` and :attr:`verified`, which lets them send the last byte
+    while the file is being made durable.  Bytes past :attr:`written` and up
+    to :attr:`received` are read from memory with :meth:`queued`.
     """
 
     def __init__(
@@ -83,6 +86,8 @@ class Fill(Protocol):
         self._hash = hashlib.new(digest.partition(":")[0])
         self._pending: list[bytes] = []
         self._pending_bytes = 0
+        #: Every chunk received and not written yet, from offset :attr:`written` on.
+        self._queued: deque[bytes] = deque()
         self._writing = False
         self._ended = False
         self._paused = False
@@ -108,6 +113,27 @@ class Fill(Protocol):
     def _notify(self) -> None:
         for listener in list(self._listeners):
             listener()
+
+    def queued(self, offset: int, limit: int) -> bytes:
+        """Bytes [offset, limit) from memory, received and not written yet.
+
+        A span that is one whole chunk as received is returned as is, without
+        a copy.
+        """
+        if offset < self.written or limit > self.received:
+            raise ValueError(f"[{offset}, {limit}) is not queued")
+        queue = self._queued
+        index, start = len(queue), self.received
+        while start > offset:
+            index -= 1
+            start -= len(queue[index])
+        pieces = []
+        while start < limit:
+            chunk = queue[index]
+            pieces.append(chunk[max(offset - start, 0) : limit - start])
+            start += len(chunk)
+            index += 1
+        return b"".join(pieces)
 
     # --- starting --------------------------------------------------------------
 
@@ -155,12 +181,14 @@ class Fill(Protocol):
             return
         self._timer.touch()
         self._pending.append(data)
+        self._queued.append(data)
         self._pending_bytes += len(data)
         if self._pending_bytes >= HIGH_WATER and not self._paused and self._upstream:
             self._paused = True
             self._timer.stop()
             self._upstream.pauseProducing()
         self._write_next()
+        self._notify()
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
         self._timer.stop()
@@ -196,6 +224,8 @@ class Fill(Protocol):
             return
         self.written += count
         self._pending_bytes -= count
+        while count > 0:
+            count -= len(self._queued.popleft())
         if self._paused and self._pending_bytes <= LOW_WATER and self._upstream:
             self._paused = False
             self._start_timer()
@@ -249,6 +279,7 @@ class Fill(Protocol):
         if self._upstream is not None and not self._ended:
             self._upstream.stopProducing()
         self._pending = []
+        self._queued.clear()
         log.warn(
             "fill of {digest} from {upstream} failed after {received} bytes: {error}",
             digest=self.digest,

@@ -71,6 +71,15 @@ class FollowedFill:
         return f"<FollowedFill {self.digest} {self.written}/{self.size} {state}>"
 
     @property
+    def received(self) -> int:
+        """What readers may read: what is in the file (the filler's memory is its own)."""
+        return self.written
+
+    def queued(self, offset: int, limit: int) -> bytes:
+        """Nothing is held in memory here; readers never read past :attr:`received`."""
+        return b""
+
+    @property
     def done(self) -> bool:
         return self.committed or self.error is not None
 

@@ -1,0 +1,216 @@
+"""The processes a benchmark runs: the mirrors side by side, and nginx.
+
+Every server listens on 127.0.0.1 only, runs in its own process group and is
+killed as a group.  The upstream (distribution with token auth) comes from
+the integration tests' :mod:`tests.integration.registries`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.integration.clients import ServerTLS, tls_endpoint
+from tests.integration.registries import LOOPBACK, Registry, free_port, subprocess_env
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MIB = 1 << 20
+
+
+class Process:
+    """A server in its own process group, waited on until it accepts connections."""
+
+    def __init__(
+        self, name: str, argv: list[str], workdir: Path, port: int, env: dict[str, str]
+    ) -> None:
+        self.name = name
+        self.port = port
+        self.workdir = workdir
+        self.log = workdir / "server.log"
+        with self.log.open("ab") as log:
+            self.popen = subprocess.Popen(
+                argv,
+                cwd=workdir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 60
+        while not _accepts(port):
+            if time.monotonic() > deadline or self.popen.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"{name} did not start:\n{self.log.read_text()}")
+            time.sleep(0.05)
+
+    def memory(self, field: str) -> int:
+        """A memory figure of the process (``VmRSS``, ``VmHWM`` for the peak), in bytes."""
+        for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"no {field}")
+
+    def cpu_seconds(self) -> float:
+        """User and system CPU time the process used so far, all its threads."""
+        fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def reset_peak(self) -> None:
+        """Start ``VmHWM`` again from the current RSS."""
+        Path(f"/proc/{self.popen.pid}/clear_refs").write_text("5")
+
+    def peak_mib(self) -> float:
+        return self.memory("VmHWM") / MIB
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.popen.wait()
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection((LOOPBACK, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """How to start one kind of mirror, over TLS with *tls* or plain HTTP without."""
+
+    name: str
+    kind: str  # "dockmirror" or "distribution"
+    tls: ServerTLS | None
+    #: For dockmirror: the checkout to run it from (its ``.venv`` if it has one).
+    checkout: Path = REPO_ROOT
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    def start(self, workdir: Path, upstream: Registry) -> Process:
+        workdir.mkdir(parents=True)
+        port = free_port()
+        if self.kind == "dockmirror":
+            argv, env = self._dockmirror(workdir, upstream, port)
+        else:
+            argv, env = self._distribution(workdir, upstream, port), subprocess_env()
+        return Process(self.name, argv, workdir, port, env)
+
+    def _dockmirror(
+        self, workdir: Path, upstream: Registry, port: int
+    ) -> tuple[list[str], dict[str, str]]:
+        listen = (
+            tls_endpoint(port, LOOPBACK, self.tls)
+            if self.tls
+            else f"tcp:{port}:interface={LOOPBACK}"
+        )
+        venv = self.checkout / ".venv" / "bin"
+        python = venv / "python" if venv.is_dir() else Path(sys.executable)
+        twistd = (str(python), str(python.with_name("twistd")))
+        argv = dockmirror_argv(workdir, upstream, [listen], f"{self.scheme}://{LOOPBACK}:{port}")
+        env = subprocess_env(
+            PYTHONPATH=os.pathsep.join(
+                filter(None, [str(self.checkout), os.environ.get("PYTHONPATH")])
+            )
+        )
+        return [*twistd, *argv], env
+
+    def _distribution(self, workdir: Path, upstream: Registry, port: int) -> list[str]:
+        http: dict[str, object] = {"addr": f"{LOOPBACK}:{port}", "secret": "bench"}
+        if self.tls:
+            http["tls"] = {"certificate": str(self.tls.certificate), "key": str(self.tls.key)}
+        config = {
+            "version": "0.1",
+            "log": {"level": "info", "accesslog": {"disabled": True}},
+            "storage": {"filesystem": {"rootdirectory": str(workdir / "storage")}},
+            "http": http,
+            "proxy": {"remoteurl": upstream.url},
+        }
+        path = workdir / "config.yml"
+        path.write_text(json.dumps(config))
+        return ["docker-registry", "serve", str(path)]
+
+
+def dockmirror_argv(
+    workdir: Path, upstream: Registry, listen: list[str], public_url: str
+) -> list[str]:
+    """twistd's arguments for dockmirror with its cache in *workdir*, pulling from *upstream*."""
+    config = workdir / "dockmirror.toml"
+    config.write_text(
+        f"""
+[server]
+listen = {json.dumps(listen)}
+public_url = "{public_url}"
+[auth]
+database = "{workdir}/keys.sqlite"
+[cache]
+directory = "{workdir}/cache"
+[upstreams.hub]
+plugin = "registry"
+url = "{upstream.url}"
+default = true
+"""
+    )
+    return ["-n", "--pidfile=", "dockmirror", "--config", str(config)]
+
+
+def start_dockmirror(
+    workdir: Path, upstream: Registry, tls_listen: str | None = None, twistd: tuple[str, ...] = ()
+) -> Process:
+    """dockmirror on a plain port (:attr:`Process.port`), plus an optional TLS listener.
+
+    *twistd* replaces the command that runs twistd.
+    """
+    port = free_port()
+    listen = [f"tcp:{port}:interface={LOOPBACK}", *filter(None, [tls_listen])]
+    twistd = twistd or (sys.executable, str(Path(sys.executable).with_name("twistd")))
+    argv = [*twistd, *dockmirror_argv(workdir, upstream, listen, f"http://{LOOPBACK}:{port}")]
+    env = subprocess_env(PYTHONPATH=str(REPO_ROOT))
+    return Process("dockmirror", argv, workdir, port, env)
+
+
+def start_nginx(workdir: Path, path: str, blob: Path) -> Process:
+    """nginx (one process, ``sendfile on``) serving the file *blob* at *path*."""
+    workdir.mkdir(parents=True)
+    port = free_port()
+    temp = {name: workdir / name for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")}
+    conf = workdir / "nginx.conf"
+    conf.write_text(
+        f"""
+daemon off;
+master_process off;
+worker_processes 1;
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 100000;
+    {"".join(f"{name}_temp_path {p};" for name, p in temp.items())}
+    server {{
+        listen {LOOPBACK}:{port};
+        location = {path} {{
+            alias {blob};
+            default_type application/octet-stream;
+        }}
+    }}
+}}
+"""
+    )
+    argv = ["nginx", "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "error.log")]
+    return Process("nginx", argv, workdir, port, subprocess_env())
