@@ -7,19 +7,24 @@ test can make requests until every worker has served some.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
+import socketserver
 import subprocess
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 from prometheus_client.mmap_dict import MmapedDict
 
 from .conftest import Dockmirror, DockmirrorFactory
 from .keys import admin, create_key
-from .registries import Registry, wait_until
+from .registries import LOOPBACK, Registry, wait_until
 from .test_auth import basic, token_for
 from .test_cache import assert_cache_sound, cached_blobs, sha256
 from .test_pull import curl
@@ -27,9 +32,63 @@ from .test_pull import curl
 WORKERS = 2
 
 
+class SlowUpstream:
+    """A loopback TCP relay to a registry that sends its answers at *rate* bytes/s.
+
+    It makes fills last long enough for other requests to arrive during them.
+    """
+
+    def __init__(self, registry: Registry, rate: int = 8 << 20) -> None:
+        self.target = (LOOPBACK, int(registry.url.rsplit(":", 1)[1]))
+        self.rate = rate
+        self.server = socketserver.ThreadingTCPServer((LOOPBACK, 0), self._handler())
+        self.server.daemon_threads = True
+        self.url = f"http://{LOOPBACK}:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _handler(self) -> type[socketserver.BaseRequestHandler]:
+        relay = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                with socket.create_connection(relay.target) as upstream:
+                    threading.Thread(
+                        target=_pump, args=(self.request, upstream, None), daemon=True
+                    ).start()
+                    _pump(upstream, self.request, relay.rate)
+
+        return Handler
+
+
+def _pump(source: socket.socket, sink: socket.socket, rate: int | None) -> None:
+    chunk = 64 << 10
+    try:
+        while data := source.recv(chunk):
+            sink.sendall(data)
+            if rate is not None:
+                time.sleep(len(data) / rate)
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+
+@pytest.fixture
+def slow_upstream(registry_factory) -> Iterator[tuple[Registry, SlowUpstream]]:
+    registry = registry_factory()
+    relay = SlowUpstream(registry)
+    yield registry, relay
+    relay.close()
+
+
 def start_workers(
     dockmirror: DockmirrorFactory,
-    registry: Registry,
+    registry: Registry | SlowUpstream,
     workers: int = WORKERS,
     *,
     auth_required: bool = False,
@@ -126,27 +185,23 @@ def test_one_upstream_fetch_per_digest_across_workers(
 
 
 def test_a_fill_in_one_worker_is_followed_by_the_others(
-    registry_factory, dockmirror, seeded, unique_repo
+    slow_upstream, dockmirror, seeded, unique_repo
 ):
-    registry = registry_factory()
+    registry, relay = slow_upstream
     image = seeded(registry, unique_repo, "v1", layers=[64 << 20])
-    mirror = start_workers(dockmirror, registry)
+    mirror = start_workers(dockmirror, relay)
     layer = image.platforms[0].layers[0]
     url = f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"
-    first = subprocess.Popen(
-        ["curl", "-s", "--noproxy", "*", "--limit-rate", "8M", "-o", "-", url],
-        stdout=subprocess.PIPE,
-    )
-    followers: list[tuple[int, dict[str, str], bytes]] = []
-    try:
+    with ThreadPoolExecutor(30) as pool:
+        clients = [pool.submit(curl, url)]
         wait_until(lambda: any(p.stat().st_size for p in (mirror.cache_dir / "tmp").iterdir()))
-        # New connections while the fill runs, until the other worker took one.
-        until_every_worker_answered(mirror, "blob", lambda: followers.append(curl(url)))
-    finally:
-        body, _ = first.communicate(timeout=60)
-    assert sha256(body) == layer.digest
+        # New connections while the fill runs, until one reached the other worker.
+        while "following the fill of" not in mirror.log_text() and len(clients) < 30:
+            clients.append(pool.submit(curl, url))
+            time.sleep(0.2)
+        results = [client.result() for client in clients]
     assert "following the fill of" in mirror.log_text()
-    assert all(sha256(b) == layer.digest for _, _, b in followers)
+    assert {(status, sha256(body)) for status, _, body in results} == {(200, layer.digest)}
     assert registry.count_requests("GET", f"/blobs/{layer.digest}") == 1
 
 
@@ -209,15 +264,14 @@ def holder_of(mirror: Dockmirror, directory: Path) -> int | None:
     return None
 
 
-def test_kill_9_of_a_filling_worker(registry_factory, dockmirror, seeded, unique_repo):
-    registry = registry_factory()
+def test_kill_9_of_a_filling_worker(slow_upstream, dockmirror, seeded, unique_repo):
+    registry, relay = slow_upstream
     image = seeded(registry, unique_repo, "v1", layers=[64 << 20])
-    mirror = start_workers(dockmirror, registry)
+    mirror = start_workers(dockmirror, relay)
     layer = image.platforms[0].layers[0]
     url = f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"
     client = subprocess.Popen(
-        ["curl", "-s", "--noproxy", "*", "--limit-rate", "4M", "-o", "-", url],
-        stdout=subprocess.PIPE,
+        ["curl", "-s", "--noproxy", "*", "-o", "-", url], stdout=subprocess.PIPE
     )
     temp = mirror.cache_dir / "tmp"
     try:
