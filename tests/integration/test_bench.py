@@ -45,3 +45,36 @@ def test_the_benchmark_runs_every_workload_on_both_servers(tmp_path):
     ):
         assert row in runs
     assert "| cache-hit throughput, 1 client (MiB/s) |" in result.stdout
+
+
+def test_the_benchmark_runs_dockmirror_with_workers(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--workers",
+            "1,2",
+            "--only",
+            "hit",
+            "--json",
+            str(tmp_path / "runs.json"),
+            "--chart",
+            str(tmp_path / "chart.png"),
+        ],
+        cwd=REPO_ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    runs = json.loads((tmp_path / "runs.json").read_text())["runs"]
+    assert set(runs["cache-hit throughput, 8 clients (MiB/s)"]) == {
+        "dockmirror",
+        "dockmirror-w2",
+        "distribution",
+    }
+    assert set(runs["peak RSS of one worker, cache hits, 8 clients (MiB)"]) == {"dockmirror-w2"}
+    assert "| dockmirror-w2 / distribution |" in result.stdout
