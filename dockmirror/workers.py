@@ -30,6 +30,7 @@ from typing import Any
 from twisted.application import service
 from twisted.internet import protocol, stdio
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
@@ -226,7 +227,7 @@ class Supervisor(service.Service):
         for worker in list(self._workers.values()):
             try:
                 worker.transport.signalProcess(name)  # type: ignore[union-attr]
-            except (OSError, AttributeError) as e:  # ended meanwhile
+            except (ProcessExitedAlready, OSError, AttributeError) as e:  # ended meanwhile
                 log.debug("cannot signal worker: {error}", error=e)
 
     def stopService(self) -> Deferred[Any]:

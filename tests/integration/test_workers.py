@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import socketserver
@@ -22,9 +23,10 @@ from pathlib import Path
 import pytest
 from prometheus_client.mmap_dict import MmapedDict
 
-from .conftest import Dockmirror, DockmirrorFactory
+from .clients import ServerTLS, make_server_tls, tls_endpoint
+from .conftest import Dockmirror, DockmirrorFactory, toml_document
 from .keys import admin, create_key
-from .registries import LOOPBACK, Registry, wait_until
+from .registries import LOOPBACK, Registry, free_port, wait_until
 from .test_auth import basic, token_for
 from .test_cache import assert_cache_sound, cached_blobs, sha256
 from .test_pull import curl
@@ -352,6 +354,39 @@ def test_metrics_add_up_across_workers(plain_registry, dockmirror):
             if line.startswith("dockmirror_http_requests_total{") and 'route="base"' in line
         ]
         assert sum(float(line.rsplit(" ", 1)[1]) for line in lines) == before + count
+
+
+def test_sighup_reloads_the_certificate_in_every_worker(plain_registry, dockmirror, tmp_path):
+    first, renewed = (
+        make_server_tls(tmp_path / "a", "localhost"),
+        make_server_tls(tmp_path / "b", "localhost"),
+    )
+    live = ServerTLS(tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem")
+    for source, target in ((first.certificate, live.certificate), (first.key, live.key)):
+        shutil.copy(source, target)
+    tls_port = free_port()
+    mirror = dockmirror(
+        {"hub": {"plugin": "dockerhub", "url": plain_registry.url, "default": True}},
+        extra={"server": {"workers": WORKERS}},
+        start=False,
+    )
+    mirror.config["server"]["listen"].append(tls_endpoint(tls_port, LOOPBACK, live))
+    mirror.config_path.write_text(toml_document(mirror.config))
+    mirror.start()
+    wait_until(lambda: len(worker_pids(mirror)) == WORKERS, timeout=30)
+    wait_until(lambda: mirror.log_text().count(f"starting on {tls_port}") > WORKERS, timeout=30)
+    for source, target in ((renewed.certificate, live.certificate), (renewed.key, live.key)):
+        shutil.copy(source, target)
+    os.kill(mirror.pid, signal.SIGHUP)
+    wait_until(lambda: mirror.log_text().count("SIGHUP: reloading TLS certificates") == WORKERS)
+    wait_until(lambda: mirror.log_text().count("loaded TLS certificate") >= WORKERS)
+    https = f"https://localhost:{tls_port}/v2/"
+
+    def renewed_certificate() -> None:
+        assert curl("--cacert", str(renewed.ca), https)[0] == 200
+
+    until_every_worker_answered(mirror, "base", renewed_certificate)
+    assert mirror.running  # SIGHUP did not stop the supervisor
 
 
 def test_sigterm_to_the_supervisor_leaves_no_process(plain_registry, dockmirror):
