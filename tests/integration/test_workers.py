@@ -357,10 +357,10 @@ def test_metrics_add_up_across_workers(plain_registry, dockmirror):
 
 
 def test_sighup_reloads_the_certificate_in_every_worker(plain_registry, dockmirror, tmp_path):
-    first, renewed = (
-        make_server_tls(tmp_path / "a", "localhost"),
-        make_server_tls(tmp_path / "b", "localhost"),
-    )
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = make_server_tls(tmp_path / "a", "localhost")
+    renewed = make_server_tls(tmp_path / "b", "localhost")
     live = ServerTLS(tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem")
     for source, target in ((first.certificate, live.certificate), (first.key, live.key)):
         shutil.copy(source, target)
