@@ -11,7 +11,16 @@ setup(
     license="MIT",
     python_requires=">=3.11",
     packages=find_packages(exclude=["tests*", "bench*"]) + ["twisted.plugins"],
-    package_data={"dockmirror": ["py.typed", "*.toml", "auth/*.sql", "cache/*.sql"]},
+    package_data={
+        "dockmirror": [
+            "py.typed",
+            "*.toml",
+            "auth/*.sql",
+            "cache/*.sql",
+            "portal/*.sql",
+            "portal/static/*",
+        ]
+    },
     install_requires=[
         "twisted[tls,conch]>=23.10",
         "treq>=23.11",
@@ -31,6 +40,12 @@ setup(
             # Importable h2 makes Twisted offer HTTP/2 unless the site pins
             # HTTP/1.1; tests/integration/test_http2.py checks the pin.
             "h2>=4.1",
+            # The portal's tests: an OAuth2/OIDC provider stand-in, HTTP sessions, a browser
+            # (Debian's chromium and chromium-driver, installed by .ci/run).
+            "authlib>=1.6",
+            "flask>=3.0",
+            "requests>=2.31",
+            "selenium>=4.20",
         ],
         # python -m bench draws its chart with matplotlib when it is installed.
         "bench": ["matplotlib>=3.7"],

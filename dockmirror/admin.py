@@ -1,4 +1,4 @@
-"""``dockmirror-admin``: manage API keys, also while the server runs.
+"""``dockmirror-admin``: manage API keys and portal users, also while the server runs.
 
 It opens the server's SQLite key store (``[auth] database``) itself.  A key
 revoked here stops working in a running server within seconds: the server
@@ -25,20 +25,24 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dockmirror.auth.keystore import KeyDatabase, KeyInfo, KeyStoreError
-from dockmirror.config import Config, ConfigError, check_repository_prefix, load
+from dockmirror.config import Config, ConfigError, check_repository_prefix, load, state_directory
+from dockmirror.portal import users
+from dockmirror.portal.sessions import DATABASE_FILE, PortalDatabase, PortalStoreError
 
 PROG = "dockmirror-admin"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Manage dockmirror's API keys.")
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Manage dockmirror's API keys and portal users."
+    )
     parser.add_argument(
         "--config",
         "-c",
         metavar="FILE",
         help="the server's TOML configuration (default: the embedded default configuration)",
     )
-    groups = parser.add_subparsers(dest="group", required=True, metavar="keys")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="{keys,users}")
     keys = groups.add_parser("keys", help="create, list, revoke and rotate API keys")
     commands = keys.add_subparsers(dest="command", required=True, metavar="COMMAND")
     create = commands.add_parser(
@@ -58,11 +62,21 @@ def _parser() -> argparse.ArgumentParser:
         ("rotate", "replace a key by a new one, printed as by create; the old one is revoked"),
     ):
         commands.add_parser(name, help=description).add_argument("app_id", metavar="APPID")
+    people = groups.add_parser("users", help="list, disable and enable portal users")
+    user_commands = people.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    user_commands.add_parser("list", help="everyone who signed in to the portal")
+    for name, description in (
+        ("disable", "revoke every key of a user, end their sessions and refuse their sign-ins"),
+        ("enable", "let a disabled user sign in again (their keys stay revoked)"),
+    ):
+        user_commands.add_parser(name, help=description).add_argument(
+            "identity", metavar="IDENTITY", help="PROVIDER:LOGIN, e.g. github:octocat"
+        )
     return parser
 
 
 def _table(keys: Sequence[KeyInfo]) -> str:
-    header = ("APP ID", "NAME", "CREATED", "LAST USED", "REQUESTS", "BYTES SENT", "STATE")
+    header = ("APP ID", "NAME", "OWNER", "CREATED", "LAST USED", "REQUESTS", "BYTES SENT", "STATE")
     rows = [header]
     for key in keys:
         data = key.to_json()
@@ -70,6 +84,7 @@ def _table(keys: Sequence[KeyInfo]) -> str:
             (
                 key.app_id,
                 key.name,
+                key.owner,
                 data["createdAt"],
                 data["lastUsedAt"] or "never",
                 str(key.use_count),
@@ -84,8 +99,25 @@ def _table(keys: Sequence[KeyInfo]) -> str:
     )
 
 
+def _run_users(args: argparse.Namespace, config: Config, db: KeyDatabase) -> None:
+    portal = PortalDatabase(state_directory(config) / DATABASE_FILE)
+    try:
+        if args.command == "list":
+            for user in portal.users():
+                print(json.dumps(user.to_json()))
+        elif args.command == "disable":
+            print(json.dumps(users.disable(portal, db, args.identity)))
+        else:
+            portal.set_disabled(users.check_identity(args.identity), False)
+            print(f"{args.identity} may sign in again")
+    finally:
+        portal.close()
+
+
 def _run(args: argparse.Namespace, config: Config, db: KeyDatabase) -> None:
-    if args.command == "create":
+    if args.group == "users":
+        _run_users(args, config, db)
+    elif args.command == "create":
         limits = None
         if args.repository:
             limits = [check_repository_prefix(r, config.upstreams) for r in args.repository]
@@ -173,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
-    except (KeyStoreError, sqlite3.Error) as e:
+    except (KeyStoreError, PortalStoreError, sqlite3.Error) as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
     finally:

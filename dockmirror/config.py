@@ -27,6 +27,8 @@ from dockmirror._interfaces import IUpstream
 from dockmirror.egress import UpstreamTLS, load_upstream_tls
 from dockmirror.forwarded import HEADERS as PROXY_HEADERS
 from dockmirror.hostnames import HostPattern, is_host_name
+from dockmirror.portal import config as portal_config
+from dockmirror.portal.config import PortalConfig
 from dockmirror.reference import NAME_RE
 
 EMBEDDED = "(embedded default)"
@@ -181,6 +183,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     manhole: ManholeConfig = field(default_factory=ManholeConfig)
+    portal: PortalConfig = field(default_factory=PortalConfig)
     upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
 
 
@@ -190,6 +193,7 @@ _SECTIONS: dict[str, type] = {
     "cache": CacheConfig,
     "metrics": MetricsConfig,
     "manhole": ManholeConfig,
+    "portal": PortalConfig,
 }
 
 
@@ -277,6 +281,8 @@ def _coerce(source: str, key: str, hint: Any, value: Any) -> Any:
             if isinstance(value, alternative) and not isinstance(value, bool):
                 return value
         return _coerce(source, key, inner[0], value)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return _section(source, key, hint, value)
     if origin is tuple:
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return tuple(value)
@@ -352,6 +358,10 @@ def _check(config: Config) -> None:
         raise ConfigError(f"{source}: server.public_url must be an http(s) URL")
     _check_cache(source, config.cache)
     _check_auth(config)
+    try:
+        portal_config.check(config.portal)
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def upstream_tls(source: str, name: str, upstream: UpstreamConfig) -> UpstreamTLS:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch import manhole, manhole_ssh
@@ -40,6 +40,8 @@ from dockmirror.auth.keystore import KeyInfo, KeyList, KeyStore, NewKey
 from dockmirror.auth.secretfile import load_or_create
 
 log = Logger()
+audit = Logger(namespace="dockmirror.audit")
+T = TypeVar("T")
 
 HOST_KEY_FILE = "manhole_host_key"
 #: Seconds a connection has to authenticate before it is closed.
@@ -225,14 +227,31 @@ class KeysConsole:
     def create(self, name: str, repositories: Iterable[str] | None = None) -> Deferred[NewKey]:
         """A new key; *repositories* (``UPSTREAM/PREFIX``, ...) limits what it may pull."""
         limits = None if repositories is None else [self._check_prefix(r) for r in repositories]
-        return Deferred.fromCoroutine(self._store.create(name, limits))
+        return self._audited("created", Deferred.fromCoroutine(self._store.create(name, limits)))
 
     def revoke(self, app_id: str) -> Deferred[KeyInfo]:
-        return Deferred.fromCoroutine(self._store.revoke(app_id))
+        return self._audited("revoked", Deferred.fromCoroutine(self._store.revoke(app_id)))
 
     def rotate(self, app_id: str) -> Deferred[NewKey]:
         """A new key replacing *app_id*, which is revoked."""
-        return Deferred.fromCoroutine(self._store.rotate(app_id))
+        return self._audited("rotated", Deferred.fromCoroutine(self._store.rotate(app_id)), app_id)
+
+    @staticmethod
+    def _audited(action: str, done: Deferred[T], old: str | None = None) -> Deferred[T]:
+        """Log *action* on the key *done* fires with (the replaced one, for a rotation)."""
+
+        def logged(key: T) -> T:
+            new = getattr(key, "app_id", "?")
+            audit.info(
+                "key {app_id} {action} by the operator (manhole){replaced}",
+                app_id=old or new,
+                action=action,
+                replaced=f", replaced by {new}" if old else "",
+                audit=f"key-{action}",
+            )
+            return key
+
+        return done.addCallback(logged)
 
     def stats(self) -> Deferred[dict[str, Any]]:
         """Totals over all keys; usage not yet written is ``pendingUsage``."""

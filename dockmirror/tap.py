@@ -42,6 +42,7 @@ from dockmirror.forwarded import ClientAddresses
 from dockmirror.health import HealthResource, directory_writable
 from dockmirror.manhole import HOST_KEY_FILE, KeysConsole, load_host_key, manhole_factory
 from dockmirror.metrics import Metrics, MetricsResource
+from dockmirror.portal.service import build_portal
 from dockmirror.pull import Prefetcher, PullService, Upstreams
 from dockmirror.routing import build_router
 from dockmirror.tls import PlainHTTPFactory, ReloadService, tls_endpoint
@@ -199,13 +200,22 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
     else:
         root.putChild(b"metrics", metrics_resource)
     ReloadService(reactor, certificates).setServiceParent(top)
-    PoolService([e.pool for e in egress.values()]).setServiceParent(top)
+    pools = [e.pool for e in egress.values()]
+    check_prefix = partial(check_repository_prefix, upstreams=config.upstreams)
     namespace: dict[str, Any] = {
-        "keys": KeysConsole(keys, partial(check_repository_prefix, upstreams=config.upstreams)),
+        "keys": KeysConsole(keys, check_prefix),
         "upstreams": {upstream.name: upstream for upstream in router.upstreams},
         "config": config,
         "cache": cache,
     }
+    if config.portal.enabled:
+        portal = build_portal(
+            config, keys, metrics, cache, router, egress, check_prefix, reactor, top
+        )
+        root.putChild(b"portal", portal.resource)
+        namespace["users"] = portal.users
+        pools.extend(portal.pools)
+    PoolService(pools).setServiceParent(top)
     if config.manhole.listen is not None:
         assert config.manhole.authorized_keys is not None  # the config check guarantees it
         factory = manhole_factory(

@@ -20,8 +20,8 @@ import secrets
 import sqlite3
 import string
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -36,12 +36,19 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from dockmirror.auth.secretfile import make_private_directory
+from dockmirror.sqlite import BUSY_TIMEOUT_MS, write_transaction
 
 log = Logger()
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: The owner of keys made by ``dockmirror-admin`` and the manhole.
+OPERATOR = "operator"
+#: Days of per-key daily usage kept (the portal charts 30).
+USAGE_DAYS = 31
+#: Hours of request counts kept (the portal charts 24).
+TRAFFIC_HOURS = 48
 APP_ID_PREFIX = "app_"
 API_KEY_PREFIX = "sk_"
 _APP_ID_ALPHABET = string.ascii_lowercase + string.digits
@@ -51,18 +58,27 @@ _SALT_BYTES = 16
 #: Credentials longer than this are refused before any hashing.
 MAX_CREDENTIAL_LENGTH = 256
 NAME_MAX = 100
-BUSY_TIMEOUT_MS = 5000
+DAY = 86400
+HOUR = 3600
 #: Seconds between writes of the usage counters.
 FLUSH_INTERVAL = 5.0
 
 _COLUMNS = (
     "app_id, name, created_at, revoked_at, last_used_at,"
-    " use_count, bytes_served, repositories, replaced_by"
+    " use_count, bytes_served, repositories, replaced_by, owner"
 )
 
 
 class KeyStoreError(Exception):
     """A key-store operation cannot be done; the message says why."""
+
+
+#: ``(appId, day, requests, bytes)``, the day counted from the epoch.
+DailyUsage = tuple[str, int, int, int]
+
+
+class QuotaExceeded(KeyStoreError):
+    """The owner already has as many live keys as allowed."""
 
 
 def iso_time(timestamp: float) -> str:
@@ -103,6 +119,8 @@ class KeyInfo:
     #: ``UPSTREAM/PREFIX`` rules this key may pull from; None: everything.
     repositories: tuple[str, ...] | None
     replaced_by: str | None
+    #: A portal identity (``github:octocat``), or :data:`OPERATOR`.
+    owner: str = OPERATOR
 
     @property
     def revoked(self) -> bool:
@@ -112,6 +130,7 @@ class KeyInfo:
         return {
             "appId": self.app_id,
             "name": self.name,
+            "owner": self.owner,
             "createdAt": _iso(self.created_at),
             "lastUsedAt": _iso(self.last_used_at),
             "useCount": self.use_count,
@@ -125,8 +144,9 @@ class KeyInfo:
     def __repr__(self) -> str:
         state = f"revoked {_iso(self.revoked_at)}" if self.revoked else "active"
         scope = "" if self.repositories is None else f" only {','.join(self.repositories)}"
+        owner = "" if self.owner == OPERATOR else f" of {self.owner}"
         return (
-            f"<key {self.app_id} {self.name!r} {state}{scope}: {self.use_count} requests,"
+            f"<key {self.app_id} {self.name!r}{owner} {state}{scope}: {self.use_count} requests,"
             f" {_size(self.bytes_served)}, last used {_iso(self.last_used_at) or 'never'}>"
         )
 
@@ -153,6 +173,10 @@ class NewKey:
 
     def __repr__(self) -> str:
         return f"<new key {self.name!r}: appId {self.app_id} apiKey {self.api_key}>"
+
+
+def _sql(name: str) -> str:
+    return resources.files("dockmirror.auth").joinpath(name).read_text()
 
 
 @dataclass
@@ -187,6 +211,7 @@ def _info(row: Sequence[Any]) -> KeyInfo:
         bytes_served=row[6],
         repositories=tuple(repositories) if repositories is not None else None,
         replaced_by=row[8],
+        owner=row[9],
     )
 
 
@@ -239,14 +264,26 @@ class KeyDatabase:
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'version'"
         ).fetchone()
         if not known:
-            schema = resources.files("dockmirror.auth").joinpath("schema.sql").read_text()
-            self._conn.executescript(schema)
+            self._conn.executescript(_sql("schema.sql"))
         (version,) = self._conn.execute("SELECT version FROM version").fetchone()
+        if version == 1:
+            self._upgrade_from_1()
+            (version,) = self._conn.execute("SELECT version FROM version").fetchone()
         if version != SCHEMA_VERSION:
             raise KeyStoreError(
                 f"{self.path}: key database schema version {version};"
                 f" this dockmirror knows version {SCHEMA_VERSION}"
             )
+
+    def _upgrade_from_1(self) -> None:
+        """Version 1 to 2, once, even with two processes starting at the same time."""
+        with self._transaction() as conn:
+            (version,) = conn.execute("SELECT version FROM version").fetchone()
+            if version == 1:
+                for statement in _sql("upgrade-2.sql").split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                log.info("upgraded the key database {path} to schema 2", path=str(self.path))
 
     def close(self) -> None:
         self._conn.close()
@@ -254,16 +291,8 @@ class KeyDatabase:
     def _now(self) -> int:
         return int(self._clock())
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction, holding the write lock from its start."""
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._conn
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return write_transaction(self._conn)
 
     def _get(self, app_id: str) -> KeyInfo:
         row = self._conn.execute(
@@ -273,15 +302,17 @@ class KeyDatabase:
             raise KeyStoreError(f"no key {app_id}")
         return _info(row)
 
-    def _insert(self, name: str, repositories: Sequence[str] | None) -> NewKey:
+    def _insert(
+        self, name: str, repositories: Sequence[str] | None, owner: str = OPERATOR
+    ) -> NewKey:
         app_id = APP_ID_PREFIX + "".join(
             secrets.choice(_APP_ID_ALPHABET) for _ in range(_APP_ID_LENGTH)
         )
         api_key = API_KEY_PREFIX + secrets.token_urlsafe(_SECRET_BYTES)
         salt = secrets.token_bytes(_SALT_BYTES)
         self._conn.execute(
-            "INSERT INTO keys (app_id, name, salt, secret_hash, repositories, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO keys (app_id, name, salt, secret_hash, repositories, created_at, owner)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
             (
                 app_id,
                 name,
@@ -289,22 +320,55 @@ class KeyDatabase:
                 _hash(salt, api_key),
                 json.dumps(list(repositories)) if repositories is not None else None,
                 self._now(),
+                owner,
             ),
         )
         return NewKey(app_id, api_key, name)
 
-    def create(self, name: str, repositories: Sequence[str] | None = None) -> NewKey:
-        """Make a key; *repositories* limits it to those ``UPSTREAM/PREFIX`` rules."""
+    def create(
+        self,
+        name: str,
+        repositories: Sequence[str] | None = None,
+        owner: str = OPERATOR,
+        max_live: int | None = None,
+    ) -> NewKey:
+        """Make a key; *repositories* limits it to those ``UPSTREAM/PREFIX`` rules.
+
+        With *max_live*, refuses (:class:`QuotaExceeded`) when *owner* already
+        has that many keys not revoked.
+        """
         _check_name(name)
-        with self._transaction():
-            return self._insert(name, repositories)
+        with self._transaction() as conn:
+            if max_live is not None:
+                (live,) = conn.execute(
+                    "SELECT count(*) FROM keys WHERE owner = ? AND revoked_at IS NULL", (owner,)
+                ).fetchone()
+                if live >= max_live:
+                    raise QuotaExceeded(f"{owner} already has {live} keys (at most {max_live})")
+            return self._insert(name, repositories, owner)
 
     def get(self, app_id: str) -> KeyInfo:
         return self._get(app_id)
 
-    def list(self) -> KeyList:
-        rows = self._conn.execute(f"SELECT {_COLUMNS} FROM keys ORDER BY created_at, app_id")
+    def list(self, owner: str | None = None) -> KeyList:
+        """Every key, or only *owner*'s."""
+        where, args = ("WHERE owner = ?", (owner,)) if owner is not None else ("", ())
+        rows = self._conn.execute(
+            f"SELECT {_COLUMNS} FROM keys {where} ORDER BY created_at, app_id", args
+        )
         return KeyList(_info(row) for row in rows)
+
+    def revoke_owner(self, owner: str) -> tuple[str, ...]:
+        """Revoke every live key of *owner*; the appIds revoked."""
+        with self._transaction() as conn:
+            rows = conn.execute(
+                "SELECT app_id FROM keys WHERE owner = ? AND revoked_at IS NULL", (owner,)
+            ).fetchall()
+            conn.execute(
+                "UPDATE keys SET revoked_at = ? WHERE owner = ? AND revoked_at IS NULL",
+                (self._now(), owner),
+            )
+        return tuple(app_id for (app_id,) in rows)
 
     def revoke(self, app_id: str) -> KeyInfo:
         """Revoke a key; revoking a revoked key changes nothing."""
@@ -322,7 +386,7 @@ class KeyDatabase:
             old = self._get(app_id)
             if old.revoked:
                 raise KeyStoreError(f"key {app_id} is revoked; create a new key instead")
-            new = self._insert(old.name, old.repositories)
+            new = self._insert(old.name, old.repositories, old.owner)
             conn.execute(
                 "UPDATE keys SET revoked_at = ?, replaced_by = ? WHERE app_id = ?",
                 (self._now(), new.app_id, app_id),
@@ -348,13 +412,57 @@ class KeyDatabase:
         return None if info.revoked else info
 
     def add_usage(self, usage: Mapping[str, Usage]) -> None:
-        """Add batched usage counters, in one transaction."""
+        """Add batched usage counters, totals and per day, in one transaction."""
         with self._transaction() as conn:
             conn.executemany(
                 "UPDATE keys SET use_count = use_count + ?, bytes_served = bytes_served + ?,"
                 " last_used_at = max(coalesce(last_used_at, 0), ?) WHERE app_id = ?",
                 [(u.requests, u.bytes, u.last_used, app_id) for app_id, u in usage.items()],
             )
+            conn.executemany(
+                "INSERT INTO key_usage_daily (app_id, day, requests, bytes)"
+                " SELECT app_id, ?, ?, ? FROM keys WHERE app_id = ?"
+                " ON CONFLICT (app_id, day) DO UPDATE SET"
+                " requests = requests + excluded.requests, bytes = bytes + excluded.bytes",
+                [(u.last_used // DAY, u.requests, u.bytes, app_id) for app_id, u in usage.items()],
+            )
+            conn.execute(
+                "DELETE FROM key_usage_daily WHERE day <= ?", (self._now() // DAY - USAGE_DAYS,)
+            )
+
+    def daily_usage(self, owner: str | None, days: int) -> tuple[DailyUsage, ...]:
+        """``(appId, day, requests, bytes)`` of the last *days* UTC days, today included.
+
+        Only *owner*'s keys, or everyone's if None.
+        """
+        since = self._now() // DAY - days + 1
+        query = (
+            "SELECT u.app_id, u.day, u.requests, u.bytes FROM key_usage_daily u"
+            " JOIN keys k ON k.app_id = u.app_id WHERE u.day >= ?"
+        )
+        args: tuple[Any, ...] = (since,)
+        if owner is not None:
+            query += " AND k.owner = ?"
+            args += (owner,)
+        return tuple(tuple(row) for row in self._conn.execute(query + " ORDER BY u.day", args))
+
+    def add_traffic(self, hour: int, requests: int) -> None:
+        """Count *requests* answered in *hour* (hours since the epoch)."""
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO traffic_hourly (hour, requests) VALUES (?, ?) ON CONFLICT (hour)"
+                " DO UPDATE SET requests = requests + excluded.requests",
+                (hour, requests),
+            )
+            conn.execute("DELETE FROM traffic_hourly WHERE hour <= ?", (hour - TRAFFIC_HOURS,))
+
+    def traffic(self, hours: int) -> dict[int, int]:
+        """Requests per hour of the last *hours* hours, this one included."""
+        since = self._now() // HOUR - hours + 1
+        rows = self._conn.execute(
+            "SELECT hour, requests FROM traffic_hourly WHERE hour >= ?", (since,)
+        )
+        return dict(rows.fetchall())
 
     def revoked_ids(self) -> frozenset[str]:
         rows = self._conn.execute("SELECT app_id FROM keys WHERE revoked_at IS NOT NULL")
@@ -468,11 +576,35 @@ class KeyStore(service.Service):
     async def verify(self, app_id: str, api_key: str) -> KeyInfo | None:
         return await self._run(self._db.verify, app_id, api_key)
 
-    async def create(self, name: str, repositories: Sequence[str] | None = None) -> NewKey:
-        return await self._run(self._db.create, name, repositories)
+    async def create(
+        self,
+        name: str,
+        repositories: Sequence[str] | None = None,
+        owner: str = OPERATOR,
+        max_live: int | None = None,
+    ) -> NewKey:
+        return await self._run(self._db.create, name, repositories, owner, max_live)
 
-    async def list(self) -> KeyList:
-        return await self._run(self._db.list)
+    async def get(self, app_id: str) -> KeyInfo:
+        return await self._run(self._db.get, app_id)
+
+    async def list(self, owner: str | None = None) -> KeyList:
+        return await self._run(self._db.list, owner)
+
+    async def revoke_owner(self, owner: str) -> tuple[str, ...]:
+        """Revoke every key of *owner*; their tokens stop working at once here."""
+        revoked = await self._run(self._db.revoke_owner, owner)
+        self.revoked |= set(revoked)
+        return revoked
+
+    async def daily_usage(self, owner: str | None, days: int) -> tuple[DailyUsage, ...]:
+        return await self._run(self._db.daily_usage, owner, days)
+
+    async def add_traffic(self, hour: int, requests: int) -> None:
+        await self._run(self._db.add_traffic, hour, requests)
+
+    async def traffic(self, hours: int) -> dict[int, int]:
+        return await self._run(self._db.traffic, hours)
 
     async def revoke(self, app_id: str) -> KeyInfo:
         info = await self._run(self._db.revoke, app_id)

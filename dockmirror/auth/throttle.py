@@ -64,9 +64,11 @@ class Throttle:
         window: float = WINDOW,
         max_tracked: int = MAX_TRACKED,
         action: str = "throttling it",
+        event: str = "failed to log in",
     ) -> None:
         self._clock = clock
         self._action = action
+        self._event = event
         self.limit = limit
         self.window = window
         self._max_tracked = max_tracked
@@ -105,8 +107,9 @@ class Throttle:
             self._failures.move_to_end(subject)
             if len(times) == self.limit:
                 log.warn(
-                    "{subject} failed to log in {limit} times within {window:.0f}s; {action}",
+                    "{subject} {event} {limit} times within {window:.0f}s; {action}",
                     subject=subject,
+                    event=self._event,
                     action=self._action,
                     limit=self.limit,
                     window=self.window,

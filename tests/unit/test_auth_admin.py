@@ -59,9 +59,15 @@ def test_create_list_revoke_rotate(config: str, capsys: pytest.CaptureFixture[st
 
     status, out, _ = run(capsys, "--config", config, "keys", "list")
     assert out.splitlines()[0].split() == [
-        "APP", "ID", "NAME", "CREATED", "LAST", "USED", "REQUESTS", "BYTES", "SENT", "STATE"
+        "APP", "ID", "NAME", "OWNER", "CREATED", "LAST", "USED",
+        "REQUESTS", "BYTES", "SENT", "STATE",
     ]  # fmt: skip
-    assert created["appId"] in out and "never" in out and created["apiKey"] not in out
+    assert (
+        created["appId"] in out
+        and "never" in out
+        and "operator" in out
+        and created["apiKey"] not in out
+    )
 
     status, out, err = run(capsys, "--config", config, "keys", "rotate", created["appId"])
     assert status == 0

@@ -81,6 +81,7 @@ def test_list_never_shows_secrets(db: KeyDatabase, clock: FakeTime) -> None:
     assert listed[0] == {
         "appId": a.app_id,
         "name": "laptop",
+        "owner": "operator",
         "createdAt": "2023-11-14T22:13:20Z",
         "lastUsedAt": None,
         "useCount": 0,
@@ -173,7 +174,7 @@ def test_foreign_file_refused(tmp_path: Path) -> None:
 def test_newer_schema_refused(db: KeyDatabase, tmp_path: Path) -> None:
     db._conn.execute("UPDATE version SET version = 99")
     db.close()
-    with pytest.raises(KeyStoreError, match="schema version 99; this dockmirror knows version 1"):
+    with pytest.raises(KeyStoreError, match="schema version 99; this dockmirror knows version 2"):
         KeyDatabase(tmp_path / "state" / "keys.sqlite")
 
 

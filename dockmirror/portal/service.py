@@ -1,0 +1,109 @@
+"""Assembling the portal: its stores, sign-in providers, secrets and resource."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application import service
+from twisted.web.client import HTTPConnectionPool
+
+from dockmirror.auth.keystore import KeyStore
+from dockmirror.auth.secretfile import load_or_create
+from dockmirror.config import Config, state_directory
+from dockmirror.egress import Egress, UpstreamTLS, upstream_egress
+from dockmirror.metrics import Metrics
+from dockmirror.portal.api import overview_source
+from dockmirror.portal.app import Portal
+from dockmirror.portal.config import client_secret
+from dockmirror.portal.login import GitHubProvider, OidcProvider, Provider
+from dockmirror.portal.overview import TrafficSampler, UpstreamProbe
+from dockmirror.portal.resource import PortalResource
+from dockmirror.portal.sessions import (
+    DATABASE_FILE,
+    PortalDatabase,
+    PortalStoreError,
+    SessionStore,
+)
+from dockmirror.portal.users import UsersConsole
+from dockmirror.routing import Router
+
+#: Secrets made on first start, in the state directory.
+SESSION_SECRET_FILE = "portal_session_secret"
+CSRF_SECRET_FILE = "portal_csrf_secret"
+
+
+def _secret(config: Config, name: str) -> bytes:
+    return load_or_create(state_directory(config) / name, lambda: secrets.token_bytes(32))
+
+
+@dataclass(frozen=True)
+class PortalParts:
+    """What the server mounts and keeps: the resource, the manhole's ``users``, the pools."""
+
+    resource: PortalResource
+    users: UsersConsole
+    #: The sign-in providers' connection pools, to close at stop.
+    pools: list[HTTPConnectionPool]
+
+
+def build_portal(
+    config: Config,
+    keys: KeyStore,
+    metrics: Metrics,
+    cache: Any,
+    router: Router,
+    egress: dict[str, Egress],
+    check_prefix: Callable[[str], str],
+    reactor: Any,
+    parent: service.MultiService,
+) -> PortalParts:
+    """The portal, its services joining *parent*; *egress* holds each upstream's client.
+
+    Each sign-in provider gets its own client, whose connections may go where
+    its configured URL points (and to public addresses), like an upstream's.
+    """
+    portal_config = config.portal
+    providers: list[Provider] = []
+    pools = []
+    github, oidc = portal_config.login.github, portal_config.login.oidc
+    if github is not None:
+        client = upstream_egress(reactor, "portal login github", github.token_url, UpstreamTLS())
+        pools.append(client.pool)
+        providers.append(
+            GitHubProvider(
+                github,
+                client_secret(github),
+                client.http,
+                want_orgs=bool(portal_config.allowed_orgs),
+            )
+        )
+    if oidc is not None:
+        client = upstream_egress(reactor, "portal login oidc", oidc.issuer, UpstreamTLS())
+        pools.append(client.pool)
+        providers.append(OidcProvider(oidc, client_secret(oidc), client.http, reactor))
+    path = state_directory(config) / DATABASE_FILE
+    try:
+        PortalDatabase(path).close()  # an unusable database stops start-up here
+    except PortalStoreError as e:
+        raise ValueError(str(e)) from None
+    store = SessionStore(path, reactor)
+    store.setServiceParent(parent)
+    sampler = TrafficSampler(metrics, keys, reactor)
+    sampler.setServiceParent(parent)
+    portal = Portal(
+        portal_config,
+        config.server.public_url,
+        keys,
+        store,
+        providers,
+        _secret(config, SESSION_SECRET_FILE),
+        _secret(config, CSRF_SECRET_FILE),
+        reactor,
+        check_prefix,
+    )
+    probe = UpstreamProbe(router.upstreams, {n: e.http for n, e in egress.items()}, reactor)
+    overview = overview_source(portal, cache, metrics, probe, sampler, reactor)
+    return PortalParts(PortalResource(portal, overview), UsersConsole(store, keys), pools)

@@ -1,0 +1,248 @@
+"""Server-side sessions, sign-ins in progress and users, in the portal's SQLite file.
+
+:class:`PortalDatabase` is synchronous over one connection (``dockmirror-admin
+users disable`` uses it as it is); :class:`SessionStore` is the server's
+service around it, running every query on one dedicated thread.  Every
+request looks its session up in the database, so a sign-out or a disabled
+user takes effect at once on every process sharing the file.
+
+Only SHA-256 digests of session ids and OAuth states are stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+from twisted.application import service
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from dockmirror.auth.keystore import iso_time
+from dockmirror.auth.secretfile import make_private_directory
+from dockmirror.sqlite import connect, write_transaction
+
+T = TypeVar("T")
+
+#: The portal database, in the state directory.
+DATABASE_FILE = "portal.sqlite"
+SCHEMA_VERSION = 1
+#: Seconds a sign-in may take at the provider.
+LOGIN_TTL = 600
+#: Sign-ins in progress kept at most; the oldest go first.
+MAX_LOGINS = 10_000
+#: Sessions one identity may have at once; signing in again ends the oldest.
+MAX_SESSIONS_PER_USER = 20
+
+
+class PortalStoreError(Exception):
+    """The portal database cannot be used; the message says why."""
+
+
+def digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+@dataclass(frozen=True)
+class Session:
+    """A signed-in browser (its id is never stored, only its digest)."""
+
+    session_id: str
+    identity: str
+    name: str
+    expires_at: int
+
+
+@dataclass(frozen=True)
+class PendingLogin:
+    provider: str
+    verifier: str
+    nonce: str
+
+
+@dataclass(frozen=True)
+class User:
+    identity: str
+    name: str
+    first_seen: int
+    last_seen: int
+    disabled_at: int | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "identity": self.identity,
+            "name": self.name,
+            "firstSeen": iso_time(self.first_seen),
+            "lastSeen": iso_time(self.last_seen),
+            "disabled": self.disabled_at is not None,
+        }
+
+    def __repr__(self) -> str:
+        state = "disabled" if self.disabled_at is not None else "active"
+        return f"<user {self.identity} {self.name!r} {state}, last seen {iso_time(self.last_seen)}>"
+
+
+class PortalDatabase:
+    """The portal's tables over one SQLite connection (usable from one thread at a time)."""
+
+    def __init__(self, path: str | Path, clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self._clock = clock
+        make_private_directory(self.path.parent)
+        try:
+            self.path.touch(mode=0o600, exist_ok=True)
+            self._conn = connect(self.path)
+            self._conn.executescript(
+                resources.files("dockmirror.portal").joinpath("schema.sql").read_text()
+            )
+            (version,) = self._conn.execute("SELECT version FROM version").fetchone()
+        except (sqlite3.Error, OSError) as e:
+            raise PortalStoreError(f"{self.path}: {e}") from None
+        if version != SCHEMA_VERSION:
+            self._conn.close()
+            raise PortalStoreError(
+                f"{self.path}: portal database schema version {version};"
+                f" this dockmirror knows version {SCHEMA_VERSION}"
+            )
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def _now(self) -> int:
+        return int(self._clock())
+
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return write_transaction(self._conn)
+
+    # --- sign-ins in progress ---------------------------------------------------------
+
+    def begin_login(self, state: str, login: PendingLogin) -> None:
+        now = self._now()
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM logins WHERE created_at <= ?", (now - LOGIN_TTL,))
+            conn.execute(
+                "DELETE FROM logins WHERE state_hash IN (SELECT state_hash FROM logins"
+                " ORDER BY created_at DESC LIMIT -1 OFFSET ?)",
+                (MAX_LOGINS - 1,),
+            )
+            conn.execute(
+                "INSERT INTO logins (state_hash, provider, verifier, nonce, created_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (digest(state), login.provider, login.verifier, login.nonce, now),
+            )
+
+    def finish_login(self, state: str) -> PendingLogin | None:
+        """The sign-in *state* began, once: a state is forgotten when used."""
+        with self._transaction() as conn:
+            row = conn.execute(
+                "DELETE FROM logins WHERE state_hash = ? AND created_at > ?"
+                " RETURNING provider, verifier, nonce",
+                (digest(state), self._now() - LOGIN_TTL),
+            ).fetchone()
+        return PendingLogin(*row) if row else None
+
+    # --- sessions ---------------------------------------------------------------------
+
+    def create_session(self, session_id: str, identity: str, name: str, ttl: int) -> Session:
+        """Sign *identity* in (the caller checked it is not disabled)."""
+        now = self._now()
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))
+            conn.execute(
+                "INSERT INTO users (identity, name, first_seen, last_seen) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (identity) DO UPDATE SET name = excluded.name,"
+                " last_seen = excluded.last_seen",
+                (identity, name, now, now),
+            )
+            conn.execute(
+                "DELETE FROM sessions WHERE id_hash IN (SELECT id_hash FROM sessions"
+                " WHERE identity = ? ORDER BY created_at DESC LIMIT -1 OFFSET ?)",
+                (identity, MAX_SESSIONS_PER_USER - 1),
+            )
+            conn.execute(
+                "INSERT INTO sessions (id_hash, identity, created_at, expires_at)"
+                " VALUES (?, ?, ?, ?)",
+                (digest(session_id), identity, now, now + ttl),
+            )
+        return Session(session_id, identity, name, now + ttl)
+
+    def get_session(self, session_id: str) -> Session | None:
+        """The live session *session_id*, or None (unknown, expired, or a disabled user)."""
+        row = self._conn.execute(
+            "SELECT s.identity, u.name, s.expires_at FROM sessions s JOIN users u USING (identity)"
+            " WHERE s.id_hash = ? AND s.expires_at > ? AND u.disabled_at IS NULL",
+            (digest(session_id), self._now()),
+        ).fetchone()
+        return Session(session_id, *row) if row else None
+
+    def end_session(self, session_id: str) -> None:
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM sessions WHERE id_hash = ?", (digest(session_id),))
+
+    # --- users ------------------------------------------------------------------------
+
+    def is_disabled(self, identity: str) -> bool:
+        row = self._conn.execute(
+            "SELECT 1 FROM users WHERE identity = ? AND disabled_at IS NOT NULL", (identity,)
+        ).fetchone()
+        return row is not None
+
+    def set_disabled(self, identity: str, disabled: bool) -> int:
+        """Disable (ending every session) or enable *identity*; the sessions ended."""
+        now = self._now()
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO users (identity, name, first_seen, last_seen) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (identity) DO NOTHING",
+                (identity, identity.partition(":")[2], now, now),
+            )
+            conn.execute(
+                "UPDATE users SET disabled_at = ? WHERE identity = ?",
+                (now if disabled else None, identity),
+            )
+            if not disabled:
+                return 0
+            return conn.execute("DELETE FROM sessions WHERE identity = ?", (identity,)).rowcount
+
+    def users(self) -> list[User]:
+        rows = self._conn.execute(
+            "SELECT identity, name, first_seen, last_seen, disabled_at FROM users ORDER BY identity"
+        )
+        return [User(*row) for row in rows]
+
+
+class SessionStore(service.Service):
+    """The server's portal database: one thread runs every query.
+
+    Opened when the service starts (after twistd forks), like the key store.
+    """
+
+    def __init__(self, path: str | Path, reactor: Any) -> None:
+        self.path = Path(path)
+        self._reactor = reactor
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="dockmirror-portal-db")
+
+    def startService(self) -> None:
+        self._db = PortalDatabase(self.path, clock=self._reactor.seconds)
+        super().startService()
+        self._pool.start()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        done = deferToThreadPool(self._reactor, self._pool, self._db.close)
+        return done.addBoth(lambda _: self._pool.stop())
+
+    async def run(self, f: Callable[..., T], *args: Any) -> T:
+        """``f(database, *args)`` on the database thread."""
+        try:
+            return await deferToThreadPool(self._reactor, self._pool, f, self._db, *args)
+        except sqlite3.Error as e:
+            raise PortalStoreError(f"{self.path}: {e}") from e

@@ -1,0 +1,208 @@
+"""The portal's storage: key owners and quotas, the schema upgrade, usage per day, sessions."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from dockmirror.auth.keystore import (
+    DAY,
+    HOUR,
+    USAGE_DAYS,
+    KeyDatabase,
+    KeyStore,
+    QuotaExceeded,
+    Usage,
+)
+from dockmirror.portal.sessions import (
+    LOGIN_TTL,
+    MAX_SESSIONS_PER_USER,
+    PendingLogin,
+    PortalDatabase,
+    SessionStore,
+)
+from dockmirror.portal.users import UsersConsole, disable
+
+from .test_keystore import FakeTime
+
+
+@pytest.fixture
+def clock() -> FakeTime:
+    return FakeTime()
+
+
+@pytest.fixture
+def db(tmp_path: Path, clock: FakeTime) -> KeyDatabase:
+    return KeyDatabase(tmp_path / "keys.sqlite", clock=clock)
+
+
+@pytest.fixture
+def portal_db(tmp_path: Path, clock: FakeTime) -> PortalDatabase:
+    return PortalDatabase(tmp_path / "portal.sqlite", clock=clock)
+
+
+def _downgrade_to_version_1(path: Path) -> None:
+    """Make *path* look as schema 1 left it: no owners, no usage tables."""
+    with sqlite3.connect(path) as conn:
+        conn.executescript(
+            "DROP INDEX keys_owner; ALTER TABLE keys DROP COLUMN owner;"
+            " DROP TABLE key_usage_daily; DROP TABLE traffic_hourly;"
+            " UPDATE version SET version = 1;"
+        )
+
+
+def test_upgrade_from_version_1_keeps_every_key_working(db: KeyDatabase, tmp_path: Path) -> None:
+    new = db.create("laptop", ["hub/library"])
+    revoked = db.create("old")
+    db.revoke(revoked.app_id)
+    db.close()
+    _downgrade_to_version_1(tmp_path / "keys.sqlite")
+    upgraded = KeyDatabase(tmp_path / "keys.sqlite")
+    key = upgraded.verify(new.app_id, new.api_key)
+    assert key is not None and key.owner == "operator" and key.repositories == ("hub/library",)
+    assert upgraded.verify(revoked.app_id, revoked.api_key) is None
+    assert [k.owner for k in upgraded.list()] == ["operator", "operator"]
+    (version,) = upgraded._conn.execute("SELECT version FROM version").fetchone()
+    assert version == 2
+    upgraded.add_usage({new.app_id: Usage(1, 10, 1_700_000_000)})
+    upgraded.close()
+    assert KeyDatabase(tmp_path / "keys.sqlite").get(new.app_id).use_count == 1  # reopens
+
+
+def test_owners_and_quota(db: KeyDatabase) -> None:
+    db.create("by the operator")
+    a = db.create("a", owner="github:alice", max_live=2)
+    db.create("b", owner="github:alice", max_live=2)
+    with pytest.raises(QuotaExceeded):
+        db.create("c", owner="github:alice", max_live=2)
+    db.create("bob's", owner="github:bob", max_live=2)
+    rotated = db.rotate(a.app_id)  # keeps the owner, and the count
+    assert db.get(rotated.app_id).owner == "github:alice"
+    with pytest.raises(QuotaExceeded):
+        db.create("c", owner="github:alice", max_live=2)
+    db.revoke(rotated.app_id)
+    db.create("c", owner="github:alice", max_live=2)
+    assert {k.name for k in db.list("github:alice") if not k.revoked} == {"b", "c"}
+    assert [k.name for k in db.list("github:bob")] == ["bob's"]
+    assert repr(db.list("github:bob")[0]).startswith(
+        f'<key {db.list("github:bob")[0].app_id} "bob\'s" of github:bob active'
+    )
+
+
+def test_revoke_owner(db: KeyDatabase) -> None:
+    mine = [db.create(n, owner="github:alice").app_id for n in ("a", "b")]
+    other = db.create("x", owner="github:bob")
+    assert sorted(db.revoke_owner("github:alice")) == sorted(mine)
+    assert all(db.get(app_id).revoked for app_id in mine)
+    assert not db.get(other.app_id).revoked
+    assert db.revoke_owner("github:alice") == ()
+
+
+def test_usage_per_day_is_kept_for_a_bounded_time(db: KeyDatabase, clock: FakeTime) -> None:
+    a = db.create("a", owner="github:alice")
+    b = db.create("b", owner="github:bob")
+    today = int(clock.now) // DAY
+    db.add_usage(
+        {a.app_id: Usage(2, 100, int(clock.now) - DAY), b.app_id: Usage(1, 7, int(clock.now))}
+    )
+    db.add_usage({a.app_id: Usage(1, 50, int(clock.now))})
+    db.add_usage({a.app_id: Usage(1, 5, int(clock.now))})
+    assert db.daily_usage("github:alice", 30) == (
+        (a.app_id, today - 1, 2, 100),
+        (a.app_id, today, 2, 55),
+    )
+    assert db.daily_usage("github:alice", 1) == ((a.app_id, today, 2, 55),)
+    assert len(db.daily_usage(None, 30)) == 3
+    clock.now += USAGE_DAYS * DAY
+    db.add_usage({b.app_id: Usage(1, 1, int(clock.now))})
+    rows = db._conn.execute("SELECT count(*) FROM key_usage_daily").fetchone()[0]
+    assert rows == 1  # the old days are gone
+
+
+def test_hourly_traffic_is_bounded(db: KeyDatabase, clock: FakeTime) -> None:
+    hour = int(clock.now) // HOUR
+    for h in range(hour - 100, hour + 1):
+        db.add_traffic(h, 3)
+    db.add_traffic(hour, 4)
+    assert db.traffic(2) == {hour - 1: 3, hour: 7}
+    assert db._conn.execute("SELECT count(*) FROM traffic_hourly").fetchone()[0] <= 48
+
+
+def test_sessions(portal_db: PortalDatabase, clock: FakeTime) -> None:
+    session = portal_db.create_session("s1", "github:alice", "Alice", ttl=100)
+    assert portal_db.get_session("s1") == session
+    assert portal_db.get_session("s2") is None
+    raw = portal_db._conn.execute("SELECT id_hash FROM sessions").fetchone()[0]
+    assert b"s1" not in raw  # only a digest is stored
+    clock.now += 100
+    assert portal_db.get_session("s1") is None  # expired
+    portal_db.create_session("s3", "github:alice", "Alice", ttl=100)
+    portal_db.end_session("s3")
+    assert portal_db.get_session("s3") is None
+
+
+def test_sessions_per_user_are_bounded(portal_db: PortalDatabase, clock: FakeTime) -> None:
+    for i in range(MAX_SESSIONS_PER_USER + 5):
+        clock.now += 1
+        portal_db.create_session(f"s{i}", "github:alice", "Alice", ttl=1000)
+    assert portal_db.get_session("s0") is None
+    assert portal_db.get_session(f"s{MAX_SESSIONS_PER_USER + 4}") is not None
+    count = portal_db._conn.execute("SELECT count(*) FROM sessions").fetchone()[0]
+    assert count == MAX_SESSIONS_PER_USER
+
+
+def test_a_sign_in_state_is_used_once_and_expires(
+    portal_db: PortalDatabase, clock: FakeTime
+) -> None:
+    login = PendingLogin("github", "verifier", "nonce")
+    portal_db.begin_login("state-1", login)
+    assert portal_db.finish_login("state-1") == login
+    assert portal_db.finish_login("state-1") is None
+    portal_db.begin_login("state-2", login)
+    clock.now += LOGIN_TTL
+    assert portal_db.finish_login("state-2") is None
+
+
+def test_disable_revokes_keys_and_ends_sessions(portal_db: PortalDatabase, db: KeyDatabase) -> None:
+    key = db.create("laptop", owner="github:alice")
+    portal_db.create_session("s1", "github:alice", "Alice", ttl=100)
+    portal_db.create_session("s2", "github:bob", "Bob", ttl=100)
+    result = disable(portal_db, db, "github:alice")
+    assert result == {"identity": "github:alice", "sessionsEnded": 1, "keysRevoked": (key.app_id,)}
+    assert portal_db.get_session("s1") is None and portal_db.get_session("s2") is not None
+    assert db.verify(key.app_id, key.api_key) is None
+    assert portal_db.is_disabled("github:alice")
+    portal_db.create_session("s3", "github:alice", "Alice", ttl=100)
+    assert portal_db.get_session("s3") is None  # even a session made behind the check's back
+    portal_db.set_disabled("github:alice", False)
+    assert not portal_db.is_disabled("github:alice")
+    with pytest.raises(ValueError, match="not an identity"):
+        disable(portal_db, db, "alice")
+
+
+@pytest_twisted.ensureDeferred
+async def test_manhole_users_console(key_store: KeyStore, tmp_path: Path) -> None:
+    store = SessionStore(tmp_path / "portal-db" / "portal.sqlite", reactor)
+    store.startService()
+    try:
+        users = UsersConsole(store, key_store)
+        new = await key_store.create("laptop", owner="github:alice")
+        await store.run(PortalDatabase.create_session, "s1", "github:alice", "Alice", 100)
+        result = await users.disable("github:alice")
+        assert result == {
+            "identity": "github:alice",
+            "sessionsEnded": 1,
+            "keysRevoked": (new.app_id,),
+        }
+        assert new.app_id in key_store.revoked  # bearer tokens refused at once
+        (user,) = await users.list()
+        assert repr(user).startswith("<user github:alice 'Alice' disabled")
+        await users.enable("github:alice")
+        assert not await store.run(PortalDatabase.is_disabled, "github:alice")
+        assert "disable(identity)" in repr(users)
+    finally:
+        await store.stopService()
