@@ -17,14 +17,14 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
 from dockmirror._interfaces import ICoordinator
-from dockmirror.shared import Event
+from dockmirror.cache.progress import FillProgress
 from dockmirror.streaming import IDLE_TIMEOUT, StreamError
 
 #: Seconds between looks at the followed file.
 POLL_INTERVAL = 0.05
 
 
-class FollowedFill:
+class FollowedFill(FillProgress):
     """Follows the fill of *digest* that another process holds the claim on.
 
     It offers readers what :class:`~dockmirror.cache.fill.Fill` offers
@@ -45,24 +45,16 @@ class FollowedFill:
         ended: Callable[[FollowedFill], None],
         idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
-        self.digest = digest
-        self.size = size
+        # Until the temporary file is found, readers open the final one.
+        FillProgress.__init__(self, digest, size, final_path)
         self.final_path = final_path
-        self.temp_path = final_path  # until the temporary file is found
         self._find = find
         self._coordinator = coordinator
         self._reactor = reactor
         self._ended = ended
         self._idle_timeout = idle_timeout
-        self.ready: Event[None] = Event()
-        self.finished: Event[None] = Event()
-        self.written = 0
-        self.verified = False
-        self.committed = False
-        self.error: Exception | None = None
         self._inode: int | None = None
         self._changed = reactor.seconds()
-        self._listeners: list[Callable[[], None]] = []
         self._loop = LoopingCall(self._poll)
         self._loop.clock = reactor
 
@@ -78,21 +70,6 @@ class FollowedFill:
     def queued(self, offset: int, limit: int) -> bytes:
         """Nothing is held in memory here; readers never read past :attr:`received`."""
         return b""
-
-    @property
-    def done(self) -> bool:
-        return self.committed or self.error is not None
-
-    def subscribe(self, listener: Callable[[], None]) -> None:
-        self._listeners.append(listener)
-
-    def unsubscribe(self, listener: Callable[[], None]) -> None:
-        if listener in self._listeners:
-            self._listeners.remove(listener)
-
-    def _notify(self) -> None:
-        for listener in list(self._listeners):
-            listener()
 
     def start(self) -> None:
         self._loop.start(POLL_INTERVAL, now=True)

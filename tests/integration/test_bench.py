@@ -12,13 +12,13 @@ from .registries import subprocess_env
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_the_benchmark_runs_every_workload_on_both_servers(tmp_path):
-    result = subprocess.run(
+def run_bench(tmp_path: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [
             sys.executable,
             "-m",
             "bench",
-            "--quick",
+            *options,
             "--json",
             str(tmp_path / "runs.json"),
             "--chart",
@@ -30,6 +30,10 @@ def test_the_benchmark_runs_every_workload_on_both_servers(tmp_path):
         text=True,
         timeout=300,
     )
+
+
+def test_the_benchmark_runs_every_workload_on_both_servers(tmp_path):
+    result = run_bench(tmp_path, "--quick")
     assert result.returncode == 0, result.stderr
     runs = json.loads((tmp_path / "runs.json").read_text())["runs"]
     for row, servers in runs.items():
@@ -48,27 +52,7 @@ def test_the_benchmark_runs_every_workload_on_both_servers(tmp_path):
 
 
 def test_the_benchmark_runs_dockmirror_with_workers(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--quick",
-            "--workers",
-            "1,2",
-            "--only",
-            "hit",
-            "--json",
-            str(tmp_path / "runs.json"),
-            "--chart",
-            str(tmp_path / "chart.png"),
-        ],
-        cwd=REPO_ROOT,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_bench(tmp_path, "--quick", "--workers", "1,2", "--only", "hit")
     assert result.returncode == 0, result.stderr
     runs = json.loads((tmp_path / "runs.json").read_text())["runs"]
     assert set(runs["cache-hit throughput, 8 clients (MiB/s)"]) == {
