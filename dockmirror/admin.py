@@ -1,4 +1,5 @@
-"""``dockmirror-admin``: manage API keys and portal users, also while the server runs.
+"""``dockmirror-admin``: manage API keys and portal users, also while the server runs;
+start warm rounds.
 
 It opens the server's SQLite key store (``[auth] database``) itself.  A key
 revoked here stops working in a running server within seconds: the server
@@ -9,16 +10,22 @@ Run it as the server's user: SQLite's files must stay writable for the server.
 Run as root, it takes on the identity of the owner of the state directory
 (the key store's directory) before it opens anything there.
 
+``warm run`` asks the running server for a warm round through its control
+socket (:mod:`dockmirror.control`) and prints the result when it ends.
+
 Exit status: 0 done, 1 the operation failed (unknown or revoked key, database
-error), 2 wrong usage or configuration.
+error, server not running, a warm round that could not warm every image),
+2 wrong usage or configuration.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import pwd
+import socket
 import sqlite3
 import sys
 from collections.abc import Sequence
@@ -26,6 +33,7 @@ from pathlib import Path
 
 from dockmirror.auth.keystore import KeyDatabase, KeyInfo, KeyStoreError
 from dockmirror.config import Config, ConfigError, check_repository_prefix, load, state_directory
+from dockmirror.control import CONTROL_SOCKET
 from dockmirror.portal import users
 from dockmirror.portal.sessions import DATABASE_FILE, PortalDatabase, PortalStoreError
 
@@ -42,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="the server's TOML configuration (default: the embedded default configuration)",
     )
-    groups = parser.add_subparsers(dest="group", required=True, metavar="{keys,users}")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="{keys,users,warm}")
     keys = groups.add_parser("keys", help="create, list, revoke and rotate API keys")
     commands = keys.add_subparsers(dest="command", required=True, metavar="COMMAND")
     create = commands.add_parser(
@@ -62,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
         ("rotate", "replace a key by a new one, printed as by create; the old one is revoked"),
     ):
         commands.add_parser(name, help=description).add_argument("app_id", metavar="APPID")
+    warm = groups.add_parser("warm", help="warm lists ([warm] images)")
+    warm_commands = warm.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    warm_commands.add_parser(
+        "run", help="run a warm round in the running server; prints its result as JSON"
+    )
     people = groups.add_parser("users", help="list, disable and enable portal users")
     user_commands = people.add_subparsers(dest="command", required=True, metavar="COMMAND")
     user_commands.add_parser("list", help="everyone who signed in to the portal")
@@ -73,6 +86,45 @@ def _parser() -> argparse.ArgumentParser:
             "identity", metavar="IDENTITY", help="PROVIDER:LOGIN, e.g. github:octocat"
         )
     return parser
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over the server's control socket."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__("localhost")
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(self._path))
+
+
+def _warm_run(config: Config) -> int:
+    """Ask the running server for a warm round; print its result."""
+    path = state_directory(config) / CONTROL_SOCKET
+    connection = _UnixHTTPConnection(path)
+    try:
+        connection.request("POST", "/warm/run")
+        response = connection.getresponse()
+        body = response.read()
+    except (FileNotFoundError, ConnectionRefusedError):
+        print(f"{PROG}: dockmirror is not running (nothing listens on {path})", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"{PROG}: cannot reach dockmirror at {path}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    finally:
+        connection.close()
+    try:
+        result = json.loads(body)
+    except ValueError:
+        result = {"error": body[:200].decode("utf-8", "replace")}
+    if response.status != 200:
+        print(f"{PROG}: {result.get('error', response.status)}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
+    return 0 if result.get("ok") else 1
 
 
 def _table(keys: Sequence[KeyInfo]) -> str:
@@ -195,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if refused is not None:
         print(f"{PROG}: {refused}", file=sys.stderr)
         return 1
+    if args.group == "warm":
+        return _warm_run(config)
     try:
         db = KeyDatabase(config.auth.database, create=args.command == "create")
     except KeyStoreError as e:

@@ -29,7 +29,7 @@ from dockmirror.forwarded import HEADERS as PROXY_HEADERS
 from dockmirror.hostnames import HostPattern, is_host_name
 from dockmirror.portal import config as portal_config
 from dockmirror.portal.config import PortalConfig
-from dockmirror.reference import NAME_RE
+from dockmirror.reference import NAME_MAX, NAME_RE, TAG_RE
 
 EMBEDDED = "(embedded default)"
 #: The most worker processes one service may run.
@@ -134,6 +134,76 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
+_DURATION_RE = re.compile(r"(?:\d+(?:\.\d+)?[smhd])+|\d+(?:\.\d+)?")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as ``"6h"``, ``"1h30m"``, ``"90s"`` or ``"600"`` (seconds)."""
+    text = text.strip()
+    if not _DURATION_RE.fullmatch(text):
+        raise ValueError(
+            f"{text!r} is not a duration: use numbers with s, m, h or d, such as"
+            ' "6h", "1h30m" or "90s"'
+        )
+    if text[-1].isdigit():
+        return float(text)
+    return sum(float(n) * _DURATION_UNITS[unit] for n, unit in _DURATION_PART.findall(text))
+
+
+#: The most images a warm list may name.
+WARM_IMAGES_MAX = 1000
+_PLATFORM_RE = re.compile(r"[a-z0-9]+/[a-z0-9_]+(?:/[a-z0-9]+)?")
+
+
+@dataclass(frozen=True)
+class WarmConfig:
+    #: Images kept cached and fresh, as ``UPSTREAM/REPOSITORY:TAG``.
+    images: tuple[str, ...] = ()
+    #: Time between warm rounds, as a duration.
+    interval: str = "6h"
+    #: Platforms of multi-platform images to warm, as ``os/arch[/variant]``; empty: all.
+    platforms: tuple[str, ...] = ()
+    #: The share of ``cache.max_size`` that warm images keep from eviction.
+    max_share: float = 0.5
+
+    @property
+    def interval_seconds(self) -> float:
+        return parse_duration(self.interval)
+
+
+@dataclass(frozen=True)
+class WarmImage:
+    """One image of the warm list: the upstream's configured name, a repository there, a tag."""
+
+    upstream: str
+    repository: str
+    tag: str
+
+    def __str__(self) -> str:
+        return f"{self.upstream}/{self.repository}:{self.tag}"
+
+
+def parse_warm_image(text: str, upstreams: Iterable[str]) -> WarmImage:
+    """``UPSTREAM/REPOSITORY:TAG``, with UPSTREAM the name of an ``[upstreams.NAME]`` table."""
+    names = sorted(upstreams)
+    upstream, _, rest = text.partition("/")
+    repository, colon, tag = rest.rpartition(":")
+    if (
+        upstream not in names
+        or not colon
+        or len(repository) > NAME_MAX
+        or not NAME_RE.fullmatch(repository)
+        or not TAG_RE.fullmatch(tag)
+    ):
+        raise ValueError(
+            f"{text[:300]!r} is not UPSTREAM/REPOSITORY:TAG with UPSTREAM one of"
+            f' {", ".join(names) or "(none configured)"} (e.g. "dockerhub/library/alpine:3")'
+        )
+    return WarmImage(upstream, repository, tag)
+
+
 @dataclass(frozen=True)
 class MetricsConfig:
     allow: tuple[str, ...] = ()
@@ -185,6 +255,11 @@ class Config:
     manhole: ManholeConfig = field(default_factory=ManholeConfig)
     portal: PortalConfig = field(default_factory=PortalConfig)
     upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
+    warm: WarmConfig = field(default_factory=WarmConfig)
+
+    def warm_images(self) -> list[WarmImage]:
+        """The warm list, parsed (it was checked at load)."""
+        return [parse_warm_image(image, self.upstreams) for image in self.warm.images]
 
 
 _SECTIONS: dict[str, type] = {
@@ -194,6 +269,7 @@ _SECTIONS: dict[str, type] = {
     "metrics": MetricsConfig,
     "manhole": ManholeConfig,
     "portal": PortalConfig,
+    "warm": WarmConfig,
 }
 
 
@@ -362,6 +438,7 @@ def _check(config: Config) -> None:
         portal_config.check(config.portal)
     except ValueError as e:
         raise ConfigError(f"{source}: {e}") from None
+    _check_warm(config)
 
 
 def upstream_tls(source: str, name: str, upstream: UpstreamConfig) -> UpstreamTLS:
@@ -416,6 +493,35 @@ def _check_cache(source: str, cache: CacheConfig) -> None:
         )
     if cache.manifest_ttl < 0:
         raise ConfigError(f"{source}: cache.manifest_ttl must be zero or more seconds")
+
+
+def _check_warm(config: Config) -> None:
+    source, warm = config.source, config.warm
+    if len(warm.images) > WARM_IMAGES_MAX:
+        raise ConfigError(f"{source}: warm.images: at most {WARM_IMAGES_MAX} images")
+    seen = set()
+    for text in warm.images:
+        try:
+            image = parse_warm_image(text, config.upstreams)
+        except ValueError as e:
+            raise ConfigError(f"{source}: warm.images: {e}") from None
+        if image in seen:
+            raise ConfigError(f"{source}: warm.images: {text!r} is listed twice")
+        seen.add(image)
+    try:
+        interval = warm.interval_seconds
+    except ValueError as e:
+        raise ConfigError(f"{source}: warm.interval: {e}") from None
+    if interval < 1:
+        raise ConfigError(f"{source}: warm.interval must be at least one second")
+    for platform in warm.platforms:
+        if not _PLATFORM_RE.fullmatch(platform):
+            raise ConfigError(
+                f"{source}: warm.platforms: {platform[:100]!r} is not OS/ARCHITECTURE[/VARIANT]"
+                ' such as "linux/amd64" or "linux/arm/v7"'
+            )
+    if not 0 <= warm.max_share <= 1:
+        raise ConfigError(f"{source}: warm.max_share must be between 0 and 1")
 
 
 #: The longest token lifetime accepted: tokens cannot be recalled before they expire.

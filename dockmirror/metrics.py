@@ -136,6 +136,38 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemostrecent",
         )
+        self.warm_images = Gauge(
+            "dockmirror_warm_images",
+            "Images of the warm list, by what the last round did with them.",
+            ["result"],
+            registry=r,
+        )
+        self.warm_bytes = Counter(
+            "dockmirror_warm_fetched_bytes",
+            "Bytes of blobs warm rounds fetched from upstreams.",
+            registry=r,
+        )
+        self.warm_failures = Counter(
+            "dockmirror_warm_failures",
+            "Images a warm round could not warm.",
+            registry=r,
+        )
+        self.warm_rounds = Counter(
+            "dockmirror_warm_rounds",
+            "Warm rounds run, by result (ok: every image warmed).",
+            ["result"],
+            registry=r,
+        )
+        self.warm_last_success = Gauge(
+            "dockmirror_warm_last_success_timestamp_seconds",
+            "When the last warm round that warmed every image ended (Unix time).",
+            registry=r,
+        )
+        self.warm_kept_bytes = Gauge(
+            "dockmirror_warm_kept_bytes",
+            "Bytes of warm images' blobs kept from eviction.",
+            registry=r,
+        )
         self.auth = Counter(
             "dockmirror_auth_attempts",
             "Authentication attempts, by result.",

@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 from collections import OrderedDict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -28,12 +29,14 @@ from dockmirror.cache.fill import Fill
 from dockmirror.cache.follow import FollowedFill
 from dockmirror.cache.manifests import (
     INDEX_TYPES,
+    OCI_INDEX,
     TagEntry,
     accepted,
     could_be_manifest,
     manifest_media_type,
     references,
 )
+from dockmirror.cache.referrers import ReferrersEntry, filtered_list, referrers_list
 from dockmirror.egress import Egress
 from dockmirror.errors import STATUS, RegistryError, upstream_unavailable
 from dockmirror.metrics import Metrics
@@ -284,16 +287,42 @@ class PullService:
             raise self._not_a_manifest(route, digest, f"a {content_type} page")
         self.cache.blobs.allow(origin, digest)
 
+    async def refresh_tag(self, route: Route, tag: str) -> Reply:
+        """A tag's manifest as its upstream has it now, whatever the cache holds.
+
+        The upstream is asked with a HEAD, which does not count against
+        Docker Hub's pull limit; the manifest is fetched only when the HEAD
+        names one that is not cached.
+        """
+        origin = origin_of(route)
+        key = (origin, tag, DEFAULT_ACCEPT, False)
+        entry = self.cache.manifests.tag(origin, tag, None)
+        reply = await self._flights.run(
+            ("revalidate", *key),
+            lambda: self._revalidate(route, origin, tag, entry, None, False),
+        )
+        if reply is None:
+            reply = await self._flights.run(
+                ("fetch", *key),
+                lambda: self._upstream_manifest(route, origin, tag, None, False),
+            )
+        if entry is not None and entry.digest != reply.headers.get("Docker-Content-Digest"):
+            self.cache.manifests.expire_tag(origin, tag, reply.headers["Content-Type"])
+        return reply
+
     async def _revalidate(
         self,
         route: Route,
         origin: str,
         tag: str,
-        entry: TagEntry,
+        entry: TagEntry | None,
         accept: str | None,
         head: bool,
     ) -> Reply | None:
-        """Check an expired tag with a HEAD; None when the manifest must be fetched."""
+        """Check a tag with a HEAD; None when the manifest must be fetched.
+
+        An expired *entry* is served stale when the upstream fails.
+        """
         manifests = self.cache.manifests
         try:
             response = await self._request(
@@ -315,13 +344,16 @@ class PullService:
         digest = _header(response, "docker-content-digest")
         if digest is None or not manifests.has(digest):
             return None
-        media_type = entry.media_type if digest == entry.digest else manifests.get_type(digest)
+        if entry is not None and digest == entry.digest:
+            media_type = entry.media_type
+        else:
+            media_type = manifests.get_type(digest)
         self.cache.blobs.allow(origin, digest)
         manifests.set_tag(origin, tag, digest, media_type)
         return self._cached_manifest(digest, REVALIDATED, head)
 
-    def _stale(self, entry: TagEntry, error: RegistryError, head: bool) -> Reply:
-        if not self.cache.serve_stale:
+    def _stale(self, entry: TagEntry | None, error: RegistryError, head: bool) -> Reply:
+        if entry is None or not self.cache.serve_stale:
             raise error
         reply = self._cached_manifest(entry.digest, STALE, head)
         if reply is None:
@@ -397,6 +429,101 @@ class PullService:
             repository=route.repository,
         )
         return upstream_unavailable(route.upstream.name, "the answer is not a manifest", 502)
+
+    # --- referrers -----------------------------------------------------------------
+
+    async def referrers(
+        self, route: Route, digest: str, artifact_type: str | None, head: bool
+    ) -> Reply:
+        """The OCI 1.1 referrers list of *digest*, kept for ``manifest_ttl`` like a tag.
+
+        An upstream without the API answers 404, and so does the mirror:
+        clients then look for the tag schema (``sha256-<hex>.sig``).
+        """
+        origin = origin_of(route)
+        key = (origin, digest, artifact_type or "")
+        cache = self.cache.referrers
+        entry = cache.get(key)
+        if entry is not None and cache.fresh(entry):
+            x_cache = HIT
+        else:
+            try:
+                entry = await self._flights.run(
+                    ("referrers", *key),
+                    lambda: self._upstream_referrers(route, key, artifact_type),
+                )
+                x_cache = MISS
+            except RegistryError as e:
+                if entry is None or not self.cache.serve_stale or not _transient(e):
+                    raise
+                log.info("serving stale referrers of {digest}: {error}", digest=digest, error=e)
+                x_cache = STALE
+        self._count("referrers", x_cache)
+        headers = {
+            "Content-Type": OCI_INDEX,
+            "Content-Length": str(len(entry.body)),
+            "X-Cache": x_cache,
+        }
+        if entry.filtered:
+            headers["OCI-Filters-Applied"] = "artifactType"
+        return Reply(200, headers, b"" if head else entry.body)
+
+    async def _upstream_referrers(
+        self, route: Route, key: tuple[str, str, str], artifact_type: str | None
+    ) -> ReferrersEntry:
+        """Ask the upstream, following its pages (``Link: <...>; rel="next"``) into one list."""
+        origin, digest, _ = key
+        params = [("artifactType", artifact_type)] if artifact_type else None
+        descriptors: list[dict[str, Any]] = []
+        for page in range(REFERRERS_PAGES):
+            response = await self._request(
+                route, "GET", f"referrers/{digest}", {"Accept": OCI_INDEX}, params
+            )
+            if response.code != 200:
+                error = await self._failure(route, response, "MANIFEST_UNKNOWN", False)
+                if response.code == 404 and page == 0:
+                    self.cache.referrers.forget(key)
+                    error = RegistryError(
+                        error.code,
+                        f"upstream {route.upstream.name} has no referrers API or no such"
+                        " manifest; look for the tag schema (sha256-<hex> tags)",
+                        error.detail,
+                    )
+                raise error
+            body = await _read(route, response, MANIFEST_LIMIT)
+            content_type = _header(response, "content-type")
+            listed = referrers_list(body, content_type)
+            if listed is None:
+                log.warn(
+                    "upstream {upstream} answered {size} bytes of {content_type} for the"
+                    " referrers of {digest} in {repository}: not an image index",
+                    upstream=route.upstream.name,
+                    size=len(body),
+                    content_type=content_type,
+                    digest=digest,
+                    repository=route.repository,
+                )
+                raise upstream_unavailable(
+                    route.upstream.name, "the answer is not a referrers list", 502
+                )
+            if page == 0:
+                applied = _header(response, "oci-filters-applied") == "artifactType"
+            descriptors.extend(listed)
+            params = _next_page(route, digest, _header(response, "link"))
+            if params is None:
+                break
+        else:
+            raise upstream_unavailable(
+                route.upstream.name, f"more than {REFERRERS_PAGES} pages of referrers", 502
+            )
+        if artifact_type is not None and not applied:
+            # The upstream ignored the filter; apply it here, and say so.
+            body = filtered_list(descriptors, artifact_type)
+        elif page > 0:
+            body = filtered_list(descriptors, None)
+        if len(body) > MANIFEST_LIMIT:
+            raise upstream_unavailable(route.upstream.name, "too many referrers", 502)
+        return self.cache.referrers.put(key, body, artifact_type is not None)
 
     # --- blobs ---------------------------------------------------------------------
 
@@ -588,9 +715,16 @@ class PullService:
 
     # --- prefetch --------------------------------------------------------------------
 
-    async def prefetch(self, route: Route, reference: str) -> dict[str, Any]:
-        """Fill the cache with an image: its manifests, all platforms, and their blobs."""
+    async def prefetch(
+        self, route: Route, reference: str, platforms: Collection[str] = (), refresh: bool = False
+    ) -> dict[str, Any]:
+        """Fill the cache with an image: its manifests, its platforms, and their blobs.
+
+        *platforms* limits a multi-platform image to those (all without);
+        *refresh* asks the upstream what a tag is now, however fresh the cache.
+        """
         summary: dict[str, Any] = {
+            "digest": None,
             "manifests": 0,
             "blobs": 0,
             "fetched_bytes": 0,
@@ -598,19 +732,26 @@ class PullService:
             "not_cached": [],
             "errors": [],
         }
-        await self._prefetch_manifest(route, reference, summary)
+        if refresh and not is_digest(reference):
+            reply = await self.refresh_tag(route, reference)
+        else:
+            reply = await self.manifest(route, reference, None, head=False)
+        summary["digest"] = reply.headers.get("Docker-Content-Digest")
+        if reply.headers["X-Cache"] == STALE:
+            summary["errors"].append(f"{reference}: the upstream could not be asked")
+        await self._prefetch_manifest(route, reply, summary, platforms)
         return summary
 
     async def _prefetch_manifest(
-        self, route: Route, reference: str, summary: dict[str, Any]
+        self, route: Route, reply: Reply, summary: dict[str, Any], platforms: Collection[str]
     ) -> None:
-        reply = await self.manifest(route, reference, None, head=False)
         summary["manifests"] += 1
-        refs = references(reply.body)
         if reply.headers["Content-Type"] in INDEX_TYPES:
-            for child, _ in refs:
-                await self._prefetch_manifest(route, child, summary)
+            for child, _ in references(reply.body, platforms):
+                child_reply = await self.manifest(route, child, None, head=False)
+                await self._prefetch_manifest(route, child_reply, summary, platforms)
             return
+        refs = references(reply.body)
         semaphore = DeferredSemaphore(PREFETCH_PARALLEL)
         await DeferredList(
             [
@@ -748,6 +889,36 @@ def _upstream_failed(route: Route, error: UpstreamError) -> RegistryError:
         error=str(error),
     )
     return upstream_unavailable(route.upstream.name, str(error), error.status)
+
+
+#: Pages of a referrers list followed at most.
+REFERRERS_PAGES = 16
+
+
+def _next_page(route: Route, digest: str, link: str | None) -> list[tuple[str, str]] | None:
+    """The query of the next page of referrers an upstream's ``Link`` names, if any.
+
+    Only a link to the same list on the same upstream is followed; its query
+    is passed on as it is, bounded.
+    """
+    if link is None or 'rel="next"' not in link.replace(" ", ""):
+        return None
+    target = urlsplit(link.partition("<")[2].partition(">")[0])
+    if target.netloc not in ("", urlsplit(route.base_url).netloc) or not target.path.endswith(
+        f"/v2/{route.repository}/referrers/{digest}"
+    ):
+        log.warn(
+            "upstream {upstream} links referrers to {target}: not followed",
+            upstream=route.upstream.name,
+            target=link[:200],
+        )
+        return None
+    return [(k[:100], v[:1000]) for k, v in parse_qsl(target.query)[:10]]
+
+
+def _transient(error: RegistryError) -> bool:
+    """Whether an upstream error is one that serving a stale answer rides out."""
+    return error.status == 429 or error.status >= 500
 
 
 def _blob_headers(digest: str, x_cache: str) -> dict[str, str]:

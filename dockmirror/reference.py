@@ -12,6 +12,9 @@ NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 DIGEST_RE = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
 NAME_MAX = 255
+#: A media type (RFC 6838), as the referrers API's ``artifactType`` filter names one.
+_RESTRICTED_NAME = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
+MEDIA_TYPE_RE = re.compile(rf"{_RESTRICTED_NAME}/{_RESTRICTED_NAME}")
 
 #: Digest algorithms this mirror can verify, with the length of their hex form.
 HEX_LENGTH = {"sha256": 64, "sha512": 128}
@@ -53,11 +56,23 @@ def check_reference(reference: str) -> str:
     return reference
 
 
+def check_media_type(media_type: str) -> str:
+    """A media type such as ``application/vnd.dev.cosign.artifact.sig.v1+json``."""
+    if not MEDIA_TYPE_RE.fullmatch(media_type):
+        raise RegistryError(
+            "UNSUPPORTED",
+            "artifactType must be a media type such as application/vnd.example+json",
+            {"artifactType": media_type[:300]},
+            status=400,
+        )
+    return media_type
+
+
 @dataclass(frozen=True)
 class V2Path:
     """A parsed ``/v2/...`` request path."""
 
-    kind: str  # "base", "catalog", "manifests", "blobs" or "tags"
+    kind: str  # "base", "catalog", "manifests", "blobs", "referrers" or "tags"
     name: str = ""
     reference: str = ""
 
@@ -81,6 +96,8 @@ def parse_v2_path(segments: list[str]) -> V2Path:
             return V2Path("manifests", check_name(name), check_reference(segments[-1]))
         if kind == "blobs":
             return V2Path("blobs", check_name(name), check_digest(segments[-1]))
+        if kind == "referrers":
+            return V2Path("referrers", check_name(name), check_digest(segments[-1]))
         if kind == "tags" and segments[-1] == "list":
             return V2Path("tags", check_name(name))
     raise RegistryError(

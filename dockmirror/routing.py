@@ -111,6 +111,13 @@ class Router:
             )
         return self._route(self.default, None, name, name)
 
+    def route_to(self, upstream_name: str, repository: str) -> Route:
+        """Route a repository of the upstream named *upstream_name* in the configuration."""
+        for upstream in self.upstreams:
+            if upstream.name == upstream_name:
+                return self._route(upstream, None, repository, repository)
+        raise RegistryError("NAME_UNKNOWN", f"no upstream {upstream_name!r}")
+
     @staticmethod
     def _route(
         upstream: Upstream, alias: str | None, name: str, client_name: str, ns: str | None = None

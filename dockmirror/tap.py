@@ -36,6 +36,7 @@ from dockmirror.config import (
     upstream_plugins,
     upstream_tls,
 )
+from dockmirror.control import control_service
 from dockmirror.coordination import LocalNotifier
 from dockmirror.egress import upstream_egress
 from dockmirror.forwarded import ClientAddresses
@@ -46,6 +47,7 @@ from dockmirror.portal.service import build_portal
 from dockmirror.pull import Prefetcher, PullService, Upstreams
 from dockmirror.routing import build_router
 from dockmirror.tls import PlainHTTPFactory, ReloadService, tls_endpoint
+from dockmirror.warm import Warmer
 from dockmirror.web import MirrorSite, RootResource, build_root
 from dockmirror.workers import FIRST_FD, AdoptedPort, Supervisor, SupervisorChannel
 
@@ -158,6 +160,10 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
     top = service.MultiService()
     # Started first: it recovers the cache from disk before any request is served.
     cache.setServiceParent(top)
+    warmer = None
+    if config.warm.images and not worker:  # the first worker warms for the service
+        warmer = Warmer(config.warm, config.warm_images(), router, pull, cache, metrics, reactor)
+        warmer.setServiceParent(top)  # after the cache, whose recovery it reads
     KeyDatabase(config.auth.database).close()  # an unusable key store stops start-up here
     keys = KeyStore(config.auth.database, reactor)
     keys.setServiceParent(top)
@@ -200,6 +206,8 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
     else:
         root.putChild(b"metrics", metrics_resource)
     ReloadService(reactor, certificates).setServiceParent(top)
+    if not worker:  # one control socket for the service, in the first worker
+        control_service(reactor, state_directory(config), warmer).setServiceParent(top)
     pools = [e.pool for e in egress.values()]
     check_prefix = partial(check_repository_prefix, upstreams=config.upstreams)
     namespace: dict[str, Any] = {
@@ -207,6 +215,7 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
         "upstreams": {upstream.name: upstream for upstream in router.upstreams},
         "config": config,
         "cache": cache,
+        "warm": warmer,
     }
     if config.portal.enabled:
         portal = build_portal(

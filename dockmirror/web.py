@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from typing import Any
-from urllib.parse import parse_qs, unquote_plus
+from urllib.parse import parse_qs, unquote, unquote_plus
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import CancelledError, Deferred
@@ -19,7 +19,7 @@ from dockmirror.errors import RegistryError
 from dockmirror.forwarded import ClientAddresses
 from dockmirror.metrics import Metrics
 from dockmirror.pull import PullService, Reply
-from dockmirror.reference import parse_v2_path
+from dockmirror.reference import check_media_type, parse_v2_path
 from dockmirror.routing import Router
 from dockmirror.streaming import StreamError
 
@@ -32,6 +32,16 @@ API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
 def _arg(request: Request, name: bytes) -> str | None:
     values = (request.args or {}).get(name)
     return values[0].decode("utf-8", "replace") if values else None
+
+
+def _query_value(request: Request, name: str) -> str | None:
+    """A query parameter as RFC 3986 has it: a ``+`` stays a ``+`` (as in media types)."""
+    query = request.uri.partition(b"?")[2].decode("ascii", "replace")
+    for pair in query.split("&")[:MAX_FIELDS]:
+        key, _, value = pair.partition("=")
+        if unquote(key) == name and value:
+            return unquote(value, errors="replace")
+    return None
 
 
 #: Query parameters whose values never reach the log.
@@ -135,7 +145,17 @@ async def send_reply(request: Request, reply: Reply) -> None:
 
 
 #: Route label values of ``dockmirror_http_requests_total``; anything else is ``other``.
-ROUTES = ("base", "manifest", "blob", "tags", "token", "metrics", "healthz", "other")
+ROUTES = (
+    "base",
+    "manifest",
+    "blob",
+    "referrers",
+    "tags",
+    "token",
+    "metrics",
+    "healthz",
+    "other",
+)
 #: Method label values; any other method is counted as ``other``.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _TOP_ROUTES = {
@@ -156,6 +176,8 @@ def route_label(path: bytes) -> str:
         return "manifest"
     if len(parts) >= 4 and parts[-2] == b"blobs":
         return "blob"
+    if len(parts) >= 4 and parts[-2] == b"referrers":
+        return "referrers"
     if len(parts) >= 4 and parts[-2:] == [b"tags", b"list"]:
         return "tags"
     return "other"
@@ -352,6 +374,11 @@ class V2Resource(AsyncResource):
             reply = await self.pull.blob(
                 route, path.reference, head, _range(request, path.reference)
             )
+        elif path.kind == "referrers":
+            artifact_type = _query_value(request, "artifactType")
+            if artifact_type is not None:
+                check_media_type(artifact_type)
+            reply = await self.pull.referrers(route, path.reference, artifact_type, head)
         else:
             reply = await self.pull.tags(route, _arg(request, b"n"), _arg(request, b"last"))
         await send_reply(request, reply)

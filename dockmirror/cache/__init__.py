@@ -26,6 +26,7 @@ from dockmirror.cache import files
 from dockmirror.cache.blobs import BlobStore
 from dockmirror.cache.index import Index, Runner
 from dockmirror.cache.manifests import ManifestCache
+from dockmirror.cache.referrers import ReferrersCache
 from dockmirror.config import CacheConfig
 from dockmirror.coordination import FileLockCoordinator, LocalNotifier
 from dockmirror.metrics import Metrics
@@ -93,6 +94,7 @@ class Cache(service.Service):
             self.directory, config.max_size_bytes, self.index, reactor, run, metrics
         )
         self.manifests = ManifestCache(self.blobs, self.index, reactor, config.manifest_ttl)
+        self.referrers = ReferrersCache(reactor, config.manifest_ttl)
         #: Warms the cache for :meth:`prefetch`; attached once the pull side exists.
         self.prefetcher: Prefetcher | None = None
         self._notifier: INotifier = LocalNotifier()
@@ -221,6 +223,7 @@ class Cache(service.Service):
                 " e.g. dockerhub/library/alpine, or as repository, or give a digest)",
             }
         tags = self.manifests.forget_origins(origins)
+        self.referrers.forget_origins(origins)
         orphans = self.blobs.disown(origins)
         purged = [d for d in orphans if self.blobs.remove(d)]
         return {

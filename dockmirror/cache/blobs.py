@@ -92,6 +92,8 @@ class BlobStore:
         #: digest not cached -> origin -> the size its upstream announced; bounded LRU.
         self._proofs: OrderedDict[str, dict[str, int | None]] = OrderedDict()
         self._pins: Counter[str] = Counter()
+        #: Blobs kept from eviction (the warm images'); see :meth:`keep`.
+        self._kept: frozenset[str] = frozenset()
         self._fills: dict[str, Fill] = {}
         #: Fills that other processes run, followed here.
         self._followed: dict[str, FollowedFill] = {}
@@ -313,6 +315,14 @@ class BlobStore:
         self._pins[digest] += 1
         return BlobReader(self, digest, fd, start, end, fill, on_bytes)
 
+    def keep(self, digests: Iterable[str]) -> None:
+        """Keep these blobs from eviction, instead of those kept until now.
+
+        The caller bounds what it keeps (``[warm] max_share``): the rest of
+        the quota is left for the LRU.
+        """
+        self._kept = frozenset(digests)
+
     def unpin(self, digest: str) -> None:
         self._pins[digest] -= 1
         if self._pins[digest] <= 0:
@@ -489,7 +499,7 @@ class BlobStore:
         for digest, size in self._entries.items():
             if excess <= 0:
                 break
-            if not self._pins[digest]:
+            if not self._pins[digest] and digest not in self._kept:
                 victims.append(digest)
                 excess -= size
         return victims if excess <= 0 else None
@@ -592,6 +602,7 @@ class BlobStore:
             "reserved": self.reserved,
             "blobs": len(self._entries),
             "readers": sum(self._pins.values()),
+            "kept": len(self._kept),
             "fills": {d: f"{f.written}/{f.size}" for d, f in self._fills.items()},
             "elsewhere": self._fills_elsewhere(),
         }

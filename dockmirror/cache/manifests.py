@@ -10,7 +10,7 @@ is answered with an entry it accepts, and any other goes upstream.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,8 +109,12 @@ def manifest_media_type(body: bytes, content_type: str | None) -> str | None:
     return specific or default
 
 
-def references(body: bytes) -> list[tuple[str, int | None]]:
-    """The (digest, size) of every blob and manifest a manifest refers to."""
+def references(body: bytes, platforms: Collection[str] = ()) -> list[tuple[str, int | None]]:
+    """The (digest, size) of every blob and manifest a manifest refers to.
+
+    With *platforms* (``os/arch`` or ``os/arch/variant``), an index's
+    manifests are only those of these platforms; ``os/arch`` takes any variant.
+    """
     try:
         data = json.loads(body)
     except ValueError:
@@ -123,18 +127,28 @@ def references(body: bytes) -> list[tuple[str, int | None]]:
     for key in ("layers", "manifests", "blobs"):
         if isinstance(data.get(key), list):
             descriptors.extend(data[key])
+    if platforms and isinstance(data.get("manifests"), list):
+        descriptors = [d for d in descriptors if _of_platform(d, platforms)]
     found = []
     for d in descriptors:
-        if isinstance(d, dict) and _valid(d.get("digest")):
+        if isinstance(d, dict) and valid_digest(d.get("digest")):
             size = d.get("size")
             found.append((d["digest"], size if isinstance(size, int) and size >= 0 else None))
     for layer in data.get("fsLayers") or ():  # schema 1
-        if isinstance(layer, dict) and _valid(layer.get("blobSum")):
+        if isinstance(layer, dict) and valid_digest(layer.get("blobSum")):
             found.append((layer["blobSum"], None))
     return found
 
 
-def _valid(digest: object) -> bool:
+def _of_platform(descriptor: Any, platforms: Collection[str]) -> bool:
+    platform = descriptor.get("platform") if isinstance(descriptor, dict) else None
+    if not isinstance(platform, dict):
+        return False
+    name = f"{platform.get('os')}/{platform.get('architecture')}"
+    return name in platforms or f"{name}/{platform.get('variant')}" in platforms
+
+
+def valid_digest(digest: object) -> bool:
     """Whether an upstream's *digest* is one this mirror can verify (and use as a file name)."""
     try:
         return isinstance(digest, str) and bool(check_digest(digest))
@@ -275,6 +289,24 @@ class ManifestCache:
             digest,
             now,
         )
+
+    def expire_tag(self, origin: str, tag: str, keep: str) -> None:
+        """Have a moved tag's entries other than *keep*'s media type revalidated at next use.
+
+        An entry of another media type (a platform's manifest, for a client
+        that takes no index) may still name the tag's old content.
+        """
+        expired = self._reactor.seconds() - self.ttl
+        for media_type, entry in self._tags.get((origin, tag), {}).items():
+            if media_type != keep and entry.checked > expired:
+                entry.checked = expired
+                self._index.write(
+                    "UPDATE tags SET checked = ? WHERE origin = ? AND tag = ? AND media_type = ?",
+                    expired,
+                    origin,
+                    tag,
+                    media_type,
+                )
 
     def forget_tag(self, origin: str, tag: str) -> None:
         if self._drop((origin, tag)):

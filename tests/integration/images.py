@@ -7,6 +7,7 @@ network except ``skopeo`` talking to registries on 127.0.0.1.
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import io
@@ -363,3 +364,66 @@ def _platform_json(image: PlatformImage) -> dict[str, str]:
 def _json_bytes(value: object) -> bytes:
     """Serialize a manifest/config; indented so any re-serialization changes digests."""
     return json.dumps(value, indent=3).encode()
+
+
+COSIGN_SIGNATURE = "application/vnd.dev.cosign.simplesigning.v1+json"
+COSIGN_ARTIFACT = "application/vnd.dev.cosign.artifact.sig.v1+json"
+
+
+def signature_tag(digest: str) -> str:
+    """The tag cosign gives the signature of ``digest``: ``sha256-<hex>.sig``."""
+    return digest.replace(":", "-") + ".sig"
+
+
+def make_signature(layout_dir: Path, subject: Image, tag: str) -> Image:
+    """Write a cosign-style signature of ``subject`` into the layout, tagged ``tag``.
+
+    As cosign writes it: an OCI manifest whose one layer is the simple-signing
+    payload naming the subject's digest, with the signature in the layer's
+    annotations.  It also carries the OCI 1.1 ``subject`` and
+    ``artifactType``, so that it is a referrer of the subject too.
+    """
+    blobs_dir = layout_dir / "blobs" / "sha256"
+    blobs_dir.mkdir(parents=True, exist_ok=True)
+    (layout_dir / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    payload = _json_bytes(
+        {
+            "critical": {
+                "identity": {"docker-reference": "mirror.test/signed"},
+                "image": {"docker-manifest-digest": subject.digest},
+                "type": "cosign container image signature",
+            },
+            "optional": {"nonce": os.urandom(8).hex()},
+        }
+    )
+    payload_digest = _write_blob(blobs_dir, payload)
+    layer = Layer(payload_digest, len(payload), COSIGN_SIGNATURE, payload_digest)
+    config_bytes = _json_bytes(
+        {
+            "architecture": "",
+            "os": "",
+            "config": {},
+            "rootfs": {"type": "layers", "diff_ids": [payload_digest]},
+        }
+    )
+    config = Blob(_write_blob(blobs_dir, config_bytes), len(config_bytes), OCI_CONFIG)
+    signature = base64.b64encode(os.urandom(64)).decode()
+    manifest = _json_bytes(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": COSIGN_ARTIFACT,
+            "config": _descriptor(OCI_CONFIG, config.digest, config.size),
+            "layers": [
+                {
+                    **_descriptor(COSIGN_SIGNATURE, layer.digest, layer.size),
+                    "annotations": {"dev.cosignproject.cosign/signature": signature},
+                }
+            ],
+            "subject": _descriptor(subject.media_type, subject.digest, len(subject.manifest)),
+        }
+    )
+    digest = _write_blob(blobs_dir, manifest)
+    _tag_in_index(layout_dir, tag, _descriptor(OCI_MANIFEST, digest, len(manifest)))
+    platform = PlatformImage("", "", None, digest, manifest, OCI_MANIFEST, config, (layer,))
+    return Image(tag, digest, manifest, OCI_MANIFEST, (platform,))

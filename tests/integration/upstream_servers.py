@@ -11,6 +11,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 import socket
 import subprocess
 import threading
@@ -20,8 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs
 
 from .registries import LOOPBACK, Registry, _Running
+
+OCI_MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
 
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -325,3 +332,63 @@ class TLSRegistry(Registry):
             tls["clientcas"] = [str(ca) for ca in self._client_cas]
         http["tls"] = tls
         return config
+
+
+_REFERRERS_PATH = re.compile(r"/v2/(.+)/referrers/(sha256:[0-9a-f]{64})")
+
+
+def referrers_api(registry_url: str) -> Behaviour:
+    """A test double of the OCI 1.1 referrers API, for a registry without one.
+
+    ``GET /v2/<name>/referrers/<digest>`` is answered as the distribution
+    spec says, from what the registry really holds: every tagged manifest of
+    the repository whose ``subject`` is the digest, as an image index, with
+    ``artifactType`` filtering (and ``OCI-Filters-Applied``).
+    """
+
+    def get(url: str, accept: str | None = None) -> tuple[bytes, str]:
+        request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
+        with _opener.open(request, timeout=30) as response:
+            return response.read(), response.headers["Content-Type"]
+
+    def behave(request: BaseHTTPRequestHandler) -> bool:
+        path, _, query = request.path.partition("?")
+        match = _REFERRERS_PATH.fullmatch(path)
+        if match is None:
+            return False
+        repository, subject = match.groups()
+        tags = json.loads(get(f"{registry_url}/v2/{repository}/tags/list")[0])["tags"] or []
+        wanted = parse_qs(query).get("artifactType")
+        descriptors = []
+        for tag in tags:
+            body, media_type = get(
+                f"{registry_url}/v2/{repository}/manifests/{tag}", OCI_MANIFEST_TYPE
+            )
+            manifest = json.loads(body)
+            if manifest.get("subject", {}).get("digest") != subject:
+                continue
+            artifact_type = manifest.get("artifactType") or manifest["config"]["mediaType"]
+            if wanted and artifact_type not in wanted:
+                continue
+            descriptors.append(
+                {
+                    "mediaType": media_type,
+                    "digest": "sha256:" + hashlib.sha256(body).hexdigest(),
+                    "size": len(body),
+                    "artifactType": artifact_type,
+                }
+            )
+        payload = json.dumps(
+            {"schemaVersion": 2, "mediaType": OCI_INDEX_TYPE, "manifests": descriptors}
+        ).encode()
+        request.send_response(200)
+        request.send_header("Content-Type", OCI_INDEX_TYPE)
+        if wanted:
+            request.send_header("OCI-Filters-Applied", "artifactType")
+        request.send_header("Content-Length", str(len(payload)))
+        request.end_headers()
+        if request.command != "HEAD":
+            request.wfile.write(payload)
+        return True
+
+    return behave

@@ -8,6 +8,7 @@ def test_route_labels_come_from_a_fixed_set() -> None:
     assert route_label(b"/v2/library/alpine/manifests/3") == "manifest"
     assert route_label(b"/v2/a/b/c/blobs/sha256:00?ns=docker.io") == "blob"
     assert route_label(b"/v2/alpine/tags/list?n=10") == "tags"
+    assert route_label(b"/v2/a/referrers/sha256:00?artifactType=a/b") == "referrers"
     assert route_label(b"/docker-auth/token?service=x") == "token"
     assert route_label(b"/metrics") == "metrics"
     assert route_label(b"/healthz/") == "healthz"
