@@ -37,6 +37,7 @@ setup(
             "mypy>=1.8",
             "mypy-zope>=1.0",
             "ruff>=0.4",
+            "hypothesis>=6.100",
             # Importable h2 makes Twisted offer HTTP/2 unless the site pins
             # HTTP/1.1; tests/integration/test_http2.py checks the pin.
             "h2>=4.1",

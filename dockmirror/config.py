@@ -16,15 +16,16 @@ import types
 import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from twisted.plugin import getPlugins
 
 from dockmirror import plugins
 from dockmirror._interfaces import IUpstream
-from dockmirror.egress import UpstreamTLS, load_upstream_tls
+from dockmirror.egress import CONNECT_TIMEOUT, UpstreamTLS, load_upstream_tls
 from dockmirror.forwarded import HEADERS as PROXY_HEADERS
 from dockmirror.hostnames import HostPattern, is_host_name
 from dockmirror.portal import config as portal_config
@@ -35,6 +36,16 @@ EMBEDDED = "(embedded default)"
 #: The most worker processes one service may run.
 MAX_WORKERS = 64
 
+
+#: Default seconds an upstream may stay silent before its headers or within a body
+#: (the default connect timeout is egress.CONNECT_TIMEOUT).
+READ_TIMEOUT = 60.0
+
+#: Defaults of the [server] limits on client connections (see dockmirror.connections).
+HEADER_TIMEOUT = 30.0
+IDLE_TIMEOUT = 60.0
+MAX_CONNECTIONS = 1024
+MAX_CONNECTIONS_PER_CLIENT = 128
 
 _UPSTREAM_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 
@@ -47,6 +58,15 @@ class ConfigError(Exception):
 class ServerConfig:
     listen: tuple[str, ...] = ("tcp:5000:interface=127.0.0.1",)
     public_url: str = "http://127.0.0.1:5000"
+    #: Seconds a client has to send a whole request (line, headers and body)
+    #: once its first byte arrived.
+    header_timeout: float = HEADER_TIMEOUT
+    #: Seconds an idle keep-alive connection is kept open.
+    idle_timeout: float = IDLE_TIMEOUT
+    #: Client connections served at once, over all listeners; more are refused.
+    max_connections: int = MAX_CONNECTIONS
+    #: Client connections one address (an IPv6 /64) may hold at once.
+    max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT
     #: Reverse proxies (CIDRs) whose ``proxy_header`` names the client's address.
     trusted_proxies: tuple[str, ...] = ()
     #: The header those proxies write: "X-Forwarded-For" or "Forwarded".
@@ -97,6 +117,13 @@ class CacheConfig:
     manifest_ttl: int = 3600
     #: Serve an expired manifest when the upstream is down, 5xx or 429.
     serve_stale: bool = True
+    #: Free space to leave on the cache's file system, as a size string;
+    #: None: the lesser of 256 MiB and 5 % of the file system.
+    min_free: str | None = None
+
+    @property
+    def min_free_bytes(self) -> int | None:
+        return None if self.min_free is None else parse_size(self.min_free)
 
     @property
     def max_size_bytes(self) -> int | None:
@@ -119,7 +146,7 @@ _UNITS = {
     "gib": 1 << 30,
     "tib": 1 << 40,
 }
-_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
+_SIZE_RE = re.compile(r" *([0-9]{1,20}(?:\.[0-9]{1,9})?) *([a-zA-Z]*) *")
 
 
 def parse_size(text: str) -> int:
@@ -131,7 +158,7 @@ def parse_size(text: str) -> int:
             f"{text!r} is not a size: use a number with B, kB, MB, GB, TB (powers of 1000)"
             ' or KiB, MiB, GiB, TiB (powers of 1024), such as "500MB" or "5GiB"'
         )
-    return int(float(m.group(1)) * _UNITS[unit])
+    return int(Fraction(m.group(1)) * _UNITS[unit])
 
 
 _DURATION_RE = re.compile(r"(?:\d+(?:\.\d+)?[smhd])+|\d+(?:\.\d+)?")
@@ -234,6 +261,11 @@ class UpstreamConfig:
     username: str | None = None
     password: str | None = field(default=None, metadata=SECRET)
     default: bool = False
+    #: Seconds to open a connection (TCP and TLS) to the upstream.
+    connect_timeout: float = CONNECT_TIMEOUT
+    #: Seconds the upstream may stay silent: before its response headers,
+    #: and between two reads of a body.
+    read_timeout: float = READ_TIMEOUT
     #: Origins of token services on other hosts that may receive the credentials.
     token_realms: tuple[str, ...] = ()
     #: PEM certificates trusted for this upstream, in addition to the system's.
@@ -300,7 +332,7 @@ def load(path: str | None) -> Config:
         raise ConfigError(f"{path}: no such configuration file") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     return _build(path, data)
 
@@ -403,6 +435,8 @@ def _check(config: Config) -> None:
             )
         if upstream.url is not None and not upstream.url.startswith(("http://", "https://")):
             raise ConfigError(f"{source}: upstreams.{name}.url must be an http(s) URL")
+        for key in ("connect_timeout", "read_timeout"):
+            _check_seconds(source, f"upstreams.{name}.{key}", getattr(upstream, key))
         if (upstream.username is None) != (upstream.password is None):
             raise ConfigError(f"{source}: upstreams.{name}: username and password go together")
         _check_upstream_names(source, name, upstream, plugin)
@@ -432,6 +466,7 @@ def _check(config: Config) -> None:
         )
     if not config.server.public_url.startswith(("http://", "https://")):
         raise ConfigError(f"{source}: server.public_url must be an http(s) URL")
+    _check_server(source, config.server)
     _check_cache(source, config.cache)
     _check_auth(config)
     try:
@@ -439,6 +474,25 @@ def _check(config: Config) -> None:
     except ValueError as e:
         raise ConfigError(f"{source}: {e}") from None
     _check_warm(config)
+
+
+#: The longest timeout accepted, in seconds.
+TIMEOUT_MAX = 3600.0
+
+
+def _check_seconds(source: str, key: str, value: float) -> None:
+    if not 0 < value <= TIMEOUT_MAX:
+        raise ConfigError(
+            f"{source}: {key} must be more than 0 and at most {TIMEOUT_MAX:.0f} seconds"
+        )
+
+
+def _check_server(source: str, server: ServerConfig) -> None:
+    for key in ("header_timeout", "idle_timeout"):
+        _check_seconds(source, f"server.{key}", getattr(server, key))
+    for key in ("max_connections", "max_connections_per_client"):
+        if getattr(server, key) < 1:
+            raise ConfigError(f"{source}: server.{key} must be at least 1")
 
 
 def upstream_tls(source: str, name: str, upstream: UpstreamConfig) -> UpstreamTLS:
@@ -464,19 +518,37 @@ def _check_upstream_names(source: str, name: str, upstream: UpstreamConfig, plug
                 f"{where}.hosts: {host!r} is not a host name (labels of a-z, 0-9 and '-', no port)"
             )
     for realm in upstream.token_realms:
-        parts = urlsplit(realm)
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/"):
+        parts = _url_parts(realm)
+        if (
+            parts is None
+            or parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or parts.path.strip("/")
+        ):
             raise ConfigError(
                 f"{where}.token_realms: {realm!r} is not an origin such as"
                 ' "https://auth.example.com"'
             )
     url = upstream.url
-    if url is not None and (urlsplit(url).hostname is None or urlsplit(url).username):
-        raise ConfigError(f"{where}.url: {url!r} has no host, or has credentials in it")
+    parts = None if url is None else _url_parts(url)
+    if url is not None and (parts is None or parts.hostname is None or parts.username):
+        raise ConfigError(
+            f"{where}.url: {url!r} is not a URL with a host and port, or has credentials in it"
+        )
+
+
+def _url_parts(url: str) -> SplitResult | None:
+    """*url* split, or None if it cannot be (a bad IPv6 literal, a port that is no port)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        return None
+    return parts
 
 
 def _check_cache(source: str, cache: CacheConfig) -> None:
-    for key in ("max_size", "max_layer_size"):
+    for key in ("max_size", "max_layer_size", "min_free"):
         text = getattr(cache, key)
         if text is None:
             continue
@@ -484,7 +556,7 @@ def _check_cache(source: str, cache: CacheConfig) -> None:
             size = parse_size(text)
         except ValueError as e:
             raise ConfigError(f"{source}: cache.{key}: {e}") from None
-        if size <= 0:
+        if size <= 0 and key != "min_free":
             raise ConfigError(f"{source}: cache.{key} must be more than zero bytes")
     if cache.oversize not in OVERSIZE_POLICIES:
         raise ConfigError(

@@ -145,8 +145,15 @@ class GuardedEndpoint:
     """A TCP endpoint that connects only to addresses its :class:`AddressPolicy` allows."""
 
     def __init__(
-        self, reactor: Any, resolver: IHostnameResolver, policy: AddressPolicy, host: str, port: int
+        self,
+        reactor: Any,
+        resolver: IHostnameResolver,
+        policy: AddressPolicy,
+        host: str,
+        port: int,
+        connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
+        self._connect_timeout = connect_timeout
         self._reactor = reactor
         self._resolver = resolver
         self._policy = policy
@@ -170,7 +177,7 @@ class GuardedEndpoint:
                 refused = refused or e
                 continue
             endpoint_type = TCP4ClientEndpoint if address.version == 4 else TCP6ClientEndpoint
-            endpoint = endpoint_type(self._reactor, str(address), self._port, CONNECT_TIMEOUT)
+            endpoint = endpoint_type(self._reactor, str(address), self._port, self._connect_timeout)
             try:
                 return await endpoint.connect(factory)
             except ConnectError as e:
@@ -301,16 +308,24 @@ class _QuietClientFactory(_HTTP11ClientFactory):
 @implementer(IAgentEndpointFactory)
 class _Endpoints:
     def __init__(
-        self, reactor: Any, resolver: IHostnameResolver, policy: AddressPolicy, tls: UpstreamTLS
+        self,
+        reactor: Any,
+        resolver: IHostnameResolver,
+        policy: AddressPolicy,
+        tls: UpstreamTLS,
+        connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
         self._reactor = reactor
         self._resolver = resolver
         self._policy = policy
         self._tls = tls
+        self._connect_timeout = connect_timeout
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         host = uri.host.decode("ascii")
-        endpoint = GuardedEndpoint(self._reactor, self._resolver, self._policy, host, uri.port)
+        endpoint = GuardedEndpoint(
+            self._reactor, self._resolver, self._policy, host, uri.port, self._connect_timeout
+        )
         if uri.scheme == b"https":
             return wrapClientTLS(self._tls.creator(host), endpoint)
         if uri.scheme != b"http":
@@ -333,8 +348,12 @@ def upstream_egress(
     configured_url: str,
     tls: UpstreamTLS,
     resolver: IHostnameResolver | None = None,
+    connect_timeout: float = CONNECT_TIMEOUT,
 ) -> Egress:
-    """A client for *upstream*, whose connections follow its :class:`AddressPolicy`."""
+    """A client for *upstream*, whose connections follow its :class:`AddressPolicy`.
+
+    *connect_timeout* bounds each connection attempt, per address tried.
+    """
     resolver = resolver if resolver is not None else reactor.nameResolver
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool._factory = _QuietClientFactory
@@ -347,5 +366,6 @@ def upstream_egress(
             client=", with a client certificate" if tls.client is not None else "",
         )
     policy = AddressPolicy(upstream, configured_url, resolver)
-    agent = Agent.usingEndpointFactory(reactor, _Endpoints(reactor, resolver, policy, tls), pool)
+    endpoints = _Endpoints(reactor, resolver, policy, tls, connect_timeout)
+    agent = Agent.usingEndpointFactory(reactor, endpoints, pool)
     return Egress(HTTPClient(agent), pool, tls)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 #: The distribution spec's error codes, with the HTTP status each one goes with.
@@ -62,3 +64,26 @@ def upstream_unavailable(upstream: str, why: str, status: int = 503) -> Registry
         {"upstream": upstream},
         status=status,
     )
+
+
+#: The longest wait passed on from an upstream's ``Retry-After``, in seconds ...
+RETRY_AFTER_MAX = 3600
+#: ... and the wait announced when it gave none that can be used.
+RETRY_AFTER_DEFAULT = 60
+
+
+def retry_after(value: str | None, now: float) -> int:
+    """Seconds to wait, from an upstream's ``Retry-After`` (seconds or HTTP-date).
+
+    A missing or malformed value gives :data:`RETRY_AFTER_DEFAULT`; the
+    result is at least 1 and at most :data:`RETRY_AFTER_MAX`.
+    """
+    value = (value or "").strip()[:64]
+    if re.fullmatch(r"[0-9]+", value):
+        seconds = int(value)
+    else:
+        try:
+            seconds = int(parsedate_to_datetime(value).timestamp() - now)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            seconds = RETRY_AFTER_DEFAULT
+    return min(max(seconds, 1), RETRY_AFTER_MAX)

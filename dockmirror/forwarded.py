@@ -84,7 +84,8 @@ class ClientAddresses:
 
     def _hops(self, headers: Headers) -> Sequence[str | None]:
         """The header's hops, left to right, the last :data:`MAX_HOPS` only."""
-        values = headers.getRawHeaders(self._header) or []
+        # Bytes, read as Latin-1: a stray octet must not fail the request.
+        values = [v.decode("latin-1") for v in headers.getRawHeaders(self._header.encode()) or []]
         elements = ",".join(values).split(",")[-MAX_HOPS:]
         if self._header == "forwarded":
             return [_forwarded_for(element) for element in elements]

@@ -1,4 +1,9 @@
-"""``/healthz``: whether this mirror can serve, with the state of each part."""
+"""``/healthz``: whether this mirror can serve, with the state of each part.
+
+A part that fails makes the mirror unhealthy (503); a degraded part (the
+cache full, so that blobs pass through uncached) is reported while the
+mirror still answers 200.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,66 @@ import json
 import os
 import tempfile
 from collections.abc import Awaitable, Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from twisted.web.server import Request
 
 from dockmirror.pull import Reply
 from dockmirror.web import AsyncResource, send_body
 
-#: A named check answers True when healthy, or a string saying what is wrong.
-Check = Callable[[], "Awaitable[bool | str] | bool | str"]
+
+@dataclass(frozen=True)
+class Degraded:
+    """A part that works in a reduced way, and why."""
+
+    reason: str
+
+
+Result = bool | str | Degraded
+#: A named check answers True when healthy, a string saying what is wrong,
+#: or :class:`Degraded`.
+Check = Callable[[], "Awaitable[Result] | Result"]
+
+
+class _Space(Protocol):
+    def space(self) -> tuple[int, int] | None: ...
+
+
+class _KeyStore(Protocol):
+    write_error: str | None
+
+    async def check(self) -> bool | str: ...
+
+
+def key_store(keys: _KeyStore) -> Callable[[], Awaitable[Result]]:
+    """A check that the key store answers, degraded while usage cannot be written."""
+
+    async def check() -> Result:
+        result = await keys.check()
+        if result is True and keys.write_error is not None:
+            return Degraded(f"key usage is kept in memory: {keys.write_error}")
+        return result
+
+    return check
+
+
+def cache_space(store: _Space) -> Callable[[], Result]:
+    """A check that the cache's file system has more than the margin fills leave free."""
+
+    def check() -> Result:
+        space = store.space()
+        if space is None:
+            return True
+        free, margin = space
+        if free < margin:
+            return Degraded(
+                f"{free} bytes free on the cache's file system, under cache.min_free"
+                f" ({margin} bytes): blobs pass through uncached"
+            )
+        return True
+
+    return check
 
 
 def directory_writable(path: str) -> Callable[[], bool | str]:
@@ -39,7 +95,7 @@ class HealthResource(AsyncResource):
 
     async def serve(self, request: Request) -> None:
         results: dict[str, Any] = {}
-        healthy = True
+        status = "ok"
         for name, check in self.checks.items():
             try:
                 result = check()
@@ -47,9 +103,15 @@ class HealthResource(AsyncResource):
                     result = await result
             except Exception as e:  # noqa: BLE001 - a failing check is a finding
                 result = f"{type(e).__name__}: {e}"
-            ok = result is True
-            healthy = healthy and ok
-            results[name] = {"ok": ok} if ok else {"ok": False, "error": str(result)}
-        body = json.dumps({"status": "ok" if healthy else "unhealthy", "checks": results})
+            if isinstance(result, Degraded):
+                results[name] = {"ok": True, "degraded": result.reason}
+                status = "degraded" if status == "ok" else status
+            elif result is True:
+                results[name] = {"ok": True}
+            else:
+                results[name] = {"ok": False, "error": str(result)}
+                status = "unhealthy"
+        body = json.dumps({"status": status, "checks": results})
         headers = {"Content-Type": "application/json", "Cache-Control": "no-store"}
-        send_body(request, Reply(200 if healthy else 503, headers, body.encode()))
+        code = 503 if status == "unhealthy" else 200
+        send_body(request, Reply(code, headers, body.encode()))

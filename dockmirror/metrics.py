@@ -198,6 +198,14 @@ class MetricsResource(Resource):
             ip = ip.ipv4_mapped
         return any(ip in network for network in self._allow)
 
+    def render(self, request: Request) -> bytes:
+        if request.method not in (b"GET", b"HEAD"):
+            request.setResponseCode(405)
+            request.setHeader("Allow", "GET, HEAD")
+            request.setHeader("Content-Type", "application/json")
+            return RegistryError("UNSUPPORTED", "metrics are read with GET").body()
+        return bytes(super().render(request))
+
     def render_GET(self, request: Request) -> bytes:
         if not self._allowed(request):
             request.setResponseCode(403)

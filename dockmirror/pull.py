@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
 from dockmirror.cache import Cache, origin_of
-from dockmirror.cache.fill import Fill
+from dockmirror.cache.fill import CacheWriteError, Fill
 from dockmirror.cache.follow import FollowedFill
 from dockmirror.cache.manifests import (
     INDEX_TYPES,
@@ -38,9 +38,9 @@ from dockmirror.cache.manifests import (
 )
 from dockmirror.cache.referrers import ReferrersEntry, filtered_list, referrers_list
 from dockmirror.egress import Egress
-from dockmirror.errors import STATUS, RegistryError, upstream_unavailable
+from dockmirror.errors import STATUS, RegistryError, retry_after, upstream_unavailable
 from dockmirror.metrics import Metrics
-from dockmirror.reference import HEX_LENGTH, is_digest, parse_image_reference
+from dockmirror.reference import HEX_LENGTH, TAG_RE, is_digest, parse_image_reference
 from dockmirror.routing import Route, Router
 from dockmirror.shared import SingleFlight
 from dockmirror.streaming import BodyStream, Stream, StreamError
@@ -49,7 +49,6 @@ from dockmirror.upstream import (
     UpstreamClient,
     UpstreamError,
     discard,
-    read_small,
 )
 
 log = Logger()
@@ -153,6 +152,8 @@ class Upstreams:
             upstream.password,
             token_realms=upstream.token_realms,
             trusted=egress.tls.trusted,
+            connect_timeout=upstream.connect_timeout,
+            read_timeout=upstream.read_timeout,
         )
         while len(self._clients) > CLIENTS_LIMIT:
             self._clients.popitem(last=False)
@@ -205,6 +206,19 @@ class PullService:
         client = self.upstreams.client(route)
         try:
             return await client.request(method, route.repository, path, headers, params)
+        except UpstreamError as e:
+            raise _upstream_failed(route, e) from e
+
+    async def _read(
+        self, route: Route, response: IResponse, limit: int = SMALL_BODY_LIMIT
+    ) -> bytes:
+        """A small body, whole, under the upstream's read timeout.
+
+        One over *limit* or cut short is a 502 from the upstream; an upstream
+        that stops sending is a 503.
+        """
+        try:
+            return await self.upstreams.client(route).read(response, limit)
         except UpstreamError as e:
             raise _upstream_failed(route, e) from e
 
@@ -387,7 +401,7 @@ class PullService:
             if length is not None:
                 headers["Content-Length"] = str(length)
             return Reply(200, headers)
-        body = await _read(route, response, MANIFEST_LIMIT)
+        body = await self._read(route, response, MANIFEST_LIMIT)
         expected = reference if is_digest(reference) else digest
         algorithm = expected.partition(":")[0] if expected else "sha256"
         actual = compute_digest(body, algorithm if algorithm in HEX_LENGTH else "sha256")
@@ -490,7 +504,7 @@ class PullService:
                         error.detail,
                     )
                 raise error
-            body = await _read(route, response, MANIFEST_LIMIT)
+            body = await self._read(route, response, MANIFEST_LIMIT)
             content_type = _header(response, "content-type")
             listed = referrers_list(body, content_type)
             if listed is None:
@@ -594,6 +608,8 @@ class PullService:
                     lead = False
             try:
                 await fill.ready.wait()
+            except CacheWriteError:
+                return _Source(passthrough="cache write failed")
             except (RegistryError, StreamError) as e:
                 # What the upstream refused is final for the request that asked;
                 # a follower asks through its own repository, and a fill that
@@ -629,7 +645,7 @@ class PullService:
             size=fill.size,
             upstream=route.upstream.name,
         )
-        await fill.start(response)
+        await fill.start(response, self.upstreams.client(route).read_timeout)
 
     def _blob_head(self, route: Route, origin: str, digest: str) -> Deferred[int | None]:
         """Ask the upstream repository for a blob: proof that it has it, and its size."""
@@ -709,6 +725,7 @@ class PullService:
             self._reactor,
             length=length,
             digest=digest if response.code == 200 else None,
+            idle_timeout=self.upstreams.client(route).read_timeout,
             count=self._metrics.bytes_from_upstream.labels(route.upstream.name).inc,
         )
         return Reply(response.code, reply_headers, stream=stream)
@@ -784,11 +801,13 @@ class PullService:
         tag; those lists are sorted and paginated here.
         """
         limit = _page_size(n)
+        if last and not TAG_RE.fullmatch(last):
+            raise RegistryError("TAG_INVALID", "last must be a tag", {"last": last[:200]})
         params = [(k, v) for k, v in (("n", n), ("last", last)) if v is not None]
         response = await self._request(route, "GET", "tags/list", params=params)
         if response.code != 200:
             raise await self._failure(route, response, "NAME_UNKNOWN", False)
-        body = await _read(route, response)
+        body = await self._read(route, response)
         try:
             tags = json.loads(body)["tags"] or []
             if not all(isinstance(t, str) for t in tags):
@@ -819,7 +838,7 @@ class PullService:
             discard(response)
         else:
             try:
-                body = await read_small(response)
+                body = await self.upstreams.client(route).read(response)
             except UpstreamError:
                 pass  # the status alone makes the error
         name = route.upstream.name
@@ -835,13 +854,19 @@ class PullService:
                 f"not found at upstream {name}",
                 {"repository": route.repository},
             )
+        wait = str(retry_after(_header(response, "retry-after"), self._reactor.seconds()))
         if code == 429:
             return RegistryError(
                 "TOOMANYREQUESTS",
                 f"upstream {name} is rate-limiting this mirror; try again later",
-                {"upstream": name},
-                headers={"Retry-After": _header(response, "retry-after") or "60"},
+                {"upstream": name, "retry_after": int(wait)},
+                headers={"Retry-After": wait},
             )
+        if code == 503:
+            error = upstream_unavailable(name, "answered 503")
+            if response.headers.hasHeader("retry-after"):
+                error.headers["Retry-After"] = wait
+            return error
         if code in (401, 403):
             return RegistryError(
                 "DENIED",
@@ -870,14 +895,6 @@ class Prefetcher:
         route = self.router.route(image.name)
         summary = await self.pull.prefetch(route, image.reference)
         return {"image": image_reference, "upstream": route.key, **summary}
-
-
-async def _read(route: Route, response: IResponse, limit: int = SMALL_BODY_LIMIT) -> bytes:
-    """A small body, whole; one over *limit* or cut short is a 502 from the upstream."""
-    try:
-        return await read_small(response, limit)
-    except UpstreamError as e:
-        raise _upstream_failed(route, e) from e
 
 
 def _upstream_failed(route: Route, error: UpstreamError) -> RegistryError:
@@ -998,12 +1015,18 @@ def _first_error_code(body: bytes) -> str | None:
         return None
 
 
+#: The largest page of tags a client may ask for with ``n``.
+MAX_PAGE = 10_000
+
+
 def _page_size(n: str | None) -> int | None:
     if n is None or n == "":
         return None
-    if not n.isdigit():
+    if not (n.isascii() and n.isdigit()) or len(n) > 6 or int(n) > MAX_PAGE:
         raise RegistryError(
-            "PAGINATION_NUMBER_INVALID", "n must be a non-negative integer", {"n": n[:20]}
+            "PAGINATION_NUMBER_INVALID",
+            f"n must be an integer from 0 to {MAX_PAGE}",
+            {"n": n[:20]},
         )
     return int(n)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from dockmirror.config import CONNECT_TIMEOUT, READ_TIMEOUT
 from dockmirror.errors import RegistryError
 from dockmirror.hostnames import HostName, HostPattern, parse_host, parse_host_header
 from dockmirror.reference import check_name
@@ -27,6 +28,8 @@ class Upstream:
     hosts: tuple[str, ...]
     username: str | None = None
     password: str | None = None
+    connect_timeout: float = CONNECT_TIMEOUT
+    read_timeout: float = READ_TIMEOUT
     #: Token service origins on other hosts that may receive the credentials.
     token_realms: tuple[str, ...] = ()
 
@@ -140,6 +143,8 @@ def build_router(config: Any, plugins: dict[str, Any]) -> Router:
             hosts=u.hosts,
             username=u.username,
             password=u.password,
+            connect_timeout=u.connect_timeout,
+            read_timeout=u.read_timeout,
             token_realms=(*plugin.token_realms, *u.token_realms),
         )
         upstreams.append(upstream)

@@ -21,7 +21,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from dockmirror._interfaces import INotifier
 from dockmirror.auth.access import AccessControl
-from dockmirror.auth.keystore import KeyDatabase, KeyStore, KeyStoreError
+from dockmirror.auth.keystore import KeyStore, KeyStoreError
 from dockmirror.auth.throttle import LoginThrottle
 from dockmirror.auth.tokens import TokenService, load_signing_key
 from dockmirror.cache import Cache
@@ -36,11 +36,12 @@ from dockmirror.config import (
     upstream_plugins,
     upstream_tls,
 )
+from dockmirror.connections import ConnectionLimits
 from dockmirror.control import control_service
 from dockmirror.coordination import LocalNotifier
 from dockmirror.egress import upstream_egress
 from dockmirror.forwarded import ClientAddresses
-from dockmirror.health import HealthResource, directory_writable
+from dockmirror.health import HealthResource, cache_space, directory_writable, key_store
 from dockmirror.manhole import HOST_KEY_FILE, KeysConsole, load_host_key, manhole_factory
 from dockmirror.metrics import Metrics, MetricsResource
 from dockmirror.portal.service import build_portal
@@ -110,6 +111,28 @@ def _endpoint(reactor: Any, config: Config, description: str, key: str = "server
         raise ConfigError(f"{config.source}: {key}: {description!r}: {e}") from None
 
 
+#: File descriptors a client connection may need: its socket, a blob file, an upstream socket.
+FILES_PER_CONNECTION = 3
+#: File descriptors for everything else: databases, logs, listeners, idle upstream sockets.
+FILES_SPARE = 256
+
+
+def _raise_file_limit(max_connections: int) -> None:
+    """Raise the soft limit on open files to what *max_connections* may need."""
+    wanted = max_connections * FILES_PER_CONNECTION + FILES_SPARE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warn(
+            "server.max_connections = {n} may need {wanted} open files; the limit is {soft}",
+            n=max_connections,
+            wanted=wanted,
+            soft=soft,
+        )
+
+
 def build_access(
     config: Config,
     keys: KeyStore,
@@ -148,6 +171,7 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
             u.name,
             u.configured_url,
             upstream_tls(config.source, u.name, config.upstreams[u.name]),
+            connect_timeout=u.connect_timeout,
         )
         for u in router.upstreams
     }
@@ -164,17 +188,24 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
     if config.warm.images and not worker:  # the first worker warms for the service
         warmer = Warmer(config.warm, config.warm_images(), router, pull, cache, metrics, reactor)
         warmer.setServiceParent(top)  # after the cache, whose recovery it reads
-    KeyDatabase(config.auth.database).close()  # an unusable key store stops start-up here
     keys = KeyStore(config.auth.database, reactor)
     keys.setServiceParent(top)
     access = build_access(config, keys, metrics, reactor, notifier)
     root = build_root(router, pull, access, config.auth.required)
     health = HealthResource(
-        {"cache_directory": directory_writable(config.cache.directory), "key_store": keys.check}
+        {
+            "cache_directory": directory_writable(config.cache.directory),
+            "cache_space": cache_space(cache.blobs),
+            "key_store": key_store(keys),
+        }
     )
     root.putChild(b"healthz", health)
-    clients = ClientAddresses(config.server.trusted_proxies, config.server.proxy_header)
-    site = MirrorSite(root, metrics, clients)
+    server = config.server
+    timeouts = {"header_timeout": server.header_timeout, "idle_timeout": server.idle_timeout}
+    _raise_file_limit(server.max_connections)
+    limits = ConnectionLimits(server.max_connections, server.max_connections_per_client)
+    clients = ClientAddresses(server.trusted_proxies, server.proxy_header)
+    site = MirrorSite(root, metrics, clients, limits, **timeouts)
     certificates = []
     inherited = itertools.count(FIRST_FD)
 
@@ -202,7 +233,8 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
         operations = RootResource()
         operations.putChild(b"metrics", metrics_resource)
         operations.putChild(b"healthz", health)
-        listen(config.metrics.listen, MirrorSite(operations, metrics, clients))
+        own = ConnectionLimits(server.max_connections, server.max_connections_per_client)
+        listen(config.metrics.listen, MirrorSite(operations, metrics, clients, own, **timeouts))
     else:
         root.putChild(b"metrics", metrics_resource)
     ReloadService(reactor, certificates).setServiceParent(top)
@@ -273,7 +305,6 @@ def makeService(options: Options, reactor: IReactorCore | None = None) -> servic
     config = options["parsed"]
     try:
         if options["worker"] is None and config.server.worker_count > 1:
-            KeyDatabase(config.auth.database).close()  # an unusable key store stops start-up here
             return supervise(config, reactor)
         return build_service(config, reactor, options["worker"])
     except (ConfigError, KeyStoreError, ValueError, OSError) as e:

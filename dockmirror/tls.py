@@ -28,6 +28,8 @@ from twisted.internet.error import VerifyError
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
+from dockmirror.errors import RegistryError
+
 log = Logger()
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
@@ -175,9 +177,12 @@ def tls_endpoint(reactor: Any, description: str) -> tuple[Any, ReloadingContextF
 
 #: What a TLS client handshake starts with: a handshake record.
 _TLS_HANDSHAKE = b"\x16"
+_PLAIN_HTTP_BODY = RegistryError(
+    "UNSUPPORTED", "This listener speaks plain HTTP, not TLS", status=400
+).body()
 _PLAIN_HTTP_ANSWER = (
-    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n"
-    b"Content-Length: 39\r\n\r\nThis listener speaks plain HTTP, not TLS"
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(_PLAIN_HTTP_BODY), _PLAIN_HTTP_BODY)
 )
 
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
-import treq
 from twisted.internet import defer
 from twisted.internet.error import (
     ConnectError,
@@ -24,23 +23,27 @@ from twisted.internet.error import (
     TimeoutError,
 )
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import (
     RequestTransmissionFailed,
+    ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
 )
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
+from dockmirror.config import CONNECT_TIMEOUT, READ_TIMEOUT
 from dockmirror.egress import DisallowedAddress, tls_failure
 from dockmirror.hostnames import parse_host_header
 from dockmirror.metrics import Metrics
+from dockmirror.streaming import IdleTimer
 
 log = Logger()
 
-#: Seconds to wait for response headers from an upstream.
-HEADERS_TIMEOUT = 60.0
 #: The most of an error or token body read into memory.
 SMALL_BODY_LIMIT = 1 << 20
 #: A token is dropped this many seconds before the upstream says it expires.
@@ -134,37 +137,82 @@ def basic_authorization(username: str, password: str) -> str:
     return "Basic " + base64.b64encode(pair).decode("ascii")
 
 
-class _TooLarge(Exception):
-    pass
-
-
-async def read_small(response: IResponse, limit: int = SMALL_BODY_LIMIT) -> bytes:
+async def read_small(
+    response: IResponse,
+    limit: int = SMALL_BODY_LIMIT,
+    *,
+    reactor: IReactorTime | None = None,
+    timeout: float | None = None,
+) -> bytes:
     """Read a body expected to be small, whole.
 
     A body over *limit* bytes (declared or counted) or cut short raises
     :class:`UpstreamError`: a partial body is never taken for the whole one.
+    With *reactor* and *timeout*, an upstream silent for *timeout* seconds
+    has its connection aborted and :class:`UpstreamTimeout` is raised.
     """
     if response.length is not None and response.length != UNKNOWN_LENGTH:
         if response.length > limit:
             discard(response)
             raise UpstreamError(f"body of {response.length} bytes, over the {limit} allowed", 502)
-    parts: list[bytes] = []
-    size = 0
+    body = _SmallBody(limit, reactor, timeout)
+    response.deliverBody(body)
+    return await body.done
 
-    def collect(data: bytes) -> None:
-        nonlocal size
-        size += len(data)
-        if size > limit:
-            raise _TooLarge()
-        parts.append(data)
 
-    try:
-        await treq.collect(response, collect)
-    except _TooLarge:
-        raise UpstreamError(f"body over the {limit} bytes allowed", 502) from None
-    except ResponseFailed as e:
-        raise UpstreamError("body cut short: " + _describe(e), 502) from e
-    return b"".join(parts)
+class _SmallBody(Protocol):
+    """Collects a body up to a limit, under an idle timeout."""
+
+    def __init__(self, limit: int, reactor: IReactorTime | None, timeout: float | None) -> None:
+        self._limit = limit
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._timer = (
+            IdleTimer(reactor, timeout, self._idle)
+            if reactor is not None and timeout is not None
+            else None
+        )
+        self.done: defer.Deferred[bytes] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        if self._timer is not None:
+            self._timer.start()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        if self._timer is not None:
+            self._timer.touch()
+        self._size += len(data)
+        if self._size > self._limit:
+            self._end(UpstreamError(f"body over the {self._limit} bytes allowed", 502), abort=True)
+            return
+        self._parts.append(data)
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self._end(None)
+        else:
+            reasons = getattr(reason.value, "reasons", None) or [reason]
+            why = "; ".join(f.getErrorMessage() for f in reasons)
+            self._end(UpstreamError(f"body cut short: connection failed: {why}", 502))
+
+    def _idle(self) -> None:
+        assert self._timer is not None
+        error = UpstreamTimeout(f"upstream sent nothing for {self._timer.timeout:.0f}s")
+        self._end(error, abort=True)
+
+    def _end(self, error: UpstreamError | None, abort: bool = False) -> None:
+        if self._timer is not None:
+            self._timer.stop()
+        if self.done.called:
+            return
+        if abort and self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+        if error is not None:
+            self.done.errback(error)
+        else:
+            self.done.callback(b"".join(self._parts))
 
 
 class _Discard:
@@ -196,6 +244,10 @@ class UpstreamError(Exception):
         self.status = status
 
 
+class UpstreamTimeout(UpstreamError):
+    """The upstream stayed silent for longer than its read timeout."""
+
+
 class UpstreamClient:
     """Requests to one upstream registry base URL, with its authentication.
 
@@ -217,8 +269,14 @@ class UpstreamClient:
         *,
         token_realms: tuple[str, ...] = (),
         trusted: str = "the system's CAs",
+        connect_timeout: float = CONNECT_TIMEOUT,
+        read_timeout: float = READ_TIMEOUT,
     ) -> None:
+        """*http* is a treq client whose connections time out after *connect_timeout*."""
         self.name = name
+        self.connect_timeout = connect_timeout
+        #: Seconds the upstream may stay silent before its headers or within a body.
+        self.read_timeout = read_timeout
         self._metrics = metrics
         self.base_url = base_url.rstrip("/")
         self._http = http
@@ -330,13 +388,15 @@ class UpstreamClient:
             unbuffered=True,
             allow_redirects=False,
         )
-        d.addTimeout(HEADERS_TIMEOUT, self._reactor)
+        # The connection is bounded by the egress's connect timeout; the answer by ours.
+        waited = self.connect_timeout + self.read_timeout
+        d.addTimeout(waited, self._reactor, onTimeoutCancel=_timed_out)
         started = self._reactor.seconds()
         try:
             response: IResponse = await d
         except defer.TimeoutError as e:
             self._metrics.upstream_errors.labels(self.name, "timeout").inc()
-            raise UpstreamError(f"no response within {HEADERS_TIMEOUT:.0f}s") from e
+            raise UpstreamError(f"no response within {waited:.0f}s") from e
         except DisallowedAddress as e:
             self._metrics.upstream_errors.labels(self.name, "refused").inc()
             log.warn("{upstream}: {error}", upstream=self.name, error=str(e))
@@ -376,6 +436,16 @@ class UpstreamClient:
             else:
                 self._metrics.upstream_ratelimit_remaining.labels(self.name).set(value)
         return response
+
+    async def read(self, response: IResponse, limit: int = SMALL_BODY_LIMIT) -> bytes:
+        """Read a small body under :attr:`read_timeout` (see :func:`read_small`)."""
+        try:
+            return await read_small(
+                response, limit, reactor=self._reactor, timeout=self.read_timeout
+            )
+        except UpstreamTimeout:
+            self._metrics.upstream_errors.labels(self.name, "timeout").inc()
+            raise
 
     async def _authorization(self, scope: str, refresh: bool = False) -> str | None:
         challenge = self._challenge
@@ -429,7 +499,7 @@ class UpstreamClient:
                     realm=realm,
                 )
         response = await self._send("GET", realm, headers, params, None)
-        body = await read_small(response)
+        body = await self.read(response)
         if response.code in (401, 403):
             log.warn(
                 "token service {realm} refused {upstream}: {code}",
@@ -450,6 +520,11 @@ class UpstreamClient:
             raise UpstreamError(f"token service {realm} answered without a token")
         log.debug("token for {scope} from {realm}", scope=scope, realm=realm)
         return token, lifetime
+
+
+def _timed_out(result: object, timeout: float) -> Failure:
+    """What a request cancelled by its timeout fails with, however the agent reported it."""
+    return Failure(defer.TimeoutError(f"no response within {timeout:.0f}s"))
 
 
 def _describe(e: Exception) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from typing import Any
@@ -15,6 +16,13 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from dockmirror.auth.access import AccessControl, Credentials, Principal, parse_authorization
+from dockmirror.config import (
+    HEADER_TIMEOUT,
+    IDLE_TIMEOUT,
+    MAX_CONNECTIONS,
+    MAX_CONNECTIONS_PER_CLIENT,
+)
+from dockmirror.connections import ConnectionLimits, GuardedChannel, Refused
 from dockmirror.errors import RegistryError
 from dockmirror.forwarded import ClientAddresses
 from dockmirror.metrics import Metrics
@@ -32,6 +40,16 @@ API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
 def _arg(request: Request, name: bytes) -> str | None:
     values = (request.args or {}).get(name)
     return values[0].decode("utf-8", "replace") if values else None
+
+
+def _header(request: Request, name: bytes) -> str | None:
+    """A request header's last value as text.
+
+    Octets outside ASCII are read as Latin-1 (RFC 9110 5.5), so a client's
+    stray byte never fails a request; no grammar here accepts them.
+    """
+    values = request.requestHeaders.getRawHeaders(name)
+    return values[-1].decode("latin-1") if values else None
 
 
 def _query_value(request: Request, name: str) -> str | None:
@@ -67,10 +85,10 @@ def _range(request: Request, digest: str) -> str | None:
 
     A date in ``If-Range`` never matches: blob replies carry no Last-Modified.
     """
-    if_range = request.getHeader("if-range")
+    if_range = _header(request, b"if-range")
     if if_range is not None and if_range.strip() != f'"{digest}"':
         return None
-    return request.getHeader("range")
+    return _header(request, b"range")
 
 
 def write_error(request: Request, error: RegistryError) -> None:
@@ -222,7 +240,9 @@ class MirrorRequest(Request):
         return self._client
 
     def gotLength(self, length: int | None) -> None:
-        super().gotLength(length)
+        # Twisted spools a body of unknown or large length to a file in /tmp;
+        # this one is held to MAX_BODY, in memory.
+        self.content = io.BytesIO()
         if length is not None and length > MAX_BODY:
             self._refuse_body()
 
@@ -261,19 +281,83 @@ class MirrorRequest(Request):
         super().connectionLost(reason)
 
 
+def _refusal(status: int, reason: bytes, error: RegistryError) -> bytes:
+    """A whole registry-format error response that closes the connection."""
+    body = error.body()
+    return (
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (status, reason, len(body), body)
+    )
+
+
+class MirrorChannel(GuardedChannel):
+    """HTTP/1.1 whose refusals of malformed or oversized requests are registry errors.
+
+    Twisted answers a request it cannot parse with a bare ``400`` and drops a
+    header line over ``MAX_LENGTH`` without a word; clients get a JSON error
+    that says which.
+    """
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        error = RegistryError(
+            "SIZE_INVALID",
+            f"request line or header longer than {self.MAX_LENGTH} bytes",
+            status=431,
+        )
+        self._refuse(_refusal(431, b"Request Header Fields Too Large", error))
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """Twisted's one way out for a malformed request line, header or framing."""
+        error = RegistryError(
+            "UNSUPPORTED",
+            "malformed HTTP request, or headers over "
+            f"{self.totalHeadersSize} bytes or {self.maxHeaders} fields",
+            status=400,
+        )
+        self._refuse(_refusal(400, b"Bad Request", error))
+
+    def _refuse(self, response: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(response)
+        self.loseConnection()
+
+
 class MirrorSite(Site):
-    """The site, with one structured log event and metric update per request."""
+    """The site, with one structured log event and metric update per request.
+
+    Its channels speak HTTP/1.1 only (see :meth:`acceptableProtocols`).
+    """
 
     requestFactory = MirrorRequest
     noisy = False
 
     def __init__(
-        self, resource: Resource, metrics: Metrics, clients: ClientAddresses | None = None
+        self,
+        resource: Resource,
+        metrics: Metrics,
+        clients: ClientAddresses | None = None,
+        limits: ConnectionLimits | None = None,
+        *,
+        header_timeout: float = HEADER_TIMEOUT,
+        idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
-        super().__init__(resource)
+        """*limits* may be shared by the sites of several listeners."""
+        super().__init__(resource, timeout=idle_timeout)
         self.displayTracebacks = False
         self.metrics = metrics
         self.clients = clients if clients is not None else ClientAddresses()
+        self.limits = limits or ConnectionLimits(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT)
+        self.header_timeout = header_timeout
+
+    def protocol(self) -> MirrorChannel:  # type: ignore[override]
+        """A channel per connection, HTTP/1.1 only: no h2 switch."""
+        return MirrorChannel(self.limits, self.header_timeout, self.reactor)
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        refusal = self.limits.refusal(addr)
+        if refusal is not None:
+            return Refused(refusal)
+        return super().buildProtocol(addr)
 
     def acceptableProtocols(self) -> list[bytes]:
         """Only HTTP/1.1 over ALPN, even where the ``h2`` package is installed.
@@ -306,7 +390,7 @@ class MirrorSite(Site):
             duration=duration,
             upstream=getattr(request, "upstream", None) or "-",
             cache=x_cache or "-",
-            user_agent=(request.getHeader("user-agent") or "")[:200],
+            user_agent=(_header(request, b"user-agent") or "")[:200],
         )
 
 
@@ -356,11 +440,11 @@ class V2Resource(AsyncResource):
         head = method == b"HEAD"
         route = None
         if path.kind not in ("base", "catalog"):
-            route = self.router.route(path.name, request.getHeader("host"), _arg(request, b"ns"))
+            route = self.router.route(path.name, _header(request, b"host"), _arg(request, b"ns"))
             request.upstream = route.upstream.name  # type: ignore[attr-defined]
         if self.access is not None:
             principal = await self.access.authorize(
-                request.getHeader("authorization"), _client_host(request), route
+                _header(request, b"authorization"), _client_host(request), route
             )
             _count_usage(request, self.access, principal)
         if path.kind == "base":
@@ -368,7 +452,9 @@ class V2Resource(AsyncResource):
         elif route is None:
             raise RegistryError("UNSUPPORTED", "a mirror has no catalog")
         elif path.kind == "manifests":
-            accept = ", ".join(request.requestHeaders.getRawHeaders("accept", []))
+            accept = ", ".join(
+                v.decode("latin-1") for v in request.requestHeaders.getRawHeaders(b"accept", [])
+            )
             reply = await self.pull.manifest(route, path.reference, accept or None, head)
         elif path.kind == "blobs":
             reply = await self.pull.blob(
@@ -401,7 +487,7 @@ class TokenResource(AsyncResource):
     async def serve(self, request: Request) -> None:
         if request.method == b"GET":
             params = _parameters(request.uri.partition(b"?")[2])
-            credentials = parse_authorization(request.getHeader("authorization"))
+            credentials = parse_authorization(_header(request, b"authorization"))
             if credentials is not None and credentials.scheme != "basic":
                 credentials = None
         elif request.method == b"POST":
@@ -447,7 +533,7 @@ def _parameters(encoded: bytes) -> dict[str, list[str]]:
 
 def _form(request: Request) -> dict[str, list[str]]:
     """The fields of an ``application/x-www-form-urlencoded`` request body."""
-    kind = (request.getHeader("content-type") or "").partition(";")[0].strip().lower()
+    kind = (_header(request, b"content-type") or "").partition(";")[0].strip().lower()
     if kind != "application/x-www-form-urlencoded" or request.content is None:
         return {}
     request.content.seek(0)

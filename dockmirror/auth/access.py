@@ -13,7 +13,6 @@ or ``?ns=`` that steers a name to another upstream cannot slip past it.
 from __future__ import annotations
 
 import base64
-import binascii
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -68,7 +67,7 @@ def parse_authorization(header: str | None) -> Credentials | None:
         return None
     try:
         decoded = base64.b64decode(value, validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # not base64 (binascii.Error), not ASCII, or not UTF-8
         return Credentials("basic")
     username, _, password = decoded.partition(":")
     return Credentials("basic", username, password)

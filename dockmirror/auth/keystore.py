@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from twisted.application import service
 from twisted.internet.defer import Deferred
@@ -223,10 +224,25 @@ class KeyDatabase:
     """
 
     def __init__(
-        self, path: str | Path, *, create: bool = True, clock: Callable[[], float] = time.time
+        self,
+        path: str | Path,
+        *,
+        create: bool = True,
+        clock: Callable[[], float] = time.time,
+        read_only: bool = False,
     ) -> None:
+        """*read_only* opens a database on a read-only file system: it can verify, not write."""
         self.path = Path(path)
         self._clock = clock
+        self.read_only = read_only
+        if read_only:
+            self._conn = self._connect(f"file:{quote(str(self.path))}?immutable=1", uri=True)
+            try:
+                self._migrate(create=False)
+            except (sqlite3.Error, KeyStoreError) as e:
+                self._conn.close()
+                raise KeyStoreError(f"{self.path}: {e}") from None
+            return
         if not self.path.exists():
             if not create:
                 raise KeyStoreError(
@@ -237,15 +253,7 @@ class KeyDatabase:
                 os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             except FileExistsError:
                 pass
-        try:
-            self._conn = sqlite3.connect(
-                self.path,
-                timeout=BUSY_TIMEOUT_MS / 1000,
-                isolation_level=None,
-                check_same_thread=False,
-            )
-        except sqlite3.Error as e:
-            raise KeyStoreError(f"{self.path}: cannot open: {e}") from None
+        self._conn = self._connect(self.path)
         try:
             self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             self._conn.execute("PRAGMA journal_mode = WAL")
@@ -259,10 +267,24 @@ class KeyDatabase:
             self._conn.close()
             raise
 
-    def _migrate(self) -> None:
+    def _connect(self, target: str | Path, uri: bool = False) -> sqlite3.Connection:
+        try:
+            return sqlite3.connect(
+                target,
+                timeout=BUSY_TIMEOUT_MS / 1000,
+                isolation_level=None,
+                check_same_thread=False,
+                uri=uri,
+            )
+        except sqlite3.Error as e:
+            raise KeyStoreError(f"{self.path}: cannot open: {e}") from None
+
+    def _migrate(self, create: bool = True) -> None:
         known = self._conn.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'version'"
         ).fetchone()
+        if not known and not create:
+            raise KeyStoreError("not a key database")
         if not known:
             self._conn.executescript(_sql("schema.sql"))
         (version,) = self._conn.execute("SELECT version FROM version").fetchone()
@@ -483,6 +505,32 @@ class KeyDatabase:
         }
 
 
+def _open(path: Path) -> tuple[KeyDatabase, frozenset[str]] | str:
+    """The database at *path* and its revoked appIds, or why it cannot be opened.
+
+    On a read-only file system (SQLite cannot make its WAL files there) the
+    database is opened read-only, so that keys keep working.
+    """
+    try:
+        db = KeyDatabase(path, read_only=_on_read_only_file_system(path))
+    except KeyStoreError as e:
+        return str(e)
+    except OSError as e:
+        return f"{path}: {e.strerror}"
+    try:
+        return db, db.revoked_ids()
+    except sqlite3.Error as e:
+        db.close()
+        return f"{path}: {e}"
+
+
+def _on_read_only_file_system(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path.parent).f_flag & os.ST_RDONLY) and path.exists()
+    except OSError:
+        return False
+
+
 #: Hashed against when an appId is unknown, so that it takes as long as a known one.
 _UNKNOWN_SALT = secrets.token_bytes(_SALT_BYTES)
 
@@ -509,15 +557,35 @@ class KeyStore(service.Service):
         self._pending: dict[str, Usage] = {}
         self._loop = LoopingCall(self.flush)
         self._loop.clock = reactor
+        self._db: KeyDatabase | None = None
         self.revoked: frozenset[str] = frozenset()
+        #: Why the database cannot be opened, while it cannot.
+        self.unavailable: str | None = None
+        #: Why the last usage counters could not be written, until a write succeeds.
+        self.write_error: str | None = None
 
     def startService(self) -> None:
-        # Opening is quick (a file, a few pragmas), and done once, before serving.
-        self._db = KeyDatabase(self.path)
-        self.revoked = self._db.revoked_ids()
+        # Opening is quick (a file, a few pragmas), and done before serving.
+        # A key store that cannot be opened does not stop the mirror (a
+        # restart would not mend it): it is tried again at every flush, and
+        # meanwhile logins get 503 and /healthz says why.
+        self._opened(_open(self.path))
         super().startService()
         self._pool.start()
         self._loop.start(self._interval, now=False)
+
+    def _opened(self, result: tuple[KeyDatabase, frozenset[str]] | str) -> None:
+        if isinstance(result, str):
+            if result != self.unavailable:
+                log.error("the key store is unavailable: {error}", error=result)
+            self.unavailable = result
+            return
+        if self.unavailable is not None:
+            log.info("the key store {path} is open again", path=str(self.path))
+        (self._db, self.revoked), self.unavailable = result, None
+        if self._db.read_only:
+            self.write_error = f"{self.path} is on a read-only file system"
+            log.error("the key store {error}: key usage is kept in memory", error=self.write_error)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -527,12 +595,17 @@ class KeyStore(service.Service):
         if self._loop.running:
             self._loop.stop()
         await self.flush()
-        await self._run(self._db.close)
+        if self._db is not None:
+            await self._query(lambda db: db.close())
         self._pool.stop()
 
-    async def _run(self, f: Callable[..., T], *args: Any) -> T:
+    async def _query(self, f: Callable[[KeyDatabase], T]) -> T:
+        """Run ``f(database)`` on the database thread; KeyStoreError if it is unavailable."""
+        db = self._db
+        if db is None:
+            raise KeyStoreError(f"the key store is unavailable: {self.unavailable}")
         try:
-            return await deferToThreadPool(self._reactor, self._pool, f, *args)
+            return await deferToThreadPool(self._reactor, self._pool, f, db)
         except sqlite3.Error as e:
             raise KeyStoreError(f"{self.path}: {e}") from e
 
@@ -548,14 +621,21 @@ class KeyStore(service.Service):
     async def _flush(self) -> None:
         """Never fails: an error is logged and the usage kept for the next flush,
         so that the loop (and with it revocations reaching tokens) goes on."""
+        if self._db is None:
+            self._opened(await deferToThreadPool(self._reactor, self._pool, _open, self.path))
+        if self._db is None:
+            return  # the usage waits in memory for the database to open
         pending, self._pending = self._pending, {}
         try:
             if pending:
-                await self._run(self._db.add_usage, pending)
+                await self._query(lambda db: db.add_usage(pending))
                 pending = {}
-            self.revoked = await self._run(self._db.revoked_ids)
+                self.write_error = None
+            self.revoked = await self._query(lambda db: db.revoked_ids())
         except KeyStoreError as e:
-            log.error("cannot write key usage: {error}", error=str(e))
+            if str(e) != self.write_error:
+                log.error("cannot write key usage: {error}", error=str(e))
+            self.write_error = str(e)
         except Exception:  # noqa: BLE001 - logged; the loop must go on
             log.failure("unexpected error writing key usage")
         for app_id, usage in pending.items():
@@ -565,16 +645,16 @@ class KeyStore(service.Service):
 
     async def check(self) -> bool | str:
         """For ``/healthz``: True while the database answers a query."""
-        if not self.running:
-            return "the key store is not open"
+        if self._db is None:
+            return f"the key store is unavailable: {self.unavailable or 'not open'}"
         try:
-            await self._run(self._db.revoked_ids)
+            await self._query(lambda db: db.revoked_ids())
         except KeyStoreError as e:
             return str(e)
         return True
 
     async def verify(self, app_id: str, api_key: str) -> KeyInfo | None:
-        return await self._run(self._db.verify, app_id, api_key)
+        return await self._query(lambda db: db.verify(app_id, api_key))
 
     async def create(
         self,
@@ -583,40 +663,40 @@ class KeyStore(service.Service):
         owner: str = OPERATOR,
         max_live: int | None = None,
     ) -> NewKey:
-        return await self._run(self._db.create, name, repositories, owner, max_live)
+        return await self._query(lambda db: db.create(name, repositories, owner, max_live))
 
     async def get(self, app_id: str) -> KeyInfo:
-        return await self._run(self._db.get, app_id)
+        return await self._query(lambda db: db.get(app_id))
 
     async def list(self, owner: str | None = None) -> KeyList:
-        return await self._run(self._db.list, owner)
+        return await self._query(lambda db: db.list(owner))
 
     async def revoke_owner(self, owner: str) -> tuple[str, ...]:
         """Revoke every key of *owner*; their tokens stop working at once here."""
-        revoked = await self._run(self._db.revoke_owner, owner)
+        revoked = await self._query(lambda db: db.revoke_owner(owner))
         self.revoked |= set(revoked)
         return revoked
 
     async def daily_usage(self, owner: str | None, days: int) -> tuple[DailyUsage, ...]:
-        return await self._run(self._db.daily_usage, owner, days)
+        return await self._query(lambda db: db.daily_usage(owner, days))
 
     async def add_traffic(self, hour: int, requests: int) -> None:
-        await self._run(self._db.add_traffic, hour, requests)
+        await self._query(lambda db: db.add_traffic(hour, requests))
 
     async def traffic(self, hours: int) -> dict[int, int]:
-        return await self._run(self._db.traffic, hours)
+        return await self._query(lambda db: db.traffic(hours))
 
     async def revoke(self, app_id: str) -> KeyInfo:
-        info = await self._run(self._db.revoke, app_id)
+        info = await self._query(lambda db: db.revoke(app_id))
         self.revoked |= {app_id}
         return info
 
     async def rotate(self, app_id: str) -> NewKey:
-        new = await self._run(self._db.rotate, app_id)
+        new = await self._query(lambda db: db.rotate(app_id))
         self.revoked |= {app_id}
         return new
 
     async def stats(self) -> dict[str, Any]:
-        stats = await self._run(self._db.stats)
+        stats = await self._query(lambda db: db.stats())
         stats["pendingUsage"] = sum(u.requests for u in self._pending.values())
         return stats

@@ -91,7 +91,13 @@ class Cache(service.Service):
             run_index = self._pool(reactor, "dockmirror-cache-index", 1)
         self.index = Index(os.path.join(self.directory, "index.sqlite"), reactor, run_index)
         self.blobs = BlobStore(
-            self.directory, config.max_size_bytes, self.index, reactor, run, metrics
+            self.directory,
+            config.max_size_bytes,
+            self.index,
+            reactor,
+            run,
+            metrics,
+            min_free=config.min_free_bytes,
         )
         self.manifests = ManifestCache(self.blobs, self.index, reactor, config.manifest_ttl)
         self.referrers = ReferrersCache(reactor, config.manifest_ttl)

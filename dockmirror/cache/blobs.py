@@ -59,8 +59,11 @@ log = Logger()
 CHUNK = 64 << 10
 #: ... and chunks written to one client before other work gets a turn.
 BURST = 16
-#: Free space a fill must leave on the file system.
+#: Free space a fill must leave on the file system, unless ``min_free`` says
+#: otherwise: the lesser of this ...
 DISK_MARGIN = 256 << 20
+#: ... and this share of the file system.
+DISK_MARGIN_SHARE = 0.05
 #: Digests not cached (yet) whose proofs, and announced sizes, are remembered ...
 PROOFS = 1 << 16
 #: ... and the upstream repositories remembered per such digest.
@@ -76,8 +79,11 @@ class BlobStore:
         reactor: IReactorTime,
         run: Runner,
         metrics: Metrics,
+        min_free: int | None = None,
     ) -> None:
+        """*min_free* is the space fills leave free; None scales it with the file system."""
         self.directory = directory
+        self.min_free = min_free
         self.blobs_dir = os.path.join(directory, "blobs")
         self.temp_dir = os.path.join(directory, "tmp")
         self.max_size = max_size
@@ -481,12 +487,23 @@ class BlobStore:
         self.touch(digest)
 
     def _disk_has_room(self, size: int) -> bool:
+        space = self.space()
+        if space is None:
+            return True
+        free, margin = space
+        unwritten = sum(f.size - f.written for f in self._fills.values())
+        return free >= size + unwritten + margin
+
+    def space(self) -> tuple[int, int] | None:
+        """The bytes free on the cache's file system and the margin kept; None if unknown."""
         try:
             st = os.statvfs(self.directory)
         except OSError:
-            return True
-        unwritten = sum(f.size - f.written for f in self._fills.values())
-        return st.f_bavail * st.f_frsize >= size + unwritten + DISK_MARGIN
+            return None
+        margin = self.min_free
+        if margin is None:
+            margin = min(DISK_MARGIN, int(st.f_blocks * st.f_frsize * DISK_MARGIN_SHARE))
+        return st.f_bavail * st.f_frsize, margin
 
     # --- removal -----------------------------------------------------------------
 

@@ -40,6 +40,10 @@ HIGH_WATER = 8 << 20
 LOW_WATER = 2 << 20
 
 
+class CacheWriteError(StreamError):
+    """The cache's disk refused the blob (full, read-only, failing)."""
+
+
 class Fill(FillProgress, Protocol):
     """A blob on its way from an upstream into the cache.
 
@@ -110,19 +114,22 @@ class Fill(FillProgress, Protocol):
 
     # --- starting --------------------------------------------------------------
 
-    async def start(self, response: IResponse) -> None:
+    async def start(self, response: IResponse, idle_timeout: float | None = None) -> None:
         """Create the temporary file and take in *response*'s body.
 
         The blobs evicted to make room are gone from the disk first, so the
-        cache never holds more than its quota.
+        cache never holds more than its quota.  *idle_timeout* overrides the
+        seconds the upstream may stay silent.
         """
+        if idle_timeout is not None:
+            self._timer.timeout = idle_timeout
         try:
             for d in self._evictions:
                 await d
             self._fd = await self._run(files.create_fill, self.temp_path)
         except OSError as e:
             discard(response)
-            self.abandon(StreamError(f"cannot write to the cache: {e.strerror}"))
+            self.abandon(CacheWriteError(f"cannot write to the cache: {e.strerror}"))
             return
         if self.done:  # abandoned meanwhile (the service is stopping)
             discard(response)
@@ -211,7 +218,7 @@ class Fill(FillProgress, Protocol):
         if self.error is not None:  # failed meanwhile, leaving the file to us
             self._close_and_remove()
             return
-        self._fail(StreamError(f"cannot write to the cache: {failure.getErrorMessage()}"))
+        self._fail(CacheWriteError(f"cannot write to the cache: {failure.getErrorMessage()}"))
 
     def _verify(self) -> None:
         actual = f"{self._hash.name}:{self._hash.hexdigest()}"

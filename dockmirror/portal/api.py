@@ -59,7 +59,9 @@ class PortalApi:
         if visitor is None:
             raise PortalError(401, "sign in first")
         if method not in ("GET", "HEAD"):
-            self.portal.check_csrf(visitor, request.getHeader("x-csrf-token"))
+            # Bytes read as Latin-1: a token that is not UTF-8 is refused, not a 500.
+            values = request.requestHeaders.getRawHeaders(b"x-csrf-token")
+            self.portal.check_csrf(visitor, values[-1].decode("latin-1") if values else None)
         route = (method, *path)
         p = self.portal
         match route:

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import pytest
 
 from .client_fixtures import *  # noqa: F403 - fixtures for test_clients.py
+from .clients import tls_endpoint
 from .images import Image, Platform, make_image, push
 from .registries import (
     LOOPBACK,
@@ -33,9 +34,12 @@ from .registries import (
     Registry,
     RegistryMode,
     TokenServer,
+    answers,
     free_port,
     subprocess_env,
 )
+from .relay import Relay
+from .tls import cert_dir, client_context, server_tls
 
 REQUIRED_TOOLS = ("docker-registry", "skopeo")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -112,6 +116,12 @@ def plain_registry(_session_registries: RegistryFactory) -> Registry:
 
 
 @pytest.fixture(scope="session")
+def other_registry(_session_registries: RegistryFactory) -> Registry:
+    """A second shared registry without authentication, apart from ``plain_registry``."""
+    return _session_registries("plain")
+
+
+@pytest.fixture(scope="session")
 def htpasswd_registry(_session_registries: RegistryFactory) -> Registry:
     """A shared registry with Basic auth; ``.creds`` is the valid user."""
     if shutil.which("htpasswd") is None:
@@ -123,6 +133,29 @@ def htpasswd_registry(_session_registries: RegistryFactory) -> Registry:
 def token_registry(_session_registries: RegistryFactory) -> Registry:
     """A shared registry with token auth via ``.token_server`` (anonymous pull allowed)."""
     return _session_registries("token")
+
+
+class RelayFactory(Protocol):
+    def __call__(self, registry: Registry) -> Relay:
+        """Start a :class:`Relay` in front of ``registry``."""
+
+
+@pytest.fixture
+def relay() -> Iterator[RelayFactory]:
+    """Fault-injecting relays in front of registries (see :mod:`.relay`); stopped after the test.
+
+    Example::
+
+        upstream = relay(registry)
+        upstream.faults.append(Fault(r"/blobs/", rate=2 << 20))
+        mirror = dockmirror({"hub": {"plugin": "registry", "url": upstream.url, "default": True}})
+    """
+    with ExitStack() as stack:
+
+        def make(registry: Registry) -> Relay:
+            return stack.enter_context(Relay(registry.port))
+
+        yield make
 
 
 @pytest.fixture
@@ -163,25 +196,41 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Seeder:
 # --- dockmirror --------------------------------------------------------------
 
 
-class Dockmirror:
-    """A ``python -m twisted dockmirror`` server process on 127.0.0.1."""
+#: The ``twistd`` of the environment running the tests: the server as it ships.
+TWISTD = str(Path(sys.executable).with_name("twistd"))
 
-    def __init__(self, workdir: Path, config: Mapping[str, TomlTable], port: int) -> None:
+
+class Dockmirror:
+    """A ``twistd --nodaemon dockmirror`` server process on 127.0.0.1.
+
+    With ``tls``, the listener at ``port`` is TLS with the test CA's
+    certificate (:mod:`.tls`), and ``url`` is ``https://``.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        config: Mapping[str, TomlTable],
+        port: int,
+        *,
+        tls: bool = False,
+    ) -> None:
         self.port = port
+        self.tls = tls
         self.workdir = workdir
         self.config = config
         self.config_path = workdir / "dockmirror.toml"
         self.config_path.write_text(toml_document(config))
+        self._argv = [
+            TWISTD,
+            "--nodaemon",
+            "--pidfile=",
+            "dockmirror",
+            "--config",
+            str(self.config_path),
+        ]
         self._process = ManagedProcess(
-            [
-                sys.executable,
-                "-m",
-                "twisted",
-                "--log-format=text",
-                "dockmirror",
-                "--config",
-                str(self.config_path),
-            ],
+            self._argv,
             log_path=workdir / "dockmirror.log",
             cwd=workdir,
             env=subprocess_env(
@@ -192,12 +241,17 @@ class Dockmirror:
 
     @property
     def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{LOOPBACK}:{self.port}"
 
     @property
     def host(self) -> str:
         """``127.0.0.1:PORT``, as used in image references."""
         return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def cert_dir(self) -> Path | None:
+        """What skopeo's ``--src-cert-dir`` needs to verify this server (None: plain HTTP)."""
+        return cert_dir() if self.tls else None
 
     @property
     def cache_dir(self) -> Path:
@@ -213,15 +267,25 @@ class Dockmirror:
 
     @property
     def pid(self) -> int:
+        """The process ID of what was started (twistd, or the command that wraps it)."""
         return self._process.pid
 
     def wrap(self, prefix: list[str]) -> None:
         """Start the server through a command that execs it (e.g. ``prlimit ... --``)."""
-        self._process.argv[:0] = prefix
+        self.run_under(*prefix)
 
     def start(self) -> None:
         """Start and wait (up to 20 s) until ``/v2/`` answers with any status."""
-        self._process.start(f"{self.url}/v2/", timeout=20.0)
+        context = client_context() if self.tls else None
+        self._process.start(lambda: answers(f"{self.url}/v2/", context), timeout=20.0)
+
+    def run_under(self, *wrapper: str) -> None:
+        """From the next start on, run the server as ``WRAPPER... twistd ...``.
+
+        For strace, or ``unshare`` into a private mount namespace; no
+        arguments: run it plainly again.
+        """
+        self._process.argv = [*wrapper, *self._argv]
 
     def stop(self) -> None:
         """Graceful stop (SIGTERM, then SIGKILL after 10 s)."""
@@ -252,8 +316,9 @@ class DockmirrorFactory(Protocol):
         auth_required: bool = False,
         extra: Mapping[str, TomlTable] | None = None,
         start: bool = True,
+        tls: bool = False,
     ) -> Dockmirror:
-        """Configure (and by default start) a dockmirror server."""
+        """Configure (and by default start) a dockmirror server; ``tls``: over TLS."""
 
 
 @pytest.fixture
@@ -274,13 +339,14 @@ def dockmirror(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockmirrorF
             auth_required: bool = False,
             extra: Mapping[str, TomlTable] | None = None,
             start: bool = True,
+            tls: bool = False,
         ) -> Dockmirror:
             workdir = tmp_path_factory.mktemp("dockmirror")
             port = free_port()
             config = dockmirror_config(
-                workdir, port, upstreams, auth_required=auth_required, extra=extra
+                workdir, port, upstreams, auth_required=auth_required, extra=extra, tls=tls
             )
-            mirror = Dockmirror(workdir, config, port)
+            mirror = Dockmirror(workdir, config, port, tls=tls)
             stack.callback(mirror.stop)
             if start:
                 mirror.start()
@@ -296,12 +362,19 @@ def dockmirror_config(
     *,
     auth_required: bool = False,
     extra: Mapping[str, TomlTable] | None = None,
+    tls: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """The dockmirror configuration as nested tables (see :func:`toml_document`)."""
+    """The dockmirror configuration as nested tables (see :func:`toml_document`).
+
+    With ``tls`` the listener serves the test CA's certificate (:mod:`.tls`).
+    """
+    listen = (
+        tls_endpoint(port, LOOPBACK, server_tls()) if tls else f"tcp:{port}:interface={LOOPBACK}"
+    )
     config: dict[str, dict[str, Any]] = {
         "server": {
-            "listen": [f"tcp:{port}:interface={LOOPBACK}"],
-            "public_url": f"http://{LOOPBACK}:{port}",
+            "listen": [listen],
+            "public_url": f"{'https' if tls else 'http'}://{LOOPBACK}:{port}",
         },
         "auth": {"required": auth_required, "database": str(workdir / "keys.sqlite")},
         "cache": {"directory": str(workdir / "cache")},

@@ -198,19 +198,28 @@ def push(
         )
 
 
-def pull(reference: str, dest_dir: Path, creds: Credentials | None = None) -> None:
+def pull(
+    reference: str,
+    dest_dir: Path,
+    creds: Credentials | None = None,
+    *,
+    cert_dir: Path | None = None,
+) -> None:
     """Copy ``reference`` (``host:port/repo:tag`` or ``...@digest``) to ``dir:dest_dir``.
 
     The ``dir:`` transport stores manifests of any media type verbatim
     (``manifest.json``, ``<hex>.manifest.json`` per platform, blobs named by
     hex digest), so the copy can be compared byte for byte.  All platforms
-    are copied.
+    are copied.  With ``cert_dir`` (a directory of CA certificates) the
+    source is reached over TLS and verified against them; without, over
+    plain HTTP.
     """
+    tls = ["--src-tls-verify=false"] if cert_dir is None else ["--src-cert-dir", str(cert_dir)]
     skopeo(
         "copy",
         "--all",
         "--preserve-digests",
-        "--src-tls-verify=false",
+        *tls,
         *_creds_args("--src-", creds),
         f"docker://{reference}",
         f"dir:{dest_dir}",

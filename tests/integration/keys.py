@@ -6,15 +6,19 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from .conftest import REPO_ROOT, Dockmirror
 from .registries import subprocess_env
 
+#: The installed console script, as operators run it.
+ADMIN = str(Path(sys.executable).with_name("dockmirror-admin"))
+
 
 def admin(mirror: Dockmirror, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run ``dockmirror-admin --config <the mirror's config> ARGS``."""
+    """Run ``dockmirror-admin --config <the mirror's config> ARGS`` (the venv's script)."""
     return subprocess.run(
-        [sys.executable, "-m", "dockmirror.admin", "--config", str(mirror.config_path), *args],
+        [ADMIN, "--config", str(mirror.config_path), *args],
         capture_output=True,
         text=True,
         check=check,

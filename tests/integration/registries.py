@@ -13,6 +13,7 @@ import re
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -62,19 +63,27 @@ def subprocess_env(**overrides: str) -> dict[str, str]:
     return env
 
 
-def http_status(url: str, timeout: float = 5.0) -> int:
-    """GET ``url`` without any proxy and return the HTTP status (errors included)."""
+def http_status(url: str, timeout: float = 5.0, context: ssl.SSLContext | None = None) -> int:
+    """GET ``url`` without any proxy and return the HTTP status (errors included).
+
+    An ``https`` URL is verified with ``context`` (default: the system's CAs).
+    """
+    opener = _opener
+    if context is not None:
+        opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+        )
     try:
-        with _opener.open(url, timeout=timeout) as response:
+        with opener.open(url, timeout=timeout) as response:
             return int(response.status)
     except urllib.error.HTTPError as error:
         return error.code
 
 
-def _answers(url: str) -> bool:
-    """Whether ``url`` answers with any HTTP status."""
+def answers(url: str, context: ssl.SSLContext | None = None) -> bool:
+    """Whether ``url`` answers with any HTTP status (over TLS verified with ``context``)."""
     try:
-        http_status(url, timeout=1.0)
+        http_status(url, timeout=1.0, context=context)
     except OSError:
         return False
     return True
@@ -132,7 +141,7 @@ class ManagedProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        is_ready = ready if callable(ready) else lambda: _answers(ready)
+        is_ready = ready if callable(ready) else lambda: answers(ready)
         what = "its readiness check" if callable(ready) else ready
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -11,7 +11,9 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -89,16 +91,86 @@ def tls_mirror(plain_registry, dockmirror, tmp_path):
     return mirror, port, key, cert, tmp_path
 
 
+def old_tls_client(maximum: ssl.TLSVersion) -> ssl.SSLContext:
+    """A client context that really offers TLS 1.0 up to ``maximum`` (OpenSSL 3 would not)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = ssl.TLSVersion.TLSv1
+    context.maximum_version = maximum
+    return context
+
+
+def handshake(port: int, context: ssl.SSLContext) -> str:
+    """The TLS version a handshake with 127.0.0.1:``port`` settles on."""
+    with context.wrap_socket(
+        socket.create_connection((LOOPBACK, port), timeout=5), server_hostname="localhost"
+    ) as tls:
+        return str(tls.version())
+
+
+def test_old_tls_client_offers_tls_1_1(tmp_path):
+    """The client below is able to speak TLS 1.1: a server that allows it gets TLS 1.1."""
+    key, cert = write_certificate(tmp_path, serial=1)
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        server_context.minimum_version = ssl.TLSVersion.TLSv1
+        old = old_tls_client(ssl.TLSVersion.TLSv1_1)
+    server_context.load_cert_chain(cert, key)
+    with socket.create_server((LOOPBACK, 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def accept() -> None:
+            connection, _ = listener.accept()
+            try:
+                with server_context.wrap_socket(connection, server_side=True):
+                    pass
+            except (ssl.SSLError, OSError):
+                pass
+
+        thread = threading.Thread(target=accept)
+        thread.start()
+        try:
+            assert handshake(port, old) == "TLSv1.1"
+        finally:
+            thread.join(timeout=5)
+
+
 def test_tls_serves_verified_and_refuses_old_versions(tls_mirror):
     mirror, port, _, cert, _ = tls_mirror
     status, headers, _ = curl("--cacert", str(cert), f"https://localhost:{port}/v2/")
     assert status == 200
     assert headers["docker-distribution-api-version"] == "registry/2.0"
-    old = subprocess.run(
-        ["curl", "-s", "--cacert", str(cert), "--tls-max", "1.1", f"https://localhost:{port}/v2/"],
-        capture_output=True,
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        tls_1_1 = old_tls_client(ssl.TLSVersion.TLSv1_1)
+        tls_1_2 = old_tls_client(ssl.TLSVersion.TLSv1_2)
+    # The server answers a TLS 1.0/1.1-only hello with a protocol_version alert ...
+    with pytest.raises(ssl.SSLError) as refused:
+        handshake(port, tls_1_1)
+    assert refused.value.reason == "TLSV1_ALERT_PROTOCOL_VERSION", refused.value
+    # ... while the same client, allowed TLS 1.2, gets through.
+    assert handshake(port, tls_1_2) == "TLSv1.2"
+
+
+def overwrite_unnoticed(path: Path, data: bytes) -> None:
+    """Write ``data`` over ``path`` keeping its inode, size and mtime."""
+    before = path.stat()
+    assert len(data) == before.st_size
+    with path.open("r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+        before.st_ino,
+        before.st_size,
+        before.st_mtime_ns,
     )
-    assert old.returncode != 0
 
 
 def test_certificate_reloads_on_change_and_sighup(tls_mirror):
@@ -112,18 +184,29 @@ def test_certificate_reloads_on_change_and_sighup(tls_mirror):
     wait_until(lambda: served_serial(port, cert) == 2002, timeout=15)
     # A broken renewal keeps the working certificate.
     cert.write_text("garbage")
-    time.sleep(6)
-    assert served_serial(port, new_cert) == 2002
-    assert "keeping the current TLS certificate" in mirror.log_text()
+    # (The files are checked when connections arrive.)
+    wait_until(
+        lambda: (
+            served_serial(port, new_cert) == 2002
+            and "keeping the current TLS certificate" in mirror.log_text()
+        ),
+        timeout=15,
+    )
     shutil.copy(new_cert, cert)
-    # SIGHUP reloads at once.
+    wait_until(lambda: served_serial(port, cert) == 2002, timeout=15)
+    # SIGHUP reloads files that the periodic check cannot see changed: same
+    # inode, size and mtime.
     third = directory / "third"
     third.mkdir()
-    k3, c3 = write_certificate(third, serial=3003)
-    shutil.copy(k3, key)
-    shutil.copy(c3, cert)
+    for _ in range(100):
+        k3, c3 = write_certificate(third, serial=3003)
+        if c3.stat().st_size == cert.stat().st_size:
+            break
+    overwrite_unnoticed(key, k3.read_bytes())
+    overwrite_unnoticed(cert, c3.read_bytes())
     mirror.send_signal(signal.SIGHUP)
     wait_until(lambda: served_serial(port, cert) == 3003, timeout=5)
+    assert "SIGHUP: reloading TLS certificates" in mirror.log_text()
 
 
 def test_metrics_health_and_access_log(plain_registry, dockmirror, seeded, unique_repo):
@@ -131,7 +214,9 @@ def test_metrics_health_and_access_log(plain_registry, dockmirror, seeded, uniqu
     mirror = dockmirror(
         {"hub": {"plugin": "dockerhub", "url": plain_registry.url, "default": True}}
     )
-    assert curl(f"{mirror.url}/v2/{unique_repo}/manifests/v1")[0] == 200
+    accept = ("-H", f"Accept: {image.media_type}")
+    status, _, body = curl(*accept, f"{mirror.url}/v2/{unique_repo}/manifests/v1")
+    assert (status, body) == (200, image.manifest)
     assert curl(f"{mirror.url}/v2/{unique_repo}/manifests/nope")[0] == 404
     status, headers, body = curl(f"{mirror.url}/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain")
@@ -142,9 +227,12 @@ def test_metrics_health_and_access_log(plain_registry, dockmirror, seeded, uniqu
     status, _, body = curl(f"{mirror.url}/healthz")
     health = json.loads(body)
     assert status == 200 and health["status"] == "ok"
-    assert health["checks"] == {"cache_directory": {"ok": True}, "key_store": {"ok": True}}
+    assert health["checks"] == {
+        "cache_directory": {"ok": True},
+        "cache_space": {"ok": True},
+        "key_store": {"ok": True},
+    }
     wait_until(lambda: f"GET /v2/{unique_repo}/manifests/v1 200" in mirror.log_text(), 5)
-    assert image.digest  # the image exists upstream
     line = next(
         line
         for line in mirror.log_text().splitlines()

@@ -10,15 +10,20 @@ from typing import Any
 
 import pytest
 
-from .images import pull
+from .images import SkopeoError, pull
 from .registries import free_port
+from .tls import server_tls
 
 MULTI_ARCH = [("linux", "amd64"), ("linux", "arm64")]
 
 
 def curl(*args: str, method: str | None = None) -> tuple[int, dict[str, str], bytes]:
-    """Run curl; return status, headers (lower-cased names) and body."""
+    """Run curl; return status, headers (lower-cased names) and body.
+
+    HTTPS servers are verified against the test CA (:mod:`.tls`).
+    """
     argv = ["curl", "-s", "-S", "--max-time", "30", "-D", "-", "--noproxy", "*"]
+    argv += ["--cacert", str(server_tls().ca)]
     if method == "HEAD":
         argv.append("-I")
     elif method:
@@ -54,23 +59,32 @@ def assert_pulled(dest: Path, image: Any) -> None:
 
 
 @pytest.fixture
-def hub(plain_registry, dockmirror):
-    """A mirror whose default Docker Hub upstream is the plain registry."""
+def hub(plain_registry, other_registry, dockmirror):
+    """A TLS mirror: Docker Hub (the default) is ``plain_registry``, ghcr ``other_registry``."""
     return dockmirror(
         {
             "hub": {"plugin": "dockerhub", "url": plain_registry.url, "default": True},
             "ghcr": {
                 "plugin": "ghcr",
-                "url": plain_registry.url,
+                "url": other_registry.url,
                 "hosts": ["ghcr.mirror.test"],
             },
-        }
+        },
+        tls=True,
     )
+
+
+def test_pulls_verify_the_mirror_certificate(plain_registry, hub, seeded, unique_repo, tmp_path):
+    """The TLS pulls here are verified: without the test CA, skopeo refuses the mirror."""
+    seeded(plain_registry, unique_repo, "v1")
+    with pytest.raises(SkopeoError, match="certificate signed by unknown authority"):
+        pull(f"{hub.host}/{unique_repo}:v1", tmp_path / "out", cert_dir=tmp_path)
+    assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_multi_arch_image_by_default_route(plain_registry, hub, seeded, unique_repo, tmp_path):
     image = seeded(plain_registry, unique_repo, "v1", layers=[2048, 300_000], platforms=MULTI_ARCH)
-    pull(f"{hub.host}/{unique_repo}:v1", tmp_path / "out")
+    pull(f"{hub.host}/{unique_repo}:v1", tmp_path / "out", cert_dir=hub.cert_dir)
     assert_pulled(tmp_path / "out", image)
     assert image.is_index
 
@@ -78,34 +92,47 @@ def test_multi_arch_image_by_default_route(plain_registry, hub, seeded, unique_r
 def test_one_component_name_gets_library(plain_registry, hub, seeded, unique_repo, tmp_path):
     short = unique_repo.replace("/", "-")
     image = seeded(plain_registry, f"library/{short}", "3", docker_media_types=True)
-    pull(f"{hub.host}/{short}:3", tmp_path / "a")
+    pull(f"{hub.host}/{short}:3", tmp_path / "a", cert_dir=hub.cert_dir)
     assert_pulled(tmp_path / "a", image)
-    pull(f"{hub.host}/docker.io/library/{short}:3", tmp_path / "b")
+    pull(f"{hub.host}/docker.io/library/{short}:3", tmp_path / "b", cert_dir=hub.cert_dir)
     assert_pulled(tmp_path / "b", image)
 
 
-def test_path_prefix_route(plain_registry, hub, seeded, unique_repo, tmp_path):
-    image = seeded(plain_registry, unique_repo, "tag", platforms=MULTI_ARCH)
-    pull(f"{hub.host}/ghcr.io/{unique_repo}:tag", tmp_path / "out")
+def test_path_prefix_route(other_registry, hub, seeded, unique_repo, tmp_path):
+    image = seeded(other_registry, unique_repo, "tag", platforms=MULTI_ARCH)
+    pull(f"{hub.host}/ghcr.io/{unique_repo}:tag", tmp_path / "out", cert_dir=hub.cert_dir)
     assert_pulled(tmp_path / "out", image)
 
 
-def test_host_and_ns_routes(plain_registry, hub, seeded, unique_repo):
-    image = seeded(plain_registry, unique_repo, "tag")
+def test_host_and_ns_routes(plain_registry, other_registry, hub, seeded, unique_repo):
+    """The same name on two registries: Host, ?ns= and the prefix each pick the right one."""
+    hub_image = seeded(plain_registry, unique_repo, "tag")
+    ghcr_image = seeded(other_registry, unique_repo, "tag")
+    assert hub_image.digest != ghcr_image.digest
     manifest_path = f"/v2/{unique_repo}/manifests/tag"
-    for extra in (["-H", "Host: ghcr.mirror.test"], []):
-        url = hub.url + manifest_path + ("" if extra else "?ns=ghcr.io")
-        status, headers, body = curl(*extra, "-H", f"Accept: {image.media_type}", url)
-        assert status == 200, body
-        assert body == image.manifest
-        assert headers["docker-content-digest"] == image.digest
-        assert headers["content-type"] == image.media_type
-    layer = image.platforms[0].layers[0]
-    status, _, body = curl(
-        "-H", "Host: ghcr.mirror.test", f"{hub.url}/v2/{unique_repo}/blobs/{layer.digest}"
-    )
+    routes = [
+        ([], manifest_path, hub_image),
+        (["-H", "Host: ghcr.mirror.test"], manifest_path, ghcr_image),
+        (["-H", "Host: GHCR.mirror.test:443"], manifest_path, ghcr_image),
+        ([], manifest_path + "?ns=ghcr.io", ghcr_image),
+        ([], manifest_path + "?ns=docker.io", hub_image),
+        ([], f"/v2/ghcr.io/{unique_repo}/manifests/tag", ghcr_image),
+        (["-H", "Host: other.mirror.test"], manifest_path, hub_image),
+    ]
+    for headers, path, image in routes:
+        accept = ("-H", f"Accept: {image.media_type}")
+        status, got, body = curl(*headers, *accept, hub.url + path)
+        assert (status, body) == (200, image.manifest), (headers, path)
+        assert got["docker-content-digest"] == image.digest
+        assert got["content-type"] == image.media_type
+    layer = ghcr_image.platforms[0].layers[0]
+    blob_path = f"/v2/{unique_repo}/blobs/{layer.digest}"
+    status, _, body = curl("-H", "Host: ghcr.mirror.test", hub.url + blob_path)
     assert status == 200
     assert "sha256:" + hashlib.sha256(body).hexdigest() == layer.digest
+    # Docker Hub's registry does not have that layer: the default route does not serve it.
+    status, _, body = curl(hub.url + blob_path)
+    assert status == 404 and error_code(body) == "BLOB_UNKNOWN"
     # containerd's ?ns= names the registry; one that is not mirrored is refused.
     status, _, body = curl(f"{hub.url}{manifest_path}?ns=unknown.example")
     assert status == 404 and error_code(body) == "NAME_UNKNOWN"
@@ -125,9 +152,10 @@ def test_private_upstream_with_credentials(
                 "username": user,
                 "password": password,
             }
-        }
+        },
+        tls=True,
     )
-    pull(f"{mirror.host}/corp.example/{unique_repo}:v1", tmp_path / "out")
+    pull(f"{mirror.host}/corp.example/{unique_repo}:v1", tmp_path / "out", cert_dir=mirror.cert_dir)
     assert_pulled(tmp_path / "out", image)
 
 
@@ -154,9 +182,9 @@ def test_token_auth_upstream(token_registry, dockmirror, seeded, unique_repo, tm
     image = seeded(token_registry, unique_repo, "v1", layers=[1000, 2000], platforms=MULTI_ARCH)
     token_registry.token_server.clear_requests()
     mirror = dockmirror(
-        {"hub": {"plugin": "dockerhub", "url": token_registry.url, "default": True}}
+        {"hub": {"plugin": "dockerhub", "url": token_registry.url, "default": True}}, tls=True
     )
-    pull(f"{mirror.host}/{unique_repo}:v1", tmp_path / "out")
+    pull(f"{mirror.host}/{unique_repo}:v1", tmp_path / "out", cert_dir=mirror.cert_dir)
     assert_pulled(tmp_path / "out", image)
     requests = token_registry.token_server.requests
     # One token per repository scope, cached across the image's many requests.
@@ -179,9 +207,10 @@ def test_token_auth_upstream_with_credentials(
                 "username": user,
                 "password": password,
             }
-        }
+        },
+        tls=True,
     )
-    pull(f"{mirror.host}/{unique_repo}:v1", tmp_path / "out")
+    pull(f"{mirror.host}/{unique_repo}:v1", tmp_path / "out", cert_dir=mirror.cert_dir)
     assert_pulled(tmp_path / "out", image)
     assert registry.token_server.requests
     assert all(r.username == user for r in registry.token_server.requests)
@@ -228,15 +257,21 @@ def test_range_request(plain_registry, hub, seeded, unique_repo):
 
 
 def test_tags_list_pagination(plain_registry, hub, seeded, unique_repo):
-    for tag in ("a", "b", "c"):
-        seeded(plain_registry, f"ghcr-{unique_repo}", tag)
     name = f"ghcr-{unique_repo}"
+    for tag in ("c", "a", "b"):
+        seeded(plain_registry, name, tag)
     status, headers, body = curl(f"{hub.url}/v2/{name}/tags/list?n=2")
     assert status == 200
-    assert json.loads(body)["tags"] == ["a", "b"]
-    assert headers["link"] == f'</v2/{name}/tags/list?n=2&last=b>; rel="next"'
-    status, headers, body = curl(f"{hub.url}/v2/{name}/tags/list?n=2&last=b")
-    assert json.loads(body)["tags"] == ["c"]
+    assert json.loads(body) == {"name": name, "tags": ["a", "b"]}
+    link = headers["link"]
+    assert link == f'</v2/{name}/tags/list?n=2&last=b>; rel="next"'
+    # The client follows the link as given.
+    status, headers, body = curl(hub.url + link.partition("<")[2].partition(">")[0])
+    assert status == 200
+    assert json.loads(body) == {"name": name, "tags": ["c"]}
+    assert "link" not in headers
+    status, headers, body = curl(f"{hub.url}/v2/{name}/tags/list")
+    assert (status, json.loads(body)["tags"]) == (200, ["a", "b", "c"])
     assert "link" not in headers
 
 

@@ -21,7 +21,7 @@ from dockmirror.errors import RegistryError
 from dockmirror.metrics import Metrics
 from dockmirror.pull import PullService
 from dockmirror.routing import Route, Upstream
-from dockmirror.upstream import UpstreamError
+from dockmirror.upstream import SMALL_BODY_LIMIT, UpstreamError, read_small
 
 from ._cache_support import UpstreamTransport, run_now, sha256
 
@@ -57,6 +57,8 @@ class ScriptedResponse:
 class ScriptedUpstream:
     """Answers ``METHOD path`` from a table; None in the table: unreachable."""
 
+    read_timeout = 60.0
+
     def __init__(self) -> None:
         self.answers: dict[tuple[str, str], Answer | None] = {}
         self.requests: list[tuple[str, str]] = []
@@ -72,6 +74,9 @@ class ScriptedUpstream:
         if answer is None:
             raise UpstreamError("connection refused")
         return ScriptedResponse(method, answer)
+
+    async def read(self, response: Any, limit: int = SMALL_BODY_LIMIT) -> bytes:
+        return await read_small(response, limit)
 
 
 def manifest_answer(body: bytes = MANIFEST) -> Answer:

@@ -46,9 +46,19 @@ def test_several_header_values_and_escapes() -> None:
     ]
 
 
-@pytest.mark.parametrize("value", ["", "   ", ",,", '"', "Bearer realm="])
-def test_garbage_does_not_raise(value: str) -> None:
-    parse_www_authenticate([value])
+@pytest.mark.parametrize(
+    ("value", "challenges"),
+    [
+        ("", []),
+        ("   ", []),
+        (",,", []),
+        ('"', []),
+        ("Bearer realm=", [Challenge("bearer", {})]),
+        ('Bearer realm="unterminated', [Challenge("bearer", {})]),
+    ],
+)
+def test_garbage_is_no_challenge(value: str, challenges: list[Challenge]) -> None:
+    assert parse_www_authenticate([value]) == challenges
 
 
 HUB_REALMS = ("https://auth.docker.io",)
