@@ -47,6 +47,11 @@ def options(argv: list[str] | None = None) -> argparse.Namespace:
         "--clients", default="1,8", help="client counts for the cache-hit runs (default 1,8)"
     )
     parser.add_argument("--cold-clients", type=int, default=16)
+    parser.add_argument(
+        "--workers",
+        default="1",
+        help="dockmirror's [server] workers, one dockmirror per count (e.g. 1,2,4; default 1)",
+    )
     parser.add_argument("--heads", type=int, default=500, help="manifest HEADs per run")
     parser.add_argument(
         "--baseline",
@@ -70,11 +75,17 @@ def options(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.size_mib, args.repeat, args.heads, args.cold_clients = 8, 1, 50, 4
     args.clients = sorted({int(n) for n in args.clients.split(",")})
+    args.workers = sorted({int(n) for n in args.workers.split(",")})
     args.only = [w.strip() for w in args.only.split(",")]
     unknown = set(args.only) - set(WORKLOADS)
     if unknown:
         parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
     return args
+
+
+def mirror_name(workers: int) -> str:
+    """``dockmirror``, or ``dockmirror-wN`` with N workers."""
+    return "dockmirror" if workers == 1 else f"dockmirror-w{workers}"
 
 
 class Bench:
@@ -86,7 +97,10 @@ class Bench:
         self.upstream = upstream
         self.tls: ServerTLS | None = None if args.plain else make_server_tls(root, "localhost")
         self.mirrors = [
-            Mirror("dockmirror", "dockmirror", self.tls),
+            *(
+                Mirror(mirror_name(workers), "dockmirror", self.tls, workers=workers)
+                for workers in args.workers
+            ),
             *(
                 Mirror(f"dockmirror@{checkout.name}", "dockmirror", self.tls, checkout.resolve())
                 for checkout in args.baseline
@@ -152,6 +166,9 @@ class Bench:
                 self.record(report.hit_cpu_row(clients), mirror.name, cpu * GIB / size / clients)
                 if clients == max(self.args.clients):
                     self.record(report.hit_rss_row(clients), mirror.name, server.peak_mib())
+                    if mirror.workers > 1:
+                        peak = server.peak_process_mib()
+                        self.record(report.hit_worker_rss_row(clients), mirror.name, peak)
             if self.nginx is not None:
                 seconds = fetch(self.client(self.nginx, None), "/blob", clients, size)
                 self.record(row, "nginx", clients * size / MIB / seconds)
@@ -221,7 +238,7 @@ class Bench:
         """nginx serving dockmirror's cached file of the layer, over plain HTTP only."""
         if self.tls is not None or shutil.which("nginx") is None:
             return None
-        server = self.warm["dockmirror"]
+        server = self.warm[self.mirrors[0].name]
         algorithm, _, hexpart = self.layer.digest.partition(":")
         blob = server.workdir / "cache" / "blobs" / algorithm / hexpart[:2] / hexpart
         return start_nginx(self.root / "nginx", "/blob", blob)
@@ -255,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         "repetitions": args.repeat,
         "hit_clients": args.clients,
         "cold_clients": args.cold_clients,
+        "workers": args.workers,
         "heads": args.heads,
         "seconds": round(time.monotonic() - started, 1),
     }

@@ -26,6 +26,10 @@ def hit_cpu_row(clients: int) -> str:
     return f"server CPU per GiB sent, cache hits, {clients} client{'s' * (clients > 1)} (s)"
 
 
+def hit_worker_rss_row(clients: int) -> str:
+    return f"peak RSS of one worker, cache hits, {clients} clients (MiB)"
+
+
 def hit_rss_row(clients: int) -> str:
     return f"peak RSS, {clients} clients on the cached layer (MiB)"
 
@@ -82,7 +86,7 @@ def table(runs: Runs, names: list[str], settings: dict[str, Any], machine: dict[
     """The Markdown table: each server's median (min–max), and ratios of paired runs."""
     others = [n for n in names if n != "distribution"]
     extra = ["nginx"] if any("nginx" in v for v in runs.values.values()) else []
-    pairs = [(n, "distribution") for n in others] + [("dockmirror", n) for n in others[1:] + extra]
+    pairs = [(n, "distribution") for n in others] + [(others[0], n) for n in others[1:] + extra]
     header = [*names, *extra, *(f"{a} / {b}" for a, b in pairs)]
     lines = [
         f"{settings['transport']}, a layer of {settings['layer_bytes'] / (1 << 20):.1f} MiB,"

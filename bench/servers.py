@@ -28,7 +28,13 @@ class Process:
     """A server in its own process group, waited on until it accepts connections."""
 
     def __init__(
-        self, name: str, argv: list[str], workdir: Path, port: int, env: dict[str, str]
+        self,
+        name: str,
+        argv: list[str],
+        workdir: Path,
+        port: int,
+        env: dict[str, str],
+        workers: int = 1,
     ) -> None:
         self.name = name
         self.port = port
@@ -45,30 +51,58 @@ class Process:
                 start_new_session=True,
             )
         deadline = time.monotonic() + 60
-        while not _accepts(port):
+        while not _accepts(port) or not self._serving(workers):
             if time.monotonic() > deadline or self.popen.poll() is not None:
                 self.stop()
                 raise RuntimeError(f"{name} did not start:\n{self.log.read_text()}")
             time.sleep(0.05)
 
-    def memory(self, field: str) -> int:
-        """A memory figure of the process (``VmRSS``, ``VmHWM`` for the peak), in bytes."""
-        for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
+    def _serving(self, workers: int) -> bool:
+        """With workers, whether they all adopted the listener the supervisor bound."""
+        if workers == 1:
+            return True
+        started = self.log.read_text(errors="replace").count(f" starting on {self.port}")
+        return started > workers  # the supervisor's line, then each worker's
+
+    def pids(self) -> list[int]:
+        """The server's process and its children (dockmirror's workers)."""
+        pids = [self.popen.pid]
+        for pid in pids:
+            try:
+                children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            except FileNotFoundError:
+                continue
+            pids.extend(int(child) for child in children)
+        return pids
+
+    def memory(self, field: str, pid: int | None = None) -> int:
+        """A memory figure of a process (``VmRSS``, ``VmHWM`` for the peak), in bytes."""
+        pid = self.popen.pid if pid is None else pid
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
         raise RuntimeError(f"no {field}")
 
     def cpu_seconds(self) -> float:
-        """User and system CPU time the process used so far, all its threads."""
-        fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User and system CPU time the server used so far, all its processes and threads."""
+        total = 0
+        for pid in self.pids():
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
 
     def reset_peak(self) -> None:
-        """Start ``VmHWM`` again from the current RSS."""
-        Path(f"/proc/{self.popen.pid}/clear_refs").write_text("5")
+        """Start ``VmHWM`` again from the current RSS, in every process."""
+        for pid in self.pids():
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
 
     def peak_mib(self) -> float:
-        return self.memory("VmHWM") / MIB
+        """The peak RSS of the whole server: the sum of its processes' peaks."""
+        return sum(self.memory("VmHWM", pid) for pid in self.pids()) / MIB
+
+    def peak_process_mib(self) -> float:
+        """The largest peak RSS of one of its processes (one worker, with workers)."""
+        return max(self.memory("VmHWM", pid) for pid in self.pids()) / MIB
 
     def stop(self) -> None:
         try:
@@ -95,6 +129,8 @@ class Mirror:
     tls: ServerTLS | None
     #: For dockmirror: the checkout to run it from (its ``.venv`` if it has one).
     checkout: Path = REPO_ROOT
+    #: For dockmirror: ``[server] workers``.
+    workers: int = 1
 
     @property
     def scheme(self) -> str:
@@ -107,7 +143,7 @@ class Mirror:
             argv, env = self._dockmirror(workdir, upstream, port)
         else:
             argv, env = self._distribution(workdir, upstream, port), subprocess_env()
-        return Process(self.name, argv, workdir, port, env)
+        return Process(self.name, argv, workdir, port, env, self.workers)
 
     def _dockmirror(
         self, workdir: Path, upstream: Registry, port: int
@@ -120,7 +156,8 @@ class Mirror:
         venv = self.checkout / ".venv" / "bin"
         python = venv / "python" if venv.is_dir() else Path(sys.executable)
         twistd = (str(python), str(python.with_name("twistd")))
-        argv = dockmirror_argv(workdir, upstream, [listen], f"{self.scheme}://{LOOPBACK}:{port}")
+        url = f"{self.scheme}://{LOOPBACK}:{port}"
+        argv = dockmirror_argv(workdir, upstream, [listen], url, self.workers)
         env = subprocess_env(
             PYTHONPATH=os.pathsep.join(
                 filter(None, [str(self.checkout), os.environ.get("PYTHONPATH")])
@@ -145,7 +182,7 @@ class Mirror:
 
 
 def dockmirror_argv(
-    workdir: Path, upstream: Registry, listen: list[str], public_url: str
+    workdir: Path, upstream: Registry, listen: list[str], public_url: str, workers: int = 1
 ) -> list[str]:
     """twistd's arguments for dockmirror with its cache in *workdir*, pulling from *upstream*."""
     config = workdir / "dockmirror.toml"
@@ -154,6 +191,7 @@ def dockmirror_argv(
 [server]
 listen = {json.dumps(listen)}
 public_url = "{public_url}"
+workers = {workers}
 [auth]
 database = "{workdir}/keys.sqlite"
 [cache]

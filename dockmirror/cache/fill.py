@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred
@@ -26,7 +25,7 @@ from twisted.web.iweb import IResponse
 
 from dockmirror.cache import files
 from dockmirror.cache.index import Runner
-from dockmirror.shared import Event
+from dockmirror.cache.progress import FillProgress
 from dockmirror.streaming import IDLE_TIMEOUT, DigestMismatch, IdleTimer, StreamError
 from dockmirror.upstream import discard
 
@@ -45,7 +44,7 @@ class CacheWriteError(StreamError):
     """The cache's disk refused the blob (full, read-only, failing)."""
 
 
-class Fill(Protocol):
+class Fill(FillProgress, Protocol):
     """A blob on its way from an upstream into the cache.
 
     Made by :meth:`BlobStore.begin_fill` with the space reserved, then either
@@ -70,22 +69,12 @@ class Fill(Protocol):
         run: Runner,
         idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
+        FillProgress.__init__(self, digest, size, temp_path)
         self.store = store
-        self.digest = digest
-        self.size = size
         self.upstream = upstream
-        self.temp_path = temp_path
         self._evictions = evictions
         self._run = run
-        self.ready: Event[None] = Event()
-        self.finished: Event[None] = Event()
         self.received = 0
-        #: Bytes in the temporary file, readable by followers.
-        self.written = 0
-        #: The whole body is written and matches the digest: readers may finish.
-        self.verified = False
-        self.committed = False
-        self.error: Exception | None = None
         self._fd: int | None = None
         self._hash = hashlib.new(digest.partition(":")[0])
         self._pending: list[bytes] = []
@@ -96,27 +85,11 @@ class Fill(Protocol):
         self._ended = False
         self._paused = False
         self._timer = IdleTimer(reactor, idle_timeout, self._idle)
-        self._listeners: list[Callable[[], None]] = []
         self._upstream_bytes = store.metrics.bytes_from_upstream.labels(upstream)
 
     def __repr__(self) -> str:
         state = "committed" if self.committed else "failed" if self.error else "filling"
         return f"<Fill {self.digest} {self.written}/{self.size} from {self.upstream} {state}>"
-
-    @property
-    def done(self) -> bool:
-        return self.committed or self.error is not None
-
-    def subscribe(self, listener: Callable[[], None]) -> None:
-        self._listeners.append(listener)
-
-    def unsubscribe(self, listener: Callable[[], None]) -> None:
-        if listener in self._listeners:
-            self._listeners.remove(listener)
-
-    def _notify(self) -> None:
-        for listener in list(self._listeners):
-            listener()
 
     def queued(self, offset: int, limit: int) -> bytes:
         """Bytes [offset, limit) from memory, received and not written yet.
@@ -153,7 +126,7 @@ class Fill(Protocol):
         try:
             for d in self._evictions:
                 await d
-            self._fd = await self._run(files.create, self.temp_path)
+            self._fd = await self._run(files.create_fill, self.temp_path)
         except OSError as e:
             discard(response)
             self.abandon(CacheWriteError(f"cannot write to the cache: {e.strerror}"))

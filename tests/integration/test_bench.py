@@ -12,13 +12,13 @@ from .registries import subprocess_env
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_the_benchmark_runs_every_workload_on_both_servers(tmp_path):
-    result = subprocess.run(
+def run_bench(tmp_path: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [
             sys.executable,
             "-m",
             "bench",
-            "--quick",
+            *options,
             "--json",
             str(tmp_path / "runs.json"),
             "--chart",
@@ -30,6 +30,10 @@ def test_the_benchmark_runs_every_workload_on_both_servers(tmp_path):
         text=True,
         timeout=300,
     )
+
+
+def test_the_benchmark_runs_every_workload_on_both_servers(tmp_path):
+    result = run_bench(tmp_path, "--quick")
     assert result.returncode == 0, result.stderr
     runs = json.loads((tmp_path / "runs.json").read_text())["runs"]
     for row, servers in runs.items():
@@ -45,3 +49,16 @@ def test_the_benchmark_runs_every_workload_on_both_servers(tmp_path):
     ):
         assert row in runs
     assert "| cache-hit throughput, 1 client (MiB/s) |" in result.stdout
+
+
+def test_the_benchmark_runs_dockmirror_with_workers(tmp_path):
+    result = run_bench(tmp_path, "--quick", "--workers", "1,2", "--only", "hit")
+    assert result.returncode == 0, result.stderr
+    runs = json.loads((tmp_path / "runs.json").read_text())["runs"]
+    assert set(runs["cache-hit throughput, 8 clients (MiB/s)"]) == {
+        "dockmirror",
+        "dockmirror-w2",
+        "distribution",
+    }
+    assert set(runs["peak RSS of one worker, cache hits, 8 clients (MiB)"]) == {"dockmirror-w2"}
+    assert "| dockmirror-w2 / distribution |" in result.stdout
