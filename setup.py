@@ -48,6 +48,8 @@ setup(
             "requests>=2.31",
             "selenium>=4.20",
         ],
+        # python -m bench draws its chart with matplotlib when it is installed.
+        "bench": ["matplotlib>=3.7"],
     },
     entry_points={
         "console_scripts": ["dockmirror-admin=dockmirror.admin:main"],

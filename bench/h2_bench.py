@@ -24,7 +24,7 @@ It needs ``docker-registry``, ``skopeo``, ``curl`` built with HTTP2, and the
 ``h2`` and ``priority`` packages (not dockmirror dependencies)::
 
     pip install --target /tmp/h2-site h2 priority
-    PYTHONPATH=/tmp/h2-site /tmp/venv/bin/python bench/h2_bench.py --repeat 5
+    PYTHONPATH=/tmp/h2-site python -m bench.h2_bench --repeat 5
 
 Results are printed as Markdown.
 """
@@ -42,11 +42,12 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from cache_bench import REPOSITORY, Process, start_dockmirror
-
+from bench.servers import Process, start_dockmirror
 from tests.integration.clients import ServerTLS, make_server_tls, tls_endpoint
 from tests.integration.images import Layer, make_image, push
 from tests.integration.registries import LOOPBACK, Registry, free_port
+
+REPOSITORY = "bench/layer"
 
 MIB = 1 << 20
 PROTOCOLS = {"http/1.1": ("--http1.1", "1.1"), "h2": ("--http2", "2")}

@@ -1,5 +1,7 @@
 """The zope interfaces of dockmirror, in one place."""
 
+from typing import Any
+
 from zope.interface import Attribute, Interface
 
 
@@ -28,3 +30,50 @@ class IUpstream(Interface):
 
     def repository(name: str) -> str:
         """Map a client-facing repository name to the upstream's name."""
+
+
+class ICoordinator(Interface):
+    """How the processes sharing one cache directory agree on who fills a blob.
+
+    A process that holds a digest's claim is the one fetching it; the others
+    follow its temporary file.  A claim ends when its holder releases it or
+    dies, so a crashed filler never blocks the digest.  Claims are per
+    process: asking about a digest this process claimed is meaningless.
+    """
+
+    shared = Attribute("Whether other processes may use the same cache directory.")
+
+    def claim(digest: str) -> bool:
+        """Take the right to fill *digest*; False if another process holds it."""
+
+    def release(digest: str) -> None:
+        """Give up the claim on *digest* (its fill is committed or failed)."""
+
+    def held_elsewhere(digest: str) -> bool:
+        """Whether another process holds the claim on *digest* now."""
+
+    def start_usage(total: int) -> None:
+        """Set the cache's usage to *total* bytes, unless a running process already did."""
+
+    def add_usage(delta: int) -> int:
+        """Add *delta* to the bytes the cache holds and reserves, for every process at once.
+
+        Returns the new total: the quota is checked against it.
+        """
+
+    def close() -> None:
+        """Release every claim."""
+
+
+class INotifier(Interface):
+    """Tells the other processes of the service of events, and hears of theirs.
+
+    A message is a short list of strings; receivers check it as they would
+    any input.  A lone process has no one to tell.
+    """
+
+    def publish(topic: str, message: list[str]) -> None:
+        """Tell every other process of *message* under *topic*."""
+
+    def subscribe(topic: str, listener: Any) -> None:
+        """Call ``listener(message)`` for each message another process publishes on *topic*."""

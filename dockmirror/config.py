@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 import tomllib
 import types
@@ -33,6 +34,8 @@ from dockmirror.proxy import ProxyRules, proxy_rules, redact
 from dockmirror.reference import NAME_MAX, NAME_RE, TAG_RE
 
 EMBEDDED = "(embedded default)"
+#: The most worker processes one service may run.
+MAX_WORKERS = 64
 
 
 #: Default seconds an upstream may stay silent before its headers or within a body
@@ -69,6 +72,15 @@ class ServerConfig:
     trusted_proxies: tuple[str, ...] = ()
     #: The header those proxies write: "X-Forwarded-For" or "Forwarded".
     proxy_header: str = "X-Forwarded-For"
+    #: Worker processes serving the listeners: a number, or "auto" for one per usable CPU.
+    workers: int | str = 1
+
+    @property
+    def worker_count(self) -> int:
+        if self.workers == "auto":
+            return max(1, len(os.sched_getaffinity(0)))
+        assert isinstance(self.workers, int)
+        return self.workers
 
 
 @dataclass(frozen=True)
@@ -400,6 +412,9 @@ def _coerce(source: str, key: str, hint: Any, value: Any) -> Any:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        for alternative in inner[1:]:
+            if isinstance(value, alternative) and not isinstance(value, bool):
+                return value
         return _coerce(source, key, inner[0], value)
     if origin is tuple and dataclasses.is_dataclass(typing.get_args(hint)[0]):
         cls = typing.get_args(hint)[0]
@@ -483,6 +498,11 @@ def _check(config: Config) -> None:
                 raise ConfigError(f"{source}: {key}: {cidr!r} is not a network") from None
     if config.server.proxy_header.lower() not in PROXY_HEADERS:
         raise ConfigError(f'{source}: server.proxy_header must be "X-Forwarded-For" or "Forwarded"')
+    workers = config.server.workers
+    if workers != "auto" and not (isinstance(workers, int) and 1 <= workers <= MAX_WORKERS):
+        raise ConfigError(
+            f'{source}: server.workers must be a number from 1 to {MAX_WORKERS}, or "auto"'
+        )
     if not config.server.public_url.startswith(("http://", "https://")):
         raise ConfigError(f"{source}: server.public_url must be an http(s) URL")
     _check_server(source, config.server)
@@ -724,6 +744,16 @@ def config_warnings(config: Config) -> list[str]:
                     " plain HTTP, readable by anyone on the path"
                 )
     return found
+
+
+def listeners(config: Config) -> list[tuple[str, tuple[str, ...]]]:
+    """Every endpoint string of the configuration, with its key, in the workers' order."""
+    manhole = (config.manhole.listen,) if config.manhole.listen is not None else ()
+    return [
+        ("server.listen", config.server.listen),
+        ("metrics.listen", config.metrics.listen),
+        ("manhole.listen", manhole),
+    ]
 
 
 def state_directory(config: Config) -> Path:

@@ -7,6 +7,7 @@ count; it owns its own ``CollectorRegistry`` so tests can make fresh ones.
 from __future__ import annotations
 
 import ipaddress
+import os
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -16,6 +17,7 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
     generate_latest,
+    multiprocess,
 )
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -23,6 +25,25 @@ from twisted.web.server import Request
 from dockmirror.errors import RegistryError
 
 disable_created_metrics()
+
+#: Set by the supervisor for its workers: where each writes its metrics.
+#: ``prometheus_client`` reads it when first imported.
+MULTIPROCESS_DIRECTORY = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def mark_worker_dead(pid: int, directory: str) -> None:
+    """Drop a dead worker's live gauges; its counters keep counting in the totals."""
+    multiprocess.mark_process_dead(pid, directory)
+
+
+def service_registry(metrics: Metrics) -> CollectorRegistry:
+    """What ``/metrics`` shows: this process's metrics, or every worker's added up."""
+    directory = os.environ.get(MULTIPROCESS_DIRECTORY)
+    if directory is None:
+        return metrics.registry
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, directory)
+    return registry
 
 
 class Metrics:
@@ -61,6 +82,7 @@ class Metrics:
             "dockmirror_cache_fills_in_flight",
             "Blob fills from upstream now running.",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.digest_mismatches = Counter(
             "dockmirror_digest_mismatches",
@@ -93,6 +115,7 @@ class Metrics:
             "dockmirror_cache_size_bytes",
             "Bytes of blobs held in the cache.",
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.upstream_latency = Histogram(
             "dockmirror_upstream_response_seconds",
@@ -111,6 +134,7 @@ class Metrics:
             "The last ratelimit-remaining an upstream announced.",
             ["upstream"],
             registry=r,
+            multiprocess_mode="livemostrecent",
         )
         self.endpoint_state = Gauge(
             "dockmirror_upstream_endpoint_state",
@@ -172,7 +196,7 @@ class MetricsResource(Resource):
 
     def __init__(self, metrics: Metrics, allow: tuple[str, ...] = ()) -> None:
         super().__init__()
-        self._metrics = metrics
+        self._registry = service_registry(metrics)
         self._allow = [ipaddress.ip_network(cidr, strict=False) for cidr in allow]
 
     def _allowed(self, request: Request) -> bool:
@@ -201,4 +225,4 @@ class MetricsResource(Resource):
             request.setHeader("Content-Type", "application/json")
             return RegistryError("DENIED", "metrics are not served to this address").body()
         request.setHeader("Content-Type", CONTENT_TYPE_LATEST)
-        return generate_latest(self._metrics.registry)
+        return generate_latest(self._registry)

@@ -26,6 +26,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
 from dockmirror.cache import Cache, origin_of
 from dockmirror.cache.fill import CacheWriteError, Fill
+from dockmirror.cache.follow import FollowedFill
 from dockmirror.cache.manifests import (
     INDEX_TYPES,
     OCI_INDEX,
@@ -234,7 +235,7 @@ HIT, MISS, REVALIDATED, STALE = "HIT", "MISS", "REVALIDATED", "STALE"
 class _Source:
     """Where a blob's bytes will come from."""
 
-    fill: Fill | None = None  # being filled (None: cached)
+    fill: Fill | FollowedFill | None = None  # being filled (None: cached)
     lead: bool = False  # this request started the fill
     passthrough: str | None = None  # why it is streamed uncached
 
@@ -661,9 +662,12 @@ class PullService:
                 if isinstance(started, str):
                     return _Source(passthrough=started)
                 fill = started
-                Deferred.fromCoroutine(self._fill(fill, route, origin)).addErrback(
-                    _fill_crashed, fill
-                )
+                if isinstance(fill, Fill):
+                    Deferred.fromCoroutine(self._fill(fill, route, origin)).addErrback(
+                        _fill_crashed, fill
+                    )
+                else:  # another worker fills it
+                    lead = False
             try:
                 await fill.ready.wait()
             except CacheWriteError:

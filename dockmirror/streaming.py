@@ -1,22 +1,38 @@
-"""Streaming an upstream response body to a consumer, with flow control both ways.
+"""Streaming bodies to a consumer, with flow control both ways.
 
-The upstream socket is registered as the consumer's push producer, so a slow
-client pauses the upstream read, and the consumer (the client's request) sees
-each chunk as it lands.  An idle timer, stopped while the client holds the
-stream paused, guards against an upstream that stops sending.
+:class:`BodyStream` copies an upstream response body: the upstream socket is
+registered as the consumer's push producer, so a slow client pauses the
+upstream read, and the consumer (the client's request) sees each chunk as it
+lands.  An idle timer, stopped while the client holds the stream paused,
+guards against an upstream that stops sending.
+
+:class:`FileSender` sends part of a file to a plain TCP client with
+``os.sendfile``: the bytes go from the page cache to the socket without
+entering Python.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import typing
 from collections.abc import Callable
 from typing import Any, cast
 
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import (
+    IConsumer,
+    IDelayedCall,
+    IPushProducer,
+    IReactorFDSet,
+    IReactorTime,
+    IWriteDescriptor,
+)
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.iweb import IResponse
@@ -26,6 +42,8 @@ log = Logger()
 
 #: Seconds without a byte from an upstream that is not paused before giving up.
 IDLE_TIMEOUT = 60.0
+#: The most one client is sent by ``sendfile`` before other work gets a turn.
+SENDFILE_TURN = 8 << 20
 
 
 class StreamError(Exception):
@@ -34,6 +52,10 @@ class StreamError(Exception):
 
 class DigestMismatch(StreamError):
     pass
+
+
+class ShortFile(StreamError):
+    """A file ended before the bytes it was supposed to hold."""
 
 
 class IdleTimer:
@@ -214,3 +236,151 @@ class BodyStream(Protocol):
 
     def _idle(self) -> None:
         self._fail(StreamError(f"upstream sent nothing for {self._timer.timeout:.0f}s"))
+
+
+def plain_tcp_transport(consumer: IConsumer) -> tcp.Server | None:
+    """The TCP connection under *consumer* (a request), if nothing but plain TCP is between.
+
+    Protocol wrappers (as the plain listener's TLS detector) are looked
+    through; a TLS layer anywhere, or any other kind of transport, gives None.
+    """
+    channel = getattr(consumer, "channel", None)
+    transport = getattr(channel, "transport", None)
+    while isinstance(transport, ProtocolWrapper):
+        if isinstance(transport, TLSMemoryBIOProtocol):
+            return None
+        transport = transport.transport
+    if isinstance(transport, tcp.Server) and not transport.TLS and transport.connected:
+        return transport
+    return None
+
+
+@implementer(IPushProducer, IWriteDescriptor)
+class FileSender:
+    """Bytes [start, end) of the file *fd*, sent to a TCP connection with ``os.sendfile``.
+
+    The sender writes on its own duplicate of the connection's socket, which
+    it registers with the reactor as a writer.  It starts once Twisted's
+    buffer for the connection is empty, so the response's headers go first,
+    and it sends only while the socket can take more: a client that stops
+    reading stops the file reads.  :attr:`done` fires with the byte count, or
+    fails with :class:`StreamError` (:class:`ShortFile` when the file ends
+    early); cancelling it stops the sending.  *fd* stays open: it belongs to
+    the caller.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorFDSet,
+        transport: tcp.Server,
+        fd: int,
+        start: int,
+        end: int,
+        count: Callable[[int], object],
+    ) -> None:
+        self._reactor = reactor
+        self._transport: tcp.Server | None = transport
+        self._fd = fd
+        self._start = self._pos = start
+        self._end = end
+        self._count = count
+        self._socket: int | None = None
+        self._consumer: IConsumer | None = None
+        self._writing = False
+        self._paused = False
+        self.done: Deferred[int] = Deferred(lambda _: self._close())
+
+    def __repr__(self) -> str:
+        return f"<FileSender fd {self._fd} at {self._pos} of {self._start}-{self._end}>"
+
+    def write_to(self, consumer: IConsumer) -> Deferred[int]:
+        """Send the headers through *consumer*, then the file around it."""
+        assert self._transport is not None
+        self._consumer = consumer
+        consumer.registerProducer(self, True)
+        consumer.write(b"")  # the status line and headers, into Twisted's buffer
+        try:
+            self._socket = os.dup(self._transport.fileno())
+        except OSError as e:
+            self._fail(StreamError(f"cannot send the file: {e.strerror}"))
+            return self.done
+        self._set_writing()
+        return self.done
+
+    # IWriteDescriptor, as seen by the reactor
+    def fileno(self) -> int:
+        return self._socket if self._socket is not None else -1
+
+    def logPrefix(self) -> str:
+        return "FileSender"
+
+    def doWrite(self) -> None:
+        if self._transport is not None:
+            if self._transport in self._reactor.getWriters():
+                return  # Twisted has yet to send the headers.
+            self._transport = None  # it has nothing more to send
+        assert self._socket is not None
+        turn = SENDFILE_TURN
+        while self._pos < self._end and turn > 0:
+            wanted = min(self._end - self._pos, turn)
+            try:
+                sent = os.sendfile(self._socket, self._fd, self._pos, wanted)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                self._fail(StreamError(f"sending to the client failed: {e.strerror}"))
+                return
+            if sent == 0:
+                self._fail(ShortFile(f"the file ended at {self._pos}, before {self._end}"))
+                return
+            self._pos += sent
+            turn -= sent
+            self._count(sent)
+            if self._consumer is not None and hasattr(self._consumer, "sentLength"):
+                self._consumer.sentLength += sent  # for the access log
+            if sent < wanted:
+                return  # the socket is full; wait until it is writable again
+        if self._pos >= self._end:
+            self._close()
+            self.done.callback(self._pos - self._start)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._fail(StreamError(f"the client connection failed: {reason.getErrorMessage()}"))
+
+    # IPushProducer, as seen by the consumer
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self._set_writing()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._set_writing()
+
+    def stopProducing(self) -> None:
+        self._consumer = None  # the connection is gone
+        self._fail(StreamError("the client went away"))
+
+    def _set_writing(self) -> None:
+        """Be a writer of the reactor exactly while there is something to send."""
+        wanted = self._socket is not None and not self._paused and not self.done.called
+        if wanted and not self._writing:
+            self._reactor.addWriter(self)
+        elif self._writing and not wanted:
+            self._reactor.removeWriter(self)
+        self._writing = wanted
+
+    def _fail(self, error: StreamError) -> None:
+        if not self.done.called:
+            self._close()
+            self.done.errback(error)
+
+    def _close(self) -> None:
+        if self._writing:
+            self._reactor.removeWriter(self)
+            self._writing = False
+        if self._socket is not None:
+            os.close(self._socket)
+            self._socket = None
+        if self._consumer is not None:
+            release(self._consumer)
+            self._consumer = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import resource
 import sys
@@ -10,14 +11,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from twisted.application import service, strports
+from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import DeferredList
 from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.web.client import HTTPConnectionPool
 
+from dockmirror._interfaces import INotifier
 from dockmirror.auth.access import AccessControl
 from dockmirror.auth.keystore import KeyStore, KeyStoreError
 from dockmirror.auth.throttle import LoginThrottle
@@ -28,6 +31,7 @@ from dockmirror.config import (
     ConfigError,
     check_repository_prefix,
     config_warnings,
+    listeners,
     load,
     state_directory,
     upstream_plugins,
@@ -36,6 +40,7 @@ from dockmirror.config import (
 )
 from dockmirror.connections import ConnectionLimits
 from dockmirror.control import control_service
+from dockmirror.coordination import LocalNotifier
 from dockmirror.egress import upstream_egress
 from dockmirror.forwarded import ClientAddresses
 from dockmirror.health import HealthResource, cache_space, directory_writable, key_store
@@ -47,6 +52,7 @@ from dockmirror.routing import build_router
 from dockmirror.tls import PlainHTTPFactory, ReloadService, tls_endpoint
 from dockmirror.warm import Warmer
 from dockmirror.web import MirrorSite, RootResource, build_root
+from dockmirror.workers import FIRST_FD, AdoptedPort, Supervisor, SupervisorChannel
 
 log = Logger()
 
@@ -62,6 +68,7 @@ class Options(usage.Options):
     )
     optParameters = [
         ["config", "c", None, "Path to the TOML configuration file."],
+        ["worker", None, None, "Serve as worker N of a supervisor (set by the supervisor).", int],
     ]
     optFlags = [
         ["check", None, "Validate the configuration, print a summary and exit."],
@@ -70,7 +77,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         try:
             config = self["parsed"] = load(self["config"])
-            for key, descriptions in _listeners(config):
+            for key, descriptions in listeners(config):
                 for description in descriptions:
                     _endpoint(None, config, description, key)
         except ConfigError as e:
@@ -86,16 +93,6 @@ class Options(usage.Options):
             for warning in config_warnings(config):
                 print(f"warning: {config.source}: {warning}", file=sys.stderr)
             raise SystemExit(0)
-
-
-def _listeners(config: Config) -> list[tuple[str, tuple[str, ...]]]:
-    """Every endpoint string of the configuration, with its key."""
-    manhole = (config.manhole.listen,) if config.manhole.listen is not None else ()
-    return [
-        ("server.listen", config.server.listen),
-        ("metrics.listen", config.metrics.listen),
-        ("manhole.listen", manhole),
-    ]
 
 
 class PoolService(service.Service):
@@ -138,7 +135,13 @@ def _raise_file_limit(max_connections: int) -> None:
         )
 
 
-def build_access(config: Config, keys: KeyStore, metrics: Metrics, reactor: Any) -> AccessControl:
+def build_access(
+    config: Config,
+    keys: KeyStore,
+    metrics: Metrics,
+    reactor: Any,
+    notifier: INotifier | None = None,
+) -> AccessControl:
     """Access control over *keys*, with the token service named after ``public_url``."""
     public_url = config.server.public_url.rstrip("/")
     tokens = TokenService(
@@ -151,16 +154,18 @@ def build_access(config: Config, keys: KeyStore, metrics: Metrics, reactor: Any)
     return AccessControl(
         keys,
         tokens,
-        LoginThrottle(reactor),
+        LoginThrottle(reactor, notifier=notifier),
         metrics,
         realm=f"{public_url}/docker-auth/token",
         anonymous_repos=config.auth.anonymous_repos,
     )
 
 
-def build_service(config: Config, reactor: Any) -> service.MultiService:
-    for warning in config_warnings(config):
-        log.warn("{source}: {warning}", source=config.source, warning=warning)
+def build_service(config: Config, reactor: Any, worker: int | None = None) -> service.MultiService:
+    """The mirror, or as worker *worker* of a supervisor, serving inherited sockets."""
+    if not worker:  # the first worker speaks for the service
+        for warning in config_warnings(config):
+            log.warn("{source}: {warning}", source=config.source, warning=warning)
     router = build_router(config, upstream_plugins())
     egress = {
         u.name: upstream_egress(
@@ -175,7 +180,9 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
         for u in router.upstreams
     }
     metrics = Metrics()
-    cache = Cache(config.cache, reactor, metrics)
+    notifier: INotifier = LocalNotifier() if worker is None else SupervisorChannel(reactor)
+    cache = Cache(config.cache, reactor, metrics, shared=worker is not None)
+    cache.share(notifier)
     upstreams = Upstreams(egress, reactor, metrics)
     endpoints = {u.name: upstreams.endpoint_set(u) for u in router.upstreams}
     pull = PullService(upstreams, reactor, metrics, cache)
@@ -184,12 +191,12 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     # Started first: it recovers the cache from disk before any request is served.
     cache.setServiceParent(top)
     warmer = None
-    if config.warm.images:
+    if config.warm.images and not worker:  # the first worker warms for the service
         warmer = Warmer(config.warm, config.warm_images(), router, pull, cache, metrics, reactor)
         warmer.setServiceParent(top)  # after the cache, whose recovery it reads
     keys = KeyStore(config.auth.database, reactor)
     keys.setServiceParent(top)
-    access = build_access(config, keys, metrics, reactor)
+    access = build_access(config, keys, metrics, reactor, notifier)
     root = build_root(router, pull, access, config.auth.required)
     health = HealthResource(
         {
@@ -207,15 +214,25 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     clients = ClientAddresses(server.trusted_proxies, server.proxy_header)
     site = MirrorSite(root, metrics, clients, limits, **timeouts)
     certificates = []
+    inherited = itertools.count(FIRST_FD)
+
+    def serve(description: str, factory: Any, http: bool = False) -> None:
+        """Listen: on the endpoint, or on the socket a worker inherited for it."""
+        endpoint, certificate = _endpoint(reactor, config, description)
+        if http and certificate is None:
+            factory = PlainHTTPFactory(factory)
+        if worker is None:
+            StreamServerEndpointService(endpoint, factory).setServiceParent(top)
+        else:
+            if certificate is not None:
+                factory = TLSMemoryBIOFactory(certificate, False, factory)
+            AdoptedPort(reactor, next(inherited), factory).setServiceParent(top)
+        if certificate is not None:
+            certificates.append(certificate)
 
     def listen(descriptions: tuple[str, ...], site: MirrorSite) -> None:
         for description in descriptions:
-            endpoint, certificate = _endpoint(reactor, config, description)
-            if certificate is None:
-                StreamServerEndpointService(endpoint, PlainHTTPFactory(site)).setServiceParent(top)
-            else:
-                StreamServerEndpointService(endpoint, site).setServiceParent(top)
-                certificates.append(certificate)
+            serve(description, site, http=True)
 
     listen(config.server.listen, site)
     metrics_resource = MetricsResource(metrics, config.metrics.allow)
@@ -228,7 +245,8 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     else:
         root.putChild(b"metrics", metrics_resource)
     ReloadService(reactor, certificates).setServiceParent(top)
-    control_service(reactor, state_directory(config), warmer).setServiceParent(top)
+    if not worker:  # one control socket for the service, in the first worker
+        control_service(reactor, state_directory(config), warmer).setServiceParent(top)
     pools = [e.pool for e in egress.values()]
     check_prefix = partial(check_repository_prefix, upstreams=config.upstreams)
     namespace: dict[str, Any] = {
@@ -255,7 +273,16 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
             load_host_key(state_directory(config) / HOST_KEY_FILE),
             reactor,
         )
-        strports.service(config.manhole.listen, factory, reactor=reactor).setServiceParent(top)
+        serve(config.manhole.listen, factory)
+    if isinstance(notifier, SupervisorChannel):
+        notifier.setServiceParent(top)
+    return top
+
+
+def supervise(config: Config, reactor: Any) -> service.MultiService:
+    """The supervisor of ``server.workers`` worker processes."""
+    top = service.MultiService()
+    Supervisor(reactor, config, sys.argv).setServiceParent(top)
     return top
 
 
@@ -283,7 +310,10 @@ def makeService(options: Options, reactor: IReactorCore | None = None) -> servic
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+    config = options["parsed"]
     try:
-        return build_service(options["parsed"], reactor)
+        if options["worker"] is None and config.server.worker_count > 1:
+            return supervise(config, reactor)
+        return build_service(config, reactor, options["worker"])
     except (ConfigError, KeyStoreError, ValueError, OSError) as e:
         raise SystemExit(f"dockmirror: {e}") from None

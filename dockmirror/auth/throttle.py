@@ -15,6 +15,8 @@ from collections import OrderedDict, deque
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from dockmirror._interfaces import INotifier
+
 log = Logger()
 
 #: Failures allowed within the window; further attempts are refused.
@@ -28,6 +30,10 @@ ADDRESS_LIMIT = 30
 APP_ID_CEILING = 300
 #: appIds tracked at most for the ceiling.
 MAX_APP_IDS = 10_000
+#: The characters of an appId that name it here.
+APP_ID_SHOWN = 80
+#: What workers tell each other of a failed login: [appId, address].
+FAILED_TOPIC = "login-failed"
 
 
 def client_subject(host: str) -> str:
@@ -129,9 +135,14 @@ class LoginThrottle:
     is logged, and then any address that has failed with that appId even
     once is refused.  An address that has not been failing is never refused,
     so the right key from it always gets through.
+
+    With a *notifier*, failures are counted in every worker process: each
+    tells the others of its own, and counts theirs.
     """
 
-    def __init__(self, clock: IReactorTime, window: float = WINDOW) -> None:
+    def __init__(
+        self, clock: IReactorTime, window: float = WINDOW, notifier: INotifier | None = None
+    ) -> None:
         self.pairs = Throttle(clock, LIMIT, window, MAX_TRACKED)
         self.addresses = Throttle(clock, ADDRESS_LIMIT, window, MAX_TRACKED)
         self.app_ids = Throttle(
@@ -142,6 +153,9 @@ class LoginThrottle:
             "from many addresses (a distributed attack?); refusing every address"
             " that failed with it, while the right key from others still logs in",
         )
+        self._notifier = notifier
+        if notifier is not None:
+            notifier.subscribe(FAILED_TOPIC, self._heard)
 
     def retry_after(self, app_id: str, address: str) -> int | None:
         """Seconds before *address* may try to log in as *app_id* again; None: go ahead."""
@@ -154,6 +168,16 @@ class LoginThrottle:
 
     def failed(self, app_id: str, address: str) -> None:
         """Count a failed login as *app_id* from *address*."""
+        self._count(app_id, address)
+        if self._notifier is not None:
+            self._notifier.publish(FAILED_TOPIC, [app_id[:APP_ID_SHOWN], address])
+
+    def _heard(self, message: list[str]) -> None:
+        """Count a failure that another worker saw."""
+        if len(message) == 2 and len(message[0]) <= APP_ID_SHOWN and len(message[1]) <= 100:
+            self._count(*message)
+
+    def _count(self, app_id: str, address: str) -> None:
         network, pair, key = _subjects(app_id, address)
         self.pairs.failed(pair)
         self.addresses.failed(network)
@@ -162,7 +186,7 @@ class LoginThrottle:
 
 def _subjects(app_id: str, address: str) -> tuple[str, str, str]:
     network = client_subject(address)
-    key = f"appId {app_id[:80]!r}"
+    key = f"appId {app_id[:APP_ID_SHOWN]!r}"
     return network, f"{key} from {network}", key
 
 

@@ -21,12 +21,14 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from dockmirror._interfaces import INotifier
 from dockmirror.cache import files
 from dockmirror.cache.blobs import BlobStore
 from dockmirror.cache.index import Index, Runner
 from dockmirror.cache.manifests import ManifestCache
 from dockmirror.cache.referrers import ReferrersCache
 from dockmirror.config import CacheConfig
+from dockmirror.coordination import FileLockCoordinator, LocalNotifier
 from dockmirror.metrics import Metrics
 from dockmirror.reference import DIGEST_RE
 from dockmirror.routing import Route
@@ -37,6 +39,9 @@ log = Logger()
 IO_THREADS = 4
 #: Seconds a stopping mirror lets fills in progress finish (systemd waits 45).
 STOP_GRACE = 30.0
+#: What one worker tells the others to purge: [repository or digest], so long at most.
+PURGE_TOPIC = "purge"
+PURGE_MAX = 300
 
 
 def origin_of(route: Route) -> str:
@@ -65,8 +70,14 @@ class Cache(service.Service):
         *,
         run: Runner | None = None,
         run_index: Runner | None = None,
+        shared: bool = False,
     ) -> None:
-        """*run* and *run_index* run blocking work in threads; by default, the cache's own."""
+        """*run* and *run_index* run blocking work in threads; by default, the cache's own.
+
+        A *shared* cache is used by several worker processes at once, which
+        coordinate their fills through :mod:`dockmirror.coordination`.
+        """
+        self.shared = shared
         self.directory = config.directory
         self.max_layer_size = config.max_layer_size_bytes
         self.oversize = config.oversize
@@ -92,6 +103,16 @@ class Cache(service.Service):
         self.referrers = ReferrersCache(reactor, config.manifest_ttl)
         #: Warms the cache for :meth:`prefetch`; attached once the pull side exists.
         self.prefetcher: Prefetcher | None = None
+        self._notifier: INotifier = LocalNotifier()
+
+    def share(self, notifier: INotifier) -> None:
+        """Purge in every worker what is purged in one."""
+        self._notifier = notifier
+        notifier.subscribe(PURGE_TOPIC, self._purged_elsewhere)
+
+    def _purged_elsewhere(self, message: list[str]) -> None:
+        if len(message) == 1 and len(message[0]) <= PURGE_MAX:
+            self._purge(message[0])
 
     def _pool(self, reactor: Any, name: str, threads: int) -> Runner:
         pool = ThreadPool(minthreads=1, maxthreads=threads, name=name)
@@ -110,26 +131,36 @@ class Cache(service.Service):
     def startService(self) -> None:
         """Recover the cache before the mirror listens: blocking, and on purpose."""
         files.make_directory(self.directory)
-        self._lock()
+        self._lock_fd = self._lock("lock", fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX)
+        if self.shared:
+            self.blobs.coordinator = FileLockCoordinator(self.directory)
         for pool in self._pools:
             pool.start()
-        snapshot = self.index.load()
-        self.blobs.recover(snapshot)
-        self.manifests.recover(snapshot)
+        # Workers starting together recover one at a time.
+        recovering = self._lock("recover.lock", fcntl.LOCK_EX, wait=True)
+        try:
+            snapshot = self.index.load()
+            self.blobs.recover(snapshot)
+            self.manifests.recover(snapshot)
+        finally:
+            os.close(recovering)
         super().startService()
 
-    def _lock(self) -> None:
-        """Hold the directory for this process: another would delete our fills at its start."""
-        path = os.path.join(self.directory, "lock")
+    def _lock(self, name: str, operation: int, wait: bool = False) -> int:
+        """Hold the directory: a process not of this service would delete our fills.
+
+        The workers of one service hold it shared, a lone process exclusively.
+        """
+        path = os.path.join(self.directory, name)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, files.FILE_MODE)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, operation | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             os.close(fd)
             raise RuntimeError(
                 f"cache directory {self.directory} is in use by another dockmirror process"
             ) from None
-        self._lock_fd = fd
+        return fd
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -138,6 +169,7 @@ class Cache(service.Service):
         def stop_pools(result: object) -> object:
             for pool in self._pools:
                 pool.stop()
+            self.blobs.coordinator.close()
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
                 self._lock_fd = None
@@ -174,6 +206,12 @@ class Cache(service.Service):
         Blobs another repository also has stay; blobs being read stay too.
         """
         what = repository_or_digest.strip()
+        result = self._purge(what)
+        if len(what) <= PURGE_MAX:
+            self._notifier.publish(PURGE_TOPIC, [what])
+        return result
+
+    def _purge(self, what: str) -> dict[str, Any]:
         if DIGEST_RE.fullmatch(what):
             if self.blobs.remove(what):
                 return {"purged": [what]}

@@ -5,7 +5,8 @@ Layout under the cache directory::
     blobs/sha256/ab/abcdef...   one file per digest, no extension
     tmp/                        fills in progress, emptied at start
     index.sqlite                see :mod:`dockmirror.cache.index`
-    lock                        held by the process using the directory
+    lock                        held by the process (or the workers) using the directory
+    fills.lock                  claims on fills, see :mod:`dockmirror.coordination`
 
 Layers and manifests are both blobs here: stored once by digest, whatever
 upstream or repository they came through.  Who may read them is a separate
@@ -21,20 +22,36 @@ import sys
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import (
+    IConsumer,
+    IDelayedCall,
+    IPushProducer,
+    IReactorFDSet,
+    IReactorTime,
+)
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from dockmirror._interfaces import ICoordinator
 from dockmirror.cache import files
 from dockmirror.cache.fill import Fill
+from dockmirror.cache.follow import FollowedFill
 from dockmirror.cache.index import Index, Runner, Snapshot
+from dockmirror.coordination import LocalCoordinator
 from dockmirror.metrics import Metrics
 from dockmirror.reference import HEX_LENGTH
-from dockmirror.streaming import StreamError, release
+from dockmirror.streaming import (
+    FileSender,
+    ShortFile,
+    StreamError,
+    plain_tcp_transport,
+    release,
+)
 
 log = Logger()
 
@@ -84,6 +101,10 @@ class BlobStore:
         #: Blobs kept from eviction (the warm images'); see :meth:`keep`.
         self._kept: frozenset[str] = frozenset()
         self._fills: dict[str, Fill] = {}
+        #: Fills that other processes run, followed here.
+        self._followed: dict[str, FollowedFill] = {}
+        #: Who fills what, when several processes share the directory.
+        self.coordinator: ICoordinator = LocalCoordinator()
         #: Called with the digest of each blob removed from the store.
         self.on_remove: list[Callable[[str], None]] = []
         self.size = 0
@@ -113,15 +134,19 @@ class BlobStore:
         files.make_directory(self.temp_dir)
         temporary = 0
         for entry in os.scandir(self.temp_dir):
-            files.remove(entry.path)
-            temporary += 1
+            # Another worker's fill in progress stays.
+            if not self.coordinator.held_elsewhere(entry.name.partition(".")[0]):
+                files.remove(entry.path)
+                temporary += 1
         rows = {digest: (size, used) for digest, size, used in snapshot.blobs}
         found: list[tuple[float, str, int]] = []
         for digest, size, mtime in self._scan():
             row = rows.pop(digest, None)
             if row is None:
                 found.append((mtime, digest, size))
-                self._index.write("INSERT INTO blobs VALUES (?, ?, ?)", digest, size, mtime)
+                self._index.write(
+                    "INSERT OR REPLACE INTO blobs VALUES (?, ?, ?)", digest, size, mtime
+                )
             elif row[0] != size:
                 log.warn(
                     "cached {digest} is {size} bytes, not {expected}: removed",
@@ -139,6 +164,7 @@ class BlobStore:
         for _, digest, size in sorted(found):
             self._entries[digest] = size
             self.size += size
+        self.coordinator.start_usage(self.size)
         for origin, digest in snapshot.access:
             if digest in self._entries:
                 self._access.setdefault(digest, set()).add(sys.intern(origin))
@@ -183,7 +209,33 @@ class BlobStore:
     # --- what is cached, and for whom -------------------------------------------
 
     def has(self, digest: str) -> bool:
-        return digest in self._entries
+        if digest not in self._entries:
+            return self._adopt(digest)
+        if self.coordinator.shared and digest not in self._pins and not self._on_disk(digest):
+            # Another worker purged or evicted it.
+            self.forget(digest)
+            return False
+        return True
+
+    def _on_disk(self, digest: str) -> bool:
+        try:
+            os.stat(self.path(digest))
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True  # a transient error keeps it, as reading does
+        return True
+
+    def _adopt(self, digest: str) -> bool:
+        """Take in a blob that another process sharing the directory committed."""
+        if not self.coordinator.shared or digest in self._fills:
+            return False
+        try:
+            size = os.stat(self.path(digest)).st_size
+        except OSError:
+            return False
+        self._add(digest, size)
+        return True
 
     def size_of(self, digest: str, origin: str | None = None) -> int | None:
         """A blob's size: as cached or being filled, else as *origin*'s upstream announced it."""
@@ -194,8 +246,8 @@ class BlobStore:
             return fill.size
         return self._proofs.get(digest, {}).get(origin) if origin is not None else None
 
-    def filling(self, digest: str) -> Fill | None:
-        return self._fills.get(digest)
+    def filling(self, digest: str) -> Fill | FollowedFill | None:
+        return self._fills.get(digest) or self._followed.get(digest)
 
     def allowed(self, origin: str, digest: str) -> bool:
         """Whether the upstream repository *origin* proved that it has *digest*."""
@@ -257,7 +309,7 @@ class BlobStore:
 
         Raises ``OSError`` when the file cannot be opened.
         """
-        fill = self._fills.get(digest)
+        fill = self.filling(digest)
         flags = os.O_RDONLY | os.O_CLOEXEC
         try:
             fd = os.open(fill.temp_path if fill is not None else self.path(digest), flags)
@@ -306,17 +358,30 @@ class BlobStore:
 
     # --- writing -----------------------------------------------------------------
 
-    def begin_fill(self, digest: str, size: int, upstream: str) -> Fill | str:
-        """Reserve room for a blob and register its fill, or say why it won't be cached."""
+    def begin_fill(self, digest: str, size: int, upstream: str) -> Fill | FollowedFill | str:
+        """Reserve room for a blob and register its fill, or say why it won't be cached.
+
+        When another process sharing the directory fills the blob, or just
+        did, the fill returned follows that process's work.
+        """
         if self.max_size is not None and size > self.max_size:
             return "larger than the cache"
+        if not self.coordinator.claim(digest):
+            log.info("following the fill of {digest} by another worker", digest=digest)
+            return self._follow(digest, size)
+        if self._adopt(digest):
+            self.coordinator.release(digest)
+            return self._follow(digest, size)
         victims = self._victims(size)
         if victims is None:
+            self.coordinator.release(digest)
             return "cache full of blobs in use"
         freed = sum(self._entries[d] for d in victims)
         if not self._disk_has_room(size - freed):
+            self.coordinator.release(digest)
             return "disk full"
         evictions = [self._evict(d) for d in victims]
+        self._use(size)
         temp_path = os.path.join(self.temp_dir, f"{digest.partition(':')[2]}.{uuid.uuid4().hex}")
         fill = Fill(self, digest, size, upstream, temp_path, evictions, self.reactor, self._run)
         self._fills[digest] = fill
@@ -324,11 +389,57 @@ class BlobStore:
         self.metrics.fills_in_flight.inc()
         return fill
 
+    def _follow(self, digest: str, size: int) -> FollowedFill:
+        followed = self._followed[digest] = FollowedFill(
+            digest,
+            size,
+            self.path(digest),
+            lambda: self._temporary_file(digest),
+            self.coordinator,
+            self.reactor,
+            self._unfollow,
+        )
+        followed.start()
+        return followed
+
+    def _temporary_file(self, digest: str) -> str | None:
+        """The newest temporary file of *digest*, made by whichever process fills it."""
+        prefix = digest.partition(":")[2] + "."
+        found = [
+            (entry.stat().st_mtime_ns, entry.path)
+            for entry in os.scandir(self.temp_dir)
+            if entry.name.startswith(prefix)
+        ]
+        return max(found)[1] if found else None
+
+    def _fills_elsewhere(self) -> dict[str, int]:
+        """Bytes written so far by the fills that other workers run, by digest."""
+        if not self.coordinator.shared:
+            return {}
+        fills = {}
+        for entry in os.scandir(self.temp_dir):
+            hexpart = entry.name.partition(".")[0]
+            if self.coordinator.held_elsewhere(hexpart) and hexpart not in fills:
+                try:
+                    fills[hexpart] = entry.stat().st_size
+                except FileNotFoundError:
+                    continue
+        algorithms = {length: name for name, length in HEX_LENGTH.items()}
+        return {f"{algorithms.get(len(h), '?')}:{h}": n for h, n in fills.items()}
+
+    def _unfollow(self, followed: FollowedFill) -> None:
+        if self._followed.get(followed.digest) is followed:
+            del self._followed[followed.digest]
+        if followed.committed:
+            self._add(followed.digest, followed.size)
+
     def committed(self, fill: Fill) -> None:
         self._end_fill(fill)
         self._add(fill.digest, fill.size)
 
     def failed(self, fill: Fill) -> None:
+        if self._fills.get(fill.digest) is fill:
+            self._use(-fill.size)
         self._end_fill(fill)
         # The size may have been wrong: the next request asks the upstream again.
         self.doubt(fill.digest)
@@ -336,12 +447,13 @@ class BlobStore:
     def _end_fill(self, fill: Fill) -> None:
         if self._fills.get(fill.digest) is fill:
             del self._fills[fill.digest]
+            self.coordinator.release(fill.digest)
             self.reserved -= fill.size
             self.metrics.fills_in_flight.dec()
 
     async def put_small(self, digest: str, data: bytes) -> bool:
         """Store a small, already verified blob (a manifest); False if there is no room."""
-        if digest in self._entries:
+        if self.has(digest):
             self.touch(digest)
             return True
         victims = self._victims(len(data))
@@ -351,10 +463,12 @@ class BlobStore:
             self._evict(d)
         temp_path = os.path.join(self.temp_dir, f"{digest.partition(':')[2]}.{uuid.uuid4().hex}")
         self.reserved += len(data)
+        self._use(len(data))
         try:
             await self._run(files.write_file, temp_path, self.path(digest), data)
         except OSError as e:
             log.warn("cannot cache {digest}: {error}", digest=digest, error=e.strerror)
+            self._use(-len(data))
             return False
         finally:
             self.reserved -= len(data)
@@ -397,7 +511,7 @@ class BlobStore:
         """The least recently used blobs to evict to make room, or None if it can't be made."""
         if self.max_size is None:
             return []
-        excess = self.size + self.reserved + needed - self.max_size
+        excess = self._used() + needed - self.max_size
         victims = []
         for digest, size in self._entries.items():
             if excess <= 0:
@@ -430,8 +544,23 @@ class BlobStore:
         for hook in self.on_remove:
             hook(digest)
         d = self._run(files.remove, self.path(digest))
-        d.addErrback(lambda f: log.failure("removing cached {digest}", f, digest=digest))
+
+        def removed(gone: bool) -> None:
+            if gone:  # by us: another worker may have removed it first
+                self._use(-size)
+
+        d.addCallbacks(removed, lambda f: log.failure("removing cached {digest}", f, digest=digest))
         return d
+
+    def _used(self) -> int:
+        """Bytes held and reserved, by this process or by all that share the directory."""
+        if self.coordinator.shared:
+            return self.coordinator.add_usage(0)
+        return self.size + self.reserved
+
+    def _use(self, delta: int) -> None:
+        if self.coordinator.shared:
+            self.coordinator.add_usage(delta)
 
     def remove(self, digest: str) -> bool:
         """Remove a blob unless it is being read or filled (for the operator)."""
@@ -478,7 +607,8 @@ class BlobStore:
                 await everything
             except defer.TimeoutError:
                 pass
-        for fill in list(self._fills.values()):
+        fills: list[Fill | FollowedFill] = [*self._fills.values(), *self._followed.values()]
+        for fill in fills:
             fill.abandon(StreamError("the mirror is stopping"))
 
     def stats(self) -> dict[str, Any]:
@@ -491,6 +621,7 @@ class BlobStore:
             "readers": sum(self._pins.values()),
             "kept": len(self._kept),
             "fills": {d: f"{f.written}/{f.size}" for d, f in self._fills.items()},
+            "elsewhere": self._fills_elsewhere(),
         }
 
 
@@ -498,13 +629,13 @@ class BlobStore:
 class BlobReader:
     """Bytes [start, end) of a blob file, written to a client as fast as it reads.
 
-    While the blob is still being filled, the reader follows the file as it
-    grows.  It never sends the last byte of its span, whole blob or range,
-    before the fill is verified, and fails if the fill fails before that: a
-    client never gets a complete answer of bytes that may turn out wrong.
-    Each reader has its own pace: the client pausing it pauses nothing
-    else.  :attr:`done` fires with the byte count or fails with
-    :class:`StreamError`.
+    While the blob is still being filled, the reader follows the body as it
+    arrives: from the file, and from memory what is not written yet.  It
+    never sends the last byte of its span, whole blob or range, before the
+    fill is verified, and fails if the fill fails before that: a client never
+    gets a complete answer of bytes that may turn out wrong.  Each reader has
+    its own pace: the client pausing it pauses nothing else.  :attr:`done`
+    fires with the byte count or fails with :class:`StreamError`.
     """
 
     def __init__(
@@ -514,7 +645,7 @@ class BlobReader:
         fd: int,
         start: int,
         end: int,
-        fill: Fill | None,
+        fill: Fill | FollowedFill | None,
         on_bytes: Callable[[int], None],
     ) -> None:
         self._store = store
@@ -528,18 +659,48 @@ class BlobReader:
         self._paused = False
         self._pumping = False
         self._later: IDelayedCall | None = None
+        self._sender: FileSender | None = None
         self.done: Deferred[int] = Deferred(lambda _: self._close())
 
     def __repr__(self) -> str:
         return f"<BlobReader {self.digest} at {self._pos} of {self._start}-{self._end}>"
 
     def write_to(self, consumer: IConsumer) -> Deferred[int]:
+        transport = plain_tcp_transport(consumer) if self._whole_and_verified() else None
+        if transport is not None:
+            assert self._fd is not None
+            reactor = cast(IReactorFDSet, self._store.reactor)
+            self._sender = FileSender(
+                reactor, transport, self._fd, self._start, self._end, self._on_bytes
+            )
+            self._sender.write_to(consumer).addCallbacks(self._sent, self._send_failed)
+            return self.done
         self._consumer = consumer
         if self._fill is not None:
             self._fill.subscribe(self._pump)
         consumer.registerProducer(self, True)
         self._pump()
         return self.done
+
+    def _whole_and_verified(self) -> bool:
+        """Whether the reader sends a whole blob that is in the cache (so verified)."""
+        return (
+            self._fill is None
+            and self._start == 0
+            and self._end == self._store.size_of(self.digest)
+        )
+
+    def _sent(self, count: int) -> None:
+        self._close()
+        self.done.callback(count)
+
+    def _send_failed(self, failure: Failure) -> None:
+        if self.done.called:  # cancelled, which stopped the sender
+            return
+        if failure.check(ShortFile):
+            self._store.forget(self.digest)
+        error = failure.value
+        self._fail(error if isinstance(error, StreamError) else StreamError(str(error)))
 
     def pauseProducing(self) -> None:
         self._paused = True
@@ -559,7 +720,7 @@ class BlobReader:
         fill = self._fill
         if fill is None or fill.verified:
             return self._end
-        return min(self._end - 1, fill.written)
+        return min(self._end - 1, fill.received)
 
     def _finished(self) -> bool:
         fill = self._fill
@@ -594,7 +755,16 @@ class BlobReader:
         if self._pos < limit:
             assert self._fd is not None and self._consumer is not None
             count = min(CHUNK, limit - self._pos)
-            data = os.pread(self._fd, count, self._pos)
+            fill = self._fill
+            on_disk = self._end if fill is None or fill.verified else fill.written
+            if self._pos < on_disk:
+                count = min(count, on_disk - self._pos)
+                data = os.pread(self._fd, count, self._pos)
+            elif count < CHUNK and limit < self._end - 1:
+                return False  # in memory; wait for a whole chunk
+            else:  # received, not written yet
+                assert fill is not None
+                data = fill.queued(self._pos, self._pos + count)
             if len(data) != count:
                 self._fail(StreamError(f"cached {self.digest} is shorter than recorded"))
                 if self._fill is None:
@@ -616,6 +786,8 @@ class BlobReader:
     def _close(self) -> None:
         if self._fd is None:
             return
+        if self._sender is not None and not self._sender.done.called:
+            self._sender.done.cancel()  # before its file is closed
         os.close(self._fd)
         self._fd = None
         self._store.unpin(self.digest)

@@ -19,6 +19,19 @@ def create(path: str) -> int:
     return os.open(path, _FLAGS, FILE_MODE)
 
 
+def create_fill(path: str) -> int:
+    """A fill's new temporary file ``HEX.UNIQUE``, once earlier ones of that digest are gone.
+
+    The caller holds the digest's claim, so any other is a dead fill's.
+    """
+    directory, name = os.path.split(path)
+    prefix = name.partition(".")[0] + "."
+    for entry in os.scandir(directory):
+        if entry.name.startswith(prefix):
+            remove(entry.path)
+    return create(path)
+
+
 def make_directory(path: str) -> None:
     """Make *path* and any missing parent directory, each 0750; what exists is made so too."""
     parent = os.path.dirname(path)
@@ -82,15 +95,20 @@ def discard(fd: int | None, path: str) -> None:
     remove(path)
 
 
-def remove(path: str) -> None:
-    """Remove a file, or an empty directory; what is already gone is fine."""
+def remove(path: str) -> bool:
+    """Remove a file, or an empty directory; what is already gone is fine.
+
+    Returns whether this call removed it.
+    """
     try:
         os.remove(path)
     except FileNotFoundError:
-        pass
+        return False
     except IsADirectoryError:
         try:
             os.rmdir(path)
         except OSError as e:
             if e.errno != errno.ENOTEMPTY:
                 raise
+            return False
+    return True

@@ -1,17 +1,18 @@
 """One upstream blob body written to a temporary file, for every reader at once.
 
-The body is hashed and written by worker threads, one batch at a time, and
-readers follow the file as its bytes land.  The upstream socket is paused
-only while the disk is behind (:data:`HIGH_WATER` bytes queued), never for a
-slow client, so one client cannot stall the others and no blob is ever held
-in memory.  The file is renamed to its digest only when the size and digest
-match.
+The body is hashed and written by worker threads, one batch at a time.
+Readers follow the body as it arrives: bytes not in the file yet are taken
+from the queue in memory, the rest from the file.  The upstream socket is
+paused only while the disk is behind (:data:`HIGH_WATER` bytes queued),
+never for a slow client, so one client cannot stall the others and no blob
+is ever held in memory.  The file is renamed to its digest only when the
+size and digest match.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections import deque
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred
@@ -24,7 +25,7 @@ from twisted.web.iweb import IResponse
 
 from dockmirror.cache import files
 from dockmirror.cache.index import Runner
-from dockmirror.shared import Event
+from dockmirror.cache.progress import FillProgress
 from dockmirror.streaming import IDLE_TIMEOUT, DigestMismatch, IdleTimer, StreamError
 from dockmirror.upstream import discard
 
@@ -43,16 +44,17 @@ class CacheWriteError(StreamError):
     """The cache's disk refused the blob (full, read-only, failing)."""
 
 
-class Fill(Protocol):
+class Fill(FillProgress, Protocol):
     """A blob on its way from an upstream into the cache.
 
     Made by :meth:`BlobStore.begin_fill` with the space reserved, then either
     :meth:`start`-ed with the upstream response or :meth:`abandon`-ed.
     :attr:`ready` fires once the temporary file exists; :attr:`finished` once
     the blob is committed, or fails with the reason it is not.  Readers
-    :meth:`subscribe` to hear of every change of :attr:`written` and of
-    :attr:`verified`, which lets them send the last byte while the file is
-    being made durable.
+    :meth:`subscribe` to hear of every change of :attr:`received`,
+    :attr:`written` and :attr:`verified`, which lets them send the last byte
+    while the file is being made durable.  Bytes past :attr:`written` and up
+    to :attr:`received` are read from memory with :meth:`queued`.
     """
 
     def __init__(
@@ -67,51 +69,48 @@ class Fill(Protocol):
         run: Runner,
         idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
+        FillProgress.__init__(self, digest, size, temp_path)
         self.store = store
-        self.digest = digest
-        self.size = size
         self.upstream = upstream
-        self.temp_path = temp_path
         self._evictions = evictions
         self._run = run
-        self.ready: Event[None] = Event()
-        self.finished: Event[None] = Event()
         self.received = 0
-        #: Bytes in the temporary file, readable by followers.
-        self.written = 0
-        #: The whole body is written and matches the digest: readers may finish.
-        self.verified = False
-        self.committed = False
-        self.error: Exception | None = None
         self._fd: int | None = None
         self._hash = hashlib.new(digest.partition(":")[0])
         self._pending: list[bytes] = []
         self._pending_bytes = 0
+        #: Every chunk received and not written yet, from offset :attr:`written` on.
+        self._queued: deque[bytes] = deque()
         self._writing = False
         self._ended = False
         self._paused = False
         self._timer = IdleTimer(reactor, idle_timeout, self._idle)
-        self._listeners: list[Callable[[], None]] = []
         self._upstream_bytes = store.metrics.bytes_from_upstream.labels(upstream)
 
     def __repr__(self) -> str:
         state = "committed" if self.committed else "failed" if self.error else "filling"
         return f"<Fill {self.digest} {self.written}/{self.size} from {self.upstream} {state}>"
 
-    @property
-    def done(self) -> bool:
-        return self.committed or self.error is not None
+    def queued(self, offset: int, limit: int) -> bytes:
+        """Bytes [offset, limit) from memory, received and not written yet.
 
-    def subscribe(self, listener: Callable[[], None]) -> None:
-        self._listeners.append(listener)
-
-    def unsubscribe(self, listener: Callable[[], None]) -> None:
-        if listener in self._listeners:
-            self._listeners.remove(listener)
-
-    def _notify(self) -> None:
-        for listener in list(self._listeners):
-            listener()
+        A span that is one whole chunk as received is returned as is, without
+        a copy.
+        """
+        if offset < self.written or limit > self.received:
+            raise ValueError(f"[{offset}, {limit}) is not queued")
+        queue = self._queued
+        index, start = len(queue), self.received
+        while start > offset:
+            index -= 1
+            start -= len(queue[index])
+        pieces = []
+        while start < limit:
+            chunk = queue[index]
+            pieces.append(chunk[max(offset - start, 0) : limit - start])
+            start += len(chunk)
+            index += 1
+        return b"".join(pieces)
 
     # --- starting --------------------------------------------------------------
 
@@ -127,7 +126,7 @@ class Fill(Protocol):
         try:
             for d in self._evictions:
                 await d
-            self._fd = await self._run(files.create, self.temp_path)
+            self._fd = await self._run(files.create_fill, self.temp_path)
         except OSError as e:
             discard(response)
             self.abandon(CacheWriteError(f"cannot write to the cache: {e.strerror}"))
@@ -162,12 +161,14 @@ class Fill(Protocol):
             return
         self._timer.touch()
         self._pending.append(data)
+        self._queued.append(data)
         self._pending_bytes += len(data)
         if self._pending_bytes >= HIGH_WATER and not self._paused and self._upstream:
             self._paused = True
             self._timer.stop()
             self._upstream.pauseProducing()
         self._write_next()
+        self._notify()
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
         self._timer.stop()
@@ -203,6 +204,8 @@ class Fill(Protocol):
             return
         self.written += count
         self._pending_bytes -= count
+        while count > 0:
+            count -= len(self._queued.popleft())
         if self._paused and self._pending_bytes <= LOW_WATER and self._upstream:
             self._paused = False
             self._start_timer()
@@ -256,6 +259,7 @@ class Fill(Protocol):
         if self._upstream is not None and not self._ended:
             self._upstream.stopProducing()
         self._pending = []
+        self._queued.clear()
         log.warn(
             "fill of {digest} from {upstream} failed after {received} bytes: {error}",
             digest=self.digest,

@@ -10,6 +10,7 @@ from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
+from dockmirror.cache.blobs import CHUNK
 from dockmirror.cache.fill import HIGH_WATER, Fill
 from dockmirror.streaming import IDLE_TIMEOUT, DigestMismatch, StreamError
 
@@ -226,6 +227,47 @@ def test_a_write_failing_after_the_fill_failed_still_closes_the_file(tmp_path):
     writing.errback(OSError(28, "No space left on device"))
     disk.run_all()
     assert os.listdir(store.temp_dir) == []
+
+
+def test_readers_take_what_the_disk_has_yet_to_write_from_memory(tmp_path):
+    disk = HeldRunner()
+    clock = MemoryReactorClock()
+    store = make_store(tmp_path, run=disk, clock=clock)
+    fill, response = started(store)
+    disk.run_all()  # the temporary file is created
+    ahead, ahead_client, ahead_done = follow(store)
+    behind, behind_client, _ = follow(store, start=10, end=len(DATA))
+    behind.pauseProducing()  # a slow client
+    response.send(DATA[:100_000])
+    response.send(DATA[100_000:200_000])
+    assert fill.written == 0  # the disk has written nothing yet
+    assert ahead_client.value() == DATA[: 200_000 // CHUNK * CHUNK]  # whole chunks
+    disk.run_all()
+    assert fill.written == 200_000
+    response.send(DATA[200_000:])
+    assert ahead_client.value() == DATA[:-1]  # the last byte waits for the digest
+    behind.resumeProducing()  # from the file, then from memory
+    for _ in range(100):
+        clock.advance(0)
+    assert behind_client.value() == DATA[10:-1]
+    response.end()
+    disk.run_all()
+    assert ahead_client.value() == DATA and behind_client.value() == DATA[10:]
+    assert ahead_done.result == len(DATA)
+
+
+def test_a_fill_failing_before_its_disk_writes_cuts_the_readers_taking_from_memory(tmp_path):
+    disk = HeldRunner()
+    store = make_store(tmp_path, run=disk)
+    fill, response = started(store)
+    disk.run_all()
+    _, client, done = follow(store)
+    response.send(DATA[:100_000])
+    assert client.value() == DATA[:CHUNK]
+    response.end(Failure(ConnectionLost()))
+    assert isinstance(failure_of(done).value, StreamError)
+    disk.run_all()
+    assert not store.has(DIGEST) and os.listdir(store.temp_dir) == []
 
 
 @pytest.mark.parametrize("corrupt", [False, True])

@@ -1,0 +1,1 @@
+"""Benchmarks of dockmirror against its peers; run ``python -m bench --help``."""

@@ -1,0 +1,64 @@
+"""``python -m bench --quick`` runs end to end; its figures are never asserted on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from .registries import subprocess_env
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_bench(tmp_path: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            *options,
+            "--json",
+            str(tmp_path / "runs.json"),
+            "--chart",
+            str(tmp_path / "chart.png"),
+        ],
+        cwd=REPO_ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_the_benchmark_runs_every_workload_on_both_servers(tmp_path):
+    result = run_bench(tmp_path, "--quick")
+    assert result.returncode == 0, result.stderr
+    runs = json.loads((tmp_path / "runs.json").read_text())["runs"]
+    for row, servers in runs.items():
+        expected = {"upstream"} if "direct" in row else {"dockmirror", "distribution"}
+        assert set(servers) == expected, row
+    for row in (
+        "cache-hit throughput, 8 clients (MiB/s)",
+        "cold fetch, 1 client (s)",
+        "upstream GETs of the layer, 4 cold clients",
+        "manifest HEAD rate, one keep-alive connection (requests/s)",
+        "skopeo copy through the mirror, warm (s)",
+        "peak RSS, 4 clients on one cold layer (MiB)",
+    ):
+        assert row in runs
+    assert "| cache-hit throughput, 1 client (MiB/s) |" in result.stdout
+
+
+def test_the_benchmark_runs_dockmirror_with_workers(tmp_path):
+    result = run_bench(tmp_path, "--quick", "--workers", "1,2", "--only", "hit")
+    assert result.returncode == 0, result.stderr
+    runs = json.loads((tmp_path / "runs.json").read_text())["runs"]
+    assert set(runs["cache-hit throughput, 8 clients (MiB/s)"]) == {
+        "dockmirror",
+        "dockmirror-w2",
+        "distribution",
+    }
+    assert set(runs["peak RSS of one worker, cache hits, 8 clients (MiB)"]) == {"dockmirror-w2"}
+    assert "| dockmirror-w2 / distribution |" in result.stdout

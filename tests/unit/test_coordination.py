@@ -1,0 +1,290 @@
+"""Claims on fills across processes, and following another process's fill."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from twisted.internet.testing import MemoryReactorClock
+from zope.interface.verify import verifyObject
+
+from dockmirror._interfaces import ICoordinator
+from dockmirror.cache import files
+from dockmirror.cache.fill import Fill
+from dockmirror.cache.follow import POLL_INTERVAL, FollowedFill
+from dockmirror.coordination import FileLockCoordinator, LocalCoordinator
+from dockmirror.streaming import StreamError
+
+from ._cache_support import make_store, sha256
+
+DIGEST = sha256(b"layer")
+
+#: Claims DIGEST in another process, says so, and holds it until its stdin closes.
+_HOLDER = """
+import sys
+from dockmirror.coordination import FileLockCoordinator
+coordinator = FileLockCoordinator(sys.argv[1])
+print(coordinator.claim(sys.argv[2]), flush=True)
+sys.stdin.read()
+"""
+
+
+class OtherProcess:
+    def __init__(self, directory: Path, digest: str = DIGEST) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _HOLDER, str(directory), digest],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        self.claimed = self.process.stdout.readline().strip() == "True"
+
+    def end(self) -> None:
+        if self.process.poll() is None:
+            assert self.process.stdin is not None
+            self.process.stdin.close()
+            self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def other(tmp_path: Path) -> Iterator[OtherProcess]:
+    holder = OtherProcess(tmp_path)
+    yield holder
+    holder.end()
+
+
+class Claims:
+    """A coordinator whose other processes the test plays."""
+
+    shared = True
+
+    def __init__(self) -> None:
+        self.elsewhere: set[str] = set()
+        self.mine: set[str] = set()
+        self.usage = 0
+
+    def claim(self, digest: str) -> bool:
+        if digest in self.elsewhere:
+            return False
+        self.mine.add(digest)
+        return True
+
+    def release(self, digest: str) -> None:
+        self.mine.discard(digest)
+
+    def held_elsewhere(self, digest: str) -> bool:
+        return digest in self.elsewhere or digest.rpartition(":")[2] in {
+            d.rpartition(":")[2] for d in self.elsewhere
+        }
+
+    def start_usage(self, total: int) -> None:
+        self.usage = total
+
+    def add_usage(self, delta: int) -> int:
+        self.usage += delta
+        return self.usage
+
+    def close(self) -> None:
+        pass
+
+
+def test_both_coordinators_provide_the_interface(tmp_path):
+    coordinator = FileLockCoordinator(str(tmp_path))
+    verifyObject(ICoordinator, coordinator)
+    verifyObject(ICoordinator, LocalCoordinator())
+    coordinator.close()
+
+
+def test_a_lone_process_holds_every_claim():
+    local = LocalCoordinator()
+    assert not local.shared
+    assert local.claim(DIGEST) and local.claim(DIGEST) and not local.held_elsewhere(DIGEST)
+
+
+def test_a_claim_held_by_another_process_is_refused_until_it_dies(tmp_path, other):
+    coordinator = FileLockCoordinator(str(tmp_path))
+    assert other.claimed
+    assert coordinator.held_elsewhere(DIGEST)
+    assert not coordinator.claim(DIGEST)
+    assert coordinator.claim(sha256(b"another layer"))
+    other.process.kill()
+    other.process.wait()
+    assert not coordinator.held_elsewhere(DIGEST)
+    assert coordinator.claim(DIGEST)
+    assert not coordinator.held_elsewhere(DIGEST)  # our own claim
+    coordinator.close()
+
+
+def test_a_released_claim_can_be_taken_by_another_process(tmp_path):
+    coordinator = FileLockCoordinator(str(tmp_path))
+    assert coordinator.claim(DIGEST)
+    refused = OtherProcess(tmp_path)
+    assert not refused.claimed
+    refused.end()
+    coordinator.release(DIGEST)
+    taken = OtherProcess(tmp_path)
+    assert taken.claimed
+    taken.end()
+    coordinator.close()
+
+
+def test_the_usage_is_counted_once_for_every_process(tmp_path):
+    first, second = FileLockCoordinator(str(tmp_path)), FileLockCoordinator(str(tmp_path))
+    first.start_usage(100)
+    second.start_usage(70)  # a worker starting later finds it counted
+    assert first.add_usage(0) == second.add_usage(0) == 100
+    assert first.add_usage(25) == 125 and second.add_usage(-5) == 120
+    first.close()
+    second.close()
+    (tmp_path / "usage").unlink()  # as the supervisor does at start
+    again = FileLockCoordinator(str(tmp_path))
+    again.start_usage(70)
+    assert again.add_usage(0) == 70
+    again.close()
+
+
+# --- following a fill of another process ----------------------------------------
+
+
+def follow(tmp_path: Path, claims: Claims, clock: MemoryReactorClock, size: int = 10):
+    final = tmp_path / "final"
+    temp = tmp_path / "tmp" / f"{DIGEST.partition(':')[2]}.1"
+    temp.parent.mkdir(exist_ok=True)
+    ended: list[FollowedFill] = []
+    fill = FollowedFill(
+        DIGEST,
+        size,
+        str(final),
+        lambda: str(temp) if temp.exists() else None,
+        claims,
+        clock,
+        ended.append,
+        idle_timeout=30,
+    )
+    return fill, temp, final, ended
+
+
+def test_a_followed_fill_reports_growth_then_verification(tmp_path):
+    clock, claims = MemoryReactorClock(), Claims()
+    claims.elsewhere.add(DIGEST)
+    fill, temp, final, ended = follow(tmp_path, claims, clock)
+    changes: list[int] = []
+    fill.subscribe(lambda: changes.append(fill.written))
+    fill.start()
+    assert not fill.ready.fired  # no file yet: the filler waits for the upstream
+    temp.write_bytes(b"12345")
+    clock.advance(POLL_INTERVAL)
+    assert fill.ready.fired and fill.temp_path == str(temp)
+    assert (fill.written, fill.verified) == (5, False)
+    temp.write_bytes(b"1234567890")
+    clock.advance(POLL_INTERVAL)
+    assert (fill.written, fill.verified) == (10, False)
+    os.rename(temp, final)  # verified, made durable and named: then the claim ends
+    claims.elsewhere.clear()
+    clock.advance(POLL_INTERVAL)
+    assert fill.verified and fill.committed and fill.finished.fired
+    assert changes == [5, 10, 10] and ended == [fill]
+    assert not clock.getDelayedCalls()
+
+
+@pytest.mark.parametrize("file_made", [True, False])
+def test_a_followed_fill_fails_when_the_claim_ends_without_the_blob(tmp_path, file_made):
+    clock, claims = MemoryReactorClock(), Claims()
+    claims.elsewhere.add(DIGEST)
+    fill, temp, _, ended = follow(tmp_path, claims, clock)
+    fill.start()
+    if file_made:
+        temp.write_bytes(b"123")
+    clock.advance(POLL_INTERVAL)
+    claims.elsewhere.clear()  # the filling worker failed, or was killed
+    clock.advance(POLL_INTERVAL)
+    assert isinstance(fill.error, StreamError) and not fill.verified
+    failures: list[object] = []
+    fill.finished.wait().addErrback(failures.append)
+    assert failures and ended == [fill]
+
+
+def test_a_followed_fill_that_stops_growing_fails(tmp_path):
+    clock, claims = MemoryReactorClock(), Claims()
+    claims.elsewhere.add(DIGEST)
+    fill, temp, _, _ = follow(tmp_path, claims, clock)
+    temp.write_bytes(b"123")
+    fill.start()
+    clock.pump([POLL_INTERVAL] * int(31 / POLL_INTERVAL))
+    assert isinstance(fill.error, StreamError) and "no progress" in str(fill.error)
+
+
+def test_a_followed_fill_of_the_wrong_size_is_refused(tmp_path):
+    clock, claims = MemoryReactorClock(), Claims()
+    fill, _, final, _ = follow(tmp_path, claims, clock)
+    final.write_bytes(b"123")
+    fill.start()
+    assert isinstance(fill.error, StreamError) and not fill.verified
+
+
+# --- the blob store sharing its directory ----------------------------------------
+
+
+def shared_store(tmp_path: Path):
+    store = make_store(tmp_path)
+    claims = Claims()
+    store.coordinator = claims
+    return store, claims
+
+
+def test_a_blob_another_worker_fills_is_followed_not_fetched(tmp_path):
+    store, claims = shared_store(tmp_path)
+    claims.elsewhere.add(DIGEST)
+    fill = store.begin_fill(DIGEST, 5, "up")
+    assert isinstance(fill, FollowedFill)
+    assert store.filling(DIGEST) is fill and store.reserved == 0
+    fill.abandon(StreamError("stop"))
+    assert store.filling(DIGEST) is None
+
+
+def test_a_fill_of_our_own_claims_and_releases(tmp_path):
+    store, claims = shared_store(tmp_path)
+    fill = store.begin_fill(DIGEST, 5, "up")
+    assert isinstance(fill, Fill) and DIGEST in claims.mine
+    fill.abandon(StreamError("stop"))
+    assert DIGEST not in claims.mine
+
+
+def test_blobs_another_worker_committed_or_removed(tmp_path):
+    store, _ = shared_store(tmp_path)
+    data = b"layer"
+    path = Path(store.path(DIGEST))
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data)
+    assert store.has(DIGEST) and store.size_of(DIGEST) == len(data)
+    fill = store.begin_fill(DIGEST, len(data), "up")
+    assert isinstance(fill, FollowedFill) and fill.committed  # nothing to fetch
+    path.unlink()  # purged or evicted by another worker
+    assert not store.has(DIGEST) and store.size == 0
+
+
+def test_another_workers_fill_is_listed_and_survives_a_start(tmp_path):
+    store, claims = shared_store(tmp_path)
+    hexpart = DIGEST.partition(":")[2]
+    temp = tmp_path / "tmp" / f"{hexpart}.abc"
+    temp.write_bytes(b"12")
+    claims.elsewhere.add(DIGEST)
+    assert store.stats()["elsewhere"] == {DIGEST: 2}
+    store.recover(store._index.load())
+    assert temp.exists()
+    claims.elsewhere.clear()
+    store.recover(store._index.load())
+    assert not temp.exists()
+
+
+def test_a_new_fill_removes_a_dead_fills_file(tmp_path):
+    hexpart = DIGEST.partition(":")[2]
+    (tmp_path / f"{hexpart}.dead").write_bytes(b"12")
+    (tmp_path / "other.x").write_bytes(b"1")
+    os.close(files.create_fill(str(tmp_path / f"{hexpart}.new")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{hexpart}.new", "other.x"]

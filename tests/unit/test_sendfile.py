@@ -1,0 +1,341 @@
+"""Whole cached blobs go out with ``os.sendfile`` on plain TCP, and only there.
+
+These run the real reactor with real sockets on loopback: a plain listener
+wrapped as the mirror wraps it, a TLS listener, and raw HTTP clients.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, ssl
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.web.server import Request, Site
+
+from dockmirror import streaming
+from dockmirror.cache.blobs import BlobStore
+from dockmirror.cache.index import Index
+from dockmirror.metrics import Metrics
+from dockmirror.pull import Reply, _parse_range
+from dockmirror.tls import PlainHTTPFactory, ReloadingContextFactory
+from dockmirror.web import AsyncResource, send_reply
+from tests.integration.clients import make_server_tls
+
+from ._cache_support import run_now, sha256
+
+SIZE = 24 << 20
+
+
+class BlobResource(AsyncResource):
+    """Serves one cached blob the way the mirror does, and keeps its readers."""
+
+    def __init__(self, store: BlobStore, digest: str) -> None:
+        super().__init__()
+        self.store = store
+        self.digest = digest
+        self.readers: list[Any] = []
+        self.sent: list[int] = []  # as the access log reports it
+        self.counted = 0
+
+    async def serve(self, request: Request) -> None:
+        size = self.store.size_of(self.digest)
+        assert size is not None
+        span = _parse_range(request.getHeader("range"), size)
+        start, end = span or (0, size)
+        headers = {"Content-Length": str(end - start)}
+        if span:
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        if request.method == b"HEAD":
+            await send_reply(request, Reply(206 if span else 200, headers))
+            return
+        reader = self.store.reader(self.digest, start, end, self._count)
+        self.readers.append(reader)
+        await send_reply(request, Reply(206 if span else 200, headers, stream=reader))
+        self.sent.append(request.sentLength)
+
+    def _count(self, n: int) -> None:
+        self.counted += n
+
+
+class Client(Protocol):
+    """Sends one request; keeps the response; can stop reading or hang up after N bytes."""
+
+    def __init__(self, request: bytes, hang_up_after: int | None = None) -> None:
+        self.request = request
+        self.hang_up_after = hang_up_after
+        self.received = bytearray()
+        self.closed: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        limit = self.hang_up_after
+        if limit is not None and len(self.received) >= limit and self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+            self.hang_up_after = None
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.closed.callback(None)
+
+    def response(self) -> tuple[bytes, dict[bytes, bytes], bytes]:
+        head, _, body = bytes(self.received).partition(b"\r\n\r\n")
+        status, *lines = head.split(b"\r\n")
+        headers = dict(line.lower().split(b": ", 1) for line in lines)
+        return status, headers, body
+
+
+def get(method: str = "GET", *headers: str) -> bytes:
+    lines = [f"{method} /blob HTTP/1.1", "Host: test", "Connection: close", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+class Server:
+    def __init__(self, tmp_path: Path, data: bytes) -> None:
+        index = Index(str(tmp_path / "index.sqlite"), MemoryReactorClock(), run_now)
+        self.store = BlobStore(str(tmp_path), None, index, reactor, run_now, Metrics())
+        self.store.recover(index.load())
+        self.data = data
+        self.digest = sha256(data)
+        self.resource = BlobResource(self.store, self.digest)
+        self.site = Site(self.resource)
+        self.tls = make_server_tls(tmp_path, "localhost")
+        self.ports: list[Any] = []
+
+    def listen_plain(self) -> int:
+        port = reactor.listenTCP(0, PlainHTTPFactory(self.site), interface="127.0.0.1")
+        self.ports.append(port)
+        return int(port.getHost().port)
+
+    def listen_tls(self) -> int:
+        factory = ReloadingContextFactory(str(self.tls.key), str(self.tls.certificate))
+        port = reactor.listenSSL(0, self.site, factory, interface="127.0.0.1")
+        self.ports.append(port)
+        return int(port.getHost().port)
+
+    async def fetch(self, port: int, client: Client, tls: bool = False) -> Client:
+        if tls:
+            endpoint: Any = SSL4ClientEndpoint(
+                reactor, "127.0.0.1", port, ssl.CertificateOptions(verify=False)
+            )
+        else:
+            endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        await connectProtocol(endpoint, client)
+        await client.closed
+        return client
+
+    async def stop(self) -> None:
+        for port in self.ports:
+            await port.stopListening()
+
+
+@pytest_twisted.async_yield_fixture
+async def server(tmp_path: Path) -> AsyncIterator[Server]:
+    data = os.urandom(SIZE)
+    server = Server(tmp_path, data)
+    assert await server.store.put_small(server.digest, data)
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+def sendfile_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The byte counts ``os.sendfile`` sent, as the sender called it."""
+    calls: list[int] = []
+    real: Callable[[int, int, int, int], int] = os.sendfile
+
+    def spy(out_fd: int, in_fd: int, offset: int, count: int) -> int:
+        sent = real(out_fd, in_fd, offset, count)
+        calls.append(sent)
+        return sent
+
+    monkeypatch.setattr(streaming.os, "sendfile", spy)
+    return calls
+
+
+def pause(seconds: float) -> Deferred[None]:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    for _ in range(1000):
+        if condition():
+            return
+        await pause(0.01)
+    raise AssertionError("not within 10 s")
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_whole_blob_on_plain_tcp_goes_out_with_sendfile(server, sendfile_calls):
+    port = server.listen_plain()
+    fds = open_fds()
+    client = await server.fetch(port, Client(get()))
+    status, headers, body = client.response()
+    assert status == b"HTTP/1.1 200 OK"
+    assert headers[b"content-length"] == str(SIZE).encode()
+    assert body == server.data
+    assert sum(sendfile_calls) == SIZE
+    assert server.resource.counted == SIZE
+    assert server.resource.sent == [SIZE]
+    assert server.store.stats()["readers"] == 0
+    assert open_fds() == fds
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_connection_carries_on_after_a_sendfile(server, sendfile_calls):
+    port = server.listen_plain()
+    keep_alive = get().replace(b"Connection: close", b"Connection: keep-alive")
+    client = await server.fetch(port, Client(keep_alive + get("GET", "Range: bytes=0-9")))
+    first, _, rest = client.received.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200 OK")
+    assert rest[:SIZE] == server.data
+    second = Client(b"")
+    second.received = rest[SIZE:]
+    status, _, body = second.response()
+    assert status == b"HTTP/1.1 206 Partial Content"
+    assert body == server.data[:10]
+    assert sum(sendfile_calls) == SIZE
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_sends_no_body(server, sendfile_calls):
+    port = server.listen_plain()
+    client = await server.fetch(port, Client(get("HEAD")))
+    status, headers, body = client.response()
+    assert status == b"HTTP/1.1 200 OK"
+    assert headers[b"content-length"] == str(SIZE).encode()
+    assert body == b""
+    assert sendfile_calls == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_range_is_sent_the_ordinary_way(server, sendfile_calls):
+    port = server.listen_plain()
+    client = await server.fetch(port, Client(get("GET", "Range: bytes=1000-2000999")))
+    status, headers, body = client.response()
+    assert status == b"HTTP/1.1 206 Partial Content"
+    assert body == server.data[1000:2001000]
+    assert sendfile_calls == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tls_listener_never_uses_sendfile(server, sendfile_calls):
+    port = server.listen_tls()
+    client = await server.fetch(port, Client(get()), tls=True)
+    status, _, body = client.response()
+    assert status == b"HTTP/1.1 200 OK"
+    assert body == server.data
+    assert sendfile_calls == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_hanging_up_mid_sendfile_frees_everything(server, sendfile_calls):
+    port = server.listen_plain()
+    fds = open_fds()
+    client = await server.fetch(port, Client(get(), hang_up_after=1 << 20))
+    (reader,) = server.resource.readers
+    await until(lambda: reader.done.called)  # at the server's next read or write
+    assert 0 < sum(sendfile_calls) < SIZE
+    assert len(client.received) < SIZE
+    assert server.store.stats()["readers"] == 0
+    assert open_fds() == fds
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_stops_reading_stops_the_file_reads(server, sendfile_calls):
+    port = server.listen_plain()
+    client = Client(get())
+    fetched = Deferred.fromCoroutine(server.fetch(port, client))
+    await until(lambda: bool(sendfile_calls))
+    client.transport.pauseProducing()  # type: ignore[union-attr]
+    await pause(0.3)
+    stalled = sum(sendfile_calls)
+    await pause(0.3)
+    assert sum(sendfile_calls) == stalled < SIZE  # only the socket buffers' worth
+    client.transport.resumeProducing()  # type: ignore[union-attr]
+    await fetched
+    assert client.response()[2] == server.data
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_file_shorter_than_recorded_cuts_the_response_and_is_forgotten(
+    server, sendfile_calls
+):
+    os.truncate(server.store.path(server.digest), SIZE // 2)
+    port = server.listen_plain()
+    client = await server.fetch(port, Client(get()))
+    _, headers, body = client.response()
+    assert headers[b"content-length"] == str(SIZE).encode()
+    assert len(body) == SIZE // 2  # cut short: the client sees a truncated response
+    assert not server.store.has(server.digest)
+
+
+class SocketTransport:
+    """Stands for the TCP connection: one end of a socket pair."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+
+class Consumer:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.producer: Any = None
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+
+def test_the_file_waits_until_twisted_has_sent_the_headers(tmp_path):
+    path = tmp_path / "blob"
+    path.write_bytes(b"x" * 1000)
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    fd = os.open(path, os.O_RDONLY)
+    fake = MemoryReactorClock()
+    transport = SocketTransport(ours)
+    fake.addWriter(transport)  # the headers are in Twisted's buffer
+    sender = streaming.FileSender(fake, transport, fd, 0, 1000, lambda n: None)  # type: ignore[arg-type]
+    consumer = Consumer()
+    done = sender.write_to(consumer)
+    assert consumer.writes == [b""]  # the headers
+    assert sender in fake.getWriters()
+    sender.doWrite()
+    theirs.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        theirs.recv(10)
+    fake.removeWriter(transport)  # Twisted sent them
+    sender.doWrite()
+    assert theirs.recv(2000) == b"x" * 1000
+    assert done.result == 1000
+    assert sender not in fake.getWriters()
+    assert consumer.producer is None
+    os.close(fd)
+    ours.close()
+    theirs.close()
