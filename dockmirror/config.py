@@ -14,7 +14,7 @@ import re
 import tomllib
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -30,6 +30,7 @@ from dockmirror.forwarded import HEADERS as PROXY_HEADERS
 from dockmirror.hostnames import HostPattern, is_host_name
 from dockmirror.portal import config as portal_config
 from dockmirror.portal.config import PortalConfig
+from dockmirror.proxy import ProxyRules, proxy_rules, redact
 from dockmirror.reference import NAME_MAX, NAME_RE, TAG_RE
 
 EMBEDDED = "(embedded default)"
@@ -239,6 +240,8 @@ class MetricsConfig:
 
 #: Field metadata of a value never shown (reprs, ``--check``, the manhole).
 SECRET = {"secret": True}
+#: Field metadata of a URL whose password is never shown.
+SECRET_URL = {"secret": "url"}
 
 
 def redacted_repr(section: Any) -> str:
@@ -246,10 +249,26 @@ def redacted_repr(section: Any) -> str:
 
     def shown(f: dataclasses.Field[Any]) -> str:
         value = getattr(section, f.name)
-        return "'***'" if f.metadata.get("secret") and value is not None else repr(value)
+        secret = f.metadata.get("secret")
+        if secret == "url" and isinstance(value, str):
+            return repr(redact(value))
+        return "'***'" if secret and value is not None else repr(value)
 
     values = ", ".join(f"{f.name}={shown(f)}" for f in dataclasses.fields(section) if f.repr)
     return f"{type(section).__name__}({values})"
+
+
+@dataclass(frozen=True)
+class MirrorConfig:
+    """A fallback endpoint of an upstream: another URL serving the same registry."""
+
+    url: str
+    username: str | None = None
+    password: str | None = field(default=None, metadata=SECRET)
+    #: Whether tags resolved by this endpoint are believed (digests always are checked).
+    trust_tags: bool = False
+
+    __repr__ = redacted_repr
 
 
 @dataclass(frozen=True)
@@ -273,6 +292,14 @@ class UpstreamConfig:
     #: PEM certificate (and chain) and key for upstreams that require mutual TLS.
     client_cert: str | None = None
     client_key: str | None = None
+    #: Fallback endpoints, tried in order when the ``url`` fails.
+    mirrors: tuple[MirrorConfig, ...] = ()
+    #: ``http://[user:password@]host:port``, or "none"; unset: the environment's.
+    proxy: str | None = field(default=None, metadata=SECRET_URL)
+    proxy_username: str | None = None
+    proxy_password: str | None = field(default=None, metadata=SECRET)
+    #: Hosts, addresses and networks reached without the configured ``proxy``.
+    no_proxy: tuple[str, ...] = ()
 
     __repr__ = redacted_repr
 
@@ -389,6 +416,17 @@ def _coerce(source: str, key: str, hint: Any, value: Any) -> Any:
             if isinstance(value, alternative) and not isinstance(value, bool):
                 return value
         return _coerce(source, key, inner[0], value)
+    if origin is tuple and dataclasses.is_dataclass(typing.get_args(hint)[0]):
+        cls = typing.get_args(hint)[0]
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key} must be a list")
+        for i, v in enumerate(value):
+            if not isinstance(v, str | dict):
+                raise ConfigError(f"{source}: {key}[{i}] must be a URL or a table")
+        return tuple(
+            cls(url=v) if isinstance(v, str) else _section(source, f"{key}[{i}]", cls, v)
+            for i, v in enumerate(value)
+        )
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _section(source, key, hint, value)
     if origin is tuple:
@@ -440,6 +478,7 @@ def _check(config: Config) -> None:
         if (upstream.username is None) != (upstream.password is None):
             raise ConfigError(f"{source}: upstreams.{name}: username and password go together")
         _check_upstream_names(source, name, upstream, plugin)
+        _check_mirrors(source, name, upstream, plugin.default_url)
         upstream_tls(source, name, upstream)
         for host in upstream.hosts:
             if host.lower() in hosts:
@@ -503,6 +542,23 @@ def upstream_tls(source: str, name: str, upstream: UpstreamConfig) -> UpstreamTL
         raise ConfigError(f"{source}: upstreams.{name}.{e}") from None
 
 
+def upstream_proxies(
+    source: str, name: str, upstream: UpstreamConfig, environ: Mapping[str, str]
+) -> ProxyRules:
+    """The upstream's proxy rules: its ``proxy`` keys, or else the *environ* variables."""
+    try:
+        return proxy_rules(
+            upstream.proxy,
+            upstream.proxy_username,
+            upstream.proxy_password,
+            upstream.no_proxy,
+            environ,
+        )
+    except ValueError as e:
+        where = f"upstreams.{name}." if upstream.proxy is not None else f"upstreams.{name}: "
+        raise ConfigError(f"{source}: {where}{e}") from None
+
+
 def _check_upstream_names(source: str, name: str, upstream: UpstreamConfig, plugin: Any) -> None:
     """Aliases, hosts, token realms and the URL are host names of the strict grammar."""
     where = f"{source}: upstreams.{name}"
@@ -545,6 +601,45 @@ def _url_parts(url: str) -> SplitResult | None:
     except ValueError:
         return None
     return parts
+
+
+def _host_port(url: str) -> str:
+    parts = urlsplit(url)
+    return (
+        f"{(parts.hostname or '').lower()}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+    )
+
+
+def _check_mirrors(source: str, name: str, upstream: UpstreamConfig, default_url: Any) -> None:
+    """Mirror URLs are as strict as ``url``; the proxy keys can be read."""
+    where = f"{source}: upstreams.{name}"
+    seen = {_host_port(str(upstream.url or default_url))}
+    for i, mirror in enumerate(upstream.mirrors):
+        parts = urlsplit(mirror.url)
+        if parts.scheme not in ("http", "https") or parts.hostname is None or parts.username:
+            raise ConfigError(
+                f"{where}.mirrors[{i}]: {mirror.url!r} is not an http(s) URL with a host"
+                " and without credentials"
+            )
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError:
+            raise ConfigError(f"{where}.mirrors[{i}]: {mirror.url!r} has a bad port") from None
+        if _host_port(mirror.url) in seen:
+            raise ConfigError(
+                f"{where}.mirrors[{i}]: {_host_port(mirror.url)} is already an endpoint of"
+                " this upstream (endpoints are told apart by host and port)"
+            )
+        seen.add(_host_port(mirror.url))
+        if (mirror.username is None) != (mirror.password is None):
+            raise ConfigError(f"{where}.mirrors[{i}]: username and password go together")
+    if (upstream.proxy_username is None) != (upstream.proxy_password is None):
+        raise ConfigError(f"{where}: proxy_username and proxy_password go together")
+    if upstream.proxy is None:
+        if upstream.proxy_username is not None or upstream.no_proxy:
+            raise ConfigError(f"{where}: proxy_username and no_proxy need a proxy")
+        return
+    upstream_proxies(source, name, upstream, {})
 
 
 def _check_cache(source: str, cache: CacheConfig) -> None:
@@ -642,6 +737,12 @@ def config_warnings(config: Config) -> list[str]:
                 f"upstreams.{name}: credentials go to {url} over plain HTTP,"
                 " readable by anyone on the path"
             )
+        for i, mirror in enumerate(upstream.mirrors):
+            if mirror.username is not None and mirror.url.startswith("http://"):
+                found.append(
+                    f"upstreams.{name}.mirrors[{i}]: credentials go to {mirror.url} over"
+                    " plain HTTP, readable by anyone on the path"
+                )
     return found
 
 

@@ -10,6 +10,12 @@ host itself (a registry on loopback may send the mirror to loopback, never to
 a link-local or private network).  The check is made on the address that is
 then connected to, so a DNS name that resolves to a private address is
 caught as well as a literal one.
+
+The upstream's mirrors are configured hosts too (they may be anywhere, and
+their redirects may go where theirs may), but they are never presented the
+upstream's client certificate.  Through a proxy (:mod:`dockmirror.proxy`),
+every address the target host resolves to here is checked before the
+tunnel is asked for, since the proxy may connect to any of them.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ from twisted.logger import Logger
 from twisted.web.client import URI, Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
+
+from dockmirror.proxy import ProxyRules, TunnelEndpoint
 
 log = Logger()
 
@@ -114,30 +122,56 @@ async def resolve(resolver: IHostnameResolver, host: str, port: int) -> list[IPA
 
 
 class AddressPolicy:
-    """Which addresses the connections of one upstream may go to."""
+    """Which addresses the connections of one upstream may go to.
 
-    def __init__(self, upstream: str, configured_url: str, resolver: IHostnameResolver) -> None:
+    The configured hosts are the upstream's URL and those of its mirrors;
+    any other host must be public, or of a kind of address one of them is on.
+    """
+
+    def __init__(
+        self, upstream: str, configured_urls: list[str], resolver: IHostnameResolver
+    ) -> None:
         self.upstream = upstream
-        parts = URI.fromBytes(configured_url.encode("ascii"))
-        self.configured_host = parts.host.decode("ascii").lower()
-        self._configured_port = parts.port
+        self._configured: list[tuple[str, int]] = []
+        for url in configured_urls:
+            self._configured.append((_host(url), URI.fromBytes(url.encode("ascii")).port))
+        self.configured_hosts = {host for host, _ in self._configured}
         self._resolver = resolver
 
     async def check(self, host: str, address: IPAddress) -> None:
         """Raise :class:`DisallowedAddress` unless *host* may be reached at *address*."""
-        if host.lower() == self.configured_host:
+        if host.lower() in self.configured_hosts:
             return
         kind = address_class(address)
         if kind == "public":
             return
         if kind != "multicast":
-            configured = await resolve(self._resolver, self.configured_host, self._configured_port)
-            if kind in {address_class(a) for a in configured}:
-                return
+            for configured, port in self._configured:
+                addresses = await resolve(self._resolver, configured, port)
+                if kind in {address_class(a) for a in addresses}:
+                    return
         raise DisallowedAddress(
             string=f"{host} is at {kind} address {address}, which upstream {self.upstream}"
-            f" may not reach (its configured host {self.configured_host} is not)"
+            f" may not reach (none of its configured hosts"
+            f" {', '.join(sorted(self.configured_hosts))} is)"
         )
+
+    async def check_every_address(self, host: str, port: int) -> None:
+        """Check all the addresses of *host*, for a connection made by a proxy.
+
+        The proxy may connect to any of them, so each must be allowed; a host
+        that does not resolve here cannot be checked, and is refused.
+        """
+        if host.lower() in self.configured_hosts:
+            return
+        addresses = await resolve(self._resolver, host, port)
+        if not addresses:
+            raise DisallowedAddress(
+                string=f"{host} does not resolve here, so upstream {self.upstream}"
+                " cannot check where a proxy would connect"
+            )
+        for address in addresses:
+            await self.check(host, address)
 
 
 @implementer(IStreamClientEndpoint)
@@ -222,6 +256,10 @@ class UpstreamTLS:
         """The trust store, as the log and error messages name it."""
         return "the system's CAs" + (f" and {self.ca}" if self.ca else "")
 
+    def without_client(self) -> UpstreamTLS:
+        """The same trust, presenting no client certificate."""
+        return UpstreamTLS(self.ca, self.ca_certificates)
+
     def creator(self, hostname: str) -> IOpenSSLClientConnectionCreator:
         trust = _SystemAndExtra(self.ca_certificates) if self.ca_certificates else None
         options: dict[str, Any] = {}
@@ -305,31 +343,60 @@ class _QuietClientFactory(_HTTP11ClientFactory):
     noisy = False
 
 
+def _host(url: str) -> str:
+    return URI.fromBytes(url.encode("ascii")).host.decode("ascii").lower()
+
+
 @implementer(IAgentEndpointFactory)
 class _Endpoints:
+    """Each connection's endpoint: direct or through a proxy, TLS to the target host.
+
+    A mirror's host gets no client certificate: that is the primary's credential.
+    """
+
     def __init__(
         self,
         reactor: Any,
         resolver: IHostnameResolver,
         policy: AddressPolicy,
         tls: UpstreamTLS,
+        proxies: ProxyRules,
+        mirror_hosts: frozenset[str],
         connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
         self._reactor = reactor
         self._resolver = resolver
         self._policy = policy
         self._tls = tls
+        self._mirror_tls = tls.without_client()
+        self._proxies = proxies
+        self._mirror_hosts = mirror_hosts
         self._connect_timeout = connect_timeout
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         host = uri.host.decode("ascii")
-        endpoint = GuardedEndpoint(
-            self._reactor, self._resolver, self._policy, host, uri.port, self._connect_timeout
-        )
-        if uri.scheme == b"https":
-            return wrapClientTLS(self._tls.creator(host), endpoint)
-        if uri.scheme != b"http":
-            raise ValueError(f"unsupported scheme {uri.scheme!r}")
+        scheme = uri.scheme.decode("ascii")
+        if scheme not in ("http", "https"):
+            raise ValueError(f"unsupported scheme {scheme!r}")
+        proxy = self._proxies.for_target(scheme, host, uri.port)
+        endpoint: IStreamClientEndpoint
+        if proxy is not None:
+            policy, port = self._policy, uri.port
+            endpoint = TunnelEndpoint(
+                self._reactor,
+                proxy,
+                host,
+                port,
+                lambda: policy.check_every_address(host, port),
+                self._connect_timeout,
+            )
+        else:
+            endpoint = GuardedEndpoint(
+                self._reactor, self._resolver, self._policy, host, uri.port, self._connect_timeout
+            )
+        if scheme == "https":
+            tls = self._mirror_tls if host.lower() in self._mirror_hosts else self._tls
+            return wrapClientTLS(tls.creator(host), endpoint)
         return endpoint
 
 
@@ -349,12 +416,16 @@ def upstream_egress(
     tls: UpstreamTLS,
     resolver: IHostnameResolver | None = None,
     connect_timeout: float = CONNECT_TIMEOUT,
+    *,
+    mirror_urls: tuple[str, ...] = (),
+    proxies: ProxyRules | None = None,
 ) -> Egress:
     """A client for *upstream*, whose connections follow its :class:`AddressPolicy`.
 
     *connect_timeout* bounds each connection attempt, per address tried.
     """
     resolver = resolver if resolver is not None else reactor.nameResolver
+    proxies = proxies if proxies is not None else ProxyRules()
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool._factory = _QuietClientFactory
     pool.maxPersistentPerHost = POOL_PER_HOST
@@ -365,7 +436,14 @@ def upstream_egress(
             trusted=tls.trusted,
             client=", with a client certificate" if tls.client is not None else "",
         )
-    policy = AddressPolicy(upstream, configured_url, resolver)
-    endpoints = _Endpoints(reactor, resolver, policy, tls, connect_timeout)
+    if proxies.http is not None or proxies.https is not None:
+        log.info(
+            "upstream {upstream}: connections go {proxies}",
+            upstream=upstream,
+            proxies=proxies.describe(),
+        )
+    policy = AddressPolicy(upstream, [configured_url, *mirror_urls], resolver)
+    mirror_hosts = frozenset(_host(u) for u in mirror_urls) - {_host(configured_url)}
+    endpoints = _Endpoints(reactor, resolver, policy, tls, proxies, mirror_hosts, connect_timeout)
     agent = Agent.usingEndpointFactory(reactor, endpoints, pool)
     return Egress(HTTPClient(agent), pool, tls)

@@ -89,9 +89,18 @@ def directory_writable(path: str) -> Callable[[], bool | str]:
 
 
 class HealthResource(AsyncResource):
-    def __init__(self, checks: dict[str, Check]) -> None:
+    """The checks decide the status; *info* adds what is worth seeing (upstream endpoints).
+
+    An upstream that is down does not make the mirror unhealthy: it still
+    serves what it has cached.
+    """
+
+    def __init__(
+        self, checks: dict[str, Check], info: dict[str, Callable[[], Any]] | None = None
+    ) -> None:
         super().__init__()
         self.checks = checks
+        self.info = info or {}
 
     async def serve(self, request: Request) -> None:
         results: dict[str, Any] = {}
@@ -111,7 +120,10 @@ class HealthResource(AsyncResource):
             else:
                 results[name] = {"ok": False, "error": str(result)}
                 status = "unhealthy"
-        body = json.dumps({"status": status, "checks": results})
+        document: dict[str, Any] = {"status": status, "checks": results}
+        for name, describe in self.info.items():
+            document[name] = describe()
+        body = json.dumps(document)
         headers = {"Content-Type": "application/json", "Cache-Control": "no-store"}
         code = 503 if status == "unhealthy" else 200
         send_body(request, Reply(code, headers, body.encode()))

@@ -136,6 +136,19 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemostrecent",
         )
+        self.endpoint_state = Gauge(
+            "dockmirror_upstream_endpoint_state",
+            "Circuit breaker of each configured upstream endpoint (host:port):"
+            " 0 closed (in use), 1 half-open (being probed), 2 open (skipped).",
+            ["upstream", "endpoint"],
+            registry=r,
+        )
+        self.endpoint_failures = Counter(
+            "dockmirror_upstream_endpoint_failures",
+            "Requests an upstream endpoint failed (unreachable, timeout, 5xx, 429).",
+            ["upstream", "endpoint"],
+            registry=r,
+        )
         self.warm_images = Gauge(
             "dockmirror_warm_images",
             "Images of the warm list, by what the last round did with them.",

@@ -32,6 +32,8 @@ class Upstream:
     read_timeout: float = READ_TIMEOUT
     #: Token service origins on other hosts that may receive the credentials.
     token_realms: tuple[str, ...] = ()
+    #: Fallback endpoints of the configured URL (``MirrorConfig``), in order.
+    mirrors: tuple[Any, ...] = ()
 
     def matches(self, alias: HostName) -> bool:
         return any(pattern.matches(alias) for pattern in self.aliases)
@@ -146,6 +148,7 @@ def build_router(config: Any, plugins: dict[str, Any]) -> Router:
             connect_timeout=u.connect_timeout,
             read_timeout=u.read_timeout,
             token_realms=(*plugin.token_realms, *u.token_realms),
+            mirrors=u.mirrors,
         )
         upstreams.append(upstream)
         if u.default:

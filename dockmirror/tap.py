@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import resource
 import sys
 from functools import partial
@@ -34,6 +35,7 @@ from dockmirror.config import (
     load,
     state_directory,
     upstream_plugins,
+    upstream_proxies,
     upstream_tls,
 )
 from dockmirror.connections import ConnectionLimits
@@ -171,6 +173,8 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
             u.name,
             u.configured_url,
             upstream_tls(config.source, u.name, config.upstreams[u.name]),
+            mirror_urls=tuple(m.url for m in u.mirrors),
+            proxies=upstream_proxies(config.source, u.name, config.upstreams[u.name], os.environ),
             connect_timeout=u.connect_timeout,
         )
         for u in router.upstreams
@@ -179,7 +183,9 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
     notifier: INotifier = LocalNotifier() if worker is None else SupervisorChannel(reactor)
     cache = Cache(config.cache, reactor, metrics, shared=worker is not None)
     cache.share(notifier)
-    pull = PullService(Upstreams(egress, reactor, metrics), reactor, metrics, cache)
+    upstreams = Upstreams(egress, reactor, metrics)
+    endpoints = {u.name: upstreams.endpoint_set(u) for u in router.upstreams}
+    pull = PullService(upstreams, reactor, metrics, cache)
     cache.prefetcher = Prefetcher(router, pull)
     top = service.MultiService()
     # Started first: it recovers the cache from disk before any request is served.
@@ -197,7 +203,8 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
             "cache_directory": directory_writable(config.cache.directory),
             "cache_space": cache_space(cache.blobs),
             "key_store": key_store(keys),
-        }
+        },
+        {"upstreams": lambda: {name: e.status() for name, e in endpoints.items()}},
     )
     root.putChild(b"healthz", health)
     server = config.server
@@ -245,6 +252,7 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
     namespace: dict[str, Any] = {
         "keys": KeysConsole(keys, check_prefix),
         "upstreams": {upstream.name: upstream for upstream in router.upstreams},
+        "endpoints": endpoints,
         "config": config,
         "cache": cache,
         "warm": warmer,

@@ -40,6 +40,7 @@ from dockmirror.config import CONNECT_TIMEOUT, READ_TIMEOUT
 from dockmirror.egress import DisallowedAddress, tls_failure
 from dockmirror.hostnames import parse_host_header
 from dockmirror.metrics import Metrics
+from dockmirror.proxy import ProxyError
 from dockmirror.streaming import IdleTimer
 
 log = Logger()
@@ -397,6 +398,10 @@ class UpstreamClient:
         except defer.TimeoutError as e:
             self._metrics.upstream_errors.labels(self.name, "timeout").inc()
             raise UpstreamError(f"no response within {waited:.0f}s") from e
+        except ProxyError as e:
+            self._metrics.upstream_errors.labels(self.name, "proxy").inc()
+            log.warn("{upstream}: {error}", upstream=self.name, error=str(e))
+            raise UpstreamError(str(e), 502) from e
         except DisallowedAddress as e:
             self._metrics.upstream_errors.labels(self.name, "refused").inc()
             log.warn("{upstream}: {error}", upstream=self.name, error=str(e))

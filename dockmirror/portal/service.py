@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from dockmirror.portal.sessions import (
     SessionStore,
 )
 from dockmirror.portal.users import UsersConsole
+from dockmirror.proxy import proxy_rules
 from dockmirror.routing import Router
 
 #: Secrets made on first start, in the state directory.
@@ -63,14 +65,18 @@ def build_portal(
     """The portal, its services joining *parent*; *egress* holds each upstream's client.
 
     Each sign-in provider gets its own client, whose connections may go where
-    its configured URL points (and to public addresses), like an upstream's.
+    its configured URL points (and to public addresses), like an upstream's,
+    through the proxy the environment names (``HTTPS_PROXY``, ``NO_PROXY``).
     """
     portal_config = config.portal
     providers: list[Provider] = []
     pools = []
     github, oidc = portal_config.login.github, portal_config.login.oidc
+    proxies = proxy_rules(None, None, None, (), os.environ)
     if github is not None:
-        client = upstream_egress(reactor, "portal login github", github.token_url, UpstreamTLS())
+        client = upstream_egress(
+            reactor, "portal login github", github.token_url, UpstreamTLS(), proxies=proxies
+        )
         pools.append(client.pool)
         providers.append(
             GitHubProvider(
@@ -81,7 +87,9 @@ def build_portal(
             )
         )
     if oidc is not None:
-        client = upstream_egress(reactor, "portal login oidc", oidc.issuer, UpstreamTLS())
+        client = upstream_egress(
+            reactor, "portal login oidc", oidc.issuer, UpstreamTLS(), proxies=proxies
+        )
         pools.append(client.pool)
         providers.append(OidcProvider(oidc, client_secret(oidc), client.http, reactor))
     path = state_directory(config) / DATABASE_FILE

@@ -40,6 +40,7 @@ from .registries import (
 )
 from .relay import Relay
 from .tls import cert_dir, client_context, server_tls
+from .upstream_servers import PKI, TLSRegistry, make_pki
 
 REQUIRED_TOOLS = ("docker-registry", "skopeo")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -158,6 +159,19 @@ def relay() -> Iterator[RelayFactory]:
         yield make
 
 
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    """A CA, and the server and client certificates it signed."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def tls_registry(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSRegistry]:
+    """A registry serving TLS with a certificate of :func:`pki`'s CA."""
+    with TLSRegistry(tmp_path_factory.mktemp("tls-registry"), pki) as registry:
+        yield registry
+
+
 @pytest.fixture
 def unique_repo(request: pytest.FixtureRequest) -> str:
     """A repository name no other test uses, derived from the test name."""
@@ -214,6 +228,7 @@ class Dockmirror:
         port: int,
         *,
         tls: bool = False,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.port = port
         self.tls = tls
@@ -236,6 +251,7 @@ class Dockmirror:
             env=subprocess_env(
                 PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.getenv("PYTHONPATH")])),
                 PYTHONUNBUFFERED="1",
+                **(env or {}),
             ),
         )
 
@@ -317,8 +333,12 @@ class DockmirrorFactory(Protocol):
         extra: Mapping[str, TomlTable] | None = None,
         start: bool = True,
         tls: bool = False,
+        env: Mapping[str, str] | None = None,
     ) -> Dockmirror:
-        """Configure (and by default start) a dockmirror server; ``tls``: over TLS."""
+        """Configure (and by default start) a dockmirror server; ``tls``: over TLS.
+
+        ``env`` is added to its environment (which has no proxy variables otherwise).
+        """
 
 
 @pytest.fixture
@@ -340,13 +360,14 @@ def dockmirror(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockmirrorF
             extra: Mapping[str, TomlTable] | None = None,
             start: bool = True,
             tls: bool = False,
+            env: Mapping[str, str] | None = None,
         ) -> Dockmirror:
             workdir = tmp_path_factory.mktemp("dockmirror")
             port = free_port()
             config = dockmirror_config(
                 workdir, port, upstreams, auth_required=auth_required, extra=extra, tls=tls
             )
-            mirror = Dockmirror(workdir, config, port, tls=tls)
+            mirror = Dockmirror(workdir, config, port, tls=tls, env=env)
             stack.callback(mirror.stop)
             if start:
                 mirror.start()
@@ -414,6 +435,9 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, str):
         return json.dumps(value)
+    if isinstance(value, Mapping):
+        pairs = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
+        return "{ " + pairs + " }"
     if isinstance(value, Sequence):
         return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")

@@ -153,6 +153,8 @@ def test_session_with_authorized_key(manhole: tuple[Dockmirror, int, Path], tmp_
         session.expect(r"<keys: list\(\), create\(name, repositories=None\)")
         session.send("upstreams")
         session.expect(r"\{'hub': <upstream hub \(dockerhub\) http://127\.0\.0\.1:\d+>\}")
+        session.send("endpoints")
+        session.expect(r"\{'hub': <endpoints of hub: 127\.0\.0\.1:\d+ closed>\}")
         session.send("config.auth.required, config.auth.token_ttl")
         session.expect(r"\(True, 300\)")
         assert session.close() == 0

@@ -201,17 +201,6 @@ def test_oversized_and_cut_bodies_are_upstream_errors_and_never_cached(
 # --- upstreams with a private CA, and mutual TLS -----------------------------------
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture
-def tls_registry(pki, tmp_path_factory):
-    with TLSRegistry(tmp_path_factory.mktemp("tls-registry"), pki) as registry:
-        yield registry
-
-
 def _corp(url: str, **tls: Path) -> dict[str, dict[str, object]]:
     table: dict[str, object] = {"plugin": "registry", "url": url, "default": True}
     table.update({key: str(path) for key, path in tls.items()})

@@ -25,7 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs
 
-from .registries import LOOPBACK, Registry, _Running
+from .registries import LOOPBACK, ManagedProcess, Registry, _Running, free_port
 
 OCI_MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
@@ -332,6 +332,59 @@ class TLSRegistry(Registry):
             tls["clientcas"] = [str(ca) for ca in self._client_cas]
         http["tls"] = tls
         return config
+
+
+# --- an HTTP proxy -------------------------------------------------------------------
+
+
+class Tinyproxy(_Running):
+    """Debian's ``tinyproxy`` on 127.0.0.1, in the foreground, with its own config and log.
+
+    ``CONNECT`` is allowed to *connect_ports* only; with *credentials* the
+    proxy asks for Basic authentication (407 without it).
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        connect_ports: tuple[int, ...],
+        credentials: tuple[str, str] | None = None,
+    ) -> None:
+        self.port = free_port()
+        self.log_path = workdir / "tinyproxy.log"
+        lines = [
+            f"Port {self.port}",
+            f"Listen {LOOPBACK}",
+            "Timeout 60",
+            f'LogFile "{self.log_path}"',
+            "LogLevel Connect",
+            "MaxClients 50",
+            f"Allow {LOOPBACK}",
+            *(f"ConnectPort {port}" for port in connect_ports),
+        ]
+        if credentials is not None:
+            lines.append(f"BasicAuth {credentials[0]} {credentials[1]}")
+        config = workdir / "tinyproxy.conf"
+        config.write_text("\n".join(lines) + "\n")
+        self._process = ManagedProcess(
+            ["tinyproxy", "-d", "-c", str(config)], log_path=workdir / "stdout.log", cwd=workdir
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def start(self) -> None:
+        self._process.start(lambda: _port_open(self.port))
+
+    def stop(self) -> None:
+        self._process.stop()
+
+    def connects(self, target: str) -> int:
+        """``CONNECT`` requests for *target* (``host:port``) logged so far."""
+        if not self.log_path.exists():
+            return 0
+        return self.log_path.read_text().count(f": CONNECT {target} HTTP/1.1")
 
 
 _REFERRERS_PATH = re.compile(r"/v2/(.+)/referrers/(sha256:[0-9a-f]{64})")

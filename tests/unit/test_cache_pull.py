@@ -64,16 +64,17 @@ class ScriptedUpstream:
         self.requests: list[tuple[str, str]] = []
         self.headers: list[dict[str, str] | None] = []
 
-    def client(self, route: Route) -> ScriptedUpstream:
-        return self
-
-    async def request(self, method: str, repository: str, path: str, *args: Any) -> Any:
+    async def request(self, route: Route, method: str, path: str, *args: Any) -> Any:
         self.requests.append((method, path))
         self.headers.append(args[0] if args else None)
         answer = self.answers[(method, path)]
         if answer is None:
             raise UpstreamError("connection refused")
         return ScriptedResponse(method, answer)
+
+    def client(self, route: Route) -> ScriptedUpstream:
+        """Reads (and their timeout) go through the route's client, here this."""
+        return self
 
     async def read(self, response: Any, limit: int = SMALL_BODY_LIMIT) -> bytes:
         return await read_small(response, limit)

@@ -154,3 +154,86 @@ url = "http://other.corp.example"
     [warning] = config_warnings(config)
     assert warning.startswith("upstreams.plain: credentials go to http://registry.corp.example")
     assert config_warnings(load(None)) == []
+
+
+def test_mirrors_as_urls_or_tables(tmp_path: Path) -> None:
+    config = load(
+        write(
+            tmp_path,
+            """
+[upstreams.hub]
+plugin = "dockerhub"
+mirrors = [
+  "https://mirror.gcr.io",
+  { url = "https://hub.corp.example", username = "u", password = "s3cret", trust_tags = true },
+]
+""",
+        )
+    )
+    first, second = config.upstreams["hub"].mirrors
+    assert (first.url, first.username, first.trust_tags) == ("https://mirror.gcr.io", None, False)
+    assert (second.username, second.password, second.trust_tags) == ("u", "s3cret", True)
+    assert "s3cret" not in repr(config.upstreams["hub"])
+
+
+@pytest.mark.parametrize(
+    ("mirrors", "message"),
+    [
+        ('["ftp://m.example"]', r"mirrors\[0\]: 'ftp://m.example' is not an http\(s\) URL"),
+        ('["https://u:p@m.example"]', r"mirrors\[0\].*without credentials"),
+        ('["https://m.example:x"]', r"mirrors\[0\].*bad port"),
+        ('["https://m.example", "https://m.example:443/"]', r"mirrors\[1\]: m.example:443 is al"),
+        ('["https://registry-1.docker.io"]', r"mirrors\[0\]: registry-1.docker.io:443 is al"),
+        ('[{ url = "https://m.example", username = "u" }]', "username and password go"),
+        ('[{ url = "https://m.example", trust = true }]', r"unknown key .*mirrors\[0\]\.trust"),
+        ('[{ url = "https://m.example", trust_tags = "yes" }]', "trust_tags must be a boolean"),
+        ("[1]", r"mirrors\[0\] must be a URL or a table"),
+        ('"https://m.example"', "mirrors must be a list"),
+    ],
+)
+def test_bad_mirrors(tmp_path: Path, mirrors: str, message: str) -> None:
+    text = f'[upstreams.hub]\nplugin = "dockerhub"\nmirrors = {mirrors}\n'
+    with pytest.raises(ConfigError, match=message):
+        load(write(tmp_path, text))
+
+
+def test_proxy_keys(tmp_path: Path) -> None:
+    config = load(
+        write(
+            tmp_path,
+            """
+[upstreams.hub]
+plugin = "dockerhub"
+proxy = "http://user:hunter2@proxy.corp:3128"
+no_proxy = ["10.0.0.0/8", ".corp"]
+[upstreams.quay]
+plugin = "quay"
+proxy = "http://proxy.corp:3128"
+proxy_username = "user"
+proxy_password = "hunter3"
+[upstreams.ghcr]
+plugin = "ghcr"
+proxy = "none"
+""",
+        )
+    )
+    text = repr(config.upstreams)
+    assert "hunter2" not in text and "hunter3" not in text
+    assert "proxy='http://user:***@proxy.corp:3128'" in text
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ('proxy = "https://p:3128"', r"upstreams\.hub\.proxy 'https://p:3128': .*http://"),
+        ('proxy = "http://u:hunter2@p:x"', r"proxy 'http://u:\*\*\*@p:x': .*port"),
+        ('proxy = "http://p:1"\nproxy_username = "u"', "proxy_username and proxy_password go"),
+        ('proxy_username = "u"\nproxy_password = "p"', "need a proxy"),
+        ('no_proxy = ["x"]', "need a proxy"),
+    ],
+)
+def test_bad_proxy_keys(tmp_path: Path, keys: str, message: str) -> None:
+    text = f'[upstreams.hub]\nplugin = "dockerhub"\n{keys}\n'
+    with pytest.raises(ConfigError, match=message) as info:
+        load(write(tmp_path, text))
+    assert "hunter2" not in str(info.value)

@@ -16,9 +16,18 @@ from twisted.internet.interfaces import IHostnameResolver
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
+from twisted.web.client import URI
 from zope.interface import implementer
 
-from dockmirror.egress import AddressPolicy, DisallowedAddress, GuardedEndpoint, address_class
+from dockmirror.egress import (
+    AddressPolicy,
+    DisallowedAddress,
+    GuardedEndpoint,
+    UpstreamTLS,
+    _Endpoints,
+    address_class,
+)
+from dockmirror.proxy import proxy_rules
 
 #: Stand-ins for public addresses; nothing is ever sent to them.
 PUBLIC = "93.184.216.34"
@@ -79,7 +88,7 @@ def connect(configured_url: str, names: dict[str, list[str]], host: str) -> tupl
     """Connect to *host* for an upstream at *configured_url*: addresses dialled, and the result."""
     reactor = MemoryReactorClock()
     resolver = StubResolver(names)
-    policy = AddressPolicy("corp", configured_url, resolver)
+    policy = AddressPolicy("corp", [configured_url], resolver)
     endpoint = GuardedEndpoint(reactor, resolver, policy, host, 443)
     results: list[Any] = []
     d: Deferred[Any] = endpoint.connect(Factory.forProtocol(Protocol))
@@ -145,3 +154,71 @@ def test_a_name_that_does_not_resolve_is_a_connect_error() -> None:
     dialled, results = connect("https://registry.example", {}, "nowhere.example")
     assert dialled == []
     assert isinstance(results[0], Failure) and "does not resolve" in str(results[0].value)
+
+
+# --- through a proxy, and mirrors ----------------------------------------------------
+
+
+def tunnel(
+    configured_urls: list[str], names: dict[str, list[str]], host: str
+) -> tuple[list[tuple[str, int]], Any]:
+    """Connect to *host* through a proxy: where the mirror dialled, and the result.
+
+    The memory reactor resolves the proxy's name (here an address) to 127.0.0.1.
+    """
+    reactor = MemoryReactorClock()
+    resolver = StubResolver(names)
+    policy = AddressPolicy("corp", configured_urls, resolver)
+    endpoints = _Endpoints(
+        reactor,
+        resolver,
+        policy,
+        UpstreamTLS(),
+        proxy_rules("http://10.9.9.9:3128", None, None, ("direct.example",), {}),
+        frozenset(),
+    )
+    endpoint = endpoints.endpointForURI(URI.fromBytes(f"http://{host}:5000/v2/".encode()))
+    results: list[Any] = []
+    endpoint.connect(Factory.forProtocol(Protocol)).addBoth(results.append)
+    return [(client[0], client[1]) for client in reactor.tcpClients], results
+
+
+def test_through_a_proxy_every_address_of_the_target_is_checked() -> None:
+    names = {"registry.example": [PUBLIC], "cdn.example": [PUBLIC_2, "10.0.0.7"]}
+    dialled, results = tunnel(["https://registry.example"], names, "cdn.example")
+    assert dialled == [] and refused(results)
+    names["cdn.example"] = [PUBLIC_2]
+    dialled, _ = tunnel(["https://registry.example"], names, "cdn.example")
+    assert [port for _, port in dialled] == [3128]  # the proxy, wherever the operator put it
+
+
+def test_through_a_proxy_a_target_that_does_not_resolve_here_is_refused() -> None:
+    dialled, results = tunnel(["https://registry.example"], {}, "cdn.example")
+    assert dialled == [] and refused(results)
+    assert "cannot check where a proxy would connect" in str(results[0].value)
+
+
+def test_through_a_proxy_the_configured_hosts_need_no_resolution() -> None:
+    urls = ["https://registry.example", "https://mirror.example:5000"]
+    for host in ("registry.example", "mirror.example"):
+        assert [port for _, port in tunnel(urls, {}, host)[0]] == [3128]
+
+
+def test_no_proxy_targets_are_dialled_directly_and_checked() -> None:
+    names = {"registry.example": [PUBLIC], "direct.example": [PUBLIC_2]}
+    dialled, _ = tunnel(["https://registry.example"], names, "direct.example")
+    assert dialled == [(PUBLIC_2, 5000)]
+
+
+def test_a_mirror_on_loopback_lets_redirects_reach_loopback() -> None:
+    names = {"registry.example": [PUBLIC], "localhost": ["127.0.0.1"]}
+    policy_urls = ["https://registry.example", "http://127.0.0.1:5000"]
+    reactor = MemoryReactorClock()
+    resolver = StubResolver(names)
+    policy = AddressPolicy("corp", policy_urls, resolver)
+    results: list[Any] = []
+    GuardedEndpoint(reactor, resolver, policy, "localhost", 443).connect(
+        Factory.forProtocol(Protocol)
+    ).addBoth(results.append)
+    assert [c[0] for c in reactor.tcpClients] == ["127.0.0.1"]
+    assert refused(connect("https://registry.example", names, "localhost")[1])

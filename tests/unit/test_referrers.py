@@ -156,7 +156,7 @@ class PagedUpstream(ScriptedUpstream):
         self.pages = pages
         self.params: list[Any] = []
 
-    async def request(self, method: str, repository: str, path: str, *args: Any) -> Any:
+    async def request(self, route: Any, method: str, path: str, *args: Any) -> Any:
         params = dict(args[1] or [])
         self.params.append(params)
         return ScriptedResponse(method, self.pages[params.get("last")])

@@ -323,3 +323,43 @@ def test_upstream_clients_are_bounded() -> None:
         assert upstreams.client(router.route("p/img", ns=f"r{i}.gcr.io")) is client
     assert len(upstreams._clients) == CLIENTS_LIMIT
     assert upstreams.client(router.route("p/img", ns="r0.gcr.io")) is not first
+
+
+class ByHost(Resource):
+    """Answers 503 from every host but ``mirror.example``; records the hosts asked."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hosts: list[str] = []
+
+    def render(self, request: Request) -> bytes:
+        host = (request.getHeader("host") or "").split(":")[0]
+        self.hosts.append(host)
+        request.setResponseCode(200 if host == "mirror.example" else 503)
+        return b"{}"
+
+
+def test_mirrors_back_the_configured_url_only() -> None:
+    table = {"plugin": "gcr", "mirrors": ["https://mirror.example"]}
+    config = config_module._build("t.toml", {"upstreams": {"gcr": table}})
+    router = build_router(config, config_module.upstream_plugins())
+    registry = ByHost()
+    egress = Egress(StubTreq(registry), None, UpstreamTLS())  # type: ignore[arg-type]
+    upstreams = Upstreams({"gcr": egress}, MemoryReactorClock(), Metrics())
+    digest = "sha256:" + "b" * 64
+
+    def code(ns: str) -> int:
+        d = Deferred.fromCoroutine(
+            upstreams.request(router.route("p/img", ns=ns), "GET", f"blobs/{digest}")
+        )
+        results: list[Any] = []
+        d.addBoth(results.append)
+        return int(results[0].code)
+
+    assert code("gcr.io") == 200
+    assert registry.hosts == ["gcr.io", "mirror.example"]
+    registry.hosts.clear()
+    assert code("eu.gcr.io") == 503  # a host picked by a wildcard alias has no fallback
+    assert registry.hosts == ["eu.gcr.io"]

@@ -1,0 +1,248 @@
+"""The endpoints of one upstream: its URL, then its mirrors, each behind a circuit breaker.
+
+A request goes to the first endpoint whose breaker lets it through, and
+moves on to the next one when that endpoint cannot be reached, times out, or
+answers 5xx or 429.  An endpoint that failed is skipped for a backoff period
+that doubles with each failure (up to :data:`BACKOFF_MAX`); once it is over,
+one request probes the endpoint again.  When every endpoint is backing off,
+each is tried all the same, in order: a request is never refused unasked.
+
+A tag is believed only from the primary and the mirrors with ``trust_tags``;
+a blob or a manifest by digest may come from any endpoint, since its digest
+is checked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.iweb import IResponse
+
+from dockmirror.metrics import Metrics
+from dockmirror.reference import is_digest
+from dockmirror.upstream import UpstreamClient, UpstreamError, discard
+
+log = Logger()
+
+#: Seconds an endpoint is skipped after its first failure; doubled after each next one.
+BACKOFF_FIRST = 5.0
+#: The longest an endpoint is skipped before it is probed again.
+BACKOFF_MAX = 300.0
+
+CLOSED, OPEN, PROBING = "closed", "open", "half-open"
+#: The value of ``dockmirror_upstream_endpoint_state`` for each state.
+STATE_VALUES = {CLOSED: 0, PROBING: 1, OPEN: 2}
+
+
+class Breaker:
+    """The circuit breaker of one endpoint."""
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self.failures = 0
+        self.open_until = 0.0
+        self.probing = False
+
+    @property
+    def state(self) -> str:
+        if self.failures == 0:
+            return CLOSED
+        return PROBING if self.probing else OPEN
+
+    def available(self) -> bool:
+        """Whether the endpoint is up, or due for a probe that nobody has taken."""
+        if self.failures == 0:
+            return True
+        return not self.probing and self._clock.seconds() >= self.open_until
+
+    def admit(self) -> bool:
+        """Whether a request may go to the endpoint now, taking the probe if one is due."""
+        if self.failures == 0:
+            return True
+        if not self.available():
+            return False
+        self.probing = True
+        return True
+
+    def release(self) -> None:
+        """A probe ended with no verdict (cancelled): the next request probes again."""
+        self.probing = False
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self.probing = False
+
+    def failed(self) -> float:
+        """Open (again); the seconds until the next probe."""
+        self.failures += 1
+        self.probing = False
+        backoff = min(BACKOFF_FIRST * 2 ** min(self.failures - 1, 16), BACKOFF_MAX)
+        self.open_until = self._clock.seconds() + backoff
+        return backoff
+
+    def reset(self) -> None:
+        self.failures = 0
+        self.probing = False
+        self.open_until = 0.0
+
+
+@dataclass
+class Endpoint:
+    """One URL of an upstream, with its own client (and so its own credentials)."""
+
+    client: UpstreamClient
+    primary: bool
+    trust_tags: bool
+    breaker: Breaker
+    label: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.label = host_port(self.client.base_url)
+
+    def describe(self, now: float) -> str:
+        state = self.breaker.state
+        if state == OPEN:
+            wait = max(self.breaker.open_until - now, 0.0)
+            return f"{self.label} open ({self.breaker.failures} failures, probed in {wait:.0f}s)"
+        return f"{self.label} {state}"
+
+
+def host_port(url: str) -> str:
+    """``host:port`` of *url*, its label in metrics."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host = parts.hostname or ""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def by_digest(path: str) -> bool:
+    """Whether *path* asks for content named by its digest (``blobs/…``, ``manifests/…``)."""
+    kind, _, reference = path.partition("/")
+    return kind in ("blobs", "manifests") and is_digest(reference)
+
+
+def _failed(response: IResponse) -> bool:
+    return response.code == 429 or response.code >= 500
+
+
+class EndpointSet:
+    """The endpoints of one upstream, in the order they are tried."""
+
+    def __init__(
+        self, upstream: str, endpoints: list[Endpoint], clock: IReactorTime, metrics: Metrics
+    ) -> None:
+        self.upstream = upstream
+        self.endpoints = endpoints
+        self._clock = clock
+        self._metrics = metrics
+        for endpoint in endpoints:
+            self._show(endpoint)
+
+    def __repr__(self) -> str:
+        now = self._clock.seconds()
+        states = ", ".join(e.describe(now) for e in self.endpoints)
+        return f"<endpoints of {self.upstream}: {states}>"
+
+    def status(self) -> dict[str, Any]:
+        """Each endpoint's state, for ``/healthz``."""
+        now = self._clock.seconds()
+        result: dict[str, Any] = {}
+        for e in self.endpoints:
+            entry: dict[str, Any] = {"state": e.breaker.state, "trust_tags": e.trust_tags}
+            if e.breaker.state == OPEN:
+                entry["failures"] = e.breaker.failures
+                entry["retry_in"] = round(max(e.breaker.open_until - now, 0.0), 1)
+            result[e.label] = entry
+        return result
+
+    def reset(self) -> str:
+        """Close every breaker: each endpoint is tried again at the next request."""
+        for endpoint in self.endpoints:
+            endpoint.breaker.reset()
+            self._show(endpoint)
+        return repr(self)
+
+    def _show(self, endpoint: Endpoint) -> None:
+        self._metrics.endpoint_state.labels(self.upstream, endpoint.label).set(
+            STATE_VALUES[endpoint.breaker.state]
+        )
+
+    async def request(
+        self,
+        method: str,
+        repository: str,
+        path: str,
+        headers: dict[str, str] | None = None,
+        params: list[tuple[str, str]] | None = None,
+    ) -> IResponse:
+        """Send a request to the first endpoint that answers it usably.
+
+        The answer of the last endpoint tried is returned even if it is a
+        5xx or 429, so the caller can tell an outage from a rate limit.
+        """
+        candidates = [e for e in self.endpoints if by_digest(path) or e.primary or e.trust_tags]
+        available = [e for e in candidates if e.breaker.available()]
+        errors: list[str] = []
+        error: UpstreamError | None = None
+        held: IResponse | None = None  # the last 5xx or 429, returned if nothing better comes
+        for endpoint in available or candidates:
+            if available and not endpoint.breaker.admit():
+                continue  # another request took the probe meanwhile
+            if endpoint.breaker.probing:
+                self._show(endpoint)
+            try:
+                response = await endpoint.client.request(method, repository, path, headers, params)
+            except UpstreamError as e:
+                self._failure(endpoint, str(e))
+                errors.append(f"{endpoint.label}: {e}")
+                error = e
+                continue
+            except BaseException:
+                endpoint.breaker.release()
+                self._show(endpoint)
+                if held is not None:
+                    discard(held)
+                raise
+            if held is not None:
+                discard(held)
+                held = None
+            if _failed(response):
+                self._failure(endpoint, f"answered {response.code}")
+                held = response
+                continue
+            self._success(endpoint)
+            return response
+        if held is not None:
+            return held
+        if error is None:
+            raise UpstreamError(f"every endpoint of {self.upstream} is backing off")
+        message = str(error) if len(errors) == 1 else "; ".join(errors)
+        raise UpstreamError(message, error.status) from error
+
+    def _success(self, endpoint: Endpoint) -> None:
+        if endpoint.breaker.state != CLOSED:
+            log.info(
+                "upstream {upstream}: endpoint {endpoint} is back",
+                upstream=self.upstream,
+                endpoint=endpoint.label,
+            )
+        endpoint.breaker.succeeded()
+        self._show(endpoint)
+
+    def _failure(self, endpoint: Endpoint, error: str) -> None:
+        backoff = endpoint.breaker.failed()
+        self._metrics.endpoint_failures.labels(self.upstream, endpoint.label).inc()
+        self._show(endpoint)
+        if len(self.endpoints) == 1:
+            return  # the request's own error says it; there is nothing to skip to
+        log.warn(
+            "upstream {upstream}: endpoint {endpoint} failed ({error}); skipped for {backoff:.0f}s",
+            upstream=self.upstream,
+            endpoint=endpoint.label,
+            error=error,
+            backoff=backoff,
+        )

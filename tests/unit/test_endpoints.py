@@ -1,0 +1,218 @@
+"""Fallback endpoints and their circuit breakers, against scripted endpoints."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+
+from dockmirror.endpoints import (
+    BACKOFF_FIRST,
+    BACKOFF_MAX,
+    Breaker,
+    Endpoint,
+    EndpointSet,
+    by_digest,
+    host_port,
+)
+from dockmirror.metrics import Metrics
+from dockmirror.upstream import UpstreamError
+
+DIGEST = "sha256:" + "a" * 64
+
+
+class Response:
+    def __init__(self, code: int) -> None:
+        self.code = code
+        self.discarded = False
+
+    def deliverBody(self, protocol: Any) -> None:
+        self.discarded = True
+
+
+class Scripted:
+    """An endpoint's client: answers with a status, or fails (None)."""
+
+    def __init__(self, base_url: str, answer: int | None = 200) -> None:
+        self.base_url = base_url
+        self.answer = answer
+        self.asked: list[str] = []
+        self.pending: Deferred[Any] | None = None
+
+    async def request(self, method: str, repository: str, path: str, *args: Any) -> Any:
+        self.asked.append(path)
+        if self.pending is not None:
+            return await self.pending
+        if self.answer is None:
+            raise UpstreamError(f"{self.base_url} refused the connection")
+        return Response(self.answer)
+
+
+def make(*specs: tuple[str, int | None, bool]) -> tuple[EndpointSet, list[Scripted], Any]:
+    clock = MemoryReactorClock()
+    metrics = Metrics()
+    clients = [Scripted(url, answer) for url, answer, _ in specs]
+    endpoints = [
+        Endpoint(c, primary=i == 0, trust_tags=trust, breaker=Breaker(clock))  # type: ignore[arg-type]
+        for i, (c, (_, _, trust)) in enumerate(zip(clients, specs, strict=True))
+    ]
+    return EndpointSet("hub", endpoints, clock, metrics), clients, (clock, metrics)
+
+
+def run(endpoints: EndpointSet, path: str) -> Any:
+    results: list[Any] = []
+    Deferred.fromCoroutine(endpoints.request("GET", "library/x", path)).addBoth(results.append)
+    [result] = results
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result
+
+
+def state(metrics: Metrics, endpoint: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "dockmirror_upstream_endpoint_state", {"upstream": "hub", "endpoint": endpoint}
+    )
+    assert value is not None
+    return value
+
+
+PRIMARY = ("https://primary.test", None, True)
+MIRROR = ("https://mirror.test:5000", 200, False)
+
+
+@pytest.mark.parametrize("failure", [None, 500, 503, 429])
+def test_a_failed_primary_falls_back_to_the_mirror_for_digests(failure: int | None) -> None:
+    endpoints, (primary, mirror), (_, metrics) = make(
+        ("https://primary.test", failure, True), MIRROR
+    )
+    assert run(endpoints, f"blobs/{DIGEST}").code == 200
+    assert (primary.asked, mirror.asked) == ([f"blobs/{DIGEST}"], [f"blobs/{DIGEST}"])
+    assert state(metrics, "primary.test:443") == 2
+    assert state(metrics, "mirror.test:5000") == 0
+
+
+def test_refusals_and_404_do_not_fall_back() -> None:
+    endpoints, (primary, mirror), _ = make(("https://primary.test", 404, True), MIRROR)
+    assert run(endpoints, f"blobs/{DIGEST}").code == 404
+    assert mirror.asked == []
+
+
+def test_tags_come_only_from_trusted_endpoints() -> None:
+    endpoints, (primary, mirror), _ = make(PRIMARY, MIRROR)
+    with pytest.raises(UpstreamError, match="primary.test refused"):
+        run(endpoints, "manifests/latest")
+    with pytest.raises(UpstreamError):
+        run(endpoints, "tags/list")
+    assert mirror.asked == []
+    trusted, (_, trusted_mirror), _ = make(PRIMARY, ("https://mirror.test:5000", 200, True))
+    assert run(trusted, "manifests/latest").code == 200
+    assert trusted_mirror.asked == ["manifests/latest"]
+
+
+def test_the_last_failure_is_the_answer_when_every_endpoint_fails() -> None:
+    endpoints, (primary, mirror), _ = make(
+        ("https://primary.test", 503, True), (MIRROR[0], 429, True)
+    )
+    response = run(endpoints, "manifests/latest")
+    assert response.code == 429
+    endpoints, _, _ = make(PRIMARY, (MIRROR[0], None, True))
+    with pytest.raises(UpstreamError) as info:
+        run(endpoints, "manifests/latest")
+    assert "primary.test:443: " in str(info.value) and "mirror.test:5000: " in str(info.value)
+
+
+def test_an_open_breaker_is_skipped_then_probed_once_with_growing_backoff() -> None:
+    endpoints, (primary, mirror), (clock, metrics) = make(PRIMARY, MIRROR)
+    run(endpoints, f"blobs/{DIGEST}")
+    run(endpoints, f"blobs/{DIGEST}")
+    assert len(primary.asked) == 1 and len(mirror.asked) == 2
+    clock.advance(BACKOFF_FIRST)
+    run(endpoints, f"blobs/{DIGEST}")  # the probe fails: twice as long now
+    assert len(primary.asked) == 2
+    clock.advance(BACKOFF_FIRST)
+    run(endpoints, f"blobs/{DIGEST}")
+    assert len(primary.asked) == 2
+    clock.advance(BACKOFF_FIRST)
+    primary.answer = 200
+    primary.pending = Deferred()
+    results: list[Any] = []
+    Deferred.fromCoroutine(endpoints.request("GET", "r", f"blobs/{DIGEST}")).addBoth(results.append)
+    assert state(metrics, "primary.test:443") == 1  # half-open: one probe in flight
+    run(endpoints, f"blobs/{DIGEST}")  # meanwhile, others use the mirror
+    assert len(primary.asked) == 3
+    primary.pending.callback(Response(200))
+    assert results[0].code == 200
+    assert state(metrics, "primary.test:443") == 0
+    assert "primary.test:443 closed" in repr(endpoints)
+
+
+def test_backoff_is_capped() -> None:
+    breaker = Breaker(MemoryReactorClock())
+    for _ in range(40):
+        backoff = breaker.failed()
+    assert backoff == BACKOFF_MAX
+
+
+def test_a_cancelled_probe_leaves_the_breaker_probeable() -> None:
+    endpoints, (primary, _), (clock, _) = make(PRIMARY, MIRROR)
+    run(endpoints, f"blobs/{DIGEST}")
+    clock.advance(BACKOFF_FIRST)
+    primary.pending = Deferred()
+    d = Deferred.fromCoroutine(endpoints.request("GET", "r", f"blobs/{DIGEST}"))
+    d.addErrback(lambda _: None)
+    d.cancel()
+    assert endpoints.endpoints[0].breaker.available()
+
+
+def test_every_endpoint_open_tries_them_all_the_same() -> None:
+    endpoints, (primary, mirror), _ = make(PRIMARY, (MIRROR[0], None, False))
+    with pytest.raises(UpstreamError):
+        run(endpoints, f"blobs/{DIGEST}")
+    primary.answer = 200
+    assert run(endpoints, f"blobs/{DIGEST}").code == 200
+    assert "closed" in endpoints.status()["primary.test:443"]["state"]
+    assert endpoints.status()["mirror.test:5000"]["state"] == "open"
+    endpoints.reset()
+    assert endpoints.status()["mirror.test:5000"]["state"] == "closed"
+
+
+def test_a_failed_answer_replaced_by_a_better_one_is_discarded() -> None:
+    failing = Response(503)
+
+    class Once(Scripted):
+        async def request(self, *args: Any) -> Any:
+            self.asked.append(args[2])
+            return failing
+
+    endpoints, (_, mirror), _ = make(PRIMARY, MIRROR)
+    endpoints.endpoints[0].client = Once("https://primary.test")  # type: ignore[assignment]
+    assert run(endpoints, f"blobs/{DIGEST}").code == 200
+    assert failing.discarded
+
+
+def test_helpers() -> None:
+    assert host_port("https://r.test") == "r.test:443"
+    assert host_port("http://[::1]:5000/x") == "[::1]:5000"
+    assert by_digest(f"manifests/{DIGEST}") and by_digest(f"blobs/{DIGEST}")
+    assert not by_digest("manifests/latest") and not by_digest("tags/list")
+    assert not by_digest(f"referrers/{DIGEST}")
+
+
+def test_a_cancelled_request_discards_the_failed_answer_it_held() -> None:
+    failing = Response(503)
+
+    class Failing(Scripted):
+        async def request(self, *args: Any) -> Any:
+            return failing
+
+    endpoints, (_, mirror), _ = make(PRIMARY, MIRROR)
+    endpoints.endpoints[0].client = Failing("https://primary.test")  # type: ignore[assignment]
+    mirror.pending = Deferred()
+    d = Deferred.fromCoroutine(endpoints.request("GET", "r", f"blobs/{DIGEST}"))
+    d.addErrback(lambda _: None)
+    assert not failing.discarded
+    d.cancel()
+    assert failing.discarded
