@@ -142,6 +142,7 @@ class Metrics:
             " 0 closed (in use), 1 half-open (being probed), 2 open (skipped).",
             ["upstream", "endpoint"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.endpoint_failures = Counter(
             "dockmirror_upstream_endpoint_failures",
@@ -154,6 +155,7 @@ class Metrics:
             "Images of the warm list, by what the last round did with them.",
             ["result"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.warm_bytes = Counter(
             "dockmirror_warm_fetched_bytes",
@@ -175,11 +177,13 @@ class Metrics:
             "dockmirror_warm_last_success_timestamp_seconds",
             "When the last warm round that warmed every image ended (Unix time).",
             registry=r,
+            multiprocess_mode="max",
         )
         self.warm_kept_bytes = Gauge(
             "dockmirror_warm_kept_bytes",
             "Bytes of warm images' blobs kept from eviction.",
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.auth = Counter(
             "dockmirror_auth_attempts",

@@ -355,6 +355,9 @@ def test_metrics_add_up_across_workers(plain_registry, dockmirror):
             if line.startswith("dockmirror_http_requests_total{") and 'route="tags"' in line
         ]
         assert sum(float(line.rsplit(" ", 1)[1]) for line in lines) == count
+        # A gauge without a multiprocess mode gets a series per worker pid,
+        # and each restarted worker would add more.
+        assert 'pid="' not in body.decode()
 
 
 def test_sighup_reloads_the_certificate_in_every_worker(plain_registry, dockmirror, tmp_path):
