@@ -51,7 +51,13 @@ from dockmirror.routing import build_router
 from dockmirror.tls import PlainHTTPFactory, ReloadService, TLSFactory, tls_endpoint
 from dockmirror.warm import Warmer
 from dockmirror.web import MirrorSite, RootResource, build_root
-from dockmirror.workers import FIRST_FD, AdoptedPort, Supervisor, SupervisorChannel
+from dockmirror.workers import (
+    FIRST_FD,
+    AdoptedPort,
+    Supervisor,
+    SupervisorChannel,
+    WorkerLoad,
+)
 
 log = Logger()
 
@@ -214,6 +220,7 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
     site = MirrorSite(root, metrics, clients, limits, **timeouts)
     certificates = []
     inherited = itertools.count(FIRST_FD)
+    load = None if worker is None else WorkerLoad.inherited(worker, config.server.worker_count)
 
     def serve(description: str, factory: Any, http: bool = False) -> None:
         """Listen: on the endpoint, or on the socket a worker inherited for it."""
@@ -225,7 +232,7 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
         else:
             if certificate is not None:
                 factory = TLSFactory(certificate, factory)
-            AdoptedPort(reactor, next(inherited), factory).setServiceParent(top)
+            AdoptedPort(reactor, next(inherited), factory, load).setServiceParent(top)
         if certificate is not None:
             certificates.append(certificate)
 
