@@ -69,7 +69,7 @@ STOP_TIMEOUT = 40.0
 #: The environment variable naming the file of the workers' open connections.
 LOAD_FILE = "DOCKMIRROR_WORKER_LOAD"
 #: Seconds a worker with more connections than another leaves a new one to the others.
-YIELD_ACCEPT = 0.01
+YIELD_ACCEPT = 0.05
 #: What a dead worker's slot holds, so no live worker leaves connections to it.
 _GONE = 1 << 62
 #: twistd options a worker must not share with its supervisor, and those of them
@@ -280,7 +280,8 @@ class WorkerLoad:
 
     Slot N (8 bytes) is worker N's; a worker writes only its own, with the
     count of its :attr:`ports`' connections each time it decides on a new
-    one (all workers are woken for each), and reads the others'.  The
+    one (all workers are woken for each) and after it accepted one, and
+    reads the others'.  The
     supervisor creates the file and marks a dead worker's slot, so nobody
     leaves connections to it.
     """
@@ -311,12 +312,16 @@ class WorkerLoad:
             finally:
                 os.close(fd)
 
-    def open_connections(self) -> int:
-        return sum(len(getattr(port.factory, "protocols", ())) for port in self.ports)
+    def tell(self) -> int:
+        """Write this worker's count of open connections in its slot."""
+        mine = self._slots[self.number] = sum(
+            len(getattr(port.factory, "protocols", ())) for port in self.ports
+        )
+        return mine
 
     def busier(self) -> bool:
         """Whether another worker has fewer connections open than this one."""
-        mine = self._slots[self.number] = self.open_connections()
+        mine = self.tell()
         return any(n < mine for i, n in enumerate(self._slots) if i != self.number)
 
 
@@ -353,6 +358,7 @@ class BalancedPort(tcp.Port):
     def _accept(self) -> None:
         self.numberAccepts = 1
         super().doRead()
+        self.load.tell()
 
     def connectionLost(self, reason: Failure) -> None:
         if self._waiting is not None and self._waiting.active():
