@@ -281,9 +281,8 @@ class WorkerLoad:
     Slot N (8 bytes) is worker N's; a worker writes only its own, with the
     count of its :attr:`ports`' connections each time it decides on a new
     one (all workers are woken for each) and after it accepted one, and
-    reads the others'.  The
-    supervisor creates the file and marks a dead worker's slot, so nobody
-    leaves connections to it.
+    reads the others'.  The supervisor creates the file and marks a dead
+    worker's slot, so nobody leaves connections to it.
     """
 
     def __init__(self, path: str, number: int, count: int) -> None:
@@ -305,6 +304,7 @@ class WorkerLoad:
 
     @staticmethod
     def mark_gone(path: str, number: int) -> None:
+        """Fill dead worker *number*'s slot, until its successor starts."""
         with contextlib.suppress(OSError):
             fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
             try:
@@ -388,6 +388,7 @@ class AdoptedPort(service.Service):
         family = sock.family
         sock.detach()
         if self.load is not None and family in (socket.AF_INET, socket.AF_INET6):
+            # What reactor.adoptStreamPort does, with this port class.
             port = BalancedPort._fromListeningDescriptor(
                 self._reactor, self.fd, family, self.factory
             )
