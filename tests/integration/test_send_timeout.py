@@ -12,6 +12,7 @@ import time
 import pytest
 
 from .conftest import Dockmirror, DockmirrorFactory, Seeder
+from .images import Blob
 from .registries import LOOPBACK, Registry, wait_until
 from .test_pull import curl
 from .tls import client_context
@@ -59,6 +60,20 @@ def _read_all(sock: socket.socket) -> int:
     return count
 
 
+def _large_blob(
+    registry: Registry, dockmirror: DockmirrorFactory, seeded: Seeder, repo: str, tls: bool
+) -> tuple[Dockmirror, Blob, str]:
+    """A mirror of *registry* with a short send timeout, a large blob there, and its path."""
+    image = seeded(registry, repo, "v1", layers=(LAYER,))
+    (layer,) = image.platforms[0].layers
+    mirror = dockmirror(
+        {"hub": {"plugin": "registry", "url": registry.url, "default": True}},
+        extra={"server": {"send_timeout": SEND_TIMEOUT}},
+        tls=tls,
+    )
+    return mirror, layer, f"/v2/{repo}/blobs/{layer.digest}"
+
+
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 def test_a_client_that_stops_reading_is_cut_and_others_are_served(
     plain_registry: Registry,
@@ -67,14 +82,7 @@ def test_a_client_that_stops_reading_is_cut_and_others_are_served(
     unique_repo: str,
     tls: bool,
 ) -> None:
-    image = seeded(plain_registry, unique_repo, "v1", layers=(LAYER,))
-    (layer,) = image.platforms[0].layers
-    mirror = dockmirror(
-        {"hub": {"plugin": "registry", "url": plain_registry.url, "default": True}},
-        extra={"server": {"send_timeout": SEND_TIMEOUT}},
-        tls=tls,
-    )
-    path = f"/v2/{unique_repo}/blobs/{layer.digest}"
+    mirror, layer, path = _large_blob(plain_registry, dockmirror, seeded, unique_repo, tls)
     # First while the blob is filled (the reader follows the fill), then from the cache.
     for attempt in (1, 2):
         stalled = _connect(mirror, path)
@@ -96,13 +104,7 @@ def test_a_client_that_stops_reading_is_cut_and_others_are_served(
 def test_a_slow_reader_is_never_cut(
     plain_registry: Registry, dockmirror: DockmirrorFactory, seeded: Seeder, unique_repo: str
 ) -> None:
-    image = seeded(plain_registry, unique_repo, "v1", layers=(LAYER,))
-    (layer,) = image.platforms[0].layers
-    mirror = dockmirror(
-        {"hub": {"plugin": "registry", "url": plain_registry.url, "default": True}},
-        extra={"server": {"send_timeout": SEND_TIMEOUT}},
-    )
-    path = f"/v2/{unique_repo}/blobs/{layer.digest}"
+    mirror, _, path = _large_blob(plain_registry, dockmirror, seeded, unique_repo, False)
     sock = _connect(mirror, path)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     deadline = time.monotonic() + SEND_TIMEOUT * 4
