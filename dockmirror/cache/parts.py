@@ -42,7 +42,7 @@ RANGED_SUFFIX = ".ranged"
 #: ... and the file of its prefix's length is named as it, with this added.
 PREFIX_SUFFIX = ".prefix"
 #: Part boundaries fall on multiples of this.
-ALIGN = 1 << 20
+ALIGN = 64 << 10
 #: The most bytes of the prefix one disk job reads back to hash, so writes are not held up.
 HASH_STEP = 16 << 20
 #: Bytes read back per read while hashing.
@@ -52,13 +52,13 @@ HASH_BLOCK = 1 << 20
 def plan(size: int, parts: int) -> list[tuple[int, int]]:
     """The spans ``[start, end)`` of up to *parts* parts of a blob of *size* bytes.
 
-    They are in order, cover the blob, and start on multiples of :data:`ALIGN`.
+    They are in order, cover the blob, are as equal as :data:`ALIGN` allows,
+    and start on multiples of it.
     """
-    if size <= 0 or parts <= 1:
-        return [(0, size)]
-    step = -(-size // parts)
-    step = -(-step // ALIGN) * ALIGN
-    return [(start, min(start + step, size)) for start in range(0, size, step)]
+    bounds = [size * i // max(parts, 1) // ALIGN * ALIGN for i in range(max(parts, 1))]
+    bounds.append(size)
+    spans = [(start, end) for start, end in zip(bounds, bounds[1:], strict=False) if end > start]
+    return spans or [(0, size)]
 
 
 class Spans:
