@@ -55,7 +55,8 @@ def plan(size: int, parts: int) -> list[tuple[int, int]]:
     They are in order, cover the blob, are as equal as :data:`ALIGN` allows,
     and start on multiples of it.
     """
-    bounds = [size * i // max(parts, 1) // ALIGN * ALIGN for i in range(max(parts, 1))]
+    parts = max(parts, 1)
+    bounds = [min((size * i // parts + ALIGN // 2) // ALIGN * ALIGN, size) for i in range(parts)]
     bounds.append(size)
     spans = [(start, end) for start, end in zip(bounds, bounds[1:], strict=False) if end > start]
     return spans or [(0, size)]
