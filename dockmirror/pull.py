@@ -727,7 +727,7 @@ class PullService:
             digest=fill.digest,
             size=fill.size,
             upstream=route.upstream.name,
-            parts=f" in {len(fill.plan)} ranged parts" if isinstance(fill, RangedFill) else "",
+            parts=f" in {len(fill.plan)} ranges" if isinstance(fill, RangedFill) else "",
         )
         if ranged is not None:
             await ranged.run(response)

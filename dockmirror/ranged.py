@@ -1,9 +1,11 @@
 """Parallel ranged fetch of one large blob into its :class:`~dockmirror.cache.parts.RangedFill`.
 
-The first part is asked of the registry as any blob GET is, with a
+The blob is cut in ranges, fetched in order over a few connections at once:
+each connection asks for the next range left when it is done with one.
+The first range is asked of the registry as any blob GET is, with a
 ``Range`` header, through the upstream's endpoints, authentication and
 redirects.  That answer's final URL (a CDN's, after the registry's
-redirect) is where the other parts go, each with the headers its request
+redirect) is where the other ranges go, each with the headers its request
 carried: a CDN URL on another origin gets no ``Authorization``, since the
 redirect dropped it.  When that URL refuses a part (401, 403: signed CDN
 URLs expire), the registry is asked for the blob's URL again, at most
@@ -21,6 +23,7 @@ the rest.  That upstream's blobs are then fetched in one stream for
 from __future__ import annotations
 
 import re
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -165,7 +168,7 @@ class RangedFetch:
         self._fallback: str | None = None
 
     def __repr__(self) -> str:
-        return f"<RangedFetch {self._fill!r} in {len(self._fill.plan)} parts>"
+        return f"<RangedFetch {self._fill!r} over {self._fill.parts} connections>"
 
     def first_headers(self) -> dict[str, str]:
         """The headers of the registry request for the first part."""
@@ -190,12 +193,14 @@ class RangedFetch:
         except (StreamError, RegistryError):  # the fill logged why
             return
         log.info(
-            "fetched {digest} ({size} bytes) from {upstream} in {parts} ranged parts"
-            " in {seconds:.2f}s: {retries} retries, {resolves} new URLs{fallback}",
+            "fetched {digest} ({size} bytes) from {upstream} over {parts} connections,"
+            " in {ranges} ranges, in {seconds:.2f}s: {retries} retries, {resolves} new URLs"
+            "{fallback}",
             digest=fill.digest,
             size=fill.size,
             upstream=fill.upstream,
-            parts=len(fill.plan),
+            parts=min(fill.parts, len(fill.plan)),
+            ranges=len(fill.plan),
             seconds=self._reactor.seconds() - started,
             retries=self._retries,
             resolves=self._resolves,
@@ -203,15 +208,17 @@ class RangedFetch:
         )
 
     async def _fetch(self, first: IResponse) -> None:
-        parts = [_Part(start, end) for start, end in self._fill.plan]
+        ranges = deque(_Part(start, end) for start, end in self._fill.plan)
+        part = ranges.popleft()
         try:
-            answer = self._check(parts[0], first)
+            answer = self._check(part, first)
         except _NoRanges as e:
             await self._fall_back(e)
             return
         self._location = _Location.of(first)
-        tasks = [Deferred.fromCoroutine(self._part(parts[0], answer))]
-        tasks += [Deferred.fromCoroutine(self._part(part)) for part in parts[1:]]
+        tasks = [Deferred.fromCoroutine(self._connection(ranges, part, answer))]
+        for _ in range(min(self._fill.parts, len(self._fill.plan)) - 1):
+            tasks.append(Deferred.fromCoroutine(self._connection(ranges)))
         try:
             await DeferredList(tasks, fireOnOneErrback=True, consumeErrors=True)
         except FirstError as e:
@@ -222,6 +229,15 @@ class RangedFetch:
                 await self._fall_back(error)
                 return
             e.subFailure.raiseException()
+
+    async def _connection(
+        self, ranges: deque[_Part], part: _Part | None = None, answer: _Answer | None = None
+    ) -> None:
+        """Fetch *part*, then the next range left, until none is."""
+        if part is not None:
+            await self._part(part, answer)
+        while ranges:
+            await self._part(ranges.popleft())
 
     async def _fall_back(self, why: _NoRanges) -> None:
         """Go on in one stream, from the first byte the parts did not deliver."""

@@ -1,7 +1,8 @@
 """A blob filled by several ranged bodies at once, each written at its offsets.
 
-A large blob is fetched as a few parts (:func:`plan`), each a ranged
-response delivered to a :class:`PartBody`.  The bodies write straight into
+A large blob is fetched over a few connections at once, each asking for
+the next of its ranges (:func:`plan`) when done with one; every ranged
+response is delivered to a :class:`PartBody`.  The bodies write straight into
 the temporary file at their offsets, so out-of-order bytes wait on the disk,
 not in memory; every body is paused while the disk is behind.  The file
 grows a contiguous prefix from byte 0 (:class:`Spans`): the digest is
@@ -41,8 +42,12 @@ log = Logger()
 RANGED_SUFFIX = ".ranged"
 #: ... and the file of its prefix's length is named as it, with this added.
 PREFIX_SUFFIX = ".prefix"
-#: Part boundaries fall on multiples of this.
+#: Range boundaries fall on multiples of this.
 ALIGN = 64 << 10
+#: Ranges a blob is cut in, per connection fetching it ...
+RANGES_PER_PART = 8
+#: ... each of at least this many bytes, so a request's round trip costs little.
+MIN_RANGE = 4 << 20
 #: The most bytes of the prefix one disk job reads back to hash, so writes are not held up.
 HASH_STEP = 16 << 20
 #: Bytes read back per read while hashing.
@@ -50,16 +55,19 @@ HASH_BLOCK = 1 << 20
 
 
 def plan(size: int, parts: int) -> list[tuple[int, int]]:
-    """The spans ``[start, end)`` of up to *parts* parts of a blob of *size* bytes.
+    """The ranges ``[start, end)`` that *parts* connections fetch a blob of *size* bytes in.
 
-    They are in order, cover the blob, are as equal as :data:`ALIGN` allows,
-    and start on multiples of it.
+    They are in order, cover the blob, start on multiples of :data:`ALIGN`,
+    and number about :data:`RANGES_PER_PART` per connection, none under
+    :data:`MIN_RANGE` but the last: each connection takes the next range when
+    it is done with one, so the contiguous prefix, which readers follow,
+    trails the fastest connection by a few ranges only.
     """
-    parts = max(parts, 1)
-    bounds = [min((size * i // parts + ALIGN // 2) // ALIGN * ALIGN, size) for i in range(parts)]
-    bounds.append(size)
-    spans = [(start, end) for start, end in zip(bounds, bounds[1:], strict=False) if end > start]
-    return spans or [(0, size)]
+    if parts <= 1 or size <= MIN_RANGE:
+        return [(0, size)]
+    step = max(-(-size // (parts * RANGES_PER_PART)), MIN_RANGE)
+    step = -(-step // ALIGN) * ALIGN
+    return [(start, min(start + step, size)) for start in range(0, size, step)]
 
 
 class Spans:
@@ -113,14 +121,16 @@ class Spans:
 class RangedFill(Fill):
     """A fill whose bytes come from several :class:`PartBody` at their offsets.
 
-    :attr:`plan` is the parts to ask for; :attr:`written` (and
-    :attr:`received`: nothing is read from memory) is the contiguous prefix,
-    hashed and on the disk.  Made by :meth:`BlobStore.begin_fill` with
-    ``parts`` above 1, then :meth:`open`-ed, and fed by bodies.
+    :attr:`plan` is the ranges to ask for, over :attr:`parts` connections
+    at once; :attr:`written` (and :attr:`received`: nothing is read from
+    memory) is the contiguous prefix, hashed and on the disk.  Made by
+    :meth:`BlobStore.begin_fill` with ``parts`` above 1, then
+    :meth:`open`-ed, and fed by bodies.
     """
 
     def __init__(self, *args: Any, parts: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.parts = parts
         self.plan = plan(self.size, parts)
         self.prefix_path = self.temp_path + PREFIX_SUFFIX
         self._prefix_fd: int | None = None

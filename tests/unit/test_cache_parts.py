@@ -16,8 +16,10 @@ from dockmirror.cache.fill import HIGH_WATER
 from dockmirror.cache.follow import POLL_INTERVAL, FollowedFill
 from dockmirror.cache.parts import (
     ALIGN,
+    MIN_RANGE,
     PREFIX_SUFFIX,
     RANGED_SUFFIX,
+    RANGES_PER_PART,
     PartBody,
     RangedFill,
     Spans,
@@ -31,26 +33,30 @@ from ._cache_support import FakeResponse, HeldRunner, make_store, sha256
 from .test_cache_fill import follow
 from .test_coordination import Claims
 
-SIZE = 4 * ALIGN + 12_345
+SIZE = 4 * MIN_RANGE + 12_345
 DATA = os.urandom(SIZE)
 DIGEST = sha256(DATA)
+#: A blob of two ranges.
+PAIR = os.urandom(2 * MIN_RANGE)
+PAIR_DIGEST = sha256(PAIR)
 
 
 # --- planning -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size", [1, ALIGN - 1, ALIGN, 3 * ALIGN + 1, SIZE, 200 << 20])
+@pytest.mark.parametrize("size", [1, MIN_RANGE, MIN_RANGE + 1, SIZE, 200 << 20, 5 << 30])
 @pytest.mark.parametrize("parts", [1, 2, 4, 7, 16])
-def test_a_plan_covers_the_blob_in_aligned_nearly_equal_parts(size, parts):
-    spans = plan(size, parts)
-    assert spans[0][0] == 0 and spans[-1][1] == size
-    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
-    assert all(start % ALIGN == 0 and end > start for start, end in spans)
-    assert len(spans) <= parts
-    lengths = [end - start for start, end in spans]
-    if size >= parts * ALIGN:
-        assert len(spans) == parts
-        assert max(lengths) - min(lengths) <= ALIGN
+def test_a_plan_covers_the_blob_in_aligned_ranges_in_order(size, parts):
+    ranges = plan(size, parts)
+    assert ranges[0][0] == 0 and ranges[-1][1] == size
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    assert all(start % ALIGN == 0 and end > start for start, end in ranges)
+    if parts == 1 or size <= MIN_RANGE:
+        assert ranges == [(0, size)]
+        return
+    lengths = {end - start for start, end in ranges[:-1]}
+    assert len(lengths) == 1 and min(lengths) >= MIN_RANGE
+    assert len(ranges) <= max(parts * RANGES_PER_PART, -(-size // MIN_RANGE))
 
 
 def test_spans_track_the_prefix_and_what_is_missing():
@@ -118,7 +124,7 @@ def test_an_upstream_ignoring_range_is_remembered_for_a_while():
 def ranged_fill(store, parts=4, data=DATA, digest=DIGEST):
     fill = store.begin_fill(digest, len(data), "up", parts)
     assert isinstance(fill, RangedFill)
-    assert fill.temp_path.endswith(RANGED_SUFFIX) and len(fill.plan) == parts
+    assert fill.temp_path.endswith(RANGED_SUFFIX) and fill.plan == plan(len(data), parts)
     Deferred.fromCoroutine(fill.open())
     assert fill.ready.fired
     return fill
@@ -160,11 +166,11 @@ def test_parts_written_ahead_wait_on_disk_and_readers_see_only_the_prefix(tmp_pa
     assert fill.written == d  # the prefix jumped over part 1
     assert read_prefix(fill.prefix_path) == d
     assert client.value() == DATA[:d]
-    for index in (3, 2):
+    for index in reversed(range(2, len(fill.plan))):
         response, _ = body(fill, index)
         start, stop = fill.plan[index]
         response.send(DATA[start:stop])
-        if index == 3:
+        if index > 2:
             assert fill.written == d
     store.reactor.advance(0)
     # Verified and committed, so the last byte went; nothing left behind.
@@ -176,29 +182,29 @@ def test_parts_written_ahead_wait_on_disk_and_readers_see_only_the_prefix(tmp_pa
 def test_bytes_delivered_twice_are_written_once(tmp_path):
     """A retry or a fallback stream repeating bytes cannot change what was hashed."""
     store = make_store(tmp_path)
-    fill = ranged_fill(store, parts=2)
+    fill = ranged_fill(store, 2, PAIR, PAIR_DIGEST)
     (a, b), (c, d) = fill.plan
     first, _ = body(fill, 0)
-    first.send(DATA[a:b])
+    first.send(PAIR[a:b])
     # A whole-body stream from byte 0, with other bytes where part 0 already was.
     stream, part = body(fill, 0, offset=0, end=d)
-    stream.send(os.urandom(b) + DATA[c:d])
+    stream.send(os.urandom(b) + PAIR[c:d])
     assert part.done.called and fill.committed
-    assert Path(store.path(DIGEST)).read_bytes() == DATA
+    assert Path(store.path(PAIR_DIGEST)).read_bytes() == PAIR
 
 
 def test_a_whole_body_skips_what_is_not_asked_and_is_cut_at_the_end(tmp_path):
     store = make_store(tmp_path)
-    fill = ranged_fill(store, parts=2)
+    fill = ranged_fill(store, 2, PAIR, PAIR_DIGEST)
     (_, b), (c, d) = fill.plan
     first, _ = body(fill, 0)
-    first.send(DATA[:b])
-    response = FakeResponse(SIZE)
-    part = PartBody(fill, 0, c, d, SIZE, store.reactor, 30)
+    first.send(PAIR[:b])
+    response = FakeResponse(len(PAIR))
+    part = PartBody(fill, 0, c, d, len(PAIR), store.reactor, 30)
     response.deliverBody(part)
-    response.send(DATA[: c + 10])
+    response.send(PAIR[: c + 10])
     assert fill.written == c + 10 and not response.transport.stopped
-    response.send(DATA[c + 10 :])
+    response.send(PAIR[c + 10 :])
     assert part.done.called and fill.committed
 
 
@@ -210,10 +216,11 @@ def test_bodies_are_paused_while_the_disk_is_behind(tmp_path):
     runner.run_all()
     first, _ = body(fill, 0)
     second, _ = body(fill, 1)
-    big = os.urandom(HIGH_WATER)
-    second.send(big[: HIGH_WATER // 2])
+    half = HIGH_WATER // 2
+    assert fill.plan[0][1] == fill.plan[1][1] - fill.plan[1][0] == half
+    second.send(os.urandom(half))
     assert not second.transport.paused
-    second.send(big[HIGH_WATER // 2 :][: HIGH_WATER // 2])
+    first.send(os.urandom(half))
     assert first.transport.paused and second.transport.paused
     late, _ = body(fill, 0)  # a body that starts meanwhile starts paused
     assert late.transport.paused
@@ -223,25 +230,25 @@ def test_bodies_are_paused_while_the_disk_is_behind(tmp_path):
 
 def test_a_wrong_part_fails_the_fill_and_caches_nothing(tmp_path):
     store = make_store(tmp_path)
-    fill = ranged_fill(store, parts=2)
-    _, client, done = follow(store, DIGEST, 0, SIZE)
+    fill = ranged_fill(store, 2, PAIR, PAIR_DIGEST)
+    _, client, done = follow(store, PAIR_DIGEST, 0, len(PAIR))
     (a, b), (c, d) = fill.plan
     first, _ = body(fill, 0)
     second, _ = body(fill, 1)
-    wrong = bytearray(DATA[c:d])
+    wrong = bytearray(PAIR[c:d])
     wrong[10] ^= 0xFF
     second.send(bytes(wrong))
-    first.send(DATA[a:b])
+    first.send(PAIR[a:b])
     store.reactor.advance(0)
     assert isinstance(fill.error, DigestMismatch)
-    assert len(client.value()) < SIZE and isinstance(done.result.value, StreamError)
+    assert len(client.value()) < len(PAIR) and isinstance(done.result.value, StreamError)
     done.addErrback(lambda _: None)
-    assert not store.has(DIGEST) and not os.listdir(store.temp_dir)
+    assert not store.has(PAIR_DIGEST) and not os.listdir(store.temp_dir)
 
 
 def test_a_failed_fill_stops_its_bodies(tmp_path):
     store = make_store(tmp_path)
-    fill = ranged_fill(store, parts=2)
+    fill = ranged_fill(store, 2, PAIR, PAIR_DIGEST)
     first, part = body(fill, 0)
     second, _ = body(fill, 1)
     fill.abandon(StreamError("the mirror is stopping"))
@@ -254,9 +261,9 @@ def test_a_failed_fill_stops_its_bodies(tmp_path):
 
 def test_a_body_cut_short_fails_with_where_it_stopped(tmp_path):
     store = make_store(tmp_path)
-    fill = ranged_fill(store, parts=2)
+    fill = ranged_fill(store, 2, PAIR, PAIR_DIGEST)
     first, part = body(fill, 0)
-    first.send(DATA[:5000])
+    first.send(PAIR[:5000])
     first.end()
     assert part.pos == 5000
     failure = part.done.result
