@@ -152,9 +152,9 @@ class Metrics:
         )
         self.ranged_parts = Counter(
             "dockmirror_upstream_ranged_parts",
-            "Ranged parts of large blobs, by outcome: fetched; retried (after a failure,"
-            " from where it stopped); resolved (the blob's URL asked again after a 401 or"
-            " 403); fallback (a fill that went on in one stream, the upstream ignoring Range).",
+            "Ranges of large blobs fetched in parallel, by outcome: fetched; retried (after"
+            " a failure, from where it stopped); resolved (the blob's URL asked again after a"
+            " 401 or 403); fallback (a fill that went on in one stream, Range being ignored).",
             ["upstream", "outcome"],
             registry=r,
         )
