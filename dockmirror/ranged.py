@@ -2,10 +2,17 @@
 
 The blob is cut in ranges, fetched in order over a few connections at once:
 each connection asks for the next range left when it is done with one.
-The first range is asked of the registry as any blob GET is, with a
-``Range`` header, through the upstream's endpoints, authentication and
-redirects.  That answer's final URL (a CDN's, after the registry's
-redirect) is where the other ranges go, each with the headers its request
+The first connection asks the registry for the whole blob, with a
+``Range`` header, as any blob GET is asked (through the upstream's
+endpoints, authentication and redirects), and reads range after range of
+its answer while no other connection takes the next.  Every
+:data:`SPREAD_AFTER` seconds the fill looks at its pace: when the rest would
+take longer than :data:`SPREAD_WORTH` seconds more, the other connections
+start, each on the next range left.  A link fast enough for one stream
+keeps one stream, and its readers lose nothing to waiting for ranges.
+
+The first answer's final URL (a CDN's, after the registry's redirect) is
+where the other ranges go, each with the headers its request
 carried: a CDN URL on another origin gets no ``Authorization``, since the
 redirect dropped it.  When that URL refuses a part (401, 403: signed CDN
 URLs expire), the registry is asked for the blob's URL again, at most
@@ -24,13 +31,15 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList, FirstError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
 from dockmirror.cache.parts import PartBody, RangedFill
@@ -50,6 +59,10 @@ RETRY_DELAY = 0.5
 RESOLVES = 3
 #: Seconds an upstream that ignored ``Range`` has its blobs fetched in one stream.
 RANGES_RECHECK = 3600.0
+#: Seconds between looks at the first connection's pace, to decide whether to spread ...
+SPREAD_AFTER = 1.0
+#: ... over more connections: when the rest would take it longer than this many seconds.
+SPREAD_WORTH = 2.0
 
 _CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19})")
 
@@ -142,6 +155,38 @@ class _NoRanges(Exception):
         self.response = response
 
 
+class _Connections:
+    """The connections of one fill: :attr:`done` fires once none is left.
+
+    The first to fail cancels the others (and the :attr:`spreader` that
+    would start more); its failure is :attr:`failure`.
+    """
+
+    def __init__(self) -> None:
+        self.done: Event[None] = Event()
+        self.failure: Failure | None = None
+        self.spreader: Deferred[None] | None = None
+        self._tasks: list[Deferred[None]] = []
+
+    def start(self, connection: Coroutine[Any, Any, None]) -> None:
+        task = Deferred.fromCoroutine(connection)
+        self._tasks.append(task)
+        task.addBoth(self._ended, task)
+
+    def _ended(self, result: object, task: Deferred[None]) -> None:
+        self._tasks.remove(task)
+        if isinstance(result, Failure) and self.failure is None:
+            if not result.check(CancelledError):
+                self.failure = result
+            for other in list(self._tasks):
+                other.cancel()
+        if not self._tasks:
+            if self.spreader is not None:
+                self.spreader.cancel()
+                self.spreader.addErrback(lambda f: f.trap(CancelledError))
+            self.done.fire(None)
+
+
 class RangedFetch:
     """Fetches the parts of *fill*: the first from the registry, the rest from where it led."""
 
@@ -171,8 +216,8 @@ class RangedFetch:
         return f"<RangedFetch {self._fill!r} over {self._fill.parts} connections>"
 
     def first_headers(self) -> dict[str, str]:
-        """The headers of the registry request for the first part."""
-        return {"Range": range_header(*self._fill.plan[0])}
+        """The headers of the registry request for the first connection: the whole blob."""
+        return {"Range": range_header(0, self._fill.size)}
 
     def _count(self, outcome: str) -> None:
         self._metrics.ranged_parts.labels(self._fill.upstream, outcome).inc()
@@ -208,34 +253,57 @@ class RangedFetch:
         )
 
     async def _fetch(self, first: IResponse) -> None:
-        ranges = deque(_Part(start, end) for start, end in self._fill.plan)
+        fill = self._fill
+        ranges = deque(_Part(start, end) for start, end in fill.plan)
         part = ranges.popleft()
         try:
-            answer = self._check(part, first)
+            answer = self._check(part, first, fill.size)
         except _NoRanges as e:
             await self._fall_back(e)
             return
         self._location = _Location.of(first)
-        tasks = [Deferred.fromCoroutine(self._connection(ranges, part, answer))]
-        for _ in range(min(self._fill.parts, len(self._fill.plan)) - 1):
-            tasks.append(Deferred.fromCoroutine(self._connection(ranges)))
-        try:
-            await DeferredList(tasks, fireOnOneErrback=True, consumeErrors=True)
-        except FirstError as e:
-            for task in tasks:
-                task.cancel()
-            error = e.subFailure.value
-            if isinstance(error, _NoRanges):
-                await self._fall_back(error)
+        connections = _Connections()
+        connections.start(self._connection(ranges, part, answer))
+        connections.spreader = Deferred.fromCoroutine(self._spread(ranges, connections))
+        await connections.done.wait()
+        failure = connections.failure
+        if failure is None:
+            return
+        if isinstance(failure.value, _NoRanges):
+            await self._fall_back(failure.value)
+            return
+        failure.raiseException()
+
+    async def _spread(self, ranges: deque[_Part], connections: _Connections) -> None:
+        """Start the other connections once the first one proves too slow alone."""
+        fill = self._fill
+        started = self._reactor.seconds()
+        while ranges and not fill.done:
+            await deferLater(self._reactor, SPREAD_AFTER)
+            elapsed, delivered = self._reactor.seconds() - started, fill.delivered
+            if (fill.size - delivered) * elapsed > SPREAD_WORTH * max(delivered, 1):
+                for _ in range(min(fill.parts - 1, len(ranges))):
+                    connections.start(self._connection(ranges))
                 return
-            e.subFailure.raiseException()
 
     async def _connection(
         self, ranges: deque[_Part], part: _Part | None = None, answer: _Answer | None = None
     ) -> None:
-        """Fetch *part*, then the next range left, until none is."""
+        """Fetch *part*, then the next range left, until none is.
+
+        The answer to the first part goes on with the next ranges, while
+        they are left.
+        """
         if part is not None:
-            await self._part(part, answer)
+
+            def extend(end: int) -> int | None:
+                if not ranges or ranges[0].pos != end:
+                    return None
+                self._count("fetched")
+                part.end = ranges.popleft().end
+                return part.end
+
+            await self._part(part, answer, extend)
         while ranges:
             await self._part(ranges.popleft())
 
@@ -257,7 +325,12 @@ class RangedFetch:
         answer = self._check(part, why.response) if why.response is not None else None
         await self._part(part, answer)
 
-    async def _part(self, part: _Part, answer: _Answer | None = None) -> None:
+    async def _part(
+        self,
+        part: _Part,
+        answer: _Answer | None = None,
+        extend: Callable[[int], int | None] | None = None,
+    ) -> None:
         """Fetch ``[part.pos, part.end)``, asking again from where it stopped after a failure."""
         fill = self._fill
         while part.pos < part.end:
@@ -274,6 +347,7 @@ class RangedFetch:
                     answer.length,
                     self._reactor,
                     self._client.read_timeout,
+                    extend,
                 )
                 answer.response.deliverBody(body)
                 answer = None
@@ -339,9 +413,13 @@ class RangedFetch:
             self._resolving = None
             resolving.fire(None)
 
-    def _check(self, part: _Part, response: IResponse) -> _Answer:
-        """The answer *response* is to *part*; raises :class:`_NoRanges` or :class:`_Unusable`."""
+    def _check(self, part: _Part, response: IResponse, end: int | None = None) -> _Answer:
+        """The answer *response* is to *part* (asked up to *end*, or its end).
+
+        Raises :class:`_NoRanges` or :class:`_Unusable`.
+        """
         size = self._fill.size
+        end = part.end if end is None else end
         length = None if response.length == UNKNOWN_LENGTH else int(response.length)
         if response.code == 200:
             if length is not None and length != size:
@@ -352,14 +430,14 @@ class RangedFetch:
             return _Answer(response, 0, length)
         if response.code == 206:
             span = content_range(response)
-            if span != (part.pos, part.end, size):
+            if span != (part.pos, end, size):
                 discard(response)
                 if self._fallback is None:
                     raise _NoRanges("a Content-Range other than the one asked for", None)
-                raise _Unusable(f"a Content-Range other than bytes {part.pos}-{part.end - 1}")
-            if length is not None and length != part.end - part.pos:
+                raise _Unusable(f"a Content-Range other than bytes {part.pos}-{end - 1}")
+            if length is not None and length != end - part.pos:
                 discard(response)
-                raise _Unusable(f"{length} bytes for bytes {part.pos}-{part.end - 1}")
+                raise _Unusable(f"{length} bytes for bytes {part.pos}-{end - 1}")
             return _Answer(response, part.pos, length)
         discard(response)
         raise _Unusable(f"answered {response.code}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import errno
 import os
+from collections.abc import Callable
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred
@@ -286,8 +287,9 @@ class PartBody(Protocol):
     """One response body, bytes ``[offset, ...)`` of a blob, written into a :class:`RangedFill`.
 
     Bytes before *start* are skipped (a whole body answering a request for
-    a later part) and a body longer than *end* (its *length* is known, or
-    not) is cut there.  :attr:`pos` is the blob
+    a later part).  A body longer than *end* (its *length* is known, or not)
+    goes on for as long as *extend*, called with *end*, returns a new end
+    (the next range, when it is this body's to take), and is cut there.  :attr:`pos` is the blob
     offset reached.  :attr:`done` fires once ``[start, end)`` arrived, or
     fails with :class:`StreamError`; cancelling it aborts the body.  An
     upstream silent for *idle_timeout* seconds has its body aborted.
@@ -302,8 +304,10 @@ class PartBody(Protocol):
         length: int | None,
         reactor: IReactorTime,
         idle_timeout: float = IDLE_TIMEOUT,
+        extend: Callable[[int], int | None] | None = None,
     ) -> None:
         self.fill = fill
+        self._extend = extend
         self.pos = offset
         self._body_end = None if length is None else offset + length
         self.start = start
@@ -328,14 +332,21 @@ class PartBody(Protocol):
             return
         self._timer.touch()
         begin, self.pos = self.pos, self.pos + len(data)
-        lo, hi = max(begin, self.start), min(self.pos, self.end)
-        if hi > lo:
-            whole = (lo, hi) == (begin, self.pos)
-            self.fill.write_at(lo, data if whole else data[lo - begin : hi - begin])
-        if self.pos >= self.end:
-            self._end(None)
-            if self._body_end is None or self._body_end > self.end:
-                self.stop()  # the rest is not needed
+        while True:
+            lo, hi = max(begin, self.start), min(self.pos, self.end)
+            if hi > lo:
+                whole = (lo, hi) == (begin, self.pos)
+                self.fill.write_at(lo, data if whole else data[lo - begin : hi - begin])
+            if self.pos < self.end:
+                return
+            longer = self._body_end is None or self._body_end > self.end
+            end = self._extend(self.end) if longer and self._extend is not None else None
+            if end is None:
+                self._end(None)
+                if longer:
+                    self.stop()  # the rest is not needed
+                return
+            self.start, self.end = self.end, end
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
         self._timer.stop()

@@ -301,3 +301,27 @@ def test_another_process_follows_a_ranged_fill_by_its_prefix_file(tmp_path):
     clock.advance(POLL_INTERVAL)
     assert fill.written == 1000
     fill.abandon(StreamError("done"))
+
+
+def test_a_longer_body_goes_on_with_the_next_range_while_it_is_its_to_take(tmp_path):
+    store = make_store(tmp_path)
+    fill = ranged_fill(store)
+    ranges = list(fill.plan[1:])
+    taken: list[int] = []
+
+    def extend(end):
+        if ranges and ranges[0][0] == end and len(taken) < 2:
+            taken.append(end)
+            return ranges.pop(0)[1]
+        return None
+
+    response = FakeResponse(SIZE)
+    part = PartBody(fill, 0, 0, fill.plan[0][1], SIZE, store.reactor, 30, extend)
+    response.deliverBody(part)
+    # One chunk across two boundaries: both ranges are taken, in one go.
+    response.send(DATA[: fill.plan[2][0] + 10])
+    assert taken == [fill.plan[1][0], fill.plan[2][0]] and not part.done.called
+    response.send(DATA[fill.plan[2][0] + 10 : fill.plan[3][0] + 5])
+    # The next range is not its to take: the body ends there, and is cut.
+    assert part.done.called and response.transport.stopped
+    assert part.end == fill.plan[2][1] and fill.delivered == fill.plan[2][1]
