@@ -211,6 +211,8 @@ class RangedFetch:
         self._resolves = 0
         self._retries = 0
         self._fallback: str | None = None
+        #: Connections the fill went on with, once it spread (1 until then).
+        self._connections = 1
 
     def __repr__(self) -> str:
         return f"<RangedFetch {self._fill!r} over {self._fill.parts} connections>"
@@ -238,13 +240,13 @@ class RangedFetch:
         except (StreamError, RegistryError):  # the fill logged why
             return
         log.info(
-            "fetched {digest} ({size} bytes) from {upstream} over {parts} connections,"
+            "fetched {digest} ({size} bytes) from {upstream} over {connections},"
             " in {ranges} ranges, in {seconds:.2f}s: {retries} retries, {resolves} new URLs"
             "{fallback}",
             digest=fill.digest,
             size=fill.size,
             upstream=fill.upstream,
-            parts=min(fill.parts, len(fill.plan)),
+            connections=f"{self._connections} connection{'s' * (self._connections > 1)}",
             ranges=len(fill.plan),
             seconds=self._reactor.seconds() - started,
             retries=self._retries,
@@ -282,7 +284,15 @@ class RangedFetch:
             await deferLater(self._reactor, SPREAD_AFTER)
             elapsed, delivered = self._reactor.seconds() - started, fill.delivered
             if (fill.size - delivered) * elapsed > SPREAD_WORTH * max(delivered, 1):
-                for _ in range(min(fill.parts - 1, len(ranges))):
+                more = min(fill.parts - 1, len(ranges))
+                self._connections += more
+                log.info(
+                    "{digest} from {upstream} goes on over {more} more connections",
+                    digest=fill.digest,
+                    upstream=fill.upstream,
+                    more=more,
+                )
+                for _ in range(more):
                     connections.start(self._connection(ranges))
                 return
 

@@ -7,7 +7,9 @@ the temporary file at their offsets, so out-of-order bytes wait on the disk,
 not in memory; every body is paused while the disk is behind.  The file
 grows a contiguous prefix from byte 0 (:class:`Spans`): the digest is
 computed in order over it, in the worker threads that write, and it alone
-is what readers see (:attr:`RangedFill.written`).  A byte is written once:
+is what readers see.  Bytes that arrive right at the end of that prefix
+(the connection reading in order at the front) are also kept in memory
+until written, so readers get them at once, as from a single stream.  A byte is written once:
 a body that repeats what another already delivered (a retry, a fallback
 stream) has those bytes dropped, so what was hashed is what is on disk.
 
@@ -123,8 +125,9 @@ class RangedFill(Fill):
     """A fill whose bytes come from several :class:`PartBody` at their offsets.
 
     :attr:`plan` is the ranges to ask for, over :attr:`parts` connections
-    at once; :attr:`written` (and :attr:`received`: nothing is read from
-    memory) is the contiguous prefix, hashed and on the disk.  Made by
+    at once; :attr:`written` is the contiguous prefix, hashed and on the
+    disk, and :attr:`received` how far bytes that extend it in order are
+    held in memory (:meth:`queued`) until they are written.  Made by
     :meth:`BlobStore.begin_fill` with ``parts`` above 1, then
     :meth:`open`-ed, and fed by bodies.
     """
@@ -137,6 +140,8 @@ class RangedFill(Fill):
         self._prefix_fd: int | None = None
         self._spans = Spans()
         self._chunks: list[tuple[int, bytes]] = []
+        #: Where the first chunk of :attr:`_queued` starts.
+        self._queued_start = 0
         self._bodies: list[PartBody] = []
 
     def __repr__(self) -> str:
@@ -173,16 +178,22 @@ class RangedFill(Fill):
             return
         self._upstream_bytes.inc(len(data))
         end = offset + len(data)
+        received = self.received
         for start, stop in self._spans.missing(offset, end):
             piece = data if (start, stop) == (offset, end) else data[start - offset : stop - offset]
             self._spans.add(start, stop)
             self._chunks.append((start, piece))
             self._pending_bytes += len(piece)
+            if start == self.received:
+                self._queued.append(piece)
+                self.received = stop
         if self._pending_bytes >= HIGH_WATER and not self._paused:
             self._paused = True
             for body in self._bodies:
                 body.pause()
         self._write_next()
+        if self.received > received:
+            self._notify()
 
     # --- the disk --------------------------------------------------------------
 
@@ -206,7 +217,13 @@ class RangedFill(Fill):
         if self.error is not None:
             self._close_and_remove()
             return
-        self.written = self.received = target
+        self.written = target
+        queued = self._queued
+        while queued and self._queued_start + len(queued[0]) <= target:
+            self._queued_start += len(queued.popleft())
+        if self.received < target:  # the prefix went past what came in order
+            self.received = self._queued_start = target
+            queued.clear()
         self._pending_bytes -= count
         if self._paused and self._pending_bytes <= LOW_WATER:
             self._paused = False

@@ -261,3 +261,15 @@ def test_parallel_parts_1_fetches_in_one_stream(
     status, body, whole = get(mirror, f"/v2/{unique_repo}/blobs/{layer.digest}")
     assert (status, whole, sha256(body)) == (200, True, layer.digest)
     assert [range_of(h) for h in blob_heads(upstream, layer.digest)] == [None]
+
+
+def test_a_link_fast_enough_for_one_stream_keeps_one_stream(
+    plain_registry, dockmirror, seeded, unique_repo
+):
+    layer = layer_of(seeded, plain_registry, unique_repo)
+    mirror = dockmirror(ranged(plain_registry.url))
+    status, body, whole = get(mirror, f"/v2/{unique_repo}/blobs/{layer.digest}")
+    assert (status, whole, sha256(body)) == (200, True, layer.digest)
+    # Loopback carries the layer in well under a second: no reason to spread.
+    assert plain_registry.count_requests("GET", f"/blobs/{layer.digest}") == 1
+    wait_until(lambda: "over 1 connection, in" in mirror.log_text(), timeout=10)

@@ -12,6 +12,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
+from dockmirror.cache.blobs import CHUNK
 from dockmirror.cache.fill import HIGH_WATER
 from dockmirror.cache.follow import POLL_INTERVAL, FollowedFill
 from dockmirror.cache.parts import (
@@ -325,3 +326,27 @@ def test_a_longer_body_goes_on_with_the_next_range_while_it_is_its_to_take(tmp_p
     # The next range is not its to take: the body ends there, and is cut.
     assert part.done.called and response.transport.stopped
     assert part.end == fill.plan[2][1] and fill.delivered == fill.plan[2][1]
+
+
+def test_bytes_in_order_at_the_front_reach_readers_before_the_disk(tmp_path):
+    runner = HeldRunner()
+    store = make_store(tmp_path, run=runner)
+    fill = store.begin_fill(DIGEST, SIZE, "up", 4)
+    Deferred.fromCoroutine(fill.open())
+    runner.run_all()
+    (a, b), (c, _) = fill.plan[0], fill.plan[1]
+    first, _ = body(fill, 0)
+    second, _ = body(fill, 1)
+    _, client, _ = follow(store, DIGEST, 0, SIZE)
+    second.send(DATA[c : c + CHUNK])  # ahead: on its way to the disk only
+    first.send(DATA[a : a + 2 * CHUNK])
+    store.reactor.advance(0)
+    assert fill.written == 0 and fill.received == 2 * CHUNK
+    assert client.value() == DATA[: 2 * CHUNK]
+    runner.run_all()
+    assert fill.written == 2 * CHUNK
+    first.send(DATA[a + 2 * CHUNK : b])  # the prefix meets what came ahead ...
+    runner.run_all()
+    store.reactor.advance(0)
+    assert fill.written == fill.received == c + CHUNK  # ... which is read from the disk
+    assert client.value() == DATA[: c + CHUNK]
