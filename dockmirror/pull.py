@@ -691,7 +691,7 @@ class PullService:
         raise upstream_unavailable(route.upstream.name, str(error), 502)
 
     def _parts(self, upstream: Upstream, size: int) -> int:
-        """The ranged parts to fetch a blob of *size* bytes in; 1 for one stream."""
+        """The connections to fetch a blob of *size* bytes over, in ranges; 1: one stream."""
         if size < upstream.parallel_min_size or not self.ranges.splits(upstream.name):
             return 1
         return upstream.parallel_parts

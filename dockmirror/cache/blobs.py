@@ -364,9 +364,10 @@ class BlobStore:
     ) -> Fill | FollowedFill | str:
         """Reserve room for a blob and register its fill, or say why it won't be cached.
 
-        With *parts* above 1, the fill is a :class:`RangedFill` of that many
-        parts.  When another process sharing the directory fills the blob, or
-        just did, the fill returned follows that process's work.
+        With *parts* above 1, the fill is a :class:`RangedFill`, fetched in
+        ranges over that many connections.  When another process sharing the
+        directory fills the blob, or just did, the fill returned follows that
+        process's work.
         """
         if self.max_size is not None and size > self.max_size:
             return "larger than the cache"

@@ -37,10 +37,10 @@ def test_the_benchmark_runs_every_workload_on_both_servers(tmp_path):
     assert result.returncode == 0, result.stderr
     runs = json.loads((tmp_path / "runs.json").read_text())["runs"]
     for row, servers in runs.items():
-        if "direct" in row:
+        if row.startswith("first pull of the layer"):  # the parallel workload
+            expected = {"upstream"} if "direct from the upstream" in row else {"dockmirror"}
+        elif "direct" in row:
             expected = {"upstream"}
-        elif row.startswith("first pull of the layer"):  # the parallel workload
-            expected = {"dockmirror"}
         else:
             expected = {"dockmirror", "distribution"}
         assert set(servers) == expected, row
