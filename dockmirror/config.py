@@ -328,12 +328,18 @@ class StorageConfig:
     redirect: bool = False
     #: The most the bucket may hold, as a size string; None: no quota.
     max_size: str | None = None
+    #: Incomplete multipart uploads older than this (a duration) are aborted by a sweep.
+    stale_uploads: str = "1d"
 
     __repr__ = redacted_repr
 
     @property
     def max_size_bytes(self) -> int | None:
         return None if self.max_size is None else parse_size(self.max_size)
+
+    @property
+    def stale_uploads_seconds(self) -> float:
+        return parse_duration(self.stale_uploads)
 
     @property
     def path_style(self) -> bool:
@@ -765,6 +771,10 @@ def _check_storage(source: str, storage: StorageConfig) -> None:
             raise ConfigError(f"{source}: storage.max_size: {e}") from None
         if size <= 0:
             raise ConfigError(f"{source}: storage.max_size must be more than zero bytes")
+    try:
+        parse_duration(storage.stale_uploads)
+    except ValueError as e:
+        raise ConfigError(f"{source}: storage.stale_uploads: {e}") from None
 
 
 def _check_cluster(source: str, cluster: ClusterConfig) -> None:

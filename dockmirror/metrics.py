@@ -78,6 +78,11 @@ class Metrics:
             ["upstream"],
             registry=r,
         )
+        self.bytes_from_storage = Counter(
+            "dockmirror_storage_received_bytes",
+            "Blob bytes read from the shared storage tier ([storage]) into the cache.",
+            registry=r,
+        )
         self.fills_in_flight = Gauge(
             "dockmirror_cache_fills_in_flight",
             "Blob fills from upstream now running.",

@@ -229,6 +229,8 @@ FILL_ATTEMPTS = 3
 PREFETCH_PARALLEL = 4
 
 HIT, MISS, REVALIDATED, STALE = "HIT", "MISS", "REVALIDATED", "STALE"
+#: Which tier a blob hit came from, when not the cache directory: ``X-Cache-Tier: shared``.
+CACHE_TIER, SHARED = "X-Cache-Tier", "shared"
 
 
 @dataclass
@@ -484,6 +486,8 @@ class PullService:
             what = f"{len(body)} bytes of {declared or 'no declared type'}"
             raise self._not_a_manifest(route, reference, what)
         await self.cache.manifests.put(origin, reference, actual, media_type, body)
+        if self.cache.storage is not None:
+            self.cache.storage.put(actual, body, media_type)
         return Reply(
             200,
             {
@@ -615,16 +619,23 @@ class PullService:
             if size is not None:
                 headers["Content-Length"] = str(size)
             return Reply(200, headers)
+        if not head and not store.has(digest) and store.filling(digest) is None:
+            redirect = await self._redirect(route, origin, digest)
+            if redirect is not None:
+                return redirect
         source = await self._source(route, origin, digest)
         if source.passthrough is not None:
             self._metrics.cache_passthrough.labels(source.passthrough).inc()
             return await self._passthrough(route, origin, digest, head, range_header)
-        x_cache = MISS if source.lead else HIT
+        shared = isinstance(source.fill, Fill) and source.fill.from_storage
+        x_cache = MISS if source.lead and not shared else HIT
         self._count("blob", x_cache)
         store.touch(digest)
         size = source.fill.size if source.fill is not None else store.size_of(digest)
         assert size is not None
         headers = _blob_headers(digest, x_cache)
+        if shared:
+            headers[CACHE_TIER] = SHARED
         span = _parse_range(range_header, size)
         start, end = span or (0, size)
         headers["Content-Length"] = str(end - start)
@@ -685,8 +696,44 @@ class PullService:
             raise error
         raise upstream_unavailable(route.upstream.name, str(error), 502)
 
+    async def _redirect(self, route: Route, origin: str, digest: str) -> Reply | None:
+        """A 307 to the shared storage tier, if it redirects and holds the blob.
+
+        The upstream repository must have proved it has the blob first, as
+        for any blob served through it.
+        """
+        storage = self.cache.storage
+        if storage is None or not storage.redirect:
+            return None
+        if not self.cache.blobs.allowed(origin, digest):
+            await self._blob_head(route, origin, digest)
+        location = await storage.location(digest)
+        if location is None:
+            return None
+        self._count("blob", HIT)
+        headers = _blob_headers(digest, HIT)
+        headers.update({"Location": location, CACHE_TIER: SHARED, "Content-Length": "0"})
+        return Reply(307, headers)
+
     async def _fill(self, fill: Fill, route: Route, origin: str) -> None:
-        """Fetch a blob into the cache, for every reader of *fill*."""
+        """Fetch a blob into the cache, for every reader of *fill*.
+
+        The shared storage tier, if any, is asked first; a blob the upstream
+        sends is stored there too, once verified.
+        """
+        storage = self.cache.storage
+        if storage is not None:
+            stored = await storage.open(fill.digest, fill.size)
+            if stored is not None:
+                fill.read_from_storage()
+                fill.finished.wait().addBoth(lambda result: storage.release(fill.digest, result))
+                log.info(
+                    "filling {digest} ({size} bytes) from the storage tier",
+                    digest=fill.digest,
+                    size=fill.size,
+                )
+                await fill.start(stored)
+                return
         try:
             response = await self._request(route, "GET", f"blobs/{fill.digest}")
         except RegistryError as e:
@@ -707,6 +754,8 @@ class PullService:
             size=fill.size,
             upstream=route.upstream.name,
         )
+        if storage is not None:
+            storage.upload(fill)
         await fill.start(response, self.upstreams.client(route).read_timeout)
 
     def _blob_head(self, route: Route, origin: str, digest: str) -> Deferred[int | None]:
