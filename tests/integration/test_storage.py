@@ -57,6 +57,13 @@ def stored(s3: S3Bucket, digest: str, prefix: str = "") -> bytes | None:
     return bytes(answer["Body"].read())
 
 
+def fetch(url: str) -> subprocess.Popen[bytes]:
+    """A curl client GETting *url* into nothing, in the background."""
+    return subprocess.Popen(
+        ["curl", "-s", "--noproxy", "*", "--max-time", "60", "-o", "/dev/null", url]
+    )
+
+
 def blob_gets(registry: Registry, digest: str) -> int:
     return registry.count_requests("GET", f"/blobs/{digest}")
 
@@ -186,10 +193,7 @@ def test_a_fill_cut_mid_way_leaves_no_object_and_its_upload_is_swept(
     upstream = relay(registry)
     upstream.faults.append(Fault(r"/blobs/", rate=4 << 20))
     mirror = node(dockmirror, upstream, s3, stale_uploads="1s")  # type: ignore[arg-type]
-    client = subprocess.Popen(
-        ["curl", "-s", "--noproxy", "*", "-o", "/dev/null",
-         f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"]  # fmt: skip
-    )
+    client = fetch(f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}")
     try:
         # A part is uploaded once the first 8 MiB are written: the upload exists.
         wait_until(lambda: uploads(s3) != [], timeout=20, interval=0.1)
@@ -219,12 +223,7 @@ def test_an_upstream_cut_aborts_the_upload_at_once(
     upstream = relay(registry)
     upstream.faults.append(Fault(r"^GET .*/blobs/", cut_after=10 << 20))
     mirror = node(dockmirror, upstream, s3)
-    result = subprocess.run(
-        ["curl", "-s", "--noproxy", "*", "--max-time", "60", "-o", "/dev/null",
-         f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"],  # fmt: skip
-        check=False,
-    )
-    assert result.returncode == 18
+    assert fetch(f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}").wait() == 18
     settle(mirror)
     wait_until(lambda: uploads(s3) == [], timeout=20)
     assert objects(s3) == {}
@@ -242,12 +241,7 @@ def test_a_corrupted_upstream_blob_is_never_stored(
     data[-10] ^= 0xFF  # past the first parts, which are uploaded before the end is known
     path.write_bytes(bytes(data))
     mirror = node(dockmirror, registry, s3)
-    result = subprocess.run(
-        ["curl", "-s", "--noproxy", "*", "--max-time", "60", "-o", "/dev/null",
-         f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"],  # fmt: skip
-        check=False,
-    )
-    assert result.returncode == 18
+    assert fetch(f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}").wait() == 18
     settle(mirror)
     wait_until(lambda: "not stored in the storage bucket" in mirror.log_text(), timeout=20)
     assert uploads(s3) == []
