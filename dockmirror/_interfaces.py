@@ -91,8 +91,10 @@ class IBlobStorage(Interface):
 
     redirect = Attribute("Whether a blob GET it can answer gets a redirect to it instead.")
 
-    def open(digest: str, size: int) -> Any:
-        """A Deferred firing with an unread response of the whole blob of *size* bytes.
+    def open(digest: str, size: int, start: int = 0, end: int | None = None) -> Any:
+        """A Deferred firing with an unread response of bytes [start, end) of the blob.
+
+        *size* is the blob's; *end* None is its end.
 
         Fires with None when the storage does not hold it, or cannot be
         reached now (which is logged).  The blob is kept from eviction until
@@ -114,6 +116,9 @@ class IBlobStorage(Interface):
         It is stored only once the fill verified it; a fill that fails
         leaves nothing.
         """
+
+    def remove(digest: str) -> bool:
+        """Delete a blob (for the operator), unless this node reads or writes it now."""
 
     def put(digest: str, data: bytes, media_type: str) -> None:
         """Store a small, verified blob (a manifest), in the background."""

@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -626,7 +626,8 @@ class PullService:
         source = await self._source(route, origin, digest)
         if source.passthrough is not None:
             self._metrics.cache_passthrough.labels(source.passthrough).inc()
-            return await self._passthrough(route, origin, digest, head, range_header)
+            stored = None if head else await self._stored(route, origin, digest, range_header)
+            return stored or await self._passthrough(route, origin, digest, head, range_header)
         shared = isinstance(source.fill, Fill) and source.fill.from_storage
         x_cache = MISS if source.lead and not shared else HIT
         self._count("blob", x_cache)
@@ -714,6 +715,38 @@ class PullService:
         headers = _blob_headers(digest, HIT)
         headers.update({"Location": location, CACHE_TIER: SHARED, "Content-Length": "0"})
         return Reply(307, headers)
+
+    async def _stored(
+        self, route: Route, origin: str, digest: str, range_header: str | None
+    ) -> Reply | None:
+        """Stream a blob (or a range) the cache does not keep from the shared storage tier.
+
+        The client's pace paces the read from the bucket.
+        """
+        storage = self.cache.storage
+        size = self.cache.blobs.size_of(digest, origin)
+        if storage is None or size is None:
+            return None
+        span = _parse_range(range_header, size)
+        start, end = span or (0, size)
+        response = await storage.open(digest, size, start, end)
+        if response is None:
+            return None
+        self._count("blob", HIT)
+        headers = _blob_headers(digest, HIT)
+        headers.update({CACHE_TIER: SHARED, "Content-Length": str(end - start)})
+        if span is not None:
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        stream = BodyStream(
+            response,
+            self._reactor,
+            length=end - start,
+            digest=None if span else digest,
+            idle_timeout=self.upstreams.client(route).read_timeout,
+            count=self._metrics.bytes_from_storage.inc,
+        )
+        stream.done.addBoth(_passing(lambda outcome: storage.release(digest, outcome)))
+        return Reply(206 if span else 200, headers, stream=stream)
 
     async def _fill(self, fill: Fill, route: Route, origin: str) -> None:
         """Fetch a blob into the cache, for every reader of *fill*.
@@ -1113,6 +1146,16 @@ def _media_type(content_type: str | None) -> str:
 def _fill_crashed(failure: Failure, fill: Fill) -> None:
     log.failure("filling {digest} crashed", failure, digest=fill.digest)
     fill.abandon(StreamError(failure.getErrorMessage()))
+
+
+def _passing(f: Callable[[Any], object]) -> Callable[[Any], Any]:
+    """A callback that calls *f* with its input and passes the input on unchanged."""
+
+    def callback(outcome: Any) -> Any:
+        f(outcome)
+        return outcome
+
+    return callback
 
 
 def _ignore(_: int) -> None:

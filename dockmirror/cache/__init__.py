@@ -218,9 +218,15 @@ class Cache(service.Service):
 
         A repository is named ``upstream/repository`` or just ``repository``.
         Blobs another repository also has stay; blobs being read stay too.
+        With a shared storage tier, what is purged here is deleted there too.
         """
         what = repository_or_digest.strip()
         result = self._purge(what)
+        if self.storage is not None:
+            digests = [what] if DIGEST_RE.fullmatch(what) else result.get("purged", [])
+            result["storage"] = {
+                d: "removed" if self.storage.remove(d) else "in use" for d in digests
+            }
         if len(what) <= PURGE_MAX:
             self._notifier.publish(PURGE_TOPIC, [what])
         return result

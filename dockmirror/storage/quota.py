@@ -65,6 +65,9 @@ class Quota:
     def pin(self, digest: str) -> None:
         self._pins[digest] += 1
 
+    def pinned(self, digest: str) -> bool:
+        return bool(self._pins[digest])
+
     def unpin(self, digest: str) -> None:
         self._pins[digest] -= 1
         if self._pins[digest] <= 0:
@@ -98,7 +101,7 @@ class Quota:
         for digest, size in self._objects.items():
             if excess <= 0:
                 break
-            if not self._pins[digest]:
+            if not self.pinned(digest):
                 victims.append(digest)
                 excess -= size
         return victims if excess <= 0 else None

@@ -126,7 +126,12 @@ class S3Client:
         if self._explicit is not None:
             return self._explicit.get_frozen_credentials()
         if self._frozen is None or self._stale():
-            self._frozen = await deferToThread(self._resolve)
+            try:
+                self._frozen = await deferToThread(self._resolve)
+            except S3Error:
+                raise
+            except Exception as e:  # botocore's errors: a profile, metadata service ...
+                raise S3Error(f"cannot get S3 credentials: {e}") from e
             self._frozen_at = time.monotonic()
         return self._frozen
 

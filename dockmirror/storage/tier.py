@@ -154,13 +154,18 @@ class S3Storage:
 
     # --- reading -------------------------------------------------------------------
 
-    def open(self, digest: str, size: int) -> Deferred[IResponse | None]:
-        return Deferred.fromCoroutine(self._open(digest, size))
+    def open(
+        self, digest: str, size: int, start: int = 0, end: int | None = None
+    ) -> Deferred[IResponse | None]:
+        return Deferred.fromCoroutine(self._open(digest, size, start, end))
 
-    async def _open(self, digest: str, size: int) -> IResponse | None:
+    async def _open(self, digest: str, size: int, start: int, end: int | None) -> IResponse | None:
         self.quota.pin(digest)
+        whole = start == 0 and end in (None, size)
         try:
-            response = await self.client.get(self.key(digest))
+            response = await self.client.get(
+                self.key(digest), *((0, None) if whole else (start, end))
+            )
         except S3Error as e:
             self.quota.unpin(digest)
             self._unavailable(digest, e)
@@ -169,7 +174,7 @@ class S3Storage:
             self.quota.unpin(digest)
             self.quota.forget(digest)
             return None
-        if response.length not in (size, UNKNOWN_LENGTH):
+        if response.length not in ((end or size) - start, UNKNOWN_LENGTH):
             self.quota.unpin(digest)
             discard(response)
             log.warn(
@@ -280,6 +285,12 @@ class S3Storage:
             self.quota.unpin(digest)
 
         running.addCallbacks(stored, failed).addBoth(ended)
+
+    def remove(self, digest: str) -> bool:
+        if digest in self._uploads or self.quota.pinned(digest):
+            return False
+        self._evict(digest, "as purged")
+        return True
 
     def _evict(self, digest: str, why: str = "to keep its quota") -> None:
         log.info("removing {digest} from the storage bucket {why}", digest=digest, why=why)

@@ -132,6 +132,27 @@ def test_a_node_whose_cache_was_wiped_serves_hits_from_the_bucket(
     assert blob_gets(registry, layer.digest) == 1
 
 
+def test_a_blob_larger_than_the_local_tier_streams_from_the_bucket(
+    registry_factory, dockmirror, seeded, unique_repo, s3
+):
+    registry = registry_factory()
+    image = seeded(registry, unique_repo, "v1", layers=[3_000_000])
+    layer = image.platforms[0].layers[0]
+    filler = node(dockmirror, registry, s3)
+    url = f"{filler.url}/v2/{unique_repo}/blobs/{layer.digest}"
+    assert curl(url)[0] == 200
+    wait_until(lambda: stored(s3, layer.digest) is not None, timeout=30)
+    small = node(dockmirror, registry, s3, cache={"max_size": "1MiB"})
+    url = f"{small.url}/v2/{unique_repo}/blobs/{layer.digest}"
+    status, headers, body = curl(url)
+    assert (status, sha256(body), headers["x-cache-tier"]) == (200, layer.digest, "shared")
+    status, headers, body = curl("-H", "Range: bytes=1000-", url)
+    assert (status, headers["content-range"]) == (206, f"bytes 1000-{layer.size - 1}/{layer.size}")
+    assert body == registry.storage_path_of_blob(layer.digest).read_bytes()[1000:]
+    assert cached_blobs(small) == {}
+    assert blob_gets(registry, layer.digest) == 1
+
+
 def test_redirect_answers_307_to_a_presigned_url_that_skopeo_follows(
     registry_factory, dockmirror, seeded, unique_repo, s3, tmp_path
 ):
