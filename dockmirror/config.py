@@ -8,6 +8,7 @@ is refused with a message naming the key and the file.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import ipaddress
 import os
 import re
@@ -741,6 +742,11 @@ def _check_storage(source: str, storage: StorageConfig) -> None:
         )
     if storage.backend == "filesystem":
         return
+    if importlib.util.find_spec("botocore") is None:
+        raise ConfigError(
+            f'{source}: storage.backend = "s3" needs botocore:'
+            " pip install 'dockmirror[cluster]'"
+        )
     if storage.bucket is None:
         raise ConfigError(f'{source}: storage.bucket is required with backend = "s3"')
     if not _BUCKET_RE.fullmatch(storage.bucket) or ".." in storage.bucket:

@@ -184,11 +184,7 @@ class S3Storage:
                 size=size,
             )
             return None
-        now = self._reactor.seconds()
-        if digest in self.quota:
-            self.quota.touch(digest, now)
-        else:
-            self.quota.add(digest, size, now)
+        self._read(digest, size)
         return response
 
     def release(self, digest: str, outcome: Any) -> None:
@@ -212,12 +208,16 @@ class S3Storage:
         except S3Error as e:
             self._unavailable(digest, e)
             return None
+        self._read(digest, size)
+        return url
+
+    def _read(self, digest: str, size: int) -> None:
+        """The bucket holds *digest* and it is being read: the most recently used."""
         now = self._reactor.seconds()
         if digest in self.quota:
             self.quota.touch(digest, now)
         else:
             self.quota.add(digest, size, now)
-        return url
 
     def _unavailable(self, digest: str, error: S3Error) -> None:
         log.warn(

@@ -107,17 +107,23 @@ def test_pulled_blobs_land_in_the_bucket_and_another_node_serves_them_without_th
     assert blob_gets(registry, small.digest) == 1
 
 
+def filled(dockmirror, registry, s3, repository: str, blob) -> Dockmirror:
+    """A node that fetched *blob* of *repository* from the upstream, now in the bucket."""
+    mirror = node(dockmirror, registry, s3)
+    status, headers, _ = curl(f"{mirror.url}/v2/{repository}/blobs/{blob.digest}")
+    assert (status, headers["x-cache"]) == (200, "MISS")
+    wait_until(lambda: stored(s3, blob.digest) is not None, timeout=30)
+    return mirror
+
+
 def test_a_node_whose_cache_was_wiped_serves_hits_from_the_bucket(
     registry_factory, dockmirror, seeded, unique_repo, s3
 ):
     registry = registry_factory()
     image = seeded(registry, unique_repo, "v1", layers=[300_000])
     layer = image.platforms[0].layers[0]
-    mirror = node(dockmirror, registry, s3)
+    mirror = filled(dockmirror, registry, s3, unique_repo, layer)
     url = f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"
-    status, headers, _ = curl(url)
-    assert (status, headers["x-cache"]) == (200, "MISS")
-    wait_until(lambda: stored(s3, layer.digest) is not None, timeout=30)
     mirror.stop()
     shutil.rmtree(mirror.cache_dir)
     mirror.start()
@@ -138,10 +144,7 @@ def test_a_blob_larger_than_the_local_tier_streams_from_the_bucket(
     registry = registry_factory()
     image = seeded(registry, unique_repo, "v1", layers=[3_000_000])
     layer = image.platforms[0].layers[0]
-    filler = node(dockmirror, registry, s3)
-    url = f"{filler.url}/v2/{unique_repo}/blobs/{layer.digest}"
-    assert curl(url)[0] == 200
-    wait_until(lambda: stored(s3, layer.digest) is not None, timeout=30)
+    filled(dockmirror, registry, s3, unique_repo, layer)
     small = node(dockmirror, registry, s3, cache={"max_size": "1MiB"})
     url = f"{small.url}/v2/{unique_repo}/blobs/{layer.digest}"
     status, headers, body = curl(url)
@@ -159,9 +162,7 @@ def test_redirect_answers_307_to_a_presigned_url_that_skopeo_follows(
     registry = registry_factory()
     image = seeded(registry, unique_repo, "v1", layers=[BIG])
     layer = image.platforms[0].layers[0]
-    filler = node(dockmirror, registry, s3)
-    pull(f"{filler.host}/{unique_repo}:v1", tmp_path / "filler")
-    wait_until(lambda: stored(s3, layer.digest) is not None, timeout=30)
+    filled(dockmirror, registry, s3, unique_repo, layer)
 
     redirecting = node(dockmirror, registry, s3, redirect=True)
     url = f"{redirecting.url}/v2/{unique_repo}/blobs/{layer.digest}"

@@ -15,7 +15,7 @@ from zope.interface.verify import verifyObject
 
 from dockmirror._interfaces import IBlobStorage, IStorageRecords
 from dockmirror.cache.progress import FillProgress
-from dockmirror.config import StorageConfig
+from dockmirror.config import ConfigError, StorageConfig, load
 from dockmirror.storage.quota import Quota
 from dockmirror.storage.records import IndexRecords
 from dockmirror.storage.s3 import S3Client
@@ -239,3 +239,13 @@ def test_a_small_blob_is_one_put_after_verification(tmp_path):
     assert s3.calls == []
     fill.verify()
     assert s3.calls == [("put", "blobs/sha256/x", 8)] and done.called
+
+
+def test_stale_uploads_is_a_duration(tmp_path):
+    path = tmp_path / "dockmirror.toml"
+    table = '[storage]\nbackend = "s3"\nbucket = "mirror"\n'
+    path.write_text(table + 'stale_uploads = "2h"\n')
+    assert load(str(path)).storage.stale_uploads_seconds == 7200
+    path.write_text(table + 'stale_uploads = "soon"\n')
+    with pytest.raises(ConfigError, match="storage.stale_uploads"):
+        load(str(path))
