@@ -101,6 +101,14 @@ class IBlobStorage(Interface):
         :meth:`release`.
         """
 
+    def read_small(digest: str, limit: int) -> Any:
+        """A Deferred firing with a small blob (a manifest) whole, and its media type.
+
+        Fires with None when the storage does not hold it, it is over
+        *limit* bytes, or the storage cannot be reached now.  The caller
+        verifies it.
+        """
+
     def release(digest: str, outcome: Any) -> None:
         """Done reading what :meth:`open` gave: *outcome* is None, or why it failed.
 

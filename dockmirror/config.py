@@ -744,8 +744,7 @@ def _check_storage(source: str, storage: StorageConfig) -> None:
         return
     if importlib.util.find_spec("botocore") is None:
         raise ConfigError(
-            f'{source}: storage.backend = "s3" needs botocore:'
-            " pip install 'dockmirror[cluster]'"
+            f"{source}: storage.backend = \"s3\" needs botocore: pip install 'dockmirror[cluster]'"
         )
     if storage.bucket is None:
         raise ConfigError(f'{source}: storage.bucket is required with backend = "s3"')

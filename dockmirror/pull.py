@@ -306,6 +306,10 @@ class PullService:
         # Concurrent requests for the same thing share one upstream request.
         key = (origin, reference, negotiable(accept), head)
         if is_digest(reference):
+            shared = not manifests.has(reference) and await self._flights.run(
+                ("stored", origin, reference),
+                lambda: self._stored_manifest(route, origin, reference, accept),
+            )
             if manifests.has(reference):
                 if not self.cache.blobs.allowed(origin, reference):
                     await self._flights.run(
@@ -314,6 +318,8 @@ class PullService:
                     )
                 reply = self._cached_manifest(reference, HIT, head)
                 if reply is not None:
+                    if shared:
+                        reply.headers[CACHE_TIER] = SHARED
                     return reply
         else:
             entry = manifests.tag(origin, reference, accepted(accept))
@@ -349,6 +355,28 @@ class PullService:
             "X-Cache": x_cache,
         }
         return Reply(200, headers, b"" if head else body)
+
+    async def _stored_manifest(
+        self, route: Route, origin: str, digest: str, accept: str | None
+    ) -> bool:
+        """Take a manifest into the cache from the shared storage tier; whether it was there.
+
+        It is taken only if it matches its digest, and once the upstream
+        repository confirmed it has it (a ``HEAD``, which Docker Hub does not
+        count as a pull).
+        """
+        storage = self.cache.storage
+        found = await storage.read_small(digest, MANIFEST_LIMIT) if storage is not None else None
+        if found is None:
+            return False
+        body, declared = found
+        media_type = manifest_media_type(body, declared)
+        if compute_digest(body, digest.partition(":")[0]) != digest or media_type is None:
+            log.error("stored manifest {digest} is not that manifest: ignored", digest=digest)
+            return False
+        await self._confirm_manifest(route, origin, digest, accept)
+        await self.cache.manifests.put(origin, digest, digest, media_type, body)
+        return True
 
     async def _confirm_manifest(
         self, route: Route, origin: str, digest: str, accept: str | None

@@ -196,12 +196,10 @@ class S3Client:
             raise S3Error(f"{method} {self._netloc}: {e.__class__.__name__}: {e}") from e
         return response
 
-    async def read(self, response: IResponse) -> bytes:
+    async def read(self, response: IResponse, limit: int = XML_LIMIT) -> bytes:
         """A bounded answer body, whole."""
         try:
-            return await read_small(
-                response, XML_LIMIT, reactor=self._reactor, timeout=REQUEST_TIMEOUT
-            )
+            return await read_small(response, limit, reactor=self._reactor, timeout=REQUEST_TIMEOUT)
         except UpstreamError as e:
             raise S3Error(f"reading the answer of {self._netloc}: {e}") from e
 

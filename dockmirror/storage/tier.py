@@ -187,6 +187,26 @@ class S3Storage:
         self._read(digest, size)
         return response
 
+    def read_small(self, digest: str, limit: int) -> Deferred[tuple[bytes, str | None] | None]:
+        return Deferred.fromCoroutine(self._read_small(digest, limit))
+
+    async def _read_small(self, digest: str, limit: int) -> tuple[bytes, str | None] | None:
+        try:
+            response = await self.client.get(self.key(digest))
+            if response is None:
+                self.quota.forget(digest)
+                return None
+            if response.length != UNKNOWN_LENGTH and response.length > limit:
+                discard(response)
+                return None
+            body = await self.client.read(response, limit)
+        except S3Error as e:
+            self._unavailable(digest, e)
+            return None
+        self._read(digest, len(body))
+        types = response.headers.getRawHeaders("content-type") or [None]
+        return body, types[0]
+
     def release(self, digest: str, outcome: Any) -> None:
         self.quota.unpin(digest)
         error = outcome.value if isinstance(outcome, Failure) else outcome

@@ -99,6 +99,13 @@ def test_pulled_blobs_land_in_the_bucket_and_another_node_serves_them_without_th
     status, headers, body = curl(url)
     assert (status, headers["x-cache"], sha256(body)) == (200, "HIT", big.digest)
     assert "x-cache-tier" not in headers  # a local hit
+    # A manifest by digest too: the upstream is asked with a HEAD only.
+    manifest_gets = registry.count_requests("GET", f"/manifests/{image.digest}")
+    accept = ("-H", f"Accept: {image.media_type}")
+    status, headers, body = curl(*accept, f"{second.url}/v2/{unique_repo}/manifests/{image.digest}")
+    assert (status, body, headers["x-cache-tier"]) == (200, image.manifest, "shared")
+    assert registry.count_requests("GET", f"/manifests/{image.digest}") == manifest_gets
+    assert registry.count_requests("HEAD", f"/manifests/{image.digest}") >= 1
     pull(f"{second.host}/{unique_repo}:v1", tmp_path / "second")
     assert_pulled(tmp_path / "second", image)
     assert_cache_sound(second)
