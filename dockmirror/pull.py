@@ -306,9 +306,13 @@ class PullService:
         # Concurrent requests for the same thing share one upstream request.
         key = (origin, reference, negotiable(accept), head)
         if is_digest(reference):
-            shared = not manifests.has(reference) and await self._flights.run(
-                ("stored", origin, reference),
-                lambda: self._stored_manifest(route, origin, reference, accept),
+            shared = (
+                self.cache.storage is not None
+                and not manifests.has(reference)
+                and await self._flights.run(
+                    ("stored", origin, reference),
+                    lambda: self._stored_manifest(route, origin, reference, accept),
+                )
             )
             if manifests.has(reference):
                 if not self.cache.blobs.allowed(origin, reference):
@@ -365,8 +369,8 @@ class PullService:
         repository confirmed it has it (a ``HEAD``, which Docker Hub does not
         count as a pull).
         """
-        storage = self.cache.storage
-        found = await storage.read_small(digest, MANIFEST_LIMIT) if storage is not None else None
+        assert self.cache.storage is not None
+        found = await self.cache.storage.read_small(digest, MANIFEST_LIMIT)
         if found is None:
             return False
         body, declared = found

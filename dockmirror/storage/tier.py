@@ -72,7 +72,10 @@ class S3Storage:
 
     def digest_of(self, key: str) -> str | None:
         """The digest an object key names, if it is one of ours."""
-        algorithm, _, hexpart = key.removeprefix(self.prefix + "blobs/").partition("/")
+        ours = self.prefix + "blobs/"
+        if not key.startswith(ours):
+            return None
+        algorithm, _, hexpart = key[len(ours) :].partition("/")
         length = HEX_LENGTH.get(algorithm)
         if length is None or len(hexpart) != length:
             return None
@@ -113,13 +116,14 @@ class S3Storage:
     async def _reconcile(self) -> None:
         """Learn what the bucket holds: objects found are added, objects gone forgotten."""
         now = self._reactor.seconds()
+        known = self.quota.digests()  # what is stored while listing is not forgotten
         found = {}
         for info in await self.client.list_objects(self.prefix + "blobs/"):
             digest = self.digest_of(info.key)
             if digest is not None:
                 found[digest] = info
-        for digest in self.quota.digests():
-            if digest not in found and digest not in self._uploads:
+        for digest in known:
+            if digest not in found and not self.quota.pinned(digest):
                 self.quota.forget(digest)
         for digest, info in sorted(found.items(), key=lambda item: item[1].modified):
             if digest not in self.quota:

@@ -145,6 +145,29 @@ def test_a_node_whose_cache_was_wiped_serves_hits_from_the_bucket(
     assert blob_gets(registry, layer.digest) == 1
 
 
+def test_a_corrupt_object_is_never_served_and_is_replaced(
+    registry_factory, dockmirror, seeded, unique_repo, s3
+):
+    registry = registry_factory()
+    image = seeded(registry, unique_repo, "v1", layers=[300_000])
+    layer = image.platforms[0].layers[0]
+    key = f"blobs/sha256/{layer.digest.partition(':')[2]}"
+    data = bytearray(registry.storage_path_of_blob(layer.digest).read_bytes())
+    data[-1] ^= 0xFF
+    s3.client().put_object(Bucket=s3.bucket, Key=key, Body=bytes(data))  # type: ignore[attr-defined]
+    mirror = node(dockmirror, registry, s3)
+    url = f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"
+    assert fetch(url).wait() == 18  # cut before the last byte
+    settle(mirror)
+    assert cached_blobs(mirror) == {}
+    wait_until(lambda: stored(s3, layer.digest) is None, timeout=10)  # deleted
+    status, headers, body = curl(url)
+    assert (status, headers["x-cache"], sha256(body)) == (200, "MISS", layer.digest)
+    wait_until(lambda: stored(s3, layer.digest) is not None, timeout=30)
+    assert sha256(stored(s3, layer.digest) or b"") == layer.digest
+    assert blob_gets(registry, layer.digest) == 1
+
+
 def test_a_blob_larger_than_the_local_tier_streams_from_the_bucket(
     registry_factory, dockmirror, seeded, unique_repo, s3
 ):

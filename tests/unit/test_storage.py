@@ -105,6 +105,8 @@ def test_object_keys_name_the_digest_and_nothing_else_is_taken_for_one():
         "m/blobs/md5/" + "ab" * 16,
         "m/blobs/sha256/../" + "ab" * 32,
         "other/blobs/sha256/" + "ab" * 32,
+        "sha256/" + "ab" * 32,
+        "m/sha256/" + "ab" * 32,
     ):
         assert storage.digest_of(key) is None, key
 
