@@ -15,7 +15,7 @@ import hashlib
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, TimeoutError
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -28,7 +28,7 @@ from dockmirror.cache.progress import FillProgress
 from dockmirror.config import StorageConfig
 from dockmirror.reference import HEX_LENGTH
 from dockmirror.storage.quota import Quota
-from dockmirror.storage.s3 import S3Client, S3Error
+from dockmirror.storage.s3 import PRESIGN_EXPIRY, S3Client, S3Error
 from dockmirror.storage.upload import BlobUpload
 from dockmirror.streaming import DigestMismatch
 from dockmirror.upstream import discard
@@ -60,6 +60,8 @@ class S3Storage:
         self._run = run
         #: Uploads in progress, by digest.
         self._uploads: dict[str, Deferred[None]] = {}
+        #: Objects clients were sent to, until their URLs expire.
+        self._lent: dict[str, IDelayedCall] = {}
         self._sweeper = LoopingCall(self._sweep_now)
         self._sweeper.clock = reactor
 
@@ -97,6 +99,9 @@ class S3Storage:
     def stop(self) -> Deferred[None]:
         if self._sweeper.running:
             self._sweeper.stop()
+        for lent in self._lent.values():
+            lent.cancel()
+        self._lent.clear()
         uploads = list(self._uploads.values())
         waiting: Deferred[Any] = DeferredList(uploads, consumeErrors=True)
         if uploads:
@@ -228,12 +233,27 @@ class S3Storage:
             if size is None:
                 self.quota.forget(digest)
                 return None
-            url = await self.client.presign(key)
+            url = await self.client.presign(key, PRESIGN_EXPIRY)
         except S3Error as e:
             self._unavailable(digest, e)
             return None
         self._read(digest, size)
+        self._lend(digest)
         return url
+
+    def _lend(self, digest: str) -> None:
+        """Keep *digest* from eviction while a presigned URL to it is valid."""
+        lent = self._lent.get(digest)
+        if lent is not None:
+            lent.reset(PRESIGN_EXPIRY)
+            return
+        self.quota.pin(digest)
+
+        def expired() -> None:
+            del self._lent[digest]
+            self.quota.unpin(digest)
+
+        self._lent[digest] = self._reactor.callLater(PRESIGN_EXPIRY, expired)
 
     def _read(self, digest: str, size: int) -> None:
         """The bucket holds *digest* and it is being read: the most recently used."""

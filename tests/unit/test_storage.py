@@ -251,3 +251,48 @@ def test_stale_uploads_is_a_duration(tmp_path):
     path.write_text(table + 'stale_uploads = "soon"\n')
     with pytest.raises(ConfigError, match="storage.stale_uploads"):
         load(str(path))
+
+
+class Bucket:
+    """The calls of an S3 client that the tier makes to serve redirects and deletes."""
+
+    bucket = "mirror"
+
+    def __init__(self) -> None:
+        self.deleted: list[str] = []
+
+    async def head(self, key: str) -> int:
+        return 100
+
+    async def presign(self, key: str, expires: int) -> str:
+        return f"http://s3/{key}?X-Amz-Expires={expires}"
+
+    async def delete(self, key: str) -> None:
+        self.deleted.append(key)
+
+
+def test_an_object_clients_were_sent_to_stays_until_their_urls_expire():
+    reactor = MemoryReactorClock()
+    bucket = Bucket()
+    storage = S3Storage(
+        storage_config(max_size="150B"),
+        reactor,
+        run_now,
+        Records(),
+        client=bucket,  # type: ignore[arg-type]
+    )
+    digest = "sha256:" + "ab" * 32
+    urls: list[str | None] = []
+    storage.location(digest).addCallback(urls.append)
+    assert urls == [f"http://s3/blobs/sha256/{'ab' * 32}?X-Amz-Expires=300"]
+    assert storage.quota.reserve("sha256:" + "cd" * 32, 100) is None  # in use
+    assert not storage.remove(digest)
+    reactor.advance(200)
+    storage.location(digest).addCallback(urls.append)  # another client, later
+    reactor.advance(200)
+    assert storage.quota.pinned(digest)
+    reactor.advance(100)
+    assert not storage.quota.pinned(digest)
+    assert storage.remove(digest)
+    assert bucket.deleted == [f"blobs/sha256/{'ab' * 32}"]
+    assert reactor.getDelayedCalls() == []
