@@ -7,9 +7,12 @@ GETs that reached it.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
+import socket
 import subprocess
 import time
+from pathlib import Path
 
 from .ceph import S3Bucket
 from .conftest import Dockmirror, DockmirrorFactory
@@ -184,6 +187,42 @@ def test_a_blob_larger_than_the_local_tier_streams_from_the_bucket(
     assert body == registry.storage_path_of_blob(layer.digest).read_bytes()[1000:]
     assert cached_blobs(small) == {}
     assert blob_gets(registry, layer.digest) == 1
+
+
+def rss(pid: int) -> int:
+    """The resident memory of process *pid*, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_a_slow_client_pauses_the_read_from_the_bucket(
+    registry_factory, dockmirror, seeded, unique_repo, s3
+):
+    registry = registry_factory()
+    image = seeded(registry, unique_repo, "v1", layers=[48 << 20])
+    layer = image.platforms[0].layers[0]
+    filled(dockmirror, registry, s3, unique_repo, layer)
+    small = node(dockmirror, registry, s3, cache={"max_size": "1MiB"})
+    before = rss(small.pid)
+    with socket.create_connection(("127.0.0.1", small.port)) as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        request = f"GET /v2/{unique_repo}/blobs/{layer.digest} HTTP/1.1\r\nHost: x\r\n\r\n"
+        client.sendall(request.encode())
+        head = client.recv(4096)
+        assert b"X-Cache-Tier: shared" in head
+        time.sleep(3)  # the client reads nothing: the node must not buffer the blob
+        assert rss(small.pid) - before < 16 << 20
+        data = head.partition(b"\r\n\r\n")[2]
+        hasher = hashlib.sha256(data)
+        received = len(data)
+        while received < layer.size:
+            chunk = client.recv(1 << 20)
+            assert chunk
+            hasher.update(chunk)
+            received += len(chunk)
+    assert received == layer.size and f"sha256:{hasher.hexdigest()}" == layer.digest
 
 
 def test_redirect_answers_307_to_a_presigned_url_that_skopeo_follows(
