@@ -80,7 +80,18 @@ class Metrics:
         )
         self.bytes_from_storage = Counter(
             "dockmirror_storage_received_bytes",
-            "Blob bytes read from the shared storage tier ([storage]) into the cache.",
+            "Blob bytes read from the shared storage tier ([storage]).",
+            registry=r,
+        )
+        self.storage_uploads = Counter(
+            "dockmirror_storage_uploads",
+            "Blobs and manifests written to the shared storage tier, by result.",
+            ["result"],
+            registry=r,
+        )
+        self.storage_evictions = Counter(
+            "dockmirror_storage_evictions",
+            "Objects deleted from the shared storage tier (quota, corruption, purges).",
             registry=r,
         )
         self.fills_in_flight = Gauge(

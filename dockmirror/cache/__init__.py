@@ -107,7 +107,7 @@ class Cache(service.Service):
         self.referrers = ReferrersCache(reactor, config.manifest_ttl)
         #: The shared tier below the directory, if any.
         self.storage: IBlobStorage | None = build_storage(
-            storage or StorageConfig(), reactor, run, IndexRecords(self.index)
+            storage or StorageConfig(), reactor, run, IndexRecords(self.index), metrics
         )
         #: Warms the cache for :meth:`prefetch`; attached once the pull side exists.
         self.prefetcher: Prefetcher | None = None

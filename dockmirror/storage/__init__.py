@@ -13,14 +13,15 @@ from typing import Any
 from dockmirror._interfaces import IBlobStorage, IStorageRecords
 from dockmirror.cache.index import Runner
 from dockmirror.config import StorageConfig
+from dockmirror.metrics import Metrics
 
 
 def build_storage(
-    config: StorageConfig, reactor: Any, run: Runner, records: IStorageRecords
+    config: StorageConfig, reactor: Any, run: Runner, records: IStorageRecords, metrics: Metrics
 ) -> IBlobStorage | None:
     """The storage tier *config* asks for; None for the cache directory alone."""
     if config.backend == "s3":
         from dockmirror.storage.tier import S3Storage  # botocore is an optional dependency
 
-        return S3Storage(config, reactor, run, records)
+        return S3Storage(config, reactor, run, records, metrics)
     return None

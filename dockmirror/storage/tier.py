@@ -26,6 +26,7 @@ from dockmirror._interfaces import IBlobStorage, IStorageRecords
 from dockmirror.cache.index import Runner
 from dockmirror.cache.progress import FillProgress
 from dockmirror.config import StorageConfig
+from dockmirror.metrics import Metrics
 from dockmirror.reference import HEX_LENGTH
 from dockmirror.storage.quota import Quota
 from dockmirror.storage.s3 import PRESIGN_EXPIRY, S3Client, S3Error
@@ -49,6 +50,7 @@ class S3Storage:
         reactor: IReactorTime,
         run: Runner,
         records: IStorageRecords,
+        metrics: Metrics,
         client: S3Client | None = None,
     ) -> None:
         self.redirect = config.redirect
@@ -58,6 +60,7 @@ class S3Storage:
         self.quota = Quota(records, config.max_size_bytes)
         self._reactor = reactor
         self._run = run
+        self._metrics = metrics
         #: Uploads in progress, by digest.
         self._uploads: dict[str, Deferred[None]] = {}
         #: Objects clients were sent to, until their URLs expire.
@@ -311,12 +314,14 @@ class S3Storage:
         self._uploads[digest] = running
 
         def stored(_: object) -> None:
+            self._metrics.storage_uploads.labels("stored").inc()
             self.quota.add(digest, size, self._reactor.seconds())
             log.info(
                 "stored {digest} ({size} bytes) in the storage bucket", digest=digest, size=size
             )
 
         def failed(failure: Failure) -> None:
+            self._metrics.storage_uploads.labels("failed").inc()
             log.warn(
                 "{digest} not stored in the storage bucket: {error}",
                 digest=digest,
@@ -338,6 +343,7 @@ class S3Storage:
 
     def _evict(self, digest: str, why: str = "to keep its quota") -> None:
         log.info("removing {digest} from the storage bucket {why}", digest=digest, why=why)
+        self._metrics.storage_evictions.inc()
         self.quota.forget(digest)
         Deferred.fromCoroutine(self.client.delete(self.key(digest))).addErrback(
             lambda f: log.warn(

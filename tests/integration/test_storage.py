@@ -19,7 +19,7 @@ from .conftest import Dockmirror, DockmirrorFactory
 from .images import pull
 from .registries import Registry, free_port, wait_until
 from .relay import Fault
-from .test_cache import assert_cache_sound, cached_blobs, settle, sha256
+from .test_cache import assert_cache_sound, cached_blobs, metric, settle, sha256
 from .test_pull import assert_pulled, curl, error_code
 
 #: Over one upload part (8 MiB): stored with a multipart upload.
@@ -272,7 +272,12 @@ def test_the_bucket_quota_holds_by_evicting_the_least_recently_used(
     first, last = (image.platforms[0].layers[0].digest.partition(":")[2] for image in images[::3])
     assert f"blobs/sha256/{last}" in held
     assert f"blobs/sha256/{first}" not in held
-    assert len(ever - set(held)) >= 2
+    evicted = ever - set(held)
+    assert len(evicted) >= 2
+    # Every object stored is still held or was evicted, and counted once.
+    evictions = metric(mirror, "dockmirror_storage_evictions_total")
+    assert evictions >= len(evicted)
+    assert metric(mirror, "dockmirror_storage_uploads_total") == evictions + len(held)
 
 
 def test_a_fill_cut_mid_way_leaves_no_object_and_its_upload_is_swept(
@@ -337,6 +342,27 @@ def test_a_corrupted_upstream_blob_is_never_stored(
     wait_until(lambda: "not stored in the storage bucket" in mirror.log_text(), timeout=20)
     assert uploads(s3) == []
     assert objects(s3) == {}
+
+
+def test_credentials_from_the_environment(registry_factory, dockmirror, seeded, unique_repo, s3):
+    registry = registry_factory()
+    image = seeded(registry, unique_repo, "v1", layers=[1000])
+    layer = image.platforms[0].layers[0]
+    storage = s3.storage_table()
+    del storage["access_key"], storage["secret_key"]
+    mirror = dockmirror(
+        {"hub": {"plugin": "dockerhub", "url": registry.url, "default": True}},
+        extra={"storage": storage},
+        env={
+            "AWS_ACCESS_KEY_ID": s3.access_key,
+            "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+            "AWS_CONFIG_FILE": "/nonexistent",
+            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        },
+    )
+    assert curl(f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}")[0] == 200
+    wait_until(lambda: stored(s3, layer.digest) is not None, timeout=30)
 
 
 def test_an_unreachable_bucket_falls_back_to_the_upstream(

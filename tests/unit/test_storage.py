@@ -16,6 +16,7 @@ from zope.interface.verify import verifyObject
 from dockmirror._interfaces import IBlobStorage, IStorageRecords
 from dockmirror.cache.progress import FillProgress
 from dockmirror.config import ConfigError, StorageConfig, load
+from dockmirror.metrics import Metrics
 from dockmirror.storage.quota import Quota
 from dockmirror.storage.records import IndexRecords
 from dockmirror.storage.s3 import S3Client
@@ -94,7 +95,9 @@ def test_part_size_stays_within_the_part_count():
 
 def test_object_keys_name_the_digest_and_nothing_else_is_taken_for_one():
     assert verifyObject(IStorageRecords, IndexRecords(None))  # type: ignore[arg-type]
-    storage = S3Storage(storage_config(prefix="m/"), MemoryReactorClock(), run_now, Records())
+    storage = S3Storage(
+        storage_config(prefix="m/"), MemoryReactorClock(), run_now, Records(), Metrics()
+    )
     assert verifyObject(IBlobStorage, storage)
     digest = "sha256:" + "ab" * 32
     assert storage.key(digest) == "m/blobs/sha256/" + "ab" * 32
@@ -274,11 +277,13 @@ class Bucket:
 def test_an_object_clients_were_sent_to_stays_until_their_urls_expire():
     reactor = MemoryReactorClock()
     bucket = Bucket()
+    metrics = Metrics()
     storage = S3Storage(
         storage_config(max_size="150B"),
         reactor,
         run_now,
         Records(),
+        metrics,
         client=bucket,  # type: ignore[arg-type]
     )
     digest = "sha256:" + "ab" * 32
@@ -295,4 +300,5 @@ def test_an_object_clients_were_sent_to_stays_until_their_urls_expire():
     assert not storage.quota.pinned(digest)
     assert storage.remove(digest)
     assert bucket.deleted == [f"blobs/sha256/{'ab' * 32}"]
+    assert metrics.registry.get_sample_value("dockmirror_storage_evictions_total") == 1
     assert reactor.getDelayedCalls() == []
