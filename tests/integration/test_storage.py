@@ -8,11 +8,16 @@ GETs that reached it.
 from __future__ import annotations
 
 import hashlib
+import http.server
 import shutil
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from .ceph import S3Bucket
 from .conftest import Dockmirror, DockmirrorFactory
@@ -365,13 +370,38 @@ def test_credentials_from_the_environment(registry_factory, dockmirror, seeded, 
     wait_until(lambda: stored(s3, layer.digest) is not None, timeout=30)
 
 
-def test_an_unreachable_bucket_falls_back_to_the_upstream(
-    registry_factory, dockmirror, seeded, unique_repo, s3, tmp_path
+class Failing(http.server.BaseHTTPRequestHandler):
+    """An S3 endpoint that answers every request with a 503."""
+
+    def _fail(self) -> None:
+        self.send_response(503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _fail
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def failing_endpoint() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("failure", ["unreachable", "5xx"])
+def test_a_bucket_unreachable_or_failing_falls_back_to_the_upstream(
+    registry_factory, dockmirror, seeded, unique_repo, s3, tmp_path, failing_endpoint, failure
 ):
     registry = registry_factory()
     image = seeded(registry, unique_repo, "v1", layers=[300_000])
     layer = image.platforms[0].layers[0]
-    mirror = node(dockmirror, registry, s3, endpoint=f"http://127.0.0.1:{free_port()}")
+    endpoint = failing_endpoint if failure == "5xx" else f"http://127.0.0.1:{free_port()}"
+    mirror = node(dockmirror, registry, s3, endpoint=endpoint)
     pull(f"{mirror.host}/{unique_repo}:v1", tmp_path / "out")
     assert_pulled(tmp_path / "out", image)
     assert "unavailable" in mirror.log_text() and "comes from the upstream" in mirror.log_text()
