@@ -237,7 +237,14 @@ class MetricsResource(Resource):
             request.setHeader("Allow", "GET, HEAD")
             request.setHeader("Content-Type", "application/json")
             return RegistryError("UNSUPPORTED", "metrics are read with GET").body()
-        return bytes(super().render(request))
+        head = request.method == b"HEAD"
+        request.method = b"GET"  # HEAD is answered here: Twisted's own logs the request
+        body = bytes(super().render(request))
+        if not head:
+            return body
+        request.method = b"HEAD"
+        request.setHeader("Content-Length", str(len(body)))
+        return b""
 
     def render_GET(self, request: Request) -> bytes:
         if not self._allowed(request):
