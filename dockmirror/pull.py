@@ -36,11 +36,13 @@ from dockmirror.cache.manifests import (
     manifest_media_type,
     references,
 )
+from dockmirror.cache.parts import PartBody, RangedFill
 from dockmirror.cache.referrers import ReferrersEntry, filtered_list, referrers_list
 from dockmirror.egress import Egress
 from dockmirror.endpoints import Breaker, Endpoint, EndpointSet
 from dockmirror.errors import STATUS, RegistryError, retry_after, upstream_unavailable
 from dockmirror.metrics import Metrics
+from dockmirror.ranged import RangedFetch, RangeSupport
 from dockmirror.reference import HEX_LENGTH, TAG_RE, is_digest, parse_image_reference
 from dockmirror.routing import Route, Router, Upstream
 from dockmirror.shared import SingleFlight
@@ -259,6 +261,8 @@ class PullService:
         self._reactor = reactor
         self._metrics = metrics
         self._flights = SingleFlight()
+        #: Upstreams seen to ignore Range, whose large blobs go in one stream for a while.
+        self.ranges = RangeSupport(reactor)
 
     async def _request(
         self,
@@ -702,7 +706,8 @@ class PullService:
                 if size is None:
                     return _Source(passthrough="size unknown")
                 reason = self._admit(digest, size)
-                started = reason or store.begin_fill(digest, size, route.upstream.name)
+                parts = self._parts(route.upstream, size)
+                started = reason or store.begin_fill(digest, size, route.upstream.name, parts)
                 if isinstance(started, str):
                     return _Source(passthrough=started)
                 fill = started
@@ -780,6 +785,12 @@ class PullService:
         stream.done.addBoth(_passing(lambda outcome: storage.release(digest, outcome)))
         return Reply(206 if span else 200, headers, stream=stream)
 
+    def _parts(self, upstream: Upstream, size: int) -> int:
+        """The connections to fetch a blob of *size* bytes over, in ranges; 1: one stream."""
+        if size < upstream.parallel_min_size or not self.ranges.splits(upstream.name):
+            return 1
+        return upstream.parallel_parts
+
     async def _fill(self, fill: Fill, route: Route, origin: str) -> None:
         """Fetch a blob into the cache, for every reader of *fill*.
 
@@ -790,38 +801,63 @@ class PullService:
         if storage is not None:
             stored = await storage.open(fill.digest, fill.size)
             if stored is not None:
-                fill.read_from_storage()
                 fill.finished.wait().addBoth(lambda result: storage.release(fill.digest, result))
-                log.info(
-                    "filling {digest} ({size} bytes) from the storage tier",
-                    digest=fill.digest,
-                    size=fill.size,
-                )
-                await fill.start(stored)
+                await self._fill_from_storage(fill, stored)
                 return
+        path = f"blobs/{fill.digest}"
+        ranged = None
+        if isinstance(fill, RangedFill):
+            client = self.upstreams.client(route)
+
+            async def resolve(headers: dict[str, str]) -> IResponse:
+                return await self._request(route, "GET", path, headers)
+
+            ranged = RangedFetch(fill, client, resolve, self.ranges, self._metrics, self._reactor)
         try:
-            response = await self._request(route, "GET", f"blobs/{fill.digest}")
+            headers = ranged.first_headers() if ranged is not None else None
+            response = await self._request(route, "GET", path, headers)
         except RegistryError as e:
             fill.abandon(e)
             return
-        if response.code != 200:
+        if response.code != 200 and not (ranged and response.code == 206):
             fill.abandon(await self._failure(route, response, "BLOB_UNKNOWN", False))
             return
         length = _content_length(response)
-        if length is not None and length != fill.size:
+        if response.code == 200 and length is not None and length != fill.size:
             discard(response)
             fill.abandon(StreamError(f"{length} bytes for {fill.digest}, {fill.size} expected"))
             return
-        self.cache.blobs.allow(origin, fill.digest, length)
+        self.cache.blobs.allow(origin, fill.digest, length if response.code == 200 else fill.size)
         log.info(
-            "filling {digest} ({size} bytes) from {upstream}",
+            "filling {digest} ({size} bytes) from {upstream}{parts}",
             digest=fill.digest,
             size=fill.size,
             upstream=route.upstream.name,
+            parts=f" in {len(fill.plan)} ranges" if isinstance(fill, RangedFill) else "",
         )
         if storage is not None:
             storage.upload(fill)
-        await fill.start(response, self.upstreams.client(route).read_timeout)
+        if ranged is not None:
+            await ranged.run(response)
+        else:
+            await fill.start(response, self.upstreams.client(route).read_timeout)
+
+    async def _fill_from_storage(self, fill: Fill, stored: IResponse) -> None:
+        """Fill from the shared storage tier's whole-blob response, one stream."""
+        fill.read_from_storage()
+        log.info(
+            "filling {digest} ({size} bytes) from the storage tier",
+            digest=fill.digest,
+            size=fill.size,
+        )
+        if not isinstance(fill, RangedFill):
+            await fill.start(stored)
+        elif await fill.open():
+            body = PartBody(fill, 0, 0, fill.size, fill.size, self._reactor)
+            body.done.addErrback(_abandon, fill)
+            stored.deliverBody(body)
+        else:
+            discard(stored)
 
     def _blob_head(self, route: Route, origin: str, digest: str) -> Deferred[int | None]:
         """Ask the upstream repository for a blob: proof that it has it, and its size."""
@@ -1173,6 +1209,11 @@ def _media_type(content_type: str | None) -> str:
     if not content_type:
         return MANIFEST_TYPES[0]
     return content_type.partition(";")[0].strip()
+
+
+def _abandon(failure: Failure, fill: Fill) -> None:
+    error = failure.value
+    fill.abandon(error if isinstance(error, Exception) else StreamError(str(error)))
 
 
 def _fill_crashed(failure: Failure, fill: Fill) -> None:

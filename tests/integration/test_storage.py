@@ -135,7 +135,8 @@ def test_a_node_whose_cache_was_wiped_serves_hits_from_the_bucket(
     registry_factory, dockmirror, seeded, unique_repo, s3
 ):
     registry = registry_factory()
-    image = seeded(registry, unique_repo, "v1", layers=[300_000])
+    # Over [upstreams] parallel_min_size: fetched, and filled again, in ranges.
+    image = seeded(registry, unique_repo, "v1", layers=[40 << 20])
     layer = image.platforms[0].layers[0]
     mirror = filled(dockmirror, registry, s3, unique_repo, layer)
     url = f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"
