@@ -46,6 +46,7 @@ READ_TIMEOUT = 60.0
 #: Defaults of the [server] limits on client connections (see dockmirror.connections).
 HEADER_TIMEOUT = 30.0
 IDLE_TIMEOUT = 60.0
+SEND_TIMEOUT = 60.0
 MAX_CONNECTIONS = 1024
 MAX_CONNECTIONS_PER_CLIENT = 128
 
@@ -65,6 +66,8 @@ class ServerConfig:
     header_timeout: float = HEADER_TIMEOUT
     #: Seconds an idle keep-alive connection is kept open.
     idle_timeout: float = IDLE_TIMEOUT
+    #: Seconds a response may wait on a client that takes none of its bytes.
+    send_timeout: float = SEND_TIMEOUT
     #: Client connections served at once, over all listeners; more are refused.
     max_connections: int = MAX_CONNECTIONS
     #: Client connections one address (an IPv6 /64) may hold at once.
@@ -603,7 +606,7 @@ def _check_seconds(source: str, key: str, value: float) -> None:
 
 
 def _check_server(source: str, server: ServerConfig) -> None:
-    for key in ("header_timeout", "idle_timeout"):
+    for key in ("header_timeout", "idle_timeout", "send_timeout"):
         _check_seconds(source, f"server.{key}", getattr(server, key))
     for key in ("max_connections", "max_connections_per_client"):
         if getattr(server, key) < 1:

@@ -213,7 +213,11 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
     )
     root.putChild(b"healthz", health)
     server = config.server
-    timeouts = {"header_timeout": server.header_timeout, "idle_timeout": server.idle_timeout}
+    timeouts = {
+        "header_timeout": server.header_timeout,
+        "idle_timeout": server.idle_timeout,
+        "send_timeout": server.send_timeout,
+    }
     _raise_file_limit(server.max_connections)
     limits = ConnectionLimits(server.max_connections, server.max_connections_per_client)
     clients = ClientAddresses(server.trusted_proxies, server.proxy_header)

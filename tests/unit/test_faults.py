@@ -137,6 +137,7 @@ read_timeout = 7
         )
     )
     assert (config.server.header_timeout, config.server.idle_timeout) == (5.0, 60.0)
+    assert config.server.send_timeout == 60.0
     assert (config.server.max_connections, config.server.max_connections_per_client) == (10, 2)
     assert config.cache.min_free_bytes == 1 << 30
     assert (config.upstreams["hub"].connect_timeout, config.upstreams["hub"].read_timeout) == (
@@ -148,6 +149,8 @@ read_timeout = 7
         "[upstreams.hub]\nplugin = 'dockerhub'\nconnect_timeout = nan",
         "[upstreams.hub]\nplugin = 'dockerhub'\nread_timeout = 'soon'",
         "[server]\nheader_timeout = -1",
+        "[server]\nsend_timeout = 0",
+        "[server]\nsend_timeout = inf",
         "[server]\nmax_connections = 0",
         "[cache]\nmin_free = 'lots'",
     ):
