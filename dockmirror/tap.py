@@ -24,7 +24,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from dockmirror._interfaces import INotifier
 from dockmirror.auth.access import AccessControl
-from dockmirror.auth.keystore import KeyBackend, KeyStore, KeyStoreError
+from dockmirror.auth.keystore import FLUSH_INTERVAL, KeyBackend, KeyStore, KeyStoreError
 from dockmirror.auth.throttle import LoginThrottle
 from dockmirror.auth.tokens import (
     SIGNING_KEY_FILE,
@@ -208,11 +208,14 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
     channel = SupervisorChannel(reactor) if worker is not None else None
     notifier: INotifier = channel or LocalNotifier()
     keys_at: str | KeyBackend = config.auth.database
+    flush_interval = FLUSH_INTERVAL
     signing_key = None
     checks: dict[str, Check] = {}
+    cluster = None
     if config.cluster.database is not None:
         cluster = _cluster(config, reactor, top)
         notifier, keys_at, signing_key = cluster.notifier, cluster.keys, cluster.signing_key
+        flush_interval = cluster.poll_interval
         checks["notifications"] = notifications(cluster.notifier)
     cache = Cache(config.cache, reactor, metrics, shared=worker is not None)
     cache.share(notifier)
@@ -226,9 +229,11 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
     if config.warm.images and not worker:  # the first worker warms for the service
         warmer = Warmer(config.warm, config.warm_images(), router, pull, cache, metrics, reactor)
         warmer.setServiceParent(top)  # after the cache, whose recovery it reads
-    keys = KeyStore(keys_at, reactor)
+    keys = KeyStore(keys_at, reactor, flush_interval)
     keys.share(notifier)
     keys.setServiceParent(top)
+    if cluster is not None:  # notifications missed while not listening: reload now
+        cluster.notifier.on_resync(keys.flush)
     access = build_access(config, keys, metrics, reactor, notifier, signing_key)
     root = build_root(router, pull, access, config.auth.required)
     health = HealthResource(
@@ -318,13 +323,14 @@ class _Cluster:
     notifier: PostgresNotifier
     keys: PostgresKeys
     signing_key: ec.EllipticCurvePrivateKey
+    poll_interval: float
 
 
 def _cluster(config: Config, reactor: Any, top: service.MultiService) -> _Cluster:
     """The node's share of ``[cluster] database``: its connections, notifications, keys."""
     # Imported here: only a cluster needs (and has) the cluster extra.
     from dockmirror.cluster.database import Database, DatabaseService
-    from dockmirror.cluster.keys import PostgresKeys, cluster_signing_key
+    from dockmirror.cluster.keys import POLL_INTERVAL, PostgresKeys, cluster_signing_key
     from dockmirror.cluster.notify import PostgresNotifier
 
     assert config.cluster.database is not None
@@ -335,7 +341,7 @@ def _cluster(config: Config, reactor: Any, top: service.MultiService) -> _Cluste
     notifier = PostgresNotifier(database, reactor)
     notifier.setServiceParent(top)
     keys = PostgresKeys(database, reactor)
-    return _Cluster(notifier, keys, parse_signing_key(pem, repr(database)))
+    return _Cluster(notifier, keys, parse_signing_key(pem, repr(database)), POLL_INTERVAL)
 
 
 def supervise(config: Config, reactor: Any) -> service.MultiService:

@@ -38,6 +38,10 @@ from dockmirror.cluster.notify import MAX_STRINGS, notify
 log = Logger()
 T = TypeVar("T")
 
+#: Seconds between reloads of the revoked keys (and writes of usage counters):
+#: the fallback that keeps a revocation whose notification was lost within
+#: the 5 seconds the README promises.
+POLL_INTERVAL = 4.0
 #: Seconds during which queries fail at once after PostgreSQL was found down.
 RETRY_INTERVAL = 1.0
 #: The shared secret that is the token signing key's PEM.

@@ -100,7 +100,7 @@ class PostgresNotifier(service.Service):
         self._reactor = reactor
         self.origin = secrets.token_hex(8)
         self._listeners: dict[str, list[Callable[[list[str]], None]]] = {}
-        self._resync: list[Callable[[], None]] = []
+        self._resync: list[Callable[[], object]] = []
         self._stopping = threading.Event()
         self._thread = ThreadPool(minthreads=0, maxthreads=1, name="dockmirror-listen")
         self._done: Deferred[None] | None = None
@@ -117,7 +117,7 @@ class PostgresNotifier(service.Service):
     def subscribe(self, topic: str, listener: Callable[[list[str]], None]) -> None:
         self._listeners.setdefault(topic, []).append(listener)
 
-    def on_resync(self, listener: Callable[[], None]) -> None:
+    def on_resync(self, listener: Callable[[], object]) -> None:
         """Call *listener* each time listening starts again after an interruption."""
         self._resync.append(listener)
 
