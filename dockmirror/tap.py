@@ -226,6 +226,9 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
     cache.share(notifier)
     upstreams = Upstreams(egress, reactor, metrics)
     endpoints = {u.name: upstreams.endpoint_set(u) for u in router.upstreams}
+    if cluster is not None:  # a dead endpoint is skipped by every node
+        for endpoint_set in endpoints.values():
+            endpoint_set.share(notifier)
     pull = PullService(upstreams, reactor, metrics, cache)
     cache.prefetcher = Prefetcher(router, pull)
     # Started first: it recovers the cache from disk before any request is served.
