@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from hashlib import sha256
+from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
@@ -17,8 +18,9 @@ import pytest
 from .conftest import Dockmirror, DockmirrorFactory, Seeder
 from .keys import admin, create_key, list_keys
 from .postgres import PostgresServer
-from .registries import Registry, wait_until
+from .registries import LOOPBACK, Registry, free_port, wait_until
 from .test_auth import basic
+from .test_manhole import Session, keypair
 from .test_pull import curl, error_code
 
 #: The bound the README gives for a revocation to reach every node.
@@ -33,10 +35,12 @@ def cluster(
     database: str,
     nodes: int = 3,
     public_url: str | None = None,
+    first: dict[str, dict[str, object]] | None = None,
 ) -> list[Dockmirror]:
     """*nodes* started nodes sharing *database*, with Docker Hub played by *registry*.
 
-    They serve *public_url*, by default the first node's URL.
+    They serve *public_url*, by default the first node's URL; *first* is
+    more configuration for the first node.
     """
     upstreams = {"hub": {"plugin": "dockerhub", "url": registry.url, "default": True}}
     made: list[Dockmirror] = []
@@ -44,6 +48,8 @@ def cluster(
         extra: dict[str, dict[str, object]] = {"cluster": {"database": database}}
         if made or public_url:
             extra["server"] = {"public_url": public_url or made[0].url}
+        if not made:
+            extra.update(first or {})
         made.append(dockmirror(upstreams, auth_required=True, extra=extra, start=False))
     for node in made:
         node.start()
@@ -224,3 +230,41 @@ def test_migrate_from_sqlite(
     assert curl("-H", basic(kept_id, kept_key), f"{node.url}/v2/")[0] == 200
     assert curl("-H", basic(rotated["appId"], rotated["apiKey"]), f"{node.url}/v2/")[0] == 200
     assert curl("-H", basic(gone_id, "sk_x"), f"{node.url}/v2/")[0] == 401
+
+
+def test_the_manhole_works_on_the_cluster_database(
+    plain_registry: Registry,
+    dockmirror: DockmirrorFactory,
+    postgres: str,
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    operator = keypair(tmp_path, "operator")
+    authorized = tmp_path / "authorized_keys"
+    authorized.write_text(Path(f"{operator}.pub").read_text())
+    manhole = {"listen": f"tcp:{port}:interface={LOOPBACK}", "authorized_keys": str(authorized)}
+    nodes = cluster(dockmirror, plain_registry, postgres, first={"manhole": manhole})
+    session = Session(port, operator)
+    try:
+        session.expect(">>> ")
+        session.send('keys.create("from the manhole")')
+        created = session.expect(
+            r"Deferred #0 called back: <new key .* appId (app_\w+) apiKey (sk_\S+)>"
+        )
+        app_id, api_key = created.group(1), created.group(2)
+        for node in nodes:
+            assert curl("-H", basic(app_id, api_key), f"{node.url}/v2/")[0] == 200
+        issued = token(nodes[1], app_id, api_key)
+        session.send(f'keys.revoke("{app_id}")')
+        session.expect(r"Deferred #1 called back: <key app_\w+ 'from the manhole' revoked")
+        revoked_at = time.monotonic()
+        for node in nodes[1:]:
+            wait_until(
+                lambda node=node: curl("-H", bearer(issued), f"{node.url}/v2/")[0] == 401,
+                timeout=REVOCATION_BOUND,
+                interval=0.1,
+            )
+        assert time.monotonic() - revoked_at <= REVOCATION_BOUND
+        assert session.close() == 0
+    finally:
+        session.close()
