@@ -172,6 +172,10 @@ def test_postgresql_stopped_mid_run(
             assert "degraded" in health["checks"]["database"], health
         failed = admin(nodes[0], "keys", "list", check=False)
         assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr
+        # A node restarted meanwhile verifies tokens with its copy of the signing key.
+        nodes[2].restart()
+        pull_cached(nodes[2], tokens[0])
+        assert "using the copy in" in nodes[2].log_text()
     finally:
         postgres_server.start()
     back = time.monotonic()
