@@ -8,6 +8,7 @@ is refused with a message naming the key and the file.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.util
 import ipaddress
 import os
@@ -816,14 +817,38 @@ def _check_storage(source: str, storage: StorageConfig) -> None:
         raise ConfigError(f"{source}: storage.stale_uploads: {e}") from None
 
 
+#: What ``pip install 'dockmirror[cluster]'`` brings that a cluster database needs.
+CLUSTER_MODULES = ("psycopg", "psycopg_pool")
+
+
+def _missing_module(names: tuple[str, ...]) -> str | None:
+    """The first of *names* that cannot be imported, or None."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            return name
+    return None
+
+
+def check_database_url(where: str, url: str) -> None:
+    """Check a cluster database URL, and that the cluster extra is there to use it."""
+    parts = _url_parts(url)
+    if parts is None or parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(
+            f"{where} must be a postgresql:// URL (postgresql://user:password@host:5432/dockmirror)"
+        )
+    missing = _missing_module(CLUSTER_MODULES)
+    if missing is not None:
+        raise ConfigError(
+            f"{where} needs the cluster extra, which is not installed"
+            f" (no module {missing}): pip install 'dockmirror[cluster]'"
+        )
+
+
 def _check_cluster(source: str, cluster: ClusterConfig) -> None:
     if cluster.database is not None:
-        parts = _url_parts(cluster.database)
-        if parts is None or parts.scheme not in ("postgresql", "postgres"):
-            raise ConfigError(
-                f"{source}: cluster.database must be a postgresql:// URL"
-                " (postgresql://user:password@host:5432/dockmirror)"
-            )
+        check_database_url(f"{source}: cluster.database", cluster.database)
     elif cluster.listen is not None or cluster.node_url is not None:
         raise ConfigError(f"{source}: cluster.listen and cluster.node_url need cluster.database")
     if (cluster.listen is None) != (cluster.node_url is None):

@@ -22,6 +22,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IResponse
 
+from dockmirror._interfaces import INotifier
 from dockmirror.metrics import Metrics
 from dockmirror.reference import is_digest
 from dockmirror.upstream import UpstreamClient, UpstreamError, discard
@@ -34,6 +35,8 @@ BACKOFF_FIRST = 5.0
 BACKOFF_MAX = 300.0
 
 CLOSED, OPEN, PROBING = "closed", "open", "half-open"
+#: What processes sharing breakers tell each other: [upstream, endpoint, "failed" | "back"].
+BREAKER_TOPIC = "breaker"
 #: The value of ``dockmirror_upstream_endpoint_state`` for each state.
 STATE_VALUES = {CLOSED: 0, PROBING: 1, OPEN: 2}
 
@@ -139,8 +142,37 @@ class EndpointSet:
         self.endpoints = endpoints
         self._clock = clock
         self._metrics = metrics
+        self._notifier: INotifier | None = None
         for endpoint in endpoints:
             self._show(endpoint)
+
+    def share(self, notifier: INotifier) -> None:
+        """Open and close the breakers with the other processes (the nodes of a cluster).
+
+        An endpoint that fails here is skipped there too, and one back
+        anywhere is back everywhere.  Only changes are told: a closed
+        breaker that opens, an open one that closes.
+        """
+        self._notifier = notifier
+        notifier.subscribe(BREAKER_TOPIC, self._heard)
+
+    def _tell(self, endpoint: Endpoint, change: str) -> None:
+        if self._notifier is not None:
+            self._notifier.publish(BREAKER_TOPIC, [self.upstream, endpoint.label, change])
+
+    def _heard(self, message: list[str]) -> None:
+        if len(message) != 3 or message[0] != self.upstream:
+            return
+        endpoint = next((e for e in self.endpoints if e.label == message[1]), None)
+        if endpoint is None:
+            return
+        if message[2] == "failed" and endpoint.breaker.state == CLOSED:
+            endpoint.breaker.failed()
+        elif message[2] == "back" and endpoint.breaker.state != CLOSED:
+            endpoint.breaker.succeeded()
+        else:
+            return
+        self._show(endpoint)
 
     def __repr__(self) -> str:
         now = self._clock.seconds()
@@ -230,10 +262,13 @@ class EndpointSet:
                 upstream=self.upstream,
                 endpoint=endpoint.label,
             )
+            self._tell(endpoint, "back")
         endpoint.breaker.succeeded()
         self._show(endpoint)
 
     def _failure(self, endpoint: Endpoint, error: str) -> None:
+        if endpoint.breaker.state == CLOSED:
+            self._tell(endpoint, "failed")
         backoff = endpoint.breaker.failed()
         self._metrics.endpoint_failures.labels(self.upstream, endpoint.label).inc()
         self._show(endpoint)

@@ -6,11 +6,13 @@ import itertools
 import os
 import resource
 import sys
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import DeferredList
@@ -21,9 +23,14 @@ from twisted.web.client import HTTPConnectionPool
 
 from dockmirror._interfaces import INotifier
 from dockmirror.auth.access import AccessControl
-from dockmirror.auth.keystore import KeyStore, KeyStoreError
+from dockmirror.auth.keystore import FLUSH_INTERVAL, KeyBackend, KeyStore, KeyStoreError
 from dockmirror.auth.throttle import LoginThrottle
-from dockmirror.auth.tokens import TokenService, load_signing_key
+from dockmirror.auth.tokens import (
+    SIGNING_KEY_FILE,
+    TokenService,
+    load_signing_key,
+    parse_signing_key,
+)
 from dockmirror.cache import Cache
 from dockmirror.config import (
     Config,
@@ -42,7 +49,14 @@ from dockmirror.control import control_service
 from dockmirror.coordination import LocalNotifier
 from dockmirror.egress import upstream_egress
 from dockmirror.forwarded import ClientAddresses
-from dockmirror.health import HealthResource, cache_space, directory_writable, key_store
+from dockmirror.health import (
+    Check,
+    HealthResource,
+    cache_space,
+    directory_writable,
+    key_store,
+    notifications,
+)
 from dockmirror.manhole import HOST_KEY_FILE, KeysConsole, load_host_key, manhole_factory
 from dockmirror.metrics import Metrics, MetricsResource
 from dockmirror.portal.service import build_portal
@@ -59,10 +73,14 @@ from dockmirror.workers import (
     WorkerLoad,
 )
 
+if TYPE_CHECKING:
+    from dockmirror.cluster.keys import PostgresKeys
+    from dockmirror.cluster.notify import PostgresNotifier
+
 log = Logger()
 
-#: The token signing key, in the state directory.
-SIGNING_KEY_FILE = "token_signing_key.pem"
+#: The copy of the cluster's token signing key, in the state directory.
+CLUSTER_SIGNING_KEY_FILE = "cluster_token_signing_key.pem"
 
 
 class Options(usage.Options):
@@ -146,11 +164,17 @@ def build_access(
     metrics: Metrics,
     reactor: Any,
     notifier: INotifier | None = None,
+    signing_key: ec.EllipticCurvePrivateKey | None = None,
 ) -> AccessControl:
-    """Access control over *keys*, with the token service named after ``public_url``."""
+    """Access control over *keys*, with the token service named after ``public_url``.
+
+    Tokens are signed with *signing_key*, or the state directory's.
+    """
     public_url = config.server.public_url.rstrip("/")
+    if signing_key is None:
+        signing_key = load_signing_key(state_directory(config) / SIGNING_KEY_FILE)
     tokens = TokenService(
-        load_signing_key(state_directory(config) / SIGNING_KEY_FILE),
+        signing_key,
         issuer=public_url,
         service=urlsplit(public_url).netloc,
         ttl=config.auth.token_ttl,
@@ -185,29 +209,47 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
         for u in router.upstreams
     }
     metrics = Metrics()
-    notifier: INotifier = LocalNotifier() if worker is None else SupervisorChannel(reactor)
+    top = service.MultiService()
+    channel = SupervisorChannel(reactor) if worker is not None else None
+    notifier: INotifier = channel or LocalNotifier()
+    keys_at: str | KeyBackend = config.auth.database
+    flush_interval = FLUSH_INTERVAL
+    signing_key = None
+    checks: dict[str, Check] = {}
+    cluster = None
+    if config.cluster.database is not None:
+        cluster = _cluster(config, reactor, top)
+        notifier, keys_at, signing_key = cluster.notifier, cluster.keys, cluster.signing_key
+        flush_interval = cluster.poll_interval
+        checks["notifications"] = notifications(cluster.notifier)
     cache = Cache(config.cache, reactor, metrics, shared=worker is not None, storage=config.storage)
     cache.share(notifier)
     upstreams = Upstreams(egress, reactor, metrics)
     endpoints = {u.name: upstreams.endpoint_set(u) for u in router.upstreams}
+    if cluster is not None:  # a dead endpoint is skipped by every node
+        for endpoint_set in endpoints.values():
+            endpoint_set.share(notifier)
     pull = PullService(upstreams, reactor, metrics, cache)
     cache.prefetcher = Prefetcher(router, pull)
-    top = service.MultiService()
     # Started first: it recovers the cache from disk before any request is served.
     cache.setServiceParent(top)
     warmer = None
     if config.warm.images and not worker:  # the first worker warms for the service
         warmer = Warmer(config.warm, config.warm_images(), router, pull, cache, metrics, reactor)
         warmer.setServiceParent(top)  # after the cache, whose recovery it reads
-    keys = KeyStore(config.auth.database, reactor)
+    keys = KeyStore(keys_at, reactor, flush_interval)
+    keys.share(notifier)
     keys.setServiceParent(top)
-    access = build_access(config, keys, metrics, reactor, notifier)
+    if cluster is not None:  # notifications missed while not listening: reload now
+        cluster.notifier.on_resync(keys.flush)
+    access = build_access(config, keys, metrics, reactor, notifier, signing_key)
     root = build_root(router, pull, access, config.auth.required)
     health = HealthResource(
         {
             "cache_directory": directory_writable(config.cache.directory),
             "cache_space": cache_space(cache.blobs),
-            "key_store": key_store(keys),
+            "database" if keys.backend.shared else "key_store": key_store(keys),
+            **checks,
         },
         {"upstreams": lambda: {name: e.status() for name, e in endpoints.items()}},
     )
@@ -284,9 +326,35 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
             reactor,
         )
         serve(config.manhole.listen, factory)
-    if isinstance(notifier, SupervisorChannel):
-        notifier.setServiceParent(top)
+    if channel is not None:  # also when notifications go through PostgreSQL: it tells
+        channel.setServiceParent(top)  # the worker that its supervisor is gone
     return top
+
+
+@dataclass(frozen=True)
+class _Cluster:
+    notifier: PostgresNotifier
+    keys: PostgresKeys
+    signing_key: ec.EllipticCurvePrivateKey
+    poll_interval: float
+
+
+def _cluster(config: Config, reactor: Any, top: service.MultiService) -> _Cluster:
+    """The node's share of ``[cluster] database``: its connections, notifications, keys."""
+    # Imported here: only a cluster needs (and has) the cluster extra.
+    from dockmirror.cluster.database import Database, DatabaseService
+    from dockmirror.cluster.keys import POLL_INTERVAL, PostgresKeys, cluster_signing_key
+    from dockmirror.cluster.notify import PostgresNotifier
+
+    assert config.cluster.database is not None
+    copy = state_directory(config) / CLUSTER_SIGNING_KEY_FILE
+    pem = cluster_signing_key(config.cluster.database, copy)
+    database = Database(config.cluster.database, reactor)
+    DatabaseService(database).setServiceParent(top)
+    notifier = PostgresNotifier(database, reactor)
+    notifier.setServiceParent(top)
+    keys = PostgresKeys(database, reactor)
+    return _Cluster(notifier, keys, parse_signing_key(pem, repr(database)), POLL_INTERVAL)
 
 
 def supervise(config: Config, reactor: Any) -> service.MultiService:

@@ -216,3 +216,50 @@ def test_a_cancelled_request_discards_the_failed_answer_it_held() -> None:
     assert not failing.discarded
     d.cancel()
     assert failing.discarded
+
+
+class Channel:
+    """Notifiers joined in memory: what one publishes, the others hear."""
+
+    def __init__(self) -> None:
+        self.listeners: list[tuple[Channel.End, str, Any]] = []
+        self.sent: list[list[str]] = []
+
+    class End:
+        def __init__(self, channel: Channel) -> None:
+            self.channel = channel
+
+        def publish(self, topic: str, message: list[str]) -> None:
+            self.channel.sent.append(message)
+            for end, subscribed, listener in self.channel.listeners:
+                if end is not self and subscribed == topic:
+                    listener(message)
+
+        def subscribe(self, topic: str, listener: Any) -> None:
+            self.channel.listeners.append((self, topic, listener))
+
+
+def test_breakers_open_and_close_on_every_node_sharing_them() -> None:
+    channel = Channel()
+    here, (primary, _), _ = make(PRIMARY, MIRROR)
+    there, (elsewhere, _), (_, metrics) = make(("https://primary.test", 200, True), MIRROR)
+    here.share(Channel.End(channel))
+    there.share(Channel.End(channel))
+    run(here, f"blobs/{DIGEST}")  # the primary fails here ...
+    run(there, f"blobs/{DIGEST}")  # ... so the other node skips it
+    assert elsewhere.asked == [] and state(metrics, "primary.test:443") == 2
+    run(here, f"blobs/{DIGEST}")  # failing again changes nothing to tell
+    assert channel.sent == [["hub", "primary.test:443", "failed"]]
+    here.endpoints[0].breaker.open_until = 0.0
+    primary.answer = 200
+    run(here, f"blobs/{DIGEST}")  # back here: back there
+    assert channel.sent[-1] == ["hub", "primary.test:443", "back"]
+    run(there, f"blobs/{DIGEST}")
+    assert len(elsewhere.asked) == 1 and state(metrics, "primary.test:443") == 0
+    for bad in (
+        ["hub", "primary.test:443"],
+        ["other", "primary.test:443", "failed"],
+        ["hub", "x:1", "failed"],
+    ):
+        there._heard(bad)
+    assert there.endpoints[0].breaker.state == "closed"
