@@ -6,10 +6,14 @@ POSIX byte-range locks on one file, ``fills.lock`` in the cache directory:
 the claim on a digest is an exclusive lock on one byte, at an offset taken
 from the digest.  The kernel drops a dead process's locks, so a crashed
 filler frees its digests at once.  The bytes the cache holds and reserves,
-which every worker checks the quota against, are a counter in the file
-``usage``, changed under a lock on one more byte of ``fills.lock``.  Every
-call is a few system calls on local files, held for microseconds, cheap
-enough for the reactor thread.
+which every worker checks the quota against, are counters in the file
+``usage``, changed under a lock on one more byte of ``fills.lock``: one for
+the bytes held, and one slot per process for the bytes its fills in
+progress reserve.  Each process holds the lock of its slot for its life, so
+the slot of a process that died (even by SIGKILL) is seen to be free and
+its reservations stop counting: the shared usage heals itself.  Every call
+is a few system calls on local files, held for microseconds, cheap enough
+for the reactor thread.
 
 A coordinator for several machines (PostgreSQL advisory locks and a row for
 the usage) would be a third provider of
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import struct
 from collections.abc import Callable
 
 from zope.interface import implementer
@@ -31,10 +36,18 @@ LOCK_FILE = "fills.lock"
 LOCK_FILE_MODE = 0o640
 #: Lock offsets are taken from this many hex digits of a digest (60 bits) ...
 _OFFSET_DIGITS = 15
-#: ... and the usage counter's lock lies beyond them.
+#: ... and the usage counters' lock lies beyond them, ...
 _USAGE_OFFSET = 1 << 62
-#: The usage counter, in the cache directory; the supervisor removes it at start.
+#: ... followed by the lock of each process's reservation slot.
+_SLOT_OFFSET = _USAGE_OFFSET + 1
+#: The usage counters, in the cache directory; the supervisor removes the file at start.
 USAGE_FILE = "usage"
+#: Processes that may share a cache directory at once.
+SLOTS = 256
+#: The usage file: the bytes held, whether a process counted them, and the slots.
+_USAGE = struct.Struct(f"<qq{SLOTS}q")
+#: The slots taken by coordinators of this process (POSIX locks cannot tell them apart).
+_slots_here: set[int] = set()
 
 
 def _offset(digest: str) -> int:
@@ -60,6 +73,9 @@ class LocalCoordinator:
     def add_usage(self, delta: int) -> int:
         self._usage += delta
         return self._usage
+
+    def reserve(self, delta: int) -> int:
+        return self.add_usage(delta)
 
     def claim(self, digest: str) -> bool:
         return True
@@ -90,16 +106,15 @@ class FileLockCoordinator:
         self._fd = os.open(self.path, flags, LOCK_FILE_MODE)
         self._usage_fd = os.open(os.path.join(directory, USAGE_FILE), flags, LOCK_FILE_MODE)
         self._held: set[str] = set()
+        self._slot = 0
+        self._take_slot()
 
     def __repr__(self) -> str:
         return f"<FileLockCoordinator {self.path}: {len(self._held)} claims held>"
 
     def _lock(self, digest: str, operation: int) -> bool:
-        try:
-            fcntl.lockf(self._fd, operation | fcntl.LOCK_NB, 1, _offset(digest))
-        except OSError:  # EACCES or EAGAIN: another process holds it
-            return False
-        return True
+        # EACCES or EAGAIN: another process holds it.
+        return self._lock_byte(_offset(digest), operation)
 
     def claim(self, digest: str) -> bool:
         if digest in self._held:
@@ -123,27 +138,73 @@ class FileLockCoordinator:
         fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _offset(digest))
         return False
 
-    def _change_usage(self, delta: int, start: bool = False) -> int:
-        # Held for a read and a write of 8 bytes, and freed by the kernel if we die.
+    def _take_slot(self) -> None:
+        """Take a free reservation slot, for as long as this process lives."""
+        for slot in range(SLOTS):
+            if slot not in _slots_here and self._lock_byte(_SLOT_OFFSET + slot, fcntl.LOCK_EX):
+                _slots_here.add(slot)
+                self._slot = slot
+                self._change_usage(0, 0, clear=True)  # a dead process's leftovers
+                return
+        raise RuntimeError(f"more than {SLOTS} processes share {self.path}")
+
+    def _lock_byte(self, offset: int, operation: int) -> bool:
+        try:
+            fcntl.lockf(self._fd, operation | fcntl.LOCK_NB, 1, offset)
+        except OSError:
+            return False
+        return True
+
+    def _alive(self, slot: int) -> bool:
+        """Whether a live process holds *slot* (a shared lock is granted on a free one)."""
+        if slot in _slots_here:
+            return True
+        if not self._lock_byte(_SLOT_OFFSET + slot, fcntl.LOCK_SH):
+            return True
+        fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _SLOT_OFFSET + slot)
+        return False
+
+    def _change_usage(
+        self, held: int, reserved: int, start: bool = False, clear: bool = False
+    ) -> int:
+        """Change the counters; the total held and reserved by the live processes.
+
+        Held for a read and a write of the counters, and freed by the kernel if we die.
+        """
         fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, _USAGE_OFFSET)
         try:
-            data = os.pread(self._usage_fd, 8, 0)
-            if start and len(data) == 8:
-                return int.from_bytes(data, "little", signed=True)
-            total = int.from_bytes(data, "little", signed=True) + delta if data else delta
-            os.pwrite(self._usage_fd, total.to_bytes(8, "little", signed=True), 0)
-            return total
+            data = os.pread(self._usage_fd, _USAGE.size, 0)
+            before = _USAGE.unpack(data.ljust(_USAGE.size, b"\0"))
+            total, counted, *slots = before
+            if start and not counted:
+                total, counted = held, 1
+            elif not start:
+                total += held
+            if clear:
+                slots[self._slot] = 0
+            slots[self._slot] += reserved
+            for slot, bytes_reserved in enumerate(slots):
+                if bytes_reserved and not self._alive(slot):
+                    slots[slot] = 0
+            after = (total, counted, *slots)
+            if after != before:
+                os.pwrite(self._usage_fd, _USAGE.pack(*after), 0)
+            return total + sum(slots)
         finally:
             fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _USAGE_OFFSET)
 
     def start_usage(self, total: int) -> None:
-        self._change_usage(total, start=True)
+        self._change_usage(total, 0, start=True)
 
     def add_usage(self, delta: int) -> int:
-        return self._change_usage(delta)
+        return self._change_usage(delta, 0)
+
+    def reserve(self, delta: int) -> int:
+        return self._change_usage(0, delta)
 
     def close(self) -> None:
         self._held.clear()
+        _slots_here.discard(self._slot)
         os.close(self._usage_fd)
         os.close(self._fd)
 

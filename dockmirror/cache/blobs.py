@@ -381,7 +381,7 @@ class BlobStore:
             self.coordinator.release(digest)
             return "disk full"
         evictions = [self._evict(d) for d in victims]
-        self._use(size)
+        self._reserve(size)
         temp_path = os.path.join(self.temp_dir, f"{digest.partition(':')[2]}.{uuid.uuid4().hex}")
         fill = Fill(self, digest, size, upstream, temp_path, evictions, self.reactor, self._run)
         self._fills[digest] = fill
@@ -434,12 +434,15 @@ class BlobStore:
             self._add(followed.digest, followed.size)
 
     def committed(self, fill: Fill) -> None:
+        if self._fills.get(fill.digest) is fill:
+            self._hold(fill.size)  # before the reservation ends: never counted short
+            self._reserve(-fill.size)
         self._end_fill(fill)
         self._add(fill.digest, fill.size)
 
     def failed(self, fill: Fill) -> None:
         if self._fills.get(fill.digest) is fill:
-            self._use(-fill.size)
+            self._reserve(-fill.size)
         self._end_fill(fill)
         # The size may have been wrong: the next request asks the upstream again.
         self.doubt(fill.digest)
@@ -463,15 +466,17 @@ class BlobStore:
             self._evict(d)
         temp_path = os.path.join(self.temp_dir, f"{digest.partition(':')[2]}.{uuid.uuid4().hex}")
         self.reserved += len(data)
-        self._use(len(data))
+        self._reserve(len(data))
         try:
             await self._run(files.write_file, temp_path, self.path(digest), data)
         except OSError as e:
             log.warn("cannot cache {digest}: {error}", digest=digest, error=e.strerror)
-            self._use(-len(data))
             return False
+        else:
+            self._hold(len(data))
         finally:
             self.reserved -= len(data)
+            self._reserve(-len(data))
         self._add(digest, len(data))
         return True
 
@@ -547,7 +552,7 @@ class BlobStore:
 
         def removed(gone: bool) -> None:
             if gone:  # by us: another worker may have removed it first
-                self._use(-size)
+                self._hold(-size)
 
         d.addCallbacks(removed, lambda f: log.failure("removing cached {digest}", f, digest=digest))
         return d
@@ -558,9 +563,15 @@ class BlobStore:
             return self.coordinator.add_usage(0)
         return self.size + self.reserved
 
-    def _use(self, delta: int) -> None:
+    def _hold(self, delta: int) -> None:
+        """Count bytes committed to (or removed from) the directory, for every process."""
         if self.coordinator.shared:
             self.coordinator.add_usage(delta)
+
+    def _reserve(self, delta: int) -> None:
+        """Count bytes this process reserves for a fill, which end with it if it dies."""
+        if self.coordinator.shared:
+            self.coordinator.reserve(delta)
 
     def remove(self, digest: str) -> bool:
         """Remove a blob unless it is being read or filled (for the operator)."""

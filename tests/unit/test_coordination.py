@@ -89,6 +89,9 @@ class Claims:
         self.usage += delta
         return self.usage
 
+    def reserve(self, delta: int) -> int:
+        return self.add_usage(delta)
+
     def close(self) -> None:
         pass
 
@@ -146,6 +149,46 @@ def test_the_usage_is_counted_once_for_every_process(tmp_path):
     again.start_usage(70)
     assert again.add_usage(0) == 70
     again.close()
+
+
+_RESERVER = """
+import sys
+from dockmirror.coordination import FileLockCoordinator
+coordinator = FileLockCoordinator(sys.argv[1])
+coordinator.add_usage(int(sys.argv[2]))
+print(coordinator.reserve(int(sys.argv[3])), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_the_reservations_of_a_process_that_dies_stop_counting(tmp_path):
+    coordinator = FileLockCoordinator(str(tmp_path))
+    coordinator.start_usage(100)
+    assert coordinator.reserve(10) == 110
+    other = subprocess.Popen(
+        [sys.executable, "-c", _RESERVER, str(tmp_path), "7", "50"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert other.stdout is not None
+    assert int(other.stdout.readline()) == 167  # 107 held, 10 and 50 reserved
+    assert coordinator.add_usage(0) == 167
+    other.kill()  # mid-fill: its 50 reserved bytes were never held
+    other.wait()
+    assert coordinator.add_usage(0) == 117
+    assert coordinator.reserve(-10) == 107
+    # A process taking the dead one's slot starts from nothing.
+    again = subprocess.Popen(
+        [sys.executable, "-c", _RESERVER, str(tmp_path), "0", "1"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert again.stdout is not None
+    assert int(again.stdout.readline()) == 108
+    again.communicate()
+    coordinator.close()
 
 
 # --- following a fill of another process ----------------------------------------
