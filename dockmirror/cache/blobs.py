@@ -21,7 +21,7 @@ import os
 import sys
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, cast
 
 from twisted.internet import defer
@@ -226,15 +226,19 @@ class BlobStore:
             return True  # a transient error keeps it, as reading does
         return True
 
-    def _adopt(self, digest: str) -> bool:
-        """Take in a blob that another process sharing the directory committed."""
+    def _adopt(self, digest: str, used: bool = True) -> bool:
+        """Take in a blob that another process sharing the directory committed.
+
+        One not *used* here is taken in as the least recently used: its row
+        in the index says when it was used.
+        """
         if not self.coordinator.shared or digest in self._fills:
             return False
         try:
             size = os.stat(self.path(digest)).st_size
         except OSError:
             return False
-        self._add(digest, size)
+        self._add(digest, size, used)
         return True
 
     def size_of(self, digest: str, origin: str | None = None) -> int | None:
@@ -480,15 +484,22 @@ class BlobStore:
         self._add(digest, len(data))
         return True
 
-    def _add(self, digest: str, size: int) -> None:
+    def _add(self, digest: str, size: int, used: bool = True) -> None:
         if digest not in self._entries:
             self._entries[digest] = size
             self.size += size
             self.metrics.cache_size.set(self.size)
-            now = self.reactor.seconds()
-            self._index.write("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?)", digest, size, now)
             for origin in self._proofs.pop(digest, {}):
                 self._grant(origin, digest)
+            if not used:
+                self._entries.move_to_end(digest, last=False)
+                return
+            now = self.reactor.seconds()
+            self._index.write("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?)", digest, size, now)
+            self.touch(digest)
+            if self.coordinator.shared:  # the other processes see it, and may evict it, at once
+                self._index.flush()
+            return
         self.touch(digest)
 
     def _disk_has_room(self, size: int) -> bool:
@@ -513,18 +524,48 @@ class BlobStore:
     # --- removal -----------------------------------------------------------------
 
     def _victims(self, needed: int) -> list[str] | None:
-        """The least recently used blobs to evict to make room, or None if it can't be made."""
+        """The least recently used blobs to evict to make room, or None if it can't be made.
+
+        Blobs being read here, kept for the warm images, or filled by another
+        process are never chosen.
+        """
         if self.max_size is None:
             return []
         excess = self._used() + needed - self.max_size
         victims = []
-        for digest, size in self._entries.items():
+        for digest, size in self._least_recently_used():
             if excess <= 0:
                 break
             if not self._pins[digest] and digest not in self._kept:
                 victims.append(digest)
                 excess -= size
         return victims if excess <= 0 else None
+
+    def _least_recently_used(self) -> Iterator[tuple[str, int]]:
+        """Cached blobs, least recently used first: here, or by any process sharing the cache.
+
+        The index orders the shared cache; blobs used here since it was last
+        written come last, in the order used.  A blob another process cached
+        is taken in, to be evicted here.
+        """
+        if not self.coordinator.shared:
+            yield from self._entries.items()
+            return
+        # Blobs used here since the index was last written, the last ones of our LRU.
+        recent = []
+        for digest in reversed(self._entries):
+            if not self._index.queued(("used", digest)):
+                break
+            recent.append(digest)
+        skip = set(recent)
+        for digest in self._index.least_recently_used():
+            if digest in skip or self.coordinator.held_elsewhere(digest):
+                continue
+            if digest in self._entries or self._adopt(digest, used=False):
+                yield digest, self._entries[digest]
+        for digest in reversed(recent):
+            if not self.coordinator.held_elsewhere(digest):
+                yield digest, self._entries[digest]
 
     def _evict(self, digest: str) -> Deferred[None]:
         self.metrics.evictions.inc()

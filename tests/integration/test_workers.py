@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import socketserver
+import sqlite3
 import subprocess
 import threading
 import time
@@ -294,6 +295,54 @@ def test_kill_9_of_a_filling_worker(slow_upstream, dockmirror, seeded, unique_re
     status, _, body = curl(url)
     assert status == 200 and sha256(body) == layer.digest
     assert cached_blobs(mirror)[layer.digest] == layer.size
+    assert_cache_sound(mirror)
+
+
+def indexed(mirror: Dockmirror) -> list[str]:
+    """The blobs in the cache's index, least recently used first."""
+    with contextlib.closing(sqlite3.connect(mirror.cache_dir / "index.sqlite")) as db:
+        return [d for (d,) in db.execute("SELECT digest FROM blobs ORDER BY used, digest")]
+
+
+def kill_the_filler(mirror: Dockmirror, url: str, size: int) -> int:
+    """Start a pull of *url* and kill -9 the worker filling it midway; its pid."""
+    client = subprocess.Popen(
+        ["curl", "-s", "--noproxy", "*", "-o", "-", url], stdout=subprocess.PIPE
+    )
+    temp = mirror.cache_dir / "tmp"
+    try:
+        wait_until(lambda: any(p.stat().st_size for p in temp.iterdir()), interval=0.01)
+        filler = holder_of(mirror, temp)
+        assert filler is not None
+        os.kill(filler, signal.SIGKILL)
+    finally:
+        body, _ = client.communicate(timeout=60)
+    assert client.returncode != 0 and len(body) < size
+    wait_until(
+        lambda: filler not in worker_pids(mirror) and len(serving_workers(mirror)) == WORKERS,
+        timeout=30,
+    )
+    return filler
+
+
+def test_a_killed_fillers_reservation_is_given_back_to_the_quota(
+    slow_upstream, dockmirror, seeded, unique_repo
+):
+    registry, relay = slow_upstream
+    image = seeded(registry, unique_repo, "v1", layers=[10 << 20, 11 << 20])
+    mirror = start_workers(dockmirror, relay, max_size="15MiB")
+    first, second = image.platforms[0].layers
+    blobs = f"{mirror.url}/v2/{unique_repo}/blobs"
+    kill_the_filler(mirror, f"{blobs}/{first.digest}", first.size)
+    # Had the dead worker's 10 MiB stayed reserved, 11 more would not fit in 15.
+    status, _, body = curl(f"{blobs}/{second.digest}")
+    assert status == 200 and sha256(body) == second.digest
+    assert cached_blobs(mirror) == {second.digest: second.size}
+    # And the first, fetched again, takes the second's place, whichever worker fetches it.
+    wait_until(lambda: indexed(mirror) == [second.digest])
+    status, _, body = curl(f"{blobs}/{first.digest}")
+    assert status == 200 and sha256(body) == first.digest
+    assert cached_blobs(mirror) == {first.digest: first.size}
     assert_cache_sound(mirror)
 
 

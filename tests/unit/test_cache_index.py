@@ -43,7 +43,8 @@ def test_version_1_access_records_are_dropped_on_upgrade(tmp_path):
     db.executescript(
         (resources.files("dockmirror.cache") / "schema.sql")
         .read_text()
-        .replace("INSERT INTO version VALUES (2)", "INSERT INTO version VALUES (1)")
+        .replace("INSERT INTO version VALUES (3)", "INSERT INTO version VALUES (1)")
+        .replace("CREATE INDEX blobs_used ON blobs (used);", "")
     )
     db.execute("INSERT INTO blobs VALUES ('sha256:a', 1, 0.0)")
     db.execute("INSERT INTO access VALUES ('hub/x https://hub', 'sha256:a')")
@@ -54,4 +55,4 @@ def test_version_1_access_records_are_dropped_on_upgrade(tmp_path):
     assert snapshot.blobs == [("sha256:a", 1, 0.0)]
     assert snapshot.access == []
     index.close()
-    assert sqlite3.connect(path).execute("SELECT version FROM version").fetchall() == [(2,)]
+    assert sqlite3.connect(path).execute("SELECT version FROM version").fetchall() == [(3,)]
