@@ -7,13 +7,16 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 from zope.interface.verify import verifyObject
 
 from dockmirror._interfaces import ICoordinator
 from dockmirror.cache import files
+from dockmirror.cache.blobs import BlobStore
 from dockmirror.cache.fill import Fill
 from dockmirror.cache.follow import POLL_INTERVAL, FollowedFill
 from dockmirror.coordination import FileLockCoordinator, LocalCoordinator
@@ -331,3 +334,62 @@ def test_a_new_fill_removes_a_dead_fills_file(tmp_path):
     (tmp_path / "other.x").write_bytes(b"1")
     os.close(files.create_fill(str(tmp_path / f"{hexpart}.new")))
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{hexpart}.new", "other.x"]
+
+
+def two_workers(tmp_path: Path, max_size: int) -> tuple[BlobStore, BlobStore, Claims, Any]:
+    """Two stores on one directory, quota and index, as two workers have them."""
+    clock = MemoryReactorClock()
+    claims = Claims()
+    stores = []
+    for _ in range(2):
+        store = make_store(tmp_path, max_size=max_size, clock=clock)
+        store.coordinator = claims
+        stores.append(store)
+    return stores[0], stores[1], claims, clock
+
+
+def put(store: BlobStore, data: bytes) -> str:
+    digest = sha256(data)
+    assert Deferred.fromCoroutine(store.put_small(digest, data)).result is True
+    return digest
+
+
+def test_a_blob_used_by_another_worker_is_not_the_least_recently_used(tmp_path):
+    first, second, _, clock = two_workers(tmp_path, max_size=30)
+    old, used_elsewhere = put(first, b"a" * 10), put(first, b"b" * 10)
+    clock.advance(10)
+    first._index.flush()
+    clock.advance(10)
+    # Only the second worker reads the first blob now: in the first's own LRU it is the oldest.
+    assert second.has(old) and second.read_small(old) == b"a" * 10
+    second._index.flush()
+    clock.advance(10)
+    first._index.flush()
+    put(first, b"c" * 10)
+    newest = put(first, b"d" * 10)
+    assert first.has(old) and not first.has(used_elsewhere) and first.has(newest)
+    assert first.coordinator.add_usage(0) == 30
+
+
+def test_a_worker_evicts_blobs_another_one_cached(tmp_path):
+    first, second, _, clock = two_workers(tmp_path, max_size=20)
+    theirs = put(first, b"a" * 10)
+    clock.advance(10)
+    first._index.flush()
+    mine = put(second, b"b" * 10)
+    newest = put(second, b"c" * 10)  # room made from the first worker's blob
+    assert not os.path.exists(second.path(theirs))
+    assert second.has(mine) and second.has(newest) and not first.has(theirs)
+    assert second.coordinator.add_usage(0) == 20
+
+
+def test_a_blob_another_worker_fills_is_not_evicted(tmp_path):
+    first, _, claims, clock = two_workers(tmp_path, max_size=20)
+    filled_elsewhere = put(first, b"a" * 10)
+    clock.advance(10)
+    other = put(first, b"b" * 10)
+    clock.advance(10)
+    first._index.flush()
+    claims.elsewhere.add(filled_elsewhere)  # being filled again there, after a purge here
+    put(first, b"c" * 10)
+    assert first.has(filled_elsewhere) and not first.has(other)
