@@ -42,6 +42,11 @@ _USAGE_OFFSET = 1 << 62
 _SLOT_OFFSET = _USAGE_OFFSET + 1
 #: The usage counters, in the cache directory; the supervisor removes the file at start.
 USAGE_FILE = "usage"
+#: The blobs kept from eviction (the warm images'), one digest a line, in the cache
+#: directory: written by the worker that warms, read by the others.
+KEPT_FILE = "kept"
+#: Files of shared state that a new service starts without.
+SERVICE_FILES = (USAGE_FILE, KEPT_FILE)
 #: Processes that may share a cache directory at once.
 SLOTS = 256
 #: The usage file: the bytes held, whether a process counted them, and the slots.

@@ -42,6 +42,8 @@ STOP_GRACE = 30.0
 #: What one worker tells the others to purge: [repository or digest], so long at most.
 PURGE_TOPIC = "purge"
 PURGE_MAX = 300
+#: One worker tells the others that it wrote the blobs it keeps from eviction: [].
+KEEP_TOPIC = "kept"
 
 
 def origin_of(route: Route) -> str:
@@ -106,9 +108,11 @@ class Cache(service.Service):
         self._notifier: INotifier = LocalNotifier()
 
     def share(self, notifier: INotifier) -> None:
-        """Purge in every worker what is purged in one."""
+        """Purge in every worker what is purged in one; keep what one keeps."""
         self._notifier = notifier
         notifier.subscribe(PURGE_TOPIC, self._purged_elsewhere)
+        notifier.subscribe(KEEP_TOPIC, lambda message: self.blobs.reload_kept())
+        self.blobs.on_keep.append(lambda: notifier.publish(KEEP_TOPIC, []))
 
     def _purged_elsewhere(self, message: list[str]) -> None:
         if len(message) == 1 and len(message[0]) <= PURGE_MAX:

@@ -42,9 +42,10 @@ from dockmirror.cache import files
 from dockmirror.cache.fill import Fill
 from dockmirror.cache.follow import FollowedFill
 from dockmirror.cache.index import Index, Runner, Snapshot
-from dockmirror.coordination import LocalCoordinator
+from dockmirror.coordination import KEPT_FILE, LocalCoordinator
+from dockmirror.errors import RegistryError
 from dockmirror.metrics import Metrics
-from dockmirror.reference import HEX_LENGTH
+from dockmirror.reference import HEX_LENGTH, check_digest
 from dockmirror.streaming import (
     FileSender,
     ShortFile,
@@ -68,6 +69,8 @@ DISK_MARGIN_SHARE = 0.05
 PROOFS = 1 << 16
 #: ... and the upstream repositories remembered per such digest.
 PROOFS_PER_DIGEST = 32
+#: The most of the file of blobs kept that is read: a million digests.
+KEPT_MAX = 100 << 20
 
 
 class BlobStore:
@@ -107,6 +110,9 @@ class BlobStore:
         self.coordinator: ICoordinator = LocalCoordinator()
         #: Called with the digest of each blob removed from the store.
         self.on_remove: list[Callable[[str], None]] = []
+        #: Called once the blobs kept are written for the other processes to read.
+        self.on_keep: list[Callable[[], None]] = []
+        self._keeping: Deferred[None] = succeed(None)
         self.size = 0
         self.reserved = 0
 
@@ -165,6 +171,8 @@ class BlobStore:
             self._entries[digest] = size
             self.size += size
         self.coordinator.start_usage(self.size)
+        if self.coordinator.shared:
+            self._kept = _read_kept(self._kept_path)
         for origin, digest in snapshot.access:
             if digest in self._entries:
                 self._access.setdefault(digest, set()).add(sys.intern(origin))
@@ -329,9 +337,41 @@ class BlobStore:
         """Keep these blobs from eviction, instead of those kept until now.
 
         The caller bounds what it keeps (``[warm] max_share``): the rest of
-        the quota is left for the LRU.
+        the quota is left for the LRU.  In a shared directory they are written
+        to :data:`~dockmirror.coordination.KEPT_FILE`, for every process to keep.
         """
         self._kept = frozenset(digests)
+        if not self.coordinator.shared:
+            return
+        data = "".join(f"{digest}\n" for digest in sorted(self._kept)).encode()
+        temp_path = os.path.join(self.directory, f".{KEPT_FILE}.{uuid.uuid4().hex}")
+
+        def write(_: object) -> Deferred[None]:
+            return self._run(files.write_file, temp_path, self._kept_path, data)
+
+        def written(_: object) -> None:
+            for hook in self.on_keep:
+                hook()
+
+        # One write at a time, so the last one called is the one that stays.
+        self._keeping = self._keeping.addCallback(write).addCallbacks(
+            written, lambda f: log.failure("writing the blobs kept from eviction", f)
+        )
+
+    @property
+    def _kept_path(self) -> str:
+        return os.path.join(self.directory, KEPT_FILE)
+
+    def reload_kept(self) -> Deferred[None]:
+        """Keep the blobs that the process warming the cache wrote it keeps."""
+        d = self._run(_read_kept, self._kept_path)
+        d.addCallbacks(
+            self._set_kept, lambda f: log.failure("reading the blobs kept from eviction", f)
+        )
+        return d
+
+    def _set_kept(self, kept: frozenset[str]) -> None:
+        self._kept = kept
 
     def unpin(self, digest: str) -> None:
         self._pins[digest] -= 1
@@ -850,6 +890,22 @@ class BlobReader:
         if self._consumer is not None:
             release(self._consumer)
             self._consumer = None
+
+
+def _read_kept(path: str) -> frozenset[str]:
+    """The well-formed digests of the file of the blobs kept; none if it is missing."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(KEPT_MAX)
+    except FileNotFoundError:
+        return frozenset()
+    kept = set()
+    for line in data.decode("ascii", "replace").splitlines():
+        try:
+            kept.add(check_digest(line))
+        except RegistryError:
+            log.warn("ignoring {line!r} in the blobs kept from eviction", line=line[:100])
+    return frozenset(kept)
 
 
 def _subdirectories(path: str) -> list[os.DirEntry[str]]:

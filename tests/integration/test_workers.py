@@ -31,6 +31,7 @@ from .registries import LOOPBACK, Registry, free_port, wait_until
 from .test_auth import basic, token_for
 from .test_cache import assert_cache_sound, cached_blobs, sha256
 from .test_pull import curl
+from .test_warm import warm_run
 
 WORKERS = 2
 
@@ -343,6 +344,43 @@ def test_a_killed_fillers_reservation_is_given_back_to_the_quota(
     status, _, body = curl(f"{blobs}/{first.digest}")
     assert status == 200 and sha256(body) == first.digest
     assert cached_blobs(mirror) == {first.digest: first.size}
+    assert_cache_sound(mirror)
+
+
+def test_warm_images_are_kept_from_eviction_by_every_worker(
+    registry_factory, dockmirror, seeded, unique_repo
+):
+    registry = registry_factory()
+    kept = seeded(registry, f"{unique_repo}-kept", "v1", layers=[300_000])
+    mirror = dockmirror(
+        {"hub": {"plugin": "registry", "url": registry.url, "default": True}},
+        extra={
+            "server": {"workers": WORKERS},
+            "warm": {"images": [f"hub/{unique_repo}-kept:v1"], "interval": "1h"},
+            "cache": {"max_size": "1MiB"},
+        },
+    )
+    wait_until(lambda: len(serving_workers(mirror)) == WORKERS, timeout=30, interval=0.1)
+    assert warm_run(mirror)["ok"]
+    wait_until(lambda: (mirror.cache_dir / "kept").exists())
+    time.sleep(0.5)  # the other worker hears of it
+
+    def evictions() -> dict[int, float]:
+        return counted_by_worker(mirror, "dockmirror_cache_evictions_total", "")
+
+    # New blobs until each worker had to evict some: the kept ones are the oldest.
+    for i in range(40):
+        other = seeded(registry, f"{unique_repo}-{i}", "v1", layers=[300_000])
+        layer = other.platforms[0].layers[0]
+        status, _, body = curl(f"{mirror.url}/v2/{unique_repo}-{i}/blobs/{layer.digest}")
+        assert status == 200 and sha256(body) == layer.digest
+        if all(evictions().values()):
+            break
+    else:
+        raise AssertionError(f"not every worker evicted: {evictions()}")
+    cached = cached_blobs(mirror)
+    assert all(blob.digest in cached for blob in kept.blobs)
+    assert sum(cached.values()) <= 1 << 20
     assert_cache_sound(mirror)
 
 
