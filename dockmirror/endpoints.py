@@ -6,6 +6,8 @@ answers 5xx or 429.  An endpoint that failed is skipped for a backoff period
 that doubles with each failure (up to :data:`BACKOFF_MAX`); once it is over,
 one request probes the endpoint again.  When every endpoint is backing off,
 each is tried all the same, in order: a request is never refused unasked.
+Worker processes tell each other when an endpoint fails or comes back, so
+one worker finding it down spares the others their own failed request.
 
 A tag is believed only from the primary and the mirrors with ``trust_tags``;
 a blob or a manifest by digest may come from any endpoint, since its digest
@@ -22,6 +24,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IResponse
 
+from dockmirror._interfaces import INotifier
 from dockmirror.metrics import Metrics
 from dockmirror.reference import is_digest
 from dockmirror.upstream import UpstreamClient, UpstreamError, discard
@@ -32,6 +35,12 @@ log = Logger()
 BACKOFF_FIRST = 5.0
 #: The longest an endpoint is skipped before it is probed again.
 BACKOFF_MAX = 300.0
+
+#: What a worker tells the others of an endpoint: [upstream, endpoint, failures, backoff];
+#: no failures is an endpoint back.
+BREAKER_TOPIC = "breaker"
+#: The most failures counted, as heard from another worker.
+MAX_FAILURES = 1 << 20
 
 CLOSED, OPEN, PROBING = "closed", "open", "half-open"
 #: The value of ``dockmirror_upstream_endpoint_state`` for each state.
@@ -71,6 +80,11 @@ class Breaker:
     def release(self) -> None:
         """A probe ended with no verdict (cancelled): the next request probes again."""
         self.probing = False
+
+    def failed_elsewhere(self, failures: int, backoff: float) -> None:
+        """Another process found the endpoint failing: skip it as long as it does."""
+        self.failures = max(self.failures, failures)
+        self.open_until = max(self.open_until, self._clock.seconds() + backoff)
 
     def succeeded(self) -> None:
         self.failures = 0
@@ -139,8 +153,50 @@ class EndpointSet:
         self.endpoints = endpoints
         self._clock = clock
         self._metrics = metrics
+        self._notifier: INotifier | None = None
         for endpoint in endpoints:
             self._show(endpoint)
+
+    def share(self, notifier: INotifier) -> None:
+        """Tell the other processes when an endpoint fails or is back, and hear of theirs."""
+        self._notifier = notifier
+        notifier.subscribe(BREAKER_TOPIC, self._heard)
+
+    def _tell(self, endpoint: Endpoint, backoff: float) -> None:
+        if self._notifier is not None:
+            message = [self.upstream, endpoint.label, str(endpoint.breaker.failures), str(backoff)]
+            self._notifier.publish(BREAKER_TOPIC, message)
+
+    def _heard(self, message: list[str]) -> None:
+        """Another process's news of an endpoint; checked like any input."""
+        if len(message) != 4 or message[0] != self.upstream:
+            return
+        _, label, failures_text, backoff_text = message
+        endpoint = next((e for e in self.endpoints if e.label == label), None)
+        try:
+            failures, backoff = int(failures_text), float(backoff_text)
+        except ValueError:
+            return
+        if endpoint is None or not (0 <= failures <= MAX_FAILURES and 0 <= backoff <= BACKOFF_MAX):
+            return
+        if failures == 0:
+            if endpoint.breaker.state != CLOSED:
+                log.info(
+                    "upstream {upstream}: endpoint {endpoint} is back, says another worker",
+                    upstream=self.upstream,
+                    endpoint=label,
+                )
+                endpoint.breaker.succeeded()
+        else:
+            endpoint.breaker.failed_elsewhere(failures, backoff)
+            log.info(
+                "upstream {upstream}: endpoint {endpoint} failed in another worker;"
+                " skipped for {backoff:.0f}s",
+                upstream=self.upstream,
+                endpoint=label,
+                backoff=backoff,
+            )
+        self._show(endpoint)
 
     def __repr__(self) -> str:
         now = self._clock.seconds()
@@ -230,13 +286,15 @@ class EndpointSet:
                 upstream=self.upstream,
                 endpoint=endpoint.label,
             )
-        endpoint.breaker.succeeded()
+            endpoint.breaker.succeeded()
+            self._tell(endpoint, 0.0)
         self._show(endpoint)
 
     def _failure(self, endpoint: Endpoint, error: str) -> None:
         backoff = endpoint.breaker.failed()
         self._metrics.endpoint_failures.labels(self.upstream, endpoint.label).inc()
         self._show(endpoint)
+        self._tell(endpoint, backoff)
         if len(self.endpoints) == 1:
             return  # the request's own error says it; there is nothing to skip to
         log.warn(

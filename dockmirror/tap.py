@@ -185,6 +185,8 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
     cache.share(notifier)
     upstreams = Upstreams(egress, reactor, metrics)
     endpoints = {u.name: upstreams.endpoint_set(u) for u in router.upstreams}
+    for endpoint_set in endpoints.values():
+        endpoint_set.share(notifier)
     pull = PullService(upstreams, reactor, metrics, cache)
     cache.prefetcher = Prefetcher(router, pull)
     top = service.MultiService()

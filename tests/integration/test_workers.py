@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,7 @@ from .test_auth import basic, token_for
 from .test_cache import assert_cache_sound, cached_blobs, sha256
 from .test_pull import curl
 from .test_warm import warm_run
+from .upstream_servers import Relay
 
 WORKERS = 2
 
@@ -382,6 +384,38 @@ def test_warm_images_are_kept_from_eviction_by_every_worker(
     assert all(blob.digest in cached for blob in kept.blobs)
     assert sum(cached.values()) <= 1 << 20
     assert_cache_sound(mirror)
+
+
+def _unavailable(request: BaseHTTPRequestHandler) -> bool:
+    request.send_response(503)
+    request.send_header("Content-Length", "0")
+    request.end_headers()
+    return True
+
+
+def test_an_endpoint_down_in_one_worker_is_skipped_by_every_worker(
+    registry_factory, dockmirror, seeded, unique_repo
+):
+    backup = registry_factory()
+    seeded(backup, unique_repo, "v1")
+    primary = Relay(backup.url, {unique_repo: _unavailable})
+    primary.start()
+    try:
+        hub = {"plugin": "dockerhub", "url": primary.url, "default": True}
+        hub["mirrors"] = [{"url": backup.url, "trust_tags": True}]
+        mirror = dockmirror({"hub": hub}, extra={"server": {"workers": WORKERS}})
+        wait_until(lambda: len(serving_workers(mirror)) == WORKERS, timeout=30, interval=0.1)
+        url = f"{mirror.url}/v2/{unique_repo}/manifests/v1"
+
+        def from_the_backup() -> None:
+            assert curl("-I", url)[0] == 200  # a HEAD is not cached: it goes upstream
+
+        until_every_worker_answered(mirror, "manifest", from_the_backup)
+        # The first worker found the primary down; the others skipped it at once.
+        assert primary.count(f"/v2/{unique_repo}/") == 1
+        assert "failed in another worker; skipped for 5s" in mirror.log_text()
+    finally:
+        primary.stop()
 
 
 def test_a_key_revoked_with_dockmirror_admin_is_refused_by_every_worker(plain_registry, dockmirror):
