@@ -18,15 +18,21 @@ for the reactor thread.
 A coordinator for several machines (PostgreSQL advisory locks and a row for
 the usage) would be a third provider of
 :class:`~dockmirror._interfaces.ICoordinator`.
+
+:class:`SharedFlights` does a piece of work (a manifest's fetch) once for
+every process: the one that claims its key does it, and tells the others.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import struct
 from collections.abc import Callable
 
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from zope.interface import implementer
 
 from dockmirror._interfaces import ICoordinator, INotifier
@@ -226,3 +232,113 @@ class LocalNotifier:
 
     def subscribe(self, topic: str, listener: Callable[[list[str]], None]) -> None:
         pass
+
+
+#: Seconds a process waits for the flight of another ...
+FLIGHT_WAIT = 60.0
+#: ... looking this often whether that process still holds it ...
+FLIGHT_POLL = 0.05
+#: ... and waiting this long for its result once it let go.
+FLIGHT_GRACE = 0.5
+#: The most strings in a flight's result.
+FLIGHT_RESULT_MAX = 8
+
+
+class SharedFlights:
+    """Work done by one process for all: the one that claims a key, the others wait.
+
+    The claim is an :class:`~dockmirror._interfaces.ICoordinator` claim on
+    a digest made from the key, so a crashed process lets go of it.  The
+    process that did the work publishes its result (a list of strings) on
+    *topic* to every process, waiting or not: :attr:`on_result` listeners
+    take it in.  A waiter does the work itself when the claim ends without
+    a result (it failed), or after :data:`FLIGHT_WAIT` seconds.
+    """
+
+    def __init__(self, reactor: IReactorTime, topic: str) -> None:
+        self._reactor = reactor
+        self.topic = topic
+        self.coordinator: ICoordinator = LocalCoordinator()
+        self._notifier: INotifier = LocalNotifier()
+        #: Called with each result another process published, before its waiters resume.
+        self.on_result: list[Callable[[list[str]], None]] = []
+        self._waiting: dict[str, list[Deferred[list[str] | None]]] = {}
+        self._held: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"<SharedFlights {self.topic}: {len(self._held)} held, {len(self._waiting)} awaited>"
+
+    def share(self, notifier: INotifier) -> None:
+        self._notifier = notifier
+        notifier.subscribe(self.topic, self._heard)
+
+    async def wait(self, key: str) -> list[str] | None:
+        """Another process's result for *key*; None when this process is to do the work.
+
+        It then holds the claim until :meth:`done`.
+        """
+        flight = _flight(key)
+        if self._claim(flight):
+            return None
+        waiter: Deferred[list[str] | None] = Deferred()
+        self._waiting.setdefault(flight, []).append(waiter)
+        deadline = self._reactor.seconds() + FLIGHT_WAIT
+        released: float | None = None
+        timer: IDelayedCall | None = None
+
+        def poll() -> None:
+            nonlocal released, timer
+            now = self._reactor.seconds()
+            if self.coordinator.held_elsewhere(flight):
+                released = None
+            elif released is None:
+                released = now
+            elif now - released >= FLIGHT_GRACE and self._claim(flight):
+                waiter.callback(None)  # it gave up: the work is ours now
+                return
+            if now >= deadline:
+                waiter.callback(None)
+                return
+            timer = self._reactor.callLater(FLIGHT_POLL, poll)
+
+        timer = self._reactor.callLater(FLIGHT_POLL, poll)
+        try:
+            return await waiter
+        finally:
+            if timer.active():
+                timer.cancel()
+            waiting = self._waiting.get(flight, [])
+            if waiter in waiting:
+                waiting.remove(waiter)
+            if not waiting:
+                self._waiting.pop(flight, None)
+
+    def done(self, key: str, result: list[str] | None) -> None:
+        """Tell every process the *result* of the work on *key* (None: it failed), and let go."""
+        flight = _flight(key)
+        if result is not None:
+            self._notifier.publish(self.topic, [flight, *result])
+        if flight in self._held:
+            self._held.discard(flight)
+            self.coordinator.release(flight)
+
+    def _claim(self, flight: str) -> bool:
+        if not self.coordinator.claim(flight):
+            return False
+        self._held.add(flight)
+        return True
+
+    def _heard(self, message: list[str]) -> None:
+        if not 2 <= len(message) <= FLIGHT_RESULT_MAX + 1:
+            return
+        flight, *result = message
+        for listener in self.on_result:
+            listener(result)
+        for waiter in self._waiting.pop(flight, []):
+            if not waiter.called:
+                waiter.callback(result)
+
+
+def _flight(key: str) -> str:
+    """The digest whose claim stands for the work on *key*."""
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()

@@ -28,7 +28,7 @@ from dockmirror.cache.index import Index, Runner
 from dockmirror.cache.manifests import ManifestCache
 from dockmirror.cache.referrers import ReferrersCache
 from dockmirror.config import CacheConfig
-from dockmirror.coordination import FileLockCoordinator, LocalNotifier
+from dockmirror.coordination import FileLockCoordinator, LocalNotifier, SharedFlights
 from dockmirror.metrics import Metrics
 from dockmirror.reference import DIGEST_RE
 from dockmirror.routing import Route
@@ -44,6 +44,8 @@ PURGE_TOPIC = "purge"
 PURGE_MAX = 300
 #: One worker tells the others that it wrote the blobs it keeps from eviction: [].
 KEEP_TOPIC = "kept"
+#: One worker tells the others of a manifest it fetched (see :attr:`Cache.flights`).
+MANIFEST_TOPIC = "manifest"
 
 
 def origin_of(route: Route) -> str:
@@ -103,6 +105,10 @@ class Cache(service.Service):
         )
         self.manifests = ManifestCache(self.blobs, self.index, reactor, config.manifest_ttl)
         self.referrers = ReferrersCache(reactor, config.manifest_ttl)
+        #: Manifest fetches, one for every worker: the result is
+        #: ``[origin, reference, digest, media type]``, cached by the fetching worker.
+        self.flights = SharedFlights(reactor, MANIFEST_TOPIC)
+        self.flights.on_result.append(self.manifests.fetched_elsewhere)
         #: Warms the cache for :meth:`prefetch`; attached once the pull side exists.
         self.prefetcher: Prefetcher | None = None
         self._notifier: INotifier = LocalNotifier()
@@ -112,6 +118,7 @@ class Cache(service.Service):
         self._notifier = notifier
         notifier.subscribe(PURGE_TOPIC, self._purged_elsewhere)
         notifier.subscribe(KEEP_TOPIC, lambda message: self.blobs.reload_kept())
+        self.flights.share(notifier)
         self.blobs.on_keep.append(lambda: notifier.publish(KEEP_TOPIC, []))
 
     def _purged_elsewhere(self, message: list[str]) -> None:
@@ -137,7 +144,7 @@ class Cache(service.Service):
         files.make_directory(self.directory)
         self._lock_fd = self._lock("lock", fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX)
         if self.shared:
-            self.blobs.coordinator = FileLockCoordinator(self.directory)
+            self.blobs.coordinator = self.flights.coordinator = FileLockCoordinator(self.directory)
         for pool in self._pools:
             pool.start()
         # Workers starting together recover one at a time.

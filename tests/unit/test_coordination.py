@@ -1,4 +1,4 @@
-"""Claims on fills across processes, and following another process's fill."""
+"""Claims on fills, usage, eviction and work shared across processes; following another process's fill."""
 
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 from zope.interface.verify import verifyObject
 
+from dockmirror import coordination
 from dockmirror._interfaces import ICoordinator
 from dockmirror.cache import files
 from dockmirror.cache.blobs import BlobStore
 from dockmirror.cache.fill import Fill
 from dockmirror.cache.follow import POLL_INTERVAL, FollowedFill
-from dockmirror.coordination import FileLockCoordinator, LocalCoordinator
+from dockmirror.coordination import FileLockCoordinator, LocalCoordinator, SharedFlights
 from dockmirror.streaming import StreamError
 
 from ._cache_support import make_store, sha256
@@ -393,3 +394,77 @@ def test_a_blob_another_worker_fills_is_not_evicted(tmp_path):
     claims.elsewhere.add(filled_elsewhere)  # being filled again there, after a purge here
     put(first, b"c" * 10)
     assert first.has(filled_elsewhere) and not first.has(other)
+
+
+# --- work done once for every process ---------------------------------------------
+
+
+class Heard:
+    """A notifier whose published messages the test reads, and whose listener it calls."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, list[str]]] = []
+        self.listeners: list[Any] = []
+
+    def publish(self, topic: str, message: list[str]) -> None:
+        self.published.append((topic, message))
+
+    def subscribe(self, topic: str, listener: Any) -> None:
+        self.listeners.append(listener)
+
+
+def flights() -> tuple[SharedFlights, Claims, Heard, MemoryReactorClock, list[list[str]]]:
+    clock, claims, notifier = MemoryReactorClock(), Claims(), Heard()
+    shared = SharedFlights(clock, "manifest")
+    shared.coordinator = claims
+    shared.share(notifier)  # type: ignore[arg-type]
+    results: list[list[str]] = []
+    shared.on_result.append(results.append)
+    return shared, claims, notifier, clock, results
+
+
+def waiting(shared: SharedFlights, key: str) -> list[object]:
+    outcome: list[object] = []
+    Deferred.fromCoroutine(shared.wait(key)).addBoth(outcome.append)
+    return outcome
+
+
+def test_the_first_process_does_the_work_and_tells_the_others():
+    shared, claims, notifier, _, _ = flights()
+    assert waiting(shared, "k") == [None]  # ours: the claim is held until done
+    assert claims.mine
+    shared.done("k", ["digest"])
+    assert not claims.mine
+    [(topic, [flight, result])] = notifier.published
+    assert topic == "manifest" and result == "digest" and flight.startswith("sha256:")
+
+
+def test_a_process_waits_for_the_result_of_another():
+    shared, claims, notifier, clock, results = flights()
+    claims.elsewhere.add(coordination._flight("k"))
+    outcome = waiting(shared, "k")
+    clock.advance(10)
+    assert outcome == []
+    notifier.listeners[0]([coordination._flight("other"), "x"])
+    assert outcome == [] and results == [["x"]]  # heard by every process, waiting or not
+    notifier.listeners[0]([coordination._flight("k"), "digest", "type"])
+    assert outcome == [["digest", "type"]] and not clock.getDelayedCalls()
+
+
+def test_a_waiter_does_the_work_when_the_other_gave_up_or_is_too_slow():
+    shared, claims, _, clock, _ = flights()
+    flight = coordination._flight("k")
+    claims.elsewhere.add(flight)
+    outcome = waiting(shared, "k")
+    clock.advance(1)
+    claims.elsewhere.clear()  # it failed, or died, and told nothing
+    clock.pump([coordination.FLIGHT_POLL] * 5)
+    assert outcome == []  # its result may be on its way
+    clock.pump([coordination.FLIGHT_POLL] * int(coordination.FLIGHT_GRACE / 0.05 + 2))
+    assert outcome == [None] and flight in claims.mine
+    shared.done("k", None)
+    claims.elsewhere.add(flight)
+    late = waiting(shared, "k")
+    clock.pump([1.0] * int(coordination.FLIGHT_WAIT + 1))
+    assert late == [None] and flight not in claims.mine  # done without the claim
+    assert not clock.getDelayedCalls()
