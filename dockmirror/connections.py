@@ -7,6 +7,10 @@ request to its last (line, headers and body; only small bodies are ever
 accepted), and a client address (an IPv6 /64) may hold only so many
 connections, out of a total.  Connections over a limit are answered 503 and
 closed at once, so their sockets are not held either.
+
+The limits are the whole service's: with worker processes, each worker
+serves an equal share of each (rounded down, at least one), so that all
+workers together never exceed them.
 """
 
 from __future__ import annotations
@@ -38,11 +42,16 @@ def _subject(address: IAddress | None) -> str:
 
 
 class ConnectionLimits:
-    """Counts open connections, in total and per client address."""
+    """Counts open connections, in total and per client address.
 
-    def __init__(self, total: int, per_client: int) -> None:
-        self.total = total
-        self.per_client = per_client
+    *total* and *per_client* are the service's limits, of which this
+    process, one of *workers*, serves its share.
+    """
+
+    def __init__(self, total: int, per_client: int, workers: int = 1) -> None:
+        self.total = worker_share(total, workers)
+        self.per_client = worker_share(per_client, workers)
+        self._whose = "server." if workers == 1 else f"this worker's share (1/{workers}) of server."
         self._open: Counter[str] = Counter()
         self._count = 0
         self._refused = 0
@@ -55,11 +64,11 @@ class ConnectionLimits:
         """Why a new connection from *address* is refused, or None to serve it."""
         subject = _subject(address)
         if self._count >= self.total:
-            reason = f"{self.total} connections are open (server.max_connections)"
+            reason = f"{self.total} connections are open ({self._whose}max_connections)"
         elif self._open[subject] >= self.per_client:
             reason = (
                 f"{subject} has {self.per_client} connections open"
-                " (server.max_connections_per_client)"
+                f" ({self._whose}max_connections_per_client)"
             )
         else:
             return None
@@ -86,6 +95,11 @@ class ConnectionLimits:
         if self._open[subject] <= 0:
             del self._open[subject]
         self._count -= 1
+
+
+def worker_share(limit: int, workers: int) -> int:
+    """One worker's share of a service-wide *limit*: all shares add up to no more."""
+    return max(1, limit // workers)
 
 
 class Refused(Protocol):

@@ -128,7 +128,8 @@ def _raise_file_limit(max_connections: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     if soft != resource.RLIM_INFINITY and soft < wanted:
         log.warn(
-            "server.max_connections = {n} may need {wanted} open files; the limit is {soft}",
+            "{n} connections (server.max_connections) may need {wanted} open files;"
+            " the limit is {soft}",
             n=max_connections,
             wanted=wanted,
             soft=soft,
@@ -211,8 +212,10 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
     root.putChild(b"healthz", health)
     server = config.server
     timeouts = {"header_timeout": server.header_timeout, "idle_timeout": server.idle_timeout}
-    _raise_file_limit(server.max_connections)
-    limits = ConnectionLimits(server.max_connections, server.max_connections_per_client)
+    # The service's connection limits, of which each worker serves its share.
+    workers = 1 if worker is None else server.worker_count
+    limits = ConnectionLimits(server.max_connections, server.max_connections_per_client, workers)
+    _raise_file_limit(limits.total)
     clients = ClientAddresses(server.trusted_proxies, server.proxy_header)
     site = MirrorSite(root, metrics, clients, limits, **timeouts)
     certificates = []
@@ -242,7 +245,7 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
         operations = RootResource()
         operations.putChild(b"metrics", metrics_resource)
         operations.putChild(b"healthz", health)
-        own = ConnectionLimits(server.max_connections, server.max_connections_per_client)
+        own = ConnectionLimits(server.max_connections, server.max_connections_per_client, workers)
         listen(config.metrics.listen, MirrorSite(operations, metrics, clients, own, **timeouts))
     else:
         root.putChild(b"metrics", metrics_resource)

@@ -448,6 +448,33 @@ def test_an_endpoint_down_in_one_worker_is_skipped_by_every_worker(
         primary.stop()
 
 
+def test_connection_limits_hold_for_the_whole_service(plain_registry, dockmirror):
+    mirror = dockmirror(
+        {"hub": {"plugin": "dockerhub", "url": plain_registry.url, "default": True}},
+        extra={"server": {"workers": WORKERS, "max_connections": 4}},
+    )
+    wait_until(lambda: len(serving_workers(mirror)) == WORKERS, timeout=30, interval=0.1)
+    with contextlib.ExitStack() as stack:
+        connections = []
+        for _ in range(16):
+            connection = socket.create_connection((LOOPBACK, mirror.port))
+            stack.callback(connection.close)
+            connections.append(connection)
+            time.sleep(0.05)  # accepted, and refused or held, in turn
+        refusals = []
+        for connection in connections:
+            connection.settimeout(0.5)
+            try:
+                refusals.append(connection.recv(4096))
+            except TimeoutError:  # held: the mirror waits for a request
+                continue
+        held = len(connections) - len(refusals)
+        print(f"held {held} of 16 connections with max_connections = 4 over {WORKERS} workers")
+        assert 1 <= held <= 4
+        assert all(r.startswith(b"HTTP/1.1 503 ") for r in refusals)
+        assert b"this worker's share (1/2) of server.max_connections" in b"".join(refusals)
+
+
 def test_a_key_revoked_with_dockmirror_admin_is_refused_by_every_worker(plain_registry, dockmirror):
     mirror = start_workers(dockmirror, plain_registry, auth_required=True)
     app_id, api_key = create_key(mirror)

@@ -1,4 +1,4 @@
-"""Claims on fills, usage, eviction and work shared across processes; following another process's fill."""
+"""Work shared across processes: claims, usage, eviction, flights; following a fill."""
 
 from __future__ import annotations
 
