@@ -28,6 +28,7 @@ from twisted.internet.error import VerifyError
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
+from dockmirror.config import Config, ConfigError
 from dockmirror.errors import RegistryError
 
 log = Logger()
@@ -173,6 +174,16 @@ def tls_endpoint(reactor: Any, description: str) -> tuple[Any, ReloadingContextF
         return endpoint, None
     endpoint._sslContextFactory = factory
     return endpoint, factory
+
+
+def listen_endpoint(
+    reactor: Any, config: Config, description: str, key: str = "server.listen"
+) -> Any:
+    """:func:`tls_endpoint` for a listener of *config*; an error names its key."""
+    try:
+        return tls_endpoint(reactor, description)
+    except ValueError as e:
+        raise ConfigError(f"{config.source}: {key}: {description!r}: {e}") from None
 
 
 #: What a TLS client handshake starts with: a handshake record.
