@@ -52,6 +52,16 @@ class ICoordinator(Interface):
     def held_elsewhere(digest: str) -> bool:
         """Whether another process holds the claim on *digest* now."""
 
+    def pin(digest: str) -> None:
+        """Say that this process reads *digest*: another process must not remove it."""
+
+    def unpin(digest: str) -> None:
+        """This process reads *digest* no more."""
+
+    def pinned_elsewhere(digest: str) -> bool:
+        """Whether another process reads *digest* now (asking about a digest pinned here is
+        meaningless, as for claims)."""
+
     def start_usage(total: int) -> None:
         """Set the bytes the cache holds to *total*, unless a running process already did."""
 

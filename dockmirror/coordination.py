@@ -5,7 +5,10 @@
 POSIX byte-range locks on one file, ``fills.lock`` in the cache directory:
 the claim on a digest is an exclusive lock on one byte, at an offset taken
 from the digest.  The kernel drops a dead process's locks, so a crashed
-filler frees its digests at once.  The bytes the cache holds and reserves,
+filler frees its digests at once.  A process reading a blob holds a shared
+lock on another byte of the digest's, so that no other process removes the
+blob under it (a follower of a fill would take its removal for the fill's
+failure).  The bytes the cache holds and reserves,
 which every worker checks the quota against, are counters in the file
 ``usage``, changed under a lock on one more byte of ``fills.lock``: one for
 the bytes held, and one slot per process for the bytes its fills in
@@ -42,6 +45,8 @@ LOCK_FILE = "fills.lock"
 LOCK_FILE_MODE = 0o640
 #: Lock offsets are taken from this many hex digits of a digest (60 bits) ...
 _OFFSET_DIGITS = 15
+#: ... for claims, and above this for read pins ...
+_PIN_OFFSET = 1 << 61
 #: ... and the usage counters' lock lies beyond them, ...
 _USAGE_OFFSET = 1 << 62
 #: ... followed by the lock of each process's reservation slot.
@@ -97,6 +102,15 @@ class LocalCoordinator:
     def held_elsewhere(self, digest: str) -> bool:
         return False
 
+    def pin(self, digest: str) -> None:
+        pass
+
+    def unpin(self, digest: str) -> None:
+        pass
+
+    def pinned_elsewhere(self, digest: str) -> bool:
+        return False
+
     def close(self) -> None:
         pass
 
@@ -147,6 +161,21 @@ class FileLockCoordinator:
         if not self._lock(digest, fcntl.LOCK_SH):
             return True
         fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _offset(digest))
+        return False
+
+    def pin(self, digest: str) -> None:
+        # Waits, for microseconds, only while another process tests the pin.
+        fcntl.lockf(self._fd, fcntl.LOCK_SH, 1, _PIN_OFFSET + _offset(digest))
+
+    def unpin(self, digest: str) -> None:
+        fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _PIN_OFFSET + _offset(digest))
+
+    def pinned_elsewhere(self, digest: str) -> bool:
+        # An exclusive lock is granted unless another process holds a shared one.
+        offset = _PIN_OFFSET + _offset(digest)
+        if not self._lock_byte(offset, fcntl.LOCK_EX):
+            return True
+        fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, offset)
         return False
 
     def _take_slot(self) -> None:

@@ -331,6 +331,8 @@ class BlobStore:
             # The fill is being renamed into place just now.
             fd = os.open(self.path(digest), flags)
         self._pins[digest] += 1
+        if self._pins[digest] == 1:
+            self.coordinator.pin(digest)
         return BlobReader(self, digest, fd, start, end, fill, on_bytes)
 
     def keep(self, digests: Iterable[str]) -> None:
@@ -377,6 +379,7 @@ class BlobStore:
         self._pins[digest] -= 1
         if self._pins[digest] <= 0:
             del self._pins[digest]
+            self.coordinator.unpin(digest)
 
     def read_small(self, digest: str) -> bytes | None:
         """The whole of a small cached blob (a manifest), or None.
@@ -566,8 +569,8 @@ class BlobStore:
     def _victims(self, needed: int) -> list[str] | None:
         """The least recently used blobs to evict to make room, or None if it can't be made.
 
-        Blobs being read here, kept for the warm images, or filled by another
-        process are never chosen.
+        Blobs being read (by any process), kept for the warm images, or filled
+        by another process are never chosen.
         """
         if self.max_size is None:
             return []
@@ -576,7 +579,7 @@ class BlobStore:
         for digest, size in self._least_recently_used():
             if excess <= 0:
                 break
-            if not self._pins[digest] and digest not in self._kept:
+            if not self._in_use(digest) and digest not in self._kept:
                 victims.append(digest)
                 excess -= size
         return victims if excess <= 0 else None
@@ -606,6 +609,10 @@ class BlobStore:
         for digest in reversed(recent):
             if not self.coordinator.held_elsewhere(digest):
                 yield digest, self._entries[digest]
+
+    def _in_use(self, digest: str) -> bool:
+        """Whether this process or another reads *digest*."""
+        return bool(self._pins[digest]) or self.coordinator.pinned_elsewhere(digest)
 
     def _evict(self, digest: str) -> Deferred[None]:
         self.metrics.evictions.inc()
@@ -656,7 +663,7 @@ class BlobStore:
 
     def remove(self, digest: str) -> bool:
         """Remove a blob unless it is being read or filled (for the operator)."""
-        if self._pins[digest] or digest in self._fills or digest not in self._entries:
+        if digest in self._fills or digest not in self._entries or self._in_use(digest):
             return False
         self.forget(digest)
         return True

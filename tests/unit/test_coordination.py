@@ -70,6 +70,7 @@ class Claims:
     def __init__(self) -> None:
         self.elsewhere: set[str] = set()
         self.mine: set[str] = set()
+        self.read_elsewhere: set[str] = set()
         self.usage = 0
 
     def claim(self, digest: str) -> bool:
@@ -95,6 +96,15 @@ class Claims:
 
     def reserve(self, delta: int) -> int:
         return self.add_usage(delta)
+
+    def pin(self, digest: str) -> None:
+        pass
+
+    def unpin(self, digest: str) -> None:
+        pass
+
+    def pinned_elsewhere(self, digest: str) -> bool:
+        return digest in self.read_elsewhere
 
     def close(self) -> None:
         pass
@@ -468,3 +478,44 @@ def test_a_waiter_does_the_work_when_the_other_gave_up_or_is_too_slow():
     clock.pump([1.0] * int(coordination.FLIGHT_WAIT + 1))
     assert late == [None] and flight not in claims.mine  # done without the claim
     assert not clock.getDelayedCalls()
+
+
+_READER = """
+import sys
+from dockmirror.coordination import FileLockCoordinator
+coordinator = FileLockCoordinator(sys.argv[1])
+coordinator.pin(sys.argv[2])
+print(coordinator.pinned_elsewhere(sys.argv[3]), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_blob_read_by_another_process_is_pinned_until_it_dies(tmp_path):
+    coordinator = FileLockCoordinator(str(tmp_path))
+    other = subprocess.Popen(
+        [sys.executable, "-c", _READER, str(tmp_path), DIGEST, sha256(b"x")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert other.stdout is not None and other.stdout.readline().strip() == "False"
+    assert coordinator.pinned_elsewhere(DIGEST)
+    assert not coordinator.pinned_elsewhere(sha256(b"x"))
+    assert not coordinator.held_elsewhere(DIGEST)  # reading is not filling
+    other.kill()
+    other.wait()
+    assert not coordinator.pinned_elsewhere(DIGEST)
+    coordinator.close()
+
+
+def test_a_blob_another_worker_reads_is_not_evicted(tmp_path):
+    first, _, claims, clock = two_workers(tmp_path, max_size=20)
+    read_elsewhere = put(first, b"a" * 10)
+    clock.advance(10)
+    other = put(first, b"b" * 10)
+    clock.advance(10)
+    first._index.flush()
+    claims.read_elsewhere.add(read_elsewhere)
+    put(first, b"c" * 10)
+    assert first.has(read_elsewhere) and not first.has(other)
+    assert not first.remove(read_elsewhere)  # nor purged
