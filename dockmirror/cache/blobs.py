@@ -176,7 +176,7 @@ class BlobStore:
         for origin, digest in snapshot.access:
             if digest in self._entries:
                 self._access.setdefault(digest, set()).add(sys.intern(origin))
-        for digest in self._victims(0) or []:
+        for digest in self._victims() or []:
             self._evict(digest)
         self.metrics.cache_size.set(self.size)
         log.info(
@@ -419,22 +419,37 @@ class BlobStore:
         if self._adopt(digest):
             self.coordinator.release(digest)
             return self._follow(digest, size)
-        victims = self._victims(size)
-        if victims is None:
+        evictions = self._make_room(size)
+        if isinstance(evictions, str):
             self.coordinator.release(digest)
-            return "cache full of blobs in use"
-        freed = sum(self._entries[d] for d in victims)
-        if not self._disk_has_room(size - freed):
-            self.coordinator.release(digest)
-            return "disk full"
-        evictions = [self._evict(d) for d in victims]
-        self._reserve(size)
+            return evictions
         temp_path = os.path.join(self.temp_dir, f"{digest.partition(':')[2]}.{uuid.uuid4().hex}")
         fill = Fill(self, digest, size, upstream, temp_path, evictions, self.reactor, self._run)
         self._fills[digest] = fill
-        self.reserved += size
         self.metrics.fills_in_flight.inc()
         return fill
+
+    def _make_room(self, size: int) -> list[Deferred[None]] | str:
+        """Reserve *size* bytes and evict what must go for them; or say why there is no room.
+
+        The reservation comes first, so that a process choosing its victims
+        at the same time counts it, and each victim is claimed, so that no
+        two processes count one victim's bytes as freed for themselves.
+        """
+        self.reserved += size
+        self._reserve(size)
+        victims = self._victims()
+        reason = None
+        if victims is None:
+            reason = "cache full of blobs in use"
+        elif not self._disk_has_room(size - sum(self._entries[d] for d in victims)):
+            reason = "disk full"
+            for victim in victims:
+                self.coordinator.release(victim)
+        if reason is not None:
+            self._unreserve(size)
+            return reason
+        return [self._evict(d) for d in victims or ()]
 
     def _follow(self, digest: str, size: int) -> FollowedFill:
         followed = self._followed[digest] = FollowedFill(
@@ -506,14 +521,9 @@ class BlobStore:
         if self.has(digest):
             self.touch(digest)
             return True
-        victims = self._victims(len(data))
-        if victims is None or not self._disk_has_room(len(data)):
+        if isinstance(self._make_room(len(data)), str):
             return False
-        for d in victims:
-            self._evict(d)
         temp_path = os.path.join(self.temp_dir, f"{digest.partition(':')[2]}.{uuid.uuid4().hex}")
-        self.reserved += len(data)
-        self._reserve(len(data))
         try:
             await self._run(files.write_file, temp_path, self.path(digest), data)
         except OSError as e:
@@ -522,8 +532,7 @@ class BlobStore:
         else:
             self._hold(len(data))
         finally:
-            self.reserved -= len(data)
-            self._reserve(-len(data))
+            self._unreserve(len(data))
         self._add(digest, len(data))
         return True
 
@@ -566,23 +575,33 @@ class BlobStore:
 
     # --- removal -----------------------------------------------------------------
 
-    def _victims(self, needed: int) -> list[str] | None:
-        """The least recently used blobs to evict to make room, or None if it can't be made.
+    def _victims(self) -> list[str] | None:
+        """The least recently used blobs to evict to fit the quota, or None if none can.
 
-        Blobs being read (by any process), kept for the warm images, or filled
-        by another process are never chosen.
+        Blobs being read (by any process), kept for the warm images, or
+        filled or evicted by another process are never chosen.  Each victim
+        is claimed until it is evicted.
         """
         if self.max_size is None:
             return []
-        excess = self._used() + needed - self.max_size
+        excess = self._used() - self.max_size
         victims = []
         for digest, size in self._least_recently_used():
             if excess <= 0:
                 break
-            if not self._in_use(digest) and digest not in self._kept:
+            if (
+                not self._in_use(digest)
+                and digest not in self._kept
+                and digest not in self._fills
+                and self.coordinator.claim(digest)
+            ):
                 victims.append(digest)
                 excess -= size
-        return victims if excess <= 0 else None
+        if excess <= 0:
+            return victims
+        for victim in victims:
+            self.coordinator.release(victim)
+        return None
 
     def _least_recently_used(self) -> Iterator[tuple[str, int]]:
         """Cached blobs, least recently used first: here, or by any process sharing the cache.
@@ -602,13 +621,10 @@ class BlobStore:
             recent.append(digest)
         skip = set(recent)
         for digest in self._index.least_recently_used():
-            if digest in skip or self.coordinator.held_elsewhere(digest):
-                continue
-            if digest in self._entries or self._adopt(digest, used=False):
+            if digest not in skip and (digest in self._entries or self._adopt(digest, used=False)):
                 yield digest, self._entries[digest]
         for digest in reversed(recent):
-            if not self.coordinator.held_elsewhere(digest):
-                yield digest, self._entries[digest]
+            yield digest, self._entries[digest]
 
     def _in_use(self, digest: str) -> bool:
         """Whether this process or another reads *digest*."""
@@ -618,7 +634,11 @@ class BlobStore:
         self.metrics.evictions.inc()
         self.metrics.evicted_bytes.inc(self._entries.get(digest, 0))
         log.info("evicting {digest} to keep within the cache quota", digest=digest)
-        return self.forget(digest)
+
+        def evicted(result: None) -> None:
+            self.coordinator.release(digest)
+
+        return self.forget(digest).addCallback(evicted)
 
     def forget(self, digest: str) -> Deferred[None]:
         """Drop a blob from the store; fires once its file is gone."""
@@ -655,6 +675,10 @@ class BlobStore:
         """Count bytes committed to (or removed from) the directory, for every process."""
         if self.coordinator.shared:
             self.coordinator.add_usage(delta)
+
+    def _unreserve(self, size: int) -> None:
+        self.reserved -= size
+        self._reserve(-size)
 
     def _reserve(self, delta: int) -> None:
         """Count bytes this process reserves for a fill, which end with it if it dies."""
