@@ -370,12 +370,12 @@ def test_a_killed_fillers_reservation_is_given_back_to_the_quota(
     # Had the dead worker's 10 MiB stayed reserved, 11 more would not fit in 15.
     status, _, body = curl(f"{blobs}/{second.digest}")
     assert status == 200 and sha256(body) == second.digest
-    assert cached_blobs(mirror) == {second.digest: second.size}
+    wait_until(lambda: cached_blobs(mirror) == {second.digest: second.size})
     # And the first, fetched again, takes the second's place, whichever worker fetches it.
     wait_until(lambda: indexed(mirror) == [second.digest])
     status, _, body = curl(f"{blobs}/{first.digest}")
     assert status == 200 and sha256(body) == first.digest
-    assert cached_blobs(mirror) == {first.digest: first.size}
+    wait_until(lambda: cached_blobs(mirror) == {first.digest: first.size})
     assert_cache_sound(mirror)
 
 
