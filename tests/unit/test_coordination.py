@@ -23,7 +23,7 @@ from dockmirror.cache.follow import POLL_INTERVAL, FollowedFill
 from dockmirror.coordination import FileLockCoordinator, LocalCoordinator, SharedFlights
 from dockmirror.streaming import StreamError
 
-from ._cache_support import make_store, sha256
+from ._cache_support import Claims, make_store, sha256
 
 DIGEST = sha256(b"layer")
 
@@ -60,54 +60,6 @@ def other(tmp_path: Path) -> Iterator[OtherProcess]:
     holder = OtherProcess(tmp_path)
     yield holder
     holder.end()
-
-
-class Claims:
-    """A coordinator whose other processes the test plays."""
-
-    shared = True
-
-    def __init__(self) -> None:
-        self.elsewhere: set[str] = set()
-        self.mine: set[str] = set()
-        self.read_elsewhere: set[str] = set()
-        self.usage = 0
-
-    def claim(self, digest: str) -> bool:
-        if digest in self.elsewhere:
-            return False
-        self.mine.add(digest)
-        return True
-
-    def release(self, digest: str) -> None:
-        self.mine.discard(digest)
-
-    def held_elsewhere(self, digest: str) -> bool:
-        return digest in self.elsewhere or digest.rpartition(":")[2] in {
-            d.rpartition(":")[2] for d in self.elsewhere
-        }
-
-    def start_usage(self, total: int) -> None:
-        self.usage = total
-
-    def add_usage(self, delta: int) -> int:
-        self.usage += delta
-        return self.usage
-
-    def reserve(self, delta: int) -> int:
-        return self.add_usage(delta)
-
-    def pin(self, digest: str) -> None:
-        pass
-
-    def unpin(self, digest: str) -> None:
-        pass
-
-    def pinned_elsewhere(self, digest: str) -> bool:
-        return digest in self.read_elsewhere
-
-    def close(self) -> None:
-        pass
 
 
 def test_both_coordinators_provide_the_interface(tmp_path):
@@ -519,3 +471,19 @@ def test_a_blob_another_worker_reads_is_not_evicted(tmp_path):
     put(first, b"c" * 10)
     assert first.has(read_elsewhere) and not first.has(other)
     assert not first.remove(read_elsewhere)  # nor purged
+
+
+def test_the_blobs_one_worker_keeps_are_kept_by_the_others(tmp_path):
+    first, second, _, _ = two_workers(tmp_path, max_size=20)
+    told: list[bool] = []
+    first.on_keep.append(lambda: told.append(True))
+    kept, other = put(first, b"a" * 10), put(first, b"b" * 10)
+    first.keep([kept])
+    assert told == [True]
+    with open(tmp_path / "kept", "a") as f:
+        f.write("not a digest\nsha256:../../etc/passwd\n")
+    second.reload_kept()
+    assert second.stats()["kept"] == 1
+    second._index.flush()
+    put(second, b"c" * 10)  # room is made from the blob not kept
+    assert second.has(kept) and not second.has(other)
