@@ -300,43 +300,6 @@ def holder_of(mirror: Dockmirror, directory: Path) -> int | None:
     return None
 
 
-def test_kill_9_of_a_filling_worker(slow_upstream, dockmirror, seeded, unique_repo):
-    registry, relay = slow_upstream
-    image = seeded(registry, unique_repo, "v1", layers=[64 << 20])
-    mirror = start_workers(dockmirror, relay)
-    layer = image.platforms[0].layers[0]
-    url = f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"
-    client = subprocess.Popen(
-        ["curl", "-s", "--noproxy", "*", "-o", "-", url], stdout=subprocess.PIPE
-    )
-    temp = mirror.cache_dir / "tmp"
-    try:
-        wait_until(lambda: any(p.stat().st_size for p in temp.iterdir()), interval=0.01)
-        filler = holder_of(mirror, temp)
-        assert filler is not None
-        os.kill(filler, signal.SIGKILL)
-    finally:
-        body, _ = client.communicate(timeout=60)
-    assert client.returncode != 0 and len(body) < layer.size  # cut short, never "complete"
-    assert layer.digest not in cached_blobs(mirror)
-    # The supervisor starts a worker in its place.
-    wait_until(
-        lambda: filler not in worker_pids(mirror) and len(serving_workers(mirror)) == WORKERS,
-        timeout=30,
-    )
-    assert "worker 0 (pid" in mirror.log_text() and "restarting worker" in mirror.log_text()
-    status, _, body = curl(url)
-    assert status == 200 and sha256(body) == layer.digest
-    assert cached_blobs(mirror)[layer.digest] == layer.size
-    assert_cache_sound(mirror)
-
-
-def indexed(mirror: Dockmirror) -> list[str]:
-    """The blobs in the cache's index, least recently used first."""
-    with contextlib.closing(sqlite3.connect(mirror.cache_dir / "index.sqlite")) as db:
-        return [d for (d,) in db.execute("SELECT digest FROM blobs ORDER BY used, digest")]
-
-
 def kill_the_filler(mirror: Dockmirror, url: str, size: int) -> int:
     """Start a pull of *url* and kill -9 the worker filling it midway; its pid."""
     client = subprocess.Popen(
@@ -356,6 +319,28 @@ def kill_the_filler(mirror: Dockmirror, url: str, size: int) -> int:
         timeout=30,
     )
     return filler
+
+
+def test_kill_9_of_a_filling_worker(slow_upstream, dockmirror, seeded, unique_repo):
+    registry, relay = slow_upstream
+    image = seeded(registry, unique_repo, "v1", layers=[64 << 20])
+    mirror = start_workers(dockmirror, relay)
+    layer = image.platforms[0].layers[0]
+    url = f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"
+    kill_the_filler(mirror, url, layer.size)  # its client is cut short, never "complete"
+    assert layer.digest not in cached_blobs(mirror)
+    # The supervisor started a worker in its place.
+    assert "worker 0 (pid" in mirror.log_text() and "restarting worker" in mirror.log_text()
+    status, _, body = curl(url)
+    assert status == 200 and sha256(body) == layer.digest
+    assert cached_blobs(mirror)[layer.digest] == layer.size
+    assert_cache_sound(mirror)
+
+
+def indexed(mirror: Dockmirror) -> list[str]:
+    """The blobs in the cache's index, least recently used first."""
+    with contextlib.closing(sqlite3.connect(mirror.cache_dir / "index.sqlite")) as db:
+        return [d for (d,) in db.execute("SELECT digest FROM blobs ORDER BY used, digest")]
 
 
 def test_a_killed_fillers_reservation_is_given_back_to_the_quota(

@@ -117,6 +117,18 @@ def test_the_usage_is_counted_once_for_every_process(tmp_path):
     again.close()
 
 
+def python(script: str, *args: object) -> tuple[subprocess.Popen[str], str]:
+    """Run *script* in another process; it, and the first line it says."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, *map(str, args)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    return process, process.stdout.readline().strip()
+
+
 _RESERVER = """
 import sys
 from dockmirror.coordination import FileLockCoordinator
@@ -131,28 +143,16 @@ def test_the_reservations_of_a_process_that_dies_stop_counting(tmp_path):
     coordinator = FileLockCoordinator(str(tmp_path))
     coordinator.start_usage(100)
     assert coordinator.reserve(10) == 110
-    other = subprocess.Popen(
-        [sys.executable, "-c", _RESERVER, str(tmp_path), "7", "50"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert other.stdout is not None
-    assert int(other.stdout.readline()) == 167  # 107 held, 10 and 50 reserved
+    other, said = python(_RESERVER, tmp_path, "7", "50")
+    assert int(said) == 167  # 107 held, 10 and 50 reserved
     assert coordinator.add_usage(0) == 167
     other.kill()  # mid-fill: its 50 reserved bytes were never held
     other.wait()
     assert coordinator.add_usage(0) == 117
     assert coordinator.reserve(-10) == 107
     # A process taking the dead one's slot starts from nothing.
-    again = subprocess.Popen(
-        [sys.executable, "-c", _RESERVER, str(tmp_path), "0", "1"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert again.stdout is not None
-    assert int(again.stdout.readline()) == 108
+    again, said = python(_RESERVER, tmp_path, "0", "1")
+    assert int(said) == 108
     again.communicate()
     coordinator.close()
 
@@ -346,18 +346,6 @@ def test_a_worker_evicts_blobs_another_one_cached(tmp_path):
     assert second.coordinator.add_usage(0) == 20
 
 
-def test_a_blob_another_worker_fills_is_not_evicted(tmp_path):
-    first, _, claims, clock = two_workers(tmp_path, max_size=20)
-    filled_elsewhere = put(first, b"a" * 10)
-    clock.advance(10)
-    other = put(first, b"b" * 10)
-    clock.advance(10)
-    first._index.flush()
-    claims.elsewhere.add(filled_elsewhere)  # being filled again there, after a purge here
-    put(first, b"c" * 10)
-    assert first.has(filled_elsewhere) and not first.has(other)
-
-
 # --- work done once for every process ---------------------------------------------
 
 
@@ -444,13 +432,8 @@ sys.stdin.read()
 
 def test_a_blob_read_by_another_process_is_pinned_until_it_dies(tmp_path):
     coordinator = FileLockCoordinator(str(tmp_path))
-    other = subprocess.Popen(
-        [sys.executable, "-c", _READER, str(tmp_path), DIGEST, sha256(b"x")],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert other.stdout is not None and other.stdout.readline().strip() == "False"
+    other, said = python(_READER, tmp_path, DIGEST, sha256(b"x"))
+    assert said == "False"
     assert coordinator.pinned_elsewhere(DIGEST)
     assert not coordinator.pinned_elsewhere(sha256(b"x"))
     assert not coordinator.held_elsewhere(DIGEST)  # reading is not filling
@@ -460,17 +443,19 @@ def test_a_blob_read_by_another_process_is_pinned_until_it_dies(tmp_path):
     coordinator.close()
 
 
-def test_a_blob_another_worker_reads_is_not_evicted(tmp_path):
+@pytest.mark.parametrize("there", ["filled", "read"])
+def test_a_blob_another_worker_fills_or_reads_is_not_evicted(tmp_path, there):
     first, _, claims, clock = two_workers(tmp_path, max_size=20)
-    read_elsewhere = put(first, b"a" * 10)
+    busy = put(first, b"a" * 10)
     clock.advance(10)
     other = put(first, b"b" * 10)
     clock.advance(10)
     first._index.flush()
-    claims.read_elsewhere.add(read_elsewhere)
+    # Filled again there (after a purge here), or read there.
+    (claims.elsewhere if there == "filled" else claims.read_elsewhere).add(busy)
     put(first, b"c" * 10)
-    assert first.has(read_elsewhere) and not first.has(other)
-    assert not first.remove(read_elsewhere)  # nor purged
+    assert first.has(busy) and not first.has(other)
+    assert first.remove(busy) == (there == "filled")  # a blob read elsewhere is not purged
 
 
 def test_the_blobs_one_worker_keeps_are_kept_by_the_others(tmp_path):
