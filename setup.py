@@ -2,6 +2,8 @@
 
 from setuptools import find_packages, setup
 
+CLUSTER = ["psycopg[binary]>=3.1", "psycopg-pool>=3.2", "botocore>=1.31"]
+
 setup(
     name="dockmirror",
     version="0.1.0",
@@ -47,7 +49,10 @@ setup(
             "flask>=3.0",
             "requests>=2.31",
             "selenium>=4.20",
+            *CLUSTER,
         ],
+        # Several nodes sharing PostgreSQL and an S3 bucket: [cluster] and [storage].
+        "cluster": CLUSTER,
         # python -m bench draws its chart with matplotlib when it is installed.
         "bench": ["matplotlib>=3.7"],
     },

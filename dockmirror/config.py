@@ -304,6 +304,60 @@ class UpstreamConfig:
     __repr__ = redacted_repr
 
 
+STORAGE_BACKENDS = ("filesystem", "s3")
+S3_ADDRESSING = ("path", "virtual")
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Where blobs are kept by digest: the cache directory alone, or an S3 bucket too."""
+
+    backend: str = "filesystem"
+    #: The S3 endpoint's base URL; None: AWS S3 in ``region``.
+    endpoint: str | None = None
+    bucket: str | None = None
+    region: str = "us-east-1"
+    #: Prepended to every object key (``<prefix>blobs/sha256/<hex>``).
+    prefix: str = ""
+    #: Without both keys, the usual AWS chain (environment, profile, instance role).
+    access_key: str | None = None
+    secret_key: str | None = field(default=None, metadata=SECRET)
+    #: "path" or "virtual"; None: virtual-host style on AWS, path style elsewhere.
+    addressing: str | None = None
+    #: Answer a blob GET with a 307 to a short-lived presigned URL.
+    redirect: bool = False
+    #: The most the bucket may hold, as a size string; None: no quota.
+    max_size: str | None = None
+
+    __repr__ = redacted_repr
+
+    @property
+    def max_size_bytes(self) -> int | None:
+        return None if self.max_size is None else parse_size(self.max_size)
+
+    @property
+    def path_style(self) -> bool:
+        if self.addressing is not None:
+            return self.addressing == "path"
+        return self.endpoint is not None
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Several nodes sharing one key store, index and fill coordination in PostgreSQL."""
+
+    #: ``postgresql://user:password@host:port/dbname``; None: one node, SQLite.
+    database: str | None = field(default=None, metadata=SECRET_URL)
+    #: Endpoint string for node-to-node traffic (fills streamed between nodes).
+    listen: str | None = None
+    #: How the other nodes reach this one's ``listen``, e.g. ``http://10.0.0.5:5001``.
+    node_url: str | None = None
+    #: A file holding the secret that node-to-node requests carry; None: kept in PostgreSQL.
+    secret_file: str | None = None
+
+    __repr__ = redacted_repr
+
+
 @dataclass(frozen=True)
 class Config:
     source: str = EMBEDDED
@@ -315,6 +369,8 @@ class Config:
     portal: PortalConfig = field(default_factory=PortalConfig)
     upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
     warm: WarmConfig = field(default_factory=WarmConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def warm_images(self) -> list[WarmImage]:
         """The warm list, parsed (it was checked at load)."""
@@ -329,6 +385,8 @@ _SECTIONS: dict[str, type] = {
     "manhole": ManholeConfig,
     "portal": PortalConfig,
     "warm": WarmConfig,
+    "storage": StorageConfig,
+    "cluster": ClusterConfig,
 }
 
 
@@ -507,6 +565,8 @@ def _check(config: Config) -> None:
         raise ConfigError(f"{source}: server.public_url must be an http(s) URL")
     _check_server(source, config.server)
     _check_cache(source, config.cache)
+    _check_storage(source, config.storage)
+    _check_cluster(source, config.cluster)
     _check_auth(config)
     try:
         portal_config.check(config.portal)
@@ -660,6 +720,72 @@ def _check_cache(source: str, cache: CacheConfig) -> None:
         )
     if cache.manifest_ttl < 0:
         raise ConfigError(f"{source}: cache.manifest_ttl must be zero or more seconds")
+
+
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_PREFIX_RE = re.compile(r"(?:[A-Za-z0-9!_.*'()-]+/)*")
+_REGION_RE = re.compile(r"[a-z0-9-]{1,32}")
+
+
+def _check_storage(source: str, storage: StorageConfig) -> None:
+    if storage.backend not in STORAGE_BACKENDS:
+        raise ConfigError(
+            f"{source}: storage.backend must be one of {', '.join(map(repr, STORAGE_BACKENDS))}"
+            f", not {storage.backend!r}"
+        )
+    if storage.backend == "filesystem":
+        return
+    if storage.bucket is None:
+        raise ConfigError(f'{source}: storage.bucket is required with backend = "s3"')
+    if not _BUCKET_RE.fullmatch(storage.bucket) or ".." in storage.bucket:
+        raise ConfigError(
+            f"{source}: storage.bucket {storage.bucket[:70]!r} is not an S3 bucket name"
+        )
+    if not _REGION_RE.fullmatch(storage.region):
+        raise ConfigError(f"{source}: storage.region {storage.region[:40]!r} is not a region name")
+    if len(storage.prefix) > 256 or not _PREFIX_RE.fullmatch(storage.prefix):
+        raise ConfigError(
+            f'{source}: storage.prefix must be path segments each ending in /, e.g. "mirror/"'
+        )
+    if storage.endpoint is not None:
+        parts = _url_parts(storage.endpoint)
+        if parts is None or parts.scheme not in ("http", "https") or parts.path not in ("", "/"):
+            raise ConfigError(
+                f"{source}: storage.endpoint must be an http(s) URL with no path,"
+                ' e.g. "https://s3.example.com"'
+            )
+    if storage.addressing is not None and storage.addressing not in S3_ADDRESSING:
+        raise ConfigError(f'{source}: storage.addressing must be "path" or "virtual"')
+    if (storage.access_key is None) != (storage.secret_key is None):
+        raise ConfigError(f"{source}: storage.access_key and storage.secret_key go together")
+    if storage.max_size is not None:
+        try:
+            size = parse_size(storage.max_size)
+        except ValueError as e:
+            raise ConfigError(f"{source}: storage.max_size: {e}") from None
+        if size <= 0:
+            raise ConfigError(f"{source}: storage.max_size must be more than zero bytes")
+
+
+def _check_cluster(source: str, cluster: ClusterConfig) -> None:
+    if cluster.database is not None:
+        parts = _url_parts(cluster.database)
+        if parts is None or parts.scheme not in ("postgresql", "postgres"):
+            raise ConfigError(
+                f"{source}: cluster.database must be a postgresql:// URL"
+                " (postgresql://user:password@host:5432/dockmirror)"
+            )
+    elif cluster.listen is not None or cluster.node_url is not None:
+        raise ConfigError(f"{source}: cluster.listen and cluster.node_url need cluster.database")
+    if (cluster.listen is None) != (cluster.node_url is None):
+        raise ConfigError(f"{source}: cluster.listen and cluster.node_url go together")
+    if cluster.node_url is not None:
+        parts = _url_parts(cluster.node_url)
+        if parts is None or parts.scheme not in ("http", "https") or parts.path not in ("", "/"):
+            raise ConfigError(
+                f"{source}: cluster.node_url must be an http(s) URL with no path,"
+                ' e.g. "http://10.0.0.5:5001"'
+            )
 
 
 def _check_warm(config: Config) -> None:

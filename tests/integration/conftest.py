@@ -25,9 +25,11 @@ from typing import Any, Protocol
 
 import pytest
 
+from .ceph import ceph_s3, s3  # noqa: F401 - fixtures
 from .client_fixtures import *  # noqa: F403 - fixtures for test_clients.py
 from .clients import tls_endpoint
 from .images import Image, Platform, make_image, push
+from .postgres import postgres, postgres_server  # noqa: F401 - fixtures
 from .registries import (
     LOOPBACK,
     ManagedProcess,

@@ -1,0 +1,91 @@
+"""The cluster's PostgreSQL database: a connection pool whose queries run in threads.
+
+The reactor never waits on PostgreSQL: :meth:`Database.run` hands a function
+of one connection to a thread of the database's own pool and returns a
+Deferred-backed coroutine.  Connections are checked before use and made
+anew after PostgreSQL restarts, so a node outlives its database's outages:
+queries fail with :class:`DatabaseUnavailable` while it is down, and work
+again once it is back, without a restart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg_pool import ConnectionPool, PoolTimeout
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+log = Logger()
+T = TypeVar("T")
+
+#: Seconds a query waits for a free, working connection before failing.
+CONNECT_TIMEOUT = 5.0
+#: Threads, and so connections, a node uses for its queries.
+MAX_CONNECTIONS = 8
+
+
+class DatabaseUnavailable(Exception):
+    """PostgreSQL cannot be reached now; the operation may be retried later."""
+
+
+class Database:
+    """One node's connections to the cluster database."""
+
+    def __init__(
+        self,
+        url: str,
+        reactor: Any,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        name: str = "dockmirror",
+    ) -> None:
+        self.url = url
+        self._reactor = reactor
+        self._threads = ThreadPool(minthreads=0, maxthreads=max_connections, name=f"{name}-db")
+        self._pool = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=max_connections,
+            open=False,
+            timeout=CONNECT_TIMEOUT,
+            check=ConnectionPool.check_connection,
+            reconnect_timeout=float("inf"),
+            kwargs={"autocommit": True, "application_name": name, "connect_timeout": 5},
+            name=name,
+        )
+
+    def __repr__(self) -> str:
+        return f"<Database {psycopg.conninfo.make_conninfo(self.url, password='***')}>"
+
+    def start(self) -> None:
+        """Open the pool; connections are made in the background."""
+        self._pool.open(wait=False)
+        self._threads.start()
+
+    def stop(self) -> None:
+        self._threads.stop()
+        self._pool.close()
+
+    async def run(self, f: Callable[[psycopg.Connection[Any]], T]) -> T:
+        """``f(connection)`` in a database thread; raises :class:`DatabaseUnavailable`."""
+        result: T = await deferToThreadPool(self._reactor, self._threads, partial(self.call, f))
+        return result
+
+    def call(self, f: Callable[[psycopg.Connection[Any]], T]) -> T:
+        """``f(connection)`` in the calling thread, which must not be the reactor's."""
+        try:
+            with self._pool.connection() as conn:
+                return f(conn)
+        except (PoolTimeout, psycopg.OperationalError) as e:
+            raise DatabaseUnavailable(str(e).strip() or type(e).__name__) from e
+
+    def migrate(self, schema: str) -> None:
+        """Create the tables of *schema* once, whichever node starts first (blocking)."""
+        with self._pool.connection(timeout=30) as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('dockmirror-schema'))")
+            conn.execute(schema)
