@@ -8,15 +8,14 @@ from the digest.  The kernel drops a dead process's locks, so a crashed
 filler frees its digests at once.  A process reading a blob holds a shared
 lock on another byte of the digest's, so that no other process removes the
 blob under it (a follower of a fill would take its removal for the fill's
-failure).  The bytes the cache holds and reserves,
-which every worker checks the quota against, are counters in the file
-``usage``, changed under a lock on one more byte of ``fills.lock``: one for
-the bytes held, and one slot per process for the bytes its fills in
-progress reserve.  Each process holds the lock of its slot for its life, so
-the slot of a process that died (even by SIGKILL) is seen to be free and
-its reservations stop counting: the shared usage heals itself.  Every call
-is a few system calls on local files, held for microseconds, cheap enough
-for the reactor thread.
+failure).  The bytes the cache holds and reserves, which every worker checks
+the quota against, are counters in the file ``usage``, changed under a lock
+on one more byte of ``fills.lock``: one for the bytes held, and one slot per
+process for the bytes its fills in progress reserve.  Each process holds the
+lock of its slot for its life, so the slot of a process that died (even by
+SIGKILL) is seen to be free and its reservations stop counting: the shared
+usage heals itself.  Every call is a few system calls on local files, held
+for microseconds, cheap enough for the reactor thread.
 
 A coordinator for several machines (PostgreSQL advisory locks and a row for
 the usage) would be a third provider of

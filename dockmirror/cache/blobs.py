@@ -537,7 +537,8 @@ class BlobStore:
         return True
 
     def _add(self, digest: str, size: int, used: bool = True) -> None:
-        if digest not in self._entries:
+        new = digest not in self._entries
+        if new:
             self._entries[digest] = size
             self.size += size
             self.metrics.cache_size.set(self.size)
@@ -548,11 +549,9 @@ class BlobStore:
                 return
             now = self.reactor.seconds()
             self._index.write("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?)", digest, size, now)
-            self.touch(digest)
-            if self.coordinator.shared:  # the other processes see it, and may evict it, at once
-                self._index.flush()
-            return
         self.touch(digest)
+        if new and self.coordinator.shared:  # the other processes see it, and may evict it, at once
+            self._index.flush()
 
     def _disk_has_room(self, size: int) -> bool:
         space = self.space()
