@@ -584,10 +584,10 @@ class BlobStore:
         if self.max_size is None:
             return []
         excess = self._used() - self.max_size
+        if excess <= 0:
+            return []  # without a look at the index
         victims = []
         for digest, size in self._least_recently_used():
-            if excess <= 0:
-                break
             if (
                 not self._in_use(digest)
                 and digest not in self._kept
@@ -596,8 +596,8 @@ class BlobStore:
             ):
                 victims.append(digest)
                 excess -= size
-        if excess <= 0:
-            return victims
+                if excess <= 0:
+                    return victims
         for victim in victims:
             self.coordinator.release(victim)
         return None
