@@ -8,6 +8,7 @@ test can make requests until every worker has served some.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import shutil
 import signal
@@ -27,6 +28,7 @@ from prometheus_client.mmap_dict import MmapedDict
 
 from .clients import ServerTLS, make_server_tls, tls_endpoint
 from .conftest import Dockmirror, DockmirrorFactory, toml_document
+from .images import Blob
 from .keys import admin, create_key
 from .registries import LOOPBACK, Registry, free_port, wait_until
 from .test_auth import basic, token_for
@@ -361,6 +363,54 @@ def test_a_killed_fillers_reservation_is_given_back_to_the_quota(
     status, _, body = curl(f"{blobs}/{first.digest}")
     assert status == 200 and sha256(body) == first.digest
     wait_until(lambda: cached_blobs(mirror) == {first.digest: first.size})
+    assert_cache_sound(mirror)
+
+
+def connection_to_each_worker(mirror: Dockmirror) -> dict[int, http.client.HTTPConnection]:
+    """A keep-alive connection to each worker (a connection stays with the worker it reached)."""
+    found: dict[int, http.client.HTTPConnection] = {}
+    for _ in range(100):
+        connection = http.client.HTTPConnection(LOOPBACK, mirror.port, timeout=30)
+        before = requests_by_worker(mirror, "base")
+        assert get(connection, "/v2/")[0] == 200
+        after = requests_by_worker(mirror, "base")
+        [pid] = [pid for pid in after if after[pid] > before.get(pid, 0)]
+        if pid in found:
+            connection.close()
+        else:
+            found[pid] = connection
+        if len(found) == WORKERS:
+            return found
+    raise AssertionError(f"no connection reached every worker: {list(found)}")
+
+
+def get(connection: http.client.HTTPConnection, path: str) -> tuple[int, bytes]:
+    connection.request("GET", path)
+    response = connection.getresponse()
+    return response.status, response.read()
+
+
+def test_eviction_counts_the_uses_of_every_worker(
+    registry_factory, dockmirror, seeded, unique_repo
+):
+    registry = registry_factory()
+    image = seeded(registry, unique_repo, "v1", layers=[6 << 20] * 3)
+    mirror = start_workers(dockmirror, registry, max_size="15MiB")  # room for two
+    old, other, new = image.platforms[0].layers
+    first, second = connection_to_each_worker(mirror).values()
+
+    def pull(connection: http.client.HTTPConnection, layer: Blob) -> None:
+        status, body = get(connection, f"/v2/{unique_repo}/blobs/{layer.digest}")
+        assert status == 200 and sha256(body) == layer.digest
+        time.sleep(1.5)  # its use is in the index
+
+    pull(first, old)
+    pull(first, other)
+    # In the first worker's own view, the old blob is the least recently used ...
+    pull(second, old)
+    # ... but the second worker used it since: the other one goes.
+    pull(first, new)
+    wait_until(lambda: set(cached_blobs(mirror)) == {old.digest, new.digest})
     assert_cache_sound(mirror)
 
 
