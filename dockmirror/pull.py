@@ -410,7 +410,7 @@ class PullService:
         if reply is None:
             reply = await self._flights.run(
                 ("fetch", *key),
-                lambda: self._upstream_manifest(route, origin, tag, None, False),
+                lambda: self._fetch_manifest(route, origin, tag, None, False),
             )
         if entry is not None and entry.digest != reply.headers.get("Docker-Content-Digest"):
             self.cache.manifests.expire_tag(origin, tag, reply.headers["Content-Type"])
