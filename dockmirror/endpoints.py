@@ -36,9 +36,11 @@ BACKOFF_FIRST = 5.0
 #: The longest an endpoint is skipped before it is probed again.
 BACKOFF_MAX = 300.0
 
-#: What a worker tells the others of an endpoint: [upstream, endpoint, failures, backoff];
-#: no failures is an endpoint back.
+#: What a worker tells the others of an endpoint: [upstream, endpoint, failures, backoff],
+#: no failures being an endpoint back, or [upstream, endpoint, "probing", seconds].
 BREAKER_TOPIC = "breaker"
+#: Seconds the other workers leave an endpoint to a worker's probe of it (it may die).
+PROBE_WINDOW = 60.0
 #: The most failures counted, as heard from another worker.
 MAX_FAILURES = 1 << 20
 
@@ -55,6 +57,8 @@ class Breaker:
         self.failures = 0
         self.open_until = 0.0
         self.probing = False
+        #: Until when another process probes the endpoint.
+        self.probed_elsewhere_until = 0.0
 
     @property
     def state(self) -> str:
@@ -66,7 +70,8 @@ class Breaker:
         """Whether the endpoint is up, or due for a probe that nobody has taken."""
         if self.failures == 0:
             return True
-        return not self.probing and self._clock.seconds() >= self.open_until
+        now = self._clock.seconds()
+        return not self.probing and now >= max(self.open_until, self.probed_elsewhere_until)
 
     def admit(self) -> bool:
         """Whether a request may go to the endpoint now, taking the probe if one is due."""
@@ -85,10 +90,16 @@ class Breaker:
         """Another process found the endpoint failing: skip it as long as it does."""
         self.failures = max(self.failures, failures)
         self.open_until = max(self.open_until, self._clock.seconds() + backoff)
+        self.probed_elsewhere_until = 0.0
+
+    def probing_elsewhere(self, seconds: float) -> None:
+        """Another process probes the endpoint: leave it the probe for *seconds* at most."""
+        self.probed_elsewhere_until = self._clock.seconds() + seconds
 
     def succeeded(self) -> None:
         self.failures = 0
         self.probing = False
+        self.probed_elsewhere_until = 0.0
 
     def failed(self) -> float:
         """Open (again); the seconds until the next probe."""
@@ -102,6 +113,7 @@ class Breaker:
         self.failures = 0
         self.probing = False
         self.open_until = 0.0
+        self.probed_elsewhere_until = 0.0
 
 
 @dataclass
@@ -162,10 +174,13 @@ class EndpointSet:
         self._notifier = notifier
         notifier.subscribe(BREAKER_TOPIC, self._heard)
 
-    def _tell(self, endpoint: Endpoint, backoff: float) -> None:
+    def _tell(self, endpoint: Endpoint, seconds: float, what: str | None = None) -> None:
+        """Tell the others of *endpoint*: its failures (by default) and backoff, or *what*."""
         if self._notifier is not None:
-            message = [self.upstream, endpoint.label, str(endpoint.breaker.failures), str(backoff)]
-            self._notifier.publish(BREAKER_TOPIC, message)
+            what = str(endpoint.breaker.failures) if what is None else what
+            self._notifier.publish(
+                BREAKER_TOPIC, [self.upstream, endpoint.label, what, str(seconds)]
+            )
 
     def _heard(self, message: list[str]) -> None:
         """Another process's news of an endpoint; checked like any input."""
@@ -173,11 +188,16 @@ class EndpointSet:
             return
         _, label, failures_text, backoff_text = message
         endpoint = next((e for e in self.endpoints if e.label == label), None)
+        probing = failures_text == "probing"
         try:
-            failures, backoff = int(failures_text), float(backoff_text)
+            failures, backoff = 0 if probing else int(failures_text), float(backoff_text)
         except ValueError:
             return
-        if endpoint is None or not (0 <= failures <= MAX_FAILURES and 0 <= backoff <= BACKOFF_MAX):
+        limit = PROBE_WINDOW if probing else BACKOFF_MAX
+        if endpoint is None or not (0 <= failures <= MAX_FAILURES and 0 <= backoff <= limit):
+            return
+        if probing:
+            endpoint.breaker.probing_elsewhere(backoff)
             return
         if failures == 0:
             if endpoint.breaker.state != CLOSED:
@@ -250,6 +270,7 @@ class EndpointSet:
                 continue  # another request took the probe meanwhile
             if endpoint.breaker.probing:
                 self._show(endpoint)
+                self._tell(endpoint, PROBE_WINDOW, "probing")
             try:
                 response = await endpoint.client.request(method, repository, path, headers, params)
             except UpstreamError as e:

@@ -12,6 +12,7 @@ from twisted.python.failure import Failure
 from dockmirror.endpoints import (
     BACKOFF_FIRST,
     BACKOFF_MAX,
+    PROBE_WINDOW,
     Breaker,
     Endpoint,
     EndpointSet,
@@ -281,3 +282,34 @@ def test_bad_news_of_an_endpoint_is_ignored(message):
         listener(message)
     assert run(second, f"blobs/{DIGEST}").code == 200
     assert clients[0].asked == [f"blobs/{DIGEST}"]  # the primary was still tried
+
+
+def test_one_worker_probes_an_endpoint_for_all():
+    (first, first_clients, (first_clock, _)), (second, second_clients, (clock, _)) = two_workers()
+    assert run(first, f"blobs/{DIGEST}").code == 200  # the primary fails: both skip it
+    first_clock.advance(BACKOFF_FIRST)
+    clock.advance(BACKOFF_FIRST)
+    first_clients[0].pending = Deferred()
+    probe = Deferred.fromCoroutine(first.request("GET", "library/x", f"blobs/{DIGEST}"))
+    assert len(first_clients[0].asked) == 2  # the first worker took the probe ...
+    assert run(second, f"blobs/{DIGEST}").code == 200
+    assert second_clients[0].asked == []  # ... and the second left it to it
+    first_clients[0].pending.callback(Response(503))  # still down
+    assert probe.result.code == 200  # from the backup
+    clock.advance(BACKOFF_FIRST)  # the first's backoff has doubled: so has the second's
+    assert run(second, f"blobs/{DIGEST}").code == 200 and second_clients[0].asked == []
+
+
+def test_a_probe_by_a_worker_that_never_tells_is_waited_for_a_while():
+    (first, first_clients, (first_clock, _)), (second, second_clients, (clock, _)) = two_workers()
+    run(first, f"blobs/{DIGEST}")
+    first_clock.advance(BACKOFF_FIRST)
+    clock.advance(BACKOFF_FIRST)
+    first_clients[0].pending = Deferred()  # the first worker dies in its probe
+    Deferred.fromCoroutine(first.request("GET", "library/x", f"blobs/{DIGEST}"))
+    clock.advance(PROBE_WINDOW - 1)
+    assert run(second, f"blobs/{DIGEST}").code == 200 and second_clients[0].asked == []
+    clock.advance(1)
+    second_clients[0].answer = 200
+    assert run(second, f"blobs/{DIGEST}").code == 200
+    assert second_clients[0].asked == [f"blobs/{DIGEST}"]  # its own probe
