@@ -14,7 +14,6 @@ from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import DeferredList
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.client import HTTPConnectionPool
 
 from dockmirror._interfaces import INotifier
@@ -44,10 +43,10 @@ from dockmirror.metrics import Metrics, MetricsResource
 from dockmirror.portal.service import build_portal
 from dockmirror.pull import Prefetcher, PullService, Upstreams
 from dockmirror.routing import build_router
-from dockmirror.tls import PlainHTTPFactory, ReloadService, listen_endpoint
+from dockmirror.tls import PlainHTTPFactory, ReloadService, TLSFactory, listen_endpoint
 from dockmirror.warm import Warmer
 from dockmirror.web import MirrorSite, RootResource, build_root
-from dockmirror.workers import FIRST_FD, AdoptedPort, SupervisorChannel
+from dockmirror.workers import FIRST_FD, AdoptedPort, SupervisorChannel, WorkerLoad
 
 log = Logger()
 
@@ -173,6 +172,7 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
     site = MirrorSite(root, metrics, clients, limits, **timeouts)
     certificates = []
     inherited = itertools.count(FIRST_FD)
+    load = None if worker is None else WorkerLoad.inherited(worker, config.server.worker_count)
 
     def serve(description: str, factory: Any, http: bool = False) -> None:
         """Listen: on the endpoint, or on the socket a worker inherited for it."""
@@ -183,8 +183,8 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
             StreamServerEndpointService(endpoint, factory).setServiceParent(top)
         else:
             if certificate is not None:
-                factory = TLSMemoryBIOFactory(certificate, False, factory)
-            AdoptedPort(reactor, next(inherited), factory).setServiceParent(top)
+                factory = TLSFactory(certificate, factory)
+            AdoptedPort(reactor, next(inherited), factory, load).setServiceParent(top)
         if certificate is not None:
             certificates.append(certificate)
 
