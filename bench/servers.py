@@ -136,17 +136,21 @@ class Mirror:
     def scheme(self) -> str:
         return "https" if self.tls else "http"
 
-    def start(self, workdir: Path, upstream: Registry) -> Process:
+    def start(
+        self, workdir: Path, upstream: Registry, url: str | None = None, options: str = ""
+    ) -> Process:
+        """Start it on *upstream*, or on *url* in front of it; *options* go in dockmirror's
+        ``[upstreams.hub]`` table."""
         workdir.mkdir(parents=True)
         port = free_port()
         if self.kind == "dockmirror":
-            argv, env = self._dockmirror(workdir, upstream, port)
+            argv, env = self._dockmirror(workdir, url or upstream.url, port, options)
         else:
             argv, env = self._distribution(workdir, upstream, port), subprocess_env()
         return Process(self.name, argv, workdir, port, env, self.workers)
 
     def _dockmirror(
-        self, workdir: Path, upstream: Registry, port: int
+        self, workdir: Path, upstream_url: str, port: int, options: str
     ) -> tuple[list[str], dict[str, str]]:
         listen = (
             tls_endpoint(port, LOOPBACK, self.tls)
@@ -157,7 +161,7 @@ class Mirror:
         python = venv / "python" if venv.is_dir() else Path(sys.executable)
         twistd = (str(python), str(python.with_name("twistd")))
         url = f"{self.scheme}://{LOOPBACK}:{port}"
-        argv = dockmirror_argv(workdir, upstream, [listen], url, self.workers)
+        argv = dockmirror_argv(workdir, upstream_url, [listen], url, self.workers, options)
         env = subprocess_env(
             PYTHONPATH=os.pathsep.join(
                 filter(None, [str(self.checkout), os.environ.get("PYTHONPATH")])
@@ -182,9 +186,17 @@ class Mirror:
 
 
 def dockmirror_argv(
-    workdir: Path, upstream: Registry, listen: list[str], public_url: str, workers: int = 1
+    workdir: Path,
+    upstream_url: str,
+    listen: list[str],
+    public_url: str,
+    workers: int = 1,
+    options: str = "",
 ) -> list[str]:
-    """twistd's arguments for dockmirror with its cache in *workdir*, pulling from *upstream*."""
+    """twistd's arguments for dockmirror with its cache in *workdir*, pulling from *upstream_url*.
+
+    *options* are more lines of its ``[upstreams.hub]`` table.
+    """
     config = workdir / "dockmirror.toml"
     config.write_text(
         f"""
@@ -198,8 +210,9 @@ database = "{workdir}/keys.sqlite"
 directory = "{workdir}/cache"
 [upstreams.hub]
 plugin = "registry"
-url = "{upstream.url}"
+url = "{upstream_url}"
 default = true
+{options}
 """
     )
     return ["-n", "--pidfile=", "dockmirror", "--config", str(config)]
@@ -215,7 +228,8 @@ def start_dockmirror(
     port = free_port()
     listen = [f"tcp:{port}:interface={LOOPBACK}", *filter(None, [tls_listen])]
     twistd = twistd or (sys.executable, str(Path(sys.executable).with_name("twistd")))
-    argv = [*twistd, *dockmirror_argv(workdir, upstream, listen, f"http://{LOOPBACK}:{port}")]
+    public_url = f"http://{LOOPBACK}:{port}"
+    argv = [*twistd, *dockmirror_argv(workdir, upstream.url, listen, public_url)]
     env = subprocess_env(PYTHONPATH=str(REPO_ROOT))
     return Process("dockmirror", argv, workdir, port, env)
 

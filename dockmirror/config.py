@@ -8,6 +8,7 @@ is refused with a message naming the key and the file.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import ipaddress
 import os
 import re
@@ -300,8 +301,16 @@ class UpstreamConfig:
     proxy_password: str | None = field(default=None, metadata=SECRET)
     #: Hosts, addresses and networks reached without the configured ``proxy``.
     no_proxy: tuple[str, ...] = ()
+    #: Blobs of at least this size are fetched as ``parallel_parts`` ranged requests.
+    parallel_min_size: str = "32MiB"
+    #: Concurrent ranged requests for one large blob; 1 fetches every blob in one stream.
+    parallel_parts: int = 4
 
     __repr__ = redacted_repr
+
+    @property
+    def parallel_min_bytes(self) -> int:
+        return parse_size(self.parallel_min_size)
 
 
 STORAGE_BACKENDS = ("filesystem", "s3")
@@ -328,12 +337,18 @@ class StorageConfig:
     redirect: bool = False
     #: The most the bucket may hold, as a size string; None: no quota.
     max_size: str | None = None
+    #: Incomplete multipart uploads older than this (a duration) are aborted by a sweep.
+    stale_uploads: str = "1d"
 
     __repr__ = redacted_repr
 
     @property
     def max_size_bytes(self) -> int | None:
         return None if self.max_size is None else parse_size(self.max_size)
+
+    @property
+    def stale_uploads_seconds(self) -> float:
+        return parse_duration(self.stale_uploads)
 
     @property
     def path_style(self) -> bool:
@@ -536,6 +551,7 @@ def _check(config: Config) -> None:
         if (upstream.username is None) != (upstream.password is None):
             raise ConfigError(f"{source}: upstreams.{name}: username and password go together")
         _check_upstream_names(source, name, upstream, plugin)
+        _check_parallel(source, name, upstream)
         _check_mirrors(source, name, upstream, plugin.default_url)
         upstream_tls(source, name, upstream)
         for host in upstream.hosts:
@@ -702,6 +718,28 @@ def _check_mirrors(source: str, name: str, upstream: UpstreamConfig, default_url
     upstream_proxies(source, name, upstream, {})
 
 
+#: The most ranged requests one blob is fetched with.
+PARALLEL_PARTS_MAX = 16
+#: The smallest ``parallel_min_size``: smaller parts cost more requests than they save.
+PARALLEL_MIN_SIZE_MIN = 1 << 20
+
+
+def _check_parallel(source: str, name: str, upstream: UpstreamConfig) -> None:
+    where = f"{source}: upstreams.{name}"
+    parts = upstream.parallel_parts
+    if isinstance(parts, bool) or not 1 <= parts <= PARALLEL_PARTS_MAX:
+        raise ConfigError(
+            f"{where}.parallel_parts must be a number from 1 (one stream per blob)"
+            f" to {PARALLEL_PARTS_MAX}"
+        )
+    try:
+        size = parse_size(upstream.parallel_min_size)
+    except ValueError as e:
+        raise ConfigError(f"{where}.parallel_min_size: {e}") from None
+    if size < PARALLEL_MIN_SIZE_MIN:
+        raise ConfigError(f"{where}.parallel_min_size must be at least 1MiB")
+
+
 def _check_cache(source: str, cache: CacheConfig) -> None:
     for key in ("max_size", "max_layer_size", "min_free"):
         text = getattr(cache, key)
@@ -735,6 +773,10 @@ def _check_storage(source: str, storage: StorageConfig) -> None:
         )
     if storage.backend == "filesystem":
         return
+    if importlib.util.find_spec("botocore") is None:
+        raise ConfigError(
+            f"{source}: storage.backend = \"s3\" needs botocore: pip install 'dockmirror[cluster]'"
+        )
     if storage.bucket is None:
         raise ConfigError(f'{source}: storage.bucket is required with backend = "s3"')
     if not _BUCKET_RE.fullmatch(storage.bucket) or ".." in storage.bucket:
@@ -765,6 +807,10 @@ def _check_storage(source: str, storage: StorageConfig) -> None:
             raise ConfigError(f"{source}: storage.max_size: {e}") from None
         if size <= 0:
             raise ConfigError(f"{source}: storage.max_size must be more than zero bytes")
+    try:
+        parse_duration(storage.stale_uploads)
+    except ValueError as e:
+        raise ConfigError(f"{source}: storage.stale_uploads: {e}") from None
 
 
 def _check_cluster(source: str, cluster: ClusterConfig) -> None:

@@ -85,7 +85,14 @@ class Fill(FillProgress, Protocol):
         self._ended = False
         self._paused = False
         self._timer = IdleTimer(reactor, idle_timeout, self._idle)
-        self._upstream_bytes = store.metrics.bytes_from_upstream.labels(upstream)
+        self._upstream_bytes: Any = store.metrics.bytes_from_upstream.labels(upstream)
+        #: Whether the body comes from the shared storage tier rather than the upstream.
+        self.from_storage = False
+
+    def read_from_storage(self) -> None:
+        """Say that the body given to :meth:`start` comes from the shared storage tier."""
+        self.from_storage = True
+        self._upstream_bytes = self.store.metrics.bytes_from_storage
 
     def __repr__(self) -> str:
         state = "committed" if self.committed else "failed" if self.error else "filling"
@@ -121,22 +128,31 @@ class Fill(FillProgress, Protocol):
         cache never holds more than its quota.  *idle_timeout* overrides the
         seconds the upstream may stay silent.
         """
+        if await self.open(idle_timeout):
+            response.deliverBody(self)
+        else:
+            discard(response)
+
+    async def open(self, idle_timeout: float | None = None) -> bool:
+        """Create the temporary file, once the evicted blobs are gone; False if abandoned."""
         if idle_timeout is not None:
             self._timer.timeout = idle_timeout
         try:
             for d in self._evictions:
                 await d
-            self._fd = await self._run(files.create_fill, self.temp_path)
+            self._fd = await self._run(self._create)
         except OSError as e:
-            discard(response)
             self.abandon(CacheWriteError(f"cannot write to the cache: {e.strerror}"))
-            return
+            return False
         if self.done:  # abandoned meanwhile (the service is stopping)
-            discard(response)
             self._close_and_remove()
-            return
-        response.deliverBody(self)
+            return False
         self.ready.fire(None)
+        return True
+
+    def _create(self) -> int:
+        """The temporary file, open for writing (in a worker thread)."""
+        return files.create_fill(self.temp_path)
 
     def abandon(self, error: Exception) -> None:
         """Give up before or during the body: nothing will be committed."""

@@ -1,4 +1,7 @@
--- Version 2 to 3: workers sharing the cache evict the blobs least recently
--- used by any of them, read in "used" order.
-CREATE INDEX blobs_used ON blobs (used);
+-- Version 2 to 3: the objects of the shared storage tier, for its quota.
+CREATE TABLE storage_objects (
+    digest TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    used REAL NOT NULL
+) WITHOUT ROWID;
 UPDATE version SET version = 3;
