@@ -400,11 +400,11 @@ def connection_to_each_worker(mirror: Dockmirror) -> dict[int, http.client.HTTPC
         before = requests_by_worker(mirror, "base")
         assert get(connection, "/v2/")[0] == 200
         after = requests_by_worker(mirror, "base")
-        [pid] = [pid for pid in after if after[pid] > before.get(pid, 0)]
-        if pid in found:
+        answered = [pid for pid in after if after[pid] > before.get(pid, 0)]
+        if len(answered) != 1 or answered[0] in found:  # another request came meanwhile
             connection.close()
         else:
-            found[pid] = connection
+            found[answered[0]] = connection
         if len(found) == WORKERS:
             return found
     raise AssertionError(f"no connection reached every worker: {list(found)}")
