@@ -14,6 +14,10 @@ connection whose socket has bytes to send and had none of them taken by the
 client for ``send_timeout`` seconds.  It watches the socket itself (the
 kernel's send queue and the bytes the client acknowledged), so it sees every
 response alike: written by Twisted, through TLS, or by ``sendfile``.
+
+The limits are the whole service's: with worker processes, each worker
+serves an equal share of each (rounded down, at least one), so that all
+workers together never exceed them.
 """
 
 from __future__ import annotations
@@ -64,11 +68,16 @@ def _subject(address: IAddress | None) -> str:
 
 
 class ConnectionLimits:
-    """Counts open connections, in total and per client address."""
+    """Counts open connections, in total and per client address.
 
-    def __init__(self, total: int, per_client: int) -> None:
-        self.total = total
-        self.per_client = per_client
+    *total* and *per_client* are the service's limits, of which this
+    process, one of *workers*, serves its share.
+    """
+
+    def __init__(self, total: int, per_client: int, workers: int = 1) -> None:
+        self.total = worker_share(total, workers)
+        self.per_client = worker_share(per_client, workers)
+        self._whose = "server." if workers == 1 else f"this worker's share (1/{workers}) of server."
         self._open: Counter[str] = Counter()
         self._count = 0
         self._refused = 0
@@ -81,11 +90,11 @@ class ConnectionLimits:
         """Why a new connection from *address* is refused, or None to serve it."""
         subject = _subject(address)
         if self._count >= self.total:
-            reason = f"{self.total} connections are open (server.max_connections)"
+            reason = f"{self.total} connections are open ({self._whose}max_connections)"
         elif self._open[subject] >= self.per_client:
             reason = (
                 f"{subject} has {self.per_client} connections open"
-                " (server.max_connections_per_client)"
+                f" ({self._whose}max_connections_per_client)"
             )
         else:
             return None
@@ -198,6 +207,11 @@ class SendWatch:
                 self._stalled(queued)
                 return
         self._call = self._reactor.callLater(self.timeout / SEND_CHECKS, self._check)
+
+
+def worker_share(limit: int, workers: int) -> int:
+    """One worker's share of a service-wide *limit*: all shares add up to no more."""
+    return max(1, limit // workers)
 
 
 class Refused(Protocol):

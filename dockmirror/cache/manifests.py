@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from dockmirror.cache.blobs import BlobStore
 from dockmirror.cache.index import Index, Snapshot
 from dockmirror.errors import RegistryError
-from dockmirror.reference import check_digest, is_digest
+from dockmirror.reference import TAG_RE, check_digest, is_digest
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -40,6 +40,8 @@ PREFERENCE = (
     SCHEMA1,
 )
 INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
+#: The longest origin (upstream, repository and URL) taken from another process.
+ORIGIN_MAX = 1024
 
 
 def accepted(accept: str | None) -> set[str] | None:
@@ -268,27 +270,56 @@ class ManifestCache:
         sizes that are wrong.  Those are proven one by one, by the upstream's
         answer to a HEAD or GET of each.
         """
-        if not await self.store.put_small(digest, body):
-            return
+        if await self.store.put_small(digest, body):
+            self._record(origin, reference, digest, media_type, write=True)
+
+    def _record(
+        self, origin: str, reference: str, digest: str, media_type: str, write: bool
+    ) -> None:
+        """Record a cached manifest as *origin* served it; *write* it to the index, or not."""
         self.store.allow(origin, digest)
         if self._types.get(digest) != media_type:
             self._types[digest] = media_type
-            self._index.write("INSERT OR REPLACE INTO manifests VALUES (?, ?)", digest, media_type)
+            if write:
+                self._index.write(
+                    "INSERT OR REPLACE INTO manifests VALUES (?, ?)", digest, media_type
+                )
         if not is_digest(reference):
-            self.set_tag(origin, reference, digest, media_type)
+            self.set_tag(origin, reference, digest, media_type, write)
 
-    def set_tag(self, origin: str, tag: str, digest: str, media_type: str) -> None:
+    def fetched_elsewhere(self, result: list[str]) -> None:
+        """Take in a manifest that another process fetched and cached.
+
+        *result* is ``[origin, reference, digest, media type]``, checked as
+        any input: the manifest counts only if its file is in the cache.
+        """
+        if len(result) != 4:
+            return
+        origin, reference, digest, media_type = result
+        if (
+            len(origin) <= ORIGIN_MAX
+            and (is_digest(reference) or TAG_RE.fullmatch(reference))
+            and valid_digest(digest)
+            and media_type in PREFERENCE
+            and self.store.has(digest)
+        ):
+            self._record(origin, reference, digest, media_type, write=False)
+
+    def set_tag(
+        self, origin: str, tag: str, digest: str, media_type: str, write: bool = True
+    ) -> None:
         """Record that *tag* is *digest* in *media_type*, as the upstream said just now."""
         now = self._reactor.seconds()
         self._keep((origin, tag), TagEntry(digest, media_type, now))
-        self._index.write(
-            "INSERT OR REPLACE INTO tags VALUES (?, ?, ?, ?, ?)",
-            origin,
-            tag,
-            media_type,
-            digest,
-            now,
-        )
+        if write:
+            self._index.write(
+                "INSERT OR REPLACE INTO tags VALUES (?, ?, ?, ?, ?)",
+                origin,
+                tag,
+                media_type,
+                digest,
+                now,
+            )
 
     def expire_tag(self, origin: str, tag: str, keep: str) -> None:
         """Have a moved tag's entries other than *keep*'s media type revalidated at next use.
