@@ -202,7 +202,11 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
     )
     root.putChild(b"healthz", health)
     server = config.server
-    timeouts = {"header_timeout": server.header_timeout, "idle_timeout": server.idle_timeout}
+    timeouts = {
+        "header_timeout": server.header_timeout,
+        "idle_timeout": server.idle_timeout,
+        "send_timeout": server.send_timeout,
+    }
     # The service's connection limits, of which each worker serves its share.
     workers = 1 if worker is None else server.worker_count
     limits = ConnectionLimits(server.max_connections, server.max_connections_per_client, workers)
