@@ -19,6 +19,7 @@ setup(
             "*.toml",
             "auth/*.sql",
             "cache/*.sql",
+            "cluster/*.sql",
             "portal/*.sql",
             "portal/static/*",
         ]

@@ -33,7 +33,8 @@ class IUpstream(Interface):
 
 
 class ICoordinator(Interface):
-    """How the processes sharing one cache directory agree on who fills a blob.
+    """How the processes sharing one cache directory, and the nodes of a cluster, agree
+    on who fills a blob.
 
     A process that holds a digest's claim is the one fetching it; the others
     follow its temporary file.  A claim ends when its holder releases it or
@@ -59,6 +60,16 @@ class ICoordinator(Interface):
         """Add *delta* to the bytes the cache holds and reserves, for every process at once.
 
         Returns the new total: the quota is checked against it.
+        """
+
+    def lead(digest: str, size: int, offset: int) -> Any:
+        """Called by the process that claimed *digest*, before it fetches it, and again
+        if the stream it fetches from breaks at *offset*.
+
+        Fires with None when this process is to fetch the blob from the
+        upstream, or with a response (an ``IResponse``, 200 from the start or
+        206 from *offset*) streaming it from another node of the cluster that
+        fills it or holds it.  Without a cluster, always None.
         """
 
     def close() -> None:

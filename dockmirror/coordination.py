@@ -11,9 +11,10 @@ which every worker checks the quota against, are a counter in the file
 call is a few system calls on local files, held for microseconds, cheap
 enough for the reactor thread.
 
-A coordinator for several machines (PostgreSQL advisory locks and a row for
-the usage) would be a third provider of
-:class:`~dockmirror._interfaces.ICoordinator`.
+Neither knows of other machines: :meth:`lead` always answers that this
+process fetches from the upstream.  The nodes of a cluster coordinate
+through PostgreSQL, above one of these, with
+:class:`dockmirror.cluster.coordinator.ClusterCoordinator`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import fcntl
 import os
 from collections.abc import Callable
 
+from twisted.internet.defer import Deferred, succeed
+from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from dockmirror._interfaces import ICoordinator, INotifier
@@ -69,6 +72,9 @@ class LocalCoordinator:
 
     def held_elsewhere(self, digest: str) -> bool:
         return False
+
+    def lead(self, digest: str, size: int, offset: int = 0) -> Deferred[IResponse | None]:
+        return succeed(None)
 
     def close(self) -> None:
         pass
@@ -122,6 +128,9 @@ class FileLockCoordinator:
             return True
         fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _offset(digest))
         return False
+
+    def lead(self, digest: str, size: int, offset: int = 0) -> Deferred[IResponse | None]:
+        return succeed(None)
 
     def _change_usage(self, delta: int, start: bool = False) -> int:
         # Held for a read and a write of 8 bytes, and freed by the kernel if we die.

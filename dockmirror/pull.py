@@ -15,6 +15,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -44,7 +45,7 @@ from dockmirror.metrics import Metrics
 from dockmirror.reference import HEX_LENGTH, TAG_RE, is_digest, parse_image_reference
 from dockmirror.routing import Route, Router, Upstream
 from dockmirror.shared import SingleFlight
-from dockmirror.streaming import BodyStream, Stream, StreamError
+from dockmirror.streaming import BodyStream, Stream, StreamError, content_range_start
 from dockmirror.upstream import (
     SMALL_BODY_LIMIT,
     UpstreamClient,
@@ -315,6 +316,10 @@ class PullService:
                     return reply
         else:
             entry = manifests.tag(origin, reference, accepted(accept))
+            if (entry is None or not manifests.fresh(entry)) and await manifests.adopt_tag(
+                origin, reference
+            ):
+                entry = manifests.tag(origin, reference, accepted(accept))
             reply = None
             if entry is not None and manifests.fresh(entry):
                 reply = self._cached_manifest(entry.digest, HIT, head)
@@ -648,7 +653,8 @@ class PullService:
         error: Exception | None = None
         for _ in range(FILL_ATTEMPTS):
             if not store.allowed(origin, digest) or store.size_of(digest, origin) is None:
-                await self._blob_head(route, origin, digest)
+                if not await store.proved_elsewhere(origin, digest):
+                    await self._blob_head(route, origin, digest)
             if store.has(digest):
                 return _Source()
             fill = store.filling(digest)
@@ -686,7 +692,22 @@ class PullService:
         raise upstream_unavailable(route.upstream.name, str(error), 502)
 
     async def _fill(self, fill: Fill, route: Route, origin: str) -> None:
-        """Fetch a blob into the cache, for every reader of *fill*."""
+        """Fetch a blob into the cache, for every reader of *fill*.
+
+        The blob comes from the upstream, or from another node of the
+        cluster that fills it or holds it.
+        """
+        digest, size = fill.digest, fill.size
+        read_timeout = self.upstreams.client(route).read_timeout
+        resume = partial(self._resume_fill, route, digest, size)
+        try:
+            response = await self.cache.blobs.coordinator.lead(digest, size, 0)
+        except StreamError as e:
+            fill.abandon(e)
+            return
+        if response is not None:
+            await fill.start(response, read_timeout, resume)
+            return
         try:
             response = await self._request(route, "GET", f"blobs/{fill.digest}")
         except RegistryError as e:
@@ -707,7 +728,21 @@ class PullService:
             size=fill.size,
             upstream=route.upstream.name,
         )
-        await fill.start(response, self.upstreams.client(route).read_timeout)
+        await fill.start(response, read_timeout, resume)
+
+    async def _resume_fill(self, route: Route, digest: str, size: int, offset: int) -> IResponse:
+        """The rest of a blob whose body broke at *offset*: from a node, or the upstream."""
+        response = await self.cache.blobs.coordinator.lead(digest, size, offset)
+        if response is not None:
+            return response
+        headers = {"Range": f"bytes={offset}-"} if offset else None
+        response = await self._request(route, "GET", f"blobs/{digest}", headers)
+        if response.code == 206 and content_range_start(response, size) == offset:
+            return response
+        if response.code == 200 and _content_length(response) in (None, size):
+            return response
+        discard(response)
+        raise StreamError(f"the upstream answered {response.code} to the rest of {digest}")
 
     def _blob_head(self, route: Route, origin: str, digest: str) -> Deferred[int | None]:
         """Ask the upstream repository for a blob: proof that it has it, and its size."""

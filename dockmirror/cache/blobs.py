@@ -21,7 +21,7 @@ import os
 import sys
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, cast
 
 from twisted.internet import defer
@@ -105,8 +105,17 @@ class BlobStore:
         self._followed: dict[str, FollowedFill] = {}
         #: Who fills what, when several processes share the directory.
         self.coordinator: ICoordinator = LocalCoordinator()
-        #: Called with the digest of each blob removed from the store.
+        #: Called with the digest and size of each blob added to the store ...
+        self.on_add: list[Callable[[str, int], None]] = []
+        #: ... with the digest of each blob read ...
+        self.on_touch: list[Callable[[str], None]] = []
+        #: ... with the digest of each blob removed from it ...
         self.on_remove: list[Callable[[str], None]] = []
+        #: ... and with each new proof (origin, digest) of a cached blob.
+        self.on_grant: list[Callable[[str, str], None]] = []
+        #: Asks the other nodes of a cluster for a proof: the size of a digest that
+        #: an origin proved it has to one of them, or None.
+        self.proofs_elsewhere: Callable[[str, str], Awaitable[int | None]] | None = None
         self.size = 0
         self.reserved = 0
 
@@ -279,6 +288,25 @@ class BlobStore:
         if origin not in origins:
             origins.add(origin)
             self._index.write("INSERT OR IGNORE INTO access VALUES (?, ?)", origin, digest)
+            for hook in self.on_grant:
+                hook(origin, digest)
+
+    async def proved_elsewhere(self, origin: str, digest: str) -> bool:
+        """Whether *origin* proved to another node of the cluster that it has *digest*.
+
+        The proof, and the size, are then taken as this node's own.
+        """
+        if self.proofs_elsewhere is None:
+            return False
+        size = await self.proofs_elsewhere(origin, digest)
+        if size is None:
+            return False
+        self.allow(origin, digest, size)
+        return True
+
+    def entries(self) -> list[tuple[str, int]]:
+        """Every cached blob as (digest, size)."""
+        return list(self._entries.items())
 
     def doubt(self, digest: str, origin: str | None = None) -> None:
         """Drop what upstreams announced for a blob not cached: it turned out wrong."""
@@ -293,6 +321,8 @@ class BlobStore:
     def touch(self, digest: str) -> None:
         if digest in self._entries:
             self._entries.move_to_end(digest)
+            for hook in self.on_touch:
+                hook(digest)
             self._index.write(
                 "UPDATE blobs SET used = ? WHERE digest = ?",
                 self.reactor.seconds(),
@@ -434,8 +464,9 @@ class BlobStore:
             self._add(followed.digest, followed.size)
 
     def committed(self, fill: Fill) -> None:
-        self._end_fill(fill)
+        # Recorded before the claim ends: whoever claims it next learns it is here.
         self._add(fill.digest, fill.size)
+        self._end_fill(fill)
 
     def failed(self, fill: Fill) -> None:
         if self._fills.get(fill.digest) is fill:
@@ -484,6 +515,8 @@ class BlobStore:
             self._index.write("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?)", digest, size, now)
             for origin in self._proofs.pop(digest, {}):
                 self._grant(origin, digest)
+            for hook in self.on_add:
+                hook(digest, size)
         self.touch(digest)
 
     def _disk_has_room(self, size: int) -> bool:

@@ -9,10 +9,11 @@ is answered with an entry it accepts, and any other goes upstream.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -156,6 +157,27 @@ def valid_digest(digest: object) -> bool:
         return False
 
 
+#: A tag entry of another node: media type, digest, manifest, when it was resolved.
+SharedTag = tuple[str, str, bytes, float]
+
+
+class SharedTags(Protocol):
+    """Tag entries shared by the nodes of a cluster, with their manifests."""
+
+    async def tags(
+        self, origin: str, tag: str, since: float
+    ) -> list[tuple[str, str, bytes, float]]:
+        """(media type, digest, manifest, resolved) of *tag* resolved after *since*."""
+
+    def publish(
+        self, origin: str, tag: str, media_type: str, digest: str, body: bytes, resolved: float
+    ) -> None: ...
+
+    def expire(self, origin: str, tag: str, keep: str, expired: float) -> None: ...
+
+    def forget(self, origins: Iterable[str], tag: str | None = None) -> None: ...
+
+
 @dataclass
 class TagEntry:
     digest: str
@@ -173,6 +195,8 @@ class ManifestCache:
         self._tags: dict[tuple[str, str], dict[str, TagEntry]] = {}
         #: manifest digest -> the (origin, tag) keys with an entry pointing to it.
         self._tagged: dict[str, set[tuple[str, str]]] = {}
+        #: The tags of the other nodes of a cluster; None for a node alone.
+        self.shared: SharedTags | None = None
         store.on_remove.append(self._removed)
 
     def __repr__(self) -> str:
@@ -268,27 +292,67 @@ class ManifestCache:
         sizes that are wrong.  Those are proven one by one, by the upstream's
         answer to a HEAD or GET of each.
         """
-        if not await self.store.put_small(digest, body):
+        if not await self._put(origin, digest, media_type, body):
             return
+        if not is_digest(reference):
+            self.set_tag(origin, reference, digest, media_type, body)
+
+    async def _put(self, origin: str, digest: str, media_type: str, body: bytes) -> bool:
+        if not await self.store.put_small(digest, body):
+            return False
         self.store.allow(origin, digest)
         if self._types.get(digest) != media_type:
             self._types[digest] = media_type
             self._index.write("INSERT OR REPLACE INTO manifests VALUES (?, ?)", digest, media_type)
-        if not is_digest(reference):
-            self.set_tag(origin, reference, digest, media_type)
+        return True
 
-    def set_tag(self, origin: str, tag: str, digest: str, media_type: str) -> None:
+    def set_tag(
+        self, origin: str, tag: str, digest: str, media_type: str, body: bytes | None = None
+    ) -> None:
         """Record that *tag* is *digest* in *media_type*, as the upstream said just now."""
         now = self._reactor.seconds()
-        self._keep((origin, tag), TagEntry(digest, media_type, now))
+        self._set_tag(origin, tag, TagEntry(digest, media_type, now))
+        if self.shared is not None:
+            body = body if body is not None else self.store.read_small(digest)
+            if body is not None:
+                self.shared.publish(origin, tag, media_type, digest, body, now)
+
+    def _set_tag(self, origin: str, tag: str, entry: TagEntry) -> None:
+        self._keep((origin, tag), entry)
         self._index.write(
             "INSERT OR REPLACE INTO tags VALUES (?, ?, ?, ?, ?)",
             origin,
             tag,
-            media_type,
-            digest,
-            now,
+            entry.media_type,
+            entry.digest,
+            entry.checked,
         )
+
+    async def adopt_tag(self, origin: str, tag: str) -> bool:
+        """Take in what another node of the cluster resolved *tag* to, if it is still fresh.
+
+        Each manifest is checked against its digest and media type, as one
+        from an upstream would be: a node trusts no other with its content.
+        """
+        if self.shared is None:
+            return False
+        adopted = False
+        since = self._reactor.seconds() - self.ttl
+        for media_type, digest, body, resolved in await self.shared.tags(origin, tag, since):
+            algorithm, _, hexpart = digest.partition(":")
+            if (
+                not valid_digest(digest)
+                or hashlib.new(algorithm, body).hexdigest() != hexpart
+                or manifest_media_type(body, media_type) != media_type
+            ):
+                continue
+            current = self._tags.get((origin, tag), {}).get(media_type)
+            if current is not None and current.checked >= resolved:
+                continue
+            if await self._put(origin, digest, media_type, body):
+                self._set_tag(origin, tag, TagEntry(digest, media_type, resolved))
+                adopted = True
+        return adopted
 
     def expire_tag(self, origin: str, tag: str, keep: str) -> None:
         """Have a moved tag's entries other than *keep*'s media type revalidated at next use.
@@ -300,6 +364,8 @@ class ManifestCache:
         for media_type, entry in self._tags.get((origin, tag), {}).items():
             if media_type != keep and entry.checked > expired:
                 entry.checked = expired
+                if self.shared is not None:
+                    self.shared.expire(origin, tag, keep, expired)
                 self._index.write(
                     "UPDATE tags SET checked = ? WHERE origin = ? AND tag = ? AND media_type = ?",
                     expired,
@@ -309,12 +375,16 @@ class ManifestCache:
                 )
 
     def forget_tag(self, origin: str, tag: str) -> None:
+        if self.shared is not None:
+            self.shared.forget([origin], tag)
         if self._drop((origin, tag)):
             self._index.write("DELETE FROM tags WHERE origin = ? AND tag = ?", origin, tag)
 
     def forget_origins(self, origins: Iterable[str]) -> int:
         """Forget every tag of *origins*; returns how many."""
         origins = set(origins)
+        if self.shared is not None:
+            self.shared.forget(origins)
         gone = [key for key in self._tags if key[0] in origins]
         for key in gone:
             self._drop(key)
