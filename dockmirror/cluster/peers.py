@@ -28,6 +28,7 @@ from twisted.web.client import (
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
+from dockmirror.egress import _QuietClientFactory
 from dockmirror.streaming import content_range_start
 from dockmirror.upstream import discard
 
@@ -78,6 +79,7 @@ class PeerClient:
 
     def __init__(self, reactor: Any, secret: str) -> None:
         self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool._factory = _QuietClientFactory
         self._pool.maxPersistentPerHost = 16
         self._agent = Agent(reactor, connectTimeout=CONNECT_TIMEOUT, pool=self._pool)
         self._reactor = reactor
@@ -114,10 +116,13 @@ class PeerClient:
                 "node {node} cannot stream {digest}: {error}", node=node, digest=digest, error=e
             )
             return None
-        lengths = response.headers.getRawHeaders(b"content-length") or [b""]
-        if response.code == 200 and lengths[0] == str(size).encode():
+        if response.code == 200 and response.length == size:
             return response
-        if response.code == 206 and content_range_start(response, size) == offset:
+        if (
+            response.code == 206
+            and response.length == size - offset
+            and content_range_start(response, size) == offset
+        ):
             return response
         log.info(
             "node {node} answered {code} for {digest}", node=node, code=response.code, digest=digest

@@ -1,0 +1,260 @@
+"""Three dockmirror nodes sharing one PostgreSQL: one upstream fetch per digest for all.
+
+Each node is a real ``twistd`` process with its own port, cache directory and
+cluster listener; they share a database of the test's own (``postgres``) and
+one ``docker-registry`` upstream, whose access log counts the GETs.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psycopg
+
+from .conftest import Dockmirror, DockmirrorFactory
+from .registries import LOOPBACK, Registry, free_port, wait_until
+from .test_cache import assert_cache_sound, cached_blobs, sha256
+from .test_pull import curl
+from .test_workers import SlowUpstream
+
+NODES = 3
+
+
+def start_nodes(
+    dockmirror: DockmirrorFactory,
+    upstream: Registry | SlowUpstream,
+    database: str,
+    count: int = NODES,
+    **cluster: object,
+) -> list[Dockmirror]:
+    nodes = []
+    for _ in range(count):
+        port = free_port()
+        table = {
+            "database": database,
+            "listen": f"tcp:{port}:interface={LOOPBACK}",
+            "node_url": f"http://{LOOPBACK}:{port}",
+            **cluster,
+        }
+        nodes.append(
+            dockmirror(
+                {"hub": {"plugin": "dockerhub", "url": upstream.url, "default": True}},
+                extra={"cluster": table},
+            )
+        )
+    return nodes
+
+
+def listener(node: Dockmirror) -> str:
+    return str(node.config["cluster"]["node_url"])
+
+
+def blob_gets(registry: Registry, digest: str) -> int:
+    return registry.count_requests("GET", f"/blobs/{digest}")
+
+
+def timed_get(url: str) -> tuple[int, bytes, float, float]:
+    """Status, body, seconds to the first byte and in all, as curl measured them."""
+    out = subprocess.run(
+        [
+            "curl",
+            "-s",
+            "-S",
+            "--noproxy",
+            "*",
+            "--max-time",
+            "60",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code} %{time_starttransfer} %{time_total}",
+            url,
+        ],
+        capture_output=True,
+        check=False,
+    ).stdout
+    body, _, trailer = out.rpartition(b"\n")
+    status, first, total = trailer.decode().split()
+    return int(status), body, float(first), float(total)
+
+
+def test_24_cold_clients_over_3_nodes_make_one_upstream_fetch(
+    registry_factory, dockmirror, seeded, unique_repo, postgres
+):
+    registry = registry_factory()
+    relay = SlowUpstream(registry, rate=16 << 20)
+    try:
+        image = seeded(registry, unique_repo, "v1", layers=[32 << 20])
+        nodes = start_nodes(dockmirror, relay, postgres)
+        layer = image.platforms[0].layers[0]
+        urls = [f"{node.url}/v2/{unique_repo}/blobs/{layer.digest}" for node in nodes]
+        with ThreadPoolExecutor(24) as pool:
+            results = list(pool.map(timed_get, [urls[i % NODES] for i in range(24)]))
+    finally:
+        relay.close()
+    for status, body, _, _ in results:
+        assert status == 200
+        assert sha256(body) == layer.digest
+    assert blob_gets(registry, layer.digest) == 1
+    [leader] = [i for i, n in enumerate(nodes) if f"filling {layer.digest} (" in n.log_text()]
+    print(f"\ntime to first byte (s) of 24 cold clients, node {leader} leading:")
+    for i in range(NODES):
+        firsts = sorted(r[2] for j, r in enumerate(results) if j % NODES == i)
+        totals = sorted(r[3] for j, r in enumerate(results) if j % NODES == i)
+        print(
+            f"  node {i}: first byte median {firsts[len(firsts) // 2]:.3f} max {firsts[-1]:.3f};"
+            f" whole blob median {totals[len(totals) // 2]:.3f}"
+        )
+    for node in nodes:
+        wait_until(lambda node=node: layer.digest in cached_blobs(node), timeout=20)
+        assert cached_blobs(node)[layer.digest] == layer.size
+        assert_cache_sound(node)
+    # Warm now on every node: no more upstream GETs.
+    for url in urls:
+        status, _, body = curl(url)
+        assert status == 200 and sha256(body) == layer.digest
+    assert blob_gets(registry, layer.digest) == 1
+
+
+def test_a_blob_cached_on_one_node_is_copied_from_it_by_another(
+    registry_factory, dockmirror, seeded, unique_repo, postgres
+):
+    registry = registry_factory()
+    image = seeded(registry, unique_repo, "v1", layers=[4 << 20])
+    first, second = start_nodes(dockmirror, registry, postgres, count=2)
+    layer = image.platforms[0].layers[0]
+    for node in (first, second):
+        status, _, body = curl(f"{node.url}/v2/{unique_repo}/blobs/{layer.digest}")
+        assert status == 200 and sha256(body) == layer.digest
+    assert blob_gets(registry, layer.digest) == 1
+    assert f"filling {layer.digest} from {listener(first)}" in second.log_text()
+
+
+def test_kill_9_of_the_filling_node_mid_fill(
+    registry_factory, dockmirror, seeded, unique_repo, postgres
+):
+    registry = registry_factory()
+    relay = SlowUpstream(registry, rate=4 << 20)
+    try:
+        image = seeded(registry, unique_repo, "v1", layers=[24 << 20])
+        nodes = start_nodes(dockmirror, relay, postgres)
+        leader, *others = nodes
+        layer = image.platforms[0].layers[0]
+        path = f"/v2/{unique_repo}/blobs/{layer.digest}"
+        lead = subprocess.Popen(
+            ["curl", "-s", "--noproxy", "*", "-o", "-", leader.url + path], stdout=subprocess.PIPE
+        )
+        temp = leader.cache_dir / "tmp"
+        wait_until(lambda: any(p.stat().st_size for p in temp.iterdir()), interval=0.01)
+        with ThreadPoolExecutor(4) as pool:
+            followers = [pool.submit(timed_get, node.url + path) for node in others for _ in "ab"]
+            wait_until(
+                lambda: all(f"filling {layer.digest} from" in n.log_text() for n in others),
+                interval=0.05,
+            )
+            leader.kill9()
+            body, _ = lead.communicate(timeout=60)
+            results = [f.result() for f in followers]
+    finally:
+        relay.close()
+    # The dead node's client was cut short, never given a complete-looking body.
+    assert lead.returncode != 0 or len(body) < layer.size
+    # Its followers never noticed: another node took the fill over.
+    for status, got, _, _ in results:
+        assert status == 200 and sha256(got) == layer.digest
+    assert any("resuming" in n.log_text() for n in others)
+    for node in others:
+        wait_until(lambda node=node: layer.digest in cached_blobs(node), timeout=20)
+        assert_cache_sound(node)
+        status, _, got = curl(node.url + path)
+        assert status == 200 and sha256(got) == layer.digest
+    # The upstream was asked again for the rest only, not once per node.
+    assert blob_gets(registry, layer.digest) <= 2
+    # Nothing partial was kept by the dead node either.
+    leader.start()
+    assert layer.digest not in cached_blobs(leader)
+    status, _, got = curl(leader.url + path)
+    assert status == 200 and sha256(got) == layer.digest
+    assert blob_gets(registry, layer.digest) <= 2
+
+
+def test_a_tag_resolved_on_one_node_is_fresh_on_the_others(
+    registry_factory, dockmirror, seeded, unique_repo, postgres
+):
+    registry = registry_factory()
+    image = seeded(registry, unique_repo, "v1", layers=[1 << 10])
+    nodes = start_nodes(dockmirror, registry, postgres)
+    url = f"/v2/{unique_repo}/manifests/v1"
+    status, headers, body = curl(nodes[0].url + url)
+    assert status == 200 and body == image.manifest
+    for node in nodes[1:]:
+        status, headers, body = curl(node.url + url)
+        assert status == 200 and body == image.manifest
+        assert headers["x-cache"] == "HIT"
+    assert registry.count_requests("GET", f"{unique_repo}/manifests/v1") == 1
+    assert registry.count_requests("HEAD", f"{unique_repo}/manifests/v1") == 0
+
+
+def test_the_cluster_listener_refuses_strangers(
+    registry_factory, dockmirror, seeded, unique_repo, postgres
+):
+    registry = registry_factory()
+    image = seeded(registry, unique_repo, "v1", layers=[1 << 10])
+    [node] = start_nodes(dockmirror, registry, postgres, count=1)
+    layer = image.platforms[0].layers[0]
+    status, _, _ = curl(f"{node.url}/v2/{unique_repo}/blobs/{layer.digest}")
+    assert status == 200
+    blob = f"{listener(node)}/_cluster/blobs/{layer.digest}"
+    secret = _secret(postgres)
+    refused: list[tuple[str, ...]] = [
+        (blob,),
+        ("-H", "Authorization: Bearer wrong", blob),
+        ("-H", f"Authorization: Bearer {secret}x", blob),
+        ("-H", f"Authorization: Basic {secret}", blob),
+        ("-H", f"Authorization: Bearer {secret}", f"{listener(node)}/v2/"),
+        ("-H", f"Authorization: Bearer {secret}", f"{blob}/../../etc/passwd"),
+        ("-H", f"Authorization: Bearer {secret}", f"{listener(node)}/_cluster/blobs/sha256:00"),
+    ]
+    for args in refused:
+        status, headers, body = curl(*args)
+        assert status in (401, 404), args
+        assert headers["content-type"] == "application/json"
+        assert b'"errors"' in body and b"Traceback" not in body
+    status, _, body = curl("-H", f"Authorization: Bearer {secret}", blob)
+    assert status == 200 and sha256(body) == layer.digest
+    status, headers, body = curl(
+        "-H", f"Authorization: Bearer {secret}", "-H", "Range: bytes=100-", blob
+    )
+    assert status == 206 and headers["content-range"] == f"bytes 100-{layer.size - 1}/{layer.size}"
+
+
+def _secret_or_none(database: str) -> str | None:
+    with psycopg.connect(database) as conn:
+        row = conn.execute("SELECT secret FROM cluster_secret").fetchone()
+    return None if row is None else str(row[0])
+
+
+def _secret(database: str) -> str:
+    secret = _secret_or_none(database)
+    assert secret is not None
+    return secret
+
+
+def test_a_secret_file_is_used_instead(
+    registry_factory, dockmirror, seeded, unique_repo, postgres, tmp_path: Path
+):
+    registry = registry_factory()
+    image = seeded(registry, unique_repo, "v1", layers=[1 << 10])
+    secret_file = tmp_path / "cluster-secret"
+    secret_file.write_text("s3cr3t-of-the-cluster-nodes\n")
+    [node] = start_nodes(dockmirror, registry, postgres, count=1, secret_file=str(secret_file))
+    layer = image.platforms[0].layers[0]
+    curl(f"{node.url}/v2/{unique_repo}/blobs/{layer.digest}")
+    blob = f"{listener(node)}/_cluster/blobs/{layer.digest}"
+    status, _, body = curl("-H", "Authorization: Bearer s3cr3t-of-the-cluster-nodes", blob)
+    assert status == 200 and sha256(body) == layer.digest
+    status, _, _ = curl("-H", "Authorization: Bearer s3cr3t-of-the-cluster-node", blob)
+    assert status == 401
+    assert _secret_or_none(postgres) is None  # none was made
