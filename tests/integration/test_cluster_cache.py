@@ -24,11 +24,14 @@ NODES = 3
 
 def start_nodes(
     dockmirror: DockmirrorFactory,
-    upstream: Registry | SlowUpstream,
+    upstream: Registry | SlowUpstream | dict[str, dict[str, object]],
     database: str,
     count: int = NODES,
     **cluster: object,
 ) -> list[Dockmirror]:
+    """*count* nodes of one cluster, mirroring *upstream* (or these ``[upstreams]`` tables)."""
+    if not isinstance(upstream, dict):
+        upstream = {"hub": {"plugin": "dockerhub", "url": upstream.url, "default": True}}
     nodes = []
     for _ in range(count):
         port = free_port()
@@ -38,12 +41,7 @@ def start_nodes(
             "node_url": f"http://{LOOPBACK}:{port}",
             **cluster,
         }
-        nodes.append(
-            dockmirror(
-                {"hub": {"plugin": "dockerhub", "url": upstream.url, "default": True}},
-                extra={"cluster": table},
-            )
-        )
+        nodes.append(dockmirror(upstream, extra={"cluster": table}))
     return nodes
 
 
@@ -125,11 +123,39 @@ def test_a_blob_cached_on_one_node_is_copied_from_it_by_another(
     image = seeded(registry, unique_repo, "v1", layers=[4 << 20])
     first, second = start_nodes(dockmirror, registry, postgres, count=2)
     layer = image.platforms[0].layers[0]
+    heads = registry.count_requests("HEAD", f"/blobs/{layer.digest}")  # the seeding's
     for node in (first, second):
         status, _, body = curl(f"{node.url}/v2/{unique_repo}/blobs/{layer.digest}")
         assert status == 200 and sha256(body) == layer.digest
     assert blob_gets(registry, layer.digest) == 1
     assert f"filling {layer.digest} from {listener(first)}" in second.log_text()
+    # The upstream's proof that it has the blob, given to the first node, holds for the second.
+    assert registry.count_requests("HEAD", f"/blobs/{layer.digest}") == heads + 1
+
+
+def test_a_blob_is_served_only_through_upstreams_that_proved_they_have_it(
+    registry_factory, dockmirror, seeded, unique_repo, postgres
+):
+    public, private = registry_factory(), registry_factory()
+    secret = seeded(private, unique_repo, "v1").platforms[0].layers[0]
+    upstreams: dict[str, dict[str, object]] = {
+        "public": {"plugin": "registry", "url": public.url, "default": True},
+        "private": {"plugin": "registry", "url": private.url, "aliases": ["private.test"]},
+    }
+    first, second = start_nodes(dockmirror, upstreams, postgres, count=2)
+    status, _, body = curl(f"{first.url}/v2/private.test/{unique_repo}/blobs/{secret.digest}")
+    assert status == 200 and sha256(body) == secret.digest
+    wait_until(lambda: secret.digest in cached_blobs(first))
+    # The other node holds no proof from the public upstream, which does not have it.
+    for method in ("GET", "HEAD"):
+        status, _, _ = curl(f"{second.url}/v2/{unique_repo}/blobs/{secret.digest}", method=method)
+        assert status == 404, method
+    assert public.count_requests("HEAD", f"/blobs/{secret.digest}") >= 1
+    # Through the private upstream it is served, copied from the first node.
+    status, _, body = curl(f"{second.url}/v2/private.test/{unique_repo}/blobs/{secret.digest}")
+    assert status == 200 and sha256(body) == secret.digest
+    assert blob_gets(private, secret.digest) == 1
+    assert public.count_requests("GET", f"/blobs/{secret.digest}") == 0
 
 
 def test_kill_9_of_the_filling_node_mid_fill(
