@@ -284,3 +284,29 @@ def test_a_secret_file_is_used_instead(
     status, _, _ = curl("-H", "Authorization: Bearer s3cr3t-of-the-cluster-node", blob)
     assert status == 401
     assert _secret_or_none(postgres) is None  # none was made
+
+
+def test_nodes_fetch_alone_while_postgresql_is_down_and_share_again_after(
+    registry_factory, dockmirror, seeded, unique_repo, postgres, postgres_server
+):
+    registry = registry_factory()
+    image = seeded(registry, unique_repo, "v1", layers=[1 << 20, 2 << 20, 3 << 20])
+    first, second = start_nodes(dockmirror, registry, postgres, count=2)
+    cached, missed, later = image.platforms[0].layers
+    status, _, _ = curl(f"{first.url}/v2/{unique_repo}/blobs/{cached.digest}")
+    assert status == 200
+    postgres_server.stop()
+    try:
+        status, _, body = curl(f"{first.url}/v2/{unique_repo}/blobs/{cached.digest}")
+        assert status == 200 and sha256(body) == cached.digest
+        status, _, body = curl(f"{second.url}/v2/{unique_repo}/blobs/{missed.digest}")
+        assert status == 200 and sha256(body) == missed.digest
+        status, _, body = curl(f"{second.url}/v2/{unique_repo}/manifests/v1")
+        assert status == 200 and body == image.manifest
+        assert "fetching it alone" in second.log_text()
+    finally:
+        postgres_server.start()
+    for node in (first, second):
+        status, _, body = curl(f"{node.url}/v2/{unique_repo}/blobs/{later.digest}")
+        assert status == 200 and sha256(body) == later.digest
+    assert blob_gets(registry, later.digest) == 1
