@@ -136,17 +136,22 @@ class Mirror:
     def scheme(self) -> str:
         return "https" if self.tls else "http"
 
-    def start(self, workdir: Path, upstream: Registry) -> Process:
+    def start(
+        self, workdir: Path, upstream: Registry, extra: str = "", storage: Path | None = None
+    ) -> Process:
+        """A new server in *workdir*; *extra* is TOML added to dockmirror's configuration,
+        *storage* the directory distribution keeps blobs in (by default, in *workdir*)."""
         workdir.mkdir(parents=True)
         port = free_port()
         if self.kind == "dockmirror":
-            argv, env = self._dockmirror(workdir, upstream, port)
+            argv, env = self._dockmirror(workdir, upstream, port, extra)
         else:
-            argv, env = self._distribution(workdir, upstream, port), subprocess_env()
+            storage = storage or workdir / "storage"
+            argv, env = self._distribution(workdir, upstream, port, storage), subprocess_env()
         return Process(self.name, argv, workdir, port, env, self.workers)
 
     def _dockmirror(
-        self, workdir: Path, upstream: Registry, port: int
+        self, workdir: Path, upstream: Registry, port: int, extra: str
     ) -> tuple[list[str], dict[str, str]]:
         listen = (
             tls_endpoint(port, LOOPBACK, self.tls)
@@ -157,7 +162,7 @@ class Mirror:
         python = venv / "python" if venv.is_dir() else Path(sys.executable)
         twistd = (str(python), str(python.with_name("twistd")))
         url = f"{self.scheme}://{LOOPBACK}:{port}"
-        argv = dockmirror_argv(workdir, upstream, [listen], url, self.workers)
+        argv = dockmirror_argv(workdir, upstream, [listen], url, self.workers, extra)
         env = subprocess_env(
             PYTHONPATH=os.pathsep.join(
                 filter(None, [str(self.checkout), os.environ.get("PYTHONPATH")])
@@ -165,14 +170,16 @@ class Mirror:
         )
         return [*twistd, *argv], env
 
-    def _distribution(self, workdir: Path, upstream: Registry, port: int) -> list[str]:
+    def _distribution(
+        self, workdir: Path, upstream: Registry, port: int, storage: Path
+    ) -> list[str]:
         http: dict[str, object] = {"addr": f"{LOOPBACK}:{port}", "secret": "bench"}
         if self.tls:
             http["tls"] = {"certificate": str(self.tls.certificate), "key": str(self.tls.key)}
         config = {
             "version": "0.1",
             "log": {"level": "info", "accesslog": {"disabled": True}},
-            "storage": {"filesystem": {"rootdirectory": str(workdir / "storage")}},
+            "storage": {"filesystem": {"rootdirectory": str(storage)}},
             "http": http,
             "proxy": {"remoteurl": upstream.url},
         }
@@ -182,7 +189,12 @@ class Mirror:
 
 
 def dockmirror_argv(
-    workdir: Path, upstream: Registry, listen: list[str], public_url: str, workers: int = 1
+    workdir: Path,
+    upstream: Registry,
+    listen: list[str],
+    public_url: str,
+    workers: int = 1,
+    extra: str = "",
 ) -> list[str]:
     """twistd's arguments for dockmirror with its cache in *workdir*, pulling from *upstream*."""
     config = workdir / "dockmirror.toml"
@@ -200,7 +212,7 @@ directory = "{workdir}/cache"
 plugin = "registry"
 url = "{upstream.url}"
 default = true
-"""
+{extra}"""
     )
     return ["-n", "--pidfile=", "dockmirror", "--config", str(config)]
 
