@@ -700,11 +700,7 @@ class PullService:
         digest, size = fill.digest, fill.size
         read_timeout = self.upstreams.client(route).read_timeout
         resume = partial(self._resume_fill, route, digest, size)
-        try:
-            response = await self.cache.blobs.coordinator.lead(digest, size, 0)
-        except StreamError as e:
-            fill.abandon(e)
-            return
+        response = await self.cache.blobs.coordinator.lead(digest, size, 0)
         if response is not None:
             await fill.start(response, read_timeout, resume)
             return

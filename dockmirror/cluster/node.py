@@ -42,6 +42,8 @@ class ClusterNode(service.MultiService):
         self.index = ClusterIndex(cache, self.database, self.session, self.node_url, reactor)
         #: The secret node-to-node requests carry; known once started.
         self.secret: str | None = None
+        if config.secret_file is not None:
+            self.secret = read_secret_file(config.secret_file)
         self.peers: PeerClient | None = None
 
     def __repr__(self) -> str:
@@ -51,9 +53,7 @@ class ClusterNode(service.MultiService):
         self.database.start()
         schema = resources.files("dockmirror.cluster").joinpath("cache.sql").read_text()
         self.database.migrate(schema)
-        if self._config.secret_file is not None:
-            self.secret = read_secret_file(self._config.secret_file)
-        else:
+        if self.secret is None:
             self.secret = self.database.call(shared_secret)
         self.peers = PeerClient(self._reactor, self.secret)
         self.session.start()

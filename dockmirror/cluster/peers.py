@@ -45,8 +45,8 @@ NODE_URL_RE = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]{1,300}")
 MIN_SECRET = 16
 
 
-class SecretError(Exception):
-    """The cluster secret cannot be had."""
+class SecretError(ValueError):
+    """The cluster secret file cannot be used."""
 
 
 def read_secret_file(path: str) -> str:
