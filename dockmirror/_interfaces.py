@@ -43,6 +43,10 @@ class ICoordinator(Interface):
     """
 
     shared = Attribute("Whether other processes may use the same cache directory.")
+    resumes = Attribute(
+        "Whether a fill whose body breaks is taken up where it broke, from another node"
+        " or the upstream (in a cluster, where a node dying mid-fill must not fail the others)."
+    )
 
     def claim(digest: str) -> bool:
         """Take the right to fill *digest*; False if another process holds it."""

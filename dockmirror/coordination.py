@@ -50,6 +50,7 @@ class LocalCoordinator:
     """One process alone on its cache: it holds every claim it asks for."""
 
     shared = False
+    resumes = False
 
     def __init__(self) -> None:
         self._usage = 0
@@ -89,6 +90,7 @@ class FileLockCoordinator:
     """
 
     shared = True
+    resumes = False
 
     def __init__(self, directory: str) -> None:
         self.path = os.path.join(directory, LOCK_FILE)

@@ -699,8 +699,9 @@ class PullService:
         """
         digest, size = fill.digest, fill.size
         read_timeout = self.upstreams.client(route).read_timeout
-        resume = partial(self._resume_fill, route, digest, size)
-        response = await self.cache.blobs.coordinator.lead(digest, size, 0)
+        coordinator = self.cache.blobs.coordinator
+        resume = partial(self._resume_fill, route, digest, size) if coordinator.resumes else None
+        response = await coordinator.lead(digest, size, 0)
         if response is not None:
             await fill.start(response, read_timeout, resume)
             return

@@ -146,6 +146,7 @@ class ClusterCoordinator:
     ) -> None:
         self.local = local
         self.shared = local.shared
+        self.resumes = True
         self.node_url = node_url
         self._session = session
         self._peers = peers
