@@ -8,12 +8,15 @@ one ``docker-registry`` upstream, whose access log counts the GETs.
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from .conftest import Dockmirror, DockmirrorFactory
+from .images import Layer
 from .registries import LOOPBACK, Registry, free_port, wait_until
 from .test_cache import assert_cache_sound, cached_blobs, sha256
 from .test_pull import curl
@@ -78,20 +81,32 @@ def timed_get(url: str) -> tuple[int, bytes, float, float]:
     return int(status), body, float(first), float(total)
 
 
-def test_24_cold_clients_over_3_nodes_make_one_upstream_fetch(
+SlowCluster = Callable[[int, int], tuple[Registry, list[Dockmirror], Layer]]
+
+
+@pytest.fixture
+def slow_cluster(
     registry_factory, dockmirror, seeded, unique_repo, postgres
-):
-    registry = registry_factory()
-    relay = SlowUpstream(registry, rate=16 << 20)
-    try:
-        image = seeded(registry, unique_repo, "v1", layers=[32 << 20])
-        nodes = start_nodes(dockmirror, relay, postgres)
-        layer = image.platforms[0].layers[0]
-        urls = [f"{node.url}/v2/{unique_repo}/blobs/{layer.digest}" for node in nodes]
-        with ThreadPoolExecutor(24) as pool:
-            results = list(pool.map(timed_get, [urls[i % NODES] for i in range(24)]))
-    finally:
+) -> Iterator[SlowCluster]:
+    """``make(rate, size)``: 3 nodes over an upstream sending *rate* bytes/s, and a layer."""
+    relays: list[SlowUpstream] = []
+
+    def make(rate: int, size: int) -> tuple[Registry, list[Dockmirror], Layer]:
+        registry = registry_factory()
+        relays.append(SlowUpstream(registry, rate))
+        image = seeded(registry, unique_repo, "v1", layers=[size])
+        return registry, start_nodes(dockmirror, relays[-1], postgres), image.platforms[0].layers[0]
+
+    yield make
+    for relay in relays:
         relay.close()
+
+
+def test_24_cold_clients_over_3_nodes_make_one_upstream_fetch(slow_cluster, unique_repo):
+    registry, nodes, layer = slow_cluster(16 << 20, 32 << 20)
+    urls = [f"{node.url}/v2/{unique_repo}/blobs/{layer.digest}" for node in nodes]
+    with ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(timed_get, [urls[i % NODES] for i in range(24)]))
     for status, body, _, _ in results:
         assert status == 200
         assert sha256(body) == layer.digest
@@ -158,33 +173,24 @@ def test_a_blob_is_served_only_through_upstreams_that_proved_they_have_it(
     assert public.count_requests("GET", f"/blobs/{secret.digest}") == 0
 
 
-def test_kill_9_of_the_filling_node_mid_fill(
-    registry_factory, dockmirror, seeded, unique_repo, postgres
-):
-    registry = registry_factory()
-    relay = SlowUpstream(registry, rate=4 << 20)
-    try:
-        image = seeded(registry, unique_repo, "v1", layers=[24 << 20])
-        nodes = start_nodes(dockmirror, relay, postgres)
-        leader, *others = nodes
-        layer = image.platforms[0].layers[0]
-        path = f"/v2/{unique_repo}/blobs/{layer.digest}"
-        lead = subprocess.Popen(
-            ["curl", "-s", "--noproxy", "*", "-o", "-", leader.url + path], stdout=subprocess.PIPE
+def test_kill_9_of_the_filling_node_mid_fill(slow_cluster, unique_repo):
+    registry, nodes, layer = slow_cluster(4 << 20, 24 << 20)
+    leader, *others = nodes
+    path = f"/v2/{unique_repo}/blobs/{layer.digest}"
+    lead = subprocess.Popen(
+        ["curl", "-s", "--noproxy", "*", "-o", "-", leader.url + path], stdout=subprocess.PIPE
+    )
+    temp = leader.cache_dir / "tmp"
+    wait_until(lambda: any(p.stat().st_size for p in temp.iterdir()), interval=0.01)
+    with ThreadPoolExecutor(4) as pool:
+        followers = [pool.submit(timed_get, node.url + path) for node in others for _ in "ab"]
+        wait_until(
+            lambda: all(f"filling {layer.digest} from" in n.log_text() for n in others),
+            interval=0.05,
         )
-        temp = leader.cache_dir / "tmp"
-        wait_until(lambda: any(p.stat().st_size for p in temp.iterdir()), interval=0.01)
-        with ThreadPoolExecutor(4) as pool:
-            followers = [pool.submit(timed_get, node.url + path) for node in others for _ in "ab"]
-            wait_until(
-                lambda: all(f"filling {layer.digest} from" in n.log_text() for n in others),
-                interval=0.05,
-            )
-            leader.kill9()
-            body, _ = lead.communicate(timeout=60)
-            results = [f.result() for f in followers]
-    finally:
-        relay.close()
+        leader.kill9()
+        body, _ = lead.communicate(timeout=60)
+        results = [f.result() for f in followers]
     # The dead node's client was cut short, never given a complete-looking body.
     assert lead.returncode != 0 or len(body) < layer.size
     # Its followers never noticed: another node took the fill over.
