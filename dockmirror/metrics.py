@@ -78,6 +78,11 @@ class Metrics:
             ["upstream"],
             registry=r,
         )
+        self.bytes_from_nodes = Counter(
+            "dockmirror_cluster_received_bytes",
+            "Blob bytes received from the other nodes of the cluster.",
+            registry=r,
+        )
         self.fills_in_flight = Gauge(
             "dockmirror_cache_fills_in_flight",
             "Blob fills from upstream now running.",

@@ -700,9 +700,10 @@ class PullService:
         digest, size = fill.digest, fill.size
         read_timeout = self.upstreams.client(route).read_timeout
         coordinator = self.cache.blobs.coordinator
-        resume = partial(self._resume_fill, route, digest, size) if coordinator.resumes else None
+        resume = partial(self._resume_fill, fill, route) if coordinator.resumes else None
         response = await coordinator.lead(digest, size, 0)
         if response is not None:
+            fill.count_as(self._metrics.bytes_from_nodes)
             await fill.start(response, read_timeout, resume)
             return
         try:
@@ -727,11 +728,14 @@ class PullService:
         )
         await fill.start(response, read_timeout, resume)
 
-    async def _resume_fill(self, route: Route, digest: str, size: int, offset: int) -> IResponse:
+    async def _resume_fill(self, fill: Fill, route: Route, offset: int) -> IResponse:
         """The rest of a blob whose body broke at *offset*: from a node, or the upstream."""
+        digest, size = fill.digest, fill.size
         response = await self.cache.blobs.coordinator.lead(digest, size, offset)
         if response is not None:
+            fill.count_as(self._metrics.bytes_from_nodes)
             return response
+        fill.count_as(self._metrics.bytes_from_upstream.labels(route.upstream.name))
         headers = {"Range": f"bytes={offset}-"} if offset else None
         response = await self._request(route, "GET", f"blobs/{digest}", headers)
         if response.code == 206 and content_range_start(response, size) == offset:

@@ -111,8 +111,10 @@ class BlobStore:
         self.on_touch: list[Callable[[str], None]] = []
         #: ... with the digest of each blob removed from it ...
         self.on_remove: list[Callable[[str], None]] = []
-        #: ... and with each new proof (origin, digest) of a cached blob.
+        #: ... with each new proof (origin, digest) of a cached blob ...
         self.on_grant: list[Callable[[str, str], None]] = []
+        #: ... and with the origins whose proofs are all dropped (purged).
+        self.on_disown: list[Callable[[set[str]], None]] = []
         #: Asks the other nodes of a cluster for a proof: the size of a digest that
         #: an origin proved it has to one of them, or None.
         self.proofs_elsewhere: Callable[[str, str], Awaitable[int | None]] | None = None
@@ -619,6 +621,8 @@ class BlobStore:
         self._index.write_many(
             "DELETE FROM access WHERE origin = ?", ((origin,) for origin in origins)
         )
+        for hook in self.on_disown:
+            hook(origins)
         return [d for d in orphans if d in self._entries]
 
     def origins(self) -> set[str]:

@@ -102,6 +102,11 @@ class Fill(FillProgress, Protocol):
         state = "committed" if self.committed else "failed" if self.error else "filling"
         return f"<Fill {self.digest} {self.written}/{self.size} from {self.upstream} {state}>"
 
+    def count_as(self, counter: Any) -> None:
+        """Count the bytes received from now on with *counter* (another node's, not the
+        upstream's)."""
+        self._upstream_bytes = counter
+
     def queued(self, offset: int, limit: int) -> bytes:
         """Bytes [offset, limit) from memory, received and not written yet.
 

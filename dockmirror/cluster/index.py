@@ -66,6 +66,7 @@ class ClusterIndex(service.Service):
         cache.blobs.on_remove.append(self._removed)
         cache.blobs.on_touch.append(self._touched.add)
         cache.blobs.on_grant.append(self._granted)
+        cache.blobs.on_disown.append(self._disowned)
         cache.blobs.proofs_elsewhere = self.proved
         cache.manifests.shared = self
 
@@ -121,6 +122,11 @@ class ClusterIndex(service.Service):
             partial(_execute, _INSERT_ACCESS, (origin, digest)), f"recording a proof of {digest}"
         )
 
+    def _disowned(self, origins: set[str]) -> None:
+        """A purge: the proofs of *origins* go for every node."""
+        f = partial(_execute, _DELETE_ACCESS, (sorted(origins),))
+        self._run(f, "forgetting the proofs of purged repositories")
+
     async def proved(self, origin: str, digest: str) -> int | None:
         """The size of *digest* if *origin* proved it has it to some node; else None."""
         try:
@@ -163,6 +169,7 @@ _UPSERT_BLOB = (
 _DELETE_BLOB = "DELETE FROM cache_blobs WHERE digest = %s AND node_url = %s"
 _TOUCH_BLOBS = "UPDATE cache_blobs SET used = now() WHERE digest = ANY(%s) AND node_url = %s"
 _INSERT_ACCESS = "INSERT INTO cache_access VALUES (%s, %s) ON CONFLICT DO NOTHING"
+_DELETE_ACCESS = "DELETE FROM cache_access WHERE origin = ANY(%s)"
 _PROVED = (
     "SELECT b.size FROM cache_access a JOIN cache_blobs b ON b.digest = a.digest"
     " WHERE a.origin = %s AND a.digest = %s LIMIT 1"

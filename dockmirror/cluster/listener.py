@@ -26,7 +26,9 @@ from dockmirror.pull import Reply
 from dockmirror.streaming import StreamError
 from dockmirror.web import AsyncResource, send_reply
 
-_PATH_RE = re.compile(re.escape(BLOB_PATH).encode() + rb"(sha256:[0-9a-f]{64})")
+_PATH_RE = re.compile(
+    re.escape(BLOB_PATH).encode() + rb"(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})"
+)
 _RANGE_RE = re.compile(rb"bytes=(\d{1,19})-")
 
 

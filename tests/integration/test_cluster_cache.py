@@ -15,10 +15,11 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from . import test_manhole
 from .conftest import Dockmirror, DockmirrorFactory
 from .images import Layer
 from .registries import LOOPBACK, Registry, free_port, wait_until
-from .test_cache import assert_cache_sound, cached_blobs, sha256
+from .test_cache import assert_cache_sound, cached_blobs, metric, sha256
 from .test_pull import curl
 from .test_workers import SlowUpstream
 
@@ -30,9 +31,13 @@ def start_nodes(
     upstream: Registry | SlowUpstream | dict[str, dict[str, object]],
     database: str,
     count: int = NODES,
+    first: dict[str, dict[str, object]] | None = None,
     **cluster: object,
 ) -> list[Dockmirror]:
-    """*count* nodes of one cluster, mirroring *upstream* (or these ``[upstreams]`` tables)."""
+    """*count* nodes of one cluster, mirroring *upstream* (or these ``[upstreams]`` tables).
+
+    *first* adds tables to the first node's configuration.
+    """
     if not isinstance(upstream, dict):
         upstream = {"hub": {"plugin": "dockerhub", "url": upstream.url, "default": True}}
     nodes = []
@@ -44,7 +49,8 @@ def start_nodes(
             "node_url": f"http://{LOOPBACK}:{port}",
             **cluster,
         }
-        nodes.append(dockmirror(upstream, extra={"cluster": table}))
+        extra = {"cluster": table, **((first or {}) if not nodes else {})}
+        nodes.append(dockmirror(upstream, extra=extra))
     return nodes
 
 
@@ -112,6 +118,11 @@ def test_24_cold_clients_over_3_nodes_make_one_upstream_fetch(slow_cluster, uniq
         assert sha256(body) == layer.digest
     assert blob_gets(registry, layer.digest) == 1
     [leader] = [i for i, n in enumerate(nodes) if f"filling {layer.digest} (" in n.log_text()]
+    # The followers' bytes came from the leader's node, none from the upstream.
+    for i, node in enumerate(nodes):
+        from_nodes = metric(node, "dockmirror_cluster_received_bytes_total")
+        from_upstream = metric(node, "dockmirror_upstream_received_bytes_total")
+        assert (from_upstream, from_nodes) == ((layer.size, 0) if i == leader else (0, layer.size))
     print(f"\ntime to first byte (s) of 24 cold clients, node {leader} leading:")
     for i in range(NODES):
         firsts = sorted(r[2] for j, r in enumerate(results) if j % NODES == i)
@@ -316,3 +327,44 @@ def test_nodes_fetch_alone_while_postgresql_is_down_and_share_again_after(
         status, _, body = curl(f"{node.url}/v2/{unique_repo}/blobs/{later.digest}")
         assert status == 200 and sha256(body) == later.digest
     assert blob_gets(registry, later.digest) == 1
+
+
+def test_a_purge_revokes_the_repositorys_proofs_and_tags_for_every_node(
+    registry_factory, dockmirror, seeded, unique_repo, postgres, tmp_path
+):
+    registry = registry_factory()
+    image = seeded(registry, unique_repo, "v1", layers=[1 << 10])
+    layer = image.platforms[0].layers[0]
+    port, authorized = free_port(), tmp_path / "authorized_keys"
+    operator = test_manhole.keypair(tmp_path, "operator")
+    authorized.write_text(Path(f"{operator}.pub").read_text())
+    manhole = {"listen": f"tcp:{port}:interface={LOOPBACK}", "authorized_keys": str(authorized)}
+    first, second = start_nodes(dockmirror, registry, postgres, count=2, first={"manhole": manhole})
+    manifest, blob = f"/v2/{unique_repo}/manifests/v1", f"/v2/{unique_repo}/blobs/{layer.digest}"
+    for path in (manifest, blob):
+        status, _, _ = curl(first.url + path)
+        assert status == 200
+    gets = registry.count_requests("GET", manifest)
+    heads = registry.count_requests("HEAD", f"/blobs/{layer.digest}")
+    session = test_manhole.Session(port, operator)
+    try:
+        session.expect(">>> ")
+        session.send(f'cache.purge("{unique_repo}")')
+        session.expect(r"'repositories': \['hub/")
+        assert session.close() == 0
+    finally:
+        session.close()
+    # The second node finds neither the tag nor the proof: it asks the upstream.
+    wait_until(lambda: not _rows(postgres, "cache_tags") and not _rows(postgres, "cache_access"))
+    for path in (manifest, blob):
+        status, _, _ = curl(second.url + path)
+        assert status == 200
+    assert registry.count_requests("GET", manifest) == gets + 1
+    assert registry.count_requests("HEAD", f"/blobs/{layer.digest}") == heads + 1
+
+
+def _rows(database: str, table: str) -> int:
+    with psycopg.connect(database) as conn:
+        row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
+    assert row is not None
+    return int(row[0])
