@@ -164,9 +164,7 @@ SharedTag = tuple[str, str, bytes, float]
 class SharedTags(Protocol):
     """Tag entries shared by the nodes of a cluster, with their manifests."""
 
-    async def tags(
-        self, origin: str, tag: str, since: float
-    ) -> list[tuple[str, str, bytes, float]]:
+    async def tags(self, origin: str, tag: str, since: float) -> list[SharedTag]:
         """(media type, digest, manifest, resolved) of *tag* resolved after *since*."""
 
     def publish(

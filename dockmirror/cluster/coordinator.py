@@ -20,7 +20,7 @@ the session's thread.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, TypeVar
 
@@ -51,6 +51,29 @@ LEAD_INTERVAL = 0.25
 SESSION_OPTIONS = "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3"
 #: Advisory lock keys of fills have this bit set, clear of ``hashtext()`` keys.
 _KEY_BIT = 1 << 60
+
+
+#: Seconds a node goes without asking PostgreSQL after it could not reach it.
+BACKOFF = 5.0
+
+
+class Backoff:
+    """Skips PostgreSQL for a few seconds after it failed, rather than wait for it each time."""
+
+    def __init__(self, clock: IReactorTime, seconds: float = BACKOFF) -> None:
+        self._clock = clock
+        self._seconds = seconds
+        self._until = 0.0
+
+    async def run(self, query: Callable[[], Awaitable[T]]) -> T:
+        """``await query()``; raises :class:`DatabaseUnavailable` at once while backing off."""
+        if self._clock.seconds() < self._until:
+            raise DatabaseUnavailable("PostgreSQL failed a moment ago")
+        try:
+            return await query()
+        except DatabaseUnavailable:
+            self._until = self._clock.seconds() + self._seconds
+            raise
 
 
 def lock_key(digest: str) -> int:
@@ -151,6 +174,7 @@ class ClusterCoordinator:
         self._session = session
         self._peers = peers
         self._reactor = reactor
+        self._backoff = Backoff(reactor)
         #: Digests whose cluster lock this process holds, and the session they were taken on.
         self._held: dict[str, int] = {}
 
@@ -204,9 +228,8 @@ class ClusterCoordinator:
                 if held:
                     got = True
                 else:
-                    got, nodes = await self._session.run(
-                        partial(_try_lock, key, digest, self.node_url, size)
-                    )
+                    try_lock = partial(_try_lock, key, digest, self.node_url, size)
+                    got, nodes = await self._backoff.run(partial(self._session.run, try_lock))
             except DatabaseUnavailable as e:
                 log.warn(
                     "cannot coordinate the fill of {digest} with the cluster: {error};"

@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 
 from dockmirror.cache import Cache
 from dockmirror.cache.manifests import SharedTag
-from dockmirror.cluster.coordinator import Session
+from dockmirror.cluster.coordinator import Backoff, Session
 from dockmirror.cluster.database import Database, DatabaseUnavailable
 
 log = Logger()
@@ -60,6 +60,7 @@ class ClusterIndex(service.Service):
         self._session = session
         self.node_url = node_url
         self._touched: set[str] = set()
+        self._backoff = Backoff(reactor)
         self._loop = LoopingCall(self._write_touched)
         self._loop.clock = reactor
         cache.blobs.on_add.append(self._added)
@@ -130,7 +131,8 @@ class ClusterIndex(service.Service):
     async def proved(self, origin: str, digest: str) -> int | None:
         """The size of *digest* if *origin* proved it has it to some node; else None."""
         try:
-            row = await self._database.run(partial(_fetch_one, _PROVED, (origin, digest)))
+            query = partial(_fetch_one, _PROVED, (origin, digest))
+            row = await self._backoff.run(partial(self._database.run, query))
         except DatabaseUnavailable:
             return None
         return int(row[0]) if row is not None else None
@@ -139,7 +141,8 @@ class ClusterIndex(service.Service):
 
     async def tags(self, origin: str, tag: str, since: float) -> list[SharedTag]:
         try:
-            rows = await self._database.run(partial(_fetch_all, _TAGS, (origin, tag, since)))
+            query = partial(_fetch_all, _TAGS, (origin, tag, since))
+            rows = await self._backoff.run(partial(self._database.run, query))
         except DatabaseUnavailable as e:
             log.warn("cluster index: reading tag {tag}: {error}", tag=tag, error=str(e))
             return []

@@ -8,12 +8,15 @@ one ``docker-registry`` upstream, whose access log counts the GETs.
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
 import pytest
+
+from dockmirror.cluster.coordinator import BACKOFF
 
 from . import test_manhole
 from .conftest import Dockmirror, DockmirrorFactory
@@ -153,6 +156,8 @@ def test_a_blob_cached_on_one_node_is_copied_from_it_by_another(
     for node in (first, second):
         status, _, body = curl(f"{node.url}/v2/{unique_repo}/blobs/{layer.digest}")
         assert status == 200 and sha256(body) == layer.digest
+        # Recorded once committed, a moment after the client has every byte.
+        wait_until(lambda: _rows(postgres, "cache_access") == 1)
     assert blob_gets(registry, layer.digest) == 1
     assert f"filling {layer.digest} from {listener(first)}" in second.log_text()
     # The upstream's proof that it has the blob, given to the first node, holds for the second.
@@ -323,6 +328,7 @@ def test_nodes_fetch_alone_while_postgresql_is_down_and_share_again_after(
         assert "fetching it alone" in second.log_text()
     finally:
         postgres_server.start()
+    time.sleep(BACKOFF)  # the nodes try PostgreSQL again after this
     for node in (first, second):
         status, _, body = curl(f"{node.url}/v2/{unique_repo}/blobs/{later.digest}")
         assert status == 200 and sha256(body) == later.digest
