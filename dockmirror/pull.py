@@ -702,6 +702,8 @@ class PullService:
         coordinator = self.cache.blobs.coordinator
         resume = partial(self._resume_fill, fill, route) if coordinator.resumes else None
         response = await coordinator.lead(digest, size, 0)
+        if fill.done:  # abandoned meanwhile: the mirror is stopping
+            return
         if response is not None:
             fill.count_as(self._metrics.bytes_from_nodes)
             await fill.start(response, read_timeout, resume)

@@ -37,6 +37,7 @@ from zope.interface import implementer
 from dockmirror._interfaces import ICoordinator
 from dockmirror.cluster.database import DatabaseUnavailable
 from dockmirror.cluster.peers import PeerClient
+from dockmirror.upstream import discard
 
 log = Logger()
 T = TypeVar("T")
@@ -177,6 +178,9 @@ class ClusterCoordinator:
         self._backoff = Backoff(reactor)
         #: Digests whose cluster lock this process holds, and the session they were taken on.
         self._held: dict[str, int] = {}
+        #: Digests being led now, and those of them released meanwhile (their fill ended).
+        self._leading: set[str] = set()
+        self._released: set[str] = set()
 
     def __repr__(self) -> str:
         held = len(self._held)
@@ -198,6 +202,8 @@ class ClusterCoordinator:
 
     def release(self, digest: str) -> None:
         self.local.release(digest)
+        if digest in self._leading:
+            self._released.add(digest)
         generation = self._held.pop(digest, None)
         if generation is None or generation != self._session.generation:
             return  # not ours, or gone with its session
@@ -220,6 +226,21 @@ class ClusterCoordinator:
         return Deferred.fromCoroutine(self._lead(digest, size, offset))
 
     async def _lead(self, digest: str, size: int, offset: int) -> IResponse | None:
+        self._leading.add(digest)
+        try:
+            response = await self._find(digest, size, offset)
+        finally:
+            self._leading.discard(digest)
+        if digest in self._released:  # the fill ended meanwhile: the claim goes too
+            self._released.discard(digest)
+            self.release(digest)
+            if response is not None:
+                discard(response)
+            return None
+        return response
+
+    async def _find(self, digest: str, size: int, offset: int) -> IResponse | None:
+        """Take the claim, or find the node to stream the blob from."""
         key = lock_key(digest)
         for _ in range(LEAD_ATTEMPTS):
             held = self._held.get(digest) == self._session.generation
