@@ -7,7 +7,9 @@ one ``docker-registry`` upstream, whose access log counts the GETs.
 
 from __future__ import annotations
 
+import http.server
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +18,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from dockmirror.cluster.coordinator import BACKOFF
+from dockmirror.cluster.coordinator import BACKOFF, lock_key
 
 from . import test_manhole
 from .conftest import Dockmirror, DockmirrorFactory
@@ -374,3 +376,58 @@ def _rows(database: str, table: str) -> int:
         row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
     assert row is not None
     return int(row[0])
+
+
+class RogueNode:
+    """A "node" serving wrong bytes of the right length for any blob, to whoever asks."""
+
+    def __init__(self, size: int) -> None:
+        body = bytes(size)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+                self.send_response(200)
+                self.send_header("Content-Length", str(size))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self.url = f"http://{LOOPBACK}:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_node_checks_what_another_streams_to_it(
+    registry_factory, dockmirror, seeded, unique_repo, postgres
+):
+    registry = registry_factory()
+    image = seeded(registry, unique_repo, "v1", layers=[1 << 20])
+    layer = image.platforms[0].layers[0]
+    [node] = start_nodes(dockmirror, registry, postgres, count=1)
+    rogue = RogueNode(layer.size)
+    # The rogue holds the digest's claim and says it fills it.
+    with psycopg.connect(postgres, autocommit=True) as claim:
+        claim.execute("SELECT pg_advisory_lock(%s)", (lock_key(layer.digest),))
+        claim.execute(
+            "INSERT INTO fills (digest, node_url, size) VALUES (%s, %s, %s)",
+            (layer.digest, rogue.url, layer.size),
+        )
+        try:
+            status, body, _, _ = timed_get(f"{node.url}/v2/{unique_repo}/blobs/{layer.digest}")
+        finally:
+            rogue.close()
+    # The client was cut before its last byte, and nothing was kept.
+    assert len(body) < layer.size
+    assert "do not match" in node.log_text()
+    assert layer.digest not in cached_blobs(node)
+    assert_cache_sound(node)
+    # The claim is free now: the node fetches the blob itself.
+    status, _, got = curl(f"{node.url}/v2/{unique_repo}/blobs/{layer.digest}")
+    assert status == 200 and sha256(got) == layer.digest
+    assert blob_gets(registry, layer.digest) == 1
