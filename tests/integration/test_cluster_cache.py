@@ -37,11 +37,12 @@ def start_nodes(
     database: str,
     count: int = NODES,
     first: dict[str, dict[str, object]] | None = None,
+    every: dict[str, dict[str, object]] | None = None,
     **cluster: object,
 ) -> list[Dockmirror]:
     """*count* nodes of one cluster, mirroring *upstream* (or these ``[upstreams]`` tables).
 
-    *first* adds tables to the first node's configuration.
+    *every* adds tables to every node's configuration, *first* to the first node's.
     """
     if not isinstance(upstream, dict):
         upstream = {"hub": {"plugin": "dockerhub", "url": upstream.url, "default": True}}
@@ -54,7 +55,7 @@ def start_nodes(
             "node_url": f"http://{LOOPBACK}:{port}",
             **cluster,
         }
-        extra = {"cluster": table, **((first or {}) if not nodes else {})}
+        extra = {"cluster": table, **(every or {}), **((first or {}) if not nodes else {})}
         nodes.append(dockmirror(upstream, extra=extra))
     return nodes
 
@@ -245,6 +246,22 @@ def test_a_tag_resolved_on_one_node_is_fresh_on_the_others(
         assert headers["x-cache"] == "HIT"
     assert registry.count_requests("GET", f"{unique_repo}/manifests/v1") == 1
     assert registry.count_requests("HEAD", f"{unique_repo}/manifests/v1") == 0
+
+
+def test_a_tag_past_its_ttl_is_asked_for_again(
+    registry_factory, dockmirror, seeded, unique_repo, postgres
+):
+    registry = registry_factory()
+    image = seeded(registry, unique_repo, "v1", layers=[1 << 10])
+    ttl = {"cache": {"manifest_ttl": 2}}
+    first, second = start_nodes(dockmirror, registry, postgres, count=2, every=ttl)
+    url = f"/v2/{unique_repo}/manifests/v1"
+    status, _, _ = curl(first.url + url)
+    assert status == 200
+    time.sleep(2.5)
+    status, headers, body = curl(second.url + url)
+    assert status == 200 and body == image.manifest and headers["x-cache"] == "MISS"
+    assert registry.count_requests("GET", f"{unique_repo}/manifests/v1") == 2
 
 
 def test_the_cluster_listener_refuses_strangers(
