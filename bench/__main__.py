@@ -44,7 +44,12 @@ def options(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--plain", action="store_true", help="plain HTTP instead of TLS")
     parser.add_argument("--size-mib", type=int, default=256, help="the big layer's size")
-    parser.add_argument("--repeat", type=int, default=5, help="repetitions of every workload")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="repetitions of every workload (default 3; 5 or more for figures to publish)",
+    )
     parser.add_argument(
         "--clients", default="1,8", help="client counts for the cache-hit runs (default 1,8)"
     )
@@ -54,7 +59,7 @@ def options(argv: list[str] | None = None) -> argparse.Namespace:
         default="1",
         help="dockmirror's [server] workers, one dockmirror per count (e.g. 1,2,4; default 1)",
     )
-    parser.add_argument("--heads", type=int, default=500, help="manifest HEADs per run")
+    parser.add_argument("--heads", type=int, default=200, help="manifest HEADs per run")
     parser.add_argument("--nodes", type=int, default=3, help="nodes of the cluster run")
     parser.add_argument(
         "--cluster-clients", type=int, default=24, help="clients of the cluster run"
@@ -198,9 +203,12 @@ class Bench:
 
             def crowd(server: Process, mirror: Mirror = mirror) -> None:
                 before = self.upstream.count_requests("GET", f"/blobs/{self.layer.digest}")
+                cpu = server.cpu_seconds()
                 seconds = fetch(self.client(server, mirror.tls), self.blob_path, many, size)
+                cpu = server.cpu_seconds() - cpu
                 after = self.upstream.count_requests("GET", f"/blobs/{self.layer.digest}")
                 self.record(report.cold_row(many), mirror.name, seconds)
+                self.record(report.cold_cpu_row(many), mirror.name, cpu * GIB / size / many)
                 self.record(report.fetches_row(many), mirror.name, after - before)
                 self.record(report.cold_rss_row(many), mirror.name, server.peak_mib())
 

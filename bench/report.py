@@ -41,6 +41,10 @@ def cold_row(clients: int) -> str:
     return f"cold fetch, {clients} clients at once (s, until the last)"
 
 
+def cold_cpu_row(clients: int) -> str:
+    return f"server CPU per GiB sent, cold fetch, {clients} clients at once (s)"
+
+
 def fetches_row(clients: int) -> str:
     return f"upstream GETs of the layer, {clients} cold clients"
 

@@ -16,7 +16,6 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import DeferredList
 from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.web.client import HTTPConnectionPool
 
@@ -49,10 +48,16 @@ from dockmirror.metrics import Metrics, MetricsResource
 from dockmirror.portal.service import build_portal
 from dockmirror.pull import Prefetcher, PullService, Upstreams
 from dockmirror.routing import build_router
-from dockmirror.tls import PlainHTTPFactory, ReloadService, tls_endpoint
+from dockmirror.tls import PlainHTTPFactory, ReloadService, TLSFactory, tls_endpoint
 from dockmirror.warm import Warmer
 from dockmirror.web import MirrorSite, RootResource, build_root
-from dockmirror.workers import FIRST_FD, AdoptedPort, Supervisor, SupervisorChannel
+from dockmirror.workers import (
+    FIRST_FD,
+    AdoptedPort,
+    Supervisor,
+    SupervisorChannel,
+    WorkerLoad,
+)
 
 log = Logger()
 
@@ -221,6 +226,7 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
     site = MirrorSite(root, metrics, clients, limits, **timeouts)
     certificates = []
     inherited = itertools.count(FIRST_FD)
+    load = None if worker is None else WorkerLoad.inherited(worker, config.server.worker_count)
 
     def serve(description: str, factory: Any, http: bool = False) -> None:
         """Listen: on the endpoint, or on the socket a worker inherited for it."""
@@ -231,8 +237,8 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
             StreamServerEndpointService(endpoint, factory).setServiceParent(top)
         else:
             if certificate is not None:
-                factory = TLSMemoryBIOFactory(certificate, False, factory)
-            AdoptedPort(reactor, next(inherited), factory).setServiceParent(top)
+                factory = TLSFactory(certificate, factory)
+            AdoptedPort(reactor, next(inherited), factory, load).setServiceParent(top)
         if certificate is not None:
             certificates.append(certificate)
 

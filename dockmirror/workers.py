@@ -4,9 +4,12 @@ With ``[server] workers = N`` above 1, ``twistd dockmirror`` runs a
 :class:`Supervisor`.  It binds every listener once (so a privileged port
 needs the capability only at start, and all workers share one accept queue
 per listener) and spawns N copies of itself in worker mode, each handed the
-listening sockets as file descriptors 3, 4, ... in the order of
-:func:`inherited` and adopting them with ``reactor.adoptStreamPort``.  The
-kernel spreads connections over the workers that accept.
+listening sockets as file descriptors 4, 5, ... in the order of
+:func:`inherited`.  Every worker polls the same sockets; at each new
+connection, a worker that has more connections open than another leaves it
+to the others for a moment (:class:`BalancedPort`, counting in a small
+file they all map, :class:`WorkerLoad`), so long downloads spread evenly
+over the workers instead of going to whichever the kernel woke first.
 
 The supervisor restarts a worker that dies, after a growing delay, forwards
 SIGHUP (certificate reload), and on SIGTERM stops every worker gracefully
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import shutil
 import signal
@@ -25,13 +29,18 @@ import socket
 import sys
 import tempfile
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.application import service
-from twisted.internet import protocol, stdio
+from twisted.internet import protocol, stdio, tcp
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IListeningPort,
+    IProtocolFactory,
+    IReactorTime,
+)
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
@@ -57,6 +66,12 @@ STABLE_AFTER = 60.0
 MAX_BACKOFF = 30.0
 #: Seconds a stopping worker gets before it is killed (its fills get 30).
 STOP_TIMEOUT = 40.0
+#: The environment variable naming the file of the workers' open connections.
+LOAD_FILE = "DOCKMIRROR_WORKER_LOAD"
+#: Seconds a worker with more connections than another leaves a new one to the others.
+YIELD_ACCEPT = 0.05
+#: What a dead worker's slot holds, so no live worker leaves connections to it.
+_GONE = 1 << 62
 #: twistd options a worker must not share with its supervisor, and those of them
 #: that take no value.
 _SUPERVISOR_ONLY = ("--pidfile", "--logfile", "-l", "--nodaemon", "-n", "--syslog")
@@ -138,6 +153,7 @@ class Supervisor(service.Service):
         self._workers: dict[int, _WorkerProtocol] = {}
         self._failures: dict[int, int] = {}
         self._metrics_dir: str | None = None
+        self._load_file = ""
         self._stopped: Deferred[None] | None = None
         self._previous_hup: Any = None
 
@@ -167,6 +183,9 @@ class Supervisor(service.Service):
         self._bind()  # twist has no privileged start
         super().startService()
         self._metrics_dir = tempfile.mkdtemp(prefix="dockmirror-metrics-")
+        self._load_file = os.path.join(self._metrics_dir, "worker-load")
+        with open(self._load_file, "wb") as f:
+            f.write(bytes(8 * self.count))
         # The first worker to start counts the cache's usage afresh.
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(self.config.cache.directory, USAGE_FILE))
@@ -183,7 +202,11 @@ class Supervisor(service.Service):
         for offset, port in enumerate(self._ports):
             fds[FIRST_FD + offset] = port.fileno()  # type: ignore[attr-defined]
         worker = _WorkerProtocol(self, number, self._reactor.seconds())
-        env = {**os.environ, MULTIPROCESS_DIRECTORY: self._metrics_dir}
+        env = {
+            **os.environ,
+            MULTIPROCESS_DIRECTORY: self._metrics_dir,
+            LOAD_FILE: self._load_file,
+        }
         self._reactor.spawnProcess(worker, sys.executable, args, env=env, childFDs=fds)
         self._workers[number] = worker
         log.info("started worker {number} (pid {pid})", number=number, pid=worker.pid)
@@ -193,6 +216,7 @@ class Supervisor(service.Service):
             del self._workers[worker.number]
         if worker.pid is not None and self._metrics_dir is not None:
             mark_worker_dead(worker.pid, self._metrics_dir)
+            WorkerLoad.mark_gone(self._load_file, worker.number)
         if self._stopped is not None:
             if not self._workers:
                 self._stopped.callback(None)
@@ -251,13 +275,111 @@ class Supervisor(service.Service):
         return stopped.addCallback(done)
 
 
-class AdoptedPort(service.Service):
-    """Serves a listening socket inherited from the supervisor."""
+class WorkerLoad:
+    """The connections each worker has open, in a file every worker maps.
 
-    def __init__(self, reactor: Any, fd: int, factory: IProtocolFactory) -> None:
+    Slot N (8 bytes) is worker N's; a worker writes only its own, with the
+    count of its :attr:`ports`' connections each time it decides on a new
+    one (all workers are woken for each) and after it accepted one, and
+    reads the others'.  The supervisor creates the file and marks a dead
+    worker's slot, so nobody leaves connections to it.
+    """
+
+    def __init__(self, path: str, number: int, count: int) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            self._map = mmap.mmap(fd, 8 * count)
+        finally:
+            os.close(fd)
+        self._slots = memoryview(self._map).cast("q")
+        self.number = number
+        self.ports: list[Any] = []
+        self._slots[number] = 0
+
+    @classmethod
+    def inherited(cls, number: int, count: int) -> WorkerLoad | None:
+        """This worker's view of the file its supervisor made, if there is one."""
+        path = os.environ.get(LOAD_FILE)
+        return cls(path, number, count) if path else None
+
+    @staticmethod
+    def mark_gone(path: str, number: int) -> None:
+        """Fill dead worker *number*'s slot, until its successor starts."""
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.pwrite(fd, _GONE.to_bytes(8, sys.byteorder, signed=True), 8 * number)
+            finally:
+                os.close(fd)
+
+    def tell(self) -> int:
+        """Write this worker's count of open connections in its slot."""
+        mine = self._slots[self.number] = sum(
+            len(getattr(port.factory, "protocols", ())) for port in self.ports
+        )
+        return mine
+
+    def busier(self) -> bool:
+        """Whether another worker has fewer connections open than this one."""
+        mine = self.tell()
+        return any(n < mine for i, n in enumerate(self._slots) if i != self.number)
+
+
+class BalancedPort(tcp.Port):
+    """A listening TCP socket shared with other workers, taken by the least busy.
+
+    A worker with more connections than another waits :data:`YIELD_ACCEPT`
+    seconds before accepting, so that one takes the connection; then it
+    accepts whatever is left itself, so a stuck worker delays connections
+    by no more than that.  One connection per readiness: each is decided on
+    afresh.
+    """
+
+    load: WorkerLoad
+    yield_seconds = YIELD_ACCEPT
+    _waiting: IDelayedCall | None = None
+
+    def doRead(self) -> None:
+        if self._waiting is not None:
+            return
+        if self.load.busier():
+            self.stopReading()
+            clock = cast(IReactorTime, self.reactor)
+            self._waiting = clock.callLater(self.yield_seconds, self._accept_late)
+            return
+        self._accept()
+
+    def _accept_late(self) -> None:
+        self._waiting = None
+        if self.connected and not self.disconnecting:
+            self._accept()
+            self.startReading()
+
+    def _accept(self) -> None:
+        self.numberAccepts = 1
+        super().doRead()
+        self.load.tell()
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._waiting is not None and self._waiting.active():
+            self._waiting.cancel()
+        self._waiting = None
+        super().connectionLost(reason)
+
+
+class AdoptedPort(service.Service):
+    """Serves a listening socket inherited from the supervisor.
+
+    With *load*, a TCP socket is served by a :class:`BalancedPort`.
+    """
+
+    def __init__(
+        self, reactor: Any, fd: int, factory: IProtocolFactory, load: WorkerLoad | None = None
+    ) -> None:
         self._reactor = reactor
         self.fd = fd
         self.factory = factory
+        self.load = load
         self.port: IListeningPort | None = None
 
     def startService(self) -> None:
@@ -265,7 +387,17 @@ class AdoptedPort(service.Service):
         sock = socket.socket(fileno=self.fd)
         family = sock.family
         sock.detach()
-        self.port = self._reactor.adoptStreamPort(self.fd, family, self.factory)
+        if self.load is not None and family in (socket.AF_INET, socket.AF_INET6):
+            # What reactor.adoptStreamPort does, with this port class.
+            port = BalancedPort._fromListeningDescriptor(
+                self._reactor, self.fd, family, self.factory
+            )
+            port.load = self.load
+            port.startListening()
+            self.load.ports.append(port)
+            self.port = port
+        else:
+            self.port = self._reactor.adoptStreamPort(self.fd, family, self.factory)
         os.close(self.fd)  # the port holds its own copy
 
     def stopService(self) -> Any:

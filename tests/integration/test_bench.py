@@ -41,7 +41,10 @@ def test_the_benchmark_runs_every_workload_on_both_servers(tmp_path):
         assert set(servers) == expected, row
     for row in (
         "cache-hit throughput, 8 clients (MiB/s)",
+        "server CPU per GiB sent, cache hits, 8 clients (s)",
         "cold fetch, 1 client (s)",
+        "server CPU per GiB sent, cold fetch, 1 client (s)",
+        "server CPU per GiB sent, cold fetch, 4 clients at once (s)",
         "upstream GETs of the layer, 4 cold clients",
         "manifest HEAD rate, one keep-alive connection (requests/s)",
         "skopeo copy through the mirror, warm (s)",

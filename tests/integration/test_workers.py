@@ -186,6 +186,27 @@ def test_one_upstream_fetch_per_digest_across_workers(
     assert_cache_sound(mirror)
 
 
+def test_downloads_at_once_spread_evenly_over_the_workers(
+    plain_registry, dockmirror, seeded, unique_repo
+):
+    image = seeded(plain_registry, unique_repo, "v1", layers=[32 << 20])
+    mirror = start_workers(dockmirror, plain_registry)
+    layer = image.platforms[0].layers[0]
+    url = f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"
+    assert curl(url)[0] == 200  # cached from now on
+    answered = 1
+    for _ in range(2):
+        wait_until(lambda n=answered: sum(requests_by_worker(mirror, "blob").values()) == n)
+        before = requests_by_worker(mirror, "blob")
+        with ThreadPoolExecutor(8) as pool:  # 8 downloads of 4 s each, all at once
+            results = list(pool.map(lambda _: curl("--limit-rate", "8M", url), range(8)))
+        answered += 8
+        wait_until(lambda n=answered: sum(requests_by_worker(mirror, "blob").values()) == n)
+        after = requests_by_worker(mirror, "blob")
+        assert {(status, sha256(body)) for status, _, body in results} == {(200, layer.digest)}
+        assert sorted(after[pid] - before.get(pid, 0) for pid in after) == [4, 4]
+
+
 def test_a_fill_in_one_worker_is_followed_by_the_others(
     slow_upstream, dockmirror, seeded, unique_repo
 ):

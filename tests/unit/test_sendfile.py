@@ -28,7 +28,7 @@ from dockmirror.cache.blobs import BlobStore
 from dockmirror.cache.index import Index
 from dockmirror.metrics import Metrics
 from dockmirror.pull import Reply, _parse_range
-from dockmirror.tls import PlainHTTPFactory, ReloadingContextFactory
+from dockmirror.tls import PlainHTTPFactory, ReloadingContextFactory, TLSFactory
 from dockmirror.web import AsyncResource, send_reply
 from tests.integration.clients import make_server_tls
 
@@ -122,7 +122,7 @@ class Server:
 
     def listen_tls(self) -> int:
         factory = ReloadingContextFactory(str(self.tls.key), str(self.tls.certificate))
-        port = reactor.listenSSL(0, self.site, factory, interface="127.0.0.1")
+        port = reactor.listenTCP(0, TLSFactory(factory, self.site), interface="127.0.0.1")
         self.ports.append(port)
         return int(port.getHost().port)
 

@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.protocols.policies import WrappingFactory
 
 from dockmirror.auth.throttle import FAILED_TOPIC, LoginThrottle
 from dockmirror.cache import PURGE_TOPIC, Cache
 from dockmirror.config import EMBEDDED, CacheConfig, ConfigError, _build, load
 from dockmirror.metrics import Metrics
-from dockmirror.workers import SupervisorChannel, inherited, worker_command
+from dockmirror.workers import (
+    BalancedPort,
+    SupervisorChannel,
+    WorkerLoad,
+    inherited,
+    worker_command,
+)
 
 from ._cache_support import run_now
 
@@ -129,3 +143,77 @@ def test_purges_are_told_and_heard(tmp_path, clock):
     notifier.listeners[PURGE_TOPIC]([digest])  # type: ignore[operator]
     notifier.listeners[PURGE_TOPIC](["x" * 400])  # type: ignore[operator]
     assert len(notifier.published) == 1
+
+
+class Slots:
+    """A stand-in for a port: its factory's open connections."""
+
+    def __init__(self, open_connections: int) -> None:
+        self.factory = WrappingFactory(Factory())
+        self.factory.protocols = {object(): 1 for _ in range(open_connections)}  # type: ignore[misc]
+
+
+def test_each_worker_sees_whether_another_has_fewer_connections(tmp_path):
+    path = tmp_path / "load"
+    path.write_bytes(bytes(8 * 3))
+    workers = [WorkerLoad(str(path), number, 3) for number in range(3)]
+    for worker, connections in zip(workers, [2, 2, 1], strict=True):
+        worker.ports.append(Slots(connections))
+    assert [worker.busier() for worker in workers] == [True, True, False]
+    # Each tells its count as it decides on a connection: the third first here.
+    workers[2].ports.append(Slots(1))
+    assert [worker.busier() for worker in reversed(workers)] == [False, False, False]
+
+
+def test_no_worker_leaves_connections_to_a_dead_one(tmp_path):
+    path = tmp_path / "load"
+    path.write_bytes(bytes(8 * 2))
+    alive, dead = WorkerLoad(str(path), 0, 2), WorkerLoad(str(path), 1, 2)
+    alive.ports.append(Slots(5))
+    dead.busier()  # it had no connection
+    WorkerLoad.mark_gone(str(path), 1)
+    assert not alive.busier()
+    WorkerLoad(str(path), 1, 2)  # its successor starts afresh
+    assert alive.busier()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_busier_worker_leaves_new_connections_to_the_other(tmp_path, monkeypatch):
+    monkeypatch.setattr(BalancedPort, "yield_seconds", 30.0)
+    path = tmp_path / "load"
+    path.write_bytes(bytes(16))
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.setblocking(False)
+    ports = []
+    for number, already_open in enumerate([0, 3]):
+        factory = WrappingFactory(Factory.forProtocol(Protocol))
+        factory.protocols = {Protocol(): 1 for _ in range(already_open)}  # type: ignore[misc]
+        port = BalancedPort._fromListeningDescriptor(
+            reactor, listener.fileno(), listener.family, factory
+        )
+        port.load = WorkerLoad(str(path), number, 2)
+        port.load.ports.append(port)
+        port.startListening()
+        ports.append(port)
+    listener.close()
+    idle, busy = ports
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", busy.getHost().port)
+    clients = [await connectProtocol(endpoint, Protocol()) for _ in range(3)]
+    try:
+        for _ in range(100):
+            if len(idle.factory.protocols) == 3:
+                break
+            await deferLater(reactor, 0.02)
+        assert len(idle.factory.protocols) == 3  # 3 and 3 now
+        assert len(busy.factory.protocols) == 3  # only those it had
+    finally:
+        for client in clients:
+            assert client.transport is not None
+            client.transport.loseConnection()
+        for port in ports:
+            await port.stopListening()
+        for protocol in list(idle.factory.protocols):
+            protocol.transport.loseConnection()  # type: ignore[attr-defined]
+        await deferLater(reactor, 0.05)
