@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from bench import cluster, report
@@ -31,11 +32,12 @@ from bench.workloads import Client, fetch, head_rate, skopeo_copy
 from tests.integration.clients import ServerTLS, make_server_tls
 from tests.integration.images import OCI_MANIFEST, Image, make_image, push
 from tests.integration.registries import LOOPBACK, Registry, TokenServer
+from tests.integration.relay import Fault, Relay
 
 GIB = 1 << 30
 REPOSITORY = "bench/image"
 TAG = "v1"
-WORKLOADS = ("hit", "cold", "heads", "skopeo")
+WORKLOADS = ("hit", "cold", "heads", "skopeo", "parallel")
 #: Run only when asked for with ``--only``: it needs PostgreSQL.
 OPTIONAL_WORKLOADS = ("cluster",)
 
@@ -63,6 +65,12 @@ def options(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--nodes", type=int, default=3, help="nodes of the cluster run")
     parser.add_argument(
         "--cluster-clients", type=int, default=24, help="clients of the cluster run"
+    )
+    parser.add_argument(
+        "--cap-mib",
+        type=float,
+        default=4.0,
+        help="the parallel workload's capped link: MiB/s per TCP connection (default 4)",
     )
     parser.add_argument(
         "--baseline",
@@ -148,11 +156,20 @@ class Bench:
     def reference(self, server: Process) -> str:
         return f"{LOOPBACK}:{server.port}/{REPOSITORY}:{TAG}"
 
-    def fresh(self, mirror: Mirror, use: Callable[[Process], None]) -> None:
-        """Run *use* on a new server with an empty cache, then remove it."""
+    def fresh(
+        self,
+        mirror: Mirror,
+        use: Callable[[Process], None],
+        url: str | None = None,
+        options: str = "",
+    ) -> None:
+        """Run *use* on a new server with an empty cache, then remove it.
+
+        *url* and *options* are for dockmirror's upstream (see :meth:`Mirror.start`).
+        """
         self._fresh += 1
         workdir = self.root / f"{mirror.name}-{self._fresh}"
-        server = mirror.start(workdir, self.upstream)
+        server = mirror.start(workdir, self.upstream, url, options)
         try:
             use(server)
         finally:
@@ -256,6 +273,56 @@ class Bench:
                 self.record,
             )
 
+    def parallel(self, order: list[Mirror]) -> None:
+        """A first pull of the layer over a capped link, direct and through 4 ranged parts;
+        then on the uncapped link, through 4 parts and through one stream.
+
+        The capped link is a relay that lets each TCP connection carry
+        ``--cap-mib`` MiB/s, as a long link lets each connection carry what
+        its window over the round trip allows.  Only this checkout's
+        dockmirror, one process, runs it.
+        """
+        mirror = next(m for m in self.mirrors if m.name == mirror_name(1))
+        size = self.layer.size
+        measured: dict[str, float] = {}
+
+        def pull(row: str, url: str | None, parts: int) -> None:
+            def one(server: Process) -> None:
+                client = self.client(server, mirror.tls)
+                measured[row] = fetch(client, self.blob_path, 1, size)
+
+            # Parts whatever the layer's size (--quick's is under the default minimum).
+            options = f'parallel_parts = {parts}\nparallel_min_size = "1MiB"'
+            self.fresh(mirror, one, url, options)
+            self.record(row, mirror.name, measured[row])
+
+        assert self.upstream.token_server is not None
+        token = self.upstream.token_server.issue(None, [f"repository:{REPOSITORY}:pull"])
+        with Relay(self.upstream.port) as capped:
+            capped.faults.append(Fault(r"^GET /v2/.*/blobs/", rate=self.args.cap_mib * MIB))
+
+            def direct() -> None:
+                bearer = f"Authorization: Bearer {token}"
+                seconds = fetch(Client(capped.url, None), self.blob_path, 1, size, "-H", bearer)
+                measured[report.PARALLEL_DIRECT] = seconds
+                self.record(report.PARALLEL_DIRECT, "upstream", seconds)
+
+            steps = [
+                direct,
+                partial(pull, report.PARALLEL_CAPPED, capped.url, 4),
+                partial(pull, report.PARALLEL_PARTS, None, 4),
+                partial(pull, report.PARALLEL_STREAM, None, 1),
+            ]
+            # Alternate the order, so that no kind of run always goes first.
+            if len(self.runs.get(report.PARALLEL_PARTS, mirror.name)) % 2:
+                steps.reverse()
+            for step in steps:
+                step()
+        capped_ratio = measured[report.PARALLEL_CAPPED] / measured[report.PARALLEL_DIRECT]
+        self.record(report.PARALLEL_CAPPED_RATIO, mirror.name, capped_ratio)
+        ratio = measured[report.PARALLEL_PARTS] / measured[report.PARALLEL_STREAM]
+        self.record(report.PARALLEL_RATIO, mirror.name, ratio)
+
     def run(self) -> None:
         self.nginx = self.start_nginx()
         try:
@@ -313,10 +380,14 @@ def main(argv: list[str] | None = None) -> int:
         "workers": args.workers,
         "heads": args.heads,
         "cluster": f"{args.nodes} nodes, {args.cluster_clients} clients",
+        "cap_mib_per_connection": args.cap_mib,
         "seconds": round(time.monotonic() - started, 1),
     }
     names = [m.name for m in bench.mirrors]
     print(report.table(bench.runs, names, settings, machine))
+    parallel = report.parallel_table(bench.runs, settings)
+    if parallel:
+        print(f"\n{parallel}")
     report.write_json(args.json, bench.runs, settings, machine)
     print(f"\nraw runs: {args.json}", file=sys.stderr)
     if report.chart(args.chart, bench.runs, names, args.clients, settings):

@@ -69,7 +69,9 @@ def start_group(
                 f'[cluster]\ndatabase = "{url}"\nlisten = "tcp:{port}:interface={LOOPBACK}"\n'
                 f'node_url = "http://{LOOPBACK}:{port}"\n'
             )
-            group.append(mirror.start(root / f"node{n}", upstream, extra, root / "storage"))
+            group.append(
+                mirror.start(root / f"node{n}", upstream, extra=extra, storage=root / "storage")
+            )
     except BaseException:
         for server in group:
             server.stop()

@@ -18,6 +18,16 @@ SKOPEO_COLD = "skopeo copy through the mirror, cold (s)"
 SKOPEO_WARM = "skopeo copy through the mirror, warm (s)"
 
 
+#: The rows of the parallel workload, in a table of their own.
+PARALLEL = "first pull of the layer"
+PARALLEL_DIRECT = f"{PARALLEL}, capped link: direct from the upstream, one connection (s)"
+PARALLEL_CAPPED = f"{PARALLEL}, capped link: through dockmirror, parallel_parts = 4 (s)"
+PARALLEL_CAPPED_RATIO = f"{PARALLEL}, capped link: through dockmirror / direct"
+PARALLEL_PARTS = f"{PARALLEL}, uncapped: through dockmirror, parallel_parts = 4 (s)"
+PARALLEL_STREAM = f"{PARALLEL}, uncapped: through dockmirror, parallel_parts = 1 (s)"
+PARALLEL_RATIO = f"{PARALLEL}, uncapped: 4 parts / one stream"
+
+
 def hit_row(clients: int) -> str:
     return f"cache-hit throughput, {clients} client{'s' * (clients > 1)} (MiB/s)"
 
@@ -102,6 +112,8 @@ def table(runs: Runs, names: list[str], settings: dict[str, Any], machine: dict[
         "|---|" + "---:|" * len(header),
     ]
     for row, by_server in runs.values.items():
+        if row.startswith(PARALLEL):
+            continue
         digits = _digits([v for values in by_server.values() for v in values])
         cells = [spread(runs.get(row, name), digits) for name in [*names, *extra]]
         if row == SKOPEO_DIRECT:
@@ -111,6 +123,26 @@ def table(runs: Runs, names: list[str], settings: dict[str, Any], machine: dict[
             paired = ratios(runs.get(row, a), runs.get(row, b))
             cells.append(spread(paired, 2))
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parallel_table(runs: Runs, settings: dict[str, Any]) -> str:
+    """The parallel workload's figures: median (min–max) of each, ratios of paired runs."""
+    rows = [
+        (row, v) for row, by in runs.values.items() if row.startswith(PARALLEL) for v in by.values()
+    ]
+    if not rows:
+        return ""
+    lines = [
+        f"Parallel ranged fetch: a capped link is a relay allowing each TCP connection"
+        f" {settings['cap_mib_per_connection']} MiB/s; every pull is a fresh mirror's first.",
+        "",
+        "| figure | median (min–max) |",
+        "|---|---:|",
+    ]
+    for row, values in rows:
+        digits = 2 if "/" in row.rpartition(":")[2] else _digits(values)
+        lines.append(f"| {row[len(PARALLEL) + 2 :]} | {spread(values, digits)} |")
     return "\n".join(lines)
 
 

@@ -137,21 +137,28 @@ class Mirror:
         return "https" if self.tls else "http"
 
     def start(
-        self, workdir: Path, upstream: Registry, extra: str = "", storage: Path | None = None
+        self,
+        workdir: Path,
+        upstream: Registry,
+        url: str | None = None,
+        options: str = "",
+        extra: str = "",
+        storage: Path | None = None,
     ) -> Process:
-        """A new server in *workdir*; *extra* is TOML added to dockmirror's configuration,
-        *storage* the directory distribution keeps blobs in (by default, in *workdir*)."""
+        """Start it on *upstream*, or on *url* in front of it; *options* go in dockmirror's
+        ``[upstreams.hub]`` table, *extra* (TOML tables) after it; *storage* is the
+        directory distribution keeps blobs in (by default, in *workdir*)."""
         workdir.mkdir(parents=True)
         port = free_port()
         if self.kind == "dockmirror":
-            argv, env = self._dockmirror(workdir, upstream, port, extra)
+            argv, env = self._dockmirror(workdir, url or upstream.url, port, options, extra)
         else:
             storage = storage or workdir / "storage"
             argv, env = self._distribution(workdir, upstream, port, storage), subprocess_env()
         return Process(self.name, argv, workdir, port, env, self.workers)
 
     def _dockmirror(
-        self, workdir: Path, upstream: Registry, port: int, extra: str
+        self, workdir: Path, upstream_url: str, port: int, options: str, extra: str
     ) -> tuple[list[str], dict[str, str]]:
         listen = (
             tls_endpoint(port, LOOPBACK, self.tls)
@@ -162,7 +169,7 @@ class Mirror:
         python = venv / "python" if venv.is_dir() else Path(sys.executable)
         twistd = (str(python), str(python.with_name("twistd")))
         url = f"{self.scheme}://{LOOPBACK}:{port}"
-        argv = dockmirror_argv(workdir, upstream, [listen], url, self.workers, extra)
+        argv = dockmirror_argv(workdir, upstream_url, [listen], url, self.workers, options, extra)
         env = subprocess_env(
             PYTHONPATH=os.pathsep.join(
                 filter(None, [str(self.checkout), os.environ.get("PYTHONPATH")])
@@ -190,13 +197,17 @@ class Mirror:
 
 def dockmirror_argv(
     workdir: Path,
-    upstream: Registry,
+    upstream_url: str,
     listen: list[str],
     public_url: str,
     workers: int = 1,
+    options: str = "",
     extra: str = "",
 ) -> list[str]:
-    """twistd's arguments for dockmirror with its cache in *workdir*, pulling from *upstream*."""
+    """twistd's arguments for dockmirror with its cache in *workdir*, pulling from *upstream_url*.
+
+    *options* are more lines of its ``[upstreams.hub]`` table, *extra* more tables.
+    """
     config = workdir / "dockmirror.toml"
     config.write_text(
         f"""
@@ -210,8 +221,9 @@ database = "{workdir}/keys.sqlite"
 directory = "{workdir}/cache"
 [upstreams.hub]
 plugin = "registry"
-url = "{upstream.url}"
+url = "{upstream_url}"
 default = true
+{options}
 {extra}"""
     )
     return ["-n", "--pidfile=", "dockmirror", "--config", str(config)]
@@ -227,7 +239,8 @@ def start_dockmirror(
     port = free_port()
     listen = [f"tcp:{port}:interface={LOOPBACK}", *filter(None, [tls_listen])]
     twistd = twistd or (sys.executable, str(Path(sys.executable).with_name("twistd")))
-    argv = [*twistd, *dockmirror_argv(workdir, upstream, listen, f"http://{LOOPBACK}:{port}")]
+    public_url = f"http://{LOOPBACK}:{port}"
+    argv = [*twistd, *dockmirror_argv(workdir, upstream.url, listen, public_url)]
     env = subprocess_env(PYTHONPATH=str(REPO_ROOT))
     return Process("dockmirror", argv, workdir, port, env)
 

@@ -31,9 +31,14 @@ class Client:
         return ["curl", "-sS", "--noproxy", "*", "--http1.1", *ca, *args]
 
 
-def fetch(client: Client, path: str, clients: int, size: int) -> float:
-    """Seconds until *clients* curls started at once have each received *size* bytes."""
-    argv = client.curl("-f", "-o", "/dev/null", "-w", "%{size_download}", client.base + path)
+def fetch(client: Client, path: str, clients: int, size: int, *options: str) -> float:
+    """Seconds until *clients* curls started at once have each received *size* bytes.
+
+    *options* are more curl options (a header).
+    """
+    argv = client.curl(
+        "-f", "-o", "/dev/null", "-w", "%{size_download}", *options, client.base + path
+    )
     started = time.monotonic()
     curls = [subprocess.Popen(argv, stdout=subprocess.PIPE) for _ in range(clients)]
     sizes = [int(c.communicate()[0] or 0) for c in curls]

@@ -300,8 +300,16 @@ class UpstreamConfig:
     proxy_password: str | None = field(default=None, metadata=SECRET)
     #: Hosts, addresses and networks reached without the configured ``proxy``.
     no_proxy: tuple[str, ...] = ()
+    #: Blobs of at least this size are fetched as ``parallel_parts`` ranged requests.
+    parallel_min_size: str = "32MiB"
+    #: Concurrent ranged requests for one large blob; 1 fetches every blob in one stream.
+    parallel_parts: int = 4
 
     __repr__ = redacted_repr
+
+    @property
+    def parallel_min_bytes(self) -> int:
+        return parse_size(self.parallel_min_size)
 
 
 STORAGE_BACKENDS = ("filesystem", "s3")
@@ -536,6 +544,7 @@ def _check(config: Config) -> None:
         if (upstream.username is None) != (upstream.password is None):
             raise ConfigError(f"{source}: upstreams.{name}: username and password go together")
         _check_upstream_names(source, name, upstream, plugin)
+        _check_parallel(source, name, upstream)
         _check_mirrors(source, name, upstream, plugin.default_url)
         upstream_tls(source, name, upstream)
         for host in upstream.hosts:
@@ -705,6 +714,28 @@ def _check_mirrors(source: str, name: str, upstream: UpstreamConfig, default_url
             raise ConfigError(f"{where}: proxy_username and no_proxy need a proxy")
         return
     upstream_proxies(source, name, upstream, {})
+
+
+#: The most ranged requests one blob is fetched with.
+PARALLEL_PARTS_MAX = 16
+#: The smallest ``parallel_min_size``: smaller parts cost more requests than they save.
+PARALLEL_MIN_SIZE_MIN = 1 << 20
+
+
+def _check_parallel(source: str, name: str, upstream: UpstreamConfig) -> None:
+    where = f"{source}: upstreams.{name}"
+    parts = upstream.parallel_parts
+    if isinstance(parts, bool) or not 1 <= parts <= PARALLEL_PARTS_MAX:
+        raise ConfigError(
+            f"{where}.parallel_parts must be a number from 1 (one stream per blob)"
+            f" to {PARALLEL_PARTS_MAX}"
+        )
+    try:
+        size = parse_size(upstream.parallel_min_size)
+    except ValueError as e:
+        raise ConfigError(f"{where}.parallel_min_size: {e}") from None
+    if size < PARALLEL_MIN_SIZE_MIN:
+        raise ConfigError(f"{where}.parallel_min_size must be at least 1MiB")
 
 
 def _check_cache(source: str, cache: CacheConfig) -> None:

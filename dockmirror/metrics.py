@@ -155,6 +155,14 @@ class Metrics:
             ["upstream", "endpoint"],
             registry=r,
         )
+        self.ranged_parts = Counter(
+            "dockmirror_upstream_ranged_parts",
+            "Ranges of large blobs fetched in parallel, by outcome: fetched; retried (after"
+            " a failure, from where it stopped); resolved (the blob's URL asked again after a"
+            " 401 or 403); fallback (a fill that went on in one stream, Range being ignored).",
+            ["upstream", "outcome"],
+            registry=r,
+        )
         self.warm_images = Gauge(
             "dockmirror_warm_images",
             "Images of the warm list, by what the last round did with them.",

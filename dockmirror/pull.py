@@ -37,11 +37,13 @@ from dockmirror.cache.manifests import (
     manifest_media_type,
     references,
 )
+from dockmirror.cache.parts import RangedFill
 from dockmirror.cache.referrers import ReferrersEntry, filtered_list, referrers_list
 from dockmirror.egress import Egress
 from dockmirror.endpoints import Breaker, Endpoint, EndpointSet
 from dockmirror.errors import STATUS, RegistryError, retry_after, upstream_unavailable
 from dockmirror.metrics import Metrics
+from dockmirror.ranged import RangedFetch, RangeSupport
 from dockmirror.reference import HEX_LENGTH, TAG_RE, is_digest, parse_image_reference
 from dockmirror.routing import Route, Router, Upstream
 from dockmirror.shared import SingleFlight
@@ -258,6 +260,8 @@ class PullService:
         self._reactor = reactor
         self._metrics = metrics
         self._flights = SingleFlight()
+        #: Upstreams seen to ignore Range, whose large blobs go in one stream for a while.
+        self.ranges = RangeSupport(reactor)
 
     async def _request(
         self,
@@ -664,7 +668,8 @@ class PullService:
                 if size is None:
                     return _Source(passthrough="size unknown")
                 reason = self._admit(digest, size)
-                started = reason or store.begin_fill(digest, size, route.upstream.name)
+                parts = self._parts(route.upstream, size)
+                started = reason or store.begin_fill(digest, size, route.upstream.name, parts)
                 if isinstance(started, str):
                     return _Source(passthrough=started)
                 fill = started
@@ -691,6 +696,14 @@ class PullService:
             raise error
         raise upstream_unavailable(route.upstream.name, str(error), 502)
 
+    def _parts(self, upstream: Upstream, size: int) -> int:
+        """The connections to fetch a blob of *size* bytes over, in ranges; 1: one stream."""
+        if size < upstream.parallel_min_size or not self.ranges.splits(upstream.name):
+            return 1
+        if self.cache.blobs.coordinator.resumes:  # in a cluster, fills are single streams
+            return 1
+        return upstream.parallel_parts
+
     async def _fill(self, fill: Fill, route: Route, origin: str) -> None:
         """Fetch a blob into the cache, for every reader of *fill*.
 
@@ -698,6 +711,7 @@ class PullService:
         cluster that fills it or holds it.
         """
         digest, size = fill.digest, fill.size
+        path = f"blobs/{digest}"
         read_timeout = self.upstreams.client(route).read_timeout
         coordinator = self.cache.blobs.coordinator
         resume = partial(self._resume_fill, fill, route) if coordinator.resumes else None
@@ -708,27 +722,40 @@ class PullService:
             fill.count_as(self._metrics.bytes_from_nodes)
             await fill.start(response, read_timeout, resume)
             return
+        ranged = None
+        if isinstance(fill, RangedFill):
+            client = self.upstreams.client(route)
+
+            async def resolve(headers: dict[str, str]) -> IResponse:
+                return await self._request(route, "GET", path, headers)
+
+            ranged = RangedFetch(fill, client, resolve, self.ranges, self._metrics, self._reactor)
         try:
-            response = await self._request(route, "GET", f"blobs/{fill.digest}")
+            headers = ranged.first_headers() if ranged is not None else None
+            response = await self._request(route, "GET", path, headers)
         except RegistryError as e:
             fill.abandon(e)
             return
-        if response.code != 200:
+        if response.code != 200 and not (ranged and response.code == 206):
             fill.abandon(await self._failure(route, response, "BLOB_UNKNOWN", False))
             return
         length = _content_length(response)
-        if length is not None and length != fill.size:
+        if response.code == 200 and length is not None and length != fill.size:
             discard(response)
             fill.abandon(StreamError(f"{length} bytes for {fill.digest}, {fill.size} expected"))
             return
-        self.cache.blobs.allow(origin, fill.digest, length)
+        self.cache.blobs.allow(origin, fill.digest, length if response.code == 200 else fill.size)
         log.info(
-            "filling {digest} ({size} bytes) from {upstream}",
+            "filling {digest} ({size} bytes) from {upstream}{parts}",
             digest=fill.digest,
             size=fill.size,
             upstream=route.upstream.name,
+            parts=f" in {len(fill.plan)} ranges" if isinstance(fill, RangedFill) else "",
         )
-        await fill.start(response, read_timeout, resume)
+        if ranged is not None:
+            await ranged.run(response)
+        else:
+            await fill.start(response, read_timeout, resume)
 
     async def _resume_fill(self, fill: Fill, route: Route, offset: int) -> IResponse:
         """The rest of a blob whose body broke at *offset*: from a node, or the upstream."""

@@ -34,6 +34,9 @@ class Upstream:
     token_realms: tuple[str, ...] = ()
     #: Fallback endpoints of the configured URL (``MirrorConfig``), in order.
     mirrors: tuple[Any, ...] = ()
+    #: Blobs of at least this many bytes are fetched in ``parallel_parts`` ranged parts.
+    parallel_min_size: int = 32 << 20
+    parallel_parts: int = 4
 
     def matches(self, alias: HostName) -> bool:
         return any(pattern.matches(alias) for pattern in self.aliases)
@@ -149,6 +152,8 @@ def build_router(config: Any, plugins: dict[str, Any]) -> Router:
             read_timeout=u.read_timeout,
             token_realms=(*plugin.token_realms, *u.token_realms),
             mirrors=u.mirrors,
+            parallel_min_size=u.parallel_min_bytes,
+            parallel_parts=u.parallel_parts,
         )
         upstreams.append(upstream)
         if u.default:

@@ -324,6 +324,14 @@ class UpstreamClient:
         discard(response)
         return await self._send(method, url, headers, params, authorization)
 
+    async def get(self, url: str, headers: dict[str, str]) -> IResponse:
+        """GET *url*, where an earlier answer of this upstream led (a blob's final location).
+
+        *headers* are sent as they are: ``Authorization`` only if that answer's
+        request carried it.  Redirects are followed as for :meth:`request`.
+        """
+        return await self._send("GET", url, headers, None, None)
+
     async def _send(
         self,
         method: str,

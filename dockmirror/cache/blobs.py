@@ -42,6 +42,7 @@ from dockmirror.cache import files
 from dockmirror.cache.fill import Fill
 from dockmirror.cache.follow import FollowedFill
 from dockmirror.cache.index import Index, Runner, Snapshot
+from dockmirror.cache.parts import PREFIX_SUFFIX, RANGED_SUFFIX, RangedFill
 from dockmirror.coordination import LocalCoordinator
 from dockmirror.metrics import Metrics
 from dockmirror.reference import HEX_LENGTH
@@ -390,11 +391,15 @@ class BlobStore:
 
     # --- writing -----------------------------------------------------------------
 
-    def begin_fill(self, digest: str, size: int, upstream: str) -> Fill | FollowedFill | str:
+    def begin_fill(
+        self, digest: str, size: int, upstream: str, parts: int = 1
+    ) -> Fill | FollowedFill | str:
         """Reserve room for a blob and register its fill, or say why it won't be cached.
 
-        When another process sharing the directory fills the blob, or just
-        did, the fill returned follows that process's work.
+        With *parts* above 1, the fill is a :class:`RangedFill`, fetched in
+        ranges over that many connections.  When another process sharing the
+        directory fills the blob, or just did, the fill returned follows that
+        process's work.
         """
         if self.max_size is not None and size > self.max_size:
             return "larger than the cache"
@@ -415,7 +420,22 @@ class BlobStore:
         evictions = [self._evict(d) for d in victims]
         self._use(size)
         temp_path = os.path.join(self.temp_dir, f"{digest.partition(':')[2]}.{uuid.uuid4().hex}")
-        fill = Fill(self, digest, size, upstream, temp_path, evictions, self.reactor, self._run)
+        fill: Fill
+        if parts > 1:
+            temp_path += RANGED_SUFFIX
+            fill = RangedFill(
+                self,
+                digest,
+                size,
+                upstream,
+                temp_path,
+                evictions,
+                self.reactor,
+                self._run,
+                parts=parts,
+            )
+        else:
+            fill = Fill(self, digest, size, upstream, temp_path, evictions, self.reactor, self._run)
         self._fills[digest] = fill
         self.reserved += size
         self.metrics.fills_in_flight.inc()
@@ -440,7 +460,7 @@ class BlobStore:
         found = [
             (entry.stat().st_mtime_ns, entry.path)
             for entry in os.scandir(self.temp_dir)
-            if entry.name.startswith(prefix)
+            if entry.name.startswith(prefix) and not entry.name.endswith(PREFIX_SUFFIX)
         ]
         return max(found)[1] if found else None
 
@@ -451,6 +471,8 @@ class BlobStore:
         fills = {}
         for entry in os.scandir(self.temp_dir):
             hexpart = entry.name.partition(".")[0]
+            if entry.name.endswith(PREFIX_SUFFIX):
+                continue
             if self.coordinator.held_elsewhere(hexpart) and hexpart not in fills:
                 try:
                     fills[hexpart] = entry.stat().st_size

@@ -19,16 +19,19 @@ def create(path: str) -> int:
     return os.open(path, _FLAGS, FILE_MODE)
 
 
-def create_fill(path: str) -> int:
+def create_fill(path: str, readable: bool = False) -> int:
     """A fill's new temporary file ``HEX.UNIQUE``, once earlier ones of that digest are gone.
 
     The caller holds the digest's claim, so any other is a dead fill's.
+    A *readable* file is open for reading too.
     """
     directory, name = os.path.split(path)
     prefix = name.partition(".")[0] + "."
     for entry in os.scandir(directory):
         if entry.name.startswith(prefix):
             remove(entry.path)
+    if readable:
+        return os.open(path, _FLAGS & ~os.O_WRONLY | os.O_RDWR, FILE_MODE)
     return create(path)
 
 
@@ -54,6 +57,13 @@ def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def write_all_at(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 def install(fd: int, temp_path: str, final_path: str) -> None:

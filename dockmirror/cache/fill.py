@@ -145,22 +145,31 @@ class Fill(FillProgress, Protocol):
         what was received is kept, and the digest is checked over the whole.
         """
         self._resume = resume
+        if await self.open(idle_timeout):
+            response.deliverBody(self)
+        else:
+            discard(response)
+
+    async def open(self, idle_timeout: float | None = None) -> bool:
+        """Create the temporary file, once the evicted blobs are gone; False if abandoned."""
         if idle_timeout is not None:
             self._timer.timeout = idle_timeout
         try:
             for d in self._evictions:
                 await d
-            self._fd = await self._run(files.create_fill, self.temp_path)
+            self._fd = await self._run(self._create)
         except OSError as e:
-            discard(response)
             self.abandon(CacheWriteError(f"cannot write to the cache: {e.strerror}"))
-            return
+            return False
         if self.done:  # abandoned meanwhile (the service is stopping)
-            discard(response)
             self._close_and_remove()
-            return
-        response.deliverBody(self)
+            return False
         self.ready.fire(None)
+        return True
+
+    def _create(self) -> int:
+        """The temporary file, open for writing (in a worker thread)."""
+        return files.create_fill(self.temp_path)
 
     def abandon(self, error: Exception) -> None:
         """Give up before or during the body: nothing will be committed."""

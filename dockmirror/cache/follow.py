@@ -5,7 +5,10 @@ that worker's temporary file as it grows, as they follow a fill of their
 own.  The file says how far it got; the final name says the blob was
 verified (it is only given after the size and digest matched and the file
 was made durable); the claim ending without that name says the fill failed
-or its worker died.  Readers keep the last byte back until then.
+or its worker died.  Readers keep the last byte back until then.  A fill
+written in ranged parts says how far its contiguous prefix got in a file
+of its own (:mod:`dockmirror.cache.parts`): its file's size counts bytes
+written ahead, with holes before them.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
 from dockmirror._interfaces import ICoordinator
+from dockmirror.cache.parts import PREFIX_SUFFIX, RANGED_SUFFIX, read_prefix
 from dockmirror.cache.progress import FillProgress
 from dockmirror.streaming import IDLE_TIMEOUT, StreamError
 
@@ -124,6 +128,10 @@ class FollowedFill(FillProgress):
             return self.written
         if st.st_ino != self._inode:
             raise OSError(0, "another fill replaced it")
+        if self.temp_path.endswith(RANGED_SUFFIX):
+            # Written at offsets: only the prefix its filler recorded is contiguous.
+            prefix = read_prefix(self.temp_path + PREFIX_SUFFIX)
+            return self.written if prefix is None else min(prefix, st.st_size)
         return st.st_size
 
     def _end(self, error: Exception | None) -> None:

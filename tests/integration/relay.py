@@ -15,6 +15,9 @@ one response.  A fault can
 - ``cut_after`` so many body bytes (a truncated body: the connection closes);
 - ``flip`` the body byte at an offset (wrong bytes for the digest).
 
+A fault may also require a ``header`` in the request's head (a ``Range``),
+and apply to its first ``times`` matching responses only.
+
 Body offsets count the bytes after the response head as they are on the
 wire: for a chunked response they include the chunk framing.  Requests that
 match no fault are relayed untouched.  Each connection is served by its own
@@ -56,9 +59,21 @@ class Fault:
     stall_after: int | None = None
     cut_after: int | None = None
     flip: int | None = None
+    #: A regular expression the request's head must match too (``Range: bytes=0-``).
+    header: str | None = None
+    #: Responses it applies to, the first ones that match; None: all.
+    times: int | None = None
 
-    def applies_to(self, request_line: str) -> bool:
-        return re.search(self.match, request_line) is not None
+    def applies_to(self, request_line: str, head: str = "") -> bool:
+        if re.search(self.match, request_line) is None:
+            return False
+        if self.header is not None and not re.search(self.header, head, re.I | re.M):
+            return False
+        if self.times is not None:
+            if self.times == 0:
+                return False
+            self.times -= 1
+        return True
 
 
 class Relay(_Running):
@@ -74,6 +89,7 @@ class Relay(_Running):
         self._released.set()
         self._stopping = threading.Event()
         self._requests: list[str] = []
+        self._heads: list[str] = []
         self._sockets: set[socket.socket] = set()
         self._threads: list[threading.Thread] = []
         self._held = 0
@@ -93,6 +109,12 @@ class Relay(_Running):
         """The request lines received so far, in order."""
         with self._lock:
             return list(self._requests)
+
+    @property
+    def heads(self) -> list[str]:
+        """The request heads (request line and headers) received so far, in order."""
+        with self._lock:
+            return list(self._heads)
 
     def count(self, pattern: str) -> int:
         """How many request lines so far match the regular expression ``pattern``."""
@@ -169,10 +191,12 @@ class Relay(_Running):
             head, rest = _read_head(client)
             if head is None:
                 return
-            request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-            fault = next((f for f in self.faults if f.applies_to(request_line)), None)
+            text = head.decode("latin-1")
+            request_line = text.split("\r\n", 1)[0]
             with self._lock:
+                fault = next((f for f in self.faults if f.applies_to(request_line, text)), None)
                 self._requests.append(request_line)
+                self._heads.append(text)
             upstream = self._track(socket.create_connection(self.target, timeout=30))
             upstream.settimeout(None)
             upstream.sendall(_close_after(head) + rest)

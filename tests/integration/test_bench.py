@@ -37,7 +37,12 @@ def test_the_benchmark_runs_every_workload_on_both_servers(tmp_path):
     assert result.returncode == 0, result.stderr
     runs = json.loads((tmp_path / "runs.json").read_text())["runs"]
     for row, servers in runs.items():
-        expected = {"upstream"} if "direct" in row else {"dockmirror", "distribution"}
+        if row.startswith("first pull of the layer"):  # the parallel workload
+            expected = {"upstream"} if "direct from the upstream" in row else {"dockmirror"}
+        elif "direct" in row:
+            expected = {"upstream"}
+        else:
+            expected = {"dockmirror", "distribution"}
         assert set(servers) == expected, row
     for row in (
         "cache-hit throughput, 8 clients (MiB/s)",
@@ -52,6 +57,8 @@ def test_the_benchmark_runs_every_workload_on_both_servers(tmp_path):
     ):
         assert row in runs
     assert "| cache-hit throughput, 1 client (MiB/s) |" in result.stdout
+    assert "| capped link: through dockmirror / direct |" in result.stdout
+    assert "| uncapped: 4 parts / one stream |" in result.stdout
 
 
 def test_the_benchmark_runs_dockmirror_with_workers(tmp_path):

@@ -4,7 +4,9 @@
   that must never hear from the mirror.
 - :class:`Relay` passes requests on to a real registry, except where a
   ``behaviour`` for the repository says otherwise (redirect, cut a body...),
-  and records what it received.
+  and records what it received.  It forwards no ``Range`` header: it
+  answers a ranged GET with the whole body, as registries that ignore
+  ``Range`` do.
 - :class:`TLSRegistry` is a real registry serving TLS with a certificate from
   a test CA (:func:`make_pki`), optionally requiring client certificates.
 """
@@ -74,6 +76,7 @@ class Received:
     method: str
     path: str
     authorization: str | None
+    range: str | None = None
 
 
 #: A behaviour answers a request itself (returning True) or lets it pass on.
@@ -136,7 +139,9 @@ def _relay_handler(relay: Relay) -> type[BaseHTTPRequestHandler]:
 
         def _handle(self) -> None:
             authorization = self.headers.get("Authorization")
-            relay.record(Received(self.command, self.path, authorization))
+            relay.record(
+                Received(self.command, self.path, authorization, self.headers.get("Range"))
+            )
             if relay.basic is not None and authorization != relay.basic:
                 self.send_response(401)
                 self.send_header("WWW-Authenticate", 'Basic realm="relay"')

@@ -237,3 +237,44 @@ def test_bad_proxy_keys(tmp_path: Path, keys: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as info:
         load(write(tmp_path, text))
     assert "hunter2" not in str(info.value)
+
+
+def test_parallel_fetch_keys(tmp_path: Path) -> None:
+    config = load(
+        write(
+            tmp_path,
+            """
+[upstreams.hub]
+plugin = "dockerhub"
+parallel_min_size = "100MB"
+parallel_parts = 8
+[upstreams.quay]
+plugin = "quay"
+parallel_parts = 1
+[upstreams.ghcr]
+plugin = "ghcr"
+""",
+        )
+    )
+    hub, quay, ghcr = (config.upstreams[n] for n in ("hub", "quay", "ghcr"))
+    assert (hub.parallel_min_bytes, hub.parallel_parts) == (100_000_000, 8)
+    assert (quay.parallel_min_bytes, quay.parallel_parts) == (32 << 20, 1)
+    assert (ghcr.parallel_min_bytes, ghcr.parallel_parts) == (32 << 20, 4)
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ("parallel_parts = 0", r"upstreams\.hub\.parallel_parts must be a number from 1"),
+        ("parallel_parts = 17", r"parallel_parts must be a number from 1 .* to 16"),
+        ("parallel_parts = true", r"parallel_parts"),
+        ('parallel_parts = "4"', r"parallel_parts"),
+        ('parallel_min_size = "lots"', r"upstreams\.hub\.parallel_min_size: 'lots' is not a size"),
+        ('parallel_min_size = "512KiB"', r"parallel_min_size must be at least 1MiB"),
+        ("parallel_min_size = 1000", r"parallel_min_size"),
+    ],
+)
+def test_bad_parallel_fetch_keys(tmp_path: Path, keys: str, message: str) -> None:
+    text = f'[upstreams.hub]\nplugin = "dockerhub"\n{keys}\n'
+    with pytest.raises(ConfigError, match=message):
+        load(write(tmp_path, text))
