@@ -92,3 +92,83 @@ class INotifier(Interface):
 
     def subscribe(topic: str, listener: Any) -> None:
         """Call ``listener(message)`` for each message another process publishes on *topic*."""
+
+
+class IBlobStorage(Interface):
+    """A tier of blobs by digest below the cache directory, shared by every node.
+
+    The cache directory stays the first tier: a blob found there never
+    touches this one.  A blob missing there is looked for here before the
+    upstream; a blob filled from the upstream is stored here once verified.
+    Manifests are blobs by digest too.  A storage that cannot be reached
+    makes the pull fall back to the upstream, never fail.
+    """
+
+    redirect = Attribute("Whether a blob GET it can answer gets a redirect to it instead.")
+
+    def open(digest: str, size: int, start: int = 0, end: int | None = None) -> Any:
+        """A Deferred firing with an unread response of bytes [start, end) of the blob.
+
+        *size* is the blob's; *end* None is its end.
+
+        Fires with None when the storage does not hold it, or cannot be
+        reached now (which is logged).  The blob is kept from eviction until
+        :meth:`release`.
+        """
+
+    def read_small(digest: str, limit: int) -> Any:
+        """A Deferred firing with a small blob (a manifest) whole, and its media type.
+
+        Fires with None when the storage does not hold it, it is over
+        *limit* bytes, or the storage cannot be reached now.  The caller
+        verifies it.
+        """
+
+    def release(digest: str, outcome: Any) -> None:
+        """Done reading what :meth:`open` gave: *outcome* is None, or why it failed.
+
+        A stored blob that does not match its digest is removed.
+        """
+
+    def location(digest: str) -> Any:
+        """A Deferred firing with a short-lived URL that GETs the blob, or None."""
+
+    def upload(fill: Any) -> None:
+        """Store the blob that *fill* (a :class:`~dockmirror.cache.fill.Fill`) writes.
+
+        It is stored only once the fill verified it; a fill that fails
+        leaves nothing.
+        """
+
+    def remove(digest: str) -> bool:
+        """Delete a blob (for the operator), unless this node reads or writes it now."""
+
+    def put(digest: str, data: bytes, media_type: str) -> None:
+        """Store a small, verified blob (a manifest), in the background."""
+
+    def start(objects: Any) -> None:
+        """Begin, with the objects the cache index recorded (digest, size, used)."""
+
+    def stop() -> Any:
+        """A Deferred firing once uploads in progress ended (or were aborted)."""
+
+    def stats() -> dict[str, Any]:
+        """What the storage holds, as this node knows, and what it is uploading."""
+
+
+class IStorageRecords(Interface):
+    """Where the objects of the storage tier are recorded, for its quota.
+
+    The cache index of one node (SQLite), or that of a cluster.  Writes may
+    be queued: a lost record costs an object found again by listing the
+    bucket at start.
+    """
+
+    def record(digest: str, size: int, used: float) -> None:
+        """The object *digest* of *size* bytes exists; it was last read at *used*."""
+
+    def touch(digest: str, used: float) -> None:
+        """The object *digest* was read at *used*."""
+
+    def remove(digest: str) -> None:
+        """The object *digest* is gone."""

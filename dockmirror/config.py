@@ -8,6 +8,7 @@ is refused with a message naming the key and the file.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import ipaddress
 import os
 import re
@@ -336,12 +337,18 @@ class StorageConfig:
     redirect: bool = False
     #: The most the bucket may hold, as a size string; None: no quota.
     max_size: str | None = None
+    #: Incomplete multipart uploads older than this (a duration) are aborted by a sweep.
+    stale_uploads: str = "1d"
 
     __repr__ = redacted_repr
 
     @property
     def max_size_bytes(self) -> int | None:
         return None if self.max_size is None else parse_size(self.max_size)
+
+    @property
+    def stale_uploads_seconds(self) -> float:
+        return parse_duration(self.stale_uploads)
 
     @property
     def path_style(self) -> bool:
@@ -771,6 +778,10 @@ def _check_storage(source: str, storage: StorageConfig) -> None:
         )
     if storage.backend == "filesystem":
         return
+    if importlib.util.find_spec("botocore") is None:
+        raise ConfigError(
+            f"{source}: storage.backend = \"s3\" needs botocore: pip install 'dockmirror[cluster]'"
+        )
     if storage.bucket is None:
         raise ConfigError(f'{source}: storage.bucket is required with backend = "s3"')
     if not _BUCKET_RE.fullmatch(storage.bucket) or ".." in storage.bucket:
@@ -801,6 +812,10 @@ def _check_storage(source: str, storage: StorageConfig) -> None:
             raise ConfigError(f"{source}: storage.max_size: {e}") from None
         if size <= 0:
             raise ConfigError(f"{source}: storage.max_size must be more than zero bytes")
+    try:
+        parse_duration(storage.stale_uploads)
+    except ValueError as e:
+        raise ConfigError(f"{source}: storage.stale_uploads: {e}") from None
 
 
 def _check_cluster(source: str, cluster: ClusterConfig) -> None:

@@ -83,6 +83,22 @@ class Metrics:
             "Blob bytes received from the other nodes of the cluster.",
             registry=r,
         )
+        self.bytes_from_storage = Counter(
+            "dockmirror_storage_received_bytes",
+            "Blob bytes read from the shared storage tier ([storage]).",
+            registry=r,
+        )
+        self.storage_uploads = Counter(
+            "dockmirror_storage_uploads",
+            "Blobs and manifests written to the shared storage tier, by result.",
+            ["result"],
+            registry=r,
+        )
+        self.storage_evictions = Counter(
+            "dockmirror_storage_evictions",
+            "Objects deleted from the shared storage tier (quota, corruption, purges).",
+            registry=r,
+        )
         self.fills_in_flight = Gauge(
             "dockmirror_cache_fills_in_flight",
             "Blob fills from upstream now running.",
@@ -234,7 +250,14 @@ class MetricsResource(Resource):
             request.setHeader("Allow", "GET, HEAD")
             request.setHeader("Content-Type", "application/json")
             return RegistryError("UNSUPPORTED", "metrics are read with GET").body()
-        return bytes(super().render(request))
+        head = request.method == b"HEAD"
+        request.method = b"GET"  # HEAD is answered here: Twisted's own logs the request
+        body = bytes(super().render(request))
+        if not head:
+            return body
+        request.method = b"HEAD"
+        request.setHeader("Content-Length", str(len(body)))
+        return b""
 
     def render_GET(self, request: Request) -> bytes:
         if not self._allowed(request):

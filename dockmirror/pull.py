@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -37,7 +37,7 @@ from dockmirror.cache.manifests import (
     manifest_media_type,
     references,
 )
-from dockmirror.cache.parts import RangedFill
+from dockmirror.cache.parts import PartBody, RangedFill
 from dockmirror.cache.referrers import ReferrersEntry, filtered_list, referrers_list
 from dockmirror.egress import Egress
 from dockmirror.endpoints import Breaker, Endpoint, EndpointSet
@@ -232,6 +232,8 @@ FILL_ATTEMPTS = 3
 PREFETCH_PARALLEL = 4
 
 HIT, MISS, REVALIDATED, STALE = "HIT", "MISS", "REVALIDATED", "STALE"
+#: Which tier a blob hit came from, when not the cache directory: ``X-Cache-Tier: shared``.
+CACHE_TIER, SHARED = "X-Cache-Tier", "shared"
 
 
 @dataclass
@@ -309,6 +311,14 @@ class PullService:
         # Concurrent requests for the same thing share one upstream request.
         key = (origin, reference, negotiable(accept), head)
         if is_digest(reference):
+            shared = (
+                self.cache.storage is not None
+                and not manifests.has(reference)
+                and await self._flights.run(
+                    ("stored", origin, reference),
+                    lambda: self._stored_manifest(route, origin, reference, accept),
+                )
+            )
             if manifests.has(reference):
                 if not self.cache.blobs.allowed(origin, reference):
                     await self._flights.run(
@@ -317,6 +327,8 @@ class PullService:
                     )
                 reply = self._cached_manifest(reference, HIT, head)
                 if reply is not None:
+                    if shared:
+                        reply.headers[CACHE_TIER] = SHARED
                     return reply
         else:
             entry = manifests.tag(origin, reference, accepted(accept))
@@ -356,6 +368,28 @@ class PullService:
             "X-Cache": x_cache,
         }
         return Reply(200, headers, b"" if head else body)
+
+    async def _stored_manifest(
+        self, route: Route, origin: str, digest: str, accept: str | None
+    ) -> bool:
+        """Take a manifest into the cache from the shared storage tier; whether it was there.
+
+        It is taken only if it matches its digest, and once the upstream
+        repository confirmed it has it (a ``HEAD``, which Docker Hub does not
+        count as a pull).
+        """
+        assert self.cache.storage is not None
+        found = await self.cache.storage.read_small(digest, MANIFEST_LIMIT)
+        if found is None:
+            return False
+        body, declared = found
+        media_type = manifest_media_type(body, declared)
+        if compute_digest(body, digest.partition(":")[0]) != digest or media_type is None:
+            log.error("stored manifest {digest} is not that manifest: ignored", digest=digest)
+            return False
+        await self._confirm_manifest(route, origin, digest, accept)
+        await self.cache.manifests.put(origin, digest, digest, media_type, body)
+        return True
 
     async def _confirm_manifest(
         self, route: Route, origin: str, digest: str, accept: str | None
@@ -493,6 +527,8 @@ class PullService:
             what = f"{len(body)} bytes of {declared or 'no declared type'}"
             raise self._not_a_manifest(route, reference, what)
         await self.cache.manifests.put(origin, reference, actual, media_type, body)
+        if self.cache.storage is not None:
+            self.cache.storage.put(actual, body, media_type)
         return Reply(
             200,
             {
@@ -624,16 +660,24 @@ class PullService:
             if size is not None:
                 headers["Content-Length"] = str(size)
             return Reply(200, headers)
+        if not head and not store.has(digest) and store.filling(digest) is None:
+            redirect = await self._redirect(route, origin, digest)
+            if redirect is not None:
+                return redirect
         source = await self._source(route, origin, digest)
         if source.passthrough is not None:
             self._metrics.cache_passthrough.labels(source.passthrough).inc()
-            return await self._passthrough(route, origin, digest, head, range_header)
-        x_cache = MISS if source.lead else HIT
+            stored = None if head else await self._stored(route, origin, digest, range_header)
+            return stored or await self._passthrough(route, origin, digest, head, range_header)
+        shared = isinstance(source.fill, Fill) and source.fill.from_storage
+        x_cache = MISS if source.lead and not shared else HIT
         self._count("blob", x_cache)
         store.touch(digest)
         size = source.fill.size if source.fill is not None else store.size_of(digest)
         assert size is not None
         headers = _blob_headers(digest, x_cache)
+        if shared:
+            headers[CACHE_TIER] = SHARED
         span = _parse_range(range_header, size)
         start, end = span or (0, size)
         headers["Content-Length"] = str(end - start)
@@ -696,6 +740,57 @@ class PullService:
             raise error
         raise upstream_unavailable(route.upstream.name, str(error), 502)
 
+    async def _redirect(self, route: Route, origin: str, digest: str) -> Reply | None:
+        """A 307 to the shared storage tier, if it redirects and holds the blob.
+
+        The upstream repository must have proved it has the blob first, as
+        for any blob served through it.
+        """
+        storage = self.cache.storage
+        if storage is None or not storage.redirect:
+            return None
+        if not self.cache.blobs.allowed(origin, digest):
+            await self._blob_head(route, origin, digest)
+        location = await storage.location(digest)
+        if location is None:
+            return None
+        self._count("blob", HIT)
+        headers = _blob_headers(digest, HIT)
+        headers.update({"Location": location, CACHE_TIER: SHARED, "Content-Length": "0"})
+        return Reply(307, headers)
+
+    async def _stored(
+        self, route: Route, origin: str, digest: str, range_header: str | None
+    ) -> Reply | None:
+        """Stream a blob (or a range) the cache does not keep from the shared storage tier.
+
+        The client's pace paces the read from the bucket.
+        """
+        storage = self.cache.storage
+        size = self.cache.blobs.size_of(digest, origin)
+        if storage is None or size is None:
+            return None
+        span = _parse_range(range_header, size)
+        start, end = span or (0, size)
+        response = await storage.open(digest, size, start, end)
+        if response is None:
+            return None
+        self._count("blob", HIT)
+        headers = _blob_headers(digest, HIT)
+        headers.update({CACHE_TIER: SHARED, "Content-Length": str(end - start)})
+        if span is not None:
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        stream = BodyStream(
+            response,
+            self._reactor,
+            length=end - start,
+            digest=None if span else digest,
+            idle_timeout=self.upstreams.client(route).read_timeout,
+            count=self._metrics.bytes_from_storage.inc,
+        )
+        stream.done.addBoth(_passing(lambda outcome: storage.release(digest, outcome)))
+        return Reply(206 if span else 200, headers, stream=stream)
+
     def _parts(self, upstream: Upstream, size: int) -> int:
         """The connections to fetch a blob of *size* bytes over, in ranges; 1: one stream."""
         if size < upstream.parallel_min_size or not self.ranges.splits(upstream.name):
@@ -707,9 +802,17 @@ class PullService:
     async def _fill(self, fill: Fill, route: Route, origin: str) -> None:
         """Fetch a blob into the cache, for every reader of *fill*.
 
-        The blob comes from the upstream, or from another node of the
-        cluster that fills it or holds it.
+        The shared storage tier, if any, is asked first; then the cluster,
+        whose other nodes may fill it or hold it; then the upstream.  A blob
+        the upstream sends is stored in the storage tier too, once verified.
         """
+        storage = self.cache.storage
+        if storage is not None:
+            stored = await storage.open(fill.digest, fill.size)
+            if stored is not None:
+                fill.finished.wait().addBoth(lambda result: storage.release(fill.digest, result))
+                await self._fill_from_storage(fill, stored)
+                return
         digest, size = fill.digest, fill.size
         path = f"blobs/{digest}"
         read_timeout = self.upstreams.client(route).read_timeout
@@ -752,6 +855,8 @@ class PullService:
             upstream=route.upstream.name,
             parts=f" in {len(fill.plan)} ranges" if isinstance(fill, RangedFill) else "",
         )
+        if storage is not None:
+            storage.upload(fill)
         if ranged is not None:
             await ranged.run(response)
         else:
@@ -773,6 +878,23 @@ class PullService:
             return response
         discard(response)
         raise StreamError(f"the upstream answered {response.code} to the rest of {digest}")
+
+    async def _fill_from_storage(self, fill: Fill, stored: IResponse) -> None:
+        """Fill from the shared storage tier's whole-blob response, one stream."""
+        fill.read_from_storage()
+        log.info(
+            "filling {digest} ({size} bytes) from the storage tier",
+            digest=fill.digest,
+            size=fill.size,
+        )
+        if not isinstance(fill, RangedFill):
+            await fill.start(stored)
+        elif await fill.open():
+            body = PartBody(fill, 0, 0, fill.size, fill.size, self._reactor)
+            body.done.addErrback(_abandon, fill)
+            stored.deliverBody(body)
+        else:
+            discard(stored)
 
     def _blob_head(self, route: Route, origin: str, digest: str) -> Deferred[int | None]:
         """Ask the upstream repository for a blob: proof that it has it, and its size."""
@@ -1126,9 +1248,24 @@ def _media_type(content_type: str | None) -> str:
     return content_type.partition(";")[0].strip()
 
 
+def _abandon(failure: Failure, fill: Fill) -> None:
+    error = failure.value
+    fill.abandon(error if isinstance(error, Exception) else StreamError(str(error)))
+
+
 def _fill_crashed(failure: Failure, fill: Fill) -> None:
     log.failure("filling {digest} crashed", failure, digest=fill.digest)
     fill.abandon(StreamError(failure.getErrorMessage()))
+
+
+def _passing(f: Callable[[Any], object]) -> Callable[[Any], Any]:
+    """A callback that calls *f* with its input and passes the input on unchanged."""
+
+    def callback(outcome: Any) -> Any:
+        f(outcome)
+        return outcome
+
+    return callback
 
 
 def _ignore(_: int) -> None:

@@ -186,7 +186,7 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
     }
     metrics = Metrics()
     notifier: INotifier = LocalNotifier() if worker is None else SupervisorChannel(reactor)
-    cache = Cache(config.cache, reactor, metrics, shared=worker is not None)
+    cache = Cache(config.cache, reactor, metrics, shared=worker is not None, storage=config.storage)
     cache.share(notifier)
     upstreams = Upstreams(egress, reactor, metrics)
     endpoints = {u.name: upstreams.endpoint_set(u) for u in router.upstreams}

@@ -21,17 +21,19 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from dockmirror._interfaces import INotifier
+from dockmirror._interfaces import IBlobStorage, INotifier
 from dockmirror.cache import files
 from dockmirror.cache.blobs import BlobStore
 from dockmirror.cache.index import Index, Runner
 from dockmirror.cache.manifests import ManifestCache
 from dockmirror.cache.referrers import ReferrersCache
-from dockmirror.config import CacheConfig
+from dockmirror.config import CacheConfig, StorageConfig
 from dockmirror.coordination import FileLockCoordinator, LocalNotifier
 from dockmirror.metrics import Metrics
 from dockmirror.reference import DIGEST_RE
 from dockmirror.routing import Route
+from dockmirror.storage import build_storage
+from dockmirror.storage.records import IndexRecords
 
 log = Logger()
 
@@ -71,11 +73,13 @@ class Cache(service.Service):
         run: Runner | None = None,
         run_index: Runner | None = None,
         shared: bool = False,
+        storage: StorageConfig | None = None,
     ) -> None:
         """*run* and *run_index* run blocking work in threads; by default, the cache's own.
 
         A *shared* cache is used by several worker processes at once, which
         coordinate their fills through :mod:`dockmirror.coordination`.
+        *storage* may add a second tier below the directory (``[storage]``).
         """
         self.shared = shared
         self.directory = config.directory
@@ -101,6 +105,10 @@ class Cache(service.Service):
         )
         self.manifests = ManifestCache(self.blobs, self.index, reactor, config.manifest_ttl)
         self.referrers = ReferrersCache(reactor, config.manifest_ttl)
+        #: The shared tier below the directory, if any.
+        self.storage: IBlobStorage | None = build_storage(
+            storage or StorageConfig(), reactor, run, IndexRecords(self.index), metrics
+        )
         #: Warms the cache for :meth:`prefetch`; attached once the pull side exists.
         self.prefetcher: Prefetcher | None = None
         self._notifier: INotifier = LocalNotifier()
@@ -144,6 +152,8 @@ class Cache(service.Service):
             self.manifests.recover(snapshot)
         finally:
             os.close(recovering)
+        if self.storage is not None:
+            self.storage.start(snapshot.objects)
         super().startService()
 
     def _lock(self, name: str, operation: int, wait: bool = False) -> int:
@@ -165,6 +175,9 @@ class Cache(service.Service):
     def stopService(self) -> Deferred[None]:
         super().stopService()
         stopping = Deferred.fromCoroutine(self.blobs.stop(STOP_GRACE))
+        if self.storage is not None:
+            storage = self.storage
+            stopping.addBoth(lambda _: storage.stop())
 
         def stop_pools(result: object) -> object:
             for pool in self._pools:
@@ -197,6 +210,7 @@ class Cache(service.Service):
             "max_layer_size": self.max_layer_size,
             "oversize": self.oversize,
             "manifest_ttl": self.manifests.ttl,
+            **({"storage": self.storage.stats()} if self.storage is not None else {}),
         }
 
     def purge(self, repository_or_digest: str) -> dict[str, Any]:
@@ -204,9 +218,15 @@ class Cache(service.Service):
 
         A repository is named ``upstream/repository`` or just ``repository``.
         Blobs another repository also has stay; blobs being read stay too.
+        With a shared storage tier, what is purged here is deleted there too.
         """
         what = repository_or_digest.strip()
         result = self._purge(what)
+        if self.storage is not None:
+            digests = [what] if DIGEST_RE.fullmatch(what) else result.get("purged", [])
+            result["storage"] = {
+                d: "removed" if self.storage.remove(d) else "in use" for d in digests
+            }
         if len(what) <= PURGE_MAX:
             self._notifier.publish(PURGE_TOPIC, [what])
         return result

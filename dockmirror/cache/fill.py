@@ -96,7 +96,14 @@ class Fill(FillProgress, Protocol):
         self._resumes = 0
         #: Bytes at the start of a resumed body that were received before.
         self._skip = 0
-        self._upstream_bytes = store.metrics.bytes_from_upstream.labels(upstream)
+        self._upstream_bytes: Any = store.metrics.bytes_from_upstream.labels(upstream)
+        #: Whether the body comes from the shared storage tier rather than the upstream.
+        self.from_storage = False
+
+    def read_from_storage(self) -> None:
+        """Say that the body given to :meth:`start` comes from the shared storage tier."""
+        self.from_storage = True
+        self._upstream_bytes = self.store.metrics.bytes_from_storage
 
     def __repr__(self) -> str:
         state = "committed" if self.committed else "failed" if self.error else "filling"

@@ -24,7 +24,7 @@ from dockmirror.cache import files
 
 log = Logger()
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Seconds between a change and the batch that writes it.
 FLUSH_DELAY = 1.0
 
@@ -42,6 +42,8 @@ class Snapshot:
     manifests: list[tuple[str, str]] = field(default_factory=list)
     access: list[tuple[str, str]] = field(default_factory=list)
     tags: list[tuple[str, str, str, str, float]] = field(default_factory=list)
+    #: The objects of the shared storage tier (digest, size, used), for its quota.
+    objects: list[tuple[str, int, float]] = field(default_factory=list)
 
 
 class Index:
@@ -111,6 +113,7 @@ class Index:
             manifests=db.execute("SELECT digest, media_type FROM manifests").fetchall(),
             access=db.execute("SELECT origin, digest FROM access").fetchall(),
             tags=db.execute("SELECT origin, tag, media_type, digest, checked FROM tags").fetchall(),
+            objects=db.execute("SELECT digest, size, used FROM storage_objects").fetchall(),
         )
 
     def write(self, sql: str, *params: Any, key: object = None) -> None:

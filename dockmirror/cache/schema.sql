@@ -1,8 +1,8 @@
--- The cache index, version 2.  Blob files on disk are the truth for what is
+-- The cache index, version 3.  Blob files on disk are the truth for what is
 -- cached; these rows add what a file cannot say, and are checked against
 -- the files at start.
 CREATE TABLE version (version INTEGER NOT NULL);
-INSERT INTO version VALUES (2);
+INSERT INTO version VALUES (3);
 
 -- Every file under blobs/, layers and manifests alike; "used" orders the LRU.
 CREATE TABLE blobs (
@@ -33,4 +33,12 @@ CREATE TABLE tags (
     digest TEXT NOT NULL,
     checked REAL NOT NULL,
     PRIMARY KEY (origin, tag, media_type)
+) WITHOUT ROWID;
+
+-- The objects of the shared storage tier ([storage] backend = "s3") that
+-- this node knows of; "used" orders the bucket's LRU.
+CREATE TABLE storage_objects (
+    digest TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    used REAL NOT NULL
 ) WITHOUT ROWID;

@@ -40,10 +40,11 @@ def test_version_1_access_records_are_dropped_on_upgrade(tmp_path):
     # Version 1 recorded what manifests named as if proven: none of it is kept.
     path = tmp_path / "i.sqlite"
     db = sqlite3.connect(path)
+    schema = (resources.files("dockmirror.cache") / "schema.sql").read_text()
     db.executescript(
-        (resources.files("dockmirror.cache") / "schema.sql")
-        .read_text()
-        .replace("INSERT INTO version VALUES (2)", "INSERT INTO version VALUES (1)")
+        schema.partition("\n-- The objects of the shared storage tier")[0].replace(
+            "INSERT INTO version VALUES (3)", "INSERT INTO version VALUES (1)"
+        )
     )
     db.execute("INSERT INTO blobs VALUES ('sha256:a', 1, 0.0)")
     db.execute("INSERT INTO access VALUES ('hub/x https://hub', 'sha256:a')")
@@ -53,5 +54,6 @@ def test_version_1_access_records_are_dropped_on_upgrade(tmp_path):
     snapshot = index.load()
     assert snapshot.blobs == [("sha256:a", 1, 0.0)]
     assert snapshot.access == []
+    assert snapshot.objects == []
     index.close()
-    assert sqlite3.connect(path).execute("SELECT version FROM version").fetchall() == [(2,)]
+    assert sqlite3.connect(path).execute("SELECT version FROM version").fetchall() == [(3,)]

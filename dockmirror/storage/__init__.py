@@ -1,0 +1,27 @@
+"""Where blobs are kept by digest beyond the cache directory: ``[storage]``.
+
+With ``backend = "filesystem"`` (the default) the cache directory is all
+there is.  With ``backend = "s3"``, an S3-compatible bucket is a second
+tier shared by every node (:mod:`dockmirror.storage.tier`), reached with
+the client of :mod:`dockmirror.storage.s3`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dockmirror._interfaces import IBlobStorage, IStorageRecords
+from dockmirror.cache.index import Runner
+from dockmirror.config import StorageConfig
+from dockmirror.metrics import Metrics
+
+
+def build_storage(
+    config: StorageConfig, reactor: Any, run: Runner, records: IStorageRecords, metrics: Metrics
+) -> IBlobStorage | None:
+    """The storage tier *config* asks for; None for the cache directory alone."""
+    if config.backend == "s3":
+        from dockmirror.storage.tier import S3Storage  # botocore is an optional dependency
+
+        return S3Storage(config, reactor, run, records, metrics)
+    return None

@@ -1,0 +1,304 @@
+"""The storage tier's parts in memory: the quota, object keys, addressing, the upload of a fill."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.testing import MemoryReactorClock
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from dockmirror._interfaces import IBlobStorage, IStorageRecords
+from dockmirror.cache.progress import FillProgress
+from dockmirror.config import ConfigError, StorageConfig, load
+from dockmirror.metrics import Metrics
+from dockmirror.storage.quota import Quota
+from dockmirror.storage.records import IndexRecords
+from dockmirror.storage.s3 import S3Client
+from dockmirror.storage.tier import S3Storage
+from dockmirror.storage.upload import MAX_PARTS, PART_SIZE, BlobUpload, UploadError, part_size
+
+
+@implementer(IStorageRecords)
+class Records:
+    def __init__(self) -> None:
+        self.rows: dict[str, tuple[int, float]] = {}
+
+    def record(self, digest: str, size: int, used: float) -> None:
+        self.rows[digest] = (size, used)
+
+    def touch(self, digest: str, used: float) -> None:
+        self.rows[digest] = (self.rows[digest][0], used)
+
+    def remove(self, digest: str) -> None:
+        del self.rows[digest]
+
+
+def run_now(f: Any, *args: Any) -> Deferred[Any]:
+    return succeed(f(*args))
+
+
+def storage_config(**overrides: Any) -> StorageConfig:
+    table = {
+        "backend": "s3",
+        "endpoint": "http://127.0.0.1:7480",
+        "bucket": "mirror",
+        "access_key": "AK",
+        "secret_key": "SK",
+        **overrides,
+    }
+    return StorageConfig(**table)
+
+
+# --- the quota --------------------------------------------------------------------
+
+
+def test_quota_evicts_least_recently_used_objects_not_in_use():
+    records = Records()
+    rows = [("b", 100, 2.0), ("a", 100, 1.0), ("c", 100, 3.0)]
+    records.rows = {digest: (size, used) for digest, size, used in rows}
+    quota = Quota(records, max_size=300)
+    quota.load(rows)
+    assert quota.digests() == ["a", "b", "c"] and quota.size == 300
+    quota.touch("a", 4.0)
+    quota.pin("b")
+    assert quota.reserve("d", 100) == ["c"]
+    assert quota.size == 200 and quota.reserved == 100 and quota.pinned("d")
+    assert quota.reserve("e", 250) is None  # b and d are in use
+    quota.unpin("b")
+    assert quota.victims(100) == ["b"]
+    quota.add("d", 100, 5.0)
+    quota.unreserve(100)
+    assert records.rows["d"] == (100, 5.0) and "c" not in records.rows
+
+
+def test_quota_without_a_maximum_evicts_nothing():
+    quota = Quota(Records(), max_size=None)
+    quota.add("a", 10**15, 0.0)
+    assert quota.reserve("b", 10**15) == []
+
+
+def test_part_size_stays_within_the_part_count():
+    assert part_size(1) == PART_SIZE
+    assert part_size(PART_SIZE * MAX_PARTS) == PART_SIZE
+    big = 200 << 30
+    assert part_size(big) * MAX_PARTS >= big and part_size(big) % (1 << 20) == 0
+
+
+# --- keys and addressing ------------------------------------------------------------
+
+
+def test_object_keys_name_the_digest_and_nothing_else_is_taken_for_one():
+    assert verifyObject(IStorageRecords, IndexRecords(None))  # type: ignore[arg-type]
+    storage = S3Storage(
+        storage_config(prefix="m/"), MemoryReactorClock(), run_now, Records(), Metrics()
+    )
+    assert verifyObject(IBlobStorage, storage)
+    digest = "sha256:" + "ab" * 32
+    assert storage.key(digest) == "m/blobs/sha256/" + "ab" * 32
+    assert storage.digest_of(storage.key(digest)) == digest
+    for key in (
+        "m/blobs/sha256/" + "AB" * 32,
+        "m/blobs/sha256/" + "ab" * 31,
+        "m/blobs/md5/" + "ab" * 16,
+        "m/blobs/sha256/../" + "ab" * 32,
+        "other/blobs/sha256/" + "ab" * 32,
+        "sha256/" + "ab" * 32,
+        "m/sha256/" + "ab" * 32,
+    ):
+        assert storage.digest_of(key) is None, key
+
+
+def test_path_and_virtual_host_addressing():
+    reactor = MemoryReactorClock()
+    path = S3Client(storage_config(), reactor)
+    assert path.url("blobs/sha256/ab") == "http://127.0.0.1:7480/mirror/blobs/sha256/ab"
+    assert path.url(query={"uploads": ""}) == "http://127.0.0.1:7480/mirror/?uploads="
+    virtual = S3Client(storage_config(endpoint=None, region="eu-west-1"), reactor)
+    assert virtual.url("k") == "https://mirror.s3.eu-west-1.amazonaws.com/k"
+    assert virtual.url("a b+c") == "https://mirror.s3.eu-west-1.amazonaws.com/a%20b%2Bc"
+
+
+@pytest.mark.parametrize("addressing", ["path", "virtual"])
+def test_presigned_urls_are_short_lived(addressing):
+    client = S3Client(storage_config(addressing=addressing), MemoryReactorClock())
+    url = client.presign("blobs/sha256/ab")
+    result: list[str] = []
+    Deferred.fromCoroutine(url).addCallback(result.append)
+    [signed] = result
+    query = parse_qs(urlsplit(signed).query)
+    assert query["X-Amz-Expires"] == ["300"]
+    assert query["X-Amz-Credential"][0].startswith("AK/")
+    assert "X-Amz-Signature" in query
+    assert "SK" not in signed
+
+
+# --- the upload of a fill ------------------------------------------------------------
+
+
+class FakeS3:
+    """Records the calls an upload makes."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.parts: list[bytes] = []
+
+    async def put(self, key: str, data: bytes, sha256: str, md5: str) -> None:
+        assert hashlib.sha256(data).hexdigest() == sha256
+        self.calls.append(("put", key, len(data)))
+
+    async def create_upload(self, key: str) -> str:
+        self.calls.append(("create", key))
+        return "U"
+
+    async def upload_part(self, key, upload_id, number, data, sha256, md5) -> str:
+        assert hashlib.sha256(data).hexdigest() == sha256
+        self.calls.append(("part", number, len(data)))
+        self.parts.append(data)
+        return f'"{number}"'
+
+    async def complete_upload(self, key, upload_id, etags) -> None:
+        self.calls.append(("complete", etags))
+
+    async def abort_upload(self, key, upload_id) -> None:
+        self.calls.append(("abort", upload_id))
+
+
+class Progress(FillProgress):
+    """A fill written by the test, a slice at a time."""
+
+    def __init__(self, path: str, data: bytes, digest: str | None = None) -> None:
+        super().__init__(digest or "sha256:" + hashlib.sha256(data).hexdigest(), len(data), path)
+        self.data = data
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        self.ready.fire(None)
+
+    def write(self, count: int) -> None:
+        os.pwrite(self._fd, self.data[self.written : self.written + count], self.written)
+        self.written += count
+        self._notify()
+
+    def verify(self) -> None:
+        self.verified = True
+        self._notify()
+
+    def fail(self) -> None:
+        self.error = RuntimeError("upstream cut")
+        self._notify()
+
+
+def start_upload(tmp_path, data: bytes, digest: str | None = None):
+    fill = Progress(str(tmp_path / "fill"), data, digest)
+    s3 = FakeS3()
+    upload = BlobUpload(s3, "blobs/sha256/x", fill, run_now)  # type: ignore[arg-type]
+    upload.attach()
+    done = Deferred.fromCoroutine(upload.run())
+    return fill, s3, done
+
+
+def test_parts_are_sent_as_the_fill_writes_them_and_completed_once_verified(tmp_path):
+    data = os.urandom(PART_SIZE * 2 + 1000)
+    fill, s3, done = start_upload(tmp_path, data)
+    assert s3.calls == [("create", "blobs/sha256/x")]
+    fill.write(PART_SIZE - 1)
+    assert len(s3.calls) == 1  # not a whole part yet
+    fill.write(1)
+    assert s3.calls[1:] == [("part", 1, PART_SIZE)]
+    fill.write(PART_SIZE + 999)
+    assert s3.calls[2:] == [("part", 2, PART_SIZE)]
+    fill.write(1)
+    assert s3.calls[3:] == [("part", 3, 1000)]
+    assert not done.called  # not verified yet
+    fill.verify()
+    assert s3.calls[4:] == [("complete", ['"1"', '"2"', '"3"'])]
+    assert done.called and b"".join(s3.parts) == data
+
+
+def test_a_failed_fill_aborts_the_upload(tmp_path):
+    fill, s3, done = start_upload(tmp_path, os.urandom(PART_SIZE + 10))
+    fill.write(PART_SIZE)
+    fill.fail()
+    assert s3.calls[-1] == ("abort", "U")
+    failures: list[Any] = []
+    done.addErrback(failures.append)
+    assert failures and failures[0].check(UploadError)
+
+
+def test_bytes_read_back_that_do_not_match_are_never_completed(tmp_path):
+    data = os.urandom(PART_SIZE + 10)
+    fill, s3, done = start_upload(tmp_path, data, digest="sha256:" + "0" * 64)
+    fill.write(len(data))
+    fill.verify()  # as a fill would not, but the upload checks for itself
+    assert ("abort", "U") in s3.calls and not any(c[0] == "complete" for c in s3.calls)
+    done.addErrback(lambda f: f.trap(UploadError))
+
+
+def test_a_small_blob_is_one_put_after_verification(tmp_path):
+    fill, s3, done = start_upload(tmp_path, b"manifest")
+    fill.write(8)
+    assert s3.calls == []
+    fill.verify()
+    assert s3.calls == [("put", "blobs/sha256/x", 8)] and done.called
+
+
+def test_stale_uploads_is_a_duration(tmp_path):
+    path = tmp_path / "dockmirror.toml"
+    table = '[storage]\nbackend = "s3"\nbucket = "mirror"\n'
+    path.write_text(table + 'stale_uploads = "2h"\n')
+    assert load(str(path)).storage.stale_uploads_seconds == 7200
+    path.write_text(table + 'stale_uploads = "soon"\n')
+    with pytest.raises(ConfigError, match="storage.stale_uploads"):
+        load(str(path))
+
+
+class Bucket:
+    """The calls of an S3 client that the tier makes to serve redirects and deletes."""
+
+    bucket = "mirror"
+
+    def __init__(self) -> None:
+        self.deleted: list[str] = []
+
+    async def head(self, key: str) -> int:
+        return 100
+
+    async def presign(self, key: str, expires: int) -> str:
+        return f"http://s3/{key}?X-Amz-Expires={expires}"
+
+    async def delete(self, key: str) -> None:
+        self.deleted.append(key)
+
+
+def test_an_object_clients_were_sent_to_stays_until_their_urls_expire():
+    reactor = MemoryReactorClock()
+    bucket = Bucket()
+    metrics = Metrics()
+    storage = S3Storage(
+        storage_config(max_size="150B"),
+        reactor,
+        run_now,
+        Records(),
+        metrics,
+        client=bucket,  # type: ignore[arg-type]
+    )
+    digest = "sha256:" + "ab" * 32
+    urls: list[str | None] = []
+    storage.location(digest).addCallback(urls.append)
+    assert urls == [f"http://s3/blobs/sha256/{'ab' * 32}?X-Amz-Expires=300"]
+    assert storage.quota.reserve("sha256:" + "cd" * 32, 100) is None  # in use
+    assert not storage.remove(digest)
+    reactor.advance(200)
+    storage.location(digest).addCallback(urls.append)  # another client, later
+    reactor.advance(200)
+    assert storage.quota.pinned(digest)
+    reactor.advance(100)
+    assert not storage.quota.pinned(digest)
+    assert storage.remove(digest)
+    assert bucket.deleted == [f"blobs/sha256/{'ab' * 32}"]
+    assert metrics.registry.get_sample_value("dockmirror_storage_evictions_total") == 1
+    assert reactor.getDelayedCalls() == []
