@@ -57,13 +57,32 @@ class ICoordinator(Interface):
     def held_elsewhere(digest: str) -> bool:
         """Whether another process holds the claim on *digest* now."""
 
+    def pin(digest: str) -> None:
+        """Say that this process reads *digest*: another process must not remove it."""
+
+    def unpin(digest: str) -> None:
+        """This process reads *digest* no more."""
+
+    def pinned_elsewhere(digest: str) -> bool:
+        """Whether another process reads *digest* now (asking about a digest pinned here is
+        meaningless, as for claims)."""
+
     def start_usage(total: int) -> None:
-        """Set the cache's usage to *total* bytes, unless a running process already did."""
+        """Set the bytes the cache holds to *total*, unless a running process already did."""
 
     def add_usage(delta: int) -> int:
-        """Add *delta* to the bytes the cache holds and reserves, for every process at once.
+        """Add *delta* to the bytes the cache holds, for every process at once.
 
-        Returns the new total: the quota is checked against it.
+        Returns the new total of the bytes held and reserved by every live
+        process: the quota is checked against it.
+        """
+
+    def reserve(delta: int) -> int:
+        """Add *delta* to the bytes this process reserves for its fills in progress.
+
+        Reservations are this process's own: when it dies, they stop counting
+        (a killed filler leaks no quota).  Returns the new total, as
+        :meth:`add_usage` does.
         """
 
     def lead(digest: str, size: int, offset: int) -> Any:

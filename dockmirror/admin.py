@@ -1,10 +1,15 @@
 """``dockmirror-admin``: manage API keys and portal users, also while the server runs;
 start warm rounds.
 
-It opens the server's SQLite key store (``[auth] database``) itself.  A key
+It opens the server's key store itself: the SQLite file ``[auth] database``,
+or with ``[cluster] database`` the cluster's PostgreSQL database.  A key
 revoked here stops working in a running server within seconds: the server
 reloads the revoked keys each time it writes its usage counters, which it
-does every few seconds, so usage shown here may be that much behind too.
+does every few seconds, so usage shown here may be that much behind too (in
+a cluster, every node hears of a revocation at once).
+
+``migrate --to postgresql://...`` copies the SQLite key store, with its usage
+counters and token signing key, into a cluster database that holds no key.
 
 Run it as the server's user: SQLite's files must stay writable for the server.
 Run as root, it takes on the identity of the owner of the state directory
@@ -28,11 +33,20 @@ import pwd
 import socket
 import sqlite3
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from dockmirror.auth.keystore import KeyDatabase, KeyInfo, KeyStoreError
-from dockmirror.config import Config, ConfigError, check_repository_prefix, load, state_directory
+from dockmirror.auth.keystore import KeyDatabase, KeyInfo, KeyQueries, KeyStoreError
+from dockmirror.auth.secretfile import read
+from dockmirror.auth.tokens import SIGNING_KEY_FILE
+from dockmirror.config import (
+    Config,
+    ConfigError,
+    check_database_url,
+    check_repository_prefix,
+    load,
+    state_directory,
+)
 from dockmirror.control import CONTROL_SOCKET
 from dockmirror.portal import users
 from dockmirror.portal.sessions import DATABASE_FILE, PortalDatabase, PortalStoreError
@@ -50,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="the server's TOML configuration (default: the embedded default configuration)",
     )
-    groups = parser.add_subparsers(dest="group", required=True, metavar="{keys,users,warm}")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="{keys,users,warm,migrate}")
     keys = groups.add_parser("keys", help="create, list, revoke and rotate API keys")
     commands = keys.add_subparsers(dest="command", required=True, metavar="COMMAND")
     create = commands.add_parser(
@@ -74,6 +88,14 @@ def _parser() -> argparse.ArgumentParser:
     warm_commands = warm.add_subparsers(dest="command", required=True, metavar="COMMAND")
     warm_commands.add_parser(
         "run", help="run a warm round in the running server; prints its result as JSON"
+    )
+    migrate = groups.add_parser(
+        "migrate",
+        help="copy the SQLite key store ([auth] database), usage and token signing key"
+        " included, into a PostgreSQL cluster database that holds no key yet",
+    )
+    migrate.add_argument(
+        "--to", required=True, metavar="URL", help="the cluster database, postgresql://..."
     )
     people = groups.add_parser("users", help="list, disable and enable portal users")
     user_commands = people.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -151,7 +173,7 @@ def _table(keys: Sequence[KeyInfo]) -> str:
     )
 
 
-def _run_users(args: argparse.Namespace, config: Config, db: KeyDatabase) -> None:
+def _run_users(args: argparse.Namespace, config: Config, db: KeyQueries) -> None:
     portal = PortalDatabase(state_directory(config) / DATABASE_FILE)
     try:
         if args.command == "list":
@@ -166,7 +188,7 @@ def _run_users(args: argparse.Namespace, config: Config, db: KeyDatabase) -> Non
         portal.close()
 
 
-def _run(args: argparse.Namespace, config: Config, db: KeyDatabase) -> None:
+def _run(args: argparse.Namespace, config: Config, db: KeyQueries) -> None:
     if args.group == "users":
         _run_users(args, config, db)
     elif args.command == "create":
@@ -250,21 +272,60 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.group == "warm":
         return _warm_run(config)
     try:
-        db = KeyDatabase(config.auth.database, create=args.command == "create")
-    except KeyStoreError as e:
+        if args.group == "migrate":
+            _migrate(config, args.to)
+        else:
+            _with_keys(config, args.command == "create", lambda db: _run(args, config, db))
+    except ConfigError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
-        return 1
-    try:
-        _run(args, config, db)
+        return 2
     except ValueError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
     except (KeyStoreError, PortalStoreError, sqlite3.Error) as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _with_keys(config: Config, create: bool, f: Callable[[KeyQueries], None]) -> None:
+    """``f(key store)``: the cluster's with ``[cluster] database``, else the SQLite file."""
+    if config.cluster.database is not None:
+        from dockmirror.cluster.keys import with_keys  # the cluster extra, checked at load
+
+        with_keys(config.cluster.database, f)
+        return
+    db = KeyDatabase(config.auth.database, create=create)
+    try:
+        f(db)
     finally:
         db.close()
-    return 0
+
+
+def _migrate(config: Config, url: str) -> None:
+    """Copy the SQLite key store and token signing key into the cluster database *url*."""
+    check_database_url("--to", url)
+    from dockmirror.cluster.keys import migrate_keys  # the cluster extra, just checked
+
+    source = KeyDatabase(config.auth.database, create=False)
+    try:
+        dump = source.export()
+    finally:
+        source.close()
+    try:
+        signing_key: bytes | None = read(state_directory(config) / SIGNING_KEY_FILE)
+    except FileNotFoundError:
+        signing_key = None
+    copied, same_signing_key = migrate_keys(url, dump, signing_key)
+    print(f"copied {copied} keys from {config.auth.database}, usage counters included")
+    if same_signing_key:
+        print("the cluster signs tokens with this server's key: tokens issued stay valid")
+    elif signing_key is not None:
+        print(
+            "the cluster already had a token signing key: tokens issued by this server"
+            " are refused by the cluster, and clients log in again",
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":

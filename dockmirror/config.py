@@ -8,6 +8,7 @@ is refused with a message naming the key and the file.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.util
 import ipaddress
 import os
@@ -46,6 +47,7 @@ READ_TIMEOUT = 60.0
 #: Defaults of the [server] limits on client connections (see dockmirror.connections).
 HEADER_TIMEOUT = 30.0
 IDLE_TIMEOUT = 60.0
+SEND_TIMEOUT = 60.0
 MAX_CONNECTIONS = 1024
 MAX_CONNECTIONS_PER_CLIENT = 128
 
@@ -65,6 +67,8 @@ class ServerConfig:
     header_timeout: float = HEADER_TIMEOUT
     #: Seconds an idle keep-alive connection is kept open.
     idle_timeout: float = IDLE_TIMEOUT
+    #: Seconds a response may wait on a client that takes none of its bytes.
+    send_timeout: float = SEND_TIMEOUT
     #: Client connections served at once, over all listeners; more are refused.
     max_connections: int = MAX_CONNECTIONS
     #: Client connections one address (an IPv6 /64) may hold at once.
@@ -608,7 +612,7 @@ def _check_seconds(source: str, key: str, value: float) -> None:
 
 
 def _check_server(source: str, server: ServerConfig) -> None:
-    for key in ("header_timeout", "idle_timeout"):
+    for key in ("header_timeout", "idle_timeout", "send_timeout"):
         _check_seconds(source, f"server.{key}", getattr(server, key))
     for key in ("max_connections", "max_connections_per_client"):
         if getattr(server, key) < 1:
@@ -818,14 +822,38 @@ def _check_storage(source: str, storage: StorageConfig) -> None:
         raise ConfigError(f"{source}: storage.stale_uploads: {e}") from None
 
 
+#: What ``pip install 'dockmirror[cluster]'`` brings that a cluster database needs.
+CLUSTER_MODULES = ("psycopg", "psycopg_pool")
+
+
+def _missing_module(names: tuple[str, ...]) -> str | None:
+    """The first of *names* that cannot be imported, or None."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            return name
+    return None
+
+
+def check_database_url(where: str, url: str) -> None:
+    """Check a cluster database URL, and that the cluster extra is there to use it."""
+    parts = _url_parts(url)
+    if parts is None or parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(
+            f"{where} must be a postgresql:// URL (postgresql://user:password@host:5432/dockmirror)"
+        )
+    missing = _missing_module(CLUSTER_MODULES)
+    if missing is not None:
+        raise ConfigError(
+            f"{where} needs the cluster extra, which is not installed"
+            f" (no module {missing}): pip install 'dockmirror[cluster]'"
+        )
+
+
 def _check_cluster(source: str, cluster: ClusterConfig) -> None:
     if cluster.database is not None:
-        parts = _url_parts(cluster.database)
-        if parts is None or parts.scheme not in ("postgresql", "postgres"):
-            raise ConfigError(
-                f"{source}: cluster.database must be a postgresql:// URL"
-                " (postgresql://user:password@host:5432/dockmirror)"
-            )
+        check_database_url(f"{source}: cluster.database", cluster.database)
     elif cluster.listen is not None or cluster.node_url is not None:
         raise ConfigError(f"{source}: cluster.listen and cluster.node_url need cluster.database")
     if (cluster.listen is None) != (cluster.node_url is None):

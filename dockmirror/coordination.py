@@ -5,25 +5,37 @@
 POSIX byte-range locks on one file, ``fills.lock`` in the cache directory:
 the claim on a digest is an exclusive lock on one byte, at an offset taken
 from the digest.  The kernel drops a dead process's locks, so a crashed
-filler frees its digests at once.  The bytes the cache holds and reserves,
-which every worker checks the quota against, are a counter in the file
-``usage``, changed under a lock on one more byte of ``fills.lock``.  Every
-call is a few system calls on local files, held for microseconds, cheap
-enough for the reactor thread.
+filler frees its digests at once.  A process reading a blob holds a shared
+lock on another byte of the digest's, so that no other process removes the
+blob under it (a follower of a fill would take its removal for the fill's
+failure).  The bytes the cache holds and reserves, which every worker checks
+the quota against, are counters in the file ``usage``, changed under a lock
+on one more byte of ``fills.lock``: one for the bytes held, and one slot per
+process for the bytes its fills in progress reserve.  Each process holds the
+lock of its slot for its life, so the slot of a process that died (even by
+SIGKILL) is seen to be free and its reservations stop counting: the shared
+usage heals itself.  Every call is a few system calls on local files, held
+for microseconds, cheap enough for the reactor thread.
 
 Neither knows of other machines: :meth:`lead` always answers that this
 process fetches from the upstream.  The nodes of a cluster coordinate
 through PostgreSQL, above one of these, with
 :class:`dockmirror.cluster.coordinator.ClusterCoordinator`.
+
+:class:`SharedFlights` does a piece of work (a manifest's fetch) once for
+every process: the one that claims its key does it, and tells the others.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
+import struct
 from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
@@ -34,10 +46,25 @@ LOCK_FILE = "fills.lock"
 LOCK_FILE_MODE = 0o640
 #: Lock offsets are taken from this many hex digits of a digest (60 bits) ...
 _OFFSET_DIGITS = 15
-#: ... and the usage counter's lock lies beyond them.
+#: ... for claims, and above this for read pins ...
+_PIN_OFFSET = 1 << 61
+#: ... and the usage counters' lock lies beyond them, ...
 _USAGE_OFFSET = 1 << 62
-#: The usage counter, in the cache directory; the supervisor removes it at start.
+#: ... followed by the lock of each process's reservation slot.
+_SLOT_OFFSET = _USAGE_OFFSET + 1
+#: The usage counters, in the cache directory; the supervisor removes the file at start.
 USAGE_FILE = "usage"
+#: The blobs kept from eviction (the warm images'), one digest a line, in the cache
+#: directory: written by the worker that warms, read by the others.
+KEPT_FILE = "kept"
+#: Files of shared state that a new service starts without.
+SERVICE_FILES = (USAGE_FILE, KEPT_FILE)
+#: Processes that may share a cache directory at once.
+SLOTS = 256
+#: The usage file: the bytes held, whether a process counted them, and the slots.
+_USAGE = struct.Struct(f"<qq{SLOTS}q")
+#: The slots taken by coordinators of this process (POSIX locks cannot tell them apart).
+_slots_here: set[int] = set()
 
 
 def _offset(digest: str) -> int:
@@ -65,6 +92,9 @@ class LocalCoordinator:
         self._usage += delta
         return self._usage
 
+    def reserve(self, delta: int) -> int:
+        return self.add_usage(delta)
+
     def claim(self, digest: str) -> bool:
         return True
 
@@ -76,6 +106,15 @@ class LocalCoordinator:
 
     def lead(self, digest: str, size: int, offset: int = 0) -> Deferred[IResponse | None]:
         return succeed(None)
+
+    def pin(self, digest: str) -> None:
+        pass
+
+    def unpin(self, digest: str) -> None:
+        pass
+
+    def pinned_elsewhere(self, digest: str) -> bool:
+        return False
 
     def close(self) -> None:
         pass
@@ -98,16 +137,15 @@ class FileLockCoordinator:
         self._fd = os.open(self.path, flags, LOCK_FILE_MODE)
         self._usage_fd = os.open(os.path.join(directory, USAGE_FILE), flags, LOCK_FILE_MODE)
         self._held: set[str] = set()
+        self._slot = 0
+        self._take_slot()
 
     def __repr__(self) -> str:
         return f"<FileLockCoordinator {self.path}: {len(self._held)} claims held>"
 
     def _lock(self, digest: str, operation: int) -> bool:
-        try:
-            fcntl.lockf(self._fd, operation | fcntl.LOCK_NB, 1, _offset(digest))
-        except OSError:  # EACCES or EAGAIN: another process holds it
-            return False
-        return True
+        # EACCES or EAGAIN: another process holds it.
+        return self._lock_byte(_offset(digest), operation)
 
     def claim(self, digest: str) -> bool:
         if digest in self._held:
@@ -134,27 +172,88 @@ class FileLockCoordinator:
     def lead(self, digest: str, size: int, offset: int = 0) -> Deferred[IResponse | None]:
         return succeed(None)
 
-    def _change_usage(self, delta: int, start: bool = False) -> int:
-        # Held for a read and a write of 8 bytes, and freed by the kernel if we die.
+    def pin(self, digest: str) -> None:
+        # Waits, for microseconds, only while another process tests the pin.
+        fcntl.lockf(self._fd, fcntl.LOCK_SH, 1, _PIN_OFFSET + _offset(digest))
+
+    def unpin(self, digest: str) -> None:
+        fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _PIN_OFFSET + _offset(digest))
+
+    def pinned_elsewhere(self, digest: str) -> bool:
+        # An exclusive lock is granted unless another process holds a shared one.
+        offset = _PIN_OFFSET + _offset(digest)
+        if not self._lock_byte(offset, fcntl.LOCK_EX):
+            return True
+        fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, offset)
+        return False
+
+    def _take_slot(self) -> None:
+        """Take a free reservation slot, for as long as this process lives."""
+        for slot in range(SLOTS):
+            if slot not in _slots_here and self._lock_byte(_SLOT_OFFSET + slot, fcntl.LOCK_EX):
+                _slots_here.add(slot)
+                self._slot = slot
+                self._change_usage(0, 0, clear=True)  # a dead process's leftovers
+                return
+        raise RuntimeError(f"more than {SLOTS} processes share {self.path}")
+
+    def _lock_byte(self, offset: int, operation: int) -> bool:
+        try:
+            fcntl.lockf(self._fd, operation | fcntl.LOCK_NB, 1, offset)
+        except OSError:
+            return False
+        return True
+
+    def _alive(self, slot: int) -> bool:
+        """Whether a live process holds *slot* (a shared lock is granted on a free one)."""
+        if slot in _slots_here:
+            return True
+        if not self._lock_byte(_SLOT_OFFSET + slot, fcntl.LOCK_SH):
+            return True
+        fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _SLOT_OFFSET + slot)
+        return False
+
+    def _change_usage(
+        self, held: int, reserved: int, start: bool = False, clear: bool = False
+    ) -> int:
+        """Change the counters; the total held and reserved by the live processes.
+
+        Held for a read and a write of the counters, and freed by the kernel if we die.
+        """
         fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, _USAGE_OFFSET)
         try:
-            data = os.pread(self._usage_fd, 8, 0)
-            if start and len(data) == 8:
-                return int.from_bytes(data, "little", signed=True)
-            total = int.from_bytes(data, "little", signed=True) + delta if data else delta
-            os.pwrite(self._usage_fd, total.to_bytes(8, "little", signed=True), 0)
-            return total
+            data = os.pread(self._usage_fd, _USAGE.size, 0)
+            before = _USAGE.unpack(data.ljust(_USAGE.size, b"\0"))
+            total, counted, *slots = before
+            if start and not counted:
+                total, counted = held, 1
+            elif not start:
+                total += held
+            if clear:
+                slots[self._slot] = 0
+            slots[self._slot] += reserved
+            for slot, bytes_reserved in enumerate(slots):
+                if bytes_reserved and not self._alive(slot):
+                    slots[slot] = 0
+            after = (total, counted, *slots)
+            if after != before:
+                os.pwrite(self._usage_fd, _USAGE.pack(*after), 0)
+            return total + sum(slots)
         finally:
             fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _USAGE_OFFSET)
 
     def start_usage(self, total: int) -> None:
-        self._change_usage(total, start=True)
+        self._change_usage(total, 0, start=True)
 
     def add_usage(self, delta: int) -> int:
-        return self._change_usage(delta)
+        return self._change_usage(delta, 0)
+
+    def reserve(self, delta: int) -> int:
+        return self._change_usage(0, delta)
 
     def close(self) -> None:
         self._held.clear()
+        _slots_here.discard(self._slot)
         os.close(self._usage_fd)
         os.close(self._fd)
 
@@ -171,3 +270,113 @@ class LocalNotifier:
 
     def subscribe(self, topic: str, listener: Callable[[list[str]], None]) -> None:
         pass
+
+
+#: Seconds a process waits for the flight of another ...
+FLIGHT_WAIT = 60.0
+#: ... looking this often whether that process still holds it ...
+FLIGHT_POLL = 0.05
+#: ... and waiting this long for its result once it let go.
+FLIGHT_GRACE = 0.5
+#: The most strings in a flight's result.
+FLIGHT_RESULT_MAX = 8
+
+
+class SharedFlights:
+    """Work done by one process for all: the one that claims a key, the others wait.
+
+    The claim is an :class:`~dockmirror._interfaces.ICoordinator` claim on
+    a digest made from the key, so a crashed process lets go of it.  The
+    process that did the work publishes its result (a list of strings) on
+    *topic* to every process, waiting or not: :attr:`on_result` listeners
+    take it in.  A waiter does the work itself when the claim ends without
+    a result (it failed), or after :data:`FLIGHT_WAIT` seconds.
+    """
+
+    def __init__(self, reactor: IReactorTime, topic: str) -> None:
+        self._reactor = reactor
+        self.topic = topic
+        self.coordinator: ICoordinator = LocalCoordinator()
+        self._notifier: INotifier = LocalNotifier()
+        #: Called with each result another process published, before its waiters resume.
+        self.on_result: list[Callable[[list[str]], None]] = []
+        self._waiting: dict[str, list[Deferred[list[str] | None]]] = {}
+        self._held: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"<SharedFlights {self.topic}: {len(self._held)} held, {len(self._waiting)} awaited>"
+
+    def share(self, notifier: INotifier) -> None:
+        self._notifier = notifier
+        notifier.subscribe(self.topic, self._heard)
+
+    async def wait(self, key: str) -> list[str] | None:
+        """Another process's result for *key*; None when this process is to do the work.
+
+        It then holds the claim until :meth:`done`.
+        """
+        flight = _flight(key)
+        if self._claim(flight):
+            return None
+        waiter: Deferred[list[str] | None] = Deferred()
+        self._waiting.setdefault(flight, []).append(waiter)
+        deadline = self._reactor.seconds() + FLIGHT_WAIT
+        released: float | None = None
+        timer: IDelayedCall | None = None
+
+        def poll() -> None:
+            nonlocal released, timer
+            now = self._reactor.seconds()
+            if self.coordinator.held_elsewhere(flight):
+                released = None
+            elif released is None:
+                released = now
+            elif now - released >= FLIGHT_GRACE and self._claim(flight):
+                waiter.callback(None)  # it gave up: the work is ours now
+                return
+            if now >= deadline:
+                waiter.callback(None)
+                return
+            timer = self._reactor.callLater(FLIGHT_POLL, poll)
+
+        timer = self._reactor.callLater(FLIGHT_POLL, poll)
+        try:
+            return await waiter
+        finally:
+            if timer.active():
+                timer.cancel()
+            waiting = self._waiting.get(flight, [])
+            if waiter in waiting:
+                waiting.remove(waiter)
+            if not waiting:
+                self._waiting.pop(flight, None)
+
+    def done(self, key: str, result: list[str] | None) -> None:
+        """Tell every process the *result* of the work on *key* (None: it failed), and let go."""
+        flight = _flight(key)
+        if result is not None:
+            self._notifier.publish(self.topic, [flight, *result])
+        if flight in self._held:
+            self._held.discard(flight)
+            self.coordinator.release(flight)
+
+    def _claim(self, flight: str) -> bool:
+        if not self.coordinator.claim(flight):
+            return False
+        self._held.add(flight)
+        return True
+
+    def _heard(self, message: list[str]) -> None:
+        if not 2 <= len(message) <= FLIGHT_RESULT_MAX + 1:
+            return
+        flight, *result = message
+        for listener in self.on_result:
+            listener(result)
+        for waiter in self._waiting.pop(flight, []):
+            if not waiter.called:
+                waiter.callback(result)
+
+
+def _flight(key: str) -> str:
+    """The digest whose claim stands for the work on *key*."""
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()

@@ -12,8 +12,10 @@ then connected to, so a DNS name that resolves to a private address is
 caught as well as a literal one.
 
 The upstream's mirrors are configured hosts too (they may be anywhere, and
-their redirects may go where theirs may), but they are never presented the
-upstream's client certificate.  Through a proxy (:mod:`dockmirror.proxy`),
+their redirects may go where theirs may), but the upstream's client
+certificate is presented only to the origin of its URL (scheme, host and
+port): never to a mirror, even one on the same host, nor to a redirect
+target.  Through a proxy (:mod:`dockmirror.proxy`),
 every address the target host resolves to here is checked before the
 tunnel is asked for, since the proxy may connect to any of them.
 """
@@ -347,11 +349,17 @@ def _host(url: str) -> str:
     return URI.fromBytes(url.encode("ascii")).host.decode("ascii").lower()
 
 
+def _origin(uri: URI) -> tuple[str, str, int]:
+    """The scheme, host (lower case) and port of *uri*."""
+    return uri.scheme.decode("ascii").lower(), uri.host.decode("ascii").lower(), uri.port
+
+
 @implementer(IAgentEndpointFactory)
 class _Endpoints:
     """Each connection's endpoint: direct or through a proxy, TLS to the target host.
 
-    A mirror's host gets no client certificate: that is the primary's credential.
+    The client certificate is the primary's credential: only a TLS connection
+    to the origin of the configured URL (scheme, host and port) presents it.
     """
 
     def __init__(
@@ -361,16 +369,16 @@ class _Endpoints:
         policy: AddressPolicy,
         tls: UpstreamTLS,
         proxies: ProxyRules,
-        mirror_hosts: frozenset[str],
+        origin: tuple[str, str, int],
         connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
         self._reactor = reactor
         self._resolver = resolver
         self._policy = policy
         self._tls = tls
-        self._mirror_tls = tls.without_client()
+        self._anonymous_tls = tls.without_client()
         self._proxies = proxies
-        self._mirror_hosts = mirror_hosts
+        self._origin = origin
         self._connect_timeout = connect_timeout
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
@@ -395,9 +403,14 @@ class _Endpoints:
                 self._reactor, self._resolver, self._policy, host, uri.port, self._connect_timeout
             )
         if scheme == "https":
-            tls = self._mirror_tls if host.lower() in self._mirror_hosts else self._tls
-            return wrapClientTLS(tls.creator(host), endpoint)
+            return wrapClientTLS(self.tls_for(uri).creator(host), endpoint)
         return endpoint
+
+    def tls_for(self, uri: URI) -> UpstreamTLS:
+        """The TLS settings for *uri*: with the client certificate only at the origin."""
+        if _origin(uri) == self._origin:
+            return self._tls
+        return self._anonymous_tls
 
 
 @dataclass
@@ -443,7 +456,7 @@ def upstream_egress(
             proxies=proxies.describe(),
         )
     policy = AddressPolicy(upstream, [configured_url, *mirror_urls], resolver)
-    mirror_hosts = frozenset(_host(u) for u in mirror_urls) - {_host(configured_url)}
-    endpoints = _Endpoints(reactor, resolver, policy, tls, proxies, mirror_hosts, connect_timeout)
+    origin = _origin(URI.fromBytes(configured_url.encode("ascii")))
+    endpoints = _Endpoints(reactor, resolver, policy, tls, proxies, origin, connect_timeout)
     agent = Agent.usingEndpointFactory(reactor, endpoints, pool)
     return Egress(HTTPClient(agent), pool, tls)

@@ -6,6 +6,8 @@ answers 5xx or 429.  An endpoint that failed is skipped for a backoff period
 that doubles with each failure (up to :data:`BACKOFF_MAX`); once it is over,
 one request probes the endpoint again.  When every endpoint is backing off,
 each is tried all the same, in order: a request is never refused unasked.
+Worker processes tell each other when an endpoint fails or comes back, so
+one worker finding it down spares the others their own failed request.
 
 A tag is believed only from the primary and the mirrors with ``trust_tags``;
 a blob or a manifest by digest may come from any endpoint, since its digest
@@ -22,6 +24,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IResponse
 
+from dockmirror._interfaces import INotifier
 from dockmirror.metrics import Metrics
 from dockmirror.reference import is_digest
 from dockmirror.upstream import UpstreamClient, UpstreamError, discard
@@ -32,6 +35,14 @@ log = Logger()
 BACKOFF_FIRST = 5.0
 #: The longest an endpoint is skipped before it is probed again.
 BACKOFF_MAX = 300.0
+
+#: What a worker tells the others of an endpoint: [upstream, endpoint, failures, backoff],
+#: no failures being an endpoint back, or [upstream, endpoint, "probing", seconds].
+BREAKER_TOPIC = "breaker"
+#: Seconds the other workers leave an endpoint to a worker's probe of it (it may die).
+PROBE_WINDOW = 60.0
+#: The most failures counted, as heard from another worker.
+MAX_FAILURES = 1 << 20
 
 CLOSED, OPEN, PROBING = "closed", "open", "half-open"
 #: The value of ``dockmirror_upstream_endpoint_state`` for each state.
@@ -46,6 +57,8 @@ class Breaker:
         self.failures = 0
         self.open_until = 0.0
         self.probing = False
+        #: Until when another process probes the endpoint.
+        self.probed_elsewhere_until = 0.0
 
     @property
     def state(self) -> str:
@@ -57,7 +70,8 @@ class Breaker:
         """Whether the endpoint is up, or due for a probe that nobody has taken."""
         if self.failures == 0:
             return True
-        return not self.probing and self._clock.seconds() >= self.open_until
+        now = self._clock.seconds()
+        return not self.probing and now >= max(self.open_until, self.probed_elsewhere_until)
 
     def admit(self) -> bool:
         """Whether a request may go to the endpoint now, taking the probe if one is due."""
@@ -72,9 +86,20 @@ class Breaker:
         """A probe ended with no verdict (cancelled): the next request probes again."""
         self.probing = False
 
+    def failed_elsewhere(self, failures: int, backoff: float) -> None:
+        """Another process found the endpoint failing: skip it as long as it does."""
+        self.failures = max(self.failures, failures)
+        self.open_until = max(self.open_until, self._clock.seconds() + backoff)
+        self.probed_elsewhere_until = 0.0
+
+    def probing_elsewhere(self, seconds: float) -> None:
+        """Another process probes the endpoint: leave it the probe for *seconds* at most."""
+        self.probed_elsewhere_until = self._clock.seconds() + seconds
+
     def succeeded(self) -> None:
         self.failures = 0
         self.probing = False
+        self.probed_elsewhere_until = 0.0
 
     def failed(self) -> float:
         """Open (again); the seconds until the next probe."""
@@ -88,6 +113,7 @@ class Breaker:
         self.failures = 0
         self.probing = False
         self.open_until = 0.0
+        self.probed_elsewhere_until = 0.0
 
 
 @dataclass
@@ -139,8 +165,58 @@ class EndpointSet:
         self.endpoints = endpoints
         self._clock = clock
         self._metrics = metrics
+        self._notifier: INotifier | None = None
         for endpoint in endpoints:
             self._show(endpoint)
+
+    def share(self, notifier: INotifier) -> None:
+        """Tell the other processes when an endpoint fails or is back, and hear of theirs."""
+        self._notifier = notifier
+        notifier.subscribe(BREAKER_TOPIC, self._heard)
+
+    def _tell(self, endpoint: Endpoint, seconds: float, what: str | None = None) -> None:
+        """Tell the others of *endpoint*: its failures (by default) and backoff, or *what*."""
+        if self._notifier is not None:
+            what = str(endpoint.breaker.failures) if what is None else what
+            self._notifier.publish(
+                BREAKER_TOPIC, [self.upstream, endpoint.label, what, str(seconds)]
+            )
+
+    def _heard(self, message: list[str]) -> None:
+        """Another process's news of an endpoint; checked like any input."""
+        if len(message) != 4 or message[0] != self.upstream:
+            return
+        _, label, failures_text, backoff_text = message
+        endpoint = next((e for e in self.endpoints if e.label == label), None)
+        probing = failures_text == "probing"
+        try:
+            failures, backoff = 0 if probing else int(failures_text), float(backoff_text)
+        except ValueError:
+            return
+        limit = PROBE_WINDOW if probing else BACKOFF_MAX
+        if endpoint is None or not (0 <= failures <= MAX_FAILURES and 0 <= backoff <= limit):
+            return
+        if probing:
+            endpoint.breaker.probing_elsewhere(backoff)
+            return
+        if failures == 0:
+            if endpoint.breaker.state != CLOSED:
+                log.info(
+                    "upstream {upstream}: endpoint {endpoint} is back, says another worker",
+                    upstream=self.upstream,
+                    endpoint=label,
+                )
+                endpoint.breaker.succeeded()
+        else:
+            endpoint.breaker.failed_elsewhere(failures, backoff)
+            log.info(
+                "upstream {upstream}: endpoint {endpoint} failed in another worker;"
+                " skipped for {backoff:.0f}s",
+                upstream=self.upstream,
+                endpoint=label,
+                backoff=backoff,
+            )
+        self._show(endpoint)
 
     def __repr__(self) -> str:
         now = self._clock.seconds()
@@ -194,6 +270,7 @@ class EndpointSet:
                 continue  # another request took the probe meanwhile
             if endpoint.breaker.probing:
                 self._show(endpoint)
+                self._tell(endpoint, PROBE_WINDOW, "probing")
             try:
                 response = await endpoint.client.request(method, repository, path, headers, params)
             except UpstreamError as e:
@@ -230,13 +307,15 @@ class EndpointSet:
                 upstream=self.upstream,
                 endpoint=endpoint.label,
             )
-        endpoint.breaker.succeeded()
+            endpoint.breaker.succeeded()
+            self._tell(endpoint, 0.0)
         self._show(endpoint)
 
     def _failure(self, endpoint: Endpoint, error: str) -> None:
         backoff = endpoint.breaker.failed()
         self._metrics.endpoint_failures.labels(self.upstream, endpoint.label).inc()
         self._show(endpoint)
+        self._tell(endpoint, backoff)
         if len(self.endpoints) == 1:
             return  # the request's own error says it; there is nothing to skip to
         log.warn(

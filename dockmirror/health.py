@@ -37,20 +37,54 @@ class _Space(Protocol):
     def space(self) -> tuple[int, int] | None: ...
 
 
+class _KeyBackend(Protocol):
+    @property
+    def shared(self) -> bool: ...
+
+
 class _KeyStore(Protocol):
     write_error: str | None
+
+    @property
+    def backend(self) -> _KeyBackend: ...
 
     async def check(self) -> bool | str: ...
 
 
+class _Listener(Protocol):
+    listening: bool
+    listen_error: str | None
+
+
 def key_store(keys: _KeyStore) -> Callable[[], Awaitable[Result]]:
-    """A check that the key store answers, degraded while usage cannot be written."""
+    """A check that the key store answers, degraded while usage cannot be written.
+
+    A key store that every node shares (PostgreSQL) leaves a node degraded
+    when it fails, not unhealthy: a load balancer that dropped every node
+    would stop the pulls that tokens already issued still allow.
+    """
 
     async def check() -> Result:
         result = await keys.check()
+        if isinstance(result, str) and keys.backend.shared:
+            return Degraded(f"{result}; logins fail, pulls with tokens already issued go on")
         if result is True and keys.write_error is not None:
             return Degraded(f"key usage is kept in memory: {keys.write_error}")
         return result
+
+    return check
+
+
+def notifications(listener: _Listener) -> Callable[[], Result]:
+    """A check that the node hears the others, degraded while it does not."""
+
+    def check() -> Result:
+        if listener.listening:
+            return True
+        return Degraded(
+            f"not hearing the other nodes ({listener.listen_error or 'starting'});"
+            " revocations and purges reach this node by polling"
+        )
 
     return check
 

@@ -6,7 +6,7 @@ Clients need a terminal: ``ssh -t -p 2222 admin@localhost``.  A connection
 must log in within :data:`LOGIN_TIMEOUT` seconds, and at most
 :data:`MAX_CONNECTIONS` are open at once.
 
-The namespace is a dict that :mod:`dockmirror.tap` fills (``keys``,
+The namespace is a dict that :mod:`dockmirror.service` fills (``keys``,
 ``upstreams``, ``config``, ...).  Results print with their ``repr``, a
 Deferred's once it fires, so what the namespace offers has readable reprs.
 """

@@ -348,8 +348,38 @@ class PullService:
                 return reply
         return await self._flights.run(
             ("fetch", *key),
-            lambda: self._upstream_manifest(route, origin, reference, accept, head),
+            lambda: self._fetch_manifest(route, origin, reference, accept, head),
         )
+
+    async def _fetch_manifest(
+        self, route: Route, origin: str, reference: str, accept: str | None, head: bool
+    ) -> Reply:
+        """A manifest from upstream, fetched by one worker for all.
+
+        Docker Hub counts each manifest GET against the pull limit: the
+        worker that claims the fetch asks, and the others read the manifest
+        it cached.  A HEAD costs nothing and caches nothing.
+        """
+        if head:
+            return await self._upstream_manifest(route, origin, reference, accept, head)
+        flights = self.cache.flights
+        key = "\n".join((origin, reference, negotiable(accept)))
+        fetched = await flights.wait(key)
+        if fetched is not None and len(fetched) == 4:  # taken in, if sound, as it was heard
+            digest = fetched[2]
+            if self.cache.manifests.has(digest) and self.cache.blobs.allowed(origin, digest):
+                reply = self._cached_manifest(digest, MISS, head)
+                if reply is not None:
+                    return reply
+        result = None
+        try:
+            reply = await self._upstream_manifest(route, origin, reference, accept, head)
+            digest = reply.headers["Docker-Content-Digest"]
+            if self.cache.manifests.has(digest):
+                result = [origin, reference, digest, reply.headers["Content-Type"]]
+            return reply
+        finally:
+            flights.done(key, result)
 
     def _cached_manifest(self, digest: str, x_cache: str, head: bool) -> Reply | None:
         try:
@@ -423,7 +453,7 @@ class PullService:
         if reply is None:
             reply = await self._flights.run(
                 ("fetch", *key),
-                lambda: self._upstream_manifest(route, origin, tag, None, False),
+                lambda: self._fetch_manifest(route, origin, tag, None, False),
             )
         if entry is not None and entry.digest != reply.headers.get("Docker-Content-Digest"):
             self.cache.manifests.expire_tag(origin, tag, reply.headers["Content-Type"])

@@ -48,6 +48,7 @@ from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from dockmirror.config import Config, ConfigError
 from dockmirror.errors import RegistryError
 
 log = Logger()
@@ -272,6 +273,16 @@ def tls_endpoint(reactor: Any, description: str) -> tuple[Any, ReloadingContextF
     # The same address and backlog, over TCP: the TLS layer is the factory's.
     tcp = TCP4ServerEndpoint(reactor, endpoint._port, endpoint._backlog, endpoint._interface)
     return TLSServerEndpoint(tcp, factory), factory
+
+
+def listen_endpoint(
+    reactor: Any, config: Config, description: str, key: str = "server.listen"
+) -> Any:
+    """:func:`tls_endpoint` for a listener of *config*; an error names its key."""
+    try:
+        return tls_endpoint(reactor, description)
+    except ValueError as e:
+        raise ConfigError(f"{config.source}: {key}: {description!r}: {e}") from None
 
 
 #: What a TLS client handshake starts with: a handshake record.

@@ -21,6 +21,7 @@ from dockmirror.config import (
     IDLE_TIMEOUT,
     MAX_CONNECTIONS,
     MAX_CONNECTIONS_PER_CLIENT,
+    SEND_TIMEOUT,
 )
 from dockmirror.connections import ConnectionLimits, GuardedChannel, Refused
 from dockmirror.errors import RegistryError
@@ -340,6 +341,7 @@ class MirrorSite(Site):
         *,
         header_timeout: float = HEADER_TIMEOUT,
         idle_timeout: float = IDLE_TIMEOUT,
+        send_timeout: float = SEND_TIMEOUT,
     ) -> None:
         """*limits* may be shared by the sites of several listeners."""
         super().__init__(resource, timeout=idle_timeout)
@@ -348,10 +350,11 @@ class MirrorSite(Site):
         self.clients = clients if clients is not None else ClientAddresses()
         self.limits = limits or ConnectionLimits(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT)
         self.header_timeout = header_timeout
+        self.send_timeout = send_timeout
 
     def protocol(self) -> MirrorChannel:  # type: ignore[override]
         """A channel per connection, HTTP/1.1 only: no h2 switch."""
-        return MirrorChannel(self.limits, self.header_timeout, self.reactor)
+        return MirrorChannel(self.limits, self.header_timeout, self.reactor, self.send_timeout)
 
     def buildProtocol(self, addr: IAddress | None) -> Any:
         refusal = self.limits.refusal(addr)

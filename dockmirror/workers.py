@@ -48,7 +48,7 @@ from zope.interface import implementer
 
 from dockmirror._interfaces import INotifier
 from dockmirror.config import EMBEDDED, Config, listeners
-from dockmirror.coordination import USAGE_FILE
+from dockmirror.coordination import SERVICE_FILES
 from dockmirror.metrics import MULTIPROCESS_DIRECTORY, mark_worker_dead
 from dockmirror.tls import tls_endpoint
 
@@ -186,9 +186,10 @@ class Supervisor(service.Service):
         self._load_file = os.path.join(self._metrics_dir, "worker-load")
         with open(self._load_file, "wb") as f:
             f.write(bytes(8 * self.count))
-        # The first worker to start counts the cache's usage afresh.
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(self.config.cache.directory, USAGE_FILE))
+        # The first worker to start counts the cache's usage afresh; the warming one keeps.
+        for name in SERVICE_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.config.cache.directory, name))
         self._previous_hup = signal.signal(signal.SIGHUP, self._hangup)
         for number in range(self.count):
             self._spawn(number)

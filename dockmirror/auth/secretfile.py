@@ -26,27 +26,52 @@ def load_or_create(path: Path, generate: Callable[[], bytes]) -> bytes:
     with the same secret.
     """
     try:
-        return _read(path)
+        return read(path)
     except FileNotFoundError:
         pass
+    temporary = _write_aside(path, generate())
+    try:
+        os.link(temporary, path)
+        log.info("created {path}", path=str(path))
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(temporary)
+    return read(path)
+
+
+def replace(path: Path, data: bytes) -> None:
+    """Make *data* the contents of *path* (mode 0600), atomically, unless they are already."""
+    try:
+        if read(path) == data:
+            return
+    except FileNotFoundError:
+        pass
+    temporary = _write_aside(path, data)
+    try:
+        os.replace(temporary, path)
+    except OSError:
+        os.unlink(temporary)
+        raise
+
+
+def _write_aside(path: Path, data: bytes) -> str:
+    """A new owner-only file next to *path* holding *data*, synced; its name."""
     make_private_directory(path.parent)
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(generate())
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        try:
-            os.link(temporary, path)
-            log.info("created {path}", path=str(path))
-        except FileExistsError:
-            pass
-    finally:
+    except BaseException:
         os.unlink(temporary)
-    return _read(path)
+        raise
+    return temporary
 
 
-def _read(path: Path) -> bytes:
+def read(path: Path) -> bytes:
+    """The contents of the secret file *path*; a warning if others may use it."""
     with path.open("rb") as f:
         mode = os.fstat(f.fileno()).st_mode
         if mode & (stat.S_IRWXG | stat.S_IRWXO):

@@ -24,6 +24,8 @@ from dockmirror.auth.keystore import iso_time
 from dockmirror.auth.secretfile import load_or_create
 from dockmirror.reference import NAME_MAX, NAME_RE
 
+#: The token signing key, in the state directory.
+SIGNING_KEY_FILE = "token_signing_key.pem"
 ALGORITHM = "ES256"
 PULL = "pull"
 #: Repositories one token request may ask for; more are ignored.
@@ -39,20 +41,26 @@ class InvalidToken(Exception):
     """A bearer token that is not acceptable; the message says why."""
 
 
+def generate_signing_key() -> bytes:
+    """A new P-256 private key, as PEM."""
+    return ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def parse_signing_key(pem: bytes, source: str) -> ec.EllipticCurvePrivateKey:
+    """The P-256 private key in *pem*, from *source* (named in errors)."""
+    key = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+        raise ValueError(f"{source}: not a P-256 private key")
+    return key
+
+
 def load_signing_key(path: Path) -> ec.EllipticCurvePrivateKey:
     """The P-256 signing key at *path*, made (mode 0600) if there is none."""
-
-    def generate() -> bytes:
-        return ec.generate_private_key(ec.SECP256R1()).private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-
-    key = serialization.load_pem_private_key(load_or_create(path, generate), password=None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
-        raise ValueError(f"{path}: not a P-256 private key")
-    return key
+    return parse_signing_key(load_or_create(path, generate_signing_key), str(path))
 
 
 def requested_repositories(scopes: Iterable[str]) -> list[str]:

@@ -28,7 +28,7 @@ from dockmirror.cache.index import Index, Runner
 from dockmirror.cache.manifests import ManifestCache
 from dockmirror.cache.referrers import ReferrersCache
 from dockmirror.config import CacheConfig, StorageConfig
-from dockmirror.coordination import FileLockCoordinator, LocalNotifier
+from dockmirror.coordination import FileLockCoordinator, LocalNotifier, SharedFlights
 from dockmirror.metrics import Metrics
 from dockmirror.reference import DIGEST_RE
 from dockmirror.routing import Route
@@ -44,6 +44,10 @@ STOP_GRACE = 30.0
 #: What one worker tells the others to purge: [repository or digest], so long at most.
 PURGE_TOPIC = "purge"
 PURGE_MAX = 300
+#: One worker tells the others that it wrote the blobs it keeps from eviction: [].
+KEEP_TOPIC = "kept"
+#: One worker tells the others of a manifest it fetched (see :attr:`Cache.flights`).
+MANIFEST_TOPIC = "manifest"
 
 
 def origin_of(route: Route) -> str:
@@ -109,14 +113,21 @@ class Cache(service.Service):
         self.storage: IBlobStorage | None = build_storage(
             storage or StorageConfig(), reactor, run, IndexRecords(self.index), metrics
         )
+        #: Manifest fetches, one for every worker: the result is
+        #: ``[origin, reference, digest, media type]``, cached by the fetching worker.
+        self.flights = SharedFlights(reactor, MANIFEST_TOPIC)
+        self.flights.on_result.append(self.manifests.fetched_elsewhere)
         #: Warms the cache for :meth:`prefetch`; attached once the pull side exists.
         self.prefetcher: Prefetcher | None = None
         self._notifier: INotifier = LocalNotifier()
 
     def share(self, notifier: INotifier) -> None:
-        """Purge in every worker what is purged in one."""
+        """Purge in every worker what is purged in one; keep what one keeps."""
         self._notifier = notifier
         notifier.subscribe(PURGE_TOPIC, self._purged_elsewhere)
+        notifier.subscribe(KEEP_TOPIC, lambda message: self.blobs.reload_kept())
+        self.flights.share(notifier)
+        self.blobs.on_keep.append(lambda: notifier.publish(KEEP_TOPIC, []))
 
     def _purged_elsewhere(self, message: list[str]) -> None:
         if len(message) == 1 and len(message[0]) <= PURGE_MAX:
@@ -141,7 +152,7 @@ class Cache(service.Service):
         files.make_directory(self.directory)
         self._lock_fd = self._lock("lock", fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX)
         if self.shared:
-            self.blobs.coordinator = FileLockCoordinator(self.directory)
+            self.blobs.coordinator = self.flights.coordinator = FileLockCoordinator(self.directory)
         for pool in self._pools:
             pool.start()
         # Workers starting together recover one at a time.

@@ -21,7 +21,7 @@ import os
 import sys
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, cast
 
 from twisted.internet import defer
@@ -43,9 +43,10 @@ from dockmirror.cache.fill import Fill
 from dockmirror.cache.follow import FollowedFill
 from dockmirror.cache.index import Index, Runner, Snapshot
 from dockmirror.cache.parts import PREFIX_SUFFIX, RANGED_SUFFIX, RangedFill
-from dockmirror.coordination import LocalCoordinator
+from dockmirror.coordination import KEPT_FILE, LocalCoordinator
+from dockmirror.errors import RegistryError
 from dockmirror.metrics import Metrics
-from dockmirror.reference import HEX_LENGTH
+from dockmirror.reference import HEX_LENGTH, check_digest
 from dockmirror.streaming import (
     FileSender,
     ShortFile,
@@ -69,6 +70,8 @@ DISK_MARGIN_SHARE = 0.05
 PROOFS = 1 << 16
 #: ... and the upstream repositories remembered per such digest.
 PROOFS_PER_DIGEST = 32
+#: The most of the file of blobs kept that is read: a million digests.
+KEPT_MAX = 100 << 20
 
 
 class BlobStore:
@@ -119,6 +122,9 @@ class BlobStore:
         #: Asks the other nodes of a cluster for a proof: the size of a digest that
         #: an origin proved it has to one of them, or None.
         self.proofs_elsewhere: Callable[[str, str], Awaitable[int | None]] | None = None
+        #: Called once the blobs kept are written for the other processes to read.
+        self.on_keep: list[Callable[[], None]] = []
+        self._keeping: Deferred[None] = succeed(None)
         self.size = 0
         self.reserved = 0
 
@@ -177,10 +183,12 @@ class BlobStore:
             self._entries[digest] = size
             self.size += size
         self.coordinator.start_usage(self.size)
+        if self.coordinator.shared:
+            self._kept = _read_kept(self._kept_path)
         for origin, digest in snapshot.access:
             if digest in self._entries:
                 self._access.setdefault(digest, set()).add(sys.intern(origin))
-        for digest in self._victims(0) or []:
+        for digest in self._victims() or []:
             self._evict(digest)
         self.metrics.cache_size.set(self.size)
         log.info(
@@ -238,15 +246,19 @@ class BlobStore:
             return True  # a transient error keeps it, as reading does
         return True
 
-    def _adopt(self, digest: str) -> bool:
-        """Take in a blob that another process sharing the directory committed."""
+    def _adopt(self, digest: str, used: bool = True) -> bool:
+        """Take in a blob that another process sharing the directory committed.
+
+        One not *used* here is taken in as the least recently used: its row
+        in the index says when it was used.
+        """
         if not self.coordinator.shared or digest in self._fills:
             return False
         try:
             size = os.stat(self.path(digest)).st_size
         except OSError:
             return False
-        self._add(digest, size)
+        self._add(digest, size, used)
         return True
 
     def size_of(self, digest: str, origin: str | None = None) -> int | None:
@@ -352,20 +364,55 @@ class BlobStore:
             # The fill is being renamed into place just now.
             fd = os.open(self.path(digest), flags)
         self._pins[digest] += 1
+        if self._pins[digest] == 1:
+            self.coordinator.pin(digest)
         return BlobReader(self, digest, fd, start, end, fill, on_bytes)
 
     def keep(self, digests: Iterable[str]) -> None:
         """Keep these blobs from eviction, instead of those kept until now.
 
         The caller bounds what it keeps (``[warm] max_share``): the rest of
-        the quota is left for the LRU.
+        the quota is left for the LRU.  In a shared directory they are written
+        to :data:`~dockmirror.coordination.KEPT_FILE`, for every process to keep.
         """
         self._kept = frozenset(digests)
+        if not self.coordinator.shared:
+            return
+        data = "".join(f"{digest}\n" for digest in sorted(self._kept)).encode()
+        temp_path = os.path.join(self.directory, f".{KEPT_FILE}.{uuid.uuid4().hex}")
+
+        def write(_: object) -> Deferred[None]:
+            return self._run(files.write_file, temp_path, self._kept_path, data)
+
+        def written(_: object) -> None:
+            for hook in self.on_keep:
+                hook()
+
+        # One write at a time, so the last one called is the one that stays.
+        self._keeping = self._keeping.addCallback(write).addCallbacks(
+            written, lambda f: log.failure("writing the blobs kept from eviction", f)
+        )
+
+    @property
+    def _kept_path(self) -> str:
+        return os.path.join(self.directory, KEPT_FILE)
+
+    def reload_kept(self) -> Deferred[None]:
+        """Keep the blobs that the process warming the cache wrote it keeps."""
+        d = self._run(_read_kept, self._kept_path)
+        d.addCallbacks(
+            self._set_kept, lambda f: log.failure("reading the blobs kept from eviction", f)
+        )
+        return d
+
+    def _set_kept(self, kept: frozenset[str]) -> None:
+        self._kept = kept
 
     def unpin(self, digest: str) -> None:
         self._pins[digest] -= 1
         if self._pins[digest] <= 0:
             del self._pins[digest]
+            self.coordinator.unpin(digest)
 
     def read_small(self, digest: str) -> bytes | None:
         """The whole of a small cached blob (a manifest), or None.
@@ -409,16 +456,10 @@ class BlobStore:
         if self._adopt(digest):
             self.coordinator.release(digest)
             return self._follow(digest, size)
-        victims = self._victims(size)
-        if victims is None:
+        evictions = self._make_room(size)
+        if isinstance(evictions, str):
             self.coordinator.release(digest)
-            return "cache full of blobs in use"
-        freed = sum(self._entries[d] for d in victims)
-        if not self._disk_has_room(size - freed):
-            self.coordinator.release(digest)
-            return "disk full"
-        evictions = [self._evict(d) for d in victims]
-        self._use(size)
+            return evictions
         temp_path = os.path.join(self.temp_dir, f"{digest.partition(':')[2]}.{uuid.uuid4().hex}")
         fill: Fill
         if parts > 1:
@@ -437,9 +478,30 @@ class BlobStore:
         else:
             fill = Fill(self, digest, size, upstream, temp_path, evictions, self.reactor, self._run)
         self._fills[digest] = fill
-        self.reserved += size
         self.metrics.fills_in_flight.inc()
         return fill
+
+    def _make_room(self, size: int) -> list[Deferred[None]] | str:
+        """Reserve *size* bytes and evict what must go for them; or say why there is no room.
+
+        The reservation comes first, so that a process choosing its victims
+        at the same time counts it, and each victim is claimed, so that no
+        two processes count one victim's bytes as freed for themselves.
+        """
+        self.reserved += size
+        self._reserve(size)
+        victims = self._victims()
+        reason = None
+        if victims is None:
+            reason = "cache full of blobs in use"
+        elif not self._disk_has_room(size - sum(self._entries[d] for d in victims)):
+            reason = "disk full"
+            for victim in victims:
+                self.coordinator.release(victim)
+        if reason is not None:
+            self._unreserve(size)
+            return reason
+        return [self._evict(d) for d in victims or ()]
 
     def _follow(self, digest: str, size: int) -> FollowedFill:
         followed = self._followed[digest] = FollowedFill(
@@ -488,13 +550,16 @@ class BlobStore:
             self._add(followed.digest, followed.size)
 
     def committed(self, fill: Fill) -> None:
+        if self._fills.get(fill.digest) is fill:
+            self._hold(fill.size)  # before the reservation ends: never counted short
+            self._reserve(-fill.size)
         # Recorded before the claim ends: whoever claims it next learns it is here.
         self._add(fill.digest, fill.size)
         self._end_fill(fill)
 
     def failed(self, fill: Fill) -> None:
         if self._fills.get(fill.digest) is fill:
-            self._use(-fill.size)
+            self._reserve(-fill.size)
         self._end_fill(fill)
         # The size may have been wrong: the next request asks the upstream again.
         self.doubt(fill.digest)
@@ -511,37 +576,39 @@ class BlobStore:
         if self.has(digest):
             self.touch(digest)
             return True
-        victims = self._victims(len(data))
-        if victims is None or not self._disk_has_room(len(data)):
+        if isinstance(self._make_room(len(data)), str):
             return False
-        for d in victims:
-            self._evict(d)
         temp_path = os.path.join(self.temp_dir, f"{digest.partition(':')[2]}.{uuid.uuid4().hex}")
-        self.reserved += len(data)
-        self._use(len(data))
         try:
             await self._run(files.write_file, temp_path, self.path(digest), data)
         except OSError as e:
             log.warn("cannot cache {digest}: {error}", digest=digest, error=e.strerror)
-            self._use(-len(data))
             return False
+        else:
+            self._hold(len(data))
         finally:
-            self.reserved -= len(data)
+            self._unreserve(len(data))
         self._add(digest, len(data))
         return True
 
-    def _add(self, digest: str, size: int) -> None:
-        if digest not in self._entries:
+    def _add(self, digest: str, size: int, used: bool = True) -> None:
+        new = digest not in self._entries
+        if new:
             self._entries[digest] = size
             self.size += size
             self.metrics.cache_size.set(self.size)
-            now = self.reactor.seconds()
-            self._index.write("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?)", digest, size, now)
             for origin in self._proofs.pop(digest, {}):
                 self._grant(origin, digest)
             for hook in self.on_add:
                 hook(digest, size)
+            if not used:
+                self._entries.move_to_end(digest, last=False)
+                return
+            now = self.reactor.seconds()
+            self._index.write("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?)", digest, size, now)
         self.touch(digest)
+        if new and self.coordinator.shared:  # the other processes see it, and may evict it, at once
+            self._index.flush()
 
     def _disk_has_room(self, size: int) -> bool:
         space = self.space()
@@ -564,25 +631,70 @@ class BlobStore:
 
     # --- removal -----------------------------------------------------------------
 
-    def _victims(self, needed: int) -> list[str] | None:
-        """The least recently used blobs to evict to make room, or None if it can't be made."""
+    def _victims(self) -> list[str] | None:
+        """The least recently used blobs to evict to fit the quota, or None if none can.
+
+        Blobs being read (by any process), kept for the warm images, or
+        filled or evicted by another process are never chosen.  Each victim
+        is claimed until it is evicted.
+        """
         if self.max_size is None:
             return []
-        excess = self._used() + needed - self.max_size
+        excess = self._used() - self.max_size
+        if excess <= 0:
+            return []  # without a look at the index
         victims = []
-        for digest, size in self._entries.items():
-            if excess <= 0:
-                break
-            if not self._pins[digest] and digest not in self._kept:
+        for digest, size in self._least_recently_used():
+            if (
+                not self._in_use(digest)
+                and digest not in self._kept
+                and digest not in self._fills
+                and self.coordinator.claim(digest)
+            ):
                 victims.append(digest)
                 excess -= size
-        return victims if excess <= 0 else None
+                if excess <= 0:
+                    return victims
+        for victim in victims:
+            self.coordinator.release(victim)
+        return None
+
+    def _least_recently_used(self) -> Iterator[tuple[str, int]]:
+        """Cached blobs, least recently used first: here, or by any process sharing the cache.
+
+        The index orders the shared cache; blobs used here since it was last
+        written come last, in the order used.  A blob another process cached
+        is taken in, to be evicted here.
+        """
+        if not self.coordinator.shared:
+            yield from self._entries.items()
+            return
+        # Blobs used here since the index was last written, the last ones of our LRU.
+        recent = []
+        for digest in reversed(self._entries):
+            if not self._index.queued(("used", digest)):
+                break
+            recent.append(digest)
+        skip = set(recent)
+        for digest in self._index.least_recently_used():
+            if digest not in skip and (digest in self._entries or self._adopt(digest, used=False)):
+                yield digest, self._entries[digest]
+        for digest in reversed(recent):
+            yield digest, self._entries[digest]
+
+    def _in_use(self, digest: str) -> bool:
+        """Whether this process or another reads *digest*."""
+        return bool(self._pins[digest]) or self.coordinator.pinned_elsewhere(digest)
 
     def _evict(self, digest: str) -> Deferred[None]:
         self.metrics.evictions.inc()
         self.metrics.evicted_bytes.inc(self._entries.get(digest, 0))
         log.info("evicting {digest} to keep within the cache quota", digest=digest)
-        return self.forget(digest)
+
+        def evicted(result: None) -> None:
+            self.coordinator.release(digest)
+
+        return self.forget(digest).addCallback(evicted)
 
     def forget(self, digest: str) -> Deferred[None]:
         """Drop a blob from the store; fires once its file is gone."""
@@ -604,7 +716,7 @@ class BlobStore:
 
         def removed(gone: bool) -> None:
             if gone:  # by us: another worker may have removed it first
-                self._use(-size)
+                self._hold(-size)
 
         d.addCallbacks(removed, lambda f: log.failure("removing cached {digest}", f, digest=digest))
         return d
@@ -615,13 +727,23 @@ class BlobStore:
             return self.coordinator.add_usage(0)
         return self.size + self.reserved
 
-    def _use(self, delta: int) -> None:
+    def _hold(self, delta: int) -> None:
+        """Count bytes committed to (or removed from) the directory, for every process."""
         if self.coordinator.shared:
             self.coordinator.add_usage(delta)
 
+    def _unreserve(self, size: int) -> None:
+        self.reserved -= size
+        self._reserve(-size)
+
+    def _reserve(self, delta: int) -> None:
+        """Count bytes this process reserves for a fill, which end with it if it dies."""
+        if self.coordinator.shared:
+            self.coordinator.reserve(delta)
+
     def remove(self, digest: str) -> bool:
         """Remove a blob unless it is being read or filled (for the operator)."""
-        if self._pins[digest] or digest in self._fills or digest not in self._entries:
+        if digest in self._fills or digest not in self._entries or self._in_use(digest):
             return False
         self.forget(digest)
         return True
@@ -857,6 +979,22 @@ class BlobReader:
         if self._consumer is not None:
             release(self._consumer)
             self._consumer = None
+
+
+def _read_kept(path: str) -> frozenset[str]:
+    """The well-formed digests of the file of the blobs kept; none if it is missing."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(KEPT_MAX)
+    except FileNotFoundError:
+        return frozenset()
+    kept = set()
+    for line in data.decode("ascii", "replace").splitlines():
+        try:
+            kept.add(check_digest(line))
+        except RegistryError:
+            log.warn("ignoring {line!r} in the blobs kept from eviction", line=line[:100])
+    return frozenset(kept)
 
 
 def _subdirectories(path: str) -> list[os.DirEntry[str]]:

@@ -4,6 +4,10 @@ Everything the index holds can be lost without harm: blob files are adopted
 from disk, and a lost access record or tag costs one upstream request.  So
 writes are queued and applied in batches, off the reactor thread, and a
 damaged or foreign database file is set aside and started afresh.
+
+Workers sharing the cache share its index: the last use of a blob by any of
+them is its ``used`` time, which :meth:`Index.least_recently_used` reads for
+eviction, on an index lookup of its own connection.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -24,9 +28,11 @@ from dockmirror.cache import files
 
 log = Logger()
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: Seconds between a change and the batch that writes it.
 FLUSH_DELAY = 1.0
+#: Rows read at a time by :meth:`Index.least_recently_used`.
+LRU_BATCH = 256
 
 #: Runs a blocking callable in a worker thread: ``run(f, *args) -> Deferred``.
 Runner = Callable[..., "Deferred[Any]"]
@@ -52,6 +58,8 @@ class Index:
         self._reactor = reactor
         self._run = run
         self._db: sqlite3.Connection | None = None
+        #: Reads on the reactor thread (the writer's connection is its thread's).
+        self._reader: sqlite3.Connection | None = None
         self._queue: list[Statement] = []
         self._keyed: dict[object, int] = {}
         self._timer: IDelayedCall | None = None
@@ -65,9 +73,7 @@ class Index:
         try:
             return self._load()
         except sqlite3.DatabaseError as e:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+            self._close_connections()
             aside = f"{self.path}.unusable-{int(time.time())}"
             log.warn(
                 "cache index {path} is unusable ({error}); moved to {aside}, starting afresh",
@@ -82,6 +88,7 @@ class Index:
             return self._load()
 
     def _load(self) -> Snapshot:
+        self._close_connections()
         # Made here so that it, and SQLite's journals after it, get the cache's mode.
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, files.FILE_MODE))
         files.restrict(self.path, files.FILE_MODE)
@@ -108,6 +115,9 @@ class Index:
             (version,) = db.execute("SELECT version FROM version").fetchone()
         if version != SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"schema version {version}, expected {SCHEMA_VERSION}")
+        self._reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._reader.execute("PRAGMA busy_timeout = 1000")
+        self._reader.execute("PRAGMA query_only = ON")
         return Snapshot(
             blobs=db.execute("SELECT digest, size, used FROM blobs").fetchall(),
             manifests=db.execute("SELECT digest, media_type FROM manifests").fetchall(),
@@ -130,6 +140,31 @@ class Index:
         self._queue.append((sql, params))
         if self._timer is None and self._flushing is None:
             self._timer = self._reactor.callLater(FLUSH_DELAY, self.flush)
+
+    def least_recently_used(self) -> Iterator[str]:
+        """Every blob indexed, least recently used by any process first.
+
+        Uses not written yet (by any process) are not seen: :meth:`queued`
+        tells this process's own.
+        """
+        if self._reader is None:
+            return
+        after: tuple[float, str] = (float("-inf"), "")
+        while True:
+            rows = self._reader.execute(
+                "SELECT digest, used FROM blobs WHERE (used, digest) > (?, ?)"
+                " ORDER BY used, digest LIMIT ?",
+                (*after, LRU_BATCH),
+            ).fetchall()
+            for digest, _ in rows:
+                yield digest
+            if len(rows) < LRU_BATCH:
+                return
+            after = (rows[-1][1], rows[-1][0])
+
+    def queued(self, key: object) -> bool:
+        """Whether a statement written with *key* waits for its batch."""
+        return key in self._keyed
 
     def write_many(self, sql: str, rows: Iterable[tuple[Any, ...]]) -> None:
         for row in rows:
@@ -175,12 +210,13 @@ class Index:
     def close(self) -> Deferred[None]:
         """Write what is queued, then close the database."""
 
-        def closed(_: object) -> None:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+        return self.flush().addBoth(lambda _: self._close_connections())
 
-        return self.flush().addBoth(closed)
+    def _close_connections(self) -> None:
+        for db in (self._db, self._reader):
+            if db is not None:
+                db.close()
+        self._db = self._reader = None
 
 
 def _passing(f: Callable[[], object]) -> Callable[[Any], Any]:

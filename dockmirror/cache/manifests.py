@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 from dockmirror.cache.blobs import BlobStore
 from dockmirror.cache.index import Index, Snapshot
 from dockmirror.errors import RegistryError
-from dockmirror.reference import check_digest, is_digest
+from dockmirror.reference import TAG_RE, check_digest, is_digest
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -41,6 +41,8 @@ PREFERENCE = (
     SCHEMA1,
 )
 INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
+#: The longest origin (upstream, repository and URL) taken from another process.
+ORIGIN_MAX = 1024
 
 
 def accepted(accept: str | None) -> set[str] | None:
@@ -290,41 +292,78 @@ class ManifestCache:
         sizes that are wrong.  Those are proven one by one, by the upstream's
         answer to a HEAD or GET of each.
         """
-        if not await self._put(origin, digest, media_type, body):
-            return
-        if not is_digest(reference):
-            self.set_tag(origin, reference, digest, media_type, body)
+        if await self.store.put_small(digest, body):
+            self._record(origin, reference, digest, media_type, write=True, body=body)
 
-    async def _put(self, origin: str, digest: str, media_type: str, body: bytes) -> bool:
-        if not await self.store.put_small(digest, body):
-            return False
+    def _record(
+        self,
+        origin: str,
+        reference: str,
+        digest: str,
+        media_type: str,
+        write: bool,
+        body: bytes | None = None,
+    ) -> None:
+        """Record a cached manifest as *origin* served it; *write* it to the index, or not."""
         self.store.allow(origin, digest)
         if self._types.get(digest) != media_type:
             self._types[digest] = media_type
-            self._index.write("INSERT OR REPLACE INTO manifests VALUES (?, ?)", digest, media_type)
-        return True
+            if write:
+                self._index.write(
+                    "INSERT OR REPLACE INTO manifests VALUES (?, ?)", digest, media_type
+                )
+        if not is_digest(reference):
+            self.set_tag(origin, reference, digest, media_type, write, body)
+
+    def fetched_elsewhere(self, result: list[str]) -> None:
+        """Take in a manifest that another process fetched and cached.
+
+        *result* is ``[origin, reference, digest, media type]``, checked as
+        any input: the manifest counts only if its file is in the cache.
+        """
+        if len(result) != 4:
+            return
+        origin, reference, digest, media_type = result
+        if (
+            len(origin) <= ORIGIN_MAX
+            and (is_digest(reference) or TAG_RE.fullmatch(reference))
+            and valid_digest(digest)
+            and media_type in PREFERENCE
+            and self.store.has(digest)
+        ):
+            self._record(origin, reference, digest, media_type, write=False)
 
     def set_tag(
-        self, origin: str, tag: str, digest: str, media_type: str, body: bytes | None = None
+        self,
+        origin: str,
+        tag: str,
+        digest: str,
+        media_type: str,
+        write: bool = True,
+        body: bytes | None = None,
     ) -> None:
-        """Record that *tag* is *digest* in *media_type*, as the upstream said just now."""
+        """Record that *tag* is *digest* in *media_type*, as the upstream said just now.
+
+        The process that *write*-s it to the index tells the other nodes too.
+        """
         now = self._reactor.seconds()
-        self._set_tag(origin, tag, TagEntry(digest, media_type, now))
-        if self.shared is not None:
+        self._set_tag(origin, tag, TagEntry(digest, media_type, now), write)
+        if self.shared is not None and write:
             body = body if body is not None else self.store.read_small(digest)
             if body is not None:
                 self.shared.publish(origin, tag, media_type, digest, body, now)
 
-    def _set_tag(self, origin: str, tag: str, entry: TagEntry) -> None:
+    def _set_tag(self, origin: str, tag: str, entry: TagEntry, write: bool = True) -> None:
         self._keep((origin, tag), entry)
-        self._index.write(
-            "INSERT OR REPLACE INTO tags VALUES (?, ?, ?, ?, ?)",
-            origin,
-            tag,
-            entry.media_type,
-            entry.digest,
-            entry.checked,
-        )
+        if write:
+            self._index.write(
+                "INSERT OR REPLACE INTO tags VALUES (?, ?, ?, ?, ?)",
+                origin,
+                tag,
+                entry.media_type,
+                entry.digest,
+                entry.checked,
+            )
 
     async def adopt_tag(self, origin: str, tag: str) -> bool:
         """Take in what another node of the cluster resolved *tag* to, if it is still fresh.
@@ -347,7 +386,8 @@ class ManifestCache:
             current = self._tags.get((origin, tag), {}).get(media_type)
             if current is not None and current.checked >= resolved:
                 continue
-            if await self._put(origin, digest, media_type, body):
+            if await self.store.put_small(digest, body):
+                self._record(origin, digest, digest, media_type, write=True)
                 self._set_tag(origin, tag, TagEntry(digest, media_type, resolved))
                 adopted = True
         return adopted

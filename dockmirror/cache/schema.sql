@@ -1,8 +1,8 @@
--- The cache index, version 3.  Blob files on disk are the truth for what is
+-- The cache index, version 4.  Blob files on disk are the truth for what is
 -- cached; these rows add what a file cannot say, and are checked against
 -- the files at start.
 CREATE TABLE version (version INTEGER NOT NULL);
-INSERT INTO version VALUES (3);
+INSERT INTO version VALUES (4);
 
 -- Every file under blobs/, layers and manifests alike; "used" orders the LRU.
 CREATE TABLE blobs (
@@ -10,6 +10,7 @@ CREATE TABLE blobs (
     size INTEGER NOT NULL,
     used REAL NOT NULL
 ) WITHOUT ROWID;
+CREATE INDEX blobs_used ON blobs (used);
 
 -- The media type of the blobs that are manifests.
 CREATE TABLE manifests (

@@ -194,6 +194,18 @@ class ClusterCoordinator:
     def held_elsewhere(self, digest: str) -> bool:
         return bool(self.local.held_elsewhere(digest))
 
+    def pin(self, digest: str) -> None:
+        self.local.pin(digest)
+
+    def unpin(self, digest: str) -> None:
+        self.local.unpin(digest)
+
+    def pinned_elsewhere(self, digest: str) -> bool:
+        return bool(self.local.pinned_elsewhere(digest))
+
+    def reserve(self, delta: int) -> int:
+        return int(self.local.reserve(delta))
+
     def start_usage(self, total: int) -> None:
         self.local.start_usage(total)
 

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
+from twisted.application import service
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -27,6 +28,10 @@ T = TypeVar("T")
 CONNECT_TIMEOUT = 5.0
 #: Threads, and so connections, a node uses for its queries.
 MAX_CONNECTIONS = 8
+#: Seconds the pool keeps trying to replace a lost connection (with backoff);
+#: then the next query tries afresh.  Bounded, so that a node is back within
+#: seconds of PostgreSQL, however long it was away.
+RECONNECT_TIMEOUT = 5.0
 
 
 class DatabaseUnavailable(Exception):
@@ -54,7 +59,7 @@ class Database:
             open=False,
             timeout=CONNECT_TIMEOUT,
             check=ConnectionPool.check_connection,
-            reconnect_timeout=float("inf"),
+            reconnect_timeout=RECONNECT_TIMEOUT,
             kwargs={"autocommit": True, "application_name": name, "connect_timeout": 5},
             name=name,
         )
@@ -84,8 +89,23 @@ class Database:
         except (PoolTimeout, psycopg.OperationalError) as e:
             raise DatabaseUnavailable(str(e).strip() or type(e).__name__) from e
 
-    def migrate(self, schema: str) -> None:
+    def migrate(self, schema: str, timeout: float = 30.0) -> None:
         """Create the tables of *schema* once, whichever node starts first (blocking)."""
-        with self._pool.connection(timeout=30) as conn, conn.transaction():
+        with self._pool.connection(timeout=timeout) as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(hashtext('dockmirror-schema'))")
             conn.execute(schema)
+
+
+class DatabaseService(service.Service):
+    """Opens the node's connections when the mirror starts (not before twistd forks)."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    def startService(self) -> None:
+        super().startService()
+        self.database.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.database.stop()

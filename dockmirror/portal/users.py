@@ -12,7 +12,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from dockmirror.auth.keystore import KeyDatabase, KeyStore
+from dockmirror.auth.keystore import KeyQueries, KeyStore
 from dockmirror.portal.config import IDENTITY_RE, normalize_identity
 from dockmirror.portal.sessions import PortalDatabase, SessionStore
 
@@ -26,7 +26,7 @@ def check_identity(identity: str) -> str:
     return normalize_identity(identity)
 
 
-def disable(portal_db: PortalDatabase, keys: KeyDatabase, identity: str) -> dict[str, Any]:
+def disable(portal_db: PortalDatabase, keys: KeyQueries, identity: str) -> dict[str, Any]:
     """Disable *identity* in the databases themselves (``dockmirror-admin``)."""
     identity = check_identity(identity)
     sessions = portal_db.set_disabled(identity, True)

@@ -14,7 +14,7 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from dockmirror.config import load
-from dockmirror.tap import build_service
+from dockmirror.service import build_service
 
 from . import test_manhole
 from .conftest import toml_document

@@ -721,8 +721,14 @@ def blob_files(mirror: Any) -> dict[str, int]:
 
 
 def filled(directory: Path, size: int) -> bool:
-    """Whether a file in *directory* holds *size* bytes or more."""
-    return any(p.stat().st_size >= size for p in directory.iterdir())
+    """Whether a file in *directory* holds *size* bytes or more (files come and go)."""
+    for path in directory.iterdir():
+        try:
+            if path.stat().st_size >= size:
+                return True
+        except FileNotFoundError:
+            continue
+    return False
 
 
 def port_free(port: int) -> bool:

@@ -256,6 +256,37 @@ def test_an_upstream_that_requires_a_client_certificate(
         assert "Traceback" not in mirror.log_text() + without.log_text()
 
 
+def test_a_mirror_on_the_same_host_is_not_offered_the_client_certificate(
+    tls_registry, pki, dockmirror, seeded, unique_repo, tmp_path, tmp_path_factory
+):
+    """The certificate is the credential of the configured origin: scheme, host and port."""
+    image = seeded(tls_registry, unique_repo, "v1")
+    certificate = {"ca": pki.ca, "client_cert": pki.client_cert, "client_key": pki.client_key}
+    with TLSRegistry(
+        tmp_path_factory.mktemp("mtls-mirror"),
+        pki,
+        client_cas=(pki.ca,),
+        storage=tls_registry.storage_dir,
+    ) as other_port:
+        assert other_port.host.split(":")[0] == tls_registry.host.split(":")[0]
+        # Its own origin, it gets the certificate and serves.
+        direct = dockmirror(_corp(other_port.url, **certificate))
+        pull(f"{direct.host}/{unique_repo}:v1", tmp_path / "direct")
+        assert_pulled(tmp_path / "direct", image)
+        # As a mirror of an upstream on the same host, it does not: the pull fails.
+        upstreams = _corp(tls_registry.url, **certificate)
+        upstreams["corp"]["mirrors"] = [{"url": other_port.url, "trust_tags": True}]
+        mirror = dockmirror(upstreams)
+        tls_registry.stop()
+        try:
+            status, _, body = curl(f"{mirror.url}/v2/{unique_repo}/manifests/v1")
+            assert (status, error_code(body)) == (502, "UNAVAILABLE"), body
+        finally:
+            tls_registry.start()
+        wait_until(lambda: "didn't provide a certificate" in other_port.log_text())
+        assert "Traceback" not in direct.log_text() + mirror.log_text()
+
+
 def test_unusable_tls_files_are_refused_at_check(pki, dockmirror, tmp_path):
     not_pem = tmp_path / "not.pem"
     not_pem.write_text("hello\n")

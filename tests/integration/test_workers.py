@@ -8,16 +8,19 @@ test can make requests until every worker has served some.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import shutil
 import signal
 import socket
 import socketserver
+import sqlite3
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -27,11 +30,14 @@ from dockmirror.cache.parts import plan
 
 from .clients import ServerTLS, make_server_tls, tls_endpoint
 from .conftest import Dockmirror, DockmirrorFactory, toml_document
+from .images import Blob
 from .keys import admin, create_key
 from .registries import LOOPBACK, Registry, free_port, wait_until
 from .test_auth import basic, token_for
 from .test_cache import assert_cache_sound, cached_blobs, sha256
 from .test_pull import curl
+from .test_warm import warm_run
+from .upstream_servers import Relay
 
 WORKERS = 2
 
@@ -176,7 +182,7 @@ def test_one_upstream_fetch_per_digest_across_workers(
     assert {(status, body) for status, _, body in manifests} == {(200, image.manifest)}
     manifest_gets = registry.count_requests("GET", f"{unique_repo}/manifests/v1")
     print(f"upstream manifest GETs for 16 cold clients over {WORKERS} workers: {manifest_gets}")
-    assert manifest_gets <= WORKERS
+    assert manifest_gets == 1  # Docker Hub counts each against the pull limit
     for status, _, body in results:
         assert status == 200
         assert sha256(body) == layer.digest
@@ -186,6 +192,36 @@ def test_one_upstream_fetch_per_digest_across_workers(
     until_every_worker_answered(mirror, "blob", lambda: curl(url))
     assert registry.count_requests("GET", f"/blobs/{layer.digest}") == 1
     assert_cache_sound(mirror)
+
+
+def test_one_manifest_get_for_the_whole_service(registry_factory, dockmirror, seeded, unique_repo):
+    registry = registry_factory()
+    image = seeded(registry, unique_repo, "v1")
+
+    def slow_manifests(request: BaseHTTPRequestHandler) -> bool:
+        if "/manifests/" in request.path:
+            time.sleep(1)  # every worker gets clients while the first fetch lasts
+        return False  # then passed on
+
+    upstream = Relay(registry.url, {unique_repo: slow_manifests})
+    upstream.start()
+    try:
+        mirror = start_workers(dockmirror, upstream)
+        url = f"{mirror.url}/v2/{unique_repo}/manifests/v1"
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(lambda _: curl(url), range(16)))
+        assert {(status, body) for status, _, body in results} == {(200, image.manifest)}
+        assert all(requests_by_worker(mirror, "manifest").values())
+
+        def manifest_gets() -> int:
+            return sum(r.method == "GET" and "/manifests/" in r.path for r in upstream.received)
+
+        assert manifest_gets() == 1
+        # A worker that did not wait for it heard of it too: no second GET.
+        until_every_worker_answered(mirror, "manifest", lambda: curl(url))
+        assert manifest_gets() == 1
+    finally:
+        upstream.stop()
 
 
 def test_downloads_at_once_spread_evenly_over_the_workers(
@@ -292,12 +328,8 @@ def holder_of(mirror: Dockmirror, directory: Path) -> int | None:
     return None
 
 
-def test_kill_9_of_a_filling_worker(slow_upstream, dockmirror, seeded, unique_repo):
-    registry, relay = slow_upstream
-    image = seeded(registry, unique_repo, "v1", layers=[64 << 20])
-    mirror = start_workers(dockmirror, relay)
-    layer = image.platforms[0].layers[0]
-    url = f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"
+def kill_the_filler(mirror: Dockmirror, url: str, size: int) -> int:
+    """Start a pull of *url* and kill -9 the worker filling it midway; its pid."""
     client = subprocess.Popen(
         ["curl", "-s", "--noproxy", "*", "-o", "-", url], stdout=subprocess.PIPE
     )
@@ -309,18 +341,199 @@ def test_kill_9_of_a_filling_worker(slow_upstream, dockmirror, seeded, unique_re
         os.kill(filler, signal.SIGKILL)
     finally:
         body, _ = client.communicate(timeout=60)
-    assert client.returncode != 0 and len(body) < layer.size  # cut short, never "complete"
-    assert layer.digest not in cached_blobs(mirror)
-    # The supervisor starts a worker in its place.
+    assert client.returncode != 0 and len(body) < size
     wait_until(
         lambda: filler not in worker_pids(mirror) and len(serving_workers(mirror)) == WORKERS,
         timeout=30,
     )
+    return filler
+
+
+def test_kill_9_of_a_filling_worker(slow_upstream, dockmirror, seeded, unique_repo):
+    registry, relay = slow_upstream
+    image = seeded(registry, unique_repo, "v1", layers=[64 << 20])
+    mirror = start_workers(dockmirror, relay)
+    layer = image.platforms[0].layers[0]
+    url = f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"
+    kill_the_filler(mirror, url, layer.size)  # its client is cut short, never "complete"
+    assert layer.digest not in cached_blobs(mirror)
+    # The supervisor started a worker in its place.
     assert "worker 0 (pid" in mirror.log_text() and "restarting worker" in mirror.log_text()
     status, _, body = curl(url)
     assert status == 200 and sha256(body) == layer.digest
     assert cached_blobs(mirror)[layer.digest] == layer.size
     assert_cache_sound(mirror)
+
+
+def indexed(mirror: Dockmirror) -> list[str]:
+    """The blobs in the cache's index, least recently used first."""
+    with contextlib.closing(sqlite3.connect(mirror.cache_dir / "index.sqlite")) as db:
+        return [d for (d,) in db.execute("SELECT digest FROM blobs ORDER BY used, digest")]
+
+
+def test_a_killed_fillers_reservation_is_given_back_to_the_quota(
+    slow_upstream, dockmirror, seeded, unique_repo
+):
+    registry, relay = slow_upstream
+    image = seeded(registry, unique_repo, "v1", layers=[10 << 20, 11 << 20])
+    mirror = start_workers(dockmirror, relay, max_size="15MiB")
+    first, second = image.platforms[0].layers
+    blobs = f"{mirror.url}/v2/{unique_repo}/blobs"
+    kill_the_filler(mirror, f"{blobs}/{first.digest}", first.size)
+    # Had the dead worker's 10 MiB stayed reserved, 11 more would not fit in 15.
+    status, _, body = curl(f"{blobs}/{second.digest}")
+    assert status == 200 and sha256(body) == second.digest
+    wait_until(lambda: cached_blobs(mirror) == {second.digest: second.size})
+    # And the first, fetched again, takes the second's place, whichever worker fetches it.
+    wait_until(lambda: indexed(mirror) == [second.digest])
+    status, _, body = curl(f"{blobs}/{first.digest}")
+    assert status == 200 and sha256(body) == first.digest
+    wait_until(lambda: cached_blobs(mirror) == {first.digest: first.size})
+    assert_cache_sound(mirror)
+
+
+def connection_to_each_worker(mirror: Dockmirror) -> dict[int, http.client.HTTPConnection]:
+    """A keep-alive connection to each worker (a connection stays with the worker it reached)."""
+    found: dict[int, http.client.HTTPConnection] = {}
+    for _ in range(100):
+        connection = http.client.HTTPConnection(LOOPBACK, mirror.port, timeout=30)
+        before = requests_by_worker(mirror, "base")
+        assert get(connection, "/v2/")[0] == 200
+        after = requests_by_worker(mirror, "base")
+        answered = [pid for pid in after if after[pid] > before.get(pid, 0)]
+        if len(answered) != 1 or answered[0] in found:  # another request came meanwhile
+            connection.close()
+        else:
+            found[answered[0]] = connection
+        if len(found) == WORKERS:
+            return found
+    raise AssertionError(f"no connection reached every worker: {list(found)}")
+
+
+def get(connection: http.client.HTTPConnection, path: str) -> tuple[int, bytes]:
+    connection.request("GET", path)
+    response = connection.getresponse()
+    return response.status, response.read()
+
+
+def test_eviction_counts_the_uses_of_every_worker(
+    registry_factory, dockmirror, seeded, unique_repo
+):
+    registry = registry_factory()
+    image = seeded(registry, unique_repo, "v1", layers=[6 << 20] * 3)
+    mirror = start_workers(dockmirror, registry, max_size="15MiB")  # room for two
+    old, other, new = image.platforms[0].layers
+    first, second = connection_to_each_worker(mirror).values()
+
+    def pull(connection: http.client.HTTPConnection, layer: Blob) -> None:
+        status, body = get(connection, f"/v2/{unique_repo}/blobs/{layer.digest}")
+        assert status == 200 and sha256(body) == layer.digest
+        time.sleep(1.5)  # its use is in the index
+
+    pull(first, old)
+    pull(first, other)
+    # In the first worker's own view, the old blob is the least recently used ...
+    pull(second, old)
+    # ... but the second worker used it since: the other one goes.
+    pull(first, new)
+    wait_until(lambda: set(cached_blobs(mirror)) == {old.digest, new.digest})
+    assert_cache_sound(mirror)
+
+
+def test_warm_images_are_kept_from_eviction_by_every_worker(
+    registry_factory, dockmirror, seeded, unique_repo
+):
+    registry = registry_factory()
+    kept = seeded(registry, f"{unique_repo}-kept", "v1", layers=[300_000])
+    mirror = dockmirror(
+        {"hub": {"plugin": "registry", "url": registry.url, "default": True}},
+        extra={
+            "server": {"workers": WORKERS},
+            "warm": {"images": [f"hub/{unique_repo}-kept:v1"], "interval": "1h"},
+            "cache": {"max_size": "1MiB"},
+        },
+    )
+    wait_until(lambda: len(serving_workers(mirror)) == WORKERS, timeout=30, interval=0.1)
+    assert warm_run(mirror)["ok"]
+    wait_until(lambda: (mirror.cache_dir / "kept").exists())
+    time.sleep(0.5)  # the other worker hears of it
+
+    def evictions() -> dict[int, float]:
+        return counted_by_worker(mirror, "dockmirror_cache_evictions_total", "")
+
+    # New blobs until each worker had to evict some: the kept ones are the oldest.
+    for i in range(40):
+        other = seeded(registry, f"{unique_repo}-{i}", "v1", layers=[300_000])
+        layer = other.platforms[0].layers[0]
+        status, _, body = curl(f"{mirror.url}/v2/{unique_repo}-{i}/blobs/{layer.digest}")
+        assert status == 200 and sha256(body) == layer.digest
+        if all(evictions().values()):
+            break
+    else:
+        raise AssertionError(f"not every worker evicted: {evictions()}")
+    cached = cached_blobs(mirror)
+    assert all(blob.digest in cached for blob in kept.blobs)
+    assert sum(cached.values()) <= 1 << 20
+    assert_cache_sound(mirror)
+
+
+def _unavailable(request: BaseHTTPRequestHandler) -> bool:
+    request.send_response(503)
+    request.send_header("Content-Length", "0")
+    request.end_headers()
+    return True
+
+
+def test_an_endpoint_down_in_one_worker_is_skipped_by_every_worker(
+    registry_factory, dockmirror, seeded, unique_repo
+):
+    backup = registry_factory()
+    seeded(backup, unique_repo, "v1")
+    primary = Relay(backup.url, {unique_repo: _unavailable})
+    primary.start()
+    try:
+        hub = {"plugin": "dockerhub", "url": primary.url, "default": True}
+        hub["mirrors"] = [{"url": backup.url, "trust_tags": True}]
+        mirror = dockmirror({"hub": hub}, extra={"server": {"workers": WORKERS}})
+        wait_until(lambda: len(serving_workers(mirror)) == WORKERS, timeout=30, interval=0.1)
+        url = f"{mirror.url}/v2/{unique_repo}/manifests/v1"
+
+        def from_the_backup() -> None:
+            assert curl("-I", url)[0] == 200  # a HEAD is not cached: it goes upstream
+
+        until_every_worker_answered(mirror, "manifest", from_the_backup)
+        # The first worker found the primary down; the others skipped it at once.
+        assert primary.count(f"/v2/{unique_repo}/") == 1
+        assert "failed in another worker; skipped for 5s" in mirror.log_text()
+    finally:
+        primary.stop()
+
+
+def test_connection_limits_hold_for_the_whole_service(plain_registry, dockmirror):
+    mirror = dockmirror(
+        {"hub": {"plugin": "dockerhub", "url": plain_registry.url, "default": True}},
+        extra={"server": {"workers": WORKERS, "max_connections": 4}},
+    )
+    wait_until(lambda: len(serving_workers(mirror)) == WORKERS, timeout=30, interval=0.1)
+    with contextlib.ExitStack() as stack:
+        connections = []
+        for _ in range(16):
+            connection = socket.create_connection((LOOPBACK, mirror.port))
+            stack.callback(connection.close)
+            connections.append(connection)
+            time.sleep(0.05)  # accepted, and refused or held, in turn
+        refusals = []
+        for connection in connections:
+            connection.settimeout(0.5)
+            try:
+                refusals.append(connection.recv(4096))
+            except TimeoutError:  # held: the mirror waits for a request
+                continue
+        held = len(connections) - len(refusals)
+        print(f"held {held} of 16 connections with max_connections = 4 over {WORKERS} workers")
+        assert 1 <= held <= 4
+        assert all(r.startswith(b"HTTP/1.1 503 ") for r in refusals)
+        assert b"this worker's share (1/2) of server.max_connections" in b"".join(refusals)
 
 
 def test_a_key_revoked_with_dockmirror_admin_is_refused_by_every_worker(plain_registry, dockmirror):

@@ -99,3 +99,51 @@ def make_store(
     store = BlobStore(str(tmp_path), max_size, index, clock, run, Metrics())
     store.recover(index.load())
     return store
+
+
+class Claims:
+    """A coordinator whose other processes the test plays."""
+
+    shared = True
+
+    def __init__(self) -> None:
+        self.elsewhere: set[str] = set()
+        self.mine: set[str] = set()
+        self.read_elsewhere: set[str] = set()
+        self.usage = 0
+
+    def claim(self, digest: str) -> bool:
+        if digest in self.elsewhere:
+            return False
+        self.mine.add(digest)
+        return True
+
+    def release(self, digest: str) -> None:
+        self.mine.discard(digest)
+
+    def held_elsewhere(self, digest: str) -> bool:
+        return digest in self.elsewhere or digest.rpartition(":")[2] in {
+            d.rpartition(":")[2] for d in self.elsewhere
+        }
+
+    def start_usage(self, total: int) -> None:
+        self.usage = total
+
+    def add_usage(self, delta: int) -> int:
+        self.usage += delta
+        return self.usage
+
+    def reserve(self, delta: int) -> int:
+        return self.add_usage(delta)
+
+    def pin(self, digest: str) -> None:
+        pass
+
+    def unpin(self, digest: str) -> None:
+        pass
+
+    def pinned_elsewhere(self, digest: str) -> bool:
+        return digest in self.read_elsewhere
+
+    def close(self) -> None:
+        pass

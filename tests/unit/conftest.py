@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -11,7 +12,8 @@ from twisted.internet import reactor
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import Clock
 
-from dockmirror.auth.keystore import KeyStore
+from dockmirror.auth.keystore import KeyDatabase, KeyQueries, KeyStore
+from tests.integration.postgres import postgres, postgres_server  # noqa: F401 - fixtures
 
 
 @pytest.fixture(autouse=True)
@@ -41,3 +43,25 @@ async def key_store(tmp_path: Path) -> AsyncIterator[KeyStore]:
     store.startService()
     yield store
     await store.stopService()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def keys(request: pytest.FixtureRequest, tmp_path: Path, clock: Any) -> Iterator[KeyQueries]:
+    """The key store on each database it runs on, which must behave the same.
+
+    On a fresh SQLite file, or a fresh PostgreSQL database of the session's
+    server; its clock is the test's ``clock`` (a callable, or a Clock).
+    """
+    now = clock if callable(clock) else clock.seconds
+    if request.param == "sqlite":
+        db = KeyDatabase(tmp_path / "state" / "keys.sqlite", clock=now)
+        yield db
+        db.close()
+        return
+    import psycopg
+
+    from dockmirror.cluster.keys import PostgresKeyDatabase, schema
+
+    with psycopg.connect(request.getfixturevalue("postgres"), autocommit=True) as conn:
+        conn.execute(schema())
+        yield PostgresKeyDatabase(conn, now)

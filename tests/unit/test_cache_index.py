@@ -42,9 +42,9 @@ def test_version_1_access_records_are_dropped_on_upgrade(tmp_path):
     db = sqlite3.connect(path)
     schema = (resources.files("dockmirror.cache") / "schema.sql").read_text()
     db.executescript(
-        schema.partition("\n-- The objects of the shared storage tier")[0].replace(
-            "INSERT INTO version VALUES (3)", "INSERT INTO version VALUES (1)"
-        )
+        schema.partition("\n-- The objects of the shared storage tier")[0]
+        .replace("INSERT INTO version VALUES (4)", "INSERT INTO version VALUES (1)")
+        .replace("CREATE INDEX blobs_used ON blobs (used);", "")
     )
     db.execute("INSERT INTO blobs VALUES ('sha256:a', 1, 0.0)")
     db.execute("INSERT INTO access VALUES ('hub/x https://hub', 'sha256:a')")
@@ -56,4 +56,4 @@ def test_version_1_access_records_are_dropped_on_upgrade(tmp_path):
     assert snapshot.access == []
     assert snapshot.objects == []
     index.close()
-    assert sqlite3.connect(path).execute("SELECT version FROM version").fetchall() == [(3,)]
+    assert sqlite3.connect(path).execute("SELECT version FROM version").fetchall() == [(4,)]

@@ -22,7 +22,7 @@ from dockmirror.cache.manifests import (
     references,
 )
 
-from ._cache_support import make_store, run_now, sha256
+from ._cache_support import Claims, make_store, run_now, sha256
 
 ORIGIN = "hub/library/alpine https://registry-1.docker.io"
 
@@ -178,3 +178,27 @@ def test_an_evicted_manifest_takes_its_tags_along(tmp_path):
     cache.set_tag(ORIGIN, "kept", sha256(b"other"), DOCKER_MANIFEST)  # the tag moved
     cache.forget_tag(ORIGIN, "kept")
     assert cache._tags == {} and cache._tagged == {}
+
+
+def test_a_manifest_another_worker_fetched_is_taken_in_if_sound(tmp_path):
+    clock = MemoryReactorClock()
+    fetcher, worker = make_cache(tmp_path, clock), make_cache(tmp_path, clock)
+    worker.store.coordinator = Claims()
+    body = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST}).encode()
+    digest = put(fetcher, "v1", body, OCI_MANIFEST)
+    fetcher._index.flush()
+    for bad in (
+        [ORIGIN, "v1", digest],
+        [ORIGIN, "v1", digest, "text/html"],
+        [ORIGIN, "../v1", digest, OCI_MANIFEST],
+        [ORIGIN, "v1", "sha256:" + "0" * 64, OCI_MANIFEST],  # not in the cache
+        [ORIGIN, "v1", "sha256:../../etc", OCI_MANIFEST],
+        ["x" * 5000, "v1", digest, OCI_MANIFEST],
+    ):
+        worker.fetched_elsewhere(bad)
+        assert worker.tag(ORIGIN, "v1", None) is None and worker.stats()["tags"] == 0
+    worker.fetched_elsewhere([ORIGIN, "v1", digest, OCI_MANIFEST])
+    entry = worker.tag(ORIGIN, "v1", None)
+    assert entry is not None and entry.digest == digest and worker.fresh(entry)
+    assert worker.get(digest) == (body, OCI_MANIFEST)
+    assert worker.store.allowed(ORIGIN, digest)

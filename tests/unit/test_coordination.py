@@ -1,4 +1,4 @@
-"""Claims on fills across processes, and following another process's fill."""
+"""Work shared across processes: claims, usage, eviction, flights; following a fill."""
 
 from __future__ import annotations
 
@@ -7,19 +7,23 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 from zope.interface.verify import verifyObject
 
+from dockmirror import coordination
 from dockmirror._interfaces import ICoordinator
 from dockmirror.cache import files
+from dockmirror.cache.blobs import BlobStore
 from dockmirror.cache.fill import Fill
 from dockmirror.cache.follow import POLL_INTERVAL, FollowedFill
-from dockmirror.coordination import FileLockCoordinator, LocalCoordinator
+from dockmirror.coordination import FileLockCoordinator, LocalCoordinator, SharedFlights
 from dockmirror.streaming import StreamError
 
-from ._cache_support import make_store, sha256
+from ._cache_support import Claims, make_store, sha256
 
 DIGEST = sha256(b"layer")
 
@@ -56,41 +60,6 @@ def other(tmp_path: Path) -> Iterator[OtherProcess]:
     holder = OtherProcess(tmp_path)
     yield holder
     holder.end()
-
-
-class Claims:
-    """A coordinator whose other processes the test plays."""
-
-    shared = True
-
-    def __init__(self) -> None:
-        self.elsewhere: set[str] = set()
-        self.mine: set[str] = set()
-        self.usage = 0
-
-    def claim(self, digest: str) -> bool:
-        if digest in self.elsewhere:
-            return False
-        self.mine.add(digest)
-        return True
-
-    def release(self, digest: str) -> None:
-        self.mine.discard(digest)
-
-    def held_elsewhere(self, digest: str) -> bool:
-        return digest in self.elsewhere or digest.rpartition(":")[2] in {
-            d.rpartition(":")[2] for d in self.elsewhere
-        }
-
-    def start_usage(self, total: int) -> None:
-        self.usage = total
-
-    def add_usage(self, delta: int) -> int:
-        self.usage += delta
-        return self.usage
-
-    def close(self) -> None:
-        pass
 
 
 def test_both_coordinators_provide_the_interface(tmp_path):
@@ -146,6 +115,46 @@ def test_the_usage_is_counted_once_for_every_process(tmp_path):
     again.start_usage(70)
     assert again.add_usage(0) == 70
     again.close()
+
+
+def python(script: str, *args: object) -> tuple[subprocess.Popen[str], str]:
+    """Run *script* in another process; it, and the first line it says."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, *map(str, args)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    return process, process.stdout.readline().strip()
+
+
+_RESERVER = """
+import sys
+from dockmirror.coordination import FileLockCoordinator
+coordinator = FileLockCoordinator(sys.argv[1])
+coordinator.add_usage(int(sys.argv[2]))
+print(coordinator.reserve(int(sys.argv[3])), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_the_reservations_of_a_process_that_dies_stop_counting(tmp_path):
+    coordinator = FileLockCoordinator(str(tmp_path))
+    coordinator.start_usage(100)
+    assert coordinator.reserve(10) == 110
+    other, said = python(_RESERVER, tmp_path, "7", "50")
+    assert int(said) == 167  # 107 held, 10 and 50 reserved
+    assert coordinator.add_usage(0) == 167
+    other.kill()  # mid-fill: its 50 reserved bytes were never held
+    other.wait()
+    assert coordinator.add_usage(0) == 117
+    assert coordinator.reserve(-10) == 107
+    # A process taking the dead one's slot starts from nothing.
+    again, said = python(_RESERVER, tmp_path, "0", "1")
+    assert int(said) == 108
+    again.communicate()
+    coordinator.close()
 
 
 # --- following a fill of another process ----------------------------------------
@@ -288,3 +297,178 @@ def test_a_new_fill_removes_a_dead_fills_file(tmp_path):
     (tmp_path / "other.x").write_bytes(b"1")
     os.close(files.create_fill(str(tmp_path / f"{hexpart}.new")))
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{hexpart}.new", "other.x"]
+
+
+def two_workers(tmp_path: Path, max_size: int) -> tuple[BlobStore, BlobStore, Claims, Any]:
+    """Two stores on one directory, quota and index, as two workers have them."""
+    clock = MemoryReactorClock()
+    claims = Claims()
+    stores = []
+    for _ in range(2):
+        store = make_store(tmp_path, max_size=max_size, clock=clock)
+        store.coordinator = claims
+        stores.append(store)
+    return stores[0], stores[1], claims, clock
+
+
+def put(store: BlobStore, data: bytes) -> str:
+    digest = sha256(data)
+    assert Deferred.fromCoroutine(store.put_small(digest, data)).result is True
+    return digest
+
+
+def test_a_blob_used_by_another_worker_is_not_the_least_recently_used(tmp_path):
+    first, second, _, clock = two_workers(tmp_path, max_size=30)
+    old, used_elsewhere = put(first, b"a" * 10), put(first, b"b" * 10)
+    clock.advance(10)
+    first._index.flush()
+    clock.advance(10)
+    # Only the second worker reads the first blob now: in the first's own LRU it is the oldest.
+    assert second.has(old) and second.read_small(old) == b"a" * 10
+    second._index.flush()
+    clock.advance(10)
+    first._index.flush()
+    put(first, b"c" * 10)
+    newest = put(first, b"d" * 10)
+    assert first.has(old) and not first.has(used_elsewhere) and first.has(newest)
+    assert first.coordinator.add_usage(0) == 30
+
+
+def test_a_worker_evicts_blobs_another_one_cached(tmp_path):
+    first, second, _, clock = two_workers(tmp_path, max_size=20)
+    theirs = put(first, b"a" * 10)
+    clock.advance(10)
+    first._index.flush()
+    mine = put(second, b"b" * 10)
+    newest = put(second, b"c" * 10)  # room made from the first worker's blob
+    assert not os.path.exists(second.path(theirs))
+    assert second.has(mine) and second.has(newest) and not first.has(theirs)
+    assert second.coordinator.add_usage(0) == 20
+
+
+# --- work done once for every process ---------------------------------------------
+
+
+class Heard:
+    """A notifier whose published messages the test reads, and whose listener it calls."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, list[str]]] = []
+        self.listeners: list[Any] = []
+
+    def publish(self, topic: str, message: list[str]) -> None:
+        self.published.append((topic, message))
+
+    def subscribe(self, topic: str, listener: Any) -> None:
+        self.listeners.append(listener)
+
+
+def flights() -> tuple[SharedFlights, Claims, Heard, MemoryReactorClock, list[list[str]]]:
+    clock, claims, notifier = MemoryReactorClock(), Claims(), Heard()
+    shared = SharedFlights(clock, "manifest")
+    shared.coordinator = claims
+    shared.share(notifier)  # type: ignore[arg-type]
+    results: list[list[str]] = []
+    shared.on_result.append(results.append)
+    return shared, claims, notifier, clock, results
+
+
+def waiting(shared: SharedFlights, key: str) -> list[object]:
+    outcome: list[object] = []
+    Deferred.fromCoroutine(shared.wait(key)).addBoth(outcome.append)
+    return outcome
+
+
+def test_the_first_process_does_the_work_and_tells_the_others():
+    shared, claims, notifier, _, _ = flights()
+    assert waiting(shared, "k") == [None]  # ours: the claim is held until done
+    assert claims.mine
+    shared.done("k", ["digest"])
+    assert not claims.mine
+    [(topic, [flight, result])] = notifier.published
+    assert topic == "manifest" and result == "digest" and flight.startswith("sha256:")
+
+
+def test_a_process_waits_for_the_result_of_another():
+    shared, claims, notifier, clock, results = flights()
+    claims.elsewhere.add(coordination._flight("k"))
+    outcome = waiting(shared, "k")
+    clock.advance(10)
+    assert outcome == []
+    notifier.listeners[0]([coordination._flight("other"), "x"])
+    assert outcome == [] and results == [["x"]]  # heard by every process, waiting or not
+    notifier.listeners[0]([coordination._flight("k"), "digest", "type"])
+    assert outcome == [["digest", "type"]] and not clock.getDelayedCalls()
+
+
+def test_a_waiter_does_the_work_when_the_other_gave_up_or_is_too_slow():
+    shared, claims, _, clock, _ = flights()
+    flight = coordination._flight("k")
+    claims.elsewhere.add(flight)
+    outcome = waiting(shared, "k")
+    clock.advance(1)
+    claims.elsewhere.clear()  # it failed, or died, and told nothing
+    clock.pump([coordination.FLIGHT_POLL] * 5)
+    assert outcome == []  # its result may be on its way
+    clock.pump([coordination.FLIGHT_POLL] * int(coordination.FLIGHT_GRACE / 0.05 + 2))
+    assert outcome == [None] and flight in claims.mine
+    shared.done("k", None)
+    claims.elsewhere.add(flight)
+    late = waiting(shared, "k")
+    clock.pump([1.0] * int(coordination.FLIGHT_WAIT + 1))
+    assert late == [None] and flight not in claims.mine  # done without the claim
+    assert not clock.getDelayedCalls()
+
+
+_READER = """
+import sys
+from dockmirror.coordination import FileLockCoordinator
+coordinator = FileLockCoordinator(sys.argv[1])
+coordinator.pin(sys.argv[2])
+print(coordinator.pinned_elsewhere(sys.argv[3]), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_blob_read_by_another_process_is_pinned_until_it_dies(tmp_path):
+    coordinator = FileLockCoordinator(str(tmp_path))
+    other, said = python(_READER, tmp_path, DIGEST, sha256(b"x"))
+    assert said == "False"
+    assert coordinator.pinned_elsewhere(DIGEST)
+    assert not coordinator.pinned_elsewhere(sha256(b"x"))
+    assert not coordinator.held_elsewhere(DIGEST)  # reading is not filling
+    other.kill()
+    other.wait()
+    assert not coordinator.pinned_elsewhere(DIGEST)
+    coordinator.close()
+
+
+@pytest.mark.parametrize("there", ["filled", "read"])
+def test_a_blob_another_worker_fills_or_reads_is_not_evicted(tmp_path, there):
+    first, _, claims, clock = two_workers(tmp_path, max_size=20)
+    busy = put(first, b"a" * 10)
+    clock.advance(10)
+    other = put(first, b"b" * 10)
+    clock.advance(10)
+    first._index.flush()
+    # Filled again there (after a purge here), or read there.
+    (claims.elsewhere if there == "filled" else claims.read_elsewhere).add(busy)
+    put(first, b"c" * 10)
+    assert first.has(busy) and not first.has(other)
+    assert first.remove(busy) == (there == "filled")  # a blob read elsewhere is not purged
+
+
+def test_the_blobs_one_worker_keeps_are_kept_by_the_others(tmp_path):
+    first, second, _, _ = two_workers(tmp_path, max_size=20)
+    told: list[bool] = []
+    first.on_keep.append(lambda: told.append(True))
+    kept, other = put(first, b"a" * 10), put(first, b"b" * 10)
+    first.keep([kept])
+    assert told == [True]
+    with open(tmp_path / "kept", "a") as f:
+        f.write("not a digest\nsha256:../../etc/passwd\n")
+    second.reload_kept()
+    assert second.stats()["kept"] == 1
+    second._index.flush()
+    put(second, b"c" * 10)  # room is made from the blob not kept
+    assert second.has(kept) and not second.has(other)

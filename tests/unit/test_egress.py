@@ -26,6 +26,7 @@ from dockmirror.egress import (
     UpstreamTLS,
     _Endpoints,
     address_class,
+    upstream_egress,
 )
 from dockmirror.proxy import proxy_rules
 
@@ -175,7 +176,7 @@ def tunnel(
         policy,
         UpstreamTLS(),
         proxy_rules("http://10.9.9.9:3128", None, None, ("direct.example",), {}),
-        frozenset(),
+        ("https", "registry.example", 443),
     )
     endpoint = endpoints.endpointForURI(URI.fromBytes(f"http://{host}:5000/v2/".encode()))
     results: list[Any] = []
@@ -222,3 +223,31 @@ def test_a_mirror_on_loopback_lets_redirects_reach_loopback() -> None:
     ).addBoth(results.append)
     assert [c[0] for c in reactor.tcpClients] == ["127.0.0.1"]
     assert refused(connect("https://registry.example", names, "localhost")[1])
+
+
+def test_the_client_certificate_goes_only_to_the_configured_origin(tmp_path: Any) -> None:
+    """Not to a mirror on the same host and another port, another scheme, or a redirect."""
+    tls = UpstreamTLS(client=object())  # type: ignore[arg-type]
+    egress = upstream_egress(
+        MemoryReactorClock(),
+        "corp",
+        "https://Registry.example:5000",
+        tls,
+        StubResolver({}),
+        mirror_urls=("https://registry.example:5001", "https://mirror.example"),
+    )
+    endpoints = egress.http._agent._endpointFactory  # type: ignore[attr-defined]
+
+    def presents(url: str) -> bool:
+        return endpoints.tls_for(URI.fromBytes(url.encode())).client is not None
+
+    assert presents("https://registry.example:5000/v2/")
+    assert presents("https://REGISTRY.example:5000/v2/x/blobs/sha256:00")
+    for elsewhere in (
+        "https://registry.example:5001/v2/",  # a mirror on the same host
+        "https://registry.example/v2/",
+        "http://registry.example:5000/v2/",
+        "https://mirror.example/v2/",
+        "https://cdn.example/blob",
+    ):
+        assert not presents(elsewhere), elsewhere

@@ -12,6 +12,7 @@ from twisted.python.failure import Failure
 from dockmirror.endpoints import (
     BACKOFF_FIRST,
     BACKOFF_MAX,
+    PROBE_WINDOW,
     Breaker,
     Endpoint,
     EndpointSet,
@@ -216,3 +217,99 @@ def test_a_cancelled_request_discards_the_failed_answer_it_held() -> None:
     assert not failing.discarded
     d.cancel()
     assert failing.discarded
+
+
+class Wire:
+    """The notifiers of two workers, joined: what one publishes, the other hears."""
+
+    def __init__(self) -> None:
+        self.listeners: dict[str, list[Any]] = {}
+        self.published: list[list[str]] = []
+        self.peer: Wire | None = None
+
+    def publish(self, topic: str, message: list[str]) -> None:
+        self.published.append(message)
+        assert self.peer is not None
+        for listener in self.peer.listeners.get(topic, []):
+            listener(message)
+
+    def subscribe(self, topic: str, listener: Any) -> None:
+        self.listeners.setdefault(topic, []).append(listener)
+
+
+def two_workers() -> tuple[tuple[EndpointSet, list[Scripted], Any], ...]:
+    specs = (("http://primary", 503, True), ("http://backup", 200, False))
+    first, second = make(*specs), make(*specs)
+    wires = Wire(), Wire()
+    wires[0].peer, wires[1].peer = wires[1], wires[0]
+    first[0].share(wires[0])  # type: ignore[arg-type]
+    second[0].share(wires[1])  # type: ignore[arg-type]
+    return first, second
+
+
+def test_an_endpoint_down_in_one_worker_is_skipped_by_the_others():
+    (first, first_clients, _), (second, second_clients, (clock, metrics)) = two_workers()
+    assert run(first, f"blobs/{DIGEST}").code == 200
+    assert first_clients[0].asked == [f"blobs/{DIGEST}"]
+    # The other worker skips the primary without asking it, for the same backoff.
+    assert run(second, f"blobs/{DIGEST}").code == 200
+    assert second_clients[0].asked == [] and second_clients[1].asked == [f"blobs/{DIGEST}"]
+    assert state(metrics, "primary:80") == 2
+    clock.advance(BACKOFF_FIRST)
+    second_clients[0].answer = 200
+    assert run(second, f"blobs/{DIGEST}").code == 200  # its probe finds it back ...
+    assert second_clients[0].asked == [f"blobs/{DIGEST}"]
+    first_clients[0].answer = 200
+    assert run(first, f"blobs/{DIGEST}").code == 200  # ... and the first worker believes it
+    assert first_clients[0].asked == [f"blobs/{DIGEST}"] * 2
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        ["hub", "primary:80"],
+        ["other", "primary:80", "1", "5"],
+        ["hub", "elsewhere:80", "1", "5"],
+        ["hub", "primary:80", "x", "5"],
+        ["hub", "primary:80", "1", "nan"],
+        ["hub", "primary:80", "-1", "5"],
+        ["hub", "primary:80", "1", str(BACKOFF_MAX * 2)],
+    ],
+)
+def test_bad_news_of_an_endpoint_is_ignored(message):
+    (first, _, _), (second, clients, _) = two_workers()
+    for listener in second._notifier.listeners["breaker"]:  # type: ignore[union-attr]
+        listener(message)
+    assert run(second, f"blobs/{DIGEST}").code == 200
+    assert clients[0].asked == [f"blobs/{DIGEST}"]  # the primary was still tried
+
+
+def test_one_worker_probes_an_endpoint_for_all():
+    (first, first_clients, (first_clock, _)), (second, second_clients, (clock, _)) = two_workers()
+    assert run(first, f"blobs/{DIGEST}").code == 200  # the primary fails: both skip it
+    first_clock.advance(BACKOFF_FIRST)
+    clock.advance(BACKOFF_FIRST)
+    first_clients[0].pending = Deferred()
+    probe = Deferred.fromCoroutine(first.request("GET", "library/x", f"blobs/{DIGEST}"))
+    assert len(first_clients[0].asked) == 2  # the first worker took the probe ...
+    assert run(second, f"blobs/{DIGEST}").code == 200
+    assert second_clients[0].asked == []  # ... and the second left it to it
+    first_clients[0].pending.callback(Response(503))  # still down
+    assert probe.result.code == 200  # from the backup
+    clock.advance(BACKOFF_FIRST)  # the first's backoff has doubled: so has the second's
+    assert run(second, f"blobs/{DIGEST}").code == 200 and second_clients[0].asked == []
+
+
+def test_a_probe_by_a_worker_that_never_tells_is_waited_for_a_while():
+    (first, first_clients, (first_clock, _)), (second, second_clients, (clock, _)) = two_workers()
+    run(first, f"blobs/{DIGEST}")
+    first_clock.advance(BACKOFF_FIRST)
+    clock.advance(BACKOFF_FIRST)
+    first_clients[0].pending = Deferred()  # the first worker dies in its probe
+    Deferred.fromCoroutine(first.request("GET", "library/x", f"blobs/{DIGEST}"))
+    clock.advance(PROBE_WINDOW - 1)
+    assert run(second, f"blobs/{DIGEST}").code == 200 and second_clients[0].asked == []
+    clock.advance(1)
+    second_clients[0].answer = 200
+    assert run(second, f"blobs/{DIGEST}").code == 200
+    assert second_clients[0].asked == [f"blobs/{DIGEST}"]  # its own probe

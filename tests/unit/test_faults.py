@@ -137,6 +137,7 @@ read_timeout = 7
         )
     )
     assert (config.server.header_timeout, config.server.idle_timeout) == (5.0, 60.0)
+    assert config.server.send_timeout == 60.0
     assert (config.server.max_connections, config.server.max_connections_per_client) == (10, 2)
     assert config.cache.min_free_bytes == 1 << 30
     assert (config.upstreams["hub"].connect_timeout, config.upstreams["hub"].read_timeout) == (
@@ -148,6 +149,8 @@ read_timeout = 7
         "[upstreams.hub]\nplugin = 'dockerhub'\nconnect_timeout = nan",
         "[upstreams.hub]\nplugin = 'dockerhub'\nread_timeout = 'soon'",
         "[server]\nheader_timeout = -1",
+        "[server]\nsend_timeout = 0",
+        "[server]\nsend_timeout = inf",
         "[server]\nmax_connections = 0",
         "[cache]\nmin_free = 'lots'",
     ):
@@ -269,3 +272,15 @@ def test_connections_over_the_limits_are_refused() -> None:
     for p, _ in [*held[1:], *others, (again, None)]:
         p.connectionLost(Failure(ResponseDone()))
     clock.advance(100)
+
+
+def test_each_worker_serves_its_share_of_the_limits() -> None:
+    clock = MemoryReactorClock()
+    limits = ConnectionLimits(9, 5, workers=2)
+    assert (limits.total, limits.per_client) == (4, 2)
+    assert ConnectionLimits(1, 1, workers=4).total == 1  # a worker serves at least one
+    held = [channel(limits, clock, "10.0.0.1") for _ in range(2)]
+    _, transport = channel(limits, clock, "10.0.0.1")
+    assert b"this worker's share (1/2) of server.max_connections_per_client" in transport.value()
+    for protocol, _ in held:
+        protocol.connectionLost(Failure(ResponseDone()))

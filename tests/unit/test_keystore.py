@@ -10,7 +10,7 @@ import pytest_twisted
 from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 
-from dockmirror.auth.keystore import KeyDatabase, KeyStore, KeyStoreError, Usage
+from dockmirror.auth.keystore import KeyDatabase, KeyQueries, KeyStore, KeyStoreError, Usage
 
 
 class FakeTime:
@@ -31,24 +31,24 @@ def db(tmp_path: Path, clock: FakeTime) -> KeyDatabase:
     return KeyDatabase(tmp_path / "state" / "keys.sqlite", clock=clock)
 
 
-def test_new_key_shape(db: KeyDatabase) -> None:
-    new = db.create("laptop")
+def test_new_key_shape(keys: KeyQueries) -> None:
+    new = keys.create("laptop")
     assert re.fullmatch(r"app_[a-z0-9]{20}", new.app_id)
     assert re.fullmatch(r"sk_[A-Za-z0-9_-]{43,}", new.api_key)  # 32 random bytes, URL-safe
     assert new.to_json() == {"appId": new.app_id, "apiKey": new.api_key}
-    assert db.create("laptop").api_key != new.api_key
+    assert keys.create("laptop").api_key != new.api_key
 
 
-def test_verify(db: KeyDatabase) -> None:
-    new = db.create("ci")
-    info = db.verify(new.app_id, new.api_key)
+def test_verify(keys: KeyQueries) -> None:
+    new = keys.create("ci")
+    info = keys.verify(new.app_id, new.api_key)
     assert info is not None and info.app_id == new.app_id and info.name == "ci"
-    assert db.verify(new.app_id, new.api_key + "x") is None
-    assert db.verify(new.app_id, "") is None
-    assert db.verify("app_unknown", new.api_key) is None
-    other = db.create("other")
-    assert db.verify(other.app_id, new.api_key) is None
-    assert db.verify(new.app_id, "x" * 100_000) is None
+    assert keys.verify(new.app_id, new.api_key + "x") is None
+    assert keys.verify(new.app_id, "") is None
+    assert keys.verify("app_unknown", new.api_key) is None
+    other = keys.create("other")
+    assert keys.verify(other.app_id, new.api_key) is None
+    assert keys.verify(new.app_id, "x" * 100_000) is None
 
 
 def test_only_a_salted_hash_is_stored(db: KeyDatabase, tmp_path: Path) -> None:
@@ -72,11 +72,11 @@ def test_files_are_private(db: KeyDatabase, tmp_path: Path) -> None:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
 
 
-def test_list_never_shows_secrets(db: KeyDatabase, clock: FakeTime) -> None:
-    a = db.create("laptop")
+def test_list_never_shows_secrets(keys: KeyQueries, clock: FakeTime) -> None:
+    a = keys.create("laptop")
     clock.now += 10
-    b = db.create("ci", ["dockerhub/library"])
-    listed = [k.to_json() for k in db.list()]
+    b = keys.create("ci", ["dockerhub/library"])
+    listed = [k.to_json() for k in keys.list()]
     assert [k["appId"] for k in listed] == [a.app_id, b.app_id]
     assert listed[0] == {
         "appId": a.app_id,
@@ -92,48 +92,48 @@ def test_list_never_shows_secrets(db: KeyDatabase, clock: FakeTime) -> None:
         "repositories": None,
     }
     assert listed[1]["repositories"] == ["dockerhub/library"]
-    text = json.dumps(listed) + repr(db.list())
+    text = json.dumps(listed) + repr(keys.list())
     assert a.api_key not in text and b.api_key not in text
 
 
-def test_revoke(db: KeyDatabase, clock: FakeTime) -> None:
-    new = db.create("laptop")
+def test_revoke(keys: KeyQueries, clock: FakeTime) -> None:
+    new = keys.create("laptop")
     clock.now += 60
-    info = db.revoke(new.app_id)
+    info = keys.revoke(new.app_id)
     assert info.revoked and info.revoked_at == int(clock.now)
-    assert db.verify(new.app_id, new.api_key) is None
-    assert db.revoked_ids() == {new.app_id}
+    assert keys.verify(new.app_id, new.api_key) is None
+    assert keys.revoked_ids() == {new.app_id}
     clock.now += 60
-    assert db.revoke(new.app_id).revoked_at == info.revoked_at  # idempotent
+    assert keys.revoke(new.app_id).revoked_at == info.revoked_at  # idempotent
     with pytest.raises(KeyStoreError, match="no key app_nope"):
-        db.revoke("app_nope")
+        keys.revoke("app_nope")
 
 
-def test_rotate(db: KeyDatabase) -> None:
-    old = db.create("ci", ["ghcr/myorg"])
-    new = db.rotate(old.app_id)
+def test_rotate(keys: KeyQueries) -> None:
+    old = keys.create("ci", ["ghcr/myorg"])
+    new = keys.rotate(old.app_id)
     assert new.app_id != old.app_id and new.name == "ci"
-    assert db.verify(old.app_id, old.api_key) is None
-    info = db.verify(new.app_id, new.api_key)
+    assert keys.verify(old.app_id, old.api_key) is None
+    info = keys.verify(new.app_id, new.api_key)
     assert info is not None and info.repositories == ("ghcr/myorg",)
-    assert db.get(old.app_id).replaced_by == new.app_id
+    assert keys.get(old.app_id).replaced_by == new.app_id
     with pytest.raises(KeyStoreError, match="is revoked"):
-        db.rotate(old.app_id)
+        keys.rotate(old.app_id)
 
 
-def test_names_are_checked(db: KeyDatabase) -> None:
+def test_names_are_checked(keys: KeyQueries) -> None:
     for bad in ("", "   ", "x" * 101, "a\nb"):
         with pytest.raises(ValueError):
-            db.create(bad)
+            keys.create(bad)
 
 
-def test_usage_batches(db: KeyDatabase) -> None:
-    a, b = db.create("a"), db.create("b")
-    db.add_usage({a.app_id: Usage(3, 1000, 1_700_000_100), b.app_id: Usage(1, 5, 1_700_000_050)})
-    db.add_usage({a.app_id: Usage(1, 24, 1_700_000_090)})
-    info = db.get(a.app_id)
+def test_usage_batches(keys: KeyQueries) -> None:
+    a, b = keys.create("a"), keys.create("b")
+    keys.add_usage({a.app_id: Usage(3, 1000, 1_700_000_100), b.app_id: Usage(1, 5, 1_700_000_050)})
+    keys.add_usage({a.app_id: Usage(1, 24, 1_700_000_090)})
+    info = keys.get(a.app_id)
     assert (info.use_count, info.bytes_served, info.last_used_at) == (4, 1024, 1_700_000_100)
-    assert db.stats() == {
+    assert keys.stats() == {
         "keys": 2,
         "active": 2,
         "revoked": 0,
@@ -243,14 +243,14 @@ async def test_store_errors_are_key_store_errors(key_store: KeyStore) -> None:
         await key_store.revoke("app_x")
 
 
-def test_reprs_are_readable(db: KeyDatabase) -> None:
-    new = db.create("laptop")
+def test_reprs_are_readable(keys: KeyQueries) -> None:
+    new = keys.create("laptop")
     assert repr(new) == f"<new key 'laptop': appId {new.app_id} apiKey {new.api_key}>"
-    db.add_usage({new.app_id: Usage(2, 3 * 1024 * 1024, 1_700_000_000)})
-    assert repr(db.get(new.app_id)) == (
+    keys.add_usage({new.app_id: Usage(2, 3 * 1024 * 1024, 1_700_000_000)})
+    assert repr(keys.get(new.app_id)) == (
         f"<key {new.app_id} 'laptop' active: 2 requests, 3.0 MiB, last used 2023-11-14T22:13:20Z>"
     )
-    assert repr(db.list()).startswith("1 keys\n<key app_")
+    assert repr(keys.list()).startswith("1 keys\n<key app_")
 
 
 @pytest_twisted.ensureDeferred
@@ -261,7 +261,7 @@ async def test_flush_loop_survives_any_error(tmp_path: Path) -> None:
     globalLogPublisher.addObserver(events.append)
     store = KeyStore(tmp_path / "keys.sqlite", reactor, flush_interval=0.05)
     store.startService()
-    working = store._db.revoked_ids
+    working = store.backend._db.revoked_ids
     try:
         new = await store.create("a")
         store.record(new.app_id, 42)
@@ -269,10 +269,10 @@ async def test_flush_loop_survives_any_error(tmp_path: Path) -> None:
         def broken() -> frozenset[str]:
             raise RuntimeError("unexpected")
 
-        store._db.revoked_ids = broken  # type: ignore[method-assign]
+        store.backend._db.revoked_ids = broken  # type: ignore[method-assign]
         await deferLater(reactor, 0.2)
         assert store._loop.running
-        store._db.revoked_ids = working  # type: ignore[method-assign]
+        store.backend._db.revoked_ids = working  # type: ignore[method-assign]
         admin = KeyDatabase(tmp_path / "keys.sqlite")
         admin.revoke(new.app_id)
         admin.close()
@@ -280,7 +280,7 @@ async def test_flush_loop_survives_any_error(tmp_path: Path) -> None:
         assert new.app_id in store.revoked  # the loop goes on
         assert (await store.list())[0].bytes_served == 42  # written once, not lost or doubled
     finally:
-        store._db.revoked_ids = working  # type: ignore[method-assign]
+        store.backend._db.revoked_ids = working  # type: ignore[method-assign]
         await store.stopService()
         globalLogPublisher.removeObserver(events.append)
     assert any("log_failure" in e and "key usage" in str(e["log_format"]) for e in events)

@@ -14,6 +14,7 @@ from dockmirror.auth.keystore import (
     HOUR,
     USAGE_DAYS,
     KeyDatabase,
+    KeyQueries,
     KeyStore,
     QuotaExceeded,
     Usage,
@@ -73,63 +74,63 @@ def test_upgrade_from_version_1_keeps_every_key_working(db: KeyDatabase, tmp_pat
     assert KeyDatabase(tmp_path / "keys.sqlite").get(new.app_id).use_count == 1  # reopens
 
 
-def test_owners_and_quota(db: KeyDatabase) -> None:
-    db.create("by the operator")
-    a = db.create("a", owner="github:alice", max_live=2)
-    db.create("b", owner="github:alice", max_live=2)
+def test_owners_and_quota(keys: KeyQueries) -> None:
+    keys.create("by the operator")
+    a = keys.create("a", owner="github:alice", max_live=2)
+    keys.create("b", owner="github:alice", max_live=2)
     with pytest.raises(QuotaExceeded):
-        db.create("c", owner="github:alice", max_live=2)
-    db.create("bob's", owner="github:bob", max_live=2)
-    rotated = db.rotate(a.app_id)  # keeps the owner, and the count
-    assert db.get(rotated.app_id).owner == "github:alice"
+        keys.create("c", owner="github:alice", max_live=2)
+    keys.create("bob's", owner="github:bob", max_live=2)
+    rotated = keys.rotate(a.app_id)  # keeps the owner, and the count
+    assert keys.get(rotated.app_id).owner == "github:alice"
     with pytest.raises(QuotaExceeded):
-        db.create("c", owner="github:alice", max_live=2)
-    db.revoke(rotated.app_id)
-    db.create("c", owner="github:alice", max_live=2)
-    assert {k.name for k in db.list("github:alice") if not k.revoked} == {"b", "c"}
-    assert [k.name for k in db.list("github:bob")] == ["bob's"]
-    assert repr(db.list("github:bob")[0]).startswith(
-        f'<key {db.list("github:bob")[0].app_id} "bob\'s" of github:bob active'
+        keys.create("c", owner="github:alice", max_live=2)
+    keys.revoke(rotated.app_id)
+    keys.create("c", owner="github:alice", max_live=2)
+    assert {k.name for k in keys.list("github:alice") if not k.revoked} == {"b", "c"}
+    assert [k.name for k in keys.list("github:bob")] == ["bob's"]
+    assert repr(keys.list("github:bob")[0]).startswith(
+        f'<key {keys.list("github:bob")[0].app_id} "bob\'s" of github:bob active'
     )
 
 
-def test_revoke_owner(db: KeyDatabase) -> None:
-    mine = [db.create(n, owner="github:alice").app_id for n in ("a", "b")]
-    other = db.create("x", owner="github:bob")
-    assert sorted(db.revoke_owner("github:alice")) == sorted(mine)
-    assert all(db.get(app_id).revoked for app_id in mine)
-    assert not db.get(other.app_id).revoked
-    assert db.revoke_owner("github:alice") == ()
+def test_revoke_owner(keys: KeyQueries) -> None:
+    mine = [keys.create(n, owner="github:alice").app_id for n in ("a", "b")]
+    other = keys.create("x", owner="github:bob")
+    assert sorted(keys.revoke_owner("github:alice")) == sorted(mine)
+    assert all(keys.get(app_id).revoked for app_id in mine)
+    assert not keys.get(other.app_id).revoked
+    assert keys.revoke_owner("github:alice") == ()
 
 
-def test_usage_per_day_is_kept_for_a_bounded_time(db: KeyDatabase, clock: FakeTime) -> None:
-    a = db.create("a", owner="github:alice")
-    b = db.create("b", owner="github:bob")
+def test_usage_per_day_is_kept_for_a_bounded_time(keys: KeyQueries, clock: FakeTime) -> None:
+    a = keys.create("a", owner="github:alice")
+    b = keys.create("b", owner="github:bob")
     today = int(clock.now) // DAY
-    db.add_usage(
+    keys.add_usage(
         {a.app_id: Usage(2, 100, int(clock.now) - DAY), b.app_id: Usage(1, 7, int(clock.now))}
     )
-    db.add_usage({a.app_id: Usage(1, 50, int(clock.now))})
-    db.add_usage({a.app_id: Usage(1, 5, int(clock.now))})
-    assert db.daily_usage("github:alice", 30) == (
+    keys.add_usage({a.app_id: Usage(1, 50, int(clock.now))})
+    keys.add_usage({a.app_id: Usage(1, 5, int(clock.now))})
+    assert keys.daily_usage("github:alice", 30) == (
         (a.app_id, today - 1, 2, 100),
         (a.app_id, today, 2, 55),
     )
-    assert db.daily_usage("github:alice", 1) == ((a.app_id, today, 2, 55),)
-    assert len(db.daily_usage(None, 30)) == 3
+    assert keys.daily_usage("github:alice", 1) == ((a.app_id, today, 2, 55),)
+    assert len(keys.daily_usage(None, 30)) == 3
     clock.now += USAGE_DAYS * DAY
-    db.add_usage({b.app_id: Usage(1, 1, int(clock.now))})
-    rows = db._conn.execute("SELECT count(*) FROM key_usage_daily").fetchone()[0]
+    keys.add_usage({b.app_id: Usage(1, 1, int(clock.now))})
+    rows = keys._rows("SELECT count(*) FROM key_usage_daily")[0][0]
     assert rows == 1  # the old days are gone
 
 
-def test_hourly_traffic_is_bounded(db: KeyDatabase, clock: FakeTime) -> None:
+def test_hourly_traffic_is_bounded(keys: KeyQueries, clock: FakeTime) -> None:
     hour = int(clock.now) // HOUR
     for h in range(hour - 100, hour + 1):
-        db.add_traffic(h, 3)
-    db.add_traffic(hour, 4)
-    assert db.traffic(2) == {hour - 1: 3, hour: 7}
-    assert db._conn.execute("SELECT count(*) FROM traffic_hourly").fetchone()[0] <= 48
+        keys.add_traffic(h, 3)
+    keys.add_traffic(hour, 4)
+    assert keys.traffic(2) == {hour - 1: 3, hour: 7}
+    assert keys._rows("SELECT count(*) FROM traffic_hourly")[0][0] <= 48
 
 
 def test_sessions(portal_db: PortalDatabase, clock: FakeTime) -> None:
@@ -167,21 +168,23 @@ def test_a_sign_in_state_is_used_once_and_expires(
     assert portal_db.finish_login("state-2") is None
 
 
-def test_disable_revokes_keys_and_ends_sessions(portal_db: PortalDatabase, db: KeyDatabase) -> None:
-    key = db.create("laptop", owner="github:alice")
+def test_disable_revokes_keys_and_ends_sessions(
+    portal_db: PortalDatabase, keys: KeyQueries
+) -> None:
+    key = keys.create("laptop", owner="github:alice")
     portal_db.create_session("s1", "github:alice", "Alice", ttl=100)
     portal_db.create_session("s2", "github:bob", "Bob", ttl=100)
-    result = disable(portal_db, db, "github:alice")
+    result = disable(portal_db, keys, "github:alice")
     assert result == {"identity": "github:alice", "sessionsEnded": 1, "keysRevoked": (key.app_id,)}
     assert portal_db.get_session("s1") is None and portal_db.get_session("s2") is not None
-    assert db.verify(key.app_id, key.api_key) is None
+    assert keys.verify(key.app_id, key.api_key) is None
     assert portal_db.is_disabled("github:alice")
     portal_db.create_session("s3", "github:alice", "Alice", ttl=100)
     assert portal_db.get_session("s3") is None  # even a session made behind the check's back
     portal_db.set_disabled("github:alice", False)
     assert not portal_db.is_disabled("github:alice")
     with pytest.raises(ValueError, match="not an identity"):
-        disable(portal_db, db, "alice")
+        disable(portal_db, keys, "alice")
 
 
 @pytest_twisted.ensureDeferred
