@@ -26,7 +26,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from bench import report
+from bench import cluster, report
 from bench.servers import MIB, Mirror, Process, start_nginx
 from bench.workloads import Client, fetch, head_rate, skopeo_copy
 from tests.integration.clients import ServerTLS, make_server_tls
@@ -38,6 +38,8 @@ GIB = 1 << 30
 REPOSITORY = "bench/image"
 TAG = "v1"
 WORKLOADS = ("hit", "cold", "heads", "skopeo", "parallel")
+#: Run only when asked for with ``--only``: it needs PostgreSQL.
+OPTIONAL_WORKLOADS = ("cluster",)
 
 
 def options(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,6 +62,10 @@ def options(argv: list[str] | None = None) -> argparse.Namespace:
         help="dockmirror's [server] workers, one dockmirror per count (e.g. 1,2,4; default 1)",
     )
     parser.add_argument("--heads", type=int, default=200, help="manifest HEADs per run")
+    parser.add_argument("--nodes", type=int, default=3, help="nodes of the cluster run")
+    parser.add_argument(
+        "--cluster-clients", type=int, default=24, help="clients of the cluster run"
+    )
     parser.add_argument(
         "--cap-mib",
         type=float,
@@ -77,7 +83,8 @@ def options(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         default=",".join(WORKLOADS),
-        help=f"the workloads to run, of {','.join(WORKLOADS)} (default: all)",
+        help=f"the workloads to run, of {','.join(WORKLOADS + OPTIONAL_WORKLOADS)}"
+        f" (default: {','.join(WORKLOADS)}; cluster needs PostgreSQL)",
     )
     parser.add_argument("--json", type=Path, default=Path("bench-results.json"))
     parser.add_argument("--chart", type=Path, default=Path("bench-results.png"))
@@ -90,7 +97,7 @@ def options(argv: list[str] | None = None) -> argparse.Namespace:
     args.clients = sorted({int(n) for n in args.clients.split(",")})
     args.workers = sorted({int(n) for n in args.workers.split(",")})
     args.only = [w.strip() for w in args.only.split(",")]
-    unknown = set(args.only) - set(WORKLOADS)
+    unknown = set(args.only) - set(WORKLOADS + OPTIONAL_WORKLOADS)
     if unknown:
         parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
     return args
@@ -123,6 +130,7 @@ class Bench:
         self.runs = report.Runs()
         self.warm: dict[str, Process] = {}
         self.nginx: Process | None = None
+        self.database: cluster.Database | None = None
         self._fresh = 0
 
     def client(self, server: Process, tls: ServerTLS | None) -> Client:
@@ -245,6 +253,26 @@ class Bench:
             seconds = skopeo_copy(self.reference(server), mirror.tls, self.root)
             self.record(report.SKOPEO_WARM, mirror.name, seconds)
 
+    def cluster(self, order: list[Mirror]) -> None:
+        """Each kind of server as a cluster of ``--nodes``, cold then warm."""
+        if self.database is None:
+            self.database = cluster.Database()
+        for mirror in order:
+            if mirror.name not in ("dockmirror", "distribution"):
+                continue
+            self._fresh += 1
+            cluster.run(
+                mirror,
+                self.root / f"{mirror.name}-cluster-{self._fresh}",
+                self.upstream,
+                self.database,
+                self.blob_path,
+                self.layer.size,
+                self.args.nodes,
+                self.args.cluster_clients,
+                self.record,
+            )
+
     def parallel(self, order: list[Mirror]) -> None:
         """A first pull of the layer over a capped link, direct and through 4 ranged parts;
         then on the uncapped link, through 4 parts and through one stream.
@@ -321,6 +349,8 @@ class Bench:
     def stop(self) -> None:
         for server in self.warm.values():
             server.stop()
+        if self.database is not None:
+            self.database.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         "cold_clients": args.cold_clients,
         "workers": args.workers,
         "heads": args.heads,
+        "cluster": f"{args.nodes} nodes, {args.cluster_clients} clients",
         "cap_mib_per_connection": args.cap_mib,
         "seconds": round(time.monotonic() - started, 1),
     }

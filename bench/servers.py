@@ -137,20 +137,28 @@ class Mirror:
         return "https" if self.tls else "http"
 
     def start(
-        self, workdir: Path, upstream: Registry, url: str | None = None, options: str = ""
+        self,
+        workdir: Path,
+        upstream: Registry,
+        url: str | None = None,
+        options: str = "",
+        extra: str = "",
+        storage: Path | None = None,
     ) -> Process:
         """Start it on *upstream*, or on *url* in front of it; *options* go in dockmirror's
-        ``[upstreams.hub]`` table."""
+        ``[upstreams.hub]`` table, *extra* (TOML tables) after it; *storage* is the
+        directory distribution keeps blobs in (by default, in *workdir*)."""
         workdir.mkdir(parents=True)
         port = free_port()
         if self.kind == "dockmirror":
-            argv, env = self._dockmirror(workdir, url or upstream.url, port, options)
+            argv, env = self._dockmirror(workdir, url or upstream.url, port, options, extra)
         else:
-            argv, env = self._distribution(workdir, upstream, port), subprocess_env()
+            storage = storage or workdir / "storage"
+            argv, env = self._distribution(workdir, upstream, port, storage), subprocess_env()
         return Process(self.name, argv, workdir, port, env, self.workers)
 
     def _dockmirror(
-        self, workdir: Path, upstream_url: str, port: int, options: str
+        self, workdir: Path, upstream_url: str, port: int, options: str, extra: str
     ) -> tuple[list[str], dict[str, str]]:
         listen = (
             tls_endpoint(port, LOOPBACK, self.tls)
@@ -161,7 +169,7 @@ class Mirror:
         python = venv / "python" if venv.is_dir() else Path(sys.executable)
         twistd = (str(python), str(python.with_name("twistd")))
         url = f"{self.scheme}://{LOOPBACK}:{port}"
-        argv = dockmirror_argv(workdir, upstream_url, [listen], url, self.workers, options)
+        argv = dockmirror_argv(workdir, upstream_url, [listen], url, self.workers, options, extra)
         env = subprocess_env(
             PYTHONPATH=os.pathsep.join(
                 filter(None, [str(self.checkout), os.environ.get("PYTHONPATH")])
@@ -169,14 +177,16 @@ class Mirror:
         )
         return [*twistd, *argv], env
 
-    def _distribution(self, workdir: Path, upstream: Registry, port: int) -> list[str]:
+    def _distribution(
+        self, workdir: Path, upstream: Registry, port: int, storage: Path
+    ) -> list[str]:
         http: dict[str, object] = {"addr": f"{LOOPBACK}:{port}", "secret": "bench"}
         if self.tls:
             http["tls"] = {"certificate": str(self.tls.certificate), "key": str(self.tls.key)}
         config = {
             "version": "0.1",
             "log": {"level": "info", "accesslog": {"disabled": True}},
-            "storage": {"filesystem": {"rootdirectory": str(workdir / "storage")}},
+            "storage": {"filesystem": {"rootdirectory": str(storage)}},
             "http": http,
             "proxy": {"remoteurl": upstream.url},
         }
@@ -192,10 +202,11 @@ def dockmirror_argv(
     public_url: str,
     workers: int = 1,
     options: str = "",
+    extra: str = "",
 ) -> list[str]:
     """twistd's arguments for dockmirror with its cache in *workdir*, pulling from *upstream_url*.
 
-    *options* are more lines of its ``[upstreams.hub]`` table.
+    *options* are more lines of its ``[upstreams.hub]`` table, *extra* more tables.
     """
     config = workdir / "dockmirror.toml"
     config.write_text(
@@ -213,7 +224,7 @@ plugin = "registry"
 url = "{upstream_url}"
 default = true
 {options}
-"""
+{extra}"""
     )
     return ["-n", "--pidfile=", "dockmirror", "--config", str(config)]
 

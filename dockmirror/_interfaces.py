@@ -33,7 +33,8 @@ class IUpstream(Interface):
 
 
 class ICoordinator(Interface):
-    """How the processes sharing one cache directory agree on who fills a blob.
+    """How the processes sharing one cache directory, and the nodes of a cluster, agree
+    on who fills a blob.
 
     A process that holds a digest's claim is the one fetching it; the others
     follow its temporary file.  A claim ends when its holder releases it or
@@ -42,6 +43,10 @@ class ICoordinator(Interface):
     """
 
     shared = Attribute("Whether other processes may use the same cache directory.")
+    resumes = Attribute(
+        "Whether a fill whose body breaks is taken up where it broke, from another node"
+        " or the upstream (in a cluster, where a node dying mid-fill must not fail the others)."
+    )
 
     def claim(digest: str) -> bool:
         """Take the right to fill *digest*; False if another process holds it."""
@@ -78,6 +83,16 @@ class ICoordinator(Interface):
         Reservations are this process's own: when it dies, they stop counting
         (a killed filler leaks no quota).  Returns the new total, as
         :meth:`add_usage` does.
+        """
+
+    def lead(digest: str, size: int, offset: int) -> Any:
+        """Called by the process that claimed *digest*, before it fetches it, and again
+        if the stream it fetches from breaks at *offset*.
+
+        Fires with None when this process is to fetch the blob from the
+        upstream, or with a response (an ``IResponse``, 200 from the start or
+        206 from *offset*) streaming it from another node of the cluster that
+        fills it or holds it.  Without a cluster, always None.
         """
 
     def close() -> None:

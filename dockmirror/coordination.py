@@ -17,9 +17,10 @@ SIGKILL) is seen to be free and its reservations stop counting: the shared
 usage heals itself.  Every call is a few system calls on local files, held
 for microseconds, cheap enough for the reactor thread.
 
-A coordinator for several machines (PostgreSQL advisory locks and a row for
-the usage) would be a third provider of
-:class:`~dockmirror._interfaces.ICoordinator`.
+Neither knows of other machines: :meth:`lead` always answers that this
+process fetches from the upstream.  The nodes of a cluster coordinate
+through PostgreSQL, above one of these, with
+:class:`dockmirror.cluster.coordinator.ClusterCoordinator`.
 
 :class:`SharedFlights` does a piece of work (a manifest's fetch) once for
 every process: the one that claims its key does it, and tells the others.
@@ -33,8 +34,9 @@ import os
 import struct
 from collections.abc import Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from dockmirror._interfaces import ICoordinator, INotifier
@@ -75,6 +77,7 @@ class LocalCoordinator:
     """One process alone on its cache: it holds every claim it asks for."""
 
     shared = False
+    resumes = False
 
     def __init__(self) -> None:
         self._usage = 0
@@ -101,6 +104,9 @@ class LocalCoordinator:
     def held_elsewhere(self, digest: str) -> bool:
         return False
 
+    def lead(self, digest: str, size: int, offset: int = 0) -> Deferred[IResponse | None]:
+        return succeed(None)
+
     def pin(self, digest: str) -> None:
         pass
 
@@ -123,6 +129,7 @@ class FileLockCoordinator:
     """
 
     shared = True
+    resumes = False
 
     def __init__(self, directory: str) -> None:
         self.path = os.path.join(directory, LOCK_FILE)
@@ -161,6 +168,9 @@ class FileLockCoordinator:
             return True
         fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _offset(digest))
         return False
+
+    def lead(self, digest: str, size: int, offset: int = 0) -> Deferred[IResponse | None]:
+        return succeed(None)
 
     def pin(self, digest: str) -> None:
         # Waits, for microseconds, only while another process tests the pin.

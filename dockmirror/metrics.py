@@ -78,6 +78,11 @@ class Metrics:
             ["upstream"],
             registry=r,
         )
+        self.bytes_from_nodes = Counter(
+            "dockmirror_cluster_received_bytes",
+            "Blob bytes received from the other nodes of the cluster.",
+            registry=r,
+        )
         self.bytes_from_storage = Counter(
             "dockmirror_storage_received_bytes",
             "Blob bytes read from the shared storage tier ([storage]).",

@@ -15,6 +15,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -46,7 +47,7 @@ from dockmirror.ranged import RangedFetch, RangeSupport
 from dockmirror.reference import HEX_LENGTH, TAG_RE, is_digest, parse_image_reference
 from dockmirror.routing import Route, Router, Upstream
 from dockmirror.shared import SingleFlight
-from dockmirror.streaming import BodyStream, Stream, StreamError
+from dockmirror.streaming import BodyStream, Stream, StreamError, content_range_start
 from dockmirror.upstream import (
     SMALL_BODY_LIMIT,
     UpstreamClient,
@@ -331,6 +332,10 @@ class PullService:
                     return reply
         else:
             entry = manifests.tag(origin, reference, accepted(accept))
+            if (entry is None or not manifests.fresh(entry)) and await manifests.adopt_tag(
+                origin, reference
+            ):
+                entry = manifests.tag(origin, reference, accepted(accept))
             reply = None
             if entry is not None and manifests.fresh(entry):
                 reply = self._cached_manifest(entry.digest, HIT, head)
@@ -726,7 +731,8 @@ class PullService:
         error: Exception | None = None
         for _ in range(FILL_ATTEMPTS):
             if not store.allowed(origin, digest) or store.size_of(digest, origin) is None:
-                await self._blob_head(route, origin, digest)
+                if not await store.proved_elsewhere(origin, digest):
+                    await self._blob_head(route, origin, digest)
             if store.has(digest):
                 return _Source()
             fill = store.filling(digest)
@@ -819,13 +825,16 @@ class PullService:
         """The connections to fetch a blob of *size* bytes over, in ranges; 1: one stream."""
         if size < upstream.parallel_min_size or not self.ranges.splits(upstream.name):
             return 1
+        if self.cache.blobs.coordinator.resumes:  # in a cluster, fills are single streams
+            return 1
         return upstream.parallel_parts
 
     async def _fill(self, fill: Fill, route: Route, origin: str) -> None:
         """Fetch a blob into the cache, for every reader of *fill*.
 
-        The shared storage tier, if any, is asked first; a blob the upstream
-        sends is stored there too, once verified.
+        The shared storage tier, if any, is asked first; then the cluster,
+        whose other nodes may fill it or hold it; then the upstream.  A blob
+        the upstream sends is stored in the storage tier too, once verified.
         """
         storage = self.cache.storage
         if storage is not None:
@@ -834,7 +843,18 @@ class PullService:
                 fill.finished.wait().addBoth(lambda result: storage.release(fill.digest, result))
                 await self._fill_from_storage(fill, stored)
                 return
-        path = f"blobs/{fill.digest}"
+        digest, size = fill.digest, fill.size
+        path = f"blobs/{digest}"
+        read_timeout = self.upstreams.client(route).read_timeout
+        coordinator = self.cache.blobs.coordinator
+        resume = partial(self._resume_fill, fill, route) if coordinator.resumes else None
+        response = await coordinator.lead(digest, size, 0)
+        if fill.done:  # abandoned meanwhile: the mirror is stopping
+            return
+        if response is not None:
+            fill.count_as(self._metrics.bytes_from_nodes)
+            await fill.start(response, read_timeout, resume)
+            return
         ranged = None
         if isinstance(fill, RangedFill):
             client = self.upstreams.client(route)
@@ -870,7 +890,24 @@ class PullService:
         if ranged is not None:
             await ranged.run(response)
         else:
-            await fill.start(response, self.upstreams.client(route).read_timeout)
+            await fill.start(response, read_timeout, resume)
+
+    async def _resume_fill(self, fill: Fill, route: Route, offset: int) -> IResponse:
+        """The rest of a blob whose body broke at *offset*: from a node, or the upstream."""
+        digest, size = fill.digest, fill.size
+        response = await self.cache.blobs.coordinator.lead(digest, size, offset)
+        if response is not None:
+            fill.count_as(self._metrics.bytes_from_nodes)
+            return response
+        fill.count_as(self._metrics.bytes_from_upstream.labels(route.upstream.name))
+        headers = {"Range": f"bytes={offset}-"} if offset else None
+        response = await self._request(route, "GET", f"blobs/{digest}", headers)
+        if response.code == 206 and content_range_start(response, size) == offset:
+            return response
+        if response.code == 200 and _content_length(response) in (None, size):
+            return response
+        discard(response)
+        raise StreamError(f"the upstream answered {response.code} to the rest of {digest}")
 
     async def _fill_from_storage(self, fill: Fill, stored: IResponse) -> None:
         """Fill from the shared storage tier's whole-blob response, one stream."""

@@ -180,6 +180,12 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
     cache.prefetcher = Prefetcher(router, pull)
     # Started first: it recovers the cache from disk before any request is served.
     cache.setServiceParent(top)
+    node = None
+    if config.cluster.database is not None and config.cluster.node_url is not None:
+        from dockmirror.cluster.node import ClusterNode  # the optional cluster extra
+
+        node = ClusterNode(config.cluster, cache, reactor)
+        node.setServiceParent(top)  # after the cache, whose coordinator it wraps
     warmer = None
     if config.warm.images and not worker:  # the first worker warms for the service
         warmer = Warmer(config.warm, config.warm_images(), router, pull, cache, metrics, reactor)
@@ -245,6 +251,12 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
         listen(config.metrics.listen, MirrorSite(operations, metrics, clients, own, **timeouts))
     else:
         root.putChild(b"metrics", metrics_resource)
+    if node is not None and config.cluster.listen is not None:
+        from dockmirror.cluster.listener import ClusterResource
+
+        nodes = ConnectionLimits(server.max_connections, server.max_connections_per_client, workers)
+        peers = MirrorSite(ClusterResource(cache.blobs, node), metrics, None, nodes, **timeouts)
+        serve(config.cluster.listen, peers, http=True)
     ReloadService(reactor, certificates).setServiceParent(top)
     if not worker:  # one control socket for the service, in the first worker
         control_service(reactor, state_directory(config), warmer).setServiceParent(top)

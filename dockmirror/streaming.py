@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import typing
 from collections.abc import Callable
 from typing import Any, cast
@@ -384,3 +385,12 @@ class FileSender:
         if self._consumer is not None:
             release(self._consumer)
             self._consumer = None
+
+
+def content_range_start(response: IResponse, size: int) -> int | None:
+    """Where a 206 answer's body starts in a blob of *size* bytes; None if it is not the rest."""
+    values = response.headers.getRawHeaders(b"content-range") or []
+    match = re.fullmatch(rb"bytes (\d{1,19})-(\d{1,19})/(\d{1,19})", values[0]) if values else None
+    if match is None or int(match[2]) != size - 1 or int(match[3]) != size:
+        return None
+    return int(match[1])

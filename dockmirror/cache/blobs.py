@@ -21,7 +21,7 @@ import os
 import sys
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, cast
 
 from twisted.internet import defer
@@ -109,8 +109,19 @@ class BlobStore:
         self._followed: dict[str, FollowedFill] = {}
         #: Who fills what, when several processes share the directory.
         self.coordinator: ICoordinator = LocalCoordinator()
-        #: Called with the digest of each blob removed from the store.
+        #: Called with the digest and size of each blob added to the store ...
+        self.on_add: list[Callable[[str, int], None]] = []
+        #: ... with the digest of each blob read ...
+        self.on_touch: list[Callable[[str], None]] = []
+        #: ... with the digest of each blob removed from it ...
         self.on_remove: list[Callable[[str], None]] = []
+        #: ... with each new proof (origin, digest) of a cached blob ...
+        self.on_grant: list[Callable[[str, str], None]] = []
+        #: ... and with the origins whose proofs are all dropped (purged).
+        self.on_disown: list[Callable[[set[str]], None]] = []
+        #: Asks the other nodes of a cluster for a proof: the size of a digest that
+        #: an origin proved it has to one of them, or None.
+        self.proofs_elsewhere: Callable[[str, str], Awaitable[int | None]] | None = None
         #: Called once the blobs kept are written for the other processes to read.
         self.on_keep: list[Callable[[], None]] = []
         self._keeping: Deferred[None] = succeed(None)
@@ -292,6 +303,25 @@ class BlobStore:
         if origin not in origins:
             origins.add(origin)
             self._index.write("INSERT OR IGNORE INTO access VALUES (?, ?)", origin, digest)
+            for hook in self.on_grant:
+                hook(origin, digest)
+
+    async def proved_elsewhere(self, origin: str, digest: str) -> bool:
+        """Whether *origin* proved to another node of the cluster that it has *digest*.
+
+        The proof, and the size, are then taken as this node's own.
+        """
+        if self.proofs_elsewhere is None:
+            return False
+        size = await self.proofs_elsewhere(origin, digest)
+        if size is None:
+            return False
+        self.allow(origin, digest, size)
+        return True
+
+    def entries(self) -> list[tuple[str, int]]:
+        """Every cached blob as (digest, size)."""
+        return list(self._entries.items())
 
     def doubt(self, digest: str, origin: str | None = None) -> None:
         """Drop what upstreams announced for a blob not cached: it turned out wrong."""
@@ -306,6 +336,8 @@ class BlobStore:
     def touch(self, digest: str) -> None:
         if digest in self._entries:
             self._entries.move_to_end(digest)
+            for hook in self.on_touch:
+                hook(digest)
             self._index.write(
                 "UPDATE blobs SET used = ? WHERE digest = ?",
                 self.reactor.seconds(),
@@ -521,8 +553,9 @@ class BlobStore:
         if self._fills.get(fill.digest) is fill:
             self._hold(fill.size)  # before the reservation ends: never counted short
             self._reserve(-fill.size)
-        self._end_fill(fill)
+        # Recorded before the claim ends: whoever claims it next learns it is here.
         self._add(fill.digest, fill.size)
+        self._end_fill(fill)
 
     def failed(self, fill: Fill) -> None:
         if self._fills.get(fill.digest) is fill:
@@ -566,6 +599,8 @@ class BlobStore:
             self.metrics.cache_size.set(self.size)
             for origin in self._proofs.pop(digest, {}):
                 self._grant(origin, digest)
+            for hook in self.on_add:
+                hook(digest, size)
             if not used:
                 self._entries.move_to_end(digest, last=False)
                 return
@@ -730,6 +765,8 @@ class BlobStore:
         self._index.write_many(
             "DELETE FROM access WHERE origin = ?", ((origin,) for origin in origins)
         )
+        for hook in self.on_disown:
+            hook(origins)
         return [d for d in orphans if d in self._entries]
 
     def origins(self) -> set[str]:

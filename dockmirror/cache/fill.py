@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred
@@ -26,6 +27,7 @@ from twisted.web.iweb import IResponse
 from dockmirror.cache import files
 from dockmirror.cache.index import Runner
 from dockmirror.cache.progress import FillProgress
+from dockmirror.errors import RegistryError
 from dockmirror.streaming import IDLE_TIMEOUT, DigestMismatch, IdleTimer, StreamError
 from dockmirror.upstream import discard
 
@@ -38,6 +40,11 @@ log = Logger()
 HIGH_WATER = 8 << 20
 #: ... and below which it is resumed.
 LOW_WATER = 2 << 20
+#: Times a broken body may be taken up again from where it broke.
+RESUMES = 3
+
+#: Gives a new body of the blob, 206 from the offset it is given or 200 from the start.
+Resumer = Callable[[int], Awaitable[IResponse]]
 
 
 class CacheWriteError(StreamError):
@@ -85,6 +92,10 @@ class Fill(FillProgress, Protocol):
         self._ended = False
         self._paused = False
         self._timer = IdleTimer(reactor, idle_timeout, self._idle)
+        self._resume: Resumer | None = None
+        self._resumes = 0
+        #: Bytes at the start of a resumed body that were received before.
+        self._skip = 0
         self._upstream_bytes: Any = store.metrics.bytes_from_upstream.labels(upstream)
         #: Whether the body comes from the shared storage tier rather than the upstream.
         self.from_storage = False
@@ -97,6 +108,11 @@ class Fill(FillProgress, Protocol):
     def __repr__(self) -> str:
         state = "committed" if self.committed else "failed" if self.error else "filling"
         return f"<Fill {self.digest} {self.written}/{self.size} from {self.upstream} {state}>"
+
+    def count_as(self, counter: Any) -> None:
+        """Count the bytes received from now on with *counter* (another node's, not the
+        upstream's)."""
+        self._upstream_bytes = counter
 
     def queued(self, offset: int, limit: int) -> bytes:
         """Bytes [offset, limit) from memory, received and not written yet.
@@ -121,13 +137,21 @@ class Fill(FillProgress, Protocol):
 
     # --- starting --------------------------------------------------------------
 
-    async def start(self, response: IResponse, idle_timeout: float | None = None) -> None:
+    async def start(
+        self,
+        response: IResponse,
+        idle_timeout: float | None = None,
+        resume: Resumer | None = None,
+    ) -> None:
         """Create the temporary file and take in *response*'s body.
 
         The blobs evicted to make room are gone from the disk first, so the
         cache never holds more than its quota.  *idle_timeout* overrides the
-        seconds the upstream may stay silent.
+        seconds the upstream may stay silent.  If the body breaks, *resume*
+        is asked for the rest (a few times), and the readers never notice:
+        what was received is kept, and the digest is checked over the whole.
         """
+        self._resume = resume
         if await self.open(idle_timeout):
             response.deliverBody(self)
         else:
@@ -170,6 +194,12 @@ class Fill(FillProgress, Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.done:
             return
+        if self._skip:
+            cut = min(self._skip, len(data))
+            self._skip -= cut
+            data = data[cut:]
+            if not data:
+                return
         self.received += len(data)
         self._upstream_bytes.inc(len(data))
         if self.received > self.size:
@@ -191,12 +221,40 @@ class Fill(FillProgress, Protocol):
         if self.done:
             return
         if not reason.check(ResponseDone):
-            self._fail(StreamError(f"upstream body failed: {reason.getErrorMessage()}"))
+            error = StreamError(f"upstream body failed: {reason.getErrorMessage()}")
         elif self.received != self.size:
-            self._fail(StreamError(f"upstream sent {self.received} of {self.size} bytes"))
+            error = StreamError(f"upstream sent {self.received} of {self.size} bytes")
+        else:
+            error = None
+        if error is not None and self._resume is not None and self._resumes < RESUMES:
+            self._resumes += 1
+            Deferred.fromCoroutine(self._resume_body(self._resume, error))
+        elif error is not None:
+            self._fail(error)
         else:
             self._ended = True
             self._write_next()
+
+    async def _resume_body(self, resume: Resumer, why: StreamError) -> None:
+        """Take up a broken body where it broke, from whatever source *resume* finds."""
+        offset = self.received
+        log.info(
+            "fill of {digest} broke after {offset} bytes ({why}); resuming",
+            digest=self.digest,
+            offset=offset,
+            why=str(why),
+        )
+        try:
+            response = await resume(offset)
+        except (StreamError, RegistryError, OSError) as e:
+            self._fail(StreamError(f"{why}; resuming failed: {e}"))
+            return
+        if self.done:
+            discard(response)
+            return
+        self._skip = offset if response.code == 200 else 0
+        self._paused = False
+        response.deliverBody(self)
 
     # --- the disk --------------------------------------------------------------
 

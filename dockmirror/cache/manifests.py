@@ -9,10 +9,11 @@ is answered with an entry it accepts, and any other goes upstream.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -158,6 +159,25 @@ def valid_digest(digest: object) -> bool:
         return False
 
 
+#: A tag entry of another node: media type, digest, manifest, when it was resolved.
+SharedTag = tuple[str, str, bytes, float]
+
+
+class SharedTags(Protocol):
+    """Tag entries shared by the nodes of a cluster, with their manifests."""
+
+    async def tags(self, origin: str, tag: str, since: float) -> list[SharedTag]:
+        """(media type, digest, manifest, resolved) of *tag* resolved after *since*."""
+
+    def publish(
+        self, origin: str, tag: str, media_type: str, digest: str, body: bytes, resolved: float
+    ) -> None: ...
+
+    def expire(self, origin: str, tag: str, keep: str, expired: float) -> None: ...
+
+    def forget(self, origins: Iterable[str], tag: str | None = None) -> None: ...
+
+
 @dataclass
 class TagEntry:
     digest: str
@@ -175,6 +195,8 @@ class ManifestCache:
         self._tags: dict[tuple[str, str], dict[str, TagEntry]] = {}
         #: manifest digest -> the (origin, tag) keys with an entry pointing to it.
         self._tagged: dict[str, set[tuple[str, str]]] = {}
+        #: The tags of the other nodes of a cluster; None for a node alone.
+        self.shared: SharedTags | None = None
         store.on_remove.append(self._removed)
 
     def __repr__(self) -> str:
@@ -271,10 +293,16 @@ class ManifestCache:
         answer to a HEAD or GET of each.
         """
         if await self.store.put_small(digest, body):
-            self._record(origin, reference, digest, media_type, write=True)
+            self._record(origin, reference, digest, media_type, write=True, body=body)
 
     def _record(
-        self, origin: str, reference: str, digest: str, media_type: str, write: bool
+        self,
+        origin: str,
+        reference: str,
+        digest: str,
+        media_type: str,
+        write: bool,
+        body: bytes | None = None,
     ) -> None:
         """Record a cached manifest as *origin* served it; *write* it to the index, or not."""
         self.store.allow(origin, digest)
@@ -285,7 +313,7 @@ class ManifestCache:
                     "INSERT OR REPLACE INTO manifests VALUES (?, ?)", digest, media_type
                 )
         if not is_digest(reference):
-            self.set_tag(origin, reference, digest, media_type, write)
+            self.set_tag(origin, reference, digest, media_type, write, body)
 
     def fetched_elsewhere(self, result: list[str]) -> None:
         """Take in a manifest that another process fetched and cached.
@@ -306,20 +334,63 @@ class ManifestCache:
             self._record(origin, reference, digest, media_type, write=False)
 
     def set_tag(
-        self, origin: str, tag: str, digest: str, media_type: str, write: bool = True
+        self,
+        origin: str,
+        tag: str,
+        digest: str,
+        media_type: str,
+        write: bool = True,
+        body: bytes | None = None,
     ) -> None:
-        """Record that *tag* is *digest* in *media_type*, as the upstream said just now."""
+        """Record that *tag* is *digest* in *media_type*, as the upstream said just now.
+
+        The process that *write*-s it to the index tells the other nodes too.
+        """
         now = self._reactor.seconds()
-        self._keep((origin, tag), TagEntry(digest, media_type, now))
+        self._set_tag(origin, tag, TagEntry(digest, media_type, now), write)
+        if self.shared is not None and write:
+            body = body if body is not None else self.store.read_small(digest)
+            if body is not None:
+                self.shared.publish(origin, tag, media_type, digest, body, now)
+
+    def _set_tag(self, origin: str, tag: str, entry: TagEntry, write: bool = True) -> None:
+        self._keep((origin, tag), entry)
         if write:
             self._index.write(
                 "INSERT OR REPLACE INTO tags VALUES (?, ?, ?, ?, ?)",
                 origin,
                 tag,
-                media_type,
-                digest,
-                now,
+                entry.media_type,
+                entry.digest,
+                entry.checked,
             )
+
+    async def adopt_tag(self, origin: str, tag: str) -> bool:
+        """Take in what another node of the cluster resolved *tag* to, if it is still fresh.
+
+        Each manifest is checked against its digest and media type, as one
+        from an upstream would be: a node trusts no other with its content.
+        """
+        if self.shared is None:
+            return False
+        adopted = False
+        since = self._reactor.seconds() - self.ttl
+        for media_type, digest, body, resolved in await self.shared.tags(origin, tag, since):
+            algorithm, _, hexpart = digest.partition(":")
+            if (
+                not valid_digest(digest)
+                or hashlib.new(algorithm, body).hexdigest() != hexpart
+                or manifest_media_type(body, media_type) != media_type
+            ):
+                continue
+            current = self._tags.get((origin, tag), {}).get(media_type)
+            if current is not None and current.checked >= resolved:
+                continue
+            if await self.store.put_small(digest, body):
+                self._record(origin, digest, digest, media_type, write=True)
+                self._set_tag(origin, tag, TagEntry(digest, media_type, resolved))
+                adopted = True
+        return adopted
 
     def expire_tag(self, origin: str, tag: str, keep: str) -> None:
         """Have a moved tag's entries other than *keep*'s media type revalidated at next use.
@@ -331,6 +402,8 @@ class ManifestCache:
         for media_type, entry in self._tags.get((origin, tag), {}).items():
             if media_type != keep and entry.checked > expired:
                 entry.checked = expired
+                if self.shared is not None:
+                    self.shared.expire(origin, tag, keep, expired)
                 self._index.write(
                     "UPDATE tags SET checked = ? WHERE origin = ? AND tag = ? AND media_type = ?",
                     expired,
@@ -340,12 +413,16 @@ class ManifestCache:
                 )
 
     def forget_tag(self, origin: str, tag: str) -> None:
+        if self.shared is not None:
+            self.shared.forget([origin], tag)
         if self._drop((origin, tag)):
             self._index.write("DELETE FROM tags WHERE origin = ? AND tag = ?", origin, tag)
 
     def forget_origins(self, origins: Iterable[str]) -> int:
         """Forget every tag of *origins*; returns how many."""
         origins = set(origins)
+        if self.shared is not None:
+            self.shared.forget(origins)
         gone = [key for key in self._tags if key[0] in origins]
         for key in gone:
             self._drop(key)

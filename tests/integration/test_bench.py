@@ -72,3 +72,13 @@ def test_the_benchmark_runs_dockmirror_with_workers(tmp_path):
     }
     assert set(runs["peak RSS of one worker, cache hits, 8 clients (MiB)"]) == {"dockmirror-w2"}
     assert "| dockmirror-w2 / distribution |" in result.stdout
+
+
+def test_the_benchmark_runs_a_cluster_of_each(tmp_path):
+    result = run_bench(tmp_path, "--quick", "--only", "cluster", "--nodes", "2")
+    assert result.returncode == 0, result.stderr
+    runs = json.loads((tmp_path / "runs.json").read_text())["runs"]
+    gets = runs["cluster: upstream GETs of the layer, 24 cold clients over 2 nodes"]
+    assert set(gets) == {"dockmirror", "distribution"}
+    assert gets["dockmirror"] == [1]
+    assert "cluster: median time to first byte, 24 warm clients over 2 nodes (s)" in runs

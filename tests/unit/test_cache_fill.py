@@ -290,3 +290,73 @@ def test_a_range_inside_a_blob_being_filled_ends_only_once_verified(tmp_path, co
         assert not store.has(DIGEST)
     else:
         assert done.result == 100 and client.value() == DATA[:100]
+
+
+# --- resuming a broken body ----------------------------------------------------------
+
+
+def resumable(store, answers):
+    """A fill whose broken bodies are taken up by *answers*: (code, offset) -> response."""
+    asked: list[int] = []
+    responses: list[FakeResponse] = []
+
+    async def resume(offset: int) -> FakeResponse:
+        asked.append(offset)
+        code, length = answers.pop(0)
+        response = FakeResponse(length(offset))
+        response.code = code
+        responses.append(response)
+        return response
+
+    fill = store.begin_fill(DIGEST, len(DATA), "up")
+    assert isinstance(fill, Fill)
+    first = FakeResponse(len(DATA))
+    Deferred.fromCoroutine(fill.start(first, resume=resume))
+    return fill, first, asked, responses
+
+
+@pytest.mark.parametrize("code", [200, 206])
+def test_a_broken_body_is_resumed_and_readers_never_notice(tmp_path, code):
+    store = make_store(tmp_path)
+    rest = (lambda offset: len(DATA) - offset) if code == 206 else (lambda offset: len(DATA))
+    fill, first, asked, responses = resumable(store, [(code, rest)])
+    _, client, done = follow(store)
+    first.send(DATA[:120_000])
+    first.end(Failure(ConnectionLost("the filling node died")))
+    assert asked == [120_000] and not fill.done
+    [second] = responses
+    second.send(DATA if code == 200 else DATA[120_000:])  # a 200 starts over
+    second.end()
+    store.reactor.advance(0)
+    assert done.result == len(DATA) and client.value() == DATA
+    assert fill.committed and store.has(DIGEST)
+
+
+def test_resuming_gives_up_after_a_few_breaks(tmp_path):
+    store = make_store(tmp_path)
+    rest = lambda offset: len(DATA) - offset  # noqa: E731
+    fill, first, asked, responses = resumable(store, [(206, rest)] * 3)
+    _, client, done = follow(store)
+    first.send(DATA[:1000])
+    first.end(Failure(ConnectionLost()))
+    for _ in range(3):
+        responses[-1].end(Failure(ConnectionLost()))
+    assert asked == [1000, 1000, 1000]
+    assert failure_of(done).check(StreamError)
+    assert isinstance(fill.error, StreamError) and not store.has(DIGEST)
+    assert len(client.value()) < len(DATA)
+
+
+def test_a_resumed_body_that_differs_is_never_committed(tmp_path):
+    store = make_store(tmp_path)
+    fill, first, _, responses = resumable(store, [(206, lambda offset: len(DATA) - offset)])
+    _, client, done = follow(store)
+    first.send(DATA[:5000])
+    first.end(Failure(ConnectionLost()))
+    bad = bytearray(DATA[5000:])
+    bad[-10] ^= 1
+    responses[0].send(bytes(bad))
+    responses[0].end()
+    assert failure_of(done).check(StreamError)
+    assert isinstance(fill.error, DigestMismatch) and not store.has(DIGEST)
+    assert len(client.value()) < len(DATA)

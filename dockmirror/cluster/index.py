@@ -1,0 +1,216 @@
+"""The cache index the nodes of a cluster share, in PostgreSQL.
+
+- ``cache_blobs``: which node holds which verified blob, its size, and when
+  it was last read there.  A node claiming a fill asks it first, and copies
+  the blob from a node that has it instead of asking the upstream again.
+- ``cache_access``: which upstream repository proved it holds which digest
+  (see :meth:`dockmirror.cache.blobs.BlobStore.allow`).  A node serves a
+  blob through a repository only once that repository proved it has it,
+  to this node or to another.
+- ``cache_tags``: what each tag was resolved to, with the manifest, so that a
+  tag resolved by one node is fresh on every node until its TTL runs out.
+
+Rows about this node's blobs are written on the coordinator's session, in
+order with its fill claims: a blob is recorded before its claim ends.
+Reads of the last access are batched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from functools import partial
+from typing import Any
+
+import psycopg
+from twisted.application import service
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from dockmirror.cache import Cache
+from dockmirror.cache.manifests import SharedTag
+from dockmirror.cluster.coordinator import Backoff, Session
+from dockmirror.cluster.database import Database, DatabaseUnavailable
+
+log = Logger()
+
+#: Seconds between writes of the blobs read meanwhile.
+TOUCH_INTERVAL = 10.0
+#: Digests whose last access is written at once, at most.
+TOUCH_BATCH = 10_000
+
+
+def _logged(what: str) -> Any:
+    def failed(failure: Failure) -> None:
+        failure.trap(DatabaseUnavailable, psycopg.Error)
+        log.warn("cluster index: {what}: {error}", what=what, error=failure.getErrorMessage())
+
+    return failed
+
+
+class ClusterIndex(service.Service):
+    """This node's part of the shared index, and its view of the others'."""
+
+    def __init__(
+        self, cache: Cache, database: Database, session: Session, node_url: str, reactor: Any
+    ) -> None:
+        self._blobs = cache.blobs
+        self._database = database
+        self._session = session
+        self.node_url = node_url
+        self._touched: set[str] = set()
+        self._backoff = Backoff(reactor)
+        self._loop = LoopingCall(self._write_touched)
+        self._loop.clock = reactor
+        cache.blobs.on_add.append(self._added)
+        cache.blobs.on_remove.append(self._removed)
+        cache.blobs.on_touch.append(self._touched.add)
+        cache.blobs.on_grant.append(self._granted)
+        cache.blobs.on_disown.append(self._disowned)
+        cache.blobs.proofs_elsewhere = self.proved
+        cache.manifests.shared = self
+
+    def __repr__(self) -> str:
+        return f"<ClusterIndex {self.node_url}>"
+
+    def startService(self) -> None:
+        """Say what this node holds, as it found it at start."""
+        super().startService()
+        blobs = list(self._blobs.entries())
+        self._write(partial(_replace_node, self.node_url, blobs), "recording this node's blobs")
+        self._loop.start(TOUCH_INTERVAL, now=False)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+
+    def _write(self, f: Any, what: str) -> None:
+        """*f* on the coordinator's session, in order with its claims."""
+        self._session.run(f).addErrback(_logged(what))
+
+    def _run(self, f: Any, what: str) -> None:
+        """*f* on a pooled connection, in no particular order."""
+        Deferred.fromCoroutine(self._database.run(f)).addErrback(_logged(what))
+
+    # --- blobs -------------------------------------------------------------------
+
+    def _added(self, digest: str, size: int) -> None:
+        self._write(
+            partial(_execute, _UPSERT_BLOB, (digest, self.node_url, size)), f"recording {digest}"
+        )
+
+    def _removed(self, digest: str) -> None:
+        self._touched.discard(digest)
+        self._write(
+            partial(_execute, _DELETE_BLOB, (digest, self.node_url)), f"forgetting {digest}"
+        )
+
+    def _write_touched(self) -> None:
+        if not self._touched:
+            return
+        digests = list(self._touched)[:TOUCH_BATCH]
+        self._touched.difference_update(digests)
+        self._write(
+            partial(_execute, _TOUCH_BLOBS, (digests, self.node_url)), "recording blob reads"
+        )
+
+    # --- proofs ------------------------------------------------------------------
+
+    def _granted(self, origin: str, digest: str) -> None:
+        self._run(
+            partial(_execute, _INSERT_ACCESS, (origin, digest)), f"recording a proof of {digest}"
+        )
+
+    def _disowned(self, origins: set[str]) -> None:
+        """A purge: the proofs of *origins* go for every node."""
+        f = partial(_execute, _DELETE_ACCESS, (sorted(origins),))
+        self._run(f, "forgetting the proofs of purged repositories")
+
+    async def proved(self, origin: str, digest: str) -> int | None:
+        """The size of *digest* if *origin* proved it has it to some node; else None."""
+        try:
+            query = partial(_fetch_one, _PROVED, (origin, digest))
+            row = await self._backoff.run(partial(self._database.run, query))
+        except DatabaseUnavailable:
+            return None
+        return int(row[0]) if row is not None else None
+
+    # --- tags --------------------------------------------------------------------
+
+    async def tags(self, origin: str, tag: str, since: float) -> list[SharedTag]:
+        try:
+            query = partial(_fetch_all, _TAGS, (origin, tag, since))
+            rows = await self._backoff.run(partial(self._database.run, query))
+        except DatabaseUnavailable as e:
+            log.warn("cluster index: reading tag {tag}: {error}", tag=tag, error=str(e))
+            return []
+        return [(str(m), str(d), bytes(b), float(r)) for m, d, b, r in rows]
+
+    def publish(
+        self, origin: str, tag: str, media_type: str, digest: str, body: bytes, resolved: float
+    ) -> None:
+        row = (origin, tag, media_type, digest, body, resolved)
+        self._run(partial(_execute, _UPSERT_TAG, row), f"recording tag {tag}")
+
+    def expire(self, origin: str, tag: str, keep: str, expired: float) -> None:
+        self._run(partial(_execute, _EXPIRE_TAG, (expired, origin, tag, keep)), f"expiring {tag}")
+
+    def forget(self, origins: Iterable[str], tag: str | None = None) -> None:
+        if tag is None:
+            f = partial(_execute, _FORGET_ORIGINS, (list(origins),))
+        else:
+            f = partial(_execute, _FORGET_TAG, (list(origins), tag))
+        self._run(f, "forgetting tags")
+
+
+_UPSERT_BLOB = (
+    "INSERT INTO cache_blobs (digest, node_url, size) VALUES (%s, %s, %s)"
+    " ON CONFLICT (digest, node_url) DO UPDATE SET size = EXCLUDED.size, used = now()"
+)
+_DELETE_BLOB = "DELETE FROM cache_blobs WHERE digest = %s AND node_url = %s"
+_TOUCH_BLOBS = "UPDATE cache_blobs SET used = now() WHERE digest = ANY(%s) AND node_url = %s"
+_INSERT_ACCESS = "INSERT INTO cache_access VALUES (%s, %s) ON CONFLICT DO NOTHING"
+_DELETE_ACCESS = "DELETE FROM cache_access WHERE origin = ANY(%s)"
+_PROVED = (
+    "SELECT b.size FROM cache_access a JOIN cache_blobs b ON b.digest = a.digest"
+    " WHERE a.origin = %s AND a.digest = %s LIMIT 1"
+)
+_TAGS = (
+    "SELECT media_type, digest, manifest, resolved FROM cache_tags"
+    " WHERE origin = %s AND tag = %s AND resolved > %s"
+)
+_UPSERT_TAG = (
+    "INSERT INTO cache_tags VALUES (%s, %s, %s, %s, %s, %s)"
+    " ON CONFLICT (origin, tag, media_type) DO UPDATE SET digest = EXCLUDED.digest,"
+    " manifest = EXCLUDED.manifest, resolved = EXCLUDED.resolved"
+    " WHERE cache_tags.resolved <= EXCLUDED.resolved"
+)
+_EXPIRE_TAG = (
+    "UPDATE cache_tags SET resolved = LEAST(resolved, %s)"
+    " WHERE origin = %s AND tag = %s AND media_type <> %s"
+)
+_FORGET_TAG = "DELETE FROM cache_tags WHERE origin = ANY(%s) AND tag = %s"
+_FORGET_ORIGINS = "DELETE FROM cache_tags WHERE origin = ANY(%s)"
+
+
+def _execute(sql: str, params: tuple[Any, ...], conn: psycopg.Connection[Any]) -> None:
+    conn.execute(sql, params)
+
+
+def _fetch_one(sql: str, params: tuple[Any, ...], conn: psycopg.Connection[Any]) -> Any:
+    return conn.execute(sql, params).fetchone()
+
+
+def _fetch_all(sql: str, params: tuple[Any, ...], conn: psycopg.Connection[Any]) -> list[Any]:
+    return conn.execute(sql, params).fetchall()
+
+
+def _replace_node(
+    node_url: str, blobs: list[tuple[str, int]], conn: psycopg.Connection[Any]
+) -> None:
+    with conn.transaction():
+        conn.execute("DELETE FROM cache_blobs WHERE node_url = %s", (node_url,))
+        with conn.cursor() as cursor:
+            cursor.executemany(_UPSERT_BLOB, [(d, node_url, size) for d, size in blobs])

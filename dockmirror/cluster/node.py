@@ -1,0 +1,76 @@
+"""This node's part in the cluster's cache: shared fill claims, the shared index, the listener.
+
+Started after the cache has recovered from its disk: it creates the tables
+of ``cache.sql`` (once, whichever node starts first), gets the cluster
+secret, puts a :class:`~dockmirror.cluster.coordinator.ClusterCoordinator`
+over the cache's own coordinator and records what this node holds.  Like
+the cache's recovery, this blocks, before the mirror listens.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+from twisted.application import service
+from twisted.logger import Logger
+
+from dockmirror.cache import Cache
+from dockmirror.cluster.coordinator import ClusterCoordinator, Session
+from dockmirror.cluster.database import Database
+from dockmirror.cluster.index import ClusterIndex
+from dockmirror.cluster.peers import PeerClient, read_secret_file, shared_secret
+from dockmirror.config import ClusterConfig
+
+log = Logger()
+
+
+class ClusterNode(service.MultiService):
+    """One node of the cluster, as far as the cache is concerned."""
+
+    name = "cluster"
+
+    def __init__(self, config: ClusterConfig, cache: Cache, reactor: Any) -> None:
+        super().__init__()
+        assert config.database is not None and config.node_url is not None
+        self._config = config
+        self._cache = cache
+        self._reactor = reactor
+        self.node_url = config.node_url.rstrip("/")
+        self.database = Database(config.database, reactor, name="dockmirror-cache")
+        self.session = Session(config.database, reactor)
+        self.index = ClusterIndex(cache, self.database, self.session, self.node_url, reactor)
+        #: The secret node-to-node requests carry; known once started.
+        self.secret: str | None = None
+        if config.secret_file is not None:
+            self.secret = read_secret_file(config.secret_file)
+        self.peers: PeerClient | None = None
+
+    def __repr__(self) -> str:
+        return f"<ClusterNode {self.node_url}>"
+
+    def startService(self) -> None:
+        self.database.start()
+        schema = resources.files("dockmirror.cluster").joinpath("cache.sql").read_text()
+        self.database.migrate(schema)
+        if self.secret is None:
+            self.secret = self.database.call(shared_secret)
+        self.peers = PeerClient(self._reactor, self.secret)
+        self.session.start()
+        blobs = self._cache.blobs
+        blobs.coordinator = ClusterCoordinator(
+            blobs.coordinator, self.session, self.node_url, self.peers, self._reactor
+        )
+        self.index.setServiceParent(self)
+        log.info("cache shared with the cluster as node {node}", node=self.node_url)
+        super().startService()
+
+    def stopService(self) -> Any:
+        d = super().stopService()
+
+        def stopped(result: object) -> object:
+            self.session.stop()
+            self.database.stop()
+            return self.peers.close() if self.peers is not None else result
+
+        return d.addBoth(stopped)

@@ -1,0 +1,183 @@
+"""The pieces of the cluster's cache that need no PostgreSQL: keys, ranges, the secret file."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.web.http_headers import Headers
+
+from dockmirror.cluster.coordinator import (
+    BACKOFF,
+    LEAD_ATTEMPTS,
+    LEAD_INTERVAL,
+    ClusterCoordinator,
+    _try_lock,
+    _unlock,
+    lock_key,
+)
+from dockmirror.cluster.database import DatabaseUnavailable
+from dockmirror.cluster.peers import NODE_URL_RE, SecretError, read_secret_file
+from dockmirror.coordination import LocalCoordinator
+from dockmirror.streaming import content_range_start
+
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+
+
+def test_lock_keys_come_from_the_digest_and_stay_clear_of_hashtext_keys():
+    assert lock_key(DIGEST) == int("0123456789abcde", 16) | 1 << 60
+    assert lock_key("sha256:" + "0" * 64) >= 1 << 60 > 2**31  # hashtext() is 32 bits
+    assert lock_key("sha256:" + "f" * 64) < 2**63  # a bigint
+
+
+class Answer:
+    def __init__(self, *content_range: bytes) -> None:
+        self.headers = Headers({b"content-range": list(content_range)} if content_range else {})
+
+
+@pytest.mark.parametrize(
+    ("header", "start"),
+    [
+        ((b"bytes 100-999/1000",), 100),
+        ((b"bytes 0-999/1000",), 0),
+        ((b"bytes 100-998/1000",), None),  # not the rest
+        ((b"bytes 100-999/1001",), None),  # another size
+        ((b"bytes 100-999/*",), None),
+        ((b"bytes */1000",), None),
+        ((), None),
+    ],
+)
+def test_a_partial_answer_must_be_the_rest_of_the_blob(header, start):
+    assert content_range_start(Answer(*header), 1000) == start  # type: ignore[arg-type]
+
+
+def test_the_secret_file_holds_one_long_enough_line(tmp_path):
+    path = tmp_path / "secret"
+    path.write_text("  a-secret-of-the-cluster  \n")
+    assert read_secret_file(str(path)) == "a-secret-of-the-cluster"
+    for bad in ("short\n", "two\nlines-of-a-long-secret\n", ""):
+        path.write_text(bad)
+        with pytest.raises(SecretError):
+            read_secret_file(str(path))
+    with pytest.raises(SecretError, match="cluster.secret_file"):
+        read_secret_file(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize(
+    ("url", "ok"),
+    [
+        ("http://10.0.0.5:5001", True),
+        ("https://node-2.internal", True),
+        ("http://[::1]:5001", True),
+        ("http://10.0.0.5:5001/path", False),
+        ("http://user@10.0.0.5", False),
+        ("file:///etc/passwd", False),
+        ("http://a" + "a" * 400, False),
+    ],
+)
+def test_node_urls_from_the_database_are_checked_before_use(url, ok):
+    assert bool(NODE_URL_RE.fullmatch(url)) is ok
+
+
+# --- the coordinator, with the database and the other nodes played by the test --------
+
+
+class FakeSession:
+    """Each query waits until the test answers it."""
+
+    generation = 1
+
+    def __init__(self) -> None:
+        self.queries: list[tuple[Any, Deferred[Any]]] = []
+
+    def run(self, f: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.queries.append((f, d))
+        return d
+
+    def answer(self, result: Any) -> Any:
+        f, d = self.queries.pop(0)
+        if isinstance(result, Exception):
+            d.errback(result)
+        else:
+            d.callback(result)
+        return f.func
+
+
+class FakePeers:
+    def __init__(self, answers: dict[str, Any]) -> None:
+        self.answers = answers
+        self.asked: list[tuple[str, int]] = []
+
+    async def open(self, node: str, digest: str, size: int, offset: int) -> Any:
+        self.asked.append((node, offset))
+        return self.answers.get(node)
+
+
+def coordinator(peers: FakePeers | None = None) -> tuple[ClusterCoordinator, FakeSession, Clock]:
+    session, clock = FakeSession(), Clock()
+    peers = peers or FakePeers({})
+    made = ClusterCoordinator(LocalCoordinator(), session, "http://a:1", peers, clock)  # type: ignore[arg-type]
+    return made, session, clock
+
+
+def result_of(d: Deferred[Any]) -> Any:
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    return results[0]
+
+
+def test_the_claim_holder_fetches_from_the_upstream_and_unlocks_at_release():
+    made, session, _ = coordinator()
+    d = made.lead(DIGEST, 10)
+    assert session.answer((True, [])) is _try_lock
+    assert result_of(d) is None
+    made.release(DIGEST)
+    assert session.answer(None) is _unlock
+    made.release(DIGEST)
+    assert session.queries == []  # once only
+
+
+def test_a_fill_elsewhere_is_followed_and_a_holder_is_copied_from():
+    made, session, _ = coordinator(FakePeers({"http://b:1": "stream of b"}))
+    d = made.lead(DIGEST, 10, 5)
+    session.answer((False, ["http://b:1"]))
+    assert result_of(d) == "stream of b"
+    made.release(DIGEST)
+    assert session.queries == []  # not ours to unlock
+    d = made.lead(DIGEST, 10)
+    session.answer((True, ["http://c:1", "http://b:1"]))  # c holds it but does not answer
+    assert result_of(d) == "stream of b"
+
+
+def test_a_filler_that_does_not_answer_is_asked_again_then_left():
+    made, session, clock = coordinator()
+    d = made.lead(DIGEST, 10)
+    for _ in range(LEAD_ATTEMPTS):
+        session.answer((False, ["http://b:1"]))
+        clock.advance(LEAD_INTERVAL)
+    assert result_of(d) is None  # fetched alone
+
+
+def test_a_claim_taken_after_its_fill_ended_is_released_at_once():
+    made, session, _ = coordinator()
+    d = made.lead(DIGEST, 10)
+    made.release(DIGEST)  # the fill was abandoned while the lock was being taken
+    session.answer((True, []))
+    assert result_of(d) is None
+    assert session.answer(None) is _unlock
+
+
+def test_without_postgresql_a_node_fetches_alone_and_backs_off():
+    made, session, clock = coordinator()
+    d = made.lead(DIGEST, 10)
+    session.answer(DatabaseUnavailable("down"))
+    assert result_of(d) is None
+    assert result_of(made.lead(DIGEST, 10)) is None
+    assert session.queries == []  # not asked again so soon
+    clock.advance(BACKOFF)
+    made.lead(DIGEST, 10)
+    assert len(session.queries) == 1
