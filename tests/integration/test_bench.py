@@ -81,4 +81,6 @@ def test_the_benchmark_runs_a_cluster_of_each(tmp_path):
     gets = runs["cluster: upstream GETs of the layer, 24 cold clients over 2 nodes"]
     assert set(gets) == {"dockmirror", "distribution"}
     assert gets["dockmirror"] == [1]
+    failed = runs["cluster: clients that did not get the whole layer, 24 cold clients over 2 nodes"]
+    assert failed["dockmirror"] == [0]
     assert "cluster: median time to first byte, 24 warm clients over 2 nodes (s)" in runs
