@@ -124,6 +124,10 @@ class IBlobStorage(Interface):
     """
 
     redirect = Attribute("Whether a blob GET it can answer gets a redirect to it instead.")
+    records = Attribute(
+        "The :class:`IStorageRecords` its quota is kept in: this node's, until a cluster"
+        " puts the cluster's in, before it starts."
+    )
 
     def open(digest: str, size: int, start: int = 0, end: int | None = None) -> Any:
         """A Deferred firing with an unread response of bytes [start, end) of the blob.
