@@ -144,6 +144,8 @@ def test_kill_9_of_the_filling_node_mid_fill_with_the_bucket(
         lead = subprocess.Popen(
             ["curl", "-s", "--noproxy", "*", "-o", "-", leader.url + path], stdout=subprocess.PIPE
         )
+        temp = leader.cache_dir / "tmp"
+        wait_until(lambda: any(p.stat().st_size for p in temp.iterdir()), interval=0.01)
         with ThreadPoolExecutor(4) as pool:
             followers = [pool.submit(timed_get, node.url + path) for node in others for _ in "ab"]
             # Its first part is in the bucket: the leader's upload exists.
