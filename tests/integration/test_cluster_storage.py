@@ -9,9 +9,12 @@ must last.
 from __future__ import annotations
 
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
+
+from dockmirror.cluster.coordinator import BACKOFF
 
 from . import test_cluster_cache
 from .ceph import S3Bucket
@@ -176,3 +179,32 @@ def test_redirect_in_a_cluster_sends_skopeo_to_the_bucket_from_any_node(
             (layer.digest,),
         ).fetchall()
     assert {row[0] for row in readers} >= {str(n.config["cluster"]["node_url"]) for n in nodes[1:]}
+
+
+def test_while_postgresql_is_down_the_bucket_still_serves_and_nothing_is_uploaded(
+    registry_factory, dockmirror, seeded, unique_repo, postgres, postgres_server, s3
+):
+    registry = registry_factory()
+    image = seeded(registry, unique_repo, "v1", layers=[1 << 20, 2 << 20, 3 << 20])
+    kept, missed, later = image.platforms[0].layers
+    first, second = cluster(dockmirror, registry, postgres, s3, count=2)
+    url = f"/v2/{unique_repo}/blobs/"
+    assert curl(first.url + url + kept.digest)[0] == 200
+    wait_until(lambda: kept.digest in recorded(postgres), timeout=30)
+    postgres_server.stop()
+    try:
+        # A node that never had it reads it from the bucket, without a lease.
+        status, headers, body = curl(second.url + url + kept.digest)
+        assert (status, sha256(body), headers["x-cache-tier"]) == (200, kept.digest, "shared")
+        # A miss is fetched alone, and not stored: no upload goes unrecorded.
+        status, _, body = curl(second.url + url + missed.digest)
+        assert (status, sha256(body)) == (200, missed.digest)
+        wait_until(lambda: "not stored: the cluster database is unavailable" in second.log_text())
+    finally:
+        postgres_server.start()
+    assert key(missed.digest) not in objects(s3)
+    time.sleep(BACKOFF)  # the nodes try PostgreSQL again after this
+    assert curl(second.url + url + later.digest)[0] == 200
+    wait_until(lambda: later.digest in recorded(postgres), timeout=30)
+    assert set(objects(s3)) == {key(kept.digest), key(later.digest)}
+    assert blob_gets(registry, kept.digest) == 1
