@@ -139,7 +139,9 @@ _HOLDERS = (
 def _try_lock(
     key: int, digest: str, node_url: str, size: int, conn: psycopg.Connection[Any]
 ) -> tuple[bool, list[str]]:
-    """Take *digest*'s lock: (True, nodes holding the blob) or (False, [node filling it])."""
+    """Take *digest*'s lock: (True, nodes holding the blob), or (False, [the node filling
+    it]), or, when its holder no longer fills it (it stores it in the storage tier),
+    (False, nodes holding the blob)."""
     got = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
     if got is not None and got[0]:
         conn.execute(
