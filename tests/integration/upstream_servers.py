@@ -225,8 +225,10 @@ def _key(directory: Path, name: str) -> str:
     return f"{name}.key"
 
 
-def make_pki(directory: Path, name: str = "upstream test CA") -> PKI:
-    """A CA, a server certificate for 127.0.0.1 and localhost, and a client certificate."""
+def make_pki(
+    directory: Path, name: str = "upstream test CA", names: str = "IP:127.0.0.1,DNS:localhost"
+) -> PKI:
+    """A CA, a server certificate for *names* (subjectAltName), and a client certificate."""
     directory.mkdir(parents=True, exist_ok=True)
     ca_key = _key(directory, "ca")
     _openssl(
@@ -244,7 +246,7 @@ def make_pki(directory: Path, name: str = "upstream test CA") -> PKI:
         f"/CN={name}",
     )
     for kind, extensions in (
-        ("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"),
+        ("server", f"subjectAltName={names}\nextendedKeyUsage=serverAuth\n"),
         ("client", "extendedKeyUsage=clientAuth\n"),
     ):
         key = _key(directory, kind)
