@@ -869,6 +869,8 @@ def check_bucket(bucket: str, endpoint: str | None, virtual: bool) -> None:
             f"{shown} has a dot, so as a virtual host over https it would not match the"
             ' endpoint\'s certificate: use addressing = "path"'
         )
+
+
 _PREFIX_RE = re.compile(r"(?:[A-Za-z0-9!_.*'()-]+/)*")
 _REGION_RE = re.compile(r"[a-z0-9-]{1,32}")
 

@@ -172,9 +172,7 @@ class CephS3:
         for process in reversed(self.processes):
             process.stop()
 
-    def gateway(
-        self, workdir: Path, dns_name: str, certificate: Path, key: Path
-    ) -> Gateway:
+    def gateway(self, workdir: Path, dns_name: str, certificate: Path, key: Path) -> Gateway:
         """Another radosgw on the same store (same users and buckets): plain HTTP on
         its ``port``, TLS with *certificate* on its ``tls_port``, and buckets
         addressed as virtual hosts of *dns_name* as well as by path.
@@ -189,8 +187,14 @@ class CephS3:
         (workdir / "rgw").mkdir(parents=True, exist_ok=True)
         process = Gateway(
             [
-                "radosgw", "-c", str(self.conf), "-f", "-n", name,
-                f"--rgw_frontends={frontends}", f"--rgw_dns_name={dns_name}",
+                "radosgw",
+                "-c",
+                str(self.conf),
+                "-f",
+                "-n",
+                name,
+                f"--rgw_frontends={frontends}",
+                f"--rgw_dns_name={dns_name}",
                 f"--rgw_data={workdir / 'rgw'}",
             ],  # fmt: skip
             log_path=workdir / "rgw.out",

@@ -38,7 +38,10 @@ def gateway(
     ceph_s3: CephS3, storage_pki: PKI, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
     process = ceph_s3.gateway(
-        tmp_path_factory.mktemp("gateway"), DNS_NAME, storage_pki.server_cert, storage_pki.server_key
+        tmp_path_factory.mktemp("gateway"),
+        DNS_NAME,
+        storage_pki.server_cert,
+        storage_pki.server_key,
     )
     yield process
     process.stop()
