@@ -19,10 +19,10 @@ import pytest
 from .ceph import CephS3, Gateway, S3Bucket
 from .conftest import Dockmirror, DockmirrorFactory
 from .images import pull
-from .registries import LOOPBACK, ManagedProcess, Registry, free_port, wait_until
+from .registries import LOOPBACK, Registry, wait_until
 from .test_pull import assert_pulled, curl
 from .test_storage import BIG, objects, sha256, stored, uploads
-from .upstream_servers import PKI, Tinyproxy, make_pki
+from .upstream_servers import PKI, Nginx, Tinyproxy, make_pki, nginx_binary
 
 DNS_NAME = "s3.dockmirror.test"
 
@@ -110,27 +110,13 @@ def test_an_endpoint_with_a_private_ca_is_refused_without_its_ca_and_used_with_i
         assert "Traceback" not in mirror.log_text()
 
 
-#: nginx terminating TLS in front of the gateway, requiring a client certificate of the CA.
+#: nginx's server: TLS in front of the gateway, requiring a client certificate of the CA.
 NGINX_MUTUAL_TLS = """\
-daemon off;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log stderr;
-events {{ worker_connections 64; }}
-http {{
-    access_log {prefix}/access.log;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    client_max_body_size 0;
-    server {{
-        listen {loopback}:{port} ssl;
         ssl_certificate {pki.server_cert};
         ssl_certificate_key {pki.server_key};
         ssl_client_certificate {pki.ca};
         ssl_verify_client on;
+        client_max_body_size 0;
         location / {{
             proxy_pass http://{loopback}:{gateway};
             proxy_set_header Host $http_host;
@@ -138,35 +124,20 @@ http {{
             proxy_set_header Connection "";
             proxy_request_buffering off;
             proxy_buffering off;
-        }}
-    }}
-}}
-"""
+        }}"""
 
 
 def test_an_endpoint_that_requires_a_client_certificate_gets_it(
     registry_factory, dockmirror, seeded, unique_repo, s3, gateway, storage_pki, tmp_path
 ):
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not Path(nginx).exists():
+    if nginx_binary() is None:
         pytest.skip("nginx is not installed")
     registry = registry_factory()
     image = seeded(registry, unique_repo, "v1", layers=[BIG])
-    port = free_port()
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(
-        NGINX_MUTUAL_TLS.format(
-            prefix=tmp_path, loopback=LOOPBACK, port=port, gateway=gateway.port, pki=storage_pki
-        )
-    )
-    process = ManagedProcess(
-        [nginx, "-e", "stderr", "-p", str(tmp_path), "-c", str(conf)],
-        log_path=tmp_path / "nginx.log",
-        cwd=tmp_path,
-    )
-    process.start(lambda: (tmp_path / "nginx.pid").exists())
-    try:
-        keys = {"endpoint": f"https://{LOOPBACK}:{port}", "ca": str(storage_pki.ca)}
+    server = NGINX_MUTUAL_TLS.format(loopback=LOOPBACK, gateway=gateway.port, pki=storage_pki)
+    (tmp_path / "nginx").mkdir()
+    with Nginx(tmp_path / "nginx", server, ssl=True) as nginx:
+        keys = {"endpoint": f"https://{LOOPBACK}:{nginx.port}", "ca": str(storage_pki.ca)}
         without = node(dockmirror, registry, s3, **keys)
         wait_until(lambda: "cannot be used now" in without.log_text(), timeout=10)
         assert "Traceback" not in without.log_text()
@@ -183,8 +154,6 @@ def test_an_endpoint_that_requires_a_client_certificate_gets_it(
         assert_stored(s3, registry, image)
         assert "cannot be used now" not in with_cert.log_text()
         assert "Traceback" not in with_cert.log_text()
-    finally:
-        process.stop()
 
 
 @pytest.mark.skipif(shutil.which("tinyproxy") is None, reason="needs tinyproxy")
