@@ -20,6 +20,7 @@ from .ceph import CephS3, Gateway, S3Bucket
 from .conftest import Dockmirror, DockmirrorFactory
 from .images import pull
 from .registries import LOOPBACK, Registry, wait_until
+from .test_operations import run_check
 from .test_pull import assert_pulled, curl
 from .test_storage import BIG, objects, sha256, stored, uploads
 from .upstream_servers import PKI, Nginx, Tinyproxy, make_pki, nginx_binary
@@ -230,3 +231,23 @@ def test_buckets_addressed_as_virtual_hosts(
         assert "Traceback" not in mirror.log_text()
         assert "cannot be used now" not in mirror.log_text()
     assert not Path("/etc/hosts").read_text().count(DNS_NAME)
+
+
+def test_check_reads_the_endpoints_ca_and_client_certificate(tmp_path, storage_pki):
+    config = tmp_path / "dockmirror.toml"
+    table = '[storage]\nbackend = "s3"\nendpoint = "https://rgw.corp.example"\nbucket = "mirror"\n'
+    config.write_text(table + f'ca = "{tmp_path}/absent.pem"\n')
+    result = run_check(config)
+    assert result.returncode != 0
+    assert f"{config}: storage.ca: {tmp_path}/absent.pem: cannot read" in result.stdout
+    keys = (
+        f'ca = "{storage_pki.ca}"\nclient_cert = "{storage_pki.client_cert}"\n'
+        f'client_key = "{storage_pki.server_key}"\n'
+    )
+    config.write_text(table + keys)
+    result = run_check(config)
+    assert result.returncode != 0
+    assert "storage.client_key" in result.stdout and "is not the key of" in result.stdout
+    config.write_text(table + keys.replace("server.key", "client.key"))
+    result = run_check(config)
+    assert result.returncode == 0, result.stderr
