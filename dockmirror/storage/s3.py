@@ -209,8 +209,8 @@ class S3Client:
             tls = tls_failure(e)
             if tls is not None:
                 raise S3Error(
-                    f"{method} {self._netloc}: {tls} (trusting {self.trusted}; is storage.ca"
-                    " the CA of the endpoint's certificate?)"
+                    f"{method} {self._netloc}: {tls} (trusting {self.trusted}; see"
+                    " storage.ca, and client_cert if the endpoint wants a client certificate)"
                 ) from e
             raise S3Error(f"{method} {self._netloc}: {e.__class__.__name__}: {e}") from e
         return response

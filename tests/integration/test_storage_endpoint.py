@@ -92,7 +92,7 @@ def test_an_endpoint_with_a_private_ca_is_refused_without_its_ca_and_used_with_i
     wait_until(lambda: "cannot be used now" in refused.log_text(), timeout=10)
     log = refused.log_text()
     assert "TLS handshake failed" in log and "certificate verify failed" in log, log
-    assert "is storage.ca the CA of the endpoint's certificate?" in log
+    assert "(trusting the system's CAs; see storage.ca" in log
     pull(f"{refused.host}/{unique_repo}:v1", tmp_path / "refused")  # from the upstream
     assert_pulled(tmp_path / "refused", image)
     assert objects(s3) == {}
