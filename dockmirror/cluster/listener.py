@@ -2,7 +2,10 @@
 
 ``GET /_cluster/blobs/<digest>`` (and ``HEAD``) with the cluster secret as
 a bearer token answers a blob this node is filling, from its temporary
-file as it grows, or one it holds.  A fill in progress is streamed like it
+file as it grows, or one it holds.  The listener's socket is shared by the
+node's workers like the public ones, so the worker a request lands on may
+not be the one filling: it follows that worker's temporary file, as the
+worker's own clients do (:mod:`dockmirror.cache.follow`).  A fill in progress is streamed like it
 is to this node's own clients: at the reader's pace, with the last byte
 held back until the fill is verified, and the connection cut if it fails,
 so the other node never takes a partial blob for a whole one.  Only
@@ -19,6 +22,7 @@ from twisted.web.server import Request
 
 from dockmirror.cache.blobs import BlobStore
 from dockmirror.cache.fill import Fill
+from dockmirror.cache.follow import FollowedFill
 from dockmirror.cluster.node import ClusterNode
 from dockmirror.cluster.peers import BLOB_PATH
 from dockmirror.errors import RegistryError
@@ -65,15 +69,15 @@ class ClusterResource(AsyncResource):
 
     async def _reply(self, digest: str, request: Request) -> Reply:
         store = self._store
-        fill = store.filling(digest)
-        if isinstance(fill, Fill) and not fill.done:
+        fill = await self._filling(digest)
+        if fill is not None and not fill.done:
             try:
                 await fill.ready.wait()
             except (StreamError, RegistryError):
                 fill = None
-        elif not store.has(digest):
+        if fill is not None and fill.error is not None:
             fill = None
-        size = store.size_of(digest)
+        size = fill.size if fill is not None else store.size_of(digest)
         if size is None or (fill is None and not store.has(digest)):
             raise RegistryError("BLOB_UNKNOWN", "not on this node", {"digest": digest})
         start = 0
@@ -95,3 +99,14 @@ class ClusterResource(AsyncResource):
             ) from e
         store.touch(digest)
         return Reply(status, headers, stream=reader)
+
+    async def _filling(self, digest: str) -> Fill | FollowedFill | None:
+        """The fill of *digest* in this process, or in another worker of this node."""
+        store = self._store
+        fill = store.filling(digest)
+        if fill is not None or store.has(digest) or not store.coordinator.held_elsewhere(digest):
+            return fill
+        # Another worker fills it: followed through its temporary file, as its own
+        # clients follow it, at the size it announced to the cluster.
+        size = await self._node.filling_size(digest)
+        return store.follow(digest, size) if size is not None else None
