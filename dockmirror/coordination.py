@@ -33,13 +33,18 @@ import hashlib
 import os
 import struct
 from collections.abc import Callable
+from typing import Protocol
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
 from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from dockmirror._interfaces import ICoordinator, INotifier
+
+log = Logger()
 
 #: The lock file, in the cache directory, with the mode of the cache's files.
 LOCK_FILE = "fills.lock"
@@ -276,10 +281,21 @@ class LocalNotifier:
 FLIGHT_WAIT = 60.0
 #: ... looking this often whether that process still holds it ...
 FLIGHT_POLL = 0.05
+#: ... (or, for a flight of the whole cluster, whether another node still does) ...
+CLUSTER_FLIGHT_POLL = 0.25
 #: ... and waiting this long for its result once it let go.
 FLIGHT_GRACE = 0.5
 #: The most strings in a flight's result.
 FLIGHT_RESULT_MAX = 8
+
+
+class ClusterClaims(Protocol):
+    """Claims that one process of a whole cluster holds at a time (see :class:`SharedFlights`)."""
+
+    def claim(self, flight: str) -> Deferred[bool]:
+        """Try to take *flight*'s claim, without waiting; True when PostgreSQL cannot tell."""
+
+    def release(self, flight: str) -> None: ...
 
 
 class SharedFlights:
@@ -291,17 +307,24 @@ class SharedFlights:
     *topic* to every process, waiting or not: :attr:`on_result` listeners
     take it in.  A waiter does the work itself when the claim ends without
     a result (it failed), or after :data:`FLIGHT_WAIT` seconds.
+
+    A flight of the *cluster* (:meth:`wait`) is done once by all the nodes
+    of a cluster (:attr:`cluster`): the process of a node that holds the
+    node's claim also takes the cluster's, or waits for the node holding it.
     """
 
     def __init__(self, reactor: IReactorTime, topic: str) -> None:
         self._reactor = reactor
         self.topic = topic
         self.coordinator: ICoordinator = LocalCoordinator()
+        #: The claims of the cluster's nodes, if this node is one.
+        self.cluster: ClusterClaims | None = None
         self._notifier: INotifier = LocalNotifier()
         #: Called with each result another process published, before its waiters resume.
         self.on_result: list[Callable[[list[str]], None]] = []
         self._waiting: dict[str, list[Deferred[list[str] | None]]] = {}
         self._held: set[str] = set()
+        self._held_in_cluster: set[str] = set()
 
     def __repr__(self) -> str:
         return f"<SharedFlights {self.topic}: {len(self._held)} held, {len(self._waiting)} awaited>"
@@ -310,38 +333,89 @@ class SharedFlights:
         self._notifier = notifier
         notifier.subscribe(self.topic, self._heard)
 
-    async def wait(self, key: str) -> list[str] | None:
+    async def wait(self, key: str, cluster: bool = False) -> list[str] | None:
         """Another process's result for *key*; None when this process is to do the work.
 
-        It then holds the claim until :meth:`done`.
+        It then holds the claim until :meth:`done`.  With *cluster*, the
+        processes of every node of the cluster share the work, not only
+        those of this node.
         """
         flight = _flight(key)
-        if self._claim(flight):
+        if not self._claim(flight):
+            return await self._await(flight, self._local_turn(flight), FLIGHT_POLL, FLIGHT_POLL)
+        if not cluster or self.cluster is None:
             return None
-        waiter: Deferred[list[str] | None] = Deferred()
-        self._waiting.setdefault(flight, []).append(waiter)
-        deadline = self._reactor.seconds() + FLIGHT_WAIT
-        released: float | None = None
-        timer: IDelayedCall | None = None
+        turn = self._cluster_turn(self.cluster, flight)
+        result = await self._await(flight, turn, 0.0, CLUSTER_FLIGHT_POLL)
+        if result is not None:  # another node did it; this node's waiters heard it too
+            self._release(flight)
+        return result
 
-        def poll() -> None:
-            nonlocal released, timer
+    def _local_turn(self, flight: str) -> Callable[[], Deferred[bool]]:
+        """Whether the work is ours now: the process of this node holding it let go."""
+        released: float | None = None
+
+        def turn() -> Deferred[bool]:
+            nonlocal released
             now = self._reactor.seconds()
             if self.coordinator.held_elsewhere(flight):
                 released = None
             elif released is None:
                 released = now
             elif now - released >= FLIGHT_GRACE and self._claim(flight):
-                waiter.callback(None)  # it gave up: the work is ours now
-                return
-            if now >= deadline:
-                waiter.callback(None)
-                return
-            timer = self._reactor.callLater(FLIGHT_POLL, poll)
+                return succeed(True)  # it gave up: the work is ours now
+            return succeed(False)
 
-        timer = self._reactor.callLater(FLIGHT_POLL, poll)
+        return turn
+
+    def _cluster_turn(self, claims: ClusterClaims, flight: str) -> Callable[[], Deferred[bool]]:
+        """Whether the work is ours now: we took the cluster's claim (after a grace, if
+        another node held it, for its result to arrive)."""
+        tries = 0
+
+        async def turn() -> bool:
+            nonlocal tries
+            tries += 1
+            if not await claims.claim(flight):
+                return False
+            self._held_in_cluster.add(flight)
+            if tries > 1:
+                await deferLater(self._reactor, FLIGHT_GRACE, lambda: None)
+            return True
+
+        return lambda: Deferred.fromCoroutine(turn())
+
+    async def _await(
+        self, flight: str, turn: Callable[[], Deferred[bool]], first: float, interval: float
+    ) -> list[str] | None:
+        """The result heard for *flight*; None once *turn* says the work is ours.
+
+        *turn* is asked after *first* seconds, then every *interval* seconds.
+        """
+        waiter: Deferred[list[str] | None] = Deferred()
+        self._waiting.setdefault(flight, []).append(waiter)
+        deadline = self._reactor.seconds() + FLIGHT_WAIT
+        timer: IDelayedCall | None = None
+        heard: list[str] | None = None
+
+        def decided(ours: bool) -> None:
+            nonlocal timer
+            if waiter.called:
+                return
+            if ours or self._reactor.seconds() >= deadline:
+                waiter.callback(None)
+            else:
+                timer = self._reactor.callLater(interval, poll)
+
+        def poll() -> None:
+            turn().addCallback(decided).addErrback(
+                lambda f: log.failure("waiting for a {topic} flight", f, topic=self.topic)
+            )
+
+        timer = self._reactor.callLater(first, poll)
         try:
-            return await waiter
+            heard = await waiter
+            return heard
         finally:
             if timer.active():
                 timer.cancel()
@@ -350,15 +424,27 @@ class SharedFlights:
                 waiting.remove(waiter)
             if not waiting:
                 self._waiting.pop(flight, None)
+            if heard is not None and flight in self._held_in_cluster:
+                # Taken just as another node's result came: not ours after all.
+                self._held_in_cluster.discard(flight)
+                if self.cluster is not None:
+                    self.cluster.release(flight)
 
     def done(self, key: str, result: list[str] | None) -> None:
         """Tell every process the *result* of the work on *key* (None: it failed), and let go."""
         flight = _flight(key)
         if result is not None:
             self._notifier.publish(self.topic, [flight, *result])
+        self._release(flight)
+
+    def _release(self, flight: str) -> None:
         if flight in self._held:
             self._held.discard(flight)
             self.coordinator.release(flight)
+        if flight in self._held_in_cluster:
+            self._held_in_cluster.discard(flight)
+            if self.cluster is not None:
+                self.cluster.release(flight)
 
     def _claim(self, flight: str) -> bool:
         if not self.coordinator.claim(flight):

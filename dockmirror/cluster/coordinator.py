@@ -50,8 +50,10 @@ LEAD_INTERVAL = 0.25
 #: (powered off, cut off): TCP keepalives on its side, so that the node's claims
 #: are released within about 25 s.
 SESSION_OPTIONS = "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3"
-#: Advisory lock keys of fills have this bit set, clear of ``hashtext()`` keys.
+#: Advisory lock keys of fills have this bit set, clear of ``hashtext()`` keys ...
 _KEY_BIT = 1 << 60
+#: ... and those of shared flights (see :class:`FlightClaims`) this one too.
+_FLIGHT_BIT = 1 << 61
 
 
 #: Seconds a node goes without asking PostgreSQL after it could not reach it.
@@ -290,3 +292,50 @@ class ClusterCoordinator:
             "cannot follow the fill of {digest} on another node: fetching it alone", digest=digest
         )
         return None
+
+
+def _try_flight(key: int, conn: psycopg.Connection[Any]) -> bool:
+    row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+    return bool(row is not None and row[0])
+
+
+def _unlock_flight(key: int, conn: psycopg.Connection[Any]) -> None:
+    conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+
+
+class FlightClaims:
+    """Claims on shared flights (:class:`dockmirror.coordination.SharedFlights`) for the
+    whole cluster: session advisory locks, like fill claims, so a dead node lets go."""
+
+    def __init__(self, session: Session, reactor: IReactorTime) -> None:
+        self._session = session
+        self._backoff = Backoff(reactor)
+        #: Flights whose lock this process holds, and the session they were taken on.
+        self._held: dict[str, int] = {}
+
+    def __repr__(self) -> str:
+        return f"<FlightClaims: {len(self._held)} held>"
+
+    def claim(self, flight: str) -> Deferred[bool]:
+        return Deferred.fromCoroutine(self._claim(flight))
+
+    async def _claim(self, flight: str) -> bool:
+        try_lock = partial(_try_flight, lock_key(flight) | _FLIGHT_BIT)
+        try:
+            got = await self._backoff.run(partial(self._session.run, try_lock))
+        except DatabaseUnavailable:
+            return True  # the node does it alone, as while PostgreSQL is away
+        if got:
+            self._held[flight] = self._session.generation
+        return got
+
+    def release(self, flight: str) -> None:
+        generation = self._held.pop(flight, None)
+        if generation is None or generation != self._session.generation:
+            return  # gone with its session
+        d = self._session.run(partial(_unlock_flight, lock_key(flight) | _FLIGHT_BIT))
+        d.addErrback(
+            lambda f: log.warn(
+                "releasing a flight's cluster claim: {error}", error=f.getErrorMessage()
+            )
+        )

@@ -18,7 +18,7 @@ from twisted.application import service
 from twisted.logger import Logger
 
 from dockmirror.cache import Cache
-from dockmirror.cluster.coordinator import ClusterCoordinator, Session
+from dockmirror.cluster.coordinator import ClusterCoordinator, FlightClaims, Session
 from dockmirror.cluster.database import Database, DatabaseUnavailable
 from dockmirror.cluster.index import ClusterIndex
 from dockmirror.cluster.peers import PeerClient, read_secret_file, shared_secret
@@ -63,6 +63,7 @@ class ClusterNode(service.MultiService):
         blobs.coordinator = ClusterCoordinator(
             blobs.coordinator, self.session, self.node_url, self.peers, self._reactor
         )
+        self._cache.flights.cluster = FlightClaims(self.session, self._reactor)
         self.index.setServiceParent(self)
         log.info("cache shared with the cluster as node {node}", node=self.node_url)
         super().startService()

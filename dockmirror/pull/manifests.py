@@ -2,10 +2,13 @@
 
 A tag is revalidated with a ``HEAD``, which Docker Hub does not count as a
 pull; an expired tag is served stale while the upstream fails, if allowed.
+A tag is fetched, and revalidated, by one process for every worker and
+every node of a cluster (:class:`dockmirror.coordination.SharedFlights`).
 """
 
 from __future__ import annotations
 
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from dockmirror.cache import origin_of
@@ -38,6 +41,12 @@ log = Logger()
 
 #: The largest manifest accepted from an upstream (as distribution's limit).
 MANIFEST_LIMIT = 4 << 20
+#: What a tag's revalidation tells when the tag names a manifest to fetch.
+FETCH = "fetch"
+#: Looks in the cluster's shared tags for a manifest another node fetched, and
+#: seconds between them (its news may come before the row).
+HEARD_TRIES = 10
+HEARD_INTERVAL = 0.1
 
 MANIFEST_TYPES = (
     "application/vnd.oci.image.index.v1+json",
@@ -132,10 +141,11 @@ class ManifestService(UpstreamAccess):
             return await self._upstream_manifest(route, origin, reference, accept, head)
         flights = self.cache.flights
         key = "\n".join((origin, reference, negotiable(accept)))
-        fetched = await flights.wait(key)
+        # A tag once for the cluster, whose nodes share tags; a digest once per node.
+        fetched = await flights.wait(key, cluster=not is_digest(reference))
         if fetched is not None and len(fetched) == 4:  # taken in, if sound, as it was heard
             digest = fetched[2]
-            if self.cache.manifests.has(digest) and self.cache.blobs.allowed(origin, digest):
+            if await self._heard(origin, reference, digest):
                 reply = self._cached_manifest(digest, MISS, head)
                 if reply is not None:
                     return reply
@@ -227,6 +237,23 @@ class ManifestService(UpstreamAccess):
             self.cache.manifests.expire_tag(origin, tag, reply.headers["Content-Type"])
         return reply
 
+    async def _heard(self, origin: str, reference: str, digest: str) -> bool:
+        """Whether *digest*, which another process resolved *reference* to, is cached here.
+
+        One from another node is taken from the cluster's shared tags, which may
+        be written a moment after its news arrives.
+        """
+        manifests = self.cache.manifests
+        for attempt in range(HEARD_TRIES):
+            if manifests.has(digest) and self.cache.blobs.allowed(origin, digest):
+                return True
+            if manifests.shared is None or is_digest(reference):
+                return False
+            if attempt:
+                await deferLater(self._reactor, HEARD_INTERVAL, lambda: None)
+            await manifests.adopt_tag(origin, reference)
+        return False
+
     async def _revalidate(
         self,
         route: Route,
@@ -236,10 +263,44 @@ class ManifestService(UpstreamAccess):
         accept: str | None,
         head: bool,
     ) -> Reply | None:
-        """Check a tag with a HEAD; None when the manifest must be fetched.
+        """Check a tag with a HEAD, once for every worker and node; None when the manifest
+        must be fetched.
 
-        An expired *entry* is served stale when the upstream fails.
+        An expired *entry* is served stale when the upstream fails.  The
+        result is told to the others: ``[origin, tag, digest, media type]``,
+        or ``[origin, tag, FETCH]`` when the tag names a manifest not cached.
         """
+        flights = self.cache.flights
+        key = "\n".join(("revalidate", origin, tag, negotiable(accept)))
+        heard = await flights.wait(key, cluster=True)
+        if heard is not None and heard[2:] == [FETCH]:
+            return None
+        if heard is not None and len(heard) == 4 and await self._heard(origin, tag, heard[2]):
+            reply = self._cached_manifest(heard[2], REVALIDATED, head)
+            if reply is not None:
+                return reply
+        result = None
+        try:
+            reply = await self._check_tag(route, origin, tag, entry, accept, head)
+            if reply is None:
+                result = [origin, tag, FETCH]
+            elif reply.headers["X-Cache"] == REVALIDATED:
+                headers = reply.headers
+                result = [origin, tag, headers["Docker-Content-Digest"], headers["Content-Type"]]
+            return reply
+        finally:
+            flights.done(key, result)
+
+    async def _check_tag(
+        self,
+        route: Route,
+        origin: str,
+        tag: str,
+        entry: TagEntry | None,
+        accept: str | None,
+        head: bool,
+    ) -> Reply | None:
+        """Ask the upstream about a tag with a HEAD; None when the manifest must be fetched."""
         manifests = self.cache.manifests
         try:
             response = await self._request(
