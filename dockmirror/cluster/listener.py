@@ -18,6 +18,7 @@ from __future__ import annotations
 import hmac
 import re
 
+from twisted.logger import Logger
 from twisted.web.server import Request
 
 from dockmirror.cache.blobs import BlobStore
@@ -29,6 +30,8 @@ from dockmirror.errors import RegistryError
 from dockmirror.pull.access import Reply
 from dockmirror.streaming import StreamError
 from dockmirror.web import AsyncResource, send_reply
+
+log = Logger()
 
 _PATH_RE = re.compile(
     re.escape(BLOB_PATH).encode() + rb"(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})"
@@ -109,4 +112,7 @@ class ClusterResource(AsyncResource):
         # Another worker fills it: followed through its temporary file, as its own
         # clients follow it, at the size it announced to the cluster.
         size = await self._node.filling_size(digest)
-        return store.follow(digest, size) if size is not None else None
+        if size is None:
+            return None
+        log.info("streaming {digest} to a node from another worker's fill", digest=digest)
+        return store.follow(digest, size)
