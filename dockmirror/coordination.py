@@ -39,6 +39,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
@@ -298,6 +299,11 @@ class ClusterClaims(Protocol):
     def release(self, flight: str) -> None: ...
 
 
+#: Asked at each poll of a waiting process, with whether it still waits: whether the
+#: work is its own now.
+Turn = Callable[[Callable[[], bool]], Deferred[bool]]
+
+
 class SharedFlights:
     """Work done by one process for all: the one that claims a key, the others wait.
 
@@ -351,11 +357,11 @@ class SharedFlights:
             self._release(flight)
         return result
 
-    def _local_turn(self, flight: str) -> Callable[[], Deferred[bool]]:
+    def _local_turn(self, flight: str) -> Turn:
         """Whether the work is ours now: the process of this node holding it let go."""
         released: float | None = None
 
-        def turn() -> Deferred[bool]:
+        def turn(waiting: Callable[[], bool]) -> Deferred[bool]:
             nonlocal released
             now = self._reactor.seconds()
             if self.coordinator.held_elsewhere(flight):
@@ -368,25 +374,30 @@ class SharedFlights:
 
         return turn
 
-    def _cluster_turn(self, claims: ClusterClaims, flight: str) -> Callable[[], Deferred[bool]]:
-        """Whether the work is ours now: we took the cluster's claim (after a grace, if
-        another node held it, for its result to arrive)."""
+    def _cluster_turn(self, claims: ClusterClaims, flight: str) -> Turn:
+        """Whether the work is ours now: we took the cluster's claim, and no result came.
+
+        When another node held the claim, its result is given a grace to arrive.
+        """
         tries = 0
 
-        async def turn() -> bool:
+        async def turn(waiting: Callable[[], bool]) -> bool:
             nonlocal tries
             tries += 1
             if not await claims.claim(flight):
                 return False
-            self._held_in_cluster.add(flight)
-            if tries > 1:
+            if tries > 1 and waiting():
                 await deferLater(self._reactor, FLIGHT_GRACE, lambda: None)
+            if not waiting():  # a result came meanwhile: the claim is not needed
+                claims.release(flight)
+                return False
+            self._held_in_cluster.add(flight)
             return True
 
-        return lambda: Deferred.fromCoroutine(turn())
+        return lambda waiting: Deferred.fromCoroutine(turn(waiting))
 
     async def _await(
-        self, flight: str, turn: Callable[[], Deferred[bool]], first: float, interval: float
+        self, flight: str, turn: Turn, first: float, interval: float
     ) -> list[str] | None:
         """The result heard for *flight*; None once *turn* says the work is ours.
 
@@ -396,7 +407,9 @@ class SharedFlights:
         self._waiting.setdefault(flight, []).append(waiter)
         deadline = self._reactor.seconds() + FLIGHT_WAIT
         timer: IDelayedCall | None = None
-        heard: list[str] | None = None
+
+        def waiting() -> bool:
+            return not waiter.called
 
         def decided(ours: bool) -> None:
             nonlocal timer
@@ -407,35 +420,34 @@ class SharedFlights:
             else:
                 timer = self._reactor.callLater(interval, poll)
 
+        def failed(failure: Failure) -> None:
+            log.failure("waiting for a {topic} flight", failure, topic=self.topic)
+            decided(True)  # do the work rather than wait for nothing
+
         def poll() -> None:
-            turn().addCallback(decided).addErrback(
-                lambda f: log.failure("waiting for a {topic} flight", f, topic=self.topic)
-            )
+            turn(waiting).addCallbacks(decided, failed)
 
         timer = self._reactor.callLater(first, poll)
         try:
-            heard = await waiter
-            return heard
+            return await waiter
         finally:
             if timer.active():
                 timer.cancel()
-            waiting = self._waiting.get(flight, [])
-            if waiter in waiting:
-                waiting.remove(waiter)
-            if not waiting:
+            waiting_here = self._waiting.get(flight, [])
+            if waiter in waiting_here:
+                waiting_here.remove(waiter)
+            if not waiting_here:
                 self._waiting.pop(flight, None)
-            if heard is not None and flight in self._held_in_cluster:
-                # Taken just as another node's result came: not ours after all.
-                self._held_in_cluster.discard(flight)
-                if self.cluster is not None:
-                    self.cluster.release(flight)
 
     def done(self, key: str, result: list[str] | None) -> None:
         """Tell every process the *result* of the work on *key* (None: it failed), and let go."""
         flight = _flight(key)
+        self._release(flight)
         if result is not None:
             self._notifier.publish(self.topic, [flight, *result])
-        self._release(flight)
+            for waiter in self._waiting.pop(flight, []):  # this process's own
+                if not waiter.called:
+                    waiter.callback(result)
 
     def _release(self, flight: str) -> None:
         if flight in self._held:
@@ -447,7 +459,7 @@ class SharedFlights:
                 self.cluster.release(flight)
 
     def _claim(self, flight: str) -> bool:
-        if not self.coordinator.claim(flight):
+        if flight in self._held or not self.coordinator.claim(flight):
             return False
         self._held.add(flight)
         return True
