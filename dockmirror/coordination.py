@@ -32,6 +32,7 @@ import fcntl
 import hashlib
 import os
 import struct
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
@@ -288,6 +289,10 @@ CLUSTER_FLIGHT_POLL = 0.25
 FLIGHT_GRACE = 0.5
 #: The most strings in a flight's result.
 FLIGHT_RESULT_MAX = 8
+#: Seconds a result is taken as is by those who ask just after it came ...
+FLIGHT_RECENT = 1.0
+#: ... and the most results kept so.
+FLIGHT_RECENT_MAX = 1024
 
 
 class ClusterClaims(Protocol):
@@ -331,6 +336,8 @@ class SharedFlights:
         self._waiting: dict[str, list[Deferred[list[str] | None]]] = {}
         self._held: set[str] = set()
         self._held_in_cluster: set[str] = set()
+        #: Results heard or made in the last :data:`FLIGHT_RECENT` seconds, oldest first.
+        self._recent: OrderedDict[str, tuple[list[str], float]] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"<SharedFlights {self.topic}: {len(self._held)} held, {len(self._waiting)} awaited>"
@@ -347,8 +354,14 @@ class SharedFlights:
         those of this node.
         """
         flight = _flight(key)
+        recent = self._recent.get(flight)
+        if recent is not None and self._reactor.seconds() - recent[1] < FLIGHT_RECENT:
+            return recent[0]  # heard just now
         if not self._claim(flight):
-            return await self._await(flight, self._local_turn(flight), FLIGHT_POLL, FLIGHT_POLL)
+            turn = self._local_turn(flight)
+            result = await self._await(flight, turn, FLIGHT_POLL, FLIGHT_POLL)
+            if result is not None or flight not in self._held:  # heard, or waited too long
+                return result
         if not cluster or self.cluster is None:
             return None
         turn = self._cluster_turn(self.cluster, flight)
@@ -445,6 +458,7 @@ class SharedFlights:
         self._release(flight)
         if result is not None:
             self._notifier.publish(self.topic, [flight, *result])
+            self._remember(flight, result)
             for waiter in self._waiting.pop(flight, []):  # this process's own
                 if not waiter.called:
                     waiter.callback(result)
@@ -458,6 +472,14 @@ class SharedFlights:
             if self.cluster is not None:
                 self.cluster.release(flight)
 
+    def _remember(self, flight: str, result: list[str]) -> None:
+        """Keep *result* for :data:`FLIGHT_RECENT` seconds, for those who come just after."""
+        recent = self._recent
+        recent.pop(flight, None)
+        recent[flight] = (result, self._reactor.seconds())
+        if len(recent) > FLIGHT_RECENT_MAX:
+            recent.popitem(last=False)
+
     def _claim(self, flight: str) -> bool:
         if flight in self._held or not self.coordinator.claim(flight):
             return False
@@ -468,6 +490,7 @@ class SharedFlights:
         if not 2 <= len(message) <= FLIGHT_RESULT_MAX + 1:
             return
         flight, *result = message
+        self._remember(flight, result)
         for listener in self.on_result:
             listener(result)
         for waiter in self._waiting.pop(flight, []):

@@ -290,7 +290,7 @@ class BlobStore:
         if digest in self._entries:
             self._grant(origin, digest)
             return
-        if digest in self._fills and origin not in self._proofs.get(digest, {}):
+        if digest in self._fills:
             # Shared at once: the other processes and nodes following the fill need
             # not ask the upstream again.
             for hook in self.on_grant:
