@@ -298,10 +298,13 @@ FLIGHT_RECENT_MAX = 1024
 class ClusterClaims(Protocol):
     """Claims that one process of a whole cluster holds at a time (see :class:`SharedFlights`)."""
 
-    def claim(self, flight: str) -> Deferred[bool]:
-        """Try to take *flight*'s claim, without waiting; True when PostgreSQL cannot tell."""
+    def claim(self, flight: str) -> Deferred[tuple[bool, list[str] | None]]:
+        """Try to take *flight*'s claim, without waiting: whether it was taken (also when
+        PostgreSQL cannot tell), and the result its last holder left in the last second,
+        if any (then the claim is not taken)."""
 
-    def release(self, flight: str) -> None: ...
+    def release(self, flight: str, result: list[str] | None) -> None:
+        """Let go of the claim, leaving *result* (if any) for those who take it just after."""
 
 
 #: Asked at each poll of a waiting process, with whether it still waits: whether the
@@ -367,7 +370,7 @@ class SharedFlights:
         turn = self._cluster_turn(self.cluster, flight)
         result = await self._await(flight, turn, 0.0, CLUSTER_FLIGHT_POLL)
         if result is not None:  # another node did it; this node's waiters heard it too
-            self._release(flight)
+            self._release(flight, None)
         return result
 
     def _local_turn(self, flight: str) -> Turn:
@@ -397,12 +400,15 @@ class SharedFlights:
         async def turn(waiting: Callable[[], bool]) -> bool:
             nonlocal tries
             tries += 1
-            if not await claims.claim(flight):
+            got, left = await claims.claim(flight)
+            if left is not None:  # its holder let go just now: its news may be on its way
+                self._heard([flight, *left])
+            if not got:
                 return False
             if tries > 1 and waiting():
                 await deferLater(self._reactor, FLIGHT_GRACE, lambda: None)
             if not waiting():  # a result came meanwhile: the claim is not needed
-                claims.release(flight)
+                claims.release(flight, None)
                 return False
             self._held_in_cluster.add(flight)
             return True
@@ -455,7 +461,7 @@ class SharedFlights:
     def done(self, key: str, result: list[str] | None) -> None:
         """Tell every process the *result* of the work on *key* (None: it failed), and let go."""
         flight = _flight(key)
-        self._release(flight)
+        self._release(flight, result)
         if result is not None:
             self._notifier.publish(self.topic, [flight, *result])
             self._remember(flight, result)
@@ -463,14 +469,14 @@ class SharedFlights:
                 if not waiter.called:
                     waiter.callback(result)
 
-    def _release(self, flight: str) -> None:
+    def _release(self, flight: str, result: list[str] | None) -> None:
         if flight in self._held:
             self._held.discard(flight)
             self.coordinator.release(flight)
         if flight in self._held_in_cluster:
             self._held_in_cluster.discard(flight)
             if self.cluster is not None:
-                self.cluster.release(flight)
+                self.cluster.release(flight, result)
 
     def _remember(self, flight: str, result: list[str]) -> None:
         """Keep *result* for :data:`FLIGHT_RECENT` seconds, for those who come just after."""
