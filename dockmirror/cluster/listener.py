@@ -2,13 +2,14 @@
 
 ``GET /_cluster/blobs/<digest>`` (and ``HEAD``) with the cluster secret as
 a bearer token answers a blob this node is filling, from its temporary
-file as it grows, or one it holds.  The listener's socket is shared by the
-node's workers like the public ones, so the worker a request lands on may
-not be the one filling: it follows that worker's temporary file, as the
-worker's own clients do (:mod:`dockmirror.cache.follow`).  A fill in progress is streamed like it
+file as it grows, or one it holds.  A fill in progress is streamed like it
 is to this node's own clients: at the reader's pace, with the last byte
 held back until the fill is verified, and the connection cut if it fails,
-so the other node never takes a partial blob for a whole one.  Only
+so the other node never takes a partial blob for a whole one.  The
+listener's socket is shared by the node's workers like the public ones, so
+the worker a request lands on may not be the one filling: it follows that
+worker's temporary file, as that worker's own clients do
+(:mod:`dockmirror.cache.follow`).  Only
 ``Range: bytes=N-`` is honoured, which is how a node resumes a broken
 stream.  Every other request is refused with a registry-format error.
 """
