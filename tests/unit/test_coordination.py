@@ -442,6 +442,16 @@ class ClusterLocks:
         self.released.append((flight, result))
 
 
+def held_by_another_node() -> tuple[SharedFlights, Claims, Heard, MemoryReactorClock, list[object]]:
+    """A process waiting for the flight "k" of the cluster, which another node holds."""
+    shared, claims, notifier, clock, _ = flights()
+    shared.cluster = ClusterLocks()
+    shared.cluster.taken = True
+    outcome = cluster_waiting(shared, "k")
+    clock.pump([coordination.CLUSTER_FLIGHT_POLL] * 4)
+    return shared, claims, notifier, clock, outcome
+
+
 def cluster_waiting(shared: SharedFlights, key: str) -> list[object]:
     outcome: list[object] = []
     Deferred.fromCoroutine(shared.wait(key, cluster=True)).addBoth(outcome.append)
@@ -461,16 +471,13 @@ def test_a_cluster_flight_is_done_by_the_holder_of_both_claims_which_leaves_its_
 
 
 def test_a_cluster_flight_waits_for_the_node_holding_it():
-    shared, claims, notifier, clock, results = flights()
-    shared.cluster = locks = ClusterLocks()
-    locks.taken = True
+    shared, claims, notifier, clock, outcome = held_by_another_node()
     flight = coordination._flight("k")
-    outcome = cluster_waiting(shared, "k")
-    clock.pump([coordination.CLUSTER_FLIGHT_POLL] * 20)
     assert outcome == [] and flight in claims.mine  # this node's others wait for us
     notifier.listeners[0]([flight, "digest", "type"])
-    assert outcome == [["digest", "type"]] and results == [["digest", "type"]]
-    assert not claims.mine and not locks.mine and not clock.getDelayedCalls()
+    assert outcome == [["digest", "type"]]
+    assert isinstance(shared.cluster, ClusterLocks) and not shared.cluster.mine
+    assert not claims.mine and not clock.getDelayedCalls()
     # Asked again at once, the result just heard is the answer.
     assert cluster_waiting(shared, "k") == [["digest", "type"]]
 
@@ -485,12 +492,10 @@ def test_a_cluster_flight_takes_the_result_its_last_holder_left():
 
 
 def test_a_cluster_flight_is_taken_over_when_its_node_lets_go_without_a_result():
-    shared, claims, _, clock, _ = flights()
-    shared.cluster = locks = ClusterLocks()
-    locks.taken = True
+    shared, claims, _, clock, outcome = held_by_another_node()
     flight = coordination._flight("k")
-    outcome = cluster_waiting(shared, "k")
-    clock.pump([coordination.CLUSTER_FLIGHT_POLL] * 4)
+    assert isinstance(shared.cluster, ClusterLocks)
+    locks = shared.cluster
     locks.taken = False  # that node failed, or died
     clock.advance(coordination.CLUSTER_FLIGHT_POLL)
     assert outcome == [] and flight in locks.mine  # its result may be on its way
