@@ -289,7 +289,7 @@ CLUSTER_FLIGHT_POLL = 0.25
 FLIGHT_GRACE = 0.5
 #: The most strings in a flight's result.
 FLIGHT_RESULT_MAX = 8
-#: Seconds a result is taken as is by those who ask just after it came ...
+#: Seconds a result is taken as is by those who ask just after it came (by default) ...
 FLIGHT_RECENT = 1.0
 #: ... and the most results kept so.
 FLIGHT_RECENT_MAX = 1024
@@ -298,10 +298,10 @@ FLIGHT_RECENT_MAX = 1024
 class ClusterClaims(Protocol):
     """Claims that one process of a whole cluster holds at a time (see :class:`SharedFlights`)."""
 
-    def claim(self, flight: str) -> Deferred[tuple[bool, list[str] | None]]:
+    def claim(self, flight: str, recent: float) -> Deferred[tuple[bool, list[str] | None]]:
         """Try to take *flight*'s claim, without waiting: whether it was taken (also when
-        PostgreSQL cannot tell), and the result its last holder left in the last second,
-        if any (then the claim is not taken)."""
+        PostgreSQL cannot tell), and the result its last holder left in the last *recent*
+        seconds, if any (then the claim is not taken)."""
 
     def release(self, flight: str, result: list[str] | None) -> None:
         """Let go of the claim, leaving *result* (if any) for those who take it just after."""
@@ -349,17 +349,20 @@ class SharedFlights:
         self._notifier = notifier
         notifier.subscribe(self.topic, self._heard)
 
-    async def wait(self, key: str, cluster: bool = False) -> list[str] | None:
+    async def wait(
+        self, key: str, cluster: bool = False, recent: float = FLIGHT_RECENT
+    ) -> list[str] | None:
         """Another process's result for *key*; None when this process is to do the work.
 
         It then holds the claim until :meth:`done`.  With *cluster*, the
         processes of every node of the cluster share the work, not only
-        those of this node.
+        those of this node.  A result heard less than *recent* seconds ago
+        is the answer at once.
         """
         flight = _flight(key)
-        recent = self._recent.get(flight)
-        if recent is not None and self._reactor.seconds() - recent[1] < FLIGHT_RECENT:
-            return recent[0]  # heard just now
+        heard = self._recent.get(flight)
+        if heard is not None and self._reactor.seconds() - heard[1] < recent:
+            return heard[0]
         if not self._claim(flight):
             turn = self._local_turn(flight)
             result = await self._await(flight, turn, FLIGHT_POLL, FLIGHT_POLL)
@@ -367,7 +370,7 @@ class SharedFlights:
                 return result
         if not cluster or self.cluster is None:
             return None
-        turn = self._cluster_turn(self.cluster, flight)
+        turn = self._cluster_turn(self.cluster, flight, recent)
         result = await self._await(flight, turn, 0.0, CLUSTER_FLIGHT_POLL)
         if result is not None:  # another node did it; this node's waiters heard it too
             self._release(flight, None)
@@ -390,7 +393,7 @@ class SharedFlights:
 
         return turn
 
-    def _cluster_turn(self, claims: ClusterClaims, flight: str) -> Turn:
+    def _cluster_turn(self, claims: ClusterClaims, flight: str, recent: float) -> Turn:
         """Whether the work is ours now: we took the cluster's claim, and no result came.
 
         When another node held the claim, its result is given a grace to arrive.
@@ -400,7 +403,7 @@ class SharedFlights:
         async def turn(waiting: Callable[[], bool]) -> bool:
             nonlocal tries
             tries += 1
-            got, left = await claims.claim(flight)
+            got, left = await claims.claim(flight, recent)
             if left is not None:  # its holder let go just now: its news may be on its way
                 self._heard([flight, *left])
             if not got:

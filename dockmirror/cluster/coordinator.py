@@ -37,7 +37,7 @@ from zope.interface import implementer
 from dockmirror._interfaces import ICoordinator
 from dockmirror.cluster.database import DatabaseUnavailable
 from dockmirror.cluster.peers import PeerClient
-from dockmirror.coordination import FLIGHT_RECENT, FLIGHT_RESULT_MAX
+from dockmirror.coordination import FLIGHT_RESULT_MAX
 from dockmirror.upstream import discard
 
 log = Logger()
@@ -355,11 +355,11 @@ class FlightClaims:
     def __repr__(self) -> str:
         return f"<FlightClaims: {len(self._held)} held>"
 
-    def claim(self, flight: str) -> Deferred[tuple[bool, list[str] | None]]:
-        return Deferred.fromCoroutine(self._claim(flight))
+    def claim(self, flight: str, recent: float) -> Deferred[tuple[bool, list[str] | None]]:
+        return Deferred.fromCoroutine(self._claim(flight, recent))
 
-    async def _claim(self, flight: str) -> tuple[bool, list[str] | None]:
-        try_lock = partial(_try_flight, _flight_key(flight), flight, FLIGHT_RECENT)
+    async def _claim(self, flight: str, recent: float) -> tuple[bool, list[str] | None]:
+        try_lock = partial(_try_flight, _flight_key(flight), flight, recent)
         try:
             got, left = await self._backoff.run(partial(self._session.run, try_lock))
         except DatabaseUnavailable:

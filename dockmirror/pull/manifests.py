@@ -18,6 +18,7 @@ from dockmirror.cache.manifests import (
     could_be_manifest,
     manifest_media_type,
 )
+from dockmirror.coordination import FLIGHT_RECENT
 from dockmirror.errors import RegistryError, upstream_unavailable
 from dockmirror.pull.access import (
     CACHE_TIER,
@@ -142,7 +143,7 @@ class ManifestService(UpstreamAccess):
         flights = self.cache.flights
         key = "\n".join((origin, reference, negotiable(accept)))
         # A tag once for the cluster, whose nodes share tags; a digest once per node.
-        fetched = await flights.wait(key, cluster=not is_digest(reference))
+        fetched = await flights.wait(key, not is_digest(reference), self._recent())
         if fetched is not None and len(fetched) == 4:  # taken in, if sound, as it was heard
             digest = fetched[2]
             if await self._heard(origin, reference, digest):
@@ -237,6 +238,10 @@ class ManifestService(UpstreamAccess):
             self.cache.manifests.expire_tag(origin, tag, reply.headers["Content-Type"])
         return reply
 
+    def _recent(self) -> float:
+        """Seconds another process's answer about a tag is taken as is: within its TTL."""
+        return min(FLIGHT_RECENT, self.cache.manifests.ttl)
+
     async def _heard(self, origin: str, reference: str, digest: str) -> bool:
         """Whether *digest*, which another process resolved *reference* to, is cached here.
 
@@ -272,7 +277,7 @@ class ManifestService(UpstreamAccess):
         """
         flights = self.cache.flights
         key = "\n".join(("revalidate", origin, tag, negotiable(accept)))
-        heard = await flights.wait(key, cluster=True)
+        heard = await flights.wait(key, cluster=True, recent=self._recent())
         if heard is not None and heard[2:] == [FETCH]:
             return None
         if heard is not None and len(heard) == 4 and await self._heard(origin, tag, heard[2]):

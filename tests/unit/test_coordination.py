@@ -429,7 +429,7 @@ class ClusterLocks:
         self.mine: set[str] = set()
         self.released: list[tuple[str, list[str] | None]] = []
 
-    def claim(self, flight: str) -> Deferred[tuple[bool, list[str] | None]]:
+    def claim(self, flight: str, recent: float) -> Deferred[tuple[bool, list[str] | None]]:
         if self.left is not None:
             return succeed((False, self.left))
         if self.taken:
