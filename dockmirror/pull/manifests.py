@@ -227,7 +227,7 @@ class ManifestService(UpstreamAccess):
         entry = self.cache.manifests.tag(origin, tag, None)
         reply = await self._flights.run(
             ("revalidate", *key),
-            lambda: self._revalidate(route, origin, tag, entry, None, False),
+            lambda: self._revalidate(route, origin, tag, entry, None, False, recent=0.0),
         )
         if reply is None:
             reply = await self._flights.run(
@@ -267,6 +267,7 @@ class ManifestService(UpstreamAccess):
         entry: TagEntry | None,
         accept: str | None,
         head: bool,
+        recent: float | None = None,
     ) -> Reply | None:
         """Check a tag with a HEAD, once for every worker and node; None when the manifest
         must be fetched.
@@ -274,10 +275,13 @@ class ManifestService(UpstreamAccess):
         An expired *entry* is served stale when the upstream fails.  The
         result is told to the others: ``[origin, tag, digest, media type]``,
         or ``[origin, tag, FETCH]`` when the tag names a manifest not cached.
+        One heard less than *recent* seconds ago (by default, within the
+        tag's TTL) is taken as it is.
         """
         flights = self.cache.flights
         key = "\n".join(("revalidate", origin, tag, negotiable(accept)))
-        heard = await flights.wait(key, cluster=True, recent=self._recent())
+        recent = self._recent() if recent is None else recent
+        heard = await flights.wait(key, cluster=True, recent=recent)
         if heard is not None and heard[2:] == [FETCH]:
             return None
         if heard is not None and len(heard) == 4 and await self._heard(origin, tag, heard[2]):
