@@ -51,7 +51,7 @@ from dockmirror.streaming import (
     FileSender,
     ShortFile,
     StreamError,
-    plain_tcp_transport,
+    file_transport,
     release,
 )
 
@@ -847,12 +847,13 @@ class BlobReader:
         return f"<BlobReader {self.digest} at {self._pos} of {self._start}-{self._end}>"
 
     def write_to(self, consumer: IConsumer) -> Deferred[int]:
-        transport = plain_tcp_transport(consumer) if self._whole_and_verified() else None
-        if transport is not None:
+        direct = file_transport(consumer) if self._whole_and_verified() else None
+        if direct is not None:
             assert self._fd is not None
+            transport, sealer = direct
             reactor = cast(IReactorFDSet, self._store.reactor)
             self._sender = FileSender(
-                reactor, transport, self._fd, self._start, self._end, self._on_bytes
+                reactor, transport, self._fd, self._start, self._end, self._on_bytes, sealer
             )
             self._sender.write_to(consumer).addCallbacks(self._sent, self._send_failed)
             return self.done
