@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 
 from dockmirror.cache import Cache, origin_of
+from dockmirror.cache.blobs import BlobGone
 from dockmirror.cache.fill import CacheWriteError, Fill
 from dockmirror.cache.follow import FollowedFill
 from dockmirror.cache.parts import PartBody, RangedFill
@@ -114,6 +115,10 @@ class BlobService(UpstreamAccess):
         count = self._metrics.bytes_from_cache.inc if x_cache == HIT else _ignore
         try:
             reader = store.reader(digest, start, end, count)
+        except BlobGone:
+            # Another worker evicted it between our look and our pin: from the upstream.
+            self._metrics.cache_passthrough.labels("evicted").inc()
+            return await self._passthrough(route, origin, digest, head, range_header)
         except OSError as e:
             log.error("cannot open cached {digest}: {error}", digest=digest, error=e.strerror)
             if source.fill is None and e.errno == errno.ENOENT:
