@@ -23,7 +23,7 @@ from dockmirror.cache.follow import POLL_INTERVAL, FollowedFill
 from dockmirror.coordination import FileLockCoordinator, LocalCoordinator, SharedFlights
 from dockmirror.streaming import StreamError
 
-from ._cache_support import Claims, make_store, sha256
+from ._cache_support import Claims, HeldRunner, make_store, sha256
 
 DIGEST = sha256(b"layer")
 
@@ -502,6 +502,23 @@ def test_a_blob_read_by_another_worker_lately_is_not_evicted_before_the_index_sa
     claims.reads[read] = clock.seconds()  # read there just now, not in the index yet
     put(first, b"c" * 10)
     assert first.has(read) and not first.has(other)
+
+
+def test_a_victim_whose_file_is_still_being_removed_is_not_chosen_again(tmp_path):
+    first, _, claims, clock = two_workers(tmp_path, max_size=20)
+    old = put(first, b"a" * 10)
+    clock.advance(10)
+    other = put(first, b"b" * 10)
+    clock.advance(10)
+    first._index.flush()
+    disk = first._run = HeldRunner()  # type: ignore[method-assign]
+    # The first fill evicts the old blob; its file and its index row go later ...
+    assert isinstance(first.begin_fill(sha256(b"c" * 10), 10, "hub"), Fill)
+    # ... so the index still lists it, first: the second fill must not count it again.
+    assert first.begin_fill(sha256(b"d" * 10), 10, "hub") == "cache full of blobs in use"
+    disk.run_all()
+    assert not first.has(old) and first.has(other)
+    assert claims.usage == 20  # the other blob and the first fill's reservation
 
 
 def test_a_blob_another_worker_removes_is_not_read(tmp_path):
