@@ -412,7 +412,6 @@ class BlobStore:
     def _pin(self, digest: str) -> bool:
         """Count a reader of *digest*; False if another process is removing it."""
         if not self._pins[digest] and not self.coordinator.pin(digest):
-            del self._pins[digest]
             return False
         self._pins[digest] += 1
         return True
