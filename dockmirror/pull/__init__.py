@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from dockmirror.cache import Cache
 from dockmirror.metrics import Metrics
-from dockmirror.pull.access import Reply
+from dockmirror.pull.access import PullContext, Reply
 from dockmirror.pull.blobs import BlobService
 from dockmirror.pull.manifests import ManifestService
 from dockmirror.pull.prefetch import ImagePrefetch
@@ -26,7 +26,6 @@ from dockmirror.pull.tags import TagsService
 from dockmirror.pull.upstreams import Upstreams
 from dockmirror.reference import parse_image_reference
 from dockmirror.routing import Route, Router
-from dockmirror.shared import SingleFlight
 
 __all__ = ["Prefetcher", "PullService", "Reply", "Upstreams"]
 
@@ -43,12 +42,12 @@ class PullService:
     def __init__(
         self, upstreams: Upstreams, reactor: IReactorTime, metrics: Metrics, cache: Cache
     ) -> None:
-        flights = SingleFlight()
+        context = PullContext(upstreams, reactor, metrics, cache)
         self.cache = cache
-        self.manifests = ManifestService(upstreams, reactor, metrics, cache, flights)
-        self.blobs = BlobService(upstreams, reactor, metrics, cache, flights)
-        self._referrers = ReferrersService(upstreams, reactor, metrics, cache, flights)
-        self._tags = TagsService(upstreams, reactor, metrics, cache, flights)
+        self.manifests = ManifestService(context)
+        self.blobs = BlobService(context)
+        self._referrers = ReferrersService(context)
+        self._tags = TagsService(context)
         self._images = ImagePrefetch(self.manifests, self.blobs)
 
     async def manifest(self, route: Route, reference: str, accept: str | None, head: bool) -> Reply:

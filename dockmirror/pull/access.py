@@ -69,23 +69,27 @@ def compute_digest(data: bytes, algorithm: str = "sha256") -> str:
     return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
 
 
+@dataclass
+class PullContext:
+    """What the parts of the pull side share."""
+
+    upstreams: Upstreams
+    reactor: IReactorTime
+    metrics: Metrics
+    cache: Cache
+    #: Concurrent requests for the same thing share one upstream request.
+    flights: SingleFlight = field(default_factory=SingleFlight)
+
+
 class UpstreamAccess:
     """One part of the pull side: asks the upstreams, and turns their refusals into errors."""
 
-    def __init__(
-        self,
-        upstreams: Upstreams,
-        reactor: IReactorTime,
-        metrics: Metrics,
-        cache: Cache,
-        flights: SingleFlight,
-    ) -> None:
-        self.upstreams = upstreams
-        self.cache = cache
-        self._reactor = reactor
-        self._metrics = metrics
-        #: Concurrent requests for the same thing share one upstream request.
-        self._flights = flights
+    def __init__(self, context: PullContext) -> None:
+        self.upstreams = context.upstreams
+        self.cache = context.cache
+        self._reactor = context.reactor
+        self._metrics = context.metrics
+        self._flights = context.flights
 
     async def _request(
         self,

@@ -14,23 +14,22 @@ from functools import partial
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 
-from dockmirror.cache import Cache, origin_of
+from dockmirror.cache import origin_of
 from dockmirror.cache.blobs import BlobGone
 from dockmirror.cache.fill import CacheWriteError, Fill
 from dockmirror.cache.follow import FollowedFill
 from dockmirror.cache.parts import PartBody, RangedFill
 from dockmirror.errors import RegistryError, upstream_unavailable
-from dockmirror.metrics import Metrics
 from dockmirror.pull.access import (
     CACHE_TIER,
     HIT,
     MISS,
     SHARED,
+    PullContext,
     Reply,
     UpstreamAccess,
     content_length,
@@ -38,10 +37,8 @@ from dockmirror.pull.access import (
     names,
 )
 from dockmirror.pull.ranges import parse_range, range_spec
-from dockmirror.pull.upstreams import Upstreams
 from dockmirror.ranged import RangedFetch, RangeSupport
 from dockmirror.routing import Route, Upstream
-from dockmirror.shared import SingleFlight
 from dockmirror.streaming import BodyStream, StreamError, content_range_start
 from dockmirror.upstream import discard
 
@@ -63,17 +60,10 @@ class Source:
 class BlobService(UpstreamAccess):
     """Blobs from the cache, from fills in progress, or from the upstream uncached."""
 
-    def __init__(
-        self,
-        upstreams: Upstreams,
-        reactor: IReactorTime,
-        metrics: Metrics,
-        cache: Cache,
-        flights: SingleFlight,
-    ) -> None:
-        super().__init__(upstreams, reactor, metrics, cache, flights)
+    def __init__(self, context: PullContext) -> None:
+        super().__init__(context)
         #: Upstreams seen to ignore Range, whose large blobs go in one stream for a while.
-        self.ranges = RangeSupport(reactor)
+        self.ranges = RangeSupport(context.reactor)
 
     async def blob(self, route: Route, digest: str, head: bool, range_header: str | None) -> Reply:
         origin = origin_of(route)
