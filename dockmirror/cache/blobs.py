@@ -386,8 +386,8 @@ class BlobStore:
 
         The blob is pinned before its file is opened, so a process evicting
         it either sees the pin or has it refused.  Raises :class:`BlobGone`
-        when another process removed it (or is removing it), and ``OSError``
-        when the file cannot be opened.
+        when it was removed (then it is forgotten) or another process is
+        removing it, and ``OSError`` when the file cannot be opened.
         """
         fill = self.filling(digest)
         if not self._pin(digest):
@@ -403,6 +403,9 @@ class BlobStore:
                 fd = os.open(self.path(digest), flags)
         except FileNotFoundError as e:
             self.unpin(digest)
+            if fill is None:
+                log.warn("cached {digest} is gone from the disk", digest=digest)
+                self.forget(digest)
             raise BlobGone(e.errno, f"{digest} was removed") from e
         except OSError:
             self.unpin(digest)
