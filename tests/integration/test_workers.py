@@ -513,7 +513,8 @@ def test_a_blob_another_worker_is_evicting_is_not_read_from_the_cache(
     layer = image.platforms[0].layers[0]
     url = f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"
     status, _, body = curl(url)
-    assert status == 200 and layer.digest in cached_blobs(mirror)
+    assert status == 200
+    wait_until(lambda: layer.digest in cached_blobs(mirror))  # committed after its last byte
     # A worker of this cache is evicting it: a reader coming now must not count on it.
     fd = lock_as_evicting(mirror.cache_dir, layer.digest)
     try:
