@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.mmap_dict import MmapedDict
@@ -436,26 +437,37 @@ def get(connection: http.client.HTTPConnection, path: str) -> tuple[int, bytes]:
     return response.status, response.read()
 
 
+def room_for_two_of_three(
+    registry_factory: Any, dockmirror: DockmirrorFactory, seeded: Any, repo: str
+) -> tuple[Dockmirror, list[Blob], list[http.client.HTTPConnection], Callable[..., None]]:
+    """Two workers whose cache has room for two of three layers, a connection to
+    each, and how to pull a layer through one."""
+    registry = registry_factory()
+    image = seeded(registry, repo, "v1", layers=[6 << 20] * 3)
+    mirror = start_workers(dockmirror, registry, max_size="15MiB")
+
+    def pull(connection: http.client.HTTPConnection, layer: Blob, settle: float = 0) -> None:
+        status, body = get(connection, f"/v2/{repo}/blobs/{layer.digest}")
+        assert status == 200 and sha256(body) == layer.digest
+        time.sleep(settle)
+
+    connections = list(connection_to_each_worker(mirror).values())
+    return mirror, list(image.platforms[0].layers), connections, pull
+
+
 def test_eviction_counts_the_uses_of_every_worker(
     registry_factory, dockmirror, seeded, unique_repo
 ):
-    registry = registry_factory()
-    image = seeded(registry, unique_repo, "v1", layers=[6 << 20] * 3)
-    mirror = start_workers(dockmirror, registry, max_size="15MiB")  # room for two
-    old, other, new = image.platforms[0].layers
-    first, second = connection_to_each_worker(mirror).values()
-
-    def pull(connection: http.client.HTTPConnection, layer: Blob) -> None:
-        status, body = get(connection, f"/v2/{unique_repo}/blobs/{layer.digest}")
-        assert status == 200 and sha256(body) == layer.digest
-        time.sleep(1.5)  # its use is in the index
-
-    pull(first, old)
-    pull(first, other)
+    mirror, (old, other, new), (first, second), pull = room_for_two_of_three(
+        registry_factory, dockmirror, seeded, unique_repo
+    )
+    settle = 1.5  # each use is in the index
+    pull(first, old, settle)
+    pull(first, other, settle)
     # In the first worker's own view, the old blob is the least recently used ...
-    pull(second, old)
+    pull(second, old, settle)
     # ... but the second worker used it since: the other one goes.
-    pull(first, new)
+    pull(first, new, settle)
     wait_until(lambda: set(cached_blobs(mirror)) == {old.digest, new.digest})
     assert_cache_sound(mirror)
 
@@ -463,16 +475,9 @@ def test_eviction_counts_the_uses_of_every_worker(
 def test_eviction_counts_a_use_in_another_worker_before_it_reaches_the_index(
     registry_factory, dockmirror, seeded, unique_repo
 ):
-    registry = registry_factory()
-    image = seeded(registry, unique_repo, "v1", layers=[6 << 20] * 3)
-    mirror = start_workers(dockmirror, registry, max_size="15MiB")  # room for two
-    old, other, new = image.platforms[0].layers
-    first, second = connection_to_each_worker(mirror).values()
-
-    def pull(connection: http.client.HTTPConnection, layer: Blob) -> None:
-        status, body = get(connection, f"/v2/{unique_repo}/blobs/{layer.digest}")
-        assert status == 200 and sha256(body) == layer.digest
-
+    mirror, (old, other, new), (first, second), pull = room_for_two_of_three(
+        registry_factory, dockmirror, seeded, unique_repo
+    )
     pull(first, old)
     pull(second, old)  # the second worker knows it: its next use is one more index write
     pull(first, other)
