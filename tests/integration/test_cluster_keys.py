@@ -272,3 +272,33 @@ def test_the_manhole_works_on_the_cluster_database(
         assert session.close() == 0
     finally:
         session.close()
+
+
+def test_notifications_from_other_database_users_are_ignored(
+    nodes: list[Dockmirror], postgres: str, postgres_server: PostgresServer
+) -> None:
+    """Any role that may connect to the database can NOTIFY: only the nodes' own count.
+
+    A role with no privilege on dockmirror's tables sends what would revoke
+    a key and lock it out with failed logins: no node believes it.
+    """
+    import psycopg
+
+    app_id, api_key = create_key(nodes[0])
+    forged = [
+        json.dumps(["stranger", "revoked", [app_id]]),
+        *[json.dumps(["stranger", "login-failed", [app_id, LOOPBACK]])] * 12,
+    ]
+    postgres_server.sql("CREATE ROLE stranger LOGIN")
+    try:
+        with psycopg.connect(
+            postgres.replace("//dockmirror@", "//stranger@"), autocommit=True
+        ) as conn:
+            assert conn.info.user == "stranger"
+            for payload in forged:
+                conn.execute("SELECT pg_notify('dockmirror', %s)", (payload,))
+        time.sleep(1.5)
+        for node in nodes:
+            assert curl("-H", basic(app_id, api_key), f"{node.url}/v2/")[0] == 200
+    finally:
+        postgres_server.sql("DROP ROLE stranger")
