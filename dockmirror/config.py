@@ -581,8 +581,7 @@ def _check(config: Config) -> None:
         raise ConfigError(
             f'{source}: server.workers must be a number from 1 to {MAX_WORKERS}, or "auto"'
         )
-    if not config.server.public_url.startswith(("http://", "https://")):
-        raise ConfigError(f"{source}: server.public_url must be an http(s) URL")
+    _check_public_url(source, config.server.public_url)
     _check_server(source, config.server)
     _check_cache(source, config.cache)
     _check_storage(source, config.storage)
@@ -609,6 +608,22 @@ def _check_seconds(source: str, key: str, value: float) -> None:
         raise ConfigError(
             f"{source}: {key} must be more than 0 and at most {TIMEOUT_MAX:.0f} seconds"
         )
+
+
+def _check_public_url(source: str, url: str) -> None:
+    """``scheme://host[:port]``: registry clients ask a registry for ``/v2/`` at its root."""
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{source}: server.public_url must be an http(s) URL")
+    parts = urlsplit(url)
+    if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
+        raise ConfigError(
+            f"{source}: server.public_url must be the root of a host, as"
+            f" https://mirror.example.com, not {url[:200]!r}: registry clients ask for /v2/"
+            " at the root, the token service and the portal are under it"
+            " (/docker-auth/token, /portal/); give the mirror a host name of its own"
+        )
+    if not parts.hostname:
+        raise ConfigError(f"{source}: server.public_url must be the root of a host: no host")
 
 
 def _check_server(source: str, server: ServerConfig) -> None:
