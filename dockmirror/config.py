@@ -29,7 +29,7 @@ from dockmirror import plugins
 from dockmirror._interfaces import IUpstream
 from dockmirror.egress import CONNECT_TIMEOUT, UpstreamTLS, load_upstream_tls
 from dockmirror.forwarded import HEADERS as PROXY_HEADERS
-from dockmirror.hostnames import HostPattern, is_host_name
+from dockmirror.hostnames import HostPattern, is_host_name, parse_host
 from dockmirror.portal import config as portal_config
 from dockmirror.portal.config import PortalConfig
 from dockmirror.proxy import ProxyRules, proxy_rules, redact
@@ -208,20 +208,42 @@ class WarmConfig:
 
 @dataclass(frozen=True)
 class WarmImage:
-    """One image of the warm list: the upstream's configured name, a repository there, a tag."""
+    """One image of the warm list: the upstream's configured name, a repository there, a tag.
+
+    *alias* is the registry host the image was named by, when it was (``eu.gcr.io``).
+    """
 
     upstream: str
     repository: str
     tag: str
+    alias: str | None = None
 
     def __str__(self) -> str:
-        return f"{self.upstream}/{self.repository}:{self.tag}"
+        return f"{self.alias or self.upstream}/{self.repository}:{self.tag}"
 
 
-def parse_warm_image(text: str, upstreams: Iterable[str]) -> WarmImage:
-    """``UPSTREAM/REPOSITORY:TAG``, with UPSTREAM the name of an ``[upstreams.NAME]`` table."""
+def _upstream_serving(host: str, upstreams: Mapping[str, UpstreamConfig]) -> tuple[str, str] | None:
+    """The upstream whose aliases (its own, its plugin's) match the registry *host*, as routed."""
+    name = parse_host(host)
+    if name is None:
+        return None
+    plugins = upstream_plugins()
+    for upstream, u in upstreams.items():
+        plugin = plugins.get(u.plugin)
+        patterns = (*(plugin.aliases if plugin is not None else ()), *u.aliases)
+        if any(HostPattern.parse(p).matches(name) for p in patterns):
+            return upstream, str(name)
+    return None
+
+
+def parse_warm_image(text: str, upstreams: Mapping[str, UpstreamConfig]) -> WarmImage:
+    """``UPSTREAM/REPOSITORY:TAG``, with UPSTREAM the name of an ``[upstreams.NAME]`` table,
+    or a registry host one of them serves, as clients name it (``eu.gcr.io``)."""
     names = sorted(upstreams)
-    upstream, _, rest = text.partition("/")
+    first, _, rest = text.partition("/")
+    upstream, alias = first, None
+    if first not in upstreams and "." in first:
+        upstream, alias = _upstream_serving(first, upstreams) or (first, None)
     repository, colon, tag = rest.rpartition(":")
     if (
         upstream not in names
@@ -232,9 +254,10 @@ def parse_warm_image(text: str, upstreams: Iterable[str]) -> WarmImage:
     ):
         raise ValueError(
             f"{text[:300]!r} is not UPSTREAM/REPOSITORY:TAG with UPSTREAM one of"
-            f' {", ".join(names) or "(none configured)"} (e.g. "dockerhub/library/alpine:3")'
+            f" {', '.join(names) or '(none configured)'}, or a registry host one of them"
+            ' serves (e.g. "dockerhub/library/alpine:3", "eu.gcr.io/project/app:1")'
         )
-    return WarmImage(upstream, repository, tag)
+    return WarmImage(upstream, repository, tag, alias)
 
 
 @dataclass(frozen=True)
