@@ -637,7 +637,9 @@ def _check_public_url(source: str, url: str) -> None:
     """``scheme://host[:port]``: registry clients ask a registry for ``/v2/`` at its root."""
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"{source}: server.public_url must be an http(s) URL")
-    parts = urlsplit(url)
+    parts = _url_parts(url)
+    if parts is None:
+        raise ConfigError(f"{source}: server.public_url {url[:200]!r} is not a URL")
     if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
         raise ConfigError(
             f"{source}: server.public_url must be the root of a host, as"
