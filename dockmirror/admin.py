@@ -15,6 +15,12 @@ Run it as the server's user: SQLite's files must stay writable for the server.
 Run as root, it takes on the identity of the owner of the state directory
 (the key store's directory) before it opens anything there.
 
+Each change (a key created, revoked or rotated, a user disabled or enabled)
+is an audit event, as those of the manhole and the portal: it goes to the
+system log (``/dev/log``: journald, rsyslog), facility ``authpriv``, tagged
+``dockmirror-admin`` and naming who ran it (``$SUDO_USER``, else the user).
+Where there is no system log, it is printed on standard error.
+
 ``warm run`` asks the running server for a warm round through its control
 socket (:mod:`dockmirror.control`) and prints the result when it ends.
 
@@ -52,6 +58,36 @@ from dockmirror.portal import users
 from dockmirror.portal.sessions import DATABASE_FILE, PortalDatabase, PortalStoreError
 
 PROG = "dockmirror-admin"
+#: Where the system log listens; audit events go there.
+SYSLOG_SOCKET = "/dev/log"
+#: ``authpriv.notice``: the facility of security events, as sudo's.
+_SYSLOG_PRIORITY = 10 * 8 + 5
+
+
+def _actor() -> str:
+    """Who runs this: the user who called sudo, else the user it runs as."""
+    sudo_user = "".join(c for c in os.environ.get("SUDO_USER", "") if c.isprintable())
+    if sudo_user:
+        return sudo_user[:64]
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return f"uid {os.getuid()}"
+
+
+def audit(event: str, what: str, more: str = "") -> None:
+    """Record *what* changed (and *more*), by whom, as the audit event *event* in the system log."""
+    message = f"{what} by {_actor()} ({PROG}){more} audit={event}"
+    line = f"<{_SYSLOG_PRIORITY}>{PROG}[{os.getpid()}]: {message}".encode()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as log:
+            log.connect(SYSLOG_SOCKET)
+            log.send(line)
+    except OSError as e:
+        print(
+            f"{PROG}: no system log ({SYSLOG_SOCKET}: {e.strerror or e}): {message}",
+            file=sys.stderr,
+        )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -180,9 +216,18 @@ def _run_users(args: argparse.Namespace, config: Config, db: KeyQueries) -> None
             for user in portal.users():
                 print(json.dumps(user.to_json()))
         elif args.command == "disable":
-            print(json.dumps(users.disable(portal, db, args.identity)))
+            done = users.disable(portal, db, args.identity)
+            audit(
+                "user-disabled",
+                f"user {done['identity']} disabled",
+                f": {len(done['keysRevoked'])} keys revoked,"
+                f" {done['sessionsEnded']} sessions ended",
+            )
+            print(json.dumps(done))
         else:
-            portal.set_disabled(users.check_identity(args.identity), False)
+            identity = users.check_identity(args.identity)
+            portal.set_disabled(identity, False)
+            audit("user-enabled", f"user {identity} enabled")
             print(f"{args.identity} may sign in again")
     finally:
         portal.close()
@@ -196,6 +241,7 @@ def _run(args: argparse.Namespace, config: Config, db: KeyQueries) -> None:
         if args.repository:
             limits = [check_repository_prefix(r, config.upstreams) for r in args.repository]
         new = db.create(args.name, limits)
+        audit("key-created", f"key {new.app_id} created")
         print(json.dumps(new.to_json()))
         print("Keep the apiKey now: it cannot be shown again.", file=sys.stderr)
     elif args.command == "list":
@@ -204,9 +250,12 @@ def _run(args: argparse.Namespace, config: Config, db: KeyQueries) -> None:
     elif args.command == "revoke":
         was_revoked = db.get(args.app_id).revoked
         db.revoke(args.app_id)
+        if not was_revoked:
+            audit("key-revoked", f"key {args.app_id} revoked")
         print(f"{args.app_id} {'was already' if was_revoked else 'is now'} revoked")
     else:
         new = db.rotate(args.app_id)
+        audit("key-rotated", f"key {args.app_id} rotated", f", replaced by {new.app_id}")
         print(json.dumps(new.to_json()))
         print(f"{args.app_id} is revoked, replaced by {new.app_id}", file=sys.stderr)
 

@@ -305,16 +305,17 @@ def _cluster(config: Config, reactor: Any, top: service.MultiService) -> _Cluste
     # Imported here: only a cluster needs (and has) the cluster extra.
     from dockmirror.cluster.database import Database, DatabaseService
     from dockmirror.cluster.keys import POLL_INTERVAL, PostgresKeys, cluster_signing_key
-    from dockmirror.cluster.notify import PostgresNotifier
+    from dockmirror.cluster.notify import PostgresNotifier, notification_key
 
     assert config.cluster.database is not None
     copy = state_directory(config) / CLUSTER_SIGNING_KEY_FILE
     pem = cluster_signing_key(config.cluster.database, copy)
     database = Database(config.cluster.database, reactor)
     DatabaseService(database).setServiceParent(top)
-    notifier = PostgresNotifier(database, reactor)
+    notify_key = notification_key(pem)
+    notifier = PostgresNotifier(database, reactor, notify_key)
     notifier.setServiceParent(top)
-    keys = PostgresKeys(database, reactor)
+    keys = PostgresKeys(database, reactor, notify_key)
     return _Cluster(notifier, keys, parse_signing_key(pem, repr(database)), POLL_INTERVAL)
 
 

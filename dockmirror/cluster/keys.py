@@ -33,7 +33,7 @@ from dockmirror.auth.keystore import REVOKED_TOPIC, KeyDump, KeyQueries, KeyStor
 from dockmirror.auth.secretfile import read, replace
 from dockmirror.auth.tokens import generate_signing_key
 from dockmirror.cluster.database import CONNECT_TIMEOUT, Database, DatabaseUnavailable
-from dockmirror.cluster.notify import MAX_STRINGS, notify
+from dockmirror.cluster.notify import MAX_STRINGS, notification_key, notify
 
 log = Logger()
 T = TypeVar("T")
@@ -61,10 +61,15 @@ class PostgresKeyDatabase(KeyQueries):
     _greatest = "greatest"
 
     def __init__(
-        self, conn: psycopg.Connection[Any], clock: Callable[[], float] = time.time
+        self,
+        conn: psycopg.Connection[Any],
+        clock: Callable[[], float] = time.time,
+        notify_key: bytes | None = None,
     ) -> None:
         super().__init__(clock)
         self._conn = conn
+        #: The key that signs notifications; read from the database when not given.
+        self._notify_key = notify_key
 
     def __repr__(self) -> str:
         return f"<PostgresKeyDatabase {self._conn.info.dbname}>"
@@ -97,8 +102,13 @@ class PostgresKeyDatabase(KeyQueries):
         return bytes(value)
 
     def _announce_revoked(self, app_ids: Sequence[str]) -> None:
+        if self._notify_key is None:
+            self._notify_key = notification_key(
+                self.shared_secret(SIGNING_KEY, generate_signing_key)
+            )
         for start in range(0, len(app_ids), MAX_STRINGS):
-            notify(self._conn, REVOKED_TOPIC, list(app_ids[start : start + MAX_STRINGS]))
+            chunk = list(app_ids[start : start + MAX_STRINGS])
+            notify(self._conn, REVOKED_TOPIC, chunk, self._notify_key)
 
 
 class PostgresKeys:
@@ -107,10 +117,11 @@ class PostgresKeys:
     shared = True
     read_only = False
 
-    def __init__(self, database: Database, reactor: Any) -> None:
+    def __init__(self, database: Database, reactor: Any, notify_key: bytes) -> None:
         self.database = database
         self.name = repr(database)
         self._reactor = reactor
+        self._notify_key = notify_key
         self._down_until = 0.0
 
     def start(self) -> None:
@@ -134,7 +145,9 @@ class PostgresKeys:
         if self._reactor.seconds() < self._down_until:
             raise KeyStoreError(f"{self.name} is unavailable")
         try:
-            return await self.database.run(lambda conn: f(PostgresKeyDatabase(conn)))
+            return await self.database.run(
+                lambda conn: f(PostgresKeyDatabase(conn, notify_key=self._notify_key))
+            )
         except DatabaseUnavailable as e:
             self._down_until = self._reactor.seconds() + RETRY_INTERVAL
             raise KeyStoreError(f"{self.name} is unavailable: {e}") from e

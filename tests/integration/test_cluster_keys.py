@@ -272,3 +272,45 @@ def test_the_manhole_works_on_the_cluster_database(
         assert session.close() == 0
     finally:
         session.close()
+
+
+def test_notifications_from_other_database_users_are_ignored(
+    nodes: list[Dockmirror], postgres: str, postgres_server: PostgresServer
+) -> None:
+    """Any role that may connect to the database can NOTIFY: only the nodes' own count.
+
+    A role with no privilege on dockmirror's tables sends what would revoke
+    a key and lock it out with failed logins: no node believes it.
+    """
+    import psycopg
+
+    app_id, api_key = create_key(nodes[0])
+    forged = [
+        json.dumps(["stranger", "revoked", [app_id]]),
+        *[json.dumps(["stranger", "login-failed", [app_id, LOOPBACK]])] * 12,
+    ]
+    postgres_server.sql("CREATE ROLE stranger LOGIN")
+    try:
+        with psycopg.connect(
+            postgres.replace("//dockmirror@", "//stranger@"), autocommit=True
+        ) as conn:
+            assert conn.info.user == "stranger"
+            for payload in forged:
+                conn.execute("SELECT pg_notify('dockmirror', %s)", (payload,))
+        time.sleep(1.5)  # believed, they would act within 0.1 s (the revocation bound's figure)
+        # A forged revocation would stay, forged failures for minutes: a
+        # loaded machine's transient answer (a 503, a timeout) may not.
+        answers: list[tuple[int, bytes]] = []
+
+        def works(node: Dockmirror) -> bool:
+            status, _, body = curl("-H", basic(app_id, api_key), f"{node.url}/v2/")
+            answers.append((status, body[:300]))
+            return status == 200
+
+        for node in nodes:
+            try:
+                wait_until(lambda node=node: works(node), timeout=10, interval=0.5)
+            except TimeoutError:
+                pytest.fail(f"the key no longer works on {node.url}: {answers[-3:]}")
+    finally:
+        postgres_server.sql("DROP ROLE stranger")
