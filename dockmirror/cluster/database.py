@@ -91,9 +91,15 @@ class Database:
 
     def migrate(self, schema: str, timeout: float = 30.0) -> None:
         """Create the tables of *schema* once, whichever node starts first (blocking)."""
-        with self._pool.connection(timeout=timeout) as conn, conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(hashtext('dockmirror-schema'))")
-            conn.execute(schema)
+        with self._pool.connection(timeout=timeout) as conn:
+            apply_schema(conn, schema)
+
+
+def apply_schema(conn: psycopg.Connection[Any], schema: str) -> None:
+    """Create the tables of *schema* on *conn*, one node at a time (blocking)."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('dockmirror-schema'))")
+        conn.execute(schema)
 
 
 class DatabaseService(service.Service):

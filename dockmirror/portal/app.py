@@ -37,10 +37,10 @@ from dockmirror.portal.login import Identity, LoginRefused, Provider, ProviderUn
 from dockmirror.portal.sessions import (
     LOGIN_TTL,
     PendingLogin,
-    PortalDatabase,
+    PortalQueries,
+    PortalStore,
     PortalStoreError,
     Session,
-    SessionStore,
     User,
 )
 from dockmirror.portal.users import disable_user
@@ -103,7 +103,7 @@ class Portal:
         config: PortalConfig,
         public_url: str,
         keys: KeyStore,
-        store: SessionStore,
+        store: PortalStore,
         providers: Sequence[Provider],
         session_secret: bytes,
         csrf_secret: bytes,
@@ -164,7 +164,7 @@ class Portal:
         session_id, _, signature = cookie.partition(".")
         if not _same(signature, _sign(self._session_secret, session_id)):
             return None
-        session = await self._db(PortalDatabase.get_session, session_id)
+        session = await self._db(PortalQueries.get_session, session_id)
         if session is None:
             return None
         return Visitor(
@@ -221,7 +221,7 @@ class Portal:
             )
         except ProviderUnavailable as e:
             raise PortalError(502, str(e)) from None
-        await self._db(PortalDatabase.begin_login, state, login)
+        await self._db(PortalQueries.begin_login, state, login)
         # Binds the state to this browser: a callback URL made elsewhere is refused.
         self.set_cookie(request, self.login_cookie, state, LOGIN_TTL)
         return url
@@ -237,7 +237,7 @@ class Portal:
         self.set_cookie(request, self.login_cookie, "", 0)
         pending = None
         if state and expected and _same(state, expected):
-            pending = await self._db(PortalDatabase.finish_login, state)
+            pending = await self._db(PortalQueries.finish_login, state)
         if pending is None or pending.provider != provider.name:
             self.sign_in_throttle.failed(client_subject(client))
             log.warn("sign-in with a forged, reused or expired state from {client}", client=client)
@@ -269,11 +269,11 @@ class Portal:
                 client=client,
             )
             raise PortalError(403, f"{identity.identity} may not use this portal.")
-        if await self._db(PortalDatabase.is_disabled, identity.identity):
+        if await self._db(PortalQueries.is_disabled, identity.identity):
             raise PortalError(403, f"{identity.identity} is disabled on this portal.")
         session_id = secrets.token_urlsafe(32)
         session = await self._db(
-            PortalDatabase.create_session,
+            PortalQueries.create_session,
             session_id,
             identity.identity,
             identity.name,
@@ -301,7 +301,7 @@ class Portal:
         return who in self._allowed or bool(self._orgs & identity.orgs)
 
     async def sign_out(self, request: Request, visitor: Visitor) -> None:
-        await self._db(PortalDatabase.end_session, visitor.session.session_id)
+        await self._db(PortalQueries.end_session, visitor.session.session_id)
         self.set_cookie(request, self.session_cookie, "", 0)
         audit.info(
             "{identity} signed out from {client}",
@@ -440,7 +440,7 @@ class Portal:
     # --- users ------------------------------------------------------------------------
 
     async def users(self) -> list[User]:
-        users: list[User] = await self._db(PortalDatabase.users)
+        users: list[User] = await self._db(PortalQueries.users)
         return users
 
     async def set_user_disabled(self, visitor: Visitor, identity: str, disabled: bool) -> Any:
@@ -457,7 +457,7 @@ class Portal:
                 return await disable_user(
                     self.store, self.keys, identity, visitor.identity, visitor.client
                 )
-            await self.store.run(PortalDatabase.set_disabled, identity, False)
+            await self.store.run(PortalQueries.set_disabled, identity, False)
         except (KeyStoreError, PortalStoreError) as e:
             log.error("cannot change user {identity}: {error}", identity=identity, error=str(e))
             raise PortalError(503, "the portal's databases are unavailable") from e

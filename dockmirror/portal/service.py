@@ -23,8 +23,11 @@ from dockmirror.portal.login import GitHubProvider, OidcProvider, Provider
 from dockmirror.portal.overview import TrafficSampler, UpstreamProbe
 from dockmirror.portal.resource import PortalResource
 from dockmirror.portal.sessions import (
+    CSRF_SECRET_FILE,
     DATABASE_FILE,
+    SESSION_SECRET_FILE,
     PortalDatabase,
+    PortalStore,
     PortalStoreError,
     SessionStore,
 )
@@ -32,13 +35,49 @@ from dockmirror.portal.users import UsersConsole
 from dockmirror.proxy import proxy_rules
 from dockmirror.routing import Router
 
-#: Secrets made on first start, in the state directory.
-SESSION_SECRET_FILE = "portal_session_secret"
-CSRF_SECRET_FILE = "portal_csrf_secret"
+#: The copies of the cluster's portal secrets, in the state directory.
+CLUSTER_COPY = "cluster_{}"
 
 
 def _secret(config: Config, name: str) -> bytes:
     return load_or_create(state_directory(config) / name, lambda: secrets.token_bytes(32))
+
+
+def _store(
+    config: Config, database: Any, reactor: Any, parent: service.MultiService
+) -> tuple[PortalStore, bytes, bytes]:
+    """Where users and sessions are kept, and the secrets of cookies and CSRF tokens.
+
+    In a cluster, the store and the secrets are the cluster database's, so
+    that any node serves any signed-in browser.
+    """
+    if database is None:
+        path = state_directory(config) / DATABASE_FILE
+        try:
+            PortalDatabase(path).close()  # an unusable database stops start-up here
+        except PortalStoreError as e:
+            raise ValueError(str(e)) from None
+        store = SessionStore(path, reactor)
+        store.setServiceParent(parent)
+        return store, _secret(config, SESSION_SECRET_FILE), _secret(config, CSRF_SECRET_FILE)
+    # Only a cluster has (and needs) the cluster extra.
+    from dockmirror.cluster.keys import cluster_secret
+    from dockmirror.cluster.portal import CSRF_SECRET, SESSION_SECRET, PostgresSessions
+
+    shared = [
+        cluster_secret(
+            database.url,
+            name,
+            lambda: secrets.token_bytes(32),
+            state_directory(config) / CLUSTER_COPY.format(file),
+            f"the portal's {what} secret",
+        )
+        for name, file, what in (
+            (SESSION_SECRET, SESSION_SECRET_FILE, "session"),
+            (CSRF_SECRET, CSRF_SECRET_FILE, "CSRF"),
+        )
+    ]
+    return PostgresSessions(database, reactor), shared[0], shared[1]
 
 
 @dataclass(frozen=True)
@@ -61,8 +100,12 @@ def build_portal(
     check_prefix: Callable[[str], str],
     reactor: Any,
     parent: service.MultiService,
+    database: Any = None,
 ) -> PortalParts:
     """The portal, its services joining *parent*; *egress* holds each upstream's client.
+
+    With *database* (the cluster's :class:`~dockmirror.cluster.database.Database`),
+    users, sessions and sign-ins in progress are kept there.
 
     Each sign-in provider gets its own client, whose connections may go where
     its configured URL points (and to public addresses), like an upstream's,
@@ -92,13 +135,7 @@ def build_portal(
         )
         pools.append(client.pool)
         providers.append(OidcProvider(oidc, client_secret(oidc), client.http, reactor))
-    path = state_directory(config) / DATABASE_FILE
-    try:
-        PortalDatabase(path).close()  # an unusable database stops start-up here
-    except PortalStoreError as e:
-        raise ValueError(str(e)) from None
-    store = SessionStore(path, reactor)
-    store.setServiceParent(parent)
+    store, session_secret, csrf_secret = _store(config, database, reactor, parent)
     sampler = TrafficSampler(metrics, keys, reactor)
     sampler.setServiceParent(parent)
     portal = Portal(
@@ -107,8 +144,8 @@ def build_portal(
         keys,
         store,
         providers,
-        _secret(config, SESSION_SECRET_FILE),
-        _secret(config, CSRF_SECRET_FILE),
+        session_secret,
+        csrf_secret,
         reactor,
         check_prefix,
     )
