@@ -36,16 +36,17 @@ def cluster(
     nodes: int = 3,
     public_url: str | None = None,
     first: dict[str, dict[str, object]] | None = None,
+    every: dict[str, dict[str, object]] | None = None,
 ) -> list[Dockmirror]:
     """*nodes* started nodes sharing *database*, with Docker Hub played by *registry*.
 
     They serve *public_url*, by default the first node's URL; *first* is
-    more configuration for the first node.
+    more configuration for the first node, *every* for all of them.
     """
     upstreams = {"hub": {"plugin": "dockerhub", "url": registry.url, "default": True}}
     made: list[Dockmirror] = []
     for _ in range(nodes):
-        extra: dict[str, dict[str, object]] = {"cluster": {"database": database}}
+        extra: dict[str, dict[str, object]] = {**(every or {}), "cluster": {"database": database}}
         if made or public_url:
             extra["server"] = {"public_url": public_url or made[0].url}
         if not made:
