@@ -264,9 +264,6 @@ def test_migrate_copies_users_and_sessions(
     single.stop()
 
     done = admin(single, "migrate", "--to", postgres)
-    assert "copied 1 keys" in done.stdout, done
-    assert "copied 2 portal users and 1 portal sessions" in done.stdout, done
-    assert "sessions stay valid" in done.stdout, done
 
     nodes = portal_cluster(dockmirror, plain_registry, postgres, idp, 2, single.url)
     for node in nodes:  # the same browser, still signed in, on every node
@@ -278,3 +275,6 @@ def test_migrate_copies_users_and_sessions(
         "github:alice": False,
         "github:bob": True,
     }
+    assert "copied 1 keys" in done.stdout, done
+    assert "copied 2 portal users and 1 portal sessions" in done.stdout, done
+    assert "sessions stay valid" in done.stdout, done
