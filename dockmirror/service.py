@@ -275,7 +275,17 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
     if config.portal.enabled:
         database = cluster.database if cluster is not None else None
         portal = build_portal(
-            config, keys, metrics, cache, router, egress, check_prefix, reactor, top, database
+            config,
+            keys,
+            metrics,
+            cache,
+            router,
+            egress,
+            check_prefix,
+            reactor,
+            top,
+            notifier,
+            database,
         )
         root.putChild(b"portal", portal.resource)
         namespace["users"] = portal.users

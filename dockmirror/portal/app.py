@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from twisted.logger import Logger
 from twisted.web.server import Request
 
+from dockmirror._interfaces import INotifier
 from dockmirror.auth.keystore import (
     DAY,
     KeyInfo,
@@ -55,6 +56,10 @@ MAX_REPOSITORIES = 20
 MAX_USAGE_DAYS = 30
 SIGN_IN_LIMIT = (10, 60.0)
 CREATE_LIMIT = (10, 3600.0)
+#: What a process announces of the attempts it counted: ``[throttle, subject]``.
+THROTTLE_TOPIC = "portal-attempt"
+#: Longest throttle subject heard from another process.
+MAX_SUBJECT = 200
 
 
 class PortalError(Exception):
@@ -123,6 +128,8 @@ class Portal:
             reactor, *SIGN_IN_LIMIT, event="tried to sign in to the portal"
         )
         self.create_throttle = Throttle(reactor, *CREATE_LIMIT, event="created portal keys")
+        self._throttles = {"sign-in": self.sign_in_throttle, "create": self.create_throttle}
+        self._notifier: INotifier | None = None
         secure = urlsplit(self.public_url).scheme == "https"
         self.secure_cookies = secure
         prefix = "__Host-" if secure else ""
@@ -131,6 +138,21 @@ class Portal:
         self._admins = {normalize_identity(a) for a in config.admins}
         self._allowed = {normalize_identity(a) for a in config.allowed_users}
         self._orgs = {o.lower() for o in config.allowed_orgs}
+
+    def share(self, notifier: INotifier) -> None:
+        """Count the attempts of every process (and node) *notifier* reaches."""
+        self._notifier = notifier
+        notifier.subscribe(THROTTLE_TOPIC, self._heard)
+
+    def _attempt(self, throttle: str, subject: str) -> None:
+        self._throttles[throttle].failed(subject)
+        if self._notifier is not None:
+            self._notifier.publish(THROTTLE_TOPIC, [throttle, subject[:MAX_SUBJECT]])
+
+    def _heard(self, message: list[str]) -> None:
+        """Count an attempt another process saw."""
+        if len(message) == 2 and message[0] in self._throttles and len(message[1]) <= MAX_SUBJECT:
+            self._throttles[message[0]].failed(message[1])
 
     @property
     def host(self) -> str:
@@ -212,7 +234,7 @@ class Portal:
         provider = self.provider(name)
         client = client_address(request)
         self._throttle_sign_in(client)
-        self.sign_in_throttle.failed(client_subject(client))  # every attempt counts
+        self._attempt("sign-in", client_subject(client))  # every attempt counts
         state = secrets.token_urlsafe(32)
         login = PendingLogin(provider.name, secrets.token_urlsafe(48), secrets.token_urlsafe(24))
         try:
@@ -239,7 +261,7 @@ class Portal:
         if state and expected and _same(state, expected):
             pending = await self._db(PortalQueries.finish_login, state)
         if pending is None or pending.provider != provider.name:
-            self.sign_in_throttle.failed(client_subject(client))
+            self._attempt("sign-in", client_subject(client))
             log.warn("sign-in with a forged, reused or expired state from {client}", client=client)
             raise PortalError(
                 400,
@@ -364,7 +386,7 @@ class Portal:
                 f"too many keys made in the last hour; try again in {wait} seconds",
                 {"Retry-After": str(wait)},
             )
-        self.create_throttle.failed(subject)
+        self._attempt("create", subject)
 
     async def create_key(self, visitor: Visitor, name: str, repositories: Sequence[str]) -> NewKey:
         name = name.strip()

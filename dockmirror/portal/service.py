@@ -11,6 +11,7 @@ from typing import Any
 from twisted.application import service
 from twisted.web.client import HTTPConnectionPool
 
+from dockmirror._interfaces import INotifier
 from dockmirror.auth.keystore import KeyStore
 from dockmirror.auth.secretfile import load_or_create
 from dockmirror.config import Config, state_directory
@@ -100,12 +101,15 @@ def build_portal(
     check_prefix: Callable[[str], str],
     reactor: Any,
     parent: service.MultiService,
+    notifier: INotifier | None = None,
     database: Any = None,
 ) -> PortalParts:
     """The portal, its services joining *parent*; *egress* holds each upstream's client.
 
-    With *database* (the cluster's :class:`~dockmirror.cluster.database.Database`),
-    users, sessions and sign-ins in progress are kept there.
+    Sign-in and key creation attempts are counted in every process that
+    *notifier* reaches.  With *database* (the cluster's
+    :class:`~dockmirror.cluster.database.Database`), users, sessions and
+    sign-ins in progress are kept there.
 
     Each sign-in provider gets its own client, whose connections may go where
     its configured URL points (and to public addresses), like an upstream's,
@@ -149,6 +153,8 @@ def build_portal(
         reactor,
         check_prefix,
     )
+    if notifier is not None:
+        portal.share(notifier)
     probe = UpstreamProbe(router.upstreams, {n: e.http for n, e in egress.items()}, reactor)
     overview = overview_source(portal, cache, metrics, probe, sampler, reactor)
     return PortalParts(PortalResource(portal, overview), UsersConsole(store, keys), pools)

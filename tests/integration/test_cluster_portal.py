@@ -157,6 +157,16 @@ def test_the_provider_sends_the_browser_back_to_another_node(nodes: list[Dockmir
     assert bad.status_code == 403
 
 
+def test_sign_in_attempts_are_counted_across_nodes(nodes: list[Dockmirror]) -> None:
+    def attempt(node: Dockmirror) -> int:
+        url = f"{node.url}/portal/login/github"
+        return requests.get(url, allow_redirects=False).status_code
+
+    # The limit of 10 a minute, spread over three nodes: none sees more than 4 itself.
+    assert [attempt(nodes[i % len(nodes)]) for i in range(10)] == [302] * 10
+    wait_until(lambda: all(attempt(node) == 429 for node in nodes), timeout=5, interval=0.2)
+
+
 def test_a_user_disabled_on_one_node_is_signed_out_on_every_node(
     plain_registry: Registry,
     dockmirror: DockmirrorFactory,
