@@ -56,6 +56,8 @@ MAX_REPOSITORIES = 20
 MAX_USAGE_DAYS = 30
 SIGN_IN_LIMIT = (10, 60.0)
 CREATE_LIMIT = (10, 3600.0)
+#: Seconds a browser is asked to wait while a database is unavailable.
+RETRY_AFTER = 5
 #: What a process announces of the attempts it counted: ``[throttle, subject]``.
 THROTTLE_TOPIC = "portal-attempt"
 #: Longest throttle subject heard from another process.
@@ -84,6 +86,13 @@ class Visitor:
     @property
     def identity(self) -> str:
         return self.session.identity
+
+
+def unavailable(what: str) -> PortalError:
+    """A 503 for a database that is down: a page, or the API's error, never a traceback."""
+    return PortalError(
+        503, f"{what}; please try again in a moment", {"Retry-After": str(RETRY_AFTER)}
+    )
 
 
 def _sign(secret: bytes, value: str) -> str:
@@ -207,7 +216,7 @@ class Portal:
             return await self.store.run(f, *args)
         except PortalStoreError as e:
             log.error("portal database: {error}", error=str(e))
-            raise PortalError(503, "the portal's database is unavailable") from e
+            raise unavailable("the portal's database is unavailable") from e
 
     # --- signing in and out -----------------------------------------------------------
 
@@ -345,7 +354,7 @@ class Portal:
             ) from None
         except KeyStoreError as e:
             log.error("key store: {error}", error=str(e))
-            raise PortalError(503, "the key store is unavailable") from e
+            raise unavailable("the key store is unavailable") from e
 
     async def my_keys(self, visitor: Visitor) -> KeyList:
         keys: KeyList = await self.call_keys(self.keys.list, visitor.identity)
@@ -482,7 +491,7 @@ class Portal:
             await self.store.run(PortalQueries.set_disabled, identity, False)
         except (KeyStoreError, PortalStoreError) as e:
             log.error("cannot change user {identity}: {error}", identity=identity, error=str(e))
-            raise PortalError(503, "the portal's databases are unavailable") from e
+            raise unavailable("the portal's databases are unavailable") from e
         audit.info(
             "user {identity} enabled by {actor} from {client}",
             identity=identity,

@@ -240,6 +240,7 @@ def test_postgresql_stopped_mid_run(
             assert page.headers["content-type"] == "text/html; charset=utf-8"
             assert "Content-Security-Policy" in page.headers
             assert "unavailable" in page.text and "Traceback" not in page.text
+            assert page.headers["retry-after"] == "5"
             answer = alice.get(f"{node.url}/portal/api/keys")
             assert answer.status_code == 503 and "unavailable" in answer.json()["error"]
             start = requests.get(f"{node.url}/portal/login/github", allow_redirects=False)
