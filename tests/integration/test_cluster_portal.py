@@ -35,6 +35,7 @@ from .portal_support import (
 from .postgres import PostgresServer
 from .registries import LOOPBACK, Registry, free_port, wait_until
 from .test_auth import basic
+from .test_cluster_cache import start_nodes
 from .test_cluster_keys import REVOCATION_BOUND, cluster
 from .test_manhole import Session, keypair
 from .test_portal_browser import create_key, key_row, sign_in
@@ -259,6 +260,30 @@ def test_postgresql_stopped_mid_run(
     )
     print(f"every node's portal answered {time.monotonic() - back:.1f} s after PostgreSQL")
     assert signed_in(browser_session(c, "bob"), a)
+
+
+def test_a_node_queries_postgresql_through_one_pool(
+    plain_registry: Registry,
+    dockmirror: DockmirrorFactory,
+    postgres: str,
+    postgres_server: PostgresServer,
+    idp: IdentityProvider,  # noqa: F811
+) -> None:
+    [node] = start_nodes(
+        dockmirror, plain_registry, postgres, count=1, every={"portal": idp.portal_config()}
+    )
+    alice = browser_session(node, "alice")
+    key = api(alice, node, "POST", "keys", json={"name": "laptop"}).json()
+    assert key_works(node, key["appId"], key["apiKey"])
+    rows = postgres_server.sql(
+        "SELECT application_name, count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid() GROUP BY 1",
+        database=urlsplit(postgres).path.lstrip("/"),
+    )
+    connections = dict(line.split("|") for line in rows.splitlines())
+    # The pool (keys, portal, cache index), the listening connection, the fill claims.
+    assert set(connections) == {"dockmirror", "dockmirror-listen", "dockmirror-fills"}, rows
+    assert int(connections["dockmirror"]) <= 8
 
 
 def test_migrate_copies_users_and_sessions(
