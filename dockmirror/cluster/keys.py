@@ -19,8 +19,8 @@ tried again :data:`RETRY_INTERVAL` later.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,7 +32,13 @@ from twisted.logger import Logger
 from dockmirror.auth.keystore import REVOKED_TOPIC, KeyQueries, KeyStoreError, Row
 from dockmirror.auth.secretfile import read, replace
 from dockmirror.auth.tokens import generate_signing_key
-from dockmirror.cluster.database import CONNECT_TIMEOUT, Database, DatabaseUnavailable
+from dockmirror.cluster.database import (
+    CONNECT_TIMEOUT,
+    Database,
+    DatabaseUnavailable,
+    fetch_rows,
+    locked_transaction,
+)
 from dockmirror.cluster.notify import MAX_STRINGS, notify
 
 log = Logger()
@@ -46,8 +52,6 @@ POLL_INTERVAL = 4.0
 RETRY_INTERVAL = 1.0
 #: The shared secret that is the token signing key's PEM.
 SIGNING_KEY = "token-signing-key"
-#: The advisory lock of the key store's writers.
-_WRITE_LOCK = "SELECT pg_advisory_xact_lock(hashtext('dockmirror-keys'))"
 
 
 def schema() -> str:
@@ -70,18 +74,14 @@ class PostgresKeyDatabase(KeyQueries):
         return f"<PostgresKeyDatabase {self._conn.info.dbname}>"
 
     def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
-        cursor = self._conn.execute(sql.replace("?", "%s"), args)
-        return cursor.fetchall() if cursor.description is not None else []
+        return fetch_rows(self._conn, sql, args)
 
     def _run_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         if rows:
             self._conn.cursor().executemany(sql.replace("?", "%s"), rows)
 
-    @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        with self._conn.transaction():
-            self._conn.execute(_WRITE_LOCK)
-            yield
+    def _transaction(self) -> AbstractContextManager[None]:
+        return locked_transaction(self._conn, "dockmirror-keys")
 
     def shared_secret(self, name: str, generate: Callable[[], bytes]) -> bytes:
         """The secret *name* every node shares, made with *generate* by the first to ask.

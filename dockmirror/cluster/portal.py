@@ -19,8 +19,8 @@ its 503 page), at once rather than each waiting for a connection.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from functools import partial
 from importlib import resources
 from typing import Any, TypeVar
@@ -28,7 +28,13 @@ from typing import Any, TypeVar
 import psycopg
 
 from dockmirror.cluster.coordinator import Backoff
-from dockmirror.cluster.database import Database, DatabaseUnavailable, apply_schema
+from dockmirror.cluster.database import (
+    Database,
+    DatabaseUnavailable,
+    apply_schema,
+    fetch_rows,
+    locked_transaction,
+)
 from dockmirror.cluster.keys import call_briefly
 from dockmirror.portal.sessions import PortalQueries, PortalStoreError
 
@@ -37,8 +43,6 @@ T = TypeVar("T")
 #: The cluster secrets that sign session cookies and make CSRF tokens.
 SESSION_SECRET = "portal-session-secret"
 CSRF_SECRET = "portal-csrf-secret"
-#: The advisory lock of the portal's writers.
-_WRITE_LOCK = "SELECT pg_advisory_xact_lock(hashtext('dockmirror-portal'))"
 
 
 def schema() -> str:
@@ -60,18 +64,11 @@ class PostgresPortalDatabase(PortalQueries):
         super().__init__(clock)
         self._conn = conn
 
-    def __repr__(self) -> str:
-        return f"<PostgresPortalDatabase {self._conn.info.dbname}>"
-
     def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        cursor = self._conn.execute(sql.replace("?", "%s"), args)
-        return cursor.fetchall() if cursor.description is not None else []
+        return fetch_rows(self._conn, sql, args)
 
-    @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        with self._conn.transaction():
-            self._conn.execute(_WRITE_LOCK)
-            yield
+    def _transaction(self) -> AbstractContextManager[None]:
+        return locked_transaction(self._conn, "dockmirror-portal")
 
 
 class PostgresSessions:

@@ -33,11 +33,11 @@ from .portal_support import (
     start_sign_in,
 )
 from .postgres import PostgresServer
-from .registries import LOOPBACK, Registry, free_port, wait_until
+from .registries import Registry, wait_until
 from .test_auth import basic
 from .test_cluster_cache import start_nodes
-from .test_cluster_keys import REVOCATION_BOUND, cluster
-from .test_manhole import Session, keypair
+from .test_cluster_keys import REVOCATION_BOUND, cluster, manhole_table
+from .test_manhole import Session
 from .test_portal_browser import create_key, key_row, sign_in
 from .test_portal_security import api
 from .test_pull import curl
@@ -175,11 +175,7 @@ def test_a_user_disabled_on_one_node_is_signed_out_on_every_node(
     idp: IdentityProvider,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    port = free_port()
-    operator = keypair(tmp_path, "operator")
-    authorized = tmp_path / "authorized_keys"
-    authorized.write_text(Path(f"{operator}.pub").read_text())
-    manhole = {"listen": f"tcp:{port}:interface={LOOPBACK}", "authorized_keys": str(authorized)}
+    port, operator, manhole = manhole_table(tmp_path)
     nodes = portal_cluster(dockmirror, plain_registry, postgres, idp, manhole=manhole)
     a, b, c = nodes
     alice, alice_too = browser_session(a, "alice"), browser_session(c, "alice")
