@@ -15,7 +15,10 @@
 
 Rows about this node's blobs are written on the coordinator's session, in
 order with its fill claims: a blob is recorded before its claim ends.
-Reads of the last access are batched.
+Reads of the last access are batched.  Every node sweeps, hourly, what can
+no longer count: tag entries whose TTL ran out (an hour after this node's
+TTL, for nodes with a longer one), and proofs of digests that no node holds
+or fills, so that neither table grows with every tag and digest ever seen.
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ log = Logger()
 TOUCH_INTERVAL = 10.0
 #: Digests whose last access is written at once, at most.
 TOUCH_BATCH = 10_000
+#: Seconds between sweeps of the rows that can no longer count ...
+SWEEP_INTERVAL = 3600.0
+#: ... among them tag entries resolved more than this node's TTL and this many seconds ago.
+TAG_GRACE = 3600.0
 
 
 def _logged(what: str) -> Any:
@@ -66,6 +73,10 @@ class ClusterIndex(service.Service):
         self._backoff = Backoff(reactor)
         self._loop = LoopingCall(self._write_touched)
         self._loop.clock = reactor
+        self._reactor = reactor
+        self._ttl = cache.manifests.ttl
+        self._sweeper = LoopingCall(self._sweep)
+        self._sweeper.clock = reactor
         cache.blobs.on_add.append(self._added)
         cache.blobs.on_remove.append(self._removed)
         cache.blobs.on_touch.append(self._touched.add)
@@ -83,11 +94,17 @@ class ClusterIndex(service.Service):
         blobs = list(self._blobs.entries())
         self._write(partial(_replace_node, self.node_url, blobs), "recording this node's blobs")
         self._loop.start(TOUCH_INTERVAL, now=False)
+        self._sweeper.start(SWEEP_INTERVAL, now=False)
 
     def stopService(self) -> Any:
         super().stopService()
-        if self._loop.running:
-            self._loop.stop()
+        for loop in (self._loop, self._sweeper):
+            if loop.running:
+                loop.stop()
+
+    def _sweep(self) -> None:
+        cutoff = self._reactor.seconds() - self._ttl - TAG_GRACE
+        self._run(partial(sweep, cutoff), "sweeping expired tags and proofs of blobs gone")
 
     def _write(self, f: Any, what: str) -> None:
         """*f* on the coordinator's session, in order with its claims."""
@@ -197,6 +214,30 @@ _EXPIRE_TAG = (
 )
 _FORGET_TAG = "DELETE FROM cache_tags WHERE origin = ANY(%s) AND tag = %s"
 _FORGET_ORIGINS = "DELETE FROM cache_tags WHERE origin = ANY(%s)"
+
+
+_SWEEP_TAGS = "DELETE FROM cache_tags WHERE resolved < %s"
+_SWEEP_ACCESS = (
+    "DELETE FROM cache_access a"
+    " WHERE NOT EXISTS (SELECT 1 FROM cache_blobs b WHERE b.digest = a.digest)"
+    " AND NOT EXISTS (SELECT 1 FROM fills f WHERE f.digest = a.digest)"
+)
+
+
+def sweep(cutoff: float, conn: psycopg.Connection[Any]) -> tuple[int, int]:
+    """Delete tag entries resolved before *cutoff*, and proofs of digests no node holds or fills.
+
+    Returns how many of each went.
+    """
+    tags = conn.execute(_SWEEP_TAGS, (cutoff,)).rowcount
+    proofs = conn.execute(_SWEEP_ACCESS).rowcount
+    if tags or proofs:
+        log.info(
+            "cluster index: swept {tags} expired tag entries and {proofs} proofs of blobs gone",
+            tags=tags,
+            proofs=proofs,
+        )
+    return tags, proofs
 
 
 def _execute(sql: str, params: tuple[Any, ...], conn: psycopg.Connection[Any]) -> None:

@@ -32,14 +32,17 @@ class ClusterNode(service.MultiService):
 
     name = "cluster"
 
-    def __init__(self, config: ClusterConfig, cache: Cache, reactor: Any) -> None:
+    def __init__(
+        self, config: ClusterConfig, cache: Cache, database: Database, reactor: Any
+    ) -> None:
+        """*database* is the process's pool, started before this service."""
         super().__init__()
         assert config.database is not None and config.node_url is not None
         self._config = config
         self._cache = cache
         self._reactor = reactor
         self.node_url = config.node_url.rstrip("/")
-        self.database = Database(config.database, reactor, name="dockmirror-cache")
+        self.database = database
         self.session = Session(config.database, reactor)
         self.index = ClusterIndex(cache, self.database, self.session, self.node_url, reactor)
         #: The secret node-to-node requests carry; known once started.
@@ -52,7 +55,6 @@ class ClusterNode(service.MultiService):
         return f"<ClusterNode {self.node_url}>"
 
     def startService(self) -> None:
-        self.database.start()
         schema = resources.files("dockmirror.cluster").joinpath("cache.sql").read_text()
         self.database.migrate(schema)
         if self.secret is None:
@@ -84,7 +86,6 @@ class ClusterNode(service.MultiService):
 
         def stopped(result: object) -> object:
             self.session.stop()
-            self.database.stop()
             return self.peers.close() if self.peers is not None else result
 
         return d.addBoth(stopped)

@@ -8,12 +8,14 @@ the client of :mod:`dockmirror.storage.s3`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dockmirror._interfaces import IBlobStorage, IStorageRecords
-from dockmirror.cache.index import Runner
 from dockmirror.config import StorageConfig
 from dockmirror.metrics import Metrics
+
+if TYPE_CHECKING:  # the cache imports this package: no cycle when it is imported first
+    from dockmirror.cache.index import Runner
 
 
 def build_storage(
