@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from twisted.web.server import Request
 
-from dockmirror.pull import Reply
+from dockmirror.pull.access import Reply
 from dockmirror.web import AsyncResource, send_body
 
 

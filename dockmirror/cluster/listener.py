@@ -22,7 +22,7 @@ from dockmirror.cache.fill import Fill
 from dockmirror.cluster.node import ClusterNode
 from dockmirror.cluster.peers import BLOB_PATH
 from dockmirror.errors import RegistryError
-from dockmirror.pull import Reply
+from dockmirror.pull.access import Reply
 from dockmirror.streaming import StreamError
 from dockmirror.web import AsyncResource, send_reply
 

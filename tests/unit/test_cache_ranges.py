@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dockmirror.errors import RegistryError
-from dockmirror.pull import _parse_range
+from dockmirror.pull.ranges import parse_range
 
 
 @pytest.mark.parametrize(
@@ -35,12 +35,12 @@ from dockmirror.pull import _parse_range
     ],
 )
 def test_parse_range(header, span):
-    assert _parse_range(header, 100) == span
+    assert parse_range(header, 100) == span
 
 
 @pytest.mark.parametrize("header", ["bytes=100-", "bytes=100-200", "bytes=-0"])
 def test_unsatisfiable_ranges(header):
     with pytest.raises(RegistryError) as info:
-        _parse_range(header, 100)
+        parse_range(header, 100)
     assert info.value.status == 416
     assert info.value.headers == {"Content-Range": "bytes */100"}

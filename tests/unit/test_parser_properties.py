@@ -22,7 +22,7 @@ from dockmirror.auth.access import Credentials, parse_authorization
 from dockmirror.auth.tokens import MAX_SCOPES, requested_repositories
 from dockmirror.config import ConfigError, parse_size
 from dockmirror.errors import RegistryError
-from dockmirror.pull import _parse_range
+from dockmirror.pull.ranges import parse_range
 from dockmirror.reference import (
     HEX_LENGTH,
     NAME_MAX,
@@ -142,7 +142,7 @@ _STRICT_RANGE = re.compile(r"bytes=[ \t]*(?:[0-9]+-[0-9]*|-[0-9]+)[ \t]*", re.IG
 @example("bytes=" + "9" * 5000 + "-", 100)
 def test_parse_range(header: str | None, size: int) -> None:
     try:
-        span = _parse_range(header, size)
+        span = parse_range(header, size)
     except RegistryError as e:
         assert e.status == 416 and e.headers == {"Content-Range": f"bytes */{size}"}
         assert header is not None and _STRICT_RANGE.fullmatch(header)

@@ -10,6 +10,7 @@ from twisted.internet.defer import Deferred
 
 from dockmirror.cache.referrers import referrers_list
 from dockmirror.errors import RegistryError
+from dockmirror.pull import PullService
 from dockmirror.reference import check_media_type
 
 from .test_cache_pull import (  # noqa: F401 - the fixture
@@ -170,17 +171,18 @@ def page(descriptor: dict[str, Any], link: str | None = None) -> Answer:
 def test_pages_are_followed_into_one_list(setup):  # noqa: F811
     clock, _, cache, pull, route = setup
     here = f"/v2/{route.repository}/referrers/{SUBJECT}"
-    pull.upstreams = PagedUpstream(
+    paged = PagedUpstream(
         {
             None: page(SIG, f'<{here}?n=1&last=b>; rel="next"'),
             "b": page(SBOM, f'<http://up{here}?n=1&last=c>; rel="next"'),
             "c": page({**SIG, "digest": "sha256:" + "d" * 64}),
         }
     )
+    pull = PullService(paged, clock, cache.metrics, cache)  # type: ignore[arg-type]
     reply = referrers(pull, route)
     digests = [m["digest"] for m in json.loads(reply.body)["manifests"]]
     assert digests == [SIG["digest"], SBOM["digest"], "sha256:" + "d" * 64]
-    assert pull.upstreams.params == [{}, {"n": "1", "last": "b"}, {"n": "1", "last": "c"}]
+    assert paged.params == [{}, {"n": "1", "last": "b"}, {"n": "1", "last": "c"}]
 
 
 @pytest.mark.parametrize(
@@ -193,15 +195,17 @@ def test_pages_are_followed_into_one_list(setup):  # noqa: F811
 )
 def test_links_elsewhere_are_not_followed(setup, link):  # noqa: F811
     clock, _, cache, pull, route = setup
-    pull.upstreams = PagedUpstream({None: page(SIG, link.format(subject=SUBJECT))})
+    paged = PagedUpstream({None: page(SIG, link.format(subject=SUBJECT))})
+    pull = PullService(paged, clock, cache.metrics, cache)  # type: ignore[arg-type]
     assert json.loads(referrers(pull, route).body)["manifests"] == [SIG]
-    assert len(pull.upstreams.params) == 1
+    assert len(paged.params) == 1
 
 
 def test_endless_pages_are_a_502(setup):  # noqa: F811
     clock, _, cache, pull, route = setup
     here = f"/v2/{route.repository}/referrers/{SUBJECT}"
-    pull.upstreams = PagedUpstream({None: page(SIG, f'<{here}>; rel="next"')})
+    paged = PagedUpstream({None: page(SIG, f'<{here}>; rel="next"')})
+    pull = PullService(paged, clock, cache.metrics, cache)  # type: ignore[arg-type]
     with pytest.raises(RegistryError) as info:
         referrers(pull, route)
     assert info.value.status == 502 and "pages" in info.value.message

@@ -27,7 +27,8 @@ from dockmirror import streaming
 from dockmirror.cache.blobs import BlobStore
 from dockmirror.cache.index import Index
 from dockmirror.metrics import Metrics
-from dockmirror.pull import Reply, _parse_range
+from dockmirror.pull import Reply
+from dockmirror.pull.ranges import parse_range
 from dockmirror.tls import PlainHTTPFactory, ReloadingContextFactory, TLSFactory
 from dockmirror.web import AsyncResource, send_reply
 from tests.integration.clients import make_server_tls
@@ -51,7 +52,7 @@ class BlobResource(AsyncResource):
     async def serve(self, request: Request) -> None:
         size = self.store.size_of(self.digest)
         assert size is not None
-        span = _parse_range(request.getHeader("range"), size)
+        span = parse_range(request.getHeader("range"), size)
         start, end = span or (0, size)
         headers = {"Content-Length": str(end - start)}
         if span:

@@ -17,7 +17,7 @@ from twisted.web.server import Request
 from dockmirror import config as config_module
 from dockmirror.egress import Egress, UpstreamTLS
 from dockmirror.metrics import Metrics
-from dockmirror.pull import CLIENTS_LIMIT, Upstreams
+from dockmirror.pull.upstreams import CLIENTS_LIMIT, Upstreams
 from dockmirror.routing import build_router
 from dockmirror.upstream import UpstreamClient, UpstreamError
 

@@ -28,7 +28,7 @@ INDEX = json.dumps(
 
 
 def refresh(pull, route):
-    return get(Deferred.fromCoroutine(pull.refresh_tag(route, "v1")))
+    return get(Deferred.fromCoroutine(pull.manifests.refresh_tag(route, "v1")))
 
 
 def head_answer(body: bytes, media_type: str) -> Answer:
