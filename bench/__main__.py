@@ -130,7 +130,7 @@ class Bench:
         self.runs = report.Runs()
         self.warm: dict[str, Process] = {}
         self.nginx: Process | None = None
-        self.database: cluster.Database | None = None
+        self.backends: cluster.Backends | None = None
         self._fresh = 0
 
     def client(self, server: Process, tls: ServerTLS | None) -> Client:
@@ -255,8 +255,8 @@ class Bench:
 
     def cluster(self, order: list[Mirror]) -> None:
         """Each kind of server as a cluster of ``--nodes``, cold then warm."""
-        if self.database is None:
-            self.database = cluster.Database()
+        if self.backends is None:
+            self.backends = cluster.Backends()
         for mirror in order:
             if mirror.name not in ("dockmirror", "distribution"):
                 continue
@@ -265,7 +265,7 @@ class Bench:
                 mirror,
                 self.root / f"{mirror.name}-cluster-{self._fresh}",
                 self.upstream,
-                self.database,
+                self.backends,
                 self.blob_path,
                 self.layer.size,
                 self.args.nodes,
@@ -349,8 +349,8 @@ class Bench:
     def stop(self) -> None:
         for server in self.warm.values():
             server.stop()
-        if self.database is not None:
-            self.database.stop()
+        if self.backends is not None:
+            self.backends.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,12 +1,15 @@
 """The cluster run (``--only cluster``): several nodes behind no balancer, clients spread over them.
 
 dockmirror runs as N nodes sharing a PostgreSQL database (a server of the
-run's own, from Debian's ``postgresql``), each with its own cache and cluster
-listener; distribution runs as N proxies sharing one storage directory,
-which is how it scales out.  Each repetition starts both groups with empty
-caches, sends the clients at once, spread round robin over the nodes (cold),
-then again (warm), and records the upstream GETs of the layer, the
-throughput of all the clients together and their times to first byte.
+run's own, from Debian's ``postgresql``) and an S3 bucket (Ceph's RADOS
+Gateway, also the run's own), each with its own cache and cluster listener;
+distribution runs as N proxies sharing one bucket of the same store (its
+``s3`` storage driver, redirects off), which is how it scales out.  Each
+repetition starts both groups with empty caches and a new bucket, sends the
+clients at once, spread round robin over the nodes (cold), then again
+(warm), and records the upstream GETs of the layer, the throughput of all
+the clients together and their times to first byte.  Clients speak TLS to
+the nodes unless the run is ``--plain``; node-to-node traffic is plain HTTP.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 
 from bench.servers import MIB, Mirror, Process
 from bench.workloads import Client
+from tests.integration.ceph import REQUIRED, CephS3, S3Bucket
 from tests.integration.postgres import PostgresServer, postgres_bin
 from tests.integration.registries import LOOPBACK, Registry, free_port
 
@@ -37,42 +41,67 @@ def rows(nodes: int, clients: int, phase: str) -> dict[str, str]:
     }
 
 
-class Database:
-    """A PostgreSQL server for the run, with a new database for each group of nodes."""
+class Backends:
+    """A PostgreSQL server and an S3 store for the run: a new database and bucket per group."""
 
     def __init__(self) -> None:
         if postgres_bin() is None:
             raise RuntimeError("the cluster run needs PostgreSQL (apt-get install postgresql)")
+        missing = [tool for tool in REQUIRED if shutil.which(tool) is None]
+        if missing:
+            raise RuntimeError(
+                "the cluster run needs Ceph (apt-get install ceph-mon ceph-osd radosgw"
+                f" ceph-common): {', '.join(missing)} missing"
+            )
         # Not under the run's directory: as root, the server runs as another user.
         self.directory = Path(tempfile.mkdtemp(prefix="dockmirror-bench-postgres-"))
         os.chmod(self.directory, 0o755)
         self.server = PostgresServer(self.directory)
         self.server.start()
+        self.store = CephS3(Path(tempfile.mkdtemp(prefix="dockmirror-bench-ceph-")))
 
     def create(self) -> str:
         return self.server.create_database()
 
+    def bucket(self) -> S3Bucket:
+        return self.store.bucket()
+
     def stop(self) -> None:
+        self.store.stop()
+        shutil.rmtree(self.store.directory, ignore_errors=True)
         self.server.stop()
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
+def _toml(table: dict[str, str]) -> str:
+    return "".join(f'{key} = "{value}"\n' for key, value in table.items())
+
+
 def start_group(
-    mirror: Mirror, root: Path, upstream: Registry, nodes: int, database: Database
+    mirror: Mirror, root: Path, upstream: Registry, nodes: int, backends: Backends
 ) -> list[Process]:
-    """*nodes* servers of *mirror*'s kind, sharing a database or a storage directory."""
-    url = database.create()
+    """*nodes* servers of *mirror*'s kind, sharing a bucket (and for dockmirror, a database)."""
+    url = backends.create()
+    bucket = backends.bucket()
+    storage = {
+        "backend": "s3",
+        "endpoint": bucket.endpoint,
+        "bucket": bucket.bucket,
+        "region": bucket.region,
+        "access_key": bucket.access_key,
+        "secret_key": bucket.secret_key,
+    }
     group = []
     try:
         for n in range(nodes):
             port = free_port()
-            extra = (
-                f'[cluster]\ndatabase = "{url}"\nlisten = "tcp:{port}:interface={LOOPBACK}"\n'
-                f'node_url = "http://{LOOPBACK}:{port}"\n'
-            )
-            group.append(
-                mirror.start(root / f"node{n}", upstream, extra=extra, storage=root / "storage")
-            )
+            cluster = {
+                "database": url,
+                "listen": f"tcp:{port}:interface={LOOPBACK}",
+                "node_url": f"http://{LOOPBACK}:{port}",
+            }
+            extra = f"[cluster]\n{_toml(cluster)}[storage]\n{_toml(storage)}"
+            group.append(mirror.start(root / f"node{n}", upstream, extra=extra, storage=bucket))
     except BaseException:
         for server in group:
             server.stop()
@@ -103,7 +132,7 @@ def run(
     mirror: Mirror,
     root: Path,
     upstream: Registry,
-    database: Database,
+    backends: Backends,
     path: str,
     size: int,
     nodes: int,
@@ -111,7 +140,7 @@ def run(
     record: Callable[[str, str, float], None],
 ) -> None:
     """Cold then warm, on a new group of *nodes* servers of *mirror*; figures go to *record*."""
-    group = start_group(mirror, root, upstream, nodes, database)
+    group = start_group(mirror, root, upstream, nodes, backends)
     try:
         scheme = "https" if mirror.tls else "http"
         spread = [

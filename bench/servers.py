@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.integration.ceph import S3Bucket
 from tests.integration.clients import ServerTLS, tls_endpoint
 from tests.integration.registries import LOOPBACK, Registry, free_port, subprocess_env
 
@@ -143,11 +144,12 @@ class Mirror:
         url: str | None = None,
         options: str = "",
         extra: str = "",
-        storage: Path | None = None,
+        storage: Path | S3Bucket | None = None,
     ) -> Process:
         """Start it on *upstream*, or on *url* in front of it; *options* go in dockmirror's
         ``[upstreams.hub]`` table, *extra* (TOML tables) after it; *storage* is the
-        directory distribution keeps blobs in (by default, in *workdir*)."""
+        directory or the S3 bucket distribution keeps blobs in (by default, a
+        directory in *workdir*)."""
         workdir.mkdir(parents=True)
         port = free_port()
         if self.kind == "dockmirror":
@@ -155,6 +157,8 @@ class Mirror:
         else:
             storage = storage or workdir / "storage"
             argv, env = self._distribution(workdir, upstream, port, storage), subprocess_env()
+            # Its AWS SDK cannot add a CA bundle to its own transport, and panics.
+            env.pop("AWS_CA_BUNDLE", None)
         return Process(self.name, argv, workdir, port, env, self.workers)
 
     def _dockmirror(
@@ -178,7 +182,7 @@ class Mirror:
         return [*twistd, *argv], env
 
     def _distribution(
-        self, workdir: Path, upstream: Registry, port: int, storage: Path
+        self, workdir: Path, upstream: Registry, port: int, storage: Path | S3Bucket
     ) -> list[str]:
         http: dict[str, object] = {"addr": f"{LOOPBACK}:{port}", "secret": "bench"}
         if self.tls:
@@ -186,13 +190,29 @@ class Mirror:
         config = {
             "version": "0.1",
             "log": {"level": "info", "accesslog": {"disabled": True}},
-            "storage": {"filesystem": {"rootdirectory": str(storage)}},
+            "storage": _distribution_storage(storage),
             "http": http,
             "proxy": {"remoteurl": upstream.url},
         }
         path = workdir / "config.yml"
         path.write_text(json.dumps(config))
         return ["docker-registry", "serve", str(path)]
+
+
+def _distribution_storage(storage: Path | S3Bucket) -> dict[str, object]:
+    """distribution's ``storage``: a directory, or a bucket it streams from (no redirects)."""
+    if isinstance(storage, Path):
+        return {"filesystem": {"rootdirectory": str(storage)}}
+    s3 = {
+        "accesskey": storage.access_key,
+        "secretkey": storage.secret_key,
+        "region": storage.region,
+        "regionendpoint": storage.endpoint,
+        "bucket": storage.bucket,
+        "secure": storage.endpoint.startswith("https:"),
+        "v4auth": True,
+    }
+    return {"s3": s3, "redirect": {"disable": True}}
 
 
 def dockmirror_argv(

@@ -343,6 +343,17 @@ class StorageConfig:
     max_size: str | None = None
     #: Incomplete multipart uploads older than this (a duration) are aborted by a sweep.
     stale_uploads: str = "1d"
+    #: PEM certificates trusted for the endpoint, in addition to the system's.
+    ca: str | None = None
+    #: PEM certificate (and chain) and key, for an endpoint that requires mutual TLS.
+    client_cert: str | None = None
+    client_key: str | None = None
+    #: ``http://[user:password@]host:port``, or "none"; unset: the environment's.
+    proxy: str | None = field(default=None, metadata=SECRET_URL)
+    proxy_username: str | None = None
+    proxy_password: str | None = field(default=None, metadata=SECRET)
+    #: Hosts, addresses and networks reached without the configured ``proxy``.
+    no_proxy: tuple[str, ...] = ()
 
     __repr__ = redacted_repr
 
@@ -356,9 +367,16 @@ class StorageConfig:
 
     @property
     def path_style(self) -> bool:
+        """Path style unless told otherwise, or on AWS with a bucket a host name can carry.
+
+        As AWS's own SDKs do: a bucket with a dot gets path style over
+        https, where ``a.b.s3.amazonaws.com`` would not match the certificate.
+        """
         if self.addressing is not None:
             return self.addressing == "path"
-        return self.endpoint is not None
+        if not is_aws_endpoint(self.endpoint):
+            return True
+        return "." in (self.bucket or "")
 
 
 @dataclass(frozen=True)
@@ -619,12 +637,39 @@ def _check_server(source: str, server: ServerConfig) -> None:
             raise ConfigError(f"{source}: server.{key} must be at least 1")
 
 
+def _tls(where: str, section: UpstreamConfig | StorageConfig) -> UpstreamTLS:
+    """A section's ``ca``, ``client_cert`` and ``client_key``, read and checked.
+
+    ValueError names *where* (``upstreams.NAME``, ``storage``), the key and the file.
+    """
+    try:
+        return load_upstream_tls(section.ca, section.client_cert, section.client_key)
+    except ValueError as e:
+        raise ValueError(f"{where}.{e}") from None
+
+
+def _proxies(
+    where: str, section: UpstreamConfig | StorageConfig, environ: Mapping[str, str]
+) -> ProxyRules:
+    """A section's proxy rules: its ``proxy`` keys, or else the *environ* variables."""
+    try:
+        return proxy_rules(
+            section.proxy,
+            section.proxy_username,
+            section.proxy_password,
+            section.no_proxy,
+            environ,
+        )
+    except ValueError as e:
+        raise ValueError(f"{where}{'.' if section.proxy is not None else ': '}{e}") from None
+
+
 def upstream_tls(source: str, name: str, upstream: UpstreamConfig) -> UpstreamTLS:
     """The upstream's ``ca``, ``client_cert`` and ``client_key``, read and checked."""
     try:
-        return load_upstream_tls(upstream.ca, upstream.client_cert, upstream.client_key)
+        return _tls(f"upstreams.{name}", upstream)
     except ValueError as e:
-        raise ConfigError(f"{source}: upstreams.{name}.{e}") from None
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def upstream_proxies(
@@ -632,16 +677,20 @@ def upstream_proxies(
 ) -> ProxyRules:
     """The upstream's proxy rules: its ``proxy`` keys, or else the *environ* variables."""
     try:
-        return proxy_rules(
-            upstream.proxy,
-            upstream.proxy_username,
-            upstream.proxy_password,
-            upstream.no_proxy,
-            environ,
-        )
+        return _proxies(f"upstreams.{name}", upstream, environ)
     except ValueError as e:
-        where = f"upstreams.{name}." if upstream.proxy is not None else f"upstreams.{name}: "
-        raise ConfigError(f"{source}: {where}{e}") from None
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def storage_egress(
+    storage: StorageConfig, environ: Mapping[str, str]
+) -> tuple[UpstreamTLS, ProxyRules]:
+    """What the S3 endpoint's connections trust and present, and the proxy they go through.
+
+    The same keys as an upstream's, read the same way; ValueError names the
+    key (``storage.ca``...) and the file that cannot be used.
+    """
+    return _tls("storage", storage), _proxies("storage", storage, environ)
 
 
 def _check_upstream_names(source: str, name: str, upstream: UpstreamConfig, plugin: Any) -> None:
@@ -718,13 +767,16 @@ def _check_mirrors(source: str, name: str, upstream: UpstreamConfig, default_url
         seen.add(_host_port(mirror.url))
         if (mirror.username is None) != (mirror.password is None):
             raise ConfigError(f"{where}.mirrors[{i}]: username and password go together")
-    if (upstream.proxy_username is None) != (upstream.proxy_password is None):
+    _check_proxy_keys(where, upstream)
+    if upstream.proxy is not None:
+        upstream_proxies(source, name, upstream, {})
+
+
+def _check_proxy_keys(where: str, section: UpstreamConfig | StorageConfig) -> None:
+    if (section.proxy_username is None) != (section.proxy_password is None):
         raise ConfigError(f"{where}: proxy_username and proxy_password go together")
-    if upstream.proxy is None:
-        if upstream.proxy_username is not None or upstream.no_proxy:
-            raise ConfigError(f"{where}: proxy_username and no_proxy need a proxy")
-        return
-    upstream_proxies(source, name, upstream, {})
+    if section.proxy is None and (section.proxy_username is not None or section.no_proxy):
+        raise ConfigError(f"{where}: proxy_username and no_proxy need a proxy")
 
 
 #: The most ranged requests one blob is fetched with.
@@ -770,6 +822,55 @@ def _check_cache(source: str, cache: CacheConfig) -> None:
 
 
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+#: Prefixes and suffixes S3 keeps for its own kinds of bucket names.
+_BUCKET_RESERVED = (("xn--", "sthree-", "amzn-s3-demo-"), ("-s3alias", "--ol-s3", "--x-s3"))
+
+
+def is_aws_endpoint(endpoint: str | None) -> bool:
+    """Whether *endpoint* is AWS S3's (None: AWS S3 in the configured region)."""
+    if endpoint is None:
+        return True
+    host = (_url_parts(endpoint) or urlsplit("")).hostname or ""
+    return host.endswith((".amazonaws.com", ".amazonaws.com.cn"))
+
+
+def check_bucket(bucket: str, endpoint: str | None, virtual: bool) -> None:
+    """Raise ValueError unless *bucket* is an S3 bucket name that can be used as addressed.
+
+    S3's grammar: 3 to 63 of ``a-z 0-9 . -``, starting and ending with a
+    letter or digit, dot-separated labels that neither start nor end with
+    ``-``, not an IP address, none of S3's reserved prefixes and suffixes.
+    Addressed as a virtual host, it becomes the first labels of the
+    endpoint's host name, which must then be a host name; over https
+    it must be one label, as a certificate's ``*.`` matches one.
+    """
+    shown = repr(bucket[:70])
+    if (
+        not _BUCKET_RE.fullmatch(bucket)
+        or ".." in bucket
+        or ".-" in bucket
+        or "-." in bucket
+        or bucket.startswith(_BUCKET_RESERVED[0])
+        or bucket.endswith(_BUCKET_RESERVED[1])
+    ):
+        raise ValueError(f"{shown} is not an S3 bucket name")
+    if all(label.isdigit() for label in bucket.split(".")):
+        raise ValueError(f"{shown} is formatted as an IP address, which S3 refuses")
+    if not virtual:
+        return
+    parts = urlsplit(endpoint or "https://s3.amazonaws.com")
+    if not is_host_name(f"{bucket}.{parts.hostname or ''}"):
+        raise ValueError(
+            f"{shown} cannot be addressed as a virtual host of {parts.hostname}:"
+            ' the endpoint must be a host name (or use addressing = "path")'
+        )
+    if parts.scheme == "https" and "." in bucket:
+        raise ValueError(
+            f"{shown} has a dot, so as a virtual host over https it would not match the"
+            ' endpoint\'s certificate: use addressing = "path"'
+        )
+
+
 _PREFIX_RE = re.compile(r"(?:[A-Za-z0-9!_.*'()-]+/)*")
 _REGION_RE = re.compile(r"[a-z0-9-]{1,32}")
 
@@ -788,10 +889,6 @@ def _check_storage(source: str, storage: StorageConfig) -> None:
         )
     if storage.bucket is None:
         raise ConfigError(f'{source}: storage.bucket is required with backend = "s3"')
-    if not _BUCKET_RE.fullmatch(storage.bucket) or ".." in storage.bucket:
-        raise ConfigError(
-            f"{source}: storage.bucket {storage.bucket[:70]!r} is not an S3 bucket name"
-        )
     if not _REGION_RE.fullmatch(storage.region):
         raise ConfigError(f"{source}: storage.region {storage.region[:40]!r} is not a region name")
     if len(storage.prefix) > 256 or not _PREFIX_RE.fullmatch(storage.prefix):
@@ -807,6 +904,10 @@ def _check_storage(source: str, storage: StorageConfig) -> None:
             )
     if storage.addressing is not None and storage.addressing not in S3_ADDRESSING:
         raise ConfigError(f'{source}: storage.addressing must be "path" or "virtual"')
+    try:
+        check_bucket(storage.bucket, storage.endpoint, not storage.path_style)
+    except ValueError as e:
+        raise ConfigError(f"{source}: storage.bucket {e}") from None
     if (storage.access_key is None) != (storage.secret_key is None):
         raise ConfigError(f"{source}: storage.access_key and storage.secret_key go together")
     if storage.max_size is not None:
@@ -820,6 +921,11 @@ def _check_storage(source: str, storage: StorageConfig) -> None:
         parse_duration(storage.stale_uploads)
     except ValueError as e:
         raise ConfigError(f"{source}: storage.stale_uploads: {e}") from None
+    _check_proxy_keys(f"{source}: storage", storage)
+    try:
+        storage_egress(storage, {})
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
 
 
 #: What ``pip install 'dockmirror[cluster]'`` brings that a cluster database needs.

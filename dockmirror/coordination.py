@@ -6,9 +6,14 @@ POSIX byte-range locks on one file, ``fills.lock`` in the cache directory:
 the claim on a digest is an exclusive lock on one byte, at an offset taken
 from the digest.  The kernel drops a dead process's locks, so a crashed
 filler frees its digests at once.  A process reading a blob holds a shared
-lock on another byte of the digest's, so that no other process removes the
-blob under it (a follower of a fill would take its removal for the fill's
-failure).  The bytes the cache holds and reserves, which every worker checks
+lock on another byte of the digest's (its pin), so that no other process
+removes the blob under it (a follower of a fill would take its removal for
+the fill's failure); a process removing a blob holds that byte exclusively
+from its look for readers until the file is gone, so a reader that comes in
+between is refused its pin instead of being cut.  The last reads of blobs
+are also written in ``recent``, a small table every process maps, so that
+eviction sees a blob read in another process before its use reaches the
+index.  The bytes the cache holds and reserves, which every worker checks
 the quota against, are counters in the file ``usage``, changed under a lock
 on one more byte of ``fills.lock``: one for the bytes held, and one slot per
 process for the bytes its fills in progress reserve.  Each process holds the
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import mmap
 import os
 import struct
 from collections.abc import Callable
@@ -54,11 +60,16 @@ _USAGE_OFFSET = 1 << 62
 _SLOT_OFFSET = _USAGE_OFFSET + 1
 #: The usage counters, in the cache directory; the supervisor removes the file at start.
 USAGE_FILE = "usage"
+#: The last reads of blobs, in the cache directory: slots of a digest's first 8 bytes
+#: and the time of its last read, at a slot taken from the digest.
+RECENT_FILE = "recent"
+RECENT_SLOTS = 1 << 14
+_RECENT = struct.Struct("<Qd")
 #: The blobs kept from eviction (the warm images'), one digest a line, in the cache
 #: directory: written by the worker that warms, read by the others.
 KEPT_FILE = "kept"
 #: Files of shared state that a new service starts without.
-SERVICE_FILES = (USAGE_FILE, KEPT_FILE)
+SERVICE_FILES = (USAGE_FILE, KEPT_FILE, RECENT_FILE)
 #: Processes that may share a cache directory at once.
 SLOTS = 256
 #: The usage file: the bytes held, whether a process counted them, and the slots.
@@ -107,14 +118,23 @@ class LocalCoordinator:
     def lead(self, digest: str, size: int, offset: int = 0) -> Deferred[IResponse | None]:
         return succeed(None)
 
-    def pin(self, digest: str) -> None:
-        pass
+    def pin(self, digest: str) -> bool:
+        return True
 
     def unpin(self, digest: str) -> None:
         pass
 
-    def pinned_elsewhere(self, digest: str) -> bool:
-        return False
+    def exclude(self, digest: str) -> bool:
+        return True
+
+    def readmit(self, digest: str) -> None:
+        pass
+
+    def read_at(self, digest: str, when: float) -> None:
+        pass
+
+    def last_read(self, digest: str) -> float | None:
+        return None
 
     def close(self) -> None:
         pass
@@ -136,7 +156,10 @@ class FileLockCoordinator:
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
         self._fd = os.open(self.path, flags, LOCK_FILE_MODE)
         self._usage_fd = os.open(os.path.join(directory, USAGE_FILE), flags, LOCK_FILE_MODE)
+        self._recent = _map_recent(os.path.join(directory, RECENT_FILE))
         self._held: set[str] = set()
+        #: Digests this process keeps every other from pinning (it removes them).
+        self._excluded: set[str] = set()
         self._slot = 0
         self._take_slot()
 
@@ -172,20 +195,35 @@ class FileLockCoordinator:
     def lead(self, digest: str, size: int, offset: int = 0) -> Deferred[IResponse | None]:
         return succeed(None)
 
-    def pin(self, digest: str) -> None:
-        # Waits, for microseconds, only while another process tests the pin.
-        fcntl.lockf(self._fd, fcntl.LOCK_SH, 1, _PIN_OFFSET + _offset(digest))
+    def pin(self, digest: str) -> bool:
+        # A shared lock is granted unless another process holds the exclusive one.
+        if digest in self._excluded:  # POSIX would turn our exclusive lock into this one
+            return False
+        return self._lock_byte(_PIN_OFFSET + _offset(digest), fcntl.LOCK_SH)
 
     def unpin(self, digest: str) -> None:
         fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _PIN_OFFSET + _offset(digest))
 
-    def pinned_elsewhere(self, digest: str) -> bool:
+    def exclude(self, digest: str) -> bool:
         # An exclusive lock is granted unless another process holds a shared one.
-        offset = _PIN_OFFSET + _offset(digest)
-        if not self._lock_byte(offset, fcntl.LOCK_EX):
-            return True
-        fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, offset)
-        return False
+        if not self._lock_byte(_PIN_OFFSET + _offset(digest), fcntl.LOCK_EX):
+            return False
+        self._excluded.add(digest)
+        return True
+
+    def readmit(self, digest: str) -> None:
+        if digest in self._excluded:
+            self._excluded.discard(digest)
+            fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _PIN_OFFSET + _offset(digest))
+
+    def read_at(self, digest: str, when: float) -> None:
+        key, slot = _recent_slot(digest)
+        _RECENT.pack_into(self._recent, slot, key, when)
+
+    def last_read(self, digest: str) -> float | None:
+        key, slot = _recent_slot(digest)
+        found, when = _RECENT.unpack_from(self._recent, slot)
+        return float(when) if found == key else None
 
     def _take_slot(self) -> None:
         """Take a free reservation slot, for as long as this process lives."""
@@ -253,9 +291,29 @@ class FileLockCoordinator:
 
     def close(self) -> None:
         self._held.clear()
+        self._excluded.clear()
         _slots_here.discard(self._slot)
+        self._recent.close()
         os.close(self._usage_fd)
         os.close(self._fd)
+
+
+def _map_recent(path: str) -> mmap.mmap:
+    """The table of last reads, made at its size by the first process to open it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, LOCK_FILE_MODE)
+    try:
+        size = RECENT_SLOTS * _RECENT.size
+        if os.fstat(fd).st_size < size:
+            os.ftruncate(fd, size)  # zeros: no digest
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+
+
+def _recent_slot(digest: str) -> tuple[int, int]:
+    """A digest's key in the table of last reads (never 0) and its slot's offset."""
+    key = int(digest.rpartition(":")[2][:16], 16) | 1
+    return key, (key >> 1) % RECENT_SLOTS * _RECENT.size
 
 
 @implementer(INotifier)

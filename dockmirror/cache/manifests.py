@@ -365,8 +365,9 @@ class ManifestCache:
                 entry.checked,
             )
 
-    async def adopt_tag(self, origin: str, tag: str) -> bool:
-        """Take in what another node of the cluster resolved *tag* to, if it is still fresh.
+    async def adopt_tag(self, origin: str, tag: str, stale: bool = False) -> bool:
+        """Take in what another node of the cluster resolved *tag* to, if it is still fresh
+        (or whenever that was, if *stale*: to be served while the upstream fails).
 
         Each manifest is checked against its digest and media type, as one
         from an upstream would be: a node trusts no other with its content.
@@ -374,7 +375,7 @@ class ManifestCache:
         if self.shared is None:
             return False
         adopted = False
-        since = self._reactor.seconds() - self.ttl
+        since = float("-inf") if stale else self._reactor.seconds() - self.ttl
         for media_type, digest, body, resolved in await self.shared.tags(origin, tag, since):
             algorithm, _, hexpart = digest.partition(":")
             if (

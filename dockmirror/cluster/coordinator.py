@@ -194,14 +194,24 @@ class ClusterCoordinator:
     def held_elsewhere(self, digest: str) -> bool:
         return bool(self.local.held_elsewhere(digest))
 
-    def pin(self, digest: str) -> None:
-        self.local.pin(digest)
+    def pin(self, digest: str) -> bool:
+        return bool(self.local.pin(digest))
 
     def unpin(self, digest: str) -> None:
         self.local.unpin(digest)
 
-    def pinned_elsewhere(self, digest: str) -> bool:
-        return bool(self.local.pinned_elsewhere(digest))
+    def exclude(self, digest: str) -> bool:
+        return bool(self.local.exclude(digest))
+
+    def readmit(self, digest: str) -> None:
+        self.local.readmit(digest)
+
+    def read_at(self, digest: str, when: float) -> None:
+        self.local.read_at(digest, when)
+
+    def last_read(self, digest: str) -> float | None:
+        when = self.local.last_read(digest)
+        return None if when is None else float(when)
 
     def reserve(self, delta: int) -> int:
         return int(self.local.reserve(delta))

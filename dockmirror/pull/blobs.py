@@ -7,7 +7,6 @@ growing file.  A blob the cache cannot keep is streamed through uncached.
 
 from __future__ import annotations
 
-import errno
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -19,6 +18,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 
 from dockmirror.cache import origin_of
+from dockmirror.cache.blobs import BlobGone
 from dockmirror.cache.fill import CacheWriteError, Fill
 from dockmirror.cache.follow import FollowedFill
 from dockmirror.cache.parts import PartBody, RangedFill
@@ -104,10 +104,13 @@ class BlobService(UpstreamAccess):
         count = self._metrics.bytes_from_cache.inc if x_cache == HIT else _ignore
         try:
             reader = store.reader(digest, start, end, count)
+        except BlobGone:
+            # Evicted by another worker (or removed) since our look: from the upstream.
+            self._metrics.cache_passthrough.labels("evicted").inc()
+            return await self._passthrough(route, origin, digest, head, range_header)
         except OSError as e:
+            # A transient error (EMFILE, EIO...) keeps the blob.
             log.error("cannot open cached {digest}: {error}", digest=digest, error=e.strerror)
-            if source.fill is None and e.errno == errno.ENOENT:
-                store.forget(digest)  # gone from the disk; a transient error keeps it
             raise upstream_unavailable(route.upstream.name, "cache read failed", 503) from e
         return Reply(206 if span else 200, headers, stream=reader)
 

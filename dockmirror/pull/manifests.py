@@ -2,6 +2,9 @@
 
 A tag is revalidated with a ``HEAD``, which Docker Hub does not count as a
 pull; an expired tag is served stale while the upstream fails, if allowed.
+In a cluster, a tag another node resolved is taken from PostgreSQL (stale,
+if need be, while the upstream fails), and a manifest from the storage
+bucket once its repository proved, to any node, that it has it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from dockmirror.pull.access import (
     content_length,
     header,
     names,
+    transient,
 )
 from dockmirror.reference import HEX_LENGTH, is_digest
 from dockmirror.routing import Route
@@ -114,10 +118,18 @@ class ManifestService(UpstreamAccess):
                 )
             if reply is not None:
                 return reply
-        return await self._flights.run(
-            ("fetch", *key),
-            lambda: self._fetch_manifest(route, origin, reference, accept, head),
-        )
+        try:
+            return await self._flights.run(
+                ("fetch", *key),
+                lambda: self._fetch_manifest(route, origin, reference, accept, head),
+            )
+        except RegistryError as e:
+            if is_digest(reference) or not transient(e) or not self.cache.serve_stale:
+                raise
+            # A tag this node never resolved, or whose entry expired: another
+            # node's entry, however old, rides out the upstream's failure.
+            await manifests.adopt_tag(origin, reference, stale=True)
+            return self._stale(manifests.tag(origin, reference, accepted(accept)), e, head)
 
     async def _fetch_manifest(
         self, route: Route, origin: str, reference: str, accept: str | None, head: bool
@@ -192,7 +204,12 @@ class ManifestService(UpstreamAccess):
     async def _confirm_manifest(
         self, route: Route, origin: str, digest: str, accept: str | None
     ) -> None:
-        """Check that this upstream repository has a manifest cached through another."""
+        """Check that this upstream repository has a manifest cached through another.
+
+        Its proof to another node of the cluster is as good as its answer.
+        """
+        if await self.cache.blobs.proved_elsewhere(origin, digest):
+            return
         response = await self._request(
             route, "HEAD", f"manifests/{digest}", {"Accept": negotiable(accept)}
         )

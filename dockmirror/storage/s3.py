@@ -12,15 +12,15 @@ objects and uploads, and presigned GET URLs.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
-import treq
 from botocore.auth import S3SigV4Auth, S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials, ReadOnlyCredentials
@@ -29,11 +29,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
-from dockmirror.config import StorageConfig
+from dockmirror.config import StorageConfig, check_bucket, storage_egress
+from dockmirror.egress import tls_failure, upstream_egress
 from dockmirror.upstream import UpstreamError, discard, read_small
 
 log = Logger()
@@ -43,8 +43,6 @@ CONNECT_TIMEOUT = 10.0
 REQUEST_TIMEOUT = 60.0
 #: ... and the most of an answer (XML, an error) read into memory.
 XML_LIMIT = 4 << 20
-#: Connections kept open to the endpoint.
-POOL_SIZE = 16
 #: Seconds a presigned URL is valid.
 PRESIGN_EXPIRY = 300
 #: Credentials that expire within this many seconds are refreshed before use.
@@ -90,10 +88,23 @@ class _Signer(S3SigV4Auth):
 
 
 class S3Client:
-    """Requests to one bucket of an S3-compatible endpoint."""
+    """Requests to one bucket of an S3-compatible endpoint.
 
-    def __init__(self, config: StorageConfig, reactor: IReactorTime) -> None:
+    Connections are made as an upstream's are (:mod:`dockmirror.egress`):
+    the system's CAs and ``[storage] ca``, a client certificate if one is
+    configured, and ``[storage] proxy`` or the environment's proxy, with a
+    ``CONNECT`` tunnel.  ValueError says which of those files cannot be used.
+    """
+
+    def __init__(
+        self,
+        config: StorageConfig,
+        reactor: IReactorTime,
+        environ: Mapping[str, str] = os.environ,
+    ) -> None:
         assert config.bucket is not None
+        # The bucket may become part of a host name: it is checked first.
+        check_bucket(config.bucket, config.endpoint, not config.path_style)
         self.bucket = config.bucket
         self.region = config.region
         self._reactor = reactor
@@ -110,11 +121,13 @@ class S3Client:
         self._chain: Any = None
         self._frozen: ReadOnlyCredentials | None = None
         self._frozen_at = 0.0
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = POOL_SIZE
-        self._http = treq.client.HTTPClient(
-            Agent(reactor, pool=self.pool, connectTimeout=CONNECT_TIMEOUT)
+        tls, proxies = storage_egress(config, environ)
+        egress = upstream_egress(
+            reactor, "storage", self.url(), tls, proxies=proxies, connect_timeout=CONNECT_TIMEOUT
         )
+        self.pool = egress.pool
+        self._http = egress.http
+        self.trusted = tls.trusted
 
     def __repr__(self) -> str:
         return f"<S3Client {self._scheme}://{self._netloc} bucket {self.bucket}>"
@@ -193,6 +206,12 @@ class S3Client:
                 timeout=REQUEST_TIMEOUT,
             )
         except Exception as e:  # connection refused, reset, timed out, TLS ...
+            tls = tls_failure(e)
+            if tls is not None:
+                raise S3Error(
+                    f"{method} {self._netloc}: {tls} (trusting {self.trusted}; see"
+                    " storage.ca, and client_cert if the endpoint wants a client certificate)"
+                ) from e
             raise S3Error(f"{method} {self._netloc}: {e.__class__.__name__}: {e}") from e
         return response
 

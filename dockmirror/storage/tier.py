@@ -92,9 +92,7 @@ class S3Storage:
 
     def start(self, objects: Any) -> None:
         self.quota.load(objects)
-        Deferred.fromCoroutine(self._reconcile()).addErrback(
-            lambda f: log.failure("listing the storage bucket failed", f)
-        )
+        Deferred.fromCoroutine(self._reconcile()).addErrback(self._unusable)
         self._sweeper.start(SWEEP_INTERVAL, now=True).addErrback(
             lambda f: log.failure("the upload sweeper stopped", f)
         )
@@ -145,6 +143,17 @@ class S3Storage:
         )
         for digest in self.quota.victims() or []:
             self._evict(digest)
+
+    def _unusable(self, failure: Failure) -> None:
+        """The bucket cannot be listed at start: say why, without a traceback for S3's answers."""
+        if not failure.check(S3Error):
+            log.failure("listing the storage bucket failed", failure)
+            return
+        log.error(
+            "storage bucket {bucket} cannot be used now: {error}; blobs come from the upstreams",
+            bucket=self.client.bucket,
+            error=failure.getErrorMessage(),
+        )
 
     def _sweep_now(self) -> Deferred[int | None]:
         return Deferred.fromCoroutine(self.sweep()).addErrback(

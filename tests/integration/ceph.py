@@ -69,6 +69,13 @@ rgw_data = {d}/rgw
 """
 
 
+class Gateway(ManagedProcess):
+    """A radosgw of :meth:`CephS3.gateway`, with its plain and TLS ports."""
+
+    port: int
+    tls_port: int
+
+
 @dataclass(frozen=True)
 class S3Bucket:
     """Where a test's objects go, and the credentials to reach them."""
@@ -164,6 +171,39 @@ class CephS3:
     def stop(self) -> None:
         for process in reversed(self.processes):
             process.stop()
+
+    def gateway(self, workdir: Path, dns_name: str, certificate: Path, key: Path) -> Gateway:
+        """Another radosgw on the same store (same users and buckets): plain HTTP on
+        its ``port``, TLS with *certificate* on its ``tls_port``, and buckets
+        addressed as virtual hosts of *dns_name* as well as by path.
+        The caller stops it.
+        """
+        port, tls_port = free_port(), free_port()
+        name = f"client.rgw.{uuid.uuid4().hex[:8]}"
+        frontends = (
+            f"beast endpoint={LOOPBACK}:{port} ssl_endpoint={LOOPBACK}:{tls_port}"
+            f" ssl_certificate={certificate} ssl_private_key={key}"
+        )
+        (workdir / "rgw").mkdir(parents=True, exist_ok=True)
+        process = Gateway(
+            [
+                "radosgw",
+                "-c",
+                str(self.conf),
+                "-f",
+                "-n",
+                name,
+                f"--rgw_frontends={frontends}",
+                f"--rgw_dns_name={dns_name}",
+                f"--rgw_data={workdir / 'rgw'}",
+            ],  # fmt: skip
+            log_path=workdir / "rgw.out",
+            cwd=workdir,
+            env=self._env,
+        )
+        process.port, process.tls_port = port, tls_port
+        process.start(f"http://{LOOPBACK}:{port}/", timeout=90)
+        return process
 
     def bucket(self) -> S3Bucket:
         """A new empty bucket."""

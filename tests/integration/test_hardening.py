@@ -19,10 +19,11 @@ import pytest
 
 from .conftest import Dockmirror, DockmirrorFactory
 from .keys import create_key
-from .registries import LOOPBACK, ManagedProcess, Registry, free_port, wait_until
+from .registries import LOOPBACK, Registry, free_port, wait_until
 from .test_auth import basic, hub_mirror
 from .test_operations import run_check, served_serial, start_tls_mirror
 from .test_pull import curl
+from .upstream_servers import Nginx, nginx_binary
 
 
 @pytest.fixture
@@ -294,28 +295,12 @@ def test_systemd_unit_exposure() -> None:
     assert float(found.group(1)) <= MAX_EXPOSURE, result.stdout
 
 
-NGINX_CONF = """\
-daemon off;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log stderr;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    server {{
-        listen {loopback}:{port};
+#: nginx's server: a reverse proxy to the mirror that appends the client's address.
+NGINX_SERVER = """\
         location / {{
             proxy_pass http://{loopback}:{upstream};
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-        }}
-    }}
-}}
-"""
+        }}"""
 
 
 @pytest.fixture
@@ -323,30 +308,16 @@ def behind_nginx(
     plain_registry: Registry, dockmirror: DockmirrorFactory, tmp_path: Path
 ) -> Iterator[tuple[Dockmirror, str]]:
     """A mirror that trusts the nginx in front of it; nginx's URL."""
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not Path(nginx).exists():
+    if nginx_binary() is None:
         pytest.skip("nginx is not installed")
     mirror = dockmirror(
         {"hub": {"plugin": "dockerhub", "url": plain_registry.url, "default": True}},
         auth_required=True,
         extra={"server": {"trusted_proxies": [f"{LOOPBACK}/32"]}},
     )
-    port = free_port()
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(
-        NGINX_CONF.format(prefix=tmp_path, loopback=LOOPBACK, port=port, upstream=mirror.port)
-    )
-    process = ManagedProcess(
-        [nginx, "-e", "stderr", "-p", str(tmp_path), "-c", str(conf)],
-        log_path=tmp_path / "nginx.log",
-        cwd=tmp_path,
-    )
-    url = f"http://{LOOPBACK}:{port}"
-    process.start(f"{url}/v2/")
-    try:
-        yield mirror, url
-    finally:
-        process.stop()
+    server = NGINX_SERVER.format(loopback=LOOPBACK, upstream=mirror.port)
+    with Nginx(tmp_path, server) as nginx:
+        yield mirror, f"http://{LOOPBACK}:{nginx.port}"
 
 
 def test_clients_behind_a_real_reverse_proxy(behind_nginx: tuple[Dockmirror, str]) -> None:

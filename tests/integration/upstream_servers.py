@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import socket
 import subprocess
 import threading
@@ -225,8 +226,10 @@ def _key(directory: Path, name: str) -> str:
     return f"{name}.key"
 
 
-def make_pki(directory: Path, name: str = "upstream test CA") -> PKI:
-    """A CA, a server certificate for 127.0.0.1 and localhost, and a client certificate."""
+def make_pki(
+    directory: Path, name: str = "upstream test CA", names: str = "IP:127.0.0.1,DNS:localhost"
+) -> PKI:
+    """A CA, a server certificate for *names* (subjectAltName), and a client certificate."""
     directory.mkdir(parents=True, exist_ok=True)
     ca_key = _key(directory, "ca")
     _openssl(
@@ -244,7 +247,7 @@ def make_pki(directory: Path, name: str = "upstream test CA") -> PKI:
         f"/CN={name}",
     )
     for kind, extensions in (
-        ("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"),
+        ("server", f"subjectAltName={names}\nextendedKeyUsage=serverAuth\n"),
         ("client", "extendedKeyUsage=clientAuth\n"),
     ):
         key = _key(directory, kind)
@@ -337,6 +340,69 @@ class TLSRegistry(Registry):
             tls["clientcas"] = [str(ca) for ca in self._client_cas]
         http["tls"] = tls
         return config
+
+
+# --- nginx -------------------------------------------------------------------------
+
+_NGINX_CONF = """\
+daemon off;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log stderr;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    server {{
+        listen {loopback}:{port}{ssl};
+{server}
+    }}
+}}
+"""
+
+
+def nginx_binary() -> str | None:
+    """Debian's nginx, if installed."""
+    found = shutil.which("nginx") or "/usr/sbin/nginx"
+    return found if Path(found).exists() else None
+
+
+class Nginx(_Running):
+    """nginx on 127.0.0.1 with one ``server`` of *server* (its directives), in *workdir*.
+
+    With ``ssl``, the listener is TLS (the directives give the certificate).
+    """
+
+    def __init__(self, workdir: Path, server: str, ssl: bool = False) -> None:
+        binary = nginx_binary()
+        assert binary is not None
+        self.port = free_port()
+        self.workdir = workdir
+        conf = workdir / "nginx.conf"
+        conf.write_text(
+            _NGINX_CONF.format(
+                prefix=workdir,
+                loopback=LOOPBACK,
+                port=self.port,
+                ssl=" ssl" if ssl else "",
+                server=server,
+            )
+        )
+        self._process = ManagedProcess(
+            [binary, "-e", "stderr", "-p", str(workdir), "-c", str(conf)],
+            log_path=workdir / "nginx.log",
+            cwd=workdir,
+        )
+
+    def start(self) -> None:
+        self._process.start(lambda: _port_open(self.port))
+
+    def stop(self) -> None:
+        self._process.stop()
 
 
 # --- an HTTP proxy -------------------------------------------------------------------

@@ -202,3 +202,46 @@ def test_a_manifest_another_worker_fetched_is_taken_in_if_sound(tmp_path):
     assert entry is not None and entry.digest == digest and worker.fresh(entry)
     assert worker.get(digest) == (body, OCI_MANIFEST)
     assert worker.store.allowed(ORIGIN, digest)
+
+
+class ClusterTags:
+    """Tag entries of other nodes, as ``cache_tags`` holds them."""
+
+    def __init__(self, rows):
+        self.rows = rows
+        self.asked: list[float] = []
+
+    async def tags(self, origin, tag, since):
+        self.asked.append(since)
+        return [row for row in self.rows if row[3] > since]
+
+    def publish(self, *args):
+        pass
+
+
+def test_another_nodes_tag_is_taken_while_fresh_or_when_told_stale_will_do(tmp_path):
+    clock = MemoryReactorClock()
+    clock.advance(1000)
+    cache = make_cache(tmp_path, clock)
+    body = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": []}).encode()
+    forged = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {}}).encode()
+    rows = [
+        (OCI_MANIFEST, sha256(body), body, 900.0),  # resolved 100 s ago; the TTL is 60 s
+        (DOCKER_MANIFEST, sha256(body), forged, 950.0),  # not the manifest it names
+    ]
+    cache.shared = ClusterTags(rows)  # type: ignore[assignment]
+
+    def adopt(stale: bool) -> bool:
+        done: list[bool] = []
+        Deferred.fromCoroutine(cache.adopt_tag(ORIGIN, "v1", stale=stale)).addCallback(done.append)
+        return done[0]
+
+    assert not adopt(stale=False)
+    assert cache.tag(ORIGIN, "v1", None) is None
+    assert adopt(stale=True)
+    entry = cache.tag(ORIGIN, "v1", None)
+    assert (entry.digest, entry.media_type, entry.checked) == (sha256(body), OCI_MANIFEST, 900.0)
+    assert not cache.fresh(entry)
+    assert cache.tag(ORIGIN, "v1", {DOCKER_MANIFEST}) is None
+    assert cache.get(sha256(body)) == (body, OCI_MANIFEST)
+    assert cache.shared.asked == [940.0, float("-inf")]

@@ -124,9 +124,118 @@ def test_path_and_virtual_host_addressing():
     assert virtual.url("a b+c") == "https://mirror.s3.eu-west-1.amazonaws.com/a%20b%2Bc"
 
 
+@pytest.mark.parametrize(
+    ("endpoint", "bucket", "url"),
+    [
+        (None, "mirror", "https://mirror.s3.us-east-1.amazonaws.com/k"),
+        (
+            "https://s3.eu-west-1.amazonaws.com",
+            "mirror",
+            "https://mirror.s3.eu-west-1.amazonaws.com/k",
+        ),
+        (
+            "https://s3.cn-north-1.amazonaws.com.cn",
+            "mirror",
+            "https://mirror.s3.cn-north-1.amazonaws.com.cn/k",
+        ),
+        # A dot would make a host name that AWS's certificate does not match.
+        (None, "my.mirror", "https://s3.us-east-1.amazonaws.com/my.mirror/k"),
+        ("https://minio.corp.example:9000", "mirror", "https://minio.corp.example:9000/mirror/k"),
+        ("http://127.0.0.1:7480", "mirror", "http://127.0.0.1:7480/mirror/k"),
+        (
+            "https://s3.amazonaws.com.evil.example",
+            "mirror",
+            "https://s3.amazonaws.com.evil.example/mirror/k",
+        ),
+    ],
+)
+def test_virtual_hosts_on_aws_path_style_elsewhere_by_default(endpoint, bucket, url):
+    config = storage_config(endpoint=endpoint, bucket=bucket)
+    assert S3Client(config, MemoryReactorClock()).url("k") == url
+
+
+def test_addressing_when_told():
+    reactor = MemoryReactorClock()
+    virtual = storage_config(endpoint="https://rgw.corp.example", addressing="virtual")
+    assert S3Client(virtual, reactor).url("k") == "https://mirror.rgw.corp.example/k"
+    path = storage_config(endpoint=None, addressing="path")
+    assert S3Client(path, reactor).url("k") == "https://s3.us-east-1.amazonaws.com/mirror/k"
+
+
+def _storage_toml(tmp_path, **keys: str) -> str:
+    path = tmp_path / "dockmirror.toml"
+    lines = [f"{k} = {v!r}".replace("'", '"') for k, v in keys.items()]
+    path.write_text('[storage]\nbackend = "s3"\n' + "\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("bucket", "why"),
+    [
+        ("ab", "not an S3 bucket name"),
+        ("a" * 64, "not an S3 bucket name"),
+        ("Mirror", "not an S3 bucket name"),
+        ("mir_ror", "not an S3 bucket name"),
+        ("a..b", "not an S3 bucket name"),
+        ("a.-b", "not an S3 bucket name"),
+        ("a-.b", "not an S3 bucket name"),
+        ("-ab", "not an S3 bucket name"),
+        ("xn--mirror", "not an S3 bucket name"),
+        ("mirror-s3alias", "not an S3 bucket name"),
+        ("192.168.5.4", "formatted as an IP address"),
+    ],
+)
+def test_bucket_names_follow_s3s_grammar(tmp_path, bucket, why):
+    with pytest.raises(ConfigError, match=f"storage.bucket .*{why}"):
+        load(_storage_toml(tmp_path, bucket=bucket, addressing="path"))
+    with pytest.raises(ValueError, match=why):
+        S3Client(storage_config(bucket=bucket, addressing="path"), MemoryReactorClock())
+
+
+def test_a_virtual_host_bucket_must_make_a_host_name_the_certificate_matches(tmp_path):
+    for endpoint, bucket, why in (
+        ("http://127.0.0.1:7480", "mirror", "the endpoint must be a host name"),
+        ("https://[::1]:7480", "mirror", "the endpoint must be a host name"),
+        ("https://rgw.corp.example", "my.mirror", "would not match the endpoint's certificate"),
+    ):
+        keys = {"bucket": bucket, "endpoint": endpoint, "addressing": "virtual"}
+        with pytest.raises(ConfigError, match=f"storage.bucket .*{why}"):
+            load(_storage_toml(tmp_path, **keys))
+        with pytest.raises(ValueError, match=why):
+            S3Client(storage_config(**keys), MemoryReactorClock())
+    # Over plain http, a dotted bucket is only more labels.
+    config = storage_config(
+        endpoint="http://rgw.corp.example", bucket="my.mirror", addressing="virtual"
+    )
+    assert S3Client(config, MemoryReactorClock()).url("k") == "http://my.mirror.rgw.corp.example/k"
+
+
+def test_the_endpoints_ca_client_certificate_and_proxy_are_checked(tmp_path):
+    absent = str(tmp_path / "absent.pem")
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("hello")
+    for keys, error in (
+        ({"ca": absent}, "storage.ca: .*absent.pem: cannot read"),
+        ({"ca": str(not_pem)}, "storage.ca: .*not.pem: no PEM certificate found"),
+        ({"client_cert": str(not_pem)}, "storage.client_cert: client_cert and client_key go"),
+        ({"proxy": "https://proxy.corp:3128"}, "storage.proxy.*must be an http:// URL"),
+        ({"proxy": "http://proxy.corp:3128", "proxy_username": "u"}, "proxy_password go"),
+        ({"no_proxy": ["corp.example"]}, "storage: proxy_username and no_proxy need a proxy"),
+    ):
+        with pytest.raises(ConfigError, match=error):
+            load(_storage_toml(tmp_path, bucket="mirror", **keys))  # type: ignore[arg-type]
+    config = load(
+        _storage_toml(tmp_path, bucket="mirror", proxy="http://u:pw@proxy.corp:3128")
+    ).storage
+    assert "pw" not in repr(config)
+
+
 @pytest.mark.parametrize("addressing", ["path", "virtual"])
 def test_presigned_urls_are_short_lived(addressing):
-    client = S3Client(storage_config(addressing=addressing), MemoryReactorClock())
+    endpoint = "http://s3.example.test:7480"
+    client = S3Client(
+        storage_config(addressing=addressing, endpoint=endpoint), MemoryReactorClock()
+    )
     url = client.presign("blobs/sha256/ab")
     result: list[str] = []
     Deferred.fromCoroutine(url).addCallback(result.append)
