@@ -627,11 +627,6 @@ def _check(config: Config) -> None:
     _check_cache(source, config.cache)
     _check_storage(source, config.storage)
     _check_cluster(source, config.cluster)
-    if config.cluster.listen is not None and config.server.worker_count > 1:
-        raise ConfigError(
-            f"{source}: cluster.listen serves one process: scale a cluster by nodes,"
-            " with server.workers = 1 on each"
-        )
     _check_auth(config)
     try:
         portal_config.check(config.portal)

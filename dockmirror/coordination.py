@@ -38,14 +38,21 @@ import hashlib
 import mmap
 import os
 import struct
+from collections import OrderedDict
 from collections.abc import Callable
+from typing import Protocol
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from dockmirror._interfaces import ICoordinator, INotifier
+
+log = Logger()
 
 #: The lock file, in the cache directory, with the mode of the cache's files.
 LOCK_FILE = "fills.lock"
@@ -334,10 +341,33 @@ class LocalNotifier:
 FLIGHT_WAIT = 60.0
 #: ... looking this often whether that process still holds it ...
 FLIGHT_POLL = 0.05
+#: ... (or, for a flight of the whole cluster, whether another node still does) ...
+CLUSTER_FLIGHT_POLL = 0.25
 #: ... and waiting this long for its result once it let go.
 FLIGHT_GRACE = 0.5
 #: The most strings in a flight's result.
 FLIGHT_RESULT_MAX = 8
+#: Seconds a result is taken as is by those who ask just after it came (by default) ...
+FLIGHT_RECENT = 1.0
+#: ... and the most results kept so.
+FLIGHT_RECENT_MAX = 1024
+
+
+class ClusterClaims(Protocol):
+    """Claims that one process of a whole cluster holds at a time (see :class:`SharedFlights`)."""
+
+    def claim(self, flight: str, recent: float) -> Deferred[tuple[bool, list[str] | None]]:
+        """Try to take *flight*'s claim, without waiting: whether it was taken (also when
+        PostgreSQL cannot tell), and the result its last holder left in the last *recent*
+        seconds, if any (then the claim is not taken)."""
+
+    def release(self, flight: str, result: list[str] | None) -> None:
+        """Let go of the claim, leaving *result* (if any) for those who take it just after."""
+
+
+#: Asked at each poll of a waiting process, with whether it still waits: whether the
+#: work is its own now.
+Turn = Callable[[Callable[[], bool]], Deferred[bool]]
 
 
 class SharedFlights:
@@ -349,17 +379,26 @@ class SharedFlights:
     *topic* to every process, waiting or not: :attr:`on_result` listeners
     take it in.  A waiter does the work itself when the claim ends without
     a result (it failed), or after :data:`FLIGHT_WAIT` seconds.
+
+    A flight of the *cluster* (:meth:`wait`) is done once by all the nodes
+    of a cluster (:attr:`cluster`): the process of a node that holds the
+    node's claim also takes the cluster's, or waits for the node holding it.
     """
 
     def __init__(self, reactor: IReactorTime, topic: str) -> None:
         self._reactor = reactor
         self.topic = topic
         self.coordinator: ICoordinator = LocalCoordinator()
+        #: The claims of the cluster's nodes, if this node is one.
+        self.cluster: ClusterClaims | None = None
         self._notifier: INotifier = LocalNotifier()
         #: Called with each result another process published, before its waiters resume.
         self.on_result: list[Callable[[list[str]], None]] = []
         self._waiting: dict[str, list[Deferred[list[str] | None]]] = {}
         self._held: set[str] = set()
+        self._held_in_cluster: set[str] = set()
+        #: Results heard or made in the last :data:`FLIGHT_RECENT` seconds, oldest first.
+        self._recent: OrderedDict[str, tuple[list[str], float]] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"<SharedFlights {self.topic}: {len(self._held)} held, {len(self._waiting)} awaited>"
@@ -368,58 +407,148 @@ class SharedFlights:
         self._notifier = notifier
         notifier.subscribe(self.topic, self._heard)
 
-    async def wait(self, key: str) -> list[str] | None:
+    async def wait(
+        self, key: str, cluster: bool = False, recent: float = FLIGHT_RECENT
+    ) -> list[str] | None:
         """Another process's result for *key*; None when this process is to do the work.
 
-        It then holds the claim until :meth:`done`.
+        It then holds the claim until :meth:`done`.  With *cluster*, the
+        processes of every node of the cluster share the work, not only
+        those of this node.  A result heard less than *recent* seconds ago
+        is the answer at once.
         """
         flight = _flight(key)
-        if self._claim(flight):
+        heard = self._recent.get(flight)
+        if heard is not None and self._reactor.seconds() - heard[1] < recent:
+            return heard[0]
+        if not self._claim(flight):
+            turn = self._local_turn(flight)
+            result = await self._await(flight, turn, FLIGHT_POLL, FLIGHT_POLL)
+            if result is not None or flight not in self._held:  # heard, or waited too long
+                return result
+        if not cluster or self.cluster is None:
             return None
-        waiter: Deferred[list[str] | None] = Deferred()
-        self._waiting.setdefault(flight, []).append(waiter)
-        deadline = self._reactor.seconds() + FLIGHT_WAIT
-        released: float | None = None
-        timer: IDelayedCall | None = None
+        turn = self._cluster_turn(self.cluster, flight, recent)
+        result = await self._await(flight, turn, 0.0, CLUSTER_FLIGHT_POLL)
+        if result is not None:  # another node did it; this node's waiters heard it too
+            self._release(flight, None)
+        return result
 
-        def poll() -> None:
-            nonlocal released, timer
+    def _local_turn(self, flight: str) -> Turn:
+        """Whether the work is ours now: the process of this node holding it let go."""
+        released: float | None = None
+
+        def turn(waiting: Callable[[], bool]) -> Deferred[bool]:
+            nonlocal released
             now = self._reactor.seconds()
             if self.coordinator.held_elsewhere(flight):
                 released = None
             elif released is None:
                 released = now
             elif now - released >= FLIGHT_GRACE and self._claim(flight):
-                waiter.callback(None)  # it gave up: the work is ours now
-                return
-            if now >= deadline:
-                waiter.callback(None)
-                return
-            timer = self._reactor.callLater(FLIGHT_POLL, poll)
+                return succeed(True)  # it gave up: the work is ours now
+            return succeed(False)
 
-        timer = self._reactor.callLater(FLIGHT_POLL, poll)
+        return turn
+
+    def _cluster_turn(self, claims: ClusterClaims, flight: str, recent: float) -> Turn:
+        """Whether the work is ours now: we took the cluster's claim, and no result came.
+
+        When another node held the claim, its result is given a grace to arrive.
+        """
+        tries = 0
+
+        async def turn(waiting: Callable[[], bool]) -> bool:
+            nonlocal tries
+            tries += 1
+            got, left = await claims.claim(flight, recent)
+            if left is not None:  # its holder let go just now: its news may be on its way
+                self._heard([flight, *left])
+            if not got:
+                return False
+            if tries > 1 and waiting():
+                await deferLater(self._reactor, FLIGHT_GRACE, lambda: None)
+            if not waiting():  # a result came meanwhile: the claim is not needed
+                claims.release(flight, None)
+                return False
+            self._held_in_cluster.add(flight)
+            return True
+
+        return lambda waiting: Deferred.fromCoroutine(turn(waiting))
+
+    async def _await(
+        self, flight: str, turn: Turn, first: float, interval: float
+    ) -> list[str] | None:
+        """The result heard for *flight*; None once *turn* says the work is ours.
+
+        *turn* is asked after *first* seconds, then every *interval* seconds.
+        """
+        waiter: Deferred[list[str] | None] = Deferred()
+        self._waiting.setdefault(flight, []).append(waiter)
+        deadline = self._reactor.seconds() + FLIGHT_WAIT
+        timer: IDelayedCall | None = None
+
+        def waiting() -> bool:
+            return not waiter.called
+
+        def decided(ours: bool) -> None:
+            nonlocal timer
+            if waiter.called:
+                return
+            if ours or self._reactor.seconds() >= deadline:
+                waiter.callback(None)
+            else:
+                timer = self._reactor.callLater(interval, poll)
+
+        def failed(failure: Failure) -> None:
+            log.failure("waiting for a {topic} flight", failure, topic=self.topic)
+            decided(True)  # do the work rather than wait for nothing
+
+        def poll() -> None:
+            turn(waiting).addCallbacks(decided, failed)
+
+        timer = self._reactor.callLater(first, poll)
         try:
             return await waiter
         finally:
             if timer.active():
                 timer.cancel()
-            waiting = self._waiting.get(flight, [])
-            if waiter in waiting:
-                waiting.remove(waiter)
-            if not waiting:
+            waiting_here = self._waiting.get(flight, [])
+            if waiter in waiting_here:
+                waiting_here.remove(waiter)
+            if not waiting_here:
                 self._waiting.pop(flight, None)
 
     def done(self, key: str, result: list[str] | None) -> None:
         """Tell every process the *result* of the work on *key* (None: it failed), and let go."""
         flight = _flight(key)
+        self._release(flight, result)
         if result is not None:
             self._notifier.publish(self.topic, [flight, *result])
+            self._remember(flight, result)
+            for waiter in self._waiting.pop(flight, []):  # this process's own
+                if not waiter.called:
+                    waiter.callback(result)
+
+    def _release(self, flight: str, result: list[str] | None) -> None:
         if flight in self._held:
             self._held.discard(flight)
             self.coordinator.release(flight)
+        if flight in self._held_in_cluster:
+            self._held_in_cluster.discard(flight)
+            if self.cluster is not None:
+                self.cluster.release(flight, result)
+
+    def _remember(self, flight: str, result: list[str]) -> None:
+        """Keep *result* for :data:`FLIGHT_RECENT` seconds, for those who come just after."""
+        recent = self._recent
+        recent.pop(flight, None)
+        recent[flight] = (result, self._reactor.seconds())
+        if len(recent) > FLIGHT_RECENT_MAX:
+            recent.popitem(last=False)
 
     def _claim(self, flight: str) -> bool:
-        if not self.coordinator.claim(flight):
+        if flight in self._held or not self.coordinator.claim(flight):
             return False
         self._held.add(flight)
         return True
@@ -428,6 +557,7 @@ class SharedFlights:
         if not 2 <= len(message) <= FLIGHT_RESULT_MAX + 1:
             return
         flight, *result = message
+        self._remember(flight, result)
         for listener in self.on_result:
             listener(result)
         for waiter in self._waiting.pop(flight, []):

@@ -128,7 +128,8 @@ class BlobStore:
         self.on_touch: list[Callable[[str], None]] = []
         #: ... with the digest of each blob removed from it ...
         self.on_remove: list[Callable[[str], None]] = []
-        #: ... with each new proof (origin, digest) of a cached blob ...
+        #: ... with each new proof (origin, digest) of a cached blob, or of one being
+        #: filled here ...
         self.on_grant: list[Callable[[str, str], None]] = []
         #: ... and with the origins whose proofs are all dropped (purged).
         self.on_disown: list[Callable[[set[str]], None]] = []
@@ -321,6 +322,11 @@ class BlobStore:
         if digest in self._entries:
             self._grant(origin, digest)
             return
+        if digest in self._fills:
+            # Shared at once: the other processes and nodes following the fill need
+            # not ask the upstream again.
+            for hook in self.on_grant:
+                hook(origin, digest)
         proofs = self._proofs.pop(digest, {})
         proofs.pop(origin, None)
         proofs[origin] = size
@@ -553,6 +559,18 @@ class BlobStore:
             self._unreserve(size)
             return reason
         return [self._evict(d) for d in victims or ()]
+
+    def follow(self, digest: str, size: int) -> FollowedFill | None:
+        """Follow the fill of *digest* that another process sharing the directory runs.
+
+        None if no other process holds its claim (it ended, or never began).
+        """
+        followed = self._followed.get(digest)
+        if followed is not None:
+            return followed
+        if digest in self._fills or not self.coordinator.held_elsewhere(digest):
+            return None
+        return self._follow(digest, size)
 
     def _follow(self, digest: str, size: int) -> FollowedFill:
         followed = self._followed[digest] = FollowedFill(

@@ -6,7 +6,10 @@
 - ``cache_access``: which upstream repository proved it holds which digest
   (see :meth:`dockmirror.cache.blobs.BlobStore.allow`).  A node serves a
   blob through a repository only once that repository proved it has it,
-  to this node or to another.
+  to this node or to another.  A proof counts while some node holds the
+  blob or fills it (``fills``); the filling node records it as soon as the
+  upstream answered its GET, so that the nodes and workers following the
+  fill need not ask the upstream again.
 - ``cache_tags``: what each tag was resolved to, with the manifest, so that a
   tag resolved by one node is fresh on every node until its TTL runs out.
 
@@ -191,8 +194,9 @@ _TOUCH_BLOBS = "UPDATE cache_blobs SET used = now() WHERE digest = ANY(%s) AND n
 _INSERT_ACCESS = "INSERT INTO cache_access VALUES (%s, %s) ON CONFLICT DO NOTHING"
 _DELETE_ACCESS = "DELETE FROM cache_access WHERE origin = ANY(%s)"
 _PROVED = (
-    "SELECT b.size FROM cache_access a JOIN cache_blobs b ON b.digest = a.digest"
-    " WHERE a.origin = %s AND a.digest = %s LIMIT 1"
+    "SELECT h.size FROM cache_access a JOIN"
+    " (SELECT digest, size FROM cache_blobs UNION ALL SELECT digest, size FROM fills) h"
+    " ON h.digest = a.digest WHERE a.origin = %s AND a.digest = %s LIMIT 1"
 )
 _TAGS = (
     "SELECT media_type, digest, manifest, resolved FROM cache_tags"

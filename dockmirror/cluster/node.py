@@ -9,15 +9,17 @@ the cache's recovery, this blocks, before the mirror listens.
 
 from __future__ import annotations
 
+from functools import partial
 from importlib import resources
 from typing import Any
 
+import psycopg
 from twisted.application import service
 from twisted.logger import Logger
 
 from dockmirror.cache import Cache
-from dockmirror.cluster.coordinator import ClusterCoordinator, Session
-from dockmirror.cluster.database import Database
+from dockmirror.cluster.coordinator import ClusterCoordinator, FlightClaims, Session
+from dockmirror.cluster.database import Database, DatabaseUnavailable
 from dockmirror.cluster.index import ClusterIndex
 from dockmirror.cluster.peers import PeerClient, read_secret_file, shared_secret
 from dockmirror.config import ClusterConfig
@@ -63,9 +65,21 @@ class ClusterNode(service.MultiService):
         blobs.coordinator = ClusterCoordinator(
             blobs.coordinator, self.session, self.node_url, self.peers, self._reactor
         )
+        self._cache.flights.cluster = FlightClaims(self.session, self._reactor)
         self.index.setServiceParent(self)
         log.info("cache shared with the cluster as node {node}", node=self.node_url)
         super().startService()
+
+    async def filling_size(self, digest: str) -> int | None:
+        """The size of *digest* as announced by the process of this node that fills it.
+
+        None if no process of this node fills it, or PostgreSQL cannot tell now.
+        """
+        try:
+            row = await self.database.run(partial(_fill_of, digest, self.node_url))
+        except DatabaseUnavailable:
+            return None
+        return None if row is None else int(row[0])
 
     def stopService(self) -> Any:
         d = super().stopService()
@@ -75,3 +89,9 @@ class ClusterNode(service.MultiService):
             return self.peers.close() if self.peers is not None else result
 
         return d.addBoth(stopped)
+
+
+def _fill_of(digest: str, node_url: str, conn: psycopg.Connection[Any]) -> Any:
+    return conn.execute(
+        "SELECT size FROM fills WHERE digest = %s AND node_url = %s", (digest, node_url)
+    ).fetchone()

@@ -45,6 +45,8 @@ log = Logger()
 
 #: Times a blob request tries to join or start a fill before giving up.
 FILL_ATTEMPTS = 3
+#: The most digits of a blob size heard from another process (a signed 64-bit integer).
+MAX_SIZE_DIGITS = 18
 
 
 @dataclass
@@ -322,6 +324,28 @@ class BlobService(UpstreamAccess):
         )
 
     async def _ask_blob(self, route: Route, origin: str, digest: str) -> int | None:
+        """The upstream's answer, asked by one process for every worker and node.
+
+        The others hear ``[origin, digest, size]`` (the size empty if not announced).
+        """
+        flights = self.cache.flights
+        key = "\n".join(("blob", origin, digest))
+        heard = await flights.wait(key, cluster=True)
+        if heard is not None and heard[:2] == [origin, digest] and len(heard) == 3:
+            size = heard[2]
+            if size == "" or (size.isdigit() and len(size) <= MAX_SIZE_DIGITS):
+                length = int(size) if size else None
+                self.cache.blobs.allow(origin, digest, length)
+                return length
+        result = None
+        try:
+            length = await self._head_blob(route, origin, digest)
+            result = [origin, digest, "" if length is None else str(length)]
+            return length
+        finally:
+            flights.done(key, result)
+
+    async def _head_blob(self, route: Route, origin: str, digest: str) -> int | None:
         response = await self._request(route, "HEAD", f"blobs/{digest}")
         if response.code != 200:
             raise await self._failure(route, response, "BLOB_UNKNOWN", True)

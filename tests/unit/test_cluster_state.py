@@ -112,6 +112,16 @@ def test_a_database_is_a_postgresql_url(tmp_path: Path) -> None:
         load(str(path))
 
 
+def test_a_node_of_several_workers_listens_for_the_cluster(tmp_path: Path) -> None:
+    path = tmp_path / "dockmirror.toml"
+    path.write_text(
+        '[server]\nworkers = 2\n[cluster]\ndatabase = "postgresql://db.internal/dockmirror"\n'
+        'listen = "tcp:5001"\nnode_url = "http://10.0.0.5:5001"\n'
+    )
+    config = load(str(path))
+    assert config.server.worker_count == 2 and config.cluster.listen == "tcp:5001"
+
+
 def test_revocations_are_announced_when_they_commit(postgres: str) -> None:
     import psycopg
 

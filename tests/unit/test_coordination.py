@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock
 from zope.interface.verify import verifyObject
 
@@ -418,6 +418,89 @@ def test_a_waiter_does_the_work_when_the_other_gave_up_or_is_too_slow():
     clock.pump([1.0] * int(coordination.FLIGHT_WAIT + 1))
     assert late == [None] and flight not in claims.mine  # done without the claim
     assert not clock.getDelayedCalls()
+
+
+class ClusterLocks:
+    """Claims of the cluster's nodes, as PostgreSQL would hold them: *taken* by another node."""
+
+    def __init__(self) -> None:
+        self.taken = False
+        self.left: list[str] | None = None
+        self.mine: set[str] = set()
+        self.released: list[tuple[str, list[str] | None]] = []
+
+    def claim(self, flight: str, recent: float) -> Deferred[tuple[bool, list[str] | None]]:
+        if self.left is not None:
+            return succeed((False, self.left))
+        if self.taken:
+            return succeed((False, None))
+        self.mine.add(flight)
+        return succeed((True, None))
+
+    def release(self, flight: str, result: list[str] | None) -> None:
+        self.mine.discard(flight)
+        self.released.append((flight, result))
+
+
+def held_by_another_node() -> tuple[SharedFlights, Claims, Heard, MemoryReactorClock, list[object]]:
+    """A process waiting for the flight "k" of the cluster, which another node holds."""
+    shared, claims, notifier, clock, _ = flights()
+    shared.cluster = ClusterLocks()
+    shared.cluster.taken = True
+    outcome = cluster_waiting(shared, "k")
+    clock.pump([coordination.CLUSTER_FLIGHT_POLL] * 4)
+    return shared, claims, notifier, clock, outcome
+
+
+def cluster_waiting(shared: SharedFlights, key: str) -> list[object]:
+    outcome: list[object] = []
+    Deferred.fromCoroutine(shared.wait(key, cluster=True)).addBoth(outcome.append)
+    return outcome
+
+
+def test_a_cluster_flight_is_done_by_the_holder_of_both_claims_which_leaves_its_result():
+    shared, claims, _, clock, _ = flights()
+    shared.cluster = locks = ClusterLocks()
+    flight = coordination._flight("k")
+    outcome = cluster_waiting(shared, "k")
+    clock.advance(0)
+    assert outcome == [None]
+    assert flight in claims.mine and flight in locks.mine
+    shared.done("k", ["digest", "type"])
+    assert locks.released == [(flight, ["digest", "type"])] and not claims.mine
+
+
+def test_a_cluster_flight_waits_for_the_node_holding_it():
+    shared, claims, notifier, clock, outcome = held_by_another_node()
+    flight = coordination._flight("k")
+    assert outcome == [] and flight in claims.mine  # this node's others wait for us
+    notifier.listeners[0]([flight, "digest", "type"])
+    assert outcome == [["digest", "type"]]
+    assert isinstance(shared.cluster, ClusterLocks) and not shared.cluster.mine
+    assert not claims.mine and not clock.getDelayedCalls()
+    # Asked again at once, the result just heard is the answer.
+    assert cluster_waiting(shared, "k") == [["digest", "type"]]
+
+
+def test_a_cluster_flight_takes_the_result_its_last_holder_left():
+    shared, claims, _, clock, _ = flights()
+    shared.cluster = locks = ClusterLocks()
+    locks.left = ["digest", "type"]
+    outcome = cluster_waiting(shared, "k")
+    clock.advance(0)
+    assert outcome == [["digest", "type"]] and not claims.mine and not locks.mine
+
+
+def test_a_cluster_flight_is_taken_over_when_its_node_lets_go_without_a_result():
+    shared, claims, _, clock, outcome = held_by_another_node()
+    flight = coordination._flight("k")
+    assert isinstance(shared.cluster, ClusterLocks)
+    locks = shared.cluster
+    locks.taken = False  # that node failed, or died
+    clock.advance(coordination.CLUSTER_FLIGHT_POLL)
+    assert outcome == [] and flight in locks.mine  # its result may be on its way
+    clock.pump([coordination.FLIGHT_GRACE] * 2)
+    assert outcome == [None] and flight in locks.mine and flight in claims.mine
 
 
 _READER = """
