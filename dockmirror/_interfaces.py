@@ -57,15 +57,32 @@ class ICoordinator(Interface):
     def held_elsewhere(digest: str) -> bool:
         """Whether another process holds the claim on *digest* now."""
 
-    def pin(digest: str) -> None:
-        """Say that this process reads *digest*: another process must not remove it."""
+    def pin(digest: str) -> bool:
+        """Say that this process reads *digest*: another process must not remove it.
+
+        False, and nothing pinned, when another process is removing it (see
+        :meth:`exclude`).
+        """
 
     def unpin(digest: str) -> None:
         """This process reads *digest* no more."""
 
-    def pinned_elsewhere(digest: str) -> bool:
-        """Whether another process reads *digest* now (asking about a digest pinned here is
-        meaningless, as for claims)."""
+    def exclude(digest: str) -> bool:
+        """Keep every other process from pinning *digest*, until :meth:`readmit`.
+
+        False when another process reads it now.  A process removing a blob
+        holds this from its look for readers until the file is gone.  Never
+        for a digest pinned here.
+        """
+
+    def readmit(digest: str) -> None:
+        """Let other processes pin *digest* again."""
+
+    def read_at(digest: str, when: float) -> None:
+        """Record that this process read *digest* at *when*, for every process to see at once."""
+
+    def last_read(digest: str) -> float | None:
+        """When a process last recorded reading *digest*; None if not remembered."""
 
     def start_usage(total: int) -> None:
         """Set the bytes the cache holds to *total*, unless a running process already did."""

@@ -9,11 +9,19 @@ does every few seconds, so usage shown here may be that much behind too (in
 a cluster, every node hears of a revocation at once).
 
 ``migrate --to postgresql://...`` copies the SQLite key store, with its usage
-counters and token signing key, into a cluster database that holds no key.
+counters and token signing key, and the portal's users and live sessions, with
+the secrets of its cookies, into a cluster database that holds no key and no
+portal user.
 
 Run it as the server's user: SQLite's files must stay writable for the server.
 Run as root, it takes on the identity of the owner of the state directory
 (the key store's directory) before it opens anything there.
+
+Each change (a key created, revoked or rotated, a user disabled or enabled)
+is an audit event, as those of the manhole and the portal: it goes to the
+system log (``/dev/log``: journald, rsyslog), facility ``authpriv``, tagged
+``dockmirror-admin`` and naming who ran it (``$SUDO_USER``, else the user).
+Where there is no system log, it is printed on standard error.
 
 ``warm run`` asks the running server for a warm round through its control
 socket (:mod:`dockmirror.control`) and prints the result when it ends.
@@ -49,9 +57,47 @@ from dockmirror.config import (
 )
 from dockmirror.control import CONTROL_SOCKET
 from dockmirror.portal import users
-from dockmirror.portal.sessions import DATABASE_FILE, PortalDatabase, PortalStoreError
+from dockmirror.portal.sessions import (
+    CSRF_SECRET_FILE,
+    DATABASE_FILE,
+    SESSION_SECRET_FILE,
+    PortalDatabase,
+    PortalDump,
+    PortalQueries,
+    PortalStoreError,
+)
 
 PROG = "dockmirror-admin"
+#: Where the system log listens; audit events go there.
+SYSLOG_SOCKET = "/dev/log"
+#: ``authpriv.notice``: the facility of security events, as sudo's.
+_SYSLOG_PRIORITY = 10 * 8 + 5
+
+
+def _actor() -> str:
+    """Who runs this: the user who called sudo, else the user it runs as."""
+    sudo_user = "".join(c for c in os.environ.get("SUDO_USER", "") if c.isprintable())
+    if sudo_user:
+        return sudo_user[:64]
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return f"uid {os.getuid()}"
+
+
+def audit(event: str, what: str, more: str = "") -> None:
+    """Record *what* changed (and *more*), by whom, as the audit event *event* in the system log."""
+    message = f"{what} by {_actor()} ({PROG}){more} audit={event}"
+    line = f"<{_SYSLOG_PRIORITY}>{PROG}[{os.getpid()}]: {message}".encode()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as log:
+            log.connect(SYSLOG_SOCKET)
+            log.send(line)
+    except OSError as e:
+        print(
+            f"{PROG}: no system log ({SYSLOG_SOCKET}: {e.strerror or e}): {message}",
+            file=sys.stderr,
+        )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -92,7 +138,8 @@ def _parser() -> argparse.ArgumentParser:
     migrate = groups.add_parser(
         "migrate",
         help="copy the SQLite key store ([auth] database), usage and token signing key"
-        " included, into a PostgreSQL cluster database that holds no key yet",
+        " included, and the portal's users and sessions into a PostgreSQL cluster database"
+        " that holds no key and no portal user yet",
     )
     migrate.add_argument(
         "--to", required=True, metavar="URL", help="the cluster database, postgresql://..."
@@ -174,18 +221,36 @@ def _table(keys: Sequence[KeyInfo]) -> str:
 
 
 def _run_users(args: argparse.Namespace, config: Config, db: KeyQueries) -> None:
+    """``users ...`` on the portal's store: the cluster's with ``[cluster] database``."""
+    if config.cluster.database is not None:
+        from dockmirror.cluster.portal import with_portal  # the cluster extra, checked at load
+
+        with_portal(config.cluster.database, lambda portal: _users(args, portal, db))
+        return
     portal = PortalDatabase(state_directory(config) / DATABASE_FILE)
     try:
-        if args.command == "list":
-            for user in portal.users():
-                print(json.dumps(user.to_json()))
-        elif args.command == "disable":
-            print(json.dumps(users.disable(portal, db, args.identity)))
-        else:
-            portal.set_disabled(users.check_identity(args.identity), False)
-            print(f"{args.identity} may sign in again")
+        _users(args, portal, db)
     finally:
         portal.close()
+
+
+def _users(args: argparse.Namespace, portal: PortalQueries, db: KeyQueries) -> None:
+    if args.command == "list":
+        for user in portal.users():
+            print(json.dumps(user.to_json()))
+    elif args.command == "disable":
+        done = users.disable(portal, db, args.identity)
+        audit(
+            "user-disabled",
+            f"user {done['identity']} disabled",
+            f": {len(done['keysRevoked'])} keys revoked, {done['sessionsEnded']} sessions ended",
+        )
+        print(json.dumps(done))
+    else:
+        identity = users.check_identity(args.identity)
+        portal.set_disabled(identity, False)
+        audit("user-enabled", f"user {identity} enabled")
+        print(f"{args.identity} may sign in again")
 
 
 def _run(args: argparse.Namespace, config: Config, db: KeyQueries) -> None:
@@ -196,6 +261,7 @@ def _run(args: argparse.Namespace, config: Config, db: KeyQueries) -> None:
         if args.repository:
             limits = [check_repository_prefix(r, config.upstreams) for r in args.repository]
         new = db.create(args.name, limits)
+        audit("key-created", f"key {new.app_id} created")
         print(json.dumps(new.to_json()))
         print("Keep the apiKey now: it cannot be shown again.", file=sys.stderr)
     elif args.command == "list":
@@ -204,9 +270,12 @@ def _run(args: argparse.Namespace, config: Config, db: KeyQueries) -> None:
     elif args.command == "revoke":
         was_revoked = db.get(args.app_id).revoked
         db.revoke(args.app_id)
+        if not was_revoked:
+            audit("key-revoked", f"key {args.app_id} revoked")
         print(f"{args.app_id} {'was already' if was_revoked else 'is now'} revoked")
     else:
         new = db.rotate(args.app_id)
+        audit("key-rotated", f"key {args.app_id} rotated", f", replaced by {new.app_id}")
         print(json.dumps(new.to_json()))
         print(f"{args.app_id} is revoked, replaced by {new.app_id}", file=sys.stderr)
 
@@ -303,27 +372,53 @@ def _with_keys(config: Config, create: bool, f: Callable[[KeyQueries], None]) ->
 
 
 def _migrate(config: Config, url: str) -> None:
-    """Copy the SQLite key store and token signing key into the cluster database *url*."""
+    """Copy the SQLite key store, portal users and sessions, and the secrets into *url*."""
     check_database_url("--to", url)
-    from dockmirror.cluster.keys import migrate_keys  # the cluster extra, just checked
+    # The cluster extra, just checked.
+    from dockmirror.cluster.keys import SIGNING_KEY
+    from dockmirror.cluster.migrate import migrate
+    from dockmirror.cluster.portal import CSRF_SECRET, SESSION_SECRET
 
     source = KeyDatabase(config.auth.database, create=False)
     try:
-        dump = source.export()
+        keys = source.export()
     finally:
         source.close()
-    try:
-        signing_key: bytes | None = read(state_directory(config) / SIGNING_KEY_FILE)
-    except FileNotFoundError:
-        signing_key = None
-    copied, same_signing_key = migrate_keys(url, dump, signing_key)
-    print(f"copied {copied} keys from {config.auth.database}, usage counters included")
-    if same_signing_key:
+    state = state_directory(config)
+    portal: PortalDump = ([], [])
+    if (state / DATABASE_FILE).exists():
+        portal_db = PortalDatabase(state / DATABASE_FILE)
+        try:
+            portal = portal_db.export()
+        finally:
+            portal_db.close()
+    offered = {}
+    for name, file in (
+        (SIGNING_KEY, SIGNING_KEY_FILE),
+        (SESSION_SECRET, SESSION_SECRET_FILE),
+        (CSRF_SECRET, CSRF_SECRET_FILE),
+    ):
+        try:
+            offered[name] = read(state / file)
+        except FileNotFoundError:
+            pass
+    done = migrate(url, keys, portal, offered)
+    print(f"copied {done.keys} keys from {config.auth.database}, usage counters included")
+    print(f"copied {done.users} portal users and {done.sessions} portal sessions")
+    if done.secrets.get(SIGNING_KEY):
         print("the cluster signs tokens with this server's key: tokens issued stay valid")
-    elif signing_key is not None:
+    elif SIGNING_KEY in done.secrets:
         print(
             "the cluster already had a token signing key: tokens issued by this server"
             " are refused by the cluster, and clients log in again",
+            file=sys.stderr,
+        )
+    if done.secrets.get(SESSION_SECRET) and done.secrets.get(CSRF_SECRET):
+        print("the cluster signs portal cookies with this server's secrets: sessions stay valid")
+    elif done.sessions:
+        print(
+            "the cluster already had its portal secrets: people signed in to this server's"
+            " portal sign in again",
             file=sys.stderr,
         )
 

@@ -29,7 +29,7 @@ from dockmirror import plugins
 from dockmirror._interfaces import IUpstream
 from dockmirror.egress import CONNECT_TIMEOUT, UpstreamTLS, load_upstream_tls
 from dockmirror.forwarded import HEADERS as PROXY_HEADERS
-from dockmirror.hostnames import HostPattern, is_host_name
+from dockmirror.hostnames import HostPattern, is_host_name, parse_host
 from dockmirror.portal import config as portal_config
 from dockmirror.portal.config import PortalConfig
 from dockmirror.proxy import ProxyRules, proxy_rules, redact
@@ -208,20 +208,42 @@ class WarmConfig:
 
 @dataclass(frozen=True)
 class WarmImage:
-    """One image of the warm list: the upstream's configured name, a repository there, a tag."""
+    """One image of the warm list: the upstream's configured name, a repository there, a tag.
+
+    *alias* is the registry host the image was named by, when it was (``eu.gcr.io``).
+    """
 
     upstream: str
     repository: str
     tag: str
+    alias: str | None = None
 
     def __str__(self) -> str:
-        return f"{self.upstream}/{self.repository}:{self.tag}"
+        return f"{self.alias or self.upstream}/{self.repository}:{self.tag}"
 
 
-def parse_warm_image(text: str, upstreams: Iterable[str]) -> WarmImage:
-    """``UPSTREAM/REPOSITORY:TAG``, with UPSTREAM the name of an ``[upstreams.NAME]`` table."""
+def _upstream_serving(host: str, upstreams: Mapping[str, UpstreamConfig]) -> tuple[str, str] | None:
+    """The upstream whose aliases (its own, its plugin's) match the registry *host*, as routed."""
+    name = parse_host(host)
+    if name is None:
+        return None
+    plugins = upstream_plugins()
+    for upstream, u in upstreams.items():
+        plugin = plugins.get(u.plugin)
+        patterns = (*(plugin.aliases if plugin is not None else ()), *u.aliases)
+        if any(HostPattern.parse(p).matches(name) for p in patterns):
+            return upstream, str(name)
+    return None
+
+
+def parse_warm_image(text: str, upstreams: Mapping[str, UpstreamConfig]) -> WarmImage:
+    """``UPSTREAM/REPOSITORY:TAG``, with UPSTREAM the name of an ``[upstreams.NAME]`` table,
+    or a registry host one of them serves, as clients name it (``eu.gcr.io``)."""
     names = sorted(upstreams)
-    upstream, _, rest = text.partition("/")
+    first, _, rest = text.partition("/")
+    upstream, alias = first, None
+    if first not in upstreams and "." in first:
+        upstream, alias = _upstream_serving(first, upstreams) or (first, None)
     repository, colon, tag = rest.rpartition(":")
     if (
         upstream not in names
@@ -232,9 +254,10 @@ def parse_warm_image(text: str, upstreams: Iterable[str]) -> WarmImage:
     ):
         raise ValueError(
             f"{text[:300]!r} is not UPSTREAM/REPOSITORY:TAG with UPSTREAM one of"
-            f' {", ".join(names) or "(none configured)"} (e.g. "dockerhub/library/alpine:3")'
+            f" {', '.join(names) or '(none configured)'}, or a registry host one of them"
+            ' serves (e.g. "dockerhub/library/alpine:3", "eu.gcr.io/project/app:1")'
         )
-    return WarmImage(upstream, repository, tag)
+    return WarmImage(upstream, repository, tag, alias)
 
 
 @dataclass(frozen=True)
@@ -599,17 +622,11 @@ def _check(config: Config) -> None:
         raise ConfigError(
             f'{source}: server.workers must be a number from 1 to {MAX_WORKERS}, or "auto"'
         )
-    if not config.server.public_url.startswith(("http://", "https://")):
-        raise ConfigError(f"{source}: server.public_url must be an http(s) URL")
+    _check_public_url(source, config.server.public_url)
     _check_server(source, config.server)
     _check_cache(source, config.cache)
     _check_storage(source, config.storage)
     _check_cluster(source, config.cluster)
-    if config.cluster.listen is not None and config.server.worker_count > 1:
-        raise ConfigError(
-            f"{source}: cluster.listen serves one process: scale a cluster by nodes,"
-            " with server.workers = 1 on each"
-        )
     _check_auth(config)
     try:
         portal_config.check(config.portal)
@@ -627,6 +644,24 @@ def _check_seconds(source: str, key: str, value: float) -> None:
         raise ConfigError(
             f"{source}: {key} must be more than 0 and at most {TIMEOUT_MAX:.0f} seconds"
         )
+
+
+def _check_public_url(source: str, url: str) -> None:
+    """``scheme://host[:port]``: registry clients ask a registry for ``/v2/`` at its root."""
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{source}: server.public_url must be an http(s) URL")
+    parts = _url_parts(url)
+    if parts is None:
+        raise ConfigError(f"{source}: server.public_url {url[:200]!r} is not a URL")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
+        raise ConfigError(
+            f"{source}: server.public_url must be the root of a host, as"
+            f" https://mirror.example.com, not {url[:200]!r}: registry clients ask for /v2/"
+            " at the root, the token service and the portal are under it"
+            " (/docker-auth/token, /portal/); give the mirror a host name of its own"
+        )
+    if not parts.hostname:
+        raise ConfigError(f"{source}: server.public_url must be the root of a host: no host")
 
 
 def _check_server(source: str, server: ServerConfig) -> None:

@@ -34,12 +34,12 @@ from typing import Any, cast
 from twisted.internet import tcp
 from twisted.internet.interfaces import (
     IAddress,
-    IDelayedCall,
     IReactorTime,
     ISSLTransport,
     ITCPTransport,
 )
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
@@ -176,37 +176,34 @@ class SendWatch:
         self._progress = progress
         self._busy = busy
         self._stalled = stalled
-        self._call: IDelayedCall | None = None
+        self._loop = LoopingCall(self._check)
+        self._loop.clock = reactor
         self._since: float | None = None
         self._taken = 0
 
     def start(self) -> None:
-        if self._call is None:
+        if not self._loop.running:
             self._since = None
-            self._call = self._reactor.callLater(self.timeout / SEND_CHECKS, self._check)
+            self._loop.start(self.timeout / SEND_CHECKS, now=False)
 
     def stop(self) -> None:
-        if self._call is not None:
-            if self._call.active():
-                self._call.cancel()
-            self._call = None
+        if self._loop.running:
+            self._loop.stop()
 
     def _check(self) -> None:
-        self._call = None
         progress = self._progress()
         now = self._reactor.seconds()
         if progress is None or progress[0] <= 0:
             self._since = None
             if not self._busy():
-                return
-        else:
-            queued, taken = progress
-            if self._since is None or taken != self._taken:
-                self._since, self._taken = now, taken
-            elif now - self._since >= self.timeout:
-                self._stalled(queued)
-                return
-        self._call = self._reactor.callLater(self.timeout / SEND_CHECKS, self._check)
+                self.stop()
+            return
+        queued, taken = progress
+        if self._since is None or taken != self._taken:
+            self._since, self._taken = now, taken
+        elif now - self._since >= self.timeout:
+            self.stop()
+            self._stalled(queued)
 
 
 def worker_share(limit: int, workers: int) -> int:

@@ -6,9 +6,14 @@ POSIX byte-range locks on one file, ``fills.lock`` in the cache directory:
 the claim on a digest is an exclusive lock on one byte, at an offset taken
 from the digest.  The kernel drops a dead process's locks, so a crashed
 filler frees its digests at once.  A process reading a blob holds a shared
-lock on another byte of the digest's, so that no other process removes the
-blob under it (a follower of a fill would take its removal for the fill's
-failure).  The bytes the cache holds and reserves, which every worker checks
+lock on another byte of the digest's (its pin), so that no other process
+removes the blob under it (a follower of a fill would take its removal for
+the fill's failure); a process removing a blob holds that byte exclusively
+from its look for readers until the file is gone, so a reader that comes in
+between is refused its pin instead of being cut.  The last reads of blobs
+are also written in ``recent``, a small table every process maps, so that
+eviction sees a blob read in another process before its use reaches the
+index.  The bytes the cache holds and reserves, which every worker checks
 the quota against, are counters in the file ``usage``, changed under a lock
 on one more byte of ``fills.lock``: one for the bytes held, and one slot per
 process for the bytes its fills in progress reserve.  Each process holds the
@@ -30,16 +35,24 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import mmap
 import os
 import struct
+from collections import OrderedDict
 from collections.abc import Callable
+from typing import Protocol
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from dockmirror._interfaces import ICoordinator, INotifier
+
+log = Logger()
 
 #: The lock file, in the cache directory, with the mode of the cache's files.
 LOCK_FILE = "fills.lock"
@@ -54,11 +67,16 @@ _USAGE_OFFSET = 1 << 62
 _SLOT_OFFSET = _USAGE_OFFSET + 1
 #: The usage counters, in the cache directory; the supervisor removes the file at start.
 USAGE_FILE = "usage"
+#: The last reads of blobs, in the cache directory: slots of a digest's first 8 bytes
+#: and the time of its last read, at a slot taken from the digest.
+RECENT_FILE = "recent"
+RECENT_SLOTS = 1 << 14
+_RECENT = struct.Struct("<Qd")
 #: The blobs kept from eviction (the warm images'), one digest a line, in the cache
 #: directory: written by the worker that warms, read by the others.
 KEPT_FILE = "kept"
 #: Files of shared state that a new service starts without.
-SERVICE_FILES = (USAGE_FILE, KEPT_FILE)
+SERVICE_FILES = (USAGE_FILE, KEPT_FILE, RECENT_FILE)
 #: Processes that may share a cache directory at once.
 SLOTS = 256
 #: The usage file: the bytes held, whether a process counted them, and the slots.
@@ -107,14 +125,23 @@ class LocalCoordinator:
     def lead(self, digest: str, size: int, offset: int = 0) -> Deferred[IResponse | None]:
         return succeed(None)
 
-    def pin(self, digest: str) -> None:
-        pass
+    def pin(self, digest: str) -> bool:
+        return True
 
     def unpin(self, digest: str) -> None:
         pass
 
-    def pinned_elsewhere(self, digest: str) -> bool:
-        return False
+    def exclude(self, digest: str) -> bool:
+        return True
+
+    def readmit(self, digest: str) -> None:
+        pass
+
+    def read_at(self, digest: str, when: float) -> None:
+        pass
+
+    def last_read(self, digest: str) -> float | None:
+        return None
 
     def close(self) -> None:
         pass
@@ -136,7 +163,10 @@ class FileLockCoordinator:
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
         self._fd = os.open(self.path, flags, LOCK_FILE_MODE)
         self._usage_fd = os.open(os.path.join(directory, USAGE_FILE), flags, LOCK_FILE_MODE)
+        self._recent = _map_recent(os.path.join(directory, RECENT_FILE))
         self._held: set[str] = set()
+        #: Digests this process keeps every other from pinning (it removes them).
+        self._excluded: set[str] = set()
         self._slot = 0
         self._take_slot()
 
@@ -172,20 +202,35 @@ class FileLockCoordinator:
     def lead(self, digest: str, size: int, offset: int = 0) -> Deferred[IResponse | None]:
         return succeed(None)
 
-    def pin(self, digest: str) -> None:
-        # Waits, for microseconds, only while another process tests the pin.
-        fcntl.lockf(self._fd, fcntl.LOCK_SH, 1, _PIN_OFFSET + _offset(digest))
+    def pin(self, digest: str) -> bool:
+        # A shared lock is granted unless another process holds the exclusive one.
+        if digest in self._excluded:  # POSIX would turn our exclusive lock into this one
+            return False
+        return self._lock_byte(_PIN_OFFSET + _offset(digest), fcntl.LOCK_SH)
 
     def unpin(self, digest: str) -> None:
         fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _PIN_OFFSET + _offset(digest))
 
-    def pinned_elsewhere(self, digest: str) -> bool:
+    def exclude(self, digest: str) -> bool:
         # An exclusive lock is granted unless another process holds a shared one.
-        offset = _PIN_OFFSET + _offset(digest)
-        if not self._lock_byte(offset, fcntl.LOCK_EX):
-            return True
-        fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, offset)
-        return False
+        if not self._lock_byte(_PIN_OFFSET + _offset(digest), fcntl.LOCK_EX):
+            return False
+        self._excluded.add(digest)
+        return True
+
+    def readmit(self, digest: str) -> None:
+        if digest in self._excluded:
+            self._excluded.discard(digest)
+            fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _PIN_OFFSET + _offset(digest))
+
+    def read_at(self, digest: str, when: float) -> None:
+        key, slot = _recent_slot(digest)
+        _RECENT.pack_into(self._recent, slot, key, when)
+
+    def last_read(self, digest: str) -> float | None:
+        key, slot = _recent_slot(digest)
+        found, when = _RECENT.unpack_from(self._recent, slot)
+        return float(when) if found == key else None
 
     def _take_slot(self) -> None:
         """Take a free reservation slot, for as long as this process lives."""
@@ -253,9 +298,29 @@ class FileLockCoordinator:
 
     def close(self) -> None:
         self._held.clear()
+        self._excluded.clear()
         _slots_here.discard(self._slot)
+        self._recent.close()
         os.close(self._usage_fd)
         os.close(self._fd)
+
+
+def _map_recent(path: str) -> mmap.mmap:
+    """The table of last reads, made at its size by the first process to open it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, LOCK_FILE_MODE)
+    try:
+        size = RECENT_SLOTS * _RECENT.size
+        if os.fstat(fd).st_size < size:
+            os.ftruncate(fd, size)  # zeros: no digest
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+
+
+def _recent_slot(digest: str) -> tuple[int, int]:
+    """A digest's key in the table of last reads (never 0) and its slot's offset."""
+    key = int(digest.rpartition(":")[2][:16], 16) | 1
+    return key, (key >> 1) % RECENT_SLOTS * _RECENT.size
 
 
 @implementer(INotifier)
@@ -276,10 +341,33 @@ class LocalNotifier:
 FLIGHT_WAIT = 60.0
 #: ... looking this often whether that process still holds it ...
 FLIGHT_POLL = 0.05
+#: ... (or, for a flight of the whole cluster, whether another node still does) ...
+CLUSTER_FLIGHT_POLL = 0.25
 #: ... and waiting this long for its result once it let go.
 FLIGHT_GRACE = 0.5
 #: The most strings in a flight's result.
 FLIGHT_RESULT_MAX = 8
+#: Seconds a result is taken as is by those who ask just after it came (by default) ...
+FLIGHT_RECENT = 1.0
+#: ... and the most results kept so.
+FLIGHT_RECENT_MAX = 1024
+
+
+class ClusterClaims(Protocol):
+    """Claims that one process of a whole cluster holds at a time (see :class:`SharedFlights`)."""
+
+    def claim(self, flight: str, recent: float) -> Deferred[tuple[bool, list[str] | None]]:
+        """Try to take *flight*'s claim, without waiting: whether it was taken (also when
+        PostgreSQL cannot tell), and the result its last holder left in the last *recent*
+        seconds, if any (then the claim is not taken)."""
+
+    def release(self, flight: str, result: list[str] | None) -> None:
+        """Let go of the claim, leaving *result* (if any) for those who take it just after."""
+
+
+#: Asked at each poll of a waiting process, with whether it still waits: whether the
+#: work is its own now.
+Turn = Callable[[Callable[[], bool]], Deferred[bool]]
 
 
 class SharedFlights:
@@ -291,17 +379,26 @@ class SharedFlights:
     *topic* to every process, waiting or not: :attr:`on_result` listeners
     take it in.  A waiter does the work itself when the claim ends without
     a result (it failed), or after :data:`FLIGHT_WAIT` seconds.
+
+    A flight of the *cluster* (:meth:`wait`) is done once by all the nodes
+    of a cluster (:attr:`cluster`): the process of a node that holds the
+    node's claim also takes the cluster's, or waits for the node holding it.
     """
 
     def __init__(self, reactor: IReactorTime, topic: str) -> None:
         self._reactor = reactor
         self.topic = topic
         self.coordinator: ICoordinator = LocalCoordinator()
+        #: The claims of the cluster's nodes, if this node is one.
+        self.cluster: ClusterClaims | None = None
         self._notifier: INotifier = LocalNotifier()
         #: Called with each result another process published, before its waiters resume.
         self.on_result: list[Callable[[list[str]], None]] = []
         self._waiting: dict[str, list[Deferred[list[str] | None]]] = {}
         self._held: set[str] = set()
+        self._held_in_cluster: set[str] = set()
+        #: Results heard or made in the last :data:`FLIGHT_RECENT` seconds, oldest first.
+        self._recent: OrderedDict[str, tuple[list[str], float]] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"<SharedFlights {self.topic}: {len(self._held)} held, {len(self._waiting)} awaited>"
@@ -310,58 +407,148 @@ class SharedFlights:
         self._notifier = notifier
         notifier.subscribe(self.topic, self._heard)
 
-    async def wait(self, key: str) -> list[str] | None:
+    async def wait(
+        self, key: str, cluster: bool = False, recent: float = FLIGHT_RECENT
+    ) -> list[str] | None:
         """Another process's result for *key*; None when this process is to do the work.
 
-        It then holds the claim until :meth:`done`.
+        It then holds the claim until :meth:`done`.  With *cluster*, the
+        processes of every node of the cluster share the work, not only
+        those of this node.  A result heard less than *recent* seconds ago
+        is the answer at once.
         """
         flight = _flight(key)
-        if self._claim(flight):
+        heard = self._recent.get(flight)
+        if heard is not None and self._reactor.seconds() - heard[1] < recent:
+            return heard[0]
+        if not self._claim(flight):
+            turn = self._local_turn(flight)
+            result = await self._await(flight, turn, FLIGHT_POLL, FLIGHT_POLL)
+            if result is not None or flight not in self._held:  # heard, or waited too long
+                return result
+        if not cluster or self.cluster is None:
             return None
-        waiter: Deferred[list[str] | None] = Deferred()
-        self._waiting.setdefault(flight, []).append(waiter)
-        deadline = self._reactor.seconds() + FLIGHT_WAIT
-        released: float | None = None
-        timer: IDelayedCall | None = None
+        turn = self._cluster_turn(self.cluster, flight, recent)
+        result = await self._await(flight, turn, 0.0, CLUSTER_FLIGHT_POLL)
+        if result is not None:  # another node did it; this node's waiters heard it too
+            self._release(flight, None)
+        return result
 
-        def poll() -> None:
-            nonlocal released, timer
+    def _local_turn(self, flight: str) -> Turn:
+        """Whether the work is ours now: the process of this node holding it let go."""
+        released: float | None = None
+
+        def turn(waiting: Callable[[], bool]) -> Deferred[bool]:
+            nonlocal released
             now = self._reactor.seconds()
             if self.coordinator.held_elsewhere(flight):
                 released = None
             elif released is None:
                 released = now
             elif now - released >= FLIGHT_GRACE and self._claim(flight):
-                waiter.callback(None)  # it gave up: the work is ours now
-                return
-            if now >= deadline:
-                waiter.callback(None)
-                return
-            timer = self._reactor.callLater(FLIGHT_POLL, poll)
+                return succeed(True)  # it gave up: the work is ours now
+            return succeed(False)
 
-        timer = self._reactor.callLater(FLIGHT_POLL, poll)
+        return turn
+
+    def _cluster_turn(self, claims: ClusterClaims, flight: str, recent: float) -> Turn:
+        """Whether the work is ours now: we took the cluster's claim, and no result came.
+
+        When another node held the claim, its result is given a grace to arrive.
+        """
+        tries = 0
+
+        async def turn(waiting: Callable[[], bool]) -> bool:
+            nonlocal tries
+            tries += 1
+            got, left = await claims.claim(flight, recent)
+            if left is not None:  # its holder let go just now: its news may be on its way
+                self._heard([flight, *left])
+            if not got:
+                return False
+            if tries > 1 and waiting():
+                await deferLater(self._reactor, FLIGHT_GRACE, lambda: None)
+            if not waiting():  # a result came meanwhile: the claim is not needed
+                claims.release(flight, None)
+                return False
+            self._held_in_cluster.add(flight)
+            return True
+
+        return lambda waiting: Deferred.fromCoroutine(turn(waiting))
+
+    async def _await(
+        self, flight: str, turn: Turn, first: float, interval: float
+    ) -> list[str] | None:
+        """The result heard for *flight*; None once *turn* says the work is ours.
+
+        *turn* is asked after *first* seconds, then every *interval* seconds.
+        """
+        waiter: Deferred[list[str] | None] = Deferred()
+        self._waiting.setdefault(flight, []).append(waiter)
+        deadline = self._reactor.seconds() + FLIGHT_WAIT
+        timer: IDelayedCall | None = None
+
+        def waiting() -> bool:
+            return not waiter.called
+
+        def decided(ours: bool) -> None:
+            nonlocal timer
+            if waiter.called:
+                return
+            if ours or self._reactor.seconds() >= deadline:
+                waiter.callback(None)
+            else:
+                timer = self._reactor.callLater(interval, poll)
+
+        def failed(failure: Failure) -> None:
+            log.failure("waiting for a {topic} flight", failure, topic=self.topic)
+            decided(True)  # do the work rather than wait for nothing
+
+        def poll() -> None:
+            turn(waiting).addCallbacks(decided, failed)
+
+        timer = self._reactor.callLater(first, poll)
         try:
             return await waiter
         finally:
             if timer.active():
                 timer.cancel()
-            waiting = self._waiting.get(flight, [])
-            if waiter in waiting:
-                waiting.remove(waiter)
-            if not waiting:
+            waiting_here = self._waiting.get(flight, [])
+            if waiter in waiting_here:
+                waiting_here.remove(waiter)
+            if not waiting_here:
                 self._waiting.pop(flight, None)
 
     def done(self, key: str, result: list[str] | None) -> None:
         """Tell every process the *result* of the work on *key* (None: it failed), and let go."""
         flight = _flight(key)
+        self._release(flight, result)
         if result is not None:
             self._notifier.publish(self.topic, [flight, *result])
+            self._remember(flight, result)
+            for waiter in self._waiting.pop(flight, []):  # this process's own
+                if not waiter.called:
+                    waiter.callback(result)
+
+    def _release(self, flight: str, result: list[str] | None) -> None:
         if flight in self._held:
             self._held.discard(flight)
             self.coordinator.release(flight)
+        if flight in self._held_in_cluster:
+            self._held_in_cluster.discard(flight)
+            if self.cluster is not None:
+                self.cluster.release(flight, result)
+
+    def _remember(self, flight: str, result: list[str]) -> None:
+        """Keep *result* for :data:`FLIGHT_RECENT` seconds, for those who come just after."""
+        recent = self._recent
+        recent.pop(flight, None)
+        recent[flight] = (result, self._reactor.seconds())
+        if len(recent) > FLIGHT_RECENT_MAX:
+            recent.popitem(last=False)
 
     def _claim(self, flight: str) -> bool:
-        if not self.coordinator.claim(flight):
+        if flight in self._held or not self.coordinator.claim(flight):
             return False
         self._held.add(flight)
         return True
@@ -370,6 +557,7 @@ class SharedFlights:
         if not 2 <= len(message) <= FLIGHT_RESULT_MAX + 1:
             return
         flight, *result = message
+        self._remember(flight, result)
         for listener in self.on_result:
             listener(result)
         for waiter in self._waiting.pop(flight, []):

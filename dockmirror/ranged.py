@@ -9,7 +9,10 @@ its answer while no other connection takes the next.  Every
 :data:`SPREAD_AFTER` seconds the fill looks at its pace: when the rest would
 take longer than :data:`SPREAD_WORTH` seconds more, the other connections
 start, each on the next range left.  A link fast enough for one stream
-keeps one stream, and its readers lose nothing to waiting for ranges.
+keeps one stream, and its readers lose nothing to waiting for ranges.  So
+does a fill slowed by its own process: while the reactor thread was busy
+(:data:`BUSY_LIMIT`) during the last look, the link is not what is slow,
+and more connections would only cost that thread more work.
 
 The first answer's final URL (a CDN's, after the registry's redirect) is
 where the other ranges go, each with the headers its request
@@ -30,6 +33,7 @@ the rest.  That upstream's blobs are then fetched in one stream for
 from __future__ import annotations
 
 import re
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -61,8 +65,10 @@ RESOLVES = 3
 RANGES_RECHECK = 3600.0
 #: Seconds between looks at the first connection's pace, to decide whether to spread ...
 SPREAD_AFTER = 1.0
-#: ... over more connections: when the rest would take it longer than this many seconds.
+#: ... over more connections: when the rest would take it longer than this many seconds,
 SPREAD_WORTH = 2.0
+#: and the reactor thread ran, or waited to run, less than this share of the time meanwhile.
+BUSY_LIMIT = 0.8
 
 _CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19})")
 
@@ -82,6 +88,21 @@ def content_range(response: IResponse) -> tuple[int, int, int] | None:
     if first > last or last >= total:
         return None
     return first, last + 1, total
+
+
+def busy_seconds() -> float:
+    """Seconds the calling thread has run or waited for a CPU to run on.
+
+    Linux's scheduler statistics count both: a thread that always has work
+    is busy all the time, even on a machine so loaded that it seldom runs.
+    Elsewhere, the thread's CPU time.
+    """
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            running, waiting = f.read().split()[:2]
+        return (int(running) + int(waiting)) / 1e9
+    except (OSError, ValueError):
+        return time.thread_time()
 
 
 def range_header(start: int, end: int | None = None) -> str:
@@ -198,8 +219,11 @@ class RangedFetch:
         support: RangeSupport,
         metrics: Metrics,
         reactor: IReactorTime,
+        busy: Callable[[], float] = busy_seconds,
     ) -> None:
         self._fill = fill
+        #: The reactor thread's busy seconds so far (:func:`busy_seconds`).
+        self._busy = busy
         self._client = client
         self._resolve = resolve
         self._support = support
@@ -279,10 +303,15 @@ class RangedFetch:
     async def _spread(self, ranges: deque[_Part], connections: _Connections) -> None:
         """Start the other connections once the first one proves too slow alone."""
         fill = self._fill
-        started = self._reactor.seconds()
+        started = looked = self._reactor.seconds()
+        busy = self._busy()
         while ranges and not fill.done:
             await deferLater(self._reactor, SPREAD_AFTER)
-            elapsed, delivered = self._reactor.seconds() - started, fill.delivered
+            now, was_busy, busy = self._reactor.seconds(), busy, self._busy()
+            load, looked = (busy - was_busy) / max(now - looked, 1e-3), now
+            if load >= BUSY_LIMIT:
+                continue  # this process is what is slow
+            elapsed, delivered = now - started, fill.delivered
             if (fill.size - delivered) * elapsed > SPREAD_WORTH * max(delivered, 1):
                 more = min(fill.parts - 1, len(ranges))
                 self._connections += more

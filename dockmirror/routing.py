@@ -119,11 +119,13 @@ class Router:
             )
         return self._route(self.default, None, name, name)
 
-    def route_to(self, upstream_name: str, repository: str) -> Route:
-        """Route a repository of the upstream named *upstream_name* in the configuration."""
+    def route_to(self, upstream_name: str, repository: str, alias: str | None = None) -> Route:
+        """Route a repository of the upstream named *upstream_name* in the configuration,
+        at the registry host *alias* it serves (checked with the configuration), if given."""
         for upstream in self.upstreams:
             if upstream.name == upstream_name:
-                return self._route(upstream, None, repository, repository)
+                client_name = repository if alias is None else f"{alias}/{repository}"
+                return self._route(upstream, alias, repository, client_name)
         raise RegistryError("NAME_UNKNOWN", f"no upstream {upstream_name!r}")
 
     @staticmethod

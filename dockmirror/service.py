@@ -63,6 +63,7 @@ from dockmirror.web import MirrorSite, RootResource, build_root
 from dockmirror.workers import FIRST_FD, AdoptedPort, SupervisorChannel, WorkerLoad
 
 if TYPE_CHECKING:
+    from dockmirror.cluster.database import Database
     from dockmirror.cluster.keys import PostgresKeys
     from dockmirror.cluster.notify import PostgresNotifier
 
@@ -184,7 +185,8 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
     if config.cluster.database is not None and config.cluster.node_url is not None:
         from dockmirror.cluster.node import ClusterNode  # the optional cluster extra
 
-        node = ClusterNode(config.cluster, cache, reactor)
+        assert cluster is not None
+        node = ClusterNode(config.cluster, cache, cluster.database, reactor)
         node.setServiceParent(top)  # after the cache, whose coordinator it wraps
     warmer = None
     if config.warm.images and not worker:  # the first worker warms for the service
@@ -271,8 +273,19 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
         "warm": warmer,
     }
     if config.portal.enabled:
+        database = cluster.database if cluster is not None else None
         portal = build_portal(
-            config, keys, metrics, cache, router, egress, check_prefix, reactor, top
+            config,
+            keys,
+            metrics,
+            cache,
+            router,
+            egress,
+            check_prefix,
+            reactor,
+            top,
+            notifier,
+            database,
         )
         root.putChild(b"portal", portal.resource)
         namespace["users"] = portal.users
@@ -294,6 +307,8 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
 
 @dataclass(frozen=True)
 class _Cluster:
+    #: The process's one pool: keys, notifications, the cache index, the portal.
+    database: Database
     notifier: PostgresNotifier
     keys: PostgresKeys
     signing_key: ec.EllipticCurvePrivateKey
@@ -305,17 +320,19 @@ def _cluster(config: Config, reactor: Any, top: service.MultiService) -> _Cluste
     # Imported here: only a cluster needs (and has) the cluster extra.
     from dockmirror.cluster.database import Database, DatabaseService
     from dockmirror.cluster.keys import POLL_INTERVAL, PostgresKeys, cluster_signing_key
-    from dockmirror.cluster.notify import PostgresNotifier
+    from dockmirror.cluster.notify import PostgresNotifier, notification_key
 
     assert config.cluster.database is not None
     copy = state_directory(config) / CLUSTER_SIGNING_KEY_FILE
     pem = cluster_signing_key(config.cluster.database, copy)
     database = Database(config.cluster.database, reactor)
     DatabaseService(database).setServiceParent(top)
-    notifier = PostgresNotifier(database, reactor)
+    notify_key = notification_key(pem)
+    notifier = PostgresNotifier(database, reactor, notify_key)
     notifier.setServiceParent(top)
-    keys = PostgresKeys(database, reactor)
-    return _Cluster(notifier, keys, parse_signing_key(pem, repr(database)), POLL_INTERVAL)
+    keys = PostgresKeys(database, reactor, notify_key)
+    signing_key = parse_signing_key(pem, repr(database))
+    return _Cluster(database, notifier, keys, signing_key, POLL_INTERVAL)
 
 
 def mirror_service(config: Config, reactor: Any, worker: int | None) -> service.MultiService:

@@ -6,9 +6,11 @@ upstream read, and the consumer (the client's request) sees each chunk as it
 lands.  An idle timer, stopped while the client holds the stream paused,
 guards against an upstream that stops sending.
 
-:class:`FileSender` sends part of a file to a plain TCP client with
-``os.sendfile``: the bytes go from the page cache to the socket without
-entering Python.
+:class:`FileSender` sends part of a file to a client straight from the
+file to the socket: on plain TCP with ``os.sendfile``, so the bytes go from
+the page cache to the socket without entering Python; over TLS in large
+pieces read into one buffer, encrypted by the connection's :class:`Sealer`
+and written with one system call, past Twisted's buffers and producers.
 """
 
 from __future__ import annotations
@@ -43,8 +45,13 @@ log = Logger()
 
 #: Seconds without a byte from an upstream that is not paused before giving up.
 IDLE_TIMEOUT = 60.0
-#: The most one client is sent by ``sendfile`` before other work gets a turn.
+#: The most one client is sent by ``sendfile`` before other work gets a turn ...
 SENDFILE_TURN = 8 << 20
+#: ... and over TLS, where each byte costs more, read from the file this much at a time.
+SEAL_TURN = 1 << 20
+SEAL_CHUNK = 256 << 10
+#: The most buffers one ``writev`` takes.
+_IOV_MAX = 1024
 
 
 class StreamError(Exception):
@@ -239,35 +246,63 @@ class BodyStream(Protocol):
         self._fail(StreamError(f"upstream sent nothing for {self._timer.timeout:.0f}s"))
 
 
-def plain_tcp_transport(consumer: IConsumer) -> tcp.Server | None:
-    """The TCP connection under *consumer* (a request), if nothing but plain TCP is between.
+class Sealer(typing.Protocol):
+    """A TLS connection whose records can go somewhere else than its transport.
 
-    Protocol wrappers (as the plain listener's TLS detector) are looked
-    through; a TLS layer anywhere, or any other kind of transport, gives None.
+    :class:`dockmirror.tls.WholeRecordsTLS` is one.
+    """
+
+    @property
+    def sealing(self) -> bool:
+        """Whether :meth:`seal` may be used now (handshake done, nothing held back)."""
+
+    def divert(self, sink: Callable[[bytes], object] | None) -> None:
+        """Hand every record for the peer to *sink* (None: to the transport again)."""
+
+    def seal(self, data: memoryview) -> None:
+        """Encrypt all of *data* at once, into the records handed to the sink."""
+
+
+def file_transport(consumer: IConsumer) -> tuple[tcp.Server, Sealer | None] | None:
+    """The TCP connection under *consumer* (a request), if a file can be sent to it directly.
+
+    That is when nothing but plain TCP is between, or one TLS layer that is a
+    :class:`Sealer` ready to seal (given with it).  Protocol wrappers (as the
+    plain listener's TLS detector) are looked through; any other TLS layer or
+    kind of transport gives None.
     """
     channel = getattr(consumer, "channel", None)
     transport = getattr(channel, "transport", None)
+    sealer: Sealer | None = None
     while isinstance(transport, ProtocolWrapper):
         if isinstance(transport, TLSMemoryBIOProtocol):
-            return None
+            if sealer is not None or not getattr(transport, "sealing", False):
+                return None
+            sealer = cast(Sealer, transport)
         transport = transport.transport
     if isinstance(transport, tcp.Server) and not transport.TLS and transport.connected:
-        return transport
+        return transport, sealer
     return None
 
 
 @implementer(IPushProducer, IWriteDescriptor)
 class FileSender:
-    """Bytes [start, end) of the file *fd*, sent to a TCP connection with ``os.sendfile``.
+    """Bytes [start, end) of the file *fd*, sent straight to a TCP connection.
 
     The sender writes on its own duplicate of the connection's socket, which
     it registers with the reactor as a writer.  It starts once Twisted's
     buffer for the connection is empty, so the response's headers go first,
     and it sends only while the socket can take more: a client that stops
-    reading stops the file reads.  :attr:`done` fires with the byte count, or
-    fails with :class:`StreamError` (:class:`ShortFile` when the file ends
-    early); cancelling it stops the sending.  *fd* stays open: it belongs to
-    the caller.
+    reading stops the file reads.
+
+    On plain TCP the bytes go with ``os.sendfile``.  With a *sealer* (the
+    connection's TLS layer), they are read :data:`SEAL_CHUNK` at a time into
+    one buffer, sealed into records, and written with ``writev``; while the
+    sender runs, every record of the connection comes through it, so none
+    overtakes another.  :attr:`done` fires with the byte count, or fails with
+    :class:`StreamError` (:class:`ShortFile` when the file ends early);
+    cancelling it stops the sending.  *fd* stays open: it belongs to the
+    caller.
     """
 
     def __init__(
@@ -278,6 +313,7 @@ class FileSender:
         start: int,
         end: int,
         count: Callable[[int], object],
+        sealer: Sealer | None = None,
     ) -> None:
         self._reactor = reactor
         self._transport: tcp.Server | None = transport
@@ -285,6 +321,10 @@ class FileSender:
         self._start = self._pos = start
         self._end = end
         self._count = count
+        self._sealer = sealer
+        #: Records sealed and not written yet, oldest first.
+        self._records: list[memoryview] = []
+        self._buffer = bytearray(SEAL_CHUNK if sealer is not None else 0)
         self._socket: int | None = None
         self._consumer: IConsumer | None = None
         self._writing = False
@@ -300,6 +340,8 @@ class FileSender:
         self._consumer = consumer
         consumer.registerProducer(self, True)
         consumer.write(b"")  # the status line and headers, into Twisted's buffer
+        if self._sealer is not None:
+            self._sealer.divert(self._sealed)
         try:
             self._socket = os.dup(self._transport.fileno())
         except OSError as e:
@@ -320,30 +362,73 @@ class FileSender:
             if self._transport in self._reactor.getWriters():
                 return  # Twisted has yet to send the headers.
             self._transport = None  # it has nothing more to send
+        try:
+            if self._sealer is None:
+                self._sendfile()
+            else:
+                self._send_sealed(self._sealer)
+        except BlockingIOError:
+            return  # the socket is full; wait until it is writable again
+        except StreamError as e:
+            self._fail(e)
+            return
+        except OSError as e:
+            self._fail(StreamError(f"sending to the client failed: {e.strerror}"))
+            return
+        if self._pos >= self._end and not self._records:
+            self._close()
+            self.done.callback(self._pos - self._start)
+
+    def _sendfile(self) -> None:
         assert self._socket is not None
         turn = SENDFILE_TURN
         while self._pos < self._end and turn > 0:
             wanted = min(self._end - self._pos, turn)
-            try:
-                sent = os.sendfile(self._socket, self._fd, self._pos, wanted)
-            except BlockingIOError:
-                return
-            except OSError as e:
-                self._fail(StreamError(f"sending to the client failed: {e.strerror}"))
-                return
+            sent = os.sendfile(self._socket, self._fd, self._pos, wanted)
             if sent == 0:
-                self._fail(ShortFile(f"the file ended at {self._pos}, before {self._end}"))
-                return
-            self._pos += sent
+                raise ShortFile(f"the file ended at {self._pos}, before {self._end}")
+            self._sent(sent)
             turn -= sent
-            self._count(sent)
-            if self._consumer is not None and hasattr(self._consumer, "sentLength"):
-                self._consumer.sentLength += sent  # for the access log
             if sent < wanted:
-                return  # the socket is full; wait until it is writable again
-        if self._pos >= self._end:
-            self._close()
-            self.done.callback(self._pos - self._start)
+                raise BlockingIOError  # the socket is full
+
+    def _send_sealed(self, sealer: Sealer) -> None:
+        turn = SEAL_TURN
+        view = memoryview(self._buffer)
+        while True:
+            self._write_records()
+            if self._pos >= self._end or turn <= 0:
+                return
+            wanted = min(self._end - self._pos, SEAL_CHUNK)
+            count = os.preadv(self._fd, [view[:wanted]], self._pos)
+            if count == 0:
+                raise ShortFile(f"the file ended at {self._pos}, before {self._end}")
+            try:
+                sealer.seal(view[:count])
+            except Exception as e:  # an SSL error, or a renegotiation
+                raise StreamError(f"TLS failed: {e}") from e
+            self._sent(count)
+            turn -= count
+
+    def _sealed(self, records: bytes) -> None:
+        self._records.append(memoryview(records))
+
+    def _write_records(self) -> None:
+        """Write the records sealed so far; BlockingIOError if the socket takes no more."""
+        assert self._socket is not None
+        while self._records:
+            written = os.writev(self._socket, self._records[:_IOV_MAX])
+            while written and written >= len(self._records[0]):
+                written -= len(self._records.pop(0))
+            if written:
+                self._records[0] = self._records[0][written:]
+                raise BlockingIOError  # partly written: the socket is full
+
+    def _sent(self, count: int) -> None:
+        self._pos += count
+        self._count(count)
+        if self._consumer is not None and hasattr(self._consumer, "sentLength"):
+            self._consumer.sentLength += count  # for the access log
 
     def connectionLost(self, reason: Failure) -> None:
         self._fail(StreamError(f"the client connection failed: {reason.getErrorMessage()}"))
@@ -382,6 +467,10 @@ class FileSender:
         if self._socket is not None:
             os.close(self._socket)
             self._socket = None
+        if self._sealer is not None:
+            self._sealer.divert(None)
+            self._sealer = None
+        self._records.clear()
         if self._consumer is not None:
             release(self._consumer)
             self._consumer = None

@@ -92,6 +92,9 @@ def makeService(options: Options, reactor: IReactorCore | None = None) -> servic
     if options["worker"] is None and config.server.worker_count > 1:
         return supervise(config, reactor)
     # Imported here, where it is built: the supervisor needs none of the mirror's modules.
+    from dockmirror.memory import tune_allocator
     from dockmirror.service import mirror_service
+
+    tune_allocator()
 
     return mirror_service(config, reactor, options["worker"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from cryptography import x509
@@ -183,7 +184,13 @@ class WholeRecordsTLS(BufferingTLSTransport):
     bytes, and the records it makes come out of the memory BIO in one read.
     OpenSSL still cuts 16 KiB records; only the Python work per record goes.
     The transport provides ``ISSLTransport``, as Twisted's own TLS ports do.
+
+    It is also a :class:`dockmirror.streaming.Sealer`: a file sender can
+    have whole chunks sealed (:meth:`seal`) and take every record the
+    connection makes (:meth:`divert`), to write them on the socket itself.
     """
+
+    _sink: Callable[[bytes], object] | None = None
 
     def makeConnection(self, transport: Any) -> None:
         super().makeConnection(transport)
@@ -193,6 +200,36 @@ class WholeRecordsTLS(BufferingTLSTransport):
         ssl_handle = getattr(connection, "_ssl", None)
         if clear is not None and ssl_handle is not None:
             clear(ssl_handle, _openssl.SSL_MODE_ENABLE_PARTIAL_WRITE)
+
+    @property
+    def sealing(self) -> bool:
+        """Whether :meth:`seal` may be used: handshake done, nothing held back, open."""
+        return bool(
+            self._handshakeDone
+            and not self._appSendBuffer
+            and not self._lostTLSConnection
+            and not self.disconnecting
+            and self._sink is None
+        )
+
+    def divert(self, sink: Callable[[bytes], object] | None) -> None:
+        """Hand the records for the peer to *sink* from now on; None: to the transport again.
+
+        Small writes waiting for the next reactor turn go to the transport first.
+        """
+        if sink is not None:
+            self._aggregator.flush()
+        self._sink = sink
+
+    def seal(self, data: memoryview) -> None:
+        """Encrypt all of *data* now; its records go where :meth:`divert` said.
+
+        Raises ``SSL.Error`` (``WantReadError`` while the peer renegotiates).
+        """
+        sent = 0
+        while sent < len(data):  # one call, unless partial writes could not be turned off
+            sent += self._tlsConnection.send(data[sent:])
+        self._flushSendBIO(len(data) + _RECORD_OVERHEAD * (len(data) // _RECORD + 1))
 
     def _write(self, data: bytes) -> None:
         if self._lostTLSConnection:
@@ -218,8 +255,11 @@ class WholeRecordsTLS(BufferingTLSTransport):
                 data = self._tlsConnection.bio_read(expected)
             except SSL.WantReadError:
                 return  # nothing (more) in the BIO
-            assert self.transport is not None
-            self.transport.write(data)
+            if self._sink is not None:
+                self._sink(data)
+            else:
+                assert self.transport is not None
+                self.transport.write(data)
             if len(data) < expected:
                 return
 

@@ -172,7 +172,7 @@ class Warmer(TimerService):
     async def _warm(self, image: WarmImage) -> ImageResult:
         name = str(image)
         try:
-            route = self._router.route_to(image.upstream, image.repository)
+            route = self._router.route_to(image.upstream, image.repository, image.alias)
             before = self._cache.manifests.tag(origin_of(route), image.tag, None)
             summary = await self._pull.prefetch(route, image.tag, self.platforms, refresh=True)
         except (RegistryError, StreamError) as e:
@@ -228,7 +228,7 @@ class Warmer(TimerService):
     def _cached_blobs(self, image: WarmImage) -> dict[str, int]:
         """The cached manifests and blobs of a warm image's tag, with their sizes."""
         try:
-            route = self._router.route_to(image.upstream, image.repository)
+            route = self._router.route_to(image.upstream, image.repository, image.alias)
         except RegistryError:
             return {}
         manifests, store = self._cache.manifests, self._cache.blobs

@@ -17,8 +17,10 @@ a HEAD or GET of the blob.  A manifest's mention proves nothing.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
+import time
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -51,7 +53,7 @@ from dockmirror.streaming import (
     FileSender,
     ShortFile,
     StreamError,
-    plain_tcp_transport,
+    file_transport,
     release,
 )
 
@@ -72,6 +74,15 @@ PROOFS = 1 << 16
 PROOFS_PER_DIGEST = 32
 #: The most of the file of blobs kept that is read: a million digests.
 KEPT_MAX = 100 << 20
+#: Seconds after which a temporary file of the blobs kept is a crash's leftover.
+KEPT_TEMP_AGE = 60.0
+#: Seconds during which a blob read by any process counts as just used, whatever
+#: the index says (its use reaches the index within a second or so).
+RECENT = 10.0
+
+
+class BlobGone(FileNotFoundError):
+    """The blob was removed (evicted, purged) before this process could pin it."""
 
 
 class BlobStore:
@@ -102,6 +113,8 @@ class BlobStore:
         #: digest not cached -> origin -> the size its upstream announced; bounded LRU.
         self._proofs: OrderedDict[str, dict[str, int | None]] = OrderedDict()
         self._pins: Counter[str] = Counter()
+        #: Blobs this process is removing, kept from every reader (:meth:`_lock_out`).
+        self._removing: set[str] = set()
         #: Blobs kept from eviction (the warm images'); see :meth:`keep`.
         self._kept: frozenset[str] = frozenset()
         self._fills: dict[str, Fill] = {}
@@ -115,7 +128,8 @@ class BlobStore:
         self.on_touch: list[Callable[[str], None]] = []
         #: ... with the digest of each blob removed from it ...
         self.on_remove: list[Callable[[str], None]] = []
-        #: ... with each new proof (origin, digest) of a cached blob ...
+        #: ... with each new proof (origin, digest) of a cached blob, or of one being
+        #: filled here ...
         self.on_grant: list[Callable[[str, str], None]] = []
         #: ... and with the origins whose proofs are all dropped (purged).
         self.on_disown: list[Callable[[set[str]], None]] = []
@@ -150,6 +164,7 @@ class BlobStore:
         """
         files.make_directory(self.blobs_dir)
         files.make_directory(self.temp_dir)
+        self._remove_kept_leftovers()
         temporary = 0
         for entry in os.scandir(self.temp_dir):
             # Another worker's fill in progress stays.
@@ -198,6 +213,24 @@ class BlobStore:
             size=self.size,
             temporary=temporary,
         )
+
+    def _remove_kept_leftovers(self) -> None:
+        """Remove the temporary files of the blobs kept that a crash mid-write left.
+
+        Another process may be writing one now: only those older than
+        :data:`KEPT_TEMP_AGE` go.
+        """
+        prefix = f".{KEPT_FILE}."
+        now = time.time()
+        for entry in os.scandir(self.directory):
+            if entry.name.startswith(prefix) and entry.is_file(follow_symlinks=False):
+                try:
+                    old = now - entry.stat(follow_symlinks=False).st_mtime > KEPT_TEMP_AGE
+                except FileNotFoundError:
+                    continue
+                if old:
+                    log.info("removing {path}, left by a crash", path=entry.path)
+                    files.remove(entry.path)
 
     def _scan(self) -> Iterable[tuple[str, int, float]]:
         """Every well-named blob file as (digest, size, mtime); strays are removed.
@@ -252,7 +285,7 @@ class BlobStore:
         One not *used* here is taken in as the least recently used: its row
         in the index says when it was used.
         """
-        if not self.coordinator.shared or digest in self._fills:
+        if not self.coordinator.shared or digest in self._fills or digest in self._removing:
             return False
         try:
             size = os.stat(self.path(digest)).st_size
@@ -289,6 +322,11 @@ class BlobStore:
         if digest in self._entries:
             self._grant(origin, digest)
             return
+        if digest in self._fills:
+            # Shared at once: the other processes and nodes following the fill need
+            # not ask the upstream again.
+            for hook in self.on_grant:
+                hook(origin, digest)
         proofs = self._proofs.pop(digest, {})
         proofs.pop(origin, None)
         proofs[origin] = size
@@ -338,11 +376,11 @@ class BlobStore:
             self._entries.move_to_end(digest)
             for hook in self.on_touch:
                 hook(digest)
+            now = self.reactor.seconds()
+            if self.coordinator.shared:  # seen by every process's eviction at once
+                self.coordinator.read_at(digest, now)
             self._index.write(
-                "UPDATE blobs SET used = ? WHERE digest = ?",
-                self.reactor.seconds(),
-                digest,
-                key=("used", digest),
+                "UPDATE blobs SET used = ? WHERE digest = ?", now, digest, key=("used", digest)
             )
 
     # --- reading -----------------------------------------------------------------
@@ -352,21 +390,40 @@ class BlobStore:
     ) -> BlobReader:
         """A producer of bytes [start, end) of a cached blob or of one being filled.
 
-        Raises ``OSError`` when the file cannot be opened.
+        The blob is pinned before its file is opened, so a process evicting
+        it either sees the pin or has it refused.  Raises :class:`BlobGone`
+        when it was removed (then it is forgotten) or another process is
+        removing it, and ``OSError`` when the file cannot be opened.
         """
         fill = self.filling(digest)
+        if not self._pin(digest):
+            raise BlobGone(errno.ENOENT, f"{digest} is being removed")
         flags = os.O_RDONLY | os.O_CLOEXEC
         try:
-            fd = os.open(fill.temp_path if fill is not None else self.path(digest), flags)
-        except FileNotFoundError:
+            try:
+                fd = os.open(fill.temp_path if fill is not None else self.path(digest), flags)
+            except FileNotFoundError:
+                if fill is None:
+                    raise
+                # The fill is being renamed into place just now.
+                fd = os.open(self.path(digest), flags)
+        except FileNotFoundError as e:
+            self.unpin(digest)
             if fill is None:
-                raise
-            # The fill is being renamed into place just now.
-            fd = os.open(self.path(digest), flags)
-        self._pins[digest] += 1
-        if self._pins[digest] == 1:
-            self.coordinator.pin(digest)
+                log.warn("cached {digest} is gone from the disk", digest=digest)
+                self.forget(digest)
+            raise BlobGone(e.errno, f"{digest} was removed") from e
+        except OSError:
+            self.unpin(digest)
+            raise
         return BlobReader(self, digest, fd, start, end, fill, on_bytes)
+
+    def _pin(self, digest: str) -> bool:
+        """Count a reader of *digest*; False if another process is removing it."""
+        if not self._pins[digest] and not self.coordinator.pin(digest):
+            return False
+        self._pins[digest] += 1
+        return True
 
     def keep(self, digests: Iterable[str]) -> None:
         """Keep these blobs from eviction, instead of those kept until now.
@@ -497,11 +554,23 @@ class BlobStore:
         elif not self._disk_has_room(size - sum(self._entries[d] for d in victims)):
             reason = "disk full"
             for victim in victims:
-                self.coordinator.release(victim)
+                self._let_in(victim)
         if reason is not None:
             self._unreserve(size)
             return reason
         return [self._evict(d) for d in victims or ()]
+
+    def follow(self, digest: str, size: int) -> FollowedFill | None:
+        """Follow the fill of *digest* that another process sharing the directory runs.
+
+        None if no other process holds its claim (it ended, or never began).
+        """
+        followed = self._followed.get(digest)
+        if followed is not None:
+            return followed
+        if digest in self._fills or not self.coordinator.held_elsewhere(digest):
+            return None
+        return self._follow(digest, size)
 
     def _follow(self, digest: str, size: int) -> FollowedFill:
         followed = self._followed[digest] = FollowedFill(
@@ -645,19 +714,32 @@ class BlobStore:
             return []  # without a look at the index
         victims = []
         for digest, size in self._least_recently_used():
-            if (
-                not self._in_use(digest)
-                and digest not in self._kept
-                and digest not in self._fills
-                and self.coordinator.claim(digest)
-            ):
+            if digest not in self._kept and digest not in self._fills and self._lock_out(digest):
                 victims.append(digest)
                 excess -= size
                 if excess <= 0:
                     return victims
         for victim in victims:
-            self.coordinator.release(victim)
+            self._let_in(victim)
         return None
+
+    def _lock_out(self, digest: str) -> bool:
+        """Claim *digest* and keep every reader away from it, unless one reads it now.
+
+        Until :meth:`_let_in`, no other process fills, evicts or starts reading it.
+        """
+        if digest in self._removing or self._pins[digest] or not self.coordinator.claim(digest):
+            return False
+        if not self.coordinator.exclude(digest):
+            self.coordinator.release(digest)
+            return False
+        self._removing.add(digest)
+        return True
+
+    def _let_in(self, digest: str) -> None:
+        self._removing.discard(digest)
+        self.coordinator.readmit(digest)
+        self.coordinator.release(digest)
 
     def _least_recently_used(self) -> Iterator[tuple[str, int]]:
         """Cached blobs, least recently used first: here, or by any process sharing the cache.
@@ -676,15 +758,21 @@ class BlobStore:
                 break
             recent.append(digest)
         skip = set(recent)
+        # Blobs that another process read lately, which the index may not say yet.
+        since = self.reactor.seconds() - RECENT
+        elsewhere: list[tuple[float, str]] = []
         for digest in self._index.least_recently_used():
-            if digest not in skip and (digest in self._entries or self._adopt(digest, used=False)):
+            if digest in skip or not (digest in self._entries or self._adopt(digest, used=False)):
+                continue
+            read = self.coordinator.last_read(digest)
+            if read is not None and read > since:
+                elsewhere.append((read, digest))
+            else:
                 yield digest, self._entries[digest]
+        for _, digest in sorted(elsewhere):
+            yield digest, self._entries[digest]
         for digest in reversed(recent):
             yield digest, self._entries[digest]
-
-    def _in_use(self, digest: str) -> bool:
-        """Whether this process or another reads *digest*."""
-        return bool(self._pins[digest]) or self.coordinator.pinned_elsewhere(digest)
 
     def _evict(self, digest: str) -> Deferred[None]:
         self.metrics.evictions.inc()
@@ -692,7 +780,7 @@ class BlobStore:
         log.info("evicting {digest} to keep within the cache quota", digest=digest)
 
         def evicted(result: None) -> None:
-            self.coordinator.release(digest)
+            self._let_in(digest)
 
         return self.forget(digest).addCallback(evicted)
 
@@ -743,9 +831,9 @@ class BlobStore:
 
     def remove(self, digest: str) -> bool:
         """Remove a blob unless it is being read or filled (for the operator)."""
-        if digest in self._fills or digest not in self._entries or self._in_use(digest):
+        if digest in self._fills or digest not in self._entries or not self._lock_out(digest):
             return False
-        self.forget(digest)
+        self.forget(digest).addBoth(lambda _: self._let_in(digest))
         return True
 
     def disown(self, origins: set[str]) -> list[str]:
@@ -847,12 +935,13 @@ class BlobReader:
         return f"<BlobReader {self.digest} at {self._pos} of {self._start}-{self._end}>"
 
     def write_to(self, consumer: IConsumer) -> Deferred[int]:
-        transport = plain_tcp_transport(consumer) if self._whole_and_verified() else None
-        if transport is not None:
+        direct = file_transport(consumer) if self._whole_and_verified() else None
+        if direct is not None:
             assert self._fd is not None
+            transport, sealer = direct
             reactor = cast(IReactorFDSet, self._store.reactor)
             self._sender = FileSender(
-                reactor, transport, self._fd, self._start, self._end, self._on_bytes
+                reactor, transport, self._fd, self._start, self._end, self._on_bytes, sealer
             )
             self._sender.write_to(consumer).addCallbacks(self._sent, self._send_failed)
             return self.done

@@ -1,8 +1,11 @@
 """One upstream blob body written to a temporary file, for every reader at once.
 
-The body is hashed and written by worker threads, one batch at a time.
-Readers follow the body as it arrives: bytes not in the file yet are taken
-from the queue in memory, the rest from the file.  The upstream socket is
+The body is hashed and written by worker threads, one batch at a time, of
+:data:`WRITE_BATCH` bytes or what came in :data:`WRITE_DELAY` seconds: each
+batch costs the reactor thread a round trip to a thread and back, so a fast
+upstream's body is not sent there chunk by chunk.  Readers follow the body
+as it arrives: bytes not in the file yet are taken from the queue in memory,
+the rest from the file.  The upstream socket is
 paused only while the disk is behind (:data:`HIGH_WATER` bytes queued),
 never for a slow client, so one client cannot stall the others and no blob
 is ever held in memory.  The file is renamed to its digest only when the
@@ -17,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -40,6 +43,10 @@ log = Logger()
 HIGH_WATER = 8 << 20
 #: ... and below which it is resumed.
 LOW_WATER = 2 << 20
+#: Bytes received that make a batch for the disk at once ...
+WRITE_BATCH = 1 << 20
+#: ... and seconds after which fewer are sent there anyway (a slow upstream).
+WRITE_DELAY = 0.02
 #: Times a broken body may be taken up again from where it broke.
 RESUMES = 3
 
@@ -84,7 +91,13 @@ class Fill(FillProgress, Protocol):
         self.received = 0
         self._fd: int | None = None
         self._hash = hashlib.new(digest.partition(":")[0])
+        self._reactor = reactor
+        #: Chunks received and not handed to the disk yet, and their bytes.
         self._pending: list[bytes] = []
+        self._batch_bytes = 0
+        self._batch_call: IDelayedCall | None = None
+        self._batch_due = False
+        #: Bytes queued for the disk: pending, or being written.
         self._pending_bytes = 0
         #: Every chunk received and not written yet, from offset :attr:`written` on.
         self._queued: deque[bytes] = deque()
@@ -97,11 +110,14 @@ class Fill(FillProgress, Protocol):
         #: Bytes at the start of a resumed body that were received before.
         self._skip = 0
         self._upstream_bytes: Any = store.metrics.bytes_from_upstream.labels(upstream)
+        #: Bytes received and not counted in :attr:`_upstream_bytes` yet (counted by batch).
+        self._uncounted = 0
         #: Whether the body comes from the shared storage tier rather than the upstream.
         self.from_storage = False
 
     def read_from_storage(self) -> None:
         """Say that the body given to :meth:`start` comes from the shared storage tier."""
+        self._count()
         self.from_storage = True
         self._upstream_bytes = self.store.metrics.bytes_from_storage
 
@@ -112,7 +128,14 @@ class Fill(FillProgress, Protocol):
     def count_as(self, counter: Any) -> None:
         """Count the bytes received from now on with *counter* (another node's, not the
         upstream's)."""
+        self._count()
         self._upstream_bytes = counter
+
+    def _count(self) -> None:
+        """Add the bytes received since the last time to their counter."""
+        if self._uncounted:
+            self._upstream_bytes.inc(self._uncounted)
+            self._uncounted = 0
 
     def queued(self, offset: int, limit: int) -> bytes:
         """Bytes [offset, limit) from memory, received and not written yet.
@@ -201,7 +224,7 @@ class Fill(FillProgress, Protocol):
             if not data:
                 return
         self.received += len(data)
-        self._upstream_bytes.inc(len(data))
+        self._uncounted += len(data)
         if self.received > self.size:
             self._fail(StreamError(f"upstream sent more than the {self.size} bytes announced"))
             return
@@ -209,6 +232,7 @@ class Fill(FillProgress, Protocol):
         self._pending.append(data)
         self._queued.append(data)
         self._pending_bytes += len(data)
+        self._batch_bytes += len(data)
         if self._pending_bytes >= HIGH_WATER and not self._paused and self._upstream:
             self._paused = True
             self._timer.stop()
@@ -226,6 +250,7 @@ class Fill(FillProgress, Protocol):
             error = StreamError(f"upstream sent {self.received} of {self.size} bytes")
         else:
             error = None
+        self._count()
         if error is not None and self._resume is not None and self._resumes < RESUMES:
             self._resumes += 1
             Deferred.fromCoroutine(self._resume_body(self._resume, error))
@@ -258,11 +283,39 @@ class Fill(FillProgress, Protocol):
 
     # --- the disk --------------------------------------------------------------
 
+    def _batch_ready(self, now: bool = False) -> bool:
+        """Whether the bytes pending go to the disk now; if not, they go within
+        :data:`WRITE_DELAY` seconds."""
+        if now or self._batch_due or self._batch_bytes >= WRITE_BATCH or self._paused:
+            self._cancel_batch()
+            return True
+        if self._batch_call is None:
+            self._batch_call = self._reactor.callLater(WRITE_DELAY, self._delay_over)
+        return False
+
+    def _delay_over(self) -> None:
+        self._batch_call = None
+        self._batch_due = True
+        self._write_next()
+
+    def _cancel_batch(self) -> None:
+        if self._batch_call is not None:
+            if self._batch_call.active():
+                self._batch_call.cancel()
+            self._batch_call = None
+
+    def _take_batch(self) -> None:
+        """Count the batch about to be written: its bytes are no longer pending."""
+        self._batch_bytes = 0
+        self._batch_due = False
+        self._count()
+
     def _write_next(self) -> None:
         if self._writing or self.done:
             return
-        if self._pending:
+        if self._pending and self._batch_ready(self._ended):
             chunks, self._pending = self._pending, []
+            self._take_batch()
             self._writing = True
             assert self._fd is not None
             self._run(_write, self._fd, chunks, self._hash).addCallbacks(
@@ -330,6 +383,8 @@ class Fill(FillProgress, Protocol):
             return
         self.error = error
         self._timer.stop()
+        self._cancel_batch()
+        self._count()
         if self._upstream is not None and not self._ended:
             self._upstream.stopProducing()
         self._pending = []

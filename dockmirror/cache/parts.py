@@ -176,7 +176,7 @@ class RangedFill(Fill):
         """Take bytes ``[offset, offset + len(data))`` of the blob, dropping what was delivered."""
         if self.done:
             return
-        self._upstream_bytes.inc(len(data))
+        self._uncounted += len(data)
         end = offset + len(data)
         received = self.received
         for start, stop in self._spans.missing(offset, end):
@@ -184,6 +184,7 @@ class RangedFill(Fill):
             self._spans.add(start, stop)
             self._chunks.append((start, piece))
             self._pending_bytes += len(piece)
+            self._batch_bytes += len(piece)
             if start == self.received:
                 self._queued.append(piece)
                 self.received = stop
@@ -200,9 +201,13 @@ class RangedFill(Fill):
     def _write_next(self) -> None:
         if self._writing or self.done:
             return
-        target = min(self._spans.prefix, self.written + HASH_STEP)
-        if self._chunks or target > self.written:
+        prefix = self._spans.prefix
+        target = min(prefix, self.written + HASH_STEP)
+        # Bytes still to hash, with none to write, or the last ones, are not held back.
+        now = not self._chunks or prefix == self.size
+        if (self._chunks or target > self.written) and self._batch_ready(now):
             chunks, self._chunks = sorted(self._chunks, key=lambda c: c[0]), []
+            self._take_batch()
             count = sum(len(data) for _, data in chunks)
             self._writing = True
             assert self._fd is not None

@@ -39,6 +39,15 @@ CREATE TABLE IF NOT EXISTS cache_tags (
     PRIMARY KEY (origin, tag, media_type)
 );
 
+-- The last result of each piece of work done once for the whole cluster (a tag's
+-- fetch or revalidation, a blob's HEAD), left by the node that did it as it lets go
+-- of its claim, for a node taking the claim just after.  Rows older than a minute go.
+CREATE TABLE IF NOT EXISTS flights (
+    flight text PRIMARY KEY,
+    result text[] NOT NULL,
+    done   timestamptz NOT NULL DEFAULT now()
+);
+
 -- The secret node-to-node requests carry, unless [cluster] secret_file names one.
 CREATE TABLE IF NOT EXISTS cluster_secret (
     id     integer PRIMARY KEY CHECK (id = 1),

@@ -37,6 +37,7 @@ from zope.interface import implementer
 from dockmirror._interfaces import ICoordinator
 from dockmirror.cluster.database import DatabaseUnavailable
 from dockmirror.cluster.peers import PeerClient
+from dockmirror.coordination import FLIGHT_RESULT_MAX
 from dockmirror.upstream import discard
 
 log = Logger()
@@ -50,8 +51,12 @@ LEAD_INTERVAL = 0.25
 #: (powered off, cut off): TCP keepalives on its side, so that the node's claims
 #: are released within about 25 s.
 SESSION_OPTIONS = "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3"
-#: Advisory lock keys of fills have this bit set, clear of ``hashtext()`` keys.
+#: The longest string of a flight's result read from the database.
+RESULT_STRING_MAX = 1024
+#: Advisory lock keys of fills have this bit set, clear of ``hashtext()`` keys ...
 _KEY_BIT = 1 << 60
+#: ... and those of shared flights (see :class:`FlightClaims`) this one too.
+_FLIGHT_BIT = 1 << 61
 
 
 #: Seconds a node goes without asking PostgreSQL after it could not reach it.
@@ -203,14 +208,24 @@ class ClusterCoordinator:
     def held_elsewhere(self, digest: str) -> bool:
         return bool(self.local.held_elsewhere(digest))
 
-    def pin(self, digest: str) -> None:
-        self.local.pin(digest)
+    def pin(self, digest: str) -> bool:
+        return bool(self.local.pin(digest))
 
     def unpin(self, digest: str) -> None:
         self.local.unpin(digest)
 
-    def pinned_elsewhere(self, digest: str) -> bool:
-        return bool(self.local.pinned_elsewhere(digest))
+    def exclude(self, digest: str) -> bool:
+        return bool(self.local.exclude(digest))
+
+    def readmit(self, digest: str) -> None:
+        self.local.readmit(digest)
+
+    def read_at(self, digest: str, when: float) -> None:
+        self.local.read_at(digest, when)
+
+    def last_read(self, digest: str) -> float | None:
+        when = self.local.last_read(digest)
+        return None if when is None else float(when)
 
     def reserve(self, delta: int) -> int:
         return int(self.local.reserve(delta))
@@ -299,3 +314,90 @@ class ClusterCoordinator:
             "cannot follow the fill of {digest} on another node: fetching it alone", digest=digest
         )
         return None
+
+
+def _try_flight(
+    key: int, flight: str, recent: float, conn: psycopg.Connection[Any]
+) -> tuple[bool, list[str] | None]:
+    row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+    if row is None or not row[0]:
+        return False, None
+    left = conn.execute(
+        "SELECT result FROM flights WHERE flight = %s AND done > now() - make_interval(secs => %s)",
+        (flight, recent),
+    ).fetchone()
+    if left is None:
+        return True, None
+    conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+    return False, _result(left[0])
+
+
+def _result(value: object) -> list[str] | None:
+    """A result from the database, if it is one."""
+    if (
+        isinstance(value, list)
+        and 1 <= len(value) <= FLIGHT_RESULT_MAX
+        and all(isinstance(v, str) and len(v) <= RESULT_STRING_MAX for v in value)
+    ):
+        return value
+    return None
+
+
+def _unlock_flight(
+    key: int, flight: str, result: list[str] | None, conn: psycopg.Connection[Any]
+) -> None:
+    if result is not None:
+        conn.execute(
+            "INSERT INTO flights (flight, result) VALUES (%s, %s) ON CONFLICT (flight)"
+            " DO UPDATE SET result = EXCLUDED.result, done = now()",
+            (flight, result),
+        )
+        conn.execute("DELETE FROM flights WHERE done < now() - interval '1 minute'")
+    conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+
+
+class FlightClaims:
+    """Claims on shared flights (:class:`dockmirror.coordination.SharedFlights`) for the
+    whole cluster: session advisory locks, like fill claims, so a dead node lets go.
+
+    The holder leaves its result in ``flights`` before it lets go, in order on
+    its session, so that a process taking the claim just after takes the result
+    instead of doing the work again before the notification reaches it.
+    """
+
+    def __init__(self, session: Session, reactor: IReactorTime) -> None:
+        self._session = session
+        self._backoff = Backoff(reactor)
+        #: Flights whose lock this process holds, and the session they were taken on.
+        self._held: dict[str, int] = {}
+
+    def __repr__(self) -> str:
+        return f"<FlightClaims: {len(self._held)} held>"
+
+    def claim(self, flight: str, recent: float) -> Deferred[tuple[bool, list[str] | None]]:
+        return Deferred.fromCoroutine(self._claim(flight, recent))
+
+    async def _claim(self, flight: str, recent: float) -> tuple[bool, list[str] | None]:
+        try_lock = partial(_try_flight, _flight_key(flight), flight, recent)
+        try:
+            got, left = await self._backoff.run(partial(self._session.run, try_lock))
+        except DatabaseUnavailable:
+            return True, None  # the node does it alone, as while PostgreSQL is away
+        if got:
+            self._held[flight] = self._session.generation
+        return got, left
+
+    def release(self, flight: str, result: list[str] | None) -> None:
+        generation = self._held.pop(flight, None)
+        if generation is None or generation != self._session.generation:
+            return  # gone with its session
+        d = self._session.run(partial(_unlock_flight, _flight_key(flight), flight, result))
+        d.addErrback(
+            lambda f: log.warn(
+                "releasing a flight's cluster claim: {error}", error=f.getErrorMessage()
+            )
+        )
+
+
+def _flight_key(flight: str) -> int:
+    return lock_key(flight) | _FLIGHT_BIT

@@ -10,7 +10,8 @@ again once it is back, without a restart.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
 from typing import Any, TypeVar
 
@@ -23,6 +24,7 @@ from twisted.python.threadpool import ThreadPool
 
 log = Logger()
 T = TypeVar("T")
+Row = tuple[Any, ...]
 
 #: Seconds a query waits for a free, working connection before failing.
 CONNECT_TIMEOUT = 5.0
@@ -91,9 +93,33 @@ class Database:
 
     def migrate(self, schema: str, timeout: float = 30.0) -> None:
         """Create the tables of *schema* once, whichever node starts first (blocking)."""
-        with self._pool.connection(timeout=timeout) as conn, conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(hashtext('dockmirror-schema'))")
-            conn.execute(schema)
+        with self._pool.connection(timeout=timeout) as conn:
+            apply_schema(conn, schema)
+
+
+def fetch_rows(conn: psycopg.Connection[Any], sql: str, args: Sequence[Any] = ()) -> list[Row]:
+    """Run *sql*, written with ``?`` placeholders as for SQLite, on *conn*; its rows."""
+    cursor = conn.execute(sql.replace("?", "%s"), args)
+    return cursor.fetchall() if cursor.description is not None else []
+
+
+@contextmanager
+def locked_transaction(conn: psycopg.Connection[Any], lock: str) -> Iterator[None]:
+    """A transaction on *conn* holding the advisory lock named *lock* from its start.
+
+    The writers of one set of tables take the same lock, one at a time, as
+    SQLite's writers take the database's, so that they never deadlock.
+    """
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (lock,))
+        yield
+
+
+def apply_schema(conn: psycopg.Connection[Any], schema: str) -> None:
+    """Create the tables of *schema* on *conn*, one node at a time (blocking)."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('dockmirror-schema'))")
+        conn.execute(schema)
 
 
 class DatabaseService(service.Service):

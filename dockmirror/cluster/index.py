@@ -6,13 +6,19 @@
 - ``cache_access``: which upstream repository proved it holds which digest
   (see :meth:`dockmirror.cache.blobs.BlobStore.allow`).  A node serves a
   blob through a repository only once that repository proved it has it,
-  to this node or to another.
+  to this node or to another.  A proof counts while some node holds the
+  blob or fills it (``fills``); the filling node records it as soon as the
+  upstream answered its GET, so that the nodes and workers following the
+  fill need not ask the upstream again.
 - ``cache_tags``: what each tag was resolved to, with the manifest, so that a
   tag resolved by one node is fresh on every node until its TTL runs out.
 
 Rows about this node's blobs are written on the coordinator's session, in
 order with its fill claims: a blob is recorded before its claim ends.
-Reads of the last access are batched.
+Reads of the last access are batched.  Every node sweeps, hourly, what can
+no longer count: tag entries whose TTL ran out (an hour after this node's
+TTL, for nodes with a longer one), and proofs of digests that no node holds
+or fills, so that neither table grows with every tag and digest ever seen.
 """
 
 from __future__ import annotations
@@ -39,6 +45,10 @@ log = Logger()
 TOUCH_INTERVAL = 10.0
 #: Digests whose last access is written at once, at most.
 TOUCH_BATCH = 10_000
+#: Seconds between sweeps of the rows that can no longer count ...
+SWEEP_INTERVAL = 3600.0
+#: ... among them tag entries resolved more than this node's TTL and this many seconds ago.
+TAG_GRACE = 3600.0
 
 
 def _logged(what: str) -> Any:
@@ -63,6 +73,10 @@ class ClusterIndex(service.Service):
         self._backoff = Backoff(reactor)
         self._loop = LoopingCall(self._write_touched)
         self._loop.clock = reactor
+        self._reactor = reactor
+        self._ttl = cache.manifests.ttl
+        self._sweeper = LoopingCall(self._sweep)
+        self._sweeper.clock = reactor
         cache.blobs.on_add.append(self._added)
         cache.blobs.on_remove.append(self._removed)
         cache.blobs.on_touch.append(self._touched.add)
@@ -80,11 +94,17 @@ class ClusterIndex(service.Service):
         blobs = list(self._blobs.entries())
         self._write(partial(_replace_node, self.node_url, blobs), "recording this node's blobs")
         self._loop.start(TOUCH_INTERVAL, now=False)
+        self._sweeper.start(SWEEP_INTERVAL, now=False)
 
     def stopService(self) -> Any:
         super().stopService()
-        if self._loop.running:
-            self._loop.stop()
+        for loop in (self._loop, self._sweeper):
+            if loop.running:
+                loop.stop()
+
+    def _sweep(self) -> None:
+        cutoff = self._reactor.seconds() - self._ttl - TAG_GRACE
+        self._run(partial(sweep, cutoff), "sweeping expired tags and proofs of blobs gone")
 
     def _write(self, f: Any, what: str) -> None:
         """*f* on the coordinator's session, in order with its claims."""
@@ -174,8 +194,9 @@ _TOUCH_BLOBS = "UPDATE cache_blobs SET used = now() WHERE digest = ANY(%s) AND n
 _INSERT_ACCESS = "INSERT INTO cache_access VALUES (%s, %s) ON CONFLICT DO NOTHING"
 _DELETE_ACCESS = "DELETE FROM cache_access WHERE origin = ANY(%s)"
 _PROVED = (
-    "SELECT b.size FROM cache_access a JOIN cache_blobs b ON b.digest = a.digest"
-    " WHERE a.origin = %s AND a.digest = %s LIMIT 1"
+    "SELECT h.size FROM cache_access a JOIN"
+    " (SELECT digest, size FROM cache_blobs UNION ALL SELECT digest, size FROM fills) h"
+    " ON h.digest = a.digest WHERE a.origin = %s AND a.digest = %s LIMIT 1"
 )
 _TAGS = (
     "SELECT media_type, digest, manifest, resolved FROM cache_tags"
@@ -193,6 +214,30 @@ _EXPIRE_TAG = (
 )
 _FORGET_TAG = "DELETE FROM cache_tags WHERE origin = ANY(%s) AND tag = %s"
 _FORGET_ORIGINS = "DELETE FROM cache_tags WHERE origin = ANY(%s)"
+
+
+_SWEEP_TAGS = "DELETE FROM cache_tags WHERE resolved < %s"
+_SWEEP_ACCESS = (
+    "DELETE FROM cache_access a"
+    " WHERE NOT EXISTS (SELECT 1 FROM cache_blobs b WHERE b.digest = a.digest)"
+    " AND NOT EXISTS (SELECT 1 FROM fills f WHERE f.digest = a.digest)"
+)
+
+
+def sweep(cutoff: float, conn: psycopg.Connection[Any]) -> tuple[int, int]:
+    """Delete tag entries resolved before *cutoff*, and proofs of digests no node holds or fills.
+
+    Returns how many of each went.
+    """
+    tags = conn.execute(_SWEEP_TAGS, (cutoff,)).rowcount
+    proofs = conn.execute(_SWEEP_ACCESS).rowcount
+    if tags or proofs:
+        log.info(
+            "cluster index: swept {tags} expired tag entries and {proofs} proofs of blobs gone",
+            tags=tags,
+            proofs=proofs,
+        )
+    return tags, proofs
 
 
 def _execute(sql: str, params: tuple[Any, ...], conn: psycopg.Connection[Any]) -> None:

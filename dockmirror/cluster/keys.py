@@ -19,8 +19,8 @@ tried again :data:`RETRY_INTERVAL` later.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,11 +29,17 @@ import psycopg
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from dockmirror.auth.keystore import REVOKED_TOPIC, KeyDump, KeyQueries, KeyStoreError, Row
+from dockmirror.auth.keystore import REVOKED_TOPIC, KeyQueries, KeyStoreError, Row
 from dockmirror.auth.secretfile import read, replace
 from dockmirror.auth.tokens import generate_signing_key
-from dockmirror.cluster.database import CONNECT_TIMEOUT, Database, DatabaseUnavailable
-from dockmirror.cluster.notify import MAX_STRINGS, notify
+from dockmirror.cluster.database import (
+    CONNECT_TIMEOUT,
+    Database,
+    DatabaseUnavailable,
+    fetch_rows,
+    locked_transaction,
+)
+from dockmirror.cluster.notify import MAX_STRINGS, notification_key, notify
 
 log = Logger()
 T = TypeVar("T")
@@ -46,8 +52,6 @@ POLL_INTERVAL = 4.0
 RETRY_INTERVAL = 1.0
 #: The shared secret that is the token signing key's PEM.
 SIGNING_KEY = "token-signing-key"
-#: The advisory lock of the key store's writers.
-_WRITE_LOCK = "SELECT pg_advisory_xact_lock(hashtext('dockmirror-keys'))"
 
 
 def schema() -> str:
@@ -61,27 +65,28 @@ class PostgresKeyDatabase(KeyQueries):
     _greatest = "greatest"
 
     def __init__(
-        self, conn: psycopg.Connection[Any], clock: Callable[[], float] = time.time
+        self,
+        conn: psycopg.Connection[Any],
+        clock: Callable[[], float] = time.time,
+        notify_key: bytes | None = None,
     ) -> None:
         super().__init__(clock)
         self._conn = conn
+        #: The key that signs notifications; read from the database when not given.
+        self._notify_key = notify_key
 
     def __repr__(self) -> str:
         return f"<PostgresKeyDatabase {self._conn.info.dbname}>"
 
     def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
-        cursor = self._conn.execute(sql.replace("?", "%s"), args)
-        return cursor.fetchall() if cursor.description is not None else []
+        return fetch_rows(self._conn, sql, args)
 
     def _run_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         if rows:
             self._conn.cursor().executemany(sql.replace("?", "%s"), rows)
 
-    @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        with self._conn.transaction():
-            self._conn.execute(_WRITE_LOCK)
-            yield
+    def _transaction(self) -> AbstractContextManager[None]:
+        return locked_transaction(self._conn, "dockmirror-keys")
 
     def shared_secret(self, name: str, generate: Callable[[], bytes]) -> bytes:
         """The secret *name* every node shares, made with *generate* by the first to ask.
@@ -97,8 +102,13 @@ class PostgresKeyDatabase(KeyQueries):
         return bytes(value)
 
     def _announce_revoked(self, app_ids: Sequence[str]) -> None:
+        if self._notify_key is None:
+            self._notify_key = notification_key(
+                self.shared_secret(SIGNING_KEY, generate_signing_key)
+            )
         for start in range(0, len(app_ids), MAX_STRINGS):
-            notify(self._conn, REVOKED_TOPIC, list(app_ids[start : start + MAX_STRINGS]))
+            chunk = list(app_ids[start : start + MAX_STRINGS])
+            notify(self._conn, REVOKED_TOPIC, chunk, self._notify_key)
 
 
 class PostgresKeys:
@@ -107,10 +117,11 @@ class PostgresKeys:
     shared = True
     read_only = False
 
-    def __init__(self, database: Database, reactor: Any) -> None:
+    def __init__(self, database: Database, reactor: Any, notify_key: bytes) -> None:
         self.database = database
         self.name = repr(database)
         self._reactor = reactor
+        self._notify_key = notify_key
         self._down_until = 0.0
 
     def start(self) -> None:
@@ -134,7 +145,9 @@ class PostgresKeys:
         if self._reactor.seconds() < self._down_until:
             raise KeyStoreError(f"{self.name} is unavailable")
         try:
-            return await self.database.run(lambda conn: f(PostgresKeyDatabase(conn)))
+            return await self.database.run(
+                lambda conn: f(PostgresKeyDatabase(conn, notify_key=self._notify_key))
+            )
         except DatabaseUnavailable as e:
             self._down_until = self._reactor.seconds() + RETRY_INTERVAL
             raise KeyStoreError(f"{self.name} is unavailable: {e}") from e
@@ -170,24 +183,6 @@ def with_keys(url: str, f: Callable[[KeyQueries], T]) -> T:
         raise KeyStoreError(f"{Database(url, None)!r}: {str(e).strip()}") from None
 
 
-def migrate_keys(url: str, dump: KeyDump, signing_key: bytes | None) -> tuple[int, bool]:
-    """Copy a key store (and its token signing key) into the cluster database (blocking).
-
-    Returns how many keys were copied, and whether the cluster signs tokens
-    with *signing_key* (so that tokens already issued stay valid): it does
-    unless the cluster made its own first.
-    """
-
-    def copy(keys: KeyQueries) -> tuple[int, bool]:
-        assert isinstance(keys, PostgresKeyDatabase)
-        copied = keys.load(dump)
-        if signing_key is None:
-            return copied, False
-        return copied, keys.shared_secret(SIGNING_KEY, lambda: signing_key) == signing_key
-
-    return with_keys(url, copy)
-
-
 def cluster_signing_key(url: str, copy: Path) -> bytes:
     """The PEM of the token signing key that every node shares, kept in PostgreSQL.
 
@@ -195,27 +190,40 @@ def cluster_signing_key(url: str, copy: Path) -> bytes:
     node restarted while PostgreSQL is down still verifies the tokens it and
     the others issued.  Blocking: called while the service is built.
     """
+    return cluster_secret(url, SIGNING_KEY, generate_signing_key, copy, "the token signing key")
+
+
+def cluster_secret(
+    url: str, name: str, generate: Callable[[], bytes], copy: Path, what: str
+) -> bytes:
+    """The secret *name* that every node shares (*what* it is, for messages).
+
+    Made with *generate* by the first node to ask, and kept in PostgreSQL;
+    a copy is kept at *copy*, used when the node starts while PostgreSQL is
+    down.  Blocking: called while the service is built.
+    """
     try:
-        pem = call_briefly(
+        value = call_briefly(
             url,
-            lambda conn: PostgresKeyDatabase(conn).shared_secret(SIGNING_KEY, generate_signing_key),
+            lambda conn: PostgresKeyDatabase(conn).shared_secret(name, generate),
             "dockmirror-start",
         )
     except (DatabaseUnavailable, psycopg.Error) as e:
         where = repr(Database(url, None))
         try:
-            pem = read(copy)
+            value = read(copy)
         except FileNotFoundError:
             raise KeyStoreError(
-                f"cannot load the token signing key from {where}: {str(e).strip()};"
+                f"cannot load {what} from {where}: {str(e).strip()};"
                 f" and there is no copy of it in {copy} yet"
             ) from None
         log.warn(
-            "cannot load the token signing key from {database}: {error}; using the copy in {copy}",
+            "cannot load {what} from {database}: {error}; using the copy in {copy}",
+            what=what,
             database=where,
             error=str(e).strip(),
             copy=str(copy),
         )
-        return pem
-    replace(copy, pem)
-    return pem
+        return value
+    replace(copy, value)
+    return value

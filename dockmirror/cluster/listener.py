@@ -5,7 +5,11 @@ a bearer token answers a blob this node is filling, from its temporary
 file as it grows, or one it holds.  A fill in progress is streamed like it
 is to this node's own clients: at the reader's pace, with the last byte
 held back until the fill is verified, and the connection cut if it fails,
-so the other node never takes a partial blob for a whole one.  Only
+so the other node never takes a partial blob for a whole one.  The
+listener's socket is shared by the node's workers like the public ones, so
+the worker a request lands on may not be the one filling: it follows that
+worker's temporary file, as that worker's own clients do
+(:mod:`dockmirror.cache.follow`).  Only
 ``Range: bytes=N-`` is honoured, which is how a node resumes a broken
 stream.  Every other request is refused with a registry-format error.
 """
@@ -15,16 +19,20 @@ from __future__ import annotations
 import hmac
 import re
 
+from twisted.logger import Logger
 from twisted.web.server import Request
 
 from dockmirror.cache.blobs import BlobStore
 from dockmirror.cache.fill import Fill
+from dockmirror.cache.follow import FollowedFill
 from dockmirror.cluster.node import ClusterNode
 from dockmirror.cluster.peers import BLOB_PATH
 from dockmirror.errors import RegistryError
 from dockmirror.pull.access import Reply
 from dockmirror.streaming import StreamError
 from dockmirror.web import AsyncResource, send_reply
+
+log = Logger()
 
 _PATH_RE = re.compile(
     re.escape(BLOB_PATH).encode() + rb"(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})"
@@ -65,15 +73,15 @@ class ClusterResource(AsyncResource):
 
     async def _reply(self, digest: str, request: Request) -> Reply:
         store = self._store
-        fill = store.filling(digest)
-        if isinstance(fill, Fill) and not fill.done:
+        fill = await self._filling(digest)
+        if fill is not None and not fill.done:
             try:
                 await fill.ready.wait()
             except (StreamError, RegistryError):
                 fill = None
-        elif not store.has(digest):
+        if fill is not None and fill.error is not None:
             fill = None
-        size = store.size_of(digest)
+        size = fill.size if fill is not None else store.size_of(digest)
         if size is None or (fill is None and not store.has(digest)):
             raise RegistryError("BLOB_UNKNOWN", "not on this node", {"digest": digest})
         start = 0
@@ -95,3 +103,17 @@ class ClusterResource(AsyncResource):
             ) from e
         store.touch(digest)
         return Reply(status, headers, stream=reader)
+
+    async def _filling(self, digest: str) -> Fill | FollowedFill | None:
+        """The fill of *digest* in this process, or in another worker of this node."""
+        store = self._store
+        fill = store.filling(digest)
+        if fill is not None or store.has(digest) or not store.coordinator.held_elsewhere(digest):
+            return fill
+        # Another worker fills it: followed through its temporary file, as its own
+        # clients follow it, at the size it announced to the cluster.
+        size = await self._node.filling_size(digest)
+        if size is None:
+            return None
+        log.info("streaming {digest} to a node from another worker's fill", digest=digest)
+        return store.follow(digest, size)

@@ -10,15 +10,17 @@ the cache's recovery, this blocks, before the mirror listens.
 
 from __future__ import annotations
 
+from functools import partial
 from importlib import resources
 from typing import Any
 
+import psycopg
 from twisted.application import service
 from twisted.logger import Logger
 
 from dockmirror.cache import Cache
-from dockmirror.cluster.coordinator import ClusterCoordinator, Session
-from dockmirror.cluster.database import Database
+from dockmirror.cluster.coordinator import ClusterCoordinator, FlightClaims, Session
+from dockmirror.cluster.database import Database, DatabaseUnavailable
 from dockmirror.cluster.index import ClusterIndex
 from dockmirror.cluster.peers import PeerClient, read_secret_file, shared_secret
 from dockmirror.cluster.storage import ClusterRecords
@@ -32,14 +34,17 @@ class ClusterNode(service.MultiService):
 
     name = "cluster"
 
-    def __init__(self, config: ClusterConfig, cache: Cache, reactor: Any) -> None:
+    def __init__(
+        self, config: ClusterConfig, cache: Cache, database: Database, reactor: Any
+    ) -> None:
+        """*database* is the process's pool, started before this service."""
         super().__init__()
         assert config.database is not None and config.node_url is not None
         self._config = config
         self._cache = cache
         self._reactor = reactor
         self.node_url = config.node_url.rstrip("/")
-        self.database = Database(config.database, reactor, name="dockmirror-cache")
+        self.database = database
         self.session = Session(config.database, reactor)
         self.index = ClusterIndex(cache, self.database, self.session, self.node_url, reactor)
         #: The storage bucket's records, if the cache has a storage tier: the cluster's.
@@ -60,7 +65,6 @@ class ClusterNode(service.MultiService):
         return f"<ClusterNode {self.node_url}>"
 
     def startService(self) -> None:
-        self.database.start()
         schemas = ["cache.sql"] + (["storage.sql"] if self.records is not None else [])
         for schema in schemas:
             self.database.migrate(
@@ -74,16 +78,33 @@ class ClusterNode(service.MultiService):
         blobs.coordinator = ClusterCoordinator(
             blobs.coordinator, self.session, self.node_url, self.peers, self._reactor
         )
+        self._cache.flights.cluster = FlightClaims(self.session, self._reactor)
         self.index.setServiceParent(self)
         log.info("cache shared with the cluster as node {node}", node=self.node_url)
         super().startService()
+
+    async def filling_size(self, digest: str) -> int | None:
+        """The size of *digest* as announced by the process of this node that fills it.
+
+        None if no process of this node fills it, or PostgreSQL cannot tell now.
+        """
+        try:
+            row = await self.database.run(partial(_fill_of, digest, self.node_url))
+        except DatabaseUnavailable:
+            return None
+        return None if row is None else int(row[0])
 
     def stopService(self) -> Any:
         d = super().stopService()
 
         def stopped(result: object) -> object:
             self.session.stop()
-            self.database.stop()
             return self.peers.close() if self.peers is not None else result
 
         return d.addBoth(stopped)
+
+
+def _fill_of(digest: str, node_url: str, conn: psycopg.Connection[Any]) -> Any:
+    return conn.execute(
+        "SELECT size FROM fills WHERE digest = %s AND node_url = %s", (digest, node_url)
+    ).fetchone()

@@ -8,9 +8,14 @@ again after PostgreSQL restarts, and then the process's *resync* listeners
 are called, since notifications sent meanwhile are lost (the key store
 reloads its revoked keys then).
 
-A notification is the JSON list ``[origin, topic, [strings...]]`` on the
-channel :data:`CHANNEL`.  Anyone who can write to the database can send
-one, so each is checked on receipt as any input is: bounded in size, of
+A notification is the JSON list ``[origin, topic, [strings...], sent]`` on
+the channel :data:`CHANNEL`, after the hex HMAC-SHA256 of that list under
+the cluster's notification key.  PostgreSQL lets any role that may connect
+to the database send and hear notifications, with no privilege on its
+tables; the key is derived from the token signing key, which only roles
+that may read ``cluster_secrets`` know, so a notification from anyone else
+is ignored.  Each is checked on receipt as any input is: bounded in size,
+signed, sent within :data:`MAX_AGE` seconds (a replay is short-lived), of
 that exact shape, and only for topics someone subscribed to.  A process
 ignores its own (same *origin*).  :func:`notify` sends one from inside a
 transaction, so that it goes out when the change it announces commits.
@@ -18,9 +23,12 @@ transaction, so that it goes out when the change it announces commits.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import secrets
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -45,31 +53,53 @@ MAX_PAYLOAD = 4000
 MAX_STRINGS = 64
 #: Longest topic name.
 MAX_TOPIC = 40
+#: Seconds a notification is believed after it was sent (the nodes' clocks agree closely).
+MAX_AGE = 120.0
+#: Hex digits of a notification's HMAC.
+MAC_LENGTH = 64
+#: Seconds between log events about ignored notifications.
+IGNORED_LOG_INTERVAL = 60.0
 #: Seconds between attempts to listen again while PostgreSQL is away ...
 RETRY_DELAY = 1.0
 #: ... and how often the listening thread checks it should stop.
 POLL_INTERVAL = 1.0
 
 
-def encode(topic: str, message: list[str], origin: str = "") -> str | None:
-    """The payload announcing *message* under *topic*; None if it is too long to send."""
-    payload = json.dumps([origin, topic, message], separators=(",", ":"))
+def notification_key(signing_key: bytes) -> bytes:
+    """The key that signs notifications, derived from the token signing key's PEM."""
+    return hmac.new(signing_key, b"dockmirror notifications", hashlib.sha256).digest()
+
+
+def _mac(key: bytes, body: str) -> str:
+    return hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
+
+
+def encode(
+    topic: str, message: list[str], key: bytes, origin: str = "", sent: float | None = None
+) -> str | None:
+    """The signed payload announcing *message* under *topic*; None if it is too long to send."""
+    sent = time.time() if sent is None else sent
+    body = json.dumps([origin, topic, message, sent], separators=(",", ":"))
+    payload = _mac(key, body) + body
     if len(payload.encode()) > MAX_PAYLOAD or len(message) > MAX_STRINGS:
         return None
     return payload
 
 
-def decode(payload: str) -> tuple[str, str, list[str]] | None:
-    """``(origin, topic, message)`` of a well-formed payload, else None."""
+def decode(payload: str, key: bytes, now: float) -> tuple[str, str, list[str]] | None:
+    """``(origin, topic, message)`` of a well-formed payload signed with *key*, else None."""
     if len(payload) > MAX_PAYLOAD:
         return None
+    mac, body = payload[:MAC_LENGTH], payload[MAC_LENGTH:]
+    if not hmac.compare_digest(mac.encode(), _mac(key, body).encode()):
+        return None
     try:
-        value = json.loads(payload)
+        value = json.loads(body)
     except ValueError:
         return None
-    if not (isinstance(value, list) and len(value) == 3):
+    if not (isinstance(value, list) and len(value) == 4):
         return None
-    origin, topic, message = value
+    origin, topic, message, sent = value
     if (
         isinstance(origin, str)
         and len(origin) <= MAX_TOPIC
@@ -78,14 +108,16 @@ def decode(payload: str) -> tuple[str, str, list[str]] | None:
         and isinstance(message, list)
         and len(message) <= MAX_STRINGS
         and all(isinstance(m, str) for m in message)
+        and isinstance(sent, int | float)
+        and abs(now - sent) <= MAX_AGE
     ):
         return origin, topic, message
     return None
 
 
-def notify(conn: psycopg.Connection[Any], topic: str, message: list[str]) -> None:
+def notify(conn: psycopg.Connection[Any], topic: str, message: list[str], key: bytes) -> None:
     """Send *message* on *conn*: at once, or when its transaction commits."""
-    payload = encode(topic, message)
+    payload = encode(topic, message, key)
     if payload is None:
         raise ValueError(f"a {topic} notification of {len(message)} strings is too long")
     conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
@@ -95,9 +127,10 @@ def notify(conn: psycopg.Connection[Any], topic: str, message: list[str]) -> Non
 class PostgresNotifier(service.Service):
     """Publishes through the node's pool; listens on a connection of its own."""
 
-    def __init__(self, database: Database, reactor: Any) -> None:
+    def __init__(self, database: Database, reactor: Any, key: bytes) -> None:
         self._database = database
         self._reactor = reactor
+        self._key = key
         self.origin = secrets.token_hex(8)
         self._listeners: dict[str, list[Callable[[list[str]], None]]] = {}
         self._resync: list[Callable[[], object]] = []
@@ -109,6 +142,9 @@ class PostgresNotifier(service.Service):
         #: Whether the listening connection is up, and why not when it is not.
         self.listening = False
         self.listen_error: str | None = None
+        #: Notifications ignored, and when that was last logged.
+        self.ignored = 0
+        self._warned: float | None = None
 
     def __repr__(self) -> str:
         state = "listening" if self.listening else "not listening"
@@ -122,7 +158,7 @@ class PostgresNotifier(service.Service):
         self._resync.append(listener)
 
     def publish(self, topic: str, message: list[str]) -> None:
-        payload = encode(topic, message, self.origin)
+        payload = encode(topic, message, self._key, self.origin, self._reactor.seconds())
         if payload is None:
             log.warn("not sending a {topic} notification: too long", topic=topic)
             return
@@ -189,10 +225,19 @@ class PostgresNotifier(service.Service):
         self.listening, self.listen_error = False, error
 
     def received(self, payload: str) -> None:
-        """Pass a notification on to its topic's listeners, if it is well formed."""
-        decoded = decode(payload)
+        """Pass a notification on to its topic's listeners, if it is well formed and signed."""
+        now = self._reactor.seconds()
+        decoded = decode(payload, self._key, now)
         if decoded is None:
-            log.warn("ignored a malformed notification ({n} bytes)", n=len(payload))
+            self.ignored += 1
+            if self._warned is None or now - self._warned >= IGNORED_LOG_INTERVAL:
+                self._warned = now
+                log.warn(
+                    "ignored a notification that is malformed, stale or not signed by a node"
+                    " ({n} bytes; {count} ignored so far)",
+                    n=len(payload),
+                    count=self.ignored,
+                )
             return
         origin, topic, message = decoded
         if origin == self.origin:

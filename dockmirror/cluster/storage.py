@@ -36,6 +36,7 @@ node can evict meanwhile), and nothing is uploaded.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from functools import partial
 from typing import Any
@@ -77,7 +78,8 @@ class ClusterRecords(service.Service):
 
     def __init__(self, session: Session, node_url: str, reactor: Any, max_size: int | None) -> None:
         self._session = session
-        self.node_url = node_url
+        #: Who holds this process's leases and reservations: each worker of a node is one.
+        self.holder = f"{node_url}#{os.getpid()}"
         self.max_size = max_size
         self._backoff = Backoff(reactor)
         #: Readers on this node, by digest.
@@ -96,7 +98,7 @@ class ClusterRecords(service.Service):
     def startService(self) -> None:
         super().startService()
         # What this node leased or reserved in an earlier life is over.
-        self._write(partial(_forget_node, self.node_url), "starting")
+        self._write(partial(_forget_node, self.holder), "starting")
         self._loop.start(RENEW_INTERVAL, now=True)
 
     def stopService(self) -> Any:
@@ -127,7 +129,7 @@ class ClusterRecords(service.Service):
 
     async def _lease(self, digest: str) -> int | None:
         try:
-            size: int | None = await self._query(partial(_lease, digest, self.node_url))
+            size: int | None = await self._query(partial(_lease, digest, self.holder))
         except (DatabaseUnavailable, psycopg.Error) as e:
             log.warn("storage records: leasing {digest}: {error}", digest=digest, error=str(e))
             return UNKNOWN
@@ -138,7 +140,7 @@ class ClusterRecords(service.Service):
         if self._readers[digest] > 0:
             return
         del self._readers[digest]
-        f = partial(_execute, _DELETE_LEASE, (digest, self.node_url))
+        f = partial(_execute, _DELETE_LEASE, (digest, self.holder))
         self._write(f, f"ending the lease on {digest}")
 
     def in_use(self, digest: str) -> bool:
@@ -156,7 +158,7 @@ class ClusterRecords(service.Service):
         return Deferred.fromCoroutine(self._reserve(digest, size))
 
     async def _reserve(self, digest: str, size: int) -> list[str] | str:
-        f = partial(_reserve, digest, size, self.node_url, self.max_size)
+        f = partial(_reserve, digest, size, self.holder, self.max_size)
         try:
             reserved: list[str] | str = await self._query(f)
         except (DatabaseUnavailable, psycopg.Error) as e:
@@ -171,7 +173,7 @@ class ClusterRecords(service.Service):
 
     async def _uploaded(self, digest: str, size: int, stored: bool) -> None:
         try:
-            await self._query(partial(_uploaded, digest, size, self.node_url, stored))
+            await self._query(partial(_uploaded, digest, size, self.holder, stored))
         except (DatabaseUnavailable, psycopg.Error) as e:
             log.warn("storage records: recording {digest}: {error}", digest=digest, error=str(e))
             if stored:  # recorded by a later renewal
@@ -194,7 +196,7 @@ class ClusterRecords(service.Service):
 
     def _renew(self) -> Deferred[Any]:
         unrecorded = dict(self._unrecorded)
-        f = partial(_renew, list(self._readers), self.node_url, unrecorded)
+        f = partial(_renew, list(self._readers), self.holder, unrecorded)
         d = self._write(f, "renewing leases")
 
         def renewed(stats: tuple[int, int] | None) -> None:

@@ -10,7 +10,7 @@ CREATE TABLE IF NOT EXISTS storage_objects (
 );
 CREATE INDEX IF NOT EXISTS storage_objects_used ON storage_objects (used);
 
--- Bytes reserved by uploads in progress; a node renews its own while they run.
+-- Bytes reserved by uploads in progress (by node_url#pid); renewed while they run.
 CREATE TABLE IF NOT EXISTS storage_uploads (
     digest   text PRIMARY KEY,
     node_url text NOT NULL,
@@ -18,7 +18,7 @@ CREATE TABLE IF NOT EXISTS storage_uploads (
     expires  timestamptz NOT NULL
 );
 
--- Which node reads which object now (streams, fills from the bucket, presigned URLs handed
+-- Which node (and which process of it: node_url#pid) reads which object now (streams, fills from the bucket, presigned URLs handed
 -- out); a node renews its own while it reads.  No object with a live row is evicted.
 CREATE TABLE IF NOT EXISTS storage_readers (
     digest   text NOT NULL,

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from twisted.logger import Logger
 from twisted.web.server import Request
 
+from dockmirror._interfaces import INotifier
 from dockmirror.auth.keystore import (
     DAY,
     KeyInfo,
@@ -37,10 +38,10 @@ from dockmirror.portal.login import Identity, LoginRefused, Provider, ProviderUn
 from dockmirror.portal.sessions import (
     LOGIN_TTL,
     PendingLogin,
-    PortalDatabase,
+    PortalQueries,
+    PortalStore,
     PortalStoreError,
     Session,
-    SessionStore,
     User,
 )
 from dockmirror.portal.users import disable_user
@@ -55,6 +56,12 @@ MAX_REPOSITORIES = 20
 MAX_USAGE_DAYS = 30
 SIGN_IN_LIMIT = (10, 60.0)
 CREATE_LIMIT = (10, 3600.0)
+#: Seconds a browser is asked to wait while a database is unavailable.
+RETRY_AFTER = 5
+#: What a process announces of the attempts it counted: ``[throttle, subject]``.
+THROTTLE_TOPIC = "portal-attempt"
+#: Longest throttle subject heard from another process.
+MAX_SUBJECT = 200
 
 
 class PortalError(Exception):
@@ -81,6 +88,13 @@ class Visitor:
         return self.session.identity
 
 
+def unavailable(what: str) -> PortalError:
+    """A 503 for a database that is down: a page, or the API's error, never a traceback."""
+    return PortalError(
+        503, f"{what}; please try again in a moment", {"Retry-After": str(RETRY_AFTER)}
+    )
+
+
 def _sign(secret: bytes, value: str) -> str:
     mac = hmac.new(secret, value.encode(), hashlib.sha256).digest()
     return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
@@ -103,7 +117,7 @@ class Portal:
         config: PortalConfig,
         public_url: str,
         keys: KeyStore,
-        store: SessionStore,
+        store: PortalStore,
         providers: Sequence[Provider],
         session_secret: bytes,
         csrf_secret: bytes,
@@ -123,6 +137,8 @@ class Portal:
             reactor, *SIGN_IN_LIMIT, event="tried to sign in to the portal"
         )
         self.create_throttle = Throttle(reactor, *CREATE_LIMIT, event="created portal keys")
+        self._throttles = {"sign-in": self.sign_in_throttle, "create": self.create_throttle}
+        self._notifier: INotifier | None = None
         secure = urlsplit(self.public_url).scheme == "https"
         self.secure_cookies = secure
         prefix = "__Host-" if secure else ""
@@ -131,6 +147,21 @@ class Portal:
         self._admins = {normalize_identity(a) for a in config.admins}
         self._allowed = {normalize_identity(a) for a in config.allowed_users}
         self._orgs = {o.lower() for o in config.allowed_orgs}
+
+    def share(self, notifier: INotifier) -> None:
+        """Count the attempts of every process (and node) *notifier* reaches."""
+        self._notifier = notifier
+        notifier.subscribe(THROTTLE_TOPIC, self._heard)
+
+    def _attempt(self, throttle: str, subject: str) -> None:
+        self._throttles[throttle].failed(subject)
+        if self._notifier is not None:
+            self._notifier.publish(THROTTLE_TOPIC, [throttle, subject[:MAX_SUBJECT]])
+
+    def _heard(self, message: list[str]) -> None:
+        """Count an attempt another process saw."""
+        if len(message) == 2 and message[0] in self._throttles and len(message[1]) <= MAX_SUBJECT:
+            self._throttles[message[0]].failed(message[1])
 
     @property
     def host(self) -> str:
@@ -164,7 +195,7 @@ class Portal:
         session_id, _, signature = cookie.partition(".")
         if not _same(signature, _sign(self._session_secret, session_id)):
             return None
-        session = await self._db(PortalDatabase.get_session, session_id)
+        session = await self._db(PortalQueries.get_session, session_id)
         if session is None:
             return None
         return Visitor(
@@ -185,7 +216,7 @@ class Portal:
             return await self.store.run(f, *args)
         except PortalStoreError as e:
             log.error("portal database: {error}", error=str(e))
-            raise PortalError(503, "the portal's database is unavailable") from e
+            raise unavailable("the portal's database is unavailable") from e
 
     # --- signing in and out -----------------------------------------------------------
 
@@ -212,7 +243,7 @@ class Portal:
         provider = self.provider(name)
         client = client_address(request)
         self._throttle_sign_in(client)
-        self.sign_in_throttle.failed(client_subject(client))  # every attempt counts
+        self._attempt("sign-in", client_subject(client))  # every attempt counts
         state = secrets.token_urlsafe(32)
         login = PendingLogin(provider.name, secrets.token_urlsafe(48), secrets.token_urlsafe(24))
         try:
@@ -221,7 +252,7 @@ class Portal:
             )
         except ProviderUnavailable as e:
             raise PortalError(502, str(e)) from None
-        await self._db(PortalDatabase.begin_login, state, login)
+        await self._db(PortalQueries.begin_login, state, login)
         # Binds the state to this browser: a callback URL made elsewhere is refused.
         self.set_cookie(request, self.login_cookie, state, LOGIN_TTL)
         return url
@@ -237,9 +268,9 @@ class Portal:
         self.set_cookie(request, self.login_cookie, "", 0)
         pending = None
         if state and expected and _same(state, expected):
-            pending = await self._db(PortalDatabase.finish_login, state)
+            pending = await self._db(PortalQueries.finish_login, state)
         if pending is None or pending.provider != provider.name:
-            self.sign_in_throttle.failed(client_subject(client))
+            self._attempt("sign-in", client_subject(client))
             log.warn("sign-in with a forged, reused or expired state from {client}", client=client)
             raise PortalError(
                 400,
@@ -269,11 +300,11 @@ class Portal:
                 client=client,
             )
             raise PortalError(403, f"{identity.identity} may not use this portal.")
-        if await self._db(PortalDatabase.is_disabled, identity.identity):
+        if await self._db(PortalQueries.is_disabled, identity.identity):
             raise PortalError(403, f"{identity.identity} is disabled on this portal.")
         session_id = secrets.token_urlsafe(32)
         session = await self._db(
-            PortalDatabase.create_session,
+            PortalQueries.create_session,
             session_id,
             identity.identity,
             identity.name,
@@ -301,7 +332,7 @@ class Portal:
         return who in self._allowed or bool(self._orgs & identity.orgs)
 
     async def sign_out(self, request: Request, visitor: Visitor) -> None:
-        await self._db(PortalDatabase.end_session, visitor.session.session_id)
+        await self._db(PortalQueries.end_session, visitor.session.session_id)
         self.set_cookie(request, self.session_cookie, "", 0)
         audit.info(
             "{identity} signed out from {client}",
@@ -323,7 +354,7 @@ class Portal:
             ) from None
         except KeyStoreError as e:
             log.error("key store: {error}", error=str(e))
-            raise PortalError(503, "the key store is unavailable") from e
+            raise unavailable("the key store is unavailable") from e
 
     async def my_keys(self, visitor: Visitor) -> KeyList:
         keys: KeyList = await self.call_keys(self.keys.list, visitor.identity)
@@ -364,7 +395,7 @@ class Portal:
                 f"too many keys made in the last hour; try again in {wait} seconds",
                 {"Retry-After": str(wait)},
             )
-        self.create_throttle.failed(subject)
+        self._attempt("create", subject)
 
     async def create_key(self, visitor: Visitor, name: str, repositories: Sequence[str]) -> NewKey:
         name = name.strip()
@@ -440,7 +471,7 @@ class Portal:
     # --- users ------------------------------------------------------------------------
 
     async def users(self) -> list[User]:
-        users: list[User] = await self._db(PortalDatabase.users)
+        users: list[User] = await self._db(PortalQueries.users)
         return users
 
     async def set_user_disabled(self, visitor: Visitor, identity: str, disabled: bool) -> Any:
@@ -457,10 +488,10 @@ class Portal:
                 return await disable_user(
                     self.store, self.keys, identity, visitor.identity, visitor.client
                 )
-            await self.store.run(PortalDatabase.set_disabled, identity, False)
+            await self.store.run(PortalQueries.set_disabled, identity, False)
         except (KeyStoreError, PortalStoreError) as e:
             log.error("cannot change user {identity}: {error}", identity=identity, error=str(e))
-            raise PortalError(503, "the portal's databases are unavailable") from e
+            raise unavailable("the portal's databases are unavailable") from e
         audit.info(
             "user {identity} enabled by {actor} from {client}",
             identity=identity,

@@ -11,6 +11,7 @@ from typing import Any
 from twisted.application import service
 from twisted.web.client import HTTPConnectionPool
 
+from dockmirror._interfaces import INotifier
 from dockmirror.auth.keystore import KeyStore
 from dockmirror.auth.secretfile import load_or_create
 from dockmirror.config import Config, state_directory
@@ -23,8 +24,11 @@ from dockmirror.portal.login import GitHubProvider, OidcProvider, Provider
 from dockmirror.portal.overview import TrafficSampler, UpstreamProbe
 from dockmirror.portal.resource import PortalResource
 from dockmirror.portal.sessions import (
+    CSRF_SECRET_FILE,
     DATABASE_FILE,
+    SESSION_SECRET_FILE,
     PortalDatabase,
+    PortalStore,
     PortalStoreError,
     SessionStore,
 )
@@ -32,13 +36,49 @@ from dockmirror.portal.users import UsersConsole
 from dockmirror.proxy import proxy_rules
 from dockmirror.routing import Router
 
-#: Secrets made on first start, in the state directory.
-SESSION_SECRET_FILE = "portal_session_secret"
-CSRF_SECRET_FILE = "portal_csrf_secret"
+#: The copies of the cluster's portal secrets, in the state directory.
+CLUSTER_COPY = "cluster_{}"
 
 
 def _secret(config: Config, name: str) -> bytes:
     return load_or_create(state_directory(config) / name, lambda: secrets.token_bytes(32))
+
+
+def _store(
+    config: Config, database: Any, reactor: Any, parent: service.MultiService
+) -> tuple[PortalStore, bytes, bytes]:
+    """Where users and sessions are kept, and the secrets of cookies and CSRF tokens.
+
+    In a cluster, the store and the secrets are the cluster database's, so
+    that any node serves any signed-in browser.
+    """
+    if database is None:
+        path = state_directory(config) / DATABASE_FILE
+        try:
+            PortalDatabase(path).close()  # an unusable database stops start-up here
+        except PortalStoreError as e:
+            raise ValueError(str(e)) from None
+        store = SessionStore(path, reactor)
+        store.setServiceParent(parent)
+        return store, _secret(config, SESSION_SECRET_FILE), _secret(config, CSRF_SECRET_FILE)
+    # Only a cluster has (and needs) the cluster extra.
+    from dockmirror.cluster.keys import cluster_secret
+    from dockmirror.cluster.portal import CSRF_SECRET, SESSION_SECRET, PostgresSessions
+
+    shared = [
+        cluster_secret(
+            database.url,
+            name,
+            lambda: secrets.token_bytes(32),
+            state_directory(config) / CLUSTER_COPY.format(file),
+            f"the portal's {what} secret",
+        )
+        for name, file, what in (
+            (SESSION_SECRET, SESSION_SECRET_FILE, "session"),
+            (CSRF_SECRET, CSRF_SECRET_FILE, "CSRF"),
+        )
+    ]
+    return PostgresSessions(database, reactor), shared[0], shared[1]
 
 
 @dataclass(frozen=True)
@@ -61,8 +101,15 @@ def build_portal(
     check_prefix: Callable[[str], str],
     reactor: Any,
     parent: service.MultiService,
+    notifier: INotifier | None = None,
+    database: Any = None,
 ) -> PortalParts:
     """The portal, its services joining *parent*; *egress* holds each upstream's client.
+
+    Sign-in and key creation attempts are counted in every process that
+    *notifier* reaches.  With *database* (the cluster's
+    :class:`~dockmirror.cluster.database.Database`), users, sessions and
+    sign-ins in progress are kept there.
 
     Each sign-in provider gets its own client, whose connections may go where
     its configured URL points (and to public addresses), like an upstream's,
@@ -92,13 +139,7 @@ def build_portal(
         )
         pools.append(client.pool)
         providers.append(OidcProvider(oidc, client_secret(oidc), client.http, reactor))
-    path = state_directory(config) / DATABASE_FILE
-    try:
-        PortalDatabase(path).close()  # an unusable database stops start-up here
-    except PortalStoreError as e:
-        raise ValueError(str(e)) from None
-    store = SessionStore(path, reactor)
-    store.setServiceParent(parent)
+    store, session_secret, csrf_secret = _store(config, database, reactor, parent)
     sampler = TrafficSampler(metrics, keys, reactor)
     sampler.setServiceParent(parent)
     portal = Portal(
@@ -107,11 +148,13 @@ def build_portal(
         keys,
         store,
         providers,
-        _secret(config, SESSION_SECRET_FILE),
-        _secret(config, CSRF_SECRET_FILE),
+        session_secret,
+        csrf_secret,
         reactor,
         check_prefix,
     )
+    if notifier is not None:
+        portal.share(notifier)
     probe = UpstreamProbe(router.upstreams, {n: e.http for n, e in egress.items()}, reactor)
     overview = overview_source(portal, cache, metrics, probe, sampler, reactor)
     return PortalParts(PortalResource(portal, overview), UsersConsole(store, keys), pools)

@@ -14,7 +14,7 @@ from twisted.logger import Logger
 
 from dockmirror.auth.keystore import KeyQueries, KeyStore
 from dockmirror.portal.config import IDENTITY_RE, normalize_identity
-from dockmirror.portal.sessions import PortalDatabase, SessionStore
+from dockmirror.portal.sessions import PortalQueries, PortalStore
 
 audit = Logger(namespace="dockmirror.audit")
 
@@ -26,7 +26,7 @@ def check_identity(identity: str) -> str:
     return normalize_identity(identity)
 
 
-def disable(portal_db: PortalDatabase, keys: KeyQueries, identity: str) -> dict[str, Any]:
+def disable(portal_db: PortalQueries, keys: KeyQueries, identity: str) -> dict[str, Any]:
     """Disable *identity* in the databases themselves (``dockmirror-admin``)."""
     identity = check_identity(identity)
     sessions = portal_db.set_disabled(identity, True)
@@ -35,11 +35,11 @@ def disable(portal_db: PortalDatabase, keys: KeyQueries, identity: str) -> dict[
 
 
 async def disable_user(
-    store: SessionStore, keys: KeyStore, identity: str, actor: str, client: str = "-"
+    store: PortalStore, keys: KeyStore, identity: str, actor: str, client: str = "-"
 ) -> dict[str, Any]:
     """Disable *identity* through the running server's stores."""
     identity = check_identity(identity)
-    sessions = await store.run(PortalDatabase.set_disabled, identity, True)
+    sessions = await store.run(PortalQueries.set_disabled, identity, True)
     revoked = await keys.revoke_owner(identity)
     audit.info(
         "user {identity} disabled by {actor} from {client}: {count} keys revoked,"
@@ -57,13 +57,13 @@ async def disable_user(
 class UsersConsole:
     """``users`` at the manhole prompt."""
 
-    def __init__(self, store: SessionStore, keys: KeyStore) -> None:
+    def __init__(self, store: PortalStore, keys: KeyStore) -> None:
         self._store = store
         self._keys = keys
 
     def list(self) -> Deferred[list[Any]]:
         """Everyone who signed in once, and who is disabled."""
-        return Deferred.fromCoroutine(self._store.run(PortalDatabase.users))
+        return Deferred.fromCoroutine(self._store.run(PortalQueries.users))
 
     def disable(self, identity: str) -> Deferred[dict[str, Any]]:
         """Revoke every key of *identity*, end their sessions, refuse their sign-ins."""
@@ -74,7 +74,7 @@ class UsersConsole:
     def enable(self, identity: str) -> Deferred[int]:
         """Let *identity* sign in again (their revoked keys stay revoked)."""
         return Deferred.fromCoroutine(
-            self._store.run(PortalDatabase.set_disabled, check_identity(identity), False)
+            self._store.run(PortalQueries.set_disabled, check_identity(identity), False)
         )
 
     def __repr__(self) -> str:

@@ -7,7 +7,6 @@ growing file.  A blob the cache cannot keep is streamed through uncached.
 
 from __future__ import annotations
 
-import errno
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -19,6 +18,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 
 from dockmirror.cache import origin_of
+from dockmirror.cache.blobs import BlobGone
 from dockmirror.cache.fill import CacheWriteError, Fill
 from dockmirror.cache.follow import FollowedFill
 from dockmirror.cache.parts import PartBody, RangedFill
@@ -45,6 +45,8 @@ log = Logger()
 
 #: Times a blob request tries to join or start a fill before giving up.
 FILL_ATTEMPTS = 3
+#: The most digits of a blob size heard from another process (a signed 64-bit integer).
+MAX_SIZE_DIGITS = 18
 
 
 @dataclass
@@ -104,10 +106,13 @@ class BlobService(UpstreamAccess):
         count = self._metrics.bytes_from_cache.inc if x_cache == HIT else _ignore
         try:
             reader = store.reader(digest, start, end, count)
+        except BlobGone:
+            # Evicted by another worker (or removed) since our look: from the upstream.
+            self._metrics.cache_passthrough.labels("evicted").inc()
+            return await self._passthrough(route, origin, digest, head, range_header)
         except OSError as e:
+            # A transient error (EMFILE, EIO...) keeps the blob.
             log.error("cannot open cached {digest}: {error}", digest=digest, error=e.strerror)
-            if source.fill is None and e.errno == errno.ENOENT:
-                store.forget(digest)  # gone from the disk; a transient error keeps it
             raise upstream_unavailable(route.upstream.name, "cache read failed", 503) from e
         return Reply(206 if span else 200, headers, stream=reader)
 
@@ -333,6 +338,28 @@ class BlobService(UpstreamAccess):
         )
 
     async def _ask_blob(self, route: Route, origin: str, digest: str) -> int | None:
+        """The upstream's answer, asked by one process for every worker and node.
+
+        The others hear ``[origin, digest, size]`` (the size empty if not announced).
+        """
+        flights = self.cache.flights
+        key = "\n".join(("blob", origin, digest))
+        heard = await flights.wait(key, cluster=True)
+        if heard is not None and heard[:2] == [origin, digest] and len(heard) == 3:
+            size = heard[2]
+            if size == "" or (size.isdigit() and len(size) <= MAX_SIZE_DIGITS):
+                length = int(size) if size else None
+                self.cache.blobs.allow(origin, digest, length)
+                return length
+        result = None
+        try:
+            length = await self._head_blob(route, origin, digest)
+            result = [origin, digest, "" if length is None else str(length)]
+            return length
+        finally:
+            flights.done(key, result)
+
+    async def _head_blob(self, route: Route, origin: str, digest: str) -> int | None:
         response = await self._request(route, "HEAD", f"blobs/{digest}")
         if response.code != 200:
             raise await self._failure(route, response, "BLOB_UNKNOWN", True)

@@ -2,6 +2,8 @@
 
 A tag is revalidated with a ``HEAD``, which Docker Hub does not count as a
 pull; an expired tag is served stale while the upstream fails, if allowed.
+A tag is fetched, and revalidated, by one process for every worker and
+every node of a cluster (:class:`dockmirror.coordination.SharedFlights`).
 In a cluster, a tag another node resolved is taken from PostgreSQL (stale,
 if need be, while the upstream fails), and a manifest from the storage
 bucket once its repository proved, to any node, that it has it.
@@ -9,6 +11,7 @@ bucket once its repository proved, to any node, that it has it.
 
 from __future__ import annotations
 
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from dockmirror.cache import origin_of
@@ -18,6 +21,7 @@ from dockmirror.cache.manifests import (
     could_be_manifest,
     manifest_media_type,
 )
+from dockmirror.coordination import FLIGHT_RECENT
 from dockmirror.errors import RegistryError, upstream_unavailable
 from dockmirror.pull.access import (
     CACHE_TIER,
@@ -42,6 +46,12 @@ log = Logger()
 
 #: The largest manifest accepted from an upstream (as distribution's limit).
 MANIFEST_LIMIT = 4 << 20
+#: What a tag's revalidation tells when the tag names a manifest to fetch.
+FETCH = "fetch"
+#: Looks in the cluster's shared tags for a manifest another node fetched, and
+#: seconds between them (its news may come before the row).
+HEARD_TRIES = 10
+HEARD_INTERVAL = 0.1
 
 MANIFEST_TYPES = (
     "application/vnd.oci.image.index.v1+json",
@@ -144,10 +154,11 @@ class ManifestService(UpstreamAccess):
             return await self._upstream_manifest(route, origin, reference, accept, head)
         flights = self.cache.flights
         key = "\n".join((origin, reference, negotiable(accept)))
-        fetched = await flights.wait(key)
+        # A tag once for the cluster, whose nodes share tags; a digest once per node.
+        fetched = await flights.wait(key, not is_digest(reference), self._recent())
         if fetched is not None and len(fetched) == 4:  # taken in, if sound, as it was heard
             digest = fetched[2]
-            if self.cache.manifests.has(digest) and self.cache.blobs.allowed(origin, digest):
+            if await self._heard(origin, reference, digest):
                 reply = self._cached_manifest(digest, MISS, head)
                 if reply is not None:
                     return reply
@@ -233,7 +244,7 @@ class ManifestService(UpstreamAccess):
         entry = self.cache.manifests.tag(origin, tag, None)
         reply = await self._flights.run(
             ("revalidate", *key),
-            lambda: self._revalidate(route, origin, tag, entry, None, False),
+            lambda: self._revalidate(route, origin, tag, entry, None, False, recent=0.0),
         )
         if reply is None:
             reply = await self._flights.run(
@@ -244,6 +255,27 @@ class ManifestService(UpstreamAccess):
             self.cache.manifests.expire_tag(origin, tag, reply.headers["Content-Type"])
         return reply
 
+    def _recent(self) -> float:
+        """Seconds another process's answer about a tag is taken as is: within its TTL."""
+        return min(FLIGHT_RECENT, self.cache.manifests.ttl)
+
+    async def _heard(self, origin: str, reference: str, digest: str) -> bool:
+        """Whether *digest*, which another process resolved *reference* to, is cached here.
+
+        One from another node is taken from the cluster's shared tags, which may
+        be written a moment after its news arrives.
+        """
+        manifests = self.cache.manifests
+        for attempt in range(HEARD_TRIES):
+            if manifests.has(digest) and self.cache.blobs.allowed(origin, digest):
+                return True
+            if manifests.shared is None or is_digest(reference):
+                return False
+            if attempt:
+                await deferLater(self._reactor, HEARD_INTERVAL, lambda: None)
+            await manifests.adopt_tag(origin, reference)
+        return False
+
     async def _revalidate(
         self,
         route: Route,
@@ -252,11 +284,49 @@ class ManifestService(UpstreamAccess):
         entry: TagEntry | None,
         accept: str | None,
         head: bool,
+        recent: float | None = None,
     ) -> Reply | None:
-        """Check a tag with a HEAD; None when the manifest must be fetched.
+        """Check a tag with a HEAD, once for every worker and node; None when the manifest
+        must be fetched.
 
-        An expired *entry* is served stale when the upstream fails.
+        An expired *entry* is served stale when the upstream fails.  The
+        result is told to the others: ``[origin, tag, digest, media type]``,
+        or ``[origin, tag, FETCH]`` when the tag names a manifest not cached.
+        One heard less than *recent* seconds ago (by default, within the
+        tag's TTL) is taken as it is.
         """
+        flights = self.cache.flights
+        key = "\n".join(("revalidate", origin, tag, negotiable(accept)))
+        recent = self._recent() if recent is None else recent
+        heard = await flights.wait(key, cluster=True, recent=recent)
+        if heard is not None and heard[2:] == [FETCH]:
+            return None
+        if heard is not None and len(heard) == 4 and await self._heard(origin, tag, heard[2]):
+            reply = self._cached_manifest(heard[2], REVALIDATED, head)
+            if reply is not None:
+                return reply
+        result = None
+        try:
+            reply = await self._check_tag(route, origin, tag, entry, accept, head)
+            if reply is None:
+                result = [origin, tag, FETCH]
+            elif reply.headers["X-Cache"] == REVALIDATED:
+                headers = reply.headers
+                result = [origin, tag, headers["Docker-Content-Digest"], headers["Content-Type"]]
+            return reply
+        finally:
+            flights.done(key, result)
+
+    async def _check_tag(
+        self,
+        route: Route,
+        origin: str,
+        tag: str,
+        entry: TagEntry | None,
+        accept: str | None,
+        head: bool,
+    ) -> Reply | None:
+        """Ask the upstream about a tag with a HEAD; None when the manifest must be fetched."""
         manifests = self.cache.manifests
         try:
             response = await self._request(

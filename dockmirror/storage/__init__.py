@@ -8,14 +8,16 @@ the client of :mod:`dockmirror.storage.s3`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dockmirror._interfaces import IBlobStorage
-from dockmirror.cache.index import Runner
 from dockmirror.config import StorageConfig
 from dockmirror.metrics import Metrics
 from dockmirror.storage.quota import Quota
-from dockmirror.storage.records import IndexRecords
+
+if TYPE_CHECKING:  # the cache imports this package: no cycle when it is imported first
+    from dockmirror.cache.index import Runner
+    from dockmirror.storage.records import IndexRecords
 
 
 def build_storage(

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from dockmirror._interfaces import IStorageRecords
-from dockmirror.storage.records import IndexRecords
+
+if TYPE_CHECKING:  # the cache imports this package: no cycle when it is imported first
+    from dockmirror.storage.records import IndexRecords
 
 
 @implementer(IStorageRecords)

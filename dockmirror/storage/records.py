@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dockmirror.cache.index import Index
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the cache imports this package: no cycle when it is imported first
+    from dockmirror.cache.index import Index
 
 
 class IndexRecords:

@@ -43,6 +43,10 @@ CONNECT_TIMEOUT = 10.0
 REQUEST_TIMEOUT = 60.0
 #: ... and the most of an answer (XML, an error) read into memory.
 XML_LIMIT = 4 << 20
+#: The most objects (or uploads) one listing takes in, over all its pages.
+MAX_LISTED = 1_000_000
+#: The longest error code and message taken from an answer (they end up in logs).
+ERROR_TEXT = 64, 300
 #: Seconds a presigned URL is valid.
 PRESIGN_EXPIRY = 300
 #: Credentials that expire within this many seconds are refreshed before use.
@@ -240,10 +244,10 @@ class S3Client:
         if response.code != 200:
             raise S3Error(f"HEAD {key}: {response.code}", response.code)
         values = response.headers.getRawHeaders("content-length") or []
-        try:
-            return int(values[0])
-        except (IndexError, ValueError):
-            raise S3Error(f"HEAD {key}: no Content-Length", 502) from None
+        size = _size(values[0]) if len(values) == 1 else None
+        if size is None:
+            raise S3Error(f"HEAD {key}: no valid Content-Length", 502)
+        return size
 
     async def get(self, key: str, start: int = 0, end: int | None = None) -> IResponse | None:
         """An unread response with bytes [start, end) of the object; None if there is none.
@@ -341,13 +345,14 @@ class S3Client:
                         _text(item, "Key"), _text(item, "UploadId"), _time(_text(item, "Initiated"))
                     )
                 )
+            _bounded(uploads, "uploads")
             if _text(root, "IsTruncated") != "true":
                 return uploads
-            query = {
-                **query,
+            markers = {
                 "key-marker": _text(root, "NextKeyMarker"),
                 "upload-id-marker": _text(root, "NextUploadIdMarker"),
             }
+            query = {**query, **_onwards(query, markers)}
 
     async def list_objects(self, prefix: str) -> list[ObjectInfo]:
         """Every object under *prefix*."""
@@ -357,17 +362,15 @@ class S3Client:
             response = await self.request("GET", query=query)
             root = _xml(await self.check(response, 200))
             for item in _children(root, "Contents"):
-                objects.append(
-                    ObjectInfo(
-                        _text(item, "Key"),
-                        int(_text(item, "Size") or 0),
-                        _time(_text(item, "LastModified")),
-                    )
-                )
+                key, size = _text(item, "Key"), _size(_text(item, "Size"))
+                if size is None:
+                    raise S3Error(f"listing {prefix}: {key[:200]!r} has no valid Size", 502)
+                objects.append(ObjectInfo(key, size, _time(_text(item, "LastModified"))))
+            _bounded(objects, "objects")
             token = _text(root, "NextContinuationToken")
             if _text(root, "IsTruncated") != "true" or not token:
                 return objects
-            query = {**query, "continuation-token": token}
+            query = {**query, **_onwards(query, {"continuation-token": token})}
 
     async def presign(self, key: str, expires: int = PRESIGN_EXPIRY) -> str:
         """A URL that GETs the object without credentials for *expires* seconds."""
@@ -381,6 +384,31 @@ class S3Client:
         return self.pool.closeCachedConnections()
 
 
+def _size(text: str) -> int | None:
+    """A size in bytes, as S3 writes one (decimal digits only), else None."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 19 else None
+
+
+def _bounded(items: list[Any], what: str) -> None:
+    if len(items) > MAX_LISTED:
+        raise S3Error(f"the listing goes on past more than {MAX_LISTED} {what}", 502)
+
+
+def _onwards(query: dict[str, str], markers: dict[str, str]) -> dict[str, str]:
+    """The markers of the next page; an endpoint that gives the same ones again is refused."""
+    if all(query.get(name) == value for name, value in markers.items()):
+        raise S3Error("the listing repeats its continuation markers", 502)
+    return markers
+
+
+def _printable(text: str | None, limit: int) -> str | None:
+    """*text* from an answer, fit for a log line: printable, and at most *limit* characters."""
+    if text is None:
+        return None
+    shown = "".join(c if c.isprintable() else " " for c in text[: limit + 1])
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
 def _error(status: int, body: bytes) -> S3Error:
     code = message = None
     try:
@@ -388,17 +416,28 @@ def _error(status: int, body: bytes) -> S3Error:
     except S3Error:
         root = None
     if root is not None:
-        code, message = root.findtext("Code"), root.findtext("Message")
+        code = _printable(root.findtext("Code"), ERROR_TEXT[0])
+        message = _printable(root.findtext("Message"), ERROR_TEXT[1])
     return S3Error(f"S3 answered {status}: {code or ''} {message or ''}".strip(), status, code)
+
+
+class _NoDTD(ElementTree.TreeBuilder):
+    """Builds the tree of an answer; a document type declaration, in any encoding, stops it."""
+
+    def doctype(self, name: str, pubid: str | None, system: str | None) -> None:
+        raise S3Error("refusing an XML answer with a DTD", 502)
 
 
 def _xml(body: bytes) -> ElementTree.Element:
     if b"<!DOCTYPE" in body or b"<!ENTITY" in body:
         raise S3Error("refusing an XML answer with a DTD", 502)
+    parser = ElementTree.XMLParser(target=_NoDTD())
     try:
-        return ElementTree.fromstring(body)
-    except ElementTree.ParseError as e:
+        parser.feed(body)
+        root: ElementTree.Element = parser.close()
+    except (ElementTree.ParseError, ValueError) as e:  # ValueError: an encoding expat lacks
         raise S3Error(f"unreadable XML answer: {e}", 502) from e
+    return root
 
 
 def _children(root: ElementTree.Element, name: str) -> Iterator[ElementTree.Element]:

@@ -28,6 +28,7 @@ import shlex
 import shutil
 import socket
 import subprocess
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -426,6 +427,9 @@ class Podman:
         self.cert_dir.mkdir()
         shutil.copy(ca, self.cert_dir / "ca.crt")
         self.storage = workdir / "storage"
+        # podman refuses a runroot path longer than 50 characters, which pytest's
+        # temporary directories grow past once a machine made a thousand of them.
+        self.runroot = Path(tempfile.mkdtemp(prefix="podman-run-"))
         self.home = workdir / "home"
         self.home.mkdir()
         self.auth_file = workdir / "auth.json"
@@ -436,7 +440,7 @@ class Podman:
         argv = [
             "podman",
             f"--root={self.storage / 'root'}",
-            f"--runroot={self.storage / 'run'}",
+            f"--runroot={self.runroot}",
             f"--tmpdir={self.storage / 'tmp'}",
             "--storage-driver=vfs",
             "--cgroup-manager=cgroupfs",
@@ -470,6 +474,7 @@ class Podman:
 
     def remove_storage(self) -> None:
         shutil.rmtree(self.storage, ignore_errors=True)
+        shutil.rmtree(self.runroot, ignore_errors=True)
 
 
 def podman_registries_conf(mirror_host: str) -> str:

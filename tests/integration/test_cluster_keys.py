@@ -36,16 +36,17 @@ def cluster(
     nodes: int = 3,
     public_url: str | None = None,
     first: dict[str, dict[str, object]] | None = None,
+    every: dict[str, dict[str, object]] | None = None,
 ) -> list[Dockmirror]:
     """*nodes* started nodes sharing *database*, with Docker Hub played by *registry*.
 
     They serve *public_url*, by default the first node's URL; *first* is
-    more configuration for the first node.
+    more configuration for the first node, *every* for all of them.
     """
     upstreams = {"hub": {"plugin": "dockerhub", "url": registry.url, "default": True}}
     made: list[Dockmirror] = []
     for _ in range(nodes):
-        extra: dict[str, dict[str, object]] = {"cluster": {"database": database}}
+        extra: dict[str, dict[str, object]] = {**(every or {}), "cluster": {"database": database}}
         if made or public_url:
             extra["server"] = {"public_url": public_url or made[0].url}
         if not made:
@@ -236,17 +237,23 @@ def test_migrate_from_sqlite(
     assert curl("-H", basic(gone_id, "sk_x"), f"{node.url}/v2/")[0] == 401
 
 
+def manhole_table(directory: Path) -> tuple[int, Path, dict[str, object]]:
+    """A ``[manhole]`` table on a free port: ``(port, the operator's key, table)``."""
+    port = free_port()
+    operator = keypair(directory, "operator")
+    authorized = directory / "authorized_keys"
+    authorized.write_text(Path(f"{operator}.pub").read_text())
+    table = {"listen": f"tcp:{port}:interface={LOOPBACK}", "authorized_keys": str(authorized)}
+    return port, operator, table
+
+
 def test_the_manhole_works_on_the_cluster_database(
     plain_registry: Registry,
     dockmirror: DockmirrorFactory,
     postgres: str,
     tmp_path: Path,
 ) -> None:
-    port = free_port()
-    operator = keypair(tmp_path, "operator")
-    authorized = tmp_path / "authorized_keys"
-    authorized.write_text(Path(f"{operator}.pub").read_text())
-    manhole = {"listen": f"tcp:{port}:interface={LOOPBACK}", "authorized_keys": str(authorized)}
+    port, operator, manhole = manhole_table(tmp_path)
     nodes = cluster(dockmirror, plain_registry, postgres, first={"manhole": manhole})
     session = Session(port, operator)
     try:
@@ -272,3 +279,45 @@ def test_the_manhole_works_on_the_cluster_database(
         assert session.close() == 0
     finally:
         session.close()
+
+
+def test_notifications_from_other_database_users_are_ignored(
+    nodes: list[Dockmirror], postgres: str, postgres_server: PostgresServer
+) -> None:
+    """Any role that may connect to the database can NOTIFY: only the nodes' own count.
+
+    A role with no privilege on dockmirror's tables sends what would revoke
+    a key and lock it out with failed logins: no node believes it.
+    """
+    import psycopg
+
+    app_id, api_key = create_key(nodes[0])
+    forged = [
+        json.dumps(["stranger", "revoked", [app_id]]),
+        *[json.dumps(["stranger", "login-failed", [app_id, LOOPBACK]])] * 12,
+    ]
+    postgres_server.sql("CREATE ROLE stranger LOGIN")
+    try:
+        with psycopg.connect(
+            postgres.replace("//dockmirror@", "//stranger@"), autocommit=True
+        ) as conn:
+            assert conn.info.user == "stranger"
+            for payload in forged:
+                conn.execute("SELECT pg_notify('dockmirror', %s)", (payload,))
+        time.sleep(1.5)  # believed, they would act within 0.1 s (the revocation bound's figure)
+        # A forged revocation would stay, forged failures for minutes: a
+        # loaded machine's transient answer (a 503, a timeout) may not.
+        answers: list[tuple[int, bytes]] = []
+
+        def works(node: Dockmirror) -> bool:
+            status, _, body = curl("-H", basic(app_id, api_key), f"{node.url}/v2/")
+            answers.append((status, body[:300]))
+            return status == 200
+
+        for node in nodes:
+            try:
+                wait_until(lambda node=node: works(node), timeout=10, interval=0.5)
+            except TimeoutError:
+                pytest.fail(f"the key no longer works on {node.url}: {answers[-3:]}")
+    finally:
+        postgres_server.sql("DROP ROLE stranger")

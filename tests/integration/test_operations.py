@@ -330,3 +330,17 @@ def test_plain_listener_answers_a_tls_handshake_at_once(plain_registry, dockmirr
     assert result.returncode != 0
     assert time.monotonic() - started < 10
     assert curl(f"{mirror.url}/v2/")[0] == 200
+
+
+def test_check_refuses_a_public_url_with_a_path(tmp_path):
+    """Registry clients reach a registry at the root of its host: no path prefix."""
+    config = tmp_path / "prefix.toml"
+    config.write_text(
+        '[server]\npublic_url = "https://example.com/mirror/"\n'
+        '[upstreams.hub]\nplugin = "dockerhub"\ndefault = true\n'
+    )
+    result = run_check(config)
+    assert result.returncode != 0
+    output = result.stderr + result.stdout
+    assert "server.public_url must be the root of a host" in output, output
+    assert "/mirror/" in output

@@ -8,6 +8,7 @@ test can make requests until every worker has served some.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import http.client
 import os
 import shutil
@@ -18,10 +19,12 @@ import sqlite3
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.mmap_dict import MmapedDict
@@ -285,10 +288,7 @@ def test_the_quota_holds_with_fills_in_two_workers(
     def watch() -> None:
         nonlocal peak
         while not done:
-            on_disk = sum(cached_blobs(mirror).values()) + sum(
-                p.stat().st_size for p in (mirror.cache_dir / "tmp").iterdir() if p.exists()
-            )
-            peak = max(peak, on_disk)
+            peak = max(peak, bytes_on_disk(mirror))
             time.sleep(0.005)
 
     def fetch(url: str) -> bytes:
@@ -313,6 +313,27 @@ def test_the_quota_holds_with_fills_in_two_workers(
     assert peak <= quota
     assert sum(cached_blobs(mirror).values()) <= quota
     assert_cache_sound(mirror)
+
+
+def bytes_on_disk(mirror: Dockmirror) -> int:
+    """The bytes of the blob files and fills on disk, all at one moment.
+
+    One look at the blobs and then at the fills is not one moment: a blob
+    evicted and a fill started in between are both counted.  Two looks that
+    agree are (no file comes back within milliseconds).
+    """
+    previous = None
+    while True:
+        files: dict[Path, int] = {}
+        for path in [
+            *(mirror.cache_dir / "blobs").glob("*/*/*"),
+            *(mirror.cache_dir / "tmp").iterdir(),
+        ]:
+            with contextlib.suppress(FileNotFoundError):
+                files[path] = path.stat().st_size
+        if files == previous:
+            return sum(files.values())
+        previous = files
 
 
 def holder_of(mirror: Dockmirror, directory: Path) -> int | None:
@@ -416,28 +437,120 @@ def get(connection: http.client.HTTPConnection, path: str) -> tuple[int, bytes]:
     return response.status, response.read()
 
 
+def room_for_two_of_three(
+    registry_factory: Any, dockmirror: DockmirrorFactory, seeded: Any, repo: str
+) -> tuple[Dockmirror, list[Blob], list[http.client.HTTPConnection], Callable[..., None]]:
+    """Two workers whose cache has room for two of three layers, a connection to
+    each, and how to pull a layer through one."""
+    registry = registry_factory()
+    image = seeded(registry, repo, "v1", layers=[6 << 20] * 3)
+    mirror = start_workers(dockmirror, registry, max_size="15MiB")
+
+    def pull(connection: http.client.HTTPConnection, layer: Blob, settle: float = 0) -> None:
+        status, body = get(connection, f"/v2/{repo}/blobs/{layer.digest}")
+        assert status == 200 and sha256(body) == layer.digest
+        time.sleep(settle)
+
+    connections = list(connection_to_each_worker(mirror).values())
+    return mirror, list(image.platforms[0].layers), connections, pull
+
+
 def test_eviction_counts_the_uses_of_every_worker(
     registry_factory, dockmirror, seeded, unique_repo
 ):
-    registry = registry_factory()
-    image = seeded(registry, unique_repo, "v1", layers=[6 << 20] * 3)
-    mirror = start_workers(dockmirror, registry, max_size="15MiB")  # room for two
-    old, other, new = image.platforms[0].layers
-    first, second = connection_to_each_worker(mirror).values()
-
-    def pull(connection: http.client.HTTPConnection, layer: Blob) -> None:
-        status, body = get(connection, f"/v2/{unique_repo}/blobs/{layer.digest}")
-        assert status == 200 and sha256(body) == layer.digest
-        time.sleep(1.5)  # its use is in the index
-
-    pull(first, old)
-    pull(first, other)
+    mirror, (old, other, new), (first, second), pull = room_for_two_of_three(
+        registry_factory, dockmirror, seeded, unique_repo
+    )
+    settle = 1.5  # each use is in the index
+    pull(first, old, settle)
+    pull(first, other, settle)
     # In the first worker's own view, the old blob is the least recently used ...
-    pull(second, old)
+    pull(second, old, settle)
     # ... but the second worker used it since: the other one goes.
+    pull(first, new, settle)
+    wait_until(lambda: set(cached_blobs(mirror)) == {old.digest, new.digest})
+    assert_cache_sound(mirror)
+
+
+def test_eviction_counts_a_use_in_another_worker_before_it_reaches_the_index(
+    registry_factory, dockmirror, seeded, unique_repo
+):
+    mirror, (old, other, new), (first, second), pull = room_for_two_of_three(
+        registry_factory, dockmirror, seeded, unique_repo
+    )
+    pull(first, old)
+    pull(second, old)  # the second worker knows it: its next use is one more index write
+    pull(first, other)
+    time.sleep(1.5)  # in the index: the old blob is the least recently used
+    pull(second, old)  # that write waits up to a second
     pull(first, new)
     wait_until(lambda: set(cached_blobs(mirror)) == {old.digest, new.digest})
     assert_cache_sound(mirror)
+
+
+def lock_as_evicting(cache_dir: Path, digest: str) -> int:
+    """Take the locks a worker evicting *digest* holds (its claim and its pin, exclusive).
+
+    The byte offsets are those of :mod:`dockmirror.coordination`; closing the
+    descriptor frees them.  Waits for the readers and the filler to let go.
+    """
+    offset = int(digest.partition(":")[2][:15], 16)
+    fd = os.open(cache_dir / "fills.lock", os.O_RDWR)
+
+    def locked() -> bool:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, (1 << 61) + offset)
+        except OSError:
+            return False
+        return True
+
+    wait_until(locked, timeout=10, interval=0.05)
+    return fd
+
+
+def test_a_blob_another_worker_is_evicting_is_not_read_from_the_cache(
+    registry_factory, dockmirror, seeded, unique_repo
+):
+    registry = registry_factory()
+    image = seeded(registry, unique_repo, "v1", layers=[1 << 20])
+    mirror = start_workers(dockmirror, registry)
+    layer = image.platforms[0].layers[0]
+    url = f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"
+    status, _, body = curl(url)
+    assert status == 200
+    wait_until(lambda: layer.digest in cached_blobs(mirror))  # committed after its last byte
+    # A worker of this cache is evicting it: a reader coming now must not count on it.
+    fd = lock_as_evicting(mirror.cache_dir, layer.digest)
+    try:
+
+        def fetch() -> None:
+            out = subprocess.run(
+                ["curl", "-sS", "-f", "--noproxy", "*", "--max-time", "10", url],
+                capture_output=True,
+                check=True,
+            )
+            assert sha256(out.stdout) == layer.digest
+
+        until_every_worker_answered(mirror, "blob", fetch, limit=50)
+    finally:
+        os.close(fd)
+    status, _, body = curl(url)
+    assert status == 200 and sha256(body) == layer.digest
+    assert_cache_sound(mirror)
+
+
+def test_a_crash_writing_the_blobs_kept_leaves_nothing_behind(plain_registry, dockmirror):
+    mirror = start_workers(dockmirror, plain_registry)
+    left = mirror.cache_dir / f".kept.{uuid.uuid4().hex}"
+    left.write_text("sha256:" + "0" * 64 + "\n")  # a write cut by a crash, long ago
+    os.utime(left, (time.time() - 3600, time.time() - 3600))
+    writing = mirror.cache_dir / f".kept.{uuid.uuid4().hex}"
+    writing.write_text("")  # another worker writing it now
+    os.kill(worker_pids(mirror)[0], signal.SIGKILL)
+    wait_until(lambda: not left.exists(), timeout=30)  # when its successor starts
+    wait_until(lambda: mirror.log_text().count("left by a crash") == 1)
+    assert writing.exists()
 
 
 def test_warm_images_are_kept_from_eviction_by_every_worker(

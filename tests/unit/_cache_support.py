@@ -110,6 +110,8 @@ class Claims:
         self.elsewhere: set[str] = set()
         self.mine: set[str] = set()
         self.read_elsewhere: set[str] = set()
+        self.removed_elsewhere: set[str] = set()
+        self.reads: dict[str, float] = {}
         self.usage = 0
 
     def claim(self, digest: str) -> bool:
@@ -136,14 +138,23 @@ class Claims:
     def reserve(self, delta: int) -> int:
         return self.add_usage(delta)
 
-    def pin(self, digest: str) -> None:
-        pass
+    def pin(self, digest: str) -> bool:
+        return digest not in self.removed_elsewhere
 
     def unpin(self, digest: str) -> None:
         pass
 
-    def pinned_elsewhere(self, digest: str) -> bool:
-        return digest in self.read_elsewhere
+    def exclude(self, digest: str) -> bool:
+        return digest not in self.read_elsewhere
+
+    def readmit(self, digest: str) -> None:
+        pass
+
+    def read_at(self, digest: str, when: float) -> None:
+        self.reads[digest] = when
+
+    def last_read(self, digest: str) -> float | None:
+        return self.reads.get(digest)
 
     def close(self) -> None:
         pass

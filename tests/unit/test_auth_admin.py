@@ -2,13 +2,16 @@ import json
 import os
 import pwd
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from dockmirror import admin
 from dockmirror.admin import main
 
 CONFIG = """
@@ -179,3 +182,69 @@ def test_as_root_files_belong_to_the_state_directory_owner() -> None:
             assert (f.stat().st_uid, f.stat().st_gid) == (nobody.pw_uid, nobody.pw_gid), f
     finally:
         shutil.rmtree(top)
+
+
+@pytest.fixture
+def system_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.socket]:
+    """A datagram socket standing for /dev/log."""
+    path = tmp_path / "log"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as log:
+        log.bind(str(path))
+        log.settimeout(0)
+        monkeypatch.setattr(admin, "SYSLOG_SOCKET", str(path))
+        monkeypatch.setenv("SUDO_USER", "alice")
+        yield log
+
+
+def received(log: socket.socket) -> list[str]:
+    lines = []
+    while True:
+        try:
+            lines.append(log.recv(4096).decode())
+        except BlockingIOError:
+            return lines
+
+
+def test_key_changes_are_audit_events_in_the_system_log(
+    config: str, capsys: pytest.CaptureFixture[str], system_log: socket.socket
+) -> None:
+    _, out, _ = run(capsys, "--config", config, "keys", "create", "--name", "laptop")
+    app_id = json.loads(out)["appId"]
+    _, out, _ = run(capsys, "--config", config, "keys", "rotate", app_id)
+    new = json.loads(out)["appId"]
+    run(capsys, "--config", config, "keys", "revoke", new)
+    run(capsys, "--config", config, "keys", "revoke", new)  # no change: no event
+    run(capsys, "--config", config, "keys", "list")
+    pid = os.getpid()
+    assert received(system_log) == [
+        f"<85>dockmirror-admin[{pid}]: key {app_id} created by alice (dockmirror-admin)"
+        " audit=key-created",
+        f"<85>dockmirror-admin[{pid}]: key {app_id} rotated by alice (dockmirror-admin),"
+        f" replaced by {new} audit=key-rotated",
+        f"<85>dockmirror-admin[{pid}]: key {new} revoked by alice (dockmirror-admin)"
+        " audit=key-revoked",
+    ]
+
+
+def test_user_changes_are_audit_events(
+    config: str, capsys: pytest.CaptureFixture[str], system_log: socket.socket
+) -> None:
+    run(capsys, "--config", config, "keys", "create", "--name", "laptop")  # makes the database
+    assert run(capsys, "--config", config, "users", "disable", "github:Bob")[0] == 0
+    assert run(capsys, "--config", config, "users", "enable", "github:bob")[0] == 0
+    pid = os.getpid()
+    assert received(system_log)[1:] == [
+        f"<85>dockmirror-admin[{pid}]: user github:bob disabled by alice (dockmirror-admin):"
+        " 0 keys revoked, 0 sessions ended audit=user-disabled",
+        f"<85>dockmirror-admin[{pid}]: user github:bob enabled by alice (dockmirror-admin)"
+        " audit=user-enabled",
+    ]
+
+
+def test_without_a_system_log_the_audit_event_goes_to_stderr(
+    config: str, capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(admin, "SYSLOG_SOCKET", str(tmp_path / "nothing"))
+    status, out, err = run(capsys, "--config", config, "keys", "create", "--name", "laptop")
+    assert status == 0
+    assert f"key {json.loads(out)['appId']} created by " in err and "audit=key-created" in err

@@ -11,7 +11,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from dockmirror.cache.blobs import CHUNK
-from dockmirror.cache.fill import HIGH_WATER, Fill
+from dockmirror.cache.fill import HIGH_WATER, WRITE_BATCH, WRITE_DELAY, Fill
 from dockmirror.streaming import IDLE_TIMEOUT, DigestMismatch, StreamError
 
 from ._cache_support import FakeResponse, HeldRunner, make_store, sha256
@@ -48,7 +48,9 @@ def test_readers_follow_the_file_and_get_the_last_byte_only_once_verified(tmp_pa
     assert fill.ready.fired
     _, early, early_done = follow(store)
     response.send(DATA[:100_000])
-    assert early.value() == DATA[:100_000]
+    assert early.value() == DATA[:CHUNK]  # whole chunks from memory ...
+    store.reactor.advance(WRITE_DELAY)
+    assert early.value() == DATA[:100_000]  # ... the rest once it is on the disk
     _, late, late_done = follow(store, start=50_000, end=len(DATA))
     response.send(DATA[100_000:])
     store.reactor.advance(0)
@@ -220,6 +222,7 @@ def test_a_write_failing_after_the_fill_failed_still_closes_the_file(tmp_path):
     fill, response = started(store)
     disk.run_all()
     response.send(DATA[:1000])
+    store.reactor.advance(WRITE_DELAY)  # the batch goes to the disk
     response.end(Failure(ConnectionLost("upstream went away")))
     assert fill.error is not None
     [(_, _, writing)] = disk.queue
@@ -242,6 +245,7 @@ def test_readers_take_what_the_disk_has_yet_to_write_from_memory(tmp_path):
     response.send(DATA[100_000:200_000])
     assert fill.written == 0  # the disk has written nothing yet
     assert ahead_client.value() == DATA[: 200_000 // CHUNK * CHUNK]  # whole chunks
+    clock.advance(WRITE_DELAY)
     disk.run_all()
     assert fill.written == 200_000
     response.send(DATA[200_000:])
@@ -360,3 +364,30 @@ def test_a_resumed_body_that_differs_is_never_committed(tmp_path):
     assert failure_of(done).check(StreamError)
     assert isinstance(fill.error, DigestMismatch) and not store.has(DIGEST)
     assert len(client.value()) < len(DATA)
+
+
+def test_the_disk_gets_a_fast_body_in_batches_and_a_slow_one_within_the_delay(tmp_path):
+    disk = HeldRunner()
+    clock = MemoryReactorClock()
+    data = os.urandom(WRITE_BATCH + 3 * CHUNK)
+    store = make_store(tmp_path, run=disk, clock=clock)
+    fill, response = started(store, data, sha256(data))
+    disk.run_all()  # the temporary file is created
+    for offset in range(0, WRITE_BATCH - CHUNK, CHUNK):
+        response.send(data[offset : offset + CHUNK])
+    assert disk.queue == []  # not one round trip to a thread per chunk ...
+    response.send(data[WRITE_BATCH - CHUNK : WRITE_BATCH])
+    [(_, (_, chunks, _), _)] = disk.queue  # ... but one per batch
+    assert b"".join(chunks) == data[:WRITE_BATCH]
+    disk.run_all()
+    response.send(data[WRITE_BATCH : WRITE_BATCH + CHUNK])
+    clock.advance(WRITE_DELAY / 2)
+    assert disk.queue == [] and fill.written == WRITE_BATCH
+    clock.advance(WRITE_DELAY / 2)  # a slow upstream's bytes wait no longer
+    disk.run_all()
+    assert fill.written == WRITE_BATCH + CHUNK
+    response.send(data[WRITE_BATCH + CHUNK :])
+    response.end()  # the last bytes go at once
+    disk.run_all()
+    assert fill.committed
+    assert [c for c in clock.getDelayedCalls() if "Fill" in repr(c)] == []

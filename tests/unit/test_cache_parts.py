@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from dockmirror.cache.blobs import CHUNK
-from dockmirror.cache.fill import HIGH_WATER
+from dockmirror.cache.fill import HIGH_WATER, WRITE_DELAY
 from dockmirror.cache.follow import POLL_INTERVAL, FollowedFill
 from dockmirror.cache.parts import (
     ALIGN,
@@ -161,6 +161,7 @@ def test_parts_written_ahead_wait_on_disk_and_readers_see_only_the_prefix(tmp_pa
     assert os.path.getsize(fill.temp_path) == d  # on disk, not in memory
     assert read_prefix(fill.prefix_path) in (None, 0)
     first.send(DATA[a : a + 1000])
+    store.reactor.advance(WRITE_DELAY)
     assert fill.written == 1000 and read_prefix(fill.prefix_path) == 1000
     first.send(DATA[a + 1000 : b])
     store.reactor.advance(0)
@@ -204,6 +205,7 @@ def test_a_whole_body_skips_what_is_not_asked_and_is_cut_at_the_end(tmp_path):
     part = PartBody(fill, 0, c, d, len(PAIR), store.reactor, 30)
     response.deliverBody(part)
     response.send(PAIR[: c + 10])
+    store.reactor.advance(WRITE_DELAY)
     assert fill.written == c + 10 and not response.transport.stopped
     response.send(PAIR[c + 10 :])
     assert part.done.called and fill.committed
@@ -265,6 +267,7 @@ def test_a_body_cut_short_fails_with_where_it_stopped(tmp_path):
     fill = ranged_fill(store, 2, PAIR, PAIR_DIGEST)
     first, part = body(fill, 0)
     first.send(PAIR[:5000])
+    store.reactor.advance(WRITE_DELAY)
     first.end()
     assert part.pos == 5000
     failure = part.done.result
@@ -344,7 +347,10 @@ def test_bytes_in_order_at_the_front_reach_readers_before_the_disk(tmp_path):
     assert fill.written == 0 and fill.received == 2 * CHUNK
     assert client.value() == DATA[: 2 * CHUNK]
     runner.run_all()
-    assert fill.written == 2 * CHUNK
+    assert fill.written == 0  # too little for a batch ...
+    store.reactor.advance(WRITE_DELAY)
+    runner.run_all()
+    assert fill.written == 2 * CHUNK  # ... until the delay is over
     first.send(DATA[a + 2 * CHUNK : b])  # the prefix meets what came ahead ...
     runner.run_all()
     store.reactor.advance(0)

@@ -1,7 +1,8 @@
-"""The pieces of the cluster's cache that need no PostgreSQL: keys, ranges, the secret file."""
+"""The pieces of the cluster's cache: keys, ranges, the secret file, the shared index's sweep."""
 
 from __future__ import annotations
 
+from importlib import resources
 from typing import Any
 
 import pytest
@@ -181,3 +182,30 @@ def test_without_postgresql_a_node_fetches_alone_and_backs_off():
     clock.advance(BACKOFF)
     made.lead(DIGEST, 10)
     assert len(session.queries) == 1
+
+
+def test_the_sweep_keeps_the_shared_index_bounded(postgres):
+    """Expired tags and proofs of digests no node holds or fills go; the rest stays."""
+    import psycopg
+
+    from dockmirror.cluster.index import sweep
+
+    held, filling, gone = ("sha256:" + c * 64 for c in "abc")
+    schema = resources.files("dockmirror.cluster").joinpath("cache.sql").read_text()
+    with psycopg.connect(postgres, autocommit=True) as conn:
+        conn.execute(schema)
+        conn.execute(
+            "INSERT INTO cache_blobs (digest, node_url, size) VALUES (%s, 'n', 1)", (held,)
+        )
+        conn.execute("INSERT INTO fills (digest, node_url, size) VALUES (%s, 'n', 1)", (filling,))
+        for digest in (held, filling, gone):
+            conn.execute("INSERT INTO cache_access VALUES ('hub/a https://x', %s)", (digest,))
+        for tag, resolved in (("old", 100.0), ("fresh", 5000.0)):
+            conn.execute(
+                "INSERT INTO cache_tags VALUES ('hub/a https://x', %s, 'm', %s, 'body', %s)",
+                (tag, held, resolved),
+            )
+        assert sweep(1000.0, conn) == (1, 1)
+        assert {r[0] for r in conn.execute("SELECT digest FROM cache_access")} == {held, filling}
+        assert [r[0] for r in conn.execute("SELECT tag FROM cache_tags")] == ["fresh"]
+        assert sweep(1000.0, conn) == (0, 0)

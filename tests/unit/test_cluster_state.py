@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,20 +14,40 @@ from twisted.internet.task import Clock
 from dockmirror.auth.keystore import REVOKED_TOPIC, KeyStore
 from dockmirror.cluster.notify import (
     CHANNEL,
+    MAX_AGE,
     MAX_PAYLOAD,
     MAX_STRINGS,
     PostgresNotifier,
     decode,
     encode,
+    notification_key,
 )
 from dockmirror.config import ConfigError, load
 
+KEY = notification_key(b"-----BEGIN PRIVATE KEY-----...")
+
 
 def test_payloads_round_trip_and_are_bounded() -> None:
-    payload = encode("purge", ["hub/library/alpine"], "abc")
-    assert payload is not None and decode(payload) == ("abc", "purge", ["hub/library/alpine"])
-    assert encode("purge", ["x" * MAX_PAYLOAD]) is None
-    assert encode("purge", ["x"] * (MAX_STRINGS + 1)) is None
+    payload = encode("purge", ["hub/library/alpine"], KEY, "abc", 1000.0)
+    assert payload is not None
+    assert decode(payload, KEY, 1000.0) == ("abc", "purge", ["hub/library/alpine"])
+    assert encode("purge", ["x" * MAX_PAYLOAD], KEY) is None
+    assert encode("purge", ["x"] * (MAX_STRINGS + 1), KEY) is None
+
+
+def test_only_payloads_signed_with_the_key_and_recent_are_believed() -> None:
+    payload = encode("revoked", ["app_" + "a1" * 10], KEY, "abc", 1000.0)
+    assert payload is not None
+    other = notification_key(b"another cluster's signing key")
+    assert decode(payload, other, 1000.0) is None
+    unsigned = payload[64:]
+    assert decode(unsigned, KEY, 1000.0) is None
+    assert decode("0" * 64 + unsigned, KEY, 1000.0) is None
+    tampered = payload.replace("app_a1", "app_b1")
+    assert decode(tampered, KEY, 1000.0) is None
+    assert decode(payload, KEY, 1000.0 + MAX_AGE + 1) is None  # replayed later
+    assert decode(payload, KEY, 1000.0 - MAX_AGE - 1) is None
+    assert decode(payload, KEY, 1000.0 + MAX_AGE - 1) is not None
 
 
 @pytest.mark.parametrize(
@@ -44,26 +66,31 @@ def test_payloads_round_trip_and_are_bounded() -> None:
     ],
 )
 def test_malformed_payloads_are_refused(payload: str) -> None:
-    assert decode(payload) is None
+    assert decode(payload, KEY, 0.0) is None
+    signed = payload if not payload.startswith("[") else payload[:-1] + ", 0]"
+    assert decode(hmac.new(KEY, signed.encode(), "sha256").hexdigest() + signed, KEY, 0.0) is None
 
 
 def test_a_notifier_passes_on_what_others_sent_to_subscribers_only(tmp_path: Path) -> None:
-    notifier = PostgresNotifier(None, Clock())  # type: ignore[arg-type] - never sends here
+    notifier = PostgresNotifier(None, Clock(), KEY)  # type: ignore[arg-type] - never sends here
     heard: list[list[str]] = []
     notifier.subscribe("purge", heard.append)
-    notifier.received(encode("purge", ["a"], "another-process") or "")
-    notifier.received(encode("purge", ["mine"], notifier.origin) or "")  # its own: ignored
-    notifier.received(encode("unknown", ["b"], "another-process") or "")
+    notifier.received(encode("purge", ["a"], KEY, "another-process", 0.0) or "")
+    notifier.received(encode("purge", ["mine"], KEY, notifier.origin, 0.0) or "")  # its own
+    notifier.received(encode("unknown", ["b"], KEY, "another-process", 0.0) or "")
     notifier.received('["x", "purge", [1, 2]]')
+    notifier.received('["x", "purge", ["forged"], 0]')
     assert heard == [["a"]]
+    assert notifier.ignored == 2
 
 
 def test_revocations_heard_are_checked(tmp_path: Path) -> None:
-    notifier = PostgresNotifier(None, Clock())  # type: ignore[arg-type]
+    notifier = PostgresNotifier(None, Clock(), KEY)  # type: ignore[arg-type]
     keys = KeyStore(tmp_path / "keys.sqlite", Clock())
     keys.share(notifier)
     good = "app_" + "a1" * 10
-    notifier.received(encode(REVOKED_TOPIC, [good, "app_../x", "x" * 300], "other") or "")
+    message = [good, "app_../x", "x" * 300]
+    notifier.received(encode(REVOKED_TOPIC, message, KEY, "other", 0.0) or "")
     assert keys.revoked == {good}
 
 
@@ -85,10 +112,20 @@ def test_a_database_is_a_postgresql_url(tmp_path: Path) -> None:
         load(str(path))
 
 
+def test_a_node_of_several_workers_listens_for_the_cluster(tmp_path: Path) -> None:
+    path = tmp_path / "dockmirror.toml"
+    path.write_text(
+        '[server]\nworkers = 2\n[cluster]\ndatabase = "postgresql://db.internal/dockmirror"\n'
+        'listen = "tcp:5001"\nnode_url = "http://10.0.0.5:5001"\n'
+    )
+    config = load(str(path))
+    assert config.server.worker_count == 2 and config.cluster.listen == "tcp:5001"
+
+
 def test_revocations_are_announced_when_they_commit(postgres: str) -> None:
     import psycopg
 
-    from dockmirror.cluster.keys import PostgresKeyDatabase, schema
+    from dockmirror.cluster.keys import SIGNING_KEY, PostgresKeyDatabase, schema
 
     with (
         psycopg.connect(postgres, autocommit=True) as conn,
@@ -101,6 +138,9 @@ def test_revocations_are_announced_when_they_commit(postgres: str) -> None:
         other = keys.create("c")
         keys.revoke(other.app_id)
         keys.revoke_owner("github:alice")
-        heard = [decode(n.payload) for n in listener.notifies(timeout=2, stop_after=2)]
+        key = notification_key(keys.shared_secret(SIGNING_KEY, lambda: b"unused"))
+        now = time.time()
+        notes = listener.notifies(timeout=2, stop_after=2)
+        heard = [decode(n.payload, key, now) for n in notes]
         assert heard[0] == ("", REVOKED_TOPIC, [other.app_id])
         assert heard[1] is not None and sorted(heard[1][2]) == sorted(mine)

@@ -278,3 +278,28 @@ def test_bad_parallel_fetch_keys(tmp_path: Path, keys: str, message: str) -> Non
     text = f'[upstreams.hub]\nplugin = "dockerhub"\n{keys}\n'
     with pytest.raises(ConfigError, match=message):
         load(write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://example.com/mirror/",
+        "https://example.com/mirror",
+        "https://example.com/?x=1",
+        "https://example.com/#top",
+        "https://user:pw@example.com",
+        "https://",
+    ],
+)
+def test_a_public_url_is_the_root_of_a_host(tmp_path: Path, url: str) -> None:
+    path = write(tmp_path, f'[server]\npublic_url = "{url}"\n')
+    with pytest.raises(ConfigError, match="server.public_url must be the root of a host"):
+        load(path)
+
+
+@pytest.mark.parametrize(
+    "url", ["https://mirror.example.com", "https://mirror.example.com/", "http://[::1]:5000"]
+)
+def test_a_public_url_at_the_root_of_a_host_is_fine(tmp_path: Path, url: str) -> None:
+    path = write(tmp_path, f'[server]\npublic_url = "{url}"\n')
+    assert load(path).server.public_url == url

@@ -10,20 +10,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock
 from zope.interface.verify import verifyObject
 
 from dockmirror import coordination
 from dockmirror._interfaces import ICoordinator
 from dockmirror.cache import files
-from dockmirror.cache.blobs import BlobStore
+from dockmirror.cache.blobs import BlobGone, BlobStore
 from dockmirror.cache.fill import Fill
 from dockmirror.cache.follow import POLL_INTERVAL, FollowedFill
 from dockmirror.coordination import FileLockCoordinator, LocalCoordinator, SharedFlights
 from dockmirror.streaming import StreamError
 
-from ._cache_support import Claims, make_store, sha256
+from ._cache_support import Claims, HeldRunner, make_store, sha256
 
 DIGEST = sha256(b"layer")
 
@@ -420,12 +420,94 @@ def test_a_waiter_does_the_work_when_the_other_gave_up_or_is_too_slow():
     assert not clock.getDelayedCalls()
 
 
+class ClusterLocks:
+    """Claims of the cluster's nodes, as PostgreSQL would hold them: *taken* by another node."""
+
+    def __init__(self) -> None:
+        self.taken = False
+        self.left: list[str] | None = None
+        self.mine: set[str] = set()
+        self.released: list[tuple[str, list[str] | None]] = []
+
+    def claim(self, flight: str, recent: float) -> Deferred[tuple[bool, list[str] | None]]:
+        if self.left is not None:
+            return succeed((False, self.left))
+        if self.taken:
+            return succeed((False, None))
+        self.mine.add(flight)
+        return succeed((True, None))
+
+    def release(self, flight: str, result: list[str] | None) -> None:
+        self.mine.discard(flight)
+        self.released.append((flight, result))
+
+
+def held_by_another_node() -> tuple[SharedFlights, Claims, Heard, MemoryReactorClock, list[object]]:
+    """A process waiting for the flight "k" of the cluster, which another node holds."""
+    shared, claims, notifier, clock, _ = flights()
+    shared.cluster = ClusterLocks()
+    shared.cluster.taken = True
+    outcome = cluster_waiting(shared, "k")
+    clock.pump([coordination.CLUSTER_FLIGHT_POLL] * 4)
+    return shared, claims, notifier, clock, outcome
+
+
+def cluster_waiting(shared: SharedFlights, key: str) -> list[object]:
+    outcome: list[object] = []
+    Deferred.fromCoroutine(shared.wait(key, cluster=True)).addBoth(outcome.append)
+    return outcome
+
+
+def test_a_cluster_flight_is_done_by_the_holder_of_both_claims_which_leaves_its_result():
+    shared, claims, _, clock, _ = flights()
+    shared.cluster = locks = ClusterLocks()
+    flight = coordination._flight("k")
+    outcome = cluster_waiting(shared, "k")
+    clock.advance(0)
+    assert outcome == [None]
+    assert flight in claims.mine and flight in locks.mine
+    shared.done("k", ["digest", "type"])
+    assert locks.released == [(flight, ["digest", "type"])] and not claims.mine
+
+
+def test_a_cluster_flight_waits_for_the_node_holding_it():
+    shared, claims, notifier, clock, outcome = held_by_another_node()
+    flight = coordination._flight("k")
+    assert outcome == [] and flight in claims.mine  # this node's others wait for us
+    notifier.listeners[0]([flight, "digest", "type"])
+    assert outcome == [["digest", "type"]]
+    assert isinstance(shared.cluster, ClusterLocks) and not shared.cluster.mine
+    assert not claims.mine and not clock.getDelayedCalls()
+    # Asked again at once, the result just heard is the answer.
+    assert cluster_waiting(shared, "k") == [["digest", "type"]]
+
+
+def test_a_cluster_flight_takes_the_result_its_last_holder_left():
+    shared, claims, _, clock, _ = flights()
+    shared.cluster = locks = ClusterLocks()
+    locks.left = ["digest", "type"]
+    outcome = cluster_waiting(shared, "k")
+    clock.advance(0)
+    assert outcome == [["digest", "type"]] and not claims.mine and not locks.mine
+
+
+def test_a_cluster_flight_is_taken_over_when_its_node_lets_go_without_a_result():
+    shared, claims, _, clock, outcome = held_by_another_node()
+    flight = coordination._flight("k")
+    assert isinstance(shared.cluster, ClusterLocks)
+    locks = shared.cluster
+    locks.taken = False  # that node failed, or died
+    clock.advance(coordination.CLUSTER_FLIGHT_POLL)
+    assert outcome == [] and flight in locks.mine  # its result may be on its way
+    clock.pump([coordination.FLIGHT_GRACE] * 2)
+    assert outcome == [None] and flight in locks.mine and flight in claims.mine
+
+
 _READER = """
 import sys
 from dockmirror.coordination import FileLockCoordinator
 coordinator = FileLockCoordinator(sys.argv[1])
-coordinator.pin(sys.argv[2])
-print(coordinator.pinned_elsewhere(sys.argv[3]), flush=True)
+print(coordinator.pin(sys.argv[2]), coordinator.exclude(sys.argv[3]), flush=True)
 sys.stdin.read()
 """
 
@@ -433,14 +515,49 @@ sys.stdin.read()
 def test_a_blob_read_by_another_process_is_pinned_until_it_dies(tmp_path):
     coordinator = FileLockCoordinator(str(tmp_path))
     other, said = python(_READER, tmp_path, DIGEST, sha256(b"x"))
-    assert said == "False"
-    assert coordinator.pinned_elsewhere(DIGEST)
-    assert not coordinator.pinned_elsewhere(sha256(b"x"))
+    assert said == "True True"
+    assert not coordinator.exclude(DIGEST)  # it reads it
+    assert not coordinator.pin(sha256(b"x"))  # it removes it
     assert not coordinator.held_elsewhere(DIGEST)  # reading is not filling
     other.kill()
     other.wait()
-    assert not coordinator.pinned_elsewhere(DIGEST)
+    assert coordinator.exclude(DIGEST)
+    assert coordinator.pin(sha256(b"x"))
     coordinator.close()
+
+
+def test_a_blob_being_removed_is_refused_to_readers_until_readmitted(tmp_path):
+    coordinator = FileLockCoordinator(str(tmp_path))
+    assert coordinator.exclude(DIGEST)
+    assert not coordinator.pin(DIGEST)  # not even here: POSIX would merge the locks
+    code = "c = FileLockCoordinator(sys.argv[1])\nprint(c.pin(sys.argv[2]), flush=True)\n"
+    code += "sys.stdin.read()"
+    other, said = python(_IMPORTS + code, tmp_path, DIGEST)
+    assert said == "False"
+    other.kill()
+    other.wait()
+    coordinator.readmit(DIGEST)
+    other, said = python(_IMPORTS + code, tmp_path, DIGEST)
+    assert said == "True"
+    assert not coordinator.exclude(DIGEST)
+    other.kill()
+    other.wait()
+    coordinator.close()
+
+
+def test_reads_are_seen_by_every_process_at_once(tmp_path):
+    coordinator = FileLockCoordinator(str(tmp_path))
+    assert coordinator.last_read(DIGEST) is None
+    code = "FileLockCoordinator(sys.argv[1]).read_at(sys.argv[2], 1234.5); print('', flush=True)"
+    other, _ = python(_IMPORTS + code, tmp_path, DIGEST)
+    assert coordinator.last_read(DIGEST) == 1234.5
+    assert coordinator.last_read(sha256(b"x")) is None
+    other.kill()
+    other.wait()
+    coordinator.close()
+
+
+_IMPORTS = "import sys\nfrom dockmirror.coordination import FileLockCoordinator\n"
 
 
 @pytest.mark.parametrize("there", ["filled", "read"])
@@ -455,7 +572,50 @@ def test_a_blob_another_worker_fills_or_reads_is_not_evicted(tmp_path, there):
     (claims.elsewhere if there == "filled" else claims.read_elsewhere).add(busy)
     put(first, b"c" * 10)
     assert first.has(busy) and not first.has(other)
-    assert first.remove(busy) == (there == "filled")  # a blob read elsewhere is not purged
+    assert not first.remove(busy)  # nor purged, as one filled or read here is not
+
+
+def test_a_blob_read_by_another_worker_lately_is_not_evicted_before_the_index_says_so(tmp_path):
+    first, _, claims, clock = two_workers(tmp_path, max_size=20)
+    read = put(first, b"a" * 10)
+    clock.advance(10)
+    other = put(first, b"b" * 10)
+    clock.advance(10)
+    first._index.flush()  # the index says: read, then other
+    claims.reads[read] = clock.seconds()  # read there just now, not in the index yet
+    put(first, b"c" * 10)
+    assert first.has(read) and not first.has(other)
+
+
+def test_a_victim_whose_file_is_still_being_removed_is_not_chosen_again(tmp_path):
+    first, _, claims, clock = two_workers(tmp_path, max_size=20)
+    old = put(first, b"a" * 10)
+    clock.advance(10)
+    other = put(first, b"b" * 10)
+    clock.advance(10)
+    first._index.flush()
+    disk = first._run = HeldRunner()  # type: ignore[method-assign]
+    # The first fill evicts the old blob; its file and its index row go later ...
+    assert isinstance(first.begin_fill(sha256(b"c" * 10), 10, "hub"), Fill)
+    # ... so the index still lists it, first: the second fill must not count it again.
+    assert first.begin_fill(sha256(b"d" * 10), 10, "hub") == "cache full of blobs in use"
+    disk.run_all()
+    assert not first.has(old) and first.has(other)
+    assert claims.usage == 20  # the other blob and the first fill's reservation
+
+
+def test_a_blob_another_worker_removes_is_not_read(tmp_path):
+    first, _, claims, _ = two_workers(tmp_path, max_size=20)
+    digest = put(first, b"a" * 10)
+    claims.removed_elsewhere.add(digest)
+    with pytest.raises(BlobGone):
+        first.reader(digest, 0, 10, lambda n: None)
+    assert first.stats()["readers"] == 0
+    claims.removed_elsewhere.clear()
+    os.remove(first.path(digest))  # it is gone now
+    with pytest.raises(BlobGone):
+        first.reader(digest, 0, 10, lambda n: None)
+    assert first.stats()["readers"] == 0
 
 
 def test_the_blobs_one_worker_keeps_are_kept_by_the_others(tmp_path):

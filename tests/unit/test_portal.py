@@ -12,6 +12,7 @@ import pytest
 import pytest_twisted
 from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.internet.defer import succeed
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.server import Request
@@ -19,7 +20,7 @@ from twisted.web.template import flattenString
 from twisted.web.test.requesthelper import DummyChannel
 
 from dockmirror.config import ConfigError, load
-from dockmirror.portal.app import Portal
+from dockmirror.portal.app import THROTTLE_TOPIC, Portal
 from dockmirror.portal.charts import Bar, bar_chart, human_bytes
 from dockmirror.portal.config import OidcLoginConfig, PortalConfig, client_secret
 from dockmirror.portal.login import Identity, LoginRefused, OidcProvider, pkce_challenge
@@ -270,3 +271,36 @@ def test_who_may_sign_in() -> None:
         assert portal.may_sign_in(Identity(identity, "x", frozenset(orgs))) is allowed, identity
     anyone = Portal(PortalConfig(), "http://m", None, None, [], b"k", b"c", None, str)  # type: ignore[arg-type]
     assert anyone.may_sign_in(Identity("oidc:whoever", "x"))
+
+
+class Announcements:
+    """A notifier that keeps what is published and hands the listeners out."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, list[str]]] = []
+        self.listeners: dict[str, Any] = {}
+
+    def publish(self, topic: str, message: list[str]) -> None:
+        self.sent.append((topic, message))
+
+    def subscribe(self, topic: str, listener: Any) -> None:
+        self.listeners[topic] = listener
+
+
+def test_attempts_are_counted_in_every_process() -> None:
+    portal = Portal(PortalConfig(), "http://m", None, None, [], b"k", b"c", Clock(), str)  # type: ignore[arg-type]
+    notifier = Announcements()
+    portal.share(notifier)  # type: ignore[arg-type]
+    heard = notifier.listeners[THROTTLE_TOPIC]
+    portal._attempt("sign-in", "10.0.0.1")
+    assert notifier.sent == [(THROTTLE_TOPIC, ["sign-in", "10.0.0.1"])]
+    for _ in range(9):  # attempts another node saw
+        heard(["sign-in", "10.0.0.1"])
+    assert portal.sign_in_throttle.retry_after("10.0.0.1") is not None
+    assert len(notifier.sent) == 1  # what was heard is not sent again
+    # Only well-formed news of a known throttle counts.
+    for message in (["create"], ["nope", "x"], ["create", "x" * 201], ["create", "a", "b"]):
+        heard(message)
+    heard(["create", "portal user github:alice"])
+    assert portal.create_throttle.failures("portal user github:alice") == 1
+    assert portal.create_throttle.failures("x" * 201) == 0

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import sqlite3
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,8 @@ from dockmirror.portal.sessions import (
     MAX_SESSIONS_PER_USER,
     PendingLogin,
     PortalDatabase,
+    PortalQueries,
+    PortalStoreError,
     SessionStore,
 )
 from dockmirror.portal.users import UsersConsole, disable
@@ -41,9 +46,23 @@ def db(tmp_path: Path, clock: FakeTime) -> KeyDatabase:
     return KeyDatabase(tmp_path / "keys.sqlite", clock=clock)
 
 
-@pytest.fixture
-def portal_db(tmp_path: Path, clock: FakeTime) -> PortalDatabase:
-    return PortalDatabase(tmp_path / "portal.sqlite", clock=clock)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def portal_db(
+    request: pytest.FixtureRequest, tmp_path: Path, clock: FakeTime
+) -> Iterator[PortalQueries]:
+    """The portal's store on each database it runs on, which must behave the same."""
+    if request.param == "sqlite":
+        db = PortalDatabase(tmp_path / "portal.sqlite", clock=clock)
+        yield db
+        db.close()
+        return
+    import psycopg
+
+    from dockmirror.cluster.portal import PostgresPortalDatabase, schema
+
+    with psycopg.connect(request.getfixturevalue("postgres"), autocommit=True) as conn:
+        conn.execute(schema())
+        yield PostgresPortalDatabase(conn, clock)
 
 
 def _downgrade_to_version_1(path: Path) -> None:
@@ -133,12 +152,12 @@ def test_hourly_traffic_is_bounded(keys: KeyQueries, clock: FakeTime) -> None:
     assert keys._rows("SELECT count(*) FROM traffic_hourly")[0][0] <= 48
 
 
-def test_sessions(portal_db: PortalDatabase, clock: FakeTime) -> None:
+def test_sessions(portal_db: PortalQueries, clock: FakeTime) -> None:
     session = portal_db.create_session("s1", "github:alice", "Alice", ttl=100)
     assert portal_db.get_session("s1") == session
     assert portal_db.get_session("s2") is None
-    raw = portal_db._conn.execute("SELECT id_hash FROM sessions").fetchone()[0]
-    assert b"s1" not in raw  # only a digest is stored
+    ((raw,),) = portal_db._rows(f"SELECT id_hash FROM {portal_db._sessions}")
+    assert b"s1" not in bytes(raw)  # only a digest is stored
     clock.now += 100
     assert portal_db.get_session("s1") is None  # expired
     portal_db.create_session("s3", "github:alice", "Alice", ttl=100)
@@ -146,18 +165,18 @@ def test_sessions(portal_db: PortalDatabase, clock: FakeTime) -> None:
     assert portal_db.get_session("s3") is None
 
 
-def test_sessions_per_user_are_bounded(portal_db: PortalDatabase, clock: FakeTime) -> None:
+def test_sessions_per_user_are_bounded(portal_db: PortalQueries, clock: FakeTime) -> None:
     for i in range(MAX_SESSIONS_PER_USER + 5):
         clock.now += 1
         portal_db.create_session(f"s{i}", "github:alice", "Alice", ttl=1000)
     assert portal_db.get_session("s0") is None
     assert portal_db.get_session(f"s{MAX_SESSIONS_PER_USER + 4}") is not None
-    count = portal_db._conn.execute("SELECT count(*) FROM sessions").fetchone()[0]
+    ((count,),) = portal_db._rows(f"SELECT count(*) FROM {portal_db._sessions}")
     assert count == MAX_SESSIONS_PER_USER
 
 
 def test_a_sign_in_state_is_used_once_and_expires(
-    portal_db: PortalDatabase, clock: FakeTime
+    portal_db: PortalQueries, clock: FakeTime
 ) -> None:
     login = PendingLogin("github", "verifier", "nonce")
     portal_db.begin_login("state-1", login)
@@ -168,9 +187,7 @@ def test_a_sign_in_state_is_used_once_and_expires(
     assert portal_db.finish_login("state-2") is None
 
 
-def test_disable_revokes_keys_and_ends_sessions(
-    portal_db: PortalDatabase, keys: KeyQueries
-) -> None:
+def test_disable_revokes_keys_and_ends_sessions(portal_db: PortalQueries, keys: KeyQueries) -> None:
     key = keys.create("laptop", owner="github:alice")
     portal_db.create_session("s1", "github:alice", "Alice", ttl=100)
     portal_db.create_session("s2", "github:bob", "Bob", ttl=100)
@@ -194,7 +211,7 @@ async def test_manhole_users_console(key_store: KeyStore, tmp_path: Path) -> Non
     try:
         users = UsersConsole(store, key_store)
         new = await key_store.create("laptop", owner="github:alice")
-        await store.run(PortalDatabase.create_session, "s1", "github:alice", "Alice", 100)
+        await store.run(PortalQueries.create_session, "s1", "github:alice", "Alice", 100)
         result = await users.disable("github:alice")
         assert result == {
             "identity": "github:alice",
@@ -205,7 +222,50 @@ async def test_manhole_users_console(key_store: KeyStore, tmp_path: Path) -> Non
         (user,) = await users.list()
         assert repr(user).startswith("<user github:alice 'Alice' disabled")
         await users.enable("github:alice")
-        assert not await store.run(PortalDatabase.is_disabled, "github:alice")
+        assert not await store.run(PortalQueries.is_disabled, "github:alice")
         assert "disable(identity)" in repr(users)
     finally:
         await store.stopService()
+
+
+def test_a_store_is_copied_into_an_empty_one(
+    portal_db: PortalQueries, tmp_path: Path, clock: FakeTime
+) -> None:
+    source = PortalDatabase(tmp_path / "source.sqlite", clock=clock)
+    source.create_session("s1", "github:alice", "Alice", ttl=100)
+    source.create_session("gone", "github:carol", "Carol", ttl=10)
+    source.set_disabled("github:bob", True)
+    clock.now += 50
+    dump = source.export()
+    assert len(dump[1]) == 1  # only live sessions
+    assert portal_db.load(dump) == 3
+    assert portal_db.get_session("s1") == source.get_session("s1")
+    assert portal_db.is_disabled("github:bob")
+    assert portal_db.users() == source.users()
+    with pytest.raises(PortalStoreError, match="already holds 3 portal users"):
+        portal_db.load(dump)
+
+
+@pytest_twisted.ensureDeferred
+async def test_postgresql_down_is_a_store_error_at_once_then_again_after_a_while() -> None:
+    pytest.importorskip("psycopg")
+    from dockmirror.cluster.database import Database
+    from dockmirror.cluster.portal import PostgresSessions
+
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    database = Database(
+        f"postgresql://nobody@127.0.0.1:{port.getsockname()[1]}/none", reactor, max_connections=1
+    )
+    database.start()
+    try:
+        store = PostgresSessions(database, reactor)
+        with pytest.raises(PortalStoreError, match="unavailable"):
+            await store.run(PortalQueries.users)
+        started = time.monotonic()
+        with pytest.raises(PortalStoreError, match="failed a moment ago"):
+            await store.run(PortalQueries.users)
+        assert time.monotonic() - started < 0.5  # no wait for a connection
+    finally:
+        database.stop()
+        port.close()

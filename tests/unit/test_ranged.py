@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -12,7 +13,8 @@ from twisted.web.http_headers import Headers
 
 from dockmirror.cache.parts import MIN_RANGE, RangedFill
 from dockmirror.metrics import Metrics
-from dockmirror.ranged import SPREAD_AFTER, RangedFetch, RangeSupport
+from dockmirror.ranged import BUSY_LIMIT, SPREAD_AFTER, RangedFetch, RangeSupport, busy_seconds
+from dockmirror.streaming import StreamError
 
 from ._cache_support import UpstreamTransport, make_store, sha256
 
@@ -67,8 +69,29 @@ class Client:
         return succeed(answer)
 
 
-def started(tmp_path):
+class Busy:
+    """The reactor thread's busy seconds: a share of the clock's time, set by the test."""
+
+    def __init__(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.share = 0.0
+        self.total = 0.0
+        self.seen = 0.0
+
+    def watch(self, clock: MemoryReactorClock) -> None:
+        self.clock, self.seen = clock, clock.seconds()
+
+    def __call__(self) -> float:
+        now = self.clock.seconds()
+        self.total += (now - self.seen) * self.share
+        self.seen = now
+        return self.total
+
+
+def started(tmp_path, busy=None):
     clock = MemoryReactorClock()
+    busy = busy or Busy()
+    busy.watch(clock)
     store = make_store(tmp_path, clock=clock)
     fill = store.begin_fill(DIGEST, SIZE, "up", 4)
     assert isinstance(fill, RangedFill)
@@ -82,7 +105,8 @@ def started(tmp_path):
         client.pending.append(d)
         return d
 
-    fetch = RangedFetch(fill, client, resolve, RangeSupport(clock), Metrics(), clock)  # type: ignore[arg-type]
+    support = RangeSupport(clock)
+    fetch = RangedFetch(fill, client, resolve, support, Metrics(), clock, busy)  # type: ignore[arg-type]
     assert fetch.first_headers() == {"Range": f"bytes=0-{SIZE - 1}"}
     first = Answer(206, CDN, (0, SIZE), auth="")
     done = Deferred.fromCoroutine(fetch.run(first))
@@ -120,6 +144,28 @@ def test_a_slow_first_connection_spreads_to_where_the_blob_is(tmp_path):
         answer.send(start, end)
     clock.advance(0)
     assert fill.committed and done.called and resolved == []
+
+
+def test_a_slow_connection_of_a_busy_process_is_not_spread_until_it_is_not_busy(tmp_path):
+    busy = Busy()
+    clock, fill, client, _, first, _ = started(tmp_path, busy)
+    busy.share = BUSY_LIMIT  # the reactor thread has work all the time: it is what is slow
+    first.send(0, 1000)
+    clock.advance(SPREAD_AFTER)
+    clock.advance(SPREAD_AFTER)
+    assert client.asked == []
+    busy.share = 0.2  # now the link is what is slow
+    clock.advance(SPREAD_AFTER)
+    assert len(client.asked) == 3
+    fill.abandon(StreamError("done"))
+
+
+def test_busy_seconds_count_the_time_a_thread_works():
+    before = busy_seconds()
+    end = time.monotonic() + 0.05
+    while time.monotonic() < end:
+        pass
+    assert busy_seconds() - before >= 0.04
 
 
 def test_ranges_refused_by_the_cdn_get_one_new_url_for_all(tmp_path):

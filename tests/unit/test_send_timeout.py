@@ -115,7 +115,7 @@ def test_nothing_queued_is_no_stall_and_the_watch_ends_with_the_response() -> No
     protocol.requests[0].unregisterProducer()
     protocol.requests[0].finish()
     clock.pump([SEND_TIMEOUT] * 2)
-    assert protocol._sending._call is None
+    assert not protocol._sending._loop.running
     protocol.connectionLost(Failure(ConnectionError("done")))
 
 

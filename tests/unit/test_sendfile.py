@@ -1,5 +1,7 @@
-"""Whole cached blobs go out with ``os.sendfile`` on plain TCP, and only there.
+"""Whole cached blobs go straight from the file to the socket.
 
+On plain TCP with ``os.sendfile``; over TLS sealed in large pieces by
+:class:`~dockmirror.tls.WholeRecordsTLS` and written by the sender itself.
 These run the real reactor with real sockets on loopback: a plain listener
 wrapped as the mirror wraps it, a TLS listener, and raw HTTP clients.
 """
@@ -29,7 +31,7 @@ from dockmirror.cache.index import Index
 from dockmirror.metrics import Metrics
 from dockmirror.pull import Reply
 from dockmirror.pull.ranges import parse_range
-from dockmirror.tls import PlainHTTPFactory, ReloadingContextFactory, TLSFactory
+from dockmirror.tls import PlainHTTPFactory, ReloadingContextFactory, TLSFactory, WholeRecordsTLS
 from dockmirror.web import AsyncResource, send_reply
 from tests.integration.clients import make_server_tls
 
@@ -127,6 +129,9 @@ class Server:
         self.ports.append(port)
         return int(port.getHost().port)
 
+    def listen(self, kind: str) -> int:
+        return self.listen_tls() if kind == "tls" else self.listen_plain()
+
     async def fetch(self, port: int, client: Client, tls: bool = False) -> Client:
         if tls:
             endpoint: Any = SSL4ClientEndpoint(
@@ -167,6 +172,32 @@ def sendfile_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+@pytest.fixture
+def sealed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The plaintext byte counts that TLS connections sealed for a file sender."""
+    calls: list[int] = []
+    real = WholeRecordsTLS.seal
+
+    def spy(self: WholeRecordsTLS, data: memoryview) -> None:
+        real(self, data)
+        calls.append(len(data))
+
+    monkeypatch.setattr(WholeRecordsTLS, "seal", spy)
+    return calls
+
+
+@pytest.fixture(params=["plain", "tls"])
+def kind(request: pytest.FixtureRequest) -> str:
+    """The listener: plain TCP (``sendfile``) or TLS (sealed by the sender)."""
+    return str(request.param)
+
+
+@pytest.fixture
+def direct_sends(kind: str, sendfile_calls: list[int], sealed: list[int]) -> list[int]:
+    """The byte counts sent straight from the file, on the listener of *kind*."""
+    return sealed if kind == "tls" else sendfile_calls
+
+
 def pause(seconds: float) -> Deferred[None]:
     return deferLater(reactor, seconds, lambda: None)
 
@@ -184,26 +215,29 @@ def open_fds() -> int:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_whole_blob_on_plain_tcp_goes_out_with_sendfile(server, sendfile_calls):
-    port = server.listen_plain()
+async def test_a_whole_blob_goes_straight_from_the_file(server, kind, direct_sends):
+    port = server.listen(kind)
     fds = open_fds()
-    client = await server.fetch(port, Client(get()))
+    client = await server.fetch(port, Client(get()), tls=kind == "tls")
     status, headers, body = client.response()
     assert status == b"HTTP/1.1 200 OK"
     assert headers[b"content-length"] == str(SIZE).encode()
     assert body == server.data
-    assert sum(sendfile_calls) == SIZE
+    assert sum(direct_sends) == SIZE
+    if kind == "tls":
+        assert len(direct_sends) == SIZE // streaming.SEAL_CHUNK  # in large pieces
     assert server.resource.counted == SIZE
     assert server.resource.sent == [SIZE]
     assert server.store.stats()["readers"] == 0
-    assert open_fds() == fds
+    await until(lambda: open_fds() == fds)  # a TLS connection closes after its client
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_connection_carries_on_after_a_sendfile(server, sendfile_calls):
-    port = server.listen_plain()
+async def test_the_connection_carries_on_after_a_direct_send(server, kind, direct_sends):
+    port = server.listen(kind)
     keep_alive = get().replace(b"Connection: close", b"Connection: keep-alive")
-    client = await server.fetch(port, Client(keep_alive + get("GET", "Range: bytes=0-9")))
+    requests = keep_alive + get("GET", "Range: bytes=0-9")
+    client = await server.fetch(port, Client(requests), tls=kind == "tls")
     first, _, rest = client.received.partition(b"\r\n\r\n")
     assert first.startswith(b"HTTP/1.1 200 OK")
     assert rest[:SIZE] == server.data
@@ -212,28 +246,29 @@ async def test_the_connection_carries_on_after_a_sendfile(server, sendfile_calls
     status, _, body = second.response()
     assert status == b"HTTP/1.1 206 Partial Content"
     assert body == server.data[:10]
-    assert sum(sendfile_calls) == SIZE
+    assert sum(direct_sends) == SIZE
 
 
 @pytest_twisted.ensureDeferred
-async def test_head_sends_no_body(server, sendfile_calls):
-    port = server.listen_plain()
-    client = await server.fetch(port, Client(get("HEAD")))
+async def test_head_sends_no_body(server, kind, direct_sends):
+    port = server.listen(kind)
+    client = await server.fetch(port, Client(get("HEAD")), tls=kind == "tls")
     status, headers, body = client.response()
     assert status == b"HTTP/1.1 200 OK"
     assert headers[b"content-length"] == str(SIZE).encode()
     assert body == b""
-    assert sendfile_calls == []
+    assert direct_sends == []
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_range_is_sent_the_ordinary_way(server, sendfile_calls):
-    port = server.listen_plain()
-    client = await server.fetch(port, Client(get("GET", "Range: bytes=1000-2000999")))
+async def test_a_range_is_sent_the_ordinary_way(server, kind, direct_sends):
+    port = server.listen(kind)
+    request = get("GET", "Range: bytes=1000-2000999")
+    client = await server.fetch(port, Client(request), tls=kind == "tls")
     status, headers, body = client.response()
     assert status == b"HTTP/1.1 206 Partial Content"
     assert body == server.data[1000:2001000]
-    assert sendfile_calls == []
+    assert direct_sends == []
 
 
 @pytest_twisted.ensureDeferred
@@ -247,29 +282,29 @@ async def test_a_tls_listener_never_uses_sendfile(server, sendfile_calls):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_client_hanging_up_mid_sendfile_frees_everything(server, sendfile_calls):
-    port = server.listen_plain()
+async def test_a_client_hanging_up_mid_send_frees_everything(server, kind, direct_sends):
+    port = server.listen(kind)
     fds = open_fds()
-    client = await server.fetch(port, Client(get(), hang_up_after=1 << 20))
+    client = await server.fetch(port, Client(get(), hang_up_after=1 << 20), tls=kind == "tls")
     (reader,) = server.resource.readers
     await until(lambda: reader.done.called)  # at the server's next read or write
-    assert 0 < sum(sendfile_calls) < SIZE
+    assert 0 < sum(direct_sends) < SIZE
     assert len(client.received) < SIZE
     assert server.store.stats()["readers"] == 0
     assert open_fds() == fds
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_client_that_stops_reading_stops_the_file_reads(server, sendfile_calls):
-    port = server.listen_plain()
+async def test_a_client_that_stops_reading_stops_the_file_reads(server, kind, direct_sends):
+    port = server.listen(kind)
     client = Client(get())
-    fetched = Deferred.fromCoroutine(server.fetch(port, client))
-    await until(lambda: bool(sendfile_calls))
+    fetched = Deferred.fromCoroutine(server.fetch(port, client, tls=kind == "tls"))
+    await until(lambda: bool(direct_sends))
     client.transport.pauseProducing()  # type: ignore[union-attr]
     await pause(0.3)
-    stalled = sum(sendfile_calls)
+    stalled = sum(direct_sends)
     await pause(0.3)
-    assert sum(sendfile_calls) == stalled < SIZE  # only the socket buffers' worth
+    assert sum(direct_sends) == stalled < SIZE  # only the socket buffers' worth
     client.transport.resumeProducing()  # type: ignore[union-attr]
     await fetched
     assert client.response()[2] == server.data
@@ -277,11 +312,11 @@ async def test_a_client_that_stops_reading_stops_the_file_reads(server, sendfile
 
 @pytest_twisted.ensureDeferred
 async def test_a_file_shorter_than_recorded_cuts_the_response_and_is_forgotten(
-    server, sendfile_calls
+    server, kind, direct_sends
 ):
     os.truncate(server.store.path(server.digest), SIZE // 2)
-    port = server.listen_plain()
-    client = await server.fetch(port, Client(get()))
+    port = server.listen(kind)
+    client = await server.fetch(port, Client(get()), tls=kind == "tls")
     _, headers, body = client.response()
     assert headers[b"content-length"] == str(SIZE).encode()
     assert len(body) == SIZE // 2  # cut short: the client sees a truncated response

@@ -8,16 +8,20 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
 from zope.interface.verify import verifyObject
 
 from dockmirror._interfaces import IBlobStorage, IStorageRecords
 from dockmirror.cache.progress import FillProgress
 from dockmirror.config import ConfigError, StorageConfig, load
 from dockmirror.metrics import Metrics
+from dockmirror.storage import s3
 from dockmirror.storage.quota import Quota
-from dockmirror.storage.s3 import S3Client
+from dockmirror.storage.s3 import S3Client, S3Error
 from dockmirror.storage.tier import S3Storage
 from dockmirror.storage.upload import MAX_PARTS, PART_SIZE, BlobUpload, UploadError, part_size
 
@@ -450,3 +454,131 @@ def test_an_object_clients_were_sent_to_stays_until_their_urls_expire():
     assert bucket.deleted == [f"blobs/sha256/{'ab' * 32}"]
     assert metrics.registry.get_sample_value("dockmirror_storage_evictions_total") == 1
     assert reactor.getDelayedCalls() == []
+
+
+# --- a hostile endpoint ----------------------------------------------------------------
+
+
+class Hostile(Resource):
+    """An S3 endpoint that lies: *answer* gives (status, headers, body) for a request."""
+
+    isLeaf = True
+
+    def __init__(self, answer: Any) -> None:
+        super().__init__()
+        self.answer = answer
+        self.requests = 0
+
+    def render(self, request: Any) -> bytes:
+        self.requests += 1
+        if self.requests > 50:  # what the client under test should never come to
+            status, headers, body = 500, {}, b"<Error><Code>TooMany</Code></Error>"
+        else:
+            status, headers, body = self.answer(request)
+        request.setResponseCode(status)
+        for name, value in headers.items():
+            request.setHeader(name, value)
+        return bytes(body)
+
+
+def against(answer: Any) -> tuple[S3Client, Hostile, StubTreq]:
+    client = S3Client(storage_config(), MemoryReactorClock())
+    endpoint = Hostile(answer)
+    stub = StubTreq(endpoint)
+    client._http = stub
+    return client, endpoint, stub
+
+
+def settle(stub: StubTreq, d: Deferred[Any], rounds: int = 300) -> Any:
+    """The result of *d* once the stub answered; raises if it is still waiting."""
+    results: list[Any] = []
+    d.addBoth(results.append)
+    for _ in range(rounds):
+        if results:
+            break
+        stub.flush()
+    assert results, "still waiting after {rounds} answers"
+    return results[0]
+
+
+def listing(page: int, token: str) -> bytes:
+    contents = "".join(
+        f"<Contents><Key>p/blobs/sha256/{page:04d}{i:060d}</Key><Size>1</Size>"
+        "<LastModified>2026-01-01T00:00:00Z</LastModified></Contents>"
+        for i in range(3)
+    )
+    return (
+        f"<ListBucketResult>{contents}<IsTruncated>true</IsTruncated>"
+        f"<NextContinuationToken>{token}</NextContinuationToken></ListBucketResult>"
+    ).encode()
+
+
+def test_a_listing_that_repeats_its_continuation_token_ends():
+    client, endpoint, stub = against(lambda request: (200, {}, listing(0, "same")))
+    result = settle(stub, Deferred.fromCoroutine(client.list_objects("p/blobs/")))
+    assert isinstance(result, Failure) and result.check(S3Error)
+    assert "continuation" in str(result.value)
+    assert endpoint.requests <= 3
+
+
+def test_a_listing_that_never_ends_is_bounded(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(s3, "MAX_LISTED", 30)
+    pages = iter(range(1_000_000))
+
+    def answer(request: Any) -> tuple[int, dict[str, str], bytes]:
+        page = next(pages)
+        return 200, {}, listing(page, f"t{page}")
+
+    client, endpoint, stub = against(answer)
+    result = settle(stub, Deferred.fromCoroutine(client.list_objects("p/blobs/")))
+    assert isinstance(result, Failure) and result.check(S3Error)
+    assert "more than 30" in str(result.value)
+    assert endpoint.requests <= 11
+
+
+@pytest.mark.parametrize("size", ["-5", "many", "1" * 30])
+def test_a_listed_size_that_is_not_a_size_is_an_error(size: str):
+    body = (
+        "<ListBucketResult><Contents><Key>p/blobs/sha256/aa</Key>"
+        f"<Size>{size}</Size></Contents><IsTruncated>false</IsTruncated></ListBucketResult>"
+    ).encode()
+    client, _, stub = against(lambda request: (200, {}, body))
+    result = settle(stub, Deferred.fromCoroutine(client.list_objects("p/blobs/")))
+    assert isinstance(result, Failure) and result.check(S3Error), result
+
+
+@pytest.mark.parametrize("length", ["-5", "+5", "0x5", "9" * 30])
+def test_a_head_with_a_content_length_that_is_not_a_size_is_an_error(length: str):
+    def answer(request: Any) -> tuple[int, dict[str, str], bytes]:
+        request.responseHeaders.setRawHeaders(b"content-length", [length.encode()])
+        return 200, {}, b""
+
+    client, _, stub = against(answer)
+    result = settle(stub, Deferred.fromCoroutine(client.head("p/blobs/sha256/aa")))
+    assert isinstance(result, Failure) and result.check(S3Error), result
+
+
+def test_an_error_message_is_bounded_and_printable():
+    message = "fake\r\nlog line\t" + "x" * 100_000
+    body = f"<Error><Code>Slow\nDown</Code><Message>{message}</Message></Error>".encode()
+    client, _, stub = against(lambda request: (503, {}, body))
+    result = settle(stub, Deferred.fromCoroutine(client.delete("p/blobs/sha256/aa")))
+    assert isinstance(result, Failure) and result.check(S3Error)
+    text = str(result.value)
+    assert len(text) < 600 and text.isprintable(), text
+    assert result.value.code is not None and len(result.value.code) <= 64
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16", "utf-16-be"])
+def test_an_xml_answer_with_a_dtd_is_refused_in_any_encoding(encoding: str):
+    bomb = (
+        f'<?xml version="1.0" encoding="{encoding}"?>'
+        '<!DOCTYPE e [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">]>'
+        "<Error><Code>&b;</Code></Error>"
+    ).encode(encoding)
+    if encoding == "utf-16-be":
+        bomb = b"\xfe\xff" + bomb
+    client, _, stub = against(lambda request: (200, {}, bomb))
+    result = settle(stub, Deferred.fromCoroutine(client.create_upload("p/blobs/sha256/aa")))
+    assert isinstance(result, Failure) and result.check(S3Error)
+    assert "DTD" in str(result.value) or "encoding" in str(result.value)

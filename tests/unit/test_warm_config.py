@@ -6,7 +6,9 @@ from typing import Any
 
 import pytest
 
-from dockmirror.config import ConfigError, WarmImage, _build, parse_duration
+from dockmirror.cache import origin_of
+from dockmirror.config import ConfigError, WarmImage, _build, parse_duration, upstream_plugins
+from dockmirror.routing import build_router
 
 UPSTREAMS = {"dockerhub": {"plugin": "dockerhub"}, "ghcr": {"plugin": "ghcr"}}
 
@@ -66,3 +68,43 @@ def test_bad_warm_sections_are_refused(warm: dict[str, Any], message: str) -> No
         build(**warm)
     assert message in str(info.value)
     assert str(info.value).startswith("test.toml: ")
+
+
+def test_an_image_may_name_the_registry_host_an_upstream_serves() -> None:
+    """gcr's regional hosts are registries of their own, reached through one upstream."""
+    config = _build(
+        "test.toml",
+        {
+            "upstreams": {"dockerhub": {"plugin": "dockerhub"}, "gcr": {"plugin": "gcr"}},
+            "warm": {
+                "images": [
+                    "eu.gcr.io/project/app:1",
+                    "gcr/project/app:1",
+                    "asia.gcr.io/project/app:1",
+                    "US.gcr.io/project/app:2",
+                ]
+            },
+        },
+    )
+    images = config.warm_images()
+    assert images == [
+        WarmImage("gcr", "project/app", "1", "eu.gcr.io"),
+        WarmImage("gcr", "project/app", "1"),
+        WarmImage("gcr", "project/app", "1", "asia.gcr.io"),
+        WarmImage("gcr", "project/app", "2", "us.gcr.io"),
+    ]
+    assert str(images[0]) == "eu.gcr.io/project/app:1"
+    router = build_router(config, upstream_plugins())
+    for image in (images[0], images[2], images[3]):
+        warmed = router.route_to(image.upstream, image.repository, image.alias)
+        pulled = router.route(str(image).rpartition(":")[0])  # as a client names it
+        assert origin_of(warmed) == origin_of(pulled)
+    assert router.route_to("gcr", "project/app", "eu.gcr.io").base_url == "https://eu.gcr.io"
+
+
+@pytest.mark.parametrize(
+    "image", ["evil.example.com/project/app:1", "eu.gcr.io./project/app:1", "eu..gcr.io/x:1"]
+)
+def test_a_host_no_upstream_serves_is_refused(image: str) -> None:
+    with pytest.raises(ConfigError, match="is not UPSTREAM/REPOSITORY:TAG"):
+        _build("test.toml", {"upstreams": {"gcr": {"plugin": "gcr"}}, "warm": {"images": [image]}})
