@@ -141,6 +141,10 @@ class IBlobStorage(Interface):
     """
 
     redirect = Attribute("Whether a blob GET it can answer gets a redirect to it instead.")
+    records = Attribute(
+        "The :class:`IStorageRecords` its quota is kept in: this node's, until a cluster"
+        " puts the cluster's in, before it starts."
+    )
 
     def open(digest: str, size: int, start: int = 0, end: int | None = None) -> Any:
         """A Deferred firing with an unread response of bytes [start, end) of the blob.
@@ -193,18 +197,65 @@ class IBlobStorage(Interface):
 
 
 class IStorageRecords(Interface):
-    """Where the objects of the storage tier are recorded, for its quota.
+    """The objects of the storage tier, for its quota (LRU by last read), and who reads them.
 
-    The cache index of one node (SQLite), or that of a cluster.  Writes may
-    be queued: a lost record costs an object found again by listing the
-    bucket at start.
+    One node's cache index (SQLite), or, with ``[cluster] database``, the
+    cluster's PostgreSQL: then the quota and the LRU order are the whole
+    cluster's, and an object read on any node, or being uploaded, is never
+    chosen for eviction.  Every Deferred fires, never fails: the records
+    degrade to what they can do while their database is away.
     """
 
-    def record(digest: str, size: int, used: float) -> None:
-        """The object *digest* of *size* bytes exists; it was last read at *used*."""
+    shared = Attribute(
+        "Whether the records are the cluster's: an object they do not hold is not in the"
+        " bucket for any node, since every upload and deletion goes through them."
+    )
+    max_size = Attribute("The bucket's quota in bytes, or None.")
 
-    def touch(digest: str, used: float) -> None:
-        """The object *digest* was read at *used*."""
+    def load(objects: Any) -> None:
+        """Take in the objects this node's index recorded (digest, size, used)."""
 
-    def remove(digest: str) -> None:
-        """The object *digest* is gone."""
+    def lease(digest: str) -> Any:
+        """Say that this node reads *digest* now, until :meth:`release`, and that it was used.
+
+        A Deferred firing with its recorded size, or None when it is not recorded.
+        """
+
+    def release(digest: str) -> None:
+        """This node reads *digest* once less."""
+
+    def in_use(digest: str) -> bool:
+        """Whether this node reads *digest* now."""
+
+    def found(digest: str, size: int) -> None:
+        """The bucket holds *digest*, of *size* bytes, and it was just read."""
+
+    def forget(digest: str) -> None:
+        """The bucket does not hold *digest* (any more)."""
+
+    def reserve(digest: str, size: int) -> Any:
+        """Room for an upload of *digest*: a Deferred firing with the objects to delete first
+        (already forgotten), or with why not to upload it (a string).
+
+        A reservation ends with :meth:`uploaded`; each object to delete, with :meth:`evicted`.
+        """
+
+    def uploaded(digest: str, size: int, stored: bool) -> None:
+        """The upload *digest* reserved room for ended; *stored* says whether it completed."""
+
+    def remove(digest: str) -> Any:
+        """A Deferred firing with whether *digest* may be deleted now (for the operator):
+        it is forgotten, unless some node reads it or fills it."""
+
+    def evicted(digest: str) -> None:
+        """The deletion of *digest*, chosen by :meth:`reserve`, :meth:`remove` or
+        :meth:`reconcile`, ended."""
+
+    def reconcile(found: Any, since: float) -> Any:
+        """Take in a listing of the bucket begun at *since* (``{digest: (size, modified)}``).
+
+        A Deferred firing with the objects to delete to fit the quota.
+        """
+
+    def stats() -> dict[str, Any]:
+        """The objects and bytes recorded, as last known."""

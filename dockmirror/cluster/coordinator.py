@@ -134,10 +134,19 @@ class Session:
             raise DatabaseUnavailable(str(e).strip() or type(e).__name__) from e
 
 
+#: The other nodes that hold a blob, most recently read there first.
+_HOLDERS = (
+    "SELECT node_url FROM cache_blobs WHERE digest = %s AND node_url <> %s"
+    " AND size = %s ORDER BY used DESC LIMIT 3"
+)
+
+
 def _try_lock(
     key: int, digest: str, node_url: str, size: int, conn: psycopg.Connection[Any]
 ) -> tuple[bool, list[str]]:
-    """Take *digest*'s lock: (True, nodes holding the blob) or (False, [node filling it])."""
+    """Take *digest*'s lock: (True, nodes holding the blob), or (False, [the node filling
+    it]), or, when its holder no longer fills it (it stores it in the storage tier),
+    (False, nodes holding the blob)."""
     got = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
     if got is not None and got[0]:
         conn.execute(
@@ -146,14 +155,14 @@ def _try_lock(
             " SET node_url = EXCLUDED.node_url, size = EXCLUDED.size, started = now()",
             (digest, node_url, size),
         )
-        rows = conn.execute(
-            "SELECT node_url FROM cache_blobs WHERE digest = %s AND node_url <> %s"
-            " AND size = %s ORDER BY used DESC LIMIT 3",
-            (digest, node_url, size),
-        ).fetchall()
+        rows = conn.execute(_HOLDERS, (digest, node_url, size)).fetchall()
         return True, [row[0] for row in rows]
     row = conn.execute("SELECT node_url FROM fills WHERE digest = %s", (digest,)).fetchone()
-    return False, [row[0]] if row is not None and row[0] != node_url else []
+    if row is not None and row[0] != node_url:
+        return False, [row[0]]
+    # No fill, yet a claim: its holder stores the blob it filled in the storage tier.
+    rows = conn.execute(_HOLDERS, (digest, node_url, size)).fetchall()
+    return False, [row[0] for row in rows]
 
 
 def _unlock(key: int, digest: str, node_url: str, conn: psycopg.Connection[Any]) -> None:

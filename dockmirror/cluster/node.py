@@ -1,4 +1,5 @@
-"""This node's part in the cluster's cache: shared fill claims, the shared index, the listener.
+"""This node's part in the cluster's cache: shared fill claims, the shared index, the listener,
+and the storage bucket's records.
 
 Started after the cache has recovered from its disk: it creates the tables
 of ``cache.sql`` (once, whichever node starts first), gets the cluster
@@ -22,6 +23,7 @@ from dockmirror.cluster.coordinator import ClusterCoordinator, FlightClaims, Ses
 from dockmirror.cluster.database import Database, DatabaseUnavailable
 from dockmirror.cluster.index import ClusterIndex
 from dockmirror.cluster.peers import PeerClient, read_secret_file, shared_secret
+from dockmirror.cluster.storage import ClusterRecords
 from dockmirror.config import ClusterConfig
 
 log = Logger()
@@ -45,6 +47,14 @@ class ClusterNode(service.MultiService):
         self.database = database
         self.session = Session(config.database, reactor)
         self.index = ClusterIndex(cache, self.database, self.session, self.node_url, reactor)
+        #: The storage bucket's records, if the cache has a storage tier: the cluster's.
+        self.records: ClusterRecords | None = None
+        if cache.storage is not None:
+            self.records = ClusterRecords(
+                self.session, self.node_url, reactor, cache.storage.records.max_size
+            )
+            cache.storage.records = self.records
+            self.records.setServiceParent(self)
         #: The secret node-to-node requests carry; known once started.
         self.secret: str | None = None
         if config.secret_file is not None:
@@ -55,8 +65,11 @@ class ClusterNode(service.MultiService):
         return f"<ClusterNode {self.node_url}>"
 
     def startService(self) -> None:
-        schema = resources.files("dockmirror.cluster").joinpath("cache.sql").read_text()
-        self.database.migrate(schema)
+        schemas = ["cache.sql"] + (["storage.sql"] if self.records is not None else [])
+        for schema in schemas:
+            self.database.migrate(
+                resources.files("dockmirror.cluster").joinpath(schema).read_text()
+            )
         if self.secret is None:
             self.secret = self.database.call(shared_secret)
         self.peers = PeerClient(self._reactor, self.secret)

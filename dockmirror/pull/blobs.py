@@ -225,15 +225,12 @@ class BlobService(UpstreamAccess):
 
         The shared storage tier, if any, is asked first; then the cluster,
         whose other nodes may fill it or hold it; then the upstream.  A blob
-        the upstream sends is stored in the storage tier too, once verified.
+        the upstream sends is stored in the storage tier too, once verified,
+        by the node holding its claim (see :meth:`_resume_fill`).
         """
         storage = self.cache.storage
-        if storage is not None:
-            stored = await storage.open(fill.digest, fill.size)
-            if stored is not None:
-                fill.finished.wait().addBoth(lambda result: storage.release(fill.digest, result))
-                await self._fill_from_storage(fill, stored)
-                return
+        if storage is not None and await self._from_storage(fill):
+            return
         digest, size = fill.digest, fill.size
         path = f"blobs/{digest}"
         read_timeout = self.upstreams.client(route).read_timeout
@@ -242,6 +239,10 @@ class BlobService(UpstreamAccess):
         response = await coordinator.lead(digest, size, 0)
         if fill.done:  # abandoned meanwhile: the mirror is stopping
             return
+        if response is None and coordinator.resumes and storage is not None:
+            # The cluster's claim is ours: its last holder may have stored the blob meanwhile.
+            if await self._from_storage(fill):
+                return
         if response is not None:
             fill.count_as(self._metrics.bytes_from_nodes)
             await fill.start(response, read_timeout, resume)
@@ -291,6 +292,8 @@ class BlobService(UpstreamAccess):
             fill.count_as(self._metrics.bytes_from_nodes)
             return response
         fill.count_as(self._metrics.bytes_from_upstream.labels(route.upstream.name))
+        if self.cache.storage is not None:  # the claim is this node's now: so is the upload
+            self.cache.storage.upload(fill)
         headers = {"Range": f"bytes={offset}-"} if offset else None
         response = await self._request(route, "GET", f"blobs/{digest}", headers)
         if response.code == 206 and content_range_start(response, size) == offset:
@@ -299,6 +302,17 @@ class BlobService(UpstreamAccess):
             return response
         discard(response)
         raise StreamError(f"the upstream answered {response.code} to the rest of {digest}")
+
+    async def _from_storage(self, fill: Fill) -> bool:
+        """Fill from the shared storage tier, if it holds the blob; whether it does."""
+        storage = self.cache.storage
+        assert storage is not None
+        stored = await storage.open(fill.digest, fill.size)
+        if stored is None:
+            return False
+        fill.finished.wait().addBoth(lambda result: storage.release(fill.digest, result))
+        await self._fill_from_storage(fill, stored)
+        return True
 
     async def _fill_from_storage(self, fill: Fill, stored: IResponse) -> None:
         """Fill from the shared storage tier's whole-blob response, one stream."""

@@ -1,26 +1,40 @@
-"""The storage tier's quota: object sizes and last reads, evicted least recently used first."""
+"""The storage tier's quota kept by one node: sizes and last reads, least recently used first."""
 
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from zope.interface import implementer
 
 from dockmirror._interfaces import IStorageRecords
 
+if TYPE_CHECKING:  # the cache imports this package: no cycle when it is imported first
+    from dockmirror.storage.records import IndexRecords
 
+
+@implementer(IStorageRecords)
 class Quota:
-    """What the bucket holds as far as this node knows, in LRU order.
+    """What the bucket holds as far as this node knows, in LRU order, kept in its index.
 
     Objects being written (reserved) or read on this node are never chosen
     for eviction.  With no *max_size*, nothing is evicted.
     """
 
-    def __init__(self, records: IStorageRecords, max_size: int | None) -> None:
+    shared = False
+
+    def __init__(self, records: IndexRecords, max_size: int | None, clock: IReactorTime) -> None:
         self.records = records
         self.max_size = max_size
+        self._clock = clock
         #: digest -> size, least recently used first.
         self._objects: OrderedDict[str, int] = OrderedDict()
         self._pins: Counter[str] = Counter()
+        #: When objects were added while this node ran.
+        self._added: dict[str, float] = {}
         self.size = 0
         self.reserved = 0
 
@@ -35,7 +49,6 @@ class Quota:
         return len(self._objects)
 
     def load(self, objects: Iterable[tuple[str, int, float]]) -> None:
-        """Take in recorded objects (digest, size, used), in any order."""
         for digest, size, _ in sorted(objects, key=lambda row: row[2]):
             self._put(digest, size)
 
@@ -46,51 +59,85 @@ class Quota:
     def add(self, digest: str, size: int, now: float) -> None:
         """An object now exists (stored here, or found in the bucket)."""
         self._put(digest, size)
+        self._added[digest] = self._clock.seconds()
         self.records.record(digest, size, now)
 
-    def touch(self, digest: str, now: float) -> None:
+    def touch(self, digest: str) -> None:
         if digest in self._objects:
             self._objects.move_to_end(digest)
-            self.records.touch(digest, now)
+            self.records.touch(digest, self._clock.seconds())
 
     def forget(self, digest: str) -> None:
         size = self._objects.pop(digest, None)
+        self._added.pop(digest, None)
         if size is not None:
             self.size -= size
             self.records.remove(digest)
 
-    def digests(self) -> list[str]:
-        return list(self._objects)
-
-    def pin(self, digest: str) -> None:
+    def lease(self, digest: str) -> Deferred[int | None]:
         self._pins[digest] += 1
+        self.touch(digest)
+        return succeed(self._objects.get(digest))
 
-    def pinned(self, digest: str) -> bool:
-        return bool(self._pins[digest])
-
-    def unpin(self, digest: str) -> None:
+    def release(self, digest: str) -> None:
         self._pins[digest] -= 1
         if self._pins[digest] <= 0:
             del self._pins[digest]
 
-    def reserve(self, digest: str, size: int) -> list[str] | None:
-        """Make room for *size* more bytes: the objects to evict, or None if it can't be made.
+    def in_use(self, digest: str) -> bool:
+        return bool(self._pins[digest])
 
-        On success the bytes are reserved (until :meth:`unreserve`) and
-        *digest* is pinned (until :meth:`unpin`); the victims are forgotten
-        here, the caller deletes them.
+    def found(self, digest: str, size: int) -> None:
+        if digest in self._objects:
+            self.touch(digest)
+        else:
+            self.add(digest, size, self._clock.seconds())
+
+    def reserve(self, digest: str, size: int) -> Deferred[list[str] | str]:
+        """Make room for *size* more bytes: the objects to evict, forgotten here.
+
+        On success the bytes are reserved and *digest* is pinned until :meth:`uploaded`.
         """
+        if digest in self._objects:
+            self.touch(digest)
+            return succeed("stored already")
         victims = self.victims(size)
         if victims is None:
-            return None
+            return succeed("the storage quota is full of blobs in use")
         for victim in victims:
             self.forget(victim)
         self.reserved += size
-        self.pin(digest)
-        return victims
+        self._pins[digest] += 1
+        return succeed(victims)
 
-    def unreserve(self, size: int) -> None:
+    def uploaded(self, digest: str, size: int, stored: bool) -> None:
         self.reserved -= size
+        self.release(digest)
+        if stored:
+            self.add(digest, size, self._clock.seconds())
+
+    def remove(self, digest: str) -> Deferred[bool]:
+        if self.in_use(digest):
+            return succeed(False)
+        self.forget(digest)
+        return succeed(True)
+
+    def evicted(self, digest: str) -> None:
+        pass
+
+    def reconcile(self, found: dict[str, tuple[int, float]], since: float) -> Deferred[list[str]]:
+        """Objects found are added, objects gone forgotten (unless read now, or stored since)."""
+        for digest in list(self._objects):
+            stored_since = self._added.get(digest, 0.0) >= since
+            if digest not in found and not self.in_use(digest) and not stored_since:
+                self.forget(digest)
+        for digest, (size, modified) in sorted(found.items(), key=lambda item: item[1][1]):
+            if digest not in self._objects:
+                self.add(digest, size, min(modified, since))
+        victims = self.victims() or []
+        for victim in victims:
+            self.forget(victim)
+        return succeed(victims)
 
     def victims(self, needed: int = 0) -> list[str] | None:
         """The least recently used objects not in use whose removal makes *needed* bytes fit."""
@@ -101,7 +148,10 @@ class Quota:
         for digest, size in self._objects.items():
             if excess <= 0:
                 break
-            if not self.pinned(digest):
+            if not self.in_use(digest):
                 victims.append(digest)
                 excess -= size
         return victims if excess <= 0 else None
+
+    def stats(self) -> dict[str, Any]:
+        return {"objects": len(self._objects), "size": self.size}

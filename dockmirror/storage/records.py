@@ -1,14 +1,13 @@
-"""The storage tier's objects recorded in one node's cache index (SQLite)."""
+"""The storage tier's objects in one node's cache index (SQLite), for its quota."""
 
 from __future__ import annotations
 
-from zope.interface import implementer
+from typing import TYPE_CHECKING
 
-from dockmirror._interfaces import IStorageRecords
-from dockmirror.cache.index import Index
+if TYPE_CHECKING:  # the cache imports this package: no cycle when it is imported first
+    from dockmirror.cache.index import Index
 
 
-@implementer(IStorageRecords)
 class IndexRecords:
     """Rows of the ``storage_objects`` table, written behind by the index."""
 

@@ -2,16 +2,23 @@
 
 Objects are named by digest, ``<prefix>blobs/sha256/<hex>``, layers and
 manifests alike, so that an operator can audit the bucket.  The quota
-(``[storage] max_size``) is kept by LRU over the objects this node knows of:
-those it recorded, and those it finds listing the bucket at start.  At
-start, and hourly, incomplete multipart uploads older than
-``stale_uploads`` (left by a node that died mid-fill) are aborted.
+(``[storage] max_size``) is kept by LRU in the tier's records
+(:class:`~dockmirror._interfaces.IStorageRecords`): on one node, over the
+objects it recorded and those it finds listing the bucket at start; in a
+cluster, in PostgreSQL, over the objects of every node, read or stored by
+any (:mod:`dockmirror.cluster.storage`).  There, the records decide alone
+whether the bucket holds a blob, and the cluster's fill claim covers the
+upload, so that two nodes never upload one digest.  At start, and hourly,
+incomplete multipart uploads older than ``stale_uploads`` (left by a node
+that died mid-fill) are aborted; in a cluster, the node that takes a dead
+node's claim over aborts them at once.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, TimeoutError
@@ -28,9 +35,8 @@ from dockmirror.cache.progress import FillProgress
 from dockmirror.config import StorageConfig
 from dockmirror.metrics import Metrics
 from dockmirror.reference import HEX_LENGTH
-from dockmirror.storage.quota import Quota
 from dockmirror.storage.s3 import PRESIGN_EXPIRY, S3Client, S3Error
-from dockmirror.storage.upload import BlobUpload
+from dockmirror.storage.upload import PART_SIZE, BlobUpload
 from dockmirror.streaming import DigestMismatch
 from dockmirror.upstream import discard
 
@@ -57,7 +63,8 @@ class S3Storage:
         self.prefix = config.prefix
         self.stale_uploads = config.stale_uploads_seconds
         self.client = client if client is not None else S3Client(config, reactor)
-        self.quota = Quota(records, config.max_size_bytes)
+        #: Where the objects are recorded, for the quota; a cluster puts its own in before start.
+        self.records = records
         self._reactor = reactor
         self._run = run
         self._metrics = metrics
@@ -69,7 +76,7 @@ class S3Storage:
         self._sweeper.clock = reactor
 
     def __repr__(self) -> str:
-        return f"<S3Storage {self.client.bucket}/{self.prefix}: {self.quota!r}>"
+        return f"<S3Storage {self.client.bucket}/{self.prefix}: {self.records!r}>"
 
     def key(self, digest: str) -> str:
         algorithm, _, hexpart = digest.partition(":")
@@ -91,7 +98,7 @@ class S3Storage:
     # --- start and stop ------------------------------------------------------------
 
     def start(self, objects: Any) -> None:
-        self.quota.load(objects)
+        self.records.load(objects)
         Deferred.fromCoroutine(self._reconcile()).addErrback(self._unusable)
         self._sweeper.start(SWEEP_INTERVAL, now=True).addErrback(
             lambda f: log.failure("the upload sweeper stopped", f)
@@ -100,8 +107,9 @@ class S3Storage:
     def stop(self) -> Deferred[None]:
         if self._sweeper.running:
             self._sweeper.stop()
-        for lent in self._lent.values():
+        for digest, lent in list(self._lent.items()):
             lent.cancel()
+            self.records.release(digest)
         self._lent.clear()
         uploads = list(self._uploads.values())
         waiting: Deferred[Any] = DeferredList(uploads, consumeErrors=True)
@@ -120,29 +128,24 @@ class S3Storage:
         return waiting
 
     async def _reconcile(self) -> None:
-        """Learn what the bucket holds: objects found are added, objects gone forgotten."""
-        now = self._reactor.seconds()
-        known = self.quota.digests()  # what is stored while listing is not forgotten
+        """Learn what the bucket holds: objects found are recorded, objects gone forgotten."""
+        since = self._reactor.seconds()
         found = {}
         for info in await self.client.list_objects(self.prefix + "blobs/"):
             digest = self.digest_of(info.key)
             if digest is not None:
-                found[digest] = info
-        for digest in known:
-            if digest not in found and not self.quota.pinned(digest):
-                self.quota.forget(digest)
-        for digest, info in sorted(found.items(), key=lambda item: item[1].modified):
-            if digest not in self.quota:
-                self.quota.add(digest, info.size, min(info.modified, now))
+                found[digest] = (info.size, info.modified)
+        victims = await self.records.reconcile(found, since)
+        stats = self.records.stats()
         log.info(
             "storage bucket {bucket}/{prefix}: {count} blobs, {size} bytes",
             bucket=self.client.bucket,
             prefix=self.prefix,
-            count=len(self.quota),
-            size=self.quota.size,
+            count=stats["objects"],
+            size=stats["size"],
         )
-        for digest in self.quota.victims() or []:
-            self._evict(digest)
+        for digest in victims:
+            self._delete(digest, "to keep its quota")
 
     def _unusable(self, failure: Failure) -> None:
         """The bucket cannot be listed at start: say why, without a traceback for S3's answers."""
@@ -160,15 +163,21 @@ class S3Storage:
             lambda f: log.warn("sweeping incomplete uploads failed: {error}", error=f.value)
         )
 
-    async def sweep(self) -> int:
-        """Abort incomplete uploads under the prefix older than ``stale_uploads``."""
+    async def sweep(self, key: str | None = None) -> int:
+        """Abort incomplete uploads under the prefix older than ``stale_uploads``.
+
+        With *key*, abort every incomplete upload of that object: in a cluster,
+        the node that holds the object's claim, about to upload it, does so
+        with what a node that held it before and died left.
+        """
         ours = {self.key(digest) for digest in self._uploads}
         cutoff = self._reactor.seconds() - self.stale_uploads
         aborted = 0
-        for upload in await self.client.list_uploads(self.prefix + "blobs/"):
-            if upload.initiated <= cutoff and upload.key not in ours:
-                await self.client.abort_upload(upload.key, upload.upload_id)
-                aborted += 1
+        for upload in await self.client.list_uploads(key or self.prefix + "blobs/"):
+            if key is None and (upload.initiated > cutoff or upload.key in ours):
+                continue
+            await self.client.abort_upload(upload.key, upload.upload_id)
+            aborted += 1
         if aborted:
             log.info("aborted {count} incomplete uploads to the storage bucket", count=aborted)
         return aborted
@@ -180,23 +189,32 @@ class S3Storage:
     ) -> Deferred[IResponse | None]:
         return Deferred.fromCoroutine(self._open(digest, size, start, end))
 
+    async def _lease(self, digest: str) -> bool:
+        """Take a lease on *digest* for reading; False (and none) if it is known to be absent."""
+        recorded = await self.records.lease(digest)
+        if recorded is None and self.records.shared:
+            self.records.release(digest)
+            return False
+        return True
+
     async def _open(self, digest: str, size: int, start: int, end: int | None) -> IResponse | None:
-        self.quota.pin(digest)
+        if not await self._lease(digest):
+            return None
         whole = start == 0 and end in (None, size)
         try:
             response = await self.client.get(
                 self.key(digest), *((0, None) if whole else (start, end))
             )
         except S3Error as e:
-            self.quota.unpin(digest)
+            self.records.release(digest)
             self._unavailable(digest, e)
             return None
         if response is None:
-            self.quota.unpin(digest)
-            self.quota.forget(digest)
+            self.records.release(digest)
+            self.records.forget(digest)
             return None
         if response.length not in ((end or size) - start, UNKNOWN_LENGTH):
-            self.quota.unpin(digest)
+            self.records.release(digest)
             discard(response)
             log.warn(
                 "stored {digest} is {length} bytes, not {size}: fetched from the upstream",
@@ -205,17 +223,19 @@ class S3Storage:
                 size=size,
             )
             return None
-        self._read(digest, size)
+        self.records.found(digest, size)
         return response
 
     def read_small(self, digest: str, limit: int) -> Deferred[tuple[bytes, str | None] | None]:
         return Deferred.fromCoroutine(self._read_small(digest, limit))
 
     async def _read_small(self, digest: str, limit: int) -> tuple[bytes, str | None] | None:
+        if not await self._lease(digest):
+            return None
         try:
             response = await self.client.get(self.key(digest))
             if response is None:
-                self.quota.forget(digest)
+                self.records.forget(digest)
                 return None
             if response.length != UNKNOWN_LENGTH and response.length > limit:
                 discard(response)
@@ -224,12 +244,14 @@ class S3Storage:
         except S3Error as e:
             self._unavailable(digest, e)
             return None
-        self._read(digest, len(body))
+        finally:
+            self.records.release(digest)
+        self.records.found(digest, len(body))
         types = response.headers.getRawHeaders("content-type") or [None]
         return body, types[0]
 
     def release(self, digest: str, outcome: Any) -> None:
-        self.quota.unpin(digest)
+        self.records.release(digest)
         error = outcome.value if isinstance(outcome, Failure) else outcome
         if isinstance(error, DigestMismatch):
             log.error("stored {digest} does not match its digest: removed", digest=digest)
@@ -239,41 +261,37 @@ class S3Storage:
         return Deferred.fromCoroutine(self._location(digest))
 
     async def _location(self, digest: str) -> str | None:
+        if not await self._lease(digest):
+            return None
         key = self.key(digest)
         try:
             size = await self.client.head(key)
             if size is None:
-                self.quota.forget(digest)
+                self.records.release(digest)
+                self.records.forget(digest)
                 return None
             url = await self.client.presign(key, PRESIGN_EXPIRY)
         except S3Error as e:
+            self.records.release(digest)
             self._unavailable(digest, e)
             return None
-        self._read(digest, size)
+        self.records.found(digest, size)
         self._lend(digest)
         return url
 
     def _lend(self, digest: str) -> None:
-        """Keep *digest* from eviction while a presigned URL to it is valid."""
+        """Keep the lease just taken on *digest* while a presigned URL to it is valid."""
         lent = self._lent.get(digest)
         if lent is not None:
             lent.reset(PRESIGN_EXPIRY)
+            self.records.release(digest)  # one lease per object lent is enough
             return
-        self.quota.pin(digest)
 
         def expired() -> None:
             del self._lent[digest]
-            self.quota.unpin(digest)
+            self.records.release(digest)
 
         self._lent[digest] = self._reactor.callLater(PRESIGN_EXPIRY, expired)
-
-    def _read(self, digest: str, size: int) -> None:
-        """The bucket holds *digest* and it is being read: the most recently used."""
-        now = self._reactor.seconds()
-        if digest in self.quota:
-            self.quota.touch(digest, now)
-        else:
-            self.quota.add(digest, size, now)
 
     def _unavailable(self, digest: str, error: S3Error) -> None:
         log.warn(
@@ -288,87 +306,120 @@ class S3Storage:
     def upload(self, fill: Any) -> None:
         progress: FillProgress = fill
         digest, size = progress.digest, progress.size
-        if digest in self.quota or digest in self._uploads:
+        if digest in self._uploads:
             return
-        victims = self.quota.reserve(digest, size)
-        if victims is None:
-            log.warn(
-                "{digest} ({size} bytes) not stored: the storage quota is full of blobs in use",
-                digest=digest,
-                size=size,
-            )
-            return
-        for victim in victims:
-            self._evict(victim)
         upload = BlobUpload(self.client, self.key(digest), progress, self._run)
-        upload.attach()
-        self._track(digest, size, Deferred.fromCoroutine(upload.run()))
+        upload.attach()  # now: the file is renamed once the fill is verified
+
+        async def store() -> None:
+            if self.records.shared and size >= PART_SIZE:
+                try:
+                    await self.sweep(upload.key)  # what a dead holder of the claim left
+                except S3Error as e:
+                    log.warn("cannot sweep uploads of {digest}: {error}", digest=digest, error=e)
+            await upload.run()
+
+        self._store(digest, size, store, upload.close)
 
     def put(self, digest: str, data: bytes, media_type: str) -> None:
-        if digest in self.quota or digest in self._uploads:
-            self.quota.touch(digest, self._reactor.seconds())
+        if digest in self._uploads:
             return
-        victims = self.quota.reserve(digest, len(data))
-        if victims is None:
-            return
-        for victim in victims:
-            self._evict(victim)
-        self._track(digest, len(data), Deferred.fromCoroutine(self._put(digest, data, media_type)))
 
-    async def _put(self, digest: str, data: bytes, media_type: str) -> None:
-        sha256, md5 = await self._run(_hashes, data)
-        await self.client.put(self.key(digest), data, sha256, md5, media_type)
+        async def store() -> None:
+            sha256, md5 = await self._run(_hashes, data)
+            await self.client.put(self.key(digest), data, sha256, md5, media_type)
 
-    def _track(self, digest: str, size: int, running: Deferred[None]) -> None:
+        self._store(digest, len(data), store)
+
+    def _store(
+        self,
+        digest: str,
+        size: int,
+        store: Callable[[], Awaitable[None]],
+        skipped: Callable[[], None] | None = None,
+    ) -> None:
+        """Reserve room for *digest*, then *store* it; *skipped* is called if it is not."""
+        running = Deferred.fromCoroutine(self._reserve_and_store(digest, size, store, skipped))
         self._uploads[digest] = running
 
-        def stored(_: object) -> None:
-            self._metrics.storage_uploads.labels("stored").inc()
-            self.quota.add(digest, size, self._reactor.seconds())
-            log.info(
-                "stored {digest} ({size} bytes) in the storage bucket", digest=digest, size=size
-            )
+        def ended(_: object) -> None:
+            if self._uploads.get(digest) is running:
+                del self._uploads[digest]
 
-        def failed(failure: Failure) -> None:
+        running.addBoth(ended)
+
+    async def _reserve_and_store(
+        self,
+        digest: str,
+        size: int,
+        store: Callable[[], Awaitable[None]],
+        skipped: Callable[[], None] | None,
+    ) -> None:
+        reserved = await self.records.reserve(digest, size)
+        if isinstance(reserved, str):
+            if skipped is not None:
+                skipped()
+            log.info(
+                "{digest} ({size} bytes) not stored: {why}", digest=digest, size=size, why=reserved
+            )
+            return
+        for victim in reserved:
+            self._delete(victim, "to keep its quota")
+        try:
+            await store()
+        except BaseException as e:
+            self.records.uploaded(digest, size, False)
             self._metrics.storage_uploads.labels("failed").inc()
             log.warn(
                 "{digest} not stored in the storage bucket: {error}",
                 digest=digest,
-                error=failure.getErrorMessage(),
+                error=str(e) or type(e).__name__,
             )
-
-        def ended(_: object) -> None:
-            del self._uploads[digest]
-            self.quota.unreserve(size)
-            self.quota.unpin(digest)
-
-        running.addCallbacks(stored, failed).addBoth(ended)
+            if not isinstance(e, Exception):
+                raise
+            return
+        self.records.uploaded(digest, size, True)
+        self._metrics.storage_uploads.labels("stored").inc()
+        log.info("stored {digest} ({size} bytes) in the storage bucket", digest=digest, size=size)
 
     def remove(self, digest: str) -> bool:
-        if digest in self._uploads or self.quota.pinned(digest):
+        if digest in self._uploads or self.records.in_use(digest):
             return False
-        self._evict(digest, "as purged")
+
+        def removable(yes: bool) -> None:
+            if yes:
+                self._delete(digest, "as purged")
+            else:
+                log.info("{digest} stays in the storage bucket: in use", digest=digest)
+
+        self.records.remove(digest).addCallback(removable)
         return True
 
-    def _evict(self, digest: str, why: str = "to keep its quota") -> None:
+    def _evict(self, digest: str, why: str) -> None:
+        self.records.forget(digest)
+        self._delete(digest, why, chosen=False)
+
+    def _delete(self, digest: str, why: str, chosen: bool = True) -> None:
+        """Delete *digest* from the bucket; *chosen* by the records, which hear of the end."""
         log.info("removing {digest} from the storage bucket {why}", digest=digest, why=why)
         self._metrics.storage_evictions.inc()
-        self.quota.forget(digest)
-        Deferred.fromCoroutine(self.client.delete(self.key(digest))).addErrback(
+        d = Deferred.fromCoroutine(self.client.delete(self.key(digest)))
+        d.addErrback(
             lambda f: log.warn(
                 "cannot delete {digest} from the storage bucket: {error}",
                 digest=digest,
                 error=f.getErrorMessage(),
             )
         )
+        if chosen:
+            d.addBoth(lambda _: self.records.evicted(digest))
 
     def stats(self) -> dict[str, Any]:
         return {
             "bucket": self.client.bucket,
             "prefix": self.prefix,
-            "objects": len(self.quota),
-            "size": self.quota.size,
-            "max_size": self.quota.max_size,
+            **self.records.stats(),
+            "max_size": self.records.max_size,
             "uploads": sorted(self._uploads),
         }
 

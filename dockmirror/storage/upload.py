@@ -50,6 +50,7 @@ class BlobUpload:
         self._fill = fill
         self._run = run
         self._fd: int | None = None
+        self._closed = False
         self.sent = 0
         self._hash = hashlib.new(fill.digest.partition(":")[0])
 
@@ -60,7 +61,16 @@ class BlobUpload:
         """Open the fill's file as soon as it exists (before any rename can move it)."""
         self._fill.ready.wait().addCallbacks(self._open, lambda _: None)
 
+    def close(self) -> None:
+        """Give up before :meth:`run`: the file is not read."""
+        self._closed = True
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
     def _open(self, _: object) -> None:
+        if self._closed:
+            return
         try:
             self._fd = os.open(self._fill.temp_path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:

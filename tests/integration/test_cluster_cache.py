@@ -93,21 +93,25 @@ def timed_get(url: str) -> tuple[int, bytes, float, float]:
     return int(status), body, float(first), float(total)
 
 
-SlowCluster = Callable[[int, int], tuple[Registry, list[Dockmirror], Layer]]
+SlowCluster = Callable[..., tuple[Registry, list[Dockmirror], Layer]]
 
 
 @pytest.fixture
 def slow_cluster(
     registry_factory, dockmirror, seeded, unique_repo, postgres
 ) -> Iterator[SlowCluster]:
-    """``make(rate, size)``: 3 nodes over an upstream sending *rate* bytes/s, and a layer."""
+    """``make(rate, size, every=None)``: 3 nodes over an upstream sending *rate* bytes/s,
+    and a layer; *every* adds tables to every node's configuration."""
     relays: list[SlowUpstream] = []
 
-    def make(rate: int, size: int) -> tuple[Registry, list[Dockmirror], Layer]:
+    def make(
+        rate: int, size: int, every: dict[str, dict[str, object]] | None = None
+    ) -> tuple[Registry, list[Dockmirror], Layer]:
         registry = registry_factory()
         relays.append(SlowUpstream(registry, rate))
         image = seeded(registry, unique_repo, "v1", layers=[size])
-        return registry, start_nodes(dockmirror, relays[-1], postgres), image.platforms[0].layers[0]
+        nodes = start_nodes(dockmirror, relays[-1], postgres, every=every)
+        return registry, nodes, image.platforms[0].layers[0]
 
     yield make
     for relay in relays:
@@ -192,10 +196,15 @@ def test_a_blob_is_served_only_through_upstreams_that_proved_they_have_it(
     assert public.count_requests("GET", f"/blobs/{secret.digest}") == 0
 
 
-def test_kill_9_of_the_filling_node_mid_fill(slow_cluster, unique_repo):
-    registry, nodes, layer = slow_cluster(4 << 20, 24 << 20)
+def kill_the_filler(
+    nodes: list[Dockmirror], path: str, layer: Layer, before: Callable[[], object] = lambda: None
+) -> None:
+    """Kill -9 the first of *nodes* while it fills *path*, two clients on each other node
+    following it; *before* is called just before the kill.
+
+    The dead node's client must be cut short, and the others must get the whole layer.
+    """
     leader, *others = nodes
-    path = f"/v2/{unique_repo}/blobs/{layer.digest}"
     lead = subprocess.Popen(
         ["curl", "-s", "--noproxy", "*", "-o", "-", leader.url + path], stdout=subprocess.PIPE
     )
@@ -207,6 +216,7 @@ def test_kill_9_of_the_filling_node_mid_fill(slow_cluster, unique_repo):
             lambda: all(f"filling {layer.digest} from" in n.log_text() for n in others),
             interval=0.05,
         )
+        before()
         leader.kill9()
         body, _ = lead.communicate(timeout=60)
         results = [f.result() for f in followers]
@@ -215,6 +225,13 @@ def test_kill_9_of_the_filling_node_mid_fill(slow_cluster, unique_repo):
     # Its followers never noticed: another node took the fill over.
     for status, got, _, _ in results:
         assert status == 200 and sha256(got) == layer.digest
+
+
+def test_kill_9_of_the_filling_node_mid_fill(slow_cluster, unique_repo):
+    registry, nodes, layer = slow_cluster(4 << 20, 24 << 20)
+    leader, *others = nodes
+    path = f"/v2/{unique_repo}/blobs/{layer.digest}"
+    kill_the_filler(nodes, path, layer)
     assert any("resuming" in n.log_text() for n in others)
     for node in others:
         wait_until(lambda node=node: layer.digest in cached_blobs(node), timeout=20)

@@ -13,7 +13,6 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from dockmirror._interfaces import IBlobStorage, IStorageRecords
@@ -22,14 +21,14 @@ from dockmirror.config import ConfigError, StorageConfig, load
 from dockmirror.metrics import Metrics
 from dockmirror.storage import s3
 from dockmirror.storage.quota import Quota
-from dockmirror.storage.records import IndexRecords
 from dockmirror.storage.s3 import S3Client, S3Error
 from dockmirror.storage.tier import S3Storage
 from dockmirror.storage.upload import MAX_PARTS, PART_SIZE, BlobUpload, UploadError, part_size
 
 
-@implementer(IStorageRecords)
 class Records:
+    """The SQLite rows a quota writes."""
+
     def __init__(self) -> None:
         self.rows: dict[str, tuple[int, float]] = {}
 
@@ -37,10 +36,11 @@ class Records:
         self.rows[digest] = (size, used)
 
     def touch(self, digest: str, used: float) -> None:
-        self.rows[digest] = (self.rows[digest][0], used)
+        if digest in self.rows:
+            self.rows[digest] = (self.rows[digest][0], used)
 
     def remove(self, digest: str) -> None:
-        del self.rows[digest]
+        self.rows.pop(digest, None)
 
 
 def run_now(f: Any, *args: Any) -> Deferred[Any]:
@@ -62,29 +62,65 @@ def storage_config(**overrides: Any) -> StorageConfig:
 # --- the quota --------------------------------------------------------------------
 
 
+def quota(records: Records, max_size: int | None) -> tuple[Quota, MemoryReactorClock]:
+    clock = MemoryReactorClock()
+    return Quota(records, max_size, clock), clock  # type: ignore[arg-type]
+
+
+def result_of(d: Deferred[Any]) -> Any:
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    return results[0]
+
+
 def test_quota_evicts_least_recently_used_objects_not_in_use():
     records = Records()
     rows = [("b", 100, 2.0), ("a", 100, 1.0), ("c", 100, 3.0)]
     records.rows = {digest: (size, used) for digest, size, used in rows}
-    quota = Quota(records, max_size=300)
-    quota.load(rows)
-    assert quota.digests() == ["a", "b", "c"] and quota.size == 300
-    quota.touch("a", 4.0)
-    quota.pin("b")
-    assert quota.reserve("d", 100) == ["c"]
-    assert quota.size == 200 and quota.reserved == 100 and quota.pinned("d")
-    assert quota.reserve("e", 250) is None  # b and d are in use
-    quota.unpin("b")
-    assert quota.victims(100) == ["b"]
-    quota.add("d", 100, 5.0)
-    quota.unreserve(100)
+    kept, clock = quota(records, max_size=300)
+    assert verifyObject(IStorageRecords, kept)
+    kept.load(rows)
+    assert list(kept._objects) == ["a", "b", "c"] and kept.size == 300
+    clock.advance(4.0)
+    assert result_of(kept.lease("a")) == 100
+    kept.release("a")
+    assert result_of(kept.lease("b")) == 100  # read now
+    assert result_of(kept.reserve("d", 100)) == ["c"]
+    assert kept.size == 200 and kept.reserved == 100 and kept.in_use("d")
+    assert isinstance(result_of(kept.reserve("e", 250)), str)  # b and d are in use
+    kept.release("b")
+    assert kept.victims(100) == ["a"]  # b was read after a
+    clock.advance(1.0)
+    kept.uploaded("d", 100, True)
     assert records.rows["d"] == (100, 5.0) and "c" not in records.rows
+    assert kept.reserved == 0 and not kept.in_use("d")
+    assert result_of(kept.reserve("d", 100)) == "stored already"
+    assert result_of(kept.lease("x")) is None
 
 
 def test_quota_without_a_maximum_evicts_nothing():
-    quota = Quota(Records(), max_size=None)
-    quota.add("a", 10**15, 0.0)
-    assert quota.reserve("b", 10**15) == []
+    kept, _ = quota(Records(), max_size=None)
+    kept.add("a", 10**15, 0.0)
+    assert result_of(kept.reserve("b", 10**15)) == []
+
+
+def test_a_listing_of_the_bucket_adds_and_forgets_objects_but_not_those_stored_meanwhile():
+    kept, clock = quota(Records(), max_size=250)
+    kept.load([("gone", 100, 1.0), ("read", 100, 2.0)])
+    clock.advance(10.0)
+    kept.add("new", 50, 10.0)  # stored while the bucket was listed from 5.0 on
+    kept.lease("read")
+    victims = result_of(kept.reconcile({"found": (100, 3.0)}, since=5.0))
+    assert victims == []
+    assert set(kept._objects) == {"read", "new", "found"} and kept.size == 250
+    kept.release("read")
+    assert result_of(kept.reconcile({"found": (100, 3.0), "read": (100, 2.0)}, since=20.0)) == []
+    assert set(kept._objects) == {"read", "found"} and kept.size == 200
+    kept.max_size = 150
+    assert result_of(kept.reconcile({"found": (100, 3.0), "read": (100, 2.0)}, since=30.0)) == [
+        "read"
+    ]
 
 
 def test_part_size_stays_within_the_part_count():
@@ -98,9 +134,12 @@ def test_part_size_stays_within_the_part_count():
 
 
 def test_object_keys_name_the_digest_and_nothing_else_is_taken_for_one():
-    assert verifyObject(IStorageRecords, IndexRecords(None))  # type: ignore[arg-type]
     storage = S3Storage(
-        storage_config(prefix="m/"), MemoryReactorClock(), run_now, Records(), Metrics()
+        storage_config(prefix="m/"),
+        MemoryReactorClock(),
+        run_now,
+        quota(Records(), None)[0],
+        Metrics(),
     )
     assert verifyObject(IBlobStorage, storage)
     digest = "sha256:" + "ab" * 32
@@ -395,7 +434,7 @@ def test_an_object_clients_were_sent_to_stays_until_their_urls_expire():
         storage_config(max_size="150B"),
         reactor,
         run_now,
-        Records(),
+        Quota(Records(), 150, reactor),  # type: ignore[arg-type]
         metrics,
         client=bucket,  # type: ignore[arg-type]
     )
@@ -403,14 +442,14 @@ def test_an_object_clients_were_sent_to_stays_until_their_urls_expire():
     urls: list[str | None] = []
     storage.location(digest).addCallback(urls.append)
     assert urls == [f"http://s3/blobs/sha256/{'ab' * 32}?X-Amz-Expires=300"]
-    assert storage.quota.reserve("sha256:" + "cd" * 32, 100) is None  # in use
+    assert isinstance(result_of(storage.records.reserve("sha256:" + "cd" * 32, 100)), str)
     assert not storage.remove(digest)
     reactor.advance(200)
     storage.location(digest).addCallback(urls.append)  # another client, later
     reactor.advance(200)
-    assert storage.quota.pinned(digest)
+    assert storage.records.in_use(digest)
     reactor.advance(100)
-    assert not storage.quota.pinned(digest)
+    assert not storage.records.in_use(digest)
     assert storage.remove(digest)
     assert bucket.deleted == [f"blobs/sha256/{'ab' * 32}"]
     assert metrics.registry.get_sample_value("dockmirror_storage_evictions_total") == 1
