@@ -31,7 +31,7 @@ from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
 
 from twisted.application import service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -738,6 +738,8 @@ class KeyStore(service.Service):
         self._interval = flush_interval
         self._pending: dict[str, Usage] = {}
         self._loop = LoopingCall(self.flush)
+        #: One flush at a time: the loop's, a resync's and the last one at stop.
+        self._flushing = DeferredLock()
         self._loop.clock = reactor
         self._open = False
         #: Revocations heard while the revoked set is being reloaded.
@@ -806,8 +808,11 @@ class KeyStore(service.Service):
         self._pending.setdefault(app_id, Usage()).add(1, nbytes, now)
 
     def flush(self) -> Deferred[None]:
-        """Write the pending usage counters and reload the revoked set."""
-        return Deferred.fromCoroutine(self._flush())
+        """Write the pending usage counters and reload the revoked set.
+
+        A flush asked for while another runs waits for it, then runs.
+        """
+        return self._flushing.run(lambda: Deferred.fromCoroutine(self._flush()))
 
     async def _flush(self) -> None:
         """Never fails: an error is logged and the usage kept for the next flush,

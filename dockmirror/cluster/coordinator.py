@@ -20,7 +20,7 @@ the session's thread.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from functools import partial
 from typing import Any, TypeVar
 
@@ -35,7 +35,7 @@ from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from dockmirror._interfaces import ICoordinator
-from dockmirror.cluster.database import DatabaseUnavailable
+from dockmirror.cluster.database import Backoff, DatabaseUnavailable
 from dockmirror.cluster.peers import PeerClient
 from dockmirror.coordination import FLIGHT_RESULT_MAX
 from dockmirror.upstream import discard
@@ -57,29 +57,6 @@ RESULT_STRING_MAX = 1024
 _KEY_BIT = 1 << 60
 #: ... and those of shared flights (see :class:`FlightClaims`) this one too.
 _FLIGHT_BIT = 1 << 61
-
-
-#: Seconds a node goes without asking PostgreSQL after it could not reach it.
-BACKOFF = 5.0
-
-
-class Backoff:
-    """Skips PostgreSQL for a few seconds after it failed, rather than wait for it each time."""
-
-    def __init__(self, clock: IReactorTime, seconds: float = BACKOFF) -> None:
-        self._clock = clock
-        self._seconds = seconds
-        self._until = 0.0
-
-    async def run(self, query: Callable[[], Awaitable[T]]) -> T:
-        """``await query()``; raises :class:`DatabaseUnavailable` at once while backing off."""
-        if self._clock.seconds() < self._until:
-            raise DatabaseUnavailable("PostgreSQL failed a moment ago")
-        try:
-            return await query()
-        except DatabaseUnavailable:
-            self._until = self._clock.seconds() + self._seconds
-            raise
 
 
 def lock_key(digest: str) -> int:

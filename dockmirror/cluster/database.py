@@ -10,7 +10,7 @@ again once it is back, without a restart.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from typing import Any, TypeVar
@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 from twisted.application import service
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -34,10 +35,42 @@ MAX_CONNECTIONS = 8
 #: then the next query tries afresh.  Bounded, so that a node is back within
 #: seconds of PostgreSQL, however long it was away.
 RECONNECT_TIMEOUT = 5.0
+#: Seconds a node goes without asking PostgreSQL after it could not reach it.
+BACKOFF = 5.0
 
 
 class DatabaseUnavailable(Exception):
     """PostgreSQL cannot be reached now; the operation may be retried later."""
+
+
+class Backoff:
+    """Skips PostgreSQL for a few seconds after it failed, rather than wait for it each time.
+
+    Only news newer than the last success counts: a query that began before
+    another one succeeded, and then failed (it waited for a connection while
+    PostgreSQL came back), does not start a backoff, and a success ends one.
+    """
+
+    def __init__(self, clock: IReactorTime, seconds: float = BACKOFF) -> None:
+        self._clock = clock
+        self._seconds = seconds
+        self._until = 0.0
+        self._succeeded = float("-inf")
+
+    async def run(self, query: Callable[[], Awaitable[T]]) -> T:
+        """``await query()``; raises :class:`DatabaseUnavailable` at once while backing off."""
+        started = self._clock.seconds()
+        if started < self._until:
+            raise DatabaseUnavailable("PostgreSQL failed a moment ago")
+        try:
+            result = await query()
+        except DatabaseUnavailable:
+            if started >= self._succeeded:
+                self._until = self._clock.seconds() + self._seconds
+            raise
+        self._succeeded = self._clock.seconds()
+        self._until = 0.0
+        return result
 
 
 class Database:

@@ -36,8 +36,8 @@ from twisted.python.failure import Failure
 
 from dockmirror.cache import Cache
 from dockmirror.cache.manifests import SharedTag
-from dockmirror.cluster.coordinator import Backoff, Session
-from dockmirror.cluster.database import Database, DatabaseUnavailable
+from dockmirror.cluster.coordinator import Session
+from dockmirror.cluster.database import Backoff, Database, DatabaseUnavailable
 
 log = Logger()
 

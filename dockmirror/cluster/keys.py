@@ -34,6 +34,7 @@ from dockmirror.auth.secretfile import read, replace
 from dockmirror.auth.tokens import generate_signing_key
 from dockmirror.cluster.database import (
     CONNECT_TIMEOUT,
+    Backoff,
     Database,
     DatabaseUnavailable,
     fetch_rows,
@@ -122,7 +123,7 @@ class PostgresKeys:
         self.name = repr(database)
         self._reactor = reactor
         self._notify_key = notify_key
-        self._down_until = 0.0
+        self._backoff = Backoff(reactor, RETRY_INTERVAL)
 
     def start(self) -> None:
         pass  # the database is a service of its own
@@ -142,14 +143,13 @@ class PostgresKeys:
         return result
 
     async def run(self, f: Callable[[KeyQueries], T]) -> T:
-        if self._reactor.seconds() < self._down_until:
-            raise KeyStoreError(f"{self.name} is unavailable")
         try:
-            return await self.database.run(
-                lambda conn: f(PostgresKeyDatabase(conn, notify_key=self._notify_key))
+            return await self._backoff.run(
+                lambda: self.database.run(
+                    lambda conn: f(PostgresKeyDatabase(conn, notify_key=self._notify_key))
+                )
             )
         except DatabaseUnavailable as e:
-            self._down_until = self._reactor.seconds() + RETRY_INTERVAL
             raise KeyStoreError(f"{self.name} is unavailable: {e}") from e
         except psycopg.Error as e:
             raise KeyStoreError(f"{self.name}: {str(e).strip()}") from e

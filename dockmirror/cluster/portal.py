@@ -27,8 +27,8 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from dockmirror.cluster.coordinator import Backoff
 from dockmirror.cluster.database import (
+    Backoff,
     Database,
     DatabaseUnavailable,
     apply_schema,

@@ -49,8 +49,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from dockmirror._interfaces import IStorageRecords
-from dockmirror.cluster.coordinator import Backoff, Session, lock_key
-from dockmirror.cluster.database import DatabaseUnavailable
+from dockmirror.cluster.coordinator import Session, lock_key
+from dockmirror.cluster.database import Backoff, DatabaseUnavailable
 
 log = Logger()
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from dockmirror.cluster.coordinator import BACKOFF, lock_key
+from dockmirror.cluster.coordinator import lock_key
+from dockmirror.cluster.database import BACKOFF
 
 from . import test_manhole
 from .conftest import Dockmirror, DockmirrorFactory

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 
-from dockmirror.cluster.coordinator import BACKOFF
+from dockmirror.cluster.database import BACKOFF
 
 from . import test_cluster_cache
 from .ceph import S3Bucket

@@ -6,12 +6,12 @@ from importlib import resources
 from typing import Any
 
 import pytest
+import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.web.http_headers import Headers
 
 from dockmirror.cluster.coordinator import (
-    BACKOFF,
     LEAD_ATTEMPTS,
     LEAD_INTERVAL,
     ClusterCoordinator,
@@ -19,7 +19,7 @@ from dockmirror.cluster.coordinator import (
     _unlock,
     lock_key,
 )
-from dockmirror.cluster.database import DatabaseUnavailable
+from dockmirror.cluster.database import BACKOFF, Backoff, DatabaseUnavailable
 from dockmirror.cluster.peers import NODE_URL_RE, SecretError, read_secret_file
 from dockmirror.coordination import LocalCoordinator
 from dockmirror.streaming import content_range_start
@@ -209,3 +209,33 @@ def test_the_sweep_keeps_the_shared_index_bounded(postgres):
         assert {r[0] for r in conn.execute("SELECT digest FROM cache_access")} == {held, filling}
         assert [r[0] for r in conn.execute("SELECT tag FROM cache_tags")] == ["fresh"]
         assert sweep(1000.0, conn) == (0, 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_backoff_ends_with_a_success_and_ignores_older_failures():
+    """A query that waited while PostgreSQL came back, then failed, starts no backoff
+    once a later-started query succeeded; and a success ends a backoff."""
+    clock = Clock()
+    backoff = Backoff(clock, seconds=5)
+    slow: Deferred[None] = Deferred()
+
+    async def down() -> None:
+        raise DatabaseUnavailable("down")
+
+    async def up() -> str:
+        return "ok"
+
+    waiting = Deferred.fromCoroutine(backoff.run(lambda: slow))
+    clock.advance(1)
+    assert await backoff.run(up) == "ok"
+    slow.errback(DatabaseUnavailable("gave up waiting"))
+    with pytest.raises(DatabaseUnavailable):
+        await waiting
+    assert await backoff.run(up) == "ok"  # not backing off
+    clock.advance(1)
+    with pytest.raises(DatabaseUnavailable, match="down"):
+        await backoff.run(down)
+    with pytest.raises(DatabaseUnavailable, match="a moment ago"):
+        await backoff.run(up)
+    clock.advance(5)
+    assert await backoff.run(up) == "ok"

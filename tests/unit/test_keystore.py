@@ -284,3 +284,24 @@ async def test_flush_loop_survives_any_error(tmp_path: Path) -> None:
         await store.stopService()
         globalLogPublisher.removeObserver(events.append)
     assert any("log_failure" in e and "key usage" in str(e["log_format"]) for e in events)
+
+
+@pytest_twisted.ensureDeferred
+async def test_flushes_asked_for_together_run_one_after_the_other(key_store: KeyStore) -> None:
+    """A resync's flush during the loop's: both complete without error, and no
+    usage is lost or doubled."""
+    events: list[dict[str, object]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        new = await key_store.create("a")
+        key_store.record(new.app_id, 1)
+        first = key_store.flush()
+        key_store.record(new.app_id, 2)
+        second = key_store.flush()
+        await first
+        await second
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert not [e for e in events if "log_failure" in e]
+    [info] = await key_store.list()
+    assert (info.use_count, info.bytes_served) == (2, 3)
