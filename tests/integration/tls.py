@@ -18,7 +18,6 @@ from pathlib import Path
 
 from .clients import MIRROR_NAME, ServerTLS, make_server_tls
 
-
 #: Test threads (e.g. 48 concurrent pulls) ask for these at once: one makes them.
 _making = threading.Lock()
 
