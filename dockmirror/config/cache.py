@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dockmirror.config.values import ConfigError, parse_size
+from dockmirror.config.values import ConfigError, check_size, optional_size
 
 OVERSIZE_POLICIES = ("passthrough", "reject")
 
@@ -28,15 +28,15 @@ class CacheConfig:
 
     @property
     def min_free_bytes(self) -> int | None:
-        return None if self.min_free is None else parse_size(self.min_free)
+        return optional_size(self.min_free)
 
     @property
     def max_size_bytes(self) -> int | None:
-        return None if self.max_size is None else parse_size(self.max_size)
+        return optional_size(self.max_size)
 
     @property
     def max_layer_size_bytes(self) -> int | None:
-        return None if self.max_layer_size is None else parse_size(self.max_layer_size)
+        return optional_size(self.max_layer_size)
 
 
 def check_cache(source: str, cache: CacheConfig) -> None:
@@ -44,12 +44,7 @@ def check_cache(source: str, cache: CacheConfig) -> None:
         text = getattr(cache, key)
         if text is None:
             continue
-        try:
-            size = parse_size(text)
-        except ValueError as e:
-            raise ConfigError(f"{source}: cache.{key}: {e}") from None
-        if size <= 0 and key != "min_free":
-            raise ConfigError(f"{source}: cache.{key} must be more than zero bytes")
+        check_size(f"{source}: cache.{key}", text, positive=key != "min_free")
     if cache.oversize not in OVERSIZE_POLICIES:
         raise ConfigError(
             f"{source}: cache.oversize must be one of {', '.join(map(repr, OVERSIZE_POLICIES))}"

@@ -5,7 +5,13 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 
-from dockmirror.config.values import SECRET_URL, ConfigError, redacted_repr, url_parts
+from dockmirror.config.values import (
+    SECRET_URL,
+    ConfigError,
+    check_root_url,
+    redacted_repr,
+    url_parts,
+)
 
 
 @dataclass(frozen=True)
@@ -61,9 +67,4 @@ def check_cluster(source: str, cluster: ClusterConfig) -> None:
     if (cluster.listen is None) != (cluster.node_url is None):
         raise ConfigError(f"{source}: cluster.listen and cluster.node_url go together")
     if cluster.node_url is not None:
-        parts = url_parts(cluster.node_url)
-        if parts is None or parts.scheme not in ("http", "https") or parts.path not in ("", "/"):
-            raise ConfigError(
-                f"{source}: cluster.node_url must be an http(s) URL with no path,"
-                ' e.g. "http://10.0.0.5:5001"'
-            )
+        check_root_url(f"{source}: cluster.node_url", cluster.node_url, "http://10.0.0.5:5001")

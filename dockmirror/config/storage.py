@@ -13,8 +13,10 @@ from dockmirror.config.values import (
     SECRET,
     SECRET_URL,
     ConfigError,
+    check_root_url,
+    check_size,
+    optional_size,
     parse_duration,
-    parse_size,
     redacted_repr,
     url_parts,
 )
@@ -64,7 +66,7 @@ class StorageConfig:
 
     @property
     def max_size_bytes(self) -> int | None:
-        return None if self.max_size is None else parse_size(self.max_size)
+        return optional_size(self.max_size)
 
     @property
     def stale_uploads_seconds(self) -> float:
@@ -170,12 +172,7 @@ def check_storage(source: str, storage: StorageConfig) -> None:
             f'{source}: storage.prefix must be path segments each ending in /, e.g. "mirror/"'
         )
     if storage.endpoint is not None:
-        parts = url_parts(storage.endpoint)
-        if parts is None or parts.scheme not in ("http", "https") or parts.path not in ("", "/"):
-            raise ConfigError(
-                f"{source}: storage.endpoint must be an http(s) URL with no path,"
-                ' e.g. "https://s3.example.com"'
-            )
+        check_root_url(f"{source}: storage.endpoint", storage.endpoint, "https://s3.example.com")
     if storage.addressing is not None and storage.addressing not in S3_ADDRESSING:
         raise ConfigError(f'{source}: storage.addressing must be "path" or "virtual"')
     try:
@@ -185,12 +182,7 @@ def check_storage(source: str, storage: StorageConfig) -> None:
     if (storage.access_key is None) != (storage.secret_key is None):
         raise ConfigError(f"{source}: storage.access_key and storage.secret_key go together")
     if storage.max_size is not None:
-        try:
-            size = parse_size(storage.max_size)
-        except ValueError as e:
-            raise ConfigError(f"{source}: storage.max_size: {e}") from None
-        if size <= 0:
-            raise ConfigError(f"{source}: storage.max_size must be more than zero bytes")
+        check_size(f"{source}: storage.max_size", storage.max_size)
     try:
         parse_duration(storage.stale_uploads)
     except ValueError as e:

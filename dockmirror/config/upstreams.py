@@ -18,6 +18,7 @@ from dockmirror.config.values import (
     SECRET_URL,
     ConfigError,
     check_seconds,
+    check_size,
     parse_size,
     redacted_repr,
     url_parts,
@@ -237,9 +238,6 @@ def _check_parallel(source: str, name: str, upstream: UpstreamConfig) -> None:
             f"{where}.parallel_parts must be a number from 1 (one stream per blob)"
             f" to {PARALLEL_PARTS_MAX}"
         )
-    try:
-        size = parse_size(upstream.parallel_min_size)
-    except ValueError as e:
-        raise ConfigError(f"{where}.parallel_min_size: {e}") from None
+    size = check_size(f"{where}.parallel_min_size", upstream.parallel_min_size, positive=False)
     if size < PARALLEL_MIN_SIZE_MIN:
         raise ConfigError(f"{where}.parallel_min_size must be at least 1MiB")

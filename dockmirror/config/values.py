@@ -42,6 +42,22 @@ def parse_size(text: str) -> int:
     return int(Fraction(m.group(1)) * _UNITS[unit])
 
 
+def optional_size(text: str | None) -> int | None:
+    """Bytes in an optional size key (checked at load); None if it is unset."""
+    return None if text is None else parse_size(text)
+
+
+def check_size(where: str, text: str, positive: bool = True) -> int:
+    """Bytes in a size key; ConfigError names *where* (``FILE: cache.max_size``)."""
+    try:
+        size = parse_size(text)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if positive and size <= 0:
+        raise ConfigError(f"{where} must be more than zero bytes")
+    return size
+
+
 _DURATION_RE = re.compile(r"(?:\d+(?:\.\d+)?[smhd])+|\d+(?:\.\d+)?")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -99,3 +115,10 @@ def url_parts(url: str) -> SplitResult | None:
     except ValueError:
         return None
     return parts
+
+
+def check_root_url(where: str, url: str, example: str) -> None:
+    """*url* is an http(s) URL with no path, as a base URL; ConfigError names *where*."""
+    parts = url_parts(url)
+    if parts is None or parts.scheme not in ("http", "https") or parts.path not in ("", "/"):
+        raise ConfigError(f'{where} must be an http(s) URL with no path, e.g. "{example}"')
