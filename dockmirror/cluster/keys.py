@@ -29,7 +29,8 @@ import psycopg
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from dockmirror.auth.keystore import REVOKED_TOPIC, KeyQueries, KeyStoreError, Row
+from dockmirror.auth.keys import KeyStoreError
+from dockmirror.auth.queries import REVOKED_TOPIC, KeyQueries, Row
 from dockmirror.auth.secretfile import read, replace
 from dockmirror.auth.tokens import generate_signing_key
 from dockmirror.cluster.database import (

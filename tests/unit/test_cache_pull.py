@@ -193,15 +193,21 @@ def test_a_blob_a_cached_manifest_refers_to_is_proven_by_the_upstream(setup):
     assert info.value.code == "BLOB_UNKNOWN"
 
 
-def test_a_passed_through_blob_is_asked_for_one_range_at_most(setup):
-    # Several ranges would come back as multipart/byteranges, which a blob reply
-    # cannot carry; like a cached blob, the whole of it is served instead.
+def pass_through(setup, body: bytes) -> None:
+    """The manifest cached, LAYER too large to cache, and *body* what the upstream sends of it."""
     clock, upstream, cache, pull, route = setup
     upstream.answers[("GET", "manifests/v1")] = manifest_answer()
     manifest(pull, route)
     cache.max_layer_size = 10
     upstream.answers[("HEAD", f"blobs/{sha256(LAYER)}")] = head_answer(LAYER)
-    upstream.answers[("GET", f"blobs/{sha256(LAYER)}")] = Answer(200, LAYER)
+    upstream.answers[("GET", f"blobs/{sha256(LAYER)}")] = Answer(200, body)
+
+
+def test_a_passed_through_blob_is_asked_for_one_range_at_most(setup):
+    # Several ranges would come back as multipart/byteranges, which a blob reply
+    # cannot carry; like a cached blob, the whole of it is served instead.
+    clock, upstream, cache, pull, route = setup
+    pass_through(setup, LAYER)
     reply = get(Deferred.fromCoroutine(pull.blob(route, sha256(LAYER), False, "bytes=0-1,5-6")))
     assert reply.status == 200
     assert upstream.headers[-1] is None
@@ -209,11 +215,7 @@ def test_a_passed_through_blob_is_asked_for_one_range_at_most(setup):
 
 def test_a_passed_through_blob_longer_than_declared_is_refused(setup):
     clock, upstream, cache, pull, route = setup
-    upstream.answers[("GET", "manifests/v1")] = manifest_answer()
-    manifest(pull, route)
-    cache.max_layer_size = 10
-    upstream.answers[("HEAD", f"blobs/{sha256(LAYER)}")] = head_answer(LAYER)
-    upstream.answers[("GET", f"blobs/{sha256(LAYER)}")] = Answer(200, LAYER + b"more")
+    pass_through(setup, LAYER + b"more")
     with pytest.raises(RegistryError) as info:
         get(Deferred.fromCoroutine(pull.blob(route, sha256(LAYER), False, None)))
     assert info.value.status == 502
