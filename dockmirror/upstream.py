@@ -9,7 +9,6 @@ Tokens are cached per realm, service and scope until shortly before they expire.
 from __future__ import annotations
 
 import base64
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +35,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
+from dockmirror import jsontext
 from dockmirror.config import CONNECT_TIMEOUT, READ_TIMEOUT
 from dockmirror.egress import DisallowedAddress, tls_failure
 from dockmirror.hostnames import parse_host_header
@@ -524,7 +524,7 @@ class UpstreamClient:
         if response.code != 200:
             raise UpstreamError(f"token service {realm} answered {response.code}")
         try:
-            data = json.loads(body)
+            data = jsontext.loads(body)
             token = data.get("token") or data.get("access_token")
             lifetime = float(data.get("expires_in") or 60)
         except (ValueError, AttributeError, TypeError):
