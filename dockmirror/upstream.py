@@ -9,6 +9,7 @@ Tokens are cached per realm, service and scope until shortly before they expire.
 from __future__ import annotations
 
 import base64
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,12 @@ log = Logger()
 SMALL_BODY_LIMIT = 1 << 20
 #: A token is dropped this many seconds before the upstream says it expires.
 TOKEN_MARGIN = 10.0
+#: The lifetime of a token whose service gives none or an unusable one, and the longest
+#: a token is kept, whatever its service says.
+TOKEN_LIFETIME = 60.0
+MAX_TOKEN_LIFETIME = 3600.0
+#: Tokens kept per upstream: there is one per repository clients ask for.
+MAX_TOKENS = 1000
 #: Redirects followed for one request.
 MAX_REDIRECTS = 5
 _REDIRECTS = (301, 302, 303, 307, 308)
@@ -481,13 +488,17 @@ class UpstreamClient:
         if fetched is None:
             return None
         token, lifetime = fetched
+        self._tokens.pop(key, None)
         self._tokens[key] = (token, now + max(lifetime - TOKEN_MARGIN, 1.0))
         self._expire_tokens(now)
         return "Bearer " + token
 
     def _expire_tokens(self, now: float) -> None:
+        """Drop expired tokens, then the oldest beyond :data:`MAX_TOKENS`."""
         for key in [k for k, (_, expiry) in self._tokens.items() if expiry <= now]:
             del self._tokens[key]
+        while len(self._tokens) > MAX_TOKENS:
+            del self._tokens[next(iter(self._tokens))]
 
     async def _fetch_token(self, realm: str, service: str, scope: str) -> tuple[str, float] | None:
         """A token and its lifetime; None when the token service refuses the credentials.
@@ -526,13 +537,22 @@ class UpstreamClient:
         try:
             data = jsontext.loads(body)
             token = data.get("token") or data.get("access_token")
-            lifetime = float(data.get("expires_in") or 60)
-        except (ValueError, AttributeError, TypeError):
+            expires_in = data.get("expires_in")
+        except (ValueError, AttributeError):
             token = None
         if not isinstance(token, str) or not token:
             raise UpstreamError(f"token service {realm} answered without a token")
         log.debug("token for {scope} from {realm}", scope=scope, realm=realm)
-        return token, lifetime
+        return token, _lifetime(expires_in)
+
+
+def _lifetime(expires_in: Any) -> float:
+    """A token's ``expires_in``, at most :data:`MAX_TOKEN_LIFETIME`; the default if unusable."""
+    try:
+        seconds = float(expires_in or TOKEN_LIFETIME)
+    except (ValueError, TypeError, OverflowError):
+        return TOKEN_LIFETIME
+    return min(seconds, MAX_TOKEN_LIFETIME) if math.isfinite(seconds) else TOKEN_LIFETIME
 
 
 def _timed_out(result: object, timeout: float) -> Failure:
