@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
+from hyperlink import EncodedURL
 from twisted.internet import defer
 from twisted.internet.error import (
     ConnectError,
@@ -382,6 +383,7 @@ class UpstreamClient:
             and "@" not in parts.netloc
             and parse_host_header(parts.netloc) is not None
             and not any(c <= " " or c == "\x7f" for c in url)
+            and _sendable(url)
         )
         if not ok:
             self._metrics.upstream_errors.labels(self.name, "redirect").inc()
@@ -553,6 +555,15 @@ def _lifetime(expires_in: Any) -> float:
     except (ValueError, TypeError, OverflowError):
         return TOKEN_LIFETIME
     return min(seconds, MAX_TOKEN_LIFETIME) if math.isfinite(seconds) else TOKEN_LIFETIME
+
+
+def _sendable(url: str) -> bool:
+    """Whether treq can send a request to *url*: it cannot encode an IPv6 literal host."""
+    try:
+        EncodedURL.from_text(url).to_uri()
+    except ValueError:  # idna's errors are ValueErrors
+        return False
+    return True
 
 
 def _timed_out(result: object, timeout: float) -> Failure:

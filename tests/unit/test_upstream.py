@@ -308,6 +308,8 @@ def follow(location: str) -> tuple[Redirector, Any]:
         "https://cdn.example./blob",
         "https://cdn_example/blob",
         "https://cdn.example/a b",
+        "https://[::1]/blob",  # the HTTP client cannot encode an IPv6 literal
+        "https://[::ffff:169.254.169.254]:443/blob",
     ],
 )
 def test_redirects_that_are_refused(location: str) -> None:
