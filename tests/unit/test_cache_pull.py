@@ -306,3 +306,17 @@ def test_a_page_or_another_digest_is_no_proof(setup, headers):
     origin = "hub/library/x http://up"
     assert not cache.blobs.allowed(origin, digest)
     assert not cache.blobs.allowed(origin, sha256(MANIFEST))
+
+
+@pytest.mark.parametrize("head", [False, True])
+@pytest.mark.parametrize("digest", ["sha256:\x1b[31mred\x07" + "x" * 5000, "md5:abc", "sha256:"])
+def test_a_malformed_manifest_digest_from_the_upstream_is_refused_unrepeated(setup, digest, head):
+    clock, upstream, cache, pull, route = setup
+    answer = Answer(
+        200, MANIFEST, {"Content-Type": DOCKER_MANIFEST, "Docker-Content-Digest": digest}
+    )
+    upstream.answers[("HEAD" if head else "GET", "manifests/v1")] = answer
+    with pytest.raises(RegistryError) as info:
+        manifest(pull, route, head)
+    assert info.value.status == 502
+    assert digest not in info.value.message and info.value.message.isprintable()
