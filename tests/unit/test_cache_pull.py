@@ -221,6 +221,34 @@ def test_a_passed_through_blob_longer_than_declared_is_refused(setup):
     assert cache.blobs.size_of(sha256(LAYER), "hub/library/x http://up") is None
 
 
+@pytest.mark.parametrize("asked", [None, "bytes=0-1,5-6", "bytes=2-3"])
+def test_a_passed_through_blob_answered_with_another_range_is_refused(setup, asked):
+    clock, upstream, cache, pull, route = setup
+    upstream.answers[("GET", "manifests/v1")] = manifest_answer()
+    manifest(pull, route)
+    cache.max_layer_size = 10
+    size = len(LAYER)
+    upstream.answers[("HEAD", f"blobs/{sha256(LAYER)}")] = head_answer(LAYER)
+    partial = Answer(206, LAYER[:2], {"Content-Range": f"bytes 0-1/{size}"})
+    upstream.answers[("GET", f"blobs/{sha256(LAYER)}")] = partial
+    with pytest.raises(RegistryError) as info:
+        get(Deferred.fromCoroutine(pull.blob(route, sha256(LAYER), False, asked)))
+    assert info.value.status == 502
+
+
+def test_a_passed_through_range_is_the_one_asked_for(setup):
+    clock, upstream, cache, pull, route = setup
+    upstream.answers[("GET", "manifests/v1")] = manifest_answer()
+    manifest(pull, route)
+    cache.max_layer_size = 10
+    size = len(LAYER)
+    upstream.answers[("HEAD", f"blobs/{sha256(LAYER)}")] = head_answer(LAYER)
+    partial = Answer(206, LAYER[2:4], {"Content-Range": f"bytes 2-3/{size}"})
+    upstream.answers[("GET", f"blobs/{sha256(LAYER)}")] = partial
+    reply = get(Deferred.fromCoroutine(pull.blob(route, sha256(LAYER), False, "bytes=2-3")))
+    assert (reply.status, reply.headers["Content-Range"]) == (206, f"bytes 2-3/{size}")
+
+
 def test_a_transient_error_reading_a_cached_manifest_keeps_it(setup, monkeypatch):
     clock, upstream, cache, pull, route = setup
     upstream.answers[("GET", "manifests/v1")] = manifest_answer()
