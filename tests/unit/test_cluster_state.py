@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from twisted.internet.task import Clock
 
-from dockmirror.auth.keystore import REVOKED_TOPIC, KeyStore
+from dockmirror.auth.keystore import KeyStore
+from dockmirror.auth.queries import REVOKED_TOPIC
 from dockmirror.cluster.notify import (
     CHANNEL,
     MAX_AGE,
