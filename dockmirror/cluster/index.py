@@ -23,7 +23,8 @@ or fills, so that neither table grows with every tag and digest ever seen.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
@@ -89,10 +90,10 @@ class ClusterIndex(service.Service):
         return f"<ClusterIndex {self.node_url}>"
 
     def startService(self) -> None:
-        """Say what this node holds, as it found it at start."""
+        """Reconcile this node's rows with what its disk holds (see :func:`reconcile_node`)."""
         super().startService()
-        blobs = list(self._blobs.entries())
-        self._write(partial(_replace_node, self.node_url, blobs), "recording this node's blobs")
+        f = partial(reconcile_node, self.node_url, self._blobs.entries(), self._blobs.path)
+        self._write(f, "recording this node's blobs")
         self._loop.start(TOUCH_INTERVAL, now=False)
         self._sweeper.start(SWEEP_INTERVAL, now=False)
 
@@ -252,10 +253,41 @@ def _fetch_all(sql: str, params: tuple[Any, ...], conn: psycopg.Connection[Any])
     return conn.execute(sql, params).fetchall()
 
 
-def _replace_node(
-    node_url: str, blobs: list[tuple[str, int]], conn: psycopg.Connection[Any]
-) -> None:
+def reconcile_node(
+    node_url: str,
+    blobs: list[tuple[str, int]],
+    path: Callable[[str], str],
+    conn: psycopg.Connection[Any],
+) -> tuple[int, int]:
+    """Make *node_url*'s rows say what its disk holds now, *blobs* being what a process
+    found there at its start (each blob's file at ``path(digest)``).
+
+    The other processes of the node go on adding, reading and removing blobs
+    meanwhile, and write their rows themselves: only rows whose file is gone
+    are deleted, and only blobs still on disk and without a row are added, so
+    that neither a blob removed since the start comes back nor a row's last
+    access is lost.  Returns how many rows were added and deleted.
+    """
     with conn.transaction():
-        conn.execute("DELETE FROM cache_blobs WHERE node_url = %s", (node_url,))
+        rows = {
+            str(row[0])
+            for row in conn.execute(
+                "SELECT digest FROM cache_blobs WHERE node_url = %s FOR UPDATE", (node_url,)
+            )
+        }
+        gone = [digest for digest in rows if not os.path.exists(path(digest))]
+        added = [
+            (digest, node_url, size)
+            for digest, size in blobs
+            if digest not in rows and os.path.exists(path(digest))
+        ]
+        conn.execute(
+            "DELETE FROM cache_blobs WHERE node_url = %s AND digest = ANY(%s)", (node_url, gone)
+        )
         with conn.cursor() as cursor:
-            cursor.executemany(_UPSERT_BLOB, [(d, node_url, size) for d, size in blobs])
+            cursor.executemany(
+                "INSERT INTO cache_blobs (digest, node_url, size) VALUES (%s, %s, %s)"
+                " ON CONFLICT DO NOTHING",
+                added,
+            )
+    return len(added), len(gone)

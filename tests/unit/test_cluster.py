@@ -239,3 +239,37 @@ async def test_a_backoff_ends_with_a_success_and_ignores_older_failures():
         await backoff.run(up)
     clock.advance(5)
     assert await backoff.run(up) == "ok"
+
+
+def test_a_restarted_process_reconciles_its_nodes_rows_with_the_disk(postgres, tmp_path):
+    """Rows are added only for blobs still on disk, deleted only for files gone; the
+    last access of a row the start found, and other nodes' rows, stay as they were."""
+    import os
+
+    import psycopg
+
+    from dockmirror.cluster.index import reconcile_node
+
+    kept, removed, added, evicted, other = ("sha256:" + c * 64 for c in "abcde")
+
+    def path(digest: str) -> str:
+        return str(tmp_path / digest)
+
+    for digest in (kept, added, evicted):
+        open(path(digest), "w").close()
+    schema = resources.files("dockmirror.cluster").joinpath("cache.sql").read_text()
+    with psycopg.connect(postgres, autocommit=True) as conn:
+        conn.execute(schema)
+        rows = [(kept, "n", "2020-01-01"), (removed, "n", "2020-01-01"), (other, "m", "2020-01-01")]
+        for row in rows:
+            conn.execute("INSERT INTO cache_blobs VALUES (%s, %s, 1, %s)", row)
+        # What the process found at its start; then another process of the node
+        # evicted a blob (its file and its row) and removed another one.
+        snapshot = [(kept, 1), (added, 1), (evicted, 1)]
+        os.remove(path(evicted))
+        counts = reconcile_node("n", snapshot, path, conn)
+        found = conn.execute(
+            "SELECT digest, node_url, used < '2021-01-01' FROM cache_blobs ORDER BY digest"
+        ).fetchall()
+        assert found == [(kept, "n", True), (added, "n", False), (other, "m", True)]
+        assert counts == (1, 1)
