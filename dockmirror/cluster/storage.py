@@ -9,6 +9,9 @@ share one bucket and these records (``storage.sql``):
   before its claim on the digest ends.
 - ``storage_uploads``: the bytes each upload in progress reserved, counted
   in the quota until it ends (or, for a node that died, its lease lapses).
+- ``storage_listing``: when a node last listed the bucket.  The records
+  are trusted at start: one node a day lists the bucket and reconciles them
+  (a listing costs one request per 1000 objects).
 - ``storage_readers``: leases of the nodes reading an object (a stream, a
   fill from the bucket, a presigned URL handed out), renewed while they read.
 
@@ -51,6 +54,7 @@ from zope.interface import implementer
 from dockmirror._interfaces import IStorageRecords
 from dockmirror.cluster.coordinator import Session, lock_key
 from dockmirror.cluster.database import Backoff, DatabaseUnavailable
+from dockmirror.storage.quota import LISTING_INTERVAL
 
 log = Logger()
 
@@ -185,6 +189,14 @@ class ClusterRecords(service.Service):
 
     def evicted(self, digest: str) -> None:
         self._write(partial(_unlock, digest), f"releasing {digest}")
+
+    def listing_due(self) -> Deferred[bool]:
+        """Whether no node of the cluster listed the bucket for a day; if so this node does.
+
+        Not while PostgreSQL is away: the listing could not be recorded.
+        """
+        f = partial(_listing_due, LISTING_INTERVAL)
+        return self._write(f, "asking whether to list the bucket").addCallback(bool)
 
     def reconcile(self, found: dict[str, tuple[int, float]], since: float) -> Deferred[list[str]]:
         f = partial(_reconcile, found, since, self.max_size)
@@ -380,6 +392,17 @@ def _remove(digest: str, conn: psycopg.Connection[Any]) -> bool:
             return False
         conn.execute(_DELETE_OBJECT, (digest,))
     return True
+
+
+def _listing_due(interval: float, conn: psycopg.Connection[Any]) -> bool:
+    """Whether the bucket was not listed for *interval* seconds; if so, it is now."""
+    row = conn.execute(
+        "INSERT INTO storage_listing (id, listed) VALUES (1, now()) ON CONFLICT (id)"
+        " DO UPDATE SET listed = now()"
+        " WHERE storage_listing.listed < now() - make_interval(secs => %s) RETURNING 1",
+        (interval,),
+    ).fetchone()
+    return row is not None
 
 
 def _reconcile(

@@ -132,3 +132,15 @@ def test_an_operator_removes_only_what_nobody_reads(sessions):
     assert storage._remove(digest(1), a)
     assert objects(b) == set()
     storage._unlock(digest(1), a)
+
+
+def test_one_node_a_day_lists_the_bucket(sessions):
+    """The first node to ask lists the bucket; the others trust the records until a
+    day has passed."""
+    a, b = sessions
+    assert storage._listing_due(3600, a)
+    assert not storage._listing_due(3600, b)
+    assert not storage._listing_due(3600, a)
+    a.execute("UPDATE storage_listing SET listed = now() - interval '2 hours'")
+    assert storage._listing_due(3600, b)
+    assert not storage._listing_due(3600, a)
