@@ -49,13 +49,19 @@ class Backoff:
     Only news newer than the last success counts: a query that began before
     another one succeeded, and then failed (it waited for a connection while
     PostgreSQL came back), does not start a backoff, and a success ends one.
+    The outage is logged once as it begins and once as it ends, for *what*
+    (the part of the node whose queries these are), however many fail.
     """
 
-    def __init__(self, clock: IReactorTime, seconds: float = BACKOFF) -> None:
+    def __init__(
+        self, clock: IReactorTime, seconds: float = BACKOFF, what: str = "cluster database"
+    ) -> None:
         self._clock = clock
         self._seconds = seconds
+        self._what = what
         self._until = 0.0
         self._succeeded = float("-inf")
+        self._down = False
 
     async def run(self, query: Callable[[], Awaitable[T]]) -> T:
         """``await query()``; raises :class:`DatabaseUnavailable` at once while backing off."""
@@ -64,12 +70,24 @@ class Backoff:
             raise DatabaseUnavailable("PostgreSQL failed a moment ago")
         try:
             result = await query()
-        except DatabaseUnavailable:
+        except DatabaseUnavailable as e:
             if started >= self._succeeded:
                 self._until = self._clock.seconds() + self._seconds
+                if not self._down:
+                    self._down = True
+                    log.warn(
+                        "{what}: PostgreSQL is unavailable ({error}); asking it again every"
+                        " {seconds:.0f}s at most, without a warning until it is back",
+                        what=self._what,
+                        error=str(e),
+                        seconds=self._seconds,
+                    )
             raise
         self._succeeded = self._clock.seconds()
         self._until = 0.0
+        if self._down:
+            self._down = False
+            log.info("{what}: PostgreSQL is back", what=self._what)
         return result
 
 

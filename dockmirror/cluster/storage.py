@@ -34,7 +34,8 @@ digest is not recorded.
 
 Every query runs on the coordinator's session, in order with its claims.
 While PostgreSQL is away, reads from the bucket go on without leases (no
-node can evict meanwhile), and nothing is uploaded.
+node can evict meanwhile), and nothing is uploaded; the outage is logged
+as it begins and as it ends, not at each lease or renewal that fails.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class ClusterRecords(service.Service):
         #: Who holds this process's leases and reservations: each worker of a node is one.
         self.holder = f"{node_url}#{os.getpid()}"
         self.max_size = max_size
-        self._backoff = Backoff(reactor)
+        self._backoff = Backoff(reactor, what="storage records")
         #: Readers on this node, by digest.
         self._readers: Counter[str] = Counter()
         #: Uploads this node reserved room for.
@@ -118,7 +119,8 @@ class ClusterRecords(service.Service):
 
         def failed(failure: Any) -> None:
             failure.trap(DatabaseUnavailable, psycopg.Error)
-            log.warn("storage records: {what}: {error}", what=what, error=failure.getErrorMessage())
+            if failure.check(psycopg.Error):  # an outage is logged once, by the backoff
+                _warn(what, failure.value)
 
         return d.addErrback(failed)
 
@@ -134,8 +136,10 @@ class ClusterRecords(service.Service):
     async def _lease(self, digest: str) -> int | None:
         try:
             size: int | None = await self._query(partial(_lease, digest, self.holder))
-        except (DatabaseUnavailable, psycopg.Error) as e:
-            log.warn("storage records: leasing {digest}: {error}", digest=digest, error=str(e))
+        except DatabaseUnavailable:
+            return UNKNOWN
+        except psycopg.Error as e:
+            _warn(f"leasing {digest}", e)
             return UNKNOWN
         return size
 
@@ -179,7 +183,8 @@ class ClusterRecords(service.Service):
         try:
             await self._query(partial(_uploaded, digest, size, self.holder, stored))
         except (DatabaseUnavailable, psycopg.Error) as e:
-            log.warn("storage records: recording {digest}: {error}", digest=digest, error=str(e))
+            if not isinstance(e, DatabaseUnavailable):
+                _warn(f"recording {digest}", e)
             if stored:  # recorded by a later renewal
                 self._unrecorded[digest] = size
 
@@ -242,6 +247,10 @@ _HELD_KEYS = (
     "SELECT (classid::bigint << 32) | objid::bigint FROM pg_locks"
     " WHERE locktype = 'advisory' AND objsubid = 1 AND granted"
 )
+
+
+def _warn(what: str, error: BaseException) -> None:
+    log.warn("storage records: {what}: {error}", what=what, error=str(error).strip())
 
 
 def _execute(sql: str, params: tuple[Any, ...], conn: psycopg.Connection[Any]) -> None:
