@@ -12,6 +12,12 @@
   fill need not ask the upstream again.
 - ``cache_tags``: what each tag was resolved to, with the manifest, so that a
   tag resolved by one node is fresh on every node until its TTL runs out.
+- ``cache_purges``: what the operator purged, and when.  A purge reaches
+  the other processes by a notification at once; a notification may be
+  lost (a process not listening, or one of the previous version, whose
+  notifications are not signed), so every process also reads the purges
+  of the last :data:`PURGE_WINDOW` seconds every :data:`PURGE_POLL` seconds
+  and applies those made since it started that it has not heard of.
 
 Rows about this node's blobs are written on the coordinator's session, in
 order with its fill claims: a blob is recorded before its claim ends.
@@ -24,6 +30,7 @@ or fills, so that neither table grows with every tag and digest ever seen.
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
@@ -50,6 +57,14 @@ TOUCH_BATCH = 10_000
 SWEEP_INTERVAL = 3600.0
 #: ... among them tag entries resolved more than this node's TTL and this many seconds ago.
 TAG_GRACE = 3600.0
+#: Seconds between reads of the purges made by other processes ...
+PURGE_POLL = 4.0
+#: ... of the purges made within this many seconds ...
+PURGE_WINDOW = 600.0
+#: ... at most this many.
+PURGE_BATCH = 1000
+#: Seconds by which a purge may be heard of before it is recorded and still be the same.
+PURGE_SLACK = 5.0
 
 
 def _logged(what: str) -> Any:
@@ -71,13 +86,26 @@ class ClusterIndex(service.Service):
         self._session = session
         self.node_url = node_url
         self._touched: set[str] = set()
-        self._backoff = Backoff(reactor)
+        self._backoff = Backoff(reactor, what="cluster index")
         self._loop = LoopingCall(self._write_touched)
         self._loop.clock = reactor
         self._reactor = reactor
         self._ttl = cache.manifests.ttl
         self._sweeper = LoopingCall(self._sweep)
         self._sweeper.clock = reactor
+        #: This process, as the purges it records name it.
+        self._origin = secrets.token_hex(8)
+        #: When this process started: purges made before are not its to apply ...
+        self.started = reactor.seconds()
+        #: ... nor the purges of the window applied here already, by id ...
+        self._purges_seen: set[int] = set()
+        #: ... and when each repository or digest was last heard of as purged.
+        self._purges_heard: dict[str, float] = {}
+        self._purge_poll = LoopingCall(self._poll_purges)
+        self._purge_poll.clock = reactor
+        self._cache = cache
+        cache.on_purge.append(self._purged)
+        cache.on_purge_heard.append(self._heard)
         cache.blobs.on_add.append(self._added)
         cache.blobs.on_remove.append(self._removed)
         cache.blobs.on_touch.append(self._touched.add)
@@ -92,14 +120,16 @@ class ClusterIndex(service.Service):
     def startService(self) -> None:
         """Reconcile this node's rows with what its disk holds (see :func:`reconcile_node`)."""
         super().startService()
+        self.started = self._reactor.seconds()
         f = partial(reconcile_node, self.node_url, self._blobs.entries(), self._blobs.path)
         self._write(f, "recording this node's blobs")
         self._loop.start(TOUCH_INTERVAL, now=False)
         self._sweeper.start(SWEEP_INTERVAL, now=False)
+        self._purge_poll.start(PURGE_POLL, now=True)
 
     def stopService(self) -> Any:
         super().stopService()
-        for loop in (self._loop, self._sweeper):
+        for loop in (self._loop, self._sweeper, self._purge_poll):
             if loop.running:
                 loop.stop()
 
@@ -148,6 +178,41 @@ class ClusterIndex(service.Service):
         """A purge: the proofs of *origins* go for every node."""
         f = partial(_execute, _DELETE_ACCESS, (sorted(origins),))
         self._run(f, "forgetting the proofs of purged repositories")
+
+    # --- purges -------------------------------------------------------------------
+
+    def _purged(self, what: str) -> None:
+        f = partial(_execute, _INSERT_PURGE, (what, self._origin))
+        self._run(f, f"recording the purge of {what}")
+
+    def _poll_purges(self) -> Deferred[None]:
+        query = partial(self._database.run, partial(_fetch_all, _PURGES, (PURGE_BATCH,)))
+        d = Deferred.fromCoroutine(self._backoff.run(query))
+
+        def failed(failure: Failure) -> None:
+            if not failure.check(DatabaseUnavailable):  # an outage is logged by the backoff
+                _logged("reading the purges")(failure)
+
+        return d.addCallbacks(self._apply_purges, failed)
+
+    def _heard(self, what: str) -> None:
+        self._purges_heard[what] = self._reactor.seconds()
+
+    def _apply_purges(self, rows: list[tuple[int, str, str, float]]) -> None:
+        """Apply the purges other processes made since this one started that no
+        notification brought here."""
+        for purge_id, what, origin, made in reversed(rows):  # oldest first
+            heard = self._purges_heard.get(what, float("-inf")) >= made - PURGE_SLACK
+            if purge_id in self._purges_seen or origin == self._origin or heard:
+                continue
+            if made >= self.started:
+                log.info("applying the purge of {what}, made on another node", what=what)
+                self._cache.purged_elsewhere(what)
+        self._purges_seen = {row[0] for row in rows}
+        cutoff = self._reactor.seconds() - PURGE_WINDOW
+        for what, when in list(self._purges_heard.items()):
+            if when < cutoff:
+                del self._purges_heard[what]
 
     async def proved(self, origin: str, digest: str) -> int | None:
         """The size of *digest* if *origin* proved it has it to some node; else None."""
@@ -217,7 +282,17 @@ _FORGET_TAG = "DELETE FROM cache_tags WHERE origin = ANY(%s) AND tag = %s"
 _FORGET_ORIGINS = "DELETE FROM cache_tags WHERE origin = ANY(%s)"
 
 
+_INSERT_PURGE = "INSERT INTO cache_purges (what, origin) VALUES (%s, %s)"
+_PURGES = (
+    "SELECT id, what, origin, extract(epoch FROM made)::float8 FROM cache_purges"
+    f" WHERE made > now() - interval '{PURGE_WINDOW:.0f} seconds' ORDER BY id DESC LIMIT %s"
+)
+
+
 _SWEEP_TAGS = "DELETE FROM cache_tags WHERE resolved < %s"
+_SWEEP_PURGES = (
+    f"DELETE FROM cache_purges WHERE made < now() - interval '{PURGE_WINDOW:.0f} seconds'"
+)
 _SWEEP_ACCESS = (
     "DELETE FROM cache_access a"
     " WHERE NOT EXISTS (SELECT 1 FROM cache_blobs b WHERE b.digest = a.digest)"
@@ -232,6 +307,7 @@ def sweep(cutoff: float, conn: psycopg.Connection[Any]) -> tuple[int, int]:
     """
     tags = conn.execute(_SWEEP_TAGS, (cutoff,)).rowcount
     proofs = conn.execute(_SWEEP_ACCESS).rowcount
+    conn.execute(_SWEEP_PURGES)
     if tags or proofs:
         log.info(
             "cluster index: swept {tags} expired tag entries and {proofs} proofs of blobs gone",

@@ -20,6 +20,7 @@ import pytest
 
 from dockmirror.cluster.coordinator import lock_key
 from dockmirror.cluster.database import BACKOFF
+from dockmirror.cluster.index import PURGE_POLL
 
 from . import test_manhole
 from .conftest import Dockmirror, DockmirrorFactory
@@ -404,6 +405,26 @@ def test_a_purge_revokes_the_repositorys_proofs_and_tags_for_every_node(
         assert status == 200
     assert registry.count_requests("GET", manifest) == gets + 1
     assert registry.count_requests("HEAD", f"/blobs/{layer.digest}") == heads + 1
+
+
+def test_a_purge_whose_notification_was_lost_reaches_every_node_by_polling(
+    registry_factory, dockmirror, seeded, unique_repo, postgres
+):
+    """As from a process that was not listening, or a node of the previous version
+    (whose notifications are not signed, and ignored)."""
+    registry = registry_factory()
+    image = seeded(registry, unique_repo, "v1", layers=[1 << 10])
+    layer = image.platforms[0].layers[0]
+    nodes = start_nodes(dockmirror, registry, postgres, count=2)
+    for node in nodes:
+        status, _, body = curl(f"{node.url}/v2/{unique_repo}/blobs/{layer.digest}")
+        assert status == 200 and sha256(body) == layer.digest
+        wait_until(lambda node=node: layer.digest in cached_blobs(node))
+    with psycopg.connect(postgres, autocommit=True) as conn:
+        conn.execute("INSERT INTO cache_purges (what, origin) VALUES (%s, 'lost')", (layer.digest,))
+    for node in nodes:
+        wait_until(lambda node=node: layer.digest not in cached_blobs(node), timeout=PURGE_POLL * 3)
+        assert f"applying the purge of {layer.digest}, made on another node" in node.log_text()
 
 
 def _rows(database: str, table: str) -> int:

@@ -117,6 +117,40 @@ def test_a_revocation_reaches_every_node_within_the_bound(nodes: list[Dockmirror
         assert curl("-H", basic(app_id, api_key), f"{node.url}/v2/")[0] == 401
 
 
+def test_a_revocation_by_a_node_of_the_previous_version_reaches_every_node_by_polling(
+    nodes: list[Dockmirror], postgres: str
+) -> None:
+    """A rolling upgrade: a node of the previous version revokes in the shared table and
+    sends its unsigned notification, which the nodes ignore; the poll of the revoked
+    keys refuses the key on every node within the bound all the same."""
+    import psycopg
+
+    app_id, api_key = create_key(nodes[0])
+    tokens = [token(node, app_id, api_key) for node in nodes]
+    with psycopg.connect(postgres, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE keys SET revoked_at = extract(epoch FROM now())::bigint WHERE app_id = %s",
+            (app_id,),
+        )
+        unsigned = json.dumps(["previous-version", "revoked", [app_id]], separators=(",", ":"))
+        conn.execute("SELECT pg_notify('dockmirror', %s)", (unsigned,))
+    revoked_at = time.monotonic()
+    for node in nodes:
+        for issued in tokens:
+            wait_until(
+                lambda node=node, issued=issued: (
+                    curl("-H", bearer(issued), f"{node.url}/v2/")[0] == 401
+                ),
+                timeout=REVOCATION_BOUND,
+                interval=0.1,
+            )
+    elapsed = time.monotonic() - revoked_at
+    print(f"unsigned revocation refused by {len(nodes)} nodes after {elapsed:.2f} s (polling)")
+    for node in nodes:
+        assert curl("-H", basic(app_id, api_key), f"{node.url}/v2/")[0] == 401
+        wait_until(lambda node=node: "ignored a notification" in node.log_text())
+
+
 def test_the_login_throttle_counts_across_nodes(nodes: list[Dockmirror]) -> None:
     app_id, api_key = create_key(nodes[0])
     # The limit of 10 failures, made on three nodes: none sees more than 4 itself.

@@ -273,3 +273,51 @@ def test_a_restarted_process_reconciles_its_nodes_rows_with_the_disk(postgres, t
         ).fetchall()
         assert found == [(kept, "n", True), (added, "n", False), (other, "m", True)]
         assert counts == (1, 1)
+
+
+class PurgedCache:
+    """What the shared index hooks into in a cache, and the purges it applies."""
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        hooks = ("on_add", "on_remove", "on_touch", "on_grant", "on_disown")
+        self.blobs = SimpleNamespace(**{hook: [] for hook in hooks}, proofs_elsewhere=None)
+        self.manifests = SimpleNamespace(ttl=60, shared=None)
+        self.on_purge: list[Any] = []
+        self.on_purge_heard: list[Any] = []
+        self.applied: list[str] = []
+
+    def purged_elsewhere(self, what: str) -> None:
+        self.applied.append(what)
+
+
+def test_purges_whose_notification_was_lost_are_applied_once_from_the_records():
+    """Made since the process started, by another process, not heard of: applied once."""
+    from dockmirror.cluster.index import PURGE_WINDOW, ClusterIndex
+
+    clock = Clock()
+    clock.advance(1000)
+    cache = PurgedCache()
+    index = ClusterIndex(cache, None, None, "http://a:1", clock)  # type: ignore[arg-type]
+    before = (1, "hub/old", "other", 990.0)  # made before this process started
+    for hook in cache.on_purge_heard:  # a notification came
+        hook("hub/heard")
+    rows = [
+        (5, "hub/lost", "other", 1001.0),
+        (4, "hub/mine", index._origin, 1001.0),  # made here
+        (3, "hub/heard", "other", 1002.0),
+        (2, "hub/lost-first", "other", 1000.5),
+        before,
+    ]
+    index._apply_purges(rows)
+    assert cache.applied == ["hub/lost-first", "hub/lost"]
+    index._apply_purges(rows)
+    assert cache.applied == ["hub/lost-first", "hub/lost"]
+    # A later purge of a repository heard of before is another purge.
+    clock.advance(60)
+    index._apply_purges([(6, "hub/heard", "other", 1060.0), *rows])
+    assert cache.applied == ["hub/lost-first", "hub/lost", "hub/heard"]
+    clock.advance(PURGE_WINDOW)
+    index._apply_purges([])
+    assert index._purges_heard == {}
