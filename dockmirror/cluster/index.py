@@ -41,11 +41,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.client import PartialDownloadError, ResponseFailed, readBody
 
 from dockmirror.cache import Cache
 from dockmirror.cache.manifests import SharedTag
 from dockmirror.cluster.coordinator import Session
 from dockmirror.cluster.database import Backoff, Database, DatabaseUnavailable
+from dockmirror.cluster.peers import PeerClient
 
 log = Logger()
 
@@ -106,6 +108,8 @@ class ClusterIndex(service.Service):
         self._cache = cache
         cache.on_purge.append(self._purged)
         cache.on_purge_heard.append(self._heard)
+        #: Reaches the other nodes; set once the node knows the cluster secret.
+        self.peers: PeerClient | None = None
         cache.blobs.on_add.append(self._added)
         cache.blobs.on_remove.append(self._removed)
         cache.blobs.on_touch.append(self._touched.add)
@@ -225,6 +229,29 @@ class ClusterIndex(service.Service):
 
     # --- tags --------------------------------------------------------------------
 
+    async def manifest(self, digest: str, limit: int) -> bytes | None:
+        """The manifest *digest*, of *limit* bytes at most, from a node that holds it."""
+        if self.peers is None:
+            return None
+        try:
+            query = partial(_fetch_all, _MANIFEST_HOLDERS, (digest, self.node_url, limit))
+            rows = await self._backoff.run(partial(self._database.run, query))
+        except DatabaseUnavailable:
+            return None
+        for node, size in rows:
+            response = await self.peers.open(str(node), digest, int(size), 0)
+            if response is None:
+                continue
+            try:
+                body: bytes = await readBody(response)
+            except (ResponseFailed, PartialDownloadError) as e:
+                log.info(
+                    "node {node} cannot send {digest}: {error}", node=node, digest=digest, error=e
+                )
+                continue
+            return body
+        return None
+
     async def tags(self, origin: str, tag: str, since: float) -> list[SharedTag]:
         try:
             query = partial(_fetch_all, _TAGS, (origin, tag, since))
@@ -257,6 +284,10 @@ _UPSERT_BLOB = (
 )
 _DELETE_BLOB = "DELETE FROM cache_blobs WHERE digest = %s AND node_url = %s"
 _TOUCH_BLOBS = "UPDATE cache_blobs SET used = now() WHERE digest = ANY(%s) AND node_url = %s"
+_MANIFEST_HOLDERS = (
+    "SELECT node_url, size FROM cache_blobs WHERE digest = %s AND node_url <> %s AND size <= %s"
+    " ORDER BY used DESC LIMIT 3"
+)
 _INSERT_ACCESS = "INSERT INTO cache_access VALUES (%s, %s) ON CONFLICT DO NOTHING"
 _DELETE_ACCESS = "DELETE FROM cache_access WHERE origin = ANY(%s)"
 _PROVED = (
