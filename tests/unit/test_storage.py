@@ -471,12 +471,9 @@ class Listed(Bucket):
         return []
 
 
-def test_the_bucket_is_listed_at_start_and_daily_only_when_the_records_say(monkeypatch):
-    """Listing is paid per 1000 objects: one node lists at start, then daily (the hourly
-    upkeep asks); a cluster's records make it once a day for all nodes."""
-    reactor = MemoryReactorClock()
+def listed(quota: Quota, reactor: MemoryReactorClock) -> tuple[S3Storage, Listed]:
+    """A storage tier started over a bucket that counts its listings."""
     bucket = Listed()
-    quota = Quota(Records(), None, reactor)  # type: ignore[arg-type]
     storage = S3Storage(
         storage_config(),
         reactor,
@@ -486,6 +483,15 @@ def test_the_bucket_is_listed_at_start_and_daily_only_when_the_records_say(monke
         client=bucket,  # type: ignore[arg-type]
     )
     storage.start([])
+    return storage, bucket
+
+
+def test_the_bucket_is_listed_at_start_and_daily_only_when_the_records_say(monkeypatch):
+    """Listing is paid per 1000 objects: one node lists at start, then daily (the hourly
+    upkeep asks); a cluster's records make it once a day for all nodes."""
+    reactor = MemoryReactorClock()
+    quota = Quota(Records(), None, reactor)  # type: ignore[arg-type]
+    storage, bucket = listed(quota, reactor)
     assert bucket.listings == 1
     assert quota.stats() == {"objects": 1, "size": 100}
     reactor.advance(SWEEP_INTERVAL)
@@ -495,16 +501,7 @@ def test_the_bucket_is_listed_at_start_and_daily_only_when_the_records_say(monke
     storage.stop()
     # Records that say another node listed it lately: trusted, not listed.
     monkeypatch.setattr(quota, "listing_due", lambda: succeed(False))
-    trusted = Listed()
-    storage = S3Storage(
-        storage_config(),
-        reactor,
-        run_now,
-        quota,
-        Metrics(),
-        client=trusted,  # type: ignore[arg-type]
-    )
-    storage.start([])
+    storage, trusted = listed(quota, reactor)
     reactor.advance(SWEEP_INTERVAL)
     assert trusted.listings == 0
     storage.stop()
