@@ -75,6 +75,8 @@ class S3Storage:
         self._uploads: dict[str, Deferred[None]] = {}
         #: Objects clients were sent to, until their URLs expire.
         self._lent: dict[str, IDelayedCall] = {}
+        #: Whether the records were said to be taken as they are, not listed.
+        self._trusted = False
         self._sweeper = LoopingCall(self._sweep_now)
         self._sweeper.clock = reactor
 
@@ -133,14 +135,18 @@ class S3Storage:
         """List the bucket if the records ask for it (see :meth:`IStorageRecords.listing_due`)."""
         if await self.records.listing_due():
             await self._reconcile()
-            return
-        log.info(
-            "storage bucket {bucket}/{prefix}: taken as the cluster's records say, listed"
-            " within {hours:.0f} hours",
-            bucket=self.client.bucket,
-            prefix=self.prefix,
-            hours=LISTING_INTERVAL / 3600,
-        )
+        elif not self._trusted:
+            self._trusted = True
+            stats = self.records.stats()
+            log.info(
+                "storage bucket {bucket}/{prefix}: taken as its records say, listed within"
+                " {hours:.0f} hours; {count} blobs, {size} bytes",
+                bucket=self.client.bucket,
+                prefix=self.prefix,
+                hours=LISTING_INTERVAL / 3600,
+                count=stats["objects"],
+                size=stats["size"],
+            )
 
     async def _reconcile(self) -> None:
         """Learn what the bucket holds: objects found are recorded, objects gone forgotten."""
