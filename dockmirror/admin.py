@@ -45,7 +45,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from dockmirror.auth.keystore import KeyDatabase, KeyInfo, KeyQueries, KeyStoreError
+from dockmirror.auth.keydb import KeyDatabase
+from dockmirror.auth.keys import KeyInfo, KeyStoreError
+from dockmirror.auth.queries import KeyQueries
 from dockmirror.auth.secretfile import read
 from dockmirror.auth.tokens import SIGNING_KEY_FILE
 from dockmirror.config import (

@@ -20,7 +20,8 @@ from twisted.web.client import HTTPConnectionPool
 
 from dockmirror._interfaces import INotifier
 from dockmirror.auth.access import AccessControl
-from dockmirror.auth.keystore import FLUSH_INTERVAL, KeyBackend, KeyStore, KeyStoreError
+from dockmirror.auth.keys import KeyStoreError
+from dockmirror.auth.keystore import FLUSH_INTERVAL, KeyBackend, KeyStore
 from dockmirror.auth.throttle import LoginThrottle
 from dockmirror.auth.tokens import (
     SIGNING_KEY_FILE,

@@ -10,7 +10,6 @@ is answered with an entry it accepts, and any other goes upstream.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -18,6 +17,7 @@ from typing import Any, Protocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from dockmirror import jsontext
 from dockmirror.cache.blobs import BlobStore
 from dockmirror.cache.index import Index, Snapshot
 from dockmirror.errors import RegistryError
@@ -93,7 +93,7 @@ def manifest_media_type(body: bytes, content_type: str | None) -> str | None:
     if not could_be_manifest(content_type):
         return None
     try:
-        data = json.loads(body)
+        data = jsontext.loads(body)
     except ValueError:
         return None
     if not isinstance(data, dict):
@@ -122,7 +122,7 @@ def references(body: bytes, platforms: Collection[str] = ()) -> list[tuple[str, 
     manifests are only those of these platforms; ``os/arch`` takes any variant.
     """
     try:
-        data = json.loads(body)
+        data = jsontext.loads(body)
     except ValueError:
         return []
     if not isinstance(data, dict):

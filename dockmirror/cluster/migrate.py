@@ -20,7 +20,8 @@ from typing import Any
 
 import psycopg
 
-from dockmirror.auth.keystore import KeyDump, KeyStoreError
+from dockmirror.auth.keys import KeyStoreError
+from dockmirror.auth.queries import KeyDump
 from dockmirror.cluster.database import Database, DatabaseUnavailable, apply_schema
 from dockmirror.cluster.keys import PostgresKeyDatabase, call_briefly
 from dockmirror.cluster.portal import PostgresPortalDatabase, schema

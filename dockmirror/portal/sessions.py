@@ -29,7 +29,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from dockmirror.auth.keystore import iso_time
+from dockmirror.auth.keys import iso_time
 from dockmirror.auth.secretfile import make_private_directory
 from dockmirror.sqlite import connect, write_transaction
 

@@ -20,6 +20,7 @@ from dockmirror.cache.manifests import (
     accepted,
     could_be_manifest,
     manifest_media_type,
+    valid_digest,
 )
 from dockmirror.coordination import FLIGHT_RECENT
 from dockmirror.errors import RegistryError, upstream_unavailable
@@ -387,6 +388,11 @@ class ManifestService(UpstreamAccess):
             raise self._not_a_manifest(route, reference, f"a {declared} page")
         content_type = _media_type(declared)
         digest = header(response, "docker-content-digest")
+        if digest and not valid_digest(digest):
+            discard(response)
+            raise upstream_unavailable(
+                route.upstream.name, "the manifest's Docker-Content-Digest is not a digest", 502
+            )
         if head:
             discard(response)
             headers = {"Content-Type": content_type, "X-Cache": MISS}

@@ -36,6 +36,7 @@ from dockmirror.cache.index import Runner
 from dockmirror.cache.progress import FillProgress
 from dockmirror.config import StorageConfig
 from dockmirror.metrics import Metrics
+from dockmirror.ranged import content_range
 from dockmirror.reference import HEX_LENGTH
 from dockmirror.storage.quota import LISTING_INTERVAL
 from dockmirror.storage.s3 import PRESIGN_EXPIRY, S3Client, S3Error
@@ -237,7 +238,8 @@ class S3Storage:
             self.records.release(digest)
             self.records.forget(digest)
             return None
-        if response.length not in ((end or size) - start, UNKNOWN_LENGTH):
+        end = size if end is None else end
+        if response.length not in (end - start, UNKNOWN_LENGTH):
             self.records.release(digest)
             discard(response)
             log.warn(
@@ -245,6 +247,19 @@ class S3Storage:
                 digest=digest,
                 length=response.length,
                 size=size,
+            )
+            return None
+        if not whole and (response.code != 206 or content_range(response) != (start, end, size)):
+            # Other bytes than those asked for (a 200 of the whole object, chunked,
+            # or another range) would be served as the range, unverified.
+            self.records.release(digest)
+            discard(response)
+            log.warn(
+                "the storage bucket answered {code} to bytes {start}-{last} of {digest}",
+                code=response.code,
+                start=start,
+                last=end - 1,
+                digest=digest,
             )
             return None
         self.records.found(digest, size)

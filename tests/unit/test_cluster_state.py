@@ -12,7 +12,8 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
-from dockmirror.auth.keystore import REVOKED_TOPIC, KeyStore
+from dockmirror.auth.keystore import KeyStore
+from dockmirror.auth.queries import REVOKED_TOPIC
 from dockmirror.cluster.notify import (
     CHANNEL,
     MAX_AGE,

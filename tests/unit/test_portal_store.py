@@ -12,16 +12,10 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from dockmirror.auth.keystore import (
-    DAY,
-    HOUR,
-    USAGE_DAYS,
-    KeyDatabase,
-    KeyQueries,
-    KeyStore,
-    QuotaExceeded,
-    Usage,
-)
+from dockmirror.auth.keydb import KeyDatabase
+from dockmirror.auth.keys import DAY, HOUR, QuotaExceeded, Usage
+from dockmirror.auth.keystore import KeyStore
+from dockmirror.auth.queries import USAGE_DAYS, KeyQueries
 from dockmirror.portal.sessions import (
     LOGIN_TTL,
     MAX_SESSIONS_PER_USER,

@@ -12,6 +12,8 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.resource import Resource
 from zope.interface.verify import verifyObject
 
@@ -633,3 +635,67 @@ def test_an_xml_answer_with_a_dtd_is_refused_in_any_encoding(encoding: str):
     result = settle(stub, Deferred.fromCoroutine(client.create_upload("p/blobs/sha256/aa")))
     assert isinstance(result, Failure) and result.check(S3Error)
     assert "DTD" in str(result.value) or "encoding" in str(result.value)
+
+
+# --- a stored object read in a range ------------------------------------------------
+
+
+class Answer:
+    """An unread answer to a GET of a stored object."""
+
+    def __init__(self, code: int, length: int, content_range: str | None = None) -> None:
+        self.code = code
+        self.length = length
+        self.headers = Headers({"content-range": [content_range]} if content_range else {})
+        self.discarded = False
+
+    def deliverBody(self, protocol: Any) -> None:
+        self.discarded = True
+
+
+class Ranged(Bucket):
+    """A bucket whose GETs get *answer*."""
+
+    def __init__(self, answer: Answer) -> None:
+        super().__init__()
+        self.answer = answer
+
+    async def get(self, key: str, start: int = 0, end: int | None = None) -> Answer:
+        return self.answer
+
+
+def open_range(answer: Answer, start: int, end: int | None) -> Any:
+    reactor = MemoryReactorClock()
+    storage = S3Storage(
+        storage_config(),
+        reactor,
+        run_now,
+        Quota(Records(), None, reactor),  # type: ignore[arg-type]
+        Metrics(),
+        client=Ranged(answer),  # type: ignore[arg-type]
+    )
+    digest = "sha256:" + "ab" * 32
+    opened = result_of(storage.open(digest, 1000, start, end))
+    assert storage.records.in_use(digest) == (opened is not None)
+    return opened
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        Answer(200, UNKNOWN_LENGTH),  # the whole object, chunked
+        Answer(206, UNKNOWN_LENGTH, "bytes 0-899/1000"),  # another range
+        Answer(206, 900, "bytes 0-899/1000"),
+        Answer(206, 900, "bytes 100-999/2000"),  # another object's size
+        Answer(206, 900),  # no Content-Range
+    ],
+)
+def test_a_stored_range_answered_with_other_bytes_is_not_served(answer: Answer):
+    assert open_range(answer, 100, None) is None
+    assert answer.discarded
+
+
+def test_a_stored_range_answered_as_asked_is_served():
+    answer = Answer(206, UNKNOWN_LENGTH, "bytes 100-499/1000")
+    assert open_range(answer, 100, 500) is answer
+    assert not answer.discarded
