@@ -327,33 +327,36 @@ class KeyQueries:
             self._rows("SELECT hour, requests FROM traffic_hourly"),
         )
 
-    def load(self, dump: KeyDump) -> int:
-        """Copy *dump* (of :meth:`export`) into this store, which must hold no key.
+    def load(self, dump: KeyDump) -> tuple[int, int]:
+        """Copy the keys of *dump* (of :meth:`export`) that this store does not hold.
 
-        Every key keeps its appId and secret hash, so its apiKey keeps
-        working; returns how many keys were copied.
+        A key held already stays as it is, usage included, so that copying
+        again changes nothing.  Every key copied keeps its appId and secret
+        hash, so its apiKey keeps working; traffic is copied for the hours
+        this store has none.  Returns how many keys were copied and skipped.
         """
         keys, daily, traffic = dump
         with self._transaction():
-            ((held,),) = self._rows("SELECT count(*) FROM keys")
-            if held:
-                raise KeyStoreError(
-                    f"the target already holds {held} keys; keys are copied into an empty"
-                    " key store only"
-                )
+            held = {app_id for (app_id,) in self._rows("SELECT app_id FROM keys")}
+            new = [row for row in keys if row[0] not in held]
+            copied = {row[0] for row in new}
             # A rotated key names its successor, made later: names are set once all exist.
             self._run_many(
                 f"INSERT INTO keys ({_ALL_KEY_COLUMNS})"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?)",
-                [(*row[:7], *row[8:]) for row in keys],
+                [(*row[:7], *row[8:]) for row in new],
             )
             self._run_many(
                 "UPDATE keys SET replaced_by = ? WHERE app_id = ?",
-                [(row[7], row[0]) for row in keys if row[7] is not None],
+                [(row[7], row[0]) for row in new if row[7] is not None],
             )
             self._run_many(
                 "INSERT INTO key_usage_daily (app_id, day, requests, bytes) VALUES (?, ?, ?, ?)",
-                daily,
+                [row for row in daily if row[0] in copied],
             )
-            self._run_many("INSERT INTO traffic_hourly (hour, requests) VALUES (?, ?)", traffic)
-        return len(keys)
+            self._run_many(
+                "INSERT INTO traffic_hourly (hour, requests) VALUES (?, ?)"
+                " ON CONFLICT (hour) DO NOTHING",
+                traffic,
+            )
+        return len(new), len(keys) - len(new)

@@ -26,10 +26,14 @@ class ClusterConfig:
     node_url: str | None = None
     #: A file holding the secret that node-to-node requests carry; None: kept in PostgreSQL.
     secret_file: str | None = None
+    #: Connections each process (each worker) may open for its queries.
+    pool_size: int = 8
 
     __repr__ = redacted_repr
 
 
+#: The most PostgreSQL connections of one process's pool (``[cluster] pool_size``).
+MAX_POOL_SIZE = 64
 #: What ``pip install 'dockmirror[cluster]'`` brings that a cluster database needs.
 CLUSTER_MODULES = ("psycopg", "psycopg_pool")
 
@@ -60,6 +64,8 @@ def check_database_url(where: str, url: str) -> None:
 
 
 def check_cluster(source: str, cluster: ClusterConfig) -> None:
+    if not 1 <= cluster.pool_size <= MAX_POOL_SIZE:
+        raise ConfigError(f"{source}: cluster.pool_size must be a number from 1 to {MAX_POOL_SIZE}")
     if cluster.database is not None:
         check_database_url(f"{source}: cluster.database", cluster.database)
     elif cluster.listen is not None or cluster.node_url is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -187,6 +187,21 @@ def _check_upstream_names(source: str, name: str, upstream: UpstreamConfig, plug
         raise ConfigError(
             f"{where}.url: {url!r} is not a URL with a host and port, or has credentials in it"
         )
+    for key, named in [("url", [url] if url else []), ("token_realms", upstream.token_realms)]:
+        _refuse_ipv6_literals(f"{where}.{key}", named)
+    _refuse_ipv6_literals(f"{where}.mirrors", [mirror.url for mirror in upstream.mirrors])
+
+
+def _refuse_ipv6_literals(where: str, urls: Iterable[str]) -> None:
+    """Upstreams are reached by host name or IPv4 address: the HTTP client cannot
+    send a request to an IPv6 literal such as ``http://[::1]:5000``."""
+    for url in urls:
+        parts = url_parts(url)  # malformed URLs are refused by their own checks
+        if parts is not None and ":" in (parts.hostname or ""):
+            raise ConfigError(
+                f"{where}: {url!r} names an IPv6 address, which upstreams cannot be reached at;"
+                " give a host name that resolves to it"
+            )
 
 
 def _host_port(url: str) -> str:

@@ -305,6 +305,21 @@ def test_a_public_url_at_the_root_of_a_host_is_fine(tmp_path: Path, url: str) ->
     assert load(path).server.public_url == url
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("url", '"http://[::1]:5000"'),
+        ("mirrors", '["https://[2001:db8::1]"]\nurl = "https://r.example"'),
+        ("token_realms", '["https://[::ffff:169.254.169.254]"]\nurl = "https://r.example"'),
+    ],
+)
+def test_upstreams_at_ipv6_literals_are_refused(tmp_path: Path, key: str, value: str) -> None:
+    """The HTTP client cannot reach them: every request would fail."""
+    path = write(tmp_path, f"[upstreams.local]\nplugin = 'registry'\n{key} = {value}\n")
+    with pytest.raises(ConfigError, match=f"upstreams.local.{key}: .* names an IPv6 address"):
+        load(path)
+
+
 S3 = "[storage]\nbackend = 's3'\nbucket = 'mirror'\n"
 CLUSTER = "[cluster]\ndatabase = 'postgresql://u@db/d'\nlisten = 'tcp:5001'\n"
 

@@ -22,9 +22,9 @@ from dockmirror.cache.progress import FillProgress
 from dockmirror.config import ConfigError, StorageConfig, load
 from dockmirror.metrics import Metrics
 from dockmirror.storage import s3
-from dockmirror.storage.quota import Quota
-from dockmirror.storage.s3 import S3Client, S3Error
-from dockmirror.storage.tier import S3Storage
+from dockmirror.storage.quota import LISTING_INTERVAL, Quota
+from dockmirror.storage.s3 import ObjectInfo, S3Client, S3Error
+from dockmirror.storage.tier import SWEEP_INTERVAL, S3Storage
 from dockmirror.storage.upload import MAX_PARTS, PART_SIZE, BlobUpload, UploadError, part_size
 
 
@@ -456,6 +456,57 @@ def test_an_object_clients_were_sent_to_stays_until_their_urls_expire():
     assert bucket.deleted == [f"blobs/sha256/{'ab' * 32}"]
     assert metrics.registry.get_sample_value("dockmirror_storage_evictions_total") == 1
     assert reactor.getDelayedCalls() == []
+
+
+class Listed(Bucket):
+    """A bucket that counts its listings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.listings = 0
+
+    async def list_objects(self, prefix: str) -> list[ObjectInfo]:
+        self.listings += 1
+        return [ObjectInfo(f"{prefix}sha256/{'ab' * 32}", 100, 1.0)]
+
+    async def list_uploads(self, prefix: str) -> list[Any]:
+        return []
+
+
+def listed(quota: Quota, reactor: MemoryReactorClock) -> tuple[S3Storage, Listed]:
+    """A storage tier started over a bucket that counts its listings."""
+    bucket = Listed()
+    storage = S3Storage(
+        storage_config(),
+        reactor,
+        run_now,
+        quota,
+        Metrics(),
+        client=bucket,  # type: ignore[arg-type]
+    )
+    storage.start([])
+    return storage, bucket
+
+
+def test_the_bucket_is_listed_at_start_and_daily_only_when_the_records_say(monkeypatch):
+    """Listing is paid per 1000 objects: one node lists at start, then daily (the hourly
+    upkeep asks); a cluster's records make it once a day for all nodes."""
+    reactor = MemoryReactorClock()
+    quota = Quota(Records(), None, reactor)  # type: ignore[arg-type]
+    storage, bucket = listed(quota, reactor)
+    assert bucket.listings == 1
+    assert quota.stats() == {"objects": 1, "size": 100}
+    reactor.advance(SWEEP_INTERVAL)
+    assert bucket.listings == 1
+    reactor.advance(LISTING_INTERVAL)
+    assert bucket.listings == 2
+    storage.stop()
+    # Records that say another node listed it lately: trusted, not listed.
+    monkeypatch.setattr(quota, "listing_due", lambda: succeed(False))
+    storage, trusted = listed(quota, reactor)
+    reactor.advance(SWEEP_INTERVAL)
+    assert trusted.listings == 0
+    storage.stop()
 
 
 # --- a hostile endpoint ----------------------------------------------------------------
