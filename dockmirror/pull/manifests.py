@@ -156,8 +156,8 @@ class ManifestService(UpstreamAccess):
         Docker Hub counts each manifest GET against the pull limit: the
         worker that claims the fetch asks, and the others read the manifest
         it cached.  A HEAD costs nothing and caches nothing.  A fetch heard
-        less than *recent* seconds ago (by default, within a tag's TTL) is
-        taken as it is.
+        less than *recent* seconds ago is taken as it is (by default, within
+        :data:`FLIGHT_RECENT`, and a tag's TTL); a refresh takes none.
         """
         if head:
             return await self._upstream_manifest(route, origin, reference, accept, head)
@@ -248,8 +248,7 @@ class ManifestService(UpstreamAccess):
 
         The upstream is asked with a HEAD, which does not count against
         Docker Hub's pull limit; the manifest is fetched only when the HEAD
-        names one that is not cached.  Neither takes an answer heard before:
-        the tag may have moved since.
+        names one that is not cached.
         """
         origin = origin_of(route)
         key = (origin, tag, DEFAULT_ACCEPT, False)
