@@ -1,7 +1,7 @@
 """The pull side of the registry API, answered from the cache and the upstreams.
 
 Each method returns a :class:`Reply` for the web layer to send; a blob body is
-a stream (a :class:`~dockmirror.cache.blobs.BlobReader` from the cache, or a
+a stream (a :class:`~dockmirror.cache.reader.BlobReader` from the cache, or a
 :class:`~dockmirror.streaming.BodyStream` from the upstream) that the web
 layer points at the client's request.  Each concept has its module:
 manifests, blobs, referrers, tags and prefetch, over the shared

@@ -9,7 +9,7 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from dockmirror.cache import Cache, blobs
+from dockmirror.cache import Cache, entries
 from dockmirror.cache.fill import Fill
 from dockmirror.cache.index import Index
 from dockmirror.config import CacheConfig
@@ -169,8 +169,8 @@ def test_one_process_per_cache_directory(tmp_path):
 
 
 def test_proofs_for_blobs_never_cached_are_bounded(tmp_path, monkeypatch):
-    monkeypatch.setattr(blobs, "PROOFS", 100)
-    monkeypatch.setattr(blobs, "PROOFS_PER_DIGEST", 4)
+    monkeypatch.setattr(entries, "PROOFS", 100)
+    monkeypatch.setattr(entries, "PROOFS_PER_DIGEST", 4)
     store = make_store(tmp_path)
     digests = [sha256(b"%d" % i) for i in range(1000)]
     for digest in digests:

@@ -10,8 +10,8 @@ from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from dockmirror.cache.blobs import CHUNK
 from dockmirror.cache.fill import HIGH_WATER, WRITE_BATCH, WRITE_DELAY, Fill
+from dockmirror.cache.reader import CHUNK
 from dockmirror.streaming import IDLE_TIMEOUT, DigestMismatch, StreamError
 
 from ._cache_support import FakeResponse, HeldRunner, make_store, sha256

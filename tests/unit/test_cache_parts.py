@@ -12,7 +12,6 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
-from dockmirror.cache.blobs import CHUNK
 from dockmirror.cache.fill import HIGH_WATER, WRITE_DELAY
 from dockmirror.cache.follow import POLL_INTERVAL, FollowedFill
 from dockmirror.cache.parts import (
@@ -27,6 +26,7 @@ from dockmirror.cache.parts import (
     plan,
     read_prefix,
 )
+from dockmirror.cache.reader import CHUNK
 from dockmirror.ranged import RANGES_RECHECK, RangeSupport, content_range, range_header
 from dockmirror.streaming import DigestMismatch, StreamError
 

@@ -21,7 +21,7 @@ from twisted.web.resource import Resource
 from twisted.web.test.requesthelper import DummyRequest
 
 from dockmirror.auth.keystore import KeyStore
-from dockmirror.cache.blobs import DISK_MARGIN
+from dockmirror.cache.eviction import DISK_MARGIN
 from dockmirror.config import ConfigError, load
 from dockmirror.connections import ConnectionLimits, GuardedChannel
 from dockmirror.errors import RETRY_AFTER_DEFAULT, RETRY_AFTER_MAX, retry_after
