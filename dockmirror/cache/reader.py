@@ -139,7 +139,7 @@ class BlobReader:
         self.done.callback(count)
 
     def _send_failed(self, failure: Failure) -> None:
-        if self.done.called:  # cancelled, which stopped the sender
+        if self.done.called or self._fd is None:  # cancelled or failed: it stopped the sender
             return
         if failure.check(ShortFile) and self._fill is None:
             self._store.forget(self.digest)
@@ -225,12 +225,12 @@ class BlobReader:
         self.done.errback(error)
 
     def _close(self) -> None:
-        if self._fd is None:
+        fd, self._fd = self._fd, None
+        if fd is None:
             return
         if self._sender is not None and not self._sender.done.called:
             self._sender.done.cancel()  # before its file is closed
-        os.close(self._fd)
-        self._fd = None
+        os.close(fd)
         self._store.unpin(self.digest)
         if self._later is not None and self._later.active():
             self._later.cancel()
