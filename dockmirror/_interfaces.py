@@ -251,6 +251,11 @@ class IStorageRecords(Interface):
         """The deletion of *digest*, chosen by :meth:`reserve`, :meth:`remove` or
         :meth:`reconcile`, ended."""
 
+    def listing_due() -> Any:
+        """A Deferred firing with whether this node is to list the bucket now, and then
+        :meth:`reconcile` the records with the listing: paid per 1000 objects, a listing
+        is made at most once a day by one node for all that share the records."""
+
     def reconcile(found: Any, since: float) -> Any:
         """Take in a listing of the bucket begun at *since* (``{digest: (size, modified)}``).
 

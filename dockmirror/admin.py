@@ -10,8 +10,9 @@ a cluster, every node hears of a revocation at once).
 
 ``migrate --to postgresql://...`` copies the SQLite key store, with its usage
 counters and token signing key, and the portal's users and live sessions, with
-the secrets of its cookies, into a cluster database that holds no key and no
-portal user.
+the secrets of its cookies, into a cluster database.  Only what the cluster
+lacks is copied: a key, user or secret it holds already is never changed, so
+migrating again is safe and copies what was added since.
 
 Run it as the server's user: SQLite's files must stay writable for the server.
 Run as root, it takes on the identity of the owner of the state directory
@@ -44,7 +45,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from dockmirror.auth.keystore import KeyDatabase, KeyInfo, KeyQueries, KeyStoreError
+from dockmirror.auth.keydb import KeyDatabase
+from dockmirror.auth.keys import KeyInfo, KeyStoreError
+from dockmirror.auth.queries import KeyQueries
 from dockmirror.auth.secretfile import read
 from dockmirror.auth.tokens import SIGNING_KEY_FILE
 from dockmirror.config import (
@@ -138,8 +141,8 @@ def _parser() -> argparse.ArgumentParser:
     migrate = groups.add_parser(
         "migrate",
         help="copy the SQLite key store ([auth] database), usage and token signing key"
-        " included, and the portal's users and sessions into a PostgreSQL cluster database"
-        " that holds no key and no portal user yet",
+        " included, and the portal's users and sessions into a PostgreSQL cluster database;"
+        " keys, users and secrets it holds already are left as they are",
     )
     migrate.add_argument(
         "--to", required=True, metavar="URL", help="the cluster database, postgresql://..."
@@ -403,8 +406,14 @@ def _migrate(config: Config, url: str) -> None:
         except FileNotFoundError:
             pass
     done = migrate(url, keys, portal, offered)
-    print(f"copied {done.keys} keys from {config.auth.database}, usage counters included")
-    print(f"copied {done.users} portal users and {done.sessions} portal sessions")
+    print(
+        f"copied {done.keys} keys from {config.auth.database}, usage counters included;"
+        f" skipped {done.keys_skipped} the cluster holds already"
+    )
+    print(
+        f"copied {done.users} portal users and {done.sessions} portal sessions;"
+        f" skipped {done.users_skipped} users the cluster holds already"
+    )
     if done.secrets.get(SIGNING_KEY):
         print("the cluster signs tokens with this server's key: tokens issued stay valid")
     elif SIGNING_KEY in done.secrets:

@@ -36,7 +36,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from dockmirror.auth.keystore import KeyInfo, KeyList, KeyStore, NewKey
+from dockmirror.auth.keys import KeyInfo, KeyList, NewKey
+from dockmirror.auth.keystore import KeyStore
 from dockmirror.auth.secretfile import load_or_create
 
 log = Logger()

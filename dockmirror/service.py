@@ -20,7 +20,8 @@ from twisted.web.client import HTTPConnectionPool
 
 from dockmirror._interfaces import INotifier
 from dockmirror.auth.access import AccessControl
-from dockmirror.auth.keystore import FLUSH_INTERVAL, KeyBackend, KeyStore, KeyStoreError
+from dockmirror.auth.keys import KeyStoreError
+from dockmirror.auth.keystore import FLUSH_INTERVAL, KeyBackend, KeyStore
 from dockmirror.auth.throttle import LoginThrottle
 from dockmirror.auth.tokens import (
     SIGNING_KEY_FILE,
@@ -167,7 +168,7 @@ def build_service(config: Config, reactor: Any, worker: int | None = None) -> se
     checks: dict[str, Check] = {}
     cluster = None
     if config.cluster.database is not None:
-        cluster = _cluster(config, reactor, top)
+        cluster = _cluster(config, reactor, top, worker)
         notifier, keys_at, signing_key = cluster.notifier, cluster.keys, cluster.signing_key
         flush_interval = cluster.poll_interval
         checks["notifications"] = notifications(cluster.notifier)
@@ -315,18 +316,26 @@ class _Cluster:
     poll_interval: float
 
 
-def _cluster(config: Config, reactor: Any, top: service.MultiService) -> _Cluster:
-    """The node's share of ``[cluster] database``: its connections, notifications, keys."""
+def _cluster(
+    config: Config, reactor: Any, top: service.MultiService, worker: int | None
+) -> _Cluster:
+    """The node's share of ``[cluster] database``: its connections, notifications, keys.
+
+    The first worker says how many connections the node may need.
+    """
     # Imported here: only a cluster needs (and has) the cluster extra.
-    from dockmirror.cluster.database import Database, DatabaseService
+    from dockmirror.cluster.database import Database, DatabaseService, connections_needed
     from dockmirror.cluster.keys import POLL_INTERVAL, PostgresKeys, cluster_signing_key
     from dockmirror.cluster.notify import PostgresNotifier, notification_key
 
     assert config.cluster.database is not None
     copy = state_directory(config) / CLUSTER_SIGNING_KEY_FILE
     pem = cluster_signing_key(config.cluster.database, copy)
-    database = Database(config.cluster.database, reactor)
-    DatabaseService(database).setServiceParent(top)
+    pool_size = config.cluster.pool_size
+    database = Database(config.cluster.database, reactor, max_connections=pool_size)
+    workers = 1 if worker is None else config.server.worker_count
+    needed = None if worker else connections_needed(workers, pool_size)
+    DatabaseService(database, needed).setServiceParent(top)
     notify_key = notification_key(pem)
     notifier = PostgresNotifier(database, reactor, notify_key)
     notifier.setServiceParent(top)

@@ -9,12 +9,13 @@ Tokens are cached per realm, service and scope until shortly before they expire.
 from __future__ import annotations
 
 import base64
-import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
+from hyperlink import EncodedURL
 from twisted.internet import defer
 from twisted.internet.error import (
     ConnectError,
@@ -36,6 +37,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
+from dockmirror import jsontext
 from dockmirror.config import CONNECT_TIMEOUT, READ_TIMEOUT
 from dockmirror.egress import DisallowedAddress, tls_failure
 from dockmirror.hostnames import parse_host_header
@@ -49,6 +51,12 @@ log = Logger()
 SMALL_BODY_LIMIT = 1 << 20
 #: A token is dropped this many seconds before the upstream says it expires.
 TOKEN_MARGIN = 10.0
+#: The lifetime of a token whose service gives none or an unusable one, and the longest
+#: a token is kept, whatever its service says.
+TOKEN_LIFETIME = 60.0
+MAX_TOKEN_LIFETIME = 3600.0
+#: Tokens kept per upstream: there is one per repository clients ask for.
+MAX_TOKENS = 1000
 #: Redirects followed for one request.
 MAX_REDIRECTS = 5
 _REDIRECTS = (301, 302, 303, 307, 308)
@@ -375,6 +383,7 @@ class UpstreamClient:
             and "@" not in parts.netloc
             and parse_host_header(parts.netloc) is not None
             and not any(c <= " " or c == "\x7f" for c in url)
+            and _sendable(url)
         )
         if not ok:
             self._metrics.upstream_errors.labels(self.name, "redirect").inc()
@@ -481,13 +490,17 @@ class UpstreamClient:
         if fetched is None:
             return None
         token, lifetime = fetched
+        self._tokens.pop(key, None)
         self._tokens[key] = (token, now + max(lifetime - TOKEN_MARGIN, 1.0))
         self._expire_tokens(now)
         return "Bearer " + token
 
     def _expire_tokens(self, now: float) -> None:
+        """Drop expired tokens, then the oldest beyond :data:`MAX_TOKENS`."""
         for key in [k for k, (_, expiry) in self._tokens.items() if expiry <= now]:
             del self._tokens[key]
+        while len(self._tokens) > MAX_TOKENS:
+            del self._tokens[next(iter(self._tokens))]
 
     async def _fetch_token(self, realm: str, service: str, scope: str) -> tuple[str, float] | None:
         """A token and its lifetime; None when the token service refuses the credentials.
@@ -524,15 +537,33 @@ class UpstreamClient:
         if response.code != 200:
             raise UpstreamError(f"token service {realm} answered {response.code}")
         try:
-            data = json.loads(body)
+            data = jsontext.loads(body)
             token = data.get("token") or data.get("access_token")
-            lifetime = float(data.get("expires_in") or 60)
-        except (ValueError, AttributeError, TypeError):
+            expires_in = data.get("expires_in")
+        except (ValueError, AttributeError):
             token = None
         if not isinstance(token, str) or not token:
             raise UpstreamError(f"token service {realm} answered without a token")
         log.debug("token for {scope} from {realm}", scope=scope, realm=realm)
-        return token, lifetime
+        return token, _lifetime(expires_in)
+
+
+def _lifetime(expires_in: Any) -> float:
+    """A token's ``expires_in``, at most :data:`MAX_TOKEN_LIFETIME`; the default if unusable."""
+    try:
+        seconds = float(expires_in or TOKEN_LIFETIME)
+    except (ValueError, TypeError, OverflowError):
+        return TOKEN_LIFETIME
+    return min(seconds, MAX_TOKEN_LIFETIME) if math.isfinite(seconds) else TOKEN_LIFETIME
+
+
+def _sendable(url: str) -> bool:
+    """Whether treq can send a request to *url*: it cannot encode an IPv6 literal host."""
+    try:
+        EncodedURL.from_text(url).to_uri()
+    except ValueError:  # idna's errors are ValueErrors
+        return False
+    return True
 
 
 def _timed_out(result: object, timeout: float) -> Failure:

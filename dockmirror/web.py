@@ -282,6 +282,12 @@ class MirrorRequest(Request):
         super().connectionLost(reason)
 
 
+#: Headers a request may carry once (RFC 9112 3.2 for Host): servers that read
+#: different ones of two (a proxy in front takes the first, Twisted the last)
+#: would route or authorize the request differently.
+SINGLE_HEADERS = (b"host", b"authorization")
+
+
 def _refusal(status: int, reason: bytes, error: RegistryError) -> bytes:
     """A whole registry-format error response that closes the connection."""
     body = error.body()
@@ -298,6 +304,19 @@ class MirrorChannel(GuardedChannel):
     header line over ``MAX_LENGTH`` without a word; clients get a JSON error
     that says which.
     """
+
+    def headerReceived(self, line: bytes) -> bool:
+        """Store a header; refuse a second one of :data:`SINGLE_HEADERS`."""
+        if not super().headerReceived(line):
+            return False
+        headers = self.requests[-1].requestHeaders
+        if any(len(headers.getRawHeaders(name, ())) > 1 for name in SINGLE_HEADERS):
+            error = RegistryError(
+                "UNSUPPORTED", "a request carries one Host and one Authorization header", status=400
+            )
+            self._refuse(_refusal(400, b"Bad Request", error))
+            return False
+        return True
 
     def lineLengthExceeded(self, line: bytes) -> None:
         error = RegistryError(

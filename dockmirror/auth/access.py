@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 from twisted.logger import Logger
 
-from dockmirror.auth.keystore import KeyStore, KeyStoreError
+from dockmirror.auth.keys import KeyStoreError
+from dockmirror.auth.keystore import KeyStore
 from dockmirror.auth.throttle import LoginThrottle
 from dockmirror.auth.tokens import InvalidToken, TokenService, requested_repositories
 from dockmirror.errors import RegistryError

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet.interfaces import IReactorTime
 
-from dockmirror.auth.keystore import iso_time
+from dockmirror.auth.keys import iso_time
 from dockmirror.auth.secretfile import load_or_create
 from dockmirror.reference import NAME_MAX, NAME_RE
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Callable
 from functools import partial
 from typing import Any, Protocol
 
@@ -120,6 +121,10 @@ class Cache(service.Service):
         #: Warms the cache for :meth:`prefetch`; attached once the pull side exists.
         self.prefetcher: Prefetcher | None = None
         self._notifier: INotifier = LocalNotifier()
+        #: Called with what each purge made here names, for the nodes of a cluster ...
+        self.on_purge: list[Callable[[str], None]] = []
+        #: ... and with what each purge another process announced names.
+        self.on_purge_heard: list[Callable[[str], None]] = []
 
     def share(self, notifier: INotifier) -> None:
         """Purge in every worker what is purged in one; keep what one keeps."""
@@ -131,7 +136,14 @@ class Cache(service.Service):
 
     def _purged_elsewhere(self, message: list[str]) -> None:
         if len(message) == 1 and len(message[0]) <= PURGE_MAX:
-            self._purge(message[0])
+            for hook in self.on_purge_heard:
+                hook(message[0])
+            self.purged_elsewhere(message[0])
+
+    def purged_elsewhere(self, what: str) -> None:
+        """Drop here what another process purged (heard of, or found in the cluster's records)."""
+        if len(what) <= PURGE_MAX:
+            self._purge(what)
 
     def _pool(self, reactor: Any, name: str, threads: int) -> Runner:
         pool = ThreadPool(minthreads=1, maxthreads=threads, name=name)
@@ -240,6 +252,8 @@ class Cache(service.Service):
             }
         if len(what) <= PURGE_MAX:
             self._notifier.publish(PURGE_TOPIC, [what])
+            for hook in self.on_purge:
+                hook(what)
         return result
 
     def _purge(self, what: str) -> dict[str, Any]:

@@ -10,17 +10,20 @@ is answered with an entry it accepts, and any other goes upstream.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
+from dockmirror import jsontext
 from dockmirror.cache.blobs import BlobStore
 from dockmirror.cache.index import Index, Snapshot
 from dockmirror.errors import RegistryError
 from dockmirror.reference import TAG_RE, check_digest, is_digest
+
+log = Logger()
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -90,7 +93,7 @@ def manifest_media_type(body: bytes, content_type: str | None) -> str | None:
     if not could_be_manifest(content_type):
         return None
     try:
-        data = json.loads(body)
+        data = jsontext.loads(body)
     except ValueError:
         return None
     if not isinstance(data, dict):
@@ -119,7 +122,7 @@ def references(body: bytes, platforms: Collection[str] = ()) -> list[tuple[str, 
     manifests are only those of these platforms; ``os/arch`` takes any variant.
     """
     try:
-        data = json.loads(body)
+        data = jsontext.loads(body)
     except ValueError:
         return []
     if not isinstance(data, dict):
@@ -176,6 +179,10 @@ class SharedTags(Protocol):
     def expire(self, origin: str, tag: str, keep: str, expired: float) -> None: ...
 
     def forget(self, origins: Iterable[str], tag: str | None = None) -> None: ...
+
+    async def manifest(self, digest: str, limit: int) -> bytes | None:
+        """The manifest *digest* (of *limit* bytes at most) as another node holding it
+        serves it; None if none does."""
 
 
 @dataclass
@@ -392,6 +399,32 @@ class ManifestCache:
                 self._set_tag(origin, tag, TagEntry(digest, media_type, resolved))
                 adopted = True
         return adopted
+
+    async def adopt_manifest(self, origin: str, digest: str, media_type: str, limit: int) -> bool:
+        """Take in manifest *digest*, of *media_type* and *limit* bytes at most, from
+        another node of the cluster that holds it, once *origin* proved (to any node)
+        that it has it.
+
+        It is checked against its digest and media type, as one from an
+        upstream would be.
+        """
+        if self.shared is None or not await self.store.proved_elsewhere(origin, digest):
+            return False
+        body = await self.shared.manifest(digest, limit)
+        if body is None:
+            return False
+        algorithm, _, hexpart = digest.partition(":")
+        if (
+            not valid_digest(digest)
+            or hashlib.new(algorithm, body).hexdigest() != hexpart
+            or manifest_media_type(body, media_type) != media_type
+        ):
+            log.warn("a node served {digest} with other content: ignored", digest=digest)
+            return False
+        if not await self.store.put_small(digest, body):
+            return False
+        self._record(origin, digest, digest, media_type, write=True)
+        return True
 
     def expire_tag(self, origin: str, tag: str, keep: str) -> None:
         """Have a moved tag's entries other than *keep*'s media type revalidated at next use.

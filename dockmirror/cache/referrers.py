@@ -18,6 +18,7 @@ from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 
+from dockmirror import jsontext
 from dockmirror.cache.manifests import OCI_INDEX, valid_digest
 from dockmirror.reference import MEDIA_TYPE_RE
 
@@ -46,7 +47,7 @@ def referrers_list(body: bytes, content_type: str | None) -> list[dict[str, Any]
     if (content_type or "").partition(";")[0].strip().lower() != OCI_INDEX:
         return None
     try:
-        data = json.loads(body)
+        data = jsontext.loads(body)
     except ValueError:
         return None
     if (

@@ -53,3 +53,12 @@ CREATE TABLE IF NOT EXISTS cluster_secret (
     id     integer PRIMARY KEY CHECK (id = 1),
     secret text NOT NULL
 );
+
+-- What the operator purged (a repository or a digest), for the processes whose
+-- notification of it was lost: each reads those of the last minutes.  Rows go hourly.
+CREATE TABLE IF NOT EXISTS cache_purges (
+    id     bigserial PRIMARY KEY,
+    what   text NOT NULL,
+    origin text NOT NULL,
+    made   timestamptz NOT NULL DEFAULT now()
+);

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 from twisted.application import service
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -29,8 +30,11 @@ Row = tuple[Any, ...]
 
 #: Seconds a query waits for a free, working connection before failing.
 CONNECT_TIMEOUT = 5.0
-#: Threads, and so connections, a node uses for its queries.
+#: Threads, and so connections, a process uses for its queries (``[cluster] pool_size``).
 MAX_CONNECTIONS = 8
+#: Connections a process keeps besides its pool: the one listening for
+#: notifications, and (with ``node_url``) the session holding its fill claims.
+OWN_CONNECTIONS = 2
 #: Seconds the pool keeps trying to replace a lost connection (with backoff);
 #: then the next query tries afresh.  Bounded, so that a node is back within
 #: seconds of PostgreSQL, however long it was away.
@@ -49,13 +53,19 @@ class Backoff:
     Only news newer than the last success counts: a query that began before
     another one succeeded, and then failed (it waited for a connection while
     PostgreSQL came back), does not start a backoff, and a success ends one.
+    The outage is logged once as it begins and once as it ends, for *what*
+    (the part of the node whose queries these are), however many fail.
     """
 
-    def __init__(self, clock: IReactorTime, seconds: float = BACKOFF) -> None:
+    def __init__(
+        self, clock: IReactorTime, seconds: float = BACKOFF, what: str = "cluster database"
+    ) -> None:
         self._clock = clock
         self._seconds = seconds
+        self._what = what
         self._until = 0.0
         self._succeeded = float("-inf")
+        self._down = False
 
     async def run(self, query: Callable[[], Awaitable[T]]) -> T:
         """``await query()``; raises :class:`DatabaseUnavailable` at once while backing off."""
@@ -64,12 +74,24 @@ class Backoff:
             raise DatabaseUnavailable("PostgreSQL failed a moment ago")
         try:
             result = await query()
-        except DatabaseUnavailable:
+        except DatabaseUnavailable as e:
             if started >= self._succeeded:
                 self._until = self._clock.seconds() + self._seconds
+                if not self._down:
+                    self._down = True
+                    log.warn(
+                        "{what}: PostgreSQL is unavailable ({error}); asking it again every"
+                        " {seconds:.0f}s at most, without a warning until it is back",
+                        what=self._what,
+                        error=str(e),
+                        seconds=self._seconds,
+                    )
             raise
         self._succeeded = self._clock.seconds()
         self._until = 0.0
+        if self._down:
+            self._down = False
+            log.info("{what}: PostgreSQL is back", what=self._what)
         return result
 
 
@@ -155,15 +177,58 @@ def apply_schema(conn: psycopg.Connection[Any], schema: str) -> None:
         conn.execute(schema)
 
 
-class DatabaseService(service.Service):
-    """Opens the node's connections when the mirror starts (not before twistd forks)."""
+def connections_needed(workers: int, pool_size: int) -> int:
+    """The most connections a node of *workers* processes opens to PostgreSQL."""
+    return workers * (pool_size + OWN_CONNECTIONS)
 
-    def __init__(self, database: Database) -> None:
+
+def connections_allowed(conn: psycopg.Connection[Any]) -> int:
+    """The connections PostgreSQL lets roles without special privileges open."""
+    row = conn.execute(
+        "SELECT current_setting('max_connections')::int"
+        " - current_setting('superuser_reserved_connections')::int"
+        " - COALESCE(NULLIF(current_setting('reserved_connections', true), ''), '0')::int"
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+class DatabaseService(service.Service):
+    """Opens the node's connections when the mirror starts (not before twistd forks).
+
+    With *needed* (the connections the whole node may open), it says once
+    started how many such nodes PostgreSQL's ``max_connections`` allows,
+    with a warning if not even this one.
+    """
+
+    def __init__(self, database: Database, needed: int | None = None) -> None:
         self.database = database
+        self._needed = needed
 
     def startService(self) -> None:
         super().startService()
         self.database.start()
+        if self._needed is not None:
+            d = Deferred.fromCoroutine(self.database.run(connections_allowed))
+            d.addCallbacks(self._allowed, lambda f: f.trap(DatabaseUnavailable, psycopg.Error))
+
+    def _allowed(self, allowed: int) -> None:
+        needed = self._needed
+        if needed is not None and needed > allowed:
+            log.warn(
+                "this node may open {needed} connections to PostgreSQL, which allows"
+                " {allowed}: raise its max_connections or lower [cluster] pool_size",
+                needed=needed,
+                allowed=allowed,
+            )
+        else:
+            log.info(
+                "this node may open {needed} connections to PostgreSQL, which allows"
+                " {allowed}: room for {nodes} such nodes",
+                needed=needed,
+                allowed=allowed,
+                nodes=allowed // needed if needed else 0,
+            )
 
     def stopService(self) -> None:
         super().stopService()

@@ -12,6 +12,12 @@
   fill need not ask the upstream again.
 - ``cache_tags``: what each tag was resolved to, with the manifest, so that a
   tag resolved by one node is fresh on every node until its TTL runs out.
+- ``cache_purges``: what the operator purged, and when.  A purge reaches
+  the other processes by a notification at once; a notification may be
+  lost (a process not listening, or one of the previous version, whose
+  notifications are not signed), so every process also reads the purges
+  of the last :data:`PURGE_WINDOW` seconds every :data:`PURGE_POLL` seconds
+  and applies those made since it started that it has not heard of.
 
 Rows about this node's blobs are written on the coordinator's session, in
 order with its fill claims: a blob is recorded before its claim ends.
@@ -23,7 +29,9 @@ or fills, so that neither table grows with every tag and digest ever seen.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+import secrets
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
@@ -33,11 +41,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.client import PartialDownloadError, ResponseFailed, readBody
 
 from dockmirror.cache import Cache
 from dockmirror.cache.manifests import SharedTag
 from dockmirror.cluster.coordinator import Session
 from dockmirror.cluster.database import Backoff, Database, DatabaseUnavailable
+from dockmirror.cluster.peers import PeerClient
 
 log = Logger()
 
@@ -49,6 +59,14 @@ TOUCH_BATCH = 10_000
 SWEEP_INTERVAL = 3600.0
 #: ... among them tag entries resolved more than this node's TTL and this many seconds ago.
 TAG_GRACE = 3600.0
+#: Seconds between reads of the purges made by other processes ...
+PURGE_POLL = 4.0
+#: ... of the purges made within this many seconds ...
+PURGE_WINDOW = 600.0
+#: ... at most this many.
+PURGE_BATCH = 1000
+#: Seconds by which a purge may be heard of before it is recorded and still be the same.
+PURGE_SLACK = 5.0
 
 
 def _logged(what: str) -> Any:
@@ -70,13 +88,28 @@ class ClusterIndex(service.Service):
         self._session = session
         self.node_url = node_url
         self._touched: set[str] = set()
-        self._backoff = Backoff(reactor)
+        self._backoff = Backoff(reactor, what="cluster index")
         self._loop = LoopingCall(self._write_touched)
         self._loop.clock = reactor
         self._reactor = reactor
         self._ttl = cache.manifests.ttl
         self._sweeper = LoopingCall(self._sweep)
         self._sweeper.clock = reactor
+        #: This process, as the purges it records name it.
+        self._origin = secrets.token_hex(8)
+        #: When this process started: purges made before are not its to apply ...
+        self.started = reactor.seconds()
+        #: ... nor the purges of the window applied here already, by id ...
+        self._purges_seen: set[int] = set()
+        #: ... and when each repository or digest was last heard of as purged.
+        self._purges_heard: dict[str, float] = {}
+        self._purge_poll = LoopingCall(self._poll_purges)
+        self._purge_poll.clock = reactor
+        self._cache = cache
+        cache.on_purge.append(self._purged)
+        cache.on_purge_heard.append(self._heard)
+        #: Reaches the other nodes; set once the node knows the cluster secret.
+        self.peers: PeerClient | None = None
         cache.blobs.on_add.append(self._added)
         cache.blobs.on_remove.append(self._removed)
         cache.blobs.on_touch.append(self._touched.add)
@@ -89,16 +122,18 @@ class ClusterIndex(service.Service):
         return f"<ClusterIndex {self.node_url}>"
 
     def startService(self) -> None:
-        """Say what this node holds, as it found it at start."""
+        """Reconcile this node's rows with what its disk holds (see :func:`reconcile_node`)."""
         super().startService()
-        blobs = list(self._blobs.entries())
-        self._write(partial(_replace_node, self.node_url, blobs), "recording this node's blobs")
+        self.started = self._reactor.seconds()
+        f = partial(reconcile_node, self.node_url, self._blobs.entries(), self._blobs.path)
+        self._write(f, "recording this node's blobs")
         self._loop.start(TOUCH_INTERVAL, now=False)
         self._sweeper.start(SWEEP_INTERVAL, now=False)
+        self._purge_poll.start(PURGE_POLL, now=True)
 
     def stopService(self) -> Any:
         super().stopService()
-        for loop in (self._loop, self._sweeper):
+        for loop in (self._loop, self._sweeper, self._purge_poll):
             if loop.running:
                 loop.stop()
 
@@ -148,6 +183,41 @@ class ClusterIndex(service.Service):
         f = partial(_execute, _DELETE_ACCESS, (sorted(origins),))
         self._run(f, "forgetting the proofs of purged repositories")
 
+    # --- purges -------------------------------------------------------------------
+
+    def _purged(self, what: str) -> None:
+        f = partial(_execute, _INSERT_PURGE, (what, self._origin))
+        self._run(f, f"recording the purge of {what}")
+
+    def _poll_purges(self) -> Deferred[None]:
+        query = partial(self._database.run, partial(_fetch_all, _PURGES, (PURGE_BATCH,)))
+        d = Deferred.fromCoroutine(self._backoff.run(query))
+
+        def failed(failure: Failure) -> None:
+            if not failure.check(DatabaseUnavailable):  # an outage is logged by the backoff
+                _logged("reading the purges")(failure)
+
+        return d.addCallbacks(self._apply_purges, failed)
+
+    def _heard(self, what: str) -> None:
+        self._purges_heard[what] = self._reactor.seconds()
+
+    def _apply_purges(self, rows: list[tuple[int, str, str, float]]) -> None:
+        """Apply the purges other processes made since this one started that no
+        notification brought here."""
+        for purge_id, what, origin, made in reversed(rows):  # oldest first
+            heard = self._purges_heard.get(what, float("-inf")) >= made - PURGE_SLACK
+            if purge_id in self._purges_seen or origin == self._origin or heard:
+                continue
+            if made >= self.started:
+                log.info("applying the purge of {what}, made on another node", what=what)
+                self._cache.purged_elsewhere(what)
+        self._purges_seen = {row[0] for row in rows}
+        cutoff = self._reactor.seconds() - PURGE_WINDOW
+        for what, when in list(self._purges_heard.items()):
+            if when < cutoff:
+                del self._purges_heard[what]
+
     async def proved(self, origin: str, digest: str) -> int | None:
         """The size of *digest* if *origin* proved it has it to some node; else None."""
         try:
@@ -158,6 +228,29 @@ class ClusterIndex(service.Service):
         return int(row[0]) if row is not None else None
 
     # --- tags --------------------------------------------------------------------
+
+    async def manifest(self, digest: str, limit: int) -> bytes | None:
+        """The manifest *digest*, of *limit* bytes at most, from a node that holds it."""
+        if self.peers is None:
+            return None
+        try:
+            query = partial(_fetch_all, _MANIFEST_HOLDERS, (digest, self.node_url, limit))
+            rows = await self._backoff.run(partial(self._database.run, query))
+        except DatabaseUnavailable:
+            return None
+        for node, size in rows:
+            response = await self.peers.open(str(node), digest, int(size), 0)
+            if response is None:
+                continue
+            try:
+                body: bytes = await readBody(response)
+            except (ResponseFailed, PartialDownloadError) as e:
+                log.info(
+                    "node {node} cannot send {digest}: {error}", node=node, digest=digest, error=e
+                )
+                continue
+            return body
+        return None
 
     async def tags(self, origin: str, tag: str, since: float) -> list[SharedTag]:
         try:
@@ -191,6 +284,10 @@ _UPSERT_BLOB = (
 )
 _DELETE_BLOB = "DELETE FROM cache_blobs WHERE digest = %s AND node_url = %s"
 _TOUCH_BLOBS = "UPDATE cache_blobs SET used = now() WHERE digest = ANY(%s) AND node_url = %s"
+_MANIFEST_HOLDERS = (
+    "SELECT node_url, size FROM cache_blobs WHERE digest = %s AND node_url <> %s AND size <= %s"
+    " ORDER BY used DESC LIMIT 3"
+)
 _INSERT_ACCESS = "INSERT INTO cache_access VALUES (%s, %s) ON CONFLICT DO NOTHING"
 _DELETE_ACCESS = "DELETE FROM cache_access WHERE origin = ANY(%s)"
 _PROVED = (
@@ -216,7 +313,17 @@ _FORGET_TAG = "DELETE FROM cache_tags WHERE origin = ANY(%s) AND tag = %s"
 _FORGET_ORIGINS = "DELETE FROM cache_tags WHERE origin = ANY(%s)"
 
 
+_INSERT_PURGE = "INSERT INTO cache_purges (what, origin) VALUES (%s, %s)"
+_PURGES = (
+    "SELECT id, what, origin, extract(epoch FROM made)::float8 FROM cache_purges"
+    f" WHERE made > now() - interval '{PURGE_WINDOW:.0f} seconds' ORDER BY id DESC LIMIT %s"
+)
+
+
 _SWEEP_TAGS = "DELETE FROM cache_tags WHERE resolved < %s"
+_SWEEP_PURGES = (
+    f"DELETE FROM cache_purges WHERE made < now() - interval '{PURGE_WINDOW:.0f} seconds'"
+)
 _SWEEP_ACCESS = (
     "DELETE FROM cache_access a"
     " WHERE NOT EXISTS (SELECT 1 FROM cache_blobs b WHERE b.digest = a.digest)"
@@ -231,6 +338,7 @@ def sweep(cutoff: float, conn: psycopg.Connection[Any]) -> tuple[int, int]:
     """
     tags = conn.execute(_SWEEP_TAGS, (cutoff,)).rowcount
     proofs = conn.execute(_SWEEP_ACCESS).rowcount
+    conn.execute(_SWEEP_PURGES)
     if tags or proofs:
         log.info(
             "cluster index: swept {tags} expired tag entries and {proofs} proofs of blobs gone",
@@ -252,10 +360,41 @@ def _fetch_all(sql: str, params: tuple[Any, ...], conn: psycopg.Connection[Any])
     return conn.execute(sql, params).fetchall()
 
 
-def _replace_node(
-    node_url: str, blobs: list[tuple[str, int]], conn: psycopg.Connection[Any]
-) -> None:
+def reconcile_node(
+    node_url: str,
+    blobs: list[tuple[str, int]],
+    path: Callable[[str], str],
+    conn: psycopg.Connection[Any],
+) -> tuple[int, int]:
+    """Make *node_url*'s rows say what its disk holds now, *blobs* being what a process
+    found there at its start (each blob's file at ``path(digest)``).
+
+    The other processes of the node go on adding, reading and removing blobs
+    meanwhile, and write their rows themselves: only rows whose file is gone
+    are deleted, and only blobs still on disk and without a row are added, so
+    that neither a blob removed since the start comes back nor a row's last
+    access is lost.  Returns how many rows were added and deleted.
+    """
     with conn.transaction():
-        conn.execute("DELETE FROM cache_blobs WHERE node_url = %s", (node_url,))
+        rows = {
+            str(row[0])
+            for row in conn.execute(
+                "SELECT digest FROM cache_blobs WHERE node_url = %s FOR UPDATE", (node_url,)
+            )
+        }
+        gone = [digest for digest in rows if not os.path.exists(path(digest))]
+        added = [
+            (digest, node_url, size)
+            for digest, size in blobs
+            if digest not in rows and os.path.exists(path(digest))
+        ]
+        conn.execute(
+            "DELETE FROM cache_blobs WHERE node_url = %s AND digest = ANY(%s)", (node_url, gone)
+        )
         with conn.cursor() as cursor:
-            cursor.executemany(_UPSERT_BLOB, [(d, node_url, size) for d, size in blobs])
+            cursor.executemany(
+                "INSERT INTO cache_blobs (digest, node_url, size) VALUES (%s, %s, %s)"
+                " ON CONFLICT DO NOTHING",
+                added,
+            )
+    return len(added), len(gone)

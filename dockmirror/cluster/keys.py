@@ -1,7 +1,7 @@
 """The key store and the token signing key in PostgreSQL, shared by every node.
 
 :class:`PostgresKeyDatabase` runs the key store's queries
-(:class:`~dockmirror.auth.keystore.KeyQueries`) on one connection: the same
+(:class:`~dockmirror.auth.queries.KeyQueries`) on one connection: the same
 keys, hashed the same way, with every node's usage counters added up.  Its
 write transactions take one advisory lock, as SQLite's writers take the
 database's, so that two nodes flushing their counters never deadlock and a
@@ -11,7 +11,7 @@ its portal or ``dockmirror-admin``.
 
 :class:`PostgresKeys` is the server's :class:`~dockmirror.auth.keystore.KeyBackend`
 over the node's pool.  While PostgreSQL is down, key operations fail with
-:class:`~dockmirror.auth.keystore.KeyStoreError` (logins get a 503), and
+:class:`~dockmirror.auth.keys.KeyStoreError` (logins get a 503), and
 fail at once rather than each waiting for a connection, until a query is
 tried again :data:`RETRY_INTERVAL` later.
 """
@@ -29,7 +29,8 @@ import psycopg
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from dockmirror.auth.keystore import REVOKED_TOPIC, KeyQueries, KeyStoreError, Row
+from dockmirror.auth.keys import KeyStoreError
+from dockmirror.auth.queries import REVOKED_TOPIC, KeyQueries, Row
 from dockmirror.auth.secretfile import read, replace
 from dockmirror.auth.tokens import generate_signing_key
 from dockmirror.cluster.database import (

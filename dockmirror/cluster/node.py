@@ -73,6 +73,7 @@ class ClusterNode(service.MultiService):
         if self.secret is None:
             self.secret = self.database.call(shared_secret)
         self.peers = PeerClient(self._reactor, self.secret)
+        self.index.peers = self.peers
         self.session.start()
         blobs = self._cache.blobs
         blobs.coordinator = ClusterCoordinator(

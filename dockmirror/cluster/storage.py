@@ -9,6 +9,9 @@ share one bucket and these records (``storage.sql``):
   before its claim on the digest ends.
 - ``storage_uploads``: the bytes each upload in progress reserved, counted
   in the quota until it ends (or, for a node that died, its lease lapses).
+- ``storage_listing``: when a node last listed the bucket.  The records
+  are trusted at start: one node a day lists the bucket and reconciles them
+  (a listing costs one request per 1000 objects).
 - ``storage_readers``: leases of the nodes reading an object (a stream, a
   fill from the bucket, a presigned URL handed out), renewed while they read.
 
@@ -31,7 +34,8 @@ digest is not recorded.
 
 Every query runs on the coordinator's session, in order with its claims.
 While PostgreSQL is away, reads from the bucket go on without leases (no
-node can evict meanwhile), and nothing is uploaded.
+node can evict meanwhile), and nothing is uploaded; the outage is logged
+as it begins and as it ends, not at each lease or renewal that fails.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from zope.interface import implementer
 from dockmirror._interfaces import IStorageRecords
 from dockmirror.cluster.coordinator import Session, lock_key
 from dockmirror.cluster.database import Backoff, DatabaseUnavailable
+from dockmirror.storage.quota import LISTING_INTERVAL
 
 log = Logger()
 
@@ -81,7 +86,7 @@ class ClusterRecords(service.Service):
         #: Who holds this process's leases and reservations: each worker of a node is one.
         self.holder = f"{node_url}#{os.getpid()}"
         self.max_size = max_size
-        self._backoff = Backoff(reactor)
+        self._backoff = Backoff(reactor, what="storage records")
         #: Readers on this node, by digest.
         self._readers: Counter[str] = Counter()
         #: Uploads this node reserved room for.
@@ -114,7 +119,8 @@ class ClusterRecords(service.Service):
 
         def failed(failure: Any) -> None:
             failure.trap(DatabaseUnavailable, psycopg.Error)
-            log.warn("storage records: {what}: {error}", what=what, error=failure.getErrorMessage())
+            if failure.check(psycopg.Error):  # an outage is logged once, by the backoff
+                _warn(what, failure.value)
 
         return d.addErrback(failed)
 
@@ -130,8 +136,10 @@ class ClusterRecords(service.Service):
     async def _lease(self, digest: str) -> int | None:
         try:
             size: int | None = await self._query(partial(_lease, digest, self.holder))
-        except (DatabaseUnavailable, psycopg.Error) as e:
-            log.warn("storage records: leasing {digest}: {error}", digest=digest, error=str(e))
+        except DatabaseUnavailable:
+            return UNKNOWN
+        except psycopg.Error as e:
+            _warn(f"leasing {digest}", e)
             return UNKNOWN
         return size
 
@@ -175,7 +183,8 @@ class ClusterRecords(service.Service):
         try:
             await self._query(partial(_uploaded, digest, size, self.holder, stored))
         except (DatabaseUnavailable, psycopg.Error) as e:
-            log.warn("storage records: recording {digest}: {error}", digest=digest, error=str(e))
+            if not isinstance(e, DatabaseUnavailable):
+                _warn(f"recording {digest}", e)
             if stored:  # recorded by a later renewal
                 self._unrecorded[digest] = size
 
@@ -185,6 +194,14 @@ class ClusterRecords(service.Service):
 
     def evicted(self, digest: str) -> None:
         self._write(partial(_unlock, digest), f"releasing {digest}")
+
+    def listing_due(self) -> Deferred[bool]:
+        """Whether no node of the cluster listed the bucket for a day; if so this node does.
+
+        Not while PostgreSQL is away: the listing could not be recorded.
+        """
+        f = partial(_listing_due, LISTING_INTERVAL)
+        return self._write(f, "asking whether to list the bucket").addCallback(bool)
 
     def reconcile(self, found: dict[str, tuple[int, float]], since: float) -> Deferred[list[str]]:
         f = partial(_reconcile, found, since, self.max_size)
@@ -230,6 +247,10 @@ _HELD_KEYS = (
     "SELECT (classid::bigint << 32) | objid::bigint FROM pg_locks"
     " WHERE locktype = 'advisory' AND objsubid = 1 AND granted"
 )
+
+
+def _warn(what: str, error: BaseException) -> None:
+    log.warn("storage records: {what}: {error}", what=what, error=str(error).strip())
 
 
 def _execute(sql: str, params: tuple[Any, ...], conn: psycopg.Connection[Any]) -> None:
@@ -380,6 +401,17 @@ def _remove(digest: str, conn: psycopg.Connection[Any]) -> bool:
             return False
         conn.execute(_DELETE_OBJECT, (digest,))
     return True
+
+
+def _listing_due(interval: float, conn: psycopg.Connection[Any]) -> bool:
+    """Whether the bucket was not listed for *interval* seconds; if so, it is now."""
+    row = conn.execute(
+        "INSERT INTO storage_listing (id, listed) VALUES (1, now()) ON CONFLICT (id)"
+        " DO UPDATE SET listed = now()"
+        " WHERE storage_listing.listed < now() - make_interval(secs => %s) RETURNING 1",
+        (interval,),
+    ).fetchone()
+    return row is not None
 
 
 def _reconcile(

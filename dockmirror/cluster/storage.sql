@@ -26,3 +26,9 @@ CREATE TABLE IF NOT EXISTS storage_readers (
     expires  timestamptz NOT NULL,
     PRIMARY KEY (digest, node_url)
 );
+
+-- When a node last listed the bucket to reconcile these records with it: one node a day.
+CREATE TABLE IF NOT EXISTS storage_listing (
+    id     integer PRIMARY KEY CHECK (id = 1),
+    listed timestamptz NOT NULL
+);

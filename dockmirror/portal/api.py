@@ -7,12 +7,12 @@ portal's contract names (401 signed out, 403 CSRF, 404 another user's key,
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twisted.web.server import Request
 
+from dockmirror import jsontext
 from dockmirror.portal.app import MAX_USAGE_DAYS, Portal, PortalError, Visitor, key_json
 from dockmirror.portal.overview import (
     TrafficSampler,
@@ -29,7 +29,7 @@ def _body(request: Request) -> dict[str, Any]:
     if request.content is None:
         raise PortalError(400, "send a JSON object")
     try:
-        value = json.loads(request.content.read() or b"{}")
+        value = jsontext.loads(request.content.read() or b"{}")
     except ValueError:
         raise PortalError(400, "the body is not JSON") from None
     if not isinstance(value, dict):

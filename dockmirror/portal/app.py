@@ -23,15 +23,8 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 
 from dockmirror._interfaces import INotifier
-from dockmirror.auth.keystore import (
-    DAY,
-    KeyInfo,
-    KeyList,
-    KeyStore,
-    KeyStoreError,
-    NewKey,
-    QuotaExceeded,
-)
+from dockmirror.auth.keys import DAY, KeyInfo, KeyList, KeyStoreError, NewKey, QuotaExceeded
+from dockmirror.auth.keystore import KeyStore
 from dockmirror.auth.throttle import Throttle, client_subject
 from dockmirror.portal.config import IDENTITY_RE, PortalConfig, normalize_identity
 from dockmirror.portal.login import Identity, LoginRefused, Provider, ProviderUnavailable

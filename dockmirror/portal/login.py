@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import re
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -24,6 +23,7 @@ from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.logger import Logger
 from twisted.web.client import ResponseFailed
 
+from dockmirror import jsontext
 from dockmirror.portal.config import GitHubLoginConfig, OidcLoginConfig
 from dockmirror.upstream import UpstreamError, read_small
 
@@ -113,7 +113,7 @@ class _Client:
             )
             raise ProviderUnavailable(f"{self.label} answered with an error ({response.code})")
         try:
-            return response.code, json.loads(body)
+            return response.code, jsontext.loads(body)
         except ValueError:
             raise ProviderUnavailable(f"{self.label} sent an answer that is not JSON") from None
 

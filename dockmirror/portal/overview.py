@@ -15,7 +15,8 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from dockmirror.auth.keystore import HOUR, KeyStore, KeyStoreError, iso_time
+from dockmirror.auth.keys import HOUR, KeyStoreError, iso_time
+from dockmirror.auth.keystore import KeyStore
 from dockmirror.metrics import Metrics
 from dockmirror.routing import Upstream
 from dockmirror.upstream import discard

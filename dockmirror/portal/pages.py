@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 from twisted.web.template import Tag, tags
 
-from dockmirror.auth.keystore import OPERATOR, KeyInfo, NewKey
+from dockmirror.auth.keys import OPERATOR, KeyInfo, NewKey
 from dockmirror.portal.app import Portal, Visitor
 from dockmirror.portal.charts import Bar, bar_chart, human_bytes
 

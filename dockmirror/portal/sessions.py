@@ -29,7 +29,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from dockmirror.auth.keystore import iso_time
+from dockmirror.auth.keys import iso_time
 from dockmirror.auth.secretfile import make_private_directory
 from dockmirror.sqlite import connect, write_transaction
 
@@ -252,32 +252,33 @@ class PortalQueries:
             ),
         )
 
-    def load(self, dump: PortalDump) -> int:
-        """Copy *dump* (of :meth:`export`) into this store, which must hold no user.
+    def load(self, dump: PortalDump) -> tuple[int, int, int]:
+        """Copy the users of *dump* (of :meth:`export`) that this store does not hold,
+        with their sessions.
 
-        Returns how many users were copied.
+        A user held already stays as it is (disabled or not, with its own
+        sessions), so that copying again changes nothing.  Returns how many
+        users were copied and skipped, and how many sessions were copied.
         """
         users, sessions = dump
         with self._transaction():
-            ((held,),) = self._rows(f"SELECT count(*) FROM {self._users}")
-            if held:
-                raise PortalStoreError(
-                    f"the target already holds {held} portal users; users are copied into"
-                    " an empty portal store only"
-                )
-            for row in users:
+            held = {identity for (identity,) in self._rows(f"SELECT identity FROM {self._users}")}
+            new = [row for row in users if row[0] not in held]
+            copied = {row[0] for row in new}
+            theirs = [row for row in sessions if row[1] in copied]
+            for row in new:
                 self._rows(
                     f"INSERT INTO {self._users}"
                     " (identity, name, first_seen, last_seen, disabled_at) VALUES (?, ?, ?, ?, ?)",
                     row,
                 )
-            for row in sessions:
+            for row in theirs:
                 self._rows(
                     f"INSERT INTO {self._sessions} (id_hash, identity, created_at, expires_at)"
-                    " VALUES (?, ?, ?, ?)",
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (id_hash) DO NOTHING",
                     (bytes(row[0]), *row[1:]),
                 )
-        return len(users)
+        return len(new), len(users) - len(new), len(theirs)
 
 
 class PortalDatabase(PortalQueries):

@@ -12,7 +12,8 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from dockmirror.auth.keystore import KeyQueries, KeyStore
+from dockmirror.auth.keystore import KeyStore
+from dockmirror.auth.queries import KeyQueries
 from dockmirror.portal.config import IDENTITY_RE, normalize_identity
 from dockmirror.portal.sessions import PortalQueries, PortalStore
 

@@ -8,13 +8,13 @@ over the same upstreams, cache and single flight, and returns a
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
+from dockmirror import jsontext
 from dockmirror.cache import Cache
 from dockmirror.errors import STATUS, RegistryError, retry_after, upstream_unavailable
 from dockmirror.metrics import Metrics
@@ -190,6 +190,6 @@ def transient(error: RegistryError) -> bool:
 
 def first_error_code(body: bytes) -> str | None:
     try:
-        return str(json.loads(body)["errors"][0]["code"])
+        return str(jsontext.loads(body)["errors"][0]["code"])
     except (ValueError, KeyError, IndexError, TypeError):
         return None

@@ -36,7 +36,7 @@ from dockmirror.pull.access import (
     names,
 )
 from dockmirror.pull.ranges import parse_range, range_spec
-from dockmirror.ranged import RangedFetch, RangeSupport
+from dockmirror.ranged import RangedFetch, RangeSupport, content_range
 from dockmirror.routing import Route, Upstream
 from dockmirror.streaming import BodyStream, StreamError, content_range_start
 from dockmirror.upstream import discard
@@ -417,12 +417,19 @@ class BlobService(UpstreamAccess):
                     route.upstream.name, f"{length} bytes for {digest}, {declared} expected", 502
                 )
             length = declared
+        span = content_range(response) if response.code == 206 else None
+        if response.code == 206 and not _range_asked(span, length, headers, declared):
+            # Other bytes than those asked for, which no digest check covers.
+            discard(response)
+            raise upstream_unavailable(
+                route.upstream.name, f"a range of {digest} other than the one asked for", 502
+            )
         reply_headers = _blob_headers(digest, MISS)
         if length is not None:
             reply_headers["Content-Length"] = str(length)
-        content_range = header(response, "content-range")
-        if response.code == 206 and content_range:
-            reply_headers["Content-Range"] = content_range
+        if span is not None:
+            start, end, total = span
+            reply_headers["Content-Range"] = f"bytes {start}-{end - 1}/{total}"
         if head:
             discard(response)
             return Reply(response.code, reply_headers)
@@ -435,6 +442,27 @@ class BlobService(UpstreamAccess):
             count=self._metrics.bytes_from_upstream.labels(route.upstream.name).inc,
         )
         return Reply(response.code, reply_headers, stream=stream)
+
+
+def _range_asked(
+    span: tuple[int, int, int] | None,
+    length: int | None,
+    asked: dict[str, str] | None,
+    declared: int | None,
+) -> bool:
+    """Whether a 206's ``Content-Range`` *span* (and *length*) is the range *asked* for.
+
+    The blob's size is the one announced (*declared*) if the mirror knows it.
+    """
+    if span is None or asked is None:
+        return False
+    start, end, total = span
+    if (declared is not None and total != declared) or length not in (None, end - start):
+        return False
+    try:
+        return parse_range(asked["Range"], total) == (start, end)
+    except RegistryError:  # past the end: no 206 should have answered it
+        return False
 
 
 def _blob_headers(digest: str, x_cache: str) -> dict[str, str]:

@@ -20,6 +20,7 @@ from dockmirror.cache.manifests import (
     accepted,
     could_be_manifest,
     manifest_media_type,
+    valid_digest,
 )
 from dockmirror.coordination import FLIGHT_RECENT
 from dockmirror.errors import RegistryError, upstream_unavailable
@@ -154,11 +155,12 @@ class ManifestService(UpstreamAccess):
             return await self._upstream_manifest(route, origin, reference, accept, head)
         flights = self.cache.flights
         key = "\n".join((origin, reference, negotiable(accept)))
-        # A tag once for the cluster, whose nodes share tags; a digest once per node.
-        fetched = await flights.wait(key, not is_digest(reference), self._recent())
+        # Once for the cluster: its nodes share tags, and copy manifests from one another.
+        recent = FLIGHT_RECENT if is_digest(reference) else self._recent()
+        fetched = await flights.wait(key, True, recent)
         if fetched is not None and len(fetched) == 4:  # taken in, if sound, as it was heard
             digest = fetched[2]
-            if await self._heard(origin, reference, digest):
+            if await self._heard(origin, reference, digest, fetched[3]):
                 reply = self._cached_manifest(digest, MISS, head)
                 if reply is not None:
                     return reply
@@ -259,21 +261,25 @@ class ManifestService(UpstreamAccess):
         """Seconds another process's answer about a tag is taken as is: within its TTL."""
         return min(FLIGHT_RECENT, self.cache.manifests.ttl)
 
-    async def _heard(self, origin: str, reference: str, digest: str) -> bool:
+    async def _heard(self, origin: str, reference: str, digest: str, media_type: str) -> bool:
         """Whether *digest*, which another process resolved *reference* to, is cached here.
 
-        One from another node is taken from the cluster's shared tags, which may
-        be written a moment after its news arrives.
+        One from another node is taken from the cluster's shared tags (by tag),
+        or from a node that holds it (by digest); the row saying so may be
+        written a moment after its news arrives.
         """
         manifests = self.cache.manifests
         for attempt in range(HEARD_TRIES):
             if manifests.has(digest) and self.cache.blobs.allowed(origin, digest):
                 return True
-            if manifests.shared is None or is_digest(reference):
+            if manifests.shared is None:
                 return False
             if attempt:
                 await deferLater(self._reactor, HEARD_INTERVAL, lambda: None)
-            await manifests.adopt_tag(origin, reference)
+            if is_digest(reference):
+                await manifests.adopt_manifest(origin, digest, media_type, MANIFEST_LIMIT)
+            else:
+                await manifests.adopt_tag(origin, reference)
         return False
 
     async def _revalidate(
@@ -301,7 +307,7 @@ class ManifestService(UpstreamAccess):
         heard = await flights.wait(key, cluster=True, recent=recent)
         if heard is not None and heard[2:] == [FETCH]:
             return None
-        if heard is not None and len(heard) == 4 and await self._heard(origin, tag, heard[2]):
+        if heard is not None and len(heard) == 4 and await self._heard(origin, tag, *heard[2:]):
             reply = self._cached_manifest(heard[2], REVALIDATED, head)
             if reply is not None:
                 return reply
@@ -382,6 +388,11 @@ class ManifestService(UpstreamAccess):
             raise self._not_a_manifest(route, reference, f"a {declared} page")
         content_type = _media_type(declared)
         digest = header(response, "docker-content-digest")
+        if digest and not valid_digest(digest):
+            discard(response)
+            raise upstream_unavailable(
+                route.upstream.name, "the manifest's Docker-Content-Digest is not a digest", 502
+            )
         if head:
             discard(response)
             headers = {"Content-Type": content_type, "X-Cache": MISS}

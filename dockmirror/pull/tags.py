@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from dockmirror import jsontext
 from dockmirror.errors import RegistryError, upstream_unavailable
 from dockmirror.pull.access import Reply, UpstreamAccess, header
 from dockmirror.reference import TAG_RE
@@ -29,7 +30,7 @@ class TagsService(UpstreamAccess):
             raise await self._failure(route, response, "NAME_UNKNOWN", False)
         body = await self._read(route, response)
         try:
-            tags = json.loads(body)["tags"] or []
+            tags = jsontext.loads(body)["tags"] or []
             if not all(isinstance(t, str) for t in tags):
                 raise TypeError
         except (ValueError, KeyError, TypeError) as e:

@@ -15,6 +15,9 @@ from dockmirror._interfaces import IStorageRecords
 if TYPE_CHECKING:  # the cache imports this package: no cycle when it is imported first
     from dockmirror.storage.records import IndexRecords
 
+#: Seconds between listings of the bucket (by this node, or by one node of a cluster).
+LISTING_INTERVAL = 24 * 3600.0
+
 
 @implementer(IStorageRecords)
 class Quota:
@@ -35,6 +38,8 @@ class Quota:
         self._pins: Counter[str] = Counter()
         #: When objects were added while this node ran.
         self._added: dict[str, float] = {}
+        #: When this node last began a listing of the bucket.
+        self._listed: float | None = None
         self.size = 0
         self.reserved = 0
 
@@ -124,6 +129,14 @@ class Quota:
 
     def evicted(self, digest: str) -> None:
         pass
+
+    def listing_due(self) -> Deferred[bool]:
+        """At start, and a day after the last listing."""
+        now = self._clock.seconds()
+        due = self._listed is None or now - self._listed >= LISTING_INTERVAL
+        if due:
+            self._listed = now
+        return succeed(due)
 
     def reconcile(self, found: dict[str, tuple[int, float]], since: float) -> Deferred[list[str]]:
         """Objects found are added, objects gone forgotten (unless read now, or stored since)."""

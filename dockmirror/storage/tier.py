@@ -4,9 +4,11 @@ Objects are named by digest, ``<prefix>blobs/sha256/<hex>``, layers and
 manifests alike, so that an operator can audit the bucket.  The quota
 (``[storage] max_size``) is kept by LRU in the tier's records
 (:class:`~dockmirror._interfaces.IStorageRecords`): on one node, over the
-objects it recorded and those it finds listing the bucket at start; in a
-cluster, in PostgreSQL, over the objects of every node, read or stored by
-any (:mod:`dockmirror.cluster.storage`).  There, the records decide alone
+objects it recorded and those it finds listing the bucket at start (and
+daily); in a cluster, in PostgreSQL, over the objects of every node, read or
+stored by any (:mod:`dockmirror.cluster.storage`), and the bucket is listed
+by one node a day, not by each node at its start: a listing costs one
+request per 1000 objects.  There, the records decide alone
 whether the bucket holds a blob, and the cluster's fill claim covers the
 upload, so that two nodes never upload one digest.  At start, and hourly,
 incomplete multipart uploads older than ``stale_uploads`` (left by a node
@@ -34,7 +36,9 @@ from dockmirror.cache.index import Runner
 from dockmirror.cache.progress import FillProgress
 from dockmirror.config import StorageConfig
 from dockmirror.metrics import Metrics
+from dockmirror.ranged import content_range
 from dockmirror.reference import HEX_LENGTH
+from dockmirror.storage.quota import LISTING_INTERVAL
 from dockmirror.storage.s3 import PRESIGN_EXPIRY, S3Client, S3Error
 from dockmirror.storage.upload import PART_SIZE, BlobUpload
 from dockmirror.streaming import DigestMismatch
@@ -72,6 +76,8 @@ class S3Storage:
         self._uploads: dict[str, Deferred[None]] = {}
         #: Objects clients were sent to, until their URLs expire.
         self._lent: dict[str, IDelayedCall] = {}
+        #: Whether the records were said to be taken as they are, not listed.
+        self._trusted = False
         self._sweeper = LoopingCall(self._sweep_now)
         self._sweeper.clock = reactor
 
@@ -99,7 +105,6 @@ class S3Storage:
 
     def start(self, objects: Any) -> None:
         self.records.load(objects)
-        Deferred.fromCoroutine(self._reconcile()).addErrback(self._unusable)
         self._sweeper.start(SWEEP_INTERVAL, now=True).addErrback(
             lambda f: log.failure("the upload sweeper stopped", f)
         )
@@ -126,6 +131,23 @@ class S3Storage:
         waiting.addErrback(cancel)
         waiting.addBoth(lambda _: self.client.close())
         return waiting
+
+    async def _list_if_due(self) -> None:
+        """List the bucket if the records ask for it (see :meth:`IStorageRecords.listing_due`)."""
+        if await self.records.listing_due():
+            await self._reconcile()
+        elif not self._trusted:
+            self._trusted = True
+            stats = self.records.stats()
+            log.info(
+                "storage bucket {bucket}/{prefix}: taken as its records say, listed within"
+                " {hours:.0f} hours; {count} blobs, {size} bytes",
+                bucket=self.client.bucket,
+                prefix=self.prefix,
+                hours=LISTING_INTERVAL / 3600,
+                count=stats["objects"],
+                size=stats["size"],
+            )
 
     async def _reconcile(self) -> None:
         """Learn what the bucket holds: objects found are recorded, objects gone forgotten."""
@@ -158,10 +180,13 @@ class S3Storage:
             error=failure.getErrorMessage(),
         )
 
-    def _sweep_now(self) -> Deferred[int | None]:
-        return Deferred.fromCoroutine(self.sweep()).addErrback(
+    def _sweep_now(self) -> Deferred[Any]:
+        """The hourly upkeep: a listing of the bucket if due, and the sweep of uploads."""
+        listing = Deferred.fromCoroutine(self._list_if_due()).addErrback(self._unusable)
+        sweeping = Deferred.fromCoroutine(self.sweep()).addErrback(
             lambda f: log.warn("sweeping incomplete uploads failed: {error}", error=f.value)
         )
+        return DeferredList([listing, sweeping])
 
     async def sweep(self, key: str | None = None) -> int:
         """Abort incomplete uploads under the prefix older than ``stale_uploads``.
@@ -213,7 +238,8 @@ class S3Storage:
             self.records.release(digest)
             self.records.forget(digest)
             return None
-        if response.length not in ((end or size) - start, UNKNOWN_LENGTH):
+        end = size if end is None else end
+        if response.length not in (end - start, UNKNOWN_LENGTH):
             self.records.release(digest)
             discard(response)
             log.warn(
@@ -221,6 +247,19 @@ class S3Storage:
                 digest=digest,
                 length=response.length,
                 size=size,
+            )
+            return None
+        if not whole and (response.code != 206 or content_range(response) != (start, end, size)):
+            # Other bytes than those asked for (a 200 of the whole object, chunked,
+            # or another range) would be served as the range, unverified.
+            self.records.release(digest)
+            discard(response)
+            log.warn(
+                "the storage bucket answered {code} to bytes {start}-{last} of {digest}",
+                code=response.code,
+                start=start,
+                last=end - 1,
+                digest=digest,
             )
             return None
         self.records.found(digest, size)

@@ -326,7 +326,13 @@ class Dockmirror:
         return self._process.log_text()
 
 
-class DockmirrorFactory(Protocol):
+class DockmirrorFactory:
+    """Makes dockmirror servers in fresh directories; they are stopped with *stack*."""
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory, stack: ExitStack) -> None:
+        self._tmp_path_factory = tmp_path_factory
+        self._stack = stack
+
     def __call__(
         self,
         upstreams: Mapping[str, TomlTable],
@@ -341,6 +347,16 @@ class DockmirrorFactory(Protocol):
 
         ``env`` is added to its environment (which has no proxy variables otherwise).
         """
+        workdir = self._tmp_path_factory.mktemp("dockmirror")
+        port = free_port()
+        config = dockmirror_config(
+            workdir, port, upstreams, auth_required=auth_required, extra=extra, tls=tls
+        )
+        mirror = Dockmirror(workdir, config, port, tls=tls, env=env)
+        self._stack.callback(mirror.stop)
+        if start:
+            mirror.start()
+        return mirror
 
 
 @pytest.fixture
@@ -354,28 +370,7 @@ def dockmirror(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockmirrorF
         mirror = dockmirror({"hub": {"plugin": "dockerhub", "url": registry.url, "default": True}})
     """
     with ExitStack() as stack:
-
-        def make(
-            upstreams: Mapping[str, TomlTable],
-            *,
-            auth_required: bool = False,
-            extra: Mapping[str, TomlTable] | None = None,
-            start: bool = True,
-            tls: bool = False,
-            env: Mapping[str, str] | None = None,
-        ) -> Dockmirror:
-            workdir = tmp_path_factory.mktemp("dockmirror")
-            port = free_port()
-            config = dockmirror_config(
-                workdir, port, upstreams, auth_required=auth_required, extra=extra, tls=tls
-            )
-            mirror = Dockmirror(workdir, config, port, tls=tls, env=env)
-            stack.callback(mirror.stop)
-            if start:
-                mirror.start()
-            return mirror
-
-        yield make
+        yield DockmirrorFactory(tmp_path_factory, stack)
 
 
 def dockmirror_config(

@@ -97,6 +97,13 @@ CASES = {
     "superscript-n": (get(b"/v2/a/tags/list?n=%C2%B2"), 400, 401),
     "long-last": (get(b"/v2/a/tags/list?last=" + b"z" * 5000), 400, 401),
     "tls-hello": (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400, 400),
+    # A proxy in front may route or authorize by one, the mirror by the other.
+    "two-hosts": (get(b"/v2/a/manifests/latest", b"Host: other.test"), 400, 400),
+    "two-authorizations": (
+        get(b"/v2/", b"Authorization: Basic Og==", b"Authorization: Bearer x.y.z"),
+        400,
+        400,
+    ),
 }
 
 

@@ -227,6 +227,10 @@ def test_oversize_layers_pass_through_uncached(
     # Blob bodies: the big layer three times, the small one and the config once.
     config = image.platforms[0].config
     assert received and float(received.group(1)) == 3 * big.size + small.size + config.size
+    # A range passes through as the registry's 206, which must be the range asked for.
+    url = f"{mirror.url}/v2/{unique_repo}/blobs/{big.digest}"
+    status, headers, body = curl("-H", "Range: bytes=10-19", url)
+    assert (status, headers["content-range"], len(body)) == (206, f"bytes 10-19/{big.size}", 10)
 
 
 def test_oversize_layers_rejected(plain_registry, dockmirror, seeded, unique_repo):

@@ -20,6 +20,7 @@ import pytest
 
 from dockmirror.cluster.coordinator import lock_key
 from dockmirror.cluster.database import BACKOFF
+from dockmirror.cluster.index import PURGE_POLL
 
 from . import test_manhole
 from .conftest import Dockmirror, DockmirrorFactory
@@ -404,6 +405,46 @@ def test_a_purge_revokes_the_repositorys_proofs_and_tags_for_every_node(
         assert status == 200
     assert registry.count_requests("GET", manifest) == gets + 1
     assert registry.count_requests("HEAD", f"/blobs/{layer.digest}") == heads + 1
+
+
+def test_a_manifest_by_digest_is_fetched_once_for_the_cluster(
+    registry_factory, dockmirror, seeded, unique_repo, postgres
+):
+    """Cold clients on three nodes: one node asks the upstream, the others copy the
+    manifest from it (checked against its digest)."""
+    registry = registry_factory()
+    image = seeded(registry, unique_repo, "v1", layers=[1 << 10])
+    nodes = start_nodes(dockmirror, registry, postgres)
+    path = f"/v2/{unique_repo}/manifests/{image.digest}"
+    gets = registry.count_requests("GET", path)  # the seeding's
+    urls = [node.url + path for node in nodes]
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(lambda i: curl(urls[i % NODES]), range(12)))
+    for status, _, body in results:
+        assert status == 200 and sha256(body) == image.digest
+    upstream = registry.count_requests("GET", path) - gets
+    print(f"\nupstream GETs of a manifest by digest for 12 cold clients over 3 nodes: {upstream}")
+    assert upstream == 1
+
+
+def test_a_purge_whose_notification_was_lost_reaches_every_node_by_polling(
+    registry_factory, dockmirror, seeded, unique_repo, postgres
+):
+    """As from a process that was not listening, or a node of the previous version
+    (whose notifications are not signed, and ignored)."""
+    registry = registry_factory()
+    image = seeded(registry, unique_repo, "v1", layers=[1 << 10])
+    layer = image.platforms[0].layers[0]
+    nodes = start_nodes(dockmirror, registry, postgres, count=2)
+    for node in nodes:
+        status, _, body = curl(f"{node.url}/v2/{unique_repo}/blobs/{layer.digest}")
+        assert status == 200 and sha256(body) == layer.digest
+        wait_until(lambda node=node: layer.digest in cached_blobs(node))
+    with psycopg.connect(postgres, autocommit=True) as conn:
+        conn.execute("INSERT INTO cache_purges (what, origin) VALUES (%s, 'lost')", (layer.digest,))
+    for node in nodes:
+        wait_until(lambda node=node: layer.digest not in cached_blobs(node), timeout=PURGE_POLL * 3)
+        assert f"applying the purge of {layer.digest}, made on another node" in node.log_text()
 
 
 def _rows(database: str, table: str) -> int:

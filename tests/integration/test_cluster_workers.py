@@ -159,9 +159,12 @@ def test_the_cluster_listener_serves_a_fill_of_either_worker(
     image = seeded(registry, unique_repo, "v1", layers=[12 << 20])
     layer = image.platforms[0].layers[0]
     [node] = start_nodes(
-        dockmirror, relay, postgres, count=1, every={"server": {"workers": WORKERS}}
+        dockmirror, relay, postgres, count=1, every={"server": {"workers": WORKERS}}, pool_size=2
     )
     wait_until(lambda: len(serving_workers(node)) == WORKERS, timeout=30)
+    # Each worker: a pool of 2, the listening connection and the fill claims'; the
+    # test's server allows 300, 3 of them for superusers.
+    wait_until(lambda: "may open 8 connections to PostgreSQL, which allows 297" in node.log_text())
     url = f"{listener(node)}/_cluster/blobs/{layer.digest}"
     secret = _secret(postgres)
 

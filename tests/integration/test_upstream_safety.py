@@ -198,6 +198,55 @@ def test_oversized_and_cut_bodies_are_upstream_errors_and_never_cached(
     assert "Traceback" not in mirror.log_text()
 
 
+def _deep(status: int, content_type: str, challenge: str | None = None):
+    """A behaviour answering JSON nested deeper than Python's parser recurses."""
+    body = b"[" * 100_000 + b"]" * 100_000
+
+    def answer(request: BaseHTTPRequestHandler) -> bool:
+        request.close_connection = True
+        request.send_response(status)
+        request.send_header("Content-Type", content_type)
+        request.send_header("Content-Length", str(len(body)))
+        if challenge is not None:
+            request.send_header("WWW-Authenticate", challenge)
+        request.end_headers()
+        request.wfile.write(body)
+        return True
+
+    return answer
+
+
+def test_json_nested_too_deeply_is_an_upstream_error(plain_registry, dockmirror):
+    with Relay(plain_registry.url) as relay:
+        token = f'Bearer realm="{relay.url}/v2/token-deep/token",service="relay"'
+        relay.behaviours.update(
+            {
+                "manifest-deep/": _deep(200, "application/vnd.oci.image.manifest.v1+json"),
+                "error-deep/": _deep(404, "application/json"),
+                "tags-deep/": _deep(200, "application/json"),
+                "token-deep/img/": _deep(401, "application/json", token),
+                "token-deep/token": _deep(200, "application/json"),
+            }
+        )
+        mirror = dockmirror({"corp": {"plugin": "registry", "url": relay.url, "default": True}})
+        answers = {}
+        for path in (
+            "manifest-deep/img/manifests/v1",
+            "error-deep/img/manifests/v1",
+            "tags-deep/img/tags/list",
+            "token-deep/img/manifests/v1",
+        ):
+            status, _, body = curl(f"{mirror.url}/v2/{path}")
+            answers[path] = status, error_code(body)
+    assert answers == {
+        "manifest-deep/img/manifests/v1": (502, "UNAVAILABLE"),
+        "error-deep/img/manifests/v1": (404, "MANIFEST_UNKNOWN"),
+        "tags-deep/img/tags/list": (502, "UNAVAILABLE"),
+        "token-deep/img/manifests/v1": (503, "UNAVAILABLE"),
+    }
+    assert "Traceback" not in mirror.log_text()
+
+
 # --- upstreams with a private CA, and mutual TLS -----------------------------------
 
 

@@ -33,7 +33,7 @@ from dockmirror.cache.parts import plan
 
 from .clients import ServerTLS, make_server_tls, tls_endpoint
 from .conftest import Dockmirror, DockmirrorFactory, toml_document
-from .images import Blob
+from .images import Blob, Image, Layer
 from .keys import admin, create_key
 from .registries import LOOPBACK, Registry, free_port, wait_until
 from .test_auth import basic, token_for
@@ -157,6 +157,12 @@ def requests_by_worker(mirror: Dockmirror, route: str) -> dict[int, float]:
     return counted_by_worker(mirror, "dockmirror_http_requests_total", f'"route": "{route}"')
 
 
+def first_layer(mirror: Dockmirror, repository: str, image: Image) -> tuple[Layer, str]:
+    """The first layer of *image*, and its URL at *mirror*."""
+    layer = image.platforms[0].layers[0]
+    return layer, f"{mirror.url}/v2/{repository}/blobs/{layer.digest}"
+
+
 def until_every_worker_answered(
     mirror: Dockmirror, route: str, request: Callable[[], None], limit: int = 200
 ) -> int:
@@ -176,9 +182,8 @@ def test_one_upstream_fetch_per_digest_across_workers(
     registry = registry_factory()
     image = seeded(registry, unique_repo, "v1", layers=[24 << 20])
     mirror = start_workers(dockmirror, registry)
-    layer = image.platforms[0].layers[0]
+    layer, url = first_layer(mirror, unique_repo, image)
     manifest_url = f"{mirror.url}/v2/{unique_repo}/manifests/v1"
-    url = f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"
     with ThreadPoolExecutor(16) as pool:
         manifests = list(pool.map(lambda _: curl(manifest_url), range(16)))
         results = list(pool.map(lambda _: curl(url), range(16)))
@@ -232,8 +237,7 @@ def test_downloads_at_once_spread_evenly_over_the_workers(
 ):
     image = seeded(plain_registry, unique_repo, "v1", layers=[32 << 20])
     mirror = start_workers(dockmirror, plain_registry)
-    layer = image.platforms[0].layers[0]
-    url = f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"
+    layer, url = first_layer(mirror, unique_repo, image)
     assert curl(url)[0] == 200  # cached from now on
     answered = 1
     for _ in range(2):
@@ -254,8 +258,7 @@ def test_a_fill_in_one_worker_is_followed_by_the_others(
     registry, relay = slow_upstream
     image = seeded(registry, unique_repo, "v1", layers=[64 << 20])
     mirror = start_workers(dockmirror, relay)
-    layer = image.platforms[0].layers[0]
-    url = f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"
+    layer, url = first_layer(mirror, unique_repo, image)
     with ThreadPoolExecutor(30) as pool:
         clients = [pool.submit(curl, url)]
         wait_until(lambda: any(p.stat().st_size for p in (mirror.cache_dir / "tmp").iterdir()))
@@ -374,8 +377,7 @@ def test_kill_9_of_a_filling_worker(slow_upstream, dockmirror, seeded, unique_re
     registry, relay = slow_upstream
     image = seeded(registry, unique_repo, "v1", layers=[64 << 20])
     mirror = start_workers(dockmirror, relay)
-    layer = image.platforms[0].layers[0]
-    url = f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"
+    layer, url = first_layer(mirror, unique_repo, image)
     kill_the_filler(mirror, url, layer.size)  # its client is cut short, never "complete"
     assert layer.digest not in cached_blobs(mirror)
     # The supervisor started a worker in its place.
@@ -515,8 +517,7 @@ def test_a_blob_another_worker_is_evicting_is_not_read_from_the_cache(
     registry = registry_factory()
     image = seeded(registry, unique_repo, "v1", layers=[1 << 20])
     mirror = start_workers(dockmirror, registry)
-    layer = image.platforms[0].layers[0]
-    url = f"{mirror.url}/v2/{unique_repo}/blobs/{layer.digest}"
+    layer, url = first_layer(mirror, unique_repo, image)
     status, _, body = curl(url)
     assert status == 200
     wait_until(lambda: layer.digest in cached_blobs(mirror))  # committed after its last byte

@@ -12,7 +12,9 @@ from twisted.internet import reactor
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import Clock
 
-from dockmirror.auth.keystore import KeyDatabase, KeyQueries, KeyStore
+from dockmirror.auth.keydb import KeyDatabase
+from dockmirror.auth.keystore import KeyStore
+from dockmirror.auth.queries import KeyQueries
 from tests.integration.postgres import postgres, postgres_server  # noqa: F401 - fixtures
 
 

@@ -6,7 +6,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet.task import Clock
 
 from dockmirror.auth.access import AccessControl, Principal, parse_authorization
-from dockmirror.auth.keystore import KeyStore, NewKey
+from dockmirror.auth.keys import NewKey
+from dockmirror.auth.keystore import KeyStore
 from dockmirror.auth.throttle import LoginThrottle
 from dockmirror.auth.tokens import TokenService
 from dockmirror.config import load, upstream_plugins

@@ -245,3 +245,53 @@ def test_another_nodes_tag_is_taken_while_fresh_or_when_told_stale_will_do(tmp_p
     assert cache.tag(ORIGIN, "v1", {DOCKER_MANIFEST}) is None
     assert cache.get(sha256(body)) == (body, OCI_MANIFEST)
     assert cache.shared.asked == [940.0, float("-inf")]
+
+
+class ClusterManifests(ClusterTags):
+    """A node holding manifests, and the proofs given to any node."""
+
+    def __init__(self, served: bytes, proved: bool) -> None:
+        super().__init__([])
+        self.served = served
+        self.proved = proved
+
+    async def manifest(self, digest, limit):
+        return self.served
+
+    async def proof(self, origin, digest):
+        return len(self.served) if self.proved else None
+
+
+@pytest.mark.parametrize(
+    "served, proved, taken",
+    [
+        ("right", True, True),
+        ("right", False, False),
+        ("forged", True, False),
+        ("another type", True, False),
+    ],
+)
+def test_a_manifest_another_node_holds_is_taken_if_proved_and_sound(
+    tmp_path, served, proved, taken
+):
+    """A node trusts no other with a manifest's content, nor with who may read it."""
+    clock = MemoryReactorClock()
+    cache = make_cache(tmp_path, clock)
+    body = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": []}).encode()
+    bodies = {
+        "right": body,
+        "forged": json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST}).encode(),
+        "another type": json.dumps({"schemaVersion": 2, "mediaType": DOCKER_MANIFEST}).encode(),
+    }
+    digest = sha256(body) if served != "another type" else sha256(bodies[served])
+    shared = ClusterManifests(bodies[served], proved)
+    cache.shared = shared  # type: ignore[assignment]
+    cache.store.proofs_elsewhere = shared.proof
+    done: list[bool] = []
+    adopting = cache.adopt_manifest(ORIGIN, digest, OCI_MANIFEST, 1 << 20)
+    Deferred.fromCoroutine(adopting).addCallback(done.append)
+    assert done == [taken]
+    assert cache.has(digest) is taken
+    if taken:
+        assert cache.get(digest) == (body, OCI_MANIFEST)
+        assert cache.store.allowed(ORIGIN, digest)

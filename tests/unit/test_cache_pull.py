@@ -193,15 +193,21 @@ def test_a_blob_a_cached_manifest_refers_to_is_proven_by_the_upstream(setup):
     assert info.value.code == "BLOB_UNKNOWN"
 
 
-def test_a_passed_through_blob_is_asked_for_one_range_at_most(setup):
-    # Several ranges would come back as multipart/byteranges, which a blob reply
-    # cannot carry; like a cached blob, the whole of it is served instead.
+def pass_through(setup, body: bytes) -> None:
+    """The manifest cached, LAYER too large to cache, and *body* what the upstream sends of it."""
     clock, upstream, cache, pull, route = setup
     upstream.answers[("GET", "manifests/v1")] = manifest_answer()
     manifest(pull, route)
     cache.max_layer_size = 10
     upstream.answers[("HEAD", f"blobs/{sha256(LAYER)}")] = head_answer(LAYER)
-    upstream.answers[("GET", f"blobs/{sha256(LAYER)}")] = Answer(200, LAYER)
+    upstream.answers[("GET", f"blobs/{sha256(LAYER)}")] = Answer(200, body)
+
+
+def test_a_passed_through_blob_is_asked_for_one_range_at_most(setup):
+    # Several ranges would come back as multipart/byteranges, which a blob reply
+    # cannot carry; like a cached blob, the whole of it is served instead.
+    clock, upstream, cache, pull, route = setup
+    pass_through(setup, LAYER)
     reply = get(Deferred.fromCoroutine(pull.blob(route, sha256(LAYER), False, "bytes=0-1,5-6")))
     assert reply.status == 200
     assert upstream.headers[-1] is None
@@ -209,16 +215,40 @@ def test_a_passed_through_blob_is_asked_for_one_range_at_most(setup):
 
 def test_a_passed_through_blob_longer_than_declared_is_refused(setup):
     clock, upstream, cache, pull, route = setup
-    upstream.answers[("GET", "manifests/v1")] = manifest_answer()
-    manifest(pull, route)
-    cache.max_layer_size = 10
-    upstream.answers[("HEAD", f"blobs/{sha256(LAYER)}")] = head_answer(LAYER)
-    upstream.answers[("GET", f"blobs/{sha256(LAYER)}")] = Answer(200, LAYER + b"more")
+    pass_through(setup, LAYER + b"more")
     with pytest.raises(RegistryError) as info:
         get(Deferred.fromCoroutine(pull.blob(route, sha256(LAYER), False, None)))
     assert info.value.status == 502
     # The size the HEAD announced turned out wrong: it is asked for again.
     assert cache.blobs.size_of(sha256(LAYER), "hub/library/x http://up") is None
+
+
+@pytest.mark.parametrize("asked", [None, "bytes=0-1,5-6", "bytes=2-3"])
+def test_a_passed_through_blob_answered_with_another_range_is_refused(setup, asked):
+    clock, upstream, cache, pull, route = setup
+    upstream.answers[("GET", "manifests/v1")] = manifest_answer()
+    manifest(pull, route)
+    cache.max_layer_size = 10
+    size = len(LAYER)
+    upstream.answers[("HEAD", f"blobs/{sha256(LAYER)}")] = head_answer(LAYER)
+    partial = Answer(206, LAYER[:2], {"Content-Range": f"bytes 0-1/{size}"})
+    upstream.answers[("GET", f"blobs/{sha256(LAYER)}")] = partial
+    with pytest.raises(RegistryError) as info:
+        get(Deferred.fromCoroutine(pull.blob(route, sha256(LAYER), False, asked)))
+    assert info.value.status == 502
+
+
+def test_a_passed_through_range_is_the_one_asked_for(setup):
+    clock, upstream, cache, pull, route = setup
+    upstream.answers[("GET", "manifests/v1")] = manifest_answer()
+    manifest(pull, route)
+    cache.max_layer_size = 10
+    size = len(LAYER)
+    upstream.answers[("HEAD", f"blobs/{sha256(LAYER)}")] = head_answer(LAYER)
+    partial = Answer(206, LAYER[2:4], {"Content-Range": f"bytes 2-3/{size}"})
+    upstream.answers[("GET", f"blobs/{sha256(LAYER)}")] = partial
+    reply = get(Deferred.fromCoroutine(pull.blob(route, sha256(LAYER), False, "bytes=2-3")))
+    assert (reply.status, reply.headers["Content-Range"]) == (206, f"bytes 2-3/{size}")
 
 
 def test_a_transient_error_reading_a_cached_manifest_keeps_it(setup, monkeypatch):
@@ -306,3 +336,17 @@ def test_a_page_or_another_digest_is_no_proof(setup, headers):
     origin = "hub/library/x http://up"
     assert not cache.blobs.allowed(origin, digest)
     assert not cache.blobs.allowed(origin, sha256(MANIFEST))
+
+
+@pytest.mark.parametrize("head", [False, True])
+@pytest.mark.parametrize("digest", ["sha256:\x1b[31mred\x07" + "x" * 5000, "md5:abc", "sha256:"])
+def test_a_malformed_manifest_digest_from_the_upstream_is_refused_unrepeated(setup, digest, head):
+    clock, upstream, cache, pull, route = setup
+    answer = Answer(
+        200, MANIFEST, {"Content-Type": DOCKER_MANIFEST, "Docker-Content-Digest": digest}
+    )
+    upstream.answers[("HEAD" if head else "GET", "manifests/v1")] = answer
+    with pytest.raises(RegistryError) as info:
+        manifest(pull, route, head)
+    assert info.value.status == 502
+    assert digest not in info.value.message and info.value.message.isprintable()

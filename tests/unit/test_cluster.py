@@ -239,3 +239,85 @@ async def test_a_backoff_ends_with_a_success_and_ignores_older_failures():
         await backoff.run(up)
     clock.advance(5)
     assert await backoff.run(up) == "ok"
+
+
+def test_a_restarted_process_reconciles_its_nodes_rows_with_the_disk(postgres, tmp_path):
+    """Rows are added only for blobs still on disk, deleted only for files gone; the
+    last access of a row the start found, and other nodes' rows, stay as they were."""
+    import os
+
+    import psycopg
+
+    from dockmirror.cluster.index import reconcile_node
+
+    kept, removed, added, evicted, other = ("sha256:" + c * 64 for c in "abcde")
+
+    def path(digest: str) -> str:
+        return str(tmp_path / digest)
+
+    for digest in (kept, added, evicted):
+        open(path(digest), "w").close()
+    schema = resources.files("dockmirror.cluster").joinpath("cache.sql").read_text()
+    with psycopg.connect(postgres, autocommit=True) as conn:
+        conn.execute(schema)
+        rows = [(kept, "n", "2020-01-01"), (removed, "n", "2020-01-01"), (other, "m", "2020-01-01")]
+        for row in rows:
+            conn.execute("INSERT INTO cache_blobs VALUES (%s, %s, 1, %s)", row)
+        # What the process found at its start; then another process of the node
+        # evicted a blob (its file and its row) and removed another one.
+        snapshot = [(kept, 1), (added, 1), (evicted, 1)]
+        os.remove(path(evicted))
+        counts = reconcile_node("n", snapshot, path, conn)
+        found = conn.execute(
+            "SELECT digest, node_url, used < '2021-01-01' FROM cache_blobs ORDER BY digest"
+        ).fetchall()
+        assert found == [(kept, "n", True), (added, "n", False), (other, "m", True)]
+        assert counts == (1, 1)
+
+
+class PurgedCache:
+    """What the shared index hooks into in a cache, and the purges it applies."""
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        hooks = ("on_add", "on_remove", "on_touch", "on_grant", "on_disown")
+        self.blobs = SimpleNamespace(**{hook: [] for hook in hooks}, proofs_elsewhere=None)
+        self.manifests = SimpleNamespace(ttl=60, shared=None)
+        self.on_purge: list[Any] = []
+        self.on_purge_heard: list[Any] = []
+        self.applied: list[str] = []
+
+    def purged_elsewhere(self, what: str) -> None:
+        self.applied.append(what)
+
+
+def test_purges_whose_notification_was_lost_are_applied_once_from_the_records():
+    """Made since the process started, by another process, not heard of: applied once."""
+    from dockmirror.cluster.index import PURGE_WINDOW, ClusterIndex
+
+    clock = Clock()
+    clock.advance(1000)
+    cache = PurgedCache()
+    index = ClusterIndex(cache, None, None, "http://a:1", clock)  # type: ignore[arg-type]
+    before = (1, "hub/old", "other", 990.0)  # made before this process started
+    for hook in cache.on_purge_heard:  # a notification came
+        hook("hub/heard")
+    rows = [
+        (5, "hub/lost", "other", 1001.0),
+        (4, "hub/mine", index._origin, 1001.0),  # made here
+        (3, "hub/heard", "other", 1002.0),
+        (2, "hub/lost-first", "other", 1000.5),
+        before,
+    ]
+    index._apply_purges(rows)
+    assert cache.applied == ["hub/lost-first", "hub/lost"]
+    index._apply_purges(rows)
+    assert cache.applied == ["hub/lost-first", "hub/lost"]
+    # A later purge of a repository heard of before is another purge.
+    clock.advance(60)
+    index._apply_purges([(6, "hub/heard", "other", 1060.0), *rows])
+    assert cache.applied == ["hub/lost-first", "hub/lost", "hub/heard"]
+    clock.advance(PURGE_WINDOW)
+    index._apply_purges([])
+    assert index._purges_heard == {}

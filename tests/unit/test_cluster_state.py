@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
-from dockmirror.auth.keystore import REVOKED_TOPIC, KeyStore
+from dockmirror.auth.keystore import KeyStore
+from dockmirror.auth.queries import REVOKED_TOPIC
 from dockmirror.cluster.notify import (
     CHANNEL,
     MAX_AGE,
@@ -120,6 +122,53 @@ def test_a_node_of_several_workers_listens_for_the_cluster(tmp_path: Path) -> No
     )
     config = load(str(path))
     assert config.server.worker_count == 2 and config.cluster.listen == "tcp:5001"
+
+
+@pytest.mark.parametrize("size", ["0", "65", '"8"', "true", "2.5"])
+def test_the_pool_size_is_a_number_of_connections(tmp_path: Path, size: str) -> None:
+    path = tmp_path / "dockmirror.toml"
+    table = '[cluster]\ndatabase = "postgresql://db.internal/dockmirror"\npool_size = '
+    path.write_text(table + "4\n")
+    assert load(str(path)).cluster.pool_size == 4
+    path.write_text(table + size + "\n")
+    with pytest.raises(ConfigError, match="cluster.pool_size must be an integer|from 1 to 64"):
+        load(str(path))
+
+
+def test_a_node_says_whether_postgresql_allows_its_connections(postgres: str) -> None:
+    """The test's server allows 300 connections, 3 of them for superusers only."""
+    import psycopg
+
+    from dockmirror.cluster.database import (
+        Database,
+        DatabaseService,
+        connections_allowed,
+        connections_needed,
+    )
+
+    with psycopg.connect(postgres, autocommit=True) as conn:
+        assert connections_allowed(conn) == 297
+    assert connections_needed(workers=4, pool_size=8) == 40
+    events: list[dict[str, object]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for needed in (40, 300):
+            DatabaseService(Database(postgres, None), needed)._allowed(297)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    said = [(e["log_level"], formatEvent(e)) for e in events]
+    assert said == [
+        (
+            LogLevel.info,
+            "this node may open 40 connections to PostgreSQL, which allows 297:"
+            " room for 7 such nodes",
+        ),
+        (
+            LogLevel.warn,
+            "this node may open 300 connections to PostgreSQL, which allows 297:"
+            " raise its max_connections or lower [cluster] pool_size",
+        ),
+    ]
 
 
 def test_revocations_are_announced_when_they_commit(postgres: str) -> None:

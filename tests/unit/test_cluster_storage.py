@@ -12,9 +12,13 @@ from typing import Any
 
 import psycopg
 import pytest
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from dockmirror.cluster import storage
 from dockmirror.cluster.coordinator import lock_key
+from dockmirror.cluster.database import DatabaseUnavailable
 
 A, B = "http://a:1", "http://b:1"
 
@@ -132,3 +136,76 @@ def test_an_operator_removes_only_what_nobody_reads(sessions):
     assert storage._remove(digest(1), a)
     assert objects(b) == set()
     storage._unlock(digest(1), a)
+
+
+def result_of(d: Deferred[Any]) -> Any:
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    return results[0]
+
+
+def test_one_node_a_day_lists_the_bucket(sessions):
+    """The first node to ask lists the bucket; the others trust the records until a
+    day has passed."""
+    a, b = sessions
+    assert storage._listing_due(3600, a)
+    assert not storage._listing_due(3600, b)
+    assert not storage._listing_due(3600, a)
+    a.execute("UPDATE storage_listing SET listed = now() - interval '2 hours'")
+    assert storage._listing_due(3600, b)
+    assert not storage._listing_due(3600, a)
+
+
+class Outage:
+    """A node's session to a PostgreSQL that is down until told otherwise."""
+
+    def __init__(self) -> None:
+        self.down = True
+        self.queries = 0
+
+    def run(self, f: Any) -> Deferred[Any]:
+        self.queries += 1
+        if self.down:
+            return fail(DatabaseUnavailable("connection refused"))
+        return succeed(None)
+
+
+def test_an_outage_is_logged_once_as_it_begins_and_once_as_it_ends():
+    """Not a warning per lease or renewal while PostgreSQL is down."""
+    clock = Clock()
+    session = Outage()
+    records = storage.ClusterRecords(session, A, clock, None)  # type: ignore[arg-type]
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        records.startService()
+        for n in range(10):  # leases and renewals, for minutes
+            assert result_of(records.lease(digest(n))) == storage.UNKNOWN
+            clock.advance(storage.RENEW_INTERVAL)
+        session.down = False
+        clock.advance(storage.RENEW_INTERVAL)
+        session.down = True
+        clock.advance(storage.RENEW_INTERVAL)
+        records.stopService()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    said = [
+        (e["log_level"], formatEvent(e))
+        for e in events
+        if e.get("log_namespace") != "twisted.internet.defer"
+    ]
+    assert session.queries > 10
+    assert said == [
+        (
+            LogLevel.warn,
+            "storage records: PostgreSQL is unavailable (connection refused); asking it again"
+            " every 5s at most, without a warning until it is back",
+        ),
+        (LogLevel.info, "storage records: PostgreSQL is back"),
+        (
+            LogLevel.warn,
+            "storage records: PostgreSQL is unavailable (connection refused); asking it again"
+            " every 5s at most, without a warning until it is back",
+        ),
+    ]

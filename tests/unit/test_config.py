@@ -303,3 +303,54 @@ def test_a_public_url_is_the_root_of_a_host(tmp_path: Path, url: str) -> None:
 def test_a_public_url_at_the_root_of_a_host_is_fine(tmp_path: Path, url: str) -> None:
     path = write(tmp_path, f'[server]\npublic_url = "{url}"\n')
     assert load(path).server.public_url == url
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("url", '"http://[::1]:5000"'),
+        ("mirrors", '["https://[2001:db8::1]"]\nurl = "https://r.example"'),
+        ("token_realms", '["https://[::ffff:169.254.169.254]"]\nurl = "https://r.example"'),
+    ],
+)
+def test_upstreams_at_ipv6_literals_are_refused(tmp_path: Path, key: str, value: str) -> None:
+    """The HTTP client cannot reach them: every request would fail."""
+    path = write(tmp_path, f"[upstreams.local]\nplugin = 'registry'\n{key} = {value}\n")
+    with pytest.raises(ConfigError, match=f"upstreams.local.{key}: .* names an IPv6 address"):
+        load(path)
+
+
+S3 = "[storage]\nbackend = 's3'\nbucket = 'mirror'\n"
+CLUSTER = "[cluster]\ndatabase = 'postgresql://u@db/d'\nlisten = 'tcp:5001'\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[cache]\nmax_size = '0'\n", "cache.max_size must be more than zero bytes"),
+        ("[cache]\nmax_layer_size = '0GiB'\n", "cache.max_layer_size must be more than zero bytes"),
+        ("[cache]\nmin_free = 'x'\n", "cache.min_free: 'x' is not a size"),
+        (S3 + "max_size = '0'\n", "storage.max_size must be more than zero bytes"),
+        (S3 + "max_size = 'lots'\n", "storage.max_size: 'lots' is not a size"),
+        (
+            S3 + "endpoint = 'https://s3.example.com/bucket'\n",
+            'storage.endpoint must be an http(s) URL with no path, e.g. "https://s3.example.com"',
+        ),
+        (
+            CLUSTER + "node_url = 'http://10.0.0.5:5001/node'\n",
+            'cluster.node_url must be an http(s) URL with no path, e.g. "http://10.0.0.5:5001"',
+        ),
+        (CLUSTER + "node_url = 'ftp://10.0.0.5'\n", "cluster.node_url must be an http(s) URL"),
+    ],
+)
+def test_sizes_and_base_urls_are_checked(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load(path)
+    assert str(e.value).startswith(f"{path}: {message}")
+
+
+def test_a_zero_min_free_is_allowed(tmp_path: Path) -> None:
+    config = load(write(tmp_path, "[cache]\nmin_free = '0'\nmax_size = '1GiB'\n"))
+    assert (config.cache.min_free_bytes, config.cache.max_size_bytes) == (0, 1 << 30)
+    assert config.cache.max_layer_size_bytes is None

@@ -10,7 +10,10 @@ import pytest_twisted
 from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 
-from dockmirror.auth.keystore import KeyDatabase, KeyQueries, KeyStore, KeyStoreError, Usage
+from dockmirror.auth.keydb import KeyDatabase
+from dockmirror.auth.keys import KeyStoreError, Usage
+from dockmirror.auth.keystore import KeyStore
+from dockmirror.auth.queries import KeyQueries
 
 
 class FakeTime:

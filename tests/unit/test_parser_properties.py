@@ -20,8 +20,11 @@ from hypothesis import strategies as st
 from dockmirror import config as config_module
 from dockmirror.auth.access import Credentials, parse_authorization
 from dockmirror.auth.tokens import MAX_SCOPES, requested_repositories
+from dockmirror.cache.manifests import manifest_media_type, references
+from dockmirror.cache.referrers import referrers_list
 from dockmirror.config import ConfigError, parse_size
 from dockmirror.errors import RegistryError
+from dockmirror.pull.access import first_error_code
 from dockmirror.pull.ranges import parse_range
 from dockmirror.reference import (
     HEX_LENGTH,
@@ -334,3 +337,16 @@ def test_toml_of_the_shipped_file_builds() -> None:
     shipped = Path(__file__).resolve().parents[2] / "etc" / "dockmirror.toml"
     data = tomllib.loads(shipped.read_text())
     assert config_module._build("shipped", data).upstreams
+
+
+# --- JSON from upstreams --------------------------------------------------------------
+
+_DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+def test_json_nested_too_deeply_is_not_json_to_every_parser():
+    oci_index = "application/vnd.oci.image.index.v1+json"
+    assert manifest_media_type(_DEEP, "application/vnd.oci.image.manifest.v1+json") is None
+    assert references(_DEEP) == []
+    assert referrers_list(_DEEP, oci_index) is None
+    assert first_error_code(_DEEP) is None

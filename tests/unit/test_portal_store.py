@@ -12,16 +12,10 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from dockmirror.auth.keystore import (
-    DAY,
-    HOUR,
-    USAGE_DAYS,
-    KeyDatabase,
-    KeyQueries,
-    KeyStore,
-    QuotaExceeded,
-    Usage,
-)
+from dockmirror.auth.keydb import KeyDatabase
+from dockmirror.auth.keys import DAY, HOUR, QuotaExceeded, Usage
+from dockmirror.auth.keystore import KeyStore
+from dockmirror.auth.queries import USAGE_DAYS, KeyQueries
 from dockmirror.portal.sessions import (
     LOGIN_TTL,
     MAX_SESSIONS_PER_USER,
@@ -228,7 +222,7 @@ async def test_manhole_users_console(key_store: KeyStore, tmp_path: Path) -> Non
         await store.stopService()
 
 
-def test_a_store_is_copied_into_an_empty_one(
+def test_a_store_is_copied_again_without_changing_what_the_target_holds(
     portal_db: PortalQueries, tmp_path: Path, clock: FakeTime
 ) -> None:
     source = PortalDatabase(tmp_path / "source.sqlite", clock=clock)
@@ -238,12 +232,43 @@ def test_a_store_is_copied_into_an_empty_one(
     clock.now += 50
     dump = source.export()
     assert len(dump[1]) == 1  # only live sessions
-    assert portal_db.load(dump) == 3
+    assert portal_db.load(dump) == (3, 0, 1)
     assert portal_db.get_session("s1") == source.get_session("s1")
     assert portal_db.is_disabled("github:bob")
     assert portal_db.users() == source.users()
-    with pytest.raises(PortalStoreError, match="already holds 3 portal users"):
-        portal_db.load(dump)
+    # The target disables alice; the source signs dave in and enables bob.
+    portal_db.set_disabled("github:alice", True)
+    source.create_session("s2", "github:dave", "Dave", ttl=100)
+    source.set_disabled("github:bob", False)
+    assert portal_db.load(source.export()) == (1, 3, 1)
+    assert portal_db.is_disabled("github:alice") and portal_db.is_disabled("github:bob")
+    assert portal_db.get_session("s1") is None
+    assert portal_db.get_session("s2") == source.get_session("s2")
+    assert portal_db.load(source.export()) == (0, 4, 0)
+
+
+def test_keys_are_copied_again_without_changing_what_the_target_holds(
+    keys: KeyQueries, db: KeyDatabase, clock: FakeTime
+) -> None:
+    """A key held already keeps its state and usage; what is missing is copied."""
+    revoked, used = db.create("ci"), db.create("laptop")
+    rotated = db.rotate(revoked.app_id)
+    db.add_usage({used.app_id: Usage(3, 300, clock.now)})
+    db.add_traffic(clock.now // HOUR, 3)
+    assert keys.load(db.export()) == (3, 0)
+    assert keys.list() == db.list()
+    keys.revoke(rotated.app_id)
+    late = db.create("late")
+    db.add_usage({used.app_id: Usage(1, 100, clock.now), late.app_id: Usage(2, 10, clock.now)})
+    db.add_traffic(clock.now // HOUR, 3)
+    assert keys.load(db.export()) == (1, 3)
+    assert keys.get(rotated.app_id).revoked
+    assert keys.get(used.app_id).use_count == 3
+    assert keys.get(late.app_id) == db.get(late.app_id)
+    assert keys.verify(late.app_id, late.api_key) is not None
+    assert keys.traffic(1) == {clock.now // HOUR: 3}
+    assert {(u[0], u[2]) for u in keys.daily_usage(None, 1)} == {(used.app_id, 3), (late.app_id, 2)}
+    assert keys.load(db.export()) == (0, 4)
 
 
 @pytest_twisted.ensureDeferred

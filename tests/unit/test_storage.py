@@ -12,6 +12,8 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.resource import Resource
 from zope.interface.verify import verifyObject
 
@@ -20,9 +22,9 @@ from dockmirror.cache.progress import FillProgress
 from dockmirror.config import ConfigError, StorageConfig, load
 from dockmirror.metrics import Metrics
 from dockmirror.storage import s3
-from dockmirror.storage.quota import Quota
-from dockmirror.storage.s3 import S3Client, S3Error
-from dockmirror.storage.tier import S3Storage
+from dockmirror.storage.quota import LISTING_INTERVAL, Quota
+from dockmirror.storage.s3 import ObjectInfo, S3Client, S3Error
+from dockmirror.storage.tier import SWEEP_INTERVAL, S3Storage
 from dockmirror.storage.upload import MAX_PARTS, PART_SIZE, BlobUpload, UploadError, part_size
 
 
@@ -456,6 +458,57 @@ def test_an_object_clients_were_sent_to_stays_until_their_urls_expire():
     assert reactor.getDelayedCalls() == []
 
 
+class Listed(Bucket):
+    """A bucket that counts its listings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.listings = 0
+
+    async def list_objects(self, prefix: str) -> list[ObjectInfo]:
+        self.listings += 1
+        return [ObjectInfo(f"{prefix}sha256/{'ab' * 32}", 100, 1.0)]
+
+    async def list_uploads(self, prefix: str) -> list[Any]:
+        return []
+
+
+def listed(quota: Quota, reactor: MemoryReactorClock) -> tuple[S3Storage, Listed]:
+    """A storage tier started over a bucket that counts its listings."""
+    bucket = Listed()
+    storage = S3Storage(
+        storage_config(),
+        reactor,
+        run_now,
+        quota,
+        Metrics(),
+        client=bucket,  # type: ignore[arg-type]
+    )
+    storage.start([])
+    return storage, bucket
+
+
+def test_the_bucket_is_listed_at_start_and_daily_only_when_the_records_say(monkeypatch):
+    """Listing is paid per 1000 objects: one node lists at start, then daily (the hourly
+    upkeep asks); a cluster's records make it once a day for all nodes."""
+    reactor = MemoryReactorClock()
+    quota = Quota(Records(), None, reactor)  # type: ignore[arg-type]
+    storage, bucket = listed(quota, reactor)
+    assert bucket.listings == 1
+    assert quota.stats() == {"objects": 1, "size": 100}
+    reactor.advance(SWEEP_INTERVAL)
+    assert bucket.listings == 1
+    reactor.advance(LISTING_INTERVAL)
+    assert bucket.listings == 2
+    storage.stop()
+    # Records that say another node listed it lately: trusted, not listed.
+    monkeypatch.setattr(quota, "listing_due", lambda: succeed(False))
+    storage, trusted = listed(quota, reactor)
+    reactor.advance(SWEEP_INTERVAL)
+    assert trusted.listings == 0
+    storage.stop()
+
+
 # --- a hostile endpoint ----------------------------------------------------------------
 
 
@@ -582,3 +635,67 @@ def test_an_xml_answer_with_a_dtd_is_refused_in_any_encoding(encoding: str):
     result = settle(stub, Deferred.fromCoroutine(client.create_upload("p/blobs/sha256/aa")))
     assert isinstance(result, Failure) and result.check(S3Error)
     assert "DTD" in str(result.value) or "encoding" in str(result.value)
+
+
+# --- a stored object read in a range ------------------------------------------------
+
+
+class Answer:
+    """An unread answer to a GET of a stored object."""
+
+    def __init__(self, code: int, length: int, content_range: str | None = None) -> None:
+        self.code = code
+        self.length = length
+        self.headers = Headers({"content-range": [content_range]} if content_range else {})
+        self.discarded = False
+
+    def deliverBody(self, protocol: Any) -> None:
+        self.discarded = True
+
+
+class Ranged(Bucket):
+    """A bucket whose GETs get *answer*."""
+
+    def __init__(self, answer: Answer) -> None:
+        super().__init__()
+        self.answer = answer
+
+    async def get(self, key: str, start: int = 0, end: int | None = None) -> Answer:
+        return self.answer
+
+
+def open_range(answer: Answer, start: int, end: int | None) -> Any:
+    reactor = MemoryReactorClock()
+    storage = S3Storage(
+        storage_config(),
+        reactor,
+        run_now,
+        Quota(Records(), None, reactor),  # type: ignore[arg-type]
+        Metrics(),
+        client=Ranged(answer),  # type: ignore[arg-type]
+    )
+    digest = "sha256:" + "ab" * 32
+    opened = result_of(storage.open(digest, 1000, start, end))
+    assert storage.records.in_use(digest) == (opened is not None)
+    return opened
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        Answer(200, UNKNOWN_LENGTH),  # the whole object, chunked
+        Answer(206, UNKNOWN_LENGTH, "bytes 0-899/1000"),  # another range
+        Answer(206, 900, "bytes 0-899/1000"),
+        Answer(206, 900, "bytes 100-999/2000"),  # another object's size
+        Answer(206, 900),  # no Content-Range
+    ],
+)
+def test_a_stored_range_answered_with_other_bytes_is_not_served(answer: Answer):
+    assert open_range(answer, 100, None) is None
+    assert answer.discarded
+
+
+def test_a_stored_range_answered_as_asked_is_served():
+    answer = Answer(206, UNKNOWN_LENGTH, "bytes 100-499/1000")
+    assert open_range(answer, 100, 500) is answer
+    assert not answer.discarded

@@ -15,6 +15,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from dockmirror import config as config_module
+from dockmirror import upstream
 from dockmirror.egress import Egress, UpstreamTLS
 from dockmirror.metrics import Metrics
 from dockmirror.pull.upstreams import CLIENTS_LIMIT, Upstreams
@@ -27,7 +28,7 @@ class FakeRegistry(Resource):
 
     isLeaf = True
 
-    def __init__(self, realm: str = "https://auth.docker.io/token", lifetime: int = 300) -> None:
+    def __init__(self, realm: str = "https://auth.docker.io/token", lifetime: Any = 300) -> None:
         super().__init__()
         self.realm = realm
         self.lifetime = lifetime
@@ -137,6 +138,23 @@ def test_a_token_per_repository_scope() -> None:
         ["repository:library/nginx:pull"],
         ["repository:library/alpine:pull"],
     ]
+
+
+@pytest.mark.parametrize("lifetime", [float("nan"), float("inf"), 1e300, "1e300", 10**400, -5])
+def test_the_tokens_kept_are_bounded_whatever_lifetime_the_token_service_gives(
+    lifetime: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(upstream, "MAX_TOKENS", 8)
+    registry = FakeRegistry(lifetime=lifetime)
+    client, stub, clock = make_client(registry)
+    # Every repository a client names is a scope, and a token.
+    for i in range(20):
+        fetch(client, stub, f"library/r{i}")
+    assert len(client._tokens) <= 8
+    issued = registry.issued
+    clock.advance(upstream.MAX_TOKEN_LIFETIME)
+    fetch(client, stub, "library/r19")
+    assert registry.issued == issued + 1
 
 
 def test_credentials_go_to_a_listed_realm() -> None:
@@ -290,6 +308,8 @@ def follow(location: str) -> tuple[Redirector, Any]:
         "https://cdn.example./blob",
         "https://cdn_example/blob",
         "https://cdn.example/a b",
+        "https://[::1]/blob",  # the HTTP client cannot encode an IPv6 literal
+        "https://[::ffff:169.254.169.254]:443/blob",
     ],
 )
 def test_redirects_that_are_refused(location: str) -> None:
