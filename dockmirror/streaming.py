@@ -332,7 +332,7 @@ class FileSender:
     cancelling it stops the sending.  *fd* stays open: it belongs to the
     caller.
 
-    A *growing* file is sent as far as its :meth:`Growing.extent` allows,
+    Over TLS, a *growing* file is sent as far as its :meth:`Growing.extent` allows,
     the bytes past the file's end from memory once there are
     :data:`SEAL_CHUNK` of them (or all the rest); its owner calls
     :meth:`grown` when the extent moves.  In between, the sender is no
@@ -357,8 +357,9 @@ class FileSender:
         self._end = end
         self._count = count
         self._sealer = sealer
+        assert growing is None or sealer is not None, "a growing file is sent over TLS only"
         self._growing = growing
-        #: Records sealed (or bytes from memory) and not written yet, oldest first.
+        #: Records sealed and not written yet, oldest first.
         self._records: list[memoryview] = []
         self._buffer = bytearray(SEAL_CHUNK if sealer is not None else 0)
         self._socket: int | None = None
@@ -438,25 +439,15 @@ class FileSender:
     def _sendfile(self) -> None:
         assert self._socket is not None
         turn = SENDFILE_TURN
-        while turn > 0:
-            self._write_records()
-            in_file, limit = self._extent()
-            if self._pos >= limit:
-                return
-            if self._pos < in_file:
-                wanted = min(in_file - self._pos, turn)
-                sent = os.sendfile(self._socket, self._fd, self._pos, wanted)
-                if sent == 0:
-                    raise ShortFile(f"the file ended at {self._pos}, before {in_file}")
-                self._sent(sent)
-                turn -= sent
-                if sent < wanted:
-                    raise BlockingIOError  # the socket is full
-            else:  # written like sealed records
-                data = self._memory(limit)
-                self._records.append(memoryview(data))
-                self._sent(len(data))
-                turn -= len(data)
+        while self._pos < self._end and turn > 0:
+            wanted = min(self._end - self._pos, turn)
+            sent = os.sendfile(self._socket, self._fd, self._pos, wanted)
+            if sent == 0:
+                raise ShortFile(f"the file ended at {self._pos}, before {self._end}")
+            self._sent(sent)
+            turn -= sent
+            if sent < wanted:
+                raise BlockingIOError  # the socket is full
 
     def _send_sealed(self, sealer: Sealer) -> None:
         turn = SEAL_TURN

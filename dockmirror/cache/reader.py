@@ -78,6 +78,10 @@ class BlobReader:
 
     def write_to(self, consumer: IConsumer) -> Deferred[int]:
         direct = file_transport(consumer) if self._whole() else None
+        if direct is not None and direct[1] is None and self._fill is not None:
+            # On plain TCP a fill in progress goes through Twisted: sent straight
+            # from it, a slow client was cut at send_timeout while still reading.
+            direct = None
         if direct is not None:
             assert self._fd is not None
             transport, sealer = direct

@@ -431,6 +431,22 @@ class GrowingFile:
         return self.data[offset:limit]
 
 
+class PassThrough:
+    """A sealer whose records are the plaintext."""
+
+    sealing = True
+
+    def __init__(self) -> None:
+        self.sink: Callable[[bytes], object] | None = None
+
+    def divert(self, sink: Callable[[bytes], object] | None) -> None:
+        self.sink = sink
+
+    def seal(self, data: memoryview) -> None:
+        assert self.sink is not None
+        self.sink(bytes(data))
+
+
 def test_a_growing_file_is_sent_as_far_as_it_allows(tmp_path):
     size = 3 * streaming.SEAL_CHUNK
     data = os.urandom(size)
@@ -449,7 +465,8 @@ def test_a_growing_file_is_sent_as_far_as_it_allows(tmp_path):
         0,
         size,
         lambda n: None,
-        growing=growing,
+        PassThrough(),
+        growing,
     )
     done = sender.write_to(Consumer())
     assert sender not in fake.getWriters()  # nothing to send yet
@@ -490,13 +507,11 @@ def test_a_growing_file_is_sent_as_far_as_it_allows(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_blob_being_filled_goes_straight_to_the_client(
-    filling, kind, direct_sends, through_requests
-):
+async def test_a_blob_being_filled_goes_straight_to_a_tls_client(filling, sealed, through_requests):
     server, fill, response = filling
-    port = server.listen(kind)
+    port = server.listen_tls()
     client = Client(get())
-    fetched = Deferred.fromCoroutine(server.fetch(port, client, tls=kind == "tls"))
+    fetched = Deferred.fromCoroutine(server.fetch(port, client, tls=True))
     await until(lambda: bool(server.resource.readers))
     await feed(response, server.data)
     await until(lambda: body_bytes(client) == SIZE - 1)
@@ -508,16 +523,15 @@ async def test_a_blob_being_filled_goes_straight_to_the_client(
     assert status == b"HTTP/1.1 200 OK"
     assert body == server.data
     assert sum(through_requests) == 0  # only the headers went through Twisted's request
-    assert 0 < sum(direct_sends) <= SIZE
-    if kind == "tls":
-        assert len(direct_sends) <= 2 * SIZE // streaming.SEAL_CHUNK  # in large pieces
+    assert sum(sealed) == SIZE
+    assert len(sealed) <= 2 * SIZE // streaming.SEAL_CHUNK  # in large pieces
     assert server.resource.counted == SIZE
     assert server.resource.sent == [SIZE]
     assert fill.committed and server.store.stats()["readers"] == 0
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_fill_that_fails_cuts_its_direct_client_short(filling, kind, direct_sends):
+async def test_a_fill_that_fails_cuts_its_client_short(filling, kind, through_requests):
     server, fill, response = filling
     port = server.listen(kind)
     client = Client(get())
@@ -535,9 +549,7 @@ async def test_a_fill_that_fails_cuts_its_direct_client_short(filling, kind, dir
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_direct_client_that_stops_reading_does_not_hold_the_fill(
-    filling, kind, direct_sends
-):
+async def test_a_client_that_stops_reading_does_not_hold_the_fill(filling, kind):
     server, fill, response = filling
     port = server.listen(kind)
     client = Client(get())
@@ -552,3 +564,19 @@ async def test_a_direct_client_that_stops_reading_does_not_hold_the_fill(
     client.transport.resumeProducing()  # type: ignore[union-attr]
     await fetched
     assert client.response()[2] == server.data
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_blob_being_filled_goes_through_twisted_on_plain_tcp(
+    filling, sendfile_calls, through_requests
+):
+    server, fill, response = filling
+    port = server.listen_plain()
+    client = Client(get())
+    fetched = Deferred.fromCoroutine(server.fetch(port, client))
+    await until(lambda: bool(server.resource.readers))
+    await feed(response, server.data)
+    response.end()
+    await fetched
+    assert client.response()[2] == server.data
+    assert sum(through_requests) == SIZE and sendfile_calls == []
