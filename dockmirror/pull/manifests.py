@@ -143,20 +143,29 @@ class ManifestService(UpstreamAccess):
             return self._stale(manifests.tag(origin, reference, accepted(accept)), e, head)
 
     async def _fetch_manifest(
-        self, route: Route, origin: str, reference: str, accept: str | None, head: bool
+        self,
+        route: Route,
+        origin: str,
+        reference: str,
+        accept: str | None,
+        head: bool,
+        recent: float | None = None,
     ) -> Reply:
         """A manifest from upstream, fetched by one worker for all.
 
         Docker Hub counts each manifest GET against the pull limit: the
         worker that claims the fetch asks, and the others read the manifest
-        it cached.  A HEAD costs nothing and caches nothing.
+        it cached.  A HEAD costs nothing and caches nothing.  A fetch heard
+        less than *recent* seconds ago is taken as it is (by default, within
+        :data:`FLIGHT_RECENT`, and a tag's TTL); a refresh takes none.
         """
         if head:
             return await self._upstream_manifest(route, origin, reference, accept, head)
         flights = self.cache.flights
         key = "\n".join((origin, reference, negotiable(accept)))
         # Once for the cluster: its nodes share tags, and copy manifests from one another.
-        recent = FLIGHT_RECENT if is_digest(reference) else self._recent()
+        if recent is None:
+            recent = FLIGHT_RECENT if is_digest(reference) else self._recent()
         fetched = await flights.wait(key, True, recent)
         if fetched is not None and len(fetched) == 4:  # taken in, if sound, as it was heard
             digest = fetched[2]
@@ -251,7 +260,7 @@ class ManifestService(UpstreamAccess):
         if reply is None:
             reply = await self._flights.run(
                 ("fetch", *key),
-                lambda: self._fetch_manifest(route, origin, tag, None, False),
+                lambda: self._fetch_manifest(route, origin, tag, None, False, recent=0.0),
             )
         if entry is not None and entry.digest != reply.headers.get("Docker-Content-Digest"):
             self.cache.manifests.expire_tag(origin, tag, reply.headers["Content-Type"])
