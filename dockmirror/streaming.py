@@ -22,7 +22,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, cast
 
-from twisted.internet import tcp
+from twisted.internet import abstract, tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IConsumer,
@@ -52,6 +52,8 @@ SEAL_TURN = 1 << 20
 SEAL_CHUNK = 256 << 10
 #: The most buffers one ``writev`` takes.
 _IOV_MAX = 1024
+#: Bytes read from an upstream's socket at a time for a blob's body (Twisted reads 64 KiB).
+BODY_READ = 256 << 10
 
 
 class StreamError(Exception):
@@ -98,6 +100,22 @@ class IdleTimer:
     def _expire(self) -> None:
         self._call = None
         self._expired()
+
+
+def read_large(transport: object) -> None:
+    """Have the socket under a response body's *transport* read :data:`BODY_READ` at a time.
+
+    Each read costs the reactor thread a pass through the HTTP client's
+    parser and the body's own bookkeeping, all in Python: a blob's body
+    read in fewer, larger pieces costs less per byte.  *transport* is what
+    Twisted's HTTP client gives a body protocol (a proxy of the
+    connection's transport), with TLS or not; any other kind is left alone.
+    """
+    transport = getattr(transport, "_producer", transport)  # the client's TransportProxyProducer
+    while isinstance(transport, ProtocolWrapper):  # TLS to the upstream
+        transport = transport.transport
+    if isinstance(transport, abstract.FileDescriptor):
+        transport.bufferSize = BODY_READ
 
 
 class Stream(typing.Protocol):
@@ -263,6 +281,16 @@ class Sealer(typing.Protocol):
         """Encrypt all of *data* at once, into the records handed to the sink."""
 
 
+class Growing(typing.Protocol):
+    """A file still being written, as a :class:`FileSender` follows it."""
+
+    def extent(self) -> tuple[int, int]:
+        """The bytes in the file now, and how far the sender may go (past the file: in memory)."""
+
+    def queued(self, offset: int, limit: int) -> bytes:
+        """Bytes [offset, limit) from memory, past the end of the file."""
+
+
 def file_transport(consumer: IConsumer) -> tuple[tcp.Server, Sealer | None] | None:
     """The TCP connection under *consumer* (a request), if a file can be sent to it directly.
 
@@ -303,6 +331,12 @@ class FileSender:
     :class:`StreamError` (:class:`ShortFile` when the file ends early);
     cancelling it stops the sending.  *fd* stays open: it belongs to the
     caller.
+
+    Over TLS, a *growing* file is sent as far as its :meth:`Growing.extent` allows,
+    the bytes past the file's end from memory once there are
+    :data:`SEAL_CHUNK` of them (or all the rest); its owner calls
+    :meth:`grown` when the extent moves.  In between, the sender is no
+    writer of the reactor.
     """
 
     def __init__(
@@ -314,6 +348,7 @@ class FileSender:
         end: int,
         count: Callable[[int], object],
         sealer: Sealer | None = None,
+        growing: Growing | None = None,
     ) -> None:
         self._reactor = reactor
         self._transport: tcp.Server | None = transport
@@ -322,6 +357,8 @@ class FileSender:
         self._end = end
         self._count = count
         self._sealer = sealer
+        assert growing is None or sealer is not None, "a growing file is sent over TLS only"
+        self._growing = growing
         #: Records sealed and not written yet, oldest first.
         self._records: list[memoryview] = []
         self._buffer = bytearray(SEAL_CHUNK if sealer is not None else 0)
@@ -378,6 +415,26 @@ class FileSender:
         if self._pos >= self._end and not self._records:
             self._close()
             self.done.callback(self._pos - self._start)
+        else:
+            self._set_writing()
+
+    def grown(self) -> None:
+        """The growing file's extent moved: send what it allows now."""
+        self._set_writing()
+
+    def _extent(self) -> tuple[int, int]:
+        """How far the file goes, and how far the sender may go now."""
+        if self._growing is None:
+            return self._end, self._end
+        in_file, limit = self._growing.extent()
+        if limit - max(self._pos, in_file) < SEAL_CHUNK and limit < self._end - 1:
+            limit = in_file  # wait for a whole chunk in memory, or the end
+        return min(in_file, limit), limit
+
+    def _memory(self, limit: int) -> bytes:
+        """The next bytes from memory, below *limit*."""
+        assert self._growing is not None
+        return self._growing.queued(self._pos, min(limit, self._pos + SEAL_CHUNK))
 
     def _sendfile(self) -> None:
         assert self._socket is not None
@@ -397,14 +454,20 @@ class FileSender:
         view = memoryview(self._buffer)
         while True:
             self._write_records()
-            if self._pos >= self._end or turn <= 0:
+            in_file, limit = self._extent()
+            if self._pos >= limit or turn <= 0:
                 return
-            wanted = min(self._end - self._pos, SEAL_CHUNK)
-            count = os.preadv(self._fd, [view[:wanted]], self._pos)
-            if count == 0:
-                raise ShortFile(f"the file ended at {self._pos}, before {self._end}")
+            if self._pos < in_file:
+                wanted = min(in_file - self._pos, SEAL_CHUNK)
+                count = os.preadv(self._fd, [view[:wanted]], self._pos)
+                if count == 0:
+                    raise ShortFile(f"the file ended at {self._pos}, before {in_file}")
+                piece = view[:count]
+            else:
+                piece = memoryview(self._memory(limit))
+                count = len(piece)
             try:
-                sealer.seal(view[:count])
+                sealer.seal(piece)
             except Exception as e:  # an SSL error, or a renegotiation
                 raise StreamError(f"TLS failed: {e}") from e
             self._sent(count)
@@ -412,6 +475,7 @@ class FileSender:
 
     def _sealed(self, records: bytes) -> None:
         self._records.append(memoryview(records))
+        self._set_writing()  # a record made between sends (an alert) goes out too
 
     def _write_records(self) -> None:
         """Write the records sealed so far; BlockingIOError if the socket takes no more."""
@@ -448,7 +512,12 @@ class FileSender:
 
     def _set_writing(self) -> None:
         """Be a writer of the reactor exactly while there is something to send."""
-        wanted = self._socket is not None and not self._paused and not self.done.called
+        wanted = (
+            self._socket is not None
+            and not self._paused
+            and not self.done.called
+            and (bool(self._records) or self._pos < self._extent()[1])
+        )
         if wanted and not self._writing:
             self._reactor.addWriter(self)
         elif self._writing and not wanted:

@@ -31,7 +31,13 @@ from dockmirror.cache import files
 from dockmirror.cache.index import Runner
 from dockmirror.cache.progress import FillProgress
 from dockmirror.errors import RegistryError
-from dockmirror.streaming import IDLE_TIMEOUT, DigestMismatch, IdleTimer, StreamError
+from dockmirror.streaming import (
+    IDLE_TIMEOUT,
+    DigestMismatch,
+    IdleTimer,
+    StreamError,
+    read_large,
+)
 from dockmirror.upstream import discard
 
 if TYPE_CHECKING:
@@ -212,6 +218,7 @@ class Fill(FillProgress, Protocol):
         return cast(IPushProducer | None, self.transport)
 
     def connectionMade(self) -> None:
+        read_large(self.transport)
         self._start_timer()
 
     def dataReceived(self, data: bytes) -> None:

@@ -37,7 +37,7 @@ from twisted.web.client import ResponseDone
 
 from dockmirror.cache import files
 from dockmirror.cache.fill import HIGH_WATER, LOW_WATER, Fill
-from dockmirror.streaming import IDLE_TIMEOUT, IdleTimer, StreamError
+from dockmirror.streaming import IDLE_TIMEOUT, IdleTimer, StreamError, read_large
 
 log = Logger()
 
@@ -346,6 +346,7 @@ class PartBody(Protocol):
         return cast(IPushProducer | None, self.transport)
 
     def connectionMade(self) -> None:
+        read_large(self.transport)
         self._timer.start()
         self.fill.attach(self)
 

@@ -77,15 +77,29 @@ class BlobReader:
         return f"<BlobReader {self.digest} at {self._pos} of {self._start}-{self._end}>"
 
     def write_to(self, consumer: IConsumer) -> Deferred[int]:
-        direct = file_transport(consumer) if self._whole_and_verified() else None
+        direct = file_transport(consumer) if self._whole() else None
+        if direct is not None and direct[1] is None and self._fill is not None:
+            # On plain TCP a fill in progress goes through Twisted: sent straight
+            # from it, a slow client was cut at send_timeout while still reading.
+            direct = None
         if direct is not None:
             assert self._fd is not None
             transport, sealer = direct
             reactor = cast(IReactorFDSet, self._store.reactor)
             self._sender = FileSender(
-                reactor, transport, self._fd, self._start, self._end, self._on_bytes, sealer
+                reactor,
+                transport,
+                self._fd,
+                self._start,
+                self._end,
+                self._on_bytes,
+                sealer,
+                growing=self if self._fill is not None else None,
             )
             self._sender.write_to(consumer).addCallbacks(self._sent, self._send_failed)
+            if self._fill is not None:
+                self._fill.subscribe(self._grown)
+                self._grown()
             return self.done
         self._consumer = consumer
         if self._fill is not None:
@@ -94,22 +108,44 @@ class BlobReader:
         self._pump()
         return self.done
 
-    def _whole_and_verified(self) -> bool:
-        """Whether the reader sends a whole blob that is in the cache (so verified)."""
-        return (
-            self._fill is None
-            and self._start == 0
-            and self._end == self._store.size_of(self.digest)
-        )
+    def _whole(self) -> bool:
+        """Whether the reader sends a whole blob, cached or being filled."""
+        size = self._fill.size if self._fill is not None else self._store.size_of(self.digest)
+        return self._start == 0 and self._end == size
+
+    def extent(self) -> tuple[int, int]:
+        """The bytes in the file, and how far the reader may go now (for its sender)."""
+        fill = self._fill
+        on_disk = self._end if fill is None or fill.verified else fill.written
+        return on_disk, self._readable()
+
+    def queued(self, offset: int, limit: int) -> bytes:
+        """Bytes of the fill not written yet (for the sender)."""
+        assert self._fill is not None
+        return self._fill.queued(offset, limit)
+
+    def _grown(self) -> None:
+        """The fill moved: its sender sends what it may, or the reader fails with it."""
+        if not self._fill_failed() and self._sender is not None:
+            self._sender.grown()
+
+    def _fill_failed(self) -> bool:
+        """Whether the fill failed before it was verified (then so did the reader)."""
+        fill = self._fill
+        if fill is None or fill.error is None or fill.verified:
+            return False
+        if not self.done.called:
+            self._fail(StreamError(f"filling {self.digest} failed: {fill.error}"))
+        return True
 
     def _sent(self, count: int) -> None:
         self._close()
         self.done.callback(count)
 
     def _send_failed(self, failure: Failure) -> None:
-        if self.done.called:  # cancelled, which stopped the sender
+        if self.done.called or self._fd is None:  # cancelled or failed: it stopped the sender
             return
-        if failure.check(ShortFile):
+        if failure.check(ShortFile) and self._fill is None:
             self._store.forget(self.digest)
         error = failure.value
         self._fail(error if isinstance(error, StreamError) else StreamError(str(error)))
@@ -145,10 +181,7 @@ class BlobReader:
         self._pumping = True
         try:
             for _ in range(BURST):
-                if self._paused or self._fd is None:
-                    return
-                if self._fill is not None and self._fill.error and not self._fill.verified:
-                    self._fail(StreamError(f"filling {self.digest} failed: {self._fill.error}"))
+                if self._paused or self._fd is None or self._fill_failed():
                     return
                 if not self._send(self._readable()):
                     return
@@ -168,7 +201,7 @@ class BlobReader:
             assert self._fd is not None and self._consumer is not None
             count = min(CHUNK, limit - self._pos)
             fill = self._fill
-            on_disk = self._end if fill is None or fill.verified else fill.written
+            on_disk = self.extent()[0]
             if self._pos < on_disk:
                 count = min(count, on_disk - self._pos)
                 data = os.pread(self._fd, count, self._pos)
@@ -196,17 +229,18 @@ class BlobReader:
         self.done.errback(error)
 
     def _close(self) -> None:
-        if self._fd is None:
+        fd, self._fd = self._fd, None
+        if fd is None:
             return
         if self._sender is not None and not self._sender.done.called:
             self._sender.done.cancel()  # before its file is closed
-        os.close(self._fd)
-        self._fd = None
+        os.close(fd)
         self._store.unpin(self.digest)
         if self._later is not None and self._later.active():
             self._later.cancel()
         if self._fill is not None:
             self._fill.unsubscribe(self._pump)
+            self._fill.unsubscribe(self._grown)
         if self._consumer is not None:
             release(self._consumer)
             self._consumer = None

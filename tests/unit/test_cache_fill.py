@@ -5,14 +5,18 @@ from __future__ import annotations
 import os
 
 import pytest
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
+from twisted.web._newclient import TransportProxyProducer
 
 from dockmirror.cache.fill import HIGH_WATER, WRITE_BATCH, WRITE_DELAY, Fill
 from dockmirror.cache.reader import CHUNK
-from dockmirror.streaming import IDLE_TIMEOUT, DigestMismatch, StreamError
+from dockmirror.streaming import BODY_READ, IDLE_TIMEOUT, DigestMismatch, StreamError
 
 from ._cache_support import FakeResponse, HeldRunner, make_store, sha256
 
@@ -391,3 +395,28 @@ def test_the_disk_gets_a_fast_body_in_batches_and_a_slow_one_within_the_delay(tm
     disk.run_all()
     assert fill.committed
     assert [c for c in clock.getDelayedCalls() if "Fill" in repr(c)] == []
+
+
+def upstream_socket(wrapped: bool) -> tuple[FileDescriptor, TransportProxyProducer]:
+    """A socket's transport, as Twisted's HTTP client hands it to a body (through TLS or not)."""
+    socket = FileDescriptor(reactor=MemoryReactorClock())  # what TCP transports are
+    under: object = socket
+    if wrapped:
+        under = ProtocolWrapper(WrappingFactory(Factory()), Protocol())
+        under.makeConnection(socket)
+    return socket, TransportProxyProducer(under)
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["tcp", "tls"])
+def test_the_upstream_socket_is_read_in_large_pieces(tmp_path, wrapped):
+    store = make_store(tmp_path)
+    fill = store.begin_fill(DIGEST, len(DATA), "up")
+    assert isinstance(fill, Fill)
+    response = FakeResponse(len(DATA))
+    socket, response.transport = upstream_socket(wrapped)
+    assert socket.bufferSize == 64 << 10
+    Deferred.fromCoroutine(fill.start(response))
+    assert socket.bufferSize == BODY_READ
+    response.send(DATA)
+    response.end()
+    assert fill.committed

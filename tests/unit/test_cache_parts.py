@@ -28,10 +28,10 @@ from dockmirror.cache.parts import (
 )
 from dockmirror.cache.reader import CHUNK
 from dockmirror.ranged import RANGES_RECHECK, RangeSupport, content_range, range_header
-from dockmirror.streaming import DigestMismatch, StreamError
+from dockmirror.streaming import BODY_READ, DigestMismatch, StreamError
 
 from ._cache_support import FakeResponse, HeldRunner, make_store, sha256
-from .test_cache_fill import follow
+from .test_cache_fill import follow, upstream_socket
 from .test_coordination import Claims
 
 SIZE = 4 * MIN_RANGE + 12_345
@@ -356,3 +356,16 @@ def test_bytes_in_order_at_the_front_reach_readers_before_the_disk(tmp_path):
     store.reactor.advance(0)
     assert fill.written == fill.received == c + CHUNK  # ... which is read from the disk
     assert client.value() == DATA[: c + CHUNK]
+
+
+def test_a_part_reads_its_upstream_socket_in_large_pieces(tmp_path):
+    store = make_store(tmp_path)
+    fill = ranged_fill(store, parts=2)
+    start, stop = fill.plan[0]
+    response = FakeResponse(stop - start)
+    socket, response.transport = upstream_socket(wrapped=False)
+    part = PartBody(fill, start, start, stop, stop - start, store.reactor, 30)
+    response.deliverBody(part)
+    assert socket.bufferSize == BODY_READ
+    response.send(DATA[start:stop])
+    assert part.done.called

@@ -27,6 +27,7 @@ from twisted.web.server import Request, Site
 
 from dockmirror import streaming
 from dockmirror.cache.blobs import BlobStore
+from dockmirror.cache.fill import Fill
 from dockmirror.cache.index import Index
 from dockmirror.metrics import Metrics
 from dockmirror.pull import Reply
@@ -35,7 +36,7 @@ from dockmirror.tls import PlainHTTPFactory, ReloadingContextFactory, TLSFactory
 from dockmirror.web import AsyncResource, send_reply
 from tests.integration.clients import make_server_tls
 
-from ._cache_support import run_now, sha256
+from ._cache_support import FakeResponse, run_now, sha256
 
 SIZE = 24 << 20
 
@@ -196,6 +197,43 @@ def kind(request: pytest.FixtureRequest) -> str:
 def direct_sends(kind: str, sendfile_calls: list[int], sealed: list[int]) -> list[int]:
     """The byte counts sent straight from the file, on the listener of *kind*."""
     return sealed if kind == "tls" else sendfile_calls
+
+
+@pytest_twisted.async_yield_fixture
+async def filling(tmp_path: Path) -> AsyncIterator[tuple[Server, Fill, FakeResponse]]:
+    """A server whose blob is being filled: the test feeds the upstream body."""
+    server = Server(tmp_path, os.urandom(SIZE))
+    fill = server.store.begin_fill(server.digest, SIZE, "up")
+    assert isinstance(fill, Fill)
+    response = FakeResponse(SIZE)
+    await Deferred.fromCoroutine(fill.start(response))
+    yield server, fill, response
+    await server.stop()
+
+
+@pytest.fixture
+def through_requests(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The byte counts written through Twisted's ``Request.write``."""
+    calls: list[int] = []
+    real = Request.write
+
+    def spy(self: Request, data: bytes) -> None:
+        calls.append(len(data))
+        real(self, data)
+
+    monkeypatch.setattr(Request, "write", spy)
+    return calls
+
+
+async def feed(response: FakeResponse, data: bytes, piece: int = 64 << 10) -> None:
+    """Send *data* as the upstream would, a piece per reactor turn."""
+    for offset in range(0, len(data), piece):
+        response.send(data[offset : offset + piece])
+        await pause(0)
+
+
+def body_bytes(client: Client) -> int:
+    return len(client.received.partition(b"\r\n\r\n")[2])
 
 
 def pause(seconds: float) -> Deferred[None]:
@@ -375,3 +413,170 @@ def test_the_file_waits_until_twisted_has_sent_the_headers(tmp_path):
     os.close(fd)
     ours.close()
     theirs.close()
+
+
+class GrowingFile:
+    """A file being written: its bytes in the file, and how far a sender may go."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.in_file = 0
+        self.limit = 0
+
+    def extent(self) -> tuple[int, int]:
+        return self.in_file, self.limit
+
+    def queued(self, offset: int, limit: int) -> bytes:
+        assert self.in_file <= offset <= limit <= self.limit
+        return self.data[offset:limit]
+
+
+class PassThrough:
+    """A sealer whose records are the plaintext."""
+
+    sealing = True
+
+    def __init__(self) -> None:
+        self.sink: Callable[[bytes], object] | None = None
+
+    def divert(self, sink: Callable[[bytes], object] | None) -> None:
+        self.sink = sink
+
+    def seal(self, data: memoryview) -> None:
+        assert self.sink is not None
+        self.sink(bytes(data))
+
+
+def test_a_growing_file_is_sent_as_far_as_it_allows(tmp_path):
+    size = 3 * streaming.SEAL_CHUNK
+    data = os.urandom(size)
+    path = tmp_path / "blob"
+    path.write_bytes(data)  # all there; the sender must not read past what it is allowed
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    fd = os.open(path, os.O_RDONLY)
+    fake = MemoryReactorClock()
+    growing = GrowingFile(data)
+    sender = streaming.FileSender(
+        fake,
+        SocketTransport(ours),  # type: ignore[arg-type]
+        fd,
+        0,
+        size,
+        lambda n: None,
+        PassThrough(),
+        growing,
+    )
+    done = sender.write_to(Consumer())
+    assert sender not in fake.getWriters()  # nothing to send yet
+
+    def received() -> bytes:
+        got = b""
+        while True:
+            try:
+                piece = theirs.recv(1 << 20)
+            except BlockingIOError:
+                return got
+            got += piece
+
+    def turn() -> bytes:
+        got = b""
+        while sender in fake.getWriters():
+            sender.doWrite()
+            got += received()
+        return got
+
+    growing.in_file, growing.limit = 1000, 1000 + streaming.SEAL_CHUNK - 1
+    sender.grown()
+    assert turn() == data[:1000]  # what is in memory waits for a whole chunk
+    growing.limit += 1
+    sender.grown()
+    assert turn() == data[1000 : 1000 + streaming.SEAL_CHUNK]  # from memory
+    growing.in_file, growing.limit = size - 1, size - 1
+    sender.grown()
+    assert turn() == data[1000 + streaming.SEAL_CHUNK : size - 1]  # the last byte held back
+    assert not done.called
+    growing.in_file = growing.limit = size
+    sender.grown()
+    assert turn() == data[size - 1 :]
+    assert done.result == size
+    os.close(fd)
+    ours.close()
+    theirs.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_blob_being_filled_goes_straight_to_a_tls_client(filling, sealed, through_requests):
+    server, fill, response = filling
+    port = server.listen_tls()
+    client = Client(get())
+    fetched = Deferred.fromCoroutine(server.fetch(port, client, tls=True))
+    await until(lambda: bool(server.resource.readers))
+    await feed(response, server.data)
+    await until(lambda: body_bytes(client) == SIZE - 1)
+    await pause(0.1)
+    assert body_bytes(client) == SIZE - 1  # the last byte waits for the digest
+    response.end()
+    await fetched
+    status, _, body = client.response()
+    assert status == b"HTTP/1.1 200 OK"
+    assert body == server.data
+    assert sum(through_requests) == 0  # only the headers went through Twisted's request
+    assert sum(sealed) == SIZE
+    assert len(sealed) <= 2 * SIZE // streaming.SEAL_CHUNK  # in large pieces
+    assert server.resource.counted == SIZE
+    assert server.resource.sent == [SIZE]
+    assert fill.committed and server.store.stats()["readers"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fill_that_fails_cuts_its_client_short(filling, kind, through_requests):
+    server, fill, response = filling
+    port = server.listen(kind)
+    client = Client(get())
+    fetched = Deferred.fromCoroutine(server.fetch(port, client, tls=kind == "tls"))
+    await until(lambda: bool(server.resource.readers))
+    wrong = server.data[:-1] + bytes([server.data[-1] ^ 1])
+    await feed(response, wrong)
+    response.end()
+    await fetched
+    _, headers, body = client.response()
+    assert headers[b"content-length"] == str(SIZE).encode()
+    assert len(body) < SIZE  # never the whole of a body that does not match
+    assert body == server.data[: len(body)]
+    assert fill.error is not None and server.store.stats()["readers"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_stops_reading_does_not_hold_the_fill(filling, kind):
+    server, fill, response = filling
+    port = server.listen(kind)
+    client = Client(get())
+    fetched = Deferred.fromCoroutine(server.fetch(port, client, tls=kind == "tls"))
+    await until(lambda: bool(server.resource.readers))
+    await until(lambda: client.transport is not None)
+    client.transport.pauseProducing()  # type: ignore[union-attr]
+    await feed(response, server.data)
+    response.end()
+    await until(lambda: fill.committed)  # the fill went on without the client
+    assert body_bytes(client) < SIZE
+    client.transport.resumeProducing()  # type: ignore[union-attr]
+    await fetched
+    assert client.response()[2] == server.data
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_blob_being_filled_goes_through_twisted_on_plain_tcp(
+    filling, sendfile_calls, through_requests
+):
+    server, fill, response = filling
+    port = server.listen_plain()
+    client = Client(get())
+    fetched = Deferred.fromCoroutine(server.fetch(port, client))
+    await until(lambda: bool(server.resource.readers))
+    await feed(response, server.data)
+    response.end()
+    await fetched
+    assert client.response()[2] == server.data
+    assert sum(through_requests) == SIZE and sendfile_calls == []
