@@ -37,6 +37,9 @@ setup(
         "test": [
             "pytest>=7.4",
             "pytest-twisted>=1.14",
+            # A hung test fails after pyproject.toml's timeout, with the stacks of its
+            # threads, instead of holding the run up until CI gives up on it.
+            "pytest-timeout>=2.1",
             "mypy>=1.8",
             "mypy-zope>=1.0",
             "ruff>=0.4",

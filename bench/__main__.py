@@ -27,7 +27,7 @@ from functools import partial
 from pathlib import Path
 
 from bench import cluster, report
-from bench.servers import MIB, Mirror, Process, start_nginx
+from bench.servers import MIB, Mirror, Process, blob_fetches, start_nginx
 from bench.workloads import Client, fetch, head_rate, skopeo_copy
 from tests.integration.clients import ServerTLS, make_server_tls
 from tests.integration.images import OCI_MANIFEST, Image, make_image, push
@@ -219,11 +219,11 @@ class Bench:
         for mirror in order:
 
             def crowd(server: Process, mirror: Mirror = mirror) -> None:
-                before = self.upstream.count_requests("GET", f"/blobs/{self.layer.digest}")
+                before = blob_fetches(self.upstream, self.layer.digest)
                 cpu = server.cpu_seconds()
                 seconds = fetch(self.client(server, mirror.tls), self.blob_path, many, size)
                 cpu = server.cpu_seconds() - cpu
-                after = self.upstream.count_requests("GET", f"/blobs/{self.layer.digest}")
+                after = blob_fetches(self.upstream, self.layer.digest)
                 self.record(report.cold_row(many), mirror.name, seconds)
                 self.record(report.cold_cpu_row(many), mirror.name, cpu * GIB / size / many)
                 self.record(report.fetches_row(many), mirror.name, after - before)

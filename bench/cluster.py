@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.servers import MIB, Mirror, Process
+from bench.servers import MIB, Mirror, Process, blob_fetches
 from bench.workloads import Client
 from tests.integration.ceph import REQUIRED, CephS3, S3Bucket
 from tests.integration.postgres import PostgresServer, postgres_bin
@@ -150,9 +150,9 @@ def run(
         digest = path.rpartition("/")[2]
         for phase in ("cold", "warm"):
             names = rows(nodes, clients, phase)
-            before = upstream.count_requests("GET", f"/blobs/{digest}")
+            before = blob_fetches(upstream, digest)
             seconds, firsts, failed = crowd(spread, path, size)
-            after = upstream.count_requests("GET", f"/blobs/{digest}")
+            after = blob_fetches(upstream, digest)
             record(names["gets"], mirror.name, after - before)
             record(names["failed"], mirror.name, failed)
             record(names["throughput"], mirror.name, len(firsts) * size / MIB / seconds)

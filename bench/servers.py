@@ -297,3 +297,19 @@ http {{
     )
     argv = ["nginx", "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "error.log")]
     return Process("nginx", argv, workdir, port, subprocess_env())
+
+
+def blob_fetches(upstream: Registry, digest: str) -> int:
+    """The GETs of blob *digest* that *upstream* answered with its bytes.
+
+    A GET refused for want of a token carries none: it is the challenge a
+    client meets on its first request, and which node of a cluster meets it
+    depends on which one first asks the upstream anything.
+    """
+    return sum(
+        1
+        for request in upstream.requests()
+        if request.method == "GET"
+        and f"/blobs/{digest}" in request.uri
+        and request.status in (200, 206)
+    )

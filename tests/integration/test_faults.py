@@ -753,7 +753,9 @@ def test_kill_9_at_any_point_loses_no_key_and_serves_no_partial_blob(
     """Kill -9 during a fill, right at its rename, in an index write or a key-usage flush.
 
     strace injects the SIGKILL at the chosen system call, so the crash lands
-    exactly there; "data" kills at a random point of a slowed fill.  After
+    exactly there; "data" kills a fill at a random point, where the upstream
+    stalls until the kill (a fill that ran on would be renamed before a busy
+    machine let the test see it there, and then not killed at all).  After
     each restart: every blob served is whole, every key still works, and the
     index, once written out, accounts for exactly the files on disk.
     """
@@ -787,6 +789,10 @@ def test_kill_9_at_any_point_loses_no_key_and_serves_no_partial_blob(
             ),
         }[point]
         print(f"round {round_}: to be killed at {point}")
+        if point == "data":
+            cut = rng.randint(64 << 10, layer.size - (64 << 10))
+            stall = Fault(rf"^GET /v2/.*/blobs/{layer.digest} ", stall_after=cut, times=1)
+            upstream.faults.insert(0, stall)
         mirror.stop()
         mirror.run_under(*wrapper)
         mirror.start()
@@ -794,7 +800,6 @@ def test_kill_9_at_any_point_loses_no_key_and_serves_no_partial_blob(
             for blob in image.blobs:
                 pool.submit(fetch, mirror, f"/v2/{unique_repo}/blobs/{blob.digest}", auth)
             if point == "data":
-                cut = rng.randint(64 << 10, layer.size - (64 << 10))
                 wait_until(partial(filled, mirror.cache_dir / "tmp", cut), CLIENT_TIMEOUT)
                 mirror.kill9()
             else:

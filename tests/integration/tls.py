@@ -13,26 +13,34 @@ import functools
 import shutil
 import ssl
 import tempfile
+import threading
 from pathlib import Path
 
 from .clients import MIRROR_NAME, ServerTLS, make_server_tls
 
+#: Test threads (e.g. 48 concurrent pulls) ask for these at once: one makes them.
+_making = threading.Lock()
 
-@functools.cache
+
 def server_tls() -> ServerTLS:
     """The run's CA and server certificate (made on first use, removed at exit)."""
+    with _making:
+        return _made()
+
+
+@functools.cache
+def _made() -> ServerTLS:
     directory = Path(tempfile.mkdtemp(prefix="dockmirror-test-tls-"))
     atexit.register(shutil.rmtree, directory, ignore_errors=True)
-    return make_server_tls(directory, MIRROR_NAME)
+    tls = make_server_tls(directory, MIRROR_NAME)
+    (directory / "certs.d").mkdir()
+    shutil.copy(tls.ca, directory / "certs.d" / "ca.crt")
+    return tls
 
 
 def cert_dir() -> Path:
     """A directory holding only the CA as ``ca.crt``, as skopeo's ``--*-cert-dir`` wants."""
-    directory = server_tls().ca.parent / "certs.d"
-    if not directory.exists():
-        directory.mkdir()
-        shutil.copy(server_tls().ca, directory / "ca.crt")
-    return directory
+    return server_tls().ca.parent / "certs.d"
 
 
 def client_context() -> ssl.SSLContext:

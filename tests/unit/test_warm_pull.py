@@ -69,3 +69,18 @@ def test_a_tag_naming_a_cached_manifest_is_not_fetched(setup):  # noqa: F811
     upstream.answers[("HEAD", "manifests/v1")] = head_answer(MANIFEST, DOCKER_MANIFEST)
     assert refresh(pull, route).headers["X-Cache"] == "REVALIDATED"
     assert upstream.requests.count(("GET", "manifests/v1")) == 1
+
+
+def test_a_tag_moved_a_moment_after_it_was_fetched_is_fetched_again(setup):  # noqa: F811
+    """Two rounds within a second: the second takes nothing the first heard."""
+    clock, upstream, cache, pull, route = setup
+    upstream.answers[("GET", "manifests/v1")] = manifest_answer()
+    upstream.answers[("HEAD", "manifests/v1")] = head_answer(MANIFEST, DOCKER_MANIFEST)
+    assert refresh(pull, route).body == MANIFEST
+    upstream.answers[("GET", "manifests/v1")] = Answer(
+        200, INDEX, {"Content-Type": OCI_INDEX, "Docker-Content-Digest": sha256(INDEX)}
+    )
+    upstream.answers[("HEAD", "manifests/v1")] = head_answer(INDEX, OCI_INDEX)
+    reply = refresh(pull, route)
+    assert (reply.headers["Docker-Content-Digest"], reply.body) == (sha256(INDEX), INDEX)
+    assert upstream.requests.count(("GET", "manifests/v1")) == 2
