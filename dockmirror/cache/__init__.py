@@ -40,6 +40,8 @@ log = Logger()
 
 #: Worker threads writing and removing cache files.
 IO_THREADS = 4
+#: Threads sending blobs being filled to clients, a turn at a time (read, seal, write).
+SEND_THREADS = 2
 #: Seconds a stopping mirror lets fills in progress finish (systemd waits 45).
 STOP_GRACE = 30.0
 #: What one worker tells the others to purge: [repository or digest], so long at most.
@@ -82,6 +84,9 @@ class Cache(service.Service):
     ) -> None:
         """*run* and *run_index* run blocking work in threads; by default, the cache's own.
 
+        Without *run*, blobs being filled are sent to clients by threads of
+        their own (:data:`SEND_THREADS`); with it, by *run*.
+
         A *shared* cache is used by several worker processes at once, which
         coordinate their fills through :mod:`dockmirror.coordination`.
         *storage* may add a second tier below the directory (``[storage]``).
@@ -94,8 +99,10 @@ class Cache(service.Service):
         self.metrics = metrics
         self._pools: list[ThreadPool] = []
         self._lock_fd: int | None = None
+        send = None
         if run is None:
             run = self._pool(reactor, "dockmirror-cache-io", IO_THREADS)
+            send = self._pool(reactor, "dockmirror-send", SEND_THREADS)
         if run_index is None:
             run_index = self._pool(reactor, "dockmirror-cache-index", 1)
         self.index = Index(os.path.join(self.directory, "index.sqlite"), reactor, run_index)
@@ -107,6 +114,7 @@ class Cache(service.Service):
             run,
             metrics,
             min_free=config.min_free_bytes,
+            send=send,
         )
         self.manifests = ManifestCache(self.blobs, self.index, reactor, config.manifest_ttl)
         self.referrers = ReferrersCache(reactor, config.manifest_ttl)

@@ -52,8 +52,12 @@ class BlobEntries:
         run: Runner,
         metrics: Metrics,
         min_free: int | None = None,
+        send: Runner | None = None,
     ) -> None:
-        """*min_free* is the space fills leave free; None scales it with the file system."""
+        """*min_free* is the space fills leave free; None scales it with the file system.
+
+        *send* runs the sending of files to clients (the disk's *run* if None).
+        """
         self.directory = directory
         self.min_free = min_free
         self.blobs_dir = os.path.join(directory, "blobs")
@@ -63,6 +67,7 @@ class BlobEntries:
         self._index = index
         self.reactor = reactor
         self._run = run
+        self.send = send or run
         #: digest -> size, least recently used first.
         self._entries: OrderedDict[str, int] = OrderedDict()
         #: cached digest -> the origins (upstream repositories) that proved they have it.

@@ -23,6 +23,7 @@ from dockmirror.streaming import (
     ShortFile,
     StreamError,
     file_transport,
+    in_reactor,
     release,
 )
 
@@ -93,6 +94,10 @@ class BlobReader:
                 self._start,
                 self._end,
                 self._on_bytes,
+                # A fill keeps the reactor thread busy receiving: the sending
+                # goes beside it.  A cached blob is sent by the otherwise idle
+                # reactor thread, without the hand-offs to a worker thread.
+                self._store.send if self._fill is not None else in_reactor,
                 sealer,
                 growing=self if self._fill is not None else None,
             )
