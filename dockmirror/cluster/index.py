@@ -111,7 +111,8 @@ class ClusterIndex(service.Service):
         #: Reaches the other nodes; set once the node knows the cluster secret.
         self.peers: PeerClient | None = None
         cache.blobs.on_add.append(self._added)
-        cache.blobs.on_remove.append(self._removed)
+        cache.blobs.on_remove.append(self._touched.discard)
+        cache.blobs.on_gone.append(self._removed)
         cache.blobs.on_touch.append(self._touched.add)
         cache.blobs.on_grant.append(self._granted)
         cache.blobs.on_disown.append(self._disowned)
@@ -157,7 +158,8 @@ class ClusterIndex(service.Service):
         )
 
     def _removed(self, digest: str) -> None:
-        self._touched.discard(digest)
+        """Once the file is gone: a reconcile meanwhile finds the row and keeps it, or
+        finds the file gone and deletes the row, never adds it back."""
         self._write(
             partial(_execute, _DELETE_BLOB, (digest, self.node_url)), f"forgetting {digest}"
         )

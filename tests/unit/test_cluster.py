@@ -281,7 +281,7 @@ class PurgedCache:
     def __init__(self) -> None:
         from types import SimpleNamespace
 
-        hooks = ("on_add", "on_remove", "on_touch", "on_grant", "on_disown")
+        hooks = ("on_add", "on_remove", "on_gone", "on_touch", "on_grant", "on_disown")
         self.blobs = SimpleNamespace(**{hook: [] for hook in hooks}, proofs_elsewhere=None)
         self.manifests = SimpleNamespace(ttl=60, shared=None)
         self.on_purge: list[Any] = []
@@ -321,3 +321,29 @@ def test_purges_whose_notification_was_lost_are_applied_once_from_the_records():
     clock.advance(PURGE_WINDOW)
     index._apply_purges([])
     assert index._purges_heard == {}
+
+
+def test_a_node_forgets_its_row_of_a_blob_only_once_the_file_is_gone(tmp_path):
+    """So that a reconcile between the two never finds the file without its row, and
+    adds the row back for a blob the node no longer holds."""
+    import os
+
+    from dockmirror.cluster.index import ClusterIndex, _execute
+
+    from ._cache_support import HeldRunner, make_store, sha256
+
+    disk, session = HeldRunner(), FakeSession()
+    cache = PurgedCache()
+    cache.blobs = make_store(tmp_path, run=disk)  # type: ignore[assignment]
+    ClusterIndex(cache, None, session, "http://a:1", Clock())  # type: ignore[arg-type]
+    digest = sha256(b"data")
+    Deferred.fromCoroutine(cache.blobs.put_small(digest, b"data"))
+    disk.run_all()
+    session.answer(None)  # its row
+    assert cache.blobs.remove(digest)
+    assert session.queries == []  # not while the file is there
+    disk.run_all()
+    assert not os.path.exists(cache.blobs.path(digest))
+    f, _ = session.queries[0]
+    assert f.func is _execute and f.args[0].startswith("DELETE FROM cache_blobs")
+
