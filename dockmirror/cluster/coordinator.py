@@ -35,7 +35,7 @@ from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from dockmirror._interfaces import ICoordinator
-from dockmirror.cluster.database import Backoff, DatabaseUnavailable
+from dockmirror.cluster.database import Backoff, DatabaseUnavailable, logged
 from dockmirror.cluster.peers import PeerClient
 from dockmirror.coordination import FLIGHT_RESULT_MAX
 from dockmirror.upstream import discard
@@ -166,7 +166,7 @@ class ClusterCoordinator:
         self._session = session
         self._peers = peers
         self._reactor = reactor
-        self._backoff = Backoff(reactor)
+        self._backoff = Backoff(reactor, what="fill coordinator")
         #: Digests whose cluster lock this process holds, and the session they were taken on.
         self._held: dict[str, int] = {}
         #: Digests being led now, and those of them released meanwhile (their fill ended).
@@ -221,13 +221,7 @@ class ClusterCoordinator:
         if generation is None or generation != self._session.generation:
             return  # not ours, or gone with its session
         d = self._session.run(partial(_unlock, lock_key(digest), digest, self.node_url))
-        d.addErrback(
-            lambda f: log.warn(
-                "releasing the cluster claim on {digest}: {error}",
-                digest=digest,
-                error=f.getErrorMessage(),
-            )
-        )
+        d.addErrback(logged(f"releasing the cluster claim on {digest}"))  # or gone with its session
 
     def close(self) -> None:
         self._held.clear()
@@ -264,13 +258,8 @@ class ClusterCoordinator:
                 else:
                     try_lock = partial(_try_lock, key, digest, self.node_url, size)
                     got, nodes = await self._backoff.run(partial(self._session.run, try_lock))
-            except DatabaseUnavailable as e:
-                log.warn(
-                    "cannot coordinate the fill of {digest} with the cluster: {error};"
-                    " fetching it alone",
-                    digest=digest,
-                    error=str(e),
-                )
+            except DatabaseUnavailable:  # the outage is logged once, by the backoff
+                log.debug("fetching {digest} alone: PostgreSQL is unavailable", digest=digest)
                 return None
             if got:
                 self._held[digest] = self._session.generation
@@ -344,7 +333,7 @@ class FlightClaims:
 
     def __init__(self, session: Session, reactor: IReactorTime) -> None:
         self._session = session
-        self._backoff = Backoff(reactor)
+        self._backoff = Backoff(reactor, what="flight claims")
         #: Flights whose lock this process holds, and the session they were taken on.
         self._held: dict[str, int] = {}
 
@@ -369,11 +358,7 @@ class FlightClaims:
         if generation is None or generation != self._session.generation:
             return  # gone with its session
         d = self._session.run(partial(_unlock_flight, _flight_key(flight), flight, result))
-        d.addErrback(
-            lambda f: log.warn(
-                "releasing a flight's cluster claim: {error}", error=f.getErrorMessage()
-            )
-        )
+        d.addErrback(logged("releasing a flight's cluster claim"))  # or gone with its session
 
 
 def _flight_key(flight: str) -> int:

@@ -40,13 +40,12 @@ from twisted.application import service
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.client import PartialDownloadError, ResponseFailed, readBody
 
 from dockmirror.cache import Cache
 from dockmirror.cache.manifests import SharedTag
 from dockmirror.cluster.coordinator import Session
-from dockmirror.cluster.database import Backoff, Database, DatabaseUnavailable
+from dockmirror.cluster.database import Backoff, Database, DatabaseUnavailable, logged
 from dockmirror.cluster.peers import PeerClient
 
 log = Logger()
@@ -67,14 +66,6 @@ PURGE_WINDOW = 600.0
 PURGE_BATCH = 1000
 #: Seconds by which a purge may be heard of before it is recorded and still be the same.
 PURGE_SLACK = 5.0
-
-
-def _logged(what: str) -> Any:
-    def failed(failure: Failure) -> None:
-        failure.trap(DatabaseUnavailable, psycopg.Error)
-        log.warn("cluster index: {what}: {error}", what=what, error=failure.getErrorMessage())
-
-    return failed
 
 
 class ClusterIndex(service.Service):
@@ -144,11 +135,13 @@ class ClusterIndex(service.Service):
 
     def _write(self, f: Any, what: str) -> None:
         """*f* on the coordinator's session, in order with its claims."""
-        self._session.run(f).addErrback(_logged(what))
+        d = Deferred.fromCoroutine(self._backoff.run(partial(self._session.run, f)))
+        d.addErrback(logged(f"cluster index: {what}"))
 
     def _run(self, f: Any, what: str) -> None:
         """*f* on a pooled connection, in no particular order."""
-        Deferred.fromCoroutine(self._database.run(f)).addErrback(_logged(what))
+        d = Deferred.fromCoroutine(self._backoff.run(partial(self._database.run, f)))
+        d.addErrback(logged(f"cluster index: {what}"))
 
     # --- blobs -------------------------------------------------------------------
 
@@ -194,12 +187,7 @@ class ClusterIndex(service.Service):
     def _poll_purges(self) -> Deferred[None]:
         query = partial(self._database.run, partial(_fetch_all, _PURGES, (PURGE_BATCH,)))
         d = Deferred.fromCoroutine(self._backoff.run(query))
-
-        def failed(failure: Failure) -> None:
-            if not failure.check(DatabaseUnavailable):  # an outage is logged by the backoff
-                _logged("reading the purges")(failure)
-
-        return d.addCallbacks(self._apply_purges, failed)
+        return d.addCallbacks(self._apply_purges, logged("cluster index: reading the purges"))
 
     def _heard(self, what: str) -> None:
         self._purges_heard[what] = self._reactor.seconds()
@@ -258,8 +246,7 @@ class ClusterIndex(service.Service):
         try:
             query = partial(_fetch_all, _TAGS, (origin, tag, since))
             rows = await self._backoff.run(partial(self._database.run, query))
-        except DatabaseUnavailable as e:
-            log.warn("cluster index: reading tag {tag}: {error}", tag=tag, error=str(e))
+        except DatabaseUnavailable:
             return []
         return [(str(m), str(d), bytes(b), float(r)) for m, d, b, r in rows]
 

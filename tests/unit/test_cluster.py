@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.web.http_headers import Headers
 
@@ -347,3 +347,51 @@ def test_a_node_forgets_its_row_of_a_blob_only_once_the_file_is_gone(tmp_path):
     f, _ = session.queries[0]
     assert f.func is _execute and f.args[0].startswith("DELETE FROM cache_blobs")
 
+
+class Outage:
+    """A session and a pool to a PostgreSQL that is down."""
+
+    generation = 1
+
+    def __init__(self) -> None:
+        self.queries = 0
+
+    def run(self, f: Any) -> Deferred[Any]:
+        self.queries += 1
+        return fail(DatabaseUnavailable("connection refused"))
+
+
+class PoolOutage(Outage):
+    async def run(self, f: Any) -> Any:  # type: ignore[override]
+        return await super().run(f)
+
+
+def test_an_outage_is_logged_once_by_the_shared_index_and_once_by_the_coordinator():
+    """Not a warning per blob recorded, tag read or published, or fill led."""
+    from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+    from dockmirror.cluster.index import ClusterIndex
+
+    clock, outage, pool = Clock(), Outage(), PoolOutage()
+    cache = PurgedCache()
+    index = ClusterIndex(cache, pool, outage, "http://a:1", clock)  # type: ignore[arg-type]
+    made = ClusterCoordinator(LocalCoordinator(), outage, "http://a:1", FakePeers({}), clock)  # type: ignore[arg-type]
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for n in range(10):
+            digest = f"sha256:{n:064x}"
+            for added in cache.blobs.on_add:
+                added(digest, 1)
+            for gone in cache.blobs.on_gone:
+                gone(digest)
+            index.publish("hub/a https://x", "v1", "m", digest, b"{}", 1.0)
+            assert result_of(Deferred.fromCoroutine(index.tags("hub/a https://x", "v1", 0))) == []
+            assert result_of(made.lead(digest, 10)) is None
+            clock.advance(BACKOFF)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    warned = [formatEvent(e) for e in events if e["log_level"] >= LogLevel.warn]
+    assert outage.queries + pool.queries >= 20
+    assert [w.partition(":")[0] for w in warned] == ["cluster index", "fill coordinator"]
+    assert all("PostgreSQL is unavailable (connection refused)" in w for w in warned)
