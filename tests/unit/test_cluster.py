@@ -275,6 +275,16 @@ def test_a_restarted_process_reconciles_its_nodes_rows_with_the_disk(postgres, t
         assert counts == (1, 1)
 
 
+class PositionIndex:
+    """The node's own index, as far as the position in the cluster's purges goes."""
+
+    def __init__(self) -> None:
+        self.written: list[tuple[int, float]] = []
+
+    def write(self, sql: str, applied: int, polled: float, key: object) -> None:
+        self.written.append((applied, polled))
+
+
 class PurgedCache:
     """What the shared index hooks into in a cache, and the purges it applies."""
 
@@ -286,6 +296,8 @@ class PurgedCache:
         self.manifests = SimpleNamespace(ttl=60, shared=None)
         self.on_purge: list[Any] = []
         self.on_purge_heard: list[Any] = []
+        self.purges_applied = (0, 0.0)
+        self.index = PositionIndex()
         self.applied: list[str] = []
 
     def purged_elsewhere(self, what: str) -> None:
@@ -293,32 +305,34 @@ class PurgedCache:
 
 
 def test_purges_whose_notification_was_lost_are_applied_once_from_the_records():
-    """Made since the process started, by another process, not heard of: applied once."""
-    from dockmirror.cluster.index import PURGE_WINDOW, ClusterIndex
+    """Made by another process after the last one applied on this node, not heard
+    of: applied once; the node's position moves past those settled."""
+    from dockmirror.cluster.index import PURGE_HEARD, ClusterIndex
 
     clock = Clock()
     clock.advance(1000)
     cache = PurgedCache()
     index = ClusterIndex(cache, None, None, "http://a:1", clock)  # type: ignore[arg-type]
-    before = (1, "hub/old", "other", 990.0)  # made before this process started
     for hook in cache.on_purge_heard:  # a notification came
         hook("hub/heard")
     rows = [
-        (5, "hub/lost", "other", 1001.0),
-        (4, "hub/mine", index._origin, 1001.0),  # made here
-        (3, "hub/heard", "other", 1002.0),
-        (2, "hub/lost-first", "other", 1000.5),
-        before,
+        (2, "hub/lost-first", "other", 1000.5, True),
+        (3, "hub/heard", "other", 1002.0, True),
+        (4, "hub/mine", index._origin, 1001.0, False),  # made here, just now
+        (5, "hub/lost", "other", 1001.0, True),
     ]
     index._apply_purges(rows)
     assert cache.applied == ["hub/lost-first", "hub/lost"]
-    index._apply_purges(rows)
+    assert cache.index.written == [(3, 1000.0)]  # not past the purge just recorded
+    index._apply_purges(rows[2:])
     assert cache.applied == ["hub/lost-first", "hub/lost"]
     # A later purge of a repository heard of before is another purge.
     clock.advance(60)
-    index._apply_purges([(6, "hub/heard", "other", 1060.0), *rows])
+    index._apply_purges([(4, "hub/mine", index._origin, 1001.0, True), rows[3]])
+    index._apply_purges([(6, "hub/heard", "other", 1060.0, True)])
     assert cache.applied == ["hub/lost-first", "hub/lost", "hub/heard"]
-    clock.advance(PURGE_WINDOW)
+    assert cache.index.written[-2:] == [(5, 1060.0), (6, 1060.0)]
+    clock.advance(PURGE_HEARD)
     index._apply_purges([])
     assert index._purges_heard == {}
 
