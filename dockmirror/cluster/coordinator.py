@@ -35,7 +35,7 @@ from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from dockmirror._interfaces import ICoordinator
-from dockmirror.cluster.database import Backoff, DatabaseUnavailable, logged
+from dockmirror.cluster.database import BACKOFF, Backoff, DatabaseUnavailable, logged
 from dockmirror.cluster.peers import PeerClient
 from dockmirror.coordination import FLIGHT_RESULT_MAX
 from dockmirror.upstream import discard
@@ -158,6 +158,7 @@ class ClusterCoordinator:
         node_url: str,
         peers: PeerClient,
         reactor: IReactorTime,
+        backoff: float = BACKOFF,
     ) -> None:
         self.local = local
         self.shared = local.shared
@@ -166,7 +167,7 @@ class ClusterCoordinator:
         self._session = session
         self._peers = peers
         self._reactor = reactor
-        self._backoff = Backoff(reactor, what="fill coordinator")
+        self._backoff = Backoff(reactor, backoff, "fill coordinator")
         #: Digests whose cluster lock this process holds, and the session they were taken on.
         self._held: dict[str, int] = {}
         #: Digests being led now, and those of them released meanwhile (their fill ended).
@@ -331,9 +332,9 @@ class FlightClaims:
     instead of doing the work again before the notification reaches it.
     """
 
-    def __init__(self, session: Session, reactor: IReactorTime) -> None:
+    def __init__(self, session: Session, reactor: IReactorTime, backoff: float = BACKOFF) -> None:
         self._session = session
-        self._backoff = Backoff(reactor, what="flight claims")
+        self._backoff = Backoff(reactor, backoff, "flight claims")
         #: Flights whose lock this process holds, and the session they were taken on.
         self._held: dict[str, int] = {}
 

@@ -40,7 +40,8 @@ OWN_CONNECTIONS = 2
 #: then the next query tries afresh.  Bounded, so that a node is back within
 #: seconds of PostgreSQL, however long it was away.
 RECONNECT_TIMEOUT = 5.0
-#: Seconds a node goes without asking PostgreSQL after it could not reach it.
+#: Seconds a node goes without asking PostgreSQL after it could not reach it (for the
+#: cache's shared parts, ``[cluster] backoff``).
 BACKOFF = 5.0
 
 

@@ -48,7 +48,7 @@ from twisted.web.client import PartialDownloadError, ResponseFailed, readBody
 from dockmirror.cache import Cache
 from dockmirror.cache.manifests import SharedTag
 from dockmirror.cluster.coordinator import Session
-from dockmirror.cluster.database import Backoff, Database, DatabaseUnavailable, logged
+from dockmirror.cluster.database import BACKOFF, Backoff, Database, DatabaseUnavailable, logged
 from dockmirror.cluster.peers import PeerClient
 
 log = Logger()
@@ -82,14 +82,21 @@ class ClusterIndex(service.Service):
     """This node's part of the shared index, and its view of the others'."""
 
     def __init__(
-        self, cache: Cache, database: Database, session: Session, node_url: str, reactor: Any
+        self,
+        cache: Cache,
+        database: Database,
+        session: Session,
+        node_url: str,
+        reactor: Any,
+        backoff: float = BACKOFF,
     ) -> None:
+        """*backoff*: seconds without asking PostgreSQL after it failed (``[cluster] backoff``)."""
         self._blobs = cache.blobs
         self._database = database
         self._session = session
         self.node_url = node_url
         self._touched: set[str] = set()
-        self._backoff = Backoff(reactor, what="cluster index")
+        self._backoff = Backoff(reactor, backoff, "cluster index")
         self._loop = LoopingCall(self._write_touched)
         self._loop.clock = reactor
         self._reactor = reactor

@@ -56,7 +56,12 @@ from zope.interface import implementer
 
 from dockmirror._interfaces import IStorageRecords
 from dockmirror.cluster.coordinator import Session, lock_key
-from dockmirror.cluster.database import Backoff, DatabaseUnavailable, locked_transaction
+from dockmirror.cluster.database import (
+    BACKOFF,
+    Backoff,
+    DatabaseUnavailable,
+    locked_transaction,
+)
 from dockmirror.storage.quota import listing_delay
 
 log = Logger()
@@ -83,12 +88,19 @@ class ClusterRecords(service.Service):
 
     shared = True
 
-    def __init__(self, session: Session, node_url: str, reactor: Any, max_size: int | None) -> None:
+    def __init__(
+        self,
+        session: Session,
+        node_url: str,
+        reactor: Any,
+        max_size: int | None,
+        backoff: float = BACKOFF,
+    ) -> None:
         self._session = session
         #: Who holds this process's leases and reservations: each worker of a node is one.
         self.holder = f"{node_url}#{os.getpid()}"
         self.max_size = max_size
-        self._backoff = Backoff(reactor, what="storage records")
+        self._backoff = Backoff(reactor, backoff, "storage records")
         #: Readers on this node, by digest.
         self._readers: Counter[str] = Counter()
         #: Uploads this node reserved room for.

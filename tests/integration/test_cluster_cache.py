@@ -20,7 +20,6 @@ import psycopg
 import pytest
 
 from dockmirror.cluster.coordinator import lock_key
-from dockmirror.cluster.database import BACKOFF
 from dockmirror.cluster.index import PURGE_POLL, PURGE_SETTLED
 
 from . import test_manhole
@@ -32,6 +31,8 @@ from .test_pull import curl
 from .test_workers import SlowUpstream
 
 NODES = 3
+#: Seconds the nodes go without asking PostgreSQL after it failed (``[cluster] backoff``).
+BACKOFF = 0.5
 
 
 def start_nodes(
@@ -352,7 +353,7 @@ def test_nodes_fetch_alone_while_postgresql_is_down_and_share_again_after(
 ):
     registry = registry_factory()
     image = seeded(registry, unique_repo, "v1", layers=[1 << 20, 2 << 20, 3 << 20])
-    first, second = start_nodes(dockmirror, registry, postgres, count=2)
+    first, second = start_nodes(dockmirror, registry, postgres, count=2, backoff=BACKOFF)
     cached, missed, later = image.platforms[0].layers
     status, _, _ = curl(f"{first.url}/v2/{unique_repo}/blobs/{cached.digest}")
     assert status == 200
