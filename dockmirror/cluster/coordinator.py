@@ -93,6 +93,10 @@ class Session:
         return deferToThreadPool(self._reactor, self._threads, partial(self._call, f))
 
     def _call(self, f: Callable[[psycopg.Connection[Any]], T]) -> T:
+        """``f(connection)``; once more on a new connection if PostgreSQL dropped the one
+        this session had (it restarted meanwhile): the locks went with it, and so did
+        whatever *f* had begun."""
+        kept = self._conn is not None and not self._conn.closed
         try:
             if self._conn is None or self._conn.closed:
                 self._conn = psycopg.connect(
@@ -105,9 +109,12 @@ class Session:
                 self.generation += 1
             return f(self._conn)
         except psycopg.OperationalError as e:
+            dropped = kept and self._conn is not None and self._conn.broken
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+            if dropped:
+                return self._call(f)
             raise DatabaseUnavailable(str(e).strip() or type(e).__name__) from e
 
 

@@ -409,3 +409,23 @@ def test_an_outage_is_logged_once_by_the_shared_index_and_once_by_the_coordinato
     assert outage.queries + pool.queries >= 20
     assert [w.partition(":")[0] for w in warned] == ["cluster index", "fill coordinator"]
     assert all("PostgreSQL is unavailable (connection refused)" in w for w in warned)
+
+
+def test_a_session_dropped_by_postgresql_connects_again_at_once(postgres):
+    """As when PostgreSQL restarted: the first query after it is not lost (nor the fill
+    it coordinates left to the node alone)."""
+    import psycopg
+
+    from dockmirror.cluster.coordinator import Session
+
+    session = Session(postgres, None)
+
+    def pid(conn: Any) -> Any:
+        return conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+
+    first = session._call(pid)
+    with psycopg.connect(postgres, autocommit=True) as other:
+        other.execute("SELECT pg_terminate_backend(%s)", (first,))
+    assert session._call(pid) != first
+    assert session.generation == 2  # its claims went with the first connection
+    session.stop()
