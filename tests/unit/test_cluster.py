@@ -429,3 +429,31 @@ def test_a_session_dropped_by_postgresql_connects_again_at_once(postgres):
     assert session._call(pid) != first
     assert session.generation == 2  # its claims went with the first connection
     session.stop()
+
+
+def test_a_node_away_for_longer_than_purges_are_kept_says_so():
+    from types import SimpleNamespace
+
+    from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+    from dockmirror.cluster.index import PURGE_KEEP, ClusterIndex
+
+    clock, session, pool = Clock(), FakeSession(), PoolOutage()
+    cache = PurgedCache()
+    cache.blobs = SimpleNamespace(**vars(cache.blobs), entries=list, path=str)
+    cache.purges_applied = (5, 1000.0)
+    index = ClusterIndex(cache, pool, session, "http://a:1", clock)  # type: ignore[arg-type]
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for away in (PURGE_KEEP - 60, PURGE_KEEP + 60):
+            clock.advance(1000 + away - clock.seconds())
+            index.startService()
+            index.stopService()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    warned = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+    assert [w for w in warned if "purges" in w] == [
+        "this node last read the cluster's purges 30 days ago, and they are kept 30 days:"
+        " purges made meanwhile may not be applied here"
+    ]
