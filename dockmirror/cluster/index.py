@@ -133,7 +133,8 @@ class ClusterIndex(service.Service):
         return f"<ClusterIndex {self.node_url}>"
 
     def startService(self) -> None:
-        """Reconcile this node's rows with what its disk holds (see :func:`reconcile_node`)."""
+        """Reconcile this node's rows with what its disk holds (see :func:`reconcile_node`),
+        and apply the purges made while it was down, before the mirror listens (blocking)."""
         super().startService()
         self._applied, self._polled = self._cache.purges_applied
         away = self._reactor.seconds() - self._polled
@@ -148,7 +149,11 @@ class ClusterIndex(service.Service):
         self._write(f, "recording this node's blobs")
         self._loop.start(TOUCH_INTERVAL, now=False)
         self._sweeper.start(SWEEP_INTERVAL, now=False)
-        self._purge_poll.start(PURGE_POLL, now=True)
+        try:
+            self._catch_up()
+        except (DatabaseUnavailable, psycopg.Error) as e:
+            log.warn("cluster index: reading the purges: {error}", error=str(e).strip())
+        self._purge_poll.start(PURGE_POLL, now=False)
 
     def stopService(self) -> Any:
         super().stopService()
@@ -211,9 +216,21 @@ class ClusterIndex(service.Service):
         f = partial(_execute, _INSERT_PURGE, (what, self._origin))
         self._run(f, f"recording the purge of {what}")
 
+    def _purges_after(self) -> Callable[[psycopg.Connection[Any]], list[Any]]:
+        """A query of the purges recorded after the last one applied on this node."""
+        return partial(_fetch_all, _PURGES, (PURGE_SETTLED, self._applied, PURGE_BATCH))
+
+    def _catch_up(self) -> None:
+        """Apply the purges recorded since the last one applied on this node (blocking)."""
+        while True:
+            applied = self._applied
+            rows = self._database.call(self._purges_after())
+            self._apply_purges(rows)
+            if len(rows) < PURGE_BATCH or self._applied == applied:
+                return
+
     def _poll_purges(self) -> Deferred[None]:
-        f = partial(_fetch_all, _PURGES, (PURGE_SETTLED, self._applied, PURGE_BATCH))
-        query = partial(self._database.run, f)
+        query = partial(self._database.run, self._purges_after())
         d = Deferred.fromCoroutine(self._backoff.run(query))
         return d.addCallbacks(self._apply_purges, logged("cluster index: reading the purges"))
 
