@@ -252,9 +252,17 @@ class IStorageRecords(Interface):
         :meth:`reconcile`, ended."""
 
     def listing_due() -> Any:
-        """A Deferred firing with whether this node is to list the bucket now, and then
-        :meth:`reconcile` the records with the listing: paid per 1000 objects, a listing
-        is made at most once a day by one node for all that share the records."""
+        """Whether this node is to list the bucket now, and then :meth:`reconcile` the
+        records with the listing: paid per 1000 objects, a listing is made once a day by
+        one node for all that share the records, sooner after one that failed.
+
+        A Deferred firing with None if not; else with how many listings failed in a row
+        before this one, which counts as failed too until :meth:`listed` (the next
+        listing is due :func:`~dockmirror.storage.quota.listing_delay` after it starts).
+        """
+
+    def listed() -> None:
+        """The listing :meth:`listing_due` gave to this node ended well."""
 
     def reconcile(found: Any, since: float) -> Any:
         """Take in a listing of the bucket begun at *since* (``{digest: (size, modified)}``).

@@ -133,6 +133,8 @@ class Cache(service.Service):
         self.on_purge: list[Callable[[str], None]] = []
         #: ... and with what each purge another process announced names.
         self.on_purge_heard: list[Callable[[str], None]] = []
+        #: How far the cluster's purges were applied here, as the index said at start.
+        self.purges_applied: tuple[int, float] = (0, 0.0)
 
     def share(self, notifier: INotifier) -> None:
         """Purge in every worker what is purged in one; keep what one keeps."""
@@ -181,6 +183,7 @@ class Cache(service.Service):
             snapshot = self.index.load()
             self.blobs.recover(snapshot)
             self.manifests.recover(snapshot)
+            self.purges_applied = snapshot.purges
         finally:
             os.close(recovering)
         if self.storage is not None:

@@ -90,6 +90,8 @@ class BlobEntries:
         self.on_touch: list[Callable[[str], None]] = []
         #: ... with the digest of each blob removed from it ...
         self.on_remove: list[Callable[[str], None]] = []
+        #: ... and again once its file is gone ...
+        self.on_gone: list[Callable[[str], None]] = []
         #: ... with each new proof (origin, digest) of a cached blob, or of one being
         #: filled here ...
         self.on_grant: list[Callable[[str, str], None]] = []
@@ -273,8 +275,12 @@ class BlobEntries:
             if gone:  # by us: another worker may have removed it first
                 self._hold(-size)
 
+        def told(_: None) -> None:
+            for hook in self.on_gone:
+                hook(digest)
+
         d.addCallbacks(removed, lambda f: log.failure("removing cached {digest}", f, digest=digest))
-        return d
+        return d.addCallback(told)
 
     # --- bytes counted for the quota ------------------------------------------
 

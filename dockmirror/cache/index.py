@@ -28,7 +28,7 @@ from dockmirror.cache import files
 
 log = Logger()
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: Seconds between a change and the batch that writes it.
 FLUSH_DELAY = 1.0
 #: Rows read at a time by :meth:`Index.least_recently_used`.
@@ -50,6 +50,9 @@ class Snapshot:
     tags: list[tuple[str, str, str, str, float]] = field(default_factory=list)
     #: The objects of the shared storage tier (digest, size, used), for its quota.
     objects: list[tuple[str, int, float]] = field(default_factory=list)
+    #: The id of the last of the cluster's purges applied here, and when they were read
+    #: (0, 0.0: never); read before the rest, which reflects at least those purges.
+    purges: tuple[int, float] = (0, 0.0)
 
 
 class Index:
@@ -118,7 +121,9 @@ class Index:
         self._reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._reader.execute("PRAGMA busy_timeout = 1000")
         self._reader.execute("PRAGMA query_only = ON")
+        purges = db.execute("SELECT applied, polled FROM cluster_purges").fetchone()
         return Snapshot(
+            purges=(int(purges[0]), float(purges[1])) if purges else (0, 0.0),
             blobs=db.execute("SELECT digest, size, used FROM blobs").fetchall(),
             manifests=db.execute("SELECT digest, media_type FROM manifests").fetchall(),
             access=db.execute("SELECT origin, digest FROM access").fetchall(),

@@ -1,8 +1,8 @@
--- The cache index, version 4.  Blob files on disk are the truth for what is
+-- The cache index, version 5.  Blob files on disk are the truth for what is
 -- cached; these rows add what a file cannot say, and are checked against
 -- the files at start.
 CREATE TABLE version (version INTEGER NOT NULL);
-INSERT INTO version VALUES (4);
+INSERT INTO version VALUES (5);
 
 -- Every file under blobs/, layers and manifests alike; "used" orders the LRU.
 CREATE TABLE blobs (
@@ -43,3 +43,11 @@ CREATE TABLE storage_objects (
     size INTEGER NOT NULL,
     used REAL NOT NULL
 ) WITHOUT ROWID;
+
+-- How far the node applied its cluster's purges (see dockmirror/cluster/index.py):
+-- the id of the last one in PostgreSQL's cache_purges, and when it last read them.
+CREATE TABLE cluster_purges (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    applied INTEGER NOT NULL,
+    polled REAL NOT NULL
+);

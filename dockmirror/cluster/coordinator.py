@@ -35,7 +35,7 @@ from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from dockmirror._interfaces import ICoordinator
-from dockmirror.cluster.database import Backoff, DatabaseUnavailable
+from dockmirror.cluster.database import BACKOFF, Backoff, DatabaseUnavailable, logged
 from dockmirror.cluster.peers import PeerClient
 from dockmirror.coordination import FLIGHT_RESULT_MAX
 from dockmirror.upstream import discard
@@ -93,6 +93,10 @@ class Session:
         return deferToThreadPool(self._reactor, self._threads, partial(self._call, f))
 
     def _call(self, f: Callable[[psycopg.Connection[Any]], T]) -> T:
+        """``f(connection)``; once more on a new connection if PostgreSQL dropped the one
+        this session had (it restarted meanwhile): the locks went with it, and so did
+        whatever *f* had begun."""
+        kept = self._conn is not None and not self._conn.closed
         try:
             if self._conn is None or self._conn.closed:
                 self._conn = psycopg.connect(
@@ -105,9 +109,12 @@ class Session:
                 self.generation += 1
             return f(self._conn)
         except psycopg.OperationalError as e:
+            dropped = kept and self._conn is not None and self._conn.broken
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+            if dropped:
+                return self._call(f)
             raise DatabaseUnavailable(str(e).strip() or type(e).__name__) from e
 
 
@@ -158,6 +165,7 @@ class ClusterCoordinator:
         node_url: str,
         peers: PeerClient,
         reactor: IReactorTime,
+        backoff: float = BACKOFF,
     ) -> None:
         self.local = local
         self.shared = local.shared
@@ -166,7 +174,7 @@ class ClusterCoordinator:
         self._session = session
         self._peers = peers
         self._reactor = reactor
-        self._backoff = Backoff(reactor)
+        self._backoff = Backoff(reactor, backoff, "fill coordinator")
         #: Digests whose cluster lock this process holds, and the session they were taken on.
         self._held: dict[str, int] = {}
         #: Digests being led now, and those of them released meanwhile (their fill ended).
@@ -221,13 +229,7 @@ class ClusterCoordinator:
         if generation is None or generation != self._session.generation:
             return  # not ours, or gone with its session
         d = self._session.run(partial(_unlock, lock_key(digest), digest, self.node_url))
-        d.addErrback(
-            lambda f: log.warn(
-                "releasing the cluster claim on {digest}: {error}",
-                digest=digest,
-                error=f.getErrorMessage(),
-            )
-        )
+        d.addErrback(logged(f"releasing the cluster claim on {digest}"))  # or gone with its session
 
     def close(self) -> None:
         self._held.clear()
@@ -264,13 +266,8 @@ class ClusterCoordinator:
                 else:
                     try_lock = partial(_try_lock, key, digest, self.node_url, size)
                     got, nodes = await self._backoff.run(partial(self._session.run, try_lock))
-            except DatabaseUnavailable as e:
-                log.warn(
-                    "cannot coordinate the fill of {digest} with the cluster: {error};"
-                    " fetching it alone",
-                    digest=digest,
-                    error=str(e),
-                )
+            except DatabaseUnavailable:  # the outage is logged once, by the backoff
+                log.debug("fetching {digest} alone: PostgreSQL is unavailable", digest=digest)
                 return None
             if got:
                 self._held[digest] = self._session.generation
@@ -342,9 +339,9 @@ class FlightClaims:
     instead of doing the work again before the notification reaches it.
     """
 
-    def __init__(self, session: Session, reactor: IReactorTime) -> None:
+    def __init__(self, session: Session, reactor: IReactorTime, backoff: float = BACKOFF) -> None:
         self._session = session
-        self._backoff = Backoff(reactor)
+        self._backoff = Backoff(reactor, backoff, "flight claims")
         #: Flights whose lock this process holds, and the session they were taken on.
         self._held: dict[str, int] = {}
 
@@ -369,11 +366,7 @@ class FlightClaims:
         if generation is None or generation != self._session.generation:
             return  # gone with its session
         d = self._session.run(partial(_unlock_flight, _flight_key(flight), flight, result))
-        d.addErrback(
-            lambda f: log.warn(
-                "releasing a flight's cluster claim: {error}", error=f.getErrorMessage()
-            )
-        )
+        d.addErrback(logged("releasing a flight's cluster claim"))  # or gone with its session
 
 
 def _flight_key(flight: str) -> int:

@@ -22,6 +22,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 log = Logger()
@@ -39,7 +40,8 @@ OWN_CONNECTIONS = 2
 #: then the next query tries afresh.  Bounded, so that a node is back within
 #: seconds of PostgreSQL, however long it was away.
 RECONNECT_TIMEOUT = 5.0
-#: Seconds a node goes without asking PostgreSQL after it could not reach it.
+#: Seconds a node goes without asking PostgreSQL after it could not reach it (for the
+#: cache's shared parts, ``[cluster] backoff``).
 BACKOFF = 5.0
 
 
@@ -93,6 +95,18 @@ class Backoff:
             self._down = False
             log.info("{what}: PostgreSQL is back", what=self._what)
         return result
+
+
+def logged(what: str) -> Callable[[Failure], None]:
+    """An errback for a query about *what*: a warning if it failed, unless because
+    PostgreSQL is unavailable (the :class:`Backoff` the query went through logs that once)."""
+
+    def failed(failure: Failure) -> None:
+        failure.trap(DatabaseUnavailable, psycopg.Error)
+        if not failure.check(DatabaseUnavailable):
+            log.warn("{what}: {error}", what=what, error=failure.getErrorMessage().strip())
+
+    return failed
 
 
 class Database:

@@ -12,12 +12,15 @@
   fill need not ask the upstream again.
 - ``cache_tags``: what each tag was resolved to, with the manifest, so that a
   tag resolved by one node is fresh on every node until its TTL runs out.
-- ``cache_purges``: what the operator purged, and when.  A purge reaches
-  the other processes by a notification at once; a notification may be
-  lost (a process not listening, or one of the previous version, whose
-  notifications are not signed), so every process also reads the purges
-  of the last :data:`PURGE_WINDOW` seconds every :data:`PURGE_POLL` seconds
-  and applies those made since it started that it has not heard of.
+- ``cache_purges``: what the operator purged, and when, kept
+  :data:`PURGE_KEEP` seconds.  A purge reaches the other processes by a
+  notification at once; a notification may be lost (a process not
+  listening, a node down, one of the previous version, whose notifications
+  are not signed), so every process also reads the purges recorded after
+  the last one its node applied every :data:`PURGE_POLL` seconds, and
+  applies those it has not heard of.  The node keeps how far it applied
+  them in its own index (``cluster_purges``), so that once restarted it
+  applies every purge made while it was down.
 
 Rows about this node's blobs are written on the coordinator's session, in
 order with its fill claims: a blob is recorded before its claim ends.
@@ -40,13 +43,12 @@ from twisted.application import service
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.client import PartialDownloadError, ResponseFailed, readBody
 
 from dockmirror.cache import Cache
 from dockmirror.cache.manifests import SharedTag
 from dockmirror.cluster.coordinator import Session
-from dockmirror.cluster.database import Backoff, Database, DatabaseUnavailable
+from dockmirror.cluster.database import BACKOFF, Backoff, Database, DatabaseUnavailable, logged
 from dockmirror.cluster.peers import PeerClient
 
 log = Logger()
@@ -61,34 +63,40 @@ SWEEP_INTERVAL = 3600.0
 TAG_GRACE = 3600.0
 #: Seconds between reads of the purges made by other processes ...
 PURGE_POLL = 4.0
-#: ... of the purges made within this many seconds ...
-PURGE_WINDOW = 600.0
-#: ... at most this many.
+#: ... at most this many at a time.
 PURGE_BATCH = 1000
-#: Seconds by which a purge may be heard of before it is recorded and still be the same.
+#: Seconds a purge is kept in ``cache_purges``: a node down for longer may miss it.
+PURGE_KEEP = 30 * 86400.0
+#: Seconds after which a purge recorded is visible to all (its insert committed): the
+#: position a node keeps moves past it then, never past a purge recorded just now.
+PURGE_SETTLED = 10.0
+#: Seconds by which a purge may be heard of before it is recorded and still be the same ...
 PURGE_SLACK = 5.0
-
-
-def _logged(what: str) -> Any:
-    def failed(failure: Failure) -> None:
-        failure.trap(DatabaseUnavailable, psycopg.Error)
-        log.warn("cluster index: {what}: {error}", what=what, error=failure.getErrorMessage())
-
-    return failed
+#: ... and seconds a purge heard of is remembered.
+PURGE_HEARD = 600.0
+#: Seconds between writes of when the purges were last read, if no purge moved the position.
+PURGE_POLLED_WRITE = 3600.0
 
 
 class ClusterIndex(service.Service):
     """This node's part of the shared index, and its view of the others'."""
 
     def __init__(
-        self, cache: Cache, database: Database, session: Session, node_url: str, reactor: Any
+        self,
+        cache: Cache,
+        database: Database,
+        session: Session,
+        node_url: str,
+        reactor: Any,
+        backoff: float = BACKOFF,
     ) -> None:
+        """*backoff*: seconds without asking PostgreSQL after it failed (``[cluster] backoff``)."""
         self._blobs = cache.blobs
         self._database = database
         self._session = session
         self.node_url = node_url
         self._touched: set[str] = set()
-        self._backoff = Backoff(reactor, what="cluster index")
+        self._backoff = Backoff(reactor, backoff, "cluster index")
         self._loop = LoopingCall(self._write_touched)
         self._loop.clock = reactor
         self._reactor = reactor
@@ -97,9 +105,11 @@ class ClusterIndex(service.Service):
         self._sweeper.clock = reactor
         #: This process, as the purges it records name it.
         self._origin = secrets.token_hex(8)
-        #: When this process started: purges made before are not its to apply ...
-        self.started = reactor.seconds()
-        #: ... nor the purges of the window applied here already, by id ...
+        #: The id of the last purge applied on this node, all before it applied too ...
+        self._applied = 0
+        #: ... when the purges were last read, as written in the node's index ...
+        self._polled = 0.0
+        #: ... the purges after it applied by this process ...
         self._purges_seen: set[int] = set()
         #: ... and when each repository or digest was last heard of as purged.
         self._purges_heard: dict[str, float] = {}
@@ -111,7 +121,8 @@ class ClusterIndex(service.Service):
         #: Reaches the other nodes; set once the node knows the cluster secret.
         self.peers: PeerClient | None = None
         cache.blobs.on_add.append(self._added)
-        cache.blobs.on_remove.append(self._removed)
+        cache.blobs.on_remove.append(self._touched.discard)
+        cache.blobs.on_gone.append(self._removed)
         cache.blobs.on_touch.append(self._touched.add)
         cache.blobs.on_grant.append(self._granted)
         cache.blobs.on_disown.append(self._disowned)
@@ -122,14 +133,27 @@ class ClusterIndex(service.Service):
         return f"<ClusterIndex {self.node_url}>"
 
     def startService(self) -> None:
-        """Reconcile this node's rows with what its disk holds (see :func:`reconcile_node`)."""
+        """Reconcile this node's rows with what its disk holds (see :func:`reconcile_node`),
+        and apply the purges made while it was down, before the mirror listens (blocking)."""
         super().startService()
-        self.started = self._reactor.seconds()
+        self._applied, self._polled = self._cache.purges_applied
+        away = self._reactor.seconds() - self._polled
+        if self._polled and away > PURGE_KEEP:
+            log.warn(
+                "this node last read the cluster's purges {days:.0f} days ago, and they are"
+                " kept {keep:.0f} days: purges made meanwhile may not be applied here",
+                days=away / 86400,
+                keep=PURGE_KEEP / 86400,
+            )
         f = partial(reconcile_node, self.node_url, self._blobs.entries(), self._blobs.path)
         self._write(f, "recording this node's blobs")
         self._loop.start(TOUCH_INTERVAL, now=False)
         self._sweeper.start(SWEEP_INTERVAL, now=False)
-        self._purge_poll.start(PURGE_POLL, now=True)
+        try:
+            self._catch_up()
+        except (DatabaseUnavailable, psycopg.Error) as e:
+            log.warn("cluster index: reading the purges: {error}", error=str(e).strip())
+        self._purge_poll.start(PURGE_POLL, now=False)
 
     def stopService(self) -> Any:
         super().stopService()
@@ -143,11 +167,13 @@ class ClusterIndex(service.Service):
 
     def _write(self, f: Any, what: str) -> None:
         """*f* on the coordinator's session, in order with its claims."""
-        self._session.run(f).addErrback(_logged(what))
+        d = Deferred.fromCoroutine(self._backoff.run(partial(self._session.run, f)))
+        d.addErrback(logged(f"cluster index: {what}"))
 
     def _run(self, f: Any, what: str) -> None:
         """*f* on a pooled connection, in no particular order."""
-        Deferred.fromCoroutine(self._database.run(f)).addErrback(_logged(what))
+        d = Deferred.fromCoroutine(self._backoff.run(partial(self._database.run, f)))
+        d.addErrback(logged(f"cluster index: {what}"))
 
     # --- blobs -------------------------------------------------------------------
 
@@ -157,7 +183,8 @@ class ClusterIndex(service.Service):
         )
 
     def _removed(self, digest: str) -> None:
-        self._touched.discard(digest)
+        """Once the file is gone: a reconcile meanwhile finds the row and keeps it, or
+        finds the file gone and deletes the row, never adds it back."""
         self._write(
             partial(_execute, _DELETE_BLOB, (digest, self.node_url)), f"forgetting {digest}"
         )
@@ -189,31 +216,47 @@ class ClusterIndex(service.Service):
         f = partial(_execute, _INSERT_PURGE, (what, self._origin))
         self._run(f, f"recording the purge of {what}")
 
+    def _purges_after(self) -> Callable[[psycopg.Connection[Any]], list[Any]]:
+        """A query of the purges recorded after the last one applied on this node."""
+        return partial(_fetch_all, _PURGES, (PURGE_SETTLED, self._applied, PURGE_BATCH))
+
+    def _catch_up(self) -> None:
+        """Apply the purges recorded since the last one applied on this node (blocking)."""
+        while True:
+            applied = self._applied
+            rows = self._database.call(self._purges_after())
+            self._apply_purges(rows)
+            if len(rows) < PURGE_BATCH or self._applied == applied:
+                return
+
     def _poll_purges(self) -> Deferred[None]:
-        query = partial(self._database.run, partial(_fetch_all, _PURGES, (PURGE_BATCH,)))
+        query = partial(self._database.run, self._purges_after())
         d = Deferred.fromCoroutine(self._backoff.run(query))
-
-        def failed(failure: Failure) -> None:
-            if not failure.check(DatabaseUnavailable):  # an outage is logged by the backoff
-                _logged("reading the purges")(failure)
-
-        return d.addCallbacks(self._apply_purges, failed)
+        return d.addCallbacks(self._apply_purges, logged("cluster index: reading the purges"))
 
     def _heard(self, what: str) -> None:
         self._purges_heard[what] = self._reactor.seconds()
 
-    def _apply_purges(self, rows: list[tuple[int, str, str, float]]) -> None:
-        """Apply the purges other processes made since this one started that no
-        notification brought here."""
-        for purge_id, what, origin, made in reversed(rows):  # oldest first
+    def _apply_purges(self, rows: list[tuple[int, str, str, float, bool]]) -> None:
+        """Apply the purges other processes made after the last one applied on this node
+        (*rows*, oldest first, each saying whether it is settled) that no notification
+        brought here, and move the node's position past those settled."""
+        applied, settled_before = self._applied, True
+        for purge_id, what, origin, made, settled in rows:
             heard = self._purges_heard.get(what, float("-inf")) >= made - PURGE_SLACK
-            if purge_id in self._purges_seen or origin == self._origin or heard:
-                continue
-            if made >= self.started:
+            if purge_id not in self._purges_seen and origin != self._origin and not heard:
                 log.info("applying the purge of {what}, made on another node", what=what)
                 self._cache.purged_elsewhere(what)
-        self._purges_seen = {row[0] for row in rows}
-        cutoff = self._reactor.seconds() - PURGE_WINDOW
+            self._purges_seen.add(purge_id)
+            settled_before = settled_before and settled
+            if settled_before:
+                applied = purge_id
+        now = self._reactor.seconds()
+        if applied > self._applied or now - self._polled >= PURGE_POLLED_WRITE:
+            self._applied, self._polled = applied, now
+            self._purges_seen = {i for i in self._purges_seen if i > applied}
+            self._cache.index.write(_RECORD_APPLIED, applied, now, key="cluster_purges")
+        cutoff = now - PURGE_HEARD
         for what, when in list(self._purges_heard.items()):
             if when < cutoff:
                 del self._purges_heard[what]
@@ -256,8 +299,7 @@ class ClusterIndex(service.Service):
         try:
             query = partial(_fetch_all, _TAGS, (origin, tag, since))
             rows = await self._backoff.run(partial(self._database.run, query))
-        except DatabaseUnavailable as e:
-            log.warn("cluster index: reading tag {tag}: {error}", tag=tag, error=str(e))
+        except DatabaseUnavailable:
             return []
         return [(str(m), str(d), bytes(b), float(r)) for m, d, b, r in rows]
 
@@ -315,15 +357,19 @@ _FORGET_ORIGINS = "DELETE FROM cache_tags WHERE origin = ANY(%s)"
 
 _INSERT_PURGE = "INSERT INTO cache_purges (what, origin) VALUES (%s, %s)"
 _PURGES = (
-    "SELECT id, what, origin, extract(epoch FROM made)::float8 FROM cache_purges"
-    f" WHERE made > now() - interval '{PURGE_WINDOW:.0f} seconds' ORDER BY id DESC LIMIT %s"
+    "SELECT id, what, origin, extract(epoch FROM made)::float8,"
+    " made < now() - make_interval(secs => %s) FROM cache_purges"
+    " WHERE id > %s ORDER BY id LIMIT %s"
+)
+#: In the node's own index (SQLite), shared by its processes.
+_RECORD_APPLIED = (
+    "INSERT INTO cluster_purges VALUES (1, ?, ?) ON CONFLICT (id) DO UPDATE"
+    " SET applied = max(applied, excluded.applied), polled = max(polled, excluded.polled)"
 )
 
 
 _SWEEP_TAGS = "DELETE FROM cache_tags WHERE resolved < %s"
-_SWEEP_PURGES = (
-    f"DELETE FROM cache_purges WHERE made < now() - interval '{PURGE_WINDOW:.0f} seconds'"
-)
+_SWEEP_PURGES = f"DELETE FROM cache_purges WHERE made < now() - interval '{PURGE_KEEP:.0f} seconds'"
 _SWEEP_ACCESS = (
     "DELETE FROM cache_access a"
     " WHERE NOT EXISTS (SELECT 1 FROM cache_blobs b WHERE b.digest = a.digest)"

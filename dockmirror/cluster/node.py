@@ -46,12 +46,18 @@ class ClusterNode(service.MultiService):
         self.node_url = config.node_url.rstrip("/")
         self.database = database
         self.session = Session(config.database, reactor)
-        self.index = ClusterIndex(cache, self.database, self.session, self.node_url, reactor)
+        self.index = ClusterIndex(
+            cache, self.database, self.session, self.node_url, reactor, backoff=config.backoff
+        )
         #: The storage bucket's records, if the cache has a storage tier: the cluster's.
         self.records: ClusterRecords | None = None
         if cache.storage is not None:
             self.records = ClusterRecords(
-                self.session, self.node_url, reactor, cache.storage.records.max_size
+                self.session,
+                self.node_url,
+                reactor,
+                cache.storage.records.max_size,
+                backoff=config.backoff,
             )
             cache.storage.records = self.records
             self.records.setServiceParent(self)
@@ -76,10 +82,11 @@ class ClusterNode(service.MultiService):
         self.index.peers = self.peers
         self.session.start()
         blobs = self._cache.blobs
+        backoff = self._config.backoff
         blobs.coordinator = ClusterCoordinator(
-            blobs.coordinator, self.session, self.node_url, self.peers, self._reactor
+            blobs.coordinator, self.session, self.node_url, self.peers, self._reactor, backoff
         )
-        self._cache.flights.cluster = FlightClaims(self.session, self._reactor)
+        self._cache.flights.cluster = FlightClaims(self.session, self._reactor, backoff)
         self.index.setServiceParent(self)
         log.info("cache shared with the cluster as node {node}", node=self.node_url)
         super().startService()

@@ -9,9 +9,11 @@ share one bucket and these records (``storage.sql``):
   before its claim on the digest ends.
 - ``storage_uploads``: the bytes each upload in progress reserved, counted
   in the quota until it ends (or, for a node that died, its lease lapses).
-- ``storage_listing``: when a node last listed the bucket.  The records
-  are trusted at start: one node a day lists the bucket and reconciles them
-  (a listing costs one request per 1000 objects).
+- ``storage_listing``: when a node last began to list the bucket, and how
+  many listings failed in a row.  The records are trusted at start: one
+  node a day lists the bucket and reconciles them (a listing costs one
+  request per 1000 objects); after a failure, one node tries again within
+  minutes, then less often (:func:`~dockmirror.storage.quota.listing_delay`).
 - ``storage_readers``: leases of the nodes reading an object (a stream, a
   fill from the bucket, a presigned URL handed out), renewed while they read.
 
@@ -54,8 +56,13 @@ from zope.interface import implementer
 
 from dockmirror._interfaces import IStorageRecords
 from dockmirror.cluster.coordinator import Session, lock_key
-from dockmirror.cluster.database import Backoff, DatabaseUnavailable
-from dockmirror.storage.quota import LISTING_INTERVAL
+from dockmirror.cluster.database import (
+    BACKOFF,
+    Backoff,
+    DatabaseUnavailable,
+    locked_transaction,
+)
+from dockmirror.storage.quota import listing_delay
 
 log = Logger()
 
@@ -81,12 +88,19 @@ class ClusterRecords(service.Service):
 
     shared = True
 
-    def __init__(self, session: Session, node_url: str, reactor: Any, max_size: int | None) -> None:
+    def __init__(
+        self,
+        session: Session,
+        node_url: str,
+        reactor: Any,
+        max_size: int | None,
+        backoff: float = BACKOFF,
+    ) -> None:
         self._session = session
         #: Who holds this process's leases and reservations: each worker of a node is one.
         self.holder = f"{node_url}#{os.getpid()}"
         self.max_size = max_size
-        self._backoff = Backoff(reactor, what="storage records")
+        self._backoff = Backoff(reactor, backoff, "storage records")
         #: Readers on this node, by digest.
         self._readers: Counter[str] = Counter()
         #: Uploads this node reserved room for.
@@ -195,19 +209,20 @@ class ClusterRecords(service.Service):
     def evicted(self, digest: str) -> None:
         self._write(partial(_unlock, digest), f"releasing {digest}")
 
-    def listing_due(self) -> Deferred[bool]:
-        """Whether no node of the cluster listed the bucket for a day; if so this node does.
+    def listing_due(self) -> Deferred[int | None]:
+        """Whether no node of the cluster began to list the bucket for a day (or for
+        minutes after a failed listing); if so this node does.
 
         Not while PostgreSQL is away: the listing could not be recorded.
         """
-        f = partial(_listing_due, LISTING_INTERVAL)
-        return self._write(f, "asking whether to list the bucket").addCallback(bool)
+        return self._write(_listing_due, "asking whether to list the bucket")
+
+    def listed(self) -> None:
+        self._write(partial(_execute, _LISTED, ()), "recording a listing")
 
     def reconcile(self, found: dict[str, tuple[int, float]], since: float) -> Deferred[list[str]]:
-        f = partial(_reconcile, found, since, self.max_size)
-        return self._write(f, "recording the bucket's listing").addCallback(
-            lambda victims: victims or []
-        )
+        """Fails if PostgreSQL is away: the listing failed, to be made again soon."""
+        return Deferred.fromCoroutine(self._query(partial(_reconcile, found, since, self.max_size)))
 
     # --- upkeep ------------------------------------------------------------------
 
@@ -228,6 +243,7 @@ class ClusterRecords(service.Service):
         return dict(self._stats)
 
 
+_LISTED = "UPDATE storage_listing SET failures = 0"
 _DELETE_LEASE = "DELETE FROM storage_readers WHERE digest = %s AND node_url = %s"
 _DELETE_OBJECT = "DELETE FROM storage_objects WHERE digest = %s"
 _UPSERT_LEASE = (
@@ -403,15 +419,22 @@ def _remove(digest: str, conn: psycopg.Connection[Any]) -> bool:
     return True
 
 
-def _listing_due(interval: float, conn: psycopg.Connection[Any]) -> bool:
-    """Whether the bucket was not listed for *interval* seconds; if so, it is now."""
-    row = conn.execute(
-        "INSERT INTO storage_listing (id, listed) VALUES (1, now()) ON CONFLICT (id)"
-        " DO UPDATE SET listed = now()"
-        " WHERE storage_listing.listed < now() - make_interval(secs => %s) RETURNING 1",
-        (interval,),
-    ).fetchone()
-    return row is not None
+def _listing_due(conn: psycopg.Connection[Any]) -> int | None:
+    """None if a node began to list the bucket less than :func:`listing_delay` ago; else
+    the listings that failed in a row, and the bucket is to be listed now (counted as
+    failed until :data:`_LISTED`)."""
+    with locked_transaction(conn, "dockmirror-storage-listing"):
+        row = conn.execute(
+            "SELECT extract(epoch FROM now() - listed), failures FROM storage_listing"
+        ).fetchone()
+        if row is not None and float(row[0]) < listing_delay(int(row[1])):
+            return None
+        conn.execute(
+            "INSERT INTO storage_listing (id, listed, failures) VALUES (1, now(), 1)"
+            " ON CONFLICT (id) DO UPDATE"
+            " SET listed = now(), failures = storage_listing.failures + 1"
+        )
+    return 0 if row is None else int(row[1])
 
 
 def _reconcile(

@@ -27,8 +27,11 @@ CREATE TABLE IF NOT EXISTS storage_readers (
     PRIMARY KEY (digest, node_url)
 );
 
--- When a node last listed the bucket to reconcile these records with it: one node a day.
+-- When a node last began to list the bucket to reconcile these records with it (one node
+-- a day), and how many listings failed in a row (the one in progress among them): the
+-- next is tried minutes after a failure, less often as they go on.
 CREATE TABLE IF NOT EXISTS storage_listing (
     id     integer PRIMARY KEY CHECK (id = 1),
     listed timestamptz NOT NULL
 );
+ALTER TABLE storage_listing ADD COLUMN IF NOT EXISTS failures integer NOT NULL DEFAULT 0;

@@ -28,12 +28,16 @@ class ClusterConfig:
     secret_file: str | None = None
     #: Connections each process (each worker) may open for its queries.
     pool_size: int = 8
+    #: Seconds the cache's shared parts go without asking PostgreSQL after it failed.
+    backoff: float = 5.0
 
     __repr__ = redacted_repr
 
 
 #: The most PostgreSQL connections of one process's pool (``[cluster] pool_size``).
 MAX_POOL_SIZE = 64
+#: The longest ``[cluster] backoff``, in seconds.
+MAX_BACKOFF = 300.0
 #: What ``pip install 'dockmirror[cluster]'`` brings that a cluster database needs.
 CLUSTER_MODULES = ("psycopg", "psycopg_pool")
 
@@ -66,6 +70,10 @@ def check_database_url(where: str, url: str) -> None:
 def check_cluster(source: str, cluster: ClusterConfig) -> None:
     if not 1 <= cluster.pool_size <= MAX_POOL_SIZE:
         raise ConfigError(f"{source}: cluster.pool_size must be a number from 1 to {MAX_POOL_SIZE}")
+    if not 0 < cluster.backoff <= MAX_BACKOFF:
+        raise ConfigError(
+            f"{source}: cluster.backoff must be more than 0 and at most {MAX_BACKOFF:.0f} seconds"
+        )
     if cluster.database is not None:
         check_database_url(f"{source}: cluster.database", cluster.database)
     elif cluster.listen is not None or cluster.node_url is not None:

@@ -15,8 +15,20 @@ from dockmirror._interfaces import IStorageRecords
 if TYPE_CHECKING:  # the cache imports this package: no cycle when it is imported first
     from dockmirror.storage.records import IndexRecords
 
-#: Seconds between listings of the bucket (by this node, or by one node of a cluster).
+#: Seconds between listings of the bucket (by this node, or by one node of a cluster) ...
 LISTING_INTERVAL = 24 * 3600.0
+#: ... but after one that failed, this many, doubled at each failure in a row ...
+LISTING_RETRY = 300.0
+#: ... up to this many.
+LISTING_RETRY_MAX = 3600.0
+
+
+def listing_delay(failures: int) -> float:
+    """Seconds from the start of a listing to the next one, *failures* having failed in a row
+    (this one among them, until it ends well)."""
+    if failures <= 0:
+        return LISTING_INTERVAL
+    return min(LISTING_RETRY * 2 ** min(failures - 1, 16), LISTING_RETRY_MAX)
 
 
 @implementer(IStorageRecords)
@@ -38,8 +50,10 @@ class Quota:
         self._pins: Counter[str] = Counter()
         #: When objects were added while this node ran.
         self._added: dict[str, float] = {}
-        #: When this node last began a listing of the bucket.
+        #: When this node last began a listing of the bucket ...
         self._listed: float | None = None
+        #: ... and how many listings failed in a row (that one too, until it ends well).
+        self._failures = 0
         self.size = 0
         self.reserved = 0
 
@@ -130,13 +144,17 @@ class Quota:
     def evicted(self, digest: str) -> None:
         pass
 
-    def listing_due(self) -> Deferred[bool]:
-        """At start, and a day after the last listing."""
+    def listing_due(self) -> Deferred[int | None]:
+        """At start, a day after the last listing, and soon after one that failed."""
         now = self._clock.seconds()
-        due = self._listed is None or now - self._listed >= LISTING_INTERVAL
-        if due:
-            self._listed = now
-        return succeed(due)
+        if self._listed is not None and now - self._listed < listing_delay(self._failures):
+            return succeed(None)
+        self._listed = now
+        self._failures += 1
+        return succeed(self._failures - 1)
+
+    def listed(self) -> None:
+        self._failures = 0
 
     def reconcile(self, found: dict[str, tuple[int, float]], since: float) -> Deferred[list[str]]:
         """Objects found are added, objects gone forgotten (unless read now, or stored since)."""

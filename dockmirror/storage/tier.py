@@ -8,7 +8,10 @@ objects it recorded and those it finds listing the bucket at start (and
 daily); in a cluster, in PostgreSQL, over the objects of every node, read or
 stored by any (:mod:`dockmirror.cluster.storage`), and the bucket is listed
 by one node a day, not by each node at its start: a listing costs one
-request per 1000 objects.  There, the records decide alone
+request per 1000 objects.  A listing that failed is made again 5 minutes
+later, then less and less often, hourly at most, until one ends well; the
+failure is logged once, as is the first listing that ends well after it.
+There, the records decide alone
 whether the bucket holds a blob, and the cluster's fill claim covers the
 upload, so that two nodes never upload one digest.  At start, and hourly,
 incomplete multipart uploads older than ``stale_uploads`` (left by a node
@@ -38,7 +41,7 @@ from dockmirror.config import StorageConfig
 from dockmirror.metrics import Metrics
 from dockmirror.ranged import content_range
 from dockmirror.reference import HEX_LENGTH
-from dockmirror.storage.quota import LISTING_INTERVAL
+from dockmirror.storage.quota import LISTING_INTERVAL, listing_delay
 from dockmirror.storage.s3 import PRESIGN_EXPIRY, S3Client, S3Error
 from dockmirror.storage.upload import PART_SIZE, BlobUpload
 from dockmirror.streaming import DigestMismatch
@@ -76,8 +79,10 @@ class S3Storage:
         self._uploads: dict[str, Deferred[None]] = {}
         #: Objects clients were sent to, until their URLs expire.
         self._lent: dict[str, IDelayedCall] = {}
-        #: Whether the records were said to be taken as they are, not listed.
+        #: Whether the records were said to be taken as they are, or a listing was made.
         self._trusted = False
+        #: The next try of a listing that failed.
+        self._relisting: IDelayedCall | None = None
         self._sweeper = LoopingCall(self._sweep_now)
         self._sweeper.clock = reactor
 
@@ -112,6 +117,8 @@ class S3Storage:
     def stop(self) -> Deferred[None]:
         if self._sweeper.running:
             self._sweeper.stop()
+        if self._relisting is not None and self._relisting.active():
+            self._relisting.cancel()
         for digest, lent in list(self._lent.items()):
             lent.cancel()
             self.records.release(digest)
@@ -134,8 +141,13 @@ class S3Storage:
 
     async def _list_if_due(self) -> None:
         """List the bucket if the records ask for it (see :meth:`IStorageRecords.listing_due`)."""
-        if await self.records.listing_due():
-            await self._reconcile()
+        failed = await self.records.listing_due()
+        if failed is not None:
+            self._trusted = True
+            listing = Deferred.fromCoroutine(self._reconcile())
+            await listing.addCallbacks(
+                lambda _: self._listed(failed), lambda f: self._listing_failed(failed + 1, f)
+            )
         elif not self._trusted:
             self._trusted = True
             stats = self.records.stats()
@@ -169,20 +181,51 @@ class S3Storage:
         for digest in victims:
             self._delete(digest, "to keep its quota")
 
-    def _unusable(self, failure: Failure) -> None:
-        """The bucket cannot be listed at start: say why, without a traceback for S3's answers."""
+    def _listed(self, failed: int) -> None:
+        self.records.listed()
+        if failed:
+            log.info(
+                "storage bucket {bucket} listed again, after {failed} failed listings",
+                bucket=self.client.bucket,
+                failed=failed,
+            )
+
+    def _listing_failed(self, failures: int, failure: Failure) -> None:
+        """Try again after :func:`listing_delay`; say why the first time only, without a
+        traceback for S3's answers."""
+        delay = listing_delay(failures)
+        if self._relisting is not None and self._relisting.active():
+            self._relisting.cancel()
+        self._relisting = self._reactor.callLater(delay, self._relist)
+        if failures > 1:
+            return
+        again = (
+            "listing it again in {minutes:.0f} minutes, then less often (hourly at most),"
+            " without an error until it works"
+        )
         if not failure.check(S3Error):
-            log.failure("listing the storage bucket failed", failure)
+            log.failure("listing the storage bucket failed; " + again, failure, minutes=delay / 60)
             return
         log.error(
-            "storage bucket {bucket} cannot be used now: {error}; blobs come from the upstreams",
+            "storage bucket {bucket} cannot be used now: {error}; blobs come from the upstreams;"
+            " " + again,
             bucket=self.client.bucket,
             error=failure.getErrorMessage(),
+            minutes=delay / 60,
+        )
+
+    def _relist(self) -> Deferred[None]:
+        self._relisting = None
+        return self._listing()
+
+    def _listing(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._list_if_due()).addErrback(
+            lambda f: log.failure("listing the storage bucket failed", f)
         )
 
     def _sweep_now(self) -> Deferred[Any]:
         """The hourly upkeep: a listing of the bucket if due, and the sweep of uploads."""
-        listing = Deferred.fromCoroutine(self._list_if_due()).addErrback(self._unusable)
+        listing = self._listing()
         sweeping = Deferred.fromCoroutine(self.sweep()).addErrback(
             lambda f: log.warn("sweeping incomplete uploads failed: {error}", error=f.value)
         )

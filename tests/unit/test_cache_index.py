@@ -43,7 +43,7 @@ def test_version_1_access_records_are_dropped_on_upgrade(tmp_path):
     schema = (resources.files("dockmirror.cache") / "schema.sql").read_text()
     db.executescript(
         schema.partition("\n-- The objects of the shared storage tier")[0]
-        .replace("INSERT INTO version VALUES (4)", "INSERT INTO version VALUES (1)")
+        .replace("INSERT INTO version VALUES (5)", "INSERT INTO version VALUES (1)")
         .replace("CREATE INDEX blobs_used ON blobs (used);", "")
     )
     db.execute("INSERT INTO blobs VALUES ('sha256:a', 1, 0.0)")
@@ -56,4 +56,4 @@ def test_version_1_access_records_are_dropped_on_upgrade(tmp_path):
     assert snapshot.access == []
     assert snapshot.objects == []
     index.close()
-    assert sqlite3.connect(path).execute("SELECT version FROM version").fetchall() == [(4,)]
+    assert sqlite3.connect(path).execute("SELECT version FROM version").fetchall() == [(5,)]

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.web.http_headers import Headers
 
@@ -275,17 +275,29 @@ def test_a_restarted_process_reconciles_its_nodes_rows_with_the_disk(postgres, t
         assert counts == (1, 1)
 
 
+class PositionIndex:
+    """The node's own index, as far as the position in the cluster's purges goes."""
+
+    def __init__(self) -> None:
+        self.written: list[tuple[int, float]] = []
+
+    def write(self, sql: str, applied: int, polled: float, key: object) -> None:
+        self.written.append((applied, polled))
+
+
 class PurgedCache:
     """What the shared index hooks into in a cache, and the purges it applies."""
 
     def __init__(self) -> None:
         from types import SimpleNamespace
 
-        hooks = ("on_add", "on_remove", "on_touch", "on_grant", "on_disown")
+        hooks = ("on_add", "on_remove", "on_gone", "on_touch", "on_grant", "on_disown")
         self.blobs = SimpleNamespace(**{hook: [] for hook in hooks}, proofs_elsewhere=None)
         self.manifests = SimpleNamespace(ttl=60, shared=None)
         self.on_purge: list[Any] = []
         self.on_purge_heard: list[Any] = []
+        self.purges_applied = (0, 0.0)
+        self.index = PositionIndex()
         self.applied: list[str] = []
 
     def purged_elsewhere(self, what: str) -> None:
@@ -293,31 +305,158 @@ class PurgedCache:
 
 
 def test_purges_whose_notification_was_lost_are_applied_once_from_the_records():
-    """Made since the process started, by another process, not heard of: applied once."""
-    from dockmirror.cluster.index import PURGE_WINDOW, ClusterIndex
+    """Made by another process after the last one applied on this node, not heard
+    of: applied once; the node's position moves past those settled."""
+    from dockmirror.cluster.index import PURGE_HEARD, ClusterIndex
 
     clock = Clock()
     clock.advance(1000)
     cache = PurgedCache()
     index = ClusterIndex(cache, None, None, "http://a:1", clock)  # type: ignore[arg-type]
-    before = (1, "hub/old", "other", 990.0)  # made before this process started
     for hook in cache.on_purge_heard:  # a notification came
         hook("hub/heard")
     rows = [
-        (5, "hub/lost", "other", 1001.0),
-        (4, "hub/mine", index._origin, 1001.0),  # made here
-        (3, "hub/heard", "other", 1002.0),
-        (2, "hub/lost-first", "other", 1000.5),
-        before,
+        (2, "hub/lost-first", "other", 1000.5, True),
+        (3, "hub/heard", "other", 1002.0, True),
+        (4, "hub/mine", index._origin, 1001.0, False),  # made here, just now
+        (5, "hub/lost", "other", 1001.0, True),
     ]
     index._apply_purges(rows)
     assert cache.applied == ["hub/lost-first", "hub/lost"]
-    index._apply_purges(rows)
+    assert cache.index.written == [(3, 1000.0)]  # not past the purge just recorded
+    index._apply_purges(rows[2:])
     assert cache.applied == ["hub/lost-first", "hub/lost"]
     # A later purge of a repository heard of before is another purge.
     clock.advance(60)
-    index._apply_purges([(6, "hub/heard", "other", 1060.0), *rows])
+    index._apply_purges([(4, "hub/mine", index._origin, 1001.0, True), rows[3]])
+    index._apply_purges([(6, "hub/heard", "other", 1060.0, True)])
     assert cache.applied == ["hub/lost-first", "hub/lost", "hub/heard"]
-    clock.advance(PURGE_WINDOW)
+    assert cache.index.written[-2:] == [(5, 1060.0), (6, 1060.0)]
+    clock.advance(PURGE_HEARD)
     index._apply_purges([])
     assert index._purges_heard == {}
+
+
+def test_a_node_forgets_its_row_of_a_blob_only_once_the_file_is_gone(tmp_path):
+    """So that a reconcile between the two never finds the file without its row, and
+    adds the row back for a blob the node no longer holds."""
+    import os
+
+    from dockmirror.cluster.index import ClusterIndex, _execute
+
+    from ._cache_support import HeldRunner, make_store, sha256
+
+    disk, session = HeldRunner(), FakeSession()
+    cache = PurgedCache()
+    cache.blobs = make_store(tmp_path, run=disk)  # type: ignore[assignment]
+    ClusterIndex(cache, None, session, "http://a:1", Clock())  # type: ignore[arg-type]
+    digest = sha256(b"data")
+    Deferred.fromCoroutine(cache.blobs.put_small(digest, b"data"))
+    disk.run_all()
+    session.answer(None)  # its row
+    assert cache.blobs.remove(digest)
+    assert session.queries == []  # not while the file is there
+    disk.run_all()
+    assert not os.path.exists(cache.blobs.path(digest))
+    f, _ = session.queries[0]
+    assert f.func is _execute and f.args[0].startswith("DELETE FROM cache_blobs")
+
+
+class Outage:
+    """A session and a pool to a PostgreSQL that is down."""
+
+    generation = 1
+
+    def __init__(self) -> None:
+        self.queries = 0
+
+    def run(self, f: Any) -> Deferred[Any]:
+        self.queries += 1
+        return fail(DatabaseUnavailable("connection refused"))
+
+
+class PoolOutage(Outage):
+    async def run(self, f: Any) -> Any:  # type: ignore[override]
+        return await super().run(f)
+
+    def call(self, f: Any) -> Any:
+        raise DatabaseUnavailable("connection refused")
+
+
+def test_an_outage_is_logged_once_by_the_shared_index_and_once_by_the_coordinator():
+    """Not a warning per blob recorded, tag read or published, or fill led."""
+    from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+    from dockmirror.cluster.index import ClusterIndex
+
+    clock, outage, pool = Clock(), Outage(), PoolOutage()
+    cache = PurgedCache()
+    index = ClusterIndex(cache, pool, outage, "http://a:1", clock)  # type: ignore[arg-type]
+    made = ClusterCoordinator(LocalCoordinator(), outage, "http://a:1", FakePeers({}), clock)  # type: ignore[arg-type]
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for n in range(10):
+            digest = f"sha256:{n:064x}"
+            for added in cache.blobs.on_add:
+                added(digest, 1)
+            for gone in cache.blobs.on_gone:
+                gone(digest)
+            index.publish("hub/a https://x", "v1", "m", digest, b"{}", 1.0)
+            assert result_of(Deferred.fromCoroutine(index.tags("hub/a https://x", "v1", 0))) == []
+            assert result_of(made.lead(digest, 10)) is None
+            clock.advance(BACKOFF)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    warned = [formatEvent(e) for e in events if e["log_level"] >= LogLevel.warn]
+    assert outage.queries + pool.queries >= 20
+    assert [w.partition(":")[0] for w in warned] == ["cluster index", "fill coordinator"]
+    assert all("PostgreSQL is unavailable (connection refused)" in w for w in warned)
+
+
+def test_a_session_dropped_by_postgresql_connects_again_at_once(postgres):
+    """As when PostgreSQL restarted: the first query after it is not lost (nor the fill
+    it coordinates left to the node alone)."""
+    import psycopg
+
+    from dockmirror.cluster.coordinator import Session
+
+    session = Session(postgres, None)
+
+    def pid(conn: Any) -> Any:
+        return conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+
+    first = session._call(pid)
+    with psycopg.connect(postgres, autocommit=True) as other:
+        other.execute("SELECT pg_terminate_backend(%s)", (first,))
+    assert session._call(pid) != first
+    assert session.generation == 2  # its claims went with the first connection
+    session.stop()
+
+
+def test_a_node_away_for_longer_than_purges_are_kept_says_so():
+    from types import SimpleNamespace
+
+    from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+    from dockmirror.cluster.index import PURGE_KEEP, ClusterIndex
+
+    clock, session, pool = Clock(), FakeSession(), PoolOutage()
+    cache = PurgedCache()
+    cache.blobs = SimpleNamespace(**vars(cache.blobs), entries=list, path=str)
+    cache.purges_applied = (5, 1000.0)
+    index = ClusterIndex(cache, pool, session, "http://a:1", clock)  # type: ignore[arg-type]
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for away in (PURGE_KEEP - 60, PURGE_KEEP + 60):
+            clock.advance(1000 + away - clock.seconds())
+            index.startService()
+            index.stopService()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    warned = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+    assert [w for w in warned if "days ago" in w] == [
+        "this node last read the cluster's purges 30 days ago, and they are kept 30 days:"
+        " purges made meanwhile may not be applied here"
+    ]

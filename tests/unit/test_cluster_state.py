@@ -135,6 +135,19 @@ def test_the_pool_size_is_a_number_of_connections(tmp_path: Path, size: str) -> 
         load(str(path))
 
 
+@pytest.mark.parametrize("seconds", ["0", "-1", "301", '"5"', "true"])
+def test_the_backoff_is_a_number_of_seconds(tmp_path: Path, seconds: str) -> None:
+    path = tmp_path / "dockmirror.toml"
+    table = '[cluster]\ndatabase = "postgresql://db.internal/dockmirror"\nbackoff = '
+    path.write_text(table.partition("backoff")[0])
+    assert load(str(path)).cluster.backoff == 5.0
+    path.write_text(table + "0.5\n")
+    assert load(str(path)).cluster.backoff == 0.5
+    path.write_text(table + seconds + "\n")
+    with pytest.raises(ConfigError, match="cluster.backoff must be a number|more than 0"):
+        load(str(path))
+
+
 def test_a_node_says_whether_postgresql_allows_its_connections(postgres: str) -> None:
     """The test's server allows 300 connections, 3 of them for superusers only."""
     import psycopg

@@ -19,6 +19,7 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from dockmirror.cluster import storage
 from dockmirror.cluster.coordinator import lock_key
 from dockmirror.cluster.database import DatabaseUnavailable
+from dockmirror.storage.quota import LISTING_RETRY, LISTING_RETRY_MAX
 
 A, B = "http://a:1", "http://b:1"
 
@@ -149,12 +150,43 @@ def test_one_node_a_day_lists_the_bucket(sessions):
     """The first node to ask lists the bucket; the others trust the records until a
     day has passed."""
     a, b = sessions
-    assert storage._listing_due(3600, a)
-    assert not storage._listing_due(3600, b)
-    assert not storage._listing_due(3600, a)
+    assert storage._listing_due(a) == 0
+    assert storage._listing_due(b) is None
+    storage._execute(storage._LISTED, (), a)
+    assert storage._listing_due(a) is None
     a.execute("UPDATE storage_listing SET listed = now() - interval '2 hours'")
-    assert storage._listing_due(3600, b)
-    assert not storage._listing_due(3600, a)
+    assert storage._listing_due(b) is None
+    a.execute("UPDATE storage_listing SET listed = now() - interval '25 hours'")
+    assert storage._listing_due(b) == 0
+    assert storage._listing_due(a) is None
+
+
+def test_a_failed_listing_is_made_again_by_any_node_within_minutes_then_less_often(sessions):
+    """A listing counts as failed until it is said to have ended well, so that one
+    whose node died is made again too."""
+    a, b = sessions
+
+    def began(seconds_ago: int) -> None:
+        a.execute(
+            "UPDATE storage_listing SET listed = now() - make_interval(secs => %s)",
+            (seconds_ago,),
+        )
+
+    assert storage._listing_due(a) == 0  # fails: never said to have ended well
+    began(LISTING_RETRY - 1)
+    assert storage._listing_due(b) is None
+    began(LISTING_RETRY + 1)
+    assert storage._listing_due(b) == 1  # fails too
+    began(LISTING_RETRY + 1)
+    assert storage._listing_due(a) is None  # ten minutes now
+    began(2 * LISTING_RETRY + 1)
+    assert storage._listing_due(a) == 2
+    for _ in range(10):
+        began(LISTING_RETRY_MAX + 1)
+        assert storage._listing_due(b) is not None  # hourly at most
+    storage._execute(storage._LISTED, (), b)
+    began(LISTING_RETRY_MAX + 1)
+    assert storage._listing_due(a) is None  # daily again
 
 
 class Outage:

@@ -11,6 +11,7 @@ import pytest
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
@@ -22,7 +23,7 @@ from dockmirror.cache.progress import FillProgress
 from dockmirror.config import ConfigError, StorageConfig, load
 from dockmirror.metrics import Metrics
 from dockmirror.storage import s3
-from dockmirror.storage.quota import LISTING_INTERVAL, Quota
+from dockmirror.storage.quota import LISTING_INTERVAL, LISTING_RETRY_MAX, Quota
 from dockmirror.storage.s3 import ObjectInfo, S3Client, S3Error
 from dockmirror.storage.tier import SWEEP_INTERVAL, S3Storage
 from dockmirror.storage.upload import MAX_PARTS, PART_SIZE, BlobUpload, UploadError, part_size
@@ -502,11 +503,60 @@ def test_the_bucket_is_listed_at_start_and_daily_only_when_the_records_say(monke
     assert bucket.listings == 2
     storage.stop()
     # Records that say another node listed it lately: trusted, not listed.
-    monkeypatch.setattr(quota, "listing_due", lambda: succeed(False))
+    monkeypatch.setattr(quota, "listing_due", lambda: succeed(None))
     storage, trusted = listed(quota, reactor)
     reactor.advance(SWEEP_INTERVAL)
     assert trusted.listings == 0
     storage.stop()
+
+
+class Unlisted(Listed):
+    """A bucket whose listings fail until told otherwise."""
+
+    failing = True
+
+    async def list_objects(self, prefix: str) -> list[ObjectInfo]:
+        if self.failing:
+            self.listings += 1
+            raise S3Error("listing blobs/: 503 Slow Down", 503)
+        return await super().list_objects(prefix)
+
+
+def test_a_failed_listing_is_made_again_in_minutes_then_less_often_and_logged_once():
+    reactor = MemoryReactorClock()
+    quota = Quota(Records(), None, reactor)  # type: ignore[arg-type]
+    bucket = Unlisted()
+    storage = S3Storage(storage_config(), reactor, run_now, quota, Metrics(), client=bucket)  # type: ignore[arg-type]
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        storage.start([])  # the first listing fails
+        tries = []
+        for _ in range(7 * 12):  # seven hours, five minutes at a time
+            reactor.advance(300)
+            tries.append(bucket.listings)
+        bucket.failing = False
+        reactor.advance(LISTING_RETRY_MAX)
+        listed = bucket.listings
+        reactor.advance(LISTING_INTERVAL - 2 * LISTING_RETRY_MAX)
+        assert bucket.listings == listed  # daily again
+        reactor.advance(2 * LISTING_RETRY_MAX)
+        assert bucket.listings == listed + 1
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        storage.stop()
+    # After 5, 10, 20 and 40 minutes, then hourly (the hourly upkeep finds none due).
+    minutes = [5 * (i + 1) for i, n in enumerate(tries) if n > ([1, *tries])[i]]
+    assert minutes[:6] == [5, 15, 35, 75, 135, 195]
+    said = [formatEvent(e) for e in events if e["log_level"] >= LogLevel.info]
+    errors = [line for line in said if "cannot be used now" in line]
+    assert errors == [
+        "storage bucket mirror cannot be used now: listing blobs/: 503 Slow Down; blobs come"
+        " from the upstreams; listing it again in 5 minutes, then less often (hourly at most),"
+        " without an error until it works"
+    ]
+    assert sum("listed again, after" in line for line in said) == 1
+    assert reactor.getDelayedCalls() == []
 
 
 # --- a hostile endpoint ----------------------------------------------------------------
