@@ -1,7 +1,11 @@
 """The blob store's quota: room made for fills by evicting the least recently used.
 
-Blobs being read (by any process), being filled, or kept for the warm images
-(:meth:`EvictingStore.keep`) are never evicted.
+A fill reserves room for its blob as the bytes arrive, a step at a time
+(:meth:`EvictingStore.grow`), never for the whole size the upstream
+announced: an upstream announcing a large blob and sending little evicts
+no more than one step's worth.  Blobs being read (by any process), being
+filled, or kept for the warm images (:meth:`EvictingStore.keep`) are never
+evicted.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from twisted.logger import Logger
 
 from dockmirror.cache import files
 from dockmirror.cache.entries import BlobEntries
+from dockmirror.cache.fill import Fill
 from dockmirror.coordination import KEPT_FILE
 from dockmirror.errors import RegistryError
 from dockmirror.reference import check_digest
@@ -34,6 +39,12 @@ KEPT_TEMP_AGE = 60.0
 #: Seconds during which a blob read by any process counts as just used, whatever
 #: the index says (its use reaches the index within a second or so).
 RECENT = 10.0
+#: A fill reserves room for its bytes, as they arrive, this many ahead of them ...
+RESERVE_STEP = 64 << 20
+#: ... or this fraction of the quota, if less ...
+RESERVE_SHARE = 1 / 16
+#: ... but no fewer than this many: a blob this small is reserved at once.
+RESERVE_MIN = 1 << 20
 
 
 class EvictingStore(BlobEntries):
@@ -41,12 +52,32 @@ class EvictingStore(BlobEntries):
 
     # --- the quota ---------------------------------------------------------------
 
-    def _make_room(self, size: int) -> list[Deferred[None]] | str:
+    @property
+    def reserve_step(self) -> int:
+        """The bytes a fill reserves ahead of those it received."""
+        if self.max_size is None:
+            return RESERVE_STEP
+        return max(min(RESERVE_STEP, int(self.max_size * RESERVE_SHARE)), RESERVE_MIN)
+
+    def grow(self, fill: Fill) -> list[Deferred[None]] | str:
+        """Reserve room for *fill* up to a step beyond the bytes it took; or say why not.
+
+        The bytes past the old reservation go to the disk once the blobs
+        evicted for them are gone.
+        """
+        wanted = min(fill.size, fill.taken + self.reserve_step)
+        evictions = self._make_room(wanted - fill.reserved)
+        if not isinstance(evictions, str):
+            fill.reserved = wanted
+        return evictions
+
+    def _make_room(self, size: int, disk: int | None = None) -> list[Deferred[None]] | str:
         """Reserve *size* bytes and evict what must go for them; or say why there is no room.
 
         The reservation comes first, so that a process choosing its victims
         at the same time counts it, and each victim is claimed, so that no
-        two processes count one victim's bytes as freed for themselves.
+        two processes count one victim's bytes as freed for themselves.  The
+        file system must have room for *disk* bytes (by default *size*).
         """
         self.reserved += size
         self._reserve(size)
@@ -54,7 +85,9 @@ class EvictingStore(BlobEntries):
         reason = None
         if victims is None:
             reason = "cache full of blobs in use"
-        elif not self._disk_has_room(size - sum(self._entries[d] for d in victims)):
+        elif not self._disk_has_room(
+            (size if disk is None else disk) - sum(self._entries[d] for d in victims)
+        ):
             reason = "disk full"
             for victim in victims:
                 self._let_in(victim)
@@ -68,7 +101,7 @@ class EvictingStore(BlobEntries):
         if space is None:
             return True
         free, margin = space
-        unwritten = sum(f.size - f.written for f in self._fills.values())
+        unwritten = sum(f.reserved - f.written for f in self._fills.values())
         return free >= size + unwritten + margin
 
     def space(self) -> tuple[int, int] | None:

@@ -180,6 +180,8 @@ class RangedFill(Fill):
         end = offset + len(data)
         received = self.received
         for start, stop in self._spans.missing(offset, end):
+            if not self._take(stop - start):
+                return
             piece = data if (start, stop) == (offset, end) else data[start - offset : stop - offset]
             self._spans.add(start, stop)
             self._chunks.append((start, piece))
@@ -199,7 +201,7 @@ class RangedFill(Fill):
     # --- the disk --------------------------------------------------------------
 
     def _write_next(self) -> None:
-        if self._writing or self.done:
+        if self._writing or self._evicting or self.done:
             return
         prefix = self._spans.prefix
         target = min(prefix, self.written + HASH_STEP)
