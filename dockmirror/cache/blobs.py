@@ -239,7 +239,7 @@ class BlobStore(EvictingStore):
             self.coordinator.release(digest)
             return self._follow(digest, size)
         reserved = min(size, self.reserve_step)
-        evictions = self._make_room(reserved, disk=size)
+        evictions = self._make_room(reserved, disk=size, promise=size - reserved)
         if isinstance(evictions, str):
             self.coordinator.release(digest)
             return evictions
@@ -353,6 +353,8 @@ class BlobStore(EvictingStore):
             del self._fills[fill.digest]
             self.coordinator.release(fill.digest)
             self.reserved -= fill.reserved
+            if fill.reserved < fill.size:
+                self._promise(fill.reserved - fill.size)
             self.metrics.fills_in_flight.dec()
 
     async def put_small(self, digest: str, data: bytes) -> bool:
@@ -399,6 +401,7 @@ class BlobStore(EvictingStore):
             "size": self.size,
             "max_size": self.max_size,
             "reserved": self.reserved,
+            "promised": self.promised,
             "blobs": len(self._entries),
             "readers": sum(self._pins.values()),
             "kept": len(self._kept),

@@ -98,6 +98,8 @@ class BlobEntries:
         self._keeping: Deferred[None] = succeed(None)
         self.size = 0
         self.reserved = 0
+        #: Bytes the fills in progress have yet to reserve, as their upstreams announced.
+        self.promised = 0
 
     def path(self, digest: str) -> str:
         algorithm, _, hexpart = digest.partition(":")
@@ -292,6 +294,13 @@ class BlobEntries:
         """Count bytes this process reserves for a fill, which end with it if it dies."""
         if self.coordinator.shared:
             self.coordinator.reserve(delta)
+
+    def _promise(self, delta: int) -> int:
+        """Count bytes this process's fills have yet to reserve; those of every process."""
+        self.promised += delta
+        if self.coordinator.shared:
+            return self.coordinator.promise(delta)
+        return self.promised
 
     def disown(self, origins: set[str]) -> list[str]:
         """Forget that *origins* have any blob; returns the digests no origin has now."""

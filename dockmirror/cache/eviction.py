@@ -3,7 +3,10 @@
 A fill reserves room for its blob as the bytes arrive, a step at a time
 (:meth:`EvictingStore.grow`), never for the whole size the upstream
 announced: an upstream announcing a large blob and sending little evicts
-no more than one step's worth.  Blobs being read (by any process), being
+no more than one step's worth.  The rest of the announced size is only
+promised: a fill is admitted when there would be blobs to evict for every
+promise, so the fills admitted together find room for their later steps
+(unless the blobs they counted on are read meanwhile).  Blobs being read (by any process), being
 filled, or kept for the warm images (:meth:`EvictingStore.keep`) are never
 evicted.
 """
@@ -66,35 +69,58 @@ class EvictingStore(BlobEntries):
         evicted for them are gone.
         """
         wanted = min(fill.size, fill.taken + self.reserve_step)
-        evictions = self._make_room(wanted - fill.reserved)
+        more = wanted - fill.reserved
+        evictions = self._make_room(more)
         if not isinstance(evictions, str):
             fill.reserved = wanted
+            self._promise(-more)
         return evictions
 
-    def _make_room(self, size: int, disk: int | None = None) -> list[Deferred[None]] | str:
+    def _make_room(
+        self, size: int, disk: int | None = None, promise: int | None = None
+    ) -> list[Deferred[None]] | str:
         """Reserve *size* bytes and evict what must go for them; or say why there is no room.
 
         The reservation comes first, so that a process choosing its victims
         at the same time counts it, and each victim is claimed, so that no
         two processes count one victim's bytes as freed for themselves.  The
         file system must have room for *disk* bytes (by default *size*).
+        With a *promise* of more bytes (a fill's admission), there must also
+        be blobs to evict for them and for every other promise, but none is
+        evicted for them yet.
         """
         self.reserved += size
         self._reserve(size)
-        victims = self._victims()
+        victims = self._victims(0 if promise is None else self._promise(promise))
         reason = None
         if victims is None:
             reason = "cache full of blobs in use"
-        elif not self._disk_has_room(
-            (size if disk is None else disk) - sum(self._entries[d] for d in victims)
-        ):
-            reason = "disk full"
-            for victim in victims:
-                self._let_in(victim)
+        else:
+            victims = self._spare(victims)
+            if not self._disk_has_room(
+                (size if disk is None else disk) - sum(self._entries[d] for d in victims)
+            ):
+                reason = "disk full"
+                for victim in victims:
+                    self._let_in(victim)
         if reason is not None:
             self._unreserve(size)
+            if promise:
+                self._promise(-promise)
             return reason
         return [self._evict(d) for d in victims or ()]
+
+    def _spare(self, victims: list[str]) -> list[str]:
+        """The first of *victims* that the quota needs evicted now; the others are let in."""
+        excess = 0 if self.max_size is None else self._used() - self.max_size
+        needed = []
+        for victim in victims:
+            if excess > 0:
+                needed.append(victim)
+                excess -= self._entries[victim]
+            else:
+                self._let_in(victim)
+        return needed
 
     def _disk_has_room(self, size: int) -> bool:
         space = self.space()
@@ -115,16 +141,17 @@ class EvictingStore(BlobEntries):
             margin = min(DISK_MARGIN, int(st.f_blocks * st.f_frsize * DISK_MARGIN_SHARE))
         return st.f_bavail * st.f_frsize, margin
 
-    def _victims(self) -> list[str] | None:
-        """The least recently used blobs to evict to fit the quota, or None if none can.
+    def _victims(self, extra: int = 0) -> list[str] | None:
+        """The least recently used blobs to evict to fit the quota and *extra* more bytes,
+        or None if none can.
 
         Blobs being read (by any process), kept for the warm images, or
         filled or evicted by another process are never chosen.  Each victim
-        is claimed until it is evicted.
+        is claimed until it is evicted or let in.
         """
         if self.max_size is None:
             return []
-        excess = self._used() - self.max_size
+        excess = self._used() + extra - self.max_size
         if excess <= 0:
             return []  # without a look at the index
         victims = []

@@ -14,6 +14,7 @@ from dockmirror.cache.fill import WRITE_DELAY, Fill
 from dockmirror.cache.index import Index
 from dockmirror.config import CacheConfig
 from dockmirror.metrics import Metrics
+from dockmirror.streaming import StreamError
 
 from ._cache_support import Claims, FakeResponse, HeldRunner, make_store, run_now, sha256
 
@@ -81,8 +82,28 @@ def test_a_fill_reserves_what_arrives_not_what_the_upstream_announces(tmp_path, 
     response.send(b"x" * 10)
     response.end()
     assert "sent 10 of" in str(fill.error)
-    assert store.reserved == 0 and store._used() == 12 * MiB
+    assert store.reserved == store.promised == 0 and store._used() == 12 * MiB
     assert store.metrics.evictions._value.get() == 1
+
+
+def test_fills_are_admitted_only_if_their_announced_sizes_could_fit(tmp_path):
+    """What the fills in progress announced is never evicted for, but counted: the
+    fills admitted together find room for their later steps."""
+    store = make_store(tmp_path, max_size=16 * MiB)
+    kept = put(store, blob(4 * MiB))
+    first = store.begin_fill(sha256(b"first"), 8 * MiB, "up")
+    assert isinstance(first, Fill) and store.has(kept)
+    assert store.reserved == MiB and store.promised == 7 * MiB
+    reader = store.reader(kept, 0, MiB, lambda n: None)  # pinned: cannot make room
+    assert store.begin_fill(sha256(b"second"), 8 * MiB, "up") == "cache full of blobs in use"
+    assert store.reserved == MiB and store.promised == 7 * MiB
+    reader.stopProducing()
+    second = store.begin_fill(sha256(b"second"), 8 * MiB, "up")
+    assert isinstance(second, Fill) and store.has(kept)  # evicted only once needed
+    assert store.reserved == 2 * MiB and store.promised == 14 * MiB
+    first.abandon(StreamError("stop"))
+    second.abandon(StreamError("stop"))
+    assert store.reserved == store.promised == 0
 
 
 def test_bytes_past_the_reservation_wait_for_the_room_made_for_them(tmp_path):

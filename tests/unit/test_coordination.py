@@ -134,7 +134,7 @@ import sys
 from dockmirror.coordination import FileLockCoordinator
 coordinator = FileLockCoordinator(sys.argv[1])
 coordinator.add_usage(int(sys.argv[2]))
-print(coordinator.reserve(int(sys.argv[3])), flush=True)
+print(coordinator.reserve(int(sys.argv[3])), coordinator.promise(5), flush=True)
 sys.stdin.read()
 """
 
@@ -143,16 +143,17 @@ def test_the_reservations_of_a_process_that_dies_stop_counting(tmp_path):
     coordinator = FileLockCoordinator(str(tmp_path))
     coordinator.start_usage(100)
     assert coordinator.reserve(10) == 110
+    assert coordinator.promise(3) == 3
     other, said = python(_RESERVER, tmp_path, "7", "50")
-    assert int(said) == 167  # 107 held, 10 and 50 reserved
-    assert coordinator.add_usage(0) == 167
+    assert said == "167 8"  # 107 held, 10 and 50 reserved; 3 and 5 promised
+    assert coordinator.add_usage(0) == 167 and coordinator.promise(0) == 8
     other.kill()  # mid-fill: its 50 reserved bytes were never held
     other.wait()
-    assert coordinator.add_usage(0) == 117
+    assert coordinator.add_usage(0) == 117 and coordinator.promise(0) == 3
     assert coordinator.reserve(-10) == 107
     # A process taking the dead one's slot starts from nothing.
     again, said = python(_RESERVER, tmp_path, "0", "1")
-    assert int(said) == 108
+    assert said == "108 8"
     again.communicate()
     coordinator.close()
 
