@@ -125,20 +125,18 @@ def _origin(url: str) -> tuple[str, str, int | None] | None:
 
 
 def may_send_credentials(realm: str, registry_url: str, token_realms: tuple[str, ...] = ()) -> bool:
-    """Credentials go to the registry's own host, or to a token service origin listed for it.
+    """Credentials go to the registry's own origin, or to a token service origin listed for it.
 
-    The list is the plugin's (Docker Hub's ``https://auth.docker.io``) and the
+    An origin is a scheme, host and port, all three as configured: another
+    port of the registry's host may be another party's service.  The list
+    is the plugin's (Docker Hub's ``https://auth.docker.io``) and the
     operator's ``token_realms``.  No guess from domain names is made: tenants
     of a shared registry domain (``*.azurecr.io``) are different parties.
     """
-    realm_origin, registry_origin = _origin(realm), _origin(registry_url)
-    if realm_origin is None or registry_origin is None or not realm_origin[1]:
+    realm_origin = _origin(realm)
+    if realm_origin is None or not realm_origin[1]:
         return False
-    if realm_origin[0] == "http" and registry_origin[0] == "https":
-        return False
-    if realm_origin[1] == registry_origin[1]:
-        return True
-    return realm_origin in {_origin(r) for r in token_realms}
+    return realm_origin in {_origin(registry_url), *map(_origin, token_realms)}
 
 
 def basic_authorization(username: str, password: str) -> str:
@@ -520,7 +518,8 @@ class UpstreamClient:
             else:
                 log.warn(
                     "not sending {upstream} credentials to token realm {realm}: not the"
-                    " registry's host nor one of its token_realms",
+                    " registry's origin nor one of its token_realms (add it to token_realms"
+                    " if it is the registry's token service)",
                     upstream=self.name,
                     realm=realm,
                 )
