@@ -41,6 +41,7 @@ from dockmirror import jsontext
 from dockmirror.config import CONNECT_TIMEOUT, READ_TIMEOUT
 from dockmirror.egress import DisallowedAddress, tls_failure
 from dockmirror.hostnames import parse_host_header
+from dockmirror.logs import printable
 from dockmirror.metrics import Metrics
 from dockmirror.proxy import ProxyError
 from dockmirror.streaming import IdleTimer
@@ -368,8 +369,8 @@ class UpstreamClient:
             log.debug(
                 "{upstream}: {url} redirects to {target}",
                 upstream=self.name,
-                url=url,
-                target=target,
+                url=printable(url),
+                target=printable(target),
             )
             url, params = target, None
 
@@ -510,6 +511,7 @@ class UpstreamClient:
         if service:
             params.insert(0, ("service", service))
         realm = self.check_url(realm, "token realm")
+        shown = printable(realm)
         headers: dict[str, str] = {}
         if self._username is not None and self._password is not None:
             if may_send_credentials(realm, self.base_url, self._token_realms):
@@ -521,20 +523,20 @@ class UpstreamClient:
                     " registry's origin nor one of its token_realms (add it to token_realms"
                     " if it is the registry's token service)",
                     upstream=self.name,
-                    realm=realm,
+                    realm=shown,
                 )
         response = await self._send("GET", realm, headers, params, None)
         body = await self.read(response)
         if response.code in (401, 403):
             log.warn(
                 "token service {realm} refused {upstream}: {code}",
-                realm=realm,
+                realm=shown,
                 upstream=self.name,
                 code=response.code,
             )
             return None
         if response.code != 200:
-            raise UpstreamError(f"token service {realm} answered {response.code}")
+            raise UpstreamError(f"token service {shown} answered {response.code}")
         try:
             data = jsontext.loads(body)
             token = data.get("token") or data.get("access_token")
@@ -542,8 +544,8 @@ class UpstreamClient:
         except (ValueError, AttributeError):
             token = None
         if not isinstance(token, str) or not token:
-            raise UpstreamError(f"token service {realm} answered without a token")
-        log.debug("token for {scope} from {realm}", scope=scope, realm=realm)
+            raise UpstreamError(f"token service {shown} answered without a token")
+        log.debug("token for {scope} from {realm}", scope=printable(scope), realm=shown)
         return token, _lifetime(expires_in)
 
 
