@@ -19,6 +19,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
 )
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from dockmirror._interfaces import ICoordinator
 from dockmirror.cache import files
@@ -98,6 +99,9 @@ class BlobEntries:
         self._keeping: Deferred[None] = succeed(None)
         self.size = 0
         self.reserved = 0
+        #: Bytes of blobs this process is removing, still counted by every process
+        #: until their files are gone: as good as free here, as they are in :attr:`size`.
+        self._freeing = 0
         #: Bytes the fills in progress have yet to reserve, as their upstreams announced.
         self.promised = 0
 
@@ -264,13 +268,19 @@ class BlobEntries:
             self._index.write(sql, digest)
         for hook in self.on_remove:
             hook(digest)
+        self._freeing += size
         d = self._run(files.remove, self.path(digest))
 
         def removed(gone: bool) -> None:
+            self._freeing -= size
             if gone:  # by us: another worker may have removed it first
                 self._hold(-size)
 
-        d.addCallbacks(removed, lambda f: log.failure("removing cached {digest}", f, digest=digest))
+        def failed(failure: Failure) -> None:
+            self._freeing -= size
+            log.failure("removing cached {digest}", failure, digest=digest)
+
+        d.addCallbacks(removed, failed)
         return d
 
     # --- bytes counted for the quota ------------------------------------------
@@ -278,7 +288,7 @@ class BlobEntries:
     def _used(self) -> int:
         """Bytes held and reserved, by this process or by all that share the directory."""
         if self.coordinator.shared:
-            return self.coordinator.add_usage(0)
+            return self.coordinator.add_usage(0) - self._freeing
         return self.size + self.reserved
 
     def _hold(self, delta: int) -> None:

@@ -140,6 +140,37 @@ def test_bytes_past_the_reservation_wait_for_the_room_made_for_them(tmp_path):
     assert store.metrics.evictions._value.get() == 2
 
 
+def test_a_growing_fill_counts_the_blob_it_is_removing_as_free(tmp_path):
+    """Every process counts a blob until its file is gone: the next steps of a fill
+    in a shared directory must not evict another blob for the same bytes."""
+    disk = HeldRunner()
+    store = make_store(tmp_path, max_size=16 * MiB, run=disk)
+    store.coordinator = Claims()
+    cached = []
+    for _ in range(3):
+        data = blob(4 * MiB)
+        stored = Deferred.fromCoroutine(store.put_small(sha256(data), data))
+        disk.run_all()
+        assert stored.result is True
+        cached.append(sha256(data))
+        store.reactor.advance(1)
+    data = os.urandom(8 * MiB)
+    fill = store.begin_fill(sha256(data), len(data), "up")
+    assert isinstance(fill, Fill)
+    response = FakeResponse(len(data))
+    Deferred.fromCoroutine(fill.start(response))
+    disk.run_all()
+    for offset in range(0, len(data), MiB):  # the disk is slow: the evicted file stays
+        response.send(data[offset : offset + MiB])
+    assert [store.has(d) for d in cached] == [False, True, True]
+    assert store.metrics.evictions._value.get() == 1
+    response.end()
+    disk.run_all()
+    store.reactor.advance(WRITE_DELAY)
+    disk.run_all()
+    assert fill.committed and store._used() == 16 * MiB
+
+
 def test_a_fill_with_no_room_for_its_next_step_fails(tmp_path):
     store = make_store(tmp_path, max_size=2 * MiB)
     data = os.urandom(2 * MiB)

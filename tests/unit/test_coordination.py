@@ -598,11 +598,15 @@ def test_a_victim_whose_file_is_still_being_removed_is_not_chosen_again(tmp_path
     disk = first._run = HeldRunner()  # type: ignore[method-assign]
     # The first fill evicts the old blob; its file and its index row go later ...
     assert isinstance(first.begin_fill(sha256(b"c" * 10), 10, "hub"), Fill)
-    # ... so the index still lists it, first: the second fill must not count it again.
-    assert first.begin_fill(sha256(b"d" * 10), 10, "hub") == "cache full of blobs in use"
+    assert claims.usage == 30  # still counted by every process, as good as free here
+    # ... so the index still lists it, first: the second fill must not count it again,
+    # nor count its bytes as still held.
+    assert isinstance(first.begin_fill(sha256(b"d" * 10), 10, "hub"), Fill)
+    assert first.begin_fill(sha256(b"e" * 10), 10, "hub") == "cache full of blobs in use"
     disk.run_all()
-    assert not first.has(old) and first.has(other)
-    assert claims.usage == 20  # the other blob and the first fill's reservation
+    assert not first.has(old) and not first.has(other)
+    assert claims.usage == 20  # the two fills' reservations
+    assert first.metrics.evictions._value.get() == 2
 
 
 def test_a_blob_another_worker_removes_is_not_read(tmp_path):
