@@ -6,9 +6,10 @@ announced: an upstream announcing a large blob and sending little evicts
 no more than one step's worth.  The rest of the announced size is only
 promised: a fill is admitted when there would be blobs to evict for every
 promise, so the fills admitted together find room for their later steps
-(unless the blobs they counted on are read meanwhile).  Blobs being read (by any process), being
-filled, or kept for the warm images (:meth:`EvictingStore.keep`) are never
-evicted.
+(unless the blobs they counted on are read meanwhile).
+
+Blobs being read (by any process), being filled, or kept for the warm
+images (:meth:`EvictingStore.keep`) are never evicted.
 """
 
 from __future__ import annotations
