@@ -202,7 +202,7 @@ class _SmallBody(Protocol):
             self._end(None)
         else:
             reasons = getattr(reason.value, "reasons", None) or [reason]
-            why = "; ".join(f.getErrorMessage() for f in reasons)
+            why = printable("; ".join(f.getErrorMessage() for f in reasons))
             self._end(UpstreamError(f"body cut short: connection failed: {why}", 502))
 
     def _idle(self) -> None:
@@ -573,6 +573,7 @@ def _timed_out(result: object, timeout: float) -> Failure:
 
 
 def _describe(e: Exception) -> str:
+    """Why a request failed, short: the HTTP parser's errors quote what the upstream sent."""
     if isinstance(e, (ResponseFailed, ResponseNeverReceived, RequestTransmissionFailed)):
-        return "connection failed: " + "; ".join(f.getErrorMessage() for f in e.reasons)
-    return str(e) or type(e).__name__
+        return "connection failed: " + printable("; ".join(f.getErrorMessage() for f in e.reasons))
+    return printable(str(e) or type(e).__name__)

@@ -33,6 +33,7 @@ from dockmirror.cache import files
 from dockmirror.cache.index import Runner
 from dockmirror.cache.progress import FillProgress
 from dockmirror.errors import RegistryError
+from dockmirror.logs import printable
 from dockmirror.streaming import (
     IDLE_TIMEOUT,
     DigestMismatch,
@@ -265,7 +266,7 @@ class Fill(FillProgress, Protocol):
         if self.done:
             return
         if not reason.check(ResponseDone):
-            error = StreamError(f"upstream body failed: {reason.getErrorMessage()}")
+            error = StreamError(f"upstream body failed: {printable(reason.getErrorMessage())}")
         elif self.received != self.size:
             error = StreamError(f"upstream sent {self.received} of {self.size} bytes")
         else:

@@ -37,6 +37,7 @@ from twisted.web.client import ResponseDone
 
 from dockmirror.cache import files
 from dockmirror.cache.fill import HIGH_WATER, LOW_WATER, Fill
+from dockmirror.logs import printable
 from dockmirror.streaming import IDLE_TIMEOUT, IdleTimer, StreamError, read_large
 
 log = Logger()
@@ -383,7 +384,7 @@ class PartBody(Protocol):
         elif reason.check(ResponseDone):
             self._end(StreamError(f"the body ended at byte {self.pos}, before {self.end}"))
         else:
-            why = reason.getErrorMessage()
+            why = printable(reason.getErrorMessage())
             self._end(StreamError(f"the body failed at byte {self.pos}: {why}"))
 
     def pause(self) -> None:

@@ -8,10 +8,11 @@ from typing import Any
 
 import pytest
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
+from twisted.web._newclient import ParseError, ResponseNeverReceived
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
@@ -195,6 +196,28 @@ def test_a_long_token_realm_is_logged_short() -> None:
     with pytest.raises(UpstreamError) as info:  # an error message is logged too
         fetch(*make_client(BrokenTokenService(realm=realm))[:2])
     assert len(str(info.value)) < 400
+
+
+class GarbledUpstream:
+    """An HTTP client whose upstream answers a status line the parser refuses."""
+
+    def request(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        line = b"HTTP/1.1 \x1b[31m200" + b"x" * 16_000
+        return fail(ResponseNeverReceived([Failure(ParseError("wrong number of parts", line))]))
+
+
+def test_a_garbled_answer_makes_a_short_error() -> None:
+    client = UpstreamClient(
+        "hub", "https://registry-1.docker.io", GarbledUpstream(), MemoryReactorClock(), Metrics()
+    )
+    failures: list[Failure] = []
+    Deferred.fromCoroutine(client.request("GET", "library/nginx", "manifests/latest")).addErrback(
+        failures.append
+    )
+    [failure] = failures
+    message = str(failure.value)
+    assert failure.check(UpstreamError) and "wrong number of parts" in message
+    assert len(message) < 400 and message.isprintable(), message[:1000]
 
 
 def test_a_long_redirect_target_is_logged_short() -> None:
