@@ -102,6 +102,15 @@ class ICoordinator(Interface):
         :meth:`add_usage` does.
         """
 
+    def promise(delta: int) -> int:
+        """Add *delta* to the bytes this process's fills in progress have yet to reserve.
+
+        They are what the upstreams announced beyond the reservations: never
+        evicted for, only counted when a fill is admitted.  Like reservations,
+        they stop counting when the process dies.  Returns the total of every
+        live process.
+        """
+
     def lead(digest: str, size: int, offset: int) -> Any:
         """Called by the process that claimed *digest*, before it fetches it, and again
         if the stream it fetches from breaks at *offset*.

@@ -16,7 +16,8 @@ eviction sees a blob read in another process before its use reaches the
 index.  The bytes the cache holds and reserves, which every worker checks
 the quota against, are counters in the file ``usage``, changed under a lock
 on one more byte of ``fills.lock``: one for the bytes held, and one slot per
-process for the bytes its fills in progress reserve.  Each process holds the
+process for the bytes its fills in progress reserve, and for those they have
+yet to reserve (what their upstreams announced).  Each process holds the
 lock of its slot for its life, so the slot of a process that died (even by
 SIGKILL) is seen to be free and its reservations stop counting: the shared
 usage heals itself.  Every call is a few system calls on local files, held
@@ -79,8 +80,9 @@ KEPT_FILE = "kept"
 SERVICE_FILES = (USAGE_FILE, KEPT_FILE, RECENT_FILE)
 #: Processes that may share a cache directory at once.
 SLOTS = 256
-#: The usage file: the bytes held, whether a process counted them, and the slots.
-_USAGE = struct.Struct(f"<qq{SLOTS}q")
+#: The usage file: the bytes held, whether a process counted them, and the slots:
+#: the bytes reserved, then the bytes yet to reserve.
+_USAGE = struct.Struct(f"<qq{2 * SLOTS}q")
 #: The slots taken by coordinators of this process (POSIX locks cannot tell them apart).
 _slots_here: set[int] = set()
 
@@ -99,6 +101,7 @@ class LocalCoordinator:
 
     def __init__(self) -> None:
         self._usage = 0
+        self._promised = 0
 
     def __repr__(self) -> str:
         return "<LocalCoordinator>"
@@ -112,6 +115,10 @@ class LocalCoordinator:
 
     def reserve(self, delta: int) -> int:
         return self.add_usage(delta)
+
+    def promise(self, delta: int) -> int:
+        self._promised += delta
+        return self._promised
 
     def claim(self, digest: str) -> bool:
         return True
@@ -259,9 +266,15 @@ class FileLockCoordinator:
         return False
 
     def _change_usage(
-        self, held: int, reserved: int, start: bool = False, clear: bool = False
-    ) -> int:
-        """Change the counters; the total held and reserved by the live processes.
+        self,
+        held: int,
+        reserved: int,
+        promised: int = 0,
+        start: bool = False,
+        clear: bool = False,
+    ) -> tuple[int, int]:
+        """Change the counters; the totals held and reserved, and promised, by the live
+        processes.
 
         Held for a read and a write of the counters, and freed by the kernel if we die.
         """
@@ -274,16 +287,18 @@ class FileLockCoordinator:
                 total, counted = held, 1
             elif not start:
                 total += held
+            mine = self._slot
             if clear:
-                slots[self._slot] = 0
-            slots[self._slot] += reserved
-            for slot, bytes_reserved in enumerate(slots):
-                if bytes_reserved and not self._alive(slot):
-                    slots[slot] = 0
+                slots[mine] = slots[SLOTS + mine] = 0
+            slots[mine] += reserved
+            slots[SLOTS + mine] += promised
+            for slot in range(SLOTS):
+                if (slots[slot] or slots[SLOTS + slot]) and not self._alive(slot):
+                    slots[slot] = slots[SLOTS + slot] = 0
             after = (total, counted, *slots)
             if after != before:
                 os.pwrite(self._usage_fd, _USAGE.pack(*after), 0)
-            return total + sum(slots)
+            return total + sum(slots[:SLOTS]), sum(slots[SLOTS:])
         finally:
             fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _USAGE_OFFSET)
 
@@ -291,10 +306,13 @@ class FileLockCoordinator:
         self._change_usage(total, 0, start=True)
 
     def add_usage(self, delta: int) -> int:
-        return self._change_usage(delta, 0)
+        return self._change_usage(delta, 0)[0]
 
     def reserve(self, delta: int) -> int:
-        return self._change_usage(0, delta)
+        return self._change_usage(0, delta)[0]
+
+    def promise(self, delta: int) -> int:
+        return self._change_usage(0, 0, delta)[1]
 
     def close(self) -> None:
         self._held.clear()

@@ -45,6 +45,7 @@ from twisted.web.client import URI, Agent, HTTPConnectionPool, _HTTP11ClientFact
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
+from dockmirror.logs import printable
 from dockmirror.proxy import ProxyRules, TunnelEndpoint
 
 log = Logger()
@@ -323,16 +324,19 @@ def load_upstream_tls(
 
 
 def tls_failure(error: Exception) -> str | None:
-    """Why a TLS handshake failed, if that is what *error* (a treq failure) is about."""
+    """Why a TLS handshake failed, if that is what *error* (a treq failure) is about.
+
+    It may quote the names of the peer's certificate: it is shortened to be logged.
+    """
     reasons = getattr(error, "reasons", None) or []
     for reason in reasons:
         value = reason.value
         if isinstance(value, VerificationError):
-            return f"certificate does not match the host name ({value})"
+            return printable(f"certificate does not match the host name ({value})")
         if isinstance(value, SSL.Error):
             entries = value.args[0] if value.args and isinstance(value.args[0], list) else []
             details = [str(e[-1]) for e in entries if isinstance(e, tuple) and e and e[-1]]
-            return "TLS handshake failed: " + (", ".join(details) or str(value))
+            return printable("TLS handshake failed: " + (", ".join(details) or str(value)))
     return None
 
 

@@ -1,9 +1,13 @@
-"""A JSON-lines log observer for journald and log shippers.
+"""A JSON-lines log observer for journald and log shippers, and what may go in a log.
 
 Use it with ``twistd --logger=dockmirror.logs.json_lines dockmirror ...``: one
 JSON object per line, with the formatted message and the event's own fields
 (for the access log: client, key, method, uri, status, bytes, duration,
 upstream, cache).
+
+Every value an upstream sends (a header, a body, a URL it points to) goes
+into a log event, or into an error message that may be logged, only through
+:func:`printable`: short, on one line.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from typing import IO, Any
 
 from twisted.logger import ILogObserver, formatEvent
 from zope.interface import implementer
+
+#: The most characters of a value from an upstream that a log line shows.
+SHOWN_MAX = 200
 
 _SKIP = {
     "log_logger",
@@ -67,3 +74,9 @@ class JSONLinesObserver:
 def json_lines() -> JSONLinesObserver:
     """The observer factory for ``twistd --logger``."""
     return JSONLinesObserver(sys.stdout)
+
+
+def printable(text: str, limit: int = SHOWN_MAX) -> str:
+    """*text* from an upstream, fit for a log line: printable, and at most *limit* characters."""
+    shown = "".join(c if c.isprintable() else " " for c in text[: limit + 1])
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."

@@ -41,6 +41,7 @@ from dockmirror import jsontext
 from dockmirror.config import CONNECT_TIMEOUT, READ_TIMEOUT
 from dockmirror.egress import DisallowedAddress, tls_failure
 from dockmirror.hostnames import parse_host_header
+from dockmirror.logs import printable
 from dockmirror.metrics import Metrics
 from dockmirror.proxy import ProxyError
 from dockmirror.streaming import IdleTimer
@@ -125,20 +126,18 @@ def _origin(url: str) -> tuple[str, str, int | None] | None:
 
 
 def may_send_credentials(realm: str, registry_url: str, token_realms: tuple[str, ...] = ()) -> bool:
-    """Credentials go to the registry's own host, or to a token service origin listed for it.
+    """Credentials go to the registry's own origin, or to a token service origin listed for it.
 
-    The list is the plugin's (Docker Hub's ``https://auth.docker.io``) and the
+    An origin is a scheme, host and port, all three as configured: another
+    port of the registry's host may be another party's service.  The list
+    is the plugin's (Docker Hub's ``https://auth.docker.io``) and the
     operator's ``token_realms``.  No guess from domain names is made: tenants
     of a shared registry domain (``*.azurecr.io``) are different parties.
     """
-    realm_origin, registry_origin = _origin(realm), _origin(registry_url)
-    if realm_origin is None or registry_origin is None or not realm_origin[1]:
+    realm_origin = _origin(realm)
+    if realm_origin is None or not realm_origin[1]:
         return False
-    if realm_origin[0] == "http" and registry_origin[0] == "https":
-        return False
-    if realm_origin[1] == registry_origin[1]:
-        return True
-    return realm_origin in {_origin(r) for r in token_realms}
+    return realm_origin in {_origin(registry_url), *map(_origin, token_realms)}
 
 
 def basic_authorization(username: str, password: str) -> str:
@@ -203,7 +202,7 @@ class _SmallBody(Protocol):
             self._end(None)
         else:
             reasons = getattr(reason.value, "reasons", None) or [reason]
-            why = "; ".join(f.getErrorMessage() for f in reasons)
+            why = printable("; ".join(f.getErrorMessage() for f in reasons))
             self._end(UpstreamError(f"body cut short: connection failed: {why}", 502))
 
     def _idle(self) -> None:
@@ -370,8 +369,8 @@ class UpstreamClient:
             log.debug(
                 "{upstream}: {url} redirects to {target}",
                 upstream=self.name,
-                url=url,
-                target=target,
+                url=printable(url),
+                target=printable(target),
             )
             url, params = target, None
 
@@ -512,6 +511,7 @@ class UpstreamClient:
         if service:
             params.insert(0, ("service", service))
         realm = self.check_url(realm, "token realm")
+        shown = printable(realm)
         headers: dict[str, str] = {}
         if self._username is not None and self._password is not None:
             if may_send_credentials(realm, self.base_url, self._token_realms):
@@ -520,22 +520,23 @@ class UpstreamClient:
             else:
                 log.warn(
                     "not sending {upstream} credentials to token realm {realm}: not the"
-                    " registry's host nor one of its token_realms",
+                    " registry's origin nor one of its token_realms (add it to token_realms"
+                    " if it is the registry's token service)",
                     upstream=self.name,
-                    realm=realm,
+                    realm=shown,
                 )
         response = await self._send("GET", realm, headers, params, None)
         body = await self.read(response)
         if response.code in (401, 403):
             log.warn(
                 "token service {realm} refused {upstream}: {code}",
-                realm=realm,
+                realm=shown,
                 upstream=self.name,
                 code=response.code,
             )
             return None
         if response.code != 200:
-            raise UpstreamError(f"token service {realm} answered {response.code}")
+            raise UpstreamError(f"token service {shown} answered {response.code}")
         try:
             data = jsontext.loads(body)
             token = data.get("token") or data.get("access_token")
@@ -543,8 +544,8 @@ class UpstreamClient:
         except (ValueError, AttributeError):
             token = None
         if not isinstance(token, str) or not token:
-            raise UpstreamError(f"token service {realm} answered without a token")
-        log.debug("token for {scope} from {realm}", scope=scope, realm=realm)
+            raise UpstreamError(f"token service {shown} answered without a token")
+        log.debug("token for {scope} from {realm}", scope=printable(scope), realm=shown)
         return token, _lifetime(expires_in)
 
 
@@ -572,6 +573,7 @@ def _timed_out(result: object, timeout: float) -> Failure:
 
 
 def _describe(e: Exception) -> str:
+    """Why a request failed, short: the HTTP parser's errors quote what the upstream sent."""
     if isinstance(e, (ResponseFailed, ResponseNeverReceived, RequestTransmissionFailed)):
-        return "connection failed: " + "; ".join(f.getErrorMessage() for f in e.reasons)
-    return str(e) or type(e).__name__
+        return "connection failed: " + printable("; ".join(f.getErrorMessage() for f in e.reasons))
+    return printable(str(e) or type(e).__name__)

@@ -116,7 +116,9 @@ class Cache(service.Service):
             min_free=config.min_free_bytes,
             send=send,
         )
-        self.manifests = ManifestCache(self.blobs, self.index, reactor, config.manifest_ttl)
+        self.manifests = ManifestCache(
+            self.blobs, self.index, reactor, config.manifest_ttl, config.max_tags
+        )
         self.referrers = ReferrersCache(reactor, config.manifest_ttl)
         #: The shared tier below the directory, if any.
         self.storage: IBlobStorage | None = build_storage(

@@ -220,10 +220,13 @@ class BlobStore(EvictingStore):
     def begin_fill(
         self, digest: str, size: int, upstream: str, parts: int = 1
     ) -> Fill | FollowedFill | str:
-        """Reserve room for a blob and register its fill, or say why it won't be cached.
+        """Reserve room for a blob's first bytes and register its fill, or say why it won't
+        be cached.
 
-        With *parts* above 1, the fill is a :class:`RangedFill`, fetched in
-        ranges over that many connections.  When another process sharing the
+        The fill reserves the rest as it arrives (:meth:`grow`); the disk
+        must have room for the whole *size* at the start.  With *parts*
+        above 1, the fill is a :class:`RangedFill`, fetched in ranges over
+        that many connections.  When another process sharing the
         directory fills the blob, or just did, the fill returned follows that
         process's work.
         """
@@ -235,7 +238,8 @@ class BlobStore(EvictingStore):
         if self._adopt(digest):
             self.coordinator.release(digest)
             return self._follow(digest, size)
-        evictions = self._make_room(size)
+        reserved = min(size, self.reserve_step)
+        evictions = self._make_room(reserved, disk=size, promise=size - reserved)
         if isinstance(evictions, str):
             self.coordinator.release(digest)
             return evictions
@@ -249,13 +253,24 @@ class BlobStore(EvictingStore):
                 size,
                 upstream,
                 temp_path,
+                reserved,
                 evictions,
                 self.reactor,
                 self._run,
                 parts=parts,
             )
         else:
-            fill = Fill(self, digest, size, upstream, temp_path, evictions, self.reactor, self._run)
+            fill = Fill(
+                self,
+                digest,
+                size,
+                upstream,
+                temp_path,
+                reserved,
+                evictions,
+                self.reactor,
+                self._run,
+            )
         self._fills[digest] = fill
         self.metrics.fills_in_flight.inc()
         return fill
@@ -321,14 +336,14 @@ class BlobStore(EvictingStore):
     def committed(self, fill: Fill) -> None:
         if self._fills.get(fill.digest) is fill:
             self._hold(fill.size)  # before the reservation ends: never counted short
-            self._reserve(-fill.size)
+            self._reserve(-fill.reserved)
         # Recorded before the claim ends: whoever claims it next learns it is here.
         self._add(fill.digest, fill.size)
         self._end_fill(fill)
 
     def failed(self, fill: Fill) -> None:
         if self._fills.get(fill.digest) is fill:
-            self._reserve(-fill.size)
+            self._reserve(-fill.reserved)
         self._end_fill(fill)
         # The size may have been wrong: the next request asks the upstream again.
         self.doubt(fill.digest)
@@ -337,7 +352,9 @@ class BlobStore(EvictingStore):
         if self._fills.get(fill.digest) is fill:
             del self._fills[fill.digest]
             self.coordinator.release(fill.digest)
-            self.reserved -= fill.size
+            self.reserved -= fill.reserved
+            if fill.reserved < fill.size:
+                self._promise(fill.reserved - fill.size)
             self.metrics.fills_in_flight.dec()
 
     async def put_small(self, digest: str, data: bytes) -> bool:
@@ -384,10 +401,13 @@ class BlobStore(EvictingStore):
             "size": self.size,
             "max_size": self.max_size,
             "reserved": self.reserved,
+            "promised": self.promised,
             "blobs": len(self._entries),
             "readers": sum(self._pins.values()),
             "kept": len(self._kept),
-            "fills": {d: f"{f.written}/{f.size}" for d, f in self._fills.items()},
+            "fills": {
+                d: f"{f.written}/{f.size}, {f.reserved} reserved" for d, f in self._fills.items()
+            },
             "elsewhere": self._fills_elsewhere(),
         }
 

@@ -19,6 +19,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
 )
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from dockmirror._interfaces import ICoordinator
 from dockmirror.cache import files
@@ -105,6 +106,11 @@ class BlobEntries:
         self._keeping: Deferred[None] = succeed(None)
         self.size = 0
         self.reserved = 0
+        #: Bytes of blobs this process is removing, still counted by every process
+        #: until their files are gone: as good as free here, as they are in :attr:`size`.
+        self._freeing = 0
+        #: Bytes the fills in progress have yet to reserve, as their upstreams announced.
+        self.promised = 0
 
     def path(self, digest: str) -> str:
         algorithm, _, hexpart = digest.partition(":")
@@ -269,17 +275,23 @@ class BlobEntries:
             self._index.write(sql, digest)
         for hook in self.on_remove:
             hook(digest)
+        self._freeing += size
         d = self._run(files.remove, self.path(digest))
 
         def removed(gone: bool) -> None:
+            self._freeing -= size
             if gone:  # by us: another worker may have removed it first
                 self._hold(-size)
+
+        def failed(failure: Failure) -> None:
+            self._freeing -= size
+            log.failure("removing cached {digest}", failure, digest=digest)
 
         def told(_: None) -> None:
             for hook in self.on_gone:
                 hook(digest)
 
-        d.addCallbacks(removed, lambda f: log.failure("removing cached {digest}", f, digest=digest))
+        d.addCallbacks(removed, failed)
         return d.addCallback(told)
 
     # --- bytes counted for the quota ------------------------------------------
@@ -287,7 +299,7 @@ class BlobEntries:
     def _used(self) -> int:
         """Bytes held and reserved, by this process or by all that share the directory."""
         if self.coordinator.shared:
-            return self.coordinator.add_usage(0)
+            return self.coordinator.add_usage(0) - self._freeing
         return self.size + self.reserved
 
     def _hold(self, delta: int) -> None:
@@ -303,6 +315,13 @@ class BlobEntries:
         """Count bytes this process reserves for a fill, which end with it if it dies."""
         if self.coordinator.shared:
             self.coordinator.reserve(delta)
+
+    def _promise(self, delta: int) -> int:
+        """Count bytes this process's fills have yet to reserve; those of every process."""
+        self.promised += delta
+        if self.coordinator.shared:
+            return self.coordinator.promise(delta)
+        return self.promised
 
     def disown(self, origins: set[str]) -> list[str]:
         """Forget that *origins* have any blob; returns the digests no origin has now."""

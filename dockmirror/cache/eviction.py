@@ -1,7 +1,15 @@
 """The blob store's quota: room made for fills by evicting the least recently used.
 
-Blobs being read (by any process), being filled, or kept for the warm images
-(:meth:`EvictingStore.keep`) are never evicted.
+A fill reserves room for its blob as the bytes arrive, a step at a time
+(:meth:`EvictingStore.grow`), never for the whole size the upstream
+announced: an upstream announcing a large blob and sending little evicts
+no more than one step's worth.  The rest of the announced size is only
+promised: a fill is admitted when there would be blobs to evict for every
+promise, so the fills admitted together find room for their later steps
+(unless the blobs they counted on are read meanwhile).
+
+Blobs being read (by any process), being filled, or kept for the warm
+images (:meth:`EvictingStore.keep`) are never evicted.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from twisted.logger import Logger
 
 from dockmirror.cache import files
 from dockmirror.cache.entries import BlobEntries
+from dockmirror.cache.fill import Fill
 from dockmirror.coordination import KEPT_FILE
 from dockmirror.errors import RegistryError
 from dockmirror.reference import check_digest
@@ -34,6 +43,12 @@ KEPT_TEMP_AGE = 60.0
 #: Seconds during which a blob read by any process counts as just used, whatever
 #: the index says (its use reaches the index within a second or so).
 RECENT = 10.0
+#: A fill reserves room for its bytes, as they arrive, this many ahead of them ...
+RESERVE_STEP = 64 << 20
+#: ... or this fraction of the quota, if less ...
+RESERVE_SHARE = 1 / 16
+#: ... but no fewer than this many: a blob this small is reserved at once.
+RESERVE_MIN = 1 << 20
 
 
 class EvictingStore(BlobEntries):
@@ -41,34 +56,79 @@ class EvictingStore(BlobEntries):
 
     # --- the quota ---------------------------------------------------------------
 
-    def _make_room(self, size: int) -> list[Deferred[None]] | str:
+    @property
+    def reserve_step(self) -> int:
+        """The bytes a fill reserves ahead of those it received."""
+        if self.max_size is None:
+            return RESERVE_STEP
+        return max(min(RESERVE_STEP, int(self.max_size * RESERVE_SHARE)), RESERVE_MIN)
+
+    def grow(self, fill: Fill) -> list[Deferred[None]] | str:
+        """Reserve room for *fill* up to a step beyond the bytes it took; or say why not.
+
+        The bytes past the old reservation go to the disk once the blobs
+        evicted for them are gone.
+        """
+        wanted = min(fill.size, fill.taken + self.reserve_step)
+        more = wanted - fill.reserved
+        evictions = self._make_room(more)
+        if not isinstance(evictions, str):
+            fill.reserved = wanted
+            self._promise(-more)
+        return evictions
+
+    def _make_room(
+        self, size: int, disk: int | None = None, promise: int | None = None
+    ) -> list[Deferred[None]] | str:
         """Reserve *size* bytes and evict what must go for them; or say why there is no room.
 
         The reservation comes first, so that a process choosing its victims
         at the same time counts it, and each victim is claimed, so that no
-        two processes count one victim's bytes as freed for themselves.
+        two processes count one victim's bytes as freed for themselves.  The
+        file system must have room for *disk* bytes (by default *size*).
+        With a *promise* of more bytes (a fill's admission), there must also
+        be blobs to evict for them and for every other promise, but none is
+        evicted for them yet.
         """
         self.reserved += size
         self._reserve(size)
-        victims = self._victims()
+        victims = self._victims(0 if promise is None else self._promise(promise))
         reason = None
         if victims is None:
             reason = "cache full of blobs in use"
-        elif not self._disk_has_room(size - sum(self._entries[d] for d in victims)):
-            reason = "disk full"
-            for victim in victims:
-                self._let_in(victim)
+        else:
+            victims = self._spare(victims)
+            if not self._disk_has_room(
+                (size if disk is None else disk) - sum(self._entries[d] for d in victims)
+            ):
+                reason = "disk full"
+                for victim in victims:
+                    self._let_in(victim)
         if reason is not None:
             self._unreserve(size)
+            if promise:
+                self._promise(-promise)
             return reason
         return [self._evict(d) for d in victims or ()]
+
+    def _spare(self, victims: list[str]) -> list[str]:
+        """The first of *victims* that the quota needs evicted now; the others are let in."""
+        excess = 0 if self.max_size is None else self._used() - self.max_size
+        needed = []
+        for victim in victims:
+            if excess > 0:
+                needed.append(victim)
+                excess -= self._entries[victim]
+            else:
+                self._let_in(victim)
+        return needed
 
     def _disk_has_room(self, size: int) -> bool:
         space = self.space()
         if space is None:
             return True
         free, margin = space
-        unwritten = sum(f.size - f.written for f in self._fills.values())
+        unwritten = sum(f.reserved - f.written for f in self._fills.values())
         return free >= size + unwritten + margin
 
     def space(self) -> tuple[int, int] | None:
@@ -82,16 +142,17 @@ class EvictingStore(BlobEntries):
             margin = min(DISK_MARGIN, int(st.f_blocks * st.f_frsize * DISK_MARGIN_SHARE))
         return st.f_bavail * st.f_frsize, margin
 
-    def _victims(self) -> list[str] | None:
-        """The least recently used blobs to evict to fit the quota, or None if none can.
+    def _victims(self, extra: int = 0) -> list[str] | None:
+        """The least recently used blobs to evict to fit the quota and *extra* more bytes,
+        or None if none can.
 
         Blobs being read (by any process), kept for the warm images, or
         filled or evicted by another process are never chosen.  Each victim
-        is claimed until it is evicted.
+        is claimed until it is evicted or let in.
         """
         if self.max_size is None:
             return []
-        excess = self._used() - self.max_size
+        excess = self._used() + extra - self.max_size
         if excess <= 0:
             return []  # without a look at the index
         victims = []

@@ -8,8 +8,10 @@ as it arrives: bytes not in the file yet are taken from the queue in memory,
 the rest from the file.  The upstream socket is
 paused only while the disk is behind (:data:`HIGH_WATER` bytes queued),
 never for a slow client, so one client cannot stall the others and no blob
-is ever held in memory.  The file is renamed to its digest only when the
-size and digest match.
+is ever held in memory.  Room in the cache is reserved as the body arrives,
+a step ahead of it (:meth:`BlobStore.grow`): bytes past the reservation
+wait in memory until the blobs evicted for them are gone.  The file is
+renamed to its digest only when the size and digest match.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dockmirror.cache import files
 from dockmirror.cache.index import Runner
 from dockmirror.cache.progress import FillProgress
 from dockmirror.errors import RegistryError
+from dockmirror.logs import printable
 from dockmirror.streaming import (
     IDLE_TIMEOUT,
     DigestMismatch,
@@ -67,7 +70,8 @@ class CacheWriteError(StreamError):
 class Fill(FillProgress, Protocol):
     """A blob on its way from an upstream into the cache.
 
-    Made by :meth:`BlobStore.begin_fill` with the space reserved, then either
+    Made by :meth:`BlobStore.begin_fill` with room reserved for its first
+    :attr:`reserved` bytes, then either
     :meth:`start`-ed with the upstream response or :meth:`abandon`-ed.
     :attr:`ready` fires once the temporary file exists; :attr:`finished` once
     the blob is committed, or fails with the reason it is not.  Readers
@@ -84,6 +88,7 @@ class Fill(FillProgress, Protocol):
         size: int,
         upstream: str,
         temp_path: str,
+        reserved: int,
         evictions: list[Deferred[None]],
         reactor: IReactorTime,
         run: Runner,
@@ -92,7 +97,14 @@ class Fill(FillProgress, Protocol):
         FillProgress.__init__(self, digest, size, temp_path)
         self.store = store
         self.upstream = upstream
+        #: Bytes of room reserved in the cache, grown as :attr:`taken` nears it.
+        self.reserved = reserved
+        #: Bytes of the body taken in to be written, whatever their offsets.
+        self.taken = 0
         self._evictions = evictions
+        #: Evictions for the bytes past the first reservation not done yet:
+        #: nothing is written meanwhile.
+        self._evicting = 0
         self._run = run
         self.received = 0
         self._fd: int | None = None
@@ -235,6 +247,8 @@ class Fill(FillProgress, Protocol):
         if self.received > self.size:
             self._fail(StreamError(f"upstream sent more than the {self.size} bytes announced"))
             return
+        if not self._take(len(data)):
+            return
         self._timer.touch()
         self._pending.append(data)
         self._queued.append(data)
@@ -252,7 +266,7 @@ class Fill(FillProgress, Protocol):
         if self.done:
             return
         if not reason.check(ResponseDone):
-            error = StreamError(f"upstream body failed: {reason.getErrorMessage()}")
+            error = StreamError(f"upstream body failed: {printable(reason.getErrorMessage())}")
         elif self.received != self.size:
             error = StreamError(f"upstream sent {self.received} of {self.size} bytes")
         else:
@@ -290,6 +304,27 @@ class Fill(FillProgress, Protocol):
 
     # --- the disk --------------------------------------------------------------
 
+    def _take(self, count: int) -> bool:
+        """Count *count* more bytes taken in, reserving room for them; False if there is none.
+
+        The fill then failed.
+        """
+        self.taken += count
+        if self.taken <= self.reserved:
+            return True
+        evictions = self.store.grow(self)
+        if isinstance(evictions, str):
+            self._fail(CacheWriteError(f"no room left in the cache: {evictions}"))
+            return False
+        for evicted in evictions:
+            self._evicting += 1
+            evicted.addCallback(self._evicted)
+        return True
+
+    def _evicted(self, _: object) -> None:
+        self._evicting -= 1
+        self._write_next()
+
     def _batch_ready(self, now: bool = False) -> bool:
         """Whether the bytes pending go to the disk now; if not, they go within
         :data:`WRITE_DELAY` seconds."""
@@ -318,7 +353,7 @@ class Fill(FillProgress, Protocol):
         self._count()
 
     def _write_next(self) -> None:
-        if self._writing or self.done:
+        if self._writing or self._evicting or self.done:
             return
         if self._pending and self._batch_ready(self._ended):
             chunks, self._pending = self._pending, []

@@ -4,12 +4,15 @@ Manifest bodies are blobs in the :class:`~dockmirror.cache.blobs.BlobStore`,
 so they share its quota and LRU; a manifest by digest never changes and is
 kept until evicted.  A tag is remembered per media type, because what an
 upstream answers for a tag depends on the client's ``Accept``: each client
-is answered with an entry it accepts, and any other goes upstream.
+is answered with an entry it accepts, and any other goes upstream.  Tag
+entries are only a cache of what the upstream said: beyond ``max_tags`` tags,
+the least recently used are dropped, which costs them a revalidation.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -46,6 +49,8 @@ PREFERENCE = (
 INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
 #: The longest origin (upstream, repository and URL) taken from another process.
 ORIGIN_MAX = 1024
+#: Tags kept, unless ``[cache] max_tags`` says otherwise.
+MAX_TAGS = 100_000
 
 
 def accepted(accept: str | None) -> set[str] | None:
@@ -193,13 +198,23 @@ class TagEntry:
 
 
 class ManifestCache:
-    def __init__(self, store: BlobStore, index: Index, reactor: IReactorTime, ttl: float) -> None:
+    def __init__(
+        self,
+        store: BlobStore,
+        index: Index,
+        reactor: IReactorTime,
+        ttl: float,
+        max_tags: int = MAX_TAGS,
+    ) -> None:
         self.store = store
         self.ttl = ttl
+        #: The most tags kept; beyond them, the least recently used are dropped.
+        self.max_tags = max_tags
         self._index = index
         self._reactor = reactor
         self._types: dict[str, str] = {}
-        self._tags: dict[tuple[str, str], dict[str, TagEntry]] = {}
+        #: (origin, tag) -> media type -> entry; least recently used first.
+        self._tags: OrderedDict[tuple[str, str], dict[str, TagEntry]] = OrderedDict()
         #: manifest digest -> the (origin, tag) keys with an entry pointing to it.
         self._tagged: dict[str, set[tuple[str, str]]] = {}
         #: The tags of the other nodes of a cluster; None for a node alone.
@@ -213,7 +228,7 @@ class ManifestCache:
         for digest, media_type in snapshot.manifests:
             if self.store.has(digest):
                 self._types[digest] = media_type
-        for origin, tag, media_type, digest, checked in snapshot.tags:
+        for origin, tag, media_type, digest, checked in sorted(snapshot.tags, key=_checked):
             if digest in self._types:
                 self._keep((origin, tag), TagEntry(digest, media_type, checked))
         self._index.write("DELETE FROM tags WHERE digest NOT IN (SELECT digest FROM manifests)")
@@ -233,11 +248,16 @@ class ManifestCache:
 
     def _keep(self, key: tuple[str, str], entry: TagEntry) -> None:
         entries = self._tags.setdefault(key, {})
+        self._tags.move_to_end(key)
         old = entries.get(entry.media_type)
         entries[entry.media_type] = entry
         if old is not None:
             self._unlink(key, old.digest)
         self._tagged.setdefault(entry.digest, set()).add(key)
+        while len(self._tags) > self.max_tags:
+            oldest = next(iter(self._tags))
+            self._drop(oldest)
+            self._index.write("DELETE FROM tags WHERE origin = ? AND tag = ?", *oldest)
 
     def _unlink(self, key: tuple[str, str], digest: str) -> None:
         """Drop *key* from *digest*'s tags unless another of its entries still points there."""
@@ -274,6 +294,8 @@ class ManifestCache:
     def tag(self, origin: str, tag: str, accept: set[str] | None) -> TagEntry | None:
         """The preferred cached entry for a tag that the client accepts."""
         entries = self._tags.get((origin, tag), {})
+        if entries:
+            self._tags.move_to_end((origin, tag))
         usable = [
             e
             for e in entries.values()
@@ -468,6 +490,10 @@ class ManifestCache:
 
     def stats(self) -> dict[str, int]:
         return {"manifests": len(self._types), "tags": len(self._tags)}
+
+
+def _checked(row: tuple[str, str, str, str, float]) -> float:
+    return row[4]
 
 
 def _rank(media_type: str) -> int:

@@ -37,6 +37,7 @@ from twisted.web.client import ResponseDone
 
 from dockmirror.cache import files
 from dockmirror.cache.fill import HIGH_WATER, LOW_WATER, Fill
+from dockmirror.logs import printable
 from dockmirror.streaming import IDLE_TIMEOUT, IdleTimer, StreamError, read_large
 
 log = Logger()
@@ -180,6 +181,8 @@ class RangedFill(Fill):
         end = offset + len(data)
         received = self.received
         for start, stop in self._spans.missing(offset, end):
+            if not self._take(stop - start):
+                return
             piece = data if (start, stop) == (offset, end) else data[start - offset : stop - offset]
             self._spans.add(start, stop)
             self._chunks.append((start, piece))
@@ -199,7 +202,7 @@ class RangedFill(Fill):
     # --- the disk --------------------------------------------------------------
 
     def _write_next(self) -> None:
-        if self._writing or self.done:
+        if self._writing or self._evicting or self.done:
             return
         prefix = self._spans.prefix
         target = min(prefix, self.written + HASH_STEP)
@@ -381,7 +384,7 @@ class PartBody(Protocol):
         elif reason.check(ResponseDone):
             self._end(StreamError(f"the body ended at byte {self.pos}, before {self.end}"))
         else:
-            why = reason.getErrorMessage()
+            why = printable(reason.getErrorMessage())
             self._end(StreamError(f"the body failed at byte {self.pos}: {why}"))
 
     def pause(self) -> None:

@@ -215,6 +215,9 @@ class ClusterCoordinator:
     def reserve(self, delta: int) -> int:
         return int(self.local.reserve(delta))
 
+    def promise(self, delta: int) -> int:
+        return int(self.local.promise(delta))
+
     def start_usage(self, total: int) -> None:
         self.local.start_usage(total)
 

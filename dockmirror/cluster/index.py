@@ -28,6 +28,9 @@ Reads of the last access are batched.  Every node sweeps, hourly, what can
 no longer count: tag entries whose TTL ran out (an hour after this node's
 TTL, for nodes with a longer one), and proofs of digests that no node holds
 or fills, so that neither table grows with every tag and digest ever seen.
+The tags are also kept to the ``max_tags`` resolved last, as each process
+keeps its own: at each sweep, and each time the process recorded a tenth of
+that many (a catch-all upstream answering every tag name asked for).
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ TOUCH_BATCH = 10_000
 SWEEP_INTERVAL = 3600.0
 #: ... among them tag entries resolved more than this node's TTL and this many seconds ago.
 TAG_GRACE = 3600.0
+#: The tags beyond ``max_tags`` are dropped each time a process recorded this share of it.
+TRIM_SHARE = 0.1
 #: Seconds between reads of the purges made by other processes ...
 PURGE_POLL = 4.0
 #: ... at most this many at a time.
@@ -101,6 +106,9 @@ class ClusterIndex(service.Service):
         self._loop.clock = reactor
         self._reactor = reactor
         self._ttl = cache.manifests.ttl
+        self._max_tags: int = cache.manifests.max_tags
+        #: Tags recorded since the shared table was last kept to ``max_tags``.
+        self._published = 0
         self._sweeper = LoopingCall(self._sweep)
         self._sweeper.clock = reactor
         #: This process, as the purges it records name it.
@@ -163,7 +171,9 @@ class ClusterIndex(service.Service):
 
     def _sweep(self) -> None:
         cutoff = self._reactor.seconds() - self._ttl - TAG_GRACE
-        self._run(partial(sweep, cutoff), "sweeping expired tags and proofs of blobs gone")
+        self._published = 0
+        f = partial(sweep, cutoff, self._max_tags)
+        self._run(f, "sweeping expired tags and proofs of blobs gone")
 
     def _write(self, f: Any, what: str) -> None:
         """*f* on the coordinator's session, in order with its claims."""
@@ -308,6 +318,10 @@ class ClusterIndex(service.Service):
     ) -> None:
         row = (origin, tag, media_type, digest, body, resolved)
         self._run(partial(_execute, _UPSERT_TAG, row), f"recording tag {tag}")
+        self._published += 1
+        if self._published >= max(self._max_tags * TRIM_SHARE, 1):
+            self._published = 0
+            self._run(partial(trim_tags, self._max_tags), "dropping the tags beyond max_tags")
 
     def expire(self, origin: str, tag: str, keep: str, expired: float) -> None:
         self._run(partial(_execute, _EXPIRE_TAG, (expired, origin, tag, keep)), f"expiring {tag}")
@@ -369,6 +383,10 @@ _RECORD_APPLIED = (
 
 
 _SWEEP_TAGS = "DELETE FROM cache_tags WHERE resolved < %s"
+_TRIM_TAGS = (
+    "DELETE FROM cache_tags t USING (SELECT origin, tag FROM cache_tags GROUP BY origin, tag"
+    " ORDER BY max(resolved) DESC OFFSET %s) old WHERE t.origin = old.origin AND t.tag = old.tag"
+)
 _SWEEP_PURGES = f"DELETE FROM cache_purges WHERE made < now() - interval '{PURGE_KEEP:.0f} seconds'"
 _SWEEP_ACCESS = (
     "DELETE FROM cache_access a"
@@ -377,12 +395,13 @@ _SWEEP_ACCESS = (
 )
 
 
-def sweep(cutoff: float, conn: psycopg.Connection[Any]) -> tuple[int, int]:
-    """Delete tag entries resolved before *cutoff*, and proofs of digests no node holds or fills.
+def sweep(cutoff: float, max_tags: int, conn: psycopg.Connection[Any]) -> tuple[int, int]:
+    """Delete tag entries resolved before *cutoff* or beyond *max_tags* tags, and proofs of
+    digests no node holds or fills.
 
     Returns how many of each went.
     """
-    tags = conn.execute(_SWEEP_TAGS, (cutoff,)).rowcount
+    tags = conn.execute(_SWEEP_TAGS, (cutoff,)).rowcount + trim_tags(max_tags, conn)
     proofs = conn.execute(_SWEEP_ACCESS).rowcount
     conn.execute(_SWEEP_PURGES)
     if tags or proofs:
@@ -392,6 +411,11 @@ def sweep(cutoff: float, conn: psycopg.Connection[Any]) -> tuple[int, int]:
             proofs=proofs,
         )
     return tags, proofs
+
+
+def trim_tags(max_tags: int, conn: psycopg.Connection[Any]) -> int:
+    """Delete the entries of all tags but the *max_tags* resolved last; returns how many went."""
+    return int(conn.execute(_TRIM_TAGS, (max_tags,)).rowcount)
 
 
 def _execute(sql: str, params: tuple[Any, ...], conn: psycopg.Connection[Any]) -> None:

@@ -25,6 +25,8 @@ class CacheConfig:
     #: Free space to leave on the cache's file system, as a size string;
     #: None: the lesser of 256 MiB and 5 % of the file system.
     min_free: str | None = None
+    #: The most tags remembered; beyond them the least recently used are dropped.
+    max_tags: int = 100_000
 
     @property
     def min_free_bytes(self) -> int | None:
@@ -52,3 +54,5 @@ def check_cache(source: str, cache: CacheConfig) -> None:
         )
     if cache.manifest_ttl < 0:
         raise ConfigError(f"{source}: cache.manifest_ttl must be zero or more seconds")
+    if cache.max_tags < 1:
+        raise ConfigError(f"{source}: cache.max_tags must be at least 1")

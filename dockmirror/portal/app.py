@@ -267,16 +267,16 @@ class Portal:
             log.warn("sign-in with a forged, reused or expired state from {client}", client=client)
             raise PortalError(
                 400,
-                "This sign-in link is not valid: it was already used, has expired, or was not"
-                " started in this browser. Please sign in again.",
+                "this sign-in link is not valid: it was already used, has expired, or was not"
+                " started in this browser; sign in again",
             )
         error = args.get(b"error")
         if error:
             reason = "".join(c for c in error[0].decode("ascii", "replace") if c.isprintable())
-            raise PortalError(403, f"{provider.label} refused the sign-in ({reason[:80]}).")
+            raise PortalError(403, f"{provider.label} refused the sign-in ({reason[:80]})")
         code = (args.get(b"code") or [b""])[0].decode("ascii", "replace")
         if not code or len(code) > 2048:
-            raise PortalError(400, f"{provider.label} sent no authorization code.")
+            raise PortalError(400, f"{provider.label} sent no authorization code")
         try:
             identity = await provider.complete(
                 code, self.redirect_uri(provider), pending.verifier, pending.nonce
@@ -292,9 +292,9 @@ class Portal:
                 identity=identity.identity,
                 client=client,
             )
-            raise PortalError(403, f"{identity.identity} may not use this portal.")
+            raise PortalError(403, f"this portal is not open to {identity.identity}")
         if await self._db(PortalQueries.is_disabled, identity.identity):
-            raise PortalError(403, f"{identity.identity} is disabled on this portal.")
+            raise PortalError(403, f"the account {identity.identity} is disabled on this portal")
         session_id = secrets.token_urlsafe(32)
         session = await self._db(
             PortalQueries.create_session,

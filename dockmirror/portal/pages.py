@@ -120,6 +120,15 @@ def sign_in_page(portal: Portal) -> Tag:
     )
 
 
+def _sentence(message: str) -> str:
+    """An error's *message* as a page shows it: from a capital letter to a full stop.
+
+    The API sends messages as they are, in lower case, as registry errors are.
+    """
+    text = message[:1].upper() + message[1:]
+    return text if text.endswith((".", "?", "!")) else text + "."
+
+
 def error_page(portal: Portal, status: int, message: str, visitor: Visitor | None) -> Tag:
     titles = {
         400: "This link is not valid",
@@ -139,7 +148,7 @@ def error_page(portal: Portal, status: int, message: str, visitor: Visitor | Non
             tags.section(class_="card narrow")(
                 tags.p(class_="status")(f"Error {status}"),
                 tags.h1(title),
-                tags.p(message),
+                tags.p(_sentence(message)),
                 tags.p(tags.a(href="/portal/", class_="button")("Back to the portal")),
             )
         ],

@@ -168,7 +168,7 @@ class PortalResource(Resource):
             if method == "GET":
                 _redirect(request, "/portal/")
                 return
-            raise PortalError(401, "Your session has ended. Please sign in again.")
+            raise PortalError(401, "your session has ended; sign in again")
         if method == "POST":
             p.check_csrf(visitor, _form_value(request, "csrf_token"))
         match (method, *path):
@@ -194,7 +194,7 @@ class PortalResource(Resource):
                 await p.revoke_key(visitor, app_id)
                 _redirect(request, "/portal/?done=deleted")
             case ("GET" | "POST", "admin", *_) if not visitor.admin:
-                raise PortalError(403, "The operator view is for the portal's admins.")
+                raise PortalError(403, "the operator view is for the portal's admins")
             case ("GET", "admin"):
                 overview = await self.overview()
                 keys = await p.all_keys()
@@ -212,7 +212,7 @@ class PortalResource(Resource):
                 await p.set_user_disabled(visitor, identity, action == "disable")
                 _redirect(request, "/portal/admin")
             case _:
-                raise PortalError(404, "There is no such page in the portal.")
+                raise PortalError(404, "there is no such page in the portal")
 
 
 def _send(request: Request, status: int, body: bytes, content_type: str) -> None:

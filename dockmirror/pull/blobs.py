@@ -23,6 +23,7 @@ from dockmirror.cache.fill import CacheWriteError, Fill
 from dockmirror.cache.follow import FollowedFill
 from dockmirror.cache.parts import PartBody, RangedFill
 from dockmirror.errors import RegistryError, upstream_unavailable
+from dockmirror.logs import printable
 from dockmirror.pull.access import (
     CACHE_TIER,
     HIT,
@@ -372,7 +373,7 @@ class BlobService(UpstreamAccess):
                 " ({content_type}) or another digest",
                 upstream=route.upstream.name,
                 digest=digest,
-                content_type=content_type,
+                content_type=printable(content_type),
             )
             raise upstream_unavailable(route.upstream.name, "the answer is not the blob", 502)
         length = content_length(response)

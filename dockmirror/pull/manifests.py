@@ -24,6 +24,7 @@ from dockmirror.cache.manifests import (
 )
 from dockmirror.coordination import FLIGHT_RECENT
 from dockmirror.errors import RegistryError, upstream_unavailable
+from dockmirror.logs import printable
 from dockmirror.pull.access import (
     CACHE_TIER,
     HIT,
@@ -450,7 +451,7 @@ class ManifestService(UpstreamAccess):
         log.warn(
             "upstream {upstream} answered {what} for manifest {reference} of {repository}",
             upstream=route.upstream.name,
-            what=what,
+            what=printable(what),
             reference=reference,
             repository=route.repository,
         )

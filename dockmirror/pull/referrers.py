@@ -11,6 +11,7 @@ from dockmirror.cache import origin_of
 from dockmirror.cache.manifests import OCI_INDEX
 from dockmirror.cache.referrers import ReferrersEntry, filtered_list, referrers_list
 from dockmirror.errors import RegistryError, upstream_unavailable
+from dockmirror.logs import printable
 from dockmirror.pull.access import HIT, MISS, STALE, Reply, UpstreamAccess, header, transient
 from dockmirror.pull.manifests import MANIFEST_LIMIT
 from dockmirror.routing import Route
@@ -88,7 +89,7 @@ class ReferrersService(UpstreamAccess):
                     " referrers of {digest} in {repository}: not an image index",
                     upstream=route.upstream.name,
                     size=len(body),
-                    content_type=content_type,
+                    content_type=printable(content_type or ""),
                     digest=digest,
                     repository=route.repository,
                 )

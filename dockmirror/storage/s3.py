@@ -34,6 +34,7 @@ from twisted.web.iweb import IResponse
 
 from dockmirror.config import StorageConfig, check_bucket, storage_egress
 from dockmirror.egress import tls_failure, upstream_egress
+from dockmirror.logs import printable
 from dockmirror.upstream import UpstreamError, discard, read_small
 
 log = Logger()
@@ -401,14 +402,6 @@ def _onwards(query: dict[str, str], markers: dict[str, str]) -> dict[str, str]:
     return markers
 
 
-def _printable(text: str | None, limit: int) -> str | None:
-    """*text* from an answer, fit for a log line: printable, and at most *limit* characters."""
-    if text is None:
-        return None
-    shown = "".join(c if c.isprintable() else " " for c in text[: limit + 1])
-    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
-
-
 def _error(status: int, body: bytes) -> S3Error:
     code = message = None
     try:
@@ -416,8 +409,8 @@ def _error(status: int, body: bytes) -> S3Error:
     except S3Error:
         root = None
     if root is not None:
-        code = _printable(root.findtext("Code"), ERROR_TEXT[0])
-        message = _printable(root.findtext("Message"), ERROR_TEXT[1])
+        code = printable(root.findtext("Code") or "", ERROR_TEXT[0]) or None
+        message = printable(root.findtext("Message") or "", ERROR_TEXT[1])
     return S3Error(f"S3 answered {status}: {code or ''} {message or ''}".strip(), status, code)
 
 

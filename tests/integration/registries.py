@@ -276,9 +276,14 @@ class TokenServer(_Running):
         self._bind()  # the port (so the realm) is known before start()
 
     @property
+    def origin(self) -> str:
+        """Its origin, for a mirror's ``token_realms``: it is not the registry's."""
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
     def realm(self) -> str:
         """The token endpoint URL, as put in the registry's challenge."""
-        return f"http://{LOOPBACK}:{self.port}/token"
+        return f"{self.origin}/token"
 
     @property
     def requests(self) -> list[TokenRequest]:

@@ -80,7 +80,7 @@ def test_another_users_key_can_be_neither_seen_nor_revoked(mirror: Dockmirror) -
     for path in (f"keys/{app_id}/delete", f"keys/{app_id}/rotate"):
         assert bob.get(f"{mirror.url}/portal/{path}").status_code == 404
         form = bob.post(f"{mirror.url}/portal/{path}", data={"csrf_token": token})
-        assert form.status_code == 404 and "no such key" in form.text
+        assert form.status_code == 404 and "No such key." in form.text
     assert api(bob, mirror, "DELETE", "admin/keys/" + app_id).status_code == 403
     assert api(bob, mirror, "GET", "admin/keys").status_code == 403
     assert bob.get(f"{mirror.url}/portal/admin").status_code == 403

@@ -206,6 +206,7 @@ def test_token_auth_upstream_with_credentials(
                 "default": True,
                 "username": user,
                 "password": password,
+                "token_realms": [registry.token_server.origin],
             }
         },
         tls=True,

@@ -100,6 +100,7 @@ def setup(dockmirror: DockmirrorFactory, seeded: Seeder, tmp_path: Path) -> Iter
                     "default": True,
                     "username": token_user,
                     "password": token_password,
+                    "token_realms": [token_server.origin],
                 },
                 "corp": {
                     "plugin": "registry",

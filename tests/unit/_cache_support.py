@@ -113,6 +113,7 @@ class Claims:
         self.removed_elsewhere: set[str] = set()
         self.reads: dict[str, float] = {}
         self.usage = 0
+        self.promised = 0
 
     def claim(self, digest: str) -> bool:
         if digest in self.elsewhere:
@@ -137,6 +138,10 @@ class Claims:
 
     def reserve(self, delta: int) -> int:
         return self.add_usage(delta)
+
+    def promise(self, delta: int) -> int:
+        self.promised += delta
+        return self.promised
 
     def pin(self, digest: str) -> bool:
         return digest not in self.removed_elsewhere

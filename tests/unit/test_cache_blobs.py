@@ -10,12 +10,15 @@ from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from dockmirror.cache import Cache, entries
-from dockmirror.cache.fill import Fill
+from dockmirror.cache.fill import WRITE_DELAY, Fill
 from dockmirror.cache.index import Index
 from dockmirror.config import CacheConfig
 from dockmirror.metrics import Metrics
+from dockmirror.streaming import StreamError
 
-from ._cache_support import make_store, run_now, sha256
+from ._cache_support import Claims, FakeResponse, HeldRunner, make_store, run_now, sha256
+
+MiB = 1 << 20
 
 
 def put(store, data: bytes) -> str:
@@ -57,6 +60,130 @@ def test_blobs_being_read_or_filled_are_never_evicted(tmp_path):
 def test_a_blob_larger_than_the_cache_is_refused(tmp_path):
     store = make_store(tmp_path, max_size=1000)
     assert store.begin_fill(sha256(b"big"), 1001, "up") == "larger than the cache"
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_fill_reserves_what_arrives_not_what_the_upstream_announces(tmp_path, shared):
+    store = make_store(tmp_path, max_size=16 * MiB)
+    if shared:  # the reservation is counted in this process's slot
+        store.coordinator = Claims()
+    cached = []
+    for _ in range(4):
+        cached.append(put(store, blob(4 * MiB)))
+        store.reactor.advance(1)
+    # Announced just under the quota: the first step is reserved, one blob evicted.
+    fill = store.begin_fill(sha256(b"liar"), 16 * MiB - 1, "up")
+    assert isinstance(fill, Fill)
+    assert [store.has(d) for d in cached] == [False, True, True, True]
+    assert fill.reserved == store.reserved == store.reserve_step == MiB
+    assert store._used() == 13 * MiB
+    response = FakeResponse(fill.size)
+    Deferred.fromCoroutine(fill.start(response))
+    response.send(b"x" * 10)
+    response.end()
+    assert "sent 10 of" in str(fill.error)
+    assert store.reserved == store.promised == 0 and store._used() == 12 * MiB
+    assert store.metrics.evictions._value.get() == 1
+
+
+def test_fills_are_admitted_only_if_their_announced_sizes_could_fit(tmp_path):
+    """What the fills in progress announced is never evicted for, but counted: the
+    fills admitted together find room for their later steps."""
+    store = make_store(tmp_path, max_size=16 * MiB)
+    kept = put(store, blob(4 * MiB))
+    first = store.begin_fill(sha256(b"first"), 8 * MiB, "up")
+    assert isinstance(first, Fill) and store.has(kept)
+    assert store.reserved == MiB and store.promised == 7 * MiB
+    reader = store.reader(kept, 0, MiB, lambda n: None)  # pinned: cannot make room
+    assert store.begin_fill(sha256(b"second"), 8 * MiB, "up") == "cache full of blobs in use"
+    assert store.reserved == MiB and store.promised == 7 * MiB
+    reader.stopProducing()
+    second = store.begin_fill(sha256(b"second"), 8 * MiB, "up")
+    assert isinstance(second, Fill) and store.has(kept)  # evicted only once needed
+    assert store.reserved == 2 * MiB and store.promised == 14 * MiB
+    first.abandon(StreamError("stop"))
+    second.abandon(StreamError("stop"))
+    assert store.reserved == store.promised == 0
+
+
+def test_bytes_past_the_reservation_wait_for_the_room_made_for_them(tmp_path):
+    store = make_store(tmp_path, max_size=16 * MiB)
+    cached = [put(store, blob(2 * MiB)) for _ in range(8)]
+    disk = store._run = HeldRunner()  # type: ignore[method-assign]
+    data = os.urandom(3 * MiB)
+    fill = store.begin_fill(sha256(data), len(data), "up")
+    assert isinstance(fill, Fill) and fill.reserved == MiB
+    response = FakeResponse(len(data))
+    Deferred.fromCoroutine(fill.start(response))
+    disk.run_all()  # the first blob removed, then the file made
+    response.send(data[:MiB])
+    disk.run_all()
+    assert fill.written == MiB and not store.has(cached[0]) and store.has(cached[1])
+    # One byte past the reservation: a step more, for which the next blob goes ...
+    response.send(data[MiB : MiB + 1])
+    assert fill.reserved == 2 * MiB + 1 and store.size + store.reserved <= 16 * MiB
+    assert not store.has(cached[1]) and os.path.exists(store.path(cached[1]))
+    # ... and the byte is written only once its file is gone.
+    store.reactor.advance(WRITE_DELAY)
+    assert [job.__name__ for job, _, _ in disk.queue] == ["remove"]
+    disk.run_queued()
+    assert not os.path.exists(store.path(cached[1]))
+    store.reactor.advance(WRITE_DELAY)
+    assert [job.__name__ for job, _, _ in disk.queue] == ["_write"]
+    disk.run_all()
+    assert fill.written == MiB + 1
+    response.send(data[MiB + 1 :])
+    response.end()
+    disk.run_all()
+    assert fill.committed and store.has(sha256(data))
+    assert store.reserved == 0 and store.size == 15 * MiB
+    assert store.metrics.evictions._value.get() == 2
+
+
+def test_a_growing_fill_counts_the_blob_it_is_removing_as_free(tmp_path):
+    """Every process counts a blob until its file is gone: the next steps of a fill
+    in a shared directory must not evict another blob for the same bytes."""
+    disk = HeldRunner()
+    store = make_store(tmp_path, max_size=16 * MiB, run=disk)
+    store.coordinator = Claims()
+    cached = []
+    for _ in range(3):
+        data = blob(4 * MiB)
+        stored = Deferred.fromCoroutine(store.put_small(sha256(data), data))
+        disk.run_all()
+        assert stored.result is True
+        cached.append(sha256(data))
+        store.reactor.advance(1)
+    data = os.urandom(8 * MiB)
+    fill = store.begin_fill(sha256(data), len(data), "up")
+    assert isinstance(fill, Fill)
+    response = FakeResponse(len(data))
+    Deferred.fromCoroutine(fill.start(response))
+    disk.run_all()
+    for offset in range(0, len(data), MiB):  # the disk is slow: the evicted file stays
+        response.send(data[offset : offset + MiB])
+    assert [store.has(d) for d in cached] == [False, True, True]
+    assert store.metrics.evictions._value.get() == 1
+    response.end()
+    disk.run_all()
+    store.reactor.advance(WRITE_DELAY)
+    disk.run_all()
+    assert fill.committed and store._used() == 16 * MiB
+
+
+def test_a_fill_with_no_room_for_its_next_step_fails(tmp_path):
+    store = make_store(tmp_path, max_size=2 * MiB)
+    data = os.urandom(2 * MiB)
+    fill = store.begin_fill(sha256(data), len(data), "up")
+    assert isinstance(fill, Fill) and fill.reserved == MiB
+    response = FakeResponse(len(data))
+    Deferred.fromCoroutine(fill.start(response))
+    reader = store.reader(put(store, blob(MiB)), 0, MiB, lambda n: None)  # pinned
+    response.send(data[: MiB + 1])
+    assert "no room left in the cache: cache full of blobs in use" in str(fill.error)
+    assert response.transport.stopped
+    assert store.reserved == 0 and store.filling(sha256(data)) is None
+    reader.stopProducing()
 
 
 def test_access_is_per_origin(tmp_path):

@@ -39,18 +39,21 @@ def test_cache_keys(tmp_path):
             oversize = "reject"
             manifest_ttl = 600
             serve_stale = false
+            max_tags = 5000
             """,
         )
     )
     cache = config.cache
     assert (cache.max_size_bytes, cache.max_layer_size_bytes) == (500 << 30, 5 << 30)
     assert (cache.oversize, cache.manifest_ttl, cache.serve_stale) == ("reject", 600, False)
+    assert cache.max_tags == 5000
 
 
 def test_cache_defaults():
     cache = load(None).cache
     assert (cache.max_size_bytes, cache.max_layer_size_bytes) == (None, None)
     assert (cache.oversize, cache.manifest_ttl, cache.serve_stale) == ("passthrough", 3600, True)
+    assert cache.max_tags == 100_000
 
 
 @pytest.mark.parametrize(
@@ -61,6 +64,8 @@ def test_cache_defaults():
         ("max_size = 5", "cache.max_size must be a string"),
         ('oversize = "drop"', "cache.oversize must be one of 'passthrough', 'reject'"),
         ("manifest_ttl = -1", "cache.manifest_ttl must be zero or more"),
+        ("max_tags = 0", "cache.max_tags must be at least 1"),
+        ('max_tags = "many"', "cache.max_tags must be an integer"),
     ],
 )
 def test_cache_errors_name_the_key(tmp_path, line, message):

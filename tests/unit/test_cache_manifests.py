@@ -60,9 +60,10 @@ def test_references_of_every_manifest_kind():
     assert references(json.dumps(hostile).encode()) == []
 
 
-def make_cache(tmp_path, clock):
+def make_cache(tmp_path, clock, **kwargs):
     store = make_store(tmp_path, clock=clock)
-    return ManifestCache(store, Index(str(tmp_path / "i.sqlite"), clock, run_now), clock, 60)
+    index = Index(str(tmp_path / "i.sqlite"), clock, run_now)
+    return ManifestCache(store, index, clock, 60, **kwargs)
 
 
 def put(cache, reference, body, media_type):
@@ -178,6 +179,30 @@ def test_an_evicted_manifest_takes_its_tags_along(tmp_path):
     cache.set_tag(ORIGIN, "kept", sha256(b"other"), DOCKER_MANIFEST)  # the tag moved
     cache.forget_tag(ORIGIN, "kept")
     assert cache._tags == {} and cache._tagged == {}
+
+
+def test_the_least_recently_used_tags_beyond_max_tags_are_dropped(tmp_path):
+    """A catch-all upstream answering every tag name asked for fills no more than max_tags."""
+    clock = MemoryReactorClock()
+    cache = make_cache(tmp_path, clock, max_tags=3)
+    cache._index.load()
+    digest = put(cache, "v0", b"{}", DOCKER_MANIFEST)
+    put(cache, "v0", b"[]", OCI_MANIFEST)  # two entries, one tag
+    for i in range(1, 10):
+        clock.advance(1)
+        cache.set_tag(ORIGIN, f"v{i}", digest, DOCKER_MANIFEST)
+        assert cache.tag(ORIGIN, "v0", None) is not None  # used: kept
+    assert list(cache._tags) == [(ORIGIN, "v8"), (ORIGIN, "v9"), (ORIGIN, "v0")]
+    assert cache._tagged[digest] == set(cache._tags)
+    # Dropped from the index too; a new process (with a lower max_tags, say) keeps
+    # the tags resolved last.
+    cache._index.flush()
+    assert sorted({row[1] for row in cache._index.load().tags}) == ["v0", "v8", "v9"]
+    again = ManifestCache(cache.store, cache._index, clock, 60, max_tags=2)
+    again.recover(cache._index.load())
+    assert list(again._tags) == [(ORIGIN, "v8"), (ORIGIN, "v9")]
+    cache._index.flush()
+    assert sorted({row[1] for row in cache._index.load().tags}) == ["v8", "v9"]
 
 
 def test_a_manifest_another_worker_fetched_is_taken_in_if_sound(tmp_path):

@@ -181,6 +181,29 @@ def test_parts_written_ahead_wait_on_disk_and_readers_see_only_the_prefix(tmp_pa
     assert not os.listdir(store.temp_dir)
 
 
+def test_parts_written_ahead_count_for_the_reservation(tmp_path):
+    store = make_store(tmp_path, max_size=32 << 20)
+    fill = ranged_fill(store)
+    step = store.reserve_step
+    assert fill.reserved == store.reserved == step < MIN_RANGE
+    (a, b), (c, d) = fill.plan[0], fill.plan[1]
+    second, _ = body(fill, 1)
+    second.send(DATA[c:d])
+    again, _ = body(fill, 1)
+    again.send(DATA[c:d])  # bytes delivered twice take no more room
+    assert fill.written == 0 and fill.taken == d - c
+    assert fill.reserved == store.reserved == d - c + step
+    first, _ = body(fill, 0)
+    first.send(DATA[a:b])
+    for index in range(2, len(fill.plan)):
+        response, _ = body(fill, index)
+        start, stop = fill.plan[index]
+        response.send(DATA[start:stop])
+    store.reactor.advance(0)
+    assert fill.committed and fill.reserved == SIZE
+    assert store.reserved == 0 and store.size == SIZE
+
+
 def test_bytes_delivered_twice_are_written_once(tmp_path):
     """A retry or a fallback stream repeating bytes cannot change what was hashed."""
     store = make_store(tmp_path)

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
@@ -336,6 +337,22 @@ def test_a_page_or_another_digest_is_no_proof(setup, headers):
     origin = "hub/library/x http://up"
     assert not cache.blobs.allowed(origin, digest)
     assert not cache.blobs.allowed(origin, sha256(MANIFEST))
+
+
+def test_an_upstream_content_type_is_logged_short_and_printable(setup):
+    clock, upstream, cache, pull, route = setup
+    page = {"Content-Type": "text/html\x1b[31m\u2028forged line" + "x" * 16_000}
+    digest = sha256(LAYER)
+    upstream.answers[("HEAD", f"blobs/{digest}")] = Answer(200, headers=page)
+    upstream.answers[("GET", "manifests/v1")] = Answer(200, b"<html>", page)
+    with capturedLogs() as events:
+        with pytest.raises(RegistryError):
+            get(Deferred.fromCoroutine(pull.blob(route, digest, False, None)))
+        with pytest.raises(RegistryError):
+            manifest(pull, route)
+    pages = [formatEvent(e) for e in events if "text/html" in formatEvent(e)]
+    assert len(pages) == 2
+    assert all(len(text) < 400 and text.isprintable() for text in pages), pages
 
 
 @pytest.mark.parametrize("head", [False, True])

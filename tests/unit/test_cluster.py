@@ -205,10 +205,52 @@ def test_the_sweep_keeps_the_shared_index_bounded(postgres):
                 "INSERT INTO cache_tags VALUES ('hub/a https://x', %s, 'm', %s, 'body', %s)",
                 (tag, held, resolved),
             )
-        assert sweep(1000.0, conn) == (1, 1)
+        assert sweep(1000.0, 10, conn) == (1, 1)
         assert {r[0] for r in conn.execute("SELECT digest FROM cache_access")} == {held, filling}
         assert [r[0] for r in conn.execute("SELECT tag FROM cache_tags")] == ["fresh"]
-        assert sweep(1000.0, conn) == (0, 0)
+        assert sweep(1000.0, 10, conn) == (0, 0)
+
+
+def test_the_shared_tags_are_kept_to_the_max_tags_resolved_last(postgres):
+    import psycopg
+
+    from dockmirror.cluster.index import trim_tags
+
+    schema = resources.files("dockmirror.cluster").joinpath("cache.sql").read_text()
+    with psycopg.connect(postgres, autocommit=True) as conn:
+        conn.execute(schema)
+        for i, media_types in enumerate(["m", "m", "mn", "m", "mn"]):
+            for media_type in media_types:
+                conn.execute(
+                    "INSERT INTO cache_tags VALUES ('hub/a https://x', %s, %s, 'd', 'b', %s)",
+                    (f"v{i}", media_type, float(i)),
+                )
+        conn.execute("UPDATE cache_tags SET resolved = 9 WHERE tag = 'v0' AND media_type = 'm'")
+        assert trim_tags(3, conn) == 3  # v1, and v2's two entries
+        tags = conn.execute("SELECT DISTINCT tag FROM cache_tags ORDER BY tag").fetchall()
+        assert [tag for (tag,) in tags] == ["v0", "v3", "v4"]
+        assert trim_tags(3, conn) == 0
+
+
+class RecordingDatabase:
+    """Runs nothing: keeps what it is given to run."""
+
+    def __init__(self) -> None:
+        self.ran: list[Any] = []
+
+    async def run(self, f: Any) -> None:
+        self.ran.append(f)
+
+
+def test_a_node_recording_many_tags_keeps_the_shared_ones_to_max_tags():
+    from dockmirror.cluster.index import ClusterIndex, trim_tags
+
+    database = RecordingDatabase()
+    index = ClusterIndex(PurgedCache(), database, None, "http://a:1", Clock())  # type: ignore[arg-type]
+    for i in range(25):  # max_tags is 100: trimmed every 10 tags recorded
+        index.publish("hub/a https://x", f"v{i}", "m", "sha256:" + "a" * 64, b"{}", 1.0)
+    trims = [f for f in database.ran if f.func is trim_tags]
+    assert len(database.ran) == 27 and len(trims) == 2 and trims[0].args == (100,)
 
 
 @pytest_twisted.ensureDeferred
@@ -293,7 +335,7 @@ class PurgedCache:
 
         hooks = ("on_add", "on_remove", "on_gone", "on_touch", "on_grant", "on_disown")
         self.blobs = SimpleNamespace(**{hook: [] for hook in hooks}, proofs_elsewhere=None)
-        self.manifests = SimpleNamespace(ttl=60, shared=None)
+        self.manifests = SimpleNamespace(ttl=60, max_tags=100, shared=None)
         self.on_purge: list[Any] = []
         self.on_purge_heard: list[Any] = []
         self.purges_applied = (0, 0.0)

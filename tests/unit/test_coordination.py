@@ -134,7 +134,7 @@ import sys
 from dockmirror.coordination import FileLockCoordinator
 coordinator = FileLockCoordinator(sys.argv[1])
 coordinator.add_usage(int(sys.argv[2]))
-print(coordinator.reserve(int(sys.argv[3])), flush=True)
+print(coordinator.reserve(int(sys.argv[3])), coordinator.promise(5), flush=True)
 sys.stdin.read()
 """
 
@@ -143,16 +143,17 @@ def test_the_reservations_of_a_process_that_dies_stop_counting(tmp_path):
     coordinator = FileLockCoordinator(str(tmp_path))
     coordinator.start_usage(100)
     assert coordinator.reserve(10) == 110
+    assert coordinator.promise(3) == 3
     other, said = python(_RESERVER, tmp_path, "7", "50")
-    assert int(said) == 167  # 107 held, 10 and 50 reserved
-    assert coordinator.add_usage(0) == 167
+    assert said == "167 8"  # 107 held, 10 and 50 reserved; 3 and 5 promised
+    assert coordinator.add_usage(0) == 167 and coordinator.promise(0) == 8
     other.kill()  # mid-fill: its 50 reserved bytes were never held
     other.wait()
-    assert coordinator.add_usage(0) == 117
+    assert coordinator.add_usage(0) == 117 and coordinator.promise(0) == 3
     assert coordinator.reserve(-10) == 107
     # A process taking the dead one's slot starts from nothing.
     again, said = python(_RESERVER, tmp_path, "0", "1")
-    assert int(said) == 108
+    assert said == "108 8"
     again.communicate()
     coordinator.close()
 
@@ -597,11 +598,15 @@ def test_a_victim_whose_file_is_still_being_removed_is_not_chosen_again(tmp_path
     disk = first._run = HeldRunner()  # type: ignore[method-assign]
     # The first fill evicts the old blob; its file and its index row go later ...
     assert isinstance(first.begin_fill(sha256(b"c" * 10), 10, "hub"), Fill)
-    # ... so the index still lists it, first: the second fill must not count it again.
-    assert first.begin_fill(sha256(b"d" * 10), 10, "hub") == "cache full of blobs in use"
+    assert claims.usage == 30  # still counted by every process, as good as free here
+    # ... so the index still lists it, first: the second fill must not count it again,
+    # nor count its bytes as still held.
+    assert isinstance(first.begin_fill(sha256(b"d" * 10), 10, "hub"), Fill)
+    assert first.begin_fill(sha256(b"e" * 10), 10, "hub") == "cache full of blobs in use"
     disk.run_all()
-    assert not first.has(old) and first.has(other)
-    assert claims.usage == 20  # the other blob and the first fill's reservation
+    assert not first.has(old) and not first.has(other)
+    assert claims.usage == 20  # the two fills' reservations
+    assert first.metrics.evictions._value.get() == 2
 
 
 def test_a_blob_another_worker_removes_is_not_read(tmp_path):

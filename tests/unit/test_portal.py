@@ -20,7 +20,7 @@ from twisted.web.template import flattenString
 from twisted.web.test.requesthelper import DummyChannel
 
 from dockmirror.config import ConfigError, load
-from dockmirror.portal.app import THROTTLE_TOPIC, Portal
+from dockmirror.portal.app import THROTTLE_TOPIC, Portal, unavailable
 from dockmirror.portal.charts import Bar, bar_chart, human_bytes
 from dockmirror.portal.config import OidcLoginConfig, PortalConfig, client_secret
 from dockmirror.portal.login import Identity, LoginRefused, OidcProvider, pkce_challenge
@@ -233,6 +233,26 @@ def _get(resource: PortalResource, path: bytes) -> tuple[Request, bytes]:
     return request, channel.transport.written.getvalue()
 
 
+@pytest.mark.parametrize(
+    "path, shown",
+    [
+        (b"", b"<p>The portal's database is unavailable; please try again in a moment.</p>"),
+        (b"api/keys", b'{"error": "the portal\'s database is unavailable; please try again'),
+    ],
+)
+def test_an_error_is_a_sentence_on_a_page_and_as_it_is_in_the_api(
+    path: bytes, shown: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    portal = _portal("https://mirror.example.com")
+
+    async def down(request: Request) -> None:
+        raise unavailable("the portal's database is unavailable")
+
+    monkeypatch.setattr(portal, "visitor", down)
+    request, body = _get(PortalResource(portal, None), path)  # type: ignore[arg-type]
+    assert request.code == 503 and shown in body, body
+
+
 @pytest.mark.parametrize("path", [b"", b"api/keys"])
 def test_an_unexpected_error_is_a_500_answer_not_a_trace(
     path: bytes, monkeypatch: pytest.MonkeyPatch
@@ -246,7 +266,7 @@ def test_an_unexpected_error_is_a_500_answer_not_a_trace(
     request, body = _get(PortalResource(portal, None), path)  # type: ignore[arg-type]
     assert request.finished and request.code == 500
     assert b"secret detail" not in body and b"Traceback" not in body
-    assert b"something went wrong on the server" in body
+    assert b"went wrong on the server; it has been logged" in body
     headers = request.responseHeaders
     assert headers.getRawHeaders("content-security-policy")[0].startswith("default-src 'none'")
     assert headers.getRawHeaders("x-frame-options") == ["DENY"]

@@ -8,9 +8,11 @@ from typing import Any
 
 import pytest
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
+from twisted.web._newclient import ParseError, ResponseNeverReceived
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
@@ -175,6 +177,54 @@ def test_credentials_never_go_to_a_foreign_realm(realm: str) -> None:
     [token_request] = registry.token_requests
     assert token_request["authorization"] is None
     assert "account" not in token_request["args"]
+
+
+def assert_logged_short(events: list[dict[str, Any]]) -> None:
+    """Every event was logged, and on one short printable line."""
+    assert events
+    for event in events:
+        text = formatEvent(event)
+        assert len(text) < 400 and text.isprintable(), text[:1000]
+
+
+def test_a_long_token_realm_is_logged_short() -> None:
+    realm = "https://evil.example/token?" + "x" * 16_000
+    client, stub, _ = make_client(FakeRegistry(realm=realm), "user", "pass")
+    with capturedLogs() as events:
+        fetch(client, stub)
+    assert_logged_short([e for e in events if "not sending" in e["log_format"]])
+    with pytest.raises(UpstreamError) as info:  # an error message is logged too
+        fetch(*make_client(BrokenTokenService(realm=realm))[:2])
+    assert len(str(info.value)) < 400
+
+
+class GarbledUpstream:
+    """An HTTP client whose upstream answers a status line the parser refuses."""
+
+    def request(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        line = b"HTTP/1.1 \x1b[31m200" + b"x" * 16_000
+        return fail(ResponseNeverReceived([Failure(ParseError("wrong number of parts", line))]))
+
+
+def test_a_garbled_answer_makes_a_short_error() -> None:
+    client = UpstreamClient(
+        "hub", "https://registry-1.docker.io", GarbledUpstream(), MemoryReactorClock(), Metrics()
+    )
+    failures: list[Failure] = []
+    Deferred.fromCoroutine(client.request("GET", "library/nginx", "manifests/latest")).addErrback(
+        failures.append
+    )
+    [failure] = failures
+    message = str(failure.value)
+    assert failure.check(UpstreamError) and "wrong number of parts" in message
+    assert len(message) < 400 and message.isprintable(), message[:1000]
+
+
+def test_a_long_redirect_target_is_logged_short() -> None:
+    with capturedLogs() as events:
+        registry, result = follow("https://cdn.example/" + "x" * 16_000)
+    assert result == b"elsewhere"
+    assert_logged_short([e for e in events if "redirects to" in e["log_format"]])
 
 
 class BasicRegistry(Resource):
