@@ -65,6 +65,30 @@ def in_reactor(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
     return maybeDeferred(f, *args)
 
 
+class SendThreads:
+    """Worker threads for :class:`FileSender`, one sender per thread at most.
+
+    A sender that finds every thread taken sends from the reactor thread:
+    more senders than threads would only queue their turns behind one
+    another, and pay for the hand-offs between threads for nothing.
+    """
+
+    def __init__(self, run: Runner, threads: int) -> None:
+        self._run = run
+        self.free = threads
+
+    def take(self) -> Runner:
+        """The runner for one more sender; give it back with :meth:`give_back`."""
+        if self.free <= 0:
+            return in_reactor
+        self.free -= 1
+        return self._run
+
+    def give_back(self, run: Runner) -> None:
+        if run is not in_reactor:
+            self.free += 1
+
+
 class StreamError(Exception):
     """The body could not be delivered whole and correct."""
 
@@ -369,6 +393,8 @@ class FileSender:
         growing: Growing | None = None,
     ) -> None:
         self._reactor = reactor
+        self._connection = transport
+        #: The connection while Twisted may still hold the headers in its buffer.
         self._transport: tcp.Server | None = transport
         self._fd = fd
         self._start = self._pos = start
@@ -591,6 +617,10 @@ class FileSender:
         if self._sealer is not None:
             self._sealer.divert(None)
             self._sealer = None
+            # Records made while a turn ran and the sender stopped (the closing
+            # alert of a connection that failed meanwhile) follow the others.
+            for record in self._records:
+                self._connection.write(bytes(record))
         self._records.clear()
 
 

@@ -35,12 +35,13 @@ from dockmirror.reference import DIGEST_RE
 from dockmirror.routing import Route
 from dockmirror.storage import build_storage
 from dockmirror.storage.records import IndexRecords
+from dockmirror.streaming import SendThreads
 
 log = Logger()
 
 #: Worker threads writing and removing cache files.
 IO_THREADS = 4
-#: Threads sending blobs being filled to clients, a turn at a time (read, seal, write).
+#: Threads sending blobs being filled to clients (read, seal, write), one client each.
 SEND_THREADS = 2
 #: Seconds a stopping mirror lets fills in progress finish (systemd waits 45).
 STOP_GRACE = 30.0
@@ -102,7 +103,7 @@ class Cache(service.Service):
         send = None
         if run is None:
             run = self._pool(reactor, "dockmirror-cache-io", IO_THREADS)
-            send = self._pool(reactor, "dockmirror-send", SEND_THREADS)
+            send = SendThreads(self._pool(reactor, "dockmirror-send", SEND_THREADS), SEND_THREADS)
         if run_index is None:
             run_index = self._pool(reactor, "dockmirror-cache-index", 1)
         self.index = Index(os.path.join(self.directory, "index.sqlite"), reactor, run_index)

@@ -111,9 +111,10 @@ def get(method: str = "GET", *headers: str) -> bytes:
 class Server:
     def __init__(self, tmp_path: Path, data: bytes) -> None:
         index = Index(str(tmp_path / "index.sqlite"), MemoryReactorClock(), run_now)
-        # Files are sent by worker threads, as the mirror sends them.
+        # Blobs being filled are sent by worker threads, as the mirror sends them.
+        threads = streaming.SendThreads(deferToThread, 2)
         self.store = BlobStore(
-            str(tmp_path), None, index, reactor, run_now, Metrics(), send=deferToThread
+            str(tmp_path), None, index, reactor, run_now, Metrics(), send=threads
         )
         self.store.recover(index.load())
         self.data = data
