@@ -10,9 +10,9 @@ its answer while no other connection takes the next.  Every
 take longer than :data:`SPREAD_WORTH` seconds more, the other connections
 start, each on the next range left.  A link fast enough for one stream
 keeps one stream, and its readers lose nothing to waiting for ranges.  So
-does a fill slowed by its own process: while the process's threads were
-busy (:data:`BUSY_LIMIT`) during the last look, the link is not what is
-slow, and more connections would only cost the process more work.
+does a fill slowed by its own process: while the reactor thread was busy
+(:data:`BUSY_LIMIT`) during the last look, the link is not what is slow,
+and more connections would only cost that thread more work.
 
 The first answer's final URL (a CDN's, after the registry's redirect) is
 where the other ranges go, each with the headers its request
@@ -32,7 +32,6 @@ the rest.  That upstream's blobs are then fetched in one stream for
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections import deque
@@ -68,8 +67,7 @@ RANGES_RECHECK = 3600.0
 SPREAD_AFTER = 1.0
 #: ... over more connections: when the rest would take it longer than this many seconds,
 SPREAD_WORTH = 2.0
-#: and the process's threads ran, or waited to run, less than this share of the time meanwhile
-#: (of one CPU: the reactor thread, the threads hashing, writing and sending, together).
+#: and the reactor thread ran, or waited to run, less than this share of the time meanwhile.
 BUSY_LIMIT = 0.8
 
 _CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19})")
@@ -93,25 +91,18 @@ def content_range(response: IResponse) -> tuple[int, int, int] | None:
 
 
 def busy_seconds() -> float:
-    """Seconds the process's live threads have run or waited for a CPU to run on, together.
+    """Seconds the calling thread has run or waited for a CPU to run on.
 
-    Those are the reactor's and the pools' (which last).  Linux's scheduler
-    statistics count both: a thread that always has work is busy all the
-    time, even on a machine so loaded that it seldom runs.  Elsewhere, the
-    process's CPU time.
+    Linux's scheduler statistics count both: a thread that always has work
+    is busy all the time, even on a machine so loaded that it seldom runs.
+    Elsewhere, the thread's CPU time.
     """
     try:
-        total = 0
-        for task in os.listdir("/proc/self/task"):
-            try:
-                with open(f"/proc/self/task/{task}/schedstat", "rb") as f:
-                    running, waiting = f.read().split()[:2]
-            except FileNotFoundError:
-                continue  # the thread ended meanwhile
-            total += int(running) + int(waiting)
-        return total / 1e9
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            running, waiting = f.read().split()[:2]
+        return (int(running) + int(waiting)) / 1e9
     except (OSError, ValueError):
-        return time.process_time()
+        return time.thread_time()
 
 
 def range_header(start: int, end: int | None = None) -> str:
@@ -231,7 +222,7 @@ class RangedFetch:
         busy: Callable[[], float] = busy_seconds,
     ) -> None:
         self._fill = fill
-        #: The process's busy seconds so far (:func:`busy_seconds`).
+        #: The reactor thread's busy seconds so far (:func:`busy_seconds`).
         self._busy = busy
         self._client = client
         self._resolve = resolve

@@ -11,7 +11,6 @@ file to the socket: on plain TCP with ``os.sendfile``, so the bytes go from
 the page cache to the socket without entering Python; over TLS in large
 pieces read into one buffer, encrypted by the connection's :class:`Sealer`
 and written with one system call, past Twisted's buffers and producers.
-Either way the sending runs in a worker thread, beside the reactor's.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from twisted.internet import abstract, tcp
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IConsumer,
     IDelayedCall,
@@ -55,38 +54,6 @@ SEAL_CHUNK = 256 << 10
 _IOV_MAX = 1024
 #: Bytes read from an upstream's socket at a time for a blob's body (Twisted reads 64 KiB).
 BODY_READ = 256 << 10
-
-#: Runs a blocking callable in a worker thread: ``run(f, *args) -> Deferred``.
-Runner = Callable[..., Deferred[Any]]
-
-
-def in_reactor(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-    """A :data:`Runner` that runs *f* at once, in the reactor thread."""
-    return maybeDeferred(f, *args)
-
-
-class SendThreads:
-    """Worker threads for :class:`FileSender`, one sender per thread at most.
-
-    A sender that finds every thread taken sends from the reactor thread:
-    more senders than threads would only queue their turns behind one
-    another, and pay for the hand-offs between threads for nothing.
-    """
-
-    def __init__(self, run: Runner, threads: int) -> None:
-        self._run = run
-        self.free = threads
-
-    def take(self) -> Runner:
-        """The runner for one more sender; give it back with :meth:`give_back`."""
-        if self.free <= 0:
-            return in_reactor
-        self.free -= 1
-        return self._run
-
-    def give_back(self, run: Runner) -> None:
-        if run is not in_reactor:
-            self.free += 1
 
 
 class StreamError(Exception):
@@ -300,8 +267,6 @@ class BodyStream(Protocol):
 class Sealer(typing.Protocol):
     """A TLS connection whose records can go somewhere else than its transport.
 
-    :meth:`seal` may be called from a worker thread while the reactor thread
-    goes on using the connection: the two take turns.
     :class:`dockmirror.tls.WholeRecordsTLS` is one.
     """
 
@@ -358,20 +323,14 @@ class FileSender:
     and it sends only while the socket can take more: a client that stops
     reading stops the file reads.
 
-    The sending is done a turn at a time by *run*, in a worker thread: the
-    file reads, the sealing and the system calls, which release the GIL,
-    run beside the reactor thread.  The reactor thread decides what each
-    turn sends, and is told what it sent.  While a turn runs the sender is
-    no writer of the reactor; it reads its own duplicate of *fd*, so the
-    caller may close *fd* at any time.
-
     On plain TCP the bytes go with ``os.sendfile``.  With a *sealer* (the
     connection's TLS layer), they are read :data:`SEAL_CHUNK` at a time into
     one buffer, sealed into records, and written with ``writev``; while the
     sender runs, every record of the connection comes through it, so none
     overtakes another.  :attr:`done` fires with the byte count, or fails with
     :class:`StreamError` (:class:`ShortFile` when the file ends early);
-    cancelling it stops the sending.
+    cancelling it stops the sending.  *fd* stays open: it belongs to the
+    caller.
 
     Over TLS, a *growing* file is sent as far as its :meth:`Growing.extent` allows,
     the bytes past the file's end from memory once there are
@@ -388,19 +347,15 @@ class FileSender:
         start: int,
         end: int,
         count: Callable[[int], object],
-        run: Runner,
         sealer: Sealer | None = None,
         growing: Growing | None = None,
     ) -> None:
         self._reactor = reactor
-        self._connection = transport
-        #: The connection while Twisted may still hold the headers in its buffer.
         self._transport: tcp.Server | None = transport
         self._fd = fd
         self._start = self._pos = start
         self._end = end
         self._count = count
-        self._run = run
         self._sealer = sealer
         assert growing is None or sealer is not None, "a growing file is sent over TLS only"
         self._growing = growing
@@ -408,10 +363,8 @@ class FileSender:
         self._records: list[memoryview] = []
         self._buffer = bytearray(SEAL_CHUNK if sealer is not None else 0)
         self._socket: int | None = None
-        self._file: int | None = None
         self._consumer: IConsumer | None = None
         self._writing = False
-        self._turning = False
         self._paused = False
         self.done: Deferred[int] = Deferred(lambda _: self._close())
 
@@ -428,7 +381,6 @@ class FileSender:
             self._sealer.divert(self._sealed)
         try:
             self._socket = os.dup(self._transport.fileno())
-            self._file = os.dup(self._fd)
         except OSError as e:
             self._fail(StreamError(f"cannot send the file: {e.strerror}"))
             return self.done
@@ -443,109 +395,87 @@ class FileSender:
         return "FileSender"
 
     def doWrite(self) -> None:
-        """The socket takes more: hand the next turn to a worker thread."""
         if self._transport is not None:
             if self._transport in self._reactor.getWriters():
                 return  # Twisted has yet to send the headers.
             self._transport = None  # it has nothing more to send
-        assert self._socket is not None and self._file is not None
-        self._turning = True
-        self._set_writing()
-        if self._sealer is None:
-            turn = self._run(_sendfile, self._socket, self._file, self._pos, self._end)
-        else:
-            turn = self._run(self._send_sealed, self._sealer, self._file, self._plan())
-        turn.addCallbacks(self._turned, self._turn_failed)
-
-    def grown(self) -> None:
-        """The growing file's extent moved: send what it allows now."""
-        self._set_writing()
-
-    def _turned(self, count: int) -> None:
-        self._turning = False
-        self._sent(count)
-        if self.done.called:
-            self._close()  # stopped while the turn ran
-        elif self._pos >= self._end and not self._records:
+        try:
+            if self._sealer is None:
+                self._sendfile()
+            else:
+                self._send_sealed(self._sealer)
+        except BlockingIOError:
+            return  # the socket is full; wait until it is writable again
+        except StreamError as e:
+            self._fail(e)
+            return
+        except OSError as e:
+            self._fail(StreamError(f"sending to the client failed: {e.strerror}"))
+            return
+        if self._pos >= self._end and not self._records:
             self._close()
             self.done.callback(self._pos - self._start)
         else:
             self._set_writing()
 
-    def _turn_failed(self, failure: Failure) -> None:
-        self._turning = False
-        error = failure.value
-        if isinstance(error, StreamError):
-            self._fail(error)
-        elif isinstance(error, OSError):
-            self._fail(StreamError(f"sending to the client failed: {error.strerror}"))
-        else:
-            log.failure("sending a file failed", failure)
-            self._fail(StreamError(f"sending the file failed: {error}"))
-        self._close()
+    def grown(self) -> None:
+        """The growing file's extent moved: send what it allows now."""
+        self._set_writing()
 
-    def _extent(self, pos: int) -> tuple[int, int]:
-        """How far the file goes, and how far the sender may go now, from *pos*."""
+    def _extent(self) -> tuple[int, int]:
+        """How far the file goes, and how far the sender may go now."""
         if self._growing is None:
             return self._end, self._end
         in_file, limit = self._growing.extent()
-        if limit - max(pos, in_file) < SEAL_CHUNK and limit < self._end - 1:
+        if limit - max(self._pos, in_file) < SEAL_CHUNK and limit < self._end - 1:
             limit = in_file  # wait for a whole chunk in memory, or the end
         return min(in_file, limit), limit
 
-    def _plan(self) -> list[tuple[int, int] | bytes]:
-        """What the next turn seals: spans (offset, length) of the file, and bytes from memory."""
-        pieces: list[tuple[int, int] | bytes] = []
-        pos = self._pos
-        while pos < self._pos + SEAL_TURN:
-            in_file, limit = self._extent(pos)
-            if pos >= limit:
-                break
-            if pos < in_file:
-                count = min(in_file - pos, SEAL_CHUNK)
-                pieces.append((pos, count))
-            else:
-                assert self._growing is not None
-                piece = self._growing.queued(pos, min(limit, pos + SEAL_CHUNK))
-                count = len(piece)
-                pieces.append(piece)
-            pos += count
-        return pieces
+    def _memory(self, limit: int) -> bytes:
+        """The next bytes from memory, below *limit*."""
+        assert self._growing is not None
+        return self._growing.queued(self._pos, min(limit, self._pos + SEAL_CHUNK))
 
-    def _send_sealed(self, sealer: Sealer, file: int, pieces: list[tuple[int, int] | bytes]) -> int:
-        """Seal *pieces* and write their records until the socket is full (in a worker thread).
+    def _sendfile(self) -> None:
+        assert self._socket is not None
+        turn = SENDFILE_TURN
+        while self._pos < self._end and turn > 0:
+            wanted = min(self._end - self._pos, turn)
+            sent = os.sendfile(self._socket, self._fd, self._pos, wanted)
+            if sent == 0:
+                raise ShortFile(f"the file ended at {self._pos}, before {self._end}")
+            self._sent(sent)
+            turn -= sent
+            if sent < wanted:
+                raise BlockingIOError  # the socket is full
 
-        Returns the bytes sealed: their records are written, or kept for the next turn.
-        """
+    def _send_sealed(self, sealer: Sealer) -> None:
+        turn = SEAL_TURN
         view = memoryview(self._buffer)
-        sealed = 0
-        try:
+        while True:
             self._write_records()
-            for piece in pieces:
-                if isinstance(piece, bytes):
-                    data, short = memoryview(piece), False
-                else:
-                    offset, wanted = piece
-                    count = os.preadv(file, [view[:wanted]], offset)
-                    if count == 0:
-                        raise ShortFile(f"the file ended at {offset}, before {offset + wanted}")
-                    data, short = view[:count], count < wanted
-                try:
-                    sealer.seal(data)
-                except Exception as e:  # an SSL error, a renegotiation, or a closed connection
-                    raise StreamError(f"TLS failed: {e}") from e
-                sealed += len(data)
-                self._write_records()
-                if short:
-                    break  # the next turn goes on from where the read stopped
-        except BlockingIOError:
-            pass  # the socket is full; the next turn waits until it is writable again
-        return sealed
+            in_file, limit = self._extent()
+            if self._pos >= limit or turn <= 0:
+                return
+            if self._pos < in_file:
+                wanted = min(in_file - self._pos, SEAL_CHUNK)
+                count = os.preadv(self._fd, [view[:wanted]], self._pos)
+                if count == 0:
+                    raise ShortFile(f"the file ended at {self._pos}, before {in_file}")
+                piece = view[:count]
+            else:
+                piece = memoryview(self._memory(limit))
+                count = len(piece)
+            try:
+                sealer.seal(piece)
+            except Exception as e:  # an SSL error, or a renegotiation
+                raise StreamError(f"TLS failed: {e}") from e
+            self._sent(count)
+            turn -= count
 
     def _sealed(self, records: bytes) -> None:
         self._records.append(memoryview(records))
-        if not self._turning:
-            self._set_writing()  # a record made between sends (an alert) goes out too
+        self._set_writing()  # a record made between sends (an alert) goes out too
 
     def _write_records(self) -> None:
         """Write the records sealed so far; BlockingIOError if the socket takes no more."""
@@ -581,13 +511,12 @@ class FileSender:
         self._fail(StreamError("the client went away"))
 
     def _set_writing(self) -> None:
-        """Be a writer of the reactor exactly while there is something to send and no turn runs."""
+        """Be a writer of the reactor exactly while there is something to send."""
         wanted = (
             self._socket is not None
             and not self._paused
-            and not self._turning
             and not self.done.called
-            and (bool(self._records) or self._pos < self._extent(self._pos)[1])
+            and (bool(self._records) or self._pos < self._extent()[1])
         )
         if wanted and not self._writing:
             self._reactor.addWriter(self)
@@ -601,48 +530,19 @@ class FileSender:
             self.done.errback(error)
 
     def _close(self) -> None:
-        """Stop; what a running turn uses is let go when it ends."""
         if self._writing:
             self._reactor.removeWriter(self)
             self._writing = False
-        if self._consumer is not None:
-            release(self._consumer)
-            self._consumer = None
-        if self._turning:
-            return
-        for fd in (self._socket, self._file):
-            if fd is not None:
-                os.close(fd)
-        self._socket = self._file = None
+        if self._socket is not None:
+            os.close(self._socket)
+            self._socket = None
         if self._sealer is not None:
             self._sealer.divert(None)
             self._sealer = None
-            # Records made while a turn ran and the sender stopped (the closing
-            # alert of a connection that failed meanwhile) follow the others.
-            for record in self._records:
-                self._connection.write(bytes(record))
         self._records.clear()
-
-
-def _sendfile(socket: int, file: int, pos: int, end: int) -> int:
-    """Send *file* from *pos* toward *end* on *socket*, a turn's worth, until it is full.
-
-    Runs in a worker thread; returns the bytes sent.
-    """
-    sent = 0
-    while pos < end and sent < SENDFILE_TURN:
-        wanted = min(end - pos, SENDFILE_TURN - sent)
-        try:
-            count = os.sendfile(socket, file, pos, wanted)
-        except BlockingIOError:
-            break  # the socket is full
-        if count == 0:
-            raise ShortFile(f"the file ended at {pos}, before {end}")
-        pos += count
-        sent += count
-        if count < wanted:
-            break  # the socket is full
-    return sent
+        if self._consumer is not None:
+            release(self._consumer)
+            self._consumer = None
 
 
 def content_range_start(response: IResponse, size: int) -> int | None:

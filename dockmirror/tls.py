@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -44,7 +43,6 @@ from twisted.internet.interfaces import (
     ISSLTransport,
     IStreamServerEndpoint,
 )
-from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
@@ -190,15 +188,9 @@ class WholeRecordsTLS(BufferingTLSTransport):
     It is also a :class:`dockmirror.streaming.Sealer`: a file sender can
     have whole chunks sealed (:meth:`seal`) and take every record the
     connection makes (:meth:`divert`), to write them on the socket itself.
-    A sender seals in a worker thread: every use of the OpenSSL connection,
-    there or in the reactor thread, holds the connection's lock.
     """
 
     _sink: Callable[[bytes], object] | None = None
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._lock = threading.RLock()
 
     def makeConnection(self, transport: Any) -> None:
         super().makeConnection(transport)
@@ -234,48 +226,27 @@ class WholeRecordsTLS(BufferingTLSTransport):
 
         Raises ``SSL.Error`` (``WantReadError`` while the peer renegotiates).
         """
-        with self._lock:
-            if self._lostTLSConnection:
-                raise SSL.Error("the connection is closed")
-            sent = 0
-            while sent < len(data):  # one call, unless partial writes could not be turned off
-                sent += self._tlsConnection.send(data[sent:])
-            self._flushSendBIO(len(data) + _RECORD_OVERHEAD * (len(data) // _RECORD + 1))
-
-    # Every way into the OpenSSL connection from the reactor thread holds the lock.
-    def dataReceived(self, data: bytes) -> None:
-        with self._lock:
-            super().dataReceived(data)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        with self._lock:
-            super().connectionLost(reason)
-
-    def _shutdownTLS(self) -> None:
-        with self._lock:
-            super()._shutdownTLS()
-
-    def _tlsShutdownFinished(self, reason: Failure | None) -> None:
-        with self._lock:
-            super()._tlsShutdownFinished(reason)
+        sent = 0
+        while sent < len(data):  # one call, unless partial writes could not be turned off
+            sent += self._tlsConnection.send(data[sent:])
+        self._flushSendBIO(len(data) + _RECORD_OVERHEAD * (len(data) // _RECORD + 1))
 
     def _write(self, data: bytes) -> None:
-        with self._lock:
-            if self._lostTLSConnection:
-                return
-            view = memoryview(data)
-            sent = 0
-            while sent < len(view):
-                try:
-                    count = self._tlsConnection.send(view[sent : sent + TLS_WRITE])
-                except SSL.WantReadError:
-                    self._bufferedWrite(bytes(view[sent:]))
-                    break
-                except SSL.Error:
-                    self._tlsShutdownFinished(Failure())
-                    break
-                sent += count
-                self._flushSendBIO(count + _RECORD_OVERHEAD * (count // _RECORD + 1))
+        if self._lostTLSConnection:
+            return
+        view = memoryview(data)
+        sent = 0
+        while sent < len(view):
+            try:
+                count = self._tlsConnection.send(view[sent : sent + TLS_WRITE])
+            except SSL.WantReadError:
+                self._bufferedWrite(bytes(view[sent:]))
+                break
+            except SSL.Error:
+                self._tlsShutdownFinished(Failure())
+                break
+            sent += count
+            self._flushSendBIO(count + _RECORD_OVERHEAD * (count // _RECORD + 1))
 
     def _flushSendBIO(self, expected: int = 1 << 15) -> None:
         """Write what OpenSSL has for the peer, in as few reads as it takes."""

@@ -35,14 +35,11 @@ from dockmirror.reference import DIGEST_RE
 from dockmirror.routing import Route
 from dockmirror.storage import build_storage
 from dockmirror.storage.records import IndexRecords
-from dockmirror.streaming import SendThreads
 
 log = Logger()
 
 #: Worker threads writing and removing cache files.
 IO_THREADS = 4
-#: Threads sending blobs being filled to clients (read, seal, write), one client each.
-SEND_THREADS = 2
 #: Seconds a stopping mirror lets fills in progress finish (systemd waits 45).
 STOP_GRACE = 30.0
 #: What one worker tells the others to purge: [repository or digest], so long at most.
@@ -85,9 +82,6 @@ class Cache(service.Service):
     ) -> None:
         """*run* and *run_index* run blocking work in threads; by default, the cache's own.
 
-        Without *run*, blobs being filled are sent to clients by threads of
-        their own (:data:`SEND_THREADS`); with it, by *run*.
-
         A *shared* cache is used by several worker processes at once, which
         coordinate their fills through :mod:`dockmirror.coordination`.
         *storage* may add a second tier below the directory (``[storage]``).
@@ -100,10 +94,8 @@ class Cache(service.Service):
         self.metrics = metrics
         self._pools: list[ThreadPool] = []
         self._lock_fd: int | None = None
-        send = None
         if run is None:
             run = self._pool(reactor, "dockmirror-cache-io", IO_THREADS)
-            send = SendThreads(self._pool(reactor, "dockmirror-send", SEND_THREADS), SEND_THREADS)
         if run_index is None:
             run_index = self._pool(reactor, "dockmirror-cache-index", 1)
         self.index = Index(os.path.join(self.directory, "index.sqlite"), reactor, run_index)
@@ -115,7 +107,6 @@ class Cache(service.Service):
             run,
             metrics,
             min_free=config.min_free_bytes,
-            send=send,
         )
         self.manifests = ManifestCache(
             self.blobs, self.index, reactor, config.manifest_ttl, config.max_tags

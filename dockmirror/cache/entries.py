@@ -28,7 +28,6 @@ from dockmirror.cache.follow import FollowedFill
 from dockmirror.cache.index import Index, Runner
 from dockmirror.coordination import LocalCoordinator
 from dockmirror.metrics import Metrics
-from dockmirror.streaming import SendThreads
 
 log = Logger()
 
@@ -54,13 +53,8 @@ class BlobEntries:
         run: Runner,
         metrics: Metrics,
         min_free: int | None = None,
-        send: SendThreads | None = None,
     ) -> None:
-        """*min_free* is the space fills leave free; None scales it with the file system.
-
-        *send* are the threads that send blobs being filled to clients (by
-        default, one sender at a time in the disk's *run*).
-        """
+        """*min_free* is the space fills leave free; None scales it with the file system."""
         self.directory = directory
         self.min_free = min_free
         self.blobs_dir = os.path.join(directory, "blobs")
@@ -70,7 +64,6 @@ class BlobEntries:
         self._index = index
         self.reactor = reactor
         self._run = run
-        self.send = send or SendThreads(run, 1)
         #: digest -> size, least recently used first.
         self._entries: OrderedDict[str, int] = OrderedDict()
         #: cached digest -> the origins (upstream repositories) that proved they have it.

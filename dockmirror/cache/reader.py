@@ -23,7 +23,6 @@ from dockmirror.streaming import (
     ShortFile,
     StreamError,
     file_transport,
-    in_reactor,
     release,
 )
 
@@ -87,10 +86,6 @@ class BlobReader:
             assert self._fd is not None
             transport, sealer = direct
             reactor = cast(IReactorFDSet, self._store.reactor)
-            # A fill keeps the reactor thread busy receiving: the sending goes
-            # beside it, if a thread is free.  A cached blob is sent by the
-            # otherwise idle reactor thread, without hand-offs between threads.
-            run = self._store.send.take() if self._fill is not None else in_reactor
             self._sender = FileSender(
                 reactor,
                 transport,
@@ -98,17 +93,10 @@ class BlobReader:
                 self._start,
                 self._end,
                 self._on_bytes,
-                run,
                 sealer,
                 growing=self if self._fill is not None else None,
             )
-            sending = self._sender.write_to(consumer)
-
-            def given_back(result: object) -> object:
-                self._store.send.give_back(run)
-                return result
-
-            sending.addBoth(given_back).addCallbacks(self._sent, self._send_failed)
+            self._sender.write_to(consumer).addCallbacks(self._sent, self._send_failed)
             if self._fill is not None:
                 self._fill.subscribe(self._grown)
                 self._grown()

@@ -22,7 +22,6 @@ from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, c
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
-from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from twisted.web.server import Request, Site
 
@@ -37,7 +36,7 @@ from dockmirror.tls import PlainHTTPFactory, ReloadingContextFactory, TLSFactory
 from dockmirror.web import AsyncResource, send_reply
 from tests.integration.clients import make_server_tls
 
-from ._cache_support import FakeResponse, HeldRunner, run_now, sha256
+from ._cache_support import FakeResponse, run_now, sha256
 
 SIZE = 24 << 20
 
@@ -111,11 +110,7 @@ def get(method: str = "GET", *headers: str) -> bytes:
 class Server:
     def __init__(self, tmp_path: Path, data: bytes) -> None:
         index = Index(str(tmp_path / "index.sqlite"), MemoryReactorClock(), run_now)
-        # Blobs being filled are sent by worker threads, as the mirror sends them.
-        threads = streaming.SendThreads(deferToThread, 2)
-        self.store = BlobStore(
-            str(tmp_path), None, index, reactor, run_now, Metrics(), send=threads
-        )
+        self.store = BlobStore(str(tmp_path), None, index, reactor, run_now, Metrics())
         self.store.recover(index.load())
         self.data = data
         self.digest = sha256(data)
@@ -400,7 +395,7 @@ def test_the_file_waits_until_twisted_has_sent_the_headers(tmp_path):
     fake = MemoryReactorClock()
     transport = SocketTransport(ours)
     fake.addWriter(transport)  # the headers are in Twisted's buffer
-    sender = streaming.FileSender(fake, transport, fd, 0, 1000, lambda n: None, run_now)  # type: ignore[arg-type]
+    sender = streaming.FileSender(fake, transport, fd, 0, 1000, lambda n: None)  # type: ignore[arg-type]
     consumer = Consumer()
     done = sender.write_to(consumer)
     assert consumer.writes == [b""]  # the headers
@@ -415,63 +410,6 @@ def test_the_file_waits_until_twisted_has_sent_the_headers(tmp_path):
     assert done.result == 1000
     assert sender not in fake.getWriters()
     assert consumer.producer is None
-    os.close(fd)
-    ours.close()
-    theirs.close()
-
-
-def sender_on_socketpair(
-    tmp_path: Path, data: bytes, run: Any
-) -> tuple[streaming.FileSender, Deferred[int], int, socket.socket, socket.socket, Any]:
-    """A sender of *data* from a file to one end of a socket pair, turns run by *run*."""
-    path = tmp_path / "blob"
-    path.write_bytes(data)
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    theirs.settimeout(5)
-    fd = os.open(path, os.O_RDONLY)
-    fake = MemoryReactorClock()
-    sender = streaming.FileSender(
-        fake,
-        SocketTransport(ours),  # type: ignore[arg-type]
-        fd,
-        0,
-        len(data),
-        lambda n: None,
-        run,
-        PassThrough(),
-    )
-    done = sender.write_to(Consumer())
-    return sender, done, fd, ours, theirs, fake
-
-
-def test_a_turn_runs_in_the_runner_and_reads_its_own_copy_of_the_file(tmp_path):
-    data = os.urandom(100_000)
-    held = HeldRunner()
-    sender, done, fd, ours, theirs, fake = sender_on_socketpair(tmp_path, data, held)
-    sender.doWrite()
-    assert len(held.queue) == 1  # the turn waits for its thread
-    assert sender not in fake.getWriters()  # and the reactor does not ask for another
-    os.close(fd)  # the caller may close its file meanwhile
-    held.run_all()
-    assert theirs.recv(200_000) == data
-    assert done.result == len(data)
-    assert sender.fileno() == -1
-    ours.close()
-    theirs.close()
-
-
-def test_a_sender_stopped_during_a_turn_lets_go_of_its_socket_when_the_turn_ends(tmp_path):
-    data = os.urandom(100_000)
-    held = HeldRunner()
-    sender, done, fd, ours, theirs, fake = sender_on_socketpair(tmp_path, data, held)
-    sender.doWrite()
-    done.cancel()
-    done.addErrback(lambda _: None)
-    assert sender.fileno() != -1  # the turn may still write on it
-    held.run_all()
-    assert sender.fileno() == -1
-    assert sender not in fake.getWriters()
     os.close(fd)
     ours.close()
     theirs.close()
@@ -527,7 +465,6 @@ def test_a_growing_file_is_sent_as_far_as_it_allows(tmp_path):
         0,
         size,
         lambda n: None,
-        run_now,
         PassThrough(),
         growing,
     )
