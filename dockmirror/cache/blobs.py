@@ -244,33 +244,20 @@ class BlobStore(EvictingStore):
             self.coordinator.release(digest)
             return evictions
         temp_path = os.path.join(self.temp_dir, f"{digest.partition(':')[2]}.{uuid.uuid4().hex}")
-        fill: Fill
         if parts > 1:
             temp_path += RANGED_SUFFIX
-            fill = RangedFill(
-                self,
-                digest,
-                size,
-                upstream,
-                temp_path,
-                reserved,
-                evictions,
-                self.reactor,
-                self._run,
-                parts=parts,
-            )
-        else:
-            fill = Fill(
-                self,
-                digest,
-                size,
-                upstream,
-                temp_path,
-                reserved,
-                evictions,
-                self.reactor,
-                self._run,
-            )
+        args = (
+            self,
+            digest,
+            size,
+            upstream,
+            temp_path,
+            reserved,
+            evictions,
+            self.reactor,
+            self._run,
+        )
+        fill = RangedFill(*args, parts=parts) if parts > 1 else Fill(*args)
         self._fills[digest] = fill
         self.metrics.fills_in_flight.inc()
         return fill
